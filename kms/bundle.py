@@ -1,0 +1,273 @@
+"""Sealed bundle format v1 (docs/bundle-format.md): encoding, sealing and strict parsing.
+
+A bundle carries one card's keys to a personalization station: one section per domain, each section signed by its
+own domain's issuance signing key, so no section ever depends on (or contains) the other domain's keys.
+
+The encoding is canonical JSON: UTF-8, object keys sorted, no insignificant whitespace, only strings, integers,
+lists and objects; binary values as upper-case hex. A reader re-encodes what it parsed and refuses any input that
+is not byte-for-byte canonical, so every byte of a bundle is either signed or structurally fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kms.errors import BundleRejected
+
+BUNDLE_FORMAT = "kms-sealed-bundle"
+SECTION_FORMAT = "kms-sealed-section"
+VERSION = 1
+SIGNATURE_ALGORITHM = "ECDSA-P256-SHA256"
+WRAP_ALGORITHM = "AES-KWP"  # RFC 5649 AES key wrap with padding
+#: Signed bytes are this context string followed by the canonical section body (domain separation).
+SIGNING_CONTEXT = b"kms-sealed-section/v1\x00"
+MAX_BUNDLE_BYTES = 1 << 20
+
+_HEX = re.compile(r"^(?:[0-9A-F]{2})*$")
+
+
+def canonical(value: Any) -> bytes:
+    """The canonical encoding of a JSON value made of str, int, list and dict."""
+    _check_types(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _check_types(value: Any) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        raise TypeError("canonical JSON here holds only str, int, list and dict")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError("object keys must be strings")
+            _check_types(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_types(v)
+    elif not isinstance(value, str | int):
+        raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def hexs(data: bytes) -> str:
+    return data.hex().upper()
+
+
+def key_id(spki_der: bytes) -> str:
+    """A signing key's id: the first 16 bytes of SHA-256 over its SubjectPublicKeyInfo, in hex."""
+    return hexs(hashlib.sha256(spki_der).digest()[:16])
+
+
+@dataclass(frozen=True)
+class SealedKey:
+    name: str
+    usage: str
+    algorithm: str
+    wrapped: bytes
+    kcv: bytes
+    kcv_method: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "usage": self.usage, "algorithm": self.algorithm, "wrap": WRAP_ALGORITHM,
+            "wrapped": hexs(self.wrapped), "kcv": hexs(self.kcv), "kcv_method": self.kcv_method,
+        }
+
+
+@dataclass(frozen=True)
+class SectionHeader:
+    serial: str  # the bundle's serial: 32 hex digits, unique per bundle, the same in every section
+    domain: str
+    bureau: str
+    batch: str
+    card_ref: str
+    profile: str
+    created_at: str
+    master_keys: Mapping[str, int]  # master key name -> version used
+    transport_key: str  # transport key name (the bureau)
+    transport_key_version: int
+    transport_key_kcv: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SECTION_FORMAT, "version": VERSION, "serial": self.serial, "domain": self.domain,
+            "bureau": self.bureau, "batch": self.batch, "card_ref": self.card_ref, "profile": self.profile,
+            "created_at": self.created_at, "master_keys": dict(self.master_keys),
+            "transport_key": {"name": self.transport_key, "version": self.transport_key_version,
+                              "kcv": self.transport_key_kcv},
+        }
+
+
+def section_body(header: SectionHeader, keys: Sequence[SealedKey]) -> dict[str, Any]:
+    body = header.to_json()
+    body["keys"] = [k.to_json() for k in keys]
+    return body
+
+
+def signed_bytes(body: Mapping[str, Any]) -> bytes:
+    return SIGNING_CONTEXT + canonical(dict(body))
+
+
+def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str, Any]:
+    return {
+        "body": dict(body),
+        "signature": {"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id, "value": hexs(signature)},
+    }
+
+
+def assemble(serial: str, card_ref: str, sections: Sequence[Mapping[str, Any]]) -> bytes:
+    """The bundle file: an envelope around the signed sections, ordered by domain."""
+    ordered = sorted(sections, key=lambda s: str(s["body"]["domain"]))
+    return canonical({
+        "format": BUNDLE_FORMAT, "version": VERSION, "serial": serial, "card_ref": card_ref,
+        "sections": [dict(s) for s in ordered],
+    })
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    name: str
+    usage: str
+    algorithm: str
+    wrapped: bytes
+    kcv: bytes
+    kcv_method: str
+
+
+@dataclass(frozen=True)
+class ParsedSection:
+    body: dict[str, Any]
+    domain: str
+    bureau: str
+    serial: str
+    card_ref: str
+    transport_key: str
+    transport_key_version: int
+    key_id: str
+    signature: bytes
+    keys: tuple[ParsedKey, ...]
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(self.body)
+
+
+@dataclass(frozen=True)
+class ParsedBundle:
+    serial: str
+    card_ref: str
+    sections: tuple[ParsedSection, ...]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in result:
+            raise ValueError("duplicate key")
+        result[k] = v
+    return result
+
+
+def _reject_constant(_: str) -> Any:
+    raise ValueError("non-finite number")
+
+
+def parse(data: bytes) -> ParsedBundle:
+    """Parse a bundle strictly: canonical bytes, exact fields, known format and version. Any deviation raises
+    the one opaque BundleRejected; the signature is checked by the station (kms.station)."""
+    try:
+        return _parse(data)
+    except BundleRejected:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        raise BundleRejected() from None
+
+
+def _parse(data: bytes) -> ParsedBundle:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ValueError("too large")
+    doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_float=_reject_constant,
+                     parse_constant=_reject_constant)
+    if canonical(doc) != data:
+        raise ValueError("not canonical")
+    _fields(doc, {"format", "version", "serial", "card_ref", "sections"})
+    if doc["format"] != BUNDLE_FORMAT or doc["version"] != VERSION:
+        raise ValueError("unknown format")
+    sections = tuple(_section(s) for s in _list(doc["sections"]))
+    domains = [s.domain for s in sections]
+    if not sections or len(set(domains)) != len(domains) or domains != sorted(domains):
+        raise ValueError("sections")
+    for s in sections:
+        if s.serial != doc["serial"] or s.card_ref != doc["card_ref"]:
+            raise ValueError("envelope does not match its sections")
+    return ParsedBundle(serial=_str(doc["serial"]), card_ref=_str(doc["card_ref"]), sections=sections)
+
+
+def _section(doc: Any) -> ParsedSection:
+    _fields(doc, {"body", "signature"})
+    body, sig = doc["body"], doc["signature"]
+    _fields(body, {"format", "version", "serial", "domain", "bureau", "batch", "card_ref", "profile",
+                   "created_at", "master_keys", "transport_key", "keys"})
+    _fields(sig, {"algorithm", "key_id", "value"})
+    if body["format"] != SECTION_FORMAT or body["version"] != VERSION or sig["algorithm"] != SIGNATURE_ALGORITHM:
+        raise ValueError("unknown section format")
+    tk = body["transport_key"]
+    _fields(tk, {"name", "version", "kcv"})
+    if not isinstance(body["master_keys"], dict):
+        raise ValueError("master_keys")
+    keys = tuple(_key(k) for k in _list(body["keys"]))
+    if not keys:
+        raise ValueError("no keys")
+    signature = _hex(sig["value"])
+    if len(signature) != 64:
+        raise ValueError("signature length")
+    return ParsedSection(
+        body=body, domain=_str(body["domain"]), bureau=_str(body["bureau"]), serial=_str(body["serial"]),
+        card_ref=_str(body["card_ref"]), transport_key=_str(tk["name"]), transport_key_version=_int(tk["version"]),
+        key_id=_str(sig["key_id"]), signature=signature, keys=keys,
+    )
+
+
+def _key(doc: Any) -> ParsedKey:
+    _fields(doc, {"name", "usage", "algorithm", "wrap", "wrapped", "kcv", "kcv_method"})
+    if doc["wrap"] != WRAP_ALGORITHM:
+        raise ValueError("wrap")
+    return ParsedKey(
+        name=_str(doc["name"]), usage=_str(doc["usage"]), algorithm=_str(doc["algorithm"]),
+        wrapped=_hex(doc["wrapped"]), kcv=_hex(doc["kcv"]), kcv_method=_str(doc["kcv_method"]),
+    )
+
+
+def _fields(doc: Any, expected: set[str]) -> None:
+    if not isinstance(doc, dict) or set(doc) != expected:
+        raise ValueError("fields")
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError("list")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("str")
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("int")
+    return value
+
+
+def _hex(value: Any) -> bytes:
+    if not isinstance(value, str) or not _HEX.match(value):
+        raise ValueError("hex")
+    return bytes.fromhex(value)

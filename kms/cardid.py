@@ -1,0 +1,68 @@
+"""Card identities: what a card's keys are diversified from, validated field by field.
+
+Never the social security number (社会保障号码): it survives card replacement, so keys would repeat.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+from kms.errors import InvalidArgument
+
+_CARD_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_PATTERNS = {
+    "city_code": (re.compile(r"^[0-9]{6}$"), "must be 6 digits"),
+    "card_serial": (re.compile(r"^[0-9A-F]{16}$"), "must be 16 upper-case hex digits (8 bytes)"),
+    "pan": (re.compile(r"^[0-9]{12,19}$"), "must be 12 to 19 digits"),
+    "psn": (re.compile(r"^[0-9]{2}$"), "must be 2 digits (00-99)"),
+    "kdd": (re.compile(r"^[0-9A-F]{20}$"), "must be 20 upper-case hex digits (10 bytes)"),
+}
+
+
+@dataclass(frozen=True)
+class CardIdentity:
+    """One card as the derivation recipes see it. Fields a profile does not need may be absent."""
+
+    card_ref: str
+    city_code: str | None = None
+    card_serial: str | None = None
+    pan: str | None = None
+    psn: str | None = None
+    kdd: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _CARD_REF.match(self.card_ref or ""):
+            raise InvalidArgument("card_ref", "must be 1-64 characters of letters, digits and . _ : -")
+        for name, (pattern, reason) in _PATTERNS.items():
+            value = getattr(self, name)
+            if value is not None and not pattern.match(value):
+                raise InvalidArgument(name, reason)
+
+    @property
+    def province(self) -> str | None:
+        return self.city_code[:2] if self.city_code else None
+
+    def require(self, names: frozenset[str]) -> None:
+        for name in sorted(names):
+            if getattr(self, name) is None:
+                raise InvalidArgument(name, "is required by the card profile")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, object]) -> CardIdentity:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgument(unknown[0], "unknown card field")
+        values: dict[str, str | None] = {}
+        for name in known:
+            value = data.get(name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgument(name, "must be a string")
+            if isinstance(value, str) and name in ("card_serial", "kdd"):
+                value = value.upper()
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, str]:
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}

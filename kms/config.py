@@ -1,0 +1,164 @@
+"""Configuration: one frozen, validated object per role (issuer service, station). Unknown keys are errors;
+PINs are references (kms.secrets), never literals. Relative paths are taken from the file's directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kms.errors import ConfigError
+from kms.registry import DOMAINS
+from kms.secrets import SecretRef
+from kms.softhsm import find_module
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    module: str  # "auto" or a path
+    softhsm2_conf: Path | None
+
+    def apply_env(self) -> None:
+        """Point SoftHSM2 at its configuration; must run before the module is loaded in this process."""
+        if self.softhsm2_conf is not None:
+            os.environ["SOFTHSM2_CONF"] = str(self.softhsm2_conf)
+
+    def module_path(self) -> str:
+        return find_module(self.module)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    token: str
+    pin: SecretRef
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hsm: HsmConfig
+    domains: dict[str, DomainConfig]
+    database: str
+    profiles: Path
+    workers_per_domain: int
+    recycle_after_keys: int
+
+    @property
+    def home(self) -> Path:
+        return self.path.parent
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    path: Path
+    name: str
+    bureau: str
+    hsm: HsmConfig
+    token: str
+    pin: SecretRef
+    trust: Path
+    ledger: str
+    domains: tuple[str, ...]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return doc
+
+
+def _only(
+    path: Path, where: str, doc: Any, required: set[str], optional: set[str] | None = None
+) -> dict[str, Any]:
+    optional = optional or set()
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: {where} must be a mapping")
+    unknown = sorted(set(doc) - required - optional)
+    if unknown:
+        raise ConfigError(f"{path}: {where}: unknown setting {unknown[0]!r}")
+    missing = sorted(required - set(doc))
+    if missing:
+        raise ConfigError(f"{path}: {where}: missing setting {missing[0]!r}")
+    return doc
+
+
+def _path(base: Path, value: Any, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a path")
+    p = Path(value)
+    return p if p.is_absolute() else (base / p)
+
+
+def _sqlite_url(base: Path, url: Any, where: str) -> str:
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"{where} must be a database URL")
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+        return prefix + str((base / url[len(prefix):]).resolve())
+    return url
+
+
+def _int(doc: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str) -> int:
+    value = doc.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where}.{key} must be an integer from {lo} to {hi}")
+    return value
+
+
+def _hsm(path: Path, doc: Any) -> HsmConfig:
+    doc = _only(path, "hsm", doc, set(), {"module", "softhsm2_conf"})
+    conf = doc.get("softhsm2_conf")
+    return HsmConfig(
+        module=str(doc.get("module", "auto")),
+        softhsm2_conf=_path(path.parent, conf, "hsm.softhsm2_conf") if conf else None,
+    )
+
+
+def load(path: Path) -> Config:
+    path = path.resolve()
+    doc = _only(path, "top level", _read(path), {"hsm", "domains", "database"},
+                {"profiles", "workers_per_domain", "recycle_after_keys"})
+    domains_doc = _only(path, "domains", doc["domains"], set(), set(DOMAINS))
+    domains = {}
+    for name, body in domains_doc.items():
+        body = _only(path, f"domains.{name}", body, {"token", "pin"})
+        domains[name] = DomainConfig(
+            name=name, token=str(body["token"]),
+            pin=SecretRef.parse(str(body["pin"]), base_dir=path.parent, field=f"domains.{name}.pin"),
+        )
+    if not domains:
+        raise ConfigError(f"{path}: domains: at least one domain is needed")
+    return Config(
+        path=path,
+        hsm=_hsm(path, doc["hsm"]),
+        domains=domains,
+        database=_sqlite_url(path.parent, doc["database"], "database"),
+        profiles=_path(path.parent, doc.get("profiles", "profiles"), "profiles"),
+        workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
+        recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
+    )
+
+
+def load_station(path: Path) -> StationConfig:
+    path = path.resolve()
+    doc = _only(path, "top level", _read(path), {"station", "bureau", "hsm", "token", "pin", "trust", "ledger",
+                                                  "domains"})
+    domains = doc["domains"]
+    if not isinstance(domains, list) or not domains or any(d not in DOMAINS for d in domains):
+        raise ConfigError(f"{path}: domains must list hrss and/or bank")
+    return StationConfig(
+        path=path, name=str(doc["station"]), bureau=str(doc["bureau"]), hsm=_hsm(path, doc["hsm"]),
+        token=str(doc["token"]), pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent),
+        trust=_path(path.parent, doc["trust"], "trust"), ledger=_sqlite_url(path.parent, doc["ledger"], "ledger"),
+        domains=tuple(domains),
+    )

@@ -1,0 +1,227 @@
+"""A development home: SoftHSM2 tokens, keys and configuration for trying kms on one machine (``kms init``).
+
+Layout under the home directory:
+  hsm/softhsm2.conf, hsm/tokens/   one SoftHSM2 token per domain (kms-hrss, kms-bank) and per station
+  pins/                            random user and SO PINs, one file each (mode 0600), referenced as file:...
+  kms.yaml                         the issuer configuration; kms.db the key registry
+  profiles/                        card profiles (a copy of policies/profiles)
+  trust/                           the domains' published issuance signing keys (what stations trust)
+  stations/<name>/station.yaml     a station's configuration; ledger.db its opened-bundle ledger
+
+Each domain's keys are set up in a process of its own that reads only that domain's PIN, and each station's in
+another: the bureau's transport key goes from the domain's token to the station's token wrapped under the station's
+RSA key, so no clear key exists outside a token. Creating keys this way (no quorum) is a development shortcut;
+production key ceremonies run under dual control.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+
+from kms import config as config_mod
+from kms import profiles, runtime, softhsm, store
+from kms.clock import SystemClock
+from kms.engine import SIGNING_KEY_NAME
+from kms.errors import ConfigError
+from kms.hsm import Algorithm, KcvMethod
+from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",)}
+
+
+@dataclass(frozen=True)
+class Home:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "kms.yaml"
+
+    def station_config(self, station: str) -> Path:
+        return self.path / "stations" / station / "station.yaml"
+
+    @property
+    def softhsm2_conf(self) -> Path:
+        return self.path / "hsm" / "softhsm2.conf"
+
+
+def domain_token(domain: str) -> str:
+    return f"kms-{domain}"
+
+
+def station_token(station: str) -> str:
+    return f"kms-{station}"
+
+
+def unwrap_key_label(station: str, domain: str) -> str:
+    return f"kms/station/{station}/unwrap/{domain}"
+
+
+def init_home(
+    path: Path,
+    *,
+    bureaus: Mapping[str, tuple[str, ...]] = DEFAULT_BUREAUS,
+    master_keys: Mapping[tuple[str, str], bytes] | None = None,
+    module: str = "auto",
+) -> Home:
+    """Create (or complete) a development home. ``master_keys`` imports known test values for (domain, name);
+    every other master key the profiles need is generated inside the token. Idempotent."""
+    home = Home(path.resolve())
+    home.path.mkdir(parents=True, exist_ok=True)
+    conf = softhsm.write_conf(home.path / "hsm")
+    pins = home.path / "pins"
+    for domain in DOMAINS:
+        softhsm.ensure_token(conf, domain_token(domain), pins / f"{domain}.pin", pins / f"{domain}.so-pin")
+    stations = [(bureau, station) for bureau, names in bureaus.items() for station in names]
+    for _, station in stations:
+        softhsm.ensure_token(conf, station_token(station), pins / f"{station}.pin", pins / f"{station}.so-pin")
+
+    profiles_dir = home.path / "profiles"
+    if not profiles_dir.exists():
+        shutil.copytree(POLICIES / "profiles", profiles_dir)
+    if not home.config.exists():
+        _write_yaml(home.config, {
+            "hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"},
+            "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
+            "database": "sqlite:///kms.db",
+            "profiles": "profiles",
+            "workers_per_domain": 1,
+        })
+    for bureau, station in stations:
+        station_path = home.station_config(station)
+        if not station_path.exists():
+            _write_yaml(station_path, {
+                "station": station, "bureau": bureau,
+                "hsm": {"module": module, "softhsm2_conf": "../../hsm/softhsm2.conf"},
+                "token": station_token(station), "pin": f"file:../../pins/{station}.pin",
+                "trust": "../../trust", "ledger": "sqlite:///ledger.db", "domains": list(DOMAINS),
+            })
+
+    known = dict(master_keys or {})
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        unwrap_keys = {
+            station: pool.submit(_station_unwrap_keys, str(home.station_config(station))).result()
+            for _, station in stations
+        }
+        for domain in DOMAINS:
+            handoffs = pool.submit(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known).result()
+            (home.path / "trust").mkdir(exist_ok=True)
+            for station, (bureau, version, wrapped) in handoffs.items():
+                pool.submit(
+                    _station_accept, str(home.station_config(station)), domain, bureau, version, wrapped
+                ).result()
+    return home
+
+
+def _write_yaml(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _station_unwrap_keys(station_config: str) -> dict[str, bytes]:
+    """In the station's process: an RSA unwrap key pair per domain; returns their public keys."""
+    cfg = config_mod.load_station(Path(station_config))
+    with runtime.open_station(cfg) as session:
+        result = {}
+        for domain in cfg.domains:
+            label = unwrap_key_label(cfg.name, domain)
+            result[domain] = (
+                session.public_key(label) if session.has_public_key(label) else session.generate_unwrap_keypair(label)
+            )
+        return result
+
+
+def _domain_setup(
+    config_path: str,
+    domain: str,
+    bureaus: Mapping[str, tuple[str, ...]],
+    unwrap_keys: Mapping[str, Mapping[str, bytes]],
+    known: Mapping[tuple[str, str], bytes],
+) -> dict[str, tuple[str, int, bytes]]:
+    """In the domain's own process: master keys, the issuance signing key, a transport key per bureau.
+    Returns, per station, the transport key wrapped for it."""
+    cfg = config_mod.load(Path(config_path))
+    registry = runtime.registry(cfg, SystemClock())
+    needed = set()
+    for profile in profiles.load_dir(cfg.profiles).values():
+        needed |= {(spec.master_key, spec.algorithm) for spec in profile.keys(domain)}
+    handoffs: dict[str, tuple[str, int, bytes]] = {}
+    with runtime.open_domain(cfg, domain) as session:
+        existing = registry.names(domain, KeyKind.MASTER)
+        for name, algorithm in sorted(needed):
+            if name in existing:
+                continue
+            if algorithm is not Algorithm.DES2:
+                raise ConfigError(f"master key {name}: {algorithm} keys cannot be created on this HSM")
+            value = known.get((domain, name))
+
+            def create(label: str, value: bytes | None = value, algorithm: Algorithm = algorithm) -> bytes:
+                if value is not None:
+                    return session.import_master_key(label, algorithm, bytearray(value))
+                return session.generate_master_key(label, algorithm)
+
+            _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
+        if SIGNING_KEY_NAME not in registry.names(domain, KeyKind.SIGNING):
+            record = registry.add(domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256")
+            try:
+                spki = session.generate_signing_key(record.label)
+            except BaseException:
+                registry.remove(record)
+                raise
+            registry.set_kcv(record, "", "", public_key=spki)
+        signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
+        assert signing.public_key is not None
+        pem = load_der_public_key(signing.public_key).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        trust = cfg.home / "trust"
+        trust.mkdir(exist_ok=True)
+        (trust / f"{domain}-issuance-v{signing.version}.pem").write_bytes(pem)
+        for bureau, stations in bureaus.items():
+            if bureau in registry.names(domain, KeyKind.TRANSPORT):
+                continue
+            # One transport key per bureau and domain; every station of the bureau receives it.
+            record = registry.add(domain, KeyKind.TRANSPORT, bureau, Algorithm.AES256.value)
+            try:
+                wrapped, kcv = session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain])
+            except BaseException:
+                registry.remove(record)
+                raise
+            registry.set_kcv(record, kcv.hex().upper(), KcvMethod.AES_ECB_ZERO.value)
+            handoffs[stations[0]] = (bureau, record.version, wrapped)
+            if len(stations) > 1:
+                raise ConfigError("development homes give each bureau one station")
+    return handoffs
+
+
+def _add_key(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, algorithm: Algorithm,
+             create: Callable[[str], bytes], method: KcvMethod) -> None:
+    record = registry.add(domain, kind, name, algorithm.value)
+    try:
+        kcv = create(record.label)
+    except BaseException:
+        registry.remove(record)
+        raise
+    registry.set_kcv(record, kcv.hex().upper(), method.value)
+
+
+def _station_accept(station_config: str, domain: str, bureau: str, version: int, wrapped: bytes) -> None:
+    cfg = config_mod.load_station(Path(station_config))
+    with runtime.open_station(cfg) as session:
+        session.accept_transport_key(
+            unwrap_key_label(cfg.name, domain), wrapped, key_label(domain, KeyKind.TRANSPORT, bureau, version)
+        )
+
+
+def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:
+    engine = store.make_engine(cfg.database)
+    store.create_all(engine)
+    return profiles.master_key_names(KeyRegistry(engine, SystemClock()))

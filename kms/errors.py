@@ -1,0 +1,133 @@
+"""One error tree for kms, and the one place that maps it to gRPC status codes and CLI exit codes.
+
+Messages never carry key material, PINs or components: they name what failed and why, nothing more.
+"""
+
+from __future__ import annotations
+
+
+class KmsError(Exception):
+    """Base of every error kms raises on purpose."""
+
+    #: gRPC status code name (grpc.StatusCode[...]); mapped in kms.service, kept as text here so the core
+    #: does not import grpc.
+    grpc_status = "INTERNAL"
+    exit_code = 1
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(KmsError):
+    """Input that can never succeed as given; names the offending field."""
+
+    grpc_status = "INVALID_ARGUMENT"
+    exit_code = 2
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class ConfigError(KmsError):
+    """Configuration, policy or profile data that cannot be used."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    exit_code = 3
+
+
+class ProfileError(ConfigError):
+    """A card profile that cannot be loaded: says which file, which line and why."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+class NotFound(KmsError):
+    grpc_status = "NOT_FOUND"
+    exit_code = 4
+
+
+class AlreadyExists(KmsError):
+    grpc_status = "ALREADY_EXISTS"
+    exit_code = 4
+
+
+class PermissionDenied(KmsError):
+    grpc_status = "PERMISSION_DENIED"
+    exit_code = 5
+
+
+class InvalidState(KmsError):
+    """The object exists but its state forbids the operation (e.g. a master key that is not active)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+    exit_code = 3
+
+
+class HsmError(KmsError):
+    """Something the HSM refused or could not do. ``retryable`` says whether the same call may succeed later."""
+
+    grpc_status = "INTERNAL"
+    exit_code = 6
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+    @property
+    def grpc_code(self) -> str:
+        return "UNAVAILABLE" if self.retryable else self.grpc_status
+
+
+class HsmLoginFailed(HsmError):
+    """The PIN was refused or the token is locked. The PIN itself is never part of the message."""
+
+
+class HsmKeyNotFound(HsmError):
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class MechanismUnavailable(HsmError):
+    """The token does not offer a mechanism a recipe needs. kms never falls back to software."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, mechanism: str, token: str) -> None:
+        super().__init__(f"mechanism not available on this HSM: {mechanism} (token {token!r})")
+        self.mechanism = mechanism
+
+
+class BundleRejected(KmsError):
+    """A sealed bundle failed verification. Deliberately opaque: the reason is never told to the caller."""
+
+    grpc_status = "PERMISSION_DENIED"
+    exit_code = 7
+
+    def __init__(self) -> None:
+        super().__init__("bundle rejected")
+
+
+def grpc_status_name(error: BaseException) -> str:
+    """The gRPC status code name for any exception; unexpected ones become INTERNAL."""
+    if isinstance(error, HsmError):
+        return error.grpc_code
+    if isinstance(error, KmsError):
+        return error.grpc_status
+    return "INTERNAL"
+
+
+def exit_code(error: BaseException) -> int:
+    """The CLI exit status for any exception; unexpected ones exit 1."""
+    if isinstance(error, KmsError):
+        return error.exit_code
+    return 1

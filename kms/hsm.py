@@ -1,0 +1,615 @@
+"""The HSM port: the only module in kms that imports pkcs11.
+
+It opens one token by label, logs in with a PIN the caller resolved from a reference, and offers domain verbs
+(derive-and-wrap, KCV, sign, generate, import, unwrap) instead of raw Cryptoki. Every key it creates goes through
+one template table (``_ROLES``): every secret key is CKA_SENSITIVE, and the only keys that may be extracted at all
+are per-card keys, which are extractable solely by wrapping and are destroyed in the same call that wraps them.
+
+PKCS#11 errors become kms errors here (retryable or not) with readable messages; nothing from the token's memory
+ever reaches a message.
+
+Concurrency: python-pkcs11 initializes Cryptoki without locking, so a ``Module`` and its sessions belong to one
+thread. kms scales with processes, one token session per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.constants import DEFAULT
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from kms.errors import HsmError, HsmKeyNotFound, HsmLoginFailed, MechanismUnavailable
+
+
+class Algorithm(enum.StrEnum):
+    """Secret key algorithms kms handles, with the size that goes with each."""
+
+    DES2 = "DES2"  # two-key 3DES, 16 bytes, the card keys of PBOC 2.0 / HRSS / GP SCP02
+    AES256 = "AES256"
+    SM4 = "SM4"
+
+    @property
+    def length(self) -> int:
+        return {"DES2": 16, "AES256": 32, "SM4": 16}[self.value]
+
+
+class DeriveStep(enum.StrEnum):
+    """How one level of diversification is computed inside the token."""
+
+    DES3_ECB = "DES3_ECB_ENCRYPT_DATA"  # 3DES_K(D ‖ ~D) -> a DES2 key (odd parity set by the token)
+    SM4_ECB = "SM4_ECB_ENCRYPT_DATA"  # SM4_K(D ‖ ~D) -> an SM4 key; vendor mechanism
+
+
+class KcvMethod(enum.StrEnum):
+    TDES_ECB_ZERO = "TDES-ECB-ZERO8-3"  # first 3 bytes of 3DES_K(0^8)
+    AES_ECB_ZERO = "AES-ECB-ZERO16-3"  # first 3 bytes of AES_K(0^16) (the token's CKA_CHECK_VALUE)
+    SM4_ECB_ZERO = "SM4-ECB-ZERO16-3"
+
+
+class Role(enum.Enum):
+    """What a secret key is for; decides every attribute of its template."""
+
+    MASTER = "master"  # issuer master key / KMC: token object, derive only, never extractable
+    INTERMEDIATE = "intermediate"  # a level of a dispersal chain: session object, derive only
+    CARD_KEY = "card_key"  # a per-card key: session object, extractable only by wrapping, then destroyed
+    TRANSPORT = "transport"  # a bureau's transport key in the issuing domain's token: wrap only
+    STATION_TRANSPORT = "station_transport"  # the same key in the station's token: unwrap only
+    STATION_CARD_KEY = "station_card_key"  # a card key unwrapped at the station: never extractable
+
+
+_ALL_CAPS = (
+    Attribute.ENCRYPT,
+    Attribute.DECRYPT,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.SIGN,
+    Attribute.VERIFY,
+    Attribute.DERIVE,
+)
+
+# role -> (capabilities that are true, extractable, modifiable)
+# Unwrapped keys stay modifiable: SoftHSM 2.6 refuses C_UnwrapKey / C_CopyObject templates that combine
+# CKA_MODIFIABLE=false with a label (AttributeReadOnly). CKA_SENSITIVE and CKA_EXTRACTABLE changes are one-way
+# in PKCS#11, so a modifiable key still cannot be made readable.
+_ROLES: dict[Role, tuple[frozenset[Attribute], bool, bool]] = {
+    Role.MASTER: (frozenset({Attribute.DERIVE}), False, False),
+    Role.INTERMEDIATE: (frozenset({Attribute.DERIVE}), False, False),
+    Role.CARD_KEY: (frozenset({Attribute.ENCRYPT}), True, False),
+    Role.TRANSPORT: (frozenset({Attribute.WRAP}), False, False),
+    Role.STATION_TRANSPORT: (frozenset({Attribute.UNWRAP}), False, True),
+    Role.STATION_CARD_KEY: (frozenset({Attribute.ENCRYPT}), False, True),
+}
+
+_KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
+
+_OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # SoftHSM 2.6 offers OAEP with SHA-1 only
+
+
+def secret_key_template(role: Role, *, token: bool, label: str | None = None) -> dict[Attribute, Any]:
+    """The one template every secret key the port creates is built from. Always sensitive, always private."""
+    caps, extractable, modifiable = _ROLES[role]
+    template: dict[Attribute, Any] = {attr: attr in caps for attr in _ALL_CAPS}
+    template.update(
+        {
+            Attribute.TOKEN: token,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: extractable,
+            Attribute.MODIFIABLE: modifiable,
+        }
+    )
+    if label is not None:
+        template[Attribute.LABEL] = label
+    return template
+
+
+def _derive_template(role: Role) -> dict[Attribute, Any]:
+    template = secret_key_template(role, token=False)
+    # SoftHSM sizes a derived DES key from its type and rejects CKA_VALUE_LEN (AttributeReadOnly).
+    template[Attribute.VALUE_LEN] = DEFAULT
+    template[Attribute.LABEL] = DEFAULT
+    template[Attribute.ID] = DEFAULT
+    return template
+
+
+_CARD_KEY_DERIVE = _derive_template(Role.CARD_KEY)
+_INTERMEDIATE_DERIVE = _derive_template(Role.INTERMEDIATE)
+
+
+class _KeyDerivationStringData(ctypes.Structure):
+    """CK_KEY_DERIVATION_STRING_DATA; python-pkcs11 packs it only for the AES mechanisms."""
+
+    _fields_ = (("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+
+
+_RETRYABLE = (
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.DeviceRemoved,
+    p11e.HostMemory,
+    p11e.SessionClosed,
+    p11e.SessionHandleInvalid,
+    p11e.SessionCount,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+)
+_LOGIN = (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid, p11e.PinLenRange)
+_REFUSED_EXTRACT = (p11e.KeyUnextractable, p11e.AttributeSensitive, p11e.KeyNotWrappable)
+
+
+def _translate(error: p11e.PKCS11Error, what: str) -> HsmError:
+    kind = type(error).__name__
+    if isinstance(error, _LOGIN):
+        return HsmLoginFailed(f"{what}: the token refused the PIN ({kind})")
+    if isinstance(error, p11e.MechanismInvalid):
+        return HsmError(f"{what}: mechanism not available on this HSM ({kind})")
+    if isinstance(error, _REFUSED_EXTRACT):
+        return HsmError(f"{what}: refused by the token, the key may not leave it ({kind})")
+    if isinstance(error, _RETRYABLE):
+        return HsmError(f"{what}: the HSM is unavailable ({kind})", retryable=True)
+    return HsmError(f"{what}: the HSM refused the operation ({kind})")
+
+
+@contextlib.contextmanager
+def _hsm(what: str) -> Iterator[None]:
+    try:
+        yield
+    except p11e.PKCS11Error as error:
+        raise _translate(error, what) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# module and token
+
+
+class Module:
+    """A loaded PKCS#11 library (one per process)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._lib = pkcs11.lib(path)
+        except (RuntimeError, OSError, p11e.PKCS11Error) as error:
+            raise HsmError(f"cannot load PKCS#11 module {path}: {type(error).__name__}") from None
+
+    def token_labels(self) -> list[str]:
+        with _hsm("list tokens"):
+            return [slot.get_token().label for slot in self._lib.get_slots(token_present=True)]
+
+    def open(self, token_label: str, pin: str) -> TokenSession:
+        """A read-write session on the token with this label, logged in as the user."""
+        with _hsm(f"open token {token_label!r}"):
+            try:
+                token = self._lib.get_token(token_label=token_label)
+            except p11e.NoSuchToken:
+                raise HsmError(f"no token labelled {token_label!r} in {self.path}") from None
+            except p11e.MultipleTokensReturned:
+                raise HsmError(f"more than one token labelled {token_label!r} in {self.path}") from None
+            session = token.open(user_pin=pin, rw=True)
+        return TokenSession(token_label, session)
+
+    def reinitialize(self) -> None:
+        """C_Finalize + C_Initialize: SoftHSM frees destroyed session objects only here."""
+        with _hsm("reinitialize module"):
+            self._lib.reinitialize()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What the token tells about one object, without its value."""
+
+    label: str
+    object_class: str
+    key_type: str
+    token: bool
+    sensitive: bool | None
+    extractable: bool | None
+    always_sensitive: bool | None
+    never_extractable: bool | None
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    wrapped: bytes
+    kcv: bytes
+
+
+class TokenSession:
+    """A logged-in session on one token, with the domain verbs. Not thread-safe; close() when done."""
+
+    def __init__(self, token_label: str, session: Any) -> None:
+        self.token_label = token_label
+        self._session = session
+        self._keys: dict[str, Any] = {}
+        self._mechanisms: frozenset[str] | None = None
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._keys.clear()
+        with contextlib.suppress(p11e.PKCS11Error):
+            self._session.close()
+
+    def __enter__(self) -> TokenSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def mechanisms(self) -> frozenset[str]:
+        if self._mechanisms is None:
+            with _hsm("list mechanisms"):
+                self._mechanisms = frozenset(m.name for m in self._session.token.slot.get_mechanisms())
+        return self._mechanisms
+
+    def require(self, mechanism: str) -> None:
+        """Raise MechanismUnavailable unless the token offers this mechanism (and python-pkcs11 knows it)."""
+        if mechanism not in self.mechanisms() or not hasattr(Mechanism, mechanism):
+            raise MechanismUnavailable(mechanism, self.token_label)
+
+    def _key(self, label: str, object_class: Any = ObjectClass.SECRET_KEY) -> Any:
+        cache_key = f"{int(object_class)}:{label}"
+        key = self._keys.get(cache_key)
+        if key is None:
+            with _hsm(f"find key {label!r}"):
+                try:
+                    key = self._session.get_key(object_class=object_class, label=label)
+                except p11e.NoSuchKey:
+                    raise HsmKeyNotFound(f"no key labelled {label!r} in token {self.token_label!r}") from None
+                except p11e.MultipleObjectsReturned:
+                    raise HsmError(
+                        f"more than one key labelled {label!r} in token {self.token_label!r}"
+                    ) from None
+            self._keys[cache_key] = key
+        return key
+
+    def has_key(self, label: str) -> bool:
+        return self._has(label, ObjectClass.SECRET_KEY)
+
+    def has_public_key(self, label: str) -> bool:
+        return self._has(label, ObjectClass.PUBLIC_KEY)
+
+    def _has(self, label: str, object_class: Any) -> bool:
+        try:
+            self._key(label, object_class)
+        except HsmKeyNotFound:
+            return False
+        return True
+
+    def objects(self) -> list[KeyInfo]:
+        """Every key object this session can see (token objects and this application's session objects)."""
+        infos = []
+        with _hsm("list objects"):
+            for obj in self._session.get_objects():
+                if obj.object_class not in (
+                    ObjectClass.SECRET_KEY,
+                    ObjectClass.PRIVATE_KEY,
+                    ObjectClass.PUBLIC_KEY,
+                ):
+                    continue
+                infos.append(_describe(obj))
+        return infos
+
+    def destroy(self, label: str, object_class: str = "secret") -> None:
+        cls = {"secret": ObjectClass.SECRET_KEY, "private": ObjectClass.PRIVATE_KEY,
+               "public": ObjectClass.PUBLIC_KEY}[object_class]
+        key = self._key(label, cls)
+        with _hsm(f"destroy key {label!r}"):
+            key.destroy()
+        self._keys.pop(f"{int(cls)}:{label}", None)
+
+    # -- master keys -------------------------------------------------------------------------------------------
+
+    def generate_master_key(self, label: str, algorithm: Algorithm) -> bytes:
+        """Generate a token-resident, derive-only master key; returns its KCV."""
+        self._refuse_duplicate(label)
+        key_type = self._key_type(algorithm)
+        with _hsm(f"generate master key {label!r}"):
+            key = self._session.generate_key(
+                key_type,
+                algorithm.length * 8 if algorithm is not Algorithm.DES2 else None,
+                template=secret_key_template(Role.MASTER, token=True, label=label),
+            )
+            return bytes(key[Attribute.CHECK_VALUE])
+
+    def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray) -> bytes:
+        """Create a master key from clear key bytes and wipe them. Returns its KCV (the token's CKA_CHECK_VALUE).
+
+        The one place a clear key enters the token: joining components in a ceremony, or a development helper.
+        """
+        try:
+            if len(value) != algorithm.length:
+                raise HsmError(f"import master key {label!r}: {algorithm} keys are {algorithm.length} bytes")
+            self._refuse_duplicate(label)
+            template = secret_key_template(Role.MASTER, token=True, label=label)
+            template.update({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                             Attribute.KEY_TYPE: self._key_type(algorithm),
+                             Attribute.VALUE: bytes(value)})
+            with _hsm(f"import master key {label!r}"):
+                key = self._session.create_object(template)
+                return bytes(key[Attribute.CHECK_VALUE])
+        finally:
+            wipe(value)
+
+    def check_value(self, label: str) -> bytes:
+        """The token's CKA_CHECK_VALUE of a generated or imported key (wrong for derived keys; never used there)."""
+        key = self._key(label)
+        with _hsm(f"read check value of {label!r}"):
+            return bytes(key[Attribute.CHECK_VALUE])
+
+    # -- the hot path ------------------------------------------------------------------------------------------
+
+    def derive_wrap(
+        self,
+        master_label: str,
+        steps: Sequence[tuple[DeriveStep, bytes]],
+        transport_label: str,
+    ) -> WrappedKey:
+        """Derive a per-card key inside the token through ``steps``, wrap it under the transport key with
+        AES key wrap with padding (RFC 5649), compute its KCV, and destroy every key the derivation made.
+
+        The per-card key is a sensitive session object that lives only for this call.
+        """
+        if not 1 <= len(steps) <= 3:
+            raise HsmError("a derivation has 1 to 3 steps")
+        for step, _ in steps:
+            if step is not DeriveStep.DES3_ECB:
+                self.require(step.value)
+        master = self._key(master_label)
+        transport = self._key(transport_label)
+        made: list[Any] = []
+        try:
+            with _hsm(f"derive from {master_label!r}"):
+                parent = master
+                last = len(steps) - 1
+                for i, (_step, data) in enumerate(steps):
+                    buf = ctypes.create_string_buffer(data, len(data))
+                    param = bytes(_KeyDerivationStringData(ctypes.addressof(buf), len(data)))
+                    parent = parent.derive_key(
+                        KeyType.DES2,
+                        128,
+                        mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
+                        mechanism_param=param,
+                        template=_CARD_KEY_DERIVE if i == last else _INTERMEDIATE_DERIVE,
+                    )
+                    made.append(parent)
+                kcv = parent.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3]
+            with _hsm(f"wrap under {transport_label!r}"):
+                wrapped = transport.wrap_key(parent, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        finally:
+            for key in reversed(made):
+                with contextlib.suppress(p11e.PKCS11Error):
+                    key.destroy()
+        return WrappedKey(bytes(wrapped), bytes(kcv))
+
+    # -- signing -----------------------------------------------------------------------------------------------
+
+    def generate_signing_key(self, label: str) -> bytes:
+        """An ECDSA P-256 key pair as token objects; returns the public key as SubjectPublicKeyInfo DER."""
+        self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
+        with _hsm(f"generate signing key {label!r}"):
+            params = self._session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
+            )
+            public, _private = params.generate_keypair(
+                store=True,
+                label=label,
+                public_template={Attribute.VERIFY: True, Attribute.TOKEN: True, Attribute.MODIFIABLE: False},
+                private_template={
+                    Attribute.SIGN: True,
+                    Attribute.DERIVE: False,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.MODIFIABLE: False,
+                },
+            )
+            return bytes(encode_ec_public_key(public))
+
+    def public_key(self, label: str) -> bytes:
+        """SubjectPublicKeyInfo DER of the public key with this label (EC or RSA)."""
+        key = self._key(label, ObjectClass.PUBLIC_KEY)
+        with _hsm(f"read public key {label!r}"):
+            if key.key_type == KeyType.EC:
+                return bytes(encode_ec_public_key(key))
+            numbers = rsa.RSAPublicNumbers(
+                int.from_bytes(key[Attribute.PUBLIC_EXPONENT], "big"),
+                int.from_bytes(key[Attribute.MODULUS], "big"),
+            )
+        return numbers.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    def sign_sha256(self, label: str, message: bytes) -> bytes:
+        """ECDSA P-256 over SHA-256(message); the hash is computed here (SoftHSM lacks CKM_ECDSA_SHA256).
+        Returns the raw signature r ‖ s (64 bytes)."""
+        key = self._key(label, ObjectClass.PRIVATE_KEY)
+        digest = hashlib.sha256(message).digest()
+        with _hsm(f"sign with {label!r}"):
+            return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+
+    # -- transport keys ----------------------------------------------------------------------------------------
+
+    def generate_unwrap_keypair(self, label: str) -> bytes:
+        """At a station: an RSA-2048 key pair whose private half may only unwrap. Returns the public SPKI DER."""
+        self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
+        with _hsm(f"generate unwrap key pair {label!r}"):
+            self._session.generate_keypair(
+                KeyType.RSA,
+                2048,
+                store=True,
+                label=label,
+                public_template={Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False,
+                                 Attribute.TOKEN: True},
+                private_template={Attribute.UNWRAP: True, Attribute.DECRYPT: False, Attribute.SIGN: False,
+                                  Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.TOKEN: True, Attribute.PRIVATE: True},
+            )
+        return self.public_key(label)
+
+    def generate_transport_key_for(self, label: str, recipient_spki: bytes) -> tuple[bytes, bytes]:
+        """In an issuing domain's token: generate a bureau's AES-256 transport key (wrap only) and hand it to the
+        bureau wrapped under the station's RSA public key with OAEP. The key is wrappable for exactly that one
+        call; afterwards it is made unextractable. Returns (wrapped key, KCV)."""
+        recipient = load_der_public_key(recipient_spki)
+        if not isinstance(recipient, rsa.RSAPublicKey) or recipient.key_size < 2048:
+            raise HsmError("transport key recipient must be an RSA public key of at least 2048 bits")
+        numbers = recipient.public_numbers()
+        self._refuse_duplicate(label)
+        template = secret_key_template(Role.TRANSPORT, token=True, label=label)
+        template[Attribute.EXTRACTABLE] = True
+        template[Attribute.MODIFIABLE] = True  # to clear CKA_EXTRACTABLE below (a one-way change in PKCS#11)
+        with _hsm(f"generate transport key {label!r}"):
+            key = self._session.generate_key(KeyType.AES, 256, template=template)
+            pub = self._session.create_object({
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.KEY_TYPE: KeyType.RSA,
+                Attribute.MODULUS: numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"),
+                Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"),
+                Attribute.WRAP: True,
+                Attribute.ENCRYPT: False,
+                Attribute.VERIFY: False,
+                Attribute.TOKEN: False,
+            })
+            try:
+                wrapped = pub.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1)
+            finally:
+                pub.destroy()
+                key[Attribute.EXTRACTABLE] = False
+            return bytes(wrapped), bytes(key[Attribute.CHECK_VALUE])
+
+    def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str) -> bytes:
+        """At a station: unwrap a transport key sent under our RSA key into a token object that may only unwrap.
+        Returns its KCV."""
+        self._refuse_duplicate(label)
+        private = self._key(unwrap_label, ObjectClass.PRIVATE_KEY)
+        template = secret_key_template(Role.STATION_TRANSPORT, token=True, label=label)
+        with _hsm(f"accept transport key {label!r}"):
+            key = private.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
+                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, template=template,
+            )
+            return bytes(key[Attribute.CHECK_VALUE])
+
+    # -- station -----------------------------------------------------------------------------------------------
+
+    def unwrap_card_keys(
+        self,
+        transport_label: str,
+        keys: Sequence[tuple[bytes, Algorithm]],
+    ) -> StationKeys:
+        """Unwrap sealed card keys into session objects under the station's transport key and compute each KCV.
+        The caller compares KCVs and then either stores the keys (``StationKeys.store``) or discards them."""
+        transport = self._key(transport_label)
+        template = secret_key_template(Role.STATION_CARD_KEY, token=False)
+        made: list[Any] = []
+        kcvs: list[bytes] = []
+        try:
+            with _hsm(f"unwrap under {transport_label!r}"):
+                for wrapped, algorithm in keys:
+                    if algorithm is not Algorithm.DES2:
+                        raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
+                    key = transport.unwrap_key(
+                        ObjectClass.SECRET_KEY, self._key_type(algorithm), wrapped,
+                        mechanism=Mechanism.AES_KEY_WRAP_PAD, template=template,
+                    )
+                    made.append(key)
+                    kcvs.append(bytes(key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3]))
+        except BaseException:
+            _destroy_all(made)
+            raise
+        return StationKeys(self, made, kcvs)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _key_type(self, algorithm: Algorithm) -> Any:
+        if algorithm is Algorithm.SM4:
+            raise MechanismUnavailable("SM4_KEY_GEN", self.token_label)
+        return _KEY_TYPES[algorithm]
+
+    def _refuse_duplicate(self, label: str, object_class: Any = ObjectClass.SECRET_KEY) -> None:
+        with _hsm(f"look up {label!r}"):
+            found = list(self._session.get_objects({Attribute.LABEL: label, Attribute.CLASS: object_class}))
+        if found:
+            raise HsmError(f"token {self.token_label!r} already holds a key labelled {label!r}")
+
+
+class StationKeys:
+    """Card keys unwrapped at a station, held as session objects until stored or discarded."""
+
+    def __init__(self, session: TokenSession, keys: list[Any], kcvs: list[bytes]) -> None:
+        self._session = session
+        self._keys = keys
+        self.kcvs = kcvs
+
+    def discard(self) -> None:
+        _destroy_all(self._keys)
+        self._keys = []
+
+
+def store_station_keys(groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> None:
+    """Copy every unwrapped key of every group into a token object with its label: all or none. The session
+    copies are dropped either way."""
+    stored: list[Any] = []
+    try:
+        with _hsm("store card keys"):
+            for keys, labels in groups:
+                if len(labels) != len(keys._keys):
+                    raise HsmError("one label per key is needed to store station keys")
+                for key, label in zip(keys._keys, labels, strict=True):
+                    stored.append(key.copy({Attribute.TOKEN: True, Attribute.LABEL: label}))
+    except BaseException:
+        _destroy_all(stored)
+        raise
+    finally:
+        for keys, _ in groups:
+            keys.discard()
+
+
+def _destroy_all(objects: Sequence[Any]) -> None:
+    for obj in objects:
+        with contextlib.suppress(p11e.PKCS11Error):
+            obj.destroy()
+
+
+def _describe(obj: Any) -> KeyInfo:
+    def attr(name: Attribute) -> Any:
+        try:
+            return obj[name]
+        except p11e.PKCS11Error:
+            return None
+
+    caps = frozenset(a.name for a in _ALL_CAPS if attr(a))
+    key_type = attr(Attribute.KEY_TYPE)
+    return KeyInfo(
+        label=attr(Attribute.LABEL) or "",
+        object_class=obj.object_class.name,
+        key_type=key_type.name if key_type is not None else "",
+        token=bool(attr(Attribute.TOKEN)),
+        sensitive=attr(Attribute.SENSITIVE),
+        extractable=attr(Attribute.EXTRACTABLE),
+        always_sensitive=attr(Attribute.ALWAYS_SENSITIVE),
+        never_extractable=attr(Attribute.NEVER_EXTRACTABLE),
+        capabilities=caps,
+    )
+
+
+def wipe(buffer: bytearray) -> None:
+    """Overwrite a buffer that held key material."""
+    for i in range(len(buffer)):
+        buffer[i] = 0

@@ -1,0 +1,175 @@
+"""The key registry: which keys exist in which domain's token, their versions and states.
+
+Records live in the store; the key material lives only in the token, under the label the registry gives it.
+States follow NIST SP 800-57; for now keys are created active (ceremonies add pre-activation and approvals).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from kms.clock import Clock, rfc3339
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.store import keys
+
+DOMAINS = ("hrss", "bank")
+
+
+class KeyKind(enum.StrEnum):
+    MASTER = "master"
+    TRANSPORT = "transport"
+    SIGNING = "signing"
+
+
+class KeyState(enum.StrEnum):
+    PRE_ACTIVATION = "pre-activation"
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DEACTIVATED = "deactivated"
+    COMPROMISED = "compromised"
+    DESTROYED = "destroyed"
+
+
+def check_domain(domain: str) -> str:
+    if domain not in DOMAINS:
+        raise InvalidArgument("domain", f"must be one of {', '.join(DOMAINS)}")
+    return domain
+
+
+def key_label(domain: str, kind: KeyKind, name: str, version: int) -> str:
+    """The token label of a key: kms/<domain>/<kind>/<name>/v<version>."""
+    return f"kms/{domain}/{kind.value}/{name}/v{version}"
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    domain: str
+    kind: KeyKind
+    name: str
+    version: int
+    algorithm: str
+    state: KeyState
+    label: str
+    kcv: str | None
+    kcv_method: str | None
+    public_key: bytes | None
+    created_at: str
+
+
+class KeyRegistry:
+    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def add(
+        self,
+        domain: str,
+        kind: KeyKind,
+        name: str,
+        algorithm: str,
+        *,
+        kcv: str | None = None,
+        kcv_method: str | None = None,
+        public_key: bytes | None = None,
+        state: KeyState = KeyState.ACTIVE,
+        version: int | None = None,
+    ) -> KeyRecord:
+        """Register a key (the next version of its name unless given). The caller puts it into the token."""
+        check_domain(domain)
+        now = rfc3339(self._clock.now())
+        with self._engine.begin() as conn:
+            if version is None:
+                current = conn.execute(
+                    sa.select(sa.func.max(keys.c.version)).where(
+                        keys.c.domain == domain, keys.c.kind == kind.value, keys.c.name == name
+                    )
+                ).scalar()
+                version = (current or 0) + 1
+            label = key_label(domain, kind, name, version)
+            try:
+                conn.execute(
+                    keys.insert().values(
+                        domain=domain, kind=kind.value, name=name, version=version, algorithm=algorithm,
+                        state=state.value, label=label, kcv=kcv, kcv_method=kcv_method, public_key=public_key,
+                        created_at=now, state_changed_at=now,
+                    )
+                )
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(f"{domain} {kind.value} key {name} v{version} already exists") from None
+        return self.get(domain, kind, name, version)
+
+    def set_kcv(self, record: KeyRecord, kcv: str, kcv_method: str, public_key: bytes | None = None) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(
+                keys.update()
+                .where(keys.c.label == record.label)
+                .values(kcv=kcv, kcv_method=kcv_method, public_key=public_key)
+            )
+
+    def remove(self, record: KeyRecord) -> None:
+        """Forget a record whose token object could not be created (never for a key that existed)."""
+        with self._engine.begin() as conn:
+            conn.execute(keys.delete().where(keys.c.label == record.label))
+
+    def get(self, domain: str, kind: KeyKind, name: str, version: int) -> KeyRecord:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(keys).where(
+                    keys.c.domain == domain, keys.c.kind == kind.value, keys.c.name == name,
+                    keys.c.version == version,
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no {domain} {kind.value} key {name} v{version}")
+        return _record(row)
+
+    def active(self, domain: str, kind: KeyKind, name: str) -> KeyRecord:
+        """The newest active version: the one that serves new cards."""
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(keys)
+                .where(keys.c.domain == domain, keys.c.kind == kind.value, keys.c.name == name,
+                       keys.c.state == KeyState.ACTIVE.value)
+                .order_by(keys.c.version.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            if self.versions(domain, kind, name):
+                raise InvalidState(f"{domain} {kind.value} key {name} has no active version")
+            raise NotFound(f"no {domain} {kind.value} key named {name}")
+        return _record(row)
+
+    def versions(self, domain: str, kind: KeyKind, name: str) -> list[KeyRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(keys)
+                .where(keys.c.domain == domain, keys.c.kind == kind.value, keys.c.name == name)
+                .order_by(keys.c.version)
+            ).all()
+        return [_record(r) for r in rows]
+
+    def all(self, domain: str | None = None) -> list[KeyRecord]:
+        query = sa.select(keys).order_by(keys.c.domain, keys.c.kind, keys.c.name, keys.c.version)
+        if domain is not None:
+            query = query.where(keys.c.domain == domain)
+        with self._engine.connect() as conn:
+            return [_record(r) for r in conn.execute(query).all()]
+
+    def names(self, domain: str, kind: KeyKind) -> set[str]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(keys.c.name).where(keys.c.domain == domain, keys.c.kind == kind.value).distinct()
+            ).all()
+        return {r[0] for r in rows}
+
+
+def _record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
+    m = row._mapping
+    return KeyRecord(
+        domain=m["domain"], kind=KeyKind(m["kind"]), name=m["name"], version=m["version"],
+        algorithm=m["algorithm"], state=KeyState(m["state"]), label=m["label"], kcv=m["kcv"],
+        kcv_method=m["kcv_method"], public_key=m["public_key"], created_at=m["created_at"],
+    )

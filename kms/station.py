@@ -1,0 +1,201 @@
+"""Station side: verify a sealed bundle, unwrap its keys into the station's own token, check every KCV.
+
+Every reason to refuse a bundle (bad encoding, flipped byte, wrong signer, wrong bureau, unknown domain, wrong
+transport key, replay) surfaces as the same opaque BundleRejected; the specific reason goes only to the local log.
+Keys are unwrapped as session objects first; only when every KCV matches and the serial is recorded as opened are
+they stored (on request) as token objects, so a refused bundle leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+
+from kms import bundle
+from kms.clock import Clock, rfc3339
+from kms.errors import BundleRejected, ConfigError, HsmError
+from kms.hsm import Algorithm, StationKeys, TokenSession, store_station_keys
+from kms.registry import DOMAINS, KeyKind, key_label
+from kms.store import opened_bundles
+
+log = logging.getLogger("kms.station")
+
+
+class TrustStore:
+    """The domains' published issuance signing keys: PEM files named <domain>*.pem in one directory."""
+
+    def __init__(self, keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]]) -> None:
+        self._keys = keys  # key id -> (domain, key)
+
+    @classmethod
+    def load(cls, directory: Path) -> TrustStore:
+        keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]] = {}
+        for path in sorted(directory.glob("*.pem")):
+            domain = next((d for d in DOMAINS if path.name.startswith(d)), None)
+            if domain is None:
+                raise ConfigError(f"{path}: trust store files are named after their domain (hrss*.pem, bank*.pem)")
+            key = load_pem_public_key(path.read_bytes())
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+                raise ConfigError(f"{path}: not an ECDSA P-256 public key")
+            spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            keys[bundle.key_id(spki)] = (domain, key)
+        if not keys:
+            raise ConfigError(f"{directory}: no trusted signing keys")
+        return cls(keys)
+
+    def verify(self, section: bundle.ParsedSection) -> bool:
+        entry = self._keys.get(section.key_id)
+        if entry is None or entry[0] != section.domain:
+            return False
+        r = int.from_bytes(section.signature[:32], "big")
+        s = int.from_bytes(section.signature[32:], "big")
+        try:
+            entry[1].verify(encode_dss_signature(r, s), section.signed_bytes, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    domain: str
+    name: str
+    usage: str
+    algorithm: str
+    kcv_method: str
+    kcv_expected: str
+    kcv_computed: str
+    label: str | None
+
+    @property
+    def match(self) -> bool:
+        return self.kcv_expected == self.kcv_computed
+
+
+@dataclass
+class OpenReport:
+    serial: str
+    card_ref: str
+    stored: bool
+    keys: list[KeyReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.keys) and all(k.match for k in self.keys)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "serial": self.serial, "card_ref": self.card_ref, "ok": self.ok, "stored": self.stored,
+            "keys": [
+                {"domain": k.domain, "name": k.name, "usage": k.usage, "algorithm": k.algorithm,
+                 "kcv_method": k.kcv_method, "kcv_expected": k.kcv_expected, "kcv_computed": k.kcv_computed,
+                 "match": k.match, "label": k.label}
+                for k in self.keys
+            ],
+        }
+
+
+def _reject(reason: str) -> BundleRejected:
+    log.info("bundle rejected: %s", reason)
+    return BundleRejected()
+
+
+class Station:
+    def __init__(
+        self,
+        name: str,
+        bureau: str,
+        domains: tuple[str, ...],
+        session: TokenSession,
+        trust: TrustStore,
+        ledger: sa.Engine,
+        clock: Clock,
+    ) -> None:
+        self.name = name
+        self.bureau = bureau
+        self.domains = domains
+        self._session = session
+        self._trust = trust
+        self._ledger = ledger
+        self._clock = clock
+
+    def open(self, data: bytes, *, store: bool = False) -> OpenReport:
+        """Verify and unwrap one bundle. Raises BundleRejected; returns a report whose ``ok`` is False only if a
+        recomputed KCV differs from the sealed one (then nothing is kept)."""
+        parsed = bundle.parse(data)
+        for section in parsed.sections:
+            if section.domain not in self.domains:
+                raise _reject(f"section for domain {section.domain} this station is not registered for")
+            if section.bureau != self.bureau:
+                raise _reject("section for another bureau")
+            if not self._trust.verify(section):
+                raise _reject("signature")
+        if self._seen(parsed.serial):
+            raise _reject("replay")
+
+        unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+        try:
+            for section in parsed.sections:
+                label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key,
+                                  section.transport_key_version)
+                try:
+                    algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
+                    unwrapped.append((section, self._session.unwrap_card_keys(label, algorithms)))
+                except (HsmError, ValueError):
+                    raise _reject("unwrap") from None
+            report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=store)
+            for section, keys in unwrapped:
+                for key, kcv in zip(section.keys, keys.kcvs, strict=True):
+                    report.keys.append(KeyReport(
+                        domain=section.domain, name=key.name, usage=key.usage, algorithm=key.algorithm,
+                        kcv_method=key.kcv_method, kcv_expected=bundle.hexs(key.kcv), kcv_computed=bundle.hexs(kcv),
+                        label=_card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
+                    ))
+            if not report.ok:
+                report.stored = False
+                report.keys = [_unlabelled(k) for k in report.keys]
+                return report
+            self._record_and_store(parsed, unwrapped, store)
+            return report
+        finally:
+            for _, keys in unwrapped:
+                keys.discard()
+
+    def _seen(self, serial: str) -> bool:
+        with self._ledger.connect() as conn:
+            return conn.execute(
+                sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == serial)
+            ).first() is not None
+
+    def _record_and_store(
+        self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool
+    ) -> None:
+        with self._ledger.begin() as conn:
+            try:
+                conn.execute(opened_bundles.insert().values(
+                    serial=parsed.serial, card_ref=parsed.card_ref, opened_at=rfc3339(self._clock.now())
+                ))
+            except sa.exc.IntegrityError:
+                raise _reject("replay") from None
+            if store:
+                store_station_keys([
+                    (keys, [_card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
+                    for section, keys in unwrapped
+                ])
+
+
+def _card_key_label(card_ref: str, domain: str, name: str) -> str:
+    return f"card/{card_ref}/{domain}/{name}"
+
+
+def _unlabelled(report: KeyReport) -> KeyReport:
+    return KeyReport(report.domain, report.name, report.usage, report.algorithm, report.kcv_method,
+                     report.kcv_expected, report.kcv_computed, None)
