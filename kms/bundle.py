@@ -118,13 +118,20 @@ def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str,
     }
 
 
-def assemble(serial: str, card_ref: str, sections: Sequence[Mapping[str, Any]]) -> bytes:
-    """The bundle file: an envelope around the signed sections, ordered by domain."""
-    ordered = sorted(sections, key=lambda s: str(s["body"]["domain"]))
-    return canonical({
-        "format": BUNDLE_FORMAT, "version": VERSION, "serial": serial, "card_ref": card_ref,
-        "sections": [dict(s) for s in ordered],
-    })
+def encode_section(section_doc: Mapping[str, Any]) -> bytes:
+    return canonical(dict(section_doc))
+
+
+def assemble(serial: str, card_ref: str, sections: Mapping[str, bytes]) -> bytes:
+    """The bundle file: an envelope around the signed sections (canonical bytes by domain), ordered by domain.
+
+    The sections arrive already canonical from each domain's worker; the envelope is spliced around them, which
+    gives the same bytes as encoding the whole document (keys sorted: card_ref, format, sections, serial, version).
+    """
+    head = canonical({"card_ref": card_ref, "format": BUNDLE_FORMAT})[:-1]
+    tail = canonical({"serial": serial, "version": VERSION})[1:]
+    parts = b",".join(sections[d] for d in sorted(sections))
+    return head + b',"sections":[' + parts + b"]," + tail
 
 
 # -- reading ------------------------------------------------------------------------------------------------------

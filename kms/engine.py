@@ -14,10 +14,10 @@ from typing import Any
 from kms import bundle
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
-from kms.errors import ConfigError, InvalidArgument
+from kms.errors import ConfigError, InvalidArgument, NotFound, PermissionDenied
 from kms.hsm import KcvMethod, TokenSession
 from kms.profiles import KeySpec, Profile
-from kms.registry import KeyKind, KeyRegistry, KeyState, check_domain
+from kms.registry import KeyKind, KeyRecord, KeyRegistry, check_domain
 
 SIGNING_KEY_NAME = "issuance"
 
@@ -31,6 +31,30 @@ def new_serial() -> str:
 class _Resolved:
     spec: KeySpec
     master_label: str
+
+
+@dataclass(frozen=True)
+class DomainKeys:
+    """The registry records a domain's section needs for one profile and bureau, all checked active."""
+
+    masters: dict[str, KeyRecord]
+    transport: KeyRecord
+    signing: KeyRecord
+
+    @classmethod
+    def resolve(cls, registry: KeyRegistry, domain: str, profile: Profile, bureau: str) -> DomainKeys:
+        if not profile.keys(domain):
+            raise ConfigError(f"profile {profile.name} has no keys for domain {domain}")
+        masters = {name: registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
+        try:
+            transport = registry.active(domain, KeyKind.TRANSPORT, bureau)
+        except NotFound:
+            raise PermissionDenied(f"bureau {bureau!r} has no {domain} transport key: it is not registered for "
+                                   f"the {domain} domain") from None
+        signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
+        if signing.public_key is None:
+            raise ConfigError(f"{domain} signing key has no public key on record")
+        return cls(masters, transport, signing)
 
 
 class DomainSealer:
@@ -50,26 +74,18 @@ class DomainSealer:
         self._clock = clock
         self.profile = profile
         self.bureau = bureau
-        specs = profile.keys(domain)
-        if not specs:
-            raise ConfigError(f"profile {profile.name} has no keys for domain {domain}")
-        masters = {name: registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
+        resolved = DomainKeys.resolve(registry, domain, profile, bureau)
+        masters = resolved.masters
         self._master_versions = {name: rec.version for name, rec in masters.items()}
-        self._keys = tuple(_Resolved(spec, masters[spec.master_key].label) for spec in specs)
+        self._keys = tuple(_Resolved(spec, masters[spec.master_key].label) for spec in profile.keys(domain))
         self._card_fields = profile.card_fields(domain)
-        transport = registry.active(domain, KeyKind.TRANSPORT, bureau)
-        self._transport = transport
-        signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
-        if signing.public_key is None:
-            raise ConfigError(f"{domain} signing key has no public key on record")
-        self._signing_label = signing.label
-        self.signing_key_id = bundle.key_id(signing.public_key)
-        for label in [r.master_label for r in self._keys] + [transport.label]:
+        self._transport = resolved.transport
+        self._signing_label = resolved.signing.label
+        assert resolved.signing.public_key is not None
+        self.signing_key_id = bundle.key_id(resolved.signing.public_key)
+        for label in [r.master_label for r in self._keys] + [self._transport.label]:
             if not session.has_key(label):
                 raise ConfigError(f"{domain} token {session.token_label!r} lacks key {label!r} the registry lists")
-        for rec in (*masters.values(), transport, signing):
-            if rec.state is not KeyState.ACTIVE:
-                raise ConfigError(f"{rec.label} is not active")
 
     @property
     def keys_per_card(self) -> int:

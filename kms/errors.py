@@ -22,6 +22,17 @@ class KmsError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (HSM workers); rebuild them whatever their __init__ takes.
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[KmsError], message: str, state: dict[str, object]) -> KmsError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(KmsError):
     """Input that can never succeed as given; names the offending field."""

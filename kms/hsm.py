@@ -329,20 +329,29 @@ class TokenSession:
             )
             return bytes(key[Attribute.CHECK_VALUE])
 
-    def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray) -> bytes:
-        """Create a master key from clear key bytes and wipe them. Returns its KCV (the token's CKA_CHECK_VALUE).
+    def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray, *, token: bool = True) -> bytes:
+        """Create a derive-only master key from clear key bytes and wipe them. Returns its KCV (the token's
+        CKA_CHECK_VALUE). ``token=False`` makes a session object (self-test, scratch use).
 
-        The one place a clear key enters the token: joining components in a ceremony, or a development helper.
+        One of the two places a clear key enters the token: joining components in a ceremony, or test values.
         """
+        return self._import(label, Role.MASTER, algorithm, value, token)
+
+    def import_transport_key(self, label: str, value: bytearray, *, token: bool = True) -> bytes:
+        """Create a wrap-only AES-256 transport key from clear bytes (bureau components, or a self-test KEK) and
+        wipe them. Returns its KCV."""
+        return self._import(label, Role.TRANSPORT, Algorithm.AES256, value, token)
+
+    def _import(self, label: str, role: Role, algorithm: Algorithm, value: bytearray, token: bool) -> bytes:
         try:
             if len(value) != algorithm.length:
-                raise HsmError(f"import master key {label!r}: {algorithm} keys are {algorithm.length} bytes")
+                raise HsmError(f"import key {label!r}: {algorithm} keys are {algorithm.length} bytes")
             self._refuse_duplicate(label)
-            template = secret_key_template(Role.MASTER, token=True, label=label)
+            template = secret_key_template(role, token=token, label=label)
             template.update({Attribute.CLASS: ObjectClass.SECRET_KEY,
                              Attribute.KEY_TYPE: self._key_type(algorithm),
                              Attribute.VALUE: bytes(value)})
-            with _hsm(f"import master key {label!r}"):
+            with _hsm(f"import key {label!r}"):
                 key = self._session.create_object(template)
                 return bytes(key[Attribute.CHECK_VALUE])
         finally:

@@ -1,0 +1,311 @@
+"""The ``kms`` command line. Errors: one line on stderr, exit status from kms.errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kms import config as config_mod
+from kms import errors
+
+log = logging.getLogger("kms")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kms", description="HSM-backed key management for social security cards")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a development home: SoftHSM2 tokens, keys, configuration")
+    p.add_argument("home", type=Path)
+    p.add_argument("--module", default="auto", help="PKCS#11 module path (default: find SoftHSM2)")
+    p.add_argument("--json", action="store_true")
+
+    keys = sub.add_parser("keys", help="the key registry").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("list", help="list registered keys (never their values)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--domain", choices=("hrss", "bank"))
+    p.add_argument("--json", action="store_true")
+
+    prof = sub.add_parser("profile", help="card profiles").add_subparsers(dest="profile_command", required=True)
+    p = prof.add_parser("check", help="validate profile files (and master key references, with --config)")
+    p.add_argument("paths", type=Path, nargs="+")
+    p.add_argument("--config", type=Path)
+
+    dev = sub.add_parser("dev", help="development helpers").add_subparsers(dest="dev_command", required=True)
+    p = dev.add_parser("cards", help="write random dual-application card identities to a CSV file")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--city-code", default="320200")
+
+    bundle = sub.add_parser("bundle", help="sealed bundles").add_subparsers(dest="bundle_command", required=True)
+    p = bundle.add_parser("seal", help="seal bundles for the cards in a CSV file (issuer side)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--bureau", required=True)
+    p.add_argument("--batch", required=True)
+    p.add_argument("--profile", default="dual-app-v1")
+    p.add_argument("--cards", type=Path, required=True, help="CSV: card_ref,city_code,card_serial,pan,psn,kdd")
+    p.add_argument("--out", type=Path, required=True, help="directory for the .kmsb files")
+    p.add_argument("--workers", type=int, help="worker processes per domain (default: from the config)")
+    p.add_argument("--json", action="store_true")
+    p = bundle.add_parser("open", help="verify bundles and unwrap their keys into the station's token")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--store", action="store_true", help="keep the keys as token objects (default: verify only)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("bundles", type=Path, nargs="+", help="bundle files or directories of *.kmsb")
+
+    p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
+    p.add_argument("--vectors", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="use this configuration's token (session objects only)")
+    p.add_argument("--domain", choices=("hrss", "bank"), default="bank", help="which domain's token, with --config")
+    p.add_argument("--module", help="PKCS#11 module for the temporary token (default: find SoftHSM2)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="kms: %(message)s")
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except errors.KmsError as error:
+        print(f"kms: error: {error}", file=sys.stderr)
+        return errors.exit_code(error)
+    except KeyboardInterrupt:
+        print("kms: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # an unexpected failure: say what kind, never what data
+        log.debug("unexpected error", exc_info=True)
+        print(f"kms: internal error ({type(error).__name__}); run with -v for details", file=sys.stderr)
+        return 1
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from kms import devhome
+
+    home = devhome.init_home(args.home, module=args.module)
+    _emit(args, {"home": str(home.path), "config": str(home.config)},
+          f"development home ready: {home.path}\n  issuer config: {home.config}\n"
+          f"  station config: {home.station_config('station-a1')}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from kms import runtime
+    from kms.clock import SystemClock
+
+    cfg = config_mod.load(args.config)
+    records = runtime.registry(cfg, SystemClock()).all(args.domain)
+    rows = [{"domain": r.domain, "kind": r.kind.value, "name": r.name, "version": r.version,
+             "algorithm": r.algorithm, "state": r.state.value, "kcv": r.kcv, "kcv_method": r.kcv_method,
+             "created_at": r.created_at} for r in records]
+    text = "\n".join(f"{r['domain']:5} {r['kind']:9} {r['name']:14} v{r['version']:<3} {r['algorithm']:10} "
+                     f"{r['state']:8} {r['kcv'] or '-':6} {r['created_at']}" for r in rows)
+    _emit(args, rows, text or "no keys")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from kms import devhome, profiles
+
+    known = devhome.master_key_names(config_mod.load(args.config)) if args.config else None
+    for path in args.paths:
+        for file in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
+            profile = profiles.load(file, known)
+            counts = ", ".join(f"{d}: {len(k)} keys" for d, k in profile.domains.items())
+            print(f"{file}: profile {profile.name} ok ({counts})")
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 10_000_000:
+        raise errors.InvalidArgument("--count", "must be from 1 to 10,000,000")
+    write_random_cards(args.out, args.count, args.city_code)
+    print(f"{args.count} cards written to {args.out}")
+    return 0
+
+
+def write_random_cards(path: Path, count: int, city_code: str = "320200") -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CARD_COLUMNS)
+        for i in range(count):
+            writer.writerow([
+                f"card-{i:07d}", city_code, secrets.token_hex(8).upper(),
+                "621483" + f"{secrets.randbelow(10**13):013d}", f"{secrets.randbelow(100):02d}",
+                secrets.token_hex(10).upper(),
+            ])
+
+
+CARD_COLUMNS = ("card_ref", "city_code", "card_serial", "pan", "psn", "kdd")
+
+
+def read_cards(path: Path) -> list[Any]:
+    from kms.cardid import CardIdentity
+
+    cards = []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for line, row in enumerate(reader, start=2):
+                try:
+                    cards.append(CardIdentity.from_mapping({k: v for k, v in row.items() if v not in (None, "")}))
+                except errors.InvalidArgument as error:
+                    raise errors.InvalidArgument(f"{path}:{line}: {error.field}", error.reason) from None
+    except OSError as error:
+        raise errors.ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    return cards
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    return _bundle_seal(args) if args.bundle_command == "seal" else _bundle_open(args)
+
+
+def _bundle_seal(args: argparse.Namespace) -> int:
+    from kms.issuer import Issuer
+
+    if not args.batch or len(args.batch) > 64:
+        raise errors.InvalidArgument("--batch", "must be 1 to 64 characters")
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        raise errors.InvalidArgument("--workers", "must be from 1 to 64")
+    cards = read_cards(args.cards)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sealed = failed = 0
+    with Issuer(args.config, args.bureau, args.profile, args.workers) as issuer:
+        for issued in issuer.issue(cards, args.batch):
+            if issued.data is None:
+                failed += 1
+                print(f"kms: card {issued.card_ref}: {issued.error}", file=sys.stderr)
+                continue
+            target = args.out / f"{issued.card_ref}.kmsb"
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(issued.data)
+            os.replace(tmp, target)
+            sealed += 1
+        keys_per_card = issuer.keys_per_card
+    elapsed = time.perf_counter() - started
+    doc = {"cards": sealed, "failed": failed, "keys": sealed * keys_per_card, "seconds": round(elapsed, 3),
+           "cards_per_second": round(sealed / elapsed, 1) if elapsed else None}
+    _emit(args, doc, f"sealed {sealed} bundles ({sealed * keys_per_card} keys) in {elapsed:.2f} s"
+                     f" into {args.out}" + (f"; {failed} cards failed" if failed else ""))
+    return 0 if failed == 0 else 1
+
+
+def _bundle_files(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(path.glob("*.kmsb"))
+        else:
+            yield path
+
+
+def _bundle_open(args: argparse.Namespace) -> int:
+    from kms import runtime, store
+    from kms.clock import SystemClock
+    from kms.station import Station, TrustStore
+
+    cfg = config_mod.load_station(args.station_config)
+    ledger = store.make_engine(cfg.ledger)
+    store.create_station_ledger(ledger)
+    reports = []
+    rejected = mismatched = 0
+    with runtime.open_station(cfg) as session:
+        station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
+                          SystemClock())
+        for path in _bundle_files(args.bundles):
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                raise errors.InvalidArgument(str(path), f"cannot read ({error.strerror})") from None
+            try:
+                report = station.open(data, store=args.store)
+            except errors.BundleRejected as error:
+                rejected += 1
+                reports.append({"file": str(path), "ok": False, "error": str(error)})
+                if not args.json:
+                    print(f"{path}: {error}", file=sys.stderr)
+                continue
+            mismatched += 0 if report.ok else 1
+            reports.append({"file": str(path), **report.as_json()})
+            if not args.json:
+                for key in report.keys:
+                    mark = "ok " if key.match else "BAD"
+                    print(f"{path.name}: {mark} {key.domain:4} {key.name:8} {key.algorithm} KCV {key.kcv_computed}"
+                          f" (sealed {key.kcv_expected})")
+    if args.json:
+        print(json.dumps({"bundles": reports, "rejected": rejected, "kcv_mismatch": mismatched}, indent=2))
+    elif len(reports) > 1:
+        print(f"{len(reports)} bundles: {len(reports) - rejected - mismatched} ok, {rejected} rejected, "
+              f"{mismatched} with KCV mismatches")
+    return 0 if rejected == 0 and mismatched == 0 else errors.BundleRejected.exit_code
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from kms import runtime, selftest, softhsm
+
+    vectors = selftest.load_vectors(args.vectors)
+    if args.config:
+        cfg = config_mod.load(args.config)
+        with runtime.open_domain(cfg, args.domain) as session:
+            return _run_selftest(args, session, vectors)
+    with tempfile.TemporaryDirectory(prefix="kms-selftest-") as tmp:
+        conf = softhsm.write_conf(Path(tmp))
+        pins = Path(tmp) / "pins"
+        softhsm.ensure_token(conf, "kms-selftest", pins / "user.pin", pins / "so.pin")
+        hsm = config_mod.HsmConfig(module=args.module or "auto", softhsm2_conf=conf)
+        pin = (pins / "user.pin").read_text(encoding="utf-8").strip()
+        with runtime.module(hsm).open("kms-selftest", pin) as session:
+            return _run_selftest(args, session, vectors)
+
+
+def _run_selftest(args: argparse.Namespace, session: Any, vectors: dict[str, Any]) -> int:
+    from kms.selftest import SelfTest
+
+    test = SelfTest(session)
+    try:
+        results = list(test.run(vectors))
+    finally:
+        test.close()
+    failed = sum(r.failed for r in results)
+    if args.json:
+        print(json.dumps({"token": session.token_label, "failed": failed, "cases": [
+            {"case": r.case, "source": r.source, "status": r.status, "detail": r.detail} for r in results]},
+            indent=2))
+    else:
+        labels = {"pass": "PASS", "fail": "FAIL", "unsupported": "SKIP"}
+        for r in results:
+            print(f"{labels[r.status]} {r.case:14} {r.detail}  [{r.source}]")
+        print(f"{len(results)} cases: {sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
+              f"{sum(r.status == 'unsupported' for r in results)} not supported by this HSM")
+    if not results:
+        print("kms: error: no vectors in the file", file=sys.stderr)
+        return 1
+    return 0 if failed == 0 else 1
+
+
+_COMMANDS = {
+    "init": _cmd_init, "keys": _cmd_keys, "profile": _cmd_profile, "dev": _cmd_dev, "bundle": _cmd_bundle,
+    "selftest": _cmd_selftest,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The issuer: turns card identities into sealed bundles through each domain's own worker processes.
+
+The issuer holds no PIN and no key; it hands each domain's workers the same card and bundle serial, and splices
+their signed sections into one bundle per card.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kms import bundle, config, profiles, runtime
+from kms.cardid import CardIdentity
+from kms.clock import SystemClock
+from kms.engine import DomainKeys, new_serial
+from kms.errors import ConfigError, KmsError
+from kms.workers import DomainPool, Job
+
+
+@dataclass(frozen=True)
+class IssuedBundle:
+    card_ref: str
+    serial: str
+    data: bytes | None
+    error: KmsError | None = None
+
+
+class Issuer:
+    def __init__(self, config_path: Path, bureau: str, profile: str, processes_per_domain: int | None = None):
+        cfg = config.load(config_path)
+        loaded = profiles.load_dir(cfg.profiles)
+        if profile not in loaded:
+            raise ConfigError(f"no card profile named {profile!r} in {cfg.profiles}")
+        self.profile = loaded[profile]
+        self.domains = tuple(d for d in self.profile.domains if d in cfg.domains)
+        missing = set(self.profile.domains) - set(self.domains)
+        if missing:
+            raise ConfigError(f"profile {profile} needs domain(s) {', '.join(sorted(missing))} not configured here")
+        self.keys_per_card = sum(len(self.profile.keys(d)) for d in self.domains)
+        # Fail fast, before any worker reads a PIN: every key the sections need must be registered and active.
+        registry = runtime.registry(cfg, SystemClock())
+        for domain in self.domains:
+            DomainKeys.resolve(registry, domain, self.profile, bureau)
+        self._pools = {d: DomainPool(cfg.path, d, bureau, profile, processes_per_domain) for d in self.domains}
+
+    def issue(self, cards: Sequence[CardIdentity], batch: str) -> Iterator[IssuedBundle]:
+        """One bundle per card, in order. A card that a domain refuses yields an IssuedBundle with its error."""
+        jobs = [Job(card, new_serial()) for card in cards]
+        streams = [self._pools[d].seal(jobs, batch) for d in self.domains]
+        for job, *results in zip(jobs, *streams, strict=True):
+            error = next((r.error for r in results if r.error is not None), None)
+            if error is not None:
+                yield IssuedBundle(job.card.card_ref, job.serial, None, error)
+                continue
+            sections = {d: r.section for d, r in zip(self.domains, results, strict=True) if r.section is not None}
+            yield IssuedBundle(job.card.card_ref, job.serial, bundle.assemble(job.serial, job.card.card_ref, sections))
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    def __enter__(self) -> Issuer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            for pool in self._pools.values():
+                pool.terminate()
