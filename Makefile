@@ -1,0 +1,29 @@
+# kms: two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py --home demo-home --cards 1000
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check kms tests scripts
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf demo-home .bench build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,216 @@
+"""Station side against real tokens: verify, unwrap into the station's token, KCVs, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pkcs11.exceptions as p11e
+import pytest
+from conftest import card, seal
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from kms import bundle, store
+from kms.clock import SystemClock
+from kms.engine import DomainSealer
+from kms.errors import BundleRejected
+from kms.hsm import TokenSession
+from kms.registry import KeyKind
+from kms.station import Station, TrustStore
+
+
+def _doc(data: bytes) -> dict[str, Any]:
+    return json.loads(data)
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return bundle.canonical(doc)
+
+
+def _resign(doc: dict[str, Any], index: int, sign: Any) -> None:
+    body = doc["sections"][index]["body"]
+    doc["sections"][index]["signature"]["value"] = bundle.hexs(sign(bundle.signed_bytes(body)))
+
+
+def test_a_bundle_opens_and_every_kcv_matches(sealers: dict[str, DomainSealer], station: Station) -> None:
+    report = station.open(seal(sealers, card(10)))
+    assert report.ok
+    assert len(report.keys) == 15
+    assert {k.domain for k in report.keys} == {"hrss", "bank"}
+    assert all(k.kcv_expected == k.kcv_computed for k in report.keys)
+    assert report.as_json()["ok"] is True
+
+
+def test_opening_leaves_no_session_objects_and_store_keeps_token_objects(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    c = card(11)
+    report = station.open(seal(sealers, c), store=True)
+    assert report.ok and report.stored
+    assert [o for o in station_session.objects() if not o.token] == []
+    stored = {o.label: o for o in station_session.objects() if o.label.startswith(f"card/{c.card_ref}/")}
+    assert set(stored) == {k.label for k in report.keys}
+    assert len(stored) == 15
+    for info in stored.values():
+        assert info.sensitive is True and info.extractable is False
+    for label in stored:
+        station_session.destroy(label)
+
+
+def test_replayed_bundle_is_rejected_even_by_a_restarted_station(
+    sealers: dict[str, DomainSealer], station: Station, station_config: Any, station_session: TokenSession
+) -> None:
+    data = seal(sealers, card(12))
+    station.open(data)
+    with pytest.raises(BundleRejected):
+        station.open(data)
+    restarted = Station(station.name, station.bureau, station.domains, station_session,
+                        TrustStore.load(station_config.trust), station._ledger, SystemClock())
+    with pytest.raises(BundleRejected):
+        restarted.open(data)
+
+
+def test_every_byte_flip_is_rejected(sealers: dict[str, DomainSealer], station: Station) -> None:
+    data = seal(sealers, card(13))
+    rejected = 0
+    for position in range(len(data)):
+        for mask in (0x01, 0x20, 0xFF):
+            flipped = bytearray(data)
+            flipped[position] ^= mask
+            with pytest.raises(BundleRejected) as raised:
+                station.open(bytes(flipped))
+            assert str(raised.value) == "bundle rejected"
+            rejected += 1
+    assert rejected == 3 * len(data)
+    # Truncated and extended copies too.
+    for cut in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(BundleRejected):
+            station.open(data[:cut])
+    with pytest.raises(BundleRejected):
+        station.open(data + b" ")
+    # And the untouched bundle still opens: nothing above was recorded as opened.
+    assert station.open(data).ok
+
+
+def test_wrong_signer_is_rejected(sealers: dict[str, DomainSealer], station: Station) -> None:
+    rogue = ec.generate_private_key(ec.SECP256R1())
+
+    def rogue_sign(message: bytes) -> bytes:
+        r, s = decode_dss_signature(rogue.sign(message, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    doc = _doc(seal(sealers, card(14)))
+    _resign(doc, 0, rogue_sign)
+    with pytest.raises(BundleRejected):
+        station.open(_encode(doc))
+
+
+def test_a_section_signed_by_the_other_domain_is_rejected(
+    sealers: dict[str, DomainSealer], sessions: dict[str, TokenSession], registry: Any, station: Station
+) -> None:
+    doc = _doc(seal(sealers, card(15)))
+    assert doc["sections"][0]["body"]["domain"] == "bank"
+    hrss_label = registry.active("hrss", KeyKind.SIGNING, "issuance").label
+    _resign(doc, 0, lambda m: sessions["hrss"].sign_sha256(hrss_label, m))
+    # Even with the hrss key id, a bank section is not accepted under the hrss key.
+    doc["sections"][0]["signature"]["key_id"] = doc["sections"][1]["signature"]["key_id"]
+    with pytest.raises(BundleRejected):
+        station.open(_encode(doc))
+
+
+def test_wrong_transport_key_is_rejected(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    data = seal(sealers, card(16))
+    parsed = bundle.parse(data)
+    section = parsed.sections[0]
+    label = f"kms/{section.domain}/transport/{section.transport_key}/v{section.transport_key_version}"
+    raw = station_session._session
+    real = station_session._key(label)
+    impostor = raw.generate_key(KeyType.AES, 256, store=False, label=label,
+                                template={Attribute.UNWRAP: True, Attribute.EXTRACTABLE: False})
+    cache_key = f"{int(ObjectClass.SECRET_KEY)}:{label}"
+    station_session._keys[cache_key] = impostor
+    try:
+        with pytest.raises(BundleRejected):
+            station.open(data)
+    finally:
+        station_session._keys[cache_key] = real
+        impostor.destroy()
+    assert [o for o in station_session.objects() if not o.token] == []
+    assert station.open(data).ok  # the refusal did not burn the serial
+
+
+def test_a_station_of_another_bureau_rejects_the_bundle(
+    sealers: dict[str, DomainSealer], station_session: TokenSession, station_config: Any, tmp_path: Path
+) -> None:
+    ledger = store.make_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    store.create_station_ledger(ledger)
+    other = Station("station-b1", "bureau-b", ("hrss", "bank"), station_session,
+                    TrustStore.load(station_config.trust), ledger, SystemClock())
+    with pytest.raises(BundleRejected):
+        other.open(seal(sealers, card(17)))
+
+
+def test_a_station_not_registered_for_a_domain_rejects_its_section(
+    sealers: dict[str, DomainSealer], station_session: TokenSession, station_config: Any, tmp_path: Path
+) -> None:
+    ledger = store.make_engine(f"sqlite:///{tmp_path / 'hrss-only.db'}")
+    store.create_station_ledger(ledger)
+    hrss_only = Station("station-a1", "bureau-a", ("hrss",), station_session,
+                        TrustStore.load(station_config.trust), ledger, SystemClock())
+    with pytest.raises(BundleRejected):
+        hrss_only.open(seal(sealers, card(18)))
+    hrss_bundle = bundle.assemble("AA" * 16, "card-hrss", {"hrss": bundle.encode_section(
+        sealers["hrss"].seal(card(18, card_ref="card-hrss"), serial="AA" * 16, batch="B"))})
+    assert hrss_only.open(hrss_bundle).ok
+
+
+def test_a_kcv_mismatch_is_reported_per_key_and_nothing_is_kept(
+    sealers: dict[str, DomainSealer], sessions: dict[str, TokenSession], registry: Any, station: Station,
+    station_session: TokenSession,
+) -> None:
+    doc = _doc(seal(sealers, card(19)))
+    body = doc["sections"][0]["body"]
+    body["keys"][1]["kcv"] = "000000" if body["keys"][1]["kcv"] != "000000" else "111111"
+    label = registry.active("bank", KeyKind.SIGNING, "issuance").label
+    _resign(doc, 0, lambda m: sessions["bank"].sign_sha256(label, m))
+    data = _encode(doc)
+    report = station.open(data, store=True)
+    assert not report.ok
+    assert not report.stored
+    assert [k.name for k in report.keys if not k.match] == [body["keys"][1]["name"]]
+    assert all(k.label is None for k in report.keys)
+    assert not [o for o in station_session.objects() if o.label.startswith("card/card-000019/")]
+    assert [o for o in station_session.objects() if not o.token] == []
+    assert not station._seen(doc["serial"])
+
+
+def test_trust_store_refuses_files_it_cannot_attribute(tmp_path: Path) -> None:
+    from kms.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no trusted signing keys"):
+        TrustStore.load(tmp_path)
+    (tmp_path / "someone.pem").write_text("x")
+    with pytest.raises(ConfigError, match="named after their domain"):
+        TrustStore.load(tmp_path)
+
+
+def test_raw_pkcs11_cannot_read_a_stored_card_key(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    c = card(20, card_ref=f"raw-{secrets.token_hex(4)}")
+    report = station.open(seal(sealers, c), store=True)
+    label = report.keys[0].label
+    assert label is not None
+    key = station_session._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+    with pytest.raises(p11e.AttributeSensitive):
+        key[Attribute.VALUE]
+    for k in report.keys:
+        assert k.label is not None
+        station_session.destroy(k.label)
