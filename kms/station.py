@@ -130,7 +130,10 @@ class Station:
     def open(self, data: bytes, *, store: bool = False) -> OpenReport:
         """Verify and unwrap one bundle. Raises BundleRejected; returns a report whose ``ok`` is False only if a
         recomputed KCV differs from the sealed one (then nothing is kept)."""
-        parsed = bundle.parse(data)
+        try:
+            parsed = bundle.parse(data)
+        except BundleRejected:
+            raise _reject("malformed or not canonical") from None
         for section in parsed.sections:
             if section.domain not in self.domains:
                 raise _reject(f"section for domain {section.domain} this station is not registered for")

@@ -9,6 +9,7 @@ number of keys (``recycle_after_keys``) by ending its process.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class SectionResult:
     serial: str
     section: bytes | None  # canonical section, or None with error set
     error: KmsError | None = None
+    worker: int = 0  # the worker's process id, for diagnostics
 
 
 _sealer: DomainSealer | None = None
@@ -72,9 +74,9 @@ def _seal_chunk(args: tuple[Sequence[Job], str]) -> list[SectionResult]:
     for job in jobs:
         try:
             section = bundle.encode_section(_sealer.seal(job.card, serial=job.serial, batch=batch))
-            results.append(SectionResult(job.card.card_ref, job.serial, section))
+            results.append(SectionResult(job.card.card_ref, job.serial, section, worker=os.getpid()))
         except KmsError as error:
-            results.append(SectionResult(job.card.card_ref, job.serial, None, error))
+            results.append(SectionResult(job.card.card_ref, job.serial, None, error, worker=os.getpid()))
     return results
 
 

@@ -1,0 +1,108 @@
+"""The `kms` command line end to end, each command in a process of its own, on a home of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+
+def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=dict(os.environ))
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("cli-home")
+    kms("init", str(home), check=True)
+    return home
+
+
+def test_init_is_idempotent_and_keys_list_shows_no_values(cli_home: Path) -> None:
+    again = kms("init", str(cli_home), "--json", check=True)
+    assert json.loads(again.stdout)["config"] == str(cli_home / "kms.yaml")
+    listing = json.loads(kms("keys", "list", "--config", str(cli_home / "kms.yaml"), "--json", check=True).stdout)
+    assert {(r["domain"], r["kind"]) for r in listing} == {
+        (d, k) for d in ("hrss", "bank") for k in ("master", "transport", "signing")}
+    assert len([r for r in listing if r["kind"] == "master"]) == 11
+    assert all(r["state"] == "active" and r["version"] == 1 for r in listing)
+    assert all(set(r) == {"domain", "kind", "name", "version", "algorithm", "state", "kcv", "kcv_method",
+                          "created_at"} for r in listing)
+
+
+def test_seal_then_open_at_the_station(cli_home: Path, tmp_path: Path) -> None:
+    cards = tmp_path / "cards.csv"
+    kms("dev", "cards", "--count", "25", "--out", str(cards), check=True)
+    out = tmp_path / "bundles"
+    sealed = kms("bundle", "seal", "--config", str(cli_home / "kms.yaml"), "--bureau", "bureau-a", "--batch",
+                 "B-cli", "--cards", str(cards), "--out", str(out), "--json", check=True)
+    summary = json.loads(sealed.stdout)
+    assert summary["cards"] == 25 and summary["keys"] == 25 * 15 and summary["failed"] == 0
+    assert len(list(out.glob("*.kmsb"))) == 25
+    station = str(cli_home / "stations" / "station-a1" / "station.yaml")
+    opened = json.loads(kms("bundle", "open", "--station-config", station, "--json", str(out), check=True).stdout)
+    assert opened["rejected"] == 0 and opened["kcv_mismatch"] == 0
+    assert len(opened["bundles"]) == 25
+    assert all(b["ok"] and len(b["keys"]) == 15 for b in opened["bundles"])
+    # Opening again is a replay: one opaque error per bundle, exit status 7.
+    again = kms("bundle", "open", "--station-config", station, str(next(out.glob("*.kmsb"))))
+    assert again.returncode == 7
+    assert again.stderr.strip().endswith("bundle rejected")
+
+
+def test_bad_card_file_names_file_line_and_field(cli_home: Path, tmp_path: Path) -> None:
+    cards = tmp_path / "cards.csv"
+    cards.write_text("card_ref,city_code,card_serial,pan,psn,kdd\n"
+                     "c1,320200,86843202AD932A48,6214830000000001,01,00010203040506070809\n"
+                     "c2,320200,86843202AD932A48,62148300,01,00010203040506070809\n")
+    result = kms("bundle", "seal", "--config", str(cli_home / "kms.yaml"), "--bureau", "bureau-a", "--batch", "B",
+                 "--cards", str(cards), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"kms: error: {cards}:3: pan: must be 12 to 19 digits"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["bundle", "seal", "--config", "{home}/kms.yaml", "--bureau", "bureau-q", "--batch", "B", "--cards",
+          "{cards}", "--out", "{tmp}/o"], 5, "bureau 'bureau-q' has no"),
+        (["bundle", "seal", "--config", "{home}/kms.yaml", "--bureau", "bureau-a", "--batch", "B", "--profile",
+          "nope", "--cards", "{cards}", "--out", "{tmp}/o"], 3, "no card profile named 'nope'"),
+        (["keys", "list", "--config", "{tmp}/missing.yaml"], 3, "cannot read"),
+        (["dev", "cards", "--count", "0", "--out", "{tmp}/c.csv"], 2, "--count: must be from 1"),
+        (["bundle", "open", "--station-config", "{home}/stations/station-a1/station.yaml", "{tmp}/none.kmsb"], 2,
+         "cannot read"),
+    ],
+)
+def test_errors_are_one_line_with_a_specific_exit_status(
+    cli_home: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    cards = tmp_path / "cards.csv"
+    kms("dev", "cards", "--count", "2", "--out", str(cards), check=True)
+    filled = [a.format(home=cli_home, tmp=tmp_path, cards=cards) for a in args]
+    result = kms(*filled)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("kms: error: ")
+    assert message in result.stderr
+
+
+def test_profile_check_reports_file_line_and_reason(cli_home: Path, tmp_path: Path) -> None:
+    ok = kms("profile", "check", str(ROOT / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
+    assert ok.returncode == 0 and "profile dual-app-v1 ok (hrss: 9 keys, bank: 6 keys)" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: bad\ndomains:\n  bank:\n    keys:\n      - name: k\n        usage: u\n"
+                   "        recipe: emv_option_a\n        master_key: bank-imk-zz\n")
+    result = kms("profile", "check", str(bad), "--config", str(cli_home / "kms.yaml"))
+    assert result.returncode == 3
+    assert result.stderr.strip() == (f"kms: error: {bad}:8: key k: master key 'bank-imk-zz' does not exist "
+                                     "in domain bank")

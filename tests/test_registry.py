@@ -1,0 +1,91 @@
+"""Key registry conformance: the same tests on every store backend (SQLite always; PostgreSQL when
+KMS_TEST_POSTGRES_URL is set, skipped otherwise)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from kms import store
+from kms.clock import FixedClock
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.registry import KeyKind, KeyRegistry, KeyState, key_label
+
+POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    if request.param == "sqlite":
+        eng = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+        store.create_all(eng)
+        yield eng
+        eng.dispose()
+        return
+    if not POSTGRES:
+        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    eng = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+    store.create_all(eng)
+    yield eng
+    eng.dispose()
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture
+def registry(engine: sa.Engine) -> KeyRegistry:
+    return KeyRegistry(engine, FixedClock(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)))
+
+
+def test_versions_count_up_per_name_and_label_follows(registry: KeyRegistry) -> None:
+    first = registry.add("bank", KeyKind.MASTER, "bank-imk-ac", "DES2", kcv="ABCDEF", kcv_method="m")
+    second = registry.add("bank", KeyKind.MASTER, "bank-imk-ac", "DES2")
+    other = registry.add("hrss", KeyKind.MASTER, "bank-imk-ac", "DES2")
+    assert (first.version, second.version, other.version) == (1, 2, 1)
+    assert first.label == key_label("bank", KeyKind.MASTER, "bank-imk-ac", 1) == "kms/bank/master/bank-imk-ac/v1"
+    assert first.created_at == "2026-01-02T03:04:05Z"
+    assert registry.get("bank", KeyKind.MASTER, "bank-imk-ac", 1).kcv == "ABCDEF"
+    assert registry.active("bank", KeyKind.MASTER, "bank-imk-ac").version == 2
+    assert [r.version for r in registry.versions("bank", KeyKind.MASTER, "bank-imk-ac")] == [1, 2]
+    assert registry.names("bank", KeyKind.MASTER) == {"bank-imk-ac"}
+    assert [r.domain for r in registry.all("hrss")] == ["hrss"]
+
+
+def test_active_ignores_keys_that_are_not_active(registry: KeyRegistry) -> None:
+    registry.add("bank", KeyKind.MASTER, "k", "DES2")
+    registry.add("bank", KeyKind.MASTER, "k", "DES2", state=KeyState.PRE_ACTIVATION)
+    assert registry.active("bank", KeyKind.MASTER, "k").version == 1
+    registry.add("bank", KeyKind.MASTER, "only-pending", "DES2", state=KeyState.PRE_ACTIVATION)
+    with pytest.raises(InvalidState, match="has no active version"):
+        registry.active("bank", KeyKind.MASTER, "only-pending")
+    with pytest.raises(NotFound, match="no bank master key named missing"):
+        registry.active("bank", KeyKind.MASTER, "missing")
+
+
+def test_duplicates_and_unknown_domains_are_refused(registry: KeyRegistry) -> None:
+    registry.add("bank", KeyKind.TRANSPORT, "bureau-a", "AES256", version=3)
+    with pytest.raises(AlreadyExists):
+        registry.add("bank", KeyKind.TRANSPORT, "bureau-a", "AES256", version=3)
+    with pytest.raises(InvalidArgument) as raised:
+        registry.add("both", KeyKind.MASTER, "x", "DES2")
+    assert raised.value.field == "domain"
+
+
+def test_remove_and_set_kcv(registry: KeyRegistry) -> None:
+    record = registry.add("hrss", KeyKind.SIGNING, "issuance", "ECDSA-P256")
+    registry.set_kcv(record, "", "", public_key=b"\x30\x59")
+    assert registry.get("hrss", KeyKind.SIGNING, "issuance", 1).public_key == b"\x30\x59"
+    registry.remove(record)
+    with pytest.raises(NotFound):
+        registry.get("hrss", KeyKind.SIGNING, "issuance", 1)

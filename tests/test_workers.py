@@ -1,0 +1,72 @@
+"""The issuer and its per-domain worker processes, on real tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import card
+
+from kms.devhome import Home
+from kms.errors import ConfigError, InvalidArgument, PermissionDenied
+from kms.issuer import Issuer
+from kms.secrets import SecretRef
+from kms.station import Station
+from kms.workers import DomainPool, Job
+
+
+def test_issuer_seals_bundles_in_order_that_a_station_opens(home: Home, station: Station,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The issuer process never reads a PIN: only the spawned domain workers do.
+    def refuse(self: SecretRef) -> str:
+        raise AssertionError(f"the issuer process resolved {self}")
+
+    monkeypatch.setattr(SecretRef, "resolve", refuse)
+    cards = [card(100 + i) for i in range(40)]
+    with Issuer(home.config, "bureau-a", "dual-app-v1", processes_per_domain=1) as issuer:
+        issued = list(issuer.issue(cards, "B-workers"))
+    assert [b.card_ref for b in issued] == [c.card_ref for c in cards]
+    assert len({b.serial for b in issued}) == len(cards)
+    monkeypatch.undo()
+    for b in issued:
+        assert b.data is not None and b.error is None
+        report = station.open(b.data)
+        assert report.ok and len(report.keys) == 15
+
+
+def test_a_card_refused_by_a_domain_is_reported_not_sealed(home: Home) -> None:
+    cards = [card(200), card(201, kdd="00" * 10), card(202)]
+    bad = card(203)
+    object.__setattr__(bad, "pan", None)  # a card without a PAN: the bank recipes need one
+    cards.insert(1, bad)
+    with Issuer(home.config, "bureau-a", "dual-app-v1") as issuer:
+        issued = list(issuer.issue(cards, "B-bad"))
+    assert [b.data is not None for b in issued] == [True, False, True, True]
+    assert isinstance(issued[1].error, InvalidArgument) and issued[1].error.field == "pan"
+
+
+def test_workers_are_recycled_after_a_number_of_keys(home: Home, tmp_path: Path) -> None:
+    doc = yaml.safe_load(home.config.read_text())
+    doc["recycle_after_keys"] = 1000  # about 3 chunks of HRSS cards per worker process
+    doc["hsm"]["softhsm2_conf"] = str(home.softhsm2_conf)
+    doc["database"] = f"sqlite:///{home.path / 'kms.db'}"
+    doc["profiles"] = str(home.path / "profiles")
+    doc["domains"] = {d: {"token": v["token"], "pin": f"file:{home.path / 'pins' / (d + '.pin')}"}
+                      for d, v in doc["domains"].items()}
+    config = tmp_path / "kms.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    pool = DomainPool(config, "hrss", "bureau-a", "dual-app-v1", processes=1)
+    try:
+        results = list(pool.seal([Job(card(300 + i), f"{i:032X}") for i in range(320)], "B-recycle"))
+    finally:
+        pool.close()
+    assert all(r.section is not None for r in results)
+    assert len({r.worker for r in results}) >= 3
+
+
+def test_issuer_refuses_unknown_profile_and_unregistered_bureau_before_starting(home: Home) -> None:
+    with pytest.raises(ConfigError, match="no card profile named 'nope'"):
+        Issuer(home.config, "bureau-a", "nope")
+    with pytest.raises(PermissionDenied, match="bureau 'bureau-zz' has no"):
+        Issuer(home.config, "bureau-zz", "dual-app-v1")
