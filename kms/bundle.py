@@ -34,7 +34,7 @@ _HEX = re.compile(r"^(?:[0-9A-F]{2})*$")
 def canonical(value: Any) -> bytes:
     """The canonical encoding of a JSON value made of str, int, list and dict."""
     _check_types(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _dumps(value)
 
 
 def _check_types(value: Any) -> None:
@@ -108,7 +108,13 @@ def section_body(header: SectionHeader, keys: Sequence[SealedKey]) -> dict[str, 
 
 
 def signed_bytes(body: Mapping[str, Any]) -> bytes:
-    return SIGNING_CONTEXT + canonical(dict(body))
+    """What a section's signature covers. ``body`` holds only str/int values: built by section_body, or parsed
+    from a bundle whose canonical form was already checked."""
+    return SIGNING_CONTEXT + _dumps(body)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str, Any]:
@@ -118,8 +124,21 @@ def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str,
     }
 
 
+def encode_signed_section(body_bytes: bytes, key_id: str, signature: bytes) -> bytes:
+    """A section's canonical bytes from its body's canonical bytes (what was signed, minus the context string)
+    and the signature: spliced, so the body is encoded once ("body" sorts before "signature")."""
+    sig = _dumps({"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id, "value": hexs(signature)})
+    return b'{"body":' + body_bytes + b',"signature":' + sig + b"}"
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Canonical bytes of a section body built by kms (str/int values by construction)."""
+    return _dumps(body)
+
+
 def encode_section(section_doc: Mapping[str, Any]) -> bytes:
-    return canonical(dict(section_doc))
+    """Canonical bytes of a section built by kms.bundle (its values are str/int by construction)."""
+    return _dumps(section_doc)
 
 
 def assemble(serial: str, card_ref: str, sections: Mapping[str, bytes]) -> bytes:

@@ -80,16 +80,13 @@ _ALL_CAPS = (
 )
 
 # role -> (capabilities that are true, extractable, modifiable)
-# Unwrapped keys stay modifiable: SoftHSM 2.6 refuses C_UnwrapKey / C_CopyObject templates that combine
-# CKA_MODIFIABLE=false with a label (AttributeReadOnly). CKA_SENSITIVE and CKA_EXTRACTABLE changes are one-way
-# in PKCS#11, so a modifiable key still cannot be made readable.
 _ROLES: dict[Role, tuple[frozenset[Attribute], bool, bool]] = {
     Role.MASTER: (frozenset({Attribute.DERIVE}), False, False),
     Role.INTERMEDIATE: (frozenset({Attribute.DERIVE}), False, False),
     Role.CARD_KEY: (frozenset({Attribute.ENCRYPT}), True, False),
     Role.TRANSPORT: (frozenset({Attribute.WRAP}), False, False),
-    Role.STATION_TRANSPORT: (frozenset({Attribute.UNWRAP}), False, True),
-    Role.STATION_CARD_KEY: (frozenset({Attribute.ENCRYPT}), False, True),
+    Role.STATION_TRANSPORT: (frozenset({Attribute.UNWRAP}), False, False),
+    Role.STATION_CARD_KEY: (frozenset({Attribute.ENCRYPT}), False, False),
 }
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
@@ -107,11 +104,13 @@ def secret_key_template(role: Role, *, token: bool, label: str | None = None) ->
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
             Attribute.EXTRACTABLE: extractable,
-            Attribute.MODIFIABLE: modifiable,
         }
     )
     if label is not None:
         template[Attribute.LABEL] = label
+    # Last, always: SoftHSM 2.6 applies a template in order, and once CKA_MODIFIABLE=false is set it refuses
+    # every later attribute as read-only (AttributeReadOnly).
+    template[Attribute.MODIFIABLE] = modifiable
     return template
 
 
@@ -124,6 +123,7 @@ def _derive_template(role: Role) -> dict[Attribute, Any]:
     return template
 
 
+_ZERO_BLOCK = bytes(8)
 _CARD_KEY_DERIVE = _derive_template(Role.CARD_KEY)
 _INTERMEDIATE_DERIVE = _derive_template(Role.INTERMEDIATE)
 
@@ -237,7 +237,7 @@ class TokenSession:
     def __init__(self, token_label: str, session: Any) -> None:
         self.token_label = token_label
         self._session = session
-        self._keys: dict[str, Any] = {}
+        self._keys: dict[tuple[Any, str], Any] = {}  # (object class, label) -> key object
         self._mechanisms: frozenset[str] | None = None
 
     # -- housekeeping ------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class TokenSession:
             raise MechanismUnavailable(mechanism, self.token_label)
 
     def _key(self, label: str, object_class: Any = ObjectClass.SECRET_KEY) -> Any:
-        cache_key = f"{int(object_class)}:{label}"
+        cache_key = (object_class, label)
         key = self._keys.get(cache_key)
         if key is None:
             with _hsm(f"find key {label!r}"):
@@ -313,7 +313,7 @@ class TokenSession:
         key = self._key(label, cls)
         with _hsm(f"destroy key {label!r}"):
             key.destroy()
-        self._keys.pop(f"{int(cls)}:{label}", None)
+        self._keys.pop((cls, label), None)
 
     # -- master keys -------------------------------------------------------------------------------------------
 
@@ -374,9 +374,11 @@ class TokenSession:
         """Derive a per-card key inside the token through ``steps``, wrap it under the transport key with
         AES key wrap with padding (RFC 5649), compute its KCV, and destroy every key the derivation made.
 
-        The per-card key is a sensitive session object that lives only for this call.
+        The per-card key is a sensitive session object that lives only for this call. This is the hot path:
+        it does nothing in Python that the token calls do not need.
         """
-        if not 1 <= len(steps) <= 3:
+        last = len(steps) - 1
+        if not 0 <= last <= 2:
             raise HsmError("a derivation has 1 to 3 steps")
         for step, _ in steps:
             if step is not DeriveStep.DES3_ECB:
@@ -385,28 +387,22 @@ class TokenSession:
         transport = self._key(transport_label)
         made: list[Any] = []
         try:
-            with _hsm(f"derive from {master_label!r}"):
-                parent = master
-                last = len(steps) - 1
-                for i, (_step, data) in enumerate(steps):
-                    buf = ctypes.create_string_buffer(data, len(data))
-                    param = bytes(_KeyDerivationStringData(ctypes.addressof(buf), len(data)))
-                    parent = parent.derive_key(
-                        KeyType.DES2,
-                        128,
-                        mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
-                        mechanism_param=param,
-                        template=_CARD_KEY_DERIVE if i == last else _INTERMEDIATE_DERIVE,
-                    )
-                    made.append(parent)
-                kcv = parent.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3]
-            with _hsm(f"wrap under {transport_label!r}"):
-                wrapped = transport.wrap_key(parent, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            parent = master
+            for i, (_step, data) in enumerate(steps):
+                buf = ctypes.create_string_buffer(data, len(data))  # alive until the call returns
+                parent = parent.derive_key(
+                    KeyType.DES2, 128, mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
+                    mechanism_param=bytes(_KeyDerivationStringData(ctypes.addressof(buf), len(data))),
+                    template=_CARD_KEY_DERIVE if i == last else _INTERMEDIATE_DERIVE,
+                )
+                made.append(parent)
+            kcv = parent.encrypt(_ZERO_BLOCK, mechanism=Mechanism.DES3_ECB)[:3]
+            wrapped = transport.wrap_key(parent, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        except p11e.PKCS11Error as error:
+            raise _translate(error, f"derive from {master_label!r} and wrap under {transport_label!r}") from None
         finally:
-            for key in reversed(made):
-                with contextlib.suppress(p11e.PKCS11Error):
-                    key.destroy()
-        return WrappedKey(bytes(wrapped), bytes(kcv))
+            _destroy_all(made)
+        return WrappedKey(wrapped, kcv)
 
     # -- signing -----------------------------------------------------------------------------------------------
 
@@ -523,26 +519,35 @@ class TokenSession:
         keys: Sequence[tuple[bytes, Algorithm]],
     ) -> StationKeys:
         """Unwrap sealed card keys into session objects under the station's transport key and compute each KCV.
-        The caller compares KCVs and then either stores the keys (``StationKeys.store``) or discards them."""
+        The caller compares KCVs and then either stores the keys (``store_station_keys``) or discards them."""
         transport = self._key(transport_label)
-        template = secret_key_template(Role.STATION_CARD_KEY, token=False)
         made: list[Any] = []
         kcvs: list[bytes] = []
         try:
-            with _hsm(f"unwrap under {transport_label!r}"):
-                for wrapped, algorithm in keys:
-                    if algorithm is not Algorithm.DES2:
-                        raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
-                    key = transport.unwrap_key(
-                        ObjectClass.SECRET_KEY, self._key_type(algorithm), wrapped,
-                        mechanism=Mechanism.AES_KEY_WRAP_PAD, template=template,
-                    )
-                    made.append(key)
-                    kcvs.append(bytes(key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3]))
+            for wrapped, algorithm in keys:
+                key, kcv = self._unwrap_card_key(transport, wrapped, algorithm, None)
+                made.append(key)
+                kcvs.append(kcv)
         except BaseException:
             _destroy_all(made)
             raise
-        return StationKeys(self, made, kcvs)
+        return StationKeys(transport, list(keys), made, kcvs)
+
+    def _unwrap_card_key(self, transport: Any, wrapped: bytes, algorithm: Algorithm, label: str | None
+                         ) -> tuple[Any, bytes]:
+        if algorithm is not Algorithm.DES2:
+            raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
+        template = secret_key_template(Role.STATION_CARD_KEY, token=label is not None, label=label)
+        with _hsm("unwrap card key"):
+            key = transport.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.DES2, wrapped, mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                template=template,
+            )
+            try:
+                return key, bytes(key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3])
+            except BaseException:
+                key.destroy()
+                raise
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -561,8 +566,10 @@ class TokenSession:
 class StationKeys:
     """Card keys unwrapped at a station, held as session objects until stored or discarded."""
 
-    def __init__(self, session: TokenSession, keys: list[Any], kcvs: list[bytes]) -> None:
-        self._session = session
+    def __init__(self, transport: Any, sealed: list[tuple[bytes, Algorithm]], keys: list[Any],
+                 kcvs: list[bytes]) -> None:
+        self._transport = transport
+        self._sealed = sealed
         self._keys = keys
         self.kcvs = kcvs
 
@@ -571,17 +578,20 @@ class StationKeys:
         self._keys = []
 
 
-def store_station_keys(groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> None:
-    """Copy every unwrapped key of every group into a token object with its label: all or none. The session
-    copies are dropped either way."""
+def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> None:
+    """Store every checked key of every group as a token object with its label: all or none. The keys are
+    unwrapped again straight into token objects (a copy would need them modifiable) and each stored copy's KCV
+    must equal the checked one. The session copies are dropped either way."""
     stored: list[Any] = []
     try:
-        with _hsm("store card keys"):
-            for keys, labels in groups:
-                if len(labels) != len(keys._keys):
-                    raise HsmError("one label per key is needed to store station keys")
-                for key, label in zip(keys._keys, labels, strict=True):
-                    stored.append(key.copy({Attribute.TOKEN: True, Attribute.LABEL: label}))
+        for keys, labels in groups:
+            if len(labels) != len(keys._sealed):
+                raise HsmError("one label per key is needed to store station keys")
+            for (wrapped, algorithm), kcv, label in zip(keys._sealed, keys.kcvs, labels, strict=True):
+                key, stored_kcv = session._unwrap_card_key(keys._transport, wrapped, algorithm, label)
+                stored.append(key)
+                if stored_kcv != kcv:
+                    raise HsmError("a stored card key does not match the key that was checked")
     except BaseException:
         _destroy_all(stored)
         raise
@@ -592,8 +602,10 @@ def store_station_keys(groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> N
 
 def _destroy_all(objects: Sequence[Any]) -> None:
     for obj in objects:
-        with contextlib.suppress(p11e.PKCS11Error):
+        try:
             obj.destroy()
+        except p11e.PKCS11Error:
+            continue
 
 
 def _describe(obj: Any) -> KeyInfo:

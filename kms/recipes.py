@@ -106,29 +106,32 @@ _FACTOR = re.compile(r"^(ascii|hex):(.+)$")
 class Factor:
     encoding: str
     template: str
+    fields: frozenset[str]  # card identity fields read (province counts as city_code)
+    parts: tuple[tuple[str, str | None], ...]  # (literal text, field or None), parsed once at load
 
     @classmethod
     def parse(cls, text: object) -> Factor:
         if not isinstance(text, str) or not (match := _FACTOR.match(text)):
             raise ValueError(f"factor {text!r} must look like 'ascii:...' or 'hex:...'")
         encoding, template = match.groups()
-        for _, name, spec, conv in string.Formatter().parse(template):
-            if name is None:
-                continue
-            if name not in FACTOR_FIELDS or spec or conv:
+        parts = []
+        for literal, name, spec, conv in string.Formatter().parse(template):
+            if name is not None and (name not in FACTOR_FIELDS or spec or conv):
                 raise ValueError(f"factor {text!r}: unknown field {{{name}}}; known: {', '.join(FACTOR_FIELDS)}")
-        return cls(encoding, template)
-
-    @property
-    def fields(self) -> frozenset[str]:
-        names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
-        return frozenset("city_code" if n == "province" else n for n in names)
+            parts.append((literal, name or None))
+        names = {name for _, name in parts if name}
+        fields = frozenset("city_code" if n == "province" else n for n in names)
+        return cls(encoding, template, fields, tuple(parts))
 
     def render(self, card: CardIdentity) -> bytes:
-        values = {name: getattr(card, name) for name in FACTOR_FIELDS}
-        for name in self.fields:
-            _field(card, name)
-        text = self.template.format(**values)
+        out = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name == "province":
+                out.append(_field(card, "city_code")[:2])
+            elif name is not None:
+                out.append(_field(card, name))
+        text = "".join(out)
         raw = text.encode("ascii") if self.encoding == "ascii" else bytes.fromhex(text)
         if len(raw) != 8:
             raise ValueError(f"factor {self.encoding}:{self.template} gives {len(raw)} bytes, not 8")

@@ -27,7 +27,8 @@ def sm4_ecb(key: bytes, data: bytes) -> bytes:
 
 
 def complement(data: bytes) -> bytes:
-    return bytes(b ^ 0xFF for b in data)
+    """Every bit inverted (D ⊕ FF…FF)."""
+    return (int.from_bytes(data, "big") ^ ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "big")
 
 
 def odd_parity(key: bytes) -> bytes:

@@ -189,7 +189,7 @@ class Station:
             except sa.exc.IntegrityError:
                 raise _reject("replay") from None
             if store:
-                store_station_keys([
+                store_station_keys(self._session, [
                     (keys, [_card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
                     for section, keys in unwrapped
                 ])

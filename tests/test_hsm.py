@@ -110,7 +110,7 @@ def test_derived_card_keys_are_sensitive_session_objects_and_are_destroyed(
     for domain, sealer in sealers.items():
         session = sessions[domain]
         transport_label = registry.active(domain, KeyKind.TRANSPORT, "bureau-a").label
-        cache_key = f"{int(ObjectClass.SECRET_KEY)}:{transport_label}"
+        cache_key = (ObjectClass.SECRET_KEY, transport_label)
         session._key(transport_label)
         real = session._keys[cache_key]
         spy = _Spy(real)
@@ -233,9 +233,9 @@ def test_pkcs11_errors_map_to_retryable_or_not(error: p11e.PKCS11Error, retryabl
 def test_station_card_keys_are_not_extractable(
     sealers: dict[str, Any], station_session: TokenSession
 ) -> None:
-    from kms import bundle
-
     from conftest import seal
+
+    from kms import bundle
 
     parsed = bundle.parse(seal(sealers, card(3)))
     section = parsed.sections[0]

@@ -134,7 +134,7 @@ def test_wrong_transport_key_is_rejected(
     real = station_session._key(label)
     impostor = raw.generate_key(KeyType.AES, 256, store=False, label=label,
                                 template={Attribute.UNWRAP: True, Attribute.EXTRACTABLE: False})
-    cache_key = f"{int(ObjectClass.SECRET_KEY)}:{label}"
+    cache_key = (ObjectClass.SECRET_KEY, label)
     station_session._keys[cache_key] = impostor
     try:
         with pytest.raises(BundleRejected):

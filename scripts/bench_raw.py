@@ -1,0 +1,64 @@
+"""Baseline for `make bench`: a bare python-pkcs11 loop doing exactly the HSM work the engine does per card —
+for each key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
+C_DestroyObject — and nothing else (no signing, no encoding, no inter-process traffic).
+
+Deliberately outside the kms package: it is the yardstick, not the product.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Any
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.constants import DEFAULT
+
+
+class _Kdsd(ctypes.Structure):
+    _fields_ = (("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong))
+
+
+_BASE = {
+    Attribute.TOKEN: False, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+    Attribute.VALUE_LEN: DEFAULT, Attribute.LABEL: DEFAULT, Attribute.ID: DEFAULT, Attribute.DECRYPT: False,
+    Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.SIGN: False, Attribute.VERIFY: False,
+}
+# CKA_MODIFIABLE last: SoftHSM refuses attributes that follow CKA_MODIFIABLE=false in a template.
+_LAST = {**_BASE, Attribute.ENCRYPT: True, Attribute.DERIVE: False, Attribute.EXTRACTABLE: True,
+         Attribute.MODIFIABLE: False}
+_MID = {**_BASE, Attribute.ENCRYPT: False, Attribute.DERIVE: True, Attribute.EXTRACTABLE: False,
+        Attribute.MODIFIABLE: False}
+
+
+def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[str, list[bytes]]],
+        transport_label: str, ready: Any, go: Any) -> tuple[int, float]:
+    """plan: for each key of each card, (master key label, [16-byte derivation data per level])."""
+    os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+    lib = pkcs11.lib(module)
+    with lib.get_token(token_label=token).open(user_pin=pin, rw=True) as session:
+        masters: dict[str, Any] = {}
+        transport = session.get_key(object_class=ObjectClass.SECRET_KEY, label=transport_label)
+        for label, _ in plan:
+            if label not in masters:
+                masters[label] = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+        ready.set()
+        go.wait()
+        started = time.perf_counter()
+        for label, levels in plan:
+            made = []
+            parent = masters[label]
+            last = len(levels) - 1
+            for i, data in enumerate(levels):
+                buf = ctypes.create_string_buffer(data, len(data))
+                param = bytes(_Kdsd(ctypes.addressof(buf), len(data)))
+                parent = parent.derive_key(KeyType.DES2, 128, mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
+                                           mechanism_param=param, template=_LAST if i == last else _MID)
+                made.append(parent)
+            parent.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)
+            transport.wrap_key(parent, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            for key in made:
+                key.destroy()
+        return len(plan), time.perf_counter() - started
