@@ -211,7 +211,7 @@ def parse(data: bytes) -> ParsedBundle:
         return _parse(data)
     except BundleRejected:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
         raise BundleRejected() from None
 
 
@@ -294,6 +294,6 @@ def _int(value: Any) -> int:
 
 
 def _hex(value: Any) -> bytes:
-    if not isinstance(value, str) or not _HEX.match(value):
+    if not isinstance(value, str) or not _HEX.fullmatch(value):
         raise ValueError("hex")
     return bytes.fromhex(value)

@@ -32,11 +32,11 @@ class CardIdentity:
     kdd: str | None = None
 
     def __post_init__(self) -> None:
-        if not _CARD_REF.match(self.card_ref or ""):
+        if not isinstance(self.card_ref, str) or not _CARD_REF.fullmatch(self.card_ref):
             raise InvalidArgument("card_ref", "must be 1-64 characters of letters, digits and . _ : -")
         for name, (pattern, reason) in _PATTERNS.items():
             value = getattr(self, name)
-            if value is not None and not pattern.match(value):
+            if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
                 raise InvalidArgument(name, reason)
 
     @property

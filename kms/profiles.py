@@ -38,6 +38,8 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
     result.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | bool | float) and key is not None:
+            raise ProfileError(str(node.start_mark.name), key_node.start_mark.line + 1, "keys must be plain text")
         if key in result:
             raise ProfileError(str(node.start_mark.name), key_node.start_mark.line + 1, f"duplicate key {key!r}")
         result[key] = loader.construct_object(value_node, deep=True)
@@ -45,7 +47,20 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
     return result
 
 
+class _Seq(list[Any]):
+    """A YAML sequence that remembers the line of each item (1-based)."""
+
+    lines: list[int]
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
+    result = _Seq(loader.construct_object(item, deep=True) for item in node.value)
+    result.lines = [item.start_mark.line + 1 for item in node.value]
+    return result
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,9 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ProfileError(src, 0, f"cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ProfileError(src, line, "not UTF-8 text (profiles are UTF-8)") from None
     try:
         doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except ProfileError as error:
@@ -99,7 +117,7 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
         raise ProfileError(src, 1, "a profile is a mapping with 'profile', 'description' and 'domains'")
     _only(src, doc, {"profile", "description", "domains"})
     name = doc.get("profile")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ProfileError(src, doc.lines.get("profile", doc.line), "'profile' must be a lower-case name")
     domains_doc = doc.get("domains")
     if not isinstance(domains_doc, _Map) or not domains_doc:
@@ -138,15 +156,17 @@ def load_dir(directory: Path, master_keys: dict[str, set[str]] | None = None) ->
 def _keys(src: str, domain: str, entries: list[Any], known: set[str] | None) -> tuple[KeySpec, ...]:
     specs: list[KeySpec] = []
     seen: set[str] = set()
-    for entry in entries:
+    lines = getattr(entries, "lines", [0] * len(entries))
+    for entry, line in zip(entries, lines, strict=True):
         if not isinstance(entry, _Map):
-            raise ProfileError(src, 0, f"domain {domain}: each key is a mapping")
+            raise ProfileError(src, line, f"domain {domain}: each key is a mapping with name, usage, recipe, "
+                                          "master_key")
         _only(src, entry, {"name", "usage", "recipe", "params", "master_key"})
         for required in ("name", "usage", "recipe", "master_key"):
             if not isinstance(entry.get(required), str):
                 raise ProfileError(src, entry.line, f"key entry needs '{required}' (text)")
         name = entry["name"]
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ProfileError(src, entry.lines["name"], f"key name {name!r} must be a lower-case name")
         if name in seen:
             raise ProfileError(src, entry.lines["name"], f"key {name!r} appears twice in domain {domain}")

@@ -115,7 +115,11 @@ class Factor:
             raise ValueError(f"factor {text!r} must look like 'ascii:...' or 'hex:...'")
         encoding, template = match.groups()
         parts = []
-        for literal, name, spec, conv in string.Formatter().parse(template):
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError:
+            raise ValueError(f"factor {text!r}: unbalanced braces") from None
+        for literal, name, spec, conv in parsed:
             if name is not None and (name not in FACTOR_FIELDS or spec or conv):
                 raise ValueError(f"factor {text!r}: unknown field {{{name}}}; known: {', '.join(FACTOR_FIELDS)}")
             parts.append((literal, name or None))

@@ -40,9 +40,11 @@ class SecretRef:
                 raise ConfigError(f"secret reference {self}: environment variable is not set")
             return value
         try:
-            text = Path(self.target).read_text(encoding="utf-8")
+            text = Path(self.target).read_bytes().decode("utf-8")
         except OSError as exc:
             raise ConfigError(f"secret reference {self}: cannot read file ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"secret reference {self}: file is not UTF-8 text") from None
         value = text.splitlines()[0].strip() if text.strip() else ""
         if not value:
             raise ConfigError(f"secret reference {self}: file is empty")

@@ -20,15 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_raw  # noqa: E402
+import bench_raw
 
-from kms import config, profiles  # noqa: E402
-from kms.cardid import CardIdentity  # noqa: E402
-from kms.clock import SystemClock  # noqa: E402
-from kms.devhome import init_home  # noqa: E402
-from kms.issuer import Issuer  # noqa: E402
-from kms.registry import DOMAINS, KeyKind  # noqa: E402
-from kms.runtime import registry as open_registry  # noqa: E402
+from kms import config, profiles
+from kms.cardid import CardIdentity
+from kms.clock import SystemClock
+from kms.devhome import init_home
+from kms.issuer import Issuer
+from kms.registry import DOMAINS, KeyKind
+from kms.runtime import registry as open_registry
 
 PROFILE = "dual-app-v1"
 BUREAU = "bureau-a"

@@ -225,7 +225,6 @@ def test_section_must_be_a_mapping(tmp_path: Path, section: str) -> None:
     assert f"{section} must be a mapping" in message
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: config._read lets UnicodeDecodeError escape for a non-UTF-8 file")
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "kms.yaml"
     path.write_bytes(("# 发卡地区配置\n" + yaml.safe_dump(_issuer())).encode("gbk"))

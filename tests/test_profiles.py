@@ -211,7 +211,6 @@ def test_unreadable_profile(tmp_path: Path) -> None:
     assert "cannot read" in error.reason
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: profiles.load lets UnicodeDecodeError escape for a non-UTF-8 file")
 def test_non_utf8_profile_is_a_profile_error(tmp_path: Path) -> None:
     path = tmp_path / "gbk.yaml"
     path.write_bytes(GOOD.replace("a test profile", "社保应用").encode("gbk"))
@@ -219,7 +218,6 @@ def test_non_utf8_profile_is_a_profile_error(tmp_path: Path) -> None:
     assert error.path == str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: an unhashable YAML key escapes profiles.load as TypeError")
 def test_unhashable_yaml_key_is_a_profile_error(tmp_path: Path) -> None:
     text = GOOD.replace("description: a test profile\n", "description: a test profile\n? [a, b]\n: c\n")
     path = _write(tmp_path, text)
@@ -227,7 +225,6 @@ def test_unhashable_yaml_key_is_a_profile_error(tmp_path: Path) -> None:
     assert error.line == _line_of(text, "? [a, b]")
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: a key entry that is not a mapping is reported at line 0")
 def test_key_entry_not_a_mapping_has_its_line(tmp_path: Path) -> None:
     text = GOOD.replace("      - {name: udk-ac,", "      - just-a-name\n      - {name: udk-ac,")
     path = _write(tmp_path, text)
@@ -235,7 +232,6 @@ def test_key_entry_not_a_mapping_has_its_line(tmp_path: Path) -> None:
     assert error.line == _line_of(text, "- just-a-name")
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: _NAME uses '$', which also matches before a trailing newline")
 def test_key_name_with_trailing_newline_rejected(tmp_path: Path) -> None:
     text = GOOD.replace("name: mk", 'name: "mk\\n"', 1)
     path = _write(tmp_path, text)

@@ -134,8 +134,6 @@ def test_resolve_unreadable_file(tmp_path: Path) -> None:
     assert "cannot read" in str(_resolve_error(SecretRef("file", str(path))))
 
 
-@pytest.mark.xfail(strict=True, reason="kms bug: a non-UTF-8 secret file raises UnicodeDecodeError (not ConfigError), "
-                                       "and its repr carries the file's bytes, i.e. the secret")
 def test_resolve_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "pin"
     path.write_bytes(CANARY.encode() + b"\xff\xfe\n")
