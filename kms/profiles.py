@@ -38,7 +38,7 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
     result.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str | int | bool | float) and key is not None:
+        if not isinstance(key, str):
             raise ProfileError(str(node.start_mark.name), key_node.start_mark.line + 1, "keys must be plain text")
         if key in result:
             raise ProfileError(str(node.start_mark.name), key_node.start_mark.line + 1, f"duplicate key {key!r}")
