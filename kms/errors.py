@@ -113,8 +113,10 @@ class MechanismUnavailable(HsmError):
 
     grpc_status = "FAILED_PRECONDITION"
 
-    def __init__(self, mechanism: str, token: str) -> None:
-        super().__init__(f"mechanism not available on this HSM: {mechanism} (token {token!r})")
+    def __init__(self, mechanism: str, token: str, what: str | None = None) -> None:
+        prefix = f"{what}: " if what else ""
+        suffix = f" (token {token!r})" if token else ""
+        super().__init__(f"{prefix}mechanism not available on this HSM: {mechanism}{suffix}")
         self.mechanism = mechanism
 
 

@@ -128,6 +128,42 @@ _CARD_KEY_DERIVE = _derive_template(Role.CARD_KEY)
 _INTERMEDIATE_DERIVE = _derive_template(Role.INTERMEDIATE)
 
 
+class _Attribute(ctypes.Structure):
+    """CK_ATTRIBUTE, for the one array-valued attribute kms sets (CKA_UNWRAP_TEMPLATE)."""
+
+    _fields_ = (("type", ctypes.c_ulong), ("pValue", ctypes.c_void_p), ("ulValueLen", ctypes.c_ulong))
+
+
+# CK_BBOOL values an unwrap template points at: static, so they outlive every call that uses them.
+_CK_TRUE = ctypes.c_ubyte(1)
+_CK_FALSE = ctypes.c_ubyte(0)
+
+#: What every key unwrapped under a station's unwrapping key must be: the token enforces it, so even a PIN holder
+#: cannot unwrap a sealed key as readable (CKA_UNWRAP_TEMPLATE, checked by SoftHSM 2.6 with TemplateInconsistent).
+_UNWRAPPED_KEY_TEMPLATE = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+
+
+def _pack_bool_template(template: dict[Attribute, bool]) -> bytes:
+    if not isinstance(template, dict):
+        raise TypeError("an unwrap template is a mapping of attributes to booleans")
+    array = (_Attribute * len(template))()
+    for i, (attribute, value) in enumerate(template.items()):
+        if not isinstance(value, bool):
+            raise HsmError("unwrap templates hold only boolean attributes")
+        flag = _CK_TRUE if value else _CK_FALSE
+        array[i] = _Attribute(int(attribute), ctypes.addressof(flag), 1)
+    return bytes(array)
+
+
+def _attribute_mapper() -> Any:
+    # python-pkcs11 has no encoder for array attributes (and crashes on one it cannot encode): register ours.
+    from pkcs11.attributes import AttributeMapper
+
+    mapper = AttributeMapper()
+    mapper.register_handler(Attribute.UNWRAP_TEMPLATE, _pack_bool_template, lambda raw: raw)
+    return mapper
+
+
 class _KeyDerivationStringData(ctypes.Structure):
     """CK_KEY_DERIVATION_STRING_DATA; python-pkcs11 packs it only for the AES mechanisms."""
 
@@ -148,6 +184,7 @@ _RETRYABLE = (
     p11e.SessionCount,
     p11e.TokenNotPresent,
     p11e.TokenNotRecognised,
+    p11e.UserNotLoggedIn,
 )
 _LOGIN = (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid, p11e.PinLenRange)
 _REFUSED_EXTRACT = (p11e.KeyUnextractable, p11e.AttributeSensitive, p11e.KeyNotWrappable)
@@ -158,7 +195,7 @@ def _translate(error: p11e.PKCS11Error, what: str) -> HsmError:
     if isinstance(error, _LOGIN):
         return HsmLoginFailed(f"{what}: the token refused the PIN ({kind})")
     if isinstance(error, p11e.MechanismInvalid):
-        return HsmError(f"{what}: mechanism not available on this HSM ({kind})")
+        return MechanismUnavailable(kind, "", what)
     if isinstance(error, _REFUSED_EXTRACT):
         return HsmError(f"{what}: refused by the token, the key may not leave it ({kind})")
     if isinstance(error, _RETRYABLE):
@@ -201,7 +238,7 @@ class Module:
                 raise HsmError(f"no token labelled {token_label!r} in {self.path}") from None
             except p11e.MultipleTokensReturned:
                 raise HsmError(f"more than one token labelled {token_label!r} in {self.path}") from None
-            session = token.open(user_pin=pin, rw=True)
+            session = token.open(user_pin=pin, rw=True, attribute_mapper=_attribute_mapper())
         return TokenSession(token_label, session)
 
     def reinitialize(self) -> None:
@@ -347,10 +384,9 @@ class TokenSession:
             if len(value) != algorithm.length:
                 raise HsmError(f"import key {label!r}: {algorithm} keys are {algorithm.length} bytes")
             self._refuse_duplicate(label)
-            template = secret_key_template(role, token=token, label=label)
-            template.update({Attribute.CLASS: ObjectClass.SECRET_KEY,
-                             Attribute.KEY_TYPE: self._key_type(algorithm),
-                             Attribute.VALUE: bytes(value)})
+            template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: self._key_type(algorithm),
+                        Attribute.VALUE: bytes(value)}
+            template.update(secret_key_template(role, token=token, label=label))  # CKA_MODIFIABLE stays last
             with _hsm(f"import key {label!r}"):
                 key = self._session.create_object(template)
                 return bytes(key[Attribute.CHECK_VALUE])
@@ -383,6 +419,9 @@ class TokenSession:
         for step, _ in steps:
             if step is not DeriveStep.DES3_ECB:
                 self.require(step.value)
+                # Offered by the token, but python-pkcs11 has no binding for a vendor SM4 mechanism yet:
+                # refuse rather than compute anything else.
+                raise MechanismUnavailable(step.value, self.token_label, "no binding for this vendor mechanism")
         master = self._key(master_label)
         transport = self._key(transport_label)
         made: list[Any] = []
@@ -463,7 +502,9 @@ class TokenSession:
                                  Attribute.TOKEN: True},
                 private_template={Attribute.UNWRAP: True, Attribute.DECRYPT: False, Attribute.SIGN: False,
                                   Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                                  Attribute.TOKEN: True, Attribute.PRIVATE: True},
+                                  Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                                  Attribute.UNWRAP_TEMPLATE: _UNWRAPPED_KEY_TEMPLATE,
+                                  Attribute.MODIFIABLE: False},
             )
         return self.public_key(label)
 
@@ -476,27 +517,33 @@ class TokenSession:
             raise HsmError("transport key recipient must be an RSA public key of at least 2048 bits")
         numbers = recipient.public_numbers()
         self._refuse_duplicate(label)
-        template = secret_key_template(Role.TRANSPORT, token=True, label=label)
+        # A session object that may be wrapped exactly once; then it is made unextractable and copied into the
+        # token as a key that can never be modified; the session original is destroyed whatever happens.
+        template = secret_key_template(Role.TRANSPORT, token=False)
         template[Attribute.EXTRACTABLE] = True
         template[Attribute.MODIFIABLE] = True  # to clear CKA_EXTRACTABLE below (a one-way change in PKCS#11)
+        made: list[Any] = []
         with _hsm(f"generate transport key {label!r}"):
-            key = self._session.generate_key(KeyType.AES, 256, template=template)
-            pub = self._session.create_object({
-                Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                Attribute.KEY_TYPE: KeyType.RSA,
-                Attribute.MODULUS: numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"),
-                Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"),
-                Attribute.WRAP: True,
-                Attribute.ENCRYPT: False,
-                Attribute.VERIFY: False,
-                Attribute.TOKEN: False,
-            })
             try:
+                key = self._session.generate_key(KeyType.AES, 256, template=template)
+                made.append(key)
+                pub = self._session.create_object({
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                    Attribute.KEY_TYPE: KeyType.RSA,
+                    Attribute.MODULUS: numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"),
+                    Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"),
+                    Attribute.WRAP: True,
+                    Attribute.ENCRYPT: False,
+                    Attribute.VERIFY: False,
+                    Attribute.TOKEN: False,
+                })
+                made.append(pub)
                 wrapped = pub.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1)
-            finally:
-                pub.destroy()
                 key[Attribute.EXTRACTABLE] = False
-            return bytes(wrapped), bytes(key[Attribute.CHECK_VALUE])
+                stored = key.copy({Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.MODIFIABLE: False})
+                return bytes(wrapped), bytes(stored[Attribute.CHECK_VALUE])
+            finally:
+                _destroy_all(made)
 
     def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str) -> bytes:
         """At a station: unwrap a transport key sent under our RSA key into a token object that may only unwrap.
@@ -504,6 +551,9 @@ class TokenSession:
         self._refuse_duplicate(label)
         private = self._key(unwrap_label, ObjectClass.PRIVATE_KEY)
         template = secret_key_template(Role.STATION_TRANSPORT, token=True, label=label)
+        modifiable = template.pop(Attribute.MODIFIABLE)
+        template[Attribute.UNWRAP_TEMPLATE] = _UNWRAPPED_KEY_TEMPLATE
+        template[Attribute.MODIFIABLE] = modifiable  # last
         with _hsm(f"accept transport key {label!r}"):
             key = private.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.AES, wrapped,

@@ -260,3 +260,41 @@ def test_module_path_errors_are_config_errors(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="no PKCS#11 module at"):
         find_module(str(tmp_path / "missing.so"))
     assert pkcs11 is not None
+
+
+def test_a_station_pin_holder_cannot_unwrap_a_sealed_key_as_readable(
+    sealers: dict[str, Any], station_session: TokenSession
+) -> None:
+    """CKA_UNWRAP_TEMPLATE on the station's transport keys: the token itself refuses a non-sensitive unwrap."""
+    from conftest import seal
+
+    from kms import bundle
+
+    section = bundle.parse(seal(sealers, card(21))).sections[0]
+    label = f"kms/{section.domain}/transport/{section.transport_key}/v{section.transport_key_version}"
+    transport = _raw(station_session).get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+    for template in ({Attribute.SENSITIVE: False}, {Attribute.EXTRACTABLE: True},
+                     {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True}):
+        with pytest.raises(p11e.PKCS11Error):
+            transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.DES2, section.keys[0].wrapped,
+                                 mechanism=Mechanism.AES_KEY_WRAP_PAD, template={**template, Attribute.TOKEN: False})
+    with pytest.raises(p11e.PKCS11Error):
+        transport[Attribute.UNWRAP_TEMPLATE] = {Attribute.SENSITIVE: False}
+    assert [o for o in station_session.objects() if not o.token] == []
+
+
+def test_transport_and_unwrap_keys_cannot_be_repurposed(
+    sessions: dict[str, TokenSession], station_session: TokenSession, registry: KeyRegistry
+) -> None:
+    label = registry.active("bank", KeyKind.TRANSPORT, "bureau-a").label
+    key = _raw(sessions["bank"]).get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+    assert key[Attribute.MODIFIABLE] is False and key[Attribute.EXTRACTABLE] is False
+    assert key[Attribute.WRAP] is True and key[Attribute.UNWRAP] is False and key[Attribute.DECRYPT] is False
+    for attribute in (Attribute.UNWRAP, Attribute.DECRYPT, Attribute.ENCRYPT):
+        with pytest.raises(p11e.PKCS11Error):
+            key[attribute] = True
+    unwrap = _raw(station_session).get_key(object_class=ObjectClass.PRIVATE_KEY,
+                                           label="kms/station/station-a1/unwrap/bank")
+    assert unwrap[Attribute.MODIFIABLE] is False
+    with pytest.raises(p11e.PKCS11Error):
+        unwrap[Attribute.DECRYPT] = True
