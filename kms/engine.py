@@ -137,10 +137,7 @@ class DomainSealer:
                 plans.append(self._plan(card))
             except KmsError as error:
                 plans.append(error)
-        derive_wrap = self._session.derive_wrap
-        transport = self._transport.label
-        results = [plan if isinstance(plan, KmsError) else [derive_wrap(label, steps, transport)
-                                                            for label, steps in plan] for plan in plans]
+        results = [plan if isinstance(plan, KmsError) else self._derive(plan) for plan in plans]
         created_at = rfc3339(self._clock.now())
         bodies: list[bytes | KmsError] = []
         for (card, serial), wrapped in zip(cards, results, strict=True):
@@ -159,6 +156,14 @@ class DomainSealer:
                 body, self.signing_key_id, sign(self._signing_label, bundle.SIGNING_CONTEXT + body))
             for body in bodies
         ]
+
+    def _derive(self, plan: list[tuple[str, Any]]) -> list[Any] | KmsError:
+        derive_wrap = self._session.derive_wrap
+        transport = self._transport.label
+        try:
+            return [derive_wrap(label, steps, transport) for label, steps in plan]
+        except KmsError as error:  # this card fails; the others of the chunk go on
+            return error
 
     def _plan(self, card: CardIdentity) -> list[tuple[str, Any]]:
         """(master key label, derivation steps) for each key of the card."""

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from kms import reference
 from kms.cardid import CardIdentity
+from kms.errors import InvalidArgument
 from kms.hsm import Algorithm, DeriveStep
 
 Steps = tuple[tuple[DeriveStep, bytes], ...]
@@ -54,8 +55,6 @@ def _diversify(factor: bytes) -> bytes:
 def _field(card: CardIdentity, name: str) -> str:
     value = getattr(card, name)
     if value is None:
-        from kms.errors import InvalidArgument
-
         raise InvalidArgument(name, "is required by the card profile")
     return str(value)
 
@@ -99,6 +98,7 @@ class GpKmc:
 # Factor templates: "ascii:<text with {fields}>" (the ASCII bytes) or "hex:<text with {fields}>" (hex decoded);
 # either must come to exactly 8 bytes.
 FACTOR_FIELDS = ("province", "city_code", "card_serial", "pan", "psn")
+FIELD_LENGTHS = {"province": (2, 2), "city_code": (6, 6), "card_serial": (16, 16), "pan": (12, 19), "psn": (2, 2)}
 _FACTOR = re.compile(r"^(ascii|hex):(.+)$")
 
 
@@ -125,6 +125,11 @@ class Factor:
             parts.append((literal, name or None))
         names = {name for _, name in parts if name}
         fields = frozenset("city_code" if n == "province" else n for n in names)
+        for bound in (0, 1):  # the shortest and the longest each field can be
+            chars = sum(len(lit) + (FIELD_LENGTHS[name][bound] if name else 0) for lit, name in parts)
+            length = chars if encoding == "ascii" else chars / 2
+            if length != 8:
+                raise ValueError(f"factor {text!r} gives {length:g} bytes for some cards, not 8")
         return cls(encoding, template, fields, tuple(parts))
 
     def render(self, card: CardIdentity) -> bytes:
@@ -136,9 +141,13 @@ class Factor:
             elif name is not None:
                 out.append(_field(card, name))
         text = "".join(out)
-        raw = text.encode("ascii") if self.encoding == "ascii" else bytes.fromhex(text)
+        try:
+            raw = text.encode("ascii") if self.encoding == "ascii" else bytes.fromhex(text)
+        except ValueError:
+            raise InvalidArgument("card", f"factor {self.encoding}:{self.template} is not valid {self.encoding}"
+                                  ) from None
         if len(raw) != 8:
-            raise ValueError(f"factor {self.encoding}:{self.template} gives {len(raw)} bytes, not 8")
+            raise InvalidArgument("card", f"factor {self.encoding}:{self.template} gives {len(raw)} bytes, not 8")
         return raw
 
 

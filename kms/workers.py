@@ -12,16 +12,18 @@ import gc
 import multiprocessing
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kms import config, profiles, runtime
 from kms.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.engine import DomainSealer
-from kms.errors import ConfigError, KmsError
+from kms.errors import ConfigError, HsmError, KmsError
 
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 
@@ -48,12 +50,14 @@ _init_error: KmsError | None = None
 
 def _init(config_path: str, domain: str, bureau: str, profile_name: str) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
-    A failure is kept and reported on the first task (a raising initializer would make the pool respawn forever)."""
+    A failure is kept and reported with the first task, so the caller learns why (not just that a process died)."""
     global _init_error
     try:
         _open(config_path, domain, bureau, profile_name)
     except KmsError as error:
         _init_error = error
+    except Exception as error:  # e.g. a database error: say what kind, never what data
+        _init_error = HsmError(f"{domain} worker could not start ({type(error).__name__})", retryable=True)
 
 
 def _open(config_path: str, domain: str, bureau: str, profile_name: str) -> None:
@@ -94,7 +98,11 @@ def _keys_per_card(cfg: config.Config, domain: str, profile_name: str) -> int:
 
 
 class DomainPool:
-    """Worker processes for one domain."""
+    """Worker processes for one domain.
+
+    A worker that dies (or fails to start) breaks the pool: ``seal`` then raises a retryable HsmError instead of
+    waiting forever, and cards not yet returned were not issued by this call.
+    """
 
     def __init__(self, config_path: Path, domain: str, bureau: str, profile: str, processes: int | None = None):
         cfg = config.load(config_path)
@@ -102,26 +110,50 @@ class DomainPool:
             raise ConfigError(f"domain {domain} is not configured in {config_path}")
         self.domain = domain
         self.processes = processes or cfg.workers_per_domain
-        tasks_per_worker = max(1, cfg.recycle_after_keys // (CHUNK * _keys_per_card(cfg, domain, profile)))
-        ctx = multiprocessing.get_context("spawn")
-        self._pool: Any = ctx.Pool(
-            self.processes, initializer=_init, initargs=(str(cfg.path), domain, bureau, profile),
-            maxtasksperchild=tasks_per_worker,
-        )
+        # Recycling: after this many chunks the pool's processes are replaced by fresh ones (C_Finalize frees
+        # SoftHSM's destroyed session objects). Done here rather than with max_tasks_per_child, which can
+        # deadlock in CPython 3.11.
+        self._chunks_per_generation = self.processes * max(
+            1, cfg.recycle_after_keys // (CHUNK * _keys_per_card(cfg, domain, profile)))
+        self._initargs = (str(cfg.path), domain, bureau, profile)
+        self._submitted = 0
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init, initargs=self._initargs)
+
+    def _submit(self, chunk: list[Job], batch: str) -> Future[list[SectionResult]]:
+        if self._submitted >= self._chunks_per_generation:
+            retiring, self._executor = self._executor, self._new_executor()
+            retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
+            self._submitted = 0
+        self._submitted += 1
+        return self._executor.submit(_seal_chunk, (chunk, batch))
 
     def seal(self, jobs: Iterable[Job], batch: str) -> Iterator[SectionResult]:
-        """Sections in the order of ``jobs``."""
-        chunks = ((chunk, batch) for chunk in _chunks(jobs, CHUNK))
-        for results in self._pool.imap(_seal_chunk, chunks):
-            yield from results
+        """Sections in the order of ``jobs``; a bounded number of chunks in flight."""
+        pending: deque[Future[list[SectionResult]]] = deque()
+        window = 4 * self.processes
+        try:
+            for chunk in _chunks(jobs, CHUNK):
+                pending.append(self._submit(chunk, batch))
+                while len(pending) >= window:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        except BrokenProcessPool:
+            raise HsmError(f"a {self.domain} worker process ended unexpectedly; the cards not yet returned "
+                           "were not issued", retryable=True) from None
+        finally:
+            for future in pending:
+                future.cancel()
 
     def close(self) -> None:
-        self._pool.close()
-        self._pool.join()
+        self._executor.shutdown(wait=True)
 
     def terminate(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:

@@ -159,9 +159,15 @@ def test_factor_render(template: str, expected: bytes) -> None:
     ["ascii:{city_code}", "ascii:{city_code}sxx", "hex:{card_serial}00", "hex:{psn}", "ascii:{province}",
      "hex:{pan}0"],
 )
-def test_factor_render_rejects_other_lengths(template: str) -> None:
+def test_factor_of_another_length_is_refused_when_the_profile_loads(template: str) -> None:
     with pytest.raises(ValueError, match="not 8"):
-        recipes.Factor.parse(template).render(CARD)
+        recipes.Factor.parse(template)
+
+
+def test_a_pan_factor_is_refused_because_pan_length_varies() -> None:
+    # A 16-digit PAN would give 8 bytes, a 19-digit one would not: refused at load, not on some cards.
+    with pytest.raises(ValueError, match="for some cards, not 8"):
+        recipes.Factor.parse("hex:{pan}")
 
 
 def test_factor_render_names_a_missing_card_field() -> None:
@@ -277,7 +283,7 @@ def test_gp_kmc_reference_reproduces_vector(case: dict[str, str], key: str) -> N
         ("hrss_dispersal", {"factors": DEFAULT_FACTORS}, {"city_code", "card_serial"}),
         ("hrss_dispersal", {"factors": ["hex:{card_serial}"]}, {"card_serial"}),
         ("hrss_dispersal", {"factors": ["ascii:{province}{psn}0000"]}, {"city_code", "psn"}),
-        ("hrss_dispersal", {"factors": ["hex:{pan}", "ascii:{psn}000000"]}, {"pan", "psn"}),
+        ("hrss_dispersal", {"factors": ["hex:{card_serial}", "ascii:{psn}000000"]}, {"card_serial", "psn"}),
         ("hrss_dispersal", {"factors": ["hex:0011223344556677"]}, set()),
     ],
 )

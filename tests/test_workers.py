@@ -47,15 +47,7 @@ def test_a_card_refused_by_a_domain_is_reported_not_sealed(home: Home) -> None:
 
 
 def test_workers_are_recycled_after_a_number_of_keys(home: Home, tmp_path: Path) -> None:
-    doc = yaml.safe_load(home.config.read_text())
-    doc["recycle_after_keys"] = 1000  # about 3 chunks of HRSS cards per worker process
-    doc["hsm"]["softhsm2_conf"] = str(home.softhsm2_conf)
-    doc["database"] = f"sqlite:///{home.path / 'kms.db'}"
-    doc["profiles"] = str(home.path / "profiles")
-    doc["domains"] = {d: {"token": v["token"], "pin": f"file:{home.path / 'pins' / (d + '.pin')}"}
-                      for d, v in doc["domains"].items()}
-    config = tmp_path / "kms.yaml"
-    config.write_text(yaml.safe_dump(doc))
+    config = _config_copy(home, tmp_path, recycle_after_keys=1000)  # about 3 chunks of HRSS cards per worker
     pool = DomainPool(config, "hrss", "bureau-a", "dual-app-v1", processes=1)
     try:
         results = list(pool.seal([Job(card(300 + i), f"{i:032X}") for i in range(320)], "B-recycle"))
@@ -70,3 +62,49 @@ def test_issuer_refuses_unknown_profile_and_unregistered_bureau_before_starting(
         Issuer(home.config, "bureau-a", "nope")
     with pytest.raises(PermissionDenied, match="bureau 'bureau-zz' has no"):
         Issuer(home.config, "bureau-zz", "dual-app-v1")
+
+
+def _config_copy(home: Home, tmp_path: Path, **changes: object) -> Path:
+    doc = yaml.safe_load(home.config.read_text())
+    doc["hsm"]["softhsm2_conf"] = str(home.softhsm2_conf)
+    doc["database"] = f"sqlite:///{home.path / 'kms.db'}"
+    doc["profiles"] = str(home.path / "profiles")
+    doc["domains"] = {d: {"token": v["token"], "pin": f"file:{home.path / 'pins' / (d + '.pin')}"}
+                      for d, v in doc["domains"].items()}
+    doc.update(changes)
+    path = tmp_path / "kms.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_killed_worker_is_a_retryable_error_not_a_hang(home: Home, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from kms.errors import HsmError
+
+    pool = DomainPool(home.config, "bank", "bureau-a", "dual-app-v1", processes=1)
+    try:
+        results = pool.seal([Job(card(400 + i), f"{i:032X}") for i in range(2000)], "B-kill")
+        first = next(results)
+        assert first.section is not None
+        os.kill(first.worker, signal.SIGKILL)
+        with pytest.raises(HsmError) as raised:
+            for _ in results:
+                pass
+        assert raised.value.retryable
+        assert "ended unexpectedly" in str(raised.value)
+    finally:
+        pool.terminate()
+
+
+def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None:
+    from kms.errors import HsmError
+
+    config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
+    pool = DomainPool(config, "hrss", "bureau-a", "dual-app-v1", processes=1)
+    try:
+        with pytest.raises(HsmError, match=r"hrss worker could not start \(OperationalError\)"):
+            list(pool.seal([Job(card(500), "00" * 16)], "B-init"))
+    finally:
+        pool.terminate()
