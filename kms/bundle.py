@@ -90,10 +90,12 @@ class SectionHeader:
     transport_key: str  # transport key name (the bureau)
     transport_key_version: int
     transport_key_kcv: str
+    domains: tuple[str, ...]  # every domain with a section in this bundle (signed, so none can be dropped)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": SECTION_FORMAT, "version": VERSION, "serial": self.serial, "domain": self.domain,
+            "domains": list(self.domains),
             "bureau": self.bureau, "batch": self.batch, "card_ref": self.card_ref, "profile": self.profile,
             "created_at": self.created_at, "master_keys": dict(self.master_keys),
             "transport_key": {"name": self.transport_key, "version": self.transport_key_version,
@@ -175,6 +177,8 @@ class ParsedSection:
     card_ref: str
     transport_key: str
     transport_key_version: int
+    transport_key_kcv: str
+    domains: list[str]
     key_id: str
     signature: bytes
     keys: tuple[ParsedKey, ...]
@@ -238,7 +242,7 @@ def _parse(data: bytes) -> ParsedBundle:
 def _section(doc: Any) -> ParsedSection:
     _fields(doc, {"body", "signature"})
     body, sig = doc["body"], doc["signature"]
-    _fields(body, {"format", "version", "serial", "domain", "bureau", "batch", "card_ref", "profile",
+    _fields(body, {"format", "version", "serial", "domain", "domains", "bureau", "batch", "card_ref", "profile",
                    "created_at", "master_keys", "transport_key", "keys"})
     _fields(sig, {"algorithm", "key_id", "value"})
     if body["format"] != SECTION_FORMAT or body["version"] != VERSION or sig["algorithm"] != SIGNATURE_ALGORITHM:
@@ -247,6 +251,9 @@ def _section(doc: Any) -> ParsedSection:
     _fields(tk, {"name", "version", "kcv"})
     if not isinstance(body["master_keys"], dict):
         raise ValueError("master_keys")
+    domains = [_str(d) for d in _list(body["domains"])]
+    if domains != sorted(set(domains)) or body["domain"] not in domains:
+        raise ValueError("domains")
     keys = tuple(_key(k) for k in _list(body["keys"]))
     if not keys:
         raise ValueError("no keys")
@@ -256,7 +263,8 @@ def _section(doc: Any) -> ParsedSection:
     return ParsedSection(
         body=body, domain=_str(body["domain"]), bureau=_str(body["bureau"]), serial=_str(body["serial"]),
         card_ref=_str(body["card_ref"]), transport_key=_str(tk["name"]), transport_key_version=_int(tk["version"]),
-        key_id=_str(sig["key_id"]), signature=signature, keys=keys,
+        transport_key_kcv=_str(tk["kcv"]), domains=domains, key_id=_str(sig["key_id"]), signature=signature,
+        keys=keys,
     )
 
 

@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = bundle.add_parser("open", help="verify bundles and unwrap their keys into the station's token")
     p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--store", action="store_true", help="keep the keys as token objects (default: verify only)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--store", action="store_true", help="keep the keys as token objects in the station's token")
+    mode.add_argument("--verify-only", action="store_true",
+                      help="dry run: verify and check every KCV, but record nothing (the bundle can be opened later)")
     p.add_argument("--json", action="store_true")
     p.add_argument("bundles", type=Path, nargs="+", help="bundle files or directories of *.kmsb")
 
@@ -237,7 +240,7 @@ def _bundle_open(args: argparse.Namespace) -> int:
             except OSError as error:
                 raise errors.InvalidArgument(str(path), f"cannot read ({error.strerror})") from None
             try:
-                report = station.open(data, store=args.store)
+                report = station.open(data, store=args.store, verify_only=args.verify_only)
             except errors.BundleRejected as error:
                 rejected += 1
                 reports.append({"file": str(path), "ok": False, "error": str(error)})

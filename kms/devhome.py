@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
@@ -30,10 +31,11 @@ from kms import config as config_mod
 from kms import profiles, runtime, softhsm, store
 from kms.clock import SystemClock
 from kms.engine import SIGNING_KEY_NAME
-from kms.errors import ConfigError
+from kms.errors import ConfigError, HsmError
 from kms.hsm import Algorithm, KcvMethod
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
 
+T = TypeVar("T")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",)}
 
@@ -107,20 +109,21 @@ def init_home(
             })
 
     known = dict(master_keys or {})
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        unwrap_keys = {
-            station: pool.submit(_station_unwrap_keys, str(home.station_config(station))).result()
-            for _, station in stations
-        }
-        for domain in DOMAINS:
-            handoffs = pool.submit(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known).result()
-            (home.path / "trust").mkdir(exist_ok=True)
-            for station, (bureau, version, wrapped) in handoffs.items():
-                pool.submit(
-                    _station_accept, str(home.station_config(station)), domain, bureau, version, wrapped
-                ).result()
+    unwrap_keys = {
+        station: _in_own_process(_station_unwrap_keys, str(home.station_config(station)))
+        for _, station in stations
+    }
+    for domain in DOMAINS:
+        handoffs = _in_own_process(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known)
+        for station, (bureau, version, wrapped, kcv) in handoffs.items():
+            _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
     return home
+
+
+def _in_own_process(function: Callable[..., T], *args: object) -> T:
+    """Run one setup step in a fresh process, so that each reads only its own token's PIN."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def _write_yaml(path: Path, data: object) -> None:
@@ -147,7 +150,7 @@ def _domain_setup(
     bureaus: Mapping[str, tuple[str, ...]],
     unwrap_keys: Mapping[str, Mapping[str, bytes]],
     known: Mapping[tuple[str, str], bytes],
-) -> dict[str, tuple[str, int, bytes]]:
+) -> dict[str, tuple[str, int, bytes, bytes]]:
     """In the domain's own process: master keys, the issuance signing key, a transport key per bureau.
     Returns, per station, the transport key wrapped for it."""
     cfg = config_mod.load(Path(config_path))
@@ -155,7 +158,7 @@ def _domain_setup(
     needed = set()
     for profile in profiles.load_dir(cfg.profiles).values():
         needed |= {(spec.master_key, spec.algorithm) for spec in profile.keys(domain)}
-    handoffs: dict[str, tuple[str, int, bytes]] = {}
+    handoffs: dict[str, tuple[str, int, bytes, bytes]] = {}
     with runtime.open_domain(cfg, domain) as session:
         existing = registry.names(domain, KeyKind.MASTER)
         for name, algorithm in sorted(needed):
@@ -186,6 +189,8 @@ def _domain_setup(
         trust.mkdir(exist_ok=True)
         (trust / f"{domain}-issuance-v{signing.version}.pem").write_bytes(pem)
         for bureau, stations in bureaus.items():
+            if len(stations) != 1:
+                raise ConfigError("development homes give each bureau exactly one station")
             if bureau in registry.names(domain, KeyKind.TRANSPORT):
                 continue
             # One transport key per bureau and domain; every station of the bureau receives it.
@@ -196,9 +201,7 @@ def _domain_setup(
                 registry.remove(record)
                 raise
             registry.set_kcv(record, kcv.hex().upper(), KcvMethod.AES_ECB_ZERO.value)
-            handoffs[stations[0]] = (bureau, record.version, wrapped)
-            if len(stations) > 1:
-                raise ConfigError("development homes give each bureau one station")
+            handoffs[stations[0]] = (bureau, record.version, wrapped, kcv)
     return handoffs
 
 
@@ -213,12 +216,15 @@ def _add_key(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, algor
     registry.set_kcv(record, kcv.hex().upper(), method.value)
 
 
-def _station_accept(station_config: str, domain: str, bureau: str, version: int, wrapped: bytes) -> None:
+def _station_accept(station_config: str, domain: str, bureau: str, version: int, wrapped: bytes, kcv: bytes) -> None:
+    """In the station's process: accept the transport key and check its KCV against the issuer's."""
     cfg = config_mod.load_station(Path(station_config))
+    label = key_label(domain, KeyKind.TRANSPORT, bureau, version)
     with runtime.open_station(cfg) as session:
-        session.accept_transport_key(
-            unwrap_key_label(cfg.name, domain), wrapped, key_label(domain, KeyKind.TRANSPORT, bureau, version)
-        )
+        received = session.accept_transport_key(unwrap_key_label(cfg.name, domain), wrapped, label)
+        if received != kcv:
+            session.destroy(label)
+            raise HsmError(f"transport key {label}: KCV at the station differs from the issuer's; key removed")
 
 
 def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:

@@ -102,6 +102,7 @@ class DomainSealer:
             serial="", domain=self.domain, bureau=bureau, batch="", card_ref="", profile=profile.name,
             created_at="", master_keys=self._master_versions, transport_key=self._transport.name,
             transport_key_version=self._transport.version, transport_key_kcv=self._transport.kcv or "",
+            domains=tuple(sorted(profile.domains)),
         ).to_json()
 
     @property

@@ -140,7 +140,7 @@ _CK_FALSE = ctypes.c_ubyte(0)
 
 #: What every key unwrapped under a station's unwrapping key must be: the token enforces it, so even a PIN holder
 #: cannot unwrap a sealed key as readable (CKA_UNWRAP_TEMPLATE, checked by SoftHSM 2.6 with TemplateInconsistent).
-_UNWRAPPED_KEY_TEMPLATE = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+_UNWRAPPED_KEY_TEMPLATE = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: False}
 
 
 def _pack_bool_template(template: dict[Attribute, bool]) -> bytes:
@@ -547,19 +547,33 @@ class TokenSession:
 
     def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str) -> bytes:
         """At a station: unwrap a transport key sent under our RSA key into a token object that may only unwrap.
-        Returns its KCV."""
+        Returns its KCV (first 3 bytes of AES_K(0^16), the method of the issuing token's CKA_CHECK_VALUE), for the
+        caller to compare with the issuer's before trusting the key.
+
+        SoftHSM sets no CKA_CHECK_VALUE on unwrapped keys and refuses one in the template, so the KCV comes from a
+        second, encrypt-only session copy that is destroyed at once."""
         self._refuse_duplicate(label)
         private = self._key(unwrap_label, ObjectClass.PRIVATE_KEY)
         template = secret_key_template(Role.STATION_TRANSPORT, token=True, label=label)
         modifiable = template.pop(Attribute.MODIFIABLE)
         template[Attribute.UNWRAP_TEMPLATE] = _UNWRAPPED_KEY_TEMPLATE
         template[Attribute.MODIFIABLE] = modifiable  # last
+        probe_template = secret_key_template(Role.CARD_KEY, token=False)
+        probe_template[Attribute.EXTRACTABLE] = False
         with _hsm(f"accept transport key {label!r}"):
-            key = private.unwrap_key(
+            probe = private.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
+                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, template=probe_template,
+            )
+            try:
+                kcv = bytes(probe.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:3])
+            finally:
+                probe.destroy()
+            private.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
                 mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, template=template,
             )
-            return bytes(key[Attribute.CHECK_VALUE])
+            return kcv
 
     # -- station -----------------------------------------------------------------------------------------------
 
@@ -628,10 +642,11 @@ class StationKeys:
         self._keys = []
 
 
-def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> None:
+def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> list[Any]:
     """Store every checked key of every group as a token object with its label: all or none. The keys are
     unwrapped again straight into token objects (a copy would need them modifiable) and each stored copy's KCV
-    must equal the checked one. The session copies are dropped either way."""
+    must equal the checked one. The session copies are dropped either way. Returns the stored objects (for
+    ``discard_objects`` if the caller cannot commit)."""
     stored: list[Any] = []
     try:
         for keys, labels in groups:
@@ -648,6 +663,12 @@ def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys
     finally:
         for keys, _ in groups:
             keys.discard()
+    return stored
+
+
+def discard_objects(objects: Sequence[Any]) -> None:
+    """Destroy objects returned by the port (e.g. stored keys whose record could not be committed)."""
+    _destroy_all(objects)
 
 
 def _destroy_all(objects: Sequence[Any]) -> None:

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import bundle
 from kms.clock import Clock, rfc3339
-from kms.errors import BundleRejected, ConfigError, HsmError
-from kms.hsm import Algorithm, StationKeys, TokenSession, store_station_keys
+from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument
+from kms.hsm import Algorithm, StationKeys, TokenSession, discard_objects, store_station_keys
 from kms.registry import DOMAINS, KeyKind, key_label
 from kms.store import opened_bundles
 
@@ -127,14 +127,27 @@ class Station:
         self._ledger = ledger
         self._clock = clock
 
-    def open(self, data: bytes, *, store: bool = False) -> OpenReport:
-        """Verify and unwrap one bundle. Raises BundleRejected; returns a report whose ``ok`` is False only if a
-        recomputed KCV differs from the sealed one (then nothing is kept)."""
+    def open(self, data: bytes, *, store: bool = False, verify_only: bool = False) -> OpenReport:
+        """Verify one bundle and unwrap its keys into this station's token, recomputing every KCV.
+
+        Then, unless ``verify_only``, record its serial as opened (a second open is a replay) and, with ``store``,
+        keep the keys as token objects labelled card/<card_ref>/<domain>/<key>. ``verify_only`` is a dry run:
+        nothing is recorded or kept.
+
+        Raises BundleRejected for any reason to distrust the bundle; AlreadyExists if the card's keys are already
+        stored here; a retryable HsmError if the token failed (the bundle may be fine). Returns a report whose
+        ``ok`` is False only if a recomputed KCV differs from the sealed one (then nothing is kept or recorded).
+        """
+        if store and verify_only:
+            raise InvalidArgument("store", "cannot store keys in a verify-only open")
         try:
             parsed = bundle.parse(data)
         except BundleRejected:
             raise _reject("malformed or not canonical") from None
+        domains = [s.domain for s in parsed.sections]
         for section in parsed.sections:
+            if section.domains != domains:
+                raise _reject("sections missing from or added to the bundle")
             if section.domain not in self.domains:
                 raise _reject(f"section for domain {section.domain} this station is not registered for")
             if section.bureau != self.bureau:
@@ -147,13 +160,7 @@ class Station:
         unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
         try:
             for section in parsed.sections:
-                label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key,
-                                  section.transport_key_version)
-                try:
-                    algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
-                    unwrapped.append((section, self._session.unwrap_card_keys(label, algorithms)))
-                except (HsmError, ValueError):
-                    raise _reject("unwrap") from None
+                unwrapped.append((section, self._unwrap(section)))
             report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=store)
             for section, keys in unwrapped:
                 for key, kcv in zip(section.keys, keys.kcvs, strict=True):
@@ -166,11 +173,24 @@ class Station:
                 report.stored = False
                 report.keys = [_unlabelled(k) for k in report.keys]
                 return report
-            self._record_and_store(parsed, unwrapped, store)
+            if not verify_only:
+                self._record_and_store(parsed, unwrapped, store)
             return report
         finally:
             for _, keys in unwrapped:
                 keys.discard()
+
+    def _unwrap(self, section: bundle.ParsedSection) -> StationKeys:
+        label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version)
+        try:
+            algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
+            return self._session.unwrap_card_keys(label, algorithms)
+        except HsmError as error:
+            if error.retryable:
+                raise
+            raise _reject("unwrap") from None
+        except ValueError:
+            raise _reject("algorithm") from None
 
     def _seen(self, serial: str) -> bool:
         with self._ledger.connect() as conn:
@@ -181,18 +201,27 @@ class Station:
     def _record_and_store(
         self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool
     ) -> None:
-        with self._ledger.begin() as conn:
-            try:
-                conn.execute(opened_bundles.insert().values(
-                    serial=parsed.serial, card_ref=parsed.card_ref, opened_at=rfc3339(self._clock.now())
-                ))
-            except sa.exc.IntegrityError:
-                raise _reject("replay") from None
-            if store:
-                store_station_keys(self._session, [
-                    (keys, [_card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
-                    for section, keys in unwrapped
-                ])
+        groups = [(keys, [_card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
+                  for section, keys in unwrapped]
+        if store:
+            taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
+            if taken:
+                raise AlreadyExists(f"keys of card {parsed.card_ref} are already stored at this station "
+                                    f"({taken[0]}); remove them before storing another bundle for the card")
+        stored: list[object] = []
+        try:
+            with self._ledger.begin() as conn:
+                try:
+                    conn.execute(opened_bundles.insert().values(
+                        serial=parsed.serial, card_ref=parsed.card_ref, opened_at=rfc3339(self._clock.now())
+                    ))
+                except sa.exc.IntegrityError:
+                    raise _reject("replay") from None
+                if store:
+                    stored = store_station_keys(self._session, groups)
+        except BaseException:
+            discard_objects(stored)  # the ledger rolled back: keep no keys it does not account for
+            raise
 
 
 def _card_key_label(card_ref: str, domain: str, name: str) -> str:

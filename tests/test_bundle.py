@@ -24,7 +24,7 @@ def _header(domain: str, serial: str = SERIAL, card_ref: str = CARD_REF) -> bund
     return bundle.SectionHeader(
         serial=serial, domain=domain, bureau="bureau-a", batch="batch-7", card_ref=card_ref, profile="dual-app-v1",
         created_at="2024-05-01T08:00:00Z", master_keys={f"{domain}-mk": 2}, transport_key="bureau-a",
-        transport_key_version=3, transport_key_kcv="ABCDEF",
+        transport_key_version=3, transport_key_kcv="ABCDEF", domains=("bank", "hrss"),
     )
 
 

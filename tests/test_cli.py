@@ -49,6 +49,10 @@ def test_seal_then_open_at_the_station(cli_home: Path, tmp_path: Path) -> None:
     assert summary["cards"] == 25 and summary["keys"] == 25 * 15 and summary["failed"] == 0
     assert len(list(out.glob("*.kmsb"))) == 25
     station = str(cli_home / "stations" / "station-a1" / "station.yaml")
+    for _ in range(2):  # a dry run records nothing, so it can be repeated
+        dry = json.loads(kms("bundle", "open", "--station-config", station, "--verify-only", "--json", str(out),
+                             check=True).stdout)
+        assert dry["rejected"] == 0 and all(b["ok"] for b in dry["bundles"])
     opened = json.loads(kms("bundle", "open", "--station-config", station, "--json", str(out), check=True).stdout)
     assert opened["rejected"] == 0 and opened["kcv_mismatch"] == 0
     assert len(opened["bundles"]) == 25

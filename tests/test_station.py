@@ -158,7 +158,8 @@ def test_a_station_of_another_bureau_rejects_the_bundle(
 
 
 def test_a_station_not_registered_for_a_domain_rejects_its_section(
-    sealers: dict[str, DomainSealer], station_session: TokenSession, station_config: Any, tmp_path: Path
+    sealers: dict[str, DomainSealer], station_session: TokenSession, station_config: Any, tmp_path: Path,
+    registry: Any,
 ) -> None:
     ledger = store.make_engine(f"sqlite:///{tmp_path / 'hrss-only.db'}")
     store.create_station_ledger(ledger)
@@ -166,8 +167,15 @@ def test_a_station_not_registered_for_a_domain_rejects_its_section(
                         TrustStore.load(station_config.trust), ledger, SystemClock())
     with pytest.raises(BundleRejected):
         hrss_only.open(seal(sealers, card(18)))
-    hrss_bundle = bundle.assemble("AA" * 16, "card-hrss", {"hrss": bundle.encode_section(
-        sealers["hrss"].seal(card(18, card_ref="card-hrss"), serial="AA" * 16, batch="B"))})
+    # A bundle of an HRSS-only profile opens there.
+    from conftest import PROFILE
+
+    from kms.profiles import Profile
+
+    hrss_profile = Profile(name="hrss-only", description="", source="test", domains={"hrss": PROFILE.keys("hrss")})
+    sealer = DomainSealer("hrss", sealers["hrss"]._session, registry, hrss_profile, "bureau-a", SystemClock())
+    hrss_bundle = bundle.assemble("AA" * 16, "card-hrss", {"hrss": sealer.seal_bytes(
+        card(18, card_ref="card-hrss"), serial="AA" * 16, batch="B")})
     assert hrss_only.open(hrss_bundle).ok
 
 
@@ -214,3 +222,53 @@ def test_raw_pkcs11_cannot_read_a_stored_card_key(
     for k in report.keys:
         assert k.label is not None
         station_session.destroy(k.label)
+
+
+def test_a_bundle_stripped_of_a_section_is_rejected_and_the_genuine_one_still_opens(
+    sealers: dict[str, DomainSealer], station: Station
+) -> None:
+    data = seal(sealers, card(30))
+    doc = _doc(data)
+    for kept in (0, 1):
+        stripped = dict(doc, sections=[doc["sections"][kept]])
+        with pytest.raises(BundleRejected):
+            station.open(_encode(stripped))
+    assert station.open(data).ok
+
+
+def test_verify_only_records_nothing_so_the_bundle_can_be_opened_later(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    data = seal(sealers, card(31))
+    first = station.open(data, verify_only=True)
+    again = station.open(data, verify_only=True)
+    assert first.ok and again.ok and not first.stored
+    assert not station._seen(first.serial)
+    stored = station.open(data, store=True)
+    assert stored.ok and stored.stored and station._seen(first.serial)
+    with pytest.raises(BundleRejected):
+        station.open(data, verify_only=True)
+    for key in stored.keys:
+        assert key.label is not None
+        station_session.destroy(key.label)
+
+
+def test_a_second_bundle_for_a_card_whose_keys_are_stored_is_refused_and_not_recorded(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    from kms.errors import AlreadyExists
+
+    c = card(32)
+    first, second = seal(sealers, c), seal(sealers, c)
+    report = station.open(first, store=True)
+    with pytest.raises(AlreadyExists, match="already stored at this station"):
+        station.open(second, store=True)
+    assert not station._seen(bundle.parse(second).serial)
+    assert len([o for o in station_session.objects() if o.label.startswith(f"card/{c.card_ref}/")]) == 15
+    for key in report.keys:
+        assert key.label is not None
+        station_session.destroy(key.label)
+    assert station.open(second, store=True).ok  # once the old keys are gone
+    for o in station_session.objects():
+        if o.label.startswith(f"card/{c.card_ref}/"):
+            station_session.destroy(o.label)
