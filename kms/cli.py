@@ -165,16 +165,24 @@ def read_cards(path: Path) -> list[Any]:
     from kms.cardid import CardIdentity
 
     cards = []
+    seen: dict[str, int] = {}
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             for line, row in enumerate(reader, start=2):
                 try:
-                    cards.append(CardIdentity.from_mapping({k: v for k, v in row.items() if v not in (None, "")}))
+                    card = CardIdentity.from_mapping({k: v for k, v in row.items() if v not in (None, "")})
                 except errors.InvalidArgument as error:
                     raise errors.InvalidArgument(f"{path}:{line}: {error.field}", error.reason) from None
+                if card.card_ref in seen:
+                    raise errors.InvalidArgument(f"{path}:{line}: card_ref",
+                                                 f"{card.card_ref} already appears on line {seen[card.card_ref]}")
+                seen[card.card_ref] = line
+                cards.append(card)
     except OSError as error:
         raise errors.ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise errors.InvalidArgument(str(path), "not UTF-8 text") from None
     return cards
 
 
