@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench protos clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ lint: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+protos: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/kms/v1/*.proto
 
 clean:
 	rm -rf demo-home .bench build *.egg-info .pytest_cache .mypy_cache .ruff_cache
