@@ -58,3 +58,56 @@ def create_all(engine: sa.Engine) -> None:
 
 def create_station_ledger(engine: sa.Engine) -> None:
     opened_bundles.metadata.create_all(engine)
+
+
+#: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.batches.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("bureau", sa.String(64), nullable=False),
+    sa.Column("profile", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # open | closed
+    sa.Column("created_by", sa.String(200), nullable=False),  # principal URI
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("card_count", sa.Integer, nullable=False),
+)
+
+#: One card of a batch: its identity, chip binding and, once issued, the sealed bundle (kept so that a retried
+#: request returns the same bytes). ``bound_fields`` names the chip fields filled by binding at the station
+#: (space-separated), as opposed to fields the batch supplied; a re-issue clears exactly those.
+batch_cards = sa.Table(
+    "batch_cards",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.batch_id"), primary_key=True),
+    sa.Column("card_ref", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.Integer, nullable=False),  # 0-based position in the batch
+    sa.Column("city_code", sa.String(6), nullable=True),
+    sa.Column("card_serial", sa.String(16), nullable=True),
+    sa.Column("pan", sa.String(19), nullable=True),
+    sa.Column("psn", sa.String(2), nullable=True),
+    sa.Column("kdd", sa.String(20), nullable=True),
+    sa.Column("bound_fields", sa.String(64), nullable=True),
+    sa.Column("chip_bound_at", sa.String(32), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | issued | revoked
+    sa.Column("serial", sa.String(64), nullable=True),  # bundle serial
+    sa.Column("bundle", sa.LargeBinary, nullable=True),
+    sa.Column("idempotency_key", sa.String(128), nullable=True),
+    sa.Column("issued_at", sa.String(32), nullable=True),
+    sa.UniqueConstraint("batch_id", "sequence", name="uq_batch_cards_sequence"),
+)
+
+#: Append-only history of every card: created, chip-bound, issued, reissue-revoked.
+card_events = sa.Table(
+    "card_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", sa.String(64), nullable=False),
+    sa.Column("card_ref", sa.String(64), nullable=False),
+    sa.Column("event", sa.String(24), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("by", sa.String(200), nullable=True),  # principal URI, when the caller named one
+    sa.ForeignKeyConstraint(["batch_id", "card_ref"], ["batch_cards.batch_id", "batch_cards.card_ref"]),
+    sa.Index("ix_card_events_card", "batch_id", "card_ref", "id"),
+)

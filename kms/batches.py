@@ -1,0 +1,461 @@
+"""Issuance batches: the work orders officers create, and the record of every card issued from them.
+
+A batch lists card identities for one bureau and one profile. A station of that bureau fetches the batch's cards;
+each card is issued at most once, and a retried request with the same idempotency key gets the same sealed bundle.
+
+Tables (kms.store, SQLAlchemy 2 Core; SQLite by default, PostgreSQL by URL):
+
+- ``batches``: batch_id (primary key, 1-64 characters of the card_ref charset), bureau, profile, state (open |
+  closed), created_by (principal URI), created_at (RFC 3339), card_count.
+- ``batch_cards``: one row per card, primary key (batch_id, card_ref); sequence, the card's 0-based position in the
+  batch (unique per batch, the cursor of resumable streaming); the identity fields city_code, card_serial, pan, psn,
+  kdd (nullable); bound_fields, the chip fields filled by binding at the station rather than supplied by the batch;
+  chip_bound_at; state (pending | issued | revoked); serial (bundle serial), bundle (the sealed bytes, kept so a
+  retried request returns the same bytes), idempotency_key, issued_at.
+- ``card_events``: append-only history (id autoincrement, batch_id, card_ref, event: created | chip-bound | issued |
+  reissue-revoked, detail, at, by).
+
+Operations (``BatchStore(engine, clock)``):
+
+- ``create_batch``: 1 to MAX_BATCH_CARDS cards, no card_ref twice; AlreadyExists if the batch exists; all or nothing
+  in one transaction (a ``created`` event per card).
+- ``get_batch`` (with the counts of cards and issued cards), ``card``, ``cards_after`` (ordered by sequence, for
+  resumable streaming), ``events``.
+- ``bind_chip``: chip data read at the station (card serial, KDD) may come with the request instead of the batch. The
+  first call fills the fields the batch left empty; a value the batch (or an earlier binding) already has must match.
+  The same data again is a no-op; different data is PermissionDenied ("card X is bound to another chip; an officer
+  must re-issue it").
+- ``reissue``: an officer revokes the chip binding and any issued bundle (a card spoiled in personalization): the card
+  goes back to pending, the chip fields the batch did not supply are cleared, and so are serial, bundle and
+  idempotency key; a ``reissue-revoked`` event names what was revoked.
+- ``record_issued``: at most once per card. A conditional ``UPDATE ... WHERE state = 'pending'`` stores the bundle, so
+  of two replicas racing for the same card exactly one wins; the loser (and any later call) gets AlreadyExists and
+  reads the stored bundle with ``card()`` to answer a retry whose idempotency key matches.
+
+Concurrency: every change is one conditional UPDATE whose WHERE clause states what the change assumed (the card's
+state, its binding, the batch being open). Nothing relies on a read-then-write transaction, which SQLite's driver
+would not isolate; a lost race is re-read and re-judged. A closed batch refuses every change (InvalidState).
+
+Errors (kms.errors): InvalidArgument naming the field, NotFound, AlreadyExists, PermissionDenied, InvalidState.
+Times come from the injected clock, as RFC 3339 (kms.clock.rfc3339).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from kms import identity
+from kms.cardid import CardIdentity
+from kms.clock import Clock, rfc3339
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.store import batch_cards, batches, card_events
+
+#: The most cards one batch may list.
+MAX_BATCH_CARDS = 100_000
+#: The most cards one ``cards_after`` page may return.
+MAX_PAGE = 10_000
+#: Chip data a station may bind to a card record.
+CHIP_FIELDS = ("card_serial", "kdd")
+IDENTITY_FIELDS = ("city_code", "card_serial", "pan", "psn", "kdd")
+
+_INSERT_CHUNK = 5_000
+_ATTEMPTS = 5
+_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # the card_ref charset: batch ids and bundle serials
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # bureau and profile names
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+class BatchState(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class CardState(enum.StrEnum):
+    PENDING = "pending"
+    ISSUED = "issued"
+    REVOKED = "revoked"  # reserved for lifecycle steps (report lost, cancel); terminal here
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "created"
+    CHIP_BOUND = "chip-bound"
+    ISSUED = "issued"
+    REISSUE_REVOKED = "reissue-revoked"
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    bureau: str
+    profile: str
+    state: BatchState
+    created_by: str
+    created_at: str
+    card_count: int
+    issued_count: int
+
+
+@dataclass(frozen=True)
+class CardRecord:
+    batch_id: str
+    card_ref: str
+    sequence: int
+    identity: CardIdentity  # batch-supplied fields plus those bound from the chip
+    bound_fields: frozenset[str]  # which identity fields came from chip binding
+    chip_bound_at: str | None
+    state: CardState
+    serial: str | None
+    bundle: bytes | None = field(repr=False)
+    idempotency_key: str | None
+    issued_at: str | None
+
+
+@dataclass(frozen=True)
+class CardEvent:
+    id: int
+    batch_id: str
+    card_ref: str
+    event: EventKind
+    detail: str
+    at: str
+    by: str | None
+
+
+class BatchStore:
+    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def create_batch(
+        self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity], created_by: str
+    ) -> Batch:
+        """Record a new open batch with its cards, all pending, in one transaction."""
+        _check_ref("batch_id", batch_id)
+        _check_name("bureau", bureau)
+        _check_name("profile", profile)
+        _check_principal("created_by", created_by)
+        if not 1 <= len(cards) <= MAX_BATCH_CARDS:
+            raise InvalidArgument("cards", f"a batch lists 1 to {MAX_BATCH_CARDS} cards, not {len(cards)}")
+        now = rfc3339(self._clock.now())
+        seen: dict[str, int] = {}
+        rows: list[dict[str, Any]] = []
+        for sequence, card in enumerate(cards):
+            if not isinstance(card, CardIdentity):
+                raise InvalidArgument(f"cards[{sequence}]", "must be a card identity")
+            if card.card_ref in seen:
+                raise InvalidArgument(
+                    f"cards[{sequence}].card_ref", f"{card.card_ref} is already card {seen[card.card_ref]} of the batch"
+                )
+            seen[card.card_ref] = sequence
+            rows.append({
+                "batch_id": batch_id, "card_ref": card.card_ref, "sequence": sequence,
+                **{name: getattr(card, name) for name in IDENTITY_FIELDS},
+                "bound_fields": None, "chip_bound_at": None, "state": CardState.PENDING.value, "serial": None,
+                "bundle": None, "idempotency_key": None, "issued_at": None,
+            })
+        with self._engine.begin() as conn:
+            try:
+                conn.execute(batches.insert().values(
+                    batch_id=batch_id, bureau=bureau, profile=profile, state=BatchState.OPEN.value,
+                    created_by=created_by, created_at=now, card_count=len(rows),
+                ))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(f"batch {batch_id} already exists") from None
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                chunk = rows[start:start + _INSERT_CHUNK]
+                conn.execute(batch_cards.insert(), chunk)
+                conn.execute(card_events.insert(), [
+                    {"batch_id": batch_id, "card_ref": row["card_ref"], "event": EventKind.CREATED.value,
+                     "detail": f"sequence {row['sequence']}", "at": now, "by": created_by}
+                    for row in chunk
+                ])
+        return self.get_batch(batch_id)
+
+    def get_batch(self, batch_id: str) -> Batch:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(batches).where(batches.c.batch_id == batch_id)).first()
+            if row is None:
+                raise NotFound(f"no batch {batch_id}")
+            issued = conn.execute(
+                sa.select(sa.func.count()).select_from(batch_cards).where(
+                    batch_cards.c.batch_id == batch_id, batch_cards.c.state == CardState.ISSUED.value
+                )
+            ).scalar_one()
+        m = row._mapping
+        return Batch(
+            batch_id=m["batch_id"], bureau=m["bureau"], profile=m["profile"], state=BatchState(m["state"]),
+            created_by=m["created_by"], created_at=m["created_at"], card_count=m["card_count"], issued_count=issued,
+        )
+
+    def card(self, batch_id: str, card_ref: str) -> CardRecord:
+        return self._read(batch_id, card_ref)[0]
+
+    def cards_after(self, batch_id: str, after_sequence: int, limit: int) -> list[CardRecord]:
+        """Up to ``limit`` cards whose sequence is greater than ``after_sequence`` (-1: from the start), in order."""
+        if isinstance(after_sequence, bool) or not isinstance(after_sequence, int) or after_sequence < -1:
+            raise InvalidArgument("after_sequence", "must be -1 (from the start) or the sequence of a card")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument("limit", f"must be from 1 to {MAX_PAGE}")
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(batch_cards)
+                .where(batch_cards.c.batch_id == batch_id, batch_cards.c.sequence > after_sequence)
+                .order_by(batch_cards.c.sequence)
+                .limit(limit)
+            ).all()
+            if not rows:
+                _require_batch(conn, batch_id)
+        return [_card(r._mapping) for r in rows]
+
+    def events(self, batch_id: str, card_ref: str | None = None) -> list[CardEvent]:
+        """The history of a batch (or of one of its cards), oldest first."""
+        query = sa.select(card_events).where(card_events.c.batch_id == batch_id).order_by(card_events.c.id)
+        if card_ref is not None:
+            query = query.where(card_events.c.card_ref == card_ref)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                _require_batch(conn, batch_id)
+        return [
+            CardEvent(id=m["id"], batch_id=m["batch_id"], card_ref=m["card_ref"], event=EventKind(m["event"]),
+                      detail=m["detail"], at=m["at"], by=m["by"])
+            for m in (r._mapping for r in rows)
+        ]
+
+    def bind_chip(
+        self, batch_id: str, card_ref: str, card_serial: str | None, kdd: str | None, *, by: str | None = None
+    ) -> CardRecord:
+        """Bind chip data read at the station to the card record; see the module docstring for the rules."""
+        given = _chip_data(card_ref, card_serial, kdd)
+        if by is not None:
+            _check_principal("by", by)
+        for _ in range(_ATTEMPTS):
+            record, batch_state = self._read(batch_id, card_ref)
+            fill: dict[str, str] = {}
+            for name, value in given.items():
+                have = getattr(record.identity, name)
+                if have is None:
+                    fill[name] = value
+                elif have != value:
+                    if name in record.bound_fields:
+                        raise PermissionDenied(
+                            f"card {card_ref} is bound to another chip ({name} differs); an officer must re-issue it"
+                        )
+                    raise PermissionDenied(
+                        f"card {card_ref} is not the card this chip belongs to: batch {batch_id} gives it another "
+                        f"{name}; use the card the batch lists"
+                    )
+            if not fill:
+                return record
+            if batch_state is not BatchState.OPEN:
+                raise InvalidState(f"batch {batch_id} is {batch_state.value}")
+            if record.state is CardState.ISSUED:
+                raise PermissionDenied(
+                    f"card {card_ref} was issued without this chip's {' and '.join(sorted(fill))}; "
+                    "an officer must re-issue it"
+                )
+            if record.state is not CardState.PENDING:
+                raise InvalidState(f"card {card_ref} of batch {batch_id} is {record.state.value}")
+            bound = _join(record.bound_fields | fill.keys())
+            now = rfc3339(self._clock.now())
+            with self._engine.begin() as conn:
+                won = conn.execute(
+                    batch_cards.update()
+                    .where(
+                        _is_card(batch_id, card_ref),
+                        batch_cards.c.state == CardState.PENDING.value,
+                        batch_cards.c.bound_fields.is_not_distinct_from(_join(record.bound_fields)),
+                        *(batch_cards.c[name].is_(None) for name in fill),
+                        _batch_is_open(batch_id),
+                    )
+                    .values(**fill, bound_fields=bound, chip_bound_at=now)
+                ).rowcount == 1
+                if won:
+                    detail = ", ".join(f"{name}={value}" for name, value in sorted(fill.items()))
+                    _event(conn, batch_id, card_ref, EventKind.CHIP_BOUND, detail, now, by)
+            if won:
+                return self.card(batch_id, card_ref)
+        raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
+
+    def reissue(self, batch_id: str, card_ref: str, by: str) -> CardRecord:
+        """Revoke the card's chip binding and any issued bundle, so that it can be issued again (officer action)."""
+        _check_principal("by", by)
+        for _ in range(_ATTEMPTS):
+            record, batch_state = self._read(batch_id, card_ref)
+            if batch_state is not BatchState.OPEN:
+                raise InvalidState(f"batch {batch_id} is {batch_state.value}")
+            if record.state is CardState.REVOKED:
+                raise InvalidState(f"card {card_ref} of batch {batch_id} is revoked")
+            if record.state is CardState.PENDING and not record.bound_fields:
+                raise InvalidState(f"card {card_ref} of batch {batch_id} has no chip binding or bundle to revoke")
+            now = rfc3339(self._clock.now())
+            with self._engine.begin() as conn:
+                won = conn.execute(
+                    batch_cards.update()
+                    .where(
+                        _is_card(batch_id, card_ref),
+                        batch_cards.c.state == record.state.value,
+                        batch_cards.c.bound_fields.is_not_distinct_from(_join(record.bound_fields)),
+                        batch_cards.c.serial.is_not_distinct_from(record.serial),
+                        _batch_is_open(batch_id),
+                    )
+                    .values(
+                        **dict.fromkeys(record.bound_fields), bound_fields=None, chip_bound_at=None,
+                        state=CardState.PENDING.value, serial=None, bundle=None, idempotency_key=None,
+                        issued_at=None,
+                    )
+                ).rowcount == 1
+                if won:
+                    _event(conn, batch_id, card_ref, EventKind.REISSUE_REVOKED, _revoked(record), now, by)
+            if won:
+                return self.card(batch_id, card_ref)
+        raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
+
+    def record_issued(
+        self,
+        batch_id: str,
+        card_ref: str,
+        serial: str,
+        bundle: bytes,
+        idempotency_key: str | None,
+        *,
+        by: str | None = None,
+        sealed_for: CardIdentity | None = None,
+    ) -> CardRecord:
+        """Store the sealed bundle of a pending card, at most once: AlreadyExists if the card is already issued.
+
+        ``sealed_for``, when given, is the identity the bundle was sealed for: if the record no longer says the same
+        (an officer re-issued the card and another chip was bound meanwhile), nothing is stored (InvalidState).
+        """
+        _check_ref("serial", serial)
+        if not isinstance(bundle, bytes) or not bundle:
+            raise InvalidArgument("bundle", "must be non-empty bytes")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(idempotency_key)
+        ):
+            raise InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters without spaces")
+        if by is not None:
+            _check_principal("by", by)
+        conditions = [
+            _is_card(batch_id, card_ref), batch_cards.c.state == CardState.PENDING.value, _batch_is_open(batch_id),
+        ]
+        if sealed_for is not None:
+            if sealed_for.card_ref != card_ref:
+                raise InvalidArgument("sealed_for", f"names card {sealed_for.card_ref}, not {card_ref}")
+            conditions += [batch_cards.c[name].is_not_distinct_from(getattr(sealed_for, name))
+                           for name in IDENTITY_FIELDS]
+        now = rfc3339(self._clock.now())
+        with self._engine.begin() as conn:
+            won = conn.execute(
+                batch_cards.update()
+                .where(*conditions)
+                .values(state=CardState.ISSUED.value, serial=serial, bundle=bundle, idempotency_key=idempotency_key,
+                        issued_at=now)
+            ).rowcount == 1
+            if won:
+                _event(conn, batch_id, card_ref, EventKind.ISSUED, f"bundle {serial}", now, by)
+        record, batch_state = self._read(batch_id, card_ref)
+        if won:
+            return record
+        if record.state is CardState.ISSUED:
+            raise AlreadyExists(f"card {card_ref} of batch {batch_id} is already issued (bundle {record.serial})")
+        if batch_state is not BatchState.OPEN:
+            raise InvalidState(f"batch {batch_id} is {batch_state.value}")
+        if record.state is CardState.PENDING:
+            raise InvalidState(f"card {card_ref} of batch {batch_id} changed while it was sealed; seal it again")
+        raise InvalidState(f"card {card_ref} of batch {batch_id} is {record.state.value}")
+
+    def _read(self, batch_id: str, card_ref: str) -> tuple[CardRecord, BatchState]:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(batch_cards, batches.c.state.label("batch_state"))
+                .select_from(batch_cards.join(batches, batches.c.batch_id == batch_cards.c.batch_id))
+                .where(_is_card(batch_id, card_ref))
+            ).first()
+            if row is None:
+                _require_batch(conn, batch_id)
+                raise NotFound(f"no card {card_ref} in batch {batch_id}")
+        return _card(row._mapping), BatchState(row._mapping["batch_state"])
+
+
+def _is_card(batch_id: str, card_ref: str) -> sa.ColumnElement[bool]:
+    return sa.and_(batch_cards.c.batch_id == batch_id, batch_cards.c.card_ref == card_ref)
+
+
+def _batch_is_open(batch_id: str) -> sa.ColumnElement[bool]:
+    return sa.exists().where(batches.c.batch_id == batch_id, batches.c.state == BatchState.OPEN.value)
+
+
+def _require_batch(conn: sa.Connection, batch_id: str) -> None:
+    if conn.execute(sa.select(batches.c.batch_id).where(batches.c.batch_id == batch_id)).first() is None:
+        raise NotFound(f"no batch {batch_id}")
+
+
+def _event(
+    conn: sa.Connection, batch_id: str, card_ref: str, kind: EventKind, detail: str, at: str, by: str | None
+) -> None:
+    conn.execute(card_events.insert().values(
+        batch_id=batch_id, card_ref=card_ref, event=kind.value, detail=detail, at=at, by=by,
+    ))
+
+
+def _revoked(record: CardRecord) -> str:
+    parts = []
+    if record.bound_fields:
+        chip = ", ".join(f"{name}={getattr(record.identity, name)}" for name in sorted(record.bound_fields))
+        parts.append(f"chip binding {chip}")
+    if record.serial is not None:
+        parts.append(f"bundle {record.serial}")
+    return "revoked " + "; ".join(parts)
+
+
+def _card(m: sa.RowMapping) -> CardRecord:
+    bundle = m["bundle"]
+    return CardRecord(
+        batch_id=m["batch_id"], card_ref=m["card_ref"], sequence=m["sequence"],
+        identity=CardIdentity(card_ref=m["card_ref"], **{name: m[name] for name in IDENTITY_FIELDS}),
+        bound_fields=frozenset((m["bound_fields"] or "").split()), chip_bound_at=m["chip_bound_at"],
+        state=CardState(m["state"]), serial=m["serial"], bundle=None if bundle is None else bytes(bundle),
+        idempotency_key=m["idempotency_key"], issued_at=m["issued_at"],
+    )
+
+
+def _join(names: frozenset[str] | set[str]) -> str | None:
+    return " ".join(sorted(names)) or None
+
+
+def _chip_data(card_ref: str, card_serial: str | None, kdd: str | None) -> dict[str, str]:
+    given: dict[str, str] = {}
+    for name, value in (("card_serial", card_serial), ("kdd", kdd)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidArgument(name, "must be a string")
+        given[name] = value.upper()
+    CardIdentity(card_ref=card_ref, **given)  # validates each field, naming it
+    return given
+
+
+def _check_ref(field_name: str, value: str) -> None:
+    if not isinstance(value, str) or not _REF.fullmatch(value):
+        raise InvalidArgument(field_name, "must be 1-64 characters of letters, digits and . _ : -")
+
+
+def _check_name(field_name: str, value: str) -> None:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise InvalidArgument(field_name, "must be 1-64 characters of lower-case letters, digits and . _ -")
+
+
+def _check_principal(field_name: str, uri: str) -> None:
+    if not isinstance(uri, str) or len(uri) > 200:
+        raise InvalidArgument(field_name, "must be a kms principal URI (urn:kms:...)")
+    try:
+        identity.parse_uri(uri)
+    except PermissionDenied:
+        raise InvalidArgument(field_name, "must be a kms principal URI (urn:kms:...)") from None
