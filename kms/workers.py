@@ -9,6 +9,7 @@ number of keys (``recycle_after_keys``) by ending its process.
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import os
 import time
@@ -26,6 +27,8 @@ from kms.engine import DomainSealer
 from kms.errors import ConfigError, HsmError, KmsError
 
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
+MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
+log = logging.getLogger("kms.workers")
 
 
 @dataclass(frozen=True)
@@ -132,22 +135,49 @@ class DomainPool:
         return self._executor.submit(_seal_chunk, (chunk, batch))
 
     def seal(self, jobs: Iterable[Job], batch: str) -> Iterator[SectionResult]:
-        """Sections in the order of ``jobs``; a bounded number of chunks in flight."""
-        pending: deque[Future[list[SectionResult]]] = deque()
+        """Sections in the order of ``jobs``; a bounded number of chunks in flight.
+
+        If a worker dies, the pool is replaced by fresh processes and the chunks not yet returned are sealed
+        again (a section that was never returned was never issued, so nothing is issued twice); after
+        MAX_RESTARTS replacements within one call the error is raised (retryable HsmError)."""
+        pending: deque[tuple[list[Job], Future[list[SectionResult]]]] = deque()
         window = 4 * self.processes
+        restarts = 0
+
+        def take() -> list[SectionResult]:
+            nonlocal restarts
+            while True:
+                _, future = pending[0]
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    restarts += 1
+                    if restarts > MAX_RESTARTS:
+                        raise HsmError(f"{self.domain} worker processes keep ending unexpectedly; the cards not "
+                                       "yet returned were not issued", retryable=True) from None
+                    log.warning("a %s worker process ended unexpectedly; restarting the pool", self.domain)
+                    self._replace_executor()
+                    for i, (retry_chunk, _) in enumerate(list(pending)):
+                        pending[i] = (retry_chunk, self._submit(retry_chunk, batch))
+                    continue
+                pending.popleft()
+                return results
+
         try:
             for chunk in _chunks(jobs, CHUNK):
-                pending.append(self._submit(chunk, batch))
+                pending.append((chunk, self._submit(chunk, batch)))
                 while len(pending) >= window:
-                    yield from pending.popleft().result()
+                    yield from take()
             while pending:
-                yield from pending.popleft().result()
-        except BrokenProcessPool:
-            raise HsmError(f"a {self.domain} worker process ended unexpectedly; the cards not yet returned "
-                           "were not issued", retryable=True) from None
+                yield from take()
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
+
+    def _replace_executor(self) -> None:
+        broken, self._executor = self._executor, self._new_executor()
+        self._submitted = 0
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

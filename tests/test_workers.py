@@ -77,24 +77,53 @@ def _config_copy(home: Home, tmp_path: Path, **changes: object) -> Path:
     return path
 
 
-def test_a_killed_worker_is_a_retryable_error_not_a_hang(home: Home, tmp_path: Path) -> None:
+def test_a_killed_worker_is_replaced_and_its_cards_sealed_again(home: Home, tmp_path: Path) -> None:
     import os
     import signal
+
+    pool = DomainPool(home.config, "bank", "bureau-a", "dual-app-v1", processes=1)
+    try:
+        jobs = [Job(card(400 + i), f"{i:032X}") for i in range(600)]
+        results = pool.seal(jobs, "B-kill")
+        first = next(results)
+        os.kill(first.worker, signal.SIGKILL)
+        rest = list(results)
+    finally:
+        pool.terminate()
+    everything = [first, *rest]
+    assert [r.card_ref for r in everything] == [j.card.card_ref for j in jobs]  # none lost, none twice
+    assert all(r.section is not None for r in everything)
+    assert len({r.worker for r in everything}) >= 2  # a fresh process took over
+
+
+def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, tmp_path: Path) -> None:
+    import contextlib
+    import os
+    import signal
+    import threading
 
     from kms.errors import HsmError
 
     pool = DomainPool(home.config, "bank", "bureau-a", "dual-app-v1", processes=1)
+    stop = threading.Event()
+
+    def killer() -> None:  # kill every worker process of the pool as soon as it appears
+        while not stop.is_set():
+            for pid in list(getattr(pool._executor, "_processes", {}) or {}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
     try:
-        results = pool.seal([Job(card(400 + i), f"{i:032X}") for i in range(2000)], "B-kill")
-        first = next(results)
-        assert first.section is not None
-        os.kill(first.worker, signal.SIGKILL)
         with pytest.raises(HsmError) as raised:
-            for _ in results:
-                pass
+            list(pool.seal([Job(card(700 + i), f"{i:032X}") for i in range(200)], "B-kill-all"))
         assert raised.value.retryable
-        assert "ended unexpectedly" in str(raised.value)
+        assert "keep ending unexpectedly" in str(raised.value)
     finally:
+        stop.set()
+        thread.join()
         pool.terminate()
 
 
