@@ -163,8 +163,10 @@ class DomainSealer:
         transport = self._transport.label
         try:
             return [derive_wrap(label, steps, transport) for label, steps in plan]
-        except KmsError as error:  # this card fails; the others of the chunk go on
-            return error
+        except KmsError as error:
+            if error.retryable:  # the token is failing, not this card: stop the chunk, the caller may retry
+                raise
+            return error  # this card fails; the others of the chunk go on
 
     def _plan(self, card: CardIdentity) -> list[tuple[str, Any]]:
         """(master key label, derivation steps) for each key of the card."""

@@ -421,7 +421,8 @@ class TokenSession:
                 self.require(step.value)
                 # Offered by the token, but python-pkcs11 has no binding for a vendor SM4 mechanism yet:
                 # refuse rather than compute anything else.
-                raise MechanismUnavailable(step.value, self.token_label, "no binding for this vendor mechanism")
+                raise HsmError(f"{step.value} is offered by token {self.token_label!r}, but kms has no binding "
+                               "for this vendor mechanism yet; refusing rather than computing anything else")
         master = self._key(master_label)
         transport = self._key(transport_label)
         made: list[Any] = []

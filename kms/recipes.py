@@ -100,6 +100,8 @@ class GpKmc:
 FACTOR_FIELDS = ("province", "city_code", "card_serial", "pan", "psn")
 FIELD_LENGTHS = {"province": (2, 2), "city_code": (6, 6), "card_serial": (16, 16), "pan": (12, 19), "psn": (2, 2)}
 _FACTOR = re.compile(r"^(ascii|hex):(.+)$")
+_HEX_LITERAL = re.compile(r"[0-9A-F]*")
+_ASCII_LITERAL = re.compile(r"[\x20-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class Factor:
         except ValueError:
             raise ValueError(f"factor {text!r}: unbalanced braces") from None
         for literal, name, spec, conv in parsed:
+            if not (_HEX_LITERAL if encoding == "hex" else _ASCII_LITERAL).fullmatch(literal):
+                raise ValueError(f"factor {text!r}: {literal!r} is not {encoding} text")
             if name is not None and (name not in FACTOR_FIELDS or spec or conv):
                 raise ValueError(f"factor {text!r}: unknown field {{{name}}}; known: {', '.join(FACTOR_FIELDS)}")
             parts.append((literal, name or None))
