@@ -26,9 +26,30 @@ class IssuedBundle:
     error: KmsError | None = None
 
 
-class Issuer:
-    def __init__(self, config_path: Path, bureau: str, profile: str, processes_per_domain: int | None = None):
+class DomainPools:
+    """One worker pool per configured domain, shared by every bureau and profile (e.g. by a server's requests)."""
+
+    def __init__(self, config_path: Path, processes_per_domain: int | None = None) -> None:
         cfg = config.load(config_path)
+        self.pools = {d: DomainPool(cfg.path, d, processes_per_domain) for d in cfg.domains}
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def terminate(self) -> None:
+        for pool in self.pools.values():
+            pool.terminate()
+
+
+class Issuer:
+    """Seals bundles for one bureau and profile. With ``pools`` it borrows them; without, it owns its own."""
+
+    def __init__(self, config_path: Path, bureau: str, profile: str, processes_per_domain: int | None = None,
+                 pools: DomainPools | None = None):
+        cfg = config.load(config_path)
+        self.bureau = bureau
+        self.profile_name = profile
         loaded = profiles.load_dir(cfg.profiles)
         if profile not in loaded:
             raise ConfigError(f"no card profile named {profile!r} in {cfg.profiles}")
@@ -42,12 +63,13 @@ class Issuer:
         registry = runtime.registry(cfg, SystemClock())
         for domain in self.domains:
             DomainKeys.resolve(registry, domain, self.profile, bureau)
-        self._pools = {d: DomainPool(cfg.path, d, bureau, profile, processes_per_domain) for d in self.domains}
+        self._owned = pools is None
+        self._pools = pools if pools is not None else DomainPools(cfg.path, processes_per_domain)
 
     def issue(self, cards: Sequence[CardIdentity], batch: str) -> Iterator[IssuedBundle]:
         """One bundle per card, in order. A card that a domain refuses yields an IssuedBundle with its error."""
         jobs = [Job(card, new_serial()) for card in cards]
-        streams = [self._pools[d].seal(jobs, batch) for d in self.domains]
+        streams = [self._pools.pools[d].seal(jobs, batch, self.bureau, self.profile_name) for d in self.domains]
         for job, *results in zip(jobs, *streams, strict=True):
             error = next((r.error for r in results if r.error is not None), None)
             if error is not None:
@@ -57,15 +79,16 @@ class Issuer:
             yield IssuedBundle(job.card.card_ref, job.serial, bundle.assemble(job.serial, job.card.card_ref, sections))
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        if self._owned:
+            self._pools.close()
 
     def __enter__(self) -> Issuer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self._owned:
+            return
         if exc[0] is None:
-            self.close()
+            self._pools.close()
         else:
-            for pool in self._pools.values():
-                pool.terminate()
+            self._pools.terminate()

@@ -12,6 +12,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +26,9 @@ from kms.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.engine import DomainSealer
 from kms.errors import ConfigError, HsmError, KmsError
+from kms.hsm import TokenSession
+from kms.profiles import Profile
+from kms.registry import KeyRegistry
 
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
@@ -47,44 +51,63 @@ class SectionResult:
     seconds: float = 0.0  # worker time per card over its chunk (HSM and encoding)
 
 
-_sealer: DomainSealer | None = None
+@dataclass
+class _Worker:
+    domain: str
+    session: TokenSession
+    registry: KeyRegistry
+    profiles: dict[str, Profile]
+    clock: SystemClock
+    sealers: dict[tuple[str, str], DomainSealer]
+
+    def sealer(self, bureau: str, profile: str) -> DomainSealer:
+        sealer = self.sealers.get((bureau, profile))
+        if sealer is None:
+            if profile not in self.profiles:
+                raise ConfigError(f"no card profile named {profile!r}")
+            sealer = DomainSealer(self.domain, self.session, self.registry, self.profiles[profile], bureau,
+                                  self.clock)
+            self.sealers[(bureau, profile)] = sealer
+        return sealer
+
+
+_worker: _Worker | None = None
 _init_error: KmsError | None = None
 
 
-def _init(config_path: str, domain: str, bureau: str, profile_name: str) -> None:
+def _init(config_path: str, domain: str) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
     A failure is kept and reported with the first task, so the caller learns why (not just that a process died)."""
     global _init_error
     try:
-        _open(config_path, domain, bureau, profile_name)
+        _open(config_path, domain)
     except KmsError as error:
         _init_error = error
     except Exception as error:  # e.g. a database error: say what kind, never what data
         _init_error = HsmError(f"{domain} worker could not start ({type(error).__name__})", retryable=True)
 
 
-def _open(config_path: str, domain: str, bureau: str, profile_name: str) -> None:
-    global _sealer
+def _open(config_path: str, domain: str) -> None:
+    global _worker
     cfg = config.load(Path(config_path))
     clock = SystemClock()
     registry = runtime.registry(cfg, clock)
     loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
-    if profile_name not in loaded:
-        raise ConfigError(f"no card profile named {profile_name!r} in {cfg.profiles}")
     session = runtime.open_domain(cfg, domain)
-    _sealer = DomainSealer(domain, session, registry, loaded[profile_name], bureau, clock)
+    _worker = _Worker(domain, session, registry, loaded, clock, {})
     # Long-lived start-up objects leave the collector's view; the per-card garbage is acyclic.
     gc.freeze()
 
 
-def _seal_chunk(args: tuple[Sequence[Job], str]) -> list[SectionResult]:
-    jobs, batch = args
+def _seal_chunk(args: tuple[str, str, Sequence[Job], str]) -> list[SectionResult]:
+    bureau, profile, jobs, batch = args
     if _init_error is not None:
         raise _init_error
-    assert _sealer is not None, "worker not initialized"
+    assert _worker is not None, "worker not initialized"
+    sealer = _worker.sealer(bureau, profile)
     pid = os.getpid()
     started = time.perf_counter()
-    sections = _sealer.seal_many([(job.card, job.serial) for job in jobs], batch=batch)
+    sections = sealer.seal_many([(job.card, job.serial) for job in jobs], batch=batch)
     per_card = (time.perf_counter() - started) / max(1, len(jobs))
     return [
         SectionResult(job.card.card_ref, job.serial, None, section, pid, per_card) if isinstance(section, KmsError)
@@ -93,11 +116,8 @@ def _seal_chunk(args: tuple[Sequence[Job], str]) -> list[SectionResult]:
     ]
 
 
-def _keys_per_card(cfg: config.Config, domain: str, profile_name: str) -> int:
-    loaded = profiles.load_dir(cfg.profiles)
-    if profile_name not in loaded:
-        raise ConfigError(f"no card profile named {profile_name!r} in {cfg.profiles}")
-    return max(1, len(loaded[profile_name].keys(domain)))
+def _max_keys_per_card(cfg: config.Config, domain: str) -> int:
+    return max([1, *(len(p.keys(domain)) for p in profiles.load_dir(cfg.profiles).values())])
 
 
 class DomainPool:
@@ -107,7 +127,7 @@ class DomainPool:
     waiting forever, and cards not yet returned were not issued by this call.
     """
 
-    def __init__(self, config_path: Path, domain: str, bureau: str, profile: str, processes: int | None = None):
+    def __init__(self, config_path: Path, domain: str, processes: int | None = None):
         cfg = config.load(config_path)
         if domain not in cfg.domains:
             raise ConfigError(f"domain {domain} is not configured in {config_path}")
@@ -117,37 +137,41 @@ class DomainPool:
         # SoftHSM's destroyed session objects). Done here rather than with max_tasks_per_child, which can
         # deadlock in CPython 3.11.
         self._chunks_per_generation = self.processes * max(
-            1, cfg.recycle_after_keys // (CHUNK * _keys_per_card(cfg, domain, profile)))
-        self._initargs = (str(cfg.path), domain, bureau, profile)
+            1, cfg.recycle_after_keys // (CHUNK * _max_keys_per_card(cfg, domain)))
+        self._initargs = (str(cfg.path), domain)
+        self._lock = threading.Lock()  # several request threads may submit at once
         self._submitted = 0
+        self._generation = 0
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init, initargs=self._initargs)
 
-    def _submit(self, chunk: list[Job], batch: str) -> Future[list[SectionResult]]:
-        if self._submitted >= self._chunks_per_generation:
-            retiring, self._executor = self._executor, self._new_executor()
-            retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
-            self._submitted = 0
-        self._submitted += 1
-        return self._executor.submit(_seal_chunk, (chunk, batch))
+    def _submit(self, task: tuple[str, str, list[Job], str]) -> tuple[int, Future[list[SectionResult]]]:
+        with self._lock:
+            if self._submitted >= self._chunks_per_generation:
+                retiring, self._executor = self._executor, self._new_executor()
+                retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
+                self._generation += 1
+                self._submitted = 0
+            self._submitted += 1
+            return self._generation, self._executor.submit(_seal_chunk, task)
 
-    def seal(self, jobs: Iterable[Job], batch: str) -> Iterator[SectionResult]:
+    def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str) -> Iterator[SectionResult]:
         """Sections in the order of ``jobs``; a bounded number of chunks in flight.
 
         If a worker dies, the pool is replaced by fresh processes and the chunks not yet returned are sealed
         again (a section that was never returned was never issued, so nothing is issued twice); after
         MAX_RESTARTS replacements within one call the error is raised (retryable HsmError)."""
-        pending: deque[tuple[list[Job], Future[list[SectionResult]]]] = deque()
+        pending: deque[tuple[list[Job], tuple[int, Future[list[SectionResult]]]]] = deque()
         window = 4 * self.processes
         restarts = 0
 
         def take() -> list[SectionResult]:
             nonlocal restarts
             while True:
-                _, future = pending[0]
+                _, (generation, future) = pending[0]
                 try:
                     results = future.result()
                 except BrokenProcessPool:
@@ -156,27 +180,32 @@ class DomainPool:
                         raise HsmError(f"{self.domain} worker processes keep ending unexpectedly; the cards not "
                                        "yet returned were not issued", retryable=True) from None
                     log.warning("a %s worker process ended unexpectedly; restarting the pool", self.domain)
-                    self._replace_executor()
+                    self._replace_executor(generation)
                     for i, (retry_chunk, _) in enumerate(list(pending)):
-                        pending[i] = (retry_chunk, self._submit(retry_chunk, batch))
+                        pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch)))
                     continue
                 pending.popleft()
                 return results
 
         try:
             for chunk in _chunks(jobs, CHUNK):
-                pending.append((chunk, self._submit(chunk, batch)))
+                pending.append((chunk, self._submit((bureau, profile, chunk, batch))))
                 while len(pending) >= window:
                     yield from take()
             while pending:
                 yield from take()
         finally:
-            for _, future in pending:
+            for _, (_, future) in pending:
                 future.cancel()
 
-    def _replace_executor(self) -> None:
-        broken, self._executor = self._executor, self._new_executor()
-        self._submitted = 0
+    def _replace_executor(self, generation: int) -> None:
+        """Replace the broken pool, once: other requests that saw the same pool break find it replaced."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            broken, self._executor = self._executor, self._new_executor()
+            self._generation += 1
+            self._submitted = 0
         broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:

@@ -48,9 +48,10 @@ def test_a_card_refused_by_a_domain_is_reported_not_sealed(home: Home) -> None:
 
 def test_workers_are_recycled_after_a_number_of_keys(home: Home, tmp_path: Path) -> None:
     config = _config_copy(home, tmp_path, recycle_after_keys=1000)  # about 3 chunks of HRSS cards per worker
-    pool = DomainPool(config, "hrss", "bureau-a", "dual-app-v1", processes=1)
+    pool = DomainPool(config, "hrss", processes=1)
     try:
-        results = list(pool.seal([Job(card(300 + i), f"{i:032X}") for i in range(320)], "B-recycle"))
+        jobs = [Job(card(300 + i), f"{i:032X}") for i in range(320)]
+        results = list(pool.seal(jobs, "B-recycle", "bureau-a", "dual-app-v1"))
     finally:
         pool.close()
     assert all(r.section is not None for r in results)
@@ -81,10 +82,10 @@ def test_a_killed_worker_is_replaced_and_its_cards_sealed_again(home: Home, tmp_
     import os
     import signal
 
-    pool = DomainPool(home.config, "bank", "bureau-a", "dual-app-v1", processes=1)
+    pool = DomainPool(home.config, "bank", processes=1)
     try:
         jobs = [Job(card(400 + i), f"{i:032X}") for i in range(600)]
-        results = pool.seal(jobs, "B-kill")
+        results = pool.seal(jobs, "B-kill", "bureau-a", "dual-app-v1")
         first = next(results)
         os.kill(first.worker, signal.SIGKILL)
         rest = list(results)
@@ -104,7 +105,7 @@ def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, t
 
     from kms.errors import HsmError
 
-    pool = DomainPool(home.config, "bank", "bureau-a", "dual-app-v1", processes=1)
+    pool = DomainPool(home.config, "bank", processes=1)
     stop = threading.Event()
 
     def killer() -> None:  # kill every worker process of the pool as soon as it appears
@@ -118,7 +119,8 @@ def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, t
     thread.start()
     try:
         with pytest.raises(HsmError) as raised:
-            list(pool.seal([Job(card(700 + i), f"{i:032X}") for i in range(200)], "B-kill-all"))
+            jobs = [Job(card(700 + i), f"{i:032X}") for i in range(200)]
+            list(pool.seal(jobs, "B-kill-all", "bureau-a", "dual-app-v1"))
         assert raised.value.retryable
         assert "keep ending unexpectedly" in str(raised.value)
     finally:
@@ -131,9 +133,9 @@ def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None
     from kms.errors import HsmError
 
     config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
-    pool = DomainPool(config, "hrss", "bureau-a", "dual-app-v1", processes=1)
+    pool = DomainPool(config, "hrss", processes=1)
     try:
         with pytest.raises(HsmError, match=r"hrss worker could not start \(OperationalError\)"):
-            list(pool.seal([Job(card(500), "00" * 16)], "B-init"))
+            list(pool.seal([Job(card(500), "00" * 16)], "B-init", "bureau-a", "dual-app-v1"))
     finally:
         pool.terminate()

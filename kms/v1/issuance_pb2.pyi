@@ -85,17 +85,49 @@ class GetBatchStatusRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
 
 class BatchStatus(_message.Message):
-    __slots__ = ("batch_id", "bureau", "profile", "cards", "issued", "state")
+    __slots__ = ("batch_id", "bureau", "profile", "cards", "issued", "state", "created_by", "created_at")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     BUREAU_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CARDS_FIELD_NUMBER: _ClassVar[int]
     ISSUED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     bureau: str
     profile: str
     cards: int
     issued: int
     state: str
-    def __init__(self, batch_id: _Optional[str] = ..., bureau: _Optional[str] = ..., profile: _Optional[str] = ..., cards: _Optional[int] = ..., issued: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    created_by: str
+    created_at: str
+    def __init__(self, batch_id: _Optional[str] = ..., bureau: _Optional[str] = ..., profile: _Optional[str] = ..., cards: _Optional[int] = ..., issued: _Optional[int] = ..., state: _Optional[str] = ..., created_by: _Optional[str] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class CreateBatchRequest(_message.Message):
+    __slots__ = ("batch_id", "bureau", "profile", "cards")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    BUREAU_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    bureau: str
+    profile: str
+    cards: _containers.RepeatedCompositeFieldContainer[CardIdentity]
+    def __init__(self, batch_id: _Optional[str] = ..., bureau: _Optional[str] = ..., profile: _Optional[str] = ..., cards: _Optional[_Iterable[_Union[CardIdentity, _Mapping]]] = ...) -> None: ...
+
+class ReissueCardRequest(_message.Message):
+    __slots__ = ("batch_id", "card_ref")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    CARD_REF_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    card_ref: str
+    def __init__(self, batch_id: _Optional[str] = ..., card_ref: _Optional[str] = ...) -> None: ...
+
+class ReissueCardResponse(_message.Message):
+    __slots__ = ("card_ref", "state")
+    CARD_REF_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    card_ref: str
+    state: str
+    def __init__(self, card_ref: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...

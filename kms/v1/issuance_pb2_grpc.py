@@ -184,3 +184,124 @@ class IssuanceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BatchServiceStub:
+    """Work orders, created and managed by security officers.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateBatch = channel.unary_unary(
+                '/kms.v1.BatchService/CreateBatch',
+                request_serializer=kms_dot_v1_dot_issuance__pb2.CreateBatchRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_issuance__pb2.BatchStatus.FromString,
+                _registered_method=True)
+        self.ReissueCard = channel.unary_unary(
+                '/kms.v1.BatchService/ReissueCard',
+                request_serializer=kms_dot_v1_dot_issuance__pb2.ReissueCardRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_issuance__pb2.ReissueCardResponse.FromString,
+                _registered_method=True)
+
+
+class BatchServiceServicer:
+    """Work orders, created and managed by security officers.
+    """
+
+    def CreateBatch(self, request, context):
+        """Authorize a batch of cards for one bureau and profile (an officer of a domain the profile covers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReissueCard(self, request, context):
+        """Revoke a card's chip binding and issued bundle so it can be issued again (a card spoiled in
+        personalization).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatchServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBatch,
+                    request_deserializer=kms_dot_v1_dot_issuance__pb2.CreateBatchRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_issuance__pb2.BatchStatus.SerializeToString,
+            ),
+            'ReissueCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReissueCard,
+                    request_deserializer=kms_dot_v1_dot_issuance__pb2.ReissueCardRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_issuance__pb2.ReissueCardResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kms.v1.BatchService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kms.v1.BatchService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BatchService:
+    """Work orders, created and managed by security officers.
+    """
+
+    @staticmethod
+    def CreateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.BatchService/CreateBatch',
+            kms_dot_v1_dot_issuance__pb2.CreateBatchRequest.SerializeToString,
+            kms_dot_v1_dot_issuance__pb2.BatchStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReissueCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.BatchService/ReissueCard',
+            kms_dot_v1_dot_issuance__pb2.ReissueCardRequest.SerializeToString,
+            kms_dot_v1_dot_issuance__pb2.ReissueCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
