@@ -38,6 +38,31 @@ class DomainConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS material: our certificate and key, and the CA that must have issued the peer's certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str
+    tls: TlsConfig
+    policy: Path | None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a station, an officer or an auditor reaches the service (kms station fetch, kms batch ...)."""
+
+    path: Path
+    server: str
+    tls: TlsConfig
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hsm: HsmConfig
@@ -46,6 +71,7 @@ class Config:
     profiles: Path
     workers_per_domain: int
     recycle_after_keys: int
+    server: ServerConfig | None = None
 
     @property
     def home(self) -> Path:
@@ -63,6 +89,7 @@ class StationConfig:
     trust: Path
     ledger: str
     domains: tuple[str, ...]
+    client: ClientConfig | None = None
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -126,10 +153,39 @@ def _hsm(path: Path, doc: Any) -> HsmConfig:
     )
 
 
+def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
+    doc = _only(path, where, doc, {"cert", "key", "ca"})
+    return TlsConfig(*(_path(path.parent, doc[k], f"{where}.{k}") for k in ("cert", "key", "ca")))
+
+
+def _server(path: Path, doc: Any) -> ServerConfig:
+    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy"})
+    listen = doc["listen"]
+    if not isinstance(listen, str) or ":" not in listen:
+        raise ConfigError(f"{path}: server.listen must be host:port")
+    policy = doc.get("policy")
+    return ServerConfig(listen, _tls(path, doc["tls"], "server.tls"),
+                        _path(path.parent, policy, "server.policy") if policy else None)
+
+
+def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:
+    doc = _only(path, where, doc, {"server", "tls"})
+    if not isinstance(doc["server"], str) or ":" not in doc["server"]:
+        raise ConfigError(f"{path}: {where}.server must be host:port")
+    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls"))
+
+
+def load_client(path: Path) -> ClientConfig:
+    """A client configuration file (an officer's or auditor's): just the 'client' section."""
+    path = path.resolve()
+    doc = _only(path, "top level", _read(path), {"client"})
+    return _client(path, doc["client"])
+
+
 def load(path: Path) -> Config:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"hsm", "domains", "database"},
-                {"profiles", "workers_per_domain", "recycle_after_keys"})
+                {"profiles", "workers_per_domain", "recycle_after_keys", "server"})
     domains_doc = _only(path, "domains", doc["domains"], set(), set(DOMAINS))
     domains = {}
     for name, body in domains_doc.items():
@@ -148,13 +204,14 @@ def load(path: Path) -> Config:
         profiles=_path(path.parent, doc.get("profiles", "profiles"), "profiles"),
         workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
         recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
+        server=_server(path, doc["server"]) if "server" in doc else None,
     )
 
 
 def load_station(path: Path) -> StationConfig:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"station", "bureau", "hsm", "token", "pin", "trust", "ledger",
-                                                  "domains"})
+                                                  "domains"}, {"client"})
     domains = doc["domains"]
     if not isinstance(domains, list) or not domains or any(d not in DOMAINS for d in domains):
         raise ConfigError(f"{path}: domains must list hrss and/or bank")
@@ -163,4 +220,5 @@ def load_station(path: Path) -> StationConfig:
         token=str(doc["token"]), pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent),
         trust=_path(path.parent, doc["trust"], "trust"), ledger=_sqlite_url(path.parent, doc["ledger"], "ledger"),
         domains=tuple(domains),
+        client=_client(path, doc["client"]) if "client" in doc else None,
     )

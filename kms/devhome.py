@@ -17,6 +17,7 @@ production key ceremonies run under dual control.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -33,11 +34,18 @@ from kms.clock import SystemClock
 from kms.engine import SIGNING_KEY_NAME
 from kms.errors import ConfigError, HsmError
 from kms.hsm import Algorithm, KcvMethod
+from kms.identity import Principal
+from kms.pki import Credential, DevPki
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
 
 T = TypeVar("T")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
-DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",)}
+#: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
+DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)}
+#: Officers per domain, and the auditor, who get client certificates in a development home.
+OFFICERS: Mapping[str, tuple[str, ...]] = {"hrss": ("alice", "bob"), "bank": ("carol", "dave")}
+AUDITORS = ("erin",)
+DEFAULT_PORT = 7443
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class Home:
 
     def station_config(self, station: str) -> Path:
         return self.path / "stations" / station / "station.yaml"
+
+    def client_config(self, principal: Principal) -> Path:
+        """An officer's or auditor's client configuration: clients/<role>-<domain>-<name>.yaml."""
+        return self.path / "clients" / (principal.uri().removeprefix("urn:kms:").replace(":", "-") + ".yaml")
 
     @property
     def softhsm2_conf(self) -> Path:
@@ -74,6 +86,7 @@ def init_home(
     bureaus: Mapping[str, tuple[str, ...]] = DEFAULT_BUREAUS,
     master_keys: Mapping[tuple[str, str], bytes] | None = None,
     module: str = "auto",
+    port: int = DEFAULT_PORT,
 ) -> Home:
     """Create (or complete) a development home. ``master_keys`` imports known test values for (domain, name);
     every other master key the profiles need is generated inside the token. Idempotent."""
@@ -90,6 +103,8 @@ def init_home(
     profiles_dir = home.path / "profiles"
     if not profiles_dir.exists():
         shutil.copytree(POLICIES / "profiles", profiles_dir)
+    pki = DevPki(home.path / "pki")
+    server = pki.server()
     if not home.config.exists():
         _write_yaml(home.config, {
             "hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"},
@@ -97,16 +112,26 @@ def init_home(
             "database": "sqlite:///kms.db",
             "profiles": "profiles",
             "workers_per_domain": 1,
+            "server": {"listen": f"127.0.0.1:{port}", "tls": _tls(home.path, server, pki)},
         })
     for bureau, station in stations:
         station_path = home.station_config(station)
         if not station_path.exists():
+            cred = pki.client(Principal("station", station, bureau=bureau))
             _write_yaml(station_path, {
                 "station": station, "bureau": bureau,
                 "hsm": {"module": module, "softhsm2_conf": "../../hsm/softhsm2.conf"},
                 "token": station_token(station), "pin": f"file:../../pins/{station}.pin",
                 "trust": "../../trust", "ledger": "sqlite:///ledger.db", "domains": list(DOMAINS),
+                "client": {"server": f"localhost:{port}", "tls": _tls(station_path.parent, cred, pki)},
             })
+    people = [Principal("officer", name, domain=domain) for domain, names in OFFICERS.items() for name in names]
+    people += [Principal("auditor", name) for name in AUDITORS]
+    for person in people:
+        path = home.client_config(person)
+        if not path.exists():
+            cred = pki.client(person)
+            _write_yaml(path, {"client": {"server": f"localhost:{port}", "tls": _tls(path.parent, cred, pki)}})
 
     known = dict(master_keys or {})
     unwrap_keys = {
@@ -124,6 +149,12 @@ def _in_own_process(function: Callable[..., T], *args: object) -> T:
     """Run one setup step in a fresh process, so that each reads only its own token's PIN."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def _tls(base: Path, cred: Credential, pki: DevPki) -> dict[str, str]:
+    """TLS file paths relative to the directory of the config that names them."""
+    return {"cert": os.path.relpath(cred.cert, base), "key": os.path.relpath(cred.key, base),
+            "ca": os.path.relpath(pki.ca.cert, base)}
 
 
 def _write_yaml(path: Path, data: object) -> None:

@@ -120,6 +120,20 @@ class MechanismUnavailable(HsmError):
         self.mechanism = mechanism
 
 
+class DeadlineExceeded(KmsError):
+    """The call's deadline passed before the work could start; nothing was done."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+    exit_code = 8
+
+
+class Cancelled(KmsError):
+    """The caller went away; nothing more is done for the call."""
+
+    grpc_status = "CANCELLED"
+    exit_code = 130
+
+
 class BundleRejected(KmsError):
     """A sealed bundle failed verification. Deliberately opaque: the reason is never told to the caller."""
 

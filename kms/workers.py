@@ -149,14 +149,23 @@ class DomainPool:
                                    initializer=_init, initargs=self._initargs)
 
     def _submit(self, task: tuple[str, str, list[Job], str]) -> tuple[int, Future[list[SectionResult]]]:
-        with self._lock:
-            if self._submitted >= self._chunks_per_generation:
-                retiring, self._executor = self._executor, self._new_executor()
-                retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
-                self._generation += 1
-                self._submitted = 0
-            self._submitted += 1
-            return self._generation, self._executor.submit(_seal_chunk, task)
+        for _ in range(MAX_RESTARTS + 1):
+            with self._lock:
+                if self._submitted >= self._chunks_per_generation:
+                    retiring, self._executor = self._executor, self._new_executor()
+                    retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
+                    self._generation += 1
+                    self._submitted = 0
+                generation = self._generation
+                try:
+                    future = self._executor.submit(_seal_chunk, task)
+                except BrokenProcessPool:  # a worker died since the last submission
+                    pass
+                else:
+                    self._submitted += 1
+                    return generation, future
+            self._replace_executor(generation)
+        raise HsmError(f"{self.domain} worker processes keep ending unexpectedly", retryable=True)
 
     def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str) -> Iterator[SectionResult]:
         """Sections in the order of ``jobs``; a bounded number of chunks in flight.

@@ -14,7 +14,9 @@ from kms import errors
 from kms.errors import (
     AlreadyExists,
     BundleRejected,
+    Cancelled,
     ConfigError,
+    DeadlineExceeded,
     HsmError,
     HsmKeyNotFound,
     HsmLoginFailed,
@@ -42,6 +44,8 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     HsmKeyNotFound: lambda: HsmKeyNotFound("no key labelled kms/hrss/master/mk/1"),
     MechanismUnavailable: lambda: MechanismUnavailable("SM4_ECB_ENCRYPT_DATA", "kms-hrss"),
     BundleRejected: lambda: BundleRejected(),
+    DeadlineExceeded: lambda: DeadlineExceeded("the deadline passed before any HSM work started"),
+    Cancelled: lambda: Cancelled("the call was cancelled"),
 }
 
 #: (gRPC status name, CLI exit code) per class.
@@ -59,6 +63,8 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     HsmKeyNotFound: ("FAILED_PRECONDITION", 6),
     MechanismUnavailable: ("FAILED_PRECONDITION", 6),
     BundleRejected: ("PERMISSION_DENIED", 7),
+    DeadlineExceeded: ("DEADLINE_EXCEEDED", 8),
+    Cancelled: ("CANCELLED", 130),
 }
 
 

@@ -1,0 +1,300 @@
+"""The issuance services (kms.v1): stations fetch sealed bundles of authorized batches; officers create batches.
+
+Every handler runs behind the authorization interceptor (kms.server): the caller is a verified principal whose role
+the policy allows for the method. Here each request is checked against the caller's own scope — a station only its
+bureau's batches, for domains its bureau is registered for; an officer only batches whose profile covers their
+domain — and refused with a reason a person understands.
+
+No HSM work starts once a call's deadline has passed or the call was cancelled. A card is issued at most once
+(kms.batches); a retried request with the same idempotency key, or a resumed stream, gets the stored bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from kms import errors
+from kms.batches import BatchStore, CardRecord, CardState
+from kms.cardid import CardIdentity
+from kms.clock import Clock
+from kms.engine import DomainKeys
+from kms.identity import Principal
+from kms.issuer import DomainPools, Issuer
+from kms.profiles import Profile
+from kms.registry import KeyRegistry
+from kms.server import abort, current_principal
+from kms.v1 import issuance_pb2 as pb
+from kms.v1 import issuance_pb2_grpc as rpc
+
+log = logging.getLogger("kms.issuance")
+
+DEFAULT_BUNDLES_PER_MESSAGE = 16
+MAX_BUNDLES_PER_MESSAGE = 256
+PAGE = 256  # cards sealed per round of a stream
+MIN_TIME_FOR_HSM_WORK = 0.05  # seconds left on the deadline below which no HSM work starts
+
+
+class Issuance:
+    """What the services share: records, key registry, profiles and the domain worker pools."""
+
+    def __init__(self, config_path: Any, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
+                 pools: DomainPools, clock: Clock) -> None:
+        self.config_path = config_path
+        self.store = store
+        self.registry = registry
+        self.profiles = profiles
+        self.pools = pools
+        self.clock = clock
+        self._issuers: dict[tuple[str, str], Issuer] = {}
+        self._lock = threading.Lock()
+
+    def issuer(self, bureau: str, profile: str) -> Issuer:
+        """The issuer for a bureau and profile; PermissionDenied if the bureau is not registered for a domain."""
+        with self._lock:
+            issuer = self._issuers.get((bureau, profile))
+            if issuer is None:
+                issuer = Issuer(self.config_path, bureau, profile, pools=self.pools)
+                self._issuers[(bureau, profile)] = issuer
+            return issuer
+
+    def profile(self, name: str) -> Profile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise errors.InvalidArgument("profile", f"no card profile named {name!r}") from None
+
+    def check_bureau(self, bureau: str, profile: Profile) -> None:
+        for domain in profile.domains:
+            DomainKeys.resolve(self.registry, domain, profile, bureau)
+
+    def station_batch(self, principal: Principal, batch_id: str) -> Any:
+        batch = self.store.get_batch(batch_id)
+        if principal.role != "station":
+            raise errors.PermissionDenied(f"{principal} is not a personalization station")
+        if batch.bureau != principal.bureau:
+            raise errors.PermissionDenied(
+                f"batch {batch_id} was authorized for {batch.bureau}, not for {principal.bureau}")
+        self.check_bureau(batch.bureau, self.profile(batch.profile))
+        return batch
+
+
+def _require_time(context: grpc.ServicerContext) -> None:
+    if not context.is_active():
+        raise errors.Cancelled("the call was cancelled")
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < MIN_TIME_FOR_HSM_WORK:
+        raise errors.DeadlineExceeded("the deadline passed before any HSM work started")
+
+
+def _bundle(record: CardRecord) -> pb.SealedBundle:
+    assert record.bundle is not None and record.serial is not None
+    return pb.SealedBundle(card_ref=record.card_ref, serial=record.serial, data=record.bundle,
+                           sequence=record.sequence)
+
+
+def _complete(identity: CardIdentity, profile: Profile) -> bool:
+    needed = frozenset().union(*(profile.card_fields(d) for d in profile.domains))
+    return all(getattr(identity, f) is not None for f in needed)
+
+
+class IssuanceService(rpc.IssuanceServiceServicer):
+    def __init__(self, issuance: Issuance) -> None:
+        self._i = issuance
+
+    def IssueCard(self, request: pb.IssueCardRequest, context: grpc.ServicerContext) -> pb.IssueCardResponse:
+        try:
+            return self._issue_card(request, context)
+        except Exception as error:
+            abort(context, error)
+        raise AssertionError("unreachable")
+
+    def _issue_card(self, request: pb.IssueCardRequest, context: grpc.ServicerContext) -> pb.IssueCardResponse:
+        principal = current_principal()
+        if not request.batch_id:
+            raise errors.InvalidArgument("batch_id", "is required")
+        if not request.card_ref:
+            raise errors.InvalidArgument("card_ref", "is required")
+        batch = self._i.station_batch(principal, request.batch_id)
+        try:
+            record = self._i.store.card(batch.batch_id, request.card_ref)
+        except errors.NotFound:
+            raise errors.PermissionDenied(
+                f"card {request.card_ref} is not in batch {batch.batch_id}: it was not authorized") from None
+        key = request.idempotency_key or None
+        if record.state is CardState.ISSUED:
+            if key is not None and record.idempotency_key == key:
+                return pb.IssueCardResponse(bundle=_bundle(record))
+            raise errors.AlreadyExists(f"card {record.card_ref} was already issued (bundle {record.serial}); an "
+                                       "officer must re-issue it before it can be issued again")
+        if request.HasField("chip"):
+            record = self._i.store.bind_chip(
+                batch.batch_id, record.card_ref, _field(request.chip.card_serial, "chip.card_serial"),
+                _field(request.chip.kdd, "chip.kdd"), by=principal.uri())
+        profile = self._i.profile(batch.profile)
+        if not _complete(record.identity, profile):
+            missing = sorted(f for d in profile.domains for f in profile.card_fields(d)
+                             if getattr(record.identity, f) is None)
+            raise errors.InvalidArgument(f"chip.{missing[0]}", "is required: the batch does not carry it")
+        _require_time(context)
+        issued = next(iter(self._i.issuer(batch.bureau, batch.profile).issue([record.identity], batch.batch_id)))
+        if issued.error is not None:
+            raise issued.error
+        assert issued.data is not None
+        try:
+            stored = self._i.store.record_issued(batch.batch_id, record.card_ref, issued.serial, issued.data, key,
+                                                 by=principal.uri(), sealed_for=record.identity)
+        except errors.AlreadyExists:  # a concurrent request won the race
+            stored = self._i.store.card(batch.batch_id, record.card_ref)
+            if key is None or stored.idempotency_key != key:
+                raise
+        return pb.IssueCardResponse(bundle=_bundle(stored))
+
+    def StreamBatch(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
+                    ) -> Iterator[pb.StreamBatchResponse]:
+        try:
+            yield from self._stream(request, context)
+        except errors.Cancelled:
+            log.info("stream of batch %s cancelled by the client", request.batch_id)
+        except Exception as error:
+            abort(context, error)
+
+    def _stream(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
+                ) -> Iterator[pb.StreamBatchResponse]:
+        principal = current_principal()
+        batch = self._i.station_batch(principal, request.batch_id)
+        after = _cursor(request.cursor)
+        per_message = request.max_bundles_per_message or DEFAULT_BUNDLES_PER_MESSAGE
+        if not 1 <= per_message <= MAX_BUNDLES_PER_MESSAGE:
+            raise errors.InvalidArgument("max_bundles_per_message", f"must be 0 (default) to {MAX_BUNDLES_PER_MESSAGE}")
+        profile = self._i.profile(batch.profile)
+        issuer = self._i.issuer(batch.bureau, batch.profile)
+        out: list[pb.SealedBundle] = []
+        while True:
+            page = self._i.store.cards_after(batch.batch_id, after, PAGE)
+            if not page:
+                break
+            to_seal = [r for r in page if r.state is CardState.PENDING and _complete(r.identity, profile)]
+            sealed: dict[str, CardRecord] = {}
+            if to_seal:
+                _require_time(context)
+                for record, issued in zip(to_seal, issuer.issue([r.identity for r in to_seal], batch.batch_id),
+                                          strict=True):
+                    if issued.error is not None:
+                        log.warning("card %s of batch %s not sealed: %s", record.card_ref, batch.batch_id,
+                                    issued.error)
+                        continue
+                    assert issued.data is not None
+                    try:
+                        sealed[record.card_ref] = self._i.store.record_issued(
+                            batch.batch_id, record.card_ref, issued.serial, issued.data, None, by=principal.uri(),
+                            sealed_for=record.identity)
+                    except (errors.AlreadyExists, errors.InvalidState):  # issued meanwhile by another request
+                        sealed[record.card_ref] = self._i.store.card(batch.batch_id, record.card_ref)
+            for record in page:
+                current = sealed.get(record.card_ref, record)
+                if current.state is CardState.ISSUED and current.bundle is not None:
+                    out.append(_bundle(current))
+                if len(out) >= per_message:
+                    yield pb.StreamBatchResponse(bundles=out, cursor=str(out[-1].sequence))
+                    out = []
+                    if not context.is_active():
+                        raise errors.Cancelled("the call was cancelled")
+            after = page[-1].sequence
+        if out:
+            yield pb.StreamBatchResponse(bundles=out, cursor=str(out[-1].sequence))
+
+    def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext
+                       ) -> pb.BatchStatus:
+        try:
+            principal = current_principal()
+            batch = self._i.store.get_batch(request.batch_id)
+            if principal.role == "station" and batch.bureau != principal.bureau:
+                raise errors.PermissionDenied(
+                    f"batch {batch.batch_id} was authorized for {batch.bureau}, not for {principal.bureau}")
+            if principal.role == "officer" and principal.domain not in self._i.profile(batch.profile).domains:
+                raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
+            return _status(batch)
+        except Exception as error:
+            abort(context, error)
+        raise AssertionError("unreachable")
+
+
+class BatchService(rpc.BatchServiceServicer):
+    def __init__(self, issuance: Issuance) -> None:
+        self._i = issuance
+
+    def CreateBatch(self, request: pb.CreateBatchRequest, context: grpc.ServicerContext) -> pb.BatchStatus:
+        try:
+            principal = current_principal()
+            profile = self._i.profile(request.profile)
+            if principal.domain not in profile.domains:
+                raise errors.PermissionDenied(f"{principal} cannot authorize profile {profile.name}: it has no "
+                                              f"{principal.domain} keys")
+            self._i.check_bureau(request.bureau, profile)
+            cards = []
+            for i, card in enumerate(request.cards):
+                try:
+                    cards.append(CardIdentity.from_mapping(
+                        {f: getattr(card, f) for f in ("card_ref", "city_code", "card_serial", "pan", "psn", "kdd")
+                         if getattr(card, f)}))
+                except errors.InvalidArgument as error:
+                    raise errors.InvalidArgument(f"cards[{i}].{error.field}", error.reason) from None
+            batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
+                                               principal.uri())
+            log.info("%s created batch %s: %d cards for %s", principal, batch.batch_id, batch.card_count,
+                     batch.bureau)
+            return _status(batch)
+        except Exception as error:
+            abort(context, error)
+        raise AssertionError("unreachable")
+
+    def ReissueCard(self, request: pb.ReissueCardRequest, context: grpc.ServicerContext
+                    ) -> pb.ReissueCardResponse:
+        try:
+            principal = current_principal()
+            batch = self._i.store.get_batch(request.batch_id)
+            if principal.domain not in self._i.profile(batch.profile).domains:
+                raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
+            record = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri())
+            return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value)
+        except Exception as error:
+            abort(context, error)
+        raise AssertionError("unreachable")
+
+
+def _status(batch: Any) -> pb.BatchStatus:
+    return pb.BatchStatus(batch_id=batch.batch_id, bureau=batch.bureau, profile=batch.profile,
+                          cards=batch.card_count, issued=batch.issued_count, state=batch.state.value,
+                          created_by=batch.created_by, created_at=batch.created_at)
+
+
+def _cursor(text: str) -> int:
+    if not text:
+        return -1
+    if not text.isdigit() or len(text) > 9:
+        raise errors.InvalidArgument("cursor", "is not a cursor this server gave")
+    return int(text)
+
+
+def _field(value: str, name: str) -> str | None:
+    if not value:
+        return None
+    value = value.upper()
+    limits = {"chip.card_serial": 16, "chip.kdd": 20}
+    if len(value) != limits[name] or any(c not in "0123456789ABCDEF" for c in value):
+        raise errors.InvalidArgument(name, f"must be {limits[name]} hex digits")
+    return value
+
+
+def register(issuance: Issuance) -> Any:
+    """A ``register`` callback for kms.server.create_server."""
+    def add(server: grpc.Server) -> list[str]:
+        rpc.add_IssuanceServiceServicer_to_server(IssuanceService(issuance), server)  # type: ignore[no-untyped-call]
+        rpc.add_BatchServiceServicer_to_server(BatchService(issuance), server)  # type: ignore[no-untyped-call]
+        return [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("IssuanceService", "BatchService")]
+    return add

@@ -1,0 +1,198 @@
+"""The issuance service end to end: a real server on 127.0.0.1 over mutual TLS, real worker processes and
+SoftHSM2 tokens, the batch records in SQLite; stations, officers and an auditor with their own certificates."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from conftest import card
+
+from kms import config
+from kms.cardid import CardIdentity
+from kms.client import Client
+from kms.devhome import Home
+from kms.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, PermissionDenied
+from kms.identity import Principal
+from kms.serve import Service
+from kms.station import Station
+
+ALICE = Principal("officer", "alice", domain="hrss")
+CAROL = Principal("officer", "carol", domain="bank")
+ERIN = Principal("auditor", "erin")
+
+
+@pytest.fixture(scope="module")
+def service(home: Home) -> Iterator[Service]:
+    svc = Service(home.config, listen="127.0.0.1:0")
+    yield svc
+    svc.stop(grace=0)
+
+
+def _client(home: Home, service: Service, who: Principal | str) -> Client:
+    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
+    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
+    assert cfg is not None
+    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
+
+
+def _batch_id() -> str:
+    return f"B-{secrets.token_hex(4)}"
+
+
+def _cards(n: int, start: int) -> list[CardIdentity]:
+    return [card(start + i, card_ref=f"svc-{start + i:06d}") for i in range(n)]
+
+
+def test_an_officer_authorizes_a_batch_and_the_station_streams_and_opens_it(
+    home: Home, service: Service, station: Station
+) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        status = alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(40, 10_000))
+    assert (status.cards, status.issued, status.created_by) == (40, 0, ALICE.uri())
+    with _client(home, service, "station-a1") as st:
+        bundles = list(st.stream_batch(batch, per_message=8))
+        assert [b.card_ref for b in bundles] == [f"svc-{10_000 + i:06d}" for i in range(40)]
+        assert st.batch_status(batch).issued == 40
+        again = list(st.stream_batch(batch))  # the same stored bundles, not new ones
+    assert [(b.serial, b.data) for b in again] == [(b.serial, b.data) for b in bundles]
+    for b in bundles:
+        report = station.open(b.data)
+        assert report.ok and len(report.keys) == 15 and report.card_ref == b.card_ref
+    with _client(home, service, ERIN) as erin:
+        assert erin.batch_status(batch).issued == 40
+
+
+def test_issue_card_is_idempotent_and_at_most_once(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, CAROL) as carol:
+        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(2, 20_000))
+    with _client(home, service, "station-a1") as st:
+        first = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
+        again = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
+        assert (again.serial, again.data) == (first.serial, first.data)
+        with pytest.raises(AlreadyExists, match="already issued"):
+            st.issue_card(batch, "svc-020000", idempotency_key="k-2")
+        with pytest.raises(AlreadyExists):
+            st.issue_card(batch, "svc-020000")
+
+
+def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=f"621483000000{i:04d}", psn="01")
+             for i in range(2)]
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", blank)
+    with _client(home, service, "station-a1") as st:
+        with pytest.raises(InvalidArgument) as missing:
+            st.issue_card(batch, "chip-0")
+        assert missing.value.field.startswith("chip.")
+        first = st.issue_card(batch, "chip-0", card_serial="86843202AD932A48", kdd="00010203040506070809",
+                              idempotency_key="a")
+        with pytest.raises(AlreadyExists):  # another chip for the same record
+            st.issue_card(batch, "chip-0", card_serial="1111111111111111", kdd="00010203040506070809",
+                          idempotency_key="b")
+        with _client(home, service, ALICE) as alice:
+            assert alice.reissue(batch, "chip-0").state == "pending"
+        second = st.issue_card(batch, "chip-0", card_serial="1111111111111111", kdd="00010203040506070809",
+                               idempotency_key="b")
+    assert second.serial != first.serial
+    with pytest.raises(InvalidArgument) as bad, _client(home, service, "station-a1") as st:
+        st.issue_card(batch, "chip-1", card_serial="XYZ", kdd="00010203040506070809")
+    assert bad.value.field == "chip.card_serial"
+
+
+def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 30_000))
+        with pytest.raises(PermissionDenied, match=r"not registered for the hrss domain"):
+            alice.create_batch(_batch_id(), "bureau-zz", "dual-app-v1", _cards(1, 30_001))
+        from kms.v1 import issuance_pb2 as pb
+
+        request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1", cards=[
+            pb.CardIdentity(**card(1, card_ref="ok-1").as_dict()),
+            pb.CardIdentity(**dict(card(2, card_ref="bad-2").as_dict(), pan="1234"))])
+        with pytest.raises(grpc.RpcError) as invalid:
+            alice.batches.CreateBatch(request, timeout=30)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert invalid.value.details() == "cards[1].pan: must be 12 to 19 digits"
+        with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.IssuanceService/IssueCard"):
+            alice.issue_card(batch, "svc-030000")
+    with _client(home, service, "station-b1") as other:
+        with pytest.raises(PermissionDenied, match="authorized for bureau-a, not for bureau-b"):
+            list(other.stream_batch(batch))
+        with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.BatchService/CreateBatch"):
+            other.create_batch(_batch_id(), "bureau-b", "dual-app-v1", _cards(1, 30_002))
+    with _client(home, service, "station-a1") as st:
+        with pytest.raises(PermissionDenied, match="not in batch"):
+            st.issue_card(batch, "svc-999999")
+        with pytest.raises(InvalidArgument) as cursor:
+            list(st.stream_batch(batch, cursor="abc"))
+        assert cursor.value.field == "cursor"
+
+
+def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 40_000))
+        huge = [CardIdentity(card_ref=f"x{i:08d}" + "y" * 50, city_code="320200") for i in range(150_000)]
+        with pytest.raises(Exception) as raised:
+            alice.create_batch(_batch_id(), "bureau-a", "dual-app-v1", huge)
+        assert "resource_exhausted" in str(raised.value).lower()
+    with _client(home, service, "station-a1") as st:
+        st.timeout = 0.001
+        with pytest.raises((DeadlineExceeded, Exception)):
+            st.issue_card(batch, "svc-040000")
+        st.timeout = 60
+        assert st.batch_status(batch).issued == 0  # no HSM work was done for it
+
+
+def test_a_dropped_stream_resumes_without_losing_or_repeating_a_card(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, CAROL) as carol:
+        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(60, 50_000))
+    received: list[str] = []
+    cursor = ""
+    with _client(home, service, "station-a1") as st:
+        from kms.v1 import issuance_pb2 as pb
+
+        call = st.issuance.StreamBatch(pb.StreamBatchRequest(batch_id=batch, max_bundles_per_message=5), timeout=60)
+        for i, message in enumerate(call):
+            received += [b.card_ref for b in message.bundles]
+            cursor = message.cursor
+            if i == 2:
+                call.cancel()  # the connection drops after three messages
+                break
+        assert len(received) == 15
+        received += [b.card_ref for b in st.stream_batch(batch, cursor=cursor)]
+    assert received == [f"svc-{50_000 + i:06d}" for i in range(60)]
+
+
+def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(300, 60_000))
+    received = []
+    with _client(home, service, "station-a1") as st:
+        for i, bundle in enumerate(st.stream_batch(batch, per_message=4)):
+            received.append((bundle.card_ref, bundle.serial))
+            if i == 3:
+                for pool in service.pools.pools.values():
+                    for pid in list(getattr(pool._executor, "_processes", {}) or {}):
+                        os.kill(pid, signal.SIGKILL)
+        assert st.batch_status(batch).issued == 300
+    assert [r for r, _ in received] == [f"svc-{60_000 + i:06d}" for i in range(300)]
+    assert len({s for _, s in received}) == 300
+
+
+def test_no_pin_in_the_serving_process(home: Home, service: Service) -> None:
+    # The server's own process resolves no PIN reference: sealing happens in the domain workers.
+    assert grpc is not None and isinstance(service.port, int)
+    pins = [p.read_text().strip() for p in (home.path / "pins").iterdir()]
+    assert pins and all(pin not in repr(vars(service.issuance)) for pin in pins)
