@@ -67,6 +67,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("bundles", type=Path, nargs="+", help="bundle files or directories of *.kmsb")
 
+    p = sub.add_parser("serve", help="run the issuance service (gRPC over mutual TLS) until interrupted")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--listen", help="host:port (default: server.listen in the config; port 0 picks one)")
+
+    batch = sub.add_parser("batch", help="issuance batches (officers)").add_subparsers(dest="batch_command",
+                                                                                   required=True)
+    p = batch.add_parser("create", help="authorize a batch of cards for a bureau")
+    p.add_argument("--client", type=Path, required=True, help="an officer's client configuration")
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--bureau", required=True)
+    p.add_argument("--profile", default="dual-app-v1")
+    p.add_argument("--cards", type=Path, required=True, help="CSV: card_ref,city_code,card_serial,pan,psn,kdd")
+    p.add_argument("--server", help="host:port, instead of the client configuration's")
+    p.add_argument("--json", action="store_true")
+    p = batch.add_parser("show", help="a batch's status")
+    p.add_argument("--client", type=Path, required=True, help="a client or station configuration")
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+    p = batch.add_parser("reissue", help="revoke a spoiled card's chip binding and bundle so it can be issued again")
+    p.add_argument("--client", type=Path, required=True, help="an officer's client configuration")
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--card-ref", required=True)
+    p.add_argument("--server")
+
+    station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
+                                                                                       required=True)
+    p = station.add_parser("fetch", help="fetch a batch's sealed bundles into a directory")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--open", action="store_true", help="also verify and open each bundle into the station's token")
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
     p.add_argument("--vectors", type=Path, required=True)
     p.add_argument("--config", type=Path, help="use this configuration's token (session objects only)")
@@ -313,9 +348,127 @@ def _run_selftest(args: argparse.Namespace, session: Any, vectors: dict[str, Any
     return 0 if failed == 0 else 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kms.serve import serve
+
+    def ready(port: int) -> None:
+        print(f"kms: serving on port {port}", flush=True)
+
+    serve(args.config, listen=args.listen, ready=ready)
+    return 0
+
+
+def _client_for(path: Path, server: str | None) -> Any:
+    from kms.client import Client
+
+    doc = config_mod.load_station(path).client if _is_station_config(path) else config_mod.load_client(path)
+    if doc is None:
+        raise errors.ConfigError(f"{path}: no 'client' section")
+    return Client(doc, server=server)
+
+
+def _is_station_config(path: Path) -> bool:
+    import yaml
+
+    try:
+        return "station" in (yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+
+
+def _status_doc(status: Any) -> dict[str, Any]:
+    return {"batch_id": status.batch_id, "bureau": status.bureau, "profile": status.profile, "cards": status.cards,
+            "issued": status.issued, "state": status.state, "created_by": status.created_by,
+            "created_at": status.created_at}
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    with _client_for(args.client, args.server) as client:
+        if args.batch_command == "create":
+            status = client.create_batch(args.batch_id, args.bureau, args.profile, read_cards(args.cards))
+        elif args.batch_command == "show":
+            status = client.batch_status(args.batch_id)
+        else:
+            reply = client.reissue(args.batch_id, args.card_ref)
+            print(f"card {reply.card_ref} of batch {args.batch_id} is {reply.state} again")
+            return 0
+    doc = _status_doc(status)
+    _emit(args, doc, f"batch {doc['batch_id']}: {doc['cards']} cards for {doc['bureau']} ({doc['profile']}), "
+                     f"{doc['issued']} issued, {doc['state']}; created by {doc['created_by']} at {doc['created_at']}")
+    return 0
+
+
+def _cmd_station(args: argparse.Namespace) -> int:
+    from kms import runtime, store
+    from kms.clock import SystemClock
+    from kms.station import Station, TrustStore
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = config_mod.load_station(args.station_config)
+    started = time.perf_counter()
+    fetched = opened = keys = matched = 0
+    session = station = None
+    if args.open:
+        ledger = store.make_engine(cfg.ledger)
+        store.create_station_ledger(ledger)
+        session = runtime.open_station(cfg)
+        station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
+                          SystemClock())
+    try:
+        with _client_for(args.station_config, args.server) as client:
+            total = client.batch_status(args.batch_id).cards
+            progress = _Progress(total, enabled=not args.json and sys.stderr.isatty())
+            for bundle in client.stream_batch(args.batch_id):
+                target = args.out / f"{bundle.card_ref}.kmsb"
+                tmp = target.with_suffix(".tmp")
+                tmp.write_bytes(bundle.data)
+                os.replace(tmp, target)
+                fetched += 1
+                if station is not None:
+                    try:
+                        report = station.open(bundle.data)
+                    except errors.BundleRejected:
+                        report = None
+                    if report is not None:
+                        opened += 1
+                        keys += len(report.keys)
+                        matched += sum(k.match for k in report.keys)
+                progress.update(fetched)
+            progress.done()
+    finally:
+        if session is not None:
+            session.close()
+    seconds = time.perf_counter() - started
+    doc = {"batch_id": args.batch_id, "fetched": fetched, "opened": opened, "keys": keys, "kcv_matches": matched,
+           "seconds": round(seconds, 3), "bundles_per_second": round(fetched / seconds, 1) if seconds else None}
+    text = f"fetched {fetched} bundles of batch {args.batch_id} into {args.out} in {seconds:.1f} s"
+    if args.open:
+        text += f"; opened {opened}: {keys} keys, {matched} KCV matches"
+    _emit(args, doc, text)
+    return 0 if not args.open or (opened == fetched and matched == keys) else errors.BundleRejected.exit_code
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled, self._last = max(total, 1), enabled, -1
+
+    def update(self, count: int) -> None:
+        percent = count * 100 // self.total
+        if self.enabled and percent != self._last:
+            self._last = percent
+            bar = "#" * (percent // 4)
+            print(f"\r[{bar:<25}] {count}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
 _COMMANDS = {
     "init": _cmd_init, "keys": _cmd_keys, "profile": _cmd_profile, "dev": _cmd_dev, "bundle": _cmd_bundle,
-    "selftest": _cmd_selftest,
+    "selftest": _cmd_selftest, "serve": _cmd_serve, "batch": _cmd_batch, "station": _cmd_station,
 }
 
 if __name__ == "__main__":

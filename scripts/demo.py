@@ -1,104 +1,126 @@
-"""`make demo`: the card key engine end to end on embedded defaults (SoftHSM2 + SQLite).
+"""`make demo`: kms end to end on embedded defaults (SoftHSM2 + SQLite), over gRPC with mutual TLS.
 
-1. a development home (one SoftHSM2 token per domain and one for bureau-a's station; keys generated in the tokens;
-   the bureau's transport keys handed over wrapped under the station's RSA key),
-2. a batch of dual-application cards sealed by each domain's own worker process into signed bundles,
-3. every bundle verified at the station and unwrapped into the station's token, every KCV recomputed,
-4. a tampered bundle and a replayed bundle refused,
-and a summary.
+1. a development home: one SoftHSM2 token per domain and per bureau station, keys generated in the tokens, the
+   bureaus' transport keys handed over wrapped under each station's RSA key, a development CA with certificates
+   for officers, stations and an auditor;
+2. `kms serve` started (a process of its own, with one HSM worker process per domain);
+3. an HRSS officer authorizes a batch of dual-application cards for the outsourced bureau (bureau-b);
+4. that bureau's station fetches the batch over mutual TLS, verifies every bundle and unwraps every key into its own
+   token, recomputing every KCV; a tampered and a replayed bundle are refused;
+5. the server is stopped, and a summary printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from kms import config, store
 from kms.cli import read_cards, write_random_cards
+from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import init_home
 from kms.errors import BundleRejected
-from kms.issuer import Issuer
+from kms.identity import Principal
 from kms.runtime import open_station
 from kms.station import Station, TrustStore
+
+BUREAU, STATION = "bureau-b", "station-b1"
+OFFICER = Principal("officer", "alice", domain="hrss")
+
+
+def start_server(config_path: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("kms: serving on port "):
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line!r}")
+    return proc, int(line.rsplit(" ", 1)[1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path("demo-home"))
     parser.add_argument("--cards", type=int, default=1000)
-    parser.add_argument("--bureau", default="bureau-a")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
     home = init_home(args.home)
-    print(f"[1/4] development home ready in {time.perf_counter() - t0:.1f} s: {home.path}")
+    print(f"[1/5] development home ready in {time.perf_counter() - t0:.1f} s: {home.path}")
 
-    batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    cards_file = home.path / f"{batch}.csv"
-    write_random_cards(cards_file, args.cards)
-    cards = read_cards(cards_file)
-    out = home.path / "bundles" / batch
-    out.mkdir(parents=True)
-    with Issuer(home.config, args.bureau, "dual-app-v1") as issuer:
-        keys_per_card = issuer.keys_per_card
-        started = time.perf_counter()
-        sealed = 0
-        for issued in issuer.issue(cards, batch):
-            if issued.data is None:
-                print(f"      card {issued.card_ref} refused: {issued.error}", file=sys.stderr)
-                continue
-            (out / f"{issued.card_ref}.kmsb").write_bytes(issued.data)
-            sealed += 1
-        seal_seconds = time.perf_counter() - started
-    print(f"[2/4] sealed {sealed} bundles ({sealed * keys_per_card} keys) for {args.bureau}, batch {batch}: "
-          f"{sealed / seal_seconds:.0f} cards/s, {sealed * keys_per_card / seal_seconds:.0f} keys/s "
-          "(including worker start-up)")
+    server, port = start_server(home.config)
+    address = f"localhost:{port}"
+    print(f"[2/5] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
+    try:
+        batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        cards_file = home.path / f"{batch}.csv"
+        write_random_cards(cards_file, args.cards)
+        with Client(config.load_client(home.client_config(OFFICER)), server=address) as officer:
+            status = officer.create_batch(batch, BUREAU, "dual-app-v1", read_cards(cards_file))
+        print(f"[3/5] {OFFICER} authorized batch {batch}: {status.cards} cards for {BUREAU}")
 
-    station_cfg = config.load_station(home.station_config("station-a1"))
-    ledger = store.make_engine(station_cfg.ledger)
-    store.create_station_ledger(ledger)
-    files = sorted(out.glob("*.kmsb"))
-    opened = matched = total_keys = 0
-    t2 = time.perf_counter()
-    with open_station(station_cfg) as session:
-        station = Station(station_cfg.name, station_cfg.bureau, station_cfg.domains, session,
-                          TrustStore.load(station_cfg.trust), ledger, SystemClock())
-        for path in files:
-            report = station.open(path.read_bytes())
-            opened += 1
-            total_keys += len(report.keys)
-            matched += sum(k.match for k in report.keys)
-        open_seconds = time.perf_counter() - t2
-        print(f"[3/4] station {station_cfg.name} opened {opened} bundles: {total_keys} keys unwrapped into token "
-              f"{station_cfg.token!r}, {matched} KCVs match ({opened / open_seconds:.0f} bundles/s)")
+        station_cfg = config.load_station(home.station_config(STATION))
+        assert station_cfg.client is not None
+        ledger = store.make_engine(station_cfg.ledger)
+        store.create_station_ledger(ledger)
+        out = home.path / "bundles" / batch
+        out.mkdir(parents=True)
+        fetched = opened = total_keys = matched = 0
+        t1 = time.perf_counter()
+        with open_station(station_cfg) as session, Client(station_cfg.client, server=address) as client:
+            station = Station(station_cfg.name, station_cfg.bureau, station_cfg.domains, session,
+                              TrustStore.load(station_cfg.trust), ledger, SystemClock())
+            for bundle in client.stream_batch(batch, per_message=32):
+                (out / f"{bundle.card_ref}.kmsb").write_bytes(bundle.data)
+                fetched += 1
+                report = station.open(bundle.data)
+                opened += 1
+                total_keys += len(report.keys)
+                matched += sum(k.match for k in report.keys)
+            seconds = time.perf_counter() - t1
+            issued = client.batch_status(batch).issued
+            files = sorted(out.glob("*.kmsb"))
+            tampered = bytearray(files[0].read_bytes())
+            tampered[len(tampered) // 2] ^= 0x01
+            refusals = []
+            for name, data in (("tampered", bytes(tampered)), ("replayed", files[1].read_bytes())):
+                try:
+                    station.open(data)
+                    refusals.append(f"{name}: ACCEPTED (unexpected)")
+                except BundleRejected as error:
+                    refusals.append(f"{name}: {error}")
+        print(f"[4/5] {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
+              f"{total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
+              f"refusals: {'; '.join(refusals)}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    print(f"[5/5] server stopped (exit {code})")
 
-        tampered = bytearray(files[0].read_bytes())
-        tampered[len(tampered) // 2] ^= 0x01
-        refusals = []
-        for name, data in (("tampered", bytes(tampered)), ("replayed", files[1].read_bytes())):
-            try:
-                station.open(data)
-                refusals.append(f"{name}: ACCEPTED (unexpected)")
-            except BundleRejected as error:
-                refusals.append(f"{name}: {error}")
-        print(f"[4/4] refusals: {'; '.join(refusals)}")
-
-    ok = sealed == opened == args.cards and matched == total_keys == args.cards * keys_per_card
-    ok = ok and all("ACCEPTED" not in r for r in refusals)
+    keys_per_card = 15
+    ok = (fetched == opened == issued == args.cards and matched == total_keys == args.cards * keys_per_card
+          and all("ACCEPTED" not in r for r in refusals) and code == 0)
     print()
     print("summary")
-    print(f"  cards            {args.cards} dual-application (HRSS + PBOC debit)")
-    print(f"  bundles          {sealed} sealed, {opened} opened at the station")
-    print(f"  keys             {total_keys} unwrapped ({keys_per_card} per card), {matched} KCV matches")
-    print(f"  sealing          {sealed / seal_seconds:.0f} cards/s, {sealed * keys_per_card / seal_seconds:.0f} keys/s")
+    print(f"  cards            {args.cards} dual-application (HRSS + PBOC debit), batch {batch} for {BUREAU}")
+    print(f"  bundles          {fetched} fetched over gRPC + mTLS, {opened} opened at {STATION}")
+    print(f"  keys             {total_keys} unwrapped into the station's token, {matched} KCV matches")
+    print(f"  throughput       {fetched / seconds:.0f} cards/s, {total_keys / seconds:.0f} keys/s "
+          "(issue, record, fetch, verify, unwrap)")
     print(f"  total time       {time.perf_counter() - t0:.1f} s")
     print(f"  result           {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
