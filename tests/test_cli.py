@@ -120,3 +120,41 @@ def test_profile_check_reports_file_line_and_reason(cli_home: Path, tmp_path: Pa
     assert result.returncode == 3
     assert result.stderr.strip() == (f"kms: error: {bad}:8: key k: master key 'bank-imk-zz' does not exist "
                                      "in domain bank")
+
+
+def test_serve_batch_and_station_fetch_over_mutual_tls(cli_home: Path, tmp_path: Path) -> None:
+    import signal
+
+    server = subprocess.Popen([sys.executable, "-m", "kms.cli", "serve", "--config", str(cli_home / "kms.yaml"),
+                               "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("kms: serving on port "), line
+        address = f"localhost:{int(line.rsplit(' ', 1)[1])}"
+        cards = tmp_path / "cards.csv"
+        kms("dev", "cards", "--count", "12", "--out", str(cards), check=True)
+        officer = str(cli_home / "clients" / "officer-bank-carol.yaml")
+        created = json.loads(kms("batch", "create", "--client", officer, "--server", address, "--batch-id", "B-cli",
+                                 "--bureau", "bureau-b", "--cards", str(cards), "--json", check=True).stdout)
+        assert created["cards"] == 12 and created["created_by"] == "urn:kms:officer:bank:carol"
+        again = kms("batch", "create", "--client", officer, "--server", address, "--batch-id", "B-cli",
+                    "--bureau", "bureau-b", "--cards", str(cards))
+        assert again.returncode == 4 and again.stderr.startswith("kms: error: ")
+        station = str(cli_home / "stations" / "station-b1" / "station.yaml")
+        fetched = json.loads(kms("station", "fetch", "--station-config", station, "--server", address,
+                                 "--batch-id", "B-cli", "--out", str(tmp_path / "bundles"), "--open", "--json",
+                                 check=True).stdout)
+        assert fetched["fetched"] == 12 and fetched["opened"] == 12
+        assert fetched["keys"] == fetched["kcv_matches"] == 12 * 15
+        assert len(list((tmp_path / "bundles").glob("*.kmsb"))) == 12
+        shown = json.loads(kms("batch", "show", "--client", station, "--server", address, "--batch-id", "B-cli",
+                               "--json", check=True).stdout)
+        assert shown["issued"] == 12
+        other = kms("station", "fetch", "--station-config", str(cli_home / "stations" / "station-a1" / "station.yaml"),
+                    "--server", address, "--batch-id", "B-cli", "--out", str(tmp_path / "other"))
+        assert other.returncode == 5
+        assert "authorized for bureau-b, not for bureau-a" in other.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
