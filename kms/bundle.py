@@ -158,14 +158,8 @@ def assemble(serial: str, card_ref: str, sections: Mapping[str, bytes]) -> bytes
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParsedKey:
-    name: str
-    usage: str
-    algorithm: str
-    wrapped: bytes
-    kcv: bytes
-    kcv_method: str
+#: A key as read from a bundle: the same fields a sealer writes.
+ParsedKey = SealedKey
 
 
 @dataclass(frozen=True)
