@@ -342,24 +342,11 @@ class BatchStore:
             raise InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters without spaces")
         if by is not None:
             _check_principal("by", by)
-        conditions = [
-            _is_card(batch_id, card_ref), batch_cards.c.state == CardState.PENDING.value, _batch_is_open(batch_id),
-        ]
-        if sealed_for is not None:
-            if sealed_for.card_ref != card_ref:
-                raise InvalidArgument("sealed_for", f"names card {sealed_for.card_ref}, not {card_ref}")
-            conditions += [batch_cards.c[name].is_not_distinct_from(getattr(sealed_for, name))
-                           for name in IDENTITY_FIELDS]
+        if sealed_for is not None and sealed_for.card_ref != card_ref:
+            raise InvalidArgument("sealed_for", f"names card {sealed_for.card_ref}, not {card_ref}")
         now = rfc3339(self._clock.now())
         with self._engine.begin() as conn:
-            won = conn.execute(
-                batch_cards.update()
-                .where(*conditions)
-                .values(state=CardState.ISSUED.value, serial=serial, bundle=bundle, idempotency_key=idempotency_key,
-                        issued_at=now)
-            ).rowcount == 1
-            if won:
-                _event(conn, batch_id, card_ref, EventKind.ISSUED, f"bundle {serial}", now, by)
+            won = _store_issued(conn, batch_id, card_ref, serial, bundle, idempotency_key, sealed_for, now, by)
         record, batch_state = self._read(batch_id, card_ref)
         if won:
             return record
@@ -370,6 +357,23 @@ class BatchStore:
         if record.state is CardState.PENDING:
             raise InvalidState(f"card {card_ref} of batch {batch_id} changed while it was sealed; seal it again")
         raise InvalidState(f"card {card_ref} of batch {batch_id} is {record.state.value}")
+
+    def record_issued_many(
+        self, batch_id: str, issued: Sequence[tuple[CardIdentity, str, bytes]], *, by: str | None = None
+    ) -> list[bool]:
+        """Store several sealed bundles (identity sealed for, serial, bundle) in one transaction, each at most
+        once and only if its card still has that identity; returns, per item, whether it was stored (False: the
+        card was issued or changed meanwhile; the caller reads the record). For streams: one commit per message."""
+        if by is not None:
+            _check_principal("by", by)
+        for card, serial, bundle in issued:
+            _check_ref("serial", serial)
+            if not isinstance(bundle, bytes) or not bundle:
+                raise InvalidArgument("bundle", f"{card.card_ref}: must be non-empty bytes")
+        now = rfc3339(self._clock.now())
+        with self._engine.begin() as conn:
+            return [_store_issued(conn, batch_id, card.card_ref, serial, bundle, None, card, now, by)
+                    for card, serial, bundle in issued]
 
     def _read(self, batch_id: str, card_ref: str) -> tuple[CardRecord, BatchState]:
         with self._engine.connect() as conn:
@@ -395,6 +399,26 @@ def _batch_is_open(batch_id: str) -> sa.ColumnElement[bool]:
 def _require_batch(conn: sa.Connection, batch_id: str) -> None:
     if conn.execute(sa.select(batches.c.batch_id).where(batches.c.batch_id == batch_id)).first() is None:
         raise NotFound(f"no batch {batch_id}")
+
+
+def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str, bundle: bytes,
+                  idempotency_key: str | None, sealed_for: CardIdentity | None, now: str, by: str | None) -> bool:
+    """The at-most-once store of one card's bundle: a conditional UPDATE (pending, batch open and, with
+    ``sealed_for``, the identity it was sealed for) plus its event. Returns whether this call won."""
+    conditions = [
+        _is_card(batch_id, card_ref), batch_cards.c.state == CardState.PENDING.value, _batch_is_open(batch_id),
+    ]
+    if sealed_for is not None:
+        conditions += [batch_cards.c[name].is_not_distinct_from(getattr(sealed_for, name)) for name in IDENTITY_FIELDS]
+    won: bool = conn.execute(
+        batch_cards.update()
+        .where(*conditions)
+        .values(state=CardState.ISSUED.value, serial=serial, bundle=bundle, idempotency_key=idempotency_key,
+                issued_at=now)
+    ).rowcount == 1
+    if won:
+        _event(conn, batch_id, card_ref, EventKind.ISSUED, f"bundle {serial}", now, by)
+    return won
 
 
 def _event(

@@ -11,6 +11,7 @@ No HSM work starts once a call's deadline has passed or the call was cancelled. 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from kms.cardid import CardIdentity
 from kms.clock import Clock
 from kms.engine import DomainKeys
 from kms.identity import Principal
-from kms.issuer import DomainPools, Issuer
+from kms.issuer import DomainPools, IssuedBundle, Issuer
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
 from kms.server import abort, current_principal
@@ -35,7 +36,7 @@ log = logging.getLogger("kms.issuance")
 
 DEFAULT_BUNDLES_PER_MESSAGE = 16
 MAX_BUNDLES_PER_MESSAGE = 256
-PAGE = 256  # cards sealed per round of a stream
+PAGE = 256  # card records read per database query of a stream
 MIN_TIME_FOR_HSM_WORK = 0.05  # seconds left on the deadline below which no HSM work starts
 
 
@@ -165,6 +166,11 @@ class IssuanceService(rpc.IssuanceServiceServicer):
 
     def _stream(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.StreamBatchResponse]:
+        """The batch's bundles in sequence order after the cursor, ``per_message`` to a message.
+
+        A pipeline: the domain workers seal pending cards ahead of the message being recorded and sent (each
+        message's new bundles are recorded in one transaction before it is sent); cards issued earlier are sent
+        from their stored bundles, so a resumed stream repeats nothing and loses nothing."""
         principal = current_principal()
         batch = self._i.station_batch(principal, request.batch_id)
         after = _cursor(request.cursor)
@@ -173,40 +179,61 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             raise errors.InvalidArgument("max_bundles_per_message", f"must be 0 (default) to {MAX_BUNDLES_PER_MESSAGE}")
         profile = self._i.profile(batch.profile)
         issuer = self._i.issuer(batch.bureau, batch.profile)
-        out: list[pb.SealedBundle] = []
-        while True:
-            page = self._i.store.cards_after(batch.batch_id, after, PAGE)
-            if not page:
-                break
-            to_seal = [r for r in page if r.state is CardState.PENDING and _complete(r.identity, profile)]
-            sealed: dict[str, CardRecord] = {}
-            if to_seal:
-                _require_time(context)
-                for record, issued in zip(to_seal, issuer.issue([r.identity for r in to_seal], batch.batch_id),
-                                          strict=True):
-                    if issued.error is not None:
-                        log.warning("card %s of batch %s not sealed: %s", record.card_ref, batch.batch_id,
-                                    issued.error)
-                        continue
-                    assert issued.data is not None
-                    try:
-                        sealed[record.card_ref] = self._i.store.record_issued(
-                            batch.batch_id, record.card_ref, issued.serial, issued.data, None, by=principal.uri(),
-                            sealed_for=record.identity)
-                    except (errors.AlreadyExists, errors.InvalidState):  # issued meanwhile by another request
-                        sealed[record.card_ref] = self._i.store.card(batch.batch_id, record.card_ref)
-            for record in page:
-                current = sealed.get(record.card_ref, record)
-                if current.state is CardState.ISSUED and current.bundle is not None:
-                    out.append(_bundle(current))
-                if len(out) >= per_message:
-                    yield pb.StreamBatchResponse(bundles=out, cursor=str(out[-1].sequence))
-                    out = []
-                    if not context.is_active():
-                        raise errors.Cancelled("the call was cancelled")
+        _require_time(context)
+
+        def sealable(record: CardRecord) -> bool:
+            return record.state is CardState.PENDING and _complete(record.identity, profile)
+
+        walk, feed = itertools.tee(self._records(batch.batch_id, after))
+
+        def to_seal() -> Iterator[CardIdentity]:
+            for record in feed:
+                if sealable(record):
+                    _require_time(context)  # no new HSM work once the caller is gone or out of time
+                    yield record.identity
+
+        sealed = issuer.issue(to_seal(), batch.batch_id)
+        group: list[tuple[CardRecord, IssuedBundle | None]] = []
+        for record in walk:
+            if sealable(record):
+                group.append((record, next(sealed)))
+            elif record.state is CardState.ISSUED:
+                group.append((record, None))
+            if len(group) >= per_message:
+                yield from self._message(batch.batch_id, group, principal)
+                group = []
+                if not context.is_active():
+                    raise errors.Cancelled("the call was cancelled")
+        if group:
+            yield from self._message(batch.batch_id, group, principal)
+
+    def _records(self, batch_id: str, after: int) -> Iterator[CardRecord]:
+        while page := self._i.store.cards_after(batch_id, after, PAGE):
+            yield from page
             after = page[-1].sequence
-        if out:
-            yield pb.StreamBatchResponse(bundles=out, cursor=str(out[-1].sequence))
+
+    def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal
+                 ) -> Iterator[pb.StreamBatchResponse]:
+        new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
+        for record, issued in group:
+            if issued is not None and issued.error is not None:
+                log.warning("card %s of batch %s not sealed: %s", record.card_ref, batch_id, issued.error)
+        won = self._i.store.record_issued_many(
+            batch_id, [(record.identity, issued.serial, issued.data) for record, issued in new
+                       if issued.data is not None], by=principal.uri())
+        stored = {record.card_ref: issued for (record, issued), ok in zip(new, won, strict=True) if ok}
+        bundles = []
+        for record, issued in group:
+            if record.card_ref in stored:
+                fresh = stored[record.card_ref]
+                bundles.append(pb.SealedBundle(card_ref=record.card_ref, serial=fresh.serial, data=fresh.data,
+                                               sequence=record.sequence))
+                continue
+            current = self._i.store.card(batch_id, record.card_ref) if issued is not None else record
+            if current.state is CardState.ISSUED and current.bundle is not None:
+                bundles.append(_bundle(current))  # issued before, or meanwhile by another request
+        if bundles:
+            yield pb.StreamBatchResponse(bundles=bundles, cursor=str(bundles[-1].sequence))
 
     def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext
                        ) -> pb.BatchStatus:

@@ -6,7 +6,8 @@ their signed sections into one bundle per card.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,14 @@ class Issuer:
         self._owned = pools is None
         self._pools = pools if pools is not None else DomainPools(cfg.path, processes_per_domain)
 
-    def issue(self, cards: Sequence[CardIdentity], batch: str) -> Iterator[IssuedBundle]:
-        """One bundle per card, in order. A card that a domain refuses yields an IssuedBundle with its error."""
-        jobs = [Job(card, new_serial()) for card in cards]
-        streams = [self._pools.pools[d].seal(jobs, batch, self.bureau, self.profile_name) for d in self.domains]
-        for job, *results in zip(jobs, *streams, strict=True):
+    def issue(self, cards: Iterable[CardIdentity], batch: str) -> Iterator[IssuedBundle]:
+        """One bundle per card, in order, lazily: cards are taken from ``cards`` only as the domain workers have
+        room for them. A card that a domain refuses yields an IssuedBundle with its error."""
+        jobs = (Job(card, new_serial()) for card in cards)
+        mine, *theirs = itertools.tee(jobs, 1 + len(self.domains))
+        streams = [self._pools.pools[d].seal(it, batch, self.bureau, self.profile_name)
+                   for d, it in zip(self.domains, theirs, strict=True)]
+        for job, *results in zip(mine, *streams, strict=True):
             error = next((r.error for r in results if r.error is not None), None)
             if error is not None:
                 yield IssuedBundle(job.card.card_ref, job.serial, None, error)

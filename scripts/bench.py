@@ -1,22 +1,42 @@
-"""`make bench`: the card key engine next to a raw PKCS#11 loop doing the same HSM work, in the same run, with the
-same number of processes, reported as a ratio (goal: engine >= 90 % of raw).
+"""`make bench`: what issuance costs next to a raw PKCS#11 loop doing the same HSM work, with the same number of
+HSM processes, measured in the same run (rounds alternate, and who goes first alternates, so machine drift hits
+both sides alike); medians and per-round ratios are reported.
 
-Engine: kms.issuer.Issuer, i.e. per-domain worker processes, each card's keys derived, KCV'd, wrapped and
-destroyed in the token, each section signed (ECDSA P-256 in the token) and canonically encoded, sections spliced
-into bundles in the coordinating process. Raw: scripts/bench_raw.py, the bare derive+KCV+wrap+destroy calls.
-Both run on a development home under .bench/ (created on first use). Timed after start-up (workers ready).
+1. Engine (goal >= 90 % of raw): kms.issuer.Issuer in this process, i.e. per-domain worker processes, each card's
+   keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the token) and
+   canonically encoded, sections spliced into bundles in the coordinating process.
+2. End to end (goal >= 80 % of raw): `kms serve` as a process of its own (gRPC over mutual TLS, workers_per_domain
+   HSM worker processes per domain, records in SQLite); per round an officer creates a fresh batch for bureau-a
+   (not timed) and a station of bureau-a streams the whole batch (timed: issuance, records written, bundles
+   received; the station does not open them).
+3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
+   client), p50 and p99 after warm-up.
+
+Raw: scripts/bench_raw.py, the bare derive+KCV+wrap+destroy calls. Everything runs on a development home under
+.bench/ (created on first use); the server gets a fresh records database (a copy of the home's key registry) on
+every run. Start-up is never timed: workers are ready and a warm-up batch has been issued before the clock starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import multiprocessing
 import random
+import shutil
+import signal
+import sqlite3
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,14 +44,23 @@ import bench_raw
 
 from kms import config, profiles
 from kms.cardid import CardIdentity
+from kms.client import Client
 from kms.clock import SystemClock
-from kms.devhome import init_home
+from kms.devhome import Home, init_home
+from kms.identity import Principal
 from kms.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
 from kms.runtime import registry as open_registry
 
 PROFILE = "dual-app-v1"
 BUREAU = "bureau-a"
+STATION = "station-a1"  # a station of BUREAU
+OFFICER = Principal("officer", "alice", domain="hrss")
+DEFAULT_HOME = Path(".bench/home")
+E2E_CONFIG = "kms-bench-e2e.yaml"  # next to kms.yaml in the home, so its relative paths hold
+E2E_DATABASE = "bench-e2e.db"
+WARMUP_CARDS = 64
+LATENCY_WARMUP_CALLS = 10
 
 
 def make_cards(n: int, seed: int) -> list[CardIdentity]:
@@ -90,40 +119,224 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
     return elapsed
 
 
+# --- end to end: `kms serve` in a process of its own, an officer and a station over gRPC + mutual TLS ---------------
+
+def bench_home(path: Path) -> Home:
+    """The development home; one made before kms had a server (no 'server' section) is rebuilt if it is the
+    default bench home, refused otherwise."""
+    existing = path / "kms.yaml"
+    if existing.exists() and "server" not in (yaml.safe_load(existing.read_text(encoding="utf-8")) or {}):
+        if path.resolve() != DEFAULT_HOME.resolve():
+            raise SystemExit(f"bench: {path} was made by an older kms (no server section); use a fresh --home")
+        print(f"bench: {path} was made by an older kms (no server section); rebuilding it", file=sys.stderr)
+        shutil.rmtree(path)
+    return init_home(path)
+
+
+def e2e_config(home: Home, cfg: config.Config, processes: int) -> Path:
+    """The home's configuration with `processes` HSM workers per domain and a fresh records database (an online
+    copy of the home's database, so the key registry is the same and no earlier run's batches remain)."""
+    prefix = "sqlite:///"
+    if not cfg.database.startswith(prefix):
+        raise SystemExit(f"bench: the bench home's database must be SQLite, not {cfg.database}")
+    target = home.path / E2E_DATABASE
+    for stale in (target, target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    source, copy = sqlite3.connect(cfg.database.removeprefix(prefix)), sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+        copy.close()
+    doc = yaml.safe_load(home.config.read_text(encoding="utf-8"))
+    doc["database"] = f"sqlite:///{E2E_DATABASE}"
+    doc["workers_per_domain"] = processes
+    path = home.path / E2E_CONFIG
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def kms_serve(config_path: Path) -> Iterator[int]:
+    """`kms serve` as a process of its own on a free port of 127.0.0.1; always stopped (SIGTERM, then wait)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("kms: serving on port "):
+            raise SystemExit(f"bench: the server did not start: {line!r}")
+        yield int(line.rsplit(" ", 1)[1])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.returncode != 0:
+                print(f"bench: kms serve exited with status {proc.returncode}", file=sys.stderr)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@dataclass
+class EndToEnd:
+    officer: Client
+    station: Client
+    stamp: str
+    per_message: int
+
+    def batch(self, name: str, cards: list[CardIdentity]) -> tuple[str, float]:
+        """A fresh batch for BUREAU, created by the officer; its id and the seconds creating it took."""
+        batch_id = f"bench-{self.stamp}-{name}"
+        started = time.perf_counter()
+        status = self.officer.create_batch(batch_id, BUREAU, PROFILE, cards)
+        assert status.cards == len(cards), status
+        return batch_id, time.perf_counter() - started
+
+    def stream(self, batch_id: str, cards: list[CardIdentity]) -> float:
+        """Seconds for the station to receive every bundle of the batch (issued, recorded, streamed)."""
+        refs = []
+        started = time.perf_counter()
+        for bundle in self.station.stream_batch(batch_id, per_message=self.per_message):
+            assert bundle.data, bundle.card_ref
+            refs.append(bundle.card_ref)
+        elapsed = time.perf_counter() - started
+        assert refs == [c.card_ref for c in cards], f"{batch_id}: {len(refs)} of {len(cards)} bundles received"
+        issued = self.station.batch_status(batch_id).issued
+        assert issued == len(cards), f"{batch_id}: {issued} of {len(cards)} cards recorded as issued"
+        return elapsed
+
+    def latencies(self, batch_id: str, cards: list[CardIdentity]) -> list[float]:
+        """Seconds per IssueCard call, one card each, sequentially."""
+        result = []
+        for card in cards:
+            started = time.perf_counter()
+            bundle = self.station.issue_card(batch_id, card.card_ref)
+            result.append(time.perf_counter() - started)
+            assert bundle.data and bundle.card_ref == card.card_ref, card.card_ref
+        return result
+
+
+def percentile(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def rate_line(name: str, cards: int, keys_per_card: int, seconds: float) -> str:
+    return f"  {name:34}{cards / seconds:>10.0f}{cards * keys_per_card / seconds:>10.0f}{seconds:>10.2f}"
+
+
+def ratio_line(name: str, raw_t: list[float], other_t: list[float], goal: float) -> str:
+    ratio = statistics.median(raw_t) / statistics.median(other_t)
+    rounds = ", ".join(f"{r / o:.1%}" for r, o in zip(raw_t, other_t, strict=True))
+    verdict = "met" if ratio >= goal else "NOT met"
+    return f"  {name} throughput: {ratio:.1%} of raw (per round: {rounds}); goal >= {goal:.0%}: {verdict}"
+
+
+def alternate(rounds: int, raw: Callable[[], float], other: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Alternate raw and the other side, and swap who goes first each round, so drift hits both alike."""
+    raw_t: list[float] = []
+    other_t: list[float] = []
+    for i in range(rounds):
+        if i % 2:
+            other_t.append(other())
+            raw_t.append(raw())
+        else:
+            raw_t.append(raw())
+            other_t.append(other())
+    return raw_t, other_t
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cards", type=int, default=3000)
-    parser.add_argument("--processes", type=int, default=1, help="worker processes per domain (both sides)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--home", type=Path, default=Path(".bench/home"))
+    parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
+    parser.add_argument("--e2e-cards", type=int, default=2000,
+                        help="cards per end-to-end batch and its raw round (default: 2000)")
+    parser.add_argument("--latency-cards", type=int, default=200,
+                        help="IssueCard calls timed for the single-card latency (default: 200)")
+    parser.add_argument("--per-message", type=int, default=32,
+                        help="bundles per streamed message (StreamBatch max_bundles_per_message; default: 32)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="HSM worker processes per domain, on every side (default: 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each comparison (default: 3)")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME)
     args = parser.parse_args()
+    for name in ("cards", "e2e_cards", "latency_cards", "processes", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.latency_cards < 2:
+        parser.error("--latency-cards must be at least 2")
 
-    home = init_home(args.home)
+    t0 = time.perf_counter()
+    home = bench_home(args.home)
     cfg = config.load(home.config)
     profile = profiles.load_dir(cfg.profiles)[PROFILE]
     keys_per_card = sum(len(profile.keys(d)) for d in DOMAINS)
     derivations = sum(len(spec.recipe.steps(make_cards(1, 0)[0])) for d in DOMAINS for spec in profile.keys(d))
+
+    print(f"kms bench: profile {PROFILE}, {keys_per_card} keys per card ({derivations} C_DeriveKey per card); "
+          f"{args.processes} HSM process(es) per domain x {len(DOMAINS)} domains on every side; "
+          f"medians of {args.rounds} alternating rounds, raw measured in the same run", flush=True)
+
+    # 1. engine vs raw
     cards = make_cards(args.cards, seed=2026)
-
-    engine_t, raw_t = [], []
-    for i in range(args.rounds):  # alternate, and swap who goes first, so drift hits both alike
-        if i % 2:
-            engine_t.append(run_engine(home.config, cards, args.processes))
-            raw_t.append(run_raw(cfg, cards, args.processes))
-        else:
-            raw_t.append(run_raw(cfg, cards, args.processes))
-            engine_t.append(run_engine(home.config, cards, args.processes))
-    raw, engine = statistics.median(raw_t), statistics.median(engine_t)
-    ratios = [r / e for r, e in zip(raw_t, engine_t, strict=True)]
-
+    raw_t, engine_t = alternate(args.rounds, lambda: run_raw(cfg, cards, args.processes),
+                                lambda: run_engine(home.config, cards, args.processes))
     n = len(cards)
-    print(f"kms bench: {n} cards x {keys_per_card} keys ({derivations} C_DeriveKey per card), profile {PROFILE}, "
-          f"{args.processes} process(es) per domain x {len(DOMAINS)} domains, median of {args.rounds} rounds")
-    print(f"{'':28}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
-    print(f"{'raw PKCS#11 loop':28}{n / raw:>10.0f}{n * keys_per_card / raw:>10.0f}{raw:>10.2f}")
-    print(f"{'kms engine (sealed bundles)':28}{n / engine:>10.0f}{n * keys_per_card / engine:>10.0f}{engine:>10.2f}")
-    print(f"engine / raw throughput: {raw / engine:.1%} (per round: {', '.join(f'{r:.1%}' for r in ratios)};"
-          f" goal >= 90%)")
+    print()
+    print(f"1. card key engine in process vs raw PKCS#11 loop, {n} cards per round")
+    print(f"  {'':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
+    print(rate_line("raw PKCS#11 loop", n, keys_per_card, statistics.median(raw_t)))
+    print(rate_line("kms engine (sealed bundles)", n, keys_per_card, statistics.median(engine_t)))
+    print(ratio_line("engine / raw", raw_t, engine_t, 0.90), flush=True)
+
+    # 2. end to end vs raw, 3. single-card latency: one server for both, started (and warmed up) before any timing
+    e2e_cards = make_cards(args.e2e_cards, seed=2027)
+    latency_cards = make_cards(LATENCY_WARMUP_CALLS + args.latency_cards, seed=2028)
+    station_cfg = config.load_station(home.station_config(STATION)).client
+    assert station_cfg is not None
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    creates: list[float] = []
+    with kms_serve(e2e_config(home, cfg, args.processes)) as port:
+        address = f"localhost:{port}"
+        with Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300) as officer, \
+                Client(station_cfg, server=address, timeout=300) as station:
+            e2e = EndToEnd(officer, station, stamp, args.per_message)
+            warmup = make_cards(WARMUP_CARDS, seed=2029)
+            e2e.stream(e2e.batch("warmup", warmup)[0], warmup)  # workers spawned and logged in, channels open
+
+            def one_e2e_round() -> float:
+                batch_id, created = e2e.batch(f"r{len(creates)}", e2e_cards)
+                creates.append(created)
+                return e2e.stream(batch_id, e2e_cards)
+
+            raw_e2e_t, e2e_t = alternate(args.rounds, lambda: run_raw(cfg, e2e_cards, args.processes),
+                                         one_e2e_round)
+            m = len(e2e_cards)
+            print()
+            print(f"2. end to end: `kms serve` (own process, records in SQLite) -> {STATION} of {BUREAU} over gRPC + "
+                  f"mutual TLS, StreamBatch of a fresh {m}-card batch per round, {args.per_message} bundles per "
+                  f"message, bundles not opened; raw PKCS#11 loop on the same {m} cards")
+            print(f"  {'':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
+            print(rate_line("raw PKCS#11 loop", m, keys_per_card, statistics.median(raw_e2e_t)))
+            print(rate_line("kms serve, end to end", m, keys_per_card, statistics.median(e2e_t)))
+            print(ratio_line("end-to-end / raw", raw_e2e_t, e2e_t, 0.80))
+            print(f"  (not timed: the officer's CreateBatch of {m} cards, median {statistics.median(creates):.2f} s)",
+                  flush=True)
+
+            latency_batch = e2e.batch("latency", latency_cards)[0]
+            timed = e2e.latencies(latency_batch, latency_cards)[LATENCY_WARMUP_CALLS:]
+    ms = [t * 1000 for t in timed]
+    print()
+    print(f"3. single-card call: IssueCard (unary, one card, sequential calls from one {STATION} client), "
+          f"{len(ms)} calls after {LATENCY_WARMUP_CALLS} warm-up calls")
+    print(f"  latency p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms "
+          f"(min {min(ms):.1f}, mean {statistics.fmean(ms):.1f}, max {max(ms):.1f} ms)")
+    print()
+    print(f"bench done in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
