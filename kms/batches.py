@@ -68,7 +68,7 @@ _INSERT_CHUNK = 5_000
 _ATTEMPTS = 5
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # the card_ref charset: batch ids and bundle serials
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # bureau and profile names
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
 class BatchState(enum.StrEnum):
@@ -337,7 +337,7 @@ class BatchStore:
         if not isinstance(bundle, bytes) or not bundle:
             raise InvalidArgument("bundle", "must be non-empty bytes")
         if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.fullmatch(idempotency_key)
+            not isinstance(idempotency_key, str) or not IDEMPOTENCY_KEY.fullmatch(idempotency_key)
         ):
             raise InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters without spaces")
         if by is not None:

@@ -435,6 +435,10 @@ def _cmd_station(args: argparse.Namespace) -> int:
                         matched += sum(k.match for k in report.keys)
                 progress.update(fetched)
             progress.done()
+            if fetched < total:
+                print(f"kms: {total - fetched} of {total} cards of batch {args.batch_id} were not issued in this "
+                      "fetch (cards waiting for chip data, or issued to another request); see kms batch show",
+                      file=sys.stderr)
     finally:
         if session is not None:
             session.close()

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from kms import errors
-from kms.batches import BatchStore, CardRecord, CardState
+from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, BatchStore, CardRecord, CardState
 from kms.cardid import CardIdentity
 from kms.clock import Clock
 from kms.engine import DomainKeys
@@ -120,6 +120,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             raise errors.InvalidArgument("batch_id", "is required")
         if not request.card_ref:
             raise errors.InvalidArgument("card_ref", "is required")
+        if request.idempotency_key and not IDEMPOTENCY_KEY.fullmatch(request.idempotency_key):
+            raise errors.InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters, no spaces")
         batch = self._i.station_batch(principal, request.batch_id)
         try:
             record = self._i.store.card(batch.batch_id, request.card_ref)
@@ -263,6 +265,8 @@ class BatchService(rpc.BatchServiceServicer):
                 raise errors.PermissionDenied(f"{principal} cannot authorize profile {profile.name}: it has no "
                                               f"{principal.domain} keys")
             self._i.check_bureau(request.bureau, profile)
+            # Fields the profile's recipes need that a station cannot supply from the chip must be in the batch.
+            needed = sorted(frozenset().union(*(profile.card_fields(d) for d in profile.domains)) - set(CHIP_FIELDS))
             cards = []
             for i, card in enumerate(request.cards):
                 try:
@@ -271,6 +275,10 @@ class BatchService(rpc.BatchServiceServicer):
                          if getattr(card, f)}))
                 except errors.InvalidArgument as error:
                     raise errors.InvalidArgument(f"cards[{i}].{error.field}", error.reason) from None
+                missing = [f for f in needed if getattr(cards[-1], f) is None]
+                if missing:
+                    raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
+                                                 f"is required by profile {profile.name}")
             batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
                                                principal.uri())
             log.info("%s created batch %s: %d cards for %s", principal, batch.batch_id, batch.card_count,

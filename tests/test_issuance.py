@@ -196,3 +196,25 @@ def test_no_pin_in_the_serving_process(home: Home, service: Service) -> None:
     assert grpc is not None and isinstance(service.port, int)
     pins = [p.read_text().strip() for p in (home.path / "pins").iterdir()]
     assert pins and all(pin not in repr(vars(service.issuance)) for pin in pins)
+
+
+def test_a_batch_must_carry_what_no_chip_can_supply(home: Home, service: Service) -> None:
+    from kms.v1 import issuance_pb2 as pb
+
+    no_pan = pb.CardIdentity(card_ref="no-pan", city_code="320200", psn="01")
+    request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1", cards=[no_pan])
+    with _client(home, service, ALICE) as alice, pytest.raises(grpc.RpcError) as raised:
+        alice.batches.CreateBatch(request, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "cards[0].pan: is required by profile dual-app-v1"
+
+
+def test_a_malformed_idempotency_key_is_refused_before_any_hsm_work(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 70_000))
+    with _client(home, service, "station-a1") as st:
+        with pytest.raises(InvalidArgument) as raised:
+            st.issue_card(batch, "svc-070000", idempotency_key="has space")
+        assert raised.value.field == "idempotency_key"
+        assert st.batch_status(batch).issued == 0
