@@ -437,8 +437,8 @@ def _cmd_station(args: argparse.Namespace) -> int:
             progress.done()
             if fetched < total:
                 print(f"kms: {total - fetched} of {total} cards of batch {args.batch_id} were not issued in this "
-                      "fetch (cards waiting for chip data at the station, or issued to another request after this stream "
-                      "passed them); see kms batch show",
+                      "fetch (cards waiting for chip data at the station, or issued to another request after "
+                      "this stream passed them); see kms batch show",
                       file=sys.stderr)
     finally:
         if session is not None:
