@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -78,7 +79,11 @@ class Client:
         return self._call(self.batches.ReissueCard, pb.ReissueCardRequest(batch_id=batch_id, card_ref=card_ref))
 
     def issue_card(self, batch_id: str, card_ref: str, *, card_serial: str = "", kdd: str = "",
-                   idempotency_key: str = "") -> Any:
+                   idempotency_key: str | None = None) -> Any:
+        """One card's bundle. Without an idempotency key one is made up for the call, so that a retry of this
+        call (same key) gets the same bundle; pass "" to send none."""
+        if idempotency_key is None:
+            idempotency_key = secrets.token_hex(16)
         request = pb.IssueCardRequest(batch_id=batch_id, card_ref=card_ref, idempotency_key=idempotency_key)
         if card_serial or kdd:
             request.chip.CopyFrom(pb.ChipData(card_serial=card_serial, kdd=kdd))

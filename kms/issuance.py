@@ -74,12 +74,14 @@ class Issuance:
             DomainKeys.resolve(self.registry, domain, profile, bureau)
 
     def station_batch(self, principal: Principal, batch_id: str) -> Any:
-        batch = self.store.get_batch(batch_id)
         if principal.role != "station":
             raise errors.PermissionDenied(f"{principal} is not a personalization station")
+        try:
+            batch = self.store.get_batch(batch_id)
+        except errors.NotFound:  # the same answer as for another bureau's batch: no oracle of batch ids
+            raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}") from None
         if batch.bureau != principal.bureau:
-            raise errors.PermissionDenied(
-                f"batch {batch_id} was authorized for {batch.bureau}, not for {principal.bureau}")
+            raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}")
         self.check_bureau(batch.bureau, self.profile(batch.profile))
         return batch
 
@@ -131,6 +133,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         key = request.idempotency_key or None
         if record.state is CardState.ISSUED:
             if key is not None and record.idempotency_key == key:
+                if request.HasField("chip") and not _same_chip(record, request.chip):
+                    raise errors.PermissionDenied(f"card {record.card_ref} was issued for another chip")
                 return pb.IssueCardResponse(bundle=_bundle(record))
             raise errors.AlreadyExists(f"card {record.card_ref} was already issued (bundle {record.serial}); an "
                                        "officer must re-issue it before it can be issued again")
@@ -148,6 +152,13 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         if issued.error is not None:
             raise issued.error
         assert issued.data is not None
+        # The caller may have gone while the card waited for a worker: then nothing is recorded, so the card stays
+        # pending and can be asked for again (a bundle that nobody received must not count as issued).
+        if not context.is_active():
+            raise errors.Cancelled("the call was cancelled")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise errors.DeadlineExceeded("the deadline passed while the card was sealed; nothing was issued")
         try:
             stored = self._i.store.record_issued(batch.batch_id, record.card_ref, issued.serial, issued.data, key,
                                                  by=principal.uri(), sealed_for=record.identity)
@@ -196,18 +207,27 @@ class IssuanceService(rpc.IssuanceServiceServicer):
 
         sealed = issuer.issue(to_seal(), batch.batch_id)
         group: list[tuple[CardRecord, IssuedBundle | None]] = []
-        for record in walk:
-            if sealable(record):
-                group.append((record, next(sealed)))
-            elif record.state is CardState.ISSUED:
-                group.append((record, None))
-            if len(group) >= per_message:
+        try:
+            for record in walk:
+                if sealable(record):
+                    issued = next(sealed)
+                    if issued.error is not None:
+                        # Send what came before, then end the stream with this card's error: the cursor stays
+                        # before it, so a resumed stream seals it again (nothing is skipped silently).
+                        yield from self._message(batch.batch_id, group, principal)
+                        raise issued.error
+                    group.append((record, issued))
+                elif record.state is CardState.ISSUED:
+                    group.append((record, None))
+                if len(group) >= per_message:
+                    yield from self._message(batch.batch_id, group, principal)
+                    group = []
+                    if not context.is_active():
+                        raise errors.Cancelled("the call was cancelled")
+            if group:
                 yield from self._message(batch.batch_id, group, principal)
-                group = []
-                if not context.is_active():
-                    raise errors.Cancelled("the call was cancelled")
-        if group:
-            yield from self._message(batch.batch_id, group, principal)
+        finally:
+            sealed.close()  # cancels the chunks still queued for the workers
 
     def _records(self, batch_id: str, after: int) -> Iterator[CardRecord]:
         while page := self._i.store.cards_after(batch_id, after, PAGE):
@@ -217,23 +237,22 @@ class IssuanceService(rpc.IssuanceServiceServicer):
     def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal
                  ) -> Iterator[pb.StreamBatchResponse]:
         new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
-        for record, issued in group:
-            if issued is not None and issued.error is not None:
-                log.warning("card %s of batch %s not sealed: %s", record.card_ref, batch_id, issued.error)
         won = self._i.store.record_issued_many(
             batch_id, [(record.identity, issued.serial, issued.data) for record, issued in new
                        if issued.data is not None], by=principal.uri())
         stored = {record.card_ref: issued for (record, issued), ok in zip(new, won, strict=True) if ok}
         bundles = []
-        for record, issued in group:
+        for record, _ in group:
             if record.card_ref in stored:
                 fresh = stored[record.card_ref]
                 bundles.append(pb.SealedBundle(card_ref=record.card_ref, serial=fresh.serial, data=fresh.data,
                                                sequence=record.sequence))
                 continue
-            current = self._i.store.card(batch_id, record.card_ref) if issued is not None else record
+            # Issued before or meanwhile by another request: read it now, so that a bundle an officer revoked
+            # since the page was read is not sent.
+            current = self._i.store.card(batch_id, record.card_ref)
             if current.state is CardState.ISSUED and current.bundle is not None:
-                bundles.append(_bundle(current))  # issued before, or meanwhile by another request
+                bundles.append(_bundle(current))
         if bundles:
             yield pb.StreamBatchResponse(bundles=bundles, cursor=str(bundles[-1].sequence))
 
@@ -241,10 +260,10 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                        ) -> pb.BatchStatus:
         try:
             principal = current_principal()
-            batch = self._i.store.get_batch(request.batch_id)
-            if principal.role == "station" and batch.bureau != principal.bureau:
-                raise errors.PermissionDenied(
-                    f"batch {batch.batch_id} was authorized for {batch.bureau}, not for {principal.bureau}")
+            if principal.role == "station":
+                batch = self._i.station_batch(principal, request.batch_id)
+            else:
+                batch = self._i.store.get_batch(request.batch_id)
             if principal.role == "officer" and principal.domain not in self._i.profile(batch.profile).domains:
                 raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
             return _status(batch)
@@ -314,6 +333,11 @@ def _cursor(text: str) -> int:
     if not text.isdigit() or len(text) > 9:
         raise errors.InvalidArgument("cursor", "is not a cursor this server gave")
     return int(text)
+
+
+def _same_chip(record: CardRecord, chip: pb.ChipData) -> bool:
+    given = {"card_serial": _field(chip.card_serial, "chip.card_serial"), "kdd": _field(chip.kdd, "chip.kdd")}
+    return all(value is None or getattr(record.identity, name) == value for name, value in given.items())
 
 
 def _field(value: str, name: str) -> str | None:

@@ -7,7 +7,7 @@ their signed sections into one bundle per card.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class Issuer:
         self._owned = pools is None
         self._pools = pools if pools is not None else DomainPools(cfg.path, processes_per_domain)
 
-    def issue(self, cards: Iterable[CardIdentity], batch: str) -> Iterator[IssuedBundle]:
+    def issue(self, cards: Iterable[CardIdentity], batch: str) -> Generator[IssuedBundle, None, None]:
         """One bundle per card, in order, lazily: cards are taken from ``cards`` only as the domain workers have
         room for them. A card that a domain refuses yields an IssuedBundle with its error."""
         jobs = (Job(card, new_serial()) for card in cards)

@@ -73,18 +73,21 @@ class _Worker:
 
 _worker: _Worker | None = None
 _init_error: KmsError | None = None
+_init_args: tuple[str, str] | None = None
 
 
 def _init(config_path: str, domain: str) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
     A failure is kept and reported with the first task, so the caller learns why (not just that a process died)."""
-    global _init_error
+    global _init_error, _init_args
+    _init_args = (config_path, domain)
     try:
         _open(config_path, domain)
-    except KmsError as error:
-        _init_error = error
-    except Exception as error:  # e.g. a database error: say what kind, never what data
-        _init_error = HsmError(f"{domain} worker could not start ({type(error).__name__})", retryable=True)
+        _init_error = None
+    except Exception as error:
+        # The detail (paths, token labels) goes to this worker's log; callers hear only what kind of failure.
+        log.error("%s worker could not start: %s", domain, error)
+        _init_error = HsmError(f"the {domain} HSM worker could not start ({type(error).__name__})", retryable=True)
 
 
 def _open(config_path: str, domain: str) -> None:
@@ -101,6 +104,8 @@ def _open(config_path: str, domain: str) -> None:
 
 def _seal_chunk(args: tuple[str, str, Sequence[Job], str]) -> list[SectionResult]:
     bureau, profile, jobs, batch = args
+    if _init_error is not None and _init_args is not None:
+        _init(*_init_args)  # the cause may have been passing (a locked database, a busy token)
     if _init_error is not None:
         raise _init_error
     assert _worker is not None, "worker not initialized"

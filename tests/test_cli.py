@@ -154,7 +154,7 @@ def test_serve_batch_and_station_fetch_over_mutual_tls(cli_home: Path, tmp_path:
         other = kms("station", "fetch", "--station-config", str(cli_home / "stations" / "station-a1" / "station.yaml"),
                     "--server", address, "--batch-id", "B-cli", "--out", str(tmp_path / "other"))
         assert other.returncode == 5
-        assert "authorized for bureau-b, not for bureau-a" in other.stderr
+        assert "B-cli is not authorized for bureau-a" in other.stderr
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0

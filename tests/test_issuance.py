@@ -125,7 +125,7 @@ def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
         with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.IssuanceService/IssueCard"):
             alice.issue_card(batch, "svc-030000")
     with _client(home, service, "station-b1") as other:
-        with pytest.raises(PermissionDenied, match="authorized for bureau-a, not for bureau-b"):
+        with pytest.raises(PermissionDenied, match="is not authorized for bureau-b"):
             list(other.stream_batch(batch))
         with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.BatchService/CreateBatch"):
             other.create_batch(_batch_id(), "bureau-b", "dual-app-v1", _cards(1, 30_002))
@@ -218,3 +218,51 @@ def test_a_malformed_idempotency_key_is_refused_before_any_hsm_work(home: Home, 
             st.issue_card(batch, "svc-070000", idempotency_key="has space")
         assert raised.value.field == "idempotency_key"
         assert st.batch_status(batch).issued == 0
+
+
+def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
+    home: Home, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kms.errors import HsmError
+    from kms.issuer import IssuedBundle
+
+    batch = _batch_id()
+    with _client(home, service, CAROL) as carol:
+        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(5, 80_000))
+    issuer = service.issuance.issuer("bureau-a", "dual-app-v1")
+    real, failed = issuer.issue, []
+
+    def flaky(cards, batch_id):  # type: ignore[no-untyped-def]
+        for issued in real(cards, batch_id):
+            if issued.card_ref == "svc-080002" and not failed:  # the token fails once, on the third card
+                failed.append(issued.card_ref)
+                yield IssuedBundle(issued.card_ref, issued.serial, None, HsmError("injected", retryable=True))
+            else:
+                yield issued
+
+    monkeypatch.setattr(issuer, "issue", flaky)
+    with _client(home, service, "station-a1") as st:
+        from kms.v1 import issuance_pb2 as pb
+
+        got = []
+        with pytest.raises(grpc.RpcError) as raised:
+            for message in st.issuance.StreamBatch(pb.StreamBatchRequest(batch_id=batch), timeout=60):
+                got += [b.card_ref for b in message.bundles]
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert got == ["svc-080000", "svc-080001"]  # nothing after the failed card was skipped over
+        assert [b.card_ref for b in st.stream_batch(batch, cursor="1")] == ["svc-080002", "svc-080003",
+                                                                            "svc-080004"]
+
+
+def test_replay_with_another_chip_and_unknown_batches_are_refused(home: Home, service: Service) -> None:
+    batch = _batch_id()
+    with _client(home, service, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1",
+                           [CardIdentity(card_ref="rc-0", city_code="320200", pan="6214830000000009", psn="01")])
+    with _client(home, service, "station-a1") as st:
+        st.issue_card(batch, "rc-0", card_serial="86843202AD932A48", kdd="00010203040506070809", idempotency_key="r")
+        with pytest.raises(PermissionDenied, match="issued for another chip"):
+            st.issue_card(batch, "rc-0", card_serial="2222222222222222", kdd="00010203040506070809",
+                          idempotency_key="r")
+        with pytest.raises(PermissionDenied, match="B-nonexistent is not authorized for bureau-a"):
+            st.issue_card("B-nonexistent", "rc-0")

@@ -135,7 +135,7 @@ def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None
     config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
     pool = DomainPool(config, "hrss", processes=1)
     try:
-        with pytest.raises(HsmError, match=r"hrss worker could not start \(OperationalError\)"):
+        with pytest.raises(HsmError, match=r"the hrss HSM worker could not start \(OperationalError\)"):
             list(pool.seal([Job(card(500), "00" * 16)], "B-init", "bureau-a", "dual-app-v1"))
     finally:
         pool.terminate()
