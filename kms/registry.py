@@ -33,6 +33,17 @@ class KeyState(enum.StrEnum):
     DESTROYED = "destroyed"
 
 
+#: The transitions NIST SP 800-57 Part 1 (section 7) allows between key states; anything else is refused.
+TRANSITIONS: dict[KeyState, frozenset[KeyState]] = {
+    KeyState.PRE_ACTIVATION: frozenset({KeyState.ACTIVE, KeyState.COMPROMISED, KeyState.DESTROYED}),
+    KeyState.ACTIVE: frozenset({KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED}),
+    KeyState.SUSPENDED: frozenset({KeyState.ACTIVE, KeyState.DEACTIVATED, KeyState.COMPROMISED}),
+    KeyState.DEACTIVATED: frozenset({KeyState.COMPROMISED, KeyState.DESTROYED}),
+    KeyState.COMPROMISED: frozenset({KeyState.DESTROYED}),
+    KeyState.DESTROYED: frozenset(),
+}
+
+
 def check_domain(domain: str) -> str:
     if domain not in DOMAINS:
         raise InvalidArgument("domain", f"must be one of {', '.join(DOMAINS)}")
@@ -57,6 +68,7 @@ class KeyRecord:
     kcv_method: str | None
     public_key: bytes | None
     created_at: str
+    state_changed_at: str = ""
 
 
 class KeyRegistry:
@@ -100,6 +112,24 @@ class KeyRegistry:
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"{domain} {kind.value} key {name} v{version} already exists") from None
         return self.get(domain, kind, name, version)
+
+    def transition(self, record: KeyRecord, to: KeyState) -> KeyRecord:
+        """Move a key to another state if NIST SP 800-57 allows it from its current one (InvalidState otherwise),
+        time-stamped from the clock. Conditional on the state not having changed meanwhile (another replica)."""
+        if to not in TRANSITIONS[record.state]:
+            allowed = ", ".join(sorted(s.value for s in TRANSITIONS[record.state])) or "none"
+            raise InvalidState(f"{record.label} cannot go from {record.state.value} to {to.value} "
+                               f"(allowed: {allowed})")
+        now = rfc3339(self._clock.now())
+        with self._engine.begin() as conn:
+            changed = conn.execute(
+                keys.update()
+                .where(keys.c.label == record.label, keys.c.state == record.state.value)
+                .values(state=to.value, state_changed_at=now)
+            ).rowcount
+        if changed != 1:
+            raise InvalidState(f"{record.label} changed state meanwhile; read it again")
+        return self.get(record.domain, record.kind, record.name, record.version)
 
     def set_kcv(self, record: KeyRecord, kcv: str, kcv_method: str, public_key: bytes | None = None) -> None:
         with self._engine.begin() as conn:
@@ -172,4 +202,5 @@ def _record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
         domain=m["domain"], kind=KeyKind(m["kind"]), name=m["name"], version=m["version"],
         algorithm=m["algorithm"], state=KeyState(m["state"]), label=m["label"], kcv=m["kcv"],
         kcv_method=m["kcv_method"], public_key=m["public_key"], created_at=m["created_at"],
+        state_changed_at=m["state_changed_at"],
     )

@@ -89,3 +89,42 @@ def test_remove_and_set_kcv(registry: KeyRegistry) -> None:
     registry.remove(record)
     with pytest.raises(NotFound):
         registry.get("hrss", KeyKind.SIGNING, "issuance", 1)
+
+
+def test_state_transitions_follow_nist_sp_800_57(engine: sa.Engine) -> None:
+    from kms.registry import TRANSITIONS
+
+    clock = FixedClock(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    registry = KeyRegistry(engine, clock)
+    record = registry.add("hrss", KeyKind.MASTER, "mk", "DES2", state=KeyState.PRE_ACTIVATION)
+    clock.advance(dt.timedelta(hours=1))
+    active = registry.transition(record, KeyState.ACTIVE)
+    assert active.state is KeyState.ACTIVE and active.state_changed_at == "2026-01-02T04:04:05Z"
+    assert registry.active("hrss", KeyKind.MASTER, "mk").version == 1
+    suspended = registry.transition(active, KeyState.SUSPENDED)
+    with pytest.raises(InvalidState, match="has no active version"):  # a suspended key serves no new card
+        registry.active("hrss", KeyKind.MASTER, "mk")
+    with pytest.raises(InvalidState, match="cannot go from suspended to destroyed"):
+        registry.transition(suspended, KeyState.DESTROYED)
+    with pytest.raises(InvalidState, match="changed state meanwhile"):
+        registry.transition(active, KeyState.DEACTIVATED)  # a stale record: the key is suspended now
+    deactivated = registry.transition(suspended, KeyState.DEACTIVATED)
+    destroyed = registry.transition(deactivated, KeyState.DESTROYED)
+    assert TRANSITIONS[destroyed.state] == frozenset()
+    with pytest.raises(InvalidState, match="allowed: none"):
+        registry.transition(destroyed, KeyState.ACTIVE)
+
+
+def test_every_state_can_reach_destroyed_except_through_reactivation() -> None:
+    from kms.registry import TRANSITIONS
+
+    for state in KeyState:
+        seen, todo = {state}, [state]
+        while todo:
+            for nxt in TRANSITIONS[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        assert KeyState.DESTROYED in seen
+        if state in (KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED):
+            assert KeyState.ACTIVE not in seen  # no way back to serving cards
