@@ -7,8 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from kms.config import read_policy
 from kms.errors import ConfigError, PermissionDenied
 from kms.identity import ROLES, Principal
 
@@ -22,14 +21,8 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> Policy:
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot load the authorization policy ({type(error).__name__})") from None
-        if not isinstance(doc, dict) or set(doc) != {"version", "methods"} or doc["version"] != 1:
-            raise ConfigError(f"{path}: expected 'version: 1' and 'methods'")
         methods: dict[str, frozenset[str]] = {}
-        for method, roles in (doc["methods"] or {}).items():
+        for method, roles in read_policy(path, "methods").items():
             if not isinstance(method, str) or not method.startswith("/") or method.count("/") != 2:
                 raise ConfigError(f"{path}: {method!r} is not a full gRPC method name (/package.Service/Method)")
             if not isinstance(roles, list) or not roles or any(r not in ROLES for r in roles):

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.bundle import canonical
 from kms.clock import rfc3339
+from kms.config import read_policy
 from kms.errors import ConfigError, InvalidArgument
 from kms.identity import Principal
 from kms.registry import DOMAINS
@@ -104,14 +104,8 @@ class QuorumPolicy:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_QUORUMS) -> QuorumPolicy:
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot load the quorum policy ({type(error).__name__})") from None
-        if not isinstance(doc, dict) or set(doc) != {"version", "quorums"} or doc["version"] != 1:
-            raise ConfigError(f"{path}: expected 'version: 1' and 'quorums'")
         quorums: dict[tuple[str, str], Quorum] = {}
-        for domain, operations in (doc["quorums"] or {}).items():
+        for domain, operations in read_policy(path, "quorums").items():
             if domain not in DOMAINS or not isinstance(operations, dict):
                 raise ConfigError(f"{path}: quorums are listed per domain ({', '.join(DOMAINS)})")
             for operation, rule in operations.items():

@@ -106,6 +106,17 @@ def _read(path: Path) -> dict[str, Any]:
     return doc
 
 
+def read_policy(path: Path, body: str) -> Any:
+    """The body of a versioned policy file (``version: 1`` and one top-level ``body`` key), e.g. authz, quorums."""
+    doc = _read(path)
+    if set(doc) != {"version", body} or doc["version"] != 1:
+        raise ConfigError(f"{path}: expected 'version: 1' and '{body}'")
+    value = doc[body] or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: '{body}' must be a mapping")
+    return value
+
+
 def _only(
     path: Path, where: str, doc: Any, required: set[str], optional: set[str] | None = None
 ) -> dict[str, Any]:

@@ -241,11 +241,6 @@ class Module:
             session = token.open(user_pin=pin, rw=True, attribute_mapper=_attribute_mapper())
         return TokenSession(token_label, session)
 
-    def reinitialize(self) -> None:
-        """C_Finalize + C_Initialize: SoftHSM frees destroyed session objects only here."""
-        with _hsm("reinitialize module"):
-            self._lib.reinitialize()
-
 
 @dataclass(frozen=True)
 class KeyInfo:
@@ -392,12 +387,6 @@ class TokenSession:
                 return bytes(key[Attribute.CHECK_VALUE])
         finally:
             wipe(value)
-
-    def check_value(self, label: str) -> bytes:
-        """The token's CKA_CHECK_VALUE of a generated or imported key (wrong for derived keys; never used there)."""
-        key = self._key(label)
-        with _hsm(f"read check value of {label!r}"):
-            return bytes(key[Attribute.CHECK_VALUE])
 
     # -- the hot path ------------------------------------------------------------------------------------------
 

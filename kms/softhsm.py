@@ -106,9 +106,3 @@ def ensure_token(conf: Path, label: str, pin_file: Path, so_pin_file: Path) -> b
         raise HsmError(f"softhsm2-util could not create token {label!r} (exit {result.returncode})")
     return True
 
-
-def delete_token(conf: Path, label: str) -> None:
-    subprocess.run(
-        [_util(), "--delete-token", "--token", label], env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-        capture_output=True, text=True, check=False,
-    )

@@ -8,6 +8,7 @@ they stored (on request) as token objects, so a refused bundle leaves nothing be
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ class Station:
                     ))
             if not report.ok:
                 report.stored = False
-                report.keys = [_unlabelled(k) for k in report.keys]
+                report.keys = [dataclasses.replace(k, label=None) for k in report.keys]
                 return report
             if not verify_only:
                 self._record_and_store(parsed, unwrapped, store)
@@ -227,7 +228,3 @@ class Station:
 def _card_key_label(card_ref: str, domain: str, name: str) -> str:
     return f"card/{card_ref}/{domain}/{name}"
 
-
-def _unlabelled(report: KeyReport) -> KeyReport:
-    return KeyReport(report.domain, report.name, report.usage, report.algorithm, report.kcv_method,
-                     report.kcv_expected, report.kcv_computed, None)
