@@ -43,6 +43,7 @@ Times come from the injected clock, as RFC 3339 (kms.clock.rfc3339).
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,10 +52,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from kms import identity
+from kms.bundle import canonical
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
-from kms.store import batch_cards, batches, card_events
+from kms.store import batch_authorizations, batch_cards, batches, card_events
 
 #: The most cards one batch may list.
 MAX_BATCH_CARDS = 100_000
@@ -72,6 +74,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spa
 
 
 class BatchState(enum.StrEnum):
+    AWAITING = "awaiting-authorization"  # created; not issuable until every domain of its profile authorized it
     OPEN = "open"
     CLOSED = "closed"
 
@@ -87,6 +90,7 @@ class EventKind(enum.StrEnum):
     CHIP_BOUND = "chip-bound"
     ISSUED = "issued"
     REISSUE_REVOKED = "reissue-revoked"
+    LIFECYCLE_REVOKED = "lifecycle-revoked"  # kms.lifecycle: the card was replaced or cancelled
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Batch:
     created_at: str
     card_count: int
     issued_count: int
+    cards_digest: str = ""
+    authorized_by: tuple[str, ...] = ()  # domains whose authorize-batch ceremony has run
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,12 @@ class CardEvent:
     by: str | None
 
 
+def cards_digest(cards: Sequence[CardIdentity]) -> str:
+    """SHA-256 (hex) over the canonical JSON list of the batch's card identities, in order: what an
+    authorize-batch ceremony names, so approvers sign off exactly these cards."""
+    return hashlib.sha256(canonical([c.as_dict() for c in cards])).hexdigest()
+
+
 class BatchStore:
     def __init__(self, engine: sa.Engine, clock: Clock) -> None:
         self._engine = engine
@@ -135,7 +147,8 @@ class BatchStore:
     def create_batch(
         self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity], created_by: str
     ) -> Batch:
-        """Record a new open batch with its cards, all pending, in one transaction."""
+        """Record a new batch with its cards, all pending, in one transaction. It awaits authorization: it opens
+        once every domain of its profile has authorized it (``authorize``, run by an authorize-batch ceremony)."""
         _check_ref("batch_id", batch_id)
         _check_name("bureau", bureau)
         _check_name("profile", profile)
@@ -162,8 +175,8 @@ class BatchStore:
         with self._engine.begin() as conn:
             try:
                 conn.execute(batches.insert().values(
-                    batch_id=batch_id, bureau=bureau, profile=profile, state=BatchState.OPEN.value,
-                    created_by=created_by, created_at=now, card_count=len(rows),
+                    batch_id=batch_id, bureau=bureau, profile=profile, state=BatchState.AWAITING.value,
+                    cards_digest=cards_digest(cards), created_by=created_by, created_at=now, card_count=len(rows),
                 ))
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"batch {batch_id} already exists") from None
@@ -187,11 +200,43 @@ class BatchStore:
                     batch_cards.c.batch_id == batch_id, batch_cards.c.state == CardState.ISSUED.value
                 )
             ).scalar_one()
+            authorized = conn.execute(
+                sa.select(batch_authorizations.c.domain).where(batch_authorizations.c.batch_id == batch_id)
+                .order_by(batch_authorizations.c.domain)
+            ).scalars().all()
         m = row._mapping
         return Batch(
             batch_id=m["batch_id"], bureau=m["bureau"], profile=m["profile"], state=BatchState(m["state"]),
             created_by=m["created_by"], created_at=m["created_at"], card_count=m["card_count"], issued_count=issued,
+            cards_digest=m["cards_digest"], authorized_by=tuple(authorized),
         )
+
+    def authorize(self, batch_id: str, domain: str, ceremony_id: str, digest: str,
+                  required: Sequence[str]) -> Batch:
+        """Record one domain's authorization of a batch (an executed authorize-batch ceremony) and open the batch
+        once every domain in ``required`` (its profile's) has authorized it. The digest must be the batch's own:
+        an authorization names exactly the cards it covers."""
+        batch = self.get_batch(batch_id)
+        if batch.cards_digest != digest:
+            raise InvalidArgument("cards_digest", f"does not match the cards of batch {batch_id}")
+        if batch.state is not BatchState.AWAITING:
+            raise InvalidState(f"batch {batch_id} is {batch.state.value}, not awaiting authorization")
+        if domain not in required:
+            raise InvalidArgument("domain", f"batch {batch_id} has no {domain} keys")
+        now = rfc3339(self._clock.now())
+        with self._engine.begin() as conn:
+            try:
+                conn.execute(batch_authorizations.insert().values(
+                    batch_id=batch_id, domain=domain, ceremony_id=ceremony_id, at=now))
+            except sa.exc.IntegrityError:
+                raise AlreadyExists(f"batch {batch_id} is already authorized by the {domain} domain") from None
+            done = set(conn.execute(sa.select(batch_authorizations.c.domain).where(
+                batch_authorizations.c.batch_id == batch_id)).scalars())
+            if done >= set(required):
+                conn.execute(batches.update().where(
+                    batches.c.batch_id == batch_id, batches.c.state == BatchState.AWAITING.value
+                ).values(state=BatchState.OPEN.value))
+        return self.get_batch(batch_id)
 
     def card(self, batch_id: str, card_ref: str) -> CardRecord:
         return self._read(batch_id, card_ref)[0]

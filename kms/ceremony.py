@@ -10,20 +10,22 @@ approval, whether a proposal may run:
 - each approval's signature must verify under that officer's enrolled public key, over this proposal's digest;
 - nothing counts once the proposal has expired or was cancelled.
 
-This module holds no state and touches no HSM: persistence, the service and the key operations come with issue 4.
+This module holds no state and touches no HSM: kms.ceremonies persists ceremonies, kms.operations says what each
+operation does, kms.ceremony_service serves them; ``verify_minutes`` checks signed minutes offline.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.bundle import canonical
@@ -176,3 +178,36 @@ def _verifies(key: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) 
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+MINUTES_FORMAT = "kms-ceremony-minutes"
+
+
+def verify_minutes(document: bytes, signature: bytes, domain_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """Offline check of signed minutes: the domain's signature over the document, the digest of the proposal it
+    quotes, and every approval's signature under the approving officer's public key. Returns the minutes; raises
+    InvalidArgument naming what does not hold."""
+    if not _verifies(domain_key, signature, document):
+        raise InvalidArgument("signature", "the minutes are not signed by this domain key")
+    try:
+        doc = json.loads(document)
+        if doc.get("format") != MINUTES_FORMAT or doc.get("version") != 1:
+            raise InvalidArgument("minutes", f"not {MINUTES_FORMAT} version 1")
+        digest = hashlib.sha256(doc["proposal"].encode()).digest()
+        proposal = json.loads(doc["proposal"])
+        approvals = doc["approvals"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InvalidArgument("minutes", "not a minutes document") from None
+    if digest.hex() != doc.get("digest") or proposal.get("domain") != doc.get("domain"):
+        raise InvalidArgument("digest", "does not match the quoted proposal")
+    for i, approval in enumerate(approvals):
+        try:
+            key = serialization.load_pem_public_key(approval["public_key"].encode())
+            sig = bytes.fromhex(approval["signature"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InvalidArgument(f"approvals[{i}]", "has no readable public key or signature") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not _verifies(key, sig, APPROVAL_CONTEXT + digest):
+            raise InvalidArgument(f"approvals[{i}]", f"the signature of {approval.get('officer')} does not verify")
+        if not str(approval.get("officer", "")).startswith(f"urn:kms:officer:{doc['domain']}:"):
+            raise InvalidArgument(f"approvals[{i}]", "is not by an officer of the ceremony's domain")
+    return dict(doc)

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kms import cli_ceremony, errors
 from kms import config as config_mod
-from kms import errors
 
 log = logging.getLogger("kms")
 
@@ -91,6 +91,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-id", required=True)
     p.add_argument("--card-ref", required=True)
     p.add_argument("--server")
+
+    card = sub.add_parser("card", help="card lifecycle (officers; show also auditors)").add_subparsers(
+        dest="card_command", required=True)
+    for name, text in (("lost", "report an application of a card lost (挂失)"),
+                       ("unlost", "cancel the loss report of an application (解挂)"),
+                       ("replace", "record a replacement card (补换): the old card is revoked, its identities retired"),
+                       ("cancel", "cancel (销卡) or close (销户) an application of a card; hrss first"),
+                       ("show", "a card's state per application and its history")):
+        p = card.add_parser(name, help=text)
+        p.add_argument("--client", type=Path, required=True, help="an officer's or auditor's client configuration")
+        p.add_argument("--card-ref", required=True, help="the card (for replace: the old card)")
+        if name in ("lost", "unlost", "cancel"):
+            p.add_argument("--application", required=True, choices=("hrss", "bank"))
+        if name == "replace":
+            p.add_argument("--new-card-ref", required=True, help="the replacement card, a card of some batch")
+        if name == "cancel":
+            p.add_argument("--kind", required=True, choices=("cancel-card", "close-account"),
+                           help="cancel-card (销卡) or close-account (销户)")
+        if name != "show":
+            p.add_argument("--reason", required=True, help="why; recorded with the change")
+        p.add_argument("--server")
+        p.add_argument("--json", action="store_true")
+
+    cli_ceremony.add_parser(sub)
 
     station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
                                                                                        required=True)
@@ -398,6 +422,43 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_doc(reply: Any) -> dict[str, Any]:
+    return {
+        "card_ref": reply.card_ref, "replaced_by": reply.replaced_by or None, "replaces": reply.replaces or None,
+        "applications": {a.application: {"state": a.state, "since": a.since or None} for a in reply.applications},
+        "records": [{"batch_id": r.batch_id, "state": r.state, "serial": r.serial or None} for r in reply.records],
+        "history": [{"application": e.application or None, "event": e.event, "from": e.from_state or None,
+                     "to": e.to_state or None, "reason": e.reason, "detail": e.detail, "at": e.at, "by": e.by}
+                    for e in reply.history],
+    }
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    with _client_for(args.client, args.server) as client:
+        if args.card_command == "lost":
+            reply = client.report_lost(args.card_ref, args.application, args.reason)
+        elif args.card_command == "unlost":
+            reply = client.cancel_loss_report(args.card_ref, args.application, args.reason)
+        elif args.card_command == "replace":
+            reply = client.replace_card(args.card_ref, args.new_card_ref, args.reason)
+        elif args.card_command == "cancel":
+            reply = client.cancel_application(args.card_ref, args.application, args.kind, args.reason)
+        else:
+            reply = client.get_card(args.card_ref)
+    doc = _card_doc(reply)
+    lines = [f"card {doc['card_ref']}: " + ", ".join(f"{a} {s['state']}" for a, s in doc["applications"].items())
+             + (f"; replaced by {doc['replaced_by']}" if doc["replaced_by"] else "")
+             + (f"; replaces {doc['replaces']}" if doc["replaces"] else "")]
+    if args.card_command == "show":
+        lines += [f"  record {r['batch_id']}: {r['state']}" + (f" (bundle {r['serial']})" if r["serial"] else "")
+                  for r in doc["records"]]
+        lines += [f"  {e['at']} {e['event']}" + (f" ({e['application']})" if e["application"] else "")
+                  + f" by {e['by']}: {e['reason']}" + (f" [{e['detail']}]" if e["detail"] else "")
+                  for e in doc["history"]]
+    _emit(args, doc, "\n".join(lines))
+    return 0
+
+
 def _cmd_station(args: argparse.Namespace) -> int:
     from kms import runtime, store
     from kms.clock import SystemClock
@@ -471,9 +532,14 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _cmd_ceremony(args: argparse.Namespace) -> int:
+    return cli_ceremony.run(args, _client_for)
+
+
 _COMMANDS = {
     "init": _cmd_init, "keys": _cmd_keys, "profile": _cmd_profile, "dev": _cmd_dev, "bundle": _cmd_bundle,
     "selftest": _cmd_selftest, "serve": _cmd_serve, "batch": _cmd_batch, "station": _cmd_station,
+    "card": _cmd_card, "ceremony": _cmd_ceremony,
 }
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import grpc
 from kms import errors
 from kms.cardid import CardIdentity
 from kms.config import ClientConfig
+from kms.v1 import cards_pb2 as cards_pb
+from kms.v1 import cards_pb2_grpc as cards_rpc
 from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
 
@@ -50,7 +52,16 @@ class Client:
             ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
         self.issuance = rpc.IssuanceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.batches = rpc.BatchServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.cards = cards_rpc.CardServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def call(self, method: Any, request: Any) -> Any:
+        """One unary call, its error as the kms error it stands for."""
+        return self._call(method, request)
 
     def close(self) -> None:
         self._channel.close()
@@ -77,6 +88,28 @@ class Client:
 
     def reissue(self, batch_id: str, card_ref: str) -> Any:
         return self._call(self.batches.ReissueCard, pb.ReissueCardRequest(batch_id=batch_id, card_ref=card_ref))
+
+    # -- card lifecycle (officers; get_card also auditors) ---------------------------------------------------------
+
+    def report_lost(self, card_ref: str, application: str, reason: str) -> Any:
+        return self._call(self.cards.ReportLost, cards_pb.ReportLostRequest(
+            card_ref=card_ref, application=application, reason=reason))
+
+    def cancel_loss_report(self, card_ref: str, application: str, reason: str) -> Any:
+        return self._call(self.cards.CancelLossReport, cards_pb.CancelLossReportRequest(
+            card_ref=card_ref, application=application, reason=reason))
+
+    def replace_card(self, old_card_ref: str, new_card_ref: str, reason: str) -> Any:
+        return self._call(self.cards.ReplaceCard, cards_pb.ReplaceCardRequest(
+            old_card_ref=old_card_ref, new_card_ref=new_card_ref, reason=reason))
+
+    def cancel_application(self, card_ref: str, application: str, kind: str, reason: str) -> Any:
+        """``kind``: "cancel-card" (销卡) or "close-account" (销户)."""
+        return self._call(self.cards.CancelApplication, cards_pb.CancelApplicationRequest(
+            card_ref=card_ref, application=application, kind=kind, reason=reason))
+
+    def get_card(self, card_ref: str) -> Any:
+        return self._call(self.cards.GetCard, cards_pb.GetCardRequest(card_ref=card_ref))
 
     def issue_card(self, batch_id: str, card_ref: str, *, card_serial: str = "", kdd: str = "",
                    idempotency_key: str | None = None) -> Any:

@@ -60,6 +60,7 @@ class ClientConfig:
     path: Path
     server: str
     tls: TlsConfig
+    approval_key: Path | None = None  # an officer's ECDSA P-256 approval key (development: a PEM file)
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,12 @@ def _server(path: Path, doc: Any) -> ServerConfig:
 
 
 def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:
-    doc = _only(path, where, doc, {"server", "tls"})
+    doc = _only(path, where, doc, {"server", "tls"}, {"approval_key"})
     if not isinstance(doc["server"], str) or ":" not in doc["server"]:
         raise ConfigError(f"{path}: {where}.server must be host:port")
-    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls"))
+    key = doc.get("approval_key")
+    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls"),
+                        _path(path.parent, key, f"{where}.approval_key") if key else None)
 
 
 def load_client(path: Path) -> ClientConfig:

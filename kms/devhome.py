@@ -30,22 +30,30 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import config as config_mod
 from kms import profiles, runtime, softhsm, store
+from kms.ceremonies import Ceremonies
+from kms.ceremony import QuorumPolicy, approval_message
 from kms.clock import SystemClock
 from kms.engine import SIGNING_KEY_NAME
 from kms.errors import ConfigError, HsmError
 from kms.hsm import Algorithm, KcvMethod
 from kms.identity import Principal
+from kms.keyops import CUSTODY_NAME
+from kms.officers import ApprovalKeyFile, OfficerStore, public_pem
 from kms.pki import Credential, DevPki
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
+from kms.secrets import SecretRef
 
 T = TypeVar("T")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 #: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
 DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)}
 #: Officers per domain, and the auditor, who get client certificates in a development home.
-OFFICERS: Mapping[str, tuple[str, ...]] = {"hrss": ("alice", "bob"), "bank": ("carol", "dave")}
+#: Three per domain, so that a proposer and two approvers (or custodians) can run each ceremony.
+OFFICERS: Mapping[str, tuple[str, ...]] = {"hrss": ("alice", "bob", "chen"), "bank": ("carol", "dave", "frank")}
+OFFICER_ROLES = ("approver", "key-custodian")
 AUDITORS = ("erin",)
 DEFAULT_PORT = 7443
+GENESIS = "genesis"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,10 @@ class Home:
     def client_config(self, principal: Principal) -> Path:
         """An officer's or auditor's client configuration: clients/<role>-<domain>-<name>.yaml."""
         return self.path / "clients" / (principal.uri().removeprefix("urn:kms:").replace(":", "-") + ".yaml")
+
+    def approval_key(self, officer: Principal) -> Path:
+        """An officer's approval key file (development; production: the officer's smartcard)."""
+        return self.client_config(officer).with_suffix(".approval-key.pem")
 
     @property
     def softhsm2_conf(self) -> Path:
@@ -131,7 +143,11 @@ def init_home(
         path = home.client_config(person)
         if not path.exists():
             cred = pki.client(person)
-            _write_yaml(path, {"client": {"server": f"localhost:{port}", "tls": _tls(path.parent, cred, pki)}})
+            client = {"server": f"localhost:{port}", "tls": _tls(path.parent, cred, pki)}
+            if person.role == "officer":
+                ApprovalKeyFile.create(home.approval_key(person))
+                client["approval_key"] = home.approval_key(person).name
+            _write_yaml(path, {"client": client})
 
     known = dict(master_keys or {})
     unwrap_keys = {
@@ -140,9 +156,46 @@ def init_home(
     }
     for domain in DOMAINS:
         handoffs = _in_own_process(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known)
+        _in_own_process(_trust_custody_key, str(home.config), domain, str(pins / f"{domain}.so-pin"))
         for station, (bureau, version, wrapped, kcv) in handoffs.items():
             _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
+        _genesis(home, domain)
     return home
+
+
+def _genesis(home: Home, domain: str) -> None:
+    """The genesis ceremony of a domain: its first officers, enrolled with their approval public keys. The first
+    officer proposes the list; every other one signs it with their own approval key (proof of possession)."""
+    cfg = config_mod.load(home.config)
+    engine = store.make_engine(cfg.database)
+    store.create_all(engine)
+    clock = SystemClock()
+    officer_store = OfficerStore(engine, clock)
+    if officer_store.all(domain):
+        return
+    people = [Principal("officer", name, domain=domain) for name in OFFICERS[domain]]
+    keys = {p: ApprovalKeyFile(home.approval_key(p)) for p in people}
+    listed = [{"name": p.name, "roles": list(OFFICER_ROLES), "public_key": public_pem(keys[p].public_key())}
+              for p in people]
+    ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store)
+    record = ceremonies.propose(people[0], GENESIS, {"officers": listed}, quorum_required=False)
+    message = approval_message(record.proposal)
+    for person in people[1:]:
+        ceremonies.add_genesis_signature(record.ceremony_id, person, keys[person].sign(message))
+    for person in people:
+        officer_store.enrol(person, OFFICER_ROLES, public_pem(keys[person].public_key()), record.ceremony_id)
+    ceremonies.record_executed(record, {"officers": [p.uri() for p in people]}, people[0])
+
+
+def _trust_custody_key(config_path: str, domain: str, so_pin_file: str) -> None:
+    """As the domain token's security officer (in a process of its own, the only one reading the SO PIN): mark the
+    custody key's public half trusted, the one key escrowable keys may be wrapped under."""
+    cfg = config_mod.load(Path(config_path))
+    registry = runtime.registry(cfg, SystemClock())
+    custody = registry.active(domain, KeyKind.CUSTODY, CUSTODY_NAME)
+    assert custody.public_key is not None
+    so_pin = SecretRef.parse(f"file:{so_pin_file}").resolve()
+    runtime.module(cfg.hsm).trust_custody_key(cfg.domains[domain].token, so_pin, custody.label, custody.public_key)
 
 
 def _in_own_process(function: Callable[..., T], *args: object) -> T:
@@ -205,6 +258,14 @@ def _domain_setup(
                 return session.generate_master_key(label, algorithm)
 
             _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
+        if CUSTODY_NAME not in registry.names(domain, KeyKind.CUSTODY):
+            record = registry.add(domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072")
+            try:
+                spki = session.generate_custody_keypair(record.label)
+            except BaseException:
+                registry.remove(record)
+                raise
+            registry.set_kcv(record, "", "", public_key=spki)
         if SIGNING_KEY_NAME not in registry.names(domain, KeyKind.SIGNING):
             record = registry.add(domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256")
             try:

@@ -67,6 +67,10 @@ class Role(enum.Enum):
     TRANSPORT = "transport"  # a bureau's transport key in the issuing domain's token: wrap only
     STATION_TRANSPORT = "station_transport"  # the same key in the station's token: unwrap only
     STATION_CARD_KEY = "station_card_key"  # a card key unwrapped at the station: never extractable
+    # Escrowable variants (a ceremony chose escrow when the key was created): extractable, but only wrapped under
+    # a key the security officer marked CKA_TRUSTED (CKA_WRAP_WITH_TRUSTED), i.e. the domain's custody key.
+    MASTER_ESCROWABLE = "master_escrowable"
+    TRANSPORT_ESCROWABLE = "transport_escrowable"
 
 
 _ALL_CAPS = (
@@ -87,7 +91,10 @@ _ROLES: dict[Role, tuple[frozenset[Attribute], bool, bool]] = {
     Role.TRANSPORT: (frozenset({Attribute.WRAP}), False, False),
     Role.STATION_TRANSPORT: (frozenset({Attribute.UNWRAP}), False, False),
     Role.STATION_CARD_KEY: (frozenset({Attribute.ENCRYPT}), False, False),
+    Role.MASTER_ESCROWABLE: (frozenset({Attribute.DERIVE}), True, False),
+    Role.TRANSPORT_ESCROWABLE: (frozenset({Attribute.WRAP}), True, False),
 }
+_TRUSTED_ONLY = frozenset({Role.MASTER_ESCROWABLE, Role.TRANSPORT_ESCROWABLE})
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
 
@@ -106,6 +113,8 @@ def secret_key_template(role: Role, *, token: bool, label: str | None = None) ->
             Attribute.EXTRACTABLE: extractable,
         }
     )
+    if role in _TRUSTED_ONLY:
+        template[Attribute.WRAP_WITH_TRUSTED] = True
     if label is not None:
         template[Attribute.LABEL] = label
     # Last, always: SoftHSM 2.6 applies a template in order, and once CKA_MODIFIABLE=false is set it refuses
@@ -225,6 +234,27 @@ class Module:
         except (RuntimeError, OSError, p11e.PKCS11Error) as error:
             raise HsmError(f"cannot load PKCS#11 module {path}: {type(error).__name__}") from None
 
+    def trust_custody_key(self, token_label: str, so_pin: str, label: str, spki: bytes) -> None:
+        """As the token's security officer: create the custody public key as a trusted wrapping key (CKA_TRUSTED
+        can be set by the SO only), the one key escrowable keys may be wrapped under."""
+        public = load_der_public_key(spki)
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise HsmError("a custody key must be an RSA public key")
+        numbers = public.public_numbers()
+        with _hsm(f"trust custody key {label!r}"):
+            token = self._lib.get_token(token_label=token_label)
+            with token.open(so_pin=so_pin, rw=True) as session:
+                for _ in session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                                              Attribute.LABEL: trusted_label(label)}):
+                    return
+                session.create_object({
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,
+                    Attribute.MODULUS: _big(numbers.n), Attribute.PUBLIC_EXPONENT: _big(numbers.e),
+                    Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.LABEL: trusted_label(label),
+                    Attribute.WRAP: True, Attribute.ENCRYPT: False, Attribute.VERIFY: False,
+                    Attribute.TRUSTED: True, Attribute.MODIFIABLE: False,
+                })
+
     def token_labels(self) -> list[str]:
         with _hsm("list tokens"):
             return [slot.get_token().label for slot in self._lib.get_slots(token_present=True)]
@@ -242,6 +272,21 @@ class Module:
         return TokenSession(token_label, session)
 
 
+def trusted_label(custody_label: str) -> str:
+    """The label of the SO-trusted public half of a custody key."""
+    return f"{custody_label}/trusted"
+
+
+def _big(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+def _rsa_spki(public: Any) -> bytes:
+    n = int.from_bytes(bytes(public[Attribute.MODULUS]), "big")
+    e = int.from_bytes(bytes(public[Attribute.PUBLIC_EXPONENT]), "big")
+    return rsa.RSAPublicNumbers(e, n).public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """What the token tells about one object, without its value."""
@@ -255,6 +300,7 @@ class KeyInfo:
     always_sensitive: bool | None
     never_extractable: bool | None
     capabilities: frozenset[str]
+    wrap_with_trusted: bool | None = None  # escrowable keys: wrapped only under an SO-trusted key
 
 
 @dataclass(frozen=True)
@@ -349,30 +395,81 @@ class TokenSession:
 
     # -- master keys -------------------------------------------------------------------------------------------
 
-    def generate_master_key(self, label: str, algorithm: Algorithm) -> bytes:
-        """Generate a token-resident, derive-only master key; returns its KCV."""
+    def generate_master_key(self, label: str, algorithm: Algorithm, *, escrow: bool = False) -> bytes:
+        """Generate a token-resident, derive-only master key; returns its KCV. With ``escrow`` the key can later
+        be exported as components, but only through the trusted custody key (CKA_WRAP_WITH_TRUSTED)."""
+        return self._generate(label, Role.MASTER_ESCROWABLE if escrow else Role.MASTER, algorithm)
+
+    def generate_transport_key(self, label: str, *, escrow: bool = False) -> bytes:
+        """Generate a wrap-only AES-256 transport key in the token; returns its KCV."""
+        return self._generate(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, Algorithm.AES256)
+
+    def _generate(self, label: str, role: Role, algorithm: Algorithm) -> bytes:
         self._refuse_duplicate(label)
         key_type = self._key_type(algorithm)
-        with _hsm(f"generate master key {label!r}"):
+        with _hsm(f"generate key {label!r}"):
             key = self._session.generate_key(
                 key_type,
                 algorithm.length * 8 if algorithm is not Algorithm.DES2 else None,
-                template=secret_key_template(Role.MASTER, token=True, label=label),
+                template=secret_key_template(role, token=True, label=label),
             )
             return bytes(key[Attribute.CHECK_VALUE])
 
-    def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray, *, token: bool = True) -> bytes:
+    def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray, *, token: bool = True,
+                          escrow: bool = False) -> bytes:
         """Create a derive-only master key from clear key bytes and wipe them. Returns its KCV (the token's
         CKA_CHECK_VALUE). ``token=False`` makes a session object (self-test, scratch use).
 
         One of the two places a clear key enters the token: joining components in a ceremony, or test values.
         """
-        return self._import(label, Role.MASTER, algorithm, value, token)
+        return self._import(label, Role.MASTER_ESCROWABLE if escrow else Role.MASTER, algorithm, value, token)
 
-    def import_transport_key(self, label: str, value: bytearray, *, token: bool = True) -> bytes:
+    def import_transport_key(self, label: str, value: bytearray, *, token: bool = True, escrow: bool = False) -> bytes:
         """Create a wrap-only AES-256 transport key from clear bytes (bureau components, or a self-test KEK) and
         wipe them. Returns its KCV."""
-        return self._import(label, Role.TRANSPORT, Algorithm.AES256, value, token)
+        return self._import(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, Algorithm.AES256, value,
+                            token)
+
+    # -- custody: components in and out of the token during ceremonies -----------------------------------------
+
+    def generate_custody_keypair(self, label: str) -> bytes:
+        """The domain's custody key: an RSA-3072 private key that may only decrypt (never extractable), for
+        components sent in encrypted to it and for escrow exports wrapped under its trusted public half (which
+        the security officer creates, ``Module.trust_custody_key``). Returns the public key (SPKI DER)."""
+        self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
+        with _hsm(f"generate custody key {label!r}"):
+            public, _ = self._session.generate_keypair(
+                KeyType.RSA, 3072,
+                public_template={Attribute.TOKEN: False, Attribute.ENCRYPT: True, Attribute.WRAP: False,
+                                 Attribute.VERIFY: False},
+                private_template={Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.LABEL: label,
+                                  Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.DECRYPT: True, Attribute.UNWRAP: False, Attribute.SIGN: False,
+                                  Attribute.MODIFIABLE: False},
+            )
+            try:
+                return _rsa_spki(public)
+            finally:
+                public.destroy()
+
+    def custody_decrypt(self, label: str, ciphertext: bytes) -> bytearray:
+        """Decrypt a component sent in to the custody key (RSA-OAEP). The caller wipes the result (a ceremony's
+        documented exception: components are joined outside the token, SoftHSM has no in-token XOR)."""
+        private = self._key(label, ObjectClass.PRIVATE_KEY)
+        with _hsm(f"decrypt a component with {label!r}"):
+            return bytearray(private.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                             mechanism_param=_OAEP_SHA1))
+
+    def escrow_export(self, key_label: str, custody_label: str) -> bytearray:
+        """An escrowable key's value, for splitting into components: wrapped by the token under the trusted custody
+        public key (refused for any key not created escrowable, and under any key the SO did not trust), then
+        decrypted with the custody private key. The caller splits and wipes it."""
+        key = self._key(key_label)
+        trusted = self._key(trusted_label(custody_label), ObjectClass.PUBLIC_KEY)
+        private = self._key(custody_label, ObjectClass.PRIVATE_KEY)
+        with _hsm(f"export {key_label!r} for escrow"):
+            wrapped = trusted.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1)
+            return bytearray(private.decrypt(wrapped, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1))
 
     def _import(self, label: str, role: Role, algorithm: Algorithm, value: bytearray, token: bool) -> bytes:
         try:
@@ -688,6 +785,7 @@ def _describe(obj: Any) -> KeyInfo:
         always_sensitive=attr(Attribute.ALWAYS_SENSITIVE),
         never_extractable=attr(Attribute.NEVER_EXTRACTABLE),
         capabilities=caps,
+        wrap_with_trusted=attr(Attribute.WRAP_WITH_TRUSTED),
     )
 
 

@@ -11,6 +11,7 @@ No HSM work starts once a call's deadline has passed or the call was cancelled. 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -26,6 +27,7 @@ from kms.clock import Clock
 from kms.engine import DomainKeys
 from kms.identity import Principal
 from kms.issuer import DomainPools, IssuedBundle, Issuer
+from kms.lifecycle import CardLifecycle
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
 from kms.server import abort, current_principal
@@ -44,9 +46,10 @@ class Issuance:
     """What the services share: records, key registry, profiles and the domain worker pools."""
 
     def __init__(self, config_path: Any, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
-                 pools: DomainPools, clock: Clock) -> None:
+                 pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle) -> None:
         self.config_path = config_path
         self.store = store
+        self.lifecycle = lifecycle  # lost, cancelled, replaced cards and retired identities are never issued
         self.registry = registry
         self.profiles = profiles
         self.pools = pools
@@ -130,6 +133,9 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         except errors.NotFound:
             raise errors.PermissionDenied(
                 f"card {request.card_ref} is not in batch {batch.batch_id}: it was not authorized") from None
+        # A card in a blocking state (lost, cancelled, closed, replaced, retired identity) gets nothing, not even
+        # its stored bundle; chip data presented is checked before it is bound.
+        self._i.lifecycle.require_issuable(_with_chip(record.identity, request))
         key = request.idempotency_key or None
         if record.state is CardState.ISSUED:
             if key is not None and record.idempotency_key == key:
@@ -159,6 +165,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise errors.DeadlineExceeded("the deadline passed while the card was sealed; nothing was issued")
+        self._i.lifecycle.require_issuable(record.identity)  # reported lost while it was sealed: not recorded
         try:
             stored = self._i.store.record_issued(batch.batch_id, record.card_ref, issued.serial, issued.data, key,
                                                  by=principal.uri(), sealed_for=record.identity)
@@ -194,10 +201,13 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         issuer = self._i.issuer(batch.bureau, batch.profile)
         _require_time(context)
 
-        def sealable(record: CardRecord) -> bool:
-            return record.state is CardState.PENDING and _complete(record.identity, profile)
+        blocked: dict[str, str] = {}  # card_ref → why it must not be issued (kms.lifecycle), filled per page
 
-        walk, feed = itertools.tee(self._records(batch.batch_id, after))
+        def sealable(record: CardRecord) -> bool:
+            return (record.state is CardState.PENDING and record.card_ref not in blocked
+                    and _complete(record.identity, profile))
+
+        walk, feed = itertools.tee(self._records(batch.batch_id, after, blocked))
 
         def to_seal() -> Iterator[CardIdentity]:
             for record in feed:
@@ -209,6 +219,13 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         group: list[tuple[CardRecord, IssuedBundle | None]] = []
         try:
             for record in walk:
+                if record.card_ref in blocked:
+                    # A pending card in a blocking state ends the stream like a failed card (the cursor stays
+                    # before it); a card issued before it was blocked is not sent again, and the stream goes on.
+                    if record.state is CardState.PENDING:
+                        yield from self._message(batch.batch_id, group, principal)
+                        raise errors.InvalidState(blocked[record.card_ref])
+                    continue
                 if sealable(record):
                     issued = next(sealed)
                     if issued.error is not None:
@@ -229,8 +246,9 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         finally:
             sealed.close()  # cancels the chunks still queued for the workers
 
-    def _records(self, batch_id: str, after: int) -> Iterator[CardRecord]:
+    def _records(self, batch_id: str, after: int, blocked: dict[str, str]) -> Iterator[CardRecord]:
         while page := self._i.store.cards_after(batch_id, after, PAGE):
+            blocked.update(self._i.lifecycle.blocked([r.identity for r in page if r.state is not CardState.REVOKED]))
             yield from page
             after = page[-1].sequence
 
@@ -298,6 +316,7 @@ class BatchService(rpc.BatchServiceServicer):
                 if missing:
                     raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
                                                  f"is required by profile {profile.name}")
+            self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
             batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
                                                principal.uri())
             log.info("%s created batch %s: %d cards for %s", principal, batch.batch_id, batch.card_count,
@@ -338,6 +357,19 @@ def _cursor(text: str) -> int:
 def _same_chip(record: CardRecord, chip: pb.ChipData) -> bool:
     given = {"card_serial": _field(chip.card_serial, "chip.card_serial"), "kdd": _field(chip.kdd, "chip.kdd")}
     return all(value is None or getattr(record.identity, name) == value for name, value in given.items())
+
+
+def _with_chip(identity: CardIdentity, request: pb.IssueCardRequest) -> CardIdentity:
+    """The identity the card would have with the request's chip data, for the lifecycle check (malformed chip data
+    is left to the binding step, which refuses it as before)."""
+    if not request.HasField("chip"):
+        return identity
+    try:
+        chip = {"card_serial": _field(request.chip.card_serial, "chip.card_serial"),
+                "kdd": _field(request.chip.kdd, "chip.kdd")}
+    except errors.InvalidArgument:
+        return identity
+    return dataclasses.replace(identity, **{name: value for name, value in chip.items() if value is not None})
 
 
 def _field(value: str, name: str) -> str | None:

@@ -1,7 +1,8 @@
 """The key registry: which keys exist in which domain's token, their versions and states.
 
 Records live in the store; the key material lives only in the token, under the label the registry gives it.
-States follow NIST SP 800-57; for now keys are created active (ceremonies add pre-activation and approvals).
+States follow NIST SP 800-57: a key made by a ceremony is registered pre-activation and activated only once its
+KCV is checked; ``transition`` allows only the moves in ``TRANSITIONS``, each time-stamped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class KeyKind(enum.StrEnum):
     MASTER = "master"
     TRANSPORT = "transport"
     SIGNING = "signing"
+    CUSTODY = "custody"  # the domain's RSA key for components in ceremonies (kms.components)
 
 
 class KeyState(enum.StrEnum):

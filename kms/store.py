@@ -26,6 +26,73 @@ keys = sa.Table(
     sa.Column("state_changed_at", sa.String(32), nullable=False),
 )
 
+#: Security officers: who may propose and approve ceremonies of their domain, with their approval public keys.
+officers = sa.Table(
+    "officers",
+    metadata,
+    sa.Column("principal", sa.String(200), primary_key=True),  # urn:kms:officer:<domain>:<name>
+    sa.Column("domain", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("roles", sa.String(200), nullable=False),  # space-separated
+    sa.Column("public_key", sa.Text, nullable=False),  # SPKI PEM of the ECDSA P-256 approval key
+    sa.Column("state", sa.String(16), nullable=False),  # active | revoked
+    sa.Column("enrolled_at", sa.String(32), nullable=False),
+    sa.Column("enrolled_by", sa.String(64), nullable=False),  # the ceremony id (genesis or enrol-officer)
+)
+
+#: Ceremonies: a proposed operation of one domain, its canonical encoding and digest, and how it ended.
+ceremonies = sa.Table(
+    "ceremonies",
+    metadata,
+    sa.Column("ceremony_id", sa.String(64), primary_key=True),
+    sa.Column("domain", sa.String(16), nullable=False),
+    sa.Column("operation", sa.String(64), nullable=False),
+    sa.Column("proposer", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.String(32), nullable=False),
+    sa.Column("encoding", sa.LargeBinary, nullable=False),  # canonical proposal: what approvals sign (digest)
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # open | executing | executed | failed | cancelled
+    sa.Column("result", sa.Text, nullable=True),  # canonical JSON: labels, versions, KCVs; never key material
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("closed_at", sa.String(32), nullable=True),
+    sa.Column("closed_by", sa.String(200), nullable=True),
+    sa.Index("ix_ceremonies_domain_state", "domain", "state"),
+)
+
+#: One officer's signed approval of one ceremony (at most one per officer).
+ceremony_approvals = sa.Table(
+    "ceremony_approvals",
+    metadata,
+    sa.Column("ceremony_id", sa.String(64), sa.ForeignKey("ceremonies.ceremony_id"), primary_key=True),
+    sa.Column("officer", sa.String(200), primary_key=True),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+)
+
+#: Key components in transit: a custodian's component encrypted to the domain's custody key (import), or to the
+#: custodian's approval key (export). ``direction`` says which; import rows are deleted when the ceremony ends.
+ceremony_components = sa.Table(
+    "ceremony_components",
+    metadata,
+    sa.Column("ceremony_id", sa.String(64), sa.ForeignKey("ceremonies.ceremony_id"), primary_key=True),
+    sa.Column("custodian", sa.String(200), primary_key=True),
+    sa.Column("direction", sa.String(8), primary_key=True),  # in | out
+    sa.Column("sealed", sa.LargeBinary, nullable=False),
+    sa.Column("kcv", sa.String(16), nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+)
+
+#: A batch's authorization by one domain (the executed authorize-batch ceremony).
+batch_authorizations = sa.Table(
+    "batch_authorizations",
+    metadata,
+    sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.batch_id"), primary_key=True),
+    sa.Column("domain", sa.String(16), primary_key=True),
+    sa.Column("ceremony_id", sa.String(64), nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+)
+
 #: At a station: every bundle serial opened there, so that a replayed bundle is refused.
 opened_bundles = sa.Table(
     "opened_bundles",
@@ -67,7 +134,8 @@ batches = sa.Table(
     sa.Column("batch_id", sa.String(64), primary_key=True),
     sa.Column("bureau", sa.String(64), nullable=False),
     sa.Column("profile", sa.String(64), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # open | closed
+    sa.Column("state", sa.String(24), nullable=False),  # awaiting-authorization | open | closed
+    sa.Column("cards_digest", sa.String(64), nullable=False),  # SHA-256 of the canonical card list
     sa.Column("created_by", sa.String(200), nullable=False),  # principal URI
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("card_count", sa.Integer, nullable=False),
@@ -111,3 +179,49 @@ card_events = sa.Table(
     sa.ForeignKeyConstraint(["batch_id", "card_ref"], ["batch_cards.batch_id", "batch_cards.card_ref"]),
     sa.Index("ix_card_events_card", "batch_id", "card_ref", "id"),
 )
+
+#: Card lifecycle (kms.lifecycle): the current state of each application of a card, by card_ref across all
+#: batches; a row exists once anything happened to the card (no row: both applications active). ``version`` makes
+#: every change a conditional UPDATE.
+card_lifecycle = sa.Table(
+    "card_lifecycle",
+    metadata,
+    sa.Column("card_ref", sa.String(64), primary_key=True),
+    sa.Column("hrss_state", sa.String(16), nullable=False),  # active | lost | cancelled | closed | replaced
+    sa.Column("bank_state", sa.String(16), nullable=False),
+    sa.Column("replaced_by", sa.String(64), nullable=True, unique=True),
+    sa.Column("replaces", sa.String(64), nullable=True, unique=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("changed_at", sa.String(32), nullable=False),
+)
+
+#: Append-only history of card lifecycle changes: who, when, what, why.
+card_lifecycle_events = sa.Table(
+    "card_lifecycle_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("card_ref", sa.String(64), nullable=False),
+    sa.Column("application", sa.String(16), nullable=True),  # hrss | bank; NULL: the card as a whole
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=True),
+    sa.Column("to_state", sa.String(16), nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("by", sa.String(200), nullable=False),  # principal URI
+    sa.Index("ix_card_lifecycle_events_card", "card_ref", "id"),
+)
+
+#: Identities of replaced cards, never to be issued again: card_serial, pan_psn ("<pan>/<psn>"), kdd.
+retired_identities = sa.Table(
+    "retired_identities",
+    metadata,
+    sa.Column("field", sa.String(16), primary_key=True),
+    sa.Column("value", sa.String(32), primary_key=True),
+    sa.Column("card_ref", sa.String(64), nullable=False),  # the replaced card
+    sa.Column("retired_at", sa.String(32), nullable=False),
+    sa.Column("retired_by", sa.String(200), nullable=False),
+)
+
+#: A card's records across batches (lifecycle look-ups by card_ref).
+sa.Index("ix_batch_cards_card_ref", batch_cards.c.card_ref)

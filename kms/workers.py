@@ -15,11 +15,12 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from kms import config, profiles, runtime
 from kms.cardid import CardIdentity
@@ -30,6 +31,7 @@ from kms.hsm import TokenSession
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
 
+T = TypeVar("T")
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
 log = logging.getLogger("kms.workers")
@@ -119,6 +121,17 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str]) -> list[SectionResult
         else SectionResult(job.card.card_ref, job.serial, section, None, pid, per_card)
         for job, section in zip(jobs, sections, strict=True)
     ]
+
+
+def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
+    """A ceremony step (kms.keyops) in this domain's worker, with its session and registry."""
+    function, args = task
+    if _init_error is not None and _init_args is not None:
+        _init(*_init_args)
+    if _init_error is not None:
+        raise _init_error
+    assert _worker is not None, "worker not initialized"
+    return function(_worker, *args)
 
 
 def _max_keys_per_card(cfg: config.Config, domain: str) -> int:
@@ -211,6 +224,24 @@ class DomainPool:
         finally:
             for _, (_, future) in pending:
                 future.cancel()
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step)."""
+        with self._lock:
+            executor = self._executor
+        try:
+            return executor.submit(_call, (function, args)).result()
+        except BrokenProcessPool:
+            self._replace_executor(self._generation)
+            raise HsmError(f"a {self.domain} worker process ended during a ceremony step", retryable=True) from None
+
+    def recycle(self) -> None:
+        """Replace the workers by fresh ones (after a key changed state: no worker keeps a stale key version)."""
+        with self._lock:
+            retiring, self._executor = self._executor, self._new_executor()
+            self._generation += 1
+            self._submitted = 0
+        retiring.shutdown(wait=False)
 
     def _replace_executor(self, generation: int) -> None:
         """Replace the broken pool, once: other requests that saw the same pool break find it replaced."""

@@ -16,15 +16,20 @@ AUDITOR = Principal("auditor", "carol")
 
 
 def _all_kms_methods() -> list[str]:
-    from kms.v1 import issuance_pb2
+    """Every method of every service of every .proto file under protos/kms/v1 (through its generated module)."""
+    import importlib
 
+    protos = sorted((Path(__file__).resolve().parent.parent / "protos" / "kms" / "v1").glob("*.proto"))
+    modules = [importlib.import_module(f"kms.v1.{proto.stem}_pb2") for proto in protos]
     return [f"/{service.full_name}/{method.name}"
-            for service in issuance_pb2.DESCRIPTOR.services_by_name.values() for method in service.methods]
+            for module in modules for service in module.DESCRIPTOR.services_by_name.values()
+            for method in service.methods]
 
 
 def test_every_method_of_every_kms_service_has_a_policy_entry() -> None:
     methods = _all_kms_methods()
     assert "/kms.v1.IssuanceService/IssueCard" in methods
+    assert "/kms.v1.CardService/ReportLost" in methods
     assert Policy.load().missing(methods) == []
 
 
@@ -51,3 +56,16 @@ def test_malformed_policies_are_refused(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError):
         Policy.load(path)
+
+
+def test_card_lifecycle_is_changed_by_officers_and_read_by_officers_and_auditors() -> None:
+    policy = Policy.load()
+    for method in ("ReportLost", "CancelLossReport", "ReplaceCard", "CancelApplication"):
+        policy.check(OFFICER, f"/kms.v1.CardService/{method}")
+        for who in (STATION, AUDITOR):
+            with pytest.raises(PermissionDenied, match="allowed: officer"):
+                policy.check(who, f"/kms.v1.CardService/{method}")
+    policy.check(OFFICER, "/kms.v1.CardService/GetCard")
+    policy.check(AUDITOR, "/kms.v1.CardService/GetCard")
+    with pytest.raises(PermissionDenied):
+        policy.check(STATION, "/kms.v1.CardService/GetCard")

@@ -92,7 +92,15 @@ def card(i: int, **overrides: str) -> CardIdentity:
 def make_batch(bstore: BatchStore, n: int = 3, batch_id: str = "B-1", **overrides: str) -> list[CardIdentity]:
     cards = [card(i, **overrides) for i in range(n)]
     bstore.create_batch(batch_id, "bureau-a", "dual-app", cards, OFFICER)
+    authorize(bstore, batch_id)
     return cards
+
+
+def authorize(bstore: BatchStore, batch_id: str) -> None:
+    """Both domains' authorize-batch ceremonies, as executing them records it."""
+    digest = bstore.get_batch(batch_id).cards_digest
+    for domain in ("hrss", "bank"):
+        bstore.authorize(batch_id, domain, f"C-{domain}", digest, ("hrss", "bank"))
 
 
 def count_rows(engine: sa.Engine, table: sa.Table) -> int:
@@ -108,7 +116,12 @@ def test_create_batch_records_cards_in_order_with_counts(bstore: BatchStore) -> 
     created = bstore.create_batch("B-2026.01:x", "bureau-a", "dual-app", cards, OFFICER)
     assert created == bstore.get_batch("B-2026.01:x")
     assert (created.bureau, created.profile, created.state, created.created_by, created.created_at) == (
-        "bureau-a", "dual-app", BatchState.OPEN, OFFICER, "2026-01-02T03:04:05Z")
+        "bureau-a", "dual-app", BatchState.AWAITING, OFFICER, "2026-01-02T03:04:05Z")
+    assert created.cards_digest == batches_module.cards_digest(cards) and created.authorized_by == ()
+    with pytest.raises(InvalidState, match="awaiting-authorization"):
+        bstore.record_issued("B-2026.01:x", "card-0001", "S1", b"bundle-1", "idem-1")
+    authorize(bstore, "B-2026.01:x")
+    assert bstore.get_batch("B-2026.01:x").state is BatchState.OPEN
     assert (created.card_count, created.issued_count) == (3, 0)
     for i, given in enumerate(cards):
         record = bstore.card("B-2026.01:x", given.card_ref)
@@ -446,6 +459,25 @@ def test_racing_stations_bind_a_card_to_one_chip(bstore: BatchStore, backend: En
     assert [e.event for e in bstore.events("B-1", "card-0000")].count(EventKind.CHIP_BOUND) == 1
 
 
+def test_a_batch_opens_only_when_every_domain_authorized_exactly_its_cards(bstore: BatchStore) -> None:
+    cards = [card(0), card(1)]
+    bstore.create_batch("B-1", "bureau-a", "dual-app", cards, OFFICER)
+    digest = bstore.get_batch("B-1").cards_digest
+    assert digest != batches_module.cards_digest([card(0), card(2)])
+    with pytest.raises(InvalidArgument, match="cards_digest"):
+        bstore.authorize("B-1", "hrss", "C-1", batches_module.cards_digest([card(0), card(2)]), ("hrss", "bank"))
+    with pytest.raises(InvalidArgument, match="domain"):
+        bstore.authorize("B-1", "bank", "C-1", digest, ("hrss",))
+    half = bstore.authorize("B-1", "hrss", "C-1", digest, ("hrss", "bank"))
+    assert (half.state, half.authorized_by) == (BatchState.AWAITING, ("hrss",))
+    with pytest.raises(AlreadyExists, match="already authorized by the hrss domain"):
+        bstore.authorize("B-1", "hrss", "C-2", digest, ("hrss", "bank"))
+    full = bstore.authorize("B-1", "bank", "C-3", digest, ("hrss", "bank"))
+    assert (full.state, full.authorized_by) == (BatchState.OPEN, ("bank", "hrss"))
+    with pytest.raises(InvalidState, match="not awaiting authorization"):
+        bstore.authorize("B-1", "bank", "C-4", digest, ("hrss", "bank"))
+
+
 # --- reading ----------------------------------------------------------------------------------------------------
 
 
@@ -453,6 +485,7 @@ def test_cards_after_pages_in_batch_order(bstore: BatchStore) -> None:
     # card_refs deliberately in reverse alphabetical order: pages follow the batch, not the names
     cards = [card(i, card_ref=f"z-{9 - i}") for i in range(7)]
     bstore.create_batch("B-1", "bureau-a", "dual-app", cards, OFFICER)
+    authorize(bstore, "B-1")
     pages, cursor = [], -1
     while page := bstore.cards_after("B-1", cursor, 3):
         pages.append([r.card_ref for r in page])

@@ -32,7 +32,7 @@ def test_init_is_idempotent_and_keys_list_shows_no_values(cli_home: Path) -> Non
     assert json.loads(again.stdout)["config"] == str(cli_home / "kms.yaml")
     listing = json.loads(kms("keys", "list", "--config", str(cli_home / "kms.yaml"), "--json", check=True).stdout)
     assert {(r["domain"], r["kind"]) for r in listing} == {
-        (d, k) for d in ("hrss", "bank") for k in ("master", "transport", "signing")}
+        (d, k) for d in ("hrss", "bank") for k in ("master", "transport", "signing", "custody")}
     assert len([r for r in listing if r["kind"] == "master"]) == 11
     assert all(r["state"] == "active" and r["version"] == 1 for r in listing)
     assert all(set(r) == {"domain", "kind", "name", "version", "algorithm", "state", "kcv", "kcv_method",
@@ -138,6 +138,29 @@ def test_serve_batch_and_station_fetch_over_mutual_tls(cli_home: Path, tmp_path:
         created = json.loads(kms("batch", "create", "--client", officer, "--server", address, "--batch-id", "B-cli",
                                  "--bureau", "bureau-b", "--cards", str(cards), "--json", check=True).stdout)
         assert created["cards"] == 12 and created["created_by"] == "urn:kms:officer:bank:carol"
+        assert created["state"] == "awaiting-authorization"
+        for domain, (proposer, approver) in (("bank", ("carol", "dave")), ("hrss", ("alice", "bob"))):
+            who = {n: str(cli_home / "clients" / f"officer-{domain}-{n}.yaml") for n in (proposer, approver)}
+            ceremony = json.loads(kms("ceremony", "propose", "--client", who[proposer], "--server", address,
+                                      "authorize-batch", "batch_id=B-cli", "--json", check=True).stdout)
+            assert ceremony["params"]["card_count"] == 12 and ceremony["state"] == "open"
+            selfie = kms("ceremony", "approve", "--client", who[proposer], "--server", address, "--yes",
+                         ceremony["ceremony_id"])
+            assert selfie.returncode == 5 and "proposer does not count" in selfie.stderr
+            kms("ceremony", "approve", "--client", who[approver], "--server", address, "--yes",
+                ceremony["ceremony_id"], check=True)
+            done = json.loads(kms("ceremony", "execute", "--client", who[proposer], "--server", address,
+                                  ceremony["ceremony_id"], "--json", check=True).stdout)
+            assert done["state"] == "executed"
+        minutes = tmp_path / "minutes.json"
+        kms("ceremony", "minutes", "--client", who[approver], "--server", address, ceremony["ceremony_id"],
+            "-o", str(minutes), check=True)
+        verified = kms("ceremony", "verify-minutes", str(minutes), "--public-key",
+                       str(cli_home / "trust" / "hrss-issuance-v1.pem"), check=True)
+        assert "verified: authorize-batch (hrss) executed, 1 approval signature(s) good" in verified.stdout
+        forged = kms("ceremony", "verify-minutes", str(minutes), "--public-key",
+                     str(cli_home / "trust" / "bank-issuance-v1.pem"))
+        assert forged.returncode == 2 and forged.stderr.count("\n") == 1 and "signature" in forged.stderr
         again = kms("batch", "create", "--client", officer, "--server", address, "--batch-id", "B-cli",
                     "--bureau", "bureau-b", "--cards", str(cards))
         assert again.returncode == 4 and again.stderr.startswith("kms: error: ")

@@ -7,6 +7,7 @@ not to do.
 from __future__ import annotations
 
 import pickle
+import secrets
 from typing import Any
 
 import pkcs11
@@ -31,12 +32,16 @@ def _master(registry: KeyRegistry, domain: str, name: str) -> str:
 
 
 def test_every_role_template_is_sensitive_and_only_card_keys_are_extractable() -> None:
+    escrowable = {Role.MASTER_ESCROWABLE, Role.TRANSPORT_ESCROWABLE}
     for role in Role:
         for token in (True, False):
             template = hsm.secret_key_template(role, token=token)
             assert template[Attribute.SENSITIVE] is True
             assert template[Attribute.PRIVATE] is True
-            assert template[Attribute.EXTRACTABLE] is (role is Role.CARD_KEY)
+            assert template[Attribute.EXTRACTABLE] is (role is Role.CARD_KEY or role in escrowable)
+            # Escrowable keys leave the token only wrapped under a key the security officer marked trusted.
+            assert template.get(Attribute.WRAP_WITH_TRUSTED, False) is (role in escrowable)
+            assert list(template)[-1] is Attribute.MODIFIABLE
     for template in (hsm._CARD_KEY_DERIVE, hsm._INTERMEDIATE_DERIVE):
         assert template[Attribute.SENSITIVE] is True
     assert hsm._INTERMEDIATE_DERIVE[Attribute.EXTRACTABLE] is False
@@ -71,6 +76,47 @@ def test_master_keys_cannot_be_read_or_wrapped_out(
         attacker_kek.destroy()
 
 
+@pytest.mark.parametrize("domain", ["hrss", "bank"])
+def test_an_escrowable_key_is_wrapped_only_under_the_so_trusted_custody_key(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, domain: str
+) -> None:
+    session = sessions[domain]
+    raw = _raw(session)
+    label = f"kms/{domain}/master/escrow-probe-{secrets.token_hex(3)}/v1"
+    kcv = session.generate_master_key(label, Algorithm.DES2, escrow=True)
+    attacker_kek = raw.generate_key(KeyType.AES, 256, store=False,
+                                    template={Attribute.WRAP: True, Attribute.EXTRACTABLE: True})
+    untrusted_rsa, untrusted_private = raw.generate_keypair(KeyType.RSA, 2048, store=False)
+    custody = registry.active(domain, KeyKind.CUSTODY, "custody").label
+    try:
+        key = raw.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+        with pytest.raises(p11e.AttributeSensitive):
+            key[Attribute.VALUE]
+        with pytest.raises(p11e.KeyNotWrappable):
+            attacker_kek.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        with pytest.raises(p11e.KeyNotWrappable):
+            untrusted_rsa.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                   mechanism_param=(Mechanism.SHA_1, pkcs11.MGF.SHA1, None))
+        with pytest.raises(p11e.PKCS11Error):
+            key[Attribute.WRAP_WITH_TRUSTED] = False
+        with pytest.raises(p11e.PKCS11Error):  # only the SO can mark a key trusted
+            attacker_kek[Attribute.TRUSTED] = True
+        value = session.escrow_export(label, custody)
+        try:
+            assert reference.kcv_tdes(bytes(value)) == kcv
+        finally:
+            hsm.wipe(value)
+        # A key not created escrowable is refused even under the trusted custody key.
+        plain = next(r.label for r in registry.all(domain) if r.kind is KeyKind.MASTER)
+        with pytest.raises(HsmError, match="may not leave it"):
+            session.escrow_export(plain, custody)
+    finally:
+        attacker_kek.destroy()
+        untrusted_rsa.destroy()
+        untrusted_private.destroy()
+        session.destroy(label)
+
+
 def test_every_secret_key_in_the_tokens_is_sensitive(
     sessions: dict[str, TokenSession], station_session: TokenSession
 ) -> None:
@@ -80,7 +126,8 @@ def test_every_secret_key_in_the_tokens_is_sensitive(
             if info.object_class in ("SECRET_KEY", "PRIVATE_KEY"):
                 seen += 1
                 assert info.sensitive is True, info.label
-                assert info.extractable is False, info.label
+                # Extractable only if escrowable, i.e. wrappable solely under the SO-trusted custody key.
+                assert info.extractable is False or info.wrap_with_trusted is True, info.label
     assert seen >= 15
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from ceremony_helpers import open_batch
 from conftest import card
 
 from kms import config
@@ -53,7 +54,7 @@ def test_an_officer_authorizes_a_batch_and_the_station_streams_and_opens_it(
 ) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        status = alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(40, 10_000))
+        status = open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(40, 10_000))
     assert (status.cards, status.issued, status.created_by) == (40, 0, ALICE.uri())
     with _client(home, service, "station-a1") as st:
         bundles = list(st.stream_batch(batch, per_message=8))
@@ -71,7 +72,7 @@ def test_an_officer_authorizes_a_batch_and_the_station_streams_and_opens_it(
 def test_issue_card_is_idempotent_and_at_most_once(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, CAROL) as carol:
-        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(2, 20_000))
+        open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(2, 20_000))
     with _client(home, service, "station-a1") as st:
         first = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
         again = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
@@ -87,7 +88,7 @@ def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home:
     blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=f"621483000000{i:04d}", psn="01")
              for i in range(2)]
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1", blank)
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", blank)
     with _client(home, service, "station-a1") as st:
         with pytest.raises(InvalidArgument) as missing:
             st.issue_card(batch, "chip-0")
@@ -110,7 +111,7 @@ def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home:
 def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 30_000))
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 30_000))
         with pytest.raises(PermissionDenied, match=r"not registered for the hrss domain"):
             alice.create_batch(_batch_id(), "bureau-zz", "dual-app-v1", _cards(1, 30_001))
         from kms.v1 import issuance_pb2 as pb
@@ -140,7 +141,7 @@ def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
 def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 40_000))
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 40_000))
         huge = [CardIdentity(card_ref=f"x{i:08d}" + "y" * 50, city_code="320200") for i in range(150_000)]
         with pytest.raises(Exception) as raised:
             alice.create_batch(_batch_id(), "bureau-a", "dual-app-v1", huge)
@@ -156,7 +157,7 @@ def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> N
 def test_a_dropped_stream_resumes_without_losing_or_repeating_a_card(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, CAROL) as carol:
-        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(60, 50_000))
+        open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(60, 50_000))
     received: list[str] = []
     cursor = ""
     with _client(home, service, "station-a1") as st:
@@ -177,7 +178,7 @@ def test_a_dropped_stream_resumes_without_losing_or_repeating_a_card(home: Home,
 def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(300, 60_000))
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(300, 60_000))
     received = []
     with _client(home, service, "station-a1") as st:
         for i, bundle in enumerate(st.stream_batch(batch, per_message=4)):
@@ -212,7 +213,7 @@ def test_a_batch_must_carry_what_no_chip_can_supply(home: Home, service: Service
 def test_a_malformed_idempotency_key_is_refused_before_any_hsm_work(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1", _cards(1, 70_000))
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 70_000))
     with _client(home, service, "station-a1") as st:
         with pytest.raises(InvalidArgument) as raised:
             st.issue_card(batch, "svc-070000", idempotency_key="has space")
@@ -228,7 +229,7 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
 
     batch = _batch_id()
     with _client(home, service, CAROL) as carol:
-        carol.create_batch(batch, "bureau-a", "dual-app-v1", _cards(5, 80_000))
+        open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(5, 80_000))
     issuer = service.issuance.issuer("bureau-a", "dual-app-v1")
     real, failed = issuer.issue, []
 
@@ -257,7 +258,7 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
 def test_replay_with_another_chip_and_unknown_batches_are_refused(home: Home, service: Service) -> None:
     batch = _batch_id()
     with _client(home, service, ALICE) as alice:
-        alice.create_batch(batch, "bureau-a", "dual-app-v1",
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
                            [CardIdentity(card_ref="rc-0", city_code="320200", pan="6214830000000009", psn="01")])
     with _client(home, service, "station-a1") as st:
         st.issue_card(batch, "rc-0", card_serial="86843202AD932A48", kdd="00010203040506070809", idempotency_key="r")

@@ -1,0 +1,206 @@
+"""The ceremony service (kms.v1.CeremonyService): officers propose, approve, send components, execute, cancel and
+read minutes of their own domain's ceremonies (docs/ceremonies.md). Auditors read ceremonies and minutes.
+
+The caller's domain is their certificate's; an officer never sees or touches another domain's ceremonies (a
+ceremony of the other domain reads as not found, so its existence is not disclosed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from kms import errors, keyops, operations
+from kms.bundle import canonical
+from kms.ceremonies import Ceremonies, CeremonyRecord, CeremonyState, check_id
+from kms.ceremony import MINUTES_FORMAT
+from kms.clock import Clock, rfc3339
+from kms.engine import SIGNING_KEY_NAME
+from kms.identity import Principal
+from kms.operations import Context
+from kms.registry import DOMAINS, KeyKind
+from kms.server import abort, current_principal
+from kms.v1 import ceremony_pb2 as pb
+from kms.v1 import ceremony_pb2_grpc as rpc
+
+log = logging.getLogger("kms.ceremonies")
+
+
+
+
+class CeremonyService(rpc.CeremonyServiceServicer):
+    def __init__(self, ceremonies: Ceremonies, context: Context, clock: Clock) -> None:
+        self._c = ceremonies
+        self._ctx = context
+        self._clock = clock
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _handle(self, context: grpc.ServicerContext, work: Callable[[Principal], Any]) -> Any:
+        try:
+            return work(current_principal())
+        except Exception as error:
+            abort(context, error)
+        raise AssertionError("unreachable")
+
+    def _visible(self, principal: Principal, ceremony_id: str) -> CeremonyRecord:
+        record = self._c.get(check_id(ceremony_id))
+        if principal.role == "officer" and principal.domain != record.domain:
+            raise errors.NotFound(f"no ceremony {ceremony_id}")
+        return record
+
+    def _message(self, record: CeremonyRecord) -> pb.Ceremony:
+        try:
+            quorum = self._c.policy.quorum(record.domain, record.operation)
+            required, role = quorum.required, quorum.role
+        except errors.InvalidArgument:
+            required, role = 0, ""
+        return pb.Ceremony(
+            ceremony_id=record.ceremony_id, domain=record.domain, operation=record.operation,
+            params_json=json.dumps(dict(record.params), sort_keys=True), proposer=record.proposal.proposer.uri(),
+            created_at=rfc3339(record.proposal.created_at), expires_at=rfc3339(record.proposal.expires_at),
+            state=record.state.value, encoding=record.encoding, digest=record.digest, required=required, role=role,
+            approvals=[pb.ApprovalInfo(officer=a.officer.uri(), at=a.at) for a in record.approvals],
+            components=[pb.ComponentInfo(custodian=c.custodian.uri(), kcv=c.kcv, at=c.at) for c in record.components],
+            result_json="" if record.result is None else json.dumps(dict(record.result), sort_keys=True),
+            error=record.error or "",
+        )
+
+    # -- methods -----------------------------------------------------------------------------------------------
+
+    def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Ceremony:
+        def work(principal: Principal) -> pb.Ceremony:
+            op = operations.operation(request.operation)
+            try:
+                params = json.loads(request.params_json or "{}")
+            except json.JSONDecodeError:
+                raise errors.InvalidArgument("params_json", "is not JSON") from None
+            if not isinstance(params, dict):
+                raise errors.InvalidArgument("params_json", "must be a JSON object")
+            assert principal.domain is not None
+            checked = op.check(self._ctx, principal.domain, params)
+            ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else dt.timedelta(hours=24)
+            record = self._c.propose(principal, op.name, checked, ttl)
+            log.info("%s proposed %s (%s)", principal, record.ceremony_id, op.name)
+            return self._message(record)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def GetCeremony(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
+        return self._handle(context, lambda p: self._message(  # type: ignore[no-any-return]
+            self._visible(p, request.ceremony_id)))
+
+    def ListCeremonies(self, request: pb.ListCeremoniesRequest, context: grpc.ServicerContext
+                       ) -> pb.ListCeremoniesResponse:
+        def work(principal: Principal) -> pb.ListCeremoniesResponse:
+            states: tuple[CeremonyState, ...] = ()
+            if request.state:
+                try:
+                    states = (CeremonyState(request.state),)
+                except ValueError:
+                    raise errors.InvalidArgument("state", f"must be one of "
+                                                          f"{', '.join(s.value for s in CeremonyState)}") from None
+            domains = [principal.domain] if principal.role == "officer" else list(DOMAINS)
+            found = [r for d in domains if d for r in self._c.list(d, states)]
+            return pb.ListCeremoniesResponse(ceremonies=[self._message(r) for r in found])
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> pb.Ceremony:
+        def work(principal: Principal) -> pb.Ceremony:
+            self._visible(principal, request.ceremony_id)
+            if not request.signature:
+                raise errors.InvalidArgument("signature", "is required")
+            record = self._c.approve(request.ceremony_id, principal, request.signature)
+            log.info("%s approved %s", principal, record.ceremony_id)
+            return self._message(record)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def SubmitComponent(self, request: pb.SubmitComponentRequest, context: grpc.ServicerContext) -> pb.Ceremony:
+        def work(principal: Principal) -> pb.Ceremony:
+            self._visible(principal, request.ceremony_id)
+
+            def check(record: CeremonyRecord, sealed: bytes, kcv: str) -> None:
+                pool = operations.pool_for(self._ctx, record.domain)
+                pool.call(keyops.check_component, record.params.get("algorithm", "AES256"), sealed, kcv)
+
+            record = self._c.add_component(request.ceremony_id, principal, request.encrypted_component,
+                                           request.kcv, check)
+            log.info("%s sent a component to %s", principal, record.ceremony_id)
+            return self._message(record)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def Cancel(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
+        def work(principal: Principal) -> pb.Ceremony:
+            self._visible(principal, request.ceremony_id)
+            record = self._c.cancel(request.ceremony_id, principal)
+            log.info("%s cancelled %s", principal, record.ceremony_id)
+            return self._message(record)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def Execute(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
+        def work(principal: Principal) -> pb.Ceremony:
+            record = self._visible(principal, request.ceremony_id)
+            op = operations.operation(record.operation)
+            try:
+                done = self._c.execute(record.ceremony_id, principal, lambda r: op.run(self._ctx, r))
+            finally:
+                if op.changes_keys and self._ctx.pools is not None and record.domain in self._ctx.pools.pools:
+                    self._ctx.pools.pools[record.domain].recycle()
+            log.info("%s executed %s (%s)", principal, done.ceremony_id, op.name)
+            return self._message(done)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def FetchComponent(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.SealedComponent:
+        def work(principal: Principal) -> pb.SealedComponent:
+            self._visible(principal, request.ceremony_id)
+            sealed, kcv = self._c.output_for(request.ceremony_id, principal)
+            return pb.SealedComponent(ceremony_id=request.ceremony_id, sealed=sealed, kcv=kcv)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def GetMinutes(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Minutes:
+        def work(principal: Principal) -> pb.Minutes:
+            record = self._visible(principal, request.ceremony_id)
+            document = minutes(record, self._ctx, self._clock.now())
+            signing = self._ctx.registry.active(record.domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
+            raw = operations.pool_for(self._ctx, record.domain).call(keyops.sign, signing.label, document)
+            signature = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+            return pb.Minutes(document=document, signature=signature, signing_key=signing.label)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def GetDomain(self, request: pb.GetDomainRequest, context: grpc.ServicerContext) -> pb.DomainInfo:
+        def work(principal: Principal) -> pb.DomainInfo:
+            if principal.domain is None:
+                raise errors.PermissionDenied("only officers have a domain")
+            custody = self._ctx.registry.active(principal.domain, KeyKind.CUSTODY, keyops.CUSTODY_NAME)
+            return pb.DomainInfo(domain=principal.domain, custody_public_key=custody.public_key or b"", officers=[
+                pb.OfficerInfo(officer=r.officer.principal.uri(), roles=sorted(r.officer.roles),
+                               public_key=r.public_key_pem, state=r.state)
+                for r in self._ctx.officers.all(principal.domain)])
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+
+def minutes(record: CeremonyRecord, ctx: Context, now: dt.datetime) -> bytes:
+    """The canonical minutes of a ceremony: the proposal (its exact encoding), every approval with its signature
+    and the approving officer's public key, the components received (custodian and KCV only), how it ended."""
+    keys: Mapping[str, str] = {r.officer.principal.uri(): r.public_key_pem for r in ctx.officers.all(record.domain)}
+    return canonical({
+        "format": MINUTES_FORMAT, "version": 1, "ceremony_id": record.ceremony_id, "domain": record.domain,
+        "operation": record.operation, "proposal": record.encoding.decode(), "digest": record.digest,
+        "approvals": [{"officer": a.officer.uri(), "at": a.at, "signature": a.signature.hex(),
+                       "public_key": keys.get(a.officer.uri(), "")} for a in record.approvals],
+        "components": [{"custodian": c.custodian.uri(), "kcv": c.kcv, "at": c.at} for c in record.components],
+        "state": record.state.value, "result": dict(record.result or {}), "error": record.error or "",
+        "closed_at": record.closed_at or "", "closed_by": record.closed_by or "", "issued_at": rfc3339(now),
+    })
+
+
+def register(service: CeremonyService) -> Callable[[grpc.Server], list[str]]:
+    def add(server: grpc.Server) -> list[str]:
+        rpc.add_CeremonyServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        return [pb.DESCRIPTOR.services_by_name["CeremonyService"].full_name]
+    return add

@@ -1,0 +1,163 @@
+"""Security officers: who they are, their domain and roles, and their personal approval keys.
+
+An officer is the principal of their mTLS certificate (``urn:kms:officer:<domain>:<name>``) plus an ECDSA P-256
+approval key: the certificate says who is calling, the approval key's signature says what exactly they agreed to.
+In development the private approval key is a PEM file (``ApprovalKeyFile``); the code only ever asks it to sign, so
+a smartcard token can stand in for it.
+
+The first officers of each domain are enrolled by the genesis ceremony at ``kms init``; every later enrolment is an
+``enrol-officer`` ceremony of the domain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms.ceremony import Officer
+from kms.clock import Clock, rfc3339
+from kms.errors import AlreadyExists, InvalidArgument, NotFound
+from kms.identity import Principal, parse_uri
+from kms.registry import check_domain
+from kms.store import officers
+
+ROLES = ("approver", "key-custodian")
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def parse_public_key(pem: str, field: str = "public_key") -> ec.EllipticCurvePublicKey:
+    """An officer's approval public key: an ECDSA P-256 SubjectPublicKeyInfo in PEM."""
+    try:
+        key = serialization.load_pem_public_key(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidArgument(field, "is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise InvalidArgument(field, "must be an ECDSA P-256 public key")
+    return key
+
+
+def public_pem(key: ec.EllipticCurvePublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def check_roles(roles: Iterable[str], field: str = "roles") -> frozenset[str]:
+    chosen = frozenset(roles)
+    if not chosen or not chosen <= set(ROLES):
+        raise InvalidArgument(field, f"must be one or more of {', '.join(ROLES)}")
+    return chosen
+
+
+def check_name(name: str, field: str = "name") -> str:
+    if not _NAME.match(name):
+        raise InvalidArgument(field, "must be 1-32 lower-case letters, digits or '-', starting with a letter")
+    return name
+
+
+class ApprovalKeyFile:
+    """A development approval key: an unencrypted PKCS#8 PEM file readable by its owner only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, path: Path) -> ApprovalKeyFile:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        return cls(path)
+
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        try:
+            key = serialization.load_pem_private_key(self.path.read_bytes(), password=None)
+        except (OSError, ValueError) as error:
+            raise InvalidArgument("approval_key", f"cannot read an approval key from {self.path} "
+                                                  f"({type(error).__name__})") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidArgument("approval_key", f"{self.path} is not an ECDSA key")
+        return key
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key().public_key()
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key().sign(message, ec.ECDSA(hashes.SHA256()))
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """For decrypting a component sent to this officer (escrow export); never leaves this process."""
+        return self._key()
+
+
+@dataclass(frozen=True)
+class OfficerRecord:
+    officer: Officer
+    public_key_pem: str
+    state: str
+    enrolled_at: str
+    enrolled_by: str
+
+
+class OfficerStore:
+    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def enrol(self, principal: Principal, roles: Iterable[str], public_key_pem: str, enrolled_by: str,
+              conn: sa.Connection | None = None) -> OfficerRecord:
+        if principal.role != "officer" or principal.domain is None:
+            raise InvalidArgument("principal", "must be an officer of a domain")
+        check_domain(principal.domain)
+        check_name(principal.name)
+        chosen = check_roles(roles)
+        parse_public_key(public_key_pem)
+        values = dict(principal=principal.uri(), domain=principal.domain, name=principal.name,
+                      roles=" ".join(sorted(chosen)), public_key=public_key_pem, state="active",
+                      enrolled_at=rfc3339(self._clock.now()), enrolled_by=enrolled_by)
+        try:
+            if conn is not None:
+                conn.execute(officers.insert().values(**values))
+            else:
+                with self._engine.begin() as own:
+                    own.execute(officers.insert().values(**values))
+        except sa.exc.IntegrityError:
+            raise AlreadyExists(f"{principal} is already enrolled") from None
+        return self.get(principal) if conn is None else _record(values)
+
+    def get(self, principal: Principal) -> OfficerRecord:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(officers).where(officers.c.principal == principal.uri())).first()
+        if row is None:
+            raise NotFound(f"{principal} is not an enrolled officer")
+        return _record(row._mapping)
+
+    def all(self, domain: str | None = None) -> list[OfficerRecord]:
+        query = sa.select(officers).order_by(officers.c.domain, officers.c.name)
+        if domain is not None:
+            query = query.where(officers.c.domain == domain)
+        with self._engine.connect() as conn:
+            return [_record(r._mapping) for r in conn.execute(query)]
+
+    def active(self, domain: str) -> Mapping[Principal, Officer]:
+        """The domain's active officers, as ``kms.ceremony.evaluate`` takes them."""
+        return {r.officer.principal: r.officer for r in self.all(domain) if r.state == "active"}
+
+    def count(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(officers)).scalar_one())
+
+
+def _record(m: Mapping[Any, Any]) -> OfficerRecord:
+    pem = str(m["public_key"])
+    officer = Officer(parse_uri(str(m["principal"])), frozenset(str(m["roles"]).split()), parse_public_key(pem))
+    return OfficerRecord(officer, pem, str(m["state"]), str(m["enrolled_at"]), str(m["enrolled_by"]))

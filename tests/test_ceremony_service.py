@@ -1,0 +1,328 @@
+"""Key ceremonies end to end: a real server over mutual TLS, officers signing with their own approval keys, HSM
+steps in the domain workers on SoftHSM2, records in SQLite (docs/ceremonies.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from ceremony_helpers import authorize_batch, client, key, officer, run_ceremony
+from conftest import card
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from kms import components, config, store
+from kms.ceremony import APPROVAL_CONTEXT, verify_minutes
+from kms.ceremony_client import CeremonyClient
+from kms.clock import SystemClock
+from kms.devhome import Home
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.hsm import Algorithm
+from kms.identity import Principal
+from kms.registry import KeyKind, KeyRegistry, KeyState
+from kms.serve import Service
+
+ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
+CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
+
+
+@pytest.fixture(scope="module")
+def service(home: Home) -> Iterator[Service]:
+    svc = Service(home.config, listen="127.0.0.1:0")
+    yield svc
+    svc.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def registry(home: Home) -> KeyRegistry:
+    return KeyRegistry(store.make_engine(config.load(home.config).database), SystemClock())
+
+
+def _name() -> str:
+    return f"test-{secrets.token_hex(4)}"
+
+
+def _as(home: Home, service: Service, who: Principal) -> CeremonyClient:
+    return CeremonyClient(client(home, service.port, who))
+
+
+# -- the protocol through gRPC ------------------------------------------------------------------------------------
+
+
+def test_generate_master_key_needs_two_approvals_by_other_officers_of_the_domain(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    alice, bob, chen, carol = (_as(home, service, w) for w in (ALICE, BOB, CHEN, CAROL))
+    ceremony = alice.propose("generate-master-key", {"name": name})
+    assert (ceremony.domain, ceremony.state, ceremony.required, ceremony.role) == ("hrss", "open", 2, "approver")
+    assert hashlib.sha256(ceremony.encoding).hexdigest() == ceremony.digest
+    with pytest.raises(PermissionDenied, match="proposer does not count"):
+        alice.approve(ceremony.ceremony_id, key(home, ALICE))
+    with pytest.raises(NotFound):  # another domain's ceremony is not even visible
+        carol.approve(ceremony.ceremony_id, key(home, CAROL))
+    # A signature by bob's key but over another digest, or by another officer's key, is refused.
+    forged = key(home, BOB).sign(APPROVAL_CONTEXT + bytes(32))
+    with pytest.raises(InvalidArgument, match="signature"):
+        bob._client.call(bob._stub.Approve, _approve_request(ceremony.ceremony_id, forged))
+    with pytest.raises(InvalidArgument, match="signature"):
+        bob.approve(ceremony.ceremony_id, key(home, CHEN))
+    bob.approve(ceremony.ceremony_id, key(home, BOB))
+    with pytest.raises(AlreadyExists, match="already approved"):
+        bob.approve(ceremony.ceremony_id, key(home, BOB))
+    with pytest.raises(InvalidState, match="1 of the 2 approvals"):
+        alice.execute(ceremony.ceremony_id)
+    assert registry.versions("hrss", KeyKind.MASTER, name) == []
+    chen.approve(ceremony.ceremony_id, key(home, CHEN))
+    with pytest.raises(NotFound):
+        carol.execute(ceremony.ceremony_id)
+    done = bob.execute(ceremony.ceremony_id)
+    assert done.state == "executed" and [a.officer for a in done.approvals] == [BOB.uri(), CHEN.uri()]
+    record = registry.active("hrss", KeyKind.MASTER, name)
+    assert record.version == 1 and record.kcv and record.kcv in done.result_json
+    with pytest.raises(InvalidState, match="executed"):
+        alice.execute(ceremony.ceremony_id)  # once only
+    with pytest.raises(InvalidState, match="executed"):
+        chen.cancel(ceremony.ceremony_id)
+
+
+def _approve_request(ceremony_id: str, signature: bytes) -> object:
+    from kms.v1 import ceremony_pb2 as pb
+
+    return pb.ApproveRequest(ceremony_id=ceremony_id, signature=signature)
+
+
+def test_a_cancelled_ceremony_runs_never(home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    ceremony = run_ceremony(home, service.port, "bank", "generate-master-key", {"name": name}, execute=False)
+    _as(home, service, DAVE).cancel(ceremony.ceremony_id)
+    with pytest.raises(InvalidState, match="cancelled"):
+        _as(home, service, CAROL).execute(ceremony.ceremony_id)
+    with pytest.raises(InvalidState, match="cancelled"):
+        _as(home, service, FRANK).approve(ceremony.ceremony_id, key(home, FRANK))
+    assert registry.versions("bank", KeyKind.MASTER, name) == []
+
+
+def test_bad_proposals_are_refused_naming_the_field(home: Home, service: Service) -> None:
+    alice = _as(home, service, ALICE)
+    cases = [
+        ("make-coffee", {}, "operation"),
+        ("generate-master-key", {"name": "Bad Name"}, "params.name"),
+        ("generate-master-key", {"name": "ok", "algorithm": "SM4"}, "params.algorithm"),
+        ("generate-master-key", {"name": "ok", "colour": "red"}, "params.colour"),
+        ("import-master-key", {"name": "ok", "kcv": "12345", "custodians": ["bob", "chen"]}, "params.kcv"),
+        ("import-master-key", {"name": "ok", "kcv": "123456", "custodians": ["bob"]}, "params.custodians"),
+        ("import-master-key", {"name": "ok", "kcv": "123456", "custodians": ["bob", "carol"]}, "params.custodians"),
+        ("authorize-batch", {"batch_id": "B-none"}, "params.batch_id"),
+        ("register-transport-key", {"bureau": "bureau-x", "method": "fax"}, "params.method"),
+        ("destroy-key", {"name": "hrss-mk", "version": 0}, "params.version"),
+    ]
+    for operation, params, field in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            alice.propose(operation, params)
+        assert caught.value.field == field, (operation, params, caught.value)
+
+
+# -- components: import and escrow export ----------------------------------------------------------------------
+
+
+def _component(algorithm: Algorithm) -> bytearray:
+    return bytearray(secrets.token_bytes(algorithm.length))
+
+
+def test_import_from_components_checks_every_kcv_and_the_joined_one(
+        home: Home, service: Service, registry: KeyRegistry, capfd: pytest.CaptureFixture[str]) -> None:
+    name = _name()
+    parts = {BOB: _component(Algorithm.DES2), CHEN: _component(Algorithm.DES2)}
+    joined = components.join(list(parts.values()))
+    expected = components.kcv(Algorithm.DES2, joined)
+    ceremony = run_ceremony(home, service.port, "hrss", "import-master-key",
+                            {"name": name, "kcv": expected, "custodians": ["bob", "chen"]}, execute=False)
+    bob, chen = _as(home, service, BOB), _as(home, service, CHEN)
+    with pytest.raises(InvalidState, match="still needs the components of bob, chen"):
+        bob.execute(ceremony.ceremony_id)
+    # A component whose KCV is not its own is refused before anything is stored.
+    with pytest.raises(InvalidArgument, match="kcv"):
+        bob.submit_component(ceremony.ceremony_id, parts[BOB], components.kcv(Algorithm.DES2, parts[CHEN]))
+    with pytest.raises(PermissionDenied, match="not a custodian"):
+        _as(home, service, ALICE).submit_component(ceremony.ceremony_id, parts[BOB],
+                                                   components.kcv(Algorithm.DES2, parts[BOB]))
+    bob.submit_component(ceremony.ceremony_id, parts[BOB], components.kcv(Algorithm.DES2, parts[BOB]))
+    with pytest.raises(AlreadyExists):
+        bob.submit_component(ceremony.ceremony_id, parts[BOB], components.kcv(Algorithm.DES2, parts[BOB]))
+    state = chen.submit_component(ceremony.ceremony_id, parts[CHEN], components.kcv(Algorithm.DES2, parts[CHEN]))
+    assert [c.custodian for c in state.components] == [BOB.uri(), CHEN.uri()]
+    done = _as(home, service, ALICE).execute(ceremony.ceremony_id)
+    record = registry.active("hrss", KeyKind.MASTER, name)
+    assert record.kcv == expected and done.state == "executed"
+    _assert_no_trace(home, capfd, [*parts.values(), joined])
+
+
+def test_a_wrong_joined_kcv_leaves_no_active_key(
+        home: Home, service: Service, registry: KeyRegistry, capfd: pytest.CaptureFixture[str]) -> None:
+    name = _name()
+    parts = [_component(Algorithm.DES2), _component(Algorithm.DES2)]
+    ceremony = run_ceremony(home, service.port, "bank", "import-master-key",
+                            {"name": name, "kcv": "000000", "custodians": ["dave", "frank"]}, execute=False)
+    for who, part in zip((DAVE, FRANK), parts, strict=True):
+        _as(home, service, who).submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.DES2, part))
+    with pytest.raises(InvalidState, match="differs from the expected 000000"):
+        _as(home, service, CAROL).execute(ceremony.ceremony_id)
+    assert _as(home, service, CAROL).get(ceremony.ceremony_id).state == "failed"
+    [version] = registry.versions("bank", KeyKind.MASTER, name)
+    assert version.state is KeyState.DESTROYED
+    with pytest.raises(InvalidState, match="no active version"):
+        registry.active("bank", KeyKind.MASTER, name)
+    _assert_no_trace(home, capfd, [*parts, components.join(parts)])
+
+
+def test_escrow_export_gives_each_custodian_only_their_component(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    run_ceremony(home, service.port, "hrss", "generate-master-key", {"name": name, "escrow": "yes"})
+    record = registry.active("hrss", KeyKind.MASTER, name)
+    done = run_ceremony(home, service.port, "hrss", "export-master-key",
+                        {"name": name, "version": 1, "recipients": ["bob", "chen"]})
+    assert done.state == "executed", done.error
+    opened = []
+    for who in (BOB, CHEN):
+        value, kcv = _as(home, service, who).fetch_component(done.ceremony_id, key(home, who), who.uri())
+        assert components.kcv(Algorithm.DES2, value) == kcv
+        opened.append(value)
+    with pytest.raises(NotFound):
+        _as(home, service, ALICE).fetch_component(done.ceremony_id, key(home, ALICE), ALICE.uri())
+    assert opened[0] != opened[1]
+    assert components.kcv(Algorithm.DES2, components.join(opened)) == record.kcv
+    # A key not created escrowable cannot be exported: the token refuses to wrap it.
+    plain = _name()
+    run_ceremony(home, service.port, "hrss", "generate-master-key", {"name": plain})
+    with pytest.raises(Exception, match="may not leave it"):
+        run_ceremony(home, service.port, "hrss", "export-master-key",
+                     {"name": plain, "version": 1, "recipients": ["bob", "chen"]})
+
+
+# -- transport keys, states, destruction -------------------------------------------------------------------------
+
+
+def test_transport_key_wrapped_to_a_bureaus_rsa_key(home: Home, service: Service, registry: KeyRegistry) -> None:
+    bureau = _name()
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    done = run_ceremony(home, service.port, "bank", "register-transport-key",
+                        {"bureau": bureau, "method": "rsa-oaep", "public_key": pem})
+    import json
+
+    result = json.loads(done.result_json)
+    value = private.decrypt(bytes.fromhex(result["wrapped_key"]),
+                            padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None))
+    assert components.kcv(Algorithm.AES256, value) == result["kcv"] == registry.active(
+        "bank", KeyKind.TRANSPORT, bureau).kcv
+
+
+def test_transport_key_from_and_to_components(home: Home, service: Service, registry: KeyRegistry) -> None:
+    bureau = _name()
+    parts = [_component(Algorithm.AES256), _component(Algorithm.AES256)]
+    expected = components.kcv(Algorithm.AES256, components.join(parts))
+    ceremony = run_ceremony(home, service.port, "hrss", "register-transport-key",
+                            {"bureau": bureau, "method": "import-components", "kcv": expected,
+                             "custodians": ["bob", "chen"]}, execute=False)
+    for who, part in zip((BOB, CHEN), parts, strict=True):
+        _as(home, service, who).submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.AES256, part))
+    _as(home, service, ALICE).execute(ceremony.ceremony_id)
+    assert registry.active("hrss", KeyKind.TRANSPORT, bureau).kcv == expected
+
+    other = _name()
+    done = run_ceremony(home, service.port, "hrss", "register-transport-key",
+                        {"bureau": other, "method": "export-components", "recipients": ["bob", "chen"]})
+    opened = [_as(home, service, w).fetch_component(done.ceremony_id, key(home, w), w.uri())[0] for w in (BOB, CHEN)]
+    assert components.kcv(Algorithm.AES256, components.join(opened)) == registry.active(
+        "hrss", KeyKind.TRANSPORT, other).kcv
+
+
+def test_key_states_rotation_and_destruction_are_ceremonies(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    run_ceremony(home, service.port, "bank", "generate-master-key", {"name": name})
+    rotated = run_ceremony(home, service.port, "bank", "rotate-master-key", {"name": name})
+    assert rotated.state == "executed"
+    assert registry.active("bank", KeyKind.MASTER, name).version == 2  # the newest active version serves new cards
+    assert registry.get("bank", KeyKind.MASTER, name, 1).state is KeyState.ACTIVE  # v1 stays until deactivated
+    with pytest.raises(InvalidState, match="deactivate it"):
+        run_ceremony(home, service.port, "bank", "destroy-key", {"name": name, "version": 1})
+    for state in ("suspended", "active", "deactivated"):
+        run_ceremony(home, service.port, "bank", "set-key-state", {"name": name, "version": 1, "state": state})
+        assert registry.get("bank", KeyKind.MASTER, name, 1).state.value == state
+    with pytest.raises(InvalidState, match="cannot go from deactivated to active"):
+        run_ceremony(home, service.port, "bank", "set-key-state", {"name": name, "version": 1, "state": "active"})
+    run_ceremony(home, service.port, "bank", "destroy-key", {"name": name, "version": 1})
+    assert registry.get("bank", KeyKind.MASTER, name, 1).state is KeyState.DESTROYED
+
+
+# -- batches, officers, minutes ----------------------------------------------------------------------------------
+
+
+def test_a_batch_is_issuable_only_after_both_domains_authorized_it(home: Home, service: Service) -> None:
+    batch = f"B-{secrets.token_hex(4)}"
+    with client(home, service.port, ALICE) as alice:
+        status = alice.create_batch(batch, "bureau-a", "dual-app-v1", [card(90_000, card_ref="cer-090000")])
+    assert status.state == "awaiting-authorization"
+    station = config.load_station(home.station_config("station-a1")).client
+    assert station is not None
+    from kms.client import Client
+
+    with Client(station, server=f"localhost:{service.port}") as st:
+        with pytest.raises(InvalidState, match="awaiting-authorization"):
+            st.issue_card(batch, "cer-090000")
+        authorize_batch(home, service.port, batch, ("hrss",))
+        with pytest.raises(InvalidState, match="awaiting-authorization"):
+            st.issue_card(batch, "cer-090000")
+        with pytest.raises(InvalidArgument, match="already authorized"):
+            run_ceremony(home, service.port, "hrss", "authorize-batch", {"batch_id": batch}, approvers=(1,))
+        authorize_batch(home, service.port, batch, ("bank",))
+        assert st.issue_card(batch, "cer-090000").card_ref == "cer-090000"
+
+
+def test_enrolment_and_signed_minutes(home: Home, service: Service) -> None:
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    pem = new_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    name = f"o{secrets.token_hex(3)}"
+    done = run_ceremony(home, service.port, "hrss", "enrol-officer",
+                        {"name": name, "roles": ["approver"], "public_key": pem})
+    domain = _as(home, service, ALICE).domain()
+    assert f"urn:kms:officer:hrss:{name}" in [o.officer for o in domain.officers]
+    minutes = _as(home, service, BOB).minutes(done.ceremony_id)
+    trust = home.path / "trust" / "hrss-issuance-v1.pem"
+    public = serialization.load_pem_public_key(trust.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    doc = verify_minutes(minutes.document, minutes.signature, public)
+    assert doc["state"] == "executed" and [a["officer"] for a in doc["approvals"]] == [BOB.uri(), CHEN.uri()]
+    tampered = minutes.document.replace(b'"executed"', b'"cancelled"')
+    with pytest.raises(InvalidArgument, match="signature"):
+        verify_minutes(tampered, minutes.signature, public)
+    bank_trust = serialization.load_pem_public_key((home.path / "trust" / "bank-issuance-v1.pem").read_bytes())
+    assert isinstance(bank_trust, ec.EllipticCurvePublicKey)
+    with pytest.raises(InvalidArgument, match="signature"):
+        verify_minutes(minutes.document, minutes.signature, bank_trust)
+
+
+# -- canaries ---------------------------------------------------------------------------------------------------
+
+
+def _assert_no_trace(home: Home, capfd: pytest.CaptureFixture[str], values: list[bytearray]) -> None:
+    """No component or joined key, in hex (either case) or raw, in any log line or any database row."""
+    out, err = capfd.readouterr()
+    engine = store.make_engine(config.load(home.config).database)
+    dumped = []
+    with engine.connect() as conn:
+        for table in store.metadata.sorted_tables:
+            for row in conn.execute(sa.select(table)):
+                dumped.append(repr(tuple(row)))
+    everything = out + err + "\n".join(dumped)
+    raw = b"".join(bytes(str(r), "utf-8") for r in dumped)
+    for value in values:
+        assert value.hex() not in everything.lower()
+        assert bytes(value) not in raw
