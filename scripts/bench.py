@@ -46,6 +46,7 @@ from kms import config, profiles
 from kms.cardid import CardIdentity
 from kms.client import Client
 from kms.clock import SystemClock
+from kms.devceremonies import authorize_batch
 from kms.devhome import Home, init_home
 from kms.identity import Principal
 from kms.issuer import Issuer
@@ -188,6 +189,7 @@ class EndToEnd:
     station: Client
     stamp: str
     per_message: int
+    authorize: Callable[[str], None]  # both domains' authorize-batch ceremonies (not timed)
 
     def batch(self, name: str, cards: list[CardIdentity]) -> tuple[str, float]:
         """A fresh batch for BUREAU, created by the officer; its id and the seconds creating it took."""
@@ -195,7 +197,9 @@ class EndToEnd:
         started = time.perf_counter()
         status = self.officer.create_batch(batch_id, BUREAU, PROFILE, cards)
         assert status.cards == len(cards), status
-        return batch_id, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.authorize(batch_id)
+        return batch_id, seconds
 
     def stream(self, batch_id: str, cards: list[CardIdentity]) -> float:
         """Seconds for the station to receive every bundle of the batch (issued, recorded, streamed)."""
@@ -304,7 +308,8 @@ def main() -> int:
         address = f"localhost:{port}"
         with Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300) as officer, \
                 Client(station_cfg, server=address, timeout=300) as station:
-            e2e = EndToEnd(officer, station, stamp, args.per_message)
+            e2e = EndToEnd(officer, station, stamp, args.per_message,
+                           lambda batch_id: authorize_batch(home, port, batch_id))
             warmup = make_cards(WARMUP_CARDS, seed=2029)
             e2e.stream(e2e.batch("warmup", warmup)[0], warmup)  # workers spawned and logged in, channels open
 

@@ -2,12 +2,17 @@
 
 1. a development home: one SoftHSM2 token per domain and per bureau station, keys generated in the tokens, the
    bureaus' transport keys handed over wrapped under each station's RSA key, a development CA with certificates
-   for officers, stations and an auditor;
+   for officers, stations and an auditor, and the genesis ceremony enrolling three officers per domain;
 2. `kms serve` started (a process of its own, with one HSM worker process per domain);
-3. an HRSS officer authorizes a batch of dual-application cards for the outsourced bureau (bureau-b);
-4. that bureau's station fetches the batch over mutual TLS, verifies every bundle and unwraps every key into its own
-   token, recomputing every KCV; a tampered and a replayed bundle are refused;
-5. the server is stopped, and a summary printed.
+3. a key ceremony of the bank domain: a new version of the issuer master key IMK-AC is imported from two
+   custodians' components (each sent encrypted to the domain's custody key, each KCV checked, the joined KCV
+   checked before the key becomes active), proposed by one officer and approved by two others;
+4. an HRSS officer creates a batch of dual-application cards for the outsourced bureau (bureau-b), and each domain
+   authorizes it in an authorize-batch ceremony (proposer + one approver per domain);
+5. that bureau's station fetches the batch over mutual TLS, verifies every bundle and unwraps every key into its own
+   token, recomputing every KCV; a card's UDK-AC is checked against the imported key; a tampered and a replayed
+   bundle are refused;
+6. the import ceremony's minutes are exported and verified offline; the server is stopped, and a summary printed.
 """
 
 from __future__ import annotations
@@ -21,18 +26,66 @@ import sys
 import time
 from pathlib import Path
 
-from kms import config, store
+from cryptography.hazmat.primitives import serialization
+
+from kms import components, config, reference, store
+from kms.ceremony import verify_minutes
+from kms.ceremony_client import CeremonyClient
 from kms.cli import read_cards, write_random_cards
 from kms.client import Client
 from kms.clock import SystemClock
-from kms.devhome import init_home
+from kms.devceremonies import authorize_batch
+from kms.devhome import Home, init_home
 from kms.errors import BundleRejected
+from kms.hsm import Algorithm, wipe
 from kms.identity import Principal
+from kms.officers import ApprovalKeyFile
 from kms.runtime import open_station
 from kms.station import Station, TrustStore
 
 BUREAU, STATION = "bureau-b", "station-b1"
 OFFICER = Principal("officer", "alice", domain="hrss")
+HRSS = [Principal("officer", n, domain="hrss") for n in ("alice", "bob", "chen")]
+BANK = [Principal("officer", n, domain="bank") for n in ("carol", "dave", "frank")]
+IMPORTED = "bank-imk-ac"
+
+
+def ceremonies(home: Home, address: str, who: Principal) -> tuple[Client, CeremonyClient]:
+    client = Client(config.load_client(home.client_config(who)), server=address)
+    return client, CeremonyClient(client)
+
+
+def approve(home: Home, address: str, ceremony_id: str, approvers: list[Principal]) -> None:
+    for who in approvers:
+        client, cer = ceremonies(home, address, who)
+        with client:
+            cer.approve(ceremony_id, ApprovalKeyFile(home.approval_key(who)))
+
+
+def import_master_key(home: Home, address: str) -> tuple[str, str, bytes]:
+    """The bank's custodians dave and frank each hold one component; carol proposes, dave and frank approve and
+    send their components, carol executes. Returns (ceremony id, result, the joined value for the final check —
+    a demo-only shortcut: no real custodian ever holds both components)."""
+    proposer, custodians = BANK[0], BANK[1:]
+    parts = [bytearray(os.urandom(16)) for _ in custodians]
+    joined = components.join(parts)
+    expected = components.kcv(Algorithm.DES2, joined)
+    client, cer = ceremonies(home, address, proposer)
+    with client:
+        ceremony = cer.propose("import-master-key", {"name": IMPORTED, "kcv": expected,
+                                                     "custodians": [c.name for c in custodians]})
+    approve(home, address, ceremony.ceremony_id, custodians)
+    for who, part in zip(custodians, parts, strict=True):
+        client, cer = ceremonies(home, address, who)
+        with client:
+            cer.submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.DES2, part))
+        wipe(part)
+    client, cer = ceremonies(home, address, proposer)
+    with client:
+        done = cer.execute(ceremony.ceremony_id)
+    value = bytes(joined)
+    wipe(joined)
+    return done.ceremony_id, done.result_json, value
 
 
 def start_server(config_path: Path) -> tuple[subprocess.Popen[str], int]:
@@ -55,18 +108,26 @@ def main() -> int:
 
     t0 = time.perf_counter()
     home = init_home(args.home)
-    print(f"[1/5] development home ready in {time.perf_counter() - t0:.1f} s: {home.path}")
+    print(f"[1/7] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
+          "(genesis: 3 officers per domain)")
 
     server, port = start_server(home.config)
     address = f"localhost:{port}"
-    print(f"[2/5] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
+    print(f"[2/7] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
     try:
         batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         cards_file = home.path / f"{batch}.csv"
         write_random_cards(cards_file, args.cards)
+        imported_id, imported_result, imk = import_master_key(home, address)
+        print(f"[3/7] ceremony {imported_id}: {BANK[0]} proposed, {BANK[1]} and {BANK[2]} approved and each sent "
+              f"one component of {IMPORTED}; executed: {imported_result}")
+        cards = read_cards(cards_file)
         with Client(config.load_client(home.client_config(OFFICER)), server=address) as officer:
-            status = officer.create_batch(batch, BUREAU, "dual-app-v1", read_cards(cards_file))
-        print(f"[3/5] {OFFICER} authorized batch {batch}: {status.cards} cards for {BUREAU}")
+            officer.create_batch(batch, BUREAU, "dual-app-v1", cards)
+            authorized = [c.ceremony_id for c in authorize_batch(home, port, batch)]
+            status = officer.batch_status(batch)
+        print(f"[4/7] {OFFICER} created batch {batch}: {status.cards} cards for {BUREAU}; authorized by "
+              f"ceremonies {', '.join(authorized)}; {status.state}")
 
         station_cfg = config.load_station(home.station_config(STATION))
         assert station_cfg.client is not None
@@ -75,6 +136,7 @@ def main() -> int:
         out = home.path / "bundles" / batch
         out.mkdir(parents=True)
         fetched = opened = total_keys = matched = 0
+        first_udk_ac = ""
         t1 = time.perf_counter()
         with open_station(station_cfg) as session, Client(station_cfg.client, server=address) as client:
             station = Station(station_cfg.name, station_cfg.bureau, station_cfg.domains, session,
@@ -86,6 +148,8 @@ def main() -> int:
                 opened += 1
                 total_keys += len(report.keys)
                 matched += sum(k.match for k in report.keys)
+                if not first_udk_ac:
+                    first_udk_ac = next(k.kcv_computed for k in report.keys if k.name == "udk-ac")
             seconds = time.perf_counter() - t1
             issued = client.batch_status(batch).issued
             files = sorted(out.glob("*.kmsb"))
@@ -98,22 +162,36 @@ def main() -> int:
                     refusals.append(f"{name}: ACCEPTED (unexpected)")
                 except BundleRejected as error:
                     refusals.append(f"{name}: {error}")
-        print(f"[4/5] {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
+        expected_udk = reference.kcv_tdes(reference.option_a(imk, cards[0].pan or "", cards[0].psn or "")).hex()
+        uses_import = first_udk_ac.upper() == expected_udk.upper()
+        print(f"[5/7] {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
               f"{total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
-              f"refusals: {'; '.join(refusals)}")
+              f"refusals: {'; '.join(refusals)}; card 1's UDK-AC comes from the imported IMK: {uses_import}")
+
+        minutes_file = home.path / f"minutes-{imported_id}.json"
+        client, cer = ceremonies(home, address, BANK[1])
+        with client:
+            minutes = cer.minutes(imported_id)
+        minutes_file.write_bytes(minutes.document)
+        public = serialization.load_pem_public_key((home.path / "trust" / "bank-issuance-v1.pem").read_bytes())
+        checked = verify_minutes(minutes.document, minutes.signature, public)  # type: ignore[arg-type]
+        print(f"[6/7] minutes of {imported_id} signed by {minutes.signing_key}, verified offline: "
+              f"{checked['state']}, approvals by {', '.join(a['officer'] for a in checked['approvals'])}")
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-    print(f"[5/5] server stopped (exit {code})")
+    print(f"[7/7] server stopped (exit {code})")
 
     keys_per_card = 15
     ok = (fetched == opened == issued == args.cards and matched == total_keys == args.cards * keys_per_card
-          and all("ACCEPTED" not in r for r in refusals) and code == 0)
+          and all("ACCEPTED" not in r for r in refusals) and code == 0 and uses_import)
     print()
     print("summary")
     print(f"  cards            {args.cards} dual-application (HRSS + PBOC debit), batch {batch} for {BUREAU}")
     print(f"  bundles          {fetched} fetched over gRPC + mTLS, {opened} opened at {STATION}")
     print(f"  keys             {total_keys} unwrapped into the station's token, {matched} KCV matches")
+    print(f"  ceremonies       import of {IMPORTED} v2 from 2 components ({imported_id}); batch authorized by "
+          f"both domains ({', '.join(authorized)})")
     print(f"  throughput       {fetched / seconds:.0f} cards/s, {total_keys / seconds:.0f} keys/s "
           "(issue, record, fetch, verify, unwrap)")
     print(f"  total time       {time.perf_counter() - t0:.1f} s")

@@ -326,3 +326,24 @@ def _assert_no_trace(home: Home, capfd: pytest.CaptureFixture[str], values: list
     for value in values:
         assert value.hex() not in everything.lower()
         assert bytes(value) not in raw
+
+
+def test_a_suspended_master_key_serves_no_card_until_reactivated(home: Home, service: Service) -> None:
+    batch = f"B-{secrets.token_hex(4)}"
+    with client(home, service.port, ALICE) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", [card(91_000 + i, card_ref=f"cer-s{i}") for i in range(2)])
+    authorize_batch(home, service.port, batch)
+    station = config.load_station(home.station_config("station-a1")).client
+    assert station is not None
+    from kms.client import Client
+
+    state = {"name": "hrss-mk", "version": 1}
+    run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "suspended"})
+    try:
+        with Client(station, server=f"localhost:{service.port}") as st:
+            with pytest.raises(InvalidState, match="hrss-mk has no active version"):
+                st.issue_card(batch, "cer-s0")
+    finally:
+        run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "active"})
+    with Client(station, server=f"localhost:{service.port}") as st:
+        assert st.issue_card(batch, "cer-s0").card_ref == "cer-s0"

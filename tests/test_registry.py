@@ -128,3 +128,46 @@ def test_every_state_can_reach_destroyed_except_through_reactivation() -> None:
         assert KeyState.DESTROYED in seen
         if state in (KeyState.DEACTIVATED, KeyState.COMPROMISED, KeyState.DESTROYED):
             assert KeyState.ACTIVE not in seen  # no way back to serving cards
+
+
+# The transition table written out cell by cell (NIST SP 800-57 Part 1 Rev. 5, section 7), independently of
+# kms.registry.TRANSITIONS: row = from, column = to; "x" allowed, "." refused.
+_STATES = ["pre-activation", "active", "suspended", "deactivated", "compromised", "destroyed"]
+_TABLE = """
+                pre act sus dea com des
+pre-activation   .   x   .   .   x   x
+active           .   .   x   x   x   .
+suspended        .   x   .   x   x   .
+deactivated      .   .   .   .   x   x
+compromised      .   .   .   .   .   x
+destroyed        .   .   .   .   .   .
+"""
+_ALLOWED = {
+    (row.split()[0], _STATES[i])
+    for row in _TABLE.strip().splitlines()[1:]
+    for i, mark in enumerate(row.split()[1:]) if mark == "x"
+}
+
+
+@pytest.mark.parametrize("to", _STATES)
+@pytest.mark.parametrize("start", _STATES)
+def test_transition_table_cell_by_cell(engine: sa.Engine, start: str, to: str) -> None:
+    clock = FixedClock(dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.UTC))
+    registry = KeyRegistry(engine, clock)
+    record = registry.add("bank", KeyKind.MASTER, "imk", "DES2", state=KeyState(start))
+    clock.advance(dt.timedelta(minutes=5))
+    if (start, to) in _ALLOWED:
+        moved = registry.transition(record, KeyState(to))
+        assert (moved.state.value, moved.state_changed_at) == (to, "2026-03-04T05:11:07Z")
+    else:
+        with pytest.raises(InvalidState, match=f"cannot go from {start} to {to}"):
+            registry.transition(record, KeyState(to))
+        unchanged = registry.get("bank", KeyKind.MASTER, "imk", 1)
+        assert (unchanged.state.value, unchanged.state_changed_at) == (start, "2026-03-04T05:06:07Z")
+    # Only an active key serves new cards.
+    now = registry.get("bank", KeyKind.MASTER, "imk", 1)
+    if now.state is KeyState.ACTIVE:
+        assert registry.active("bank", KeyKind.MASTER, "imk") == now
+    else:
+        with pytest.raises(InvalidState, match="no active version"):
+            registry.active("bank", KeyKind.MASTER, "imk")
