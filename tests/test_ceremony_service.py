@@ -340,9 +340,9 @@ def test_a_suspended_master_key_serves_no_card_until_reactivated(home: Home, ser
     state = {"name": "hrss-mk", "version": 1}
     run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "suspended"})
     try:
-        with Client(station, server=f"localhost:{service.port}") as st:
-            with pytest.raises(InvalidState, match="hrss-mk has no active version"):
-                st.issue_card(batch, "cer-s0")
+        with Client(station, server=f"localhost:{service.port}") as st, \
+                pytest.raises(InvalidState, match="hrss-mk has no active version"):
+            st.issue_card(batch, "cer-s0")
     finally:
         run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "active"})
     with Client(station, server=f"localhost:{service.port}") as st:
