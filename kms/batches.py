@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,7 @@ class Batch:
     issued_count: int
     cards_digest: str = ""
     authorized_by: tuple[str, ...] = ()  # domains whose authorize-batch ceremony has run
+    key_versions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # per domain: pinned versions
 
 
 @dataclass(frozen=True)
@@ -201,21 +203,23 @@ class BatchStore:
                 )
             ).scalar_one()
             authorized = conn.execute(
-                sa.select(batch_authorizations.c.domain).where(batch_authorizations.c.batch_id == batch_id)
-                .order_by(batch_authorizations.c.domain)
-            ).scalars().all()
+                sa.select(batch_authorizations.c.domain, batch_authorizations.c.key_versions)
+                .where(batch_authorizations.c.batch_id == batch_id).order_by(batch_authorizations.c.domain)
+            ).all()
         m = row._mapping
         return Batch(
             batch_id=m["batch_id"], bureau=m["bureau"], profile=m["profile"], state=BatchState(m["state"]),
             created_by=m["created_by"], created_at=m["created_at"], card_count=m["card_count"], issued_count=issued,
-            cards_digest=m["cards_digest"], authorized_by=tuple(authorized),
+            cards_digest=m["cards_digest"], authorized_by=tuple(a.domain for a in authorized),
+            key_versions={a.domain: json.loads(a.key_versions) for a in authorized},
         )
 
     def authorize(self, batch_id: str, domain: str, ceremony_id: str, digest: str,
-                  required: Sequence[str]) -> Batch:
+                  required: Sequence[str], key_versions: Mapping[str, int] | None = None) -> Batch:
         """Record one domain's authorization of a batch (an executed authorize-batch ceremony) and open the batch
         once every domain in ``required`` (its profile's) has authorized it. The digest must be the batch's own:
-        an authorization names exactly the cards it covers."""
+        an authorization names exactly the cards it covers. ``key_versions`` pins the domain's master key
+        versions the batch's cards are derived from, re-issues included (empty: the newest active ones)."""
         batch = self.get_batch(batch_id)
         if batch.cards_digest != digest:
             raise InvalidArgument("cards_digest", f"does not match the cards of batch {batch_id}")
@@ -227,7 +231,8 @@ class BatchStore:
         with self._engine.begin() as conn:
             try:
                 conn.execute(batch_authorizations.insert().values(
-                    batch_id=batch_id, domain=domain, ceremony_id=ceremony_id, at=now))
+                    batch_id=batch_id, domain=domain, ceremony_id=ceremony_id, at=now,
+                    key_versions=canonical(dict(key_versions or {})).decode()))
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"batch {batch_id} is already authorized by the {domain} domain") from None
             done = set(conn.execute(sa.select(batch_authorizations.c.domain).where(

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kms import bundle
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
-from kms.errors import ConfigError, InvalidArgument, KmsError, NotFound, PermissionDenied
+from kms.errors import ConfigError, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.hsm import KcvMethod, TokenSession
 from kms.profiles import KeySpec, Profile
-from kms.registry import KeyKind, KeyRecord, KeyRegistry, check_domain
+from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState, check_domain
 
 SIGNING_KEY_NAME = "issuance"
 
@@ -52,10 +52,14 @@ class DomainKeys:
     signing: KeyRecord
 
     @classmethod
-    def resolve(cls, registry: KeyRegistry, domain: str, profile: Profile, bureau: str) -> DomainKeys:
+    def resolve(cls, registry: KeyRegistry, domain: str, profile: Profile, bureau: str,
+                pinned: Mapping[str, int] | None = None) -> DomainKeys:
+        """The newest active version of each master key, or the versions ``pinned`` by the batch's authorization
+        (a rotated-out version still serves its batches, re-issues included, for as long as it stays active)."""
         if not profile.keys(domain):
             raise ConfigError(f"profile {profile.name} has no keys for domain {domain}")
-        masters = {name: registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
+        masters = {name: _pinned(registry, domain, name, pinned[name]) if pinned and name in pinned
+                   else registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
         try:
             transport = registry.active(domain, KeyKind.TRANSPORT, bureau)
         except NotFound:
@@ -65,6 +69,14 @@ class DomainKeys:
         if signing.public_key is None:
             raise ConfigError(f"{domain} signing key has no public key on record")
         return cls(masters, transport, signing)
+
+
+def _pinned(registry: KeyRegistry, domain: str, name: str, version: int) -> KeyRecord:
+    record = registry.get(domain, KeyKind.MASTER, name, version)
+    if record.state is not KeyState.ACTIVE:
+        raise InvalidState(f"{record.label}, the version this batch was authorized with, is {record.state.value}; "
+                           "it serves no card")
+    return record
 
 
 class DomainSealer:
@@ -78,13 +90,14 @@ class DomainSealer:
         profile: Profile,
         bureau: str,
         clock: Clock,
+        pinned: Mapping[str, int] | None = None,
     ) -> None:
         self.domain = check_domain(domain)
         self._session = session
         self._clock = clock
         self.profile = profile
         self.bureau = bureau
-        resolved = DomainKeys.resolve(registry, domain, profile, bureau)
+        resolved = DomainKeys.resolve(registry, domain, profile, bureau, pinned)
         masters = resolved.masters
         self._master_versions = {name: rec.version for name, rec in masters.items()}
         self._keys = tuple(_Resolved.of(spec, masters[spec.master_key].label) for spec in profile.keys(domain))

@@ -154,7 +154,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                              if getattr(record.identity, f) is None)
             raise errors.InvalidArgument(f"chip.{missing[0]}", "is required: the batch does not carry it")
         _require_time(context)
-        issued = next(iter(self._i.issuer(batch.bureau, batch.profile).issue([record.identity], batch.batch_id)))
+        issuer = self._i.issuer(batch.bureau, batch.profile)
+        issued = next(iter(issuer.issue([record.identity], batch.batch_id, batch.key_versions)))
         if issued.error is not None:
             raise issued.error
         assert issued.data is not None
@@ -215,7 +216,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                     _require_time(context)  # no new HSM work once the caller is gone or out of time
                     yield record.identity
 
-        sealed = issuer.issue(to_seal(), batch.batch_id)
+        sealed = issuer.issue(to_seal(), batch.batch_id, batch.key_versions)
         group: list[tuple[CardRecord, IssuedBundle | None]] = []
         try:
             for record in walk:

@@ -7,7 +7,7 @@ their signed sections into one bundle per card.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +67,15 @@ class Issuer:
         self._owned = pools is None
         self._pools = pools if pools is not None else DomainPools(cfg.path, processes_per_domain)
 
-    def issue(self, cards: Iterable[CardIdentity], batch: str) -> Generator[IssuedBundle, None, None]:
+    def issue(self, cards: Iterable[CardIdentity], batch: str,
+              pins: Mapping[str, Mapping[str, int]] | None = None) -> Generator[IssuedBundle, None, None]:
         """One bundle per card, in order, lazily: cards are taken from ``cards`` only as the domain workers have
-        room for them. A card that a domain refuses yields an IssuedBundle with its error."""
+        room for them. A card that a domain refuses yields an IssuedBundle with its error. ``pins`` gives, per
+        domain, the master key versions the batch was authorized with (default: the newest active ones)."""
         jobs = (Job(card, new_serial()) for card in cards)
         mine, *theirs = itertools.tee(jobs, 1 + len(self.domains))
-        streams = [self._pools.pools[d].seal(it, batch, self.bureau, self.profile_name)
+        pinned = {d: tuple(sorted((pins or {}).get(d, {}).items())) for d in self.domains}
+        streams = [self._pools.pools[d].seal(it, batch, self.bureau, self.profile_name, pinned[d])
                    for d, it in zip(self.domains, theirs, strict=True)]
         for job, *results in zip(mine, *streams, strict=True):
             error = next((r.error for r in results if r.error is not None), None)

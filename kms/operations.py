@@ -273,7 +273,7 @@ def _run_destroy(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 
 def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
-    _only(p, {"batch_id"}, {"bureau", "profile", "card_count", "cards_digest"})
+    _only(p, {"batch_id"}, {"bureau", "profile", "card_count", "cards_digest", "master_keys"})
     batch_id = p["batch_id"] if isinstance(p["batch_id"], str) else ""
     try:
         batch = ctx.batches.get_batch(batch_id)
@@ -285,9 +285,14 @@ def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
         raise InvalidArgument("params.batch_id", f"batch {batch_id} has no {domain} keys")
     if domain in batch.authorized_by:
         raise InvalidArgument("params.batch_id", f"batch {batch_id} is already authorized by the {domain} domain")
-    # What the approvers sign: the batch's bureau, profile and exact cards (by digest), filled in from the record.
+    # What the approvers sign: the batch's bureau, profile and exact cards (by digest), filled in from the record,
+    # and the master key versions its cards will be derived from (the newest active ones now; they stay the
+    # batch's keys after a rotation, re-issues included, while they remain active).
+    profile = ctx.profiles[batch.profile]
+    versions = {name: ctx.registry.active(domain, KeyKind.MASTER, name).version
+                for name in profile.master_keys(domain)}
     facts = {"batch_id": batch.batch_id, "bureau": batch.bureau, "profile": batch.profile,
-             "card_count": batch.card_count, "cards_digest": batch.cards_digest}
+             "card_count": batch.card_count, "cards_digest": batch.cards_digest, "master_keys": versions}
     for name, value in facts.items():
         if name in p and p[name] != value:
             raise InvalidArgument(f"params.{name}", f"does not match batch {batch_id} ({value})")
@@ -299,9 +304,14 @@ def _run_batch(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     batch = ctx.batches.get_batch(p["batch_id"])
     if (batch.bureau, batch.profile, batch.card_count) != (p["bureau"], p["profile"], p["card_count"]):
         raise InvalidState(f"batch {batch.batch_id} differs from what was approved")
+    for name, version in p["master_keys"].items():
+        record = ctx.registry.get(c.domain, KeyKind.MASTER, name, version)
+        if record.state is not KeyState.ACTIVE:
+            raise InvalidState(f"{record.label} is {record.state.value} since it was approved for this batch")
     done = ctx.batches.authorize(batch.batch_id, c.domain, c.ceremony_id, p["cards_digest"],
-                                 tuple(ctx.profiles[batch.profile].domains))
-    return {"batch_id": done.batch_id, "state": done.state.value, "authorized_by": list(done.authorized_by)}
+                                 tuple(ctx.profiles[batch.profile].domains), p["master_keys"])
+    return {"batch_id": done.batch_id, "state": done.state.value, "authorized_by": list(done.authorized_by),
+            "master_keys": dict(p["master_keys"])}
 
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (

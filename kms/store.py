@@ -90,6 +90,7 @@ batch_authorizations = sa.Table(
     sa.Column("batch_id", sa.String(64), sa.ForeignKey("batches.batch_id"), primary_key=True),
     sa.Column("domain", sa.String(16), primary_key=True),
     sa.Column("ceremony_id", sa.String(64), nullable=False),
+    sa.Column("key_versions", sa.Text, nullable=False),  # canonical JSON {master key name: version} approved
     sa.Column("at", sa.String(32), nullable=False),
 )
 

@@ -32,6 +32,8 @@ from kms.profiles import Profile
 from kms.registry import KeyRegistry
 
 T = TypeVar("T")
+#: Master key versions a batch was authorized with: ((name, version), ...), sorted; () for the newest active.
+Pins = tuple[tuple[str, int], ...]
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
 log = logging.getLogger("kms.workers")
@@ -60,16 +62,16 @@ class _Worker:
     registry: KeyRegistry
     profiles: dict[str, Profile]
     clock: SystemClock
-    sealers: dict[tuple[str, str], DomainSealer]
+    sealers: dict[tuple[str, str, Pins], DomainSealer]
 
-    def sealer(self, bureau: str, profile: str) -> DomainSealer:
-        sealer = self.sealers.get((bureau, profile))
+    def sealer(self, bureau: str, profile: str, pins: Pins = ()) -> DomainSealer:
+        sealer = self.sealers.get((bureau, profile, pins))
         if sealer is None:
             if profile not in self.profiles:
                 raise ConfigError(f"no card profile named {profile!r}")
             sealer = DomainSealer(self.domain, self.session, self.registry, self.profiles[profile], bureau,
-                                  self.clock)
-            self.sealers[(bureau, profile)] = sealer
+                                  self.clock, dict(pins))
+            self.sealers[(bureau, profile, pins)] = sealer
         return sealer
 
 
@@ -104,14 +106,14 @@ def _open(config_path: str, domain: str) -> None:
     gc.freeze()
 
 
-def _seal_chunk(args: tuple[str, str, Sequence[Job], str]) -> list[SectionResult]:
-    bureau, profile, jobs, batch = args
+def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
+    bureau, profile, jobs, batch, pins = args
     if _init_error is not None and _init_args is not None:
         _init(*_init_args)  # the cause may have been passing (a locked database, a busy token)
     if _init_error is not None:
         raise _init_error
     assert _worker is not None, "worker not initialized"
-    sealer = _worker.sealer(bureau, profile)
+    sealer = _worker.sealer(bureau, profile, pins)
     pid = os.getpid()
     started = time.perf_counter()
     sections = sealer.seal_many([(job.card, job.serial) for job in jobs], batch=batch)
@@ -166,7 +168,7 @@ class DomainPool:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init, initargs=self._initargs)
 
-    def _submit(self, task: tuple[str, str, list[Job], str]) -> tuple[int, Future[list[SectionResult]]]:
+    def _submit(self, task: tuple[str, str, list[Job], str, Pins]) -> tuple[int, Future[list[SectionResult]]]:
         for _ in range(MAX_RESTARTS + 1):
             with self._lock:
                 if self._submitted >= self._chunks_per_generation:
@@ -185,7 +187,8 @@ class DomainPool:
             self._replace_executor(generation)
         raise HsmError(f"{self.domain} worker processes keep ending unexpectedly", retryable=True)
 
-    def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str) -> Iterator[SectionResult]:
+    def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str, pins: Pins = ()
+             ) -> Iterator[SectionResult]:
         """Sections in the order of ``jobs``; a bounded number of chunks in flight.
 
         If a worker dies, the pool is replaced by fresh processes and the chunks not yet returned are sealed
@@ -209,14 +212,14 @@ class DomainPool:
                     log.warning("a %s worker process ended unexpectedly; restarting the pool", self.domain)
                     self._replace_executor(generation)
                     for i, (retry_chunk, _) in enumerate(list(pending)):
-                        pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch)))
+                        pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch, pins)))
                     continue
                 pending.popleft()
                 return results
 
         try:
             for chunk in _chunks(jobs, CHUNK):
-                pending.append((chunk, self._submit((bureau, profile, chunk, batch))))
+                pending.append((chunk, self._submit((bureau, profile, chunk, batch, pins))))
                 while len(pending) >= window:
                     yield from take()
             while pending:

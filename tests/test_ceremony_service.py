@@ -4,6 +4,7 @@ steps in the domain workers on SoftHSM2, records in SQLite (docs/ceremonies.md).
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import Iterator
 
@@ -213,7 +214,6 @@ def test_transport_key_wrapped_to_a_bureaus_rsa_key(home: Home, service: Service
                                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     done = run_ceremony(home, service.port, "bank", "register-transport-key",
                         {"bureau": bureau, "method": "rsa-oaep", "public_key": pem})
-    import json
 
     result = json.loads(done.result_json)
     value = private.decrypt(bytes.fromhex(result["wrapped_key"]),
@@ -347,3 +347,44 @@ def test_a_suspended_master_key_serves_no_card_until_reactivated(home: Home, ser
         run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "active"})
     with Client(station, server=f"localhost:{service.port}") as st:
         assert st.issue_card(batch, "cer-s0").card_ref == "cer-s0"
+
+
+def _bank_versions(data: bytes) -> dict[str, int]:
+    from kms import bundle
+
+    section = next(s for s in bundle.parse(data).sections if s.domain == "bank")
+    return dict(section.body["master_keys"])
+
+
+def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_deactivated(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    from kms.client import Client
+
+    station = config.load_station(home.station_config("station-a1")).client
+    assert station is not None
+    old, new = f"B-{secrets.token_hex(4)}", f"B-{secrets.token_hex(4)}"
+    with client(home, service.port, CAROL) as carol:
+        carol.create_batch(old, "bureau-a", "dual-app-v1", [card(92_000 + i, card_ref=f"rot-o{i}") for i in range(2)])
+        authorized = authorize_batch(home, service.port, old)
+        assert '"bank-imk-ac": 1' in authorized[1].params_json  # approvers signed the key versions
+        rotated = run_ceremony(home, service.port, "bank", "rotate-master-key", {"name": "bank-imk-ac"})
+        v2 = json.loads(rotated.result_json)["version"]
+        try:
+            carol.create_batch(new, "bureau-a", "dual-app-v1",
+                               [card(92_100 + i, card_ref=f"rot-n{i}") for i in range(2)])
+            authorize_batch(home, service.port, new)
+            with Client(station, server=f"localhost:{service.port}") as st:
+                first = st.issue_card(old, "rot-o0")
+                assert _bank_versions(first.data)["bank-imk-ac"] == 1
+                assert _bank_versions(st.issue_card(new, "rot-n0").data)["bank-imk-ac"] == v2
+                carol.reissue(old, "rot-o0")  # a re-issue of an old batch's card: still the old version
+                again = st.issue_card(old, "rot-o0")
+                assert again.serial != first.serial and _bank_versions(again.data)["bank-imk-ac"] == 1
+        finally:
+            run_ceremony(home, service.port, "bank", "set-key-state",
+                         {"name": "bank-imk-ac", "version": v2, "state": "deactivated"})
+        with Client(station, server=f"localhost:{service.port}") as st, \
+                pytest.raises(InvalidState, match=f"bank-imk-ac/v{v2}, the version this batch was authorized with, "
+                                                  "is deactivated"):
+            st.issue_card(new, "rot-n1")
+    assert registry.active("bank", KeyKind.MASTER, "bank-imk-ac").version == 1

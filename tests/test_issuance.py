@@ -233,8 +233,8 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
     issuer = service.issuance.issuer("bureau-a", "dual-app-v1")
     real, failed = issuer.issue, []
 
-    def flaky(cards, batch_id):  # type: ignore[no-untyped-def]
-        for issued in real(cards, batch_id):
+    def flaky(cards, batch_id, pins=None):  # type: ignore[no-untyped-def]
+        for issued in real(cards, batch_id, pins):
             if issued.card_ref == "svc-080002" and not failed:  # the token fails once, on the third card
                 failed.append(issued.card_ref)
                 yield IssuedBundle(issued.card_ref, issued.serial, None, HsmError("injected", retryable=True))
