@@ -4,8 +4,9 @@ The rules of who counts are in kms.ceremony (``evaluate``); this module stores c
 every step. Each state change is one conditional UPDATE or INSERT whose WHERE clause or key states what it assumed,
 so two service replicas cannot both execute a ceremony, and an officer cannot approve twice.
 
-States: ``open`` → ``executing`` → ``executed`` | ``failed``; ``open`` → ``cancelled``. An open ceremony past its
-expiry time reads as ``expired`` and accepts nothing more.
+States: ``open`` → ``executing`` → ``executed`` | ``failed``; ``open`` → ``cancelled`` | ``expired``. An open
+ceremony past its expiry time reads as ``expired`` and accepts nothing more; ``sweep`` records it so and erases its
+encrypted components, and fails executions interrupted for longer than EXECUTION_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from kms.store import ceremonies, ceremony_approvals, ceremony_components
 DEFAULT_TTL = dt.timedelta(hours=24)
 MAX_TTL = dt.timedelta(days=7)
 MAX_SEALED_COMPONENT = 2048
+#: An execution still running after this long is taken to be interrupted (its replica died).
+EXECUTION_TIMEOUT = dt.timedelta(minutes=15)
 _ID = re.compile(r"^C-[0-9a-f]{16}$")
 _KCV = re.compile(r"^[0-9A-F]{6}$")
 
@@ -42,7 +45,7 @@ class CeremonyState(enum.StrEnum):
     EXECUTED = "executed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    EXPIRED = "expired"  # read-time only: open past expires_at
+    EXPIRED = "expired"  # open past expires_at (read as expired at once; stored so by the next sweep)
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,11 @@ class Ceremonies:
         if quorum_required:
             self.policy.quorum(proposer.domain, operation)
             self._enrolled(proposer)
+        self.sweep()
         now = self._clock.now().replace(microsecond=0)
-        proposal = Proposal(proposer.domain, operation, dict(params), proposer, now, now + ttl)
-        encoding = proposal.encoding()
         ceremony_id = f"C-{secrets.token_hex(8)}"
+        proposal = Proposal(proposer.domain, operation, dict(params), proposer, now, now + ttl, ceremony_id)
+        encoding = proposal.encoding()
         with self._engine.begin() as conn:
             conn.execute(ceremonies.insert().values(
                 ceremony_id=ceremony_id, domain=proposal.domain, operation=operation, proposer=proposer.uri(),
@@ -154,6 +158,7 @@ class Ceremonies:
             raise PermissionDenied(f"{officer} cannot approve {ceremony_id}: {reason}")
         try:
             with self._engine.begin() as conn:
+                self._still_open(conn, ceremony_id)
                 conn.execute(ceremony_approvals.insert().values(
                     ceremony_id=ceremony_id, officer=officer.uri(), signature=signature,
                     at=rfc3339(self._clock.now())))
@@ -181,6 +186,7 @@ class Ceremonies:
             check(record, sealed, kcv)
         try:
             with self._engine.begin() as conn:
+                self._still_open(conn, ceremony_id)
                 conn.execute(ceremony_components.insert().values(
                     ceremony_id=ceremony_id, custodian=custodian.uri(), direction="in", sealed=sealed, kcv=kcv,
                     at=rfc3339(self._clock.now())))
@@ -214,6 +220,7 @@ class Ceremonies:
         record = self._open(ceremony_id)
         if by.role != "officer" or by.domain != record.domain:
             raise PermissionDenied(f"{by} cannot cancel a ceremony of the {record.domain} domain")
+        self._enrolled(by)
         self._close(ceremony_id, CeremonyState.OPEN, CeremonyState.CANCELLED, by)
         self._drop_inputs(ceremony_id)
         return self.get(ceremony_id)
@@ -238,16 +245,39 @@ class Ceremonies:
         if missing:
             raise InvalidState(f"{ceremony_id} still needs the components of {', '.join(missing)}")
         self._close(ceremony_id, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
+        # The approvals that counted, as they stood when execution began (a late insert cannot join: approvals
+        # and components are accepted only while the ceremony is open).
+        counted = {"approved_by": [p.uri() for p in decision.counted], "required": decision.required}
         try:
             result = dict(run(self.get(ceremony_id)))
         except KmsError as error:
-            self._finish(ceremony_id, CeremonyState.FAILED, None, str(error))
+            self._finish(ceremony_id, CeremonyState.FAILED, counted, str(error))
             raise
-        except Exception:
-            self._finish(ceremony_id, CeremonyState.FAILED, None, "internal error; see the server log")
+        except BaseException:
+            self._finish(ceremony_id, CeremonyState.FAILED, counted, "internal error; see the server log")
             raise
-        self._finish(ceremony_id, CeremonyState.EXECUTED, result, None)
+        self._finish(ceremony_id, CeremonyState.EXECUTED, {**result, **counted}, None)
         return self.get(ceremony_id)
+
+    def sweep(self, stuck_after: dt.timedelta = EXECUTION_TIMEOUT) -> None:
+        """Close what time has ended: open ceremonies past their expiry become ``expired`` (their encrypted
+        components erased), and ceremonies ``executing`` for longer than ``stuck_after`` (a replica died
+        mid-way) become ``failed``, for officers to check the key registry against the token."""
+        now = self._clock.now()
+        with self._engine.begin() as conn:
+            expired = conn.execute(sa.select(ceremonies.c.ceremony_id).where(
+                ceremonies.c.state == CeremonyState.OPEN.value, ceremonies.c.expires_at <= rfc3339(now),
+            )).scalars().all()
+            if expired:
+                conn.execute(ceremonies.update().where(
+                    ceremonies.c.ceremony_id.in_(expired), ceremonies.c.state == CeremonyState.OPEN.value,
+                ).values(state=CeremonyState.EXPIRED.value, closed_at=ceremonies.c.expires_at))
+                _erase_inputs(conn, expired)
+            conn.execute(ceremonies.update().where(
+                ceremonies.c.state == CeremonyState.EXECUTING.value,
+                ceremonies.c.closed_at <= rfc3339(now - stuck_after),
+            ).values(state=CeremonyState.FAILED.value,
+                     error="interrupted while executing; check the key registry against the token"))
 
     def record_executed(self, proposal_record: CeremonyRecord, result: Mapping[str, Any],
                         by: Principal) -> CeremonyRecord:
@@ -288,7 +318,7 @@ class Ceremonies:
     def _record(self, m: Mapping[Any, Any], approvals: Sequence[Any], components: Sequence[Any]) -> CeremonyRecord:
         doc = json.loads(bytes(m["encoding"]))
         proposal = Proposal(doc["domain"], doc["operation"], doc["params"], parse_uri(doc["proposer"]),
-                            _parse_time(doc["created_at"]), _parse_time(doc["expires_at"]))
+                            _parse_time(doc["created_at"]), _parse_time(doc["expires_at"]), doc["ceremony_id"])
         state = CeremonyState(m["state"])
         if state is CeremonyState.OPEN and self._clock.now() >= proposal.expires_at:
             state = CeremonyState.EXPIRED
@@ -313,6 +343,7 @@ class Ceremonies:
         return record
 
     def _open(self, ceremony_id: str) -> CeremonyRecord:
+        self.sweep()
         record = self.get(ceremony_id)
         if record.state is not CeremonyState.OPEN:
             raise InvalidState(f"{ceremony_id} is {record.state.value}")
@@ -338,11 +369,25 @@ class Ceremonies:
         self._drop_inputs(ceremony_id)
 
     def _drop_inputs(self, ceremony_id: str) -> None:
-        """Encrypted components sent in for import are deleted when the ceremony ends (their KCVs stay)."""
         with self._engine.begin() as conn:
-            conn.execute(ceremony_components.update().where(
-                ceremony_components.c.ceremony_id == ceremony_id, ceremony_components.c.direction == "in",
-            ).values(sealed=b"\x00"))
+            _erase_inputs(conn, [ceremony_id])
+
+    def _still_open(self, conn: sa.Connection, ceremony_id: str) -> None:
+        """Inside a transaction: lock the ceremony's row, conditional on it being open and unexpired, so that an
+        approval or component cannot land after execution began, or after a cancel."""
+        changed = conn.execute(ceremonies.update().where(
+            ceremonies.c.ceremony_id == ceremony_id, ceremonies.c.state == CeremonyState.OPEN.value,
+            ceremonies.c.expires_at > rfc3339(self._clock.now()),
+        ).values(state=CeremonyState.OPEN.value)).rowcount
+        if changed != 1:
+            raise InvalidState(f"{ceremony_id} is no longer open")
+
+
+def _erase_inputs(conn: sa.Connection, ceremony_ids: Sequence[str]) -> None:
+    """Encrypted components sent in for import are erased when the ceremony ends (custodians and KCVs stay)."""
+    conn.execute(ceremony_components.update().where(
+        ceremony_components.c.ceremony_id.in_(ceremony_ids), ceremony_components.c.direction == "in",
+    ).values(sealed=b""))
 
 
 def _parse_time(text: str) -> dt.datetime:

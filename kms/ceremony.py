@@ -47,6 +47,7 @@ class Proposal:
     proposer: Principal
     created_at: dt.datetime
     expires_at: dt.datetime
+    ceremony_id: str = ""  # unique per proposal: two identical requests still have distinct digests
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
@@ -60,7 +61,8 @@ class Proposal:
         """The canonical bytes approvals are about (parameters: strings, integers, lists, objects only)."""
         try:
             return canonical({
-                "format": "kms-ceremony-proposal", "version": 1, "domain": self.domain, "operation": self.operation,
+                "format": "kms-ceremony-proposal", "version": 1, "ceremony_id": self.ceremony_id,
+                "domain": self.domain, "operation": self.operation,
                 "params": dict(self.params), "proposer": self.proposer.uri(),
                 "created_at": rfc3339(self.created_at), "expires_at": rfc3339(self.expires_at),
             })
@@ -210,4 +212,13 @@ def verify_minutes(document: bytes, signature: bytes, domain_key: ec.EllipticCur
             raise InvalidArgument(f"approvals[{i}]", f"the signature of {approval.get('officer')} does not verify")
         if not str(approval.get("officer", "")).startswith(f"urn:kms:officer:{doc['domain']}:"):
             raise InvalidArgument(f"approvals[{i}]", "is not by an officer of the ceremony's domain")
+    if doc.get("state") == "executed" and doc.get("operation") != "genesis":
+        counted = (doc.get("result") or {}).get("approved_by", [])
+        signers = [a["officer"] for a in approvals]
+        if (len(set(counted)) != len(counted) or not set(counted) <= set(signers)
+                or proposal.get("proposer") in counted or len(counted) < int(doc.get("required", 1))):
+            raise InvalidArgument("result.approved_by", "does not show a quorum of distinct approvers other than "
+                                                        "the proposer, each with a good signature")
+    if proposal.get("operation") != doc.get("operation") or proposal.get("ceremony_id") != doc.get("ceremony_id"):
+        raise InvalidArgument("proposal", "is not the proposal of this ceremony")
     return dict(doc)

@@ -21,15 +21,24 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
-def checked_digest(ceremony: Any) -> bytes:
-    """The digest an approval signs, recomputed from the canonical proposal; refuses a ceremony whose stated
-    digest, domain or operation disagree with its encoding."""
+def checked_proposal(ceremony: Any, ceremony_id: str) -> tuple[bytes, dict[str, Any]]:
+    """The digest an approval signs, recomputed here from the canonical proposal, and the proposal decoded from
+    that same encoding (what an officer is shown). Refuses a ceremony whose stated id, digest, domain or operation
+    disagree with its encoding."""
     digest = hashlib.sha256(ceremony.encoding).digest()
-    doc = json.loads(ceremony.encoding)
-    if (digest.hex() != ceremony.digest or doc.get("domain") != ceremony.domain
-            or doc.get("operation") != ceremony.operation):
+    try:
+        doc = json.loads(ceremony.encoding)
+    except ValueError:
+        raise InvalidArgument("ceremony", "the proposal is not canonical JSON") from None
+    if (not isinstance(doc, dict) or digest.hex() != ceremony.digest or doc.get("ceremony_id") != ceremony_id
+            or doc.get("domain") != ceremony.domain or doc.get("operation") != ceremony.operation):
         raise InvalidArgument("ceremony", "the service's description does not match the proposal it encodes")
-    return digest
+    return digest, doc
+
+
+def custody_fingerprint(spki_der: bytes) -> str:
+    """How proposals name the custody key components are encrypted to: SHA-256 of its SubjectPublicKeyInfo."""
+    return hashlib.sha256(spki_der).hexdigest()
 
 
 class CeremonyClient:
@@ -47,14 +56,21 @@ class CeremonyClient:
     def list(self, state: str = "") -> list[Any]:
         return list(self._client.call(self._stub.ListCeremonies, pb.ListCeremoniesRequest(state=state)).ceremonies)
 
-    def approve(self, ceremony_id: str, key: Signer) -> Any:
-        ceremony = self.get(ceremony_id)
-        signature = key.sign(APPROVAL_CONTEXT + checked_digest(ceremony))
+    def approve(self, ceremony_id: str, key: Signer, ceremony: Any = None) -> Any:
+        """Sign the proposal of ``ceremony`` (fetched now if not given): pass the object the officer was shown,
+        so that what is signed is exactly what was shown."""
+        ceremony = ceremony if ceremony is not None else self.get(ceremony_id)
+        digest, _ = checked_proposal(ceremony, ceremony_id)
+        signature = key.sign(APPROVAL_CONTEXT + digest)
         return self._client.call(self._stub.Approve, pb.ApproveRequest(ceremony_id=ceremony_id, signature=signature))
 
     def submit_component(self, ceremony_id: str, component: bytearray, kcv: str) -> Any:
-        """Send our component encrypted to the domain's custody key. The caller wipes ``component``."""
+        """Send our component encrypted to the domain's custody key — the one the approved proposal names, checked
+        here — so a service cannot redirect it to another key. The caller wipes ``component``."""
+        _, proposal = checked_proposal(self.get(ceremony_id), ceremony_id)
         custody = self.domain().custody_public_key
+        if custody_fingerprint(custody) != proposal.get("params", {}).get("custody_key"):
+            raise InvalidArgument("custody_key", "the service's custody key is not the one the proposal names")
         sealed = components.seal_to_custody(custody, component)
         return self._client.call(self._stub.SubmitComponent, pb.SubmitComponentRequest(
             ceremony_id=ceremony_id, encrypted_component=sealed, kcv=kcv))
@@ -74,6 +90,13 @@ class CeremonyClient:
 
     def minutes(self, ceremony_id: str) -> Any:
         return self._client.call(self._stub.GetMinutes, pb.CeremonyRef(ceremony_id=ceremony_id))
+
+    def fetch_transport_key(self, domain: str) -> Any:
+        return self._client.call(self._stub.FetchTransportKey, pb.TransportKeyRequest(domain=domain))
+
+    def confirm_transport_key(self, domain: str, version: int, kcv: str) -> Any:
+        return self._client.call(self._stub.ConfirmTransportKey, pb.ConfirmTransportKeyRequest(
+            domain=domain, version=version, kcv=kcv))
 
     def domain(self) -> Any:
         return self._client.call(self._stub.GetDomain, pb.GetDomainRequest())

@@ -24,7 +24,7 @@ from kms.clock import Clock, rfc3339
 from kms.engine import SIGNING_KEY_NAME
 from kms.identity import Principal
 from kms.operations import Context
-from kms.registry import DOMAINS, KeyKind
+from kms.registry import DOMAINS, KeyKind, check_domain
 from kms.server import abort, current_principal
 from kms.v1 import ceremony_pb2 as pb
 from kms.v1 import ceremony_pb2_grpc as rpc
@@ -126,7 +126,10 @@ class CeremonyService(rpc.CeremonyServiceServicer):
 
             def check(record: CeremonyRecord, sealed: bytes, kcv: str) -> None:
                 pool = operations.pool_for(self._ctx, record.domain)
-                pool.call(keyops.check_component, record.params.get("algorithm", "AES256"), sealed, kcv)
+                try:
+                    pool.call(keyops.check_component, record.params.get("algorithm", "AES256"), sealed, kcv)
+                finally:
+                    pool.recycle()  # the process a clear component passed through ends
 
             record = self._c.add_component(request.ceremony_id, principal, request.encrypted_component,
                                            request.kcv, check)
@@ -149,7 +152,10 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             try:
                 done = self._c.execute(record.ceremony_id, principal, lambda r: op.run(self._ctx, r))
             finally:
-                if op.changes_keys and self._ctx.pools is not None and record.domain in self._ctx.pools.pools:
+                # Fresh workers once the operation ran (succeeded or failed): none keeps a key version that
+                # changed state, nor any memory a clear component passed through.
+                ran = self._c.get(record.ceremony_id).state in (CeremonyState.EXECUTED, CeremonyState.FAILED)
+                if ran and op.changes_keys and self._ctx.pools is not None and record.domain in self._ctx.pools.pools:
                     self._ctx.pools.pools[record.domain].recycle()
             log.info("%s executed %s (%s)", principal, done.ceremony_id, op.name)
             return self._message(done)
@@ -184,16 +190,42 @@ class CeremonyService(rpc.CeremonyServiceServicer):
         return self._handle(context, work)  # type: ignore[no-any-return]
 
 
+    def FetchTransportKey(self, request: pb.TransportKeyRequest, context: grpc.ServicerContext
+                          ) -> pb.TransportKeyHandoff:
+        def work(principal: Principal) -> pb.TransportKeyHandoff:
+            handoff = self._ctx.handoffs.pending(principal, check_domain(request.domain))
+            log.info("%s fetched the %s transport key %s", principal, handoff.domain, handoff.label)
+            return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
+                                          label=handoff.label, wrapped_key=handoff.wrapped, kcv=handoff.kcv)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+    def ConfirmTransportKey(self, request: pb.ConfirmTransportKeyRequest, context: grpc.ServicerContext
+                            ) -> pb.TransportKeyHandoff:
+        def work(principal: Principal) -> pb.TransportKeyHandoff:
+            handoff = self._ctx.handoffs.confirm(principal, check_domain(request.domain), request.version,
+                                                 request.kcv)
+            log.info("%s confirmed the %s transport key %s; it is active", principal, handoff.domain, handoff.label)
+            return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
+                                          label=handoff.label, kcv=handoff.kcv)
+        return self._handle(context, work)  # type: ignore[no-any-return]
+
+
 def minutes(record: CeremonyRecord, ctx: Context, now: dt.datetime) -> bytes:
     """The canonical minutes of a ceremony: the proposal (its exact encoding), every approval with its signature
     and the approving officer's public key, the components received (custodian and KCV only), how it ended."""
     keys: Mapping[str, str] = {r.officer.principal.uri(): r.public_key_pem for r in ctx.officers.all(record.domain)}
+    try:
+        quorum = ctx.ceremonies.policy.quorum(record.domain, record.operation)
+        required, role = quorum.required, quorum.role
+    except errors.InvalidArgument:  # the genesis: recorded, not evaluated against a quorum
+        required, role = 0, ""
     return canonical({
         "format": MINUTES_FORMAT, "version": 1, "ceremony_id": record.ceremony_id, "domain": record.domain,
         "operation": record.operation, "proposal": record.encoding.decode(), "digest": record.digest,
         "approvals": [{"officer": a.officer.uri(), "at": a.at, "signature": a.signature.hex(),
                        "public_key": keys.get(a.officer.uri(), "")} for a in record.approvals],
         "components": [{"custodian": c.custodian.uri(), "kcv": c.kcv, "at": c.at} for c in record.components],
+        "required": required, "role": role,
         "state": record.state.value, "result": dict(record.result or {}), "error": record.error or "",
         "closed_at": record.closed_at or "", "closed_by": record.closed_by or "", "issued_at": rfc3339(now),
     })

@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="also verify and open each bundle into the station's token")
     p.add_argument("--server")
     p.add_argument("--json", action="store_true")
+    cli_ceremony.add_station_parsers(station)
 
     p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
     p.add_argument("--vectors", type=Path, required=True)
@@ -460,6 +461,8 @@ def _cmd_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_station(args: argparse.Namespace) -> int:
+    if args.station_command != "fetch":
+        return cli_ceremony.run_station(args, _client_for)
     from kms import runtime, store
     from kms.clock import SystemClock
     from kms.station import Station, TrustStore

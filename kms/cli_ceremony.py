@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kms import config as config_mod
 from kms import errors, identity
 from kms.ceremony import verify_minutes
-from kms.ceremony_client import CeremonyClient, checked_digest
+from kms.ceremony_client import CeremonyClient, checked_proposal
 from kms.hsm import wipe
 from kms.officers import ApprovalKeyFile
+from kms.registry import DOMAINS
 
 _LISTS = {"custodians", "recipients", "roles"}
 _INTS = {"version", "card_count"}
@@ -66,6 +67,40 @@ def add_parser(sub: Any) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--public-key", type=Path, required=True, help="the domain's issuance signing key (PEM)")
     p.add_argument("--json", action="store_true")
+
+
+def add_station_parsers(station: Any) -> None:
+    p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p = station.add_parser("accept-transport-key",
+                           help="take the transport key a ceremony left for this station into its token, check "
+                                "the KCV and confirm it (which activates the key)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+
+
+def run_station(args: argparse.Namespace, client_for: Any) -> int:
+    from kms import runtime
+    from kms.station import accept_transport_key, unwrap_public_key_pem
+
+    cfg = config_mod.load_station(args.station_config)
+    if args.station_command == "unwrap-key":
+        with runtime.open_station(cfg) as session:
+            print(unwrap_public_key_pem(session, cfg.name, args.domain), end="")
+        return 0
+    with client_for(args.station_config, args.server) as client:
+        cer = CeremonyClient(client)
+        handoff = cer.fetch_transport_key(args.domain)
+        with runtime.open_station(cfg) as session:
+            kcv = accept_transport_key(session, cfg.name, args.domain, handoff.label, handoff.wrapped_key,
+                                       handoff.kcv)
+        confirmed = cer.confirm_transport_key(args.domain, handoff.version, kcv)
+    _emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label, "kcv": kcv},
+          f"{confirmed.label} is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active")
+    return 0
 
 
 def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
@@ -161,13 +196,14 @@ def run(args: argparse.Namespace, client_for: Any) -> int:
             return 0
         elif command == "approve":
             ceremony = cer.get(args.ceremony_id)
-            checked_digest(ceremony)
-            if not args.yes:
-                print(_text(_doc(ceremony)) + "\n  params: " + ceremony.params_json + f"\n  digest: {ceremony.digest}",
-                      file=sys.stderr)
+            digest, proposal = checked_proposal(ceremony, args.ceremony_id)
+            if not args.yes:  # shown: the proposal decoded from the very encoding whose digest is signed
+                print(f"{args.ceremony_id}: {proposal['operation']} ({proposal['domain']}) proposed by "
+                      f"{proposal['proposer']}, expires {proposal['expires_at']}\n  params: "
+                      f"{json.dumps(proposal['params'], sort_keys=True)}\n  digest: {digest.hex()}", file=sys.stderr)
                 if not sys.stdin.isatty() or input("approve? [y/N] ").strip().lower() != "y":
                     raise errors.Cancelled("not approved")
-            ceremony = cer.approve(args.ceremony_id, _approval_key(args))
+            ceremony = cer.approve(args.ceremony_id, _approval_key(args), ceremony)
         elif command == "submit-component":
             value = _read_component(args)
             try:

@@ -34,7 +34,7 @@ from kms.ceremonies import Ceremonies
 from kms.ceremony import QuorumPolicy, approval_message
 from kms.clock import SystemClock
 from kms.engine import SIGNING_KEY_NAME
-from kms.errors import ConfigError, HsmError
+from kms.errors import ConfigError
 from kms.hsm import Algorithm, KcvMethod
 from kms.identity import Principal
 from kms.keyops import CUSTODY_NAME
@@ -42,6 +42,7 @@ from kms.officers import ApprovalKeyFile, OfficerStore, public_pem
 from kms.pki import Credential, DevPki
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
 from kms.secrets import SecretRef
+from kms.station import accept_transport_key, unwrap_key_label
 
 T = TypeVar("T")
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -86,10 +87,6 @@ def domain_token(domain: str) -> str:
 
 def station_token(station: str) -> str:
     return f"kms-{station}"
-
-
-def unwrap_key_label(station: str, domain: str) -> str:
-    return f"kms/station/{station}/unwrap/{domain}"
 
 
 def init_home(
@@ -313,10 +310,7 @@ def _station_accept(station_config: str, domain: str, bureau: str, version: int,
     cfg = config_mod.load_station(Path(station_config))
     label = key_label(domain, KeyKind.TRANSPORT, bureau, version)
     with runtime.open_station(cfg) as session:
-        received = session.accept_transport_key(unwrap_key_label(cfg.name, domain), wrapped, label)
-        if received != kcv:
-            session.destroy(label)
-            raise HsmError(f"transport key {label}: KCV at the station differs from the issuer's; key removed")
+        accept_transport_key(session, cfg.name, domain, label, wrapped, kcv.hex())
 
 
 def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:

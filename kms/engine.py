@@ -119,6 +119,11 @@ class DomainSealer:
         ).to_json()
 
     @property
+    def key_labels(self) -> tuple[str, ...]:
+        """Every registered key this sealer uses: master keys, the transport key, the signing key."""
+        return (*sorted({r.master_label for r in self._keys}), self._transport.label, self._signing_label)
+
+    @property
     def keys_per_card(self) -> int:
         return len(self._keys)
 

@@ -244,8 +244,10 @@ class Module:
         with _hsm(f"trust custody key {label!r}"):
             token = self._lib.get_token(token_label=token_label)
             with token.open(so_pin=so_pin, rw=True) as session:
-                for _ in session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                                              Attribute.LABEL: trusted_label(label)}):
+                for existing in session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                                                     Attribute.LABEL: trusted_label(label)}):
+                    if bytes(existing[Attribute.MODULUS]).lstrip(b"\x00") != _big(numbers.n):
+                        raise HsmError(f"{trusted_label(label)!r} exists but is another key")
                     return
                 session.create_object({
                     Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,

@@ -56,9 +56,10 @@ def _join(w: Worker, algorithm: Algorithm, sealed: Sequence[Sealed]) -> bytearra
 
 
 def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, expected_kcv: str | None = None,
-               sealed: Sequence[Sealed] = ()) -> dict[str, Any]:
+               sealed: Sequence[Sealed] = (), activate: bool = True) -> dict[str, Any]:
     """A new version of a master or transport key: generated in the token, or joined from components (then its
-    KCV must equal ``expected_kcv`` before it becomes active; otherwise it is destroyed)."""
+    KCV must equal ``expected_kcv`` before it becomes active; otherwise it is destroyed). With ``activate`` false
+    it stays pre-activation (a transport key waits for its bureau)."""
     key_kind, alg = KeyKind(kind), Algorithm(algorithm)
     if key_kind is KeyKind.TRANSPORT and alg is not Algorithm.AES256:
         raise InvalidArgument("algorithm", "transport keys are AES256")
@@ -84,12 +85,13 @@ def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, ex
         w.registry.transition(w.registry.get(w.domain, key_kind, name, record.version), KeyState.DESTROYED)
         raise InvalidState(f"the joined key's KCV {kcv} differs from the expected {expected_kcv}; it was destroyed "
                            "and never active")
-    active = w.registry.transition(w.registry.get(w.domain, key_kind, name, record.version), KeyState.ACTIVE)
-    return _key_result(active, escrow)
+    made = w.registry.get(w.domain, key_kind, name, record.version)
+    return _key_result(w.registry.transition(made, KeyState.ACTIVE) if activate else made, escrow)
 
 
-def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes) -> dict[str, Any]:
-    """A bureau's transport key generated in the token and handed over wrapped under the bureau's RSA key (OAEP)."""
+def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes) -> tuple[dict[str, Any], bytes]:
+    """A bureau's transport key generated in the token, pre-activation, and wrapped under the bureau station's
+    RSA key (OAEP) for the hand-off (kms.handoffs). Returns (result, wrapped key)."""
     record = w.registry.add(w.domain, KeyKind.TRANSPORT, bureau, Algorithm.AES256.value, state=KeyState.PRE_ACTIVATION)
     try:
         wrapped, kcv = w.session.generate_transport_key_for(record.label, recipient_spki)
@@ -97,9 +99,15 @@ def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes) -> dict
         w.registry.remove(record)
         raise
     w.registry.set_kcv(record, kcv.hex().upper(), components.kcv_method(Algorithm.AES256).value)
-    active = w.registry.transition(w.registry.get(w.domain, KeyKind.TRANSPORT, bureau, record.version),
-                                   KeyState.ACTIVE)
-    return {**_key_result(active, False), "wrapped_key": wrapped.hex().upper()}
+    return _key_result(w.registry.get(w.domain, KeyKind.TRANSPORT, bureau, record.version), False), wrapped
+
+
+def discard_key(w: Worker, kind: str, name: str, version: int) -> None:
+    """Undo a key a failed ceremony made: destroy the token object, record it destroyed (never active)."""
+    record = w.registry.get(w.domain, KeyKind(kind), name, version)
+    if w.session.has_key(record.label):
+        w.session.destroy(record.label)
+    w.registry.transition(record, KeyState.DESTROYED)
 
 
 def export_components(w: Worker, kind: str, name: str, version: int, recipients: Sequence[tuple[str, str]],

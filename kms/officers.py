@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.ceremony import Officer
 from kms.clock import Clock, rfc3339
-from kms.errors import AlreadyExists, InvalidArgument, NotFound
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.identity import Principal, parse_uri
 from kms.registry import check_domain
 from kms.store import officers
@@ -134,6 +134,20 @@ class OfficerStore:
             raise AlreadyExists(f"{principal} is already enrolled") from None
         return self.get(principal) if conn is None else _record(values)
 
+    def revoke(self, principal: Principal) -> OfficerRecord:
+        """An officer who no longer counts for anything (a revoke-officer ceremony): conditional on being active."""
+        with self._engine.begin() as conn:
+            changed = conn.execute(officers.update().where(
+                officers.c.principal == principal.uri(), officers.c.state == "active").values(state="revoked")).rowcount
+        if changed != 1:
+            raise InvalidState(f"{principal} is not an active officer")
+        return self.get(principal)
+
+    def key_in_use(self, public_key_pem: str) -> bool:
+        """Whether any officer (either domain, any state) already has this approval key."""
+        wanted = _der(parse_public_key(public_key_pem))
+        return any(_der(r.officer.public_key) == wanted for r in self.all())
+
     def get(self, principal: Principal) -> OfficerRecord:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(officers).where(officers.c.principal == principal.uri())).first()
@@ -155,6 +169,10 @@ class OfficerStore:
     def count(self) -> int:
         with self._engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(officers)).scalar_one())
+
+
+def _der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _record(m: Mapping[Any, Any]) -> OfficerRecord:

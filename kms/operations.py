@@ -20,12 +20,13 @@ from kms import keyops
 from kms.batches import BatchState, BatchStore
 from kms.ceremonies import Ceremonies, CeremonyRecord, check_kcv
 from kms.errors import InvalidArgument, InvalidState, NotFound
+from kms.handoffs import TransportHandoffs
 from kms.hsm import Algorithm
 from kms.identity import Principal, parse_uri
 from kms.issuer import DomainPools
 from kms.officers import OfficerStore, check_name, check_roles, parse_public_key
 from kms.profiles import Profile
-from kms.registry import KeyKind, KeyRegistry, KeyState
+from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
 
 _KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
@@ -42,6 +43,7 @@ class Context:
     batches: BatchStore
     profiles: Mapping[str, Profile]
     ceremonies: Ceremonies
+    handoffs: TransportHandoffs
     pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
 
 
@@ -130,6 +132,16 @@ def _yes(params: Mapping[str, Any], name: str = "escrow") -> bool:
     return params.get(name) == "yes"
 
 
+def _custody_key(ctx: Context, domain: str, params: Mapping[str, Any]) -> str:
+    """The fingerprint of the custody key components are to be encrypted to: signed with the proposal, checked by
+    each custodian's client before encrypting, and again when the ceremony executes."""
+    current = ctx.registry.active(domain, KeyKind.CUSTODY, keyops.CUSTODY_NAME)
+    fingerprint = hashlib.sha256(current.public_key or b"").hexdigest()
+    if "custody_key" in params and params["custody_key"] != fingerprint:
+        raise InvalidArgument("params.custody_key", f"is not the {domain} custody key ({fingerprint})")
+    return fingerprint
+
+
 # -- operations --------------------------------------------------------------------------------------------------
 
 
@@ -144,7 +156,22 @@ def _check_enrol(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
     parse_public_key(pem, "params.public_key")
     if Principal("officer", name, domain=domain) in {r.officer.principal for r in ctx.officers.all(domain)}:
         raise InvalidArgument("params.name", f"{name} is already a {domain} officer")
+    if ctx.officers.key_in_use(pem):
+        raise InvalidArgument("params.public_key", "is already an officer's approval key")
     return {"name": name, "roles": sorted(chosen), "public_key": pem}
+
+
+def _check_revoke(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name"})
+    name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    if Principal("officer", name, domain=domain) not in ctx.officers.active(domain):
+        raise InvalidArgument("params.name", f"{name} is not an active {domain} officer")
+    return {"name": name}
+
+
+def _run_revoke(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    revoked = ctx.officers.revoke(Principal("officer", c.params["name"], domain=c.domain))
+    return {"officer": revoked.officer.principal.uri(), "state": revoked.state}
 
 
 def _run_enrol(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
@@ -176,18 +203,21 @@ def _run_generate(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 
 def _check_import(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
-    _only(p, {"name", "kcv", "custodians"}, {"algorithm", "escrow"})
+    _only(p, {"name", "kcv", "custodians"}, {"algorithm", "escrow", "custody_key"})
     return {"name": _str(p, "name"), "algorithm": _algorithm(p), "escrow": _choice(p, "escrow", ("yes", "no"), "no"),
             "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
-            "custodians": _custodians(ctx, domain, p, "custodians")}
+            "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
 
 
 def _run_import(ctx: Context, c: CeremonyRecord, kind: KeyKind = KeyKind.MASTER, name_param: str = "name"
                 ) -> dict[str, Any]:
     p = c.params
+    _custody_key(ctx, c.domain, p)  # still the key the components were encrypted to
     sealed = [(who.uri(), data, kcv) for who, data, kcv in _sealed_in(ctx, c)]
+    # A master key is active once its joined KCV matched; a transport key waits for its bureau (set-key-state).
     return dict(pool_for(ctx, c.domain).call(keyops.create_key, kind.value, p[name_param],
-                                          p.get("algorithm", Algorithm.AES256.value), _yes(p), p["kcv"], sealed))
+                                             p.get("algorithm", Algorithm.AES256.value), _yes(p), p["kcv"], sealed,
+                                             kind is KeyKind.MASTER))
 
 
 def _check_export(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,7 +244,8 @@ def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[st
     method = _choice(p, "method", TRANSPORT_METHODS)
     bureau = _str(p, "bureau")
     if method == "rsa-oaep":
-        _only(p, {"bureau", "method", "public_key"})
+        _only(p, {"bureau", "method", "station", "public_key"})
+        station = _str(p, "station")
         pem = p["public_key"] if isinstance(p["public_key"], str) else ""
         try:
             public = serialization.load_pem_public_key(pem.encode("ascii"))
@@ -222,12 +253,13 @@ def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[st
             raise InvalidArgument("params.public_key", "is not a PEM public key") from None
         if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
             raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
-        return {"bureau": bureau, "method": method, "public_key": pem}
+        return {"bureau": bureau, "method": method, "public_key": pem,
+                "station": Principal("station", station, bureau=bureau).uri()}
     if method == "import-components":
-        _only(p, {"bureau", "method", "kcv", "custodians"})
+        _only(p, {"bureau", "method", "kcv", "custodians"}, {"custody_key"})
         return {"bureau": bureau, "method": method, "algorithm": Algorithm.AES256.value,
                 "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
-                "custodians": _custodians(ctx, domain, p, "custodians")}
+                "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
     _only(p, {"bureau", "method", "recipients"})
     return {"bureau": bureau, "method": method, "recipients": _custodians(ctx, domain, p, "recipients")}
 
@@ -238,11 +270,20 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     if p["method"] == "rsa-oaep":
         public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
         spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return dict(pool.call(keyops.transport_key_for_rsa, p["bureau"], spki))
+        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki)
+        # The wrapped key goes to the named station only (kms.handoffs), never into results or minutes.
+        ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
+                           c.ceremony_id)
+        return {**made, "handed_to": p["station"]}
     if p["method"] == "import-components":
         return _run_import(ctx, c, KeyKind.TRANSPORT, "bureau")
-    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True))
-    exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True,
+                          None, (), False))
+    try:
+        exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+    except BaseException:
+        pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+        raise
     return {**made, **exported}
 
 
@@ -250,12 +291,23 @@ def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
     _only(p, {"name", "version", "state"}, {"kind"})
     kind, name, version = _existing(ctx, domain, p)
     state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
+    _activation_allowed(ctx.registry.get(domain, KeyKind(kind), name, version), KeyState(state))
     return {"kind": kind, "name": name, "version": version, "state": state}
+
+
+def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
+    """Activation by ceremony: a suspended key again, or a transport key whose bureau confirmed its KCV out of band
+    (components). A master key becomes active only inside the ceremony that made it, after its KCV check."""
+    if to is KeyState.ACTIVE and record.state is not KeyState.SUSPENDED and not (
+            record.kind is KeyKind.TRANSPORT and record.state is KeyState.PRE_ACTIVATION):
+        raise InvalidArgument("params.state", f"{record.label} is {record.state.value}: only a suspended key, or a "
+                                              "transport key awaiting its bureau, can be made active")
 
 
 def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     record = ctx.registry.get(c.domain, KeyKind(p["kind"]), p["name"], p["version"])
+    _activation_allowed(record, KeyState(p["state"]))
     changed = ctx.registry.transition(record, KeyState(p["state"]))
     return {"label": changed.label, "from": record.state.value, "state": changed.state.value,
             "at": changed.state_changed_at}
@@ -316,6 +368,7 @@ def _run_batch(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("enrol-officer", "enrol an officer with roles and an approval key", _check_enrol, _run_enrol, False),
+    Operation("revoke-officer", "an officer who no longer counts for anything", _check_revoke, _run_revoke, False),
     Operation("generate-master-key", "generate a master key (next version) in the HSM", _check_generate,
               _run_generate),
     Operation("import-master-key", "join a master key (next version) from custodians' components", _check_import,
@@ -323,7 +376,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("rotate-master-key", "generate the next version of an existing master key", _check_rotate,
               _run_generate),
     Operation("export-master-key", "export an escrowable key as components, one per custodian", _check_export,
-              _run_export, False),
+              _run_export),
     Operation("register-transport-key", "a bureau's transport key (rsa-oaep, import-components, export-components)",
               _check_transport, _run_transport),
     Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,

@@ -8,6 +8,7 @@ KCV is checked; ``transition`` allows only the moves in ``TRANSITIONS``, each ti
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -173,6 +174,12 @@ class KeyRegistry:
                 raise InvalidState(f"{domain} {kind.value} key {name} has no active version")
             raise NotFound(f"no {domain} {kind.value} key named {name}")
         return _record(row)
+
+    def states(self, labels: Sequence[str]) -> dict[str, KeyState]:
+        """The current state of each labelled key (one query: what a worker checks before each chunk)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(keys.c.label, keys.c.state).where(keys.c.label.in_(list(labels)))).all()
+        return {r.label: KeyState(r.state) for r in rows}
 
     def versions(self, domain: str, kind: KeyKind, name: str) -> list[KeyRecord]:
         with self._engine.connect() as conn:

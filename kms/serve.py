@@ -23,6 +23,7 @@ from kms.ceremony_service import CeremonyService
 from kms.ceremony_service import register as register_ceremonies
 from kms.clock import Clock, SystemClock
 from kms.errors import ConfigError
+from kms.handoffs import TransportHandoffs
 from kms.issuance import Issuance, register
 from kms.issuer import DomainPools
 from kms.lifecycle import CardLifecycle
@@ -52,7 +53,10 @@ class Service:
                                  lifecycle=self.lifecycle)
         officer_store = OfficerStore(engine, clock)
         self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store)
-        ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, self.pools)
+        self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
+        handoffs = TransportHandoffs(engine, registry, clock)
+        ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
+                                   self.pools)
         ceremony = CeremonyService(self.ceremonies, ceremony_context, clock)
         tls = cfg.server.tls
         self.server, self.port = create_server(

@@ -18,7 +18,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+    load_pem_public_key,
+)
 
 from kms import bundle
 from kms.clock import Clock, rfc3339
@@ -228,3 +233,29 @@ class Station:
 def _card_key_label(card_ref: str, domain: str, name: str) -> str:
     return f"card/{card_ref}/{domain}/{name}"
 
+
+
+# -- transport keys handed over to this station ---------------------------------------------------------------------
+
+
+def unwrap_key_label(station: str, domain: str) -> str:
+    """The station's RSA key pair that transport keys of a domain are wrapped to."""
+    return f"kms/station/{station}/unwrap/{domain}"
+
+
+def unwrap_public_key_pem(session: TokenSession, station: str, domain: str) -> str:
+    """The station's unwrap public key for a domain, for officers to name in a register-transport-key ceremony."""
+    spki = session.public_key(unwrap_key_label(station, domain))
+    public = load_der_public_key(spki)
+    return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def accept_transport_key(session: TokenSession, station: str, domain: str, label: str, wrapped: bytes,
+                         issuer_kcv: str) -> str:
+    """Unwrap a transport key sent to this station into its token (unwrap only) and check its KCV against the
+    issuer's; on a mismatch the station's copy is removed and HsmError raised. Returns the KCV."""
+    kcv = session.accept_transport_key(unwrap_key_label(station, domain), wrapped, label).hex().upper()
+    if kcv != issuer_kcv.upper():
+        session.destroy(label)
+        raise HsmError(f"transport key {label}: the KCV at the station differs from the issuer's; key removed")
+    return kcv

@@ -94,6 +94,22 @@ batch_authorizations = sa.Table(
     sa.Column("at", sa.String(32), nullable=False),
 )
 
+#: A bureau station's transport key handed over wrapped under that station's RSA key (register-transport-key,
+#: method rsa-oaep): kept until the station confirms the KCV, then erased; the key is active only from then on.
+transport_handoffs = sa.Table(
+    "transport_handoffs",
+    metadata,
+    sa.Column("domain", sa.String(16), primary_key=True),
+    sa.Column("bureau", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("station", sa.String(200), nullable=False),  # the one station principal that may fetch it
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),  # RSA-OAEP under the station's key; erased on acceptance
+    sa.Column("kcv", sa.String(16), nullable=False),
+    sa.Column("ceremony_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("accepted_at", sa.String(32), nullable=True),
+)
+
 #: At a station: every bundle serial opened there, so that a replayed bundle is refused.
 opened_bundles = sa.Table(
     "opened_bundles",

@@ -29,7 +29,7 @@ from kms.engine import DomainSealer
 from kms.errors import ConfigError, HsmError, KmsError
 from kms.hsm import TokenSession
 from kms.profiles import Profile
-from kms.registry import KeyRegistry
+from kms.registry import KeyRegistry, KeyState
 
 T = TypeVar("T")
 #: Master key versions a batch was authorized with: ((name, version), ...), sorted; () for the newest active.
@@ -114,6 +114,12 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
         raise _init_error
     assert _worker is not None, "worker not initialized"
     sealer = _worker.sealer(bureau, profile, pins)
+    # A key may have changed state since this sealer resolved it (a ceremony on any replica): checked per chunk.
+    states = _worker.registry.states(sealer.key_labels)
+    stale = [label for label in sealer.key_labels if states.get(label) is not KeyState.ACTIVE]
+    if stale:
+        _worker.sealers.pop((bureau, profile, pins), None)
+        sealer = _worker.sealer(bureau, profile, pins)  # re-resolved: raises if no active version remains
     pid = os.getpid()
     started = time.perf_counter()
     sections = sealer.seal_many([(job.card, job.serial) for job in jobs], batch=batch)

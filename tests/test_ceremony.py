@@ -192,3 +192,41 @@ def _valid(approval: Approval, proposal: Proposal) -> bool:
 
 TestCeremonies = Ceremonies.TestCase
 TestCeremonies.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+def _minutes(approved_by: list[str], signers: list[Principal], domain_key: ec.EllipticCurvePrivateKey,
+             proposer: Principal) -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from kms.bundle import canonical
+    from kms.ceremony import approval_message
+
+    proposal = Proposal("hrss", "generate-master-key", {"name": "mk"}, proposer, T0, T0 + dt.timedelta(hours=1),
+                        "C-00112233445566ff")
+    approvals = [{"officer": who.uri(), "at": "t", "signature": KEYS[who].sign(
+        approval_message(proposal), ec.ECDSA(hashes.SHA256())).hex(), "public_key": OFFICERS[who].public_key
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()}
+        for who in signers]
+    document = canonical({
+        "format": "kms-ceremony-minutes", "version": 1, "ceremony_id": "C-00112233445566ff", "domain": "hrss",
+        "operation": "generate-master-key", "proposal": proposal.encoding().decode(), "digest": proposal.digest.hex(),
+        "approvals": approvals, "components": [], "required": 2, "role": "approver", "state": "executed",
+        "result": {"approved_by": approved_by}, "error": "", "closed_at": "", "closed_by": "", "issued_at": "t"})
+    return document, domain_key.sign(document, ec.ECDSA(hashes.SHA256()))
+
+
+def test_minutes_verify_offline_only_with_a_quorum_of_good_signatures() -> None:
+    from kms.ceremony import verify_minutes
+
+    alice, bob, chen = (o.principal for o, _ in STAFF[:3])
+    domain_key = ec.generate_private_key(ec.SECP256R1())
+    good, signature = _minutes([bob.uri(), chen.uri()], [bob, chen], domain_key, alice)
+    assert verify_minutes(good, signature, domain_key.public_key())["state"] == "executed"
+    with pytest.raises(InvalidArgument, match="signature"):
+        verify_minutes(good, signature, ec.generate_private_key(ec.SECP256R1()).public_key())
+    # Minutes the domain signed but that do not show a quorum are refused all the same.
+    for approved_by, signers in (([bob.uri()], [bob]), ([alice.uri(), bob.uri()], [alice, bob]),
+                                 ([bob.uri(), bob.uri()], [bob]), ([bob.uri(), chen.uri()], [bob])):
+        document, sig = _minutes(approved_by, signers, domain_key, alice)
+        with pytest.raises(InvalidArgument, match="approved_by"):
+            verify_minutes(document, sig, domain_key.public_key())

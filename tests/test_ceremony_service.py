@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from ceremony_helpers import authorize_batch, client, key, officer, run_ceremony
 from conftest import card
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import components, config, store
 from kms.ceremony import APPROVAL_CONTEXT, verify_minutes
@@ -207,19 +207,58 @@ def test_escrow_export_gives_each_custodian_only_their_component(
 # -- transport keys, states, destruction -------------------------------------------------------------------------
 
 
-def test_transport_key_wrapped_to_a_bureaus_rsa_key(home: Home, service: Service, registry: KeyRegistry) -> None:
-    bureau = _name()
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    done = run_ceremony(home, service.port, "bank", "register-transport-key",
-                        {"bureau": bureau, "method": "rsa-oaep", "public_key": pem})
+def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_kcv(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    from kms import runtime
+    from kms.client import Client
+    from kms.station import Station, TrustStore, accept_transport_key, unwrap_public_key_pem
 
+    cfg = config.load_station(home.station_config("station-b1"))
+    assert cfg.client is not None
+    with runtime.open_station(cfg) as session:
+        pem = unwrap_public_key_pem(session, "station-b1", "hrss")
+    before = registry.active("hrss", KeyKind.TRANSPORT, "bureau-b")
+    done = run_ceremony(home, service.port, "hrss", "register-transport-key",
+                        {"bureau": "bureau-b", "station": "station-b1", "method": "rsa-oaep", "public_key": pem})
     result = json.loads(done.result_json)
-    value = private.decrypt(bytes.fromhex(result["wrapped_key"]),
-                            padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None))
-    assert components.kcv(Algorithm.AES256, value) == result["kcv"] == registry.active(
-        "bank", KeyKind.TRANSPORT, bureau).kcv
+    assert result["state"] == "pre-activation" and result["handed_to"] == "urn:kms:station:bureau-b:station-b1"
+    assert "wrapped" not in done.result_json.lower()  # the wrapped key is in no result and no minutes
+    assert registry.active("hrss", KeyKind.TRANSPORT, "bureau-b") == before  # not used before the bureau has it
+    other = config.load_station(home.station_config("station-a1")).client
+    assert other is not None
+    with Client(other, server=f"localhost:{service.port}") as a1, pytest.raises(NotFound):
+        CeremonyClient(a1).fetch_transport_key("hrss")  # only the named station
+    with Client(cfg.client, server=f"localhost:{service.port}") as b1:
+        station = CeremonyClient(b1)
+        handoff = station.fetch_transport_key("hrss")
+        assert handoff.version == result["version"] and handoff.kcv == result["kcv"]
+        with pytest.raises(InvalidArgument, match="kcv"):
+            station.confirm_transport_key("hrss", handoff.version, "000000")
+        assert registry.get("hrss", KeyKind.TRANSPORT, "bureau-b", handoff.version).state is KeyState.PRE_ACTIVATION
+        with runtime.open_station(cfg) as session:
+            kcv = accept_transport_key(session, "station-b1", "hrss", handoff.label, handoff.wrapped_key,
+                                       handoff.kcv)
+        station.confirm_transport_key("hrss", handoff.version, kcv)
+        with pytest.raises(NotFound):
+            station.fetch_transport_key("hrss")  # erased once accepted
+    assert registry.active("hrss", KeyKind.TRANSPORT, "bureau-b").version == handoff.version
+    # The next bundle for bureau-b is sealed under the new key, and station-b1 opens it.
+    batch = f"B-{secrets.token_hex(4)}"
+    with client(home, service.port, ALICE) as alice:
+        alice.create_batch(batch, "bureau-b", "dual-app-v1", [card(93_000, card_ref="tk-0")])
+    authorize_batch(home, service.port, batch)
+    with Client(cfg.client, server=f"localhost:{service.port}") as b1:
+        data = b1.issue_card(batch, "tk-0").data
+    from kms import bundle
+
+    hrss = next(s for s in bundle.parse(data).sections if s.domain == "hrss")
+    assert hrss.transport_key_version == handoff.version
+    ledger = store.make_engine(f"sqlite:///{home.path / 'tk-ledger.db'}")
+    store.create_station_ledger(ledger)
+    with runtime.open_station(cfg) as session:
+        report = Station("station-b1", "bureau-b", cfg.domains, session, TrustStore.load(cfg.trust), ledger,
+                         SystemClock()).open(data)
+    assert report.ok and len(report.keys) == 15
 
 
 def test_transport_key_from_and_to_components(home: Home, service: Service, registry: KeyRegistry) -> None:
@@ -232,14 +271,18 @@ def test_transport_key_from_and_to_components(home: Home, service: Service, regi
     for who, part in zip((BOB, CHEN), parts, strict=True):
         _as(home, service, who).submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.AES256, part))
     _as(home, service, ALICE).execute(ceremony.ceremony_id)
+    [made] = registry.versions("hrss", KeyKind.TRANSPORT, bureau)
+    assert (made.kcv, made.state) == (expected, KeyState.PRE_ACTIVATION)  # until the bureau has loaded it
+    run_ceremony(home, service.port, "hrss", "set-key-state",
+                 {"kind": "transport", "name": bureau, "version": 1, "state": "active"})
     assert registry.active("hrss", KeyKind.TRANSPORT, bureau).kcv == expected
 
     other = _name()
     done = run_ceremony(home, service.port, "hrss", "register-transport-key",
                         {"bureau": other, "method": "export-components", "recipients": ["bob", "chen"]})
     opened = [_as(home, service, w).fetch_component(done.ceremony_id, key(home, w), w.uri())[0] for w in (BOB, CHEN)]
-    assert components.kcv(Algorithm.AES256, components.join(opened)) == registry.active(
-        "hrss", KeyKind.TRANSPORT, other).kcv
+    assert components.kcv(Algorithm.AES256, components.join(opened)) == registry.get(
+        "hrss", KeyKind.TRANSPORT, other, 1).kcv
 
 
 def test_key_states_rotation_and_destruction_are_ceremonies(
@@ -255,7 +298,7 @@ def test_key_states_rotation_and_destruction_are_ceremonies(
     for state in ("suspended", "active", "deactivated"):
         run_ceremony(home, service.port, "bank", "set-key-state", {"name": name, "version": 1, "state": state})
         assert registry.get("bank", KeyKind.MASTER, name, 1).state.value == state
-    with pytest.raises(InvalidState, match="cannot go from deactivated to active"):
+    with pytest.raises(InvalidArgument, match="is deactivated: only a suspended key"):
         run_ceremony(home, service.port, "bank", "set-key-state", {"name": name, "version": 1, "state": "active"})
     run_ceremony(home, service.port, "bank", "destroy-key", {"name": name, "version": 1})
     assert registry.get("bank", KeyKind.MASTER, name, 1).state is KeyState.DESTROYED
@@ -388,3 +431,59 @@ def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_
                                                   "is deactivated"):
             st.issue_card(new, "rot-n1")
     assert registry.active("bank", KeyKind.MASTER, "bank-imk-ac").version == 1
+
+
+def test_identical_proposals_have_distinct_digests_so_approvals_do_not_carry_over(
+        home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    alice, bob = _as(home, service, ALICE), _as(home, service, BOB)
+    first = alice.propose("generate-master-key", {"name": name})
+    second = alice.propose("generate-master-key", {"name": name})  # e.g. a retried request, the same second
+    assert first.digest != second.digest
+    signature = key(home, BOB).sign(APPROVAL_CONTEXT + bytes.fromhex(first.digest))
+    with pytest.raises(InvalidArgument, match="signature"):
+        bob._client.call(bob._stub.Approve, _approve_request(second.ceremony_id, signature))
+    bob._client.call(bob._stub.Approve, _approve_request(first.ceremony_id, signature))
+    assert [a.officer for a in bob.get(first.ceremony_id).approvals] == [BOB.uri()]
+    assert list(bob.get(second.ceremony_id).approvals) == []
+
+
+def test_a_component_goes_only_to_the_custody_key_the_proposal_names(
+        home: Home, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    ceremony = run_ceremony(home, service.port, "hrss", "import-master-key",
+                            {"name": _name(), "kcv": "123456", "custodians": ["bob", "chen"]}, execute=False)
+    params = json.loads(ceremony.params_json)
+    bob = _as(home, service, BOB)
+    assert params["custody_key"] == hashlib.sha256(bob.domain().custody_public_key).hexdigest()
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    real_domain = bob.domain
+
+    def lying_domain() -> object:  # a service (or a man in the middle) offering another key to encrypt to
+        info = real_domain()
+        info.custody_public_key = rogue
+        return info
+
+    monkeypatch.setattr(bob, "domain", lying_domain)
+    part = _component(Algorithm.DES2)
+    with pytest.raises(InvalidArgument, match="custody_key"):
+        bob.submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.DES2, part))
+    assert list(bob.get(ceremony.ceremony_id).components) == []
+
+
+def test_a_revoked_officer_is_listed_as_revoked(home: Home, service: Service) -> None:
+    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    name = f"r{secrets.token_hex(3)}"
+    run_ceremony(home, service.port, "bank", "enrol-officer", {"name": name, "roles": ["approver"], "public_key": pem})
+    with pytest.raises(InvalidArgument, match="already an officer's approval key"):
+        _as(home, service, CAROL).propose("enrol-officer", {"name": name + "x", "roles": ["approver"],
+                                                            "public_key": pem})
+    done = run_ceremony(home, service.port, "bank", "revoke-officer", {"name": name})
+    assert json.loads(done.result_json)["state"] == "revoked"
+    states = {o.officer: o.state for o in _as(home, service, DAVE).domain().officers}
+    assert states[f"urn:kms:officer:bank:{name}"] == "revoked"
+    with pytest.raises(InvalidArgument, match="not an active bank officer"):
+        _as(home, service, CAROL).propose("revoke-officer", {"name": name})

@@ -24,41 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kms/v1/ceremony.proto\x12\x06kms.v1\"M\n\x0eProposeRequest\x12\x11\n\toperation\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\"\n\x0b\x43\x65remonyRef\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\"&\n\x15ListCeremoniesRequest\x12\r\n\x05state\x18\x01 \x01(\t\">\n\x16ListCeremoniesResponse\x12$\n\nceremonies\x18\x01 \x03(\x0b\x32\x10.kms.v1.Ceremony\"8\n\x0e\x41pproveRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"W\n\x16SubmitComponentRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x1b\n\x13\x65ncrypted_component\x18\x02 \x01(\x0c\x12\x0b\n\x03kcv\x18\x03 \x01(\t\"+\n\x0c\x41pprovalInfo\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\";\n\rComponentInfo\x12\x11\n\tcustodian\x18\x01 \x01(\t\x12\x0b\n\x03kcv\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\t\"\xda\x02\n\x08\x43\x65remony\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\x12\x10\n\x08proposer\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x10\n\x08\x65ncoding\x18\t \x01(\x0c\x12\x0e\n\x06\x64igest\x18\n \x01(\t\x12\x10\n\x08required\x18\x0b \x01(\r\x12\x0c\n\x04role\x18\x0c \x01(\t\x12\'\n\tapprovals\x18\r \x03(\x0b\x32\x14.kms.v1.ApprovalInfo\x12)\n\ncomponents\x18\x0e \x03(\x0b\x32\x15.kms.v1.ComponentInfo\x12\x13\n\x0bresult_json\x18\x0f \x01(\t\x12\r\n\x05\x65rror\x18\x10 \x01(\t\"C\n\x0fSealedComponent\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x0c\x12\x0b\n\x03kcv\x18\x03 \x01(\t\"C\n\x07Minutes\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0bsigning_key\x18\x03 \x01(\t\"\x12\n\x10GetDomainRequest\"P\n\x0bOfficerInfo\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x12\n\npublic_key\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\"_\n\nDomainInfo\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x1a\n\x12\x63ustody_public_key\x18\x02 \x01(\x0c\x12%\n\x08officers\x18\x03 \x03(\x0b\x32\x13.kms.v1.OfficerInfo2\xd9\x04\n\x0f\x43\x65remonyService\x12\x33\n\x07Propose\x12\x16.kms.v1.ProposeRequest\x1a\x10.kms.v1.Ceremony\x12\x34\n\x0bGetCeremony\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12O\n\x0eListCeremonies\x12\x1d.kms.v1.ListCeremoniesRequest\x1a\x1e.kms.v1.ListCeremoniesResponse\x12\x33\n\x07\x41pprove\x12\x16.kms.v1.ApproveRequest\x1a\x10.kms.v1.Ceremony\x12\x43\n\x0fSubmitComponent\x12\x1e.kms.v1.SubmitComponentRequest\x1a\x10.kms.v1.Ceremony\x12/\n\x06\x43\x61ncel\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12\x30\n\x07\x45xecute\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12>\n\x0e\x46\x65tchComponent\x12\x13.kms.v1.CeremonyRef\x1a\x17.kms.v1.SealedComponent\x12\x32\n\nGetMinutes\x12\x13.kms.v1.CeremonyRef\x1a\x0f.kms.v1.Minutes\x12\x39\n\tGetDomain\x12\x18.kms.v1.GetDomainRequest\x1a\x12.kms.v1.DomainInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kms/v1/ceremony.proto\x12\x06kms.v1\"%\n\x13TransportKeyRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\"w\n\x13TransportKeyHandoff\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0e\n\x06\x62ureau\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0bwrapped_key\x18\x05 \x01(\x0c\x12\x0b\n\x03kcv\x18\x06 \x01(\t\"J\n\x1a\x43onfirmTransportKeyRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0b\n\x03kcv\x18\x03 \x01(\t\"M\n\x0eProposeRequest\x12\x11\n\toperation\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\"\"\n\x0b\x43\x65remonyRef\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\"&\n\x15ListCeremoniesRequest\x12\r\n\x05state\x18\x01 \x01(\t\">\n\x16ListCeremoniesResponse\x12$\n\nceremonies\x18\x01 \x03(\x0b\x32\x10.kms.v1.Ceremony\"8\n\x0e\x41pproveRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"W\n\x16SubmitComponentRequest\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x1b\n\x13\x65ncrypted_component\x18\x02 \x01(\x0c\x12\x0b\n\x03kcv\x18\x03 \x01(\t\"+\n\x0c\x41pprovalInfo\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\t\";\n\rComponentInfo\x12\x11\n\tcustodian\x18\x01 \x01(\t\x12\x0b\n\x03kcv\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\t\"\xda\x02\n\x08\x43\x65remony\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\x12\x10\n\x08proposer\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\t\x12\r\n\x05state\x18\x08 \x01(\t\x12\x10\n\x08\x65ncoding\x18\t \x01(\x0c\x12\x0e\n\x06\x64igest\x18\n \x01(\t\x12\x10\n\x08required\x18\x0b \x01(\r\x12\x0c\n\x04role\x18\x0c \x01(\t\x12\'\n\tapprovals\x18\r \x03(\x0b\x32\x14.kms.v1.ApprovalInfo\x12)\n\ncomponents\x18\x0e \x03(\x0b\x32\x15.kms.v1.ComponentInfo\x12\x13\n\x0bresult_json\x18\x0f \x01(\t\x12\r\n\x05\x65rror\x18\x10 \x01(\t\"C\n\x0fSealedComponent\x12\x13\n\x0b\x63\x65remony_id\x18\x01 \x01(\t\x12\x0e\n\x06sealed\x18\x02 \x01(\x0c\x12\x0b\n\x03kcv\x18\x03 \x01(\t\"C\n\x07Minutes\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0bsigning_key\x18\x03 \x01(\t\"\x12\n\x10GetDomainRequest\"P\n\x0bOfficerInfo\x12\x0f\n\x07officer\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x12\n\npublic_key\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\"_\n\nDomainInfo\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x1a\n\x12\x63ustody_public_key\x18\x02 \x01(\x0c\x12%\n\x08officers\x18\x03 \x03(\x0b\x32\x13.kms.v1.OfficerInfo2\x80\x06\n\x0f\x43\x65remonyService\x12\x33\n\x07Propose\x12\x16.kms.v1.ProposeRequest\x1a\x10.kms.v1.Ceremony\x12\x34\n\x0bGetCeremony\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12O\n\x0eListCeremonies\x12\x1d.kms.v1.ListCeremoniesRequest\x1a\x1e.kms.v1.ListCeremoniesResponse\x12\x33\n\x07\x41pprove\x12\x16.kms.v1.ApproveRequest\x1a\x10.kms.v1.Ceremony\x12\x43\n\x0fSubmitComponent\x12\x1e.kms.v1.SubmitComponentRequest\x1a\x10.kms.v1.Ceremony\x12/\n\x06\x43\x61ncel\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12\x30\n\x07\x45xecute\x12\x13.kms.v1.CeremonyRef\x1a\x10.kms.v1.Ceremony\x12>\n\x0e\x46\x65tchComponent\x12\x13.kms.v1.CeremonyRef\x1a\x17.kms.v1.SealedComponent\x12\x32\n\nGetMinutes\x12\x13.kms.v1.CeremonyRef\x1a\x0f.kms.v1.Minutes\x12\x39\n\tGetDomain\x12\x18.kms.v1.GetDomainRequest\x1a\x12.kms.v1.DomainInfo\x12M\n\x11\x46\x65tchTransportKey\x12\x1b.kms.v1.TransportKeyRequest\x1a\x1b.kms.v1.TransportKeyHandoff\x12V\n\x13\x43onfirmTransportKey\x12\".kms.v1.ConfirmTransportKeyRequest\x1a\x1b.kms.v1.TransportKeyHandoffb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.v1.ceremony_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSEREQUEST']._serialized_start=33
-  _globals['_PROPOSEREQUEST']._serialized_end=110
-  _globals['_CEREMONYREF']._serialized_start=112
-  _globals['_CEREMONYREF']._serialized_end=146
-  _globals['_LISTCEREMONIESREQUEST']._serialized_start=148
-  _globals['_LISTCEREMONIESREQUEST']._serialized_end=186
-  _globals['_LISTCEREMONIESRESPONSE']._serialized_start=188
-  _globals['_LISTCEREMONIESRESPONSE']._serialized_end=250
-  _globals['_APPROVEREQUEST']._serialized_start=252
-  _globals['_APPROVEREQUEST']._serialized_end=308
-  _globals['_SUBMITCOMPONENTREQUEST']._serialized_start=310
-  _globals['_SUBMITCOMPONENTREQUEST']._serialized_end=397
-  _globals['_APPROVALINFO']._serialized_start=399
-  _globals['_APPROVALINFO']._serialized_end=442
-  _globals['_COMPONENTINFO']._serialized_start=444
-  _globals['_COMPONENTINFO']._serialized_end=503
-  _globals['_CEREMONY']._serialized_start=506
-  _globals['_CEREMONY']._serialized_end=852
-  _globals['_SEALEDCOMPONENT']._serialized_start=854
-  _globals['_SEALEDCOMPONENT']._serialized_end=921
-  _globals['_MINUTES']._serialized_start=923
-  _globals['_MINUTES']._serialized_end=990
-  _globals['_GETDOMAINREQUEST']._serialized_start=992
-  _globals['_GETDOMAINREQUEST']._serialized_end=1010
-  _globals['_OFFICERINFO']._serialized_start=1012
-  _globals['_OFFICERINFO']._serialized_end=1092
-  _globals['_DOMAININFO']._serialized_start=1094
-  _globals['_DOMAININFO']._serialized_end=1189
-  _globals['_CEREMONYSERVICE']._serialized_start=1192
-  _globals['_CEREMONYSERVICE']._serialized_end=1793
+  _globals['_TRANSPORTKEYREQUEST']._serialized_start=33
+  _globals['_TRANSPORTKEYREQUEST']._serialized_end=70
+  _globals['_TRANSPORTKEYHANDOFF']._serialized_start=72
+  _globals['_TRANSPORTKEYHANDOFF']._serialized_end=191
+  _globals['_CONFIRMTRANSPORTKEYREQUEST']._serialized_start=193
+  _globals['_CONFIRMTRANSPORTKEYREQUEST']._serialized_end=267
+  _globals['_PROPOSEREQUEST']._serialized_start=269
+  _globals['_PROPOSEREQUEST']._serialized_end=346
+  _globals['_CEREMONYREF']._serialized_start=348
+  _globals['_CEREMONYREF']._serialized_end=382
+  _globals['_LISTCEREMONIESREQUEST']._serialized_start=384
+  _globals['_LISTCEREMONIESREQUEST']._serialized_end=422
+  _globals['_LISTCEREMONIESRESPONSE']._serialized_start=424
+  _globals['_LISTCEREMONIESRESPONSE']._serialized_end=486
+  _globals['_APPROVEREQUEST']._serialized_start=488
+  _globals['_APPROVEREQUEST']._serialized_end=544
+  _globals['_SUBMITCOMPONENTREQUEST']._serialized_start=546
+  _globals['_SUBMITCOMPONENTREQUEST']._serialized_end=633
+  _globals['_APPROVALINFO']._serialized_start=635
+  _globals['_APPROVALINFO']._serialized_end=678
+  _globals['_COMPONENTINFO']._serialized_start=680
+  _globals['_COMPONENTINFO']._serialized_end=739
+  _globals['_CEREMONY']._serialized_start=742
+  _globals['_CEREMONY']._serialized_end=1088
+  _globals['_SEALEDCOMPONENT']._serialized_start=1090
+  _globals['_SEALEDCOMPONENT']._serialized_end=1157
+  _globals['_MINUTES']._serialized_start=1159
+  _globals['_MINUTES']._serialized_end=1226
+  _globals['_GETDOMAINREQUEST']._serialized_start=1228
+  _globals['_GETDOMAINREQUEST']._serialized_end=1246
+  _globals['_OFFICERINFO']._serialized_start=1248
+  _globals['_OFFICERINFO']._serialized_end=1328
+  _globals['_DOMAININFO']._serialized_start=1330
+  _globals['_DOMAININFO']._serialized_end=1425
+  _globals['_CEREMONYSERVICE']._serialized_start=1428
+  _globals['_CEREMONYSERVICE']._serialized_end=2196
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TransportKeyRequest(_message.Message):
+    __slots__ = ("domain",)
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    def __init__(self, domain: _Optional[str] = ...) -> None: ...
+
+class TransportKeyHandoff(_message.Message):
+    __slots__ = ("domain", "bureau", "version", "label", "wrapped_key", "kcv")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    BUREAU_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_KEY_FIELD_NUMBER: _ClassVar[int]
+    KCV_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    bureau: str
+    version: int
+    label: str
+    wrapped_key: bytes
+    kcv: str
+    def __init__(self, domain: _Optional[str] = ..., bureau: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., wrapped_key: _Optional[bytes] = ..., kcv: _Optional[str] = ...) -> None: ...
+
+class ConfirmTransportKeyRequest(_message.Message):
+    __slots__ = ("domain", "version", "kcv")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KCV_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    version: int
+    kcv: str
+    def __init__(self, domain: _Optional[str] = ..., version: _Optional[int] = ..., kcv: _Optional[str] = ...) -> None: ...
+
 class ProposeRequest(_message.Message):
     __slots__ = ("operation", "params_json", "ttl_seconds")
     OPERATION_FIELD_NUMBER: _ClassVar[int]

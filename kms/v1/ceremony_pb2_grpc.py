@@ -84,6 +84,16 @@ class CeremonyServiceStub:
                 request_serializer=kms_dot_v1_dot_ceremony__pb2.GetDomainRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_ceremony__pb2.DomainInfo.FromString,
                 _registered_method=True)
+        self.FetchTransportKey = channel.unary_unary(
+                '/kms.v1.CeremonyService/FetchTransportKey',
+                request_serializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.FromString,
+                _registered_method=True)
+        self.ConfirmTransportKey = channel.unary_unary(
+                '/kms.v1.CeremonyService/ConfirmTransportKey',
+                request_serializer=kms_dot_v1_dot_ceremony__pb2.ConfirmTransportKeyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.FromString,
+                _registered_method=True)
 
 
 class CeremonyServiceServicer:
@@ -156,6 +166,20 @@ class CeremonyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchTransportKey(self, request, context):
+        """Stations: the transport key a register-transport-key ceremony (rsa-oaep) left for the calling station,
+        wrapped under its RSA key; then the KCV it computed, which activates the key if it is the issuer's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmTransportKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CeremonyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +232,16 @@ def add_CeremonyServiceServicer_to_server(servicer, server):
                     servicer.GetDomain,
                     request_deserializer=kms_dot_v1_dot_ceremony__pb2.GetDomainRequest.FromString,
                     response_serializer=kms_dot_v1_dot_ceremony__pb2.DomainInfo.SerializeToString,
+            ),
+            'FetchTransportKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchTransportKey,
+                    request_deserializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.SerializeToString,
+            ),
+            'ConfirmTransportKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmTransportKey,
+                    request_deserializer=kms_dot_v1_dot_ceremony__pb2.ConfirmTransportKeyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +514,60 @@ class CeremonyService:
             '/kms.v1.CeremonyService/GetDomain',
             kms_dot_v1_dot_ceremony__pb2.GetDomainRequest.SerializeToString,
             kms_dot_v1_dot_ceremony__pb2.DomainInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchTransportKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.CeremonyService/FetchTransportKey',
+            kms_dot_v1_dot_ceremony__pb2.TransportKeyRequest.SerializeToString,
+            kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmTransportKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.CeremonyService/ConfirmTransportKey',
+            kms_dot_v1_dot_ceremony__pb2.ConfirmTransportKeyRequest.SerializeToString,
+            kms_dot_v1_dot_ceremony__pb2.TransportKeyHandoff.FromString,
             options,
             channel_credentials,
             insecure,
