@@ -35,6 +35,7 @@ MAX_TTL = dt.timedelta(days=7)
 MAX_SEALED_COMPONENT = 2048
 #: An execution still running after this long is taken to be interrupted (its replica died).
 EXECUTION_TIMEOUT = dt.timedelta(minutes=15)
+INTERRUPTED = "interrupted while executing; check the key registry against the token"
 _ID = re.compile(r"^C-[0-9a-f]{16}$")
 _KCV = re.compile(r"^[0-9A-F]{6}$")
 
@@ -250,6 +251,7 @@ class Ceremonies:
         counted = {"approved_by": [p.uri() for p in decision.counted], "required": decision.required}
         try:
             result = dict(run(self.get(ceremony_id)))
+            canonical({**result, **counted})  # storable, or the ceremony fails here rather than stay executing
         except KmsError as error:
             self._finish(ceremony_id, CeremonyState.FAILED, counted, str(error))
             raise
@@ -276,8 +278,7 @@ class Ceremonies:
             conn.execute(ceremonies.update().where(
                 ceremonies.c.state == CeremonyState.EXECUTING.value,
                 ceremonies.c.closed_at <= rfc3339(now - stuck_after),
-            ).values(state=CeremonyState.FAILED.value,
-                     error="interrupted while executing; check the key registry against the token"))
+            ).values(state=CeremonyState.FAILED.value, error=INTERRUPTED))
 
     def record_executed(self, proposal_record: CeremonyRecord, result: Mapping[str, Any],
                         by: Principal) -> CeremonyRecord:
@@ -361,9 +362,13 @@ class Ceremonies:
 
     def _finish(self, ceremony_id: str, state: CeremonyState, result: Mapping[str, Any] | None,
                 error: str | None) -> None:
+        # Executing, or swept as interrupted by another replica while it was in fact still running: the outcome
+        # is recorded either way.
         with self._engine.begin() as conn:
             conn.execute(ceremonies.update().where(
-                ceremonies.c.ceremony_id == ceremony_id, ceremonies.c.state == CeremonyState.EXECUTING.value,
+                ceremonies.c.ceremony_id == ceremony_id,
+                (ceremonies.c.state == CeremonyState.EXECUTING.value)
+                | ((ceremonies.c.state == CeremonyState.FAILED.value) & (ceremonies.c.error == INTERRUPTED)),
             ).values(state=state.value, result=None if result is None else canonical(dict(result)).decode(),
                      error=error, closed_at=rfc3339(self._clock.now())))
         self._drop_inputs(ceremony_id)

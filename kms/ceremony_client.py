@@ -13,6 +13,7 @@ from kms import components
 from kms.ceremony import APPROVAL_CONTEXT
 from kms.client import Client
 from kms.errors import InvalidArgument
+from kms.hsm import Algorithm, wipe
 from kms.v1 import ceremony_pb2 as pb
 from kms.v1 import ceremony_pb2_grpc as rpc
 
@@ -86,6 +87,10 @@ class CeremonyClient:
         sealed = self._client.call(self._stub.FetchComponent, pb.CeremonyRef(ceremony_id=ceremony_id))
         value = components.open_for_officer(key.private_key(), sealed.sealed,
                                             components.context_for(ceremony_id, me))
+        algorithm = Algorithm.DES2 if len(value) == Algorithm.DES2.length else Algorithm.AES256
+        if len(value) != algorithm.length or components.kcv(algorithm, value) != sealed.kcv:
+            wipe(value)
+            raise InvalidArgument("component", "does not match the KCV recorded for it")
         return value, sealed.kcv
 
     def minutes(self, ceremony_id: str) -> Any:

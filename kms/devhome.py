@@ -162,7 +162,8 @@ def init_home(
 
 def _genesis(home: Home, domain: str) -> None:
     """The genesis ceremony of a domain: its first officers, enrolled with their approval public keys. The first
-    officer proposes the list; every other one signs it with their own approval key (proof of possession)."""
+    officer proposes the list; every listed officer, the proposer included, signs it with their own approval key
+    (proof of possession)."""
     cfg = config_mod.load(home.config)
     engine = store.make_engine(cfg.database)
     store.create_all(engine)
@@ -177,7 +178,7 @@ def _genesis(home: Home, domain: str) -> None:
     ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store)
     record = ceremonies.propose(people[0], GENESIS, {"officers": listed}, quorum_required=False)
     message = approval_message(record.proposal)
-    for person in people[1:]:
+    for person in people:
         ceremonies.add_genesis_signature(record.ceremony_id, person, keys[person].sign(message))
     for person in people:
         officer_store.enrol(person, OFFICER_ROLES, public_pem(keys[person].public_key()), record.ceremony_id)

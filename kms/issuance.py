@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from kms import errors
-from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, BatchStore, CardRecord, CardState
+from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, BatchState, BatchStore, CardRecord, CardState
 from kms.cardid import CardIdentity
 from kms.clock import Clock
 from kms.engine import DomainKeys
@@ -88,6 +88,15 @@ class Issuance:
         self.check_bureau(batch.bureau, self.profile(batch.profile))
         return batch
 
+    def issuable_batch(self, principal: Principal, batch_id: str) -> Any:
+        """A station's batch it may fetch cards of: refused before any HSM work until every domain authorized it."""
+        batch = self.station_batch(principal, batch_id)
+        if batch.state is BatchState.AWAITING:
+            waiting = sorted(set(self.profile(batch.profile).domains) - set(batch.authorized_by))
+            raise errors.InvalidState(f"batch {batch_id} is {batch.state.value}: the {', '.join(waiting)} domain "
+                                      "has not authorized it yet")
+        return batch
+
 
 def _require_time(context: grpc.ServicerContext) -> None:
     if not context.is_active():
@@ -127,7 +136,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             raise errors.InvalidArgument("card_ref", "is required")
         if request.idempotency_key and not IDEMPOTENCY_KEY.fullmatch(request.idempotency_key):
             raise errors.InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters, no spaces")
-        batch = self._i.station_batch(principal, request.batch_id)
+        batch = self._i.issuable_batch(principal, request.batch_id)
         try:
             record = self._i.store.card(batch.batch_id, request.card_ref)
         except errors.NotFound:
@@ -193,7 +202,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         message's new bundles are recorded in one transaction before it is sent); cards issued earlier are sent
         from their stored bundles, so a resumed stream repeats nothing and loses nothing."""
         principal = current_principal()
-        batch = self._i.station_batch(principal, request.batch_id)
+        batch = self._i.issuable_batch(principal, request.batch_id)
         after = _cursor(request.cursor)
         per_message = request.max_bundles_per_message or DEFAULT_BUNDLES_PER_MESSAGE
         if not 1 <= per_message <= MAX_BUNDLES_PER_MESSAGE:

@@ -317,10 +317,12 @@ def test_a_batch_is_issuable_only_after_both_domains_authorized_it(home: Home, s
     from kms.client import Client
 
     with Client(station, server=f"localhost:{service.port}") as st:
-        with pytest.raises(InvalidState, match="awaiting-authorization"):
+        with pytest.raises(InvalidState, match="awaiting-authorization: the bank, hrss domain has not"):
             st.issue_card(batch, "cer-090000")
-        authorize_batch(home, service.port, batch, ("hrss",))
         with pytest.raises(InvalidState, match="awaiting-authorization"):
+            list(st.stream_batch(batch))
+        authorize_batch(home, service.port, batch, ("hrss",))
+        with pytest.raises(InvalidState, match="awaiting-authorization: the bank domain has not"):
             st.issue_card(batch, "cer-090000")
         with pytest.raises(InvalidArgument, match="already authorized"):
             run_ceremony(home, service.port, "hrss", "authorize-batch", {"batch_id": batch}, approvers=(1,))
@@ -487,3 +489,15 @@ def test_a_revoked_officer_is_listed_as_revoked(home: Home, service: Service) ->
     assert states[f"urn:kms:officer:bank:{name}"] == "revoked"
     with pytest.raises(InvalidArgument, match="not an active bank officer"):
         _as(home, service, CAROL).propose("revoke-officer", {"name": name})
+
+
+def test_the_genesis_is_signed_by_every_officer_it_enrols(home: Home, service: Service) -> None:
+    alice = _as(home, service, ALICE)
+    [genesis] = [c for c in alice.list("executed") if c.operation == "genesis"]
+    assert genesis.domain == "hrss" and {a.officer for a in genesis.approvals} == {ALICE.uri(), BOB.uri(), CHEN.uri()}
+    minutes = alice.minutes(genesis.ceremony_id)
+    public = serialization.load_pem_public_key((home.path / "trust" / "hrss-issuance-v1.pem").read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    doc = verify_minutes(minutes.document, minutes.signature, public)
+    listed = [o["name"] for o in json.loads(doc["proposal"])["params"]["officers"]]
+    assert listed == ["alice", "bob", "chen"]
