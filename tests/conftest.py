@@ -8,11 +8,14 @@ else — signing keys, the stations' transport keys — is generated inside the 
 from __future__ import annotations
 
 import json
+import os
 import secrets
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from kms import config, profiles, runtime, store
 from kms.cardid import CardIdentity
@@ -127,3 +130,42 @@ def seal(sealers: dict[str, DomainSealer], c: CardIdentity, batch: str = "B-1") 
     serial = new_serial()
     sections = {d: bundle.encode_section(s.seal(c, serial=serial, batch=batch)) for d, s in sealers.items()}
     return bundle.assemble(serial, c.card_ref, sections)
+
+
+# -- store backends ----------------------------------------------------------------------------------------------
+
+POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
+EngineFactory = Callable[[], sa.Engine]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFactory]:
+    """Makes engines on one fresh database (so that tests can race several engines against it)."""
+    made: list[sa.Engine] = []
+    admin: sa.Engine | None = None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'kms.db'}"
+
+        def make() -> sa.Engine:
+            made.append(store.make_engine(url))
+            return made[-1]
+    else:
+        if not POSTGRES:
+            pytest.skip("KMS_TEST_POSTGRES_URL is not set")
+        admin = sa.create_engine(POSTGRES)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+
+        def make() -> sa.Engine:
+            made.append(sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"}))
+            return made[-1]
+
+    store.create_all(make())
+    yield make
+    for eng in made:
+        eng.dispose()
+    if admin is not None:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

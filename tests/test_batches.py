@@ -6,13 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import EngineFactory
 
 from kms import batches as batches_module
 from kms import store
@@ -30,41 +29,6 @@ SERIAL_A = "86843202AD932A48"
 SERIAL_B = "86843202AD932A49"
 KDD_A = "00010203040506070809"
 KDD_B = "000102030405060708FF"
-
-EngineFactory = Callable[[], sa.Engine]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFactory]:
-    """Makes engines on one fresh database (so that tests can race several engines against it)."""
-    made: list[sa.Engine] = []
-    admin: sa.Engine | None = None
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kms.db'}"
-
-        def make() -> sa.Engine:
-            made.append(store.make_engine(url))
-            return made[-1]
-    else:
-        if not POSTGRES:
-            pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-        admin = sa.create_engine(POSTGRES)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-        def make() -> sa.Engine:
-            made.append(sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"}))
-            return made[-1]
-
-    store.create_all(make())
-    yield make
-    for eng in made:
-        eng.dispose()
-    if admin is not None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

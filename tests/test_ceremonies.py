@@ -17,9 +17,8 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from conftest import EngineFactory
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -501,41 +501,6 @@ TestCeremonyMachine.settings = settings(max_examples=60, stateful_step_count=30,
 
 
 # -- plain tests on every backend -----------------------------------------------------------------------------------
-
-EngineFactory = Callable[[], sa.Engine]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFactory]:
-    """Makes engines on one fresh database (so that tests can race several engines against it)."""
-    made: list[sa.Engine] = []
-    admin: sa.Engine | None = None
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kms.db'}"
-
-        def make() -> sa.Engine:
-            made.append(store.make_engine(url))
-            return made[-1]
-    else:
-        if not POSTGRES:
-            pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-        admin = sa.create_engine(POSTGRES)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-        def make() -> sa.Engine:
-            made.append(sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"}))
-            return made[-1]
-
-    store.create_all(make())
-    yield make
-    for eng in made:
-        eng.dispose()
-    if admin is not None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @dataclass

@@ -7,19 +7,18 @@ import datetime as dt
 import json
 import os
 import secrets
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import authorize_batch
+from conftest import EngineFactory
 from conftest import card as full_card
 
-from kms import cli, config, store
+from kms import cli, config
 from kms.batches import BatchStore, CardState, EventKind
 from kms.cardid import CardIdentity
 from kms.client import Client
@@ -39,43 +38,8 @@ CAROL = Principal("officer", "carol", domain="bank")
 ERIN = Principal("auditor", "erin")
 STATION = Principal("station", "station-a1", bureau="bureau-a")
 
-EngineFactory = Callable[[], sa.Engine]
-
 
 # --- the rules, on each store backend ---------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFactory]:
-    """Makes engines on one fresh database (so that tests can race several engines against it)."""
-    made: list[sa.Engine] = []
-    admin: sa.Engine | None = None
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kms.db'}"
-
-        def make() -> sa.Engine:
-            made.append(store.make_engine(url))
-            return made[-1]
-    else:
-        if not POSTGRES:
-            pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-        admin = sa.create_engine(POSTGRES)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-        def make() -> sa.Engine:
-            made.append(sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"}))
-            return made[-1]
-
-    store.create_all(make())
-    yield make
-    for eng in made:
-        eng.dispose()
-    if admin is not None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture
