@@ -55,6 +55,17 @@ OFFICER_ROLES = ("approver", "key-custodian")
 AUDITORS = ("erin",)
 DEFAULT_PORT = 7443
 GENESIS = "genesis"
+#: Development homes record the layout they were made with; an older one is refused rather than half upgraded.
+HOME_FORMAT = 2  # 2: officers' approval keys, custody keys, genesis ceremonies, batch authorizations
+FORMAT_FILE = ".kms-home-format"
+
+
+def home_format(path: Path) -> int:
+    """The layout version of the development home at ``path`` (0: none recorded, or no home)."""
+    try:
+        return int((path / FORMAT_FILE).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,11 @@ def init_home(
     """Create (or complete) a development home. ``master_keys`` imports known test values for (domain, name);
     every other master key the profiles need is generated inside the token. Idempotent."""
     home = Home(path.resolve())
+    if home.config.exists() and home_format(home.path) < HOME_FORMAT:
+        raise ConfigError(f"{home.path} was made by an older kms (no officers' approval keys, custody keys or "
+                          "ceremony records); create a new home")
     home.path.mkdir(parents=True, exist_ok=True)
+    (home.path / FORMAT_FILE).write_text(f"{HOME_FORMAT}\n", encoding="ascii")
     conf = softhsm.write_conf(home.path / "hsm")
     pins = home.path / "pins"
     for domain in DOMAINS:

@@ -47,7 +47,7 @@ from kms.cardid import CardIdentity
 from kms.client import Client
 from kms.clock import SystemClock
 from kms.devceremonies import authorize_batch
-from kms.devhome import Home, init_home
+from kms.devhome import HOME_FORMAT, Home, home_format, init_home
 from kms.identity import Principal
 from kms.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
@@ -123,13 +123,12 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
 # --- end to end: `kms serve` in a process of its own, an officer and a station over gRPC + mutual TLS ---------------
 
 def bench_home(path: Path) -> Home:
-    """The development home; one made before kms had a server (no 'server' section) is rebuilt if it is the
-    default bench home, refused otherwise."""
-    existing = path / "kms.yaml"
-    if existing.exists() and "server" not in (yaml.safe_load(existing.read_text(encoding="utf-8")) or {}):
+    """The development home; one made by an older kms is rebuilt if it is the default bench home, refused
+    otherwise."""
+    if (path / "kms.yaml").exists() and home_format(path) < HOME_FORMAT:
         if path.resolve() != DEFAULT_HOME.resolve():
-            raise SystemExit(f"bench: {path} was made by an older kms (no server section); use a fresh --home")
-        print(f"bench: {path} was made by an older kms (no server section); rebuilding it", file=sys.stderr)
+            raise SystemExit(f"bench: {path} was made by an older kms; use a fresh --home")
+        print(f"bench: {path} was made by an older kms; rebuilding it", file=sys.stderr)
         shutil.rmtree(path)
     return init_home(path)
 

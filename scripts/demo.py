@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from kms.cli import read_cards, write_random_cards
 from kms.client import Client
 from kms.clock import SystemClock
 from kms.devceremonies import authorize_batch
-from kms.devhome import Home, init_home
+from kms.devhome import HOME_FORMAT, Home, home_format, init_home
 from kms.errors import BundleRejected
 from kms.hsm import Algorithm, wipe
 from kms.identity import Principal
@@ -107,6 +108,9 @@ def main() -> int:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    if (args.home / "kms.yaml").exists() and home_format(args.home) < HOME_FORMAT:
+        print(f"{args.home} was made by an older kms; rebuilding it", file=sys.stderr)
+        shutil.rmtree(args.home)
     home = init_home(args.home)
     print(f"[1/7] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
           "(genesis: 3 officers per domain)")

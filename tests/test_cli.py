@@ -181,3 +181,13 @@ def test_serve_batch_and_station_fetch_over_mutual_tls(cli_home: Path, tmp_path:
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+
+
+def test_init_refuses_a_home_made_by_an_older_kms(tmp_path: Path) -> None:
+    old = tmp_path / "old-home"
+    old.mkdir()
+    (old / "kms.yaml").write_text("hsm: {}\n")  # a home from before officers had approval keys
+    result = kms("init", str(old))
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and "made by an older kms" in result.stderr
+    assert sorted(p.name for p in old.iterdir()) == ["kms.yaml"]  # nothing half-written
