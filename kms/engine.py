@@ -60,15 +60,20 @@ class DomainKeys:
             raise ConfigError(f"profile {profile.name} has no keys for domain {domain}")
         masters = {name: _pinned(registry, domain, name, pinned[name]) if pinned and name in pinned
                    else registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
-        try:
-            transport = registry.active(domain, KeyKind.TRANSPORT, bureau)
-        except NotFound:
-            raise PermissionDenied(f"bureau {bureau!r} has no {domain} transport key: it is not registered for "
-                                   f"the {domain} domain") from None
+        transport = cls.transport_key(registry, domain, bureau)
         signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
         if signing.public_key is None:
             raise ConfigError(f"{domain} signing key has no public key on record")
         return cls(masters, transport, signing)
+
+    @staticmethod
+    def transport_key(registry: KeyRegistry, domain: str, bureau: str) -> KeyRecord:
+        """The bureau's active transport key of the domain; PermissionDenied if the bureau has none there."""
+        try:
+            return registry.active(domain, KeyKind.TRANSPORT, bureau)
+        except NotFound:
+            raise PermissionDenied(f"bureau {bureau!r} has no {domain} transport key: it is not registered for "
+                                   f"the {domain} domain") from None
 
 
 def _pinned(registry: KeyRegistry, domain: str, name: str, version: int) -> KeyRecord:

@@ -386,7 +386,8 @@ def test_a_suspended_master_key_serves_no_card_until_reactivated(home: Home, ser
     run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "suspended"})
     try:
         with Client(station, server=f"localhost:{service.port}") as st, \
-                pytest.raises(InvalidState, match="hrss-mk has no active version"):
+                pytest.raises(InvalidState, match="hrss-mk/v1, the version this batch was authorized with, is "
+                                                  "suspended"):
             st.issue_card(batch, "cer-s0")
     finally:
         run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "active"})
