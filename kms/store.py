@@ -110,6 +110,40 @@ transport_handoffs = sa.Table(
     sa.Column("accepted_at", sa.String(32), nullable=True),
 )
 
+#: The audit chain's head: one row, locked by every append (kms.audit), so the chain stays linear and gap-free.
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # always 1
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+#: The audit records: body is the canonical JSON that was hashed, hash = SHA-256(prev ‖ body).
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("domain", sa.String(16), nullable=False),
+    sa.Column("prev", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Index("ix_audit_log_at", "at"),
+)
+
+#: Signed checkpoints of the audit chain (size, head hash, time), by the audit signing key.
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("size", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("head", sa.String(64), nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("key", sa.String(160), nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+)
+
 #: At a station: every bundle serial opened there, so that a replayed bundle is refused.
 opened_bundles = sa.Table(
     "opened_bundles",

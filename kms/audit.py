@@ -1,0 +1,203 @@
+"""The tamper-evident audit log: one hash chain of records, HSM-signed checkpoints (docs/audit.md).
+
+Every record is appended **in the same database transaction as the change it describes** (``append(conn, ...)``):
+if the record cannot be written the transaction fails, so the change does not happen either (fail closed). A record
+holds no key material, PIN or component; card identities appear masked (``mask_pan``).
+
+Chain: record n has the canonical body ``{"seq": n, "at", "kind", "domain", "actor", "subject", "outcome",
+"detail"}`` and ``hash_n = SHA-256(hash_{n-1} ‖ body_n)`` with ``hash_0`` = 32 zero bytes. Writers serialize on the
+single row of ``audit_head``: the first statement of an append is an UPDATE of that row, which takes its lock (a
+row lock on PostgreSQL, the database write lock on SQLite) until the caller's transaction ends, so any number of
+processes and replicas keep one linear, gap-free chain.
+
+Checkpoints: ``{"format": "kms-audit-checkpoint", "version": 1, "size": n, "head": hash_n, "at": ...}``, canonical,
+signed (ECDSA P-256 over SHA-256) with the audit signing key, held in a token of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from kms.bundle import canonical
+from kms.clock import Clock, rfc3339
+from kms.errors import HsmError, KmsError
+from kms.store import audit_checkpoints, audit_head, audit_log
+
+GENESIS = bytes(32)
+CHECKPOINT_FORMAT = "kms-audit-checkpoint"
+PAGE = 2_000
+
+
+class AuditUnavailable(HsmError):
+    """The audit log could not be written: the change it describes did not happen (retryable)."""
+
+    def __init__(self, message: str = "the audit log cannot be written; nothing was done") -> None:
+        super().__init__(message, retryable=True)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    prev: str  # hex
+    hash: str  # hex
+    body: str  # the canonical JSON that was hashed
+
+    def line(self) -> str:
+        """The export line (JSON Lines): the body last and verbatim, so a verifier hashes the bytes as written."""
+        return f'{{"type":"record","seq":{self.seq},"prev":"{self.prev}","hash":"{self.hash}","body":{self.body}}}'
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    size: int
+    head: str  # hex hash of record ``size``
+    at: str
+    key: str  # the signing key's label
+    signature: bytes  # DER ECDSA P-256
+
+    def message(self) -> bytes:
+        return checkpoint_message(self.size, self.head, self.at)
+
+    def line(self) -> str:
+        return json.dumps({"type": "checkpoint", "size": self.size, "head": self.head, "at": self.at,
+                           "key": self.key, "signature": self.signature.hex()}, separators=(",", ":"))
+
+
+def checkpoint_message(size: int, head: str, at: str) -> bytes:
+    return canonical({"format": CHECKPOINT_FORMAT, "version": 1, "size": size, "head": head, "at": at})
+
+
+def chain(prev: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(prev + body).digest()
+
+
+def mask_pan(pan: str | None) -> str:
+    """A PAN as audit records show it: first 6 and last 4 digits."""
+    if not pan:
+        return ""
+    if len(pan) <= 10:
+        return "*" * len(pan)
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+class AuditLog:
+    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    # -- writing -------------------------------------------------------------------------------------------------
+
+    def append(self, conn: sa.Connection, kind: str, *, actor: str = "", domain: str = "", subject: str = "",
+               outcome: str = "ok", detail: Mapping[str, Any] | None = None) -> int:
+        """Append one record inside the caller's transaction; returns its sequence number. Any failure raises
+        AuditUnavailable, and the caller's transaction (and so its change) is rolled back."""
+        try:
+            locked = conn.execute(audit_head.update().where(audit_head.c.id == 1)
+                                  .values(seq=audit_head.c.seq + 1)).rowcount
+            if locked != 1:
+                conn.execute(audit_head.insert().values(id=1, seq=1, hash=GENESIS.hex()))
+            seq, prev = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
+                                     .where(audit_head.c.id == 1)).one()
+            at = rfc3339(self._clock.now())
+            body = canonical({"seq": seq, "at": at, "kind": kind, "domain": domain, "actor": actor,
+                              "subject": subject, "outcome": outcome, "detail": dict(detail or {})})
+            digest = chain(bytes.fromhex(prev), body).hex()
+            conn.execute(audit_log.insert().values(seq=seq, at=at, kind=kind, domain=domain, prev=prev, hash=digest,
+                                                   body=body.decode()))
+            conn.execute(audit_head.update().where(audit_head.c.id == 1).values(hash=digest))
+        except KmsError:
+            raise
+        except (sa.exc.SQLAlchemyError, TypeError, ValueError):
+            raise AuditUnavailable() from None
+        return int(seq)
+
+    def record(self, kind: str, **fields: Any) -> int:
+        """Append a record in a transaction of its own (an outcome that changes nothing else, e.g. a refusal)."""
+        try:
+            with self._engine.begin() as conn:
+                return self.append(conn, kind, **fields)
+        except sa.exc.SQLAlchemyError:
+            raise AuditUnavailable() from None
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(audit_checkpoints.insert().values(
+                size=checkpoint.size, head=checkpoint.head, at=checkpoint.at, key=checkpoint.key,
+                signature=checkpoint.signature))
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        """(size, head hash) of the chain as committed."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
+        return (0, GENESIS.hex()) if row is None else (int(row.seq), str(row.hash))
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(audit_checkpoints).order_by(audit_checkpoints.c.size.desc())
+                               .limit(1)).first()
+        return None if row is None else _checkpoint(row)
+
+    def records(self, after: int = 0, upto: int | None = None, *, since: str | None = None,
+                until: str | None = None, domain: str | None = None, kind: str | None = None
+                ) -> Iterator[AuditRecord]:
+        """Records in sequence order, page by page (constant memory), optionally filtered."""
+        cursor = after
+        while True:
+            query = sa.select(audit_log).where(audit_log.c.seq > cursor).order_by(audit_log.c.seq).limit(PAGE)
+            if upto is not None:
+                query = query.where(audit_log.c.seq <= upto)
+            if since:
+                query = query.where(audit_log.c.at >= since)
+            if until:
+                query = query.where(audit_log.c.at < until)
+            if domain is not None:
+                query = query.where(audit_log.c.domain == domain)
+            if kind is not None:
+                query = query.where((audit_log.c.kind == kind) | audit_log.c.kind.startswith(kind + "."))
+            with self._engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            for row in rows:
+                yield AuditRecord(int(row.seq), row.prev, row.hash, row.body)
+            cursor = int(rows[-1].seq)
+
+    def checkpoints(self, upto: int | None = None) -> list[Checkpoint]:
+        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.size)
+        if upto is not None:
+            query = query.where(audit_checkpoints.c.size <= upto)
+        with self._engine.connect() as conn:
+            return [_checkpoint(r) for r in conn.execute(query)]
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    return Checkpoint(int(row.size), row.head, row.at, row.key, bytes(row.signature))
+
+
+def export_lines(log: AuditLog, upto: int, *, since: str | None = None, until: str | None = None,
+                 domain: str | None = None, kind: str | None = None) -> Iterator[str]:
+    """An export as JSON Lines: a header, then the records up to ``upto`` in order, each checkpoint right after the
+    record it covers. With a filter, only matching records (and every checkpoint) are written."""
+    filtered = any(v is not None for v in (since, until, domain, kind))
+    yield json.dumps({"type": "export", "format": "kms-audit-export", "version": 1, "size": upto,
+                      "filtered": filtered, "filters": {k: v for k, v in (("since", since), ("until", until),
+                                                                           ("domain", domain), ("kind", kind)) if v}},
+                     separators=(",", ":"))
+    checkpoints = iter(log.checkpoints(upto))
+    upcoming = next(checkpoints, None)
+    for record in log.records(0, upto, since=since, until=until, domain=domain, kind=kind):
+        while upcoming is not None and upcoming.size < record.seq:
+            yield upcoming.line()
+            upcoming = next(checkpoints, None)
+        yield record.line()
+    while upcoming is not None:
+        yield upcoming.line()
+        upcoming = next(checkpoints, None)
