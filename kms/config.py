@@ -64,6 +64,16 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit signing key's own token (apart from the domains'), and how often checkpoints are signed."""
+
+    token: str
+    pin: SecretRef
+    checkpoint_records: int = 1_000
+    checkpoint_seconds: int = 60
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     hsm: HsmConfig
@@ -73,6 +83,7 @@ class Config:
     workers_per_domain: int
     recycle_after_keys: int
     server: ServerConfig | None = None
+    audit: AuditConfig | None = None
 
     @property
     def home(self) -> Path:
@@ -199,7 +210,7 @@ def load_client(path: Path) -> ClientConfig:
 def load(path: Path) -> Config:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"hsm", "domains", "database"},
-                {"profiles", "workers_per_domain", "recycle_after_keys", "server"})
+                {"profiles", "workers_per_domain", "recycle_after_keys", "server", "audit"})
     domains_doc = _only(path, "domains", doc["domains"], set(), set(DOMAINS))
     domains = {}
     for name, body in domains_doc.items():
@@ -219,6 +230,17 @@ def load(path: Path) -> Config:
         workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
         recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
         server=_server(path, doc["server"]) if "server" in doc else None,
+        audit=_audit(path, doc["audit"]) if "audit" in doc else None,
+    )
+
+
+def _audit(path: Path, doc: Any) -> AuditConfig:
+    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds"})
+    return AuditConfig(
+        token=str(doc["token"]),
+        pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent, field="audit.pin"),
+        checkpoint_records=_int(doc, "checkpoint_records", 1_000, 1, 10_000_000, "audit"),
+        checkpoint_seconds=_int(doc, "checkpoint_seconds", 60, 1, 86_400, "audit"),
     )
 
 

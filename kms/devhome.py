@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import config as config_mod
 from kms import profiles, runtime, softhsm, store
+from kms.audit_signer import AUDIT_KEY_LABEL
 from kms.ceremonies import Ceremonies
 from kms.ceremony import QuorumPolicy, approval_message
 from kms.clock import SystemClock
@@ -56,7 +57,8 @@ AUDITORS = ("erin",)
 DEFAULT_PORT = 7443
 GENESIS = "genesis"
 #: Development homes record the layout they were made with; an older one is refused rather than half upgraded.
-HOME_FORMAT = 2  # 2: officers' approval keys, custody keys, genesis ceremonies, batch authorizations
+HOME_FORMAT = 3  # 2: officers' approval keys, custody keys, genesis ceremonies; 3: the audit token and key
+AUDIT_TOKEN = "kms-audit"
 FORMAT_FILE = ".kms-home-format"
 
 
@@ -120,6 +122,7 @@ def init_home(
     pins = home.path / "pins"
     for domain in DOMAINS:
         softhsm.ensure_token(conf, domain_token(domain), pins / f"{domain}.pin", pins / f"{domain}.so-pin")
+    softhsm.ensure_token(conf, AUDIT_TOKEN, pins / "audit.pin", pins / "audit.so-pin")
     stations = [(bureau, station) for bureau, names in bureaus.items() for station in names]
     for _, station in stations:
         softhsm.ensure_token(conf, station_token(station), pins / f"{station}.pin", pins / f"{station}.so-pin")
@@ -137,6 +140,8 @@ def init_home(
             "profiles": "profiles",
             "workers_per_domain": 1,
             "server": {"listen": f"127.0.0.1:{port}", "tls": _tls(home.path, server, pki)},
+            "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin", "checkpoint_records": 1000,
+                      "checkpoint_seconds": 60},
         })
     for bureau, station in stations:
         station_path = home.station_config(station)
@@ -161,6 +166,7 @@ def init_home(
                 client["approval_key"] = home.approval_key(person).name
             _write_yaml(path, {"client": client})
 
+    _in_own_process(_audit_setup, str(home.config))
     known = dict(master_keys or {})
     unwrap_keys = {
         station: _in_own_process(_station_unwrap_keys, str(home.station_config(station)))
@@ -173,6 +179,22 @@ def init_home(
             _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
         _genesis(home, domain)
     return home
+
+
+def _audit_setup(config_path: str) -> None:
+    """In a process of its own, the only one reading the audit token's PIN: the audit signing key, and its public
+    key published as audit/audit-v1.pem for auditors (apart from trust/, which stations read)."""
+    cfg = config_mod.load(Path(config_path))
+    assert cfg.audit is not None
+    trust = cfg.home / "audit"
+    trust.mkdir(exist_ok=True)
+    with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve()) as session:
+        if session.has_public_key(AUDIT_KEY_LABEL):
+            spki = session.public_key(AUDIT_KEY_LABEL)
+        else:
+            spki = session.generate_signing_key(AUDIT_KEY_LABEL)
+    pem = load_der_public_key(spki).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    (trust / "audit-v1.pem").write_bytes(pem)
 
 
 def _genesis(home: Home, domain: str) -> None:
