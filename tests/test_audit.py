@@ -188,3 +188,19 @@ def test_a_failed_append_rolls_back_the_change_it_describes(tmp_path: Path) -> N
 def test_pans_are_masked() -> None:
     assert mask_pan("6214830000000000123") == "621483*********0123"
     assert mask_pan("12345") == "*****" and mask_pan(None) == ""
+
+
+def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(engine)
+    clock = FixedClock(START)
+    log = AuditLog(engine, clock)
+    log.record("test.first")
+    with engine.begin() as conn:
+        assert log.append_many(conn, [{"kind": "issuance.issued", "subject": f"B/c{i}"} for i in range(5)]) == [
+            2, 3, 4, 5, 6]
+        assert log.append_many(conn, []) == []
+    log.record("test.last")
+    _sign(log, clock)
+    assert [r.seq for r in log.records()] == list(range(1, 8))
+    assert verify(export_lines(log, 7), KEY.public_key()).ok
