@@ -98,12 +98,16 @@ class AuditLog:
         """Append one record inside the caller's transaction; returns its sequence number. Any failure raises
         AuditUnavailable, and the caller's transaction (and so its change) is rolled back."""
         try:
-            locked = conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                                  .values(seq=audit_head.c.seq + 1)).rowcount
-            if locked != 1:
+            # One statement takes the head's lock and the next sequence number (UPDATE ... RETURNING: PostgreSQL,
+            # SQLite 3.35+).
+            row = conn.execute(audit_head.update().where(audit_head.c.id == 1)
+                               .values(seq=audit_head.c.seq + 1)
+                               .returning(audit_head.c.seq, audit_head.c.hash)).first()
+            if row is None:
                 conn.execute(audit_head.insert().values(id=1, seq=1, hash=GENESIS.hex()))
-            seq, prev = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
-                                     .where(audit_head.c.id == 1)).one()
+                seq, prev = 1, GENESIS.hex()
+            else:
+                seq, prev = row
             at = rfc3339(self._clock.now())
             body = canonical({"seq": seq, "at": at, "kind": kind, "domain": domain, "actor": actor,
                               "subject": subject, "outcome": outcome, "detail": dict(detail or {})})
@@ -123,12 +127,14 @@ class AuditLog:
         if not entries:
             return []
         try:
-            locked = conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                                  .values(seq=audit_head.c.seq + len(entries))).rowcount
-            if locked != 1:
+            row = conn.execute(audit_head.update().where(audit_head.c.id == 1)
+                               .values(seq=audit_head.c.seq + len(entries))
+                               .returning(audit_head.c.seq, audit_head.c.hash)).first()
+            if row is None:
                 conn.execute(audit_head.insert().values(id=1, seq=len(entries), hash=GENESIS.hex()))
-            last, prev = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash)
-                                      .where(audit_head.c.id == 1)).one()
+                last, prev = len(entries), GENESIS.hex()
+            else:
+                last, prev = row
             at = rfc3339(self._clock.now())
             rows, previous = [], bytes.fromhex(prev)
             for seq, entry in enumerate(entries, start=int(last) - len(entries) + 1):

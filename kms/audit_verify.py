@@ -112,7 +112,9 @@ class _State:
             return self.fail(self.expected, "removed", f"record {self.expected} is missing (next is {seq})")
         if hashlib.sha256(bytes.fromhex(prev) + body).hexdigest() != digest:
             return self.fail(seq, "edited", "its hash does not match its content")
-        if not self.filtered and prev != self.prev:
+        # Consecutive records must chain, in a filtered export too (its header is not signed: "filtered" must
+        # not excuse a break where no record was left out).
+        if (not self.filtered or seq == self.last_seq + 1) and prev != self.prev:
             return self.fail(seq - 1, "edited", f"record {seq} no longer chains to it")
         # Canonical bodies sort their keys: the top-level "seq" is the last one (only "subject", a string, follows).
         at = body.rfind(b',"seq":')
@@ -135,15 +137,13 @@ class _State:
             return self.fail(size, "checkpoint forged", f"the checkpoint at {size} is not signed by this key")
         self.checkpoints += 1
         self.max_claimed = max(self.max_claimed, size)
-        if self.filtered:
-            return None
         if size == self.last_seq:
             if head != self.prev:
                 return self.fail(size, "edited", f"the chain up to {size} differs from its signed checkpoint")
             self.covered = size
             return None
-        if size > self.last_seq:
-            return None  # judged at the end: records up to ``size`` must follow
+        if size > self.last_seq or self.filtered:
+            return None  # judged at the end (a filtered export need not hold the record a checkpoint covers)
         return self.fail(size, "reordered", f"the checkpoint at {size} comes after record {self.last_seq}")
 
     def finish(self) -> Verdict:

@@ -204,3 +204,14 @@ def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
     _sign(log, clock)
     assert [r.seq for r in log.records()] == list(range(1, 8))
     assert verify(export_lines(log, 7), KEY.public_key()).ok
+
+
+def test_a_header_claiming_filtered_proves_no_completeness_but_still_chains(exported: list[str]) -> None:
+    at = _records(exported)
+    relabelled = [exported[0].replace('"filtered":false', '"filtered":true'), *exported[1:]]
+    gap = _remove(relabelled, at, 5_000)
+    verdict = verify(gap, KEY.public_key())
+    assert verdict.ok and verdict.filtered and "completeness not claimed" in verdict.summary()
+    rechained = _edit_and_rehash_one(relabelled, at, 4_321)  # consecutive records must still chain
+    verdict = verify(rechained, KEY.public_key())
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, 4_321, "edited")
