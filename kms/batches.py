@@ -15,7 +15,11 @@ Tables (kms.store, SQLAlchemy 2 Core; SQLite by default, PostgreSQL by URL):
 - ``card_events``: append-only history (id autoincrement, batch_id, card_ref, event: created | chip-bound | issued |
   reissue-revoked, detail, at, by).
 
-Operations (``BatchStore(engine, clock)``):
+Operations (``BatchStore(engine, clock, audit)``); with an audit log (kms.audit), every change appends its audit
+record in the same transaction, so a change whose record cannot be written does not happen (fail closed):
+``batch.created`` (one per batch: card count and cards digest), ``batch.authorized``, ``card.chip-bound`` (which
+fields, never their values), ``card.reissued`` and ``issuance.issued`` (one per card: bundle serial, station, masked
+PAN).
 
 - ``create_batch``: 1 to MAX_BATCH_CARDS cards, no card_ref twice; AlreadyExists if the batch exists; all or nothing
   in one transaction (a ``created`` event per card).
@@ -53,6 +57,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from kms import identity
+from kms.audit import AuditLog, mask_pan
 from kms.bundle import canonical
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
@@ -142,9 +147,10 @@ def cards_digest(cards: Sequence[CardIdentity]) -> str:
 
 
 class BatchStore:
-    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
         self._engine = engine
         self._clock = clock
+        self._audit = audit
 
     def create_batch(
         self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity], created_by: str
@@ -158,6 +164,7 @@ class BatchStore:
         if not 1 <= len(cards) <= MAX_BATCH_CARDS:
             raise InvalidArgument("cards", f"a batch lists 1 to {MAX_BATCH_CARDS} cards, not {len(cards)}")
         now = rfc3339(self._clock.now())
+        digest = cards_digest(cards)
         seen: dict[str, int] = {}
         rows: list[dict[str, Any]] = []
         for sequence, card in enumerate(cards):
@@ -178,7 +185,7 @@ class BatchStore:
             try:
                 conn.execute(batches.insert().values(
                     batch_id=batch_id, bureau=bureau, profile=profile, state=BatchState.AWAITING.value,
-                    cards_digest=cards_digest(cards), created_by=created_by, created_at=now, card_count=len(rows),
+                    cards_digest=digest, created_by=created_by, created_at=now, card_count=len(rows),
                 ))
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"batch {batch_id} already exists") from None
@@ -190,6 +197,9 @@ class BatchStore:
                      "detail": f"sequence {row['sequence']}", "at": now, "by": created_by}
                     for row in chunk
                 ])
+            if self._audit is not None:
+                self._audit.append(conn, "batch.created", actor=created_by, subject=batch_id, detail={
+                    "bureau": bureau, "profile": profile, "card_count": len(rows), "cards_digest": digest})
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> Batch:
@@ -237,10 +247,14 @@ class BatchStore:
                 raise AlreadyExists(f"batch {batch_id} is already authorized by the {domain} domain") from None
             done = set(conn.execute(sa.select(batch_authorizations.c.domain).where(
                 batch_authorizations.c.batch_id == batch_id)).scalars())
-            if done >= set(required):
-                conn.execute(batches.update().where(
-                    batches.c.batch_id == batch_id, batches.c.state == BatchState.AWAITING.value
-                ).values(state=BatchState.OPEN.value))
+            opened = done >= set(required) and conn.execute(batches.update().where(
+                batches.c.batch_id == batch_id, batches.c.state == BatchState.AWAITING.value
+            ).values(state=BatchState.OPEN.value)).rowcount == 1
+            if self._audit is not None:
+                self._audit.append(conn, "batch.authorized", domain=domain, subject=batch_id, detail={
+                    "ceremony_id": ceremony_id, "cards_digest": digest,
+                    "key_versions": dict(key_versions or {}),
+                    "state": (BatchState.OPEN if opened else BatchState.AWAITING).value})
         return self.get_batch(batch_id)
 
     def card(self, batch_id: str, card_ref: str) -> CardRecord:
@@ -329,6 +343,9 @@ class BatchStore:
                 if won:
                     detail = ", ".join(f"{name}={value}" for name, value in sorted(fill.items()))
                     _event(conn, batch_id, card_ref, EventKind.CHIP_BOUND, detail, now, by)
+                    if self._audit is not None:  # which fields were bound, never their values
+                        self._audit.append(conn, "card.chip-bound", actor=by or "", subject=f"{batch_id}/{card_ref}",
+                                           detail={"fields": sorted(fill)})
             if won:
                 return self.card(batch_id, card_ref)
         raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
@@ -363,6 +380,10 @@ class BatchStore:
                 ).rowcount == 1
                 if won:
                     _event(conn, batch_id, card_ref, EventKind.REISSUE_REVOKED, _revoked(record), now, by)
+                    if self._audit is not None:
+                        self._audit.append(conn, "card.reissued", actor=by, subject=f"{batch_id}/{card_ref}", detail={
+                            "previous_state": record.state.value, "revoked_binding": sorted(record.bound_fields),
+                            "revoked_bundle": record.serial or ""})
             if won:
                 return self.card(batch_id, card_ref)
         raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
@@ -397,6 +418,9 @@ class BatchStore:
         now = rfc3339(self._clock.now())
         with self._engine.begin() as conn:
             won = _store_issued(conn, batch_id, card_ref, serial, bundle, idempotency_key, sealed_for, now, by)
+            if won and self._audit is not None:
+                pan = conn.execute(sa.select(batch_cards.c.pan).where(_is_card(batch_id, card_ref))).scalar()
+                self._audit.append_many(conn, [_issued_record(batch_id, card_ref, serial, pan, by)])
         record, batch_state = self._read(batch_id, card_ref)
         if won:
             return record
@@ -422,8 +446,14 @@ class BatchStore:
                 raise InvalidArgument("bundle", f"{card.card_ref}: must be non-empty bytes")
         now = rfc3339(self._clock.now())
         with self._engine.begin() as conn:
-            return [_store_issued(conn, batch_id, card.card_ref, serial, bundle, None, card, now, by)
-                    for card, serial, bundle in issued]
+            won = [_store_issued(conn, batch_id, card.card_ref, serial, bundle, None, card, now, by)
+                   for card, serial, bundle in issued]
+            # The records after the changes: the audit head is locked last, for as short a time as possible.
+            if self._audit is not None:
+                self._audit.append_many(conn, [
+                    _issued_record(batch_id, card.card_ref, serial, card.pan, by)
+                    for (card, serial, _), stored in zip(issued, won, strict=True) if stored])
+        return won
 
     def _read(self, batch_id: str, card_ref: str) -> tuple[CardRecord, BatchState]:
         with self._engine.connect() as conn:
@@ -469,6 +499,13 @@ def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str
     if won:
         _event(conn, batch_id, card_ref, EventKind.ISSUED, f"bundle {serial}", now, by)
     return won
+
+
+def _issued_record(batch_id: str, card_ref: str, serial: str, pan: str | None, by: str | None) -> dict[str, Any]:
+    """The audit record of one issued card: the bundle serial, the station and the PAN masked (kms.audit.mask_pan);
+    no other card identity value."""
+    return {"kind": "issuance.issued", "actor": by or "", "subject": f"{batch_id}/{card_ref}",
+            "detail": {"serial": serial, "by": by or "", "pan": mask_pan(pan)}}
 
 
 def _event(

@@ -7,12 +7,19 @@ so two service replicas cannot both execute a ceremony, and an officer cannot ap
 States: ``open`` → ``executing`` → ``executed`` | ``failed``; ``open`` → ``cancelled`` | ``expired``. An open
 ceremony past its expiry time reads as ``expired`` and accepts nothing more; ``sweep`` records it so and erases its
 encrypted components, and fails executions interrupted for longer than EXECUTION_TIMEOUT.
+
+With an audit log (kms.audit) each step appends its record in the transaction of its change (fail closed), and only
+once the change happened: ``ceremony.proposed`` (operation, digest, parameters with public keys as fingerprints),
+``ceremony.approved``, ``ceremony.component`` (custodian and KCV only), ``ceremony.components-out`` (escrow: per
+recipient the KCV), ``ceremony.cancelled``, ``ceremony.executing``, ``ceremony.executed`` / ``ceremony.failed``
+(result or error), ``ceremony.expired`` and ``ceremony.interrupted`` (by a sweep).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import json
 import re
 import secrets
@@ -22,6 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kms.audit import AuditLog
 from kms.bundle import canonical
 from kms.ceremony import Approval, Proposal, QuorumPolicy, evaluate
 from kms.clock import Clock, rfc3339
@@ -111,11 +119,13 @@ def check_kcv(kcv: str, field: str = "kcv") -> str:
 class Ceremonies:
     """The ceremony protocol over the database: what the ceremony service and the genesis call."""
 
-    def __init__(self, engine: sa.Engine, clock: Clock, policy: QuorumPolicy, officer_store: OfficerStore) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, policy: QuorumPolicy, officer_store: OfficerStore,
+                 audit: AuditLog | None = None) -> None:
         self._engine = engine
         self._clock = clock
         self.policy = policy
         self.officers = officer_store
+        self._audit = audit
 
     # -- propose, approve, components, cancel ----------------------------------------------------------------
 
@@ -141,6 +151,11 @@ class Ceremonies:
                 created_at=rfc3339(proposal.created_at), expires_at=rfc3339(proposal.expires_at),
                 encoding=encoding, digest=proposal.digest.hex(), state=CeremonyState.OPEN.value,
             ))
+            if self._audit is not None:
+                self._audit.append(conn, "ceremony.proposed", actor=proposer.uri(), domain=proposal.domain,
+                                   subject=ceremony_id, detail={
+                                       "operation": operation, "digest": proposal.digest.hex(),
+                                       "expires_at": rfc3339(proposal.expires_at), "params": _audit_params(params)})
         return self.get(ceremony_id)
 
     def approve(self, ceremony_id: str, officer: Principal, signature: bytes) -> CeremonyRecord:
@@ -163,6 +178,10 @@ class Ceremonies:
                 conn.execute(ceremony_approvals.insert().values(
                     ceremony_id=ceremony_id, officer=officer.uri(), signature=signature,
                     at=rfc3339(self._clock.now())))
+                if self._audit is not None:
+                    self._audit.append(conn, "ceremony.approved", actor=officer.uri(), domain=record.domain,
+                                       subject=ceremony_id, detail={"operation": record.operation,
+                                                                    "digest": record.digest})
         except sa.exc.IntegrityError:
             raise AlreadyExists(f"{officer} has already approved {ceremony_id}") from None
         return self.get(ceremony_id)
@@ -191,6 +210,9 @@ class Ceremonies:
                 conn.execute(ceremony_components.insert().values(
                     ceremony_id=ceremony_id, custodian=custodian.uri(), direction="in", sealed=sealed, kcv=kcv,
                     at=rfc3339(self._clock.now())))
+                if self._audit is not None:  # who and the KCV: never the component, not even encrypted
+                    self._audit.append(conn, "ceremony.component", actor=custodian.uri(), domain=record.domain,
+                                       subject=ceremony_id, detail={"custodian": custodian.uri(), "kcv": kcv})
         except sa.exc.IntegrityError:
             raise AlreadyExists(f"{custodian} has already submitted a component to {ceremony_id}") from None
         return self.get(ceremony_id)
@@ -210,6 +232,12 @@ class Ceremonies:
             conn.execute(ceremony_components.insert(), [
                 {"ceremony_id": ceremony_id, "custodian": who.uri(), "direction": "out", "sealed": sealed,
                  "kcv": kcv, "at": now} for who, sealed, kcv in outputs])
+            if self._audit is not None:
+                domain = conn.execute(sa.select(ceremonies.c.domain).where(
+                    ceremonies.c.ceremony_id == ceremony_id)).scalar()
+                self._audit.append(conn, "ceremony.components-out", domain=domain or "", subject=ceremony_id,
+                                   detail={"components": [{"custodian": who.uri(), "kcv": kcv}
+                                                          for who, _, kcv in outputs]})
 
     def output_for(self, ceremony_id: str, custodian: Principal) -> tuple[bytes, str]:
         for who, sealed, kcv in self.sealed_components(check_id(ceremony_id), "out"):
@@ -222,7 +250,7 @@ class Ceremonies:
         if by.role != "officer" or by.domain != record.domain:
             raise PermissionDenied(f"{by} cannot cancel a ceremony of the {record.domain} domain")
         self._enrolled(by)
-        self._close(ceremony_id, CeremonyState.OPEN, CeremonyState.CANCELLED, by)
+        self._close(record, CeremonyState.OPEN, CeremonyState.CANCELLED, by)
         self._drop_inputs(ceremony_id)
         return self.get(ceremony_id)
 
@@ -245,7 +273,7 @@ class Ceremonies:
         missing = sorted(set(record.custodians()) - {c.custodian.name for c in record.components})
         if missing:
             raise InvalidState(f"{ceremony_id} still needs the components of {', '.join(missing)}")
-        self._close(ceremony_id, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
+        self._close(record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
         # The approvals that counted, as they stood when execution began (a late insert cannot join: approvals
         # and components are accepted only while the ceremony is open).
         counted = {"approved_by": [p.uri() for p in decision.counted], "required": decision.required}
@@ -253,12 +281,12 @@ class Ceremonies:
             result = dict(run(self.get(ceremony_id)))
             canonical({**result, **counted})  # storable, or the ceremony fails here rather than stay executing
         except KmsError as error:
-            self._finish(ceremony_id, CeremonyState.FAILED, counted, str(error))
+            self._finish(record, CeremonyState.FAILED, counted, str(error), by)
             raise
         except BaseException:
-            self._finish(ceremony_id, CeremonyState.FAILED, counted, "internal error; see the server log")
+            self._finish(record, CeremonyState.FAILED, counted, "internal error; see the server log", by)
             raise
-        self._finish(ceremony_id, CeremonyState.EXECUTED, {**result, **counted}, None)
+        self._finish(record, CeremonyState.EXECUTED, {**result, **counted}, None, by)
         return self.get(ceremony_id)
 
     def sweep(self, stuck_after: dt.timedelta = EXECUTION_TIMEOUT) -> None:
@@ -266,31 +294,51 @@ class Ceremonies:
         components erased), and ceremonies ``executing`` for longer than ``stuck_after`` (a replica died
         mid-way) become ``failed``, for officers to check the key registry against the token."""
         now = self._clock.now()
+        is_expired = (ceremonies.c.state == CeremonyState.OPEN.value) & (ceremonies.c.expires_at <= rfc3339(now))
+        is_stuck = (ceremonies.c.state == CeremonyState.EXECUTING.value) & (
+            ceremonies.c.closed_at <= rfc3339(now - stuck_after))
         with self._engine.begin() as conn:
-            expired = conn.execute(sa.select(ceremonies.c.ceremony_id).where(
-                ceremonies.c.state == CeremonyState.OPEN.value, ceremonies.c.expires_at <= rfc3339(now),
-            )).scalars().all()
+            # One conditional UPDATE per ceremony, so that exactly the ceremonies this sweep closed are recorded
+            # (another replica's sweep may close some of them first).
+            expired, stuck = [], []
+            for row in conn.execute(sa.select(ceremonies.c.ceremony_id, ceremonies.c.domain, ceremonies.c.operation,
+                                              ceremonies.c.expires_at).where(is_expired)).all():
+                if conn.execute(ceremonies.update().where(ceremonies.c.ceremony_id == row.ceremony_id, is_expired)
+                                .values(state=CeremonyState.EXPIRED.value, closed_at=ceremonies.c.expires_at)
+                                ).rowcount == 1:
+                    expired.append(row)
             if expired:
-                conn.execute(ceremonies.update().where(
-                    ceremonies.c.ceremony_id.in_(expired), ceremonies.c.state == CeremonyState.OPEN.value,
-                ).values(state=CeremonyState.EXPIRED.value, closed_at=ceremonies.c.expires_at))
-                _erase_inputs(conn, expired)
-            conn.execute(ceremonies.update().where(
-                ceremonies.c.state == CeremonyState.EXECUTING.value,
-                ceremonies.c.closed_at <= rfc3339(now - stuck_after),
-            ).values(state=CeremonyState.FAILED.value, error=INTERRUPTED))
+                _erase_inputs(conn, [row.ceremony_id for row in expired])
+            for row in conn.execute(sa.select(ceremonies.c.ceremony_id, ceremonies.c.domain, ceremonies.c.operation,
+                                              ceremonies.c.closed_at).where(is_stuck)).all():
+                if conn.execute(ceremonies.update().where(ceremonies.c.ceremony_id == row.ceremony_id, is_stuck)
+                                .values(state=CeremonyState.FAILED.value, error=INTERRUPTED)).rowcount == 1:
+                    stuck.append(row)
+            if self._audit is not None:
+                for row in expired:
+                    self._audit.append(conn, "ceremony.expired", domain=row.domain, subject=row.ceremony_id,
+                                       detail={"operation": row.operation, "expired_at": row.expires_at})
+                for row in stuck:
+                    self._audit.append(conn, "ceremony.interrupted", domain=row.domain, subject=row.ceremony_id,
+                                       outcome="failed", detail={"operation": row.operation, "error": INTERRUPTED,
+                                                                 "executing_since": row.closed_at})
 
     def record_executed(self, proposal_record: CeremonyRecord, result: Mapping[str, Any],
                         by: Principal) -> CeremonyRecord:
         """Close a ceremony that needs no quorum (the genesis) as executed."""
-        self._close(proposal_record.ceremony_id, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
-        self._finish(proposal_record.ceremony_id, CeremonyState.EXECUTED, result, None)
+        self._close(proposal_record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
+        self._finish(proposal_record, CeremonyState.EXECUTED, result, None, by)
         return self.get(proposal_record.ceremony_id)
 
     def add_genesis_signature(self, ceremony_id: str, officer: Principal, signature: bytes) -> None:
         with self._engine.begin() as conn:
             conn.execute(ceremony_approvals.insert().values(
                 ceremony_id=ceremony_id, officer=officer.uri(), signature=signature, at=rfc3339(self._clock.now())))
+            if self._audit is not None:
+                row = conn.execute(sa.select(ceremonies.c.domain, ceremonies.c.operation, ceremonies.c.digest).where(
+                    ceremonies.c.ceremony_id == ceremony_id)).one()
+                self._audit.append(conn, "ceremony.approved", actor=officer.uri(), domain=row.domain,
+                                   subject=ceremony_id, detail={"operation": row.operation, "digest": row.digest})
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -350,27 +398,37 @@ class Ceremonies:
             raise InvalidState(f"{ceremony_id} is {record.state.value}")
         return record
 
-    def _close(self, ceremony_id: str, expected: CeremonyState, to: CeremonyState, by: Principal) -> None:
+    def _close(self, record: CeremonyRecord, expected: CeremonyState, to: CeremonyState, by: Principal) -> None:
+        ceremony_id = record.ceremony_id
         now = self._clock.now()
         with self._engine.begin() as conn:
             changed = conn.execute(ceremonies.update().where(
                 ceremonies.c.ceremony_id == ceremony_id, ceremonies.c.state == expected.value,
                 ceremonies.c.expires_at > rfc3339(now),
             ).values(state=to.value, closed_at=rfc3339(now), closed_by=by.uri())).rowcount
+            if changed == 1 and self._audit is not None:
+                self._audit.append(conn, f"ceremony.{to.value}", actor=by.uri(), domain=record.domain,
+                                   subject=ceremony_id, detail={"operation": record.operation})
         if changed != 1:
             raise InvalidState(f"{ceremony_id} is {self.get(ceremony_id).state.value}")
 
-    def _finish(self, ceremony_id: str, state: CeremonyState, result: Mapping[str, Any] | None,
-                error: str | None) -> None:
+    def _finish(self, record: CeremonyRecord, state: CeremonyState, result: Mapping[str, Any] | None,
+                error: str | None, by: Principal) -> None:
         # Executing, or swept as interrupted by another replica while it was in fact still running: the outcome
         # is recorded either way.
+        ceremony_id = record.ceremony_id
         with self._engine.begin() as conn:
-            conn.execute(ceremonies.update().where(
+            changed = conn.execute(ceremonies.update().where(
                 ceremonies.c.ceremony_id == ceremony_id,
                 (ceremonies.c.state == CeremonyState.EXECUTING.value)
                 | ((ceremonies.c.state == CeremonyState.FAILED.value) & (ceremonies.c.error == INTERRUPTED)),
             ).values(state=state.value, result=None if result is None else canonical(dict(result)).decode(),
-                     error=error, closed_at=rfc3339(self._clock.now())))
+                     error=error, closed_at=rfc3339(self._clock.now()))).rowcount
+            if changed == 1 and self._audit is not None:
+                self._audit.append(conn, f"ceremony.{state.value}", actor=by.uri(), domain=record.domain,
+                                   subject=ceremony_id, outcome="ok" if state is CeremonyState.EXECUTED else "failed",
+                                   detail={"operation": record.operation, "result": dict(result or {}),
+                                           "error": error or ""})
         self._drop_inputs(ceremony_id)
 
     def _drop_inputs(self, ceremony_id: str) -> None:
@@ -386,6 +444,13 @@ class Ceremonies:
         ).values(state=CeremonyState.OPEN.value)).rowcount
         if changed != 1:
             raise InvalidState(f"{ceremony_id} is no longer open")
+
+
+def _audit_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A proposal's parameters as audit records show them: public keys (PEM) as their SHA-256 fingerprints."""
+    return {name: (f"sha256:{hashlib.sha256(value.encode()).hexdigest()}"
+                   if "public_key" in name and isinstance(value, str) else value)
+            for name, value in params.items()}
 
 
 def _erase_inputs(conn: sa.Connection, ceremony_ids: Sequence[str]) -> None:

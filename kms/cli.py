@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kms import cli_ceremony, errors
+from kms import cli_audit, cli_ceremony, errors
 from kms import config as config_mod
 
 log = logging.getLogger("kms")
@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
 
     cli_ceremony.add_parser(sub)
+    cli_audit.add_parser(sub)
 
     station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
                                                                                        required=True)
@@ -539,10 +540,14 @@ def _cmd_ceremony(args: argparse.Namespace) -> int:
     return cli_ceremony.run(args, _client_for)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    return cli_audit.run(args, _client_for)
+
+
 _COMMANDS = {
     "init": _cmd_init, "keys": _cmd_keys, "profile": _cmd_profile, "dev": _cmd_dev, "bundle": _cmd_bundle,
     "selftest": _cmd_selftest, "serve": _cmd_serve, "batch": _cmd_batch, "station": _cmd_station,
-    "card": _cmd_card, "ceremony": _cmd_ceremony,
+    "card": _cmd_card, "ceremony": _cmd_ceremony, "audit": _cmd_audit,
 }
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import config as config_mod
 from kms import profiles, runtime, softhsm, store
+from kms.audit import AuditLog
 from kms.audit_signer import AUDIT_KEY_LABEL
 from kms.ceremonies import Ceremonies
 from kms.ceremony import QuorumPolicy, approval_message
@@ -205,14 +206,15 @@ def _genesis(home: Home, domain: str) -> None:
     engine = store.make_engine(cfg.database)
     store.create_all(engine)
     clock = SystemClock()
-    officer_store = OfficerStore(engine, clock)
+    audit = AuditLog(engine, clock)
+    officer_store = OfficerStore(engine, clock, audit)
     if officer_store.all(domain):
         return
     people = [Principal("officer", name, domain=domain) for name in OFFICERS[domain]]
     keys = {p: ApprovalKeyFile(home.approval_key(p)) for p in people}
     listed = [{"name": p.name, "roles": list(OFFICER_ROLES), "public_key": public_pem(keys[p].public_key())}
               for p in people]
-    ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store)
+    ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store, audit)
     record = ceremonies.propose(people[0], GENESIS, {"officers": listed}, quorum_required=False)
     message = approval_message(record.proposal)
     for person in people:

@@ -21,6 +21,10 @@ card, or a card carrying a retired identity is not issued. ``check_new_batch`` r
 identity or a card whose lifecycle has ended.
 
 Tables (kms.store): ``card_lifecycle``, ``card_lifecycle_events``, ``retired_identities``.
+
+With an audit log (kms.audit) every event also appends ``lifecycle.<event>`` in the same transaction (fail closed):
+the card_ref, application, states, reason and revoked batch records; retired identities by field name only, never
+their values.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kms.audit import AuditLog
 from kms.batches import CardState, EventKind
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
@@ -125,9 +130,10 @@ class _Lost(Exception):
 
 
 class CardLifecycle:
-    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
         self._engine = engine
         self._clock = clock
+        self._audit = audit
 
     # -- changes ----------------------------------------------------------------------------------------------------
 
@@ -221,6 +227,15 @@ class CardLifecycle:
                                AppState.REPLACED, reason, detail, now, by)
                     _event(conn, new_card_ref, None, Event.REPLACES, None, None, reason,
                            f"replaces card {old_card_ref}", now, by)
+                    if self._audit is not None:
+                        retired_fields = sorted({f for f, _ in to_retire})
+                        for application in APPLICATIONS:
+                            self._record(conn, Event.REPLACED, old_card_ref, application, old.state(application),
+                                         AppState.REPLACED, reason, by, {"replaced_by": new_card_ref,
+                                                                         "retired": retired_fields,
+                                                                         "revoked": revoked})
+                        self._record(conn, Event.REPLACES, new_card_ref, None, None, None, reason, by,
+                                     {"replaces": old_card_ref})
             except (_Lost, sa.exc.IntegrityError):
                 continue
             return self.view(old_card_ref)
@@ -307,17 +322,30 @@ class CardLifecycle:
             try:
                 with self._engine.begin() as conn:
                     _write(conn, status, {f"{application}_state": target.value}, now)
-                    detail = ""
+                    detail, revoked = "", ""
                     if target in (AppState.CANCELLED, AppState.CLOSED):
                         revoked = _revoke_records(conn, card_ref, f"{application} application {target.value}", now,
                                                   by.uri())
                         detail = f"revoked records: {revoked}" if revoked else ""
                     _event(conn, card_ref, application, event, status.state(application), target, reason, detail,
                            now, by)
+                    if self._audit is not None:
+                        self._record(conn, event, card_ref, application, status.state(application), target, reason,
+                                     by, {"revoked": revoked} if revoked else {})
             except (_Lost, sa.exc.IntegrityError):
                 continue
             return self.view(card_ref)
         raise InvalidState(f"card {card_ref} keeps changing; try again")
+
+    def _record(self, conn: sa.Connection, event: Event, card_ref: str, application: str | None,
+                from_state: AppState | None, to_state: AppState | None, reason: str, by: Principal,
+                detail: dict[str, Any]) -> None:
+        """The audit record of one lifecycle event (card_ref, never a card identity value)."""
+        assert self._audit is not None
+        self._audit.append(conn, f"lifecycle.{event.value}", actor=by.uri(), domain=application or "",
+                           subject=card_ref, detail={
+                               "application": application or "", "from": "" if from_state is None else from_state.value,
+                               "to": "" if to_state is None else to_state.value, "reason": reason, **detail})
 
     def _lookup(self, cards: Sequence[CardIdentity]
                 ) -> tuple[dict[str, CardStatus], dict[tuple[str, str], str]]:

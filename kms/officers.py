@@ -7,10 +7,14 @@ a smartcard token can stand in for it.
 
 The first officers of each domain are enrolled by the genesis ceremony at ``kms init``; every later enrolment is an
 ``enrol-officer`` ceremony of the domain.
+
+With an audit log (kms.audit), enrolment and revocation append ``officer.enrolled`` / ``officer.revoked`` in the same
+transaction (fail closed); the approval key appears as its fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -22,6 +26,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from kms.audit import AuditLog
 from kms.ceremony import Officer
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
@@ -109,9 +114,10 @@ class OfficerRecord:
 
 
 class OfficerStore:
-    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
         self._engine = engine
         self._clock = clock
+        self._audit = audit
 
     def enrol(self, principal: Principal, roles: Iterable[str], public_key_pem: str, enrolled_by: str,
               conn: sa.Connection | None = None) -> OfficerRecord:
@@ -124,21 +130,31 @@ class OfficerStore:
         values = dict(principal=principal.uri(), domain=principal.domain, name=principal.name,
                       roles=" ".join(sorted(chosen)), public_key=public_key_pem, state="active",
                       enrolled_at=rfc3339(self._clock.now()), enrolled_by=enrolled_by)
+        if conn is not None:
+            self._enrol(conn, principal, values)
+        else:
+            with self._engine.begin() as own:
+                self._enrol(own, principal, values)
+        return self.get(principal) if conn is None else _record(values)
+
+    def _enrol(self, conn: sa.Connection, principal: Principal, values: dict[str, Any]) -> None:
         try:
-            if conn is not None:
-                conn.execute(officers.insert().values(**values))
-            else:
-                with self._engine.begin() as own:
-                    own.execute(officers.insert().values(**values))
+            conn.execute(officers.insert().values(**values))
         except sa.exc.IntegrityError:
             raise AlreadyExists(f"{principal} is already enrolled") from None
-        return self.get(principal) if conn is None else _record(values)
+        if self._audit is not None:
+            self._audit.append(conn, "officer.enrolled", domain=principal.domain or "", subject=principal.uri(),
+                               detail={"roles": values["roles"].split(), "enrolled_by": values["enrolled_by"],
+                                       "key_fingerprint": _fingerprint(values["public_key"])})
 
     def revoke(self, principal: Principal) -> OfficerRecord:
         """An officer who no longer counts for anything (a revoke-officer ceremony): conditional on being active."""
         with self._engine.begin() as conn:
             changed = conn.execute(officers.update().where(
                 officers.c.principal == principal.uri(), officers.c.state == "active").values(state="revoked")).rowcount
+            if changed == 1 and self._audit is not None:
+                self._audit.append(conn, "officer.revoked", domain=principal.domain or "", subject=principal.uri(),
+                                   detail={"state": "revoked"})
         if changed != 1:
             raise InvalidState(f"{principal} is not an active officer")
         return self.get(principal)
@@ -173,6 +189,11 @@ class OfficerStore:
 
 def _der(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _fingerprint(pem: str) -> str:
+    """As kms.operations.fingerprint shows an approval key (SHA-256 of its DER, first 32 hex digits)."""
+    return hashlib.sha256(_der(parse_public_key(pem))).hexdigest()[:32]
 
 
 def _record(m: Mapping[Any, Any]) -> OfficerRecord:

@@ -3,16 +3,21 @@
 Records live in the store; the key material lives only in the token, under the label the registry gives it.
 States follow NIST SP 800-57: a key made by a ceremony is registered pre-activation and activated only once its
 KCV is checked; ``transition`` allows only the moves in ``TRANSITIONS``, each time-stamped.
+
+With an audit log (kms.audit) every change appends its record in the same transaction (fail closed): ``key.added``,
+``key.state``, ``key.kcv``, ``key.removed`` — label, kind, version, state and KCV, never a key value.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from kms.audit import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.store import keys
@@ -75,9 +80,10 @@ class KeyRecord:
 
 
 class KeyRegistry:
-    def __init__(self, engine: sa.Engine, clock: Clock) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
         self._engine = engine
         self._clock = clock
+        self._audit = audit
 
     def add(
         self,
@@ -114,6 +120,11 @@ class KeyRegistry:
                 )
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"{domain} {kind.value} key {name} v{version} already exists") from None
+            if self._audit is not None:
+                self._audit.append(conn, "key.added", domain=domain, subject=label, detail={
+                    "kind": kind.value, "name": name, "version": version, "algorithm": algorithm,
+                    "state": state.value, "kcv": kcv or "", "kcv_method": kcv_method or "",
+                    **_public_key_detail(public_key)})
         return self.get(domain, kind, name, version)
 
     def transition(self, record: KeyRecord, to: KeyState) -> KeyRecord:
@@ -130,22 +141,34 @@ class KeyRegistry:
                 .where(keys.c.label == record.label, keys.c.state == record.state.value)
                 .values(state=to.value, state_changed_at=now)
             ).rowcount
+            if changed == 1 and self._audit is not None:
+                self._audit.append(conn, "key.state", domain=record.domain, subject=record.label, detail={
+                    "kind": record.kind.value, "name": record.name, "version": record.version,
+                    "from": record.state.value, "to": to.value, "kcv": record.kcv or ""})
         if changed != 1:
             raise InvalidState(f"{record.label} changed state meanwhile; read it again")
         return self.get(record.domain, record.kind, record.name, record.version)
 
     def set_kcv(self, record: KeyRecord, kcv: str, kcv_method: str, public_key: bytes | None = None) -> None:
         with self._engine.begin() as conn:
-            conn.execute(
+            changed = conn.execute(
                 keys.update()
                 .where(keys.c.label == record.label)
                 .values(kcv=kcv, kcv_method=kcv_method, public_key=public_key)
-            )
+            ).rowcount
+            if changed == 1 and self._audit is not None:
+                self._audit.append(conn, "key.kcv", domain=record.domain, subject=record.label, detail={
+                    "kind": record.kind.value, "name": record.name, "version": record.version, "kcv": kcv,
+                    "kcv_method": kcv_method, **_public_key_detail(public_key)})
 
     def remove(self, record: KeyRecord) -> None:
         """Forget a record whose token object could not be created (never for a key that existed)."""
         with self._engine.begin() as conn:
-            conn.execute(keys.delete().where(keys.c.label == record.label))
+            removed = conn.execute(keys.delete().where(keys.c.label == record.label)).rowcount
+            if removed == 1 and self._audit is not None:
+                self._audit.append(conn, "key.removed", domain=record.domain, subject=record.label, detail={
+                    "kind": record.kind.value, "name": record.name, "version": record.version,
+                    "reason": "its token object could not be created"})
 
     def get(self, domain: str, kind: KeyKind, name: str, version: int) -> KeyRecord:
         with self._engine.connect() as conn:
@@ -203,6 +226,11 @@ class KeyRegistry:
                 sa.select(keys.c.name).where(keys.c.domain == domain, keys.c.kind == kind.value).distinct()
             ).all()
         return {r[0] for r in rows}
+
+
+def _public_key_detail(public_key: bytes | None) -> dict[str, str]:
+    """A public key as audit records show it: its SHA-256 fingerprint."""
+    return {} if public_key is None else {"public_key_sha256": hashlib.sha256(public_key).hexdigest()}
 
 
 def _record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kms import store
+from kms.audit import AuditLog
 from kms.clock import Clock
 from kms.config import Config, HsmConfig, StationConfig
 from kms.errors import ConfigError
@@ -35,6 +36,8 @@ def open_station(config: StationConfig) -> TokenSession:
 
 
 def registry(config: Config, clock: Clock) -> KeyRegistry:
+    """The key registry of the configured database, its changes chained into that database's audit log (also in the
+    domain worker processes, where ceremonies' key operations run)."""
     engine = store.make_engine(config.database)
     store.create_all(engine)
-    return KeyRegistry(engine, clock)
+    return KeyRegistry(engine, clock, AuditLog(engine, clock))

@@ -2,10 +2,15 @@
 
 The serving process holds no PIN: it reads records and the key registry, and hands sealing to each domain's worker
 processes (kms.workers), which alone read their own domain's PIN.
+
+Every store it builds shares one audit log (kms.audit) on the service's database: each state change appends its
+record in its own transaction. A ``service.started`` record names the SHA-256 of the configuration file and of each
+policy file (authorization, quorum, profiles), so that a configuration change shows as a new digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -13,12 +18,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from kms import card_service, profiles, runtime, store
 from kms import config as config_mod
+from kms.audit import AuditLog
+from kms.audit_service import AuditService
+from kms.audit_service import register as register_audit
+from kms.audit_signer import AuditSigner, Checkpointer
 from kms.authz import DEFAULT_POLICY, Policy
 from kms.batches import BatchStore
 from kms.ceremonies import Ceremonies
-from kms.ceremony import QuorumPolicy
+from kms.ceremony import DEFAULT_QUORUMS, QuorumPolicy
 from kms.ceremony_service import CeremonyService
 from kms.ceremony_service import register as register_ceremonies
 from kms.clock import Clock, SystemClock
@@ -45,31 +56,61 @@ class Service:
         clock = clock or SystemClock()
         engine = store.make_engine(cfg.database)
         store.create_all(engine)
-        registry = runtime.registry(cfg, clock)
+        self.audit = audit = AuditLog(engine, clock)
+        authz_path = cfg.server.policy or DEFAULT_POLICY
+        audit.record("service.started", detail={
+            "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
+            "policies": {"authz": _sha256(authz_path), "quorum": _sha256(DEFAULT_QUORUMS),
+                         "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
+        registry = runtime.registry(cfg, clock)  # with its own audit log on the same database
         loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
         self.pools = DomainPools(cfg.path, processes_per_domain)
-        self.lifecycle = CardLifecycle(engine, clock)
-        self.issuance = Issuance(cfg.path, BatchStore(engine, clock), registry, loaded, self.pools, clock,
+        self.lifecycle = CardLifecycle(engine, clock, audit)
+        self.issuance = Issuance(cfg.path, BatchStore(engine, clock, audit), registry, loaded, self.pools, clock,
                                  lifecycle=self.lifecycle)
-        officer_store = OfficerStore(engine, clock)
-        self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store)
+        officer_store = OfficerStore(engine, clock, audit)
+        self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(DEFAULT_QUORUMS), officer_store, audit)
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
-        handoffs = TransportHandoffs(engine, registry, clock)
+        handoffs = TransportHandoffs(engine, registry, clock, audit)
         ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
                                    self.pools)
         ceremony = CeremonyService(self.ceremonies, ceremony_context, clock)
+        # Checkpoints of the audit chain, signed by the audit key in a process of its own (docs/audit.md).
+        self.signer: AuditSigner | None = None
+        self.checkpointer: Checkpointer | None = None
+        audit_services = []
+        if cfg.audit is not None:
+            self.signer = AuditSigner(cfg.path)
+            self.checkpointer = Checkpointer(audit, self.signer, clock, every_records=cfg.audit.checkpoint_records,
+                                             every_seconds=cfg.audit.checkpoint_seconds)
+            self.checkpointer.start()
+            audit_services.append(register_audit(AuditService(audit, self.checkpointer)))
         tls = cfg.server.tls
         self.server, self.port = create_server(
             TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
-                      register_ceremonies(ceremony)),
+                      register_ceremonies(ceremony), *audit_services),
             address=listen or cfg.server.listen,
+            audit=audit,
         )
         self.server.start()
 
     def stop(self, grace: float = 5.0) -> None:
         self.server.stop(grace).wait()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()  # signs the chain's end
+        if self.signer is not None:
+            self.signer.close()
         self.pools.close()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _database(url: str) -> str:
+    """The database URL without its password."""
+    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def _services(*registrars: Callable[[Any], Iterable[str]]) -> Callable[[Any], list[str]]:

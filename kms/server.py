@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kms import errors
+from kms.audit import AuditLog, AuditUnavailable
 from kms.authz import Policy
 from kms.identity import Principal, from_pem
 
@@ -69,10 +70,17 @@ def _principal_of(context: grpc.ServicerContext) -> Principal:
 
 
 class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Every call: who (from the certificate only), may they call this method (policy), then the handler."""
+    """Every call: who (from the certificate only), may they call this method (policy), then the handler.
 
-    def __init__(self, policy: Policy) -> None:
+    With an audit log, every call's outcome is recorded in a transaction of its own: ``request.refused`` (method,
+    caller or "unauthenticated", gRPC status name, the error message) for a refusal by policy or a handler that ends
+    with any status but OK, ``request.ok`` (method, caller) for a call that ends OK (a stream: when it ends). An OK
+    outcome that cannot be recorded fails the call with UNAVAILABLE (fail closed); a refusal that cannot be recorded
+    is still a refusal (and is logged)."""
+
+    def __init__(self, policy: Policy, audit: AuditLog | None = None) -> None:
         self._policy = policy
+        self._audit = audit
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -80,30 +88,77 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return None
         method = details.method
         policy = self._policy
+        audit = self._audit
 
-        def authorize(context: grpc.ServicerContext) -> contextvars.Token[Principal]:
+        def refused(actor: str, domain: str, code: str, message: str) -> None:
+            if audit is None:
+                return
+            try:
+                audit.record("request.refused", actor=actor, domain=domain, subject=method, outcome="refused",
+                             detail={"method": method, "status": code, "message": message})
+            except Exception:
+                log.error("the refusal of %s to %s could not be recorded in the audit log", method, actor)
+
+        def authorize(context: grpc.ServicerContext) -> tuple[Principal, contextvars.Token[Principal]]:
+            principal: Principal | None = None
             try:
                 principal = _principal_of(context)
                 policy.check(principal, method)
             except errors.KmsError as error:
                 log.info("refused %s: %s", method, error)
+                refused(principal.uri() if principal else "unauthenticated",
+                        (principal.domain or "") if principal else "", errors.grpc_status_name(error), str(error))
                 abort(context, error)
-            return _principal.set(principal)
+            assert principal is not None
+            return principal, _principal.set(principal)
+
+        def ended(principal: Principal, context: grpc.ServicerContext, error: BaseException | None) -> None:
+            """Record the outcome of a call whose handler has returned (error None) or raised ``error``."""
+            if audit is None:
+                return
+            code = context.code()
+            if error is None and code in (None, grpc.StatusCode.OK):
+                try:
+                    audit.record("request.ok", actor=principal.uri(), domain=principal.domain or "", subject=method,
+                                 detail={"method": method})
+                except Exception:
+                    log.error("the outcome of %s by %s could not be recorded; the call fails", method, principal)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, str(AuditUnavailable()))
+                return
+            if code is not None and code != grpc.StatusCode.OK:
+                text = context.details() or b""
+                name, message = code.name, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+            elif isinstance(error, GeneratorExit):
+                name, message = "CANCELLED", "the caller cancelled the call"
+            else:
+                name, message = "UNKNOWN", f"the handler failed ({type(error).__name__})"
+            refused(principal.uri(), principal.domain or "", name, message)
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:  # a request or a request iterator
-                token = authorize(context)
+                principal, token = authorize(context)
                 try:
-                    return behavior(request, context)
+                    try:
+                        response = behavior(request, context)
+                    except BaseException as error:
+                        ended(principal, context, error)
+                        raise
+                    ended(principal, context, None)
+                    return response
                 finally:
                     _principal.reset(token)
             return wrapper
 
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                token = authorize(context)
+                principal, token = authorize(context)
                 try:
-                    yield from behavior(request, context)
+                    try:
+                        yield from behavior(request, context)
+                    except BaseException as error:
+                        ended(principal, context, error)
+                        raise
+                    ended(principal, context, None)
                 finally:
                     _principal.reset(token)
             return wrapper
@@ -127,12 +182,13 @@ def create_server(
     register: Callable[[grpc.Server], Iterable[str]] = lambda server: (),
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
+    audit: AuditLog | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and its port. ``register`` adds services and returns their full
-    names (for reflection and health)."""
+    names (for reflection and health). With ``audit``, every call's outcome is recorded there."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[AuthorizationInterceptor(policy)],
+        interceptors=[AuthorizationInterceptor(policy, audit)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )

@@ -11,6 +11,11 @@ both sides alike); medians and per-round ratios are reported.
    received; the station does not open them).
 3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
    client), p50 and p99 after warm-up.
+4. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.AuditLog.append with one record per
+   transaction on SQLite, against plain INSERTs of rows of the same size into a scratch table of the same shape, one
+   per transaction, same database; (b) offline verify rate, records/s of kms.audit_verify.verify over an export of
+   >= 100,000 records with a signed checkpoint every 1,000 (goal >= 100,000 records/s), against SHA-256 alone over
+   the same lines. `--audit-only` runs just this section.
 
 Raw: scripts/bench_raw.py, the bare derive+KCV+wrap+destroy calls. Everything runs on a development home under
 .bench/ (created on first use); the server gets a fresh records database (a copy of the home's key registry) on
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import multiprocessing
 import random
 import shutil
@@ -29,23 +35,32 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 import yaml
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_raw
 
-from kms import config, profiles
+from kms import config, profiles, store
+from kms.audit import AuditLog, checkpoint_message, export_lines, mask_pan
+from kms.audit_signer import AUDIT_KEY_LABEL
+from kms.audit_verify import verify
+from kms.bundle import canonical
 from kms.cardid import CardIdentity
 from kms.client import Client
-from kms.clock import SystemClock
+from kms.clock import SystemClock, rfc3339
 from kms.devceremonies import authorize_batch
 from kms.devhome import HOME_FORMAT, Home, home_format, init_home
 from kms.identity import Principal
@@ -224,6 +239,132 @@ class EndToEnd:
         return result
 
 
+# --- 4. audit log: append rate and offline verify rate -----------------------------------------------------------
+
+AUDIT_CHECKPOINT_EVERY = 1_000
+AUDIT_VERIFY_GOAL = 100_000  # records/s
+_SCRATCH = sa.Table("bench_audit_scratch", sa.MetaData(), *[
+    sa.Column(c.name, c.type, primary_key=c.primary_key, autoincrement=False, nullable=c.nullable)
+    for c in store.audit_log.columns])
+
+
+def audit_entry(i: int) -> dict[str, Any]:
+    """A record as a streamed card's issuance writes it (masked PAN, bundle serial)."""
+    return {"kind": "issuance.issued", "actor": f"urn:kms:station:{BUREAU}:{STATION}", "domain": DOMAINS[i % 2],
+            "subject": f"bench/card-{i:07d}",
+            "detail": {"pan": mask_pan(f"621483{i:013d}"), "serial": f"{i:032X}", "profile": PROFILE}}
+
+
+def scratch_rows(start: int, n: int) -> list[dict[str, Any]]:
+    """Rows of the audit table's shape and size (the same canonical bodies), for the plain-INSERT baseline."""
+    at = rfc3339(dt.datetime.now(dt.UTC))
+    rows = []
+    for seq in range(start, start + n):
+        entry = audit_entry(seq)
+        body = canonical({"seq": seq, "at": at, "outcome": "ok", **entry}).decode()
+        digest = hashlib.sha256(body.encode()).hexdigest()
+        rows.append({"seq": seq, "at": at, "kind": entry["kind"], "domain": entry["domain"], "prev": digest,
+                     "hash": digest, "body": body})
+    return rows
+
+
+def run_audit_append(engine: sa.Engine, log: AuditLog, start: int, n: int) -> float:
+    started = time.perf_counter()
+    for i in range(start, start + n):
+        with engine.begin() as conn:
+            log.append(conn, **audit_entry(i))
+    return time.perf_counter() - started
+
+
+def run_plain_insert(engine: sa.Engine, rows: list[dict[str, Any]]) -> float:
+    started = time.perf_counter()
+    for row in rows:
+        with engine.begin() as conn:
+            conn.execute(_SCRATCH.insert().values(**row))
+    return time.perf_counter() - started
+
+
+def audit_export(engine: sa.Engine, n: int) -> tuple[list[str], ec.EllipticCurvePublicKey]:
+    """An export of ``n`` records, generated in one transaction, with a checkpoint signed (by a software key of
+    the same kind as the audit key) every AUDIT_CHECKPOINT_EVERY records and at the end."""
+    log = AuditLog(engine, SystemClock())
+    key = ec.generate_private_key(ec.SECP256R1())
+    with engine.begin() as conn:
+        for start in range(0, n, AUDIT_CHECKPOINT_EVERY):
+            log.append_many(conn, [audit_entry(i) for i in range(start, min(n, start + AUDIT_CHECKPOINT_EVERY))])
+            size, head = conn.execute(sa.select(store.audit_head.c.seq, store.audit_head.c.hash)).one()
+            at = rfc3339(dt.datetime.now(dt.UTC))
+            conn.execute(store.audit_checkpoints.insert().values(
+                size=size, head=head, at=at, key=AUDIT_KEY_LABEL,
+                signature=key.sign(checkpoint_message(size, head, at), ec.ECDSA(hashes.SHA256()))))
+    return list(export_lines(log, log.head()[0])), key.public_key()
+
+
+def run_verify(lines: list[str], public_key: ec.EllipticCurvePublicKey, n: int) -> float:
+    started = time.perf_counter()
+    verdict = verify(lines, public_key)
+    elapsed = time.perf_counter() - started
+    assert verdict.ok and verdict.records == n, verdict.summary()
+    return elapsed
+
+
+def run_sha256_only(lines: list[str]) -> float:
+    started = time.perf_counter()
+    for line in lines:
+        hashlib.sha256(line.encode()).digest()
+    return time.perf_counter() - started
+
+
+def bench_audit(rounds: int, append_records: int, verify_records: int) -> None:
+    workdir = Path(".bench")
+    workdir.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="audit-", dir=workdir) as tmp:
+        engine = store.make_engine(f"sqlite:///{Path(tmp) / 'append.db'}")
+        store.create_all(engine)
+        _SCRATCH.create(engine)
+        log = AuditLog(engine, SystemClock())
+        run_audit_append(engine, log, 0, 50)  # warm-up: connections pooled, the head row made
+        run_plain_insert(engine, scratch_rows(0, 50))
+        starts = iter(range(1_000_000, 1_000_000 + 2 * rounds * append_records, append_records))
+
+        def plain() -> float:
+            return run_plain_insert(engine, scratch_rows(next(starts), append_records))  # rows made before timing
+
+        def audited() -> float:
+            return run_audit_append(engine, log, next(starts), append_records)
+
+        insert_t, append_t = alternate(rounds, plain, audited)
+        size, _ = log.head()
+        assert size == 50 + rounds * append_records
+        engine.dispose()
+
+        engine = store.make_engine(f"sqlite:///{Path(tmp) / 'verify.db'}")
+        store.create_all(engine)
+        lines, public_key = audit_export(engine, verify_records)
+        engine.dispose()
+        sha_t, verify_t = alternate(rounds, lambda: run_sha256_only(lines),
+                                    lambda: run_verify(lines, public_key, verify_records))
+    print()
+    print(f"4. audit log: (a) append, {append_records} records per round, one per transaction, SQLite (WAL) on "
+          f"{workdir}; (b) offline verify of an export of {verify_records} records, a signed checkpoint every "
+          f"{AUDIT_CHECKPOINT_EVERY}")
+    print(f"  {'':44}{'records/s':>10}{'seconds':>10}")
+    for name, n, times in (("plain INSERT, same row size (baseline)", append_records, insert_t),
+                           ("AuditLog.append (chained, head locked)", append_records, append_t),
+                           ("SHA-256 only over the export lines", verify_records, sha_t),
+                           ("kms.audit_verify.verify", verify_records, verify_t)):
+        median = statistics.median(times)
+        print(f"  {name:44}{n / median:>10.0f}{median:>10.2f}")
+    for name, base_t, other_t, base in (("audit append / plain INSERT", insert_t, append_t, "plain INSERT"),
+                                        ("verify / SHA-256 only", sha_t, verify_t, "SHA-256 only")):
+        ratio = statistics.median(base_t) / statistics.median(other_t)
+        per_round = ", ".join(f"{b / o:.1%}" for b, o in zip(base_t, other_t, strict=True))
+        print(f"  {name} throughput: {ratio:.1%} of {base} (per round: {per_round})")
+    rate = verify_records / statistics.median(verify_t)
+    verdict = "met" if rate >= AUDIT_VERIFY_GOAL else "NOT met"
+    print(f"  verify rate {rate:,.0f} records/s; goal >= {AUDIT_VERIFY_GOAL:,} records/s: {verdict}", flush=True)
+
+
 def percentile(values: list[float], p: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
 
@@ -266,14 +407,26 @@ def main() -> int:
                         help="HSM worker processes per domain, on every side (default: 1)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each comparison (default: 3)")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    parser.add_argument("--audit-records", type=int, default=2000,
+                        help="audit records appended per round, one per transaction (default: 2000)")
+    parser.add_argument("--verify-records", type=int, default=100_000,
+                        help="records in the export the verifier reads (default: 100000)")
+    parser.add_argument("--audit-only", action="store_true", help="run only section 4, the audit log")
     args = parser.parse_args()
-    for name in ("cards", "e2e_cards", "latency_cards", "processes", "rounds"):
+    for name in ("cards", "e2e_cards", "latency_cards", "processes", "rounds", "audit_records", "verify_records"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:
         parser.error("--latency-cards must be at least 2")
 
     t0 = time.perf_counter()
+    if args.audit_only:
+        print(f"kms bench: audit log only; medians of {args.rounds} alternating rounds, baselines measured in the "
+              "same run", flush=True)
+        bench_audit(args.rounds, args.audit_records, args.verify_records)
+        print()
+        print(f"bench done in {time.perf_counter() - t0:.0f} s")
+        return 0
     home = bench_home(args.home)
     cfg = config.load(home.config)
     profile = profiles.load_dir(cfg.profiles)[PROFILE]
@@ -338,7 +491,9 @@ def main() -> int:
     print(f"3. single-card call: IssueCard (unary, one card, sequential calls from one {STATION} client), "
           f"{len(ms)} calls after {LATENCY_WARMUP_CALLS} warm-up calls")
     print(f"  latency p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms "
-          f"(min {min(ms):.1f}, mean {statistics.fmean(ms):.1f}, max {max(ms):.1f} ms)")
+          f"(min {min(ms):.1f}, mean {statistics.fmean(ms):.1f}, max {max(ms):.1f} ms)", flush=True)
+
+    bench_audit(args.rounds, args.audit_records, args.verify_records)
     print()
     print(f"bench done in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -4,10 +4,12 @@ KMS_TEST_POSTGRES_URL is set, skipped otherwise)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +17,7 @@ from conftest import EngineFactory
 
 from kms import batches as batches_module
 from kms import store
+from kms.audit import AuditLog, AuditUnavailable
 from kms.batches import BatchState, BatchStore, CardState, EventKind
 from kms.cardid import CardIdentity
 from kms.clock import FixedClock
@@ -504,3 +507,55 @@ def test_events_tell_each_cards_history_in_order(bstore: BatchStore, clock: Fixe
     assert bstore.events("B-1", "card-0000")[0].event is EventKind.CREATED
     with pytest.raises(NotFound):
         bstore.events("B-9")
+
+
+# -- audit records (kms.audit): in the change's transaction, only for changes that happened ------------------------
+
+
+def _audit_bodies(log: AuditLog) -> list[dict[str, Any]]:
+    return [json.loads(r.body) for r in log.records()]
+
+
+def test_each_change_appends_its_audit_record_and_a_refused_one_none(engine: sa.Engine, clock: FixedClock) -> None:
+    log = AuditLog(engine, clock)
+    audited = BatchStore(engine, clock, log)
+    cards = make_batch(audited, 3)
+    audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)  # the same data again: no change
+    audited.record_issued("B-1", "card-0000", "S-0", b"bundle 0", "k-0", by=STATION)
+    with pytest.raises(AlreadyExists):
+        audited.record_issued("B-1", "card-0000", "S-0b", b"bundle 0b", "k-0b", by=STATION)
+    assert audited.record_issued_many("B-1", [(cards[1], "S-1", b"bundle 1"), (cards[0], "S-x", b"x")],
+                                      by=STATION) == [True, False]
+    audited.reissue("B-1", "card-0000", OFFICER)
+    bodies = _audit_bodies(log)
+    assert [(b["kind"], b["subject"]) for b in bodies] == [
+        ("batch.created", "B-1"), ("batch.authorized", "B-1"), ("batch.authorized", "B-1"),
+        ("card.chip-bound", "B-1/card-0000"), ("issuance.issued", "B-1/card-0000"),
+        ("issuance.issued", "B-1/card-0001"), ("card.reissued", "B-1/card-0000")]
+    created, first, second = bodies[0]["detail"], bodies[1]["detail"], bodies[2]["detail"]
+    assert created == {"bureau": "bureau-a", "profile": "dual-app", "card_count": 3,
+                       "cards_digest": audited.get_batch("B-1").cards_digest}
+    assert (first["state"], second["state"]) == ("awaiting-authorization", "open")
+    assert bodies[3]["detail"] == {"fields": ["card_serial", "kdd"]} and bodies[3]["actor"] == STATION
+    assert bodies[4]["detail"] == {"serial": "S-0", "by": STATION, "pan": "621483*********0000"}
+    assert bodies[6]["detail"] == {"previous_state": "issued", "revoked_binding": ["card_serial", "kdd"],
+                                   "revoked_bundle": "S-0"}
+    everything = repr(bodies)
+    assert all(value not in everything for value in (SERIAL_A, KDD_A, cards[0].pan, cards[1].pan))
+
+
+def test_an_unwritable_audit_log_stops_the_change(engine: sa.Engine, clock: FixedClock) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the trap is a SQLite trigger")
+    audited = BatchStore(engine, clock, AuditLog(engine, clock))
+    cards = make_batch(audited, 2)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TRIGGER full BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'full'); END"))
+    with pytest.raises(AuditUnavailable, match="audit log cannot be written"):
+        audited.record_issued_many("B-1", [(c, f"S-{i}", b"bundle") for i, c in enumerate(cards)], by=STATION)
+    with pytest.raises(AuditUnavailable):
+        audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    assert all(audited.card("B-1", c.card_ref).state is CardState.PENDING for c in cards)
+    assert audited.card("B-1", "card-0000").identity.card_serial is None
+    assert [e.event for e in audited.events("B-1")] == [EventKind.CREATED] * 2

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kms import store
+from kms.audit import AuditLog
 from kms.ceremonies import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
 from kms.ceremony import APPROVAL_CONTEXT, Officer, QuorumPolicy
 from kms.clock import FixedClock
@@ -1043,3 +1044,86 @@ def test_every_operation_has_a_quorum_rule_in_both_domains_and_no_rule_names_an_
 
 def test_approvals_sign_the_documented_context() -> None:
     assert APPROVAL_CONTEXT == CONTEXT
+
+
+# -- audit records (kms.audit): each step in its own transaction, only once it happened -----------------------------
+
+
+def test_each_step_appends_its_audit_record_and_a_refused_one_none(world: World) -> None:
+    log = AuditLog(world.engine, world.clock)
+    audited = Ceremonies(world.engine, world.clock, QuorumPolicy.load(), world.officers, log)
+    c = audited.propose(officer("bob"), "import-master-key", IMPORT)
+    for name in ("alice", "dong"):
+        audited.approve(c.ceremony_id, officer(name), sign(STAFF[name].key, c.digest))
+    with pytest.raises(AlreadyExists):
+        audited.approve(c.ceremony_id, officer("dong"), sign(STAFF["dong"].key, c.digest))
+    for name in ("alice", "dong"):
+        audited.add_component(c.ceremony_id, officer(name), f"{name}'s sealed component".encode(), "ABC123")
+    audited.execute(c.ceremony_id, officer("bob"), FakeRun())
+    failing = audited.propose(officer("alice"), "generate-master-key", {"name": "mk2"})
+    world.approve(failing.ceremony_id, "bob", "chen")
+    with pytest.raises(HsmError):
+        audited.execute(failing.ceremony_id, officer("alice"), FakeRun(error=HsmError("the token is busy")))
+    cancelled = audited.propose(officer("alice"), "generate-master-key", {"name": "mk3"})
+    audited.cancel(cancelled.ceremony_id, officer("chen"))
+    with pytest.raises(InvalidState):
+        audited.cancel(cancelled.ceremony_id, officer("chen"))
+    expiring = audited.propose(officer("alice"), "generate-master-key", {"name": "mk4"}, dt.timedelta(minutes=5))
+    world.clock.advance(dt.timedelta(minutes=5))
+    audited.sweep()
+    audited.sweep()  # nothing more to close: nothing recorded
+
+    bodies = [json.loads(r.body) for r in log.records()]
+    assert [(b["kind"], b["subject"]) for b in bodies] == [
+        ("ceremony.proposed", c.ceremony_id), ("ceremony.approved", c.ceremony_id),
+        ("ceremony.approved", c.ceremony_id), ("ceremony.component", c.ceremony_id),
+        ("ceremony.component", c.ceremony_id), ("ceremony.executing", c.ceremony_id),
+        ("ceremony.executed", c.ceremony_id),
+        ("ceremony.proposed", failing.ceremony_id), ("ceremony.executing", failing.ceremony_id),
+        ("ceremony.failed", failing.ceremony_id),
+        ("ceremony.proposed", cancelled.ceremony_id), ("ceremony.cancelled", cancelled.ceremony_id),
+        ("ceremony.proposed", expiring.ceremony_id), ("ceremony.expired", expiring.ceremony_id)]
+    # (world.approve used the store without an audit log: those approvals are not in this log.)
+    assert bodies[0]["detail"] == {"operation": "import-master-key", "digest": c.digest,
+                                   "expires_at": "2026-11-27T09:00:00Z", "params": IMPORT}
+    assert [b["detail"] for b in bodies[3:5]] == [{"custodian": officer(n).uri(), "kcv": "ABC123"}
+                                                  for n in ("alice", "dong")]
+    assert bodies[6]["detail"]["result"] == {**FakeRun().result, "approved_by": [officer("alice").uri(),
+                                                                                 officer("dong").uri()],
+                                             "required": 2}
+    assert (bodies[9]["outcome"], bodies[9]["detail"]["error"]) == ("failed", "the token is busy")
+    assert all(b["domain"] == "hrss" for b in bodies) and "sealed component" not in repr(bodies)
+
+
+def test_a_sweep_records_an_interrupted_execution(world: World) -> None:
+    log = AuditLog(world.engine, world.clock)
+    audited = Ceremonies(world.engine, world.clock, QuorumPolicy.load(), world.officers, log)
+    c = world.propose("alice")
+    world.approve(c.ceremony_id, "bob", "chen")
+
+    def slow(record: CeremonyRecord) -> Mapping[str, Any]:
+        world.clock.advance(dt.timedelta(minutes=16))
+        Ceremonies(world.engine, world.clock, QuorumPolicy.load(), world.officers, log).sweep()
+        return {"label": "kms/hrss/master/mk/v1"}
+
+    audited.execute(c.ceremony_id, officer("alice"), slow)
+    kinds = [(json.loads(r.body)["kind"], json.loads(r.body)["outcome"]) for r in log.records()]
+    assert kinds == [("ceremony.executing", "ok"), ("ceremony.interrupted", "failed"), ("ceremony.executed", "ok")]
+
+
+def test_enrolment_and_revocation_are_audited_once(world: World) -> None:
+    log = AuditLog(world.engine, world.clock)
+    officers = OfficerStore(world.engine, world.clock, log)
+    newcomer = Principal("officer", "newcomer", domain="bank")
+    officers.enrol(newcomer, ["approver"], public_pem(ec.generate_private_key(ec.SECP256R1()).public_key()),
+                   "C-0000000000000000")
+    with pytest.raises(AlreadyExists):
+        officers.enrol(newcomer, ["approver"], public_pem(ec.generate_private_key(ec.SECP256R1()).public_key()),
+                       "C-0000000000000000")
+    officers.revoke(newcomer)
+    with pytest.raises(InvalidState):
+        officers.revoke(newcomer)
+    bodies = [json.loads(r.body) for r in log.records()]
+    assert [(b["kind"], b["domain"], b["subject"]) for b in bodies] == [
+        ("officer.enrolled", "bank", newcomer.uri()), ("officer.revoked", "bank", newcomer.uri())]
+    assert bodies[0]["detail"]["roles"] == ["approver"] and len(bodies[0]["detail"]["key_fingerprint"]) == 32

@@ -11,6 +11,7 @@ import pytest
 
 import kms
 from kms import errors
+from kms.audit import AuditUnavailable
 from kms.errors import (
     AlreadyExists,
     BundleRejected,
@@ -46,6 +47,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     BundleRejected: lambda: BundleRejected(),
     DeadlineExceeded: lambda: DeadlineExceeded("the deadline passed before any HSM work started"),
     Cancelled: lambda: Cancelled("the call was cancelled"),
+    AuditUnavailable: lambda: AuditUnavailable(),
 }
 
 #: (gRPC status name, CLI exit code) per class.
@@ -65,6 +67,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     BundleRejected: ("PERMISSION_DENIED", 7),
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 8),
     Cancelled: ("CANCELLED", 130),
+    AuditUnavailable: ("INTERNAL", 6),  # retryable as raised: UNAVAILABLE
 }
 
 
@@ -92,7 +95,7 @@ def test_status_and_exit_code(cls: type[KmsError]) -> None:
     assert errors.exit_code(error) == code
 
 
-@pytest.mark.parametrize("cls", [HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable],
+@pytest.mark.parametrize("cls", [HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable, AuditUnavailable],
                          ids=lambda c: c.__name__)
 def test_retryable_hsm_error_is_unavailable(cls: type[HsmError]) -> None:
     error = EXAMPLES[cls]()

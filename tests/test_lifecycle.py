@@ -19,6 +19,7 @@ from conftest import EngineFactory
 from conftest import card as full_card
 
 from kms import cli, config
+from kms.audit import AuditLog
 from kms.batches import BatchStore, CardState, EventKind
 from kms.cardid import CardIdentity
 from kms.client import Client
@@ -120,6 +121,38 @@ def test_an_officer_acts_only_on_the_application_of_their_domain(
     with pytest.raises(PermissionDenied, match="recorded by an hrss officer"):
         life.replace("c1", "c2", "x", CAROL)
     assert states(life, "c1") == ("active", "active") and life.view("c1").history == []
+
+
+
+def test_each_lifecycle_event_appends_its_audit_record_without_card_identities(
+    bstore: BatchStore, engine: sa.Engine, clock: FixedClock
+) -> None:
+    log = AuditLog(engine, clock)
+    life = CardLifecycle(engine, clock, log)
+    batch(bstore, engine, "B-1", [ident(1), ident(2), ident(3)])
+    life.report_lost("c1", "hrss", "hotline", ALICE)
+    with pytest.raises(InvalidState):
+        life.report_lost("c1", "hrss", "again", ALICE)
+    life.cancel_loss_report("c1", "hrss", "found", BOB)
+    life.cancel_application("c1", "hrss", "cancel-card", "deceased", ALICE)
+    life.cancel_application("c1", "bank", "close-account", "cleared", CAROL)
+    life.replace("c2", "c3", "damaged", ALICE)
+    bodies = [json.loads(r.body) for r in log.records()]
+    assert [(b["kind"], b["domain"], b["subject"], b["actor"]) for b in bodies] == [
+        ("lifecycle.reported-lost", "hrss", "c1", ALICE.uri()),
+        ("lifecycle.loss-report-cancelled", "hrss", "c1", BOB.uri()),
+        ("lifecycle.cancelled", "hrss", "c1", ALICE.uri()),
+        ("lifecycle.closed", "bank", "c1", CAROL.uri()),
+        ("lifecycle.replaced", "hrss", "c2", ALICE.uri()), ("lifecycle.replaced", "bank", "c2", ALICE.uri()),
+        ("lifecycle.replaces", "", "c3", ALICE.uri())]
+    assert bodies[0]["detail"] == {"application": "hrss", "from": "active", "to": "lost", "reason": "hotline"}
+    assert bodies[2]["detail"]["revoked"] == "B-1 (not issued)"
+    assert bodies[4]["detail"] == {"application": "hrss", "from": "active", "to": "replaced", "reason": "damaged",
+                                   "replaced_by": "c3", "retired": ["card_serial", "kdd", "pan_psn"],
+                                   "revoked": "B-1 (not issued)"}
+    everything = repr(bodies)
+    for c in (ident(1), ident(2), ident(3)):
+        assert all(v not in everything for v in (c.pan, c.card_serial, c.kdd) if v)
 
 
 START_STATES = ("active", "lost", "cancelled", "closed", "replaced")

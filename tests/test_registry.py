@@ -4,6 +4,7 @@ KMS_TEST_POSTGRES_URL is set, skipped otherwise)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from kms import store
+from kms.audit import AuditLog
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.registry import KeyKind, KeyRegistry, KeyState, key_label
@@ -171,3 +173,26 @@ def test_transition_table_cell_by_cell(engine: sa.Engine, start: str, to: str) -
     else:
         with pytest.raises(InvalidState, match="no active version"):
             registry.active("bank", KeyKind.MASTER, "imk")
+
+
+def test_each_change_appends_its_audit_record_never_a_key_value(engine: sa.Engine) -> None:
+    clock = FixedClock(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    log = AuditLog(engine, clock)
+    registry = KeyRegistry(engine, clock, log)
+    made = registry.add("hrss", KeyKind.MASTER, "hrss-mk", "DES2", state=KeyState.PRE_ACTIVATION)
+    registry.set_kcv(made, "ABCDEF", "des-ecb-zero")
+    active = registry.transition(registry.get("hrss", KeyKind.MASTER, "hrss-mk", 1), KeyState.ACTIVE)
+    with pytest.raises(InvalidState):
+        registry.transition(made, KeyState.ACTIVE)  # stale: it is active meanwhile
+    with pytest.raises(InvalidState):
+        registry.transition(active, KeyState.DESTROYED)  # not allowed from active
+    signing = registry.add("hrss", KeyKind.SIGNING, "issuance", "EC-P256", public_key=b"spki")
+    registry.remove(signing)
+    bodies = [json.loads(r.body) for r in log.records()]
+    assert [(b["kind"], b["domain"], b["subject"]) for b in bodies] == [
+        ("key.added", "hrss", "kms/hrss/master/hrss-mk/v1"), ("key.kcv", "hrss", "kms/hrss/master/hrss-mk/v1"),
+        ("key.state", "hrss", "kms/hrss/master/hrss-mk/v1"), ("key.added", "hrss", "kms/hrss/signing/issuance/v1"),
+        ("key.removed", "hrss", "kms/hrss/signing/issuance/v1")]
+    assert bodies[2]["detail"] == {"kind": "master", "name": "hrss-mk", "version": 1, "from": "pre-activation",
+                                   "to": "active", "kcv": "ABCDEF"}
+    assert "public_key_sha256" in bodies[3]["detail"] and "spki" not in repr(bodies)
