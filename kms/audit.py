@@ -100,14 +100,7 @@ class AuditLog:
         try:
             # One statement takes the head's lock and the next sequence number (UPDATE ... RETURNING: PostgreSQL,
             # SQLite 3.35+).
-            row = conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                               .values(seq=audit_head.c.seq + 1)
-                               .returning(audit_head.c.seq, audit_head.c.hash)).first()
-            if row is None:
-                conn.execute(audit_head.insert().values(id=1, seq=1, hash=GENESIS.hex()))
-                seq, prev = 1, GENESIS.hex()
-            else:
-                seq, prev = row
+            seq, prev = _advance(conn, 1)
             at = rfc3339(self._clock.now())
             body = canonical({"seq": seq, "at": at, "kind": kind, "domain": domain, "actor": actor,
                               "subject": subject, "outcome": outcome, "detail": dict(detail or {})})
@@ -127,14 +120,7 @@ class AuditLog:
         if not entries:
             return []
         try:
-            row = conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                               .values(seq=audit_head.c.seq + len(entries))
-                               .returning(audit_head.c.seq, audit_head.c.hash)).first()
-            if row is None:
-                conn.execute(audit_head.insert().values(id=1, seq=len(entries), hash=GENESIS.hex()))
-                last, prev = len(entries), GENESIS.hex()
-            else:
-                last, prev = row
+            last, prev = _advance(conn, len(entries))
             at = rfc3339(self._clock.now())
             rows, previous = [], bytes.fromhex(prev)
             for seq, entry in enumerate(entries, start=int(last) - len(entries) + 1):
@@ -212,6 +198,23 @@ class AuditLog:
             query = query.where(audit_checkpoints.c.size <= upto)
         with self._engine.connect() as conn:
             return [_checkpoint(r) for r in conn.execute(query)]
+
+
+def _advance(conn: sa.Connection, count: int) -> tuple[int, str]:
+    """Lock the chain's head and move it on by ``count`` records: (the last new sequence number, the previous hash).
+    One statement takes the lock and reads the head (UPDATE ... RETURNING: PostgreSQL, SQLite 3.35+). On a new
+    database the head row is created first; of writers racing to create it, all but one find it made."""
+    update = (audit_head.update().where(audit_head.c.id == 1).values(seq=audit_head.c.seq + count)
+              .returning(audit_head.c.seq, audit_head.c.hash))
+    row = conn.execute(update).first()
+    if row is None:
+        try:
+            with conn.begin_nested():
+                conn.execute(audit_head.insert().values(id=1, seq=0, hash=GENESIS.hex()))
+        except sa.exc.IntegrityError:
+            pass
+        row = conn.execute(update).one()
+    return int(row[0]), str(row[1])
 
 
 def _checkpoint(row: Any) -> Checkpoint:

@@ -12,7 +12,9 @@
 5. that bureau's station fetches the batch over mutual TLS, verifies every bundle and unwraps every key into its own
    token, recomputing every KCV; a card's UDK-AC is checked against the imported key; a tampered and a replayed
    bundle are refused;
-6. the import ceremony's minutes are exported and verified offline; the server is stopped, and a summary printed.
+6. the import ceremony's minutes are exported and verified offline;
+7. the auditor exports the audit log and verifies it offline with the audit public key (every issued card has its
+   record); the server is stopped, and a summary printed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from kms import components, config, reference, store
+from kms.audit_client import AuditClient
+from kms.audit_verify import verify
 from kms.ceremony import verify_minutes
 from kms.ceremony_client import CeremonyClient
 from kms.cli import read_cards, write_random_cards
@@ -46,6 +50,7 @@ from kms.station import Station, TrustStore
 
 BUREAU, STATION = "bureau-b", "station-b1"
 OFFICER = Principal("officer", "alice", domain="hrss")
+AUDITOR = Principal("auditor", "erin")
 HRSS = [Principal("officer", n, domain="hrss") for n in ("alice", "bob", "chen")]
 BANK = [Principal("officer", n, domain="bank") for n in ("carol", "dave", "frank")]
 IMPORTED = "bank-imk-ac"
@@ -112,25 +117,25 @@ def main() -> int:
         print(f"{args.home} was made by an older kms; rebuilding it", file=sys.stderr)
         shutil.rmtree(args.home)
     home = init_home(args.home)
-    print(f"[1/7] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
+    print(f"[1/8] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
           "(genesis: 3 officers per domain)")
 
     server, port = start_server(home.config)
     address = f"localhost:{port}"
-    print(f"[2/7] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
+    print(f"[2/8] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
     try:
         batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         cards_file = home.path / f"{batch}.csv"
         write_random_cards(cards_file, args.cards)
         imported_id, imported_result, imk = import_master_key(home, address)
-        print(f"[3/7] ceremony {imported_id}: {BANK[0]} proposed, {BANK[1]} and {BANK[2]} approved and each sent "
+        print(f"[3/8] ceremony {imported_id}: {BANK[0]} proposed, {BANK[1]} and {BANK[2]} approved and each sent "
               f"one component of {IMPORTED}; executed: {imported_result}")
         cards = read_cards(cards_file)
         with Client(config.load_client(home.client_config(OFFICER)), server=address) as officer:
             officer.create_batch(batch, BUREAU, "dual-app-v1", cards)
             authorized = [c.ceremony_id for c in authorize_batch(home, port, batch)]
             status = officer.batch_status(batch)
-        print(f"[4/7] {OFFICER} created batch {batch}: {status.cards} cards for {BUREAU}; authorized by "
+        print(f"[4/8] {OFFICER} created batch {batch}: {status.cards} cards for {BUREAU}; authorized by "
               f"ceremonies {', '.join(authorized)}; {status.state}")
 
         station_cfg = config.load_station(home.station_config(STATION))
@@ -168,7 +173,7 @@ def main() -> int:
                     refusals.append(f"{name}: {error}")
         expected_udk = reference.kcv_tdes(reference.option_a(imk, cards[0].pan or "", cards[0].psn or "")).hex()
         uses_import = first_udk_ac.upper() == expected_udk.upper()
-        print(f"[5/7] {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
+        print(f"[5/8] {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
               f"{total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
               f"refusals: {'; '.join(refusals)}; card 1's UDK-AC comes from the imported IMK: {uses_import}")
 
@@ -179,21 +184,37 @@ def main() -> int:
         minutes_file.write_bytes(minutes.document)
         public = serialization.load_pem_public_key((home.path / "trust" / "bank-issuance-v1.pem").read_bytes())
         checked = verify_minutes(minutes.document, minutes.signature, public)  # type: ignore[arg-type]
-        print(f"[6/7] minutes of {imported_id} signed by {minutes.signing_key}, verified offline: "
+        print(f"[6/8] minutes of {imported_id} signed by {minutes.signing_key}, verified offline: "
               f"{checked['state']}, approvals by {', '.join(a['officer'] for a in checked['approvals'])}")
+
+        export_file = home.path / f"audit-{batch}.jsonl"
+        with Client(config.load_client(home.client_config(AUDITOR)), server=address) as auditor, \
+                export_file.open("w", encoding="utf-8") as out:
+            for chunk in AuditClient(auditor).export():
+                out.writelines(line + "\n" for line in chunk)
+        audit_key = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+        with export_file.open(encoding="utf-8") as lines:
+            verdict = verify(lines, audit_key)  # type: ignore[arg-type]
+        issued_records = sum(1 for line in export_file.open(encoding="utf-8")
+                             if '"kind":"issuance.issued"' in line and f'"subject":"{batch}/' in line)
+        print(f"[7/8] auditor {AUDITOR.name} exported the audit log ({export_file.name}) and verified it offline with "
+              f"the audit public key: {verdict.summary()}; {issued_records} issuance records for the batch")
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-    print(f"[7/7] server stopped (exit {code})")
+    print(f"[8/8] server stopped (exit {code})")
 
     keys_per_card = 15
     ok = (fetched == opened == issued == args.cards and matched == total_keys == args.cards * keys_per_card
-          and all("ACCEPTED" not in r for r in refusals) and code == 0 and uses_import)
+          and all("ACCEPTED" not in r for r in refusals) and code == 0 and uses_import and verdict.ok
+          and issued_records == args.cards)
     print()
     print("summary")
     print(f"  cards            {args.cards} dual-application (HRSS + PBOC debit), batch {batch} for {BUREAU}")
     print(f"  bundles          {fetched} fetched over gRPC + mTLS, {opened} opened at {STATION}")
     print(f"  keys             {total_keys} unwrapped into the station's token, {matched} KCV matches")
+    print(f"  audit            {verdict.records} records, {verdict.checkpoints} signed checkpoints, verified offline"
+          f" ({'OK' if verdict.ok else 'FAILED'}); {issued_records} issuance records = {fetched} bundles")
     print(f"  ceremonies       import of {IMPORTED} v2 from 2 components ({imported_id}); batch authorized by "
           f"both domains ({', '.join(authorized)})")
     print(f"  throughput       {fetched / seconds:.0f} cards/s, {total_keys / seconds:.0f} keys/s "

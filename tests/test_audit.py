@@ -144,9 +144,11 @@ def test_concurrent_writers_keep_one_gap_free_chain(backend: EngineFactory) -> N
     clock = FixedClock(START)
     engines = [backend() for _ in range(4)]
     errors: list[BaseException] = []
+    start = threading.Barrier(len(engines))  # all at once, the first appends included (the head row's creation)
 
     def write(engine: sa.Engine, who: int) -> None:
         log = AuditLog(engine, clock)
+        start.wait()
         try:
             for i in range(50):
                 with engine.begin() as conn:
