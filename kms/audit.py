@@ -5,7 +5,7 @@ if the record cannot be written the transaction fails, so the change does not ha
 holds no key material, PIN or component; card identities appear masked (``mask_pan``).
 
 Chain: record n has the canonical body ``{"seq": n, "at", "kind", "domain", "actor", "subject", "outcome",
-"detail"}`` and ``hash_n = SHA-256(hash_{n-1} ‖ body_n)`` with ``hash_0`` = 32 zero bytes. Writers serialize on the
+"detail"}`` and ``hash_n = SHA-256(hash_{n-1} ‖ SHA-256(body_n))`` with ``hash_0`` = 32 zero bytes. Writers serialize on the
 single row of ``audit_head``: the first statement of an append is an UPDATE of that row, which takes its lock (a
 row lock on PostgreSQL, the database write lock on SQLite) until the caller's transaction ends, so any number of
 processes and replicas keep one linear, gap-free chain.
@@ -47,10 +47,24 @@ class AuditRecord:
     prev: str  # hex
     hash: str  # hex
     body: str  # the canonical JSON that was hashed
+    at: str = ""
+    kind: str = ""
+    domain: str = ""
+
+    def matches(self, since: str | None, until: str | None, domain: str | None, kind: str | None) -> bool:
+        return ((since is None or self.at >= since) and (until is None or self.at < until)
+                and (domain is None or self.domain == domain)
+                and (kind is None or self.kind == kind or self.kind.startswith(kind + ".")))
 
     def line(self) -> str:
         """The export line (JSON Lines): the body last and verbatim, so a verifier hashes the bytes as written."""
         return f'{{"type":"record","seq":{self.seq},"prev":"{self.prev}","hash":"{self.hash}","body":{self.body}}}'
+
+    def omitted_line(self) -> str:
+        """In a filtered export, a record the filter leaves out: only its body's digest, which keeps the chain
+        verifiable (and the export complete) without showing the record."""
+        digest = hashlib.sha256(self.body.encode()).hexdigest()
+        return f'{{"type":"omitted","seq":{self.seq},"prev":"{self.prev}","hash":"{self.hash}","digest":"{digest}"}}'
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,9 @@ def checkpoint_message(size: int, head: str, at: str) -> bytes:
 
 
 def chain(prev: bytes, body: bytes) -> bytes:
-    return hashlib.sha256(prev + body).digest()
+    """hash_n = SHA-256(hash_{n-1} ‖ SHA-256(body_n)): a record left out of a filtered export still chains by its
+    body's digest alone."""
+    return hashlib.sha256(prev + hashlib.sha256(body).digest()).digest()
 
 
 def mask_pan(pan: str | None) -> str:
@@ -147,11 +163,19 @@ class AuditLog:
         except sa.exc.SQLAlchemyError:
             raise AuditUnavailable() from None
 
-    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(audit_checkpoints.insert().values(
-                size=checkpoint.size, head=checkpoint.head, at=checkpoint.at, key=checkpoint.key,
-                signature=checkpoint.signature))
+    def add_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Store a checkpoint; if another replica stored one of the same size first, that one stands."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(audit_checkpoints.insert().values(
+                    size=checkpoint.size, head=checkpoint.head, at=checkpoint.at, key=checkpoint.key,
+                    signature=checkpoint.signature))
+        except sa.exc.IntegrityError:
+            with self._engine.connect() as conn:
+                row = conn.execute(sa.select(audit_checkpoints)
+                                   .where(audit_checkpoints.c.size == checkpoint.size)).one()
+            return _checkpoint(row)
+        return checkpoint
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -183,21 +207,31 @@ class AuditLog:
             if domain is not None:
                 query = query.where(audit_log.c.domain == domain)
             if kind is not None:
-                query = query.where((audit_log.c.kind == kind) | audit_log.c.kind.startswith(kind + "."))
+                query = query.where((audit_log.c.kind == kind)
+                                    | audit_log.c.kind.startswith(kind + ".", autoescape=True))
             with self._engine.connect() as conn:
                 rows = conn.execute(query).all()
             if not rows:
                 return
             for row in rows:
-                yield AuditRecord(int(row.seq), row.prev, row.hash, row.body)
+                yield AuditRecord(int(row.seq), row.prev, row.hash, row.body, row.at, row.kind, row.domain)
             cursor = int(rows[-1].seq)
 
-    def checkpoints(self, upto: int | None = None) -> list[Checkpoint]:
-        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.size)
-        if upto is not None:
-            query = query.where(audit_checkpoints.c.size <= upto)
-        with self._engine.connect() as conn:
-            return [_checkpoint(r) for r in conn.execute(query)]
+    def checkpoints(self, upto: int | None = None) -> Iterator[Checkpoint]:
+        """Checkpoints in size order, page by page (constant memory)."""
+        cursor = -1
+        while True:
+            query = (sa.select(audit_checkpoints).where(audit_checkpoints.c.size > cursor)
+                     .order_by(audit_checkpoints.c.size).limit(PAGE))
+            if upto is not None:
+                query = query.where(audit_checkpoints.c.size <= upto)
+            with self._engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            for row in rows:
+                yield _checkpoint(row)
+            cursor = int(rows[-1].size)
 
 
 def _advance(conn: sa.Connection, count: int) -> tuple[int, str]:
@@ -224,7 +258,8 @@ def _checkpoint(row: Any) -> Checkpoint:
 def export_lines(log: AuditLog, upto: int, *, since: str | None = None, until: str | None = None,
                  domain: str | None = None, kind: str | None = None) -> Iterator[str]:
     """An export as JSON Lines: a header, then the records up to ``upto`` in order, each checkpoint right after the
-    record it covers. With a filter, only matching records (and every checkpoint) are written."""
+    record it covers. With a filter, a record the filter leaves out appears only as an ``omitted`` line (its
+    body's digest), so a filtered export is as complete and verifiable as a full one, without showing the rest."""
     filtered = any(v is not None for v in (since, until, domain, kind))
     yield json.dumps({"type": "export", "format": "kms-audit-export", "version": 1, "size": upto,
                       "filtered": filtered, "filters": {k: v for k, v in (("since", since), ("until", until),
@@ -232,11 +267,11 @@ def export_lines(log: AuditLog, upto: int, *, since: str | None = None, until: s
                      separators=(",", ":"))
     checkpoints = iter(log.checkpoints(upto))
     upcoming = next(checkpoints, None)
-    for record in log.records(0, upto, since=since, until=until, domain=domain, kind=kind):
+    for record in log.records(0, upto):
         while upcoming is not None and upcoming.size < record.seq:
             yield upcoming.line()
             upcoming = next(checkpoints, None)
-        yield record.line()
+        yield record.line() if record.matches(since, until, domain, kind) else record.omitted_line()
     while upcoming is not None:
         yield upcoming.line()
         upcoming = next(checkpoints, None)

@@ -32,8 +32,8 @@ def add_parser(sub: Any) -> None:
         description="Export the audit log as JSON Lines into a new file (mode 0600; an existing file is never "
                     "overwritten), written as it streams in. The export ends with a signed checkpoint covering "
                     "every record in it. Filters: time range (since inclusive, until exclusive, RFC 3339), domain, "
-                    "kind (a kind or a dotted prefix, e.g. ceremony); a filtered export proves each record's "
-                    "content, not the log's completeness.")
+                    "kind (a kind or a dotted prefix, e.g. ceremony); a record a filter leaves out appears only as "
+                    "the digest of its body, so a filtered export verifies as completely as a full one.")
     p.add_argument("--client", type=Path, required=True, help="an auditor's client configuration")
     p.add_argument("--server", help="host:port, instead of the client configuration's")
     p.add_argument("--out", "-o", type=Path, required=True, help="the export file (must not exist)")
@@ -50,10 +50,6 @@ def add_parser(sub: Any) -> None:
                     f"removed, inserted, reordered, truncated, checkpoint forged) and exits {NOT_VERIFIED}. Other "
                     "exit statuses: 2 the file or key cannot be read.")
     p.add_argument("file", type=Path)
-    p.add_argument("--allow-filtered", action="store_true",
-                   help="accept a filtered export (each record's content and order checked, completeness not "
-                        "claimed); without it, an export whose header says it is filtered fails, since the header "
-                        "itself is not signed")
     p.add_argument("--public-key", type=Path, required=True, help="the audit public key (PEM), e.g. audit/audit-v1.pem")
     p.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
 
@@ -153,14 +149,11 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": verdict.ok, "records": verdict.records, "checkpoints": verdict.checkpoints,
                           "last_seq": verdict.last_seq, "covered": verdict.covered, "filtered": verdict.filtered,
+                          "omitted": verdict.omitted, "signed_at": verdict.signed_at or None,
                           "bad_seq": verdict.bad_seq, "problem": verdict.problem or None,
                           "detail": verdict.detail or None}, indent=2, sort_keys=True))
     if not verdict.ok:
         print(f"kms: {verdict.summary()}", file=sys.stderr)
-        return NOT_VERIFIED
-    if verdict.filtered and not args.allow_filtered:
-        print("kms: audit log NOT verified: the export says it is filtered, so it proves no completeness "
-              "(--allow-filtered accepts that)", file=sys.stderr)
         return NOT_VERIFIED
     if not args.json:
         print(verdict.summary())

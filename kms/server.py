@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kms import errors
-from kms.audit import AuditLog, AuditUnavailable
+from kms.audit import AuditLog, mask_pan
 from kms.authz import Policy
 from kms.identity import Principal, from_pem
 
@@ -69,6 +70,17 @@ def _principal_of(context: grpc.ServicerContext) -> Principal:
     return from_pem(certs[0])
 
 
+_PAN = re.compile(r"(?<![0-9A-Fa-f])\d{12,19}(?![0-9A-Fa-f])")
+_CHIP_ID = re.compile(r"(?<![0-9A-Za-z])[0-9A-F]{16}(?:[0-9A-F]{4})?(?![0-9A-Za-z])")
+
+
+def scrub(message: str) -> str:
+    """A refusal's message as an audit record keeps it: PANs masked (6/4), card serials and KDDs (16 or 20 hex
+    digits) reduced to their last 4 — refusal messages name the caller's own card data, records must not."""
+    message = _PAN.sub(lambda m: mask_pan(m.group(0)), message)
+    return _CHIP_ID.sub(lambda m: "*" * (len(m.group(0)) - 4) + m.group(0)[-4:], message)
+
+
 class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Every call: who (from the certificate only), may they call this method (policy), then the handler.
 
@@ -95,7 +107,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return
             try:
                 audit.record("request.refused", actor=actor, domain=domain, subject=method, outcome="refused",
-                             detail={"method": method, "status": code, "message": message})
+                             detail={"method": method, "status": code, "message": scrub(message)})
             except Exception:
                 log.error("the refusal of %s to %s could not be recorded in the audit log", method, actor)
 
@@ -123,7 +135,8 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                                  detail={"method": method})
                 except Exception:
                     log.error("the outcome of %s by %s could not be recorded; the call fails", method, principal)
-                    context.abort(grpc.StatusCode.UNAVAILABLE, str(AuditUnavailable()))
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "the call's outcome could not be recorded in the audit "
+                                  "log; what it changed is recorded, but its answer was not sent")
                 return
             if code is not None and code != grpc.StatusCode.OK:
                 text = context.details() or b""

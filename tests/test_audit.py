@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable, Checkpoint, checkpoint_message, export_lines, mask_pan
+from kms.audit import AuditLog, AuditUnavailable, Checkpoint, chain, checkpoint_message, export_lines, mask_pan
 from kms.audit_verify import verify
 from kms.clock import FixedClock
 
@@ -68,14 +68,13 @@ def _edit(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
 
 
 def _edit_and_rehash_one(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
-    import hashlib
 
     out = list(lines)
     doc = out[at[seq]]
     prefix, body = doc.split(',"body":', 1)
     body = body[:-1].replace('"outcome":"ok"', '"outcome":"refused"')
     prev = json.loads(prefix + "}")["prev"]
-    new_hash = hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
+    new_hash = chain(bytes.fromhex(prev), body.encode()).hex()
     out[at[seq]] = f'{{"type":"record","seq":{seq},"prev":"{prev}","hash":"{new_hash}","body":{body}}}'
     return out
 
@@ -86,12 +85,11 @@ def _remove(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
 
 def _insert(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
     """A forged record that chains correctly to its predecessor (hashes need no secret), put before record seq."""
-    import hashlib
 
     prev = json.loads(lines[at[seq - 1]].split(',"body":', 1)[0] + "}")["hash"]
     body = ('{"actor":"urn:kms:station:bureau-a:station-a1","at":"2026-11-27T08:00:00Z","detail":{},"domain":"bank",'
             f'"kind":"issuance.issued","outcome":"ok","seq":{seq},"subject":"B-1/forged"}}')
-    digest = hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
+    digest = chain(bytes.fromhex(prev), body.encode()).hex()
     out = list(lines)
     out.insert(at[seq], f'{{"type":"record","seq":{seq},"prev":"{prev}","hash":"{digest}","body":{body}}}')
     return out
@@ -208,12 +206,26 @@ def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
     assert verify(export_lines(log, 7), KEY.public_key()).ok
 
 
-def test_a_header_claiming_filtered_proves_no_completeness_but_still_chains(exported: list[str]) -> None:
-    at = _records(exported)
-    relabelled = [exported[0].replace('"filtered":false', '"filtered":true'), *exported[1:]]
-    gap = _remove(relabelled, at, 5_000)
-    verdict = verify(gap, KEY.public_key())
-    assert verdict.ok and verdict.filtered and "completeness not claimed" in verdict.summary()
-    rechained = _edit_and_rehash_one(relabelled, at, 4_321)  # consecutive records must still chain
-    verdict = verify(rechained, KEY.public_key())
-    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, 4_321, "edited")
+def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path: Path) -> None:
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(engine)
+    clock = FixedClock(START)
+    log = AuditLog(engine, clock)
+    for i in range(30):
+        log.record("issuance.issued" if i % 3 else "request.refused", domain=("hrss", "bank")[i % 2], subject=str(i))
+    _sign(log, clock)
+    lines = list(export_lines(log, 30, kind="request"))
+    shown = [line for line in lines if line.startswith('{"type":"record"')]
+    assert len(shown) == 10 and all('"kind":"request.refused"' in line for line in shown)
+    assert sum(line.startswith('{"type":"omitted"') for line in lines) == 20
+    verdict = verify(lines, KEY.public_key())
+    assert verdict.ok and verdict.filtered and (verdict.records, verdict.omitted) == (30, 20), verdict.summary()
+    at = _records(lines) | {json.loads(line)["seq"]: i for i, line in enumerate(lines)
+                            if line.startswith('{"type":"omitted"')}
+    for attack, seq, problem in ((_edit_and_rehash_one, 4, "edited"), (_remove, 7, "removed"),
+                                 (_remove, 8, "removed"), (_insert, 5, "inserted")):
+        verdict = verify(attack(lines, at, seq), KEY.public_key())
+        assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, seq, problem), (attack, verdict.summary())
+    relabelled = [lines[0].replace('"filtered":true', '"filtered":false'), *lines[1:]]
+    assert verify(relabelled, KEY.public_key()).ok  # the header only describes; the chain proves
+    assert not verify([lines[0]], KEY.public_key()).ok  # an export with no signed checkpoint proves nothing

@@ -7,6 +7,7 @@ the chain is intact."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import components, config, runtime, store
-from kms.audit import AuditLog, mask_pan
+from kms.audit import AuditLog, chain, mask_pan
 from kms.cardid import CardIdentity
 from kms.ceremony_client import CeremonyClient
 from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import Home
-from kms.errors import InvalidState
+from kms.errors import InvalidArgument, InvalidState
 from kms.hsm import Algorithm
 from kms.identity import Principal
 from kms.serve import Service
@@ -152,6 +153,11 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
         alice.cancel_application("cn-1", "hrss", "cancel-card", "holder deceased")
         carol.cancel_application("cn-1", "bank", "close-account", "account closed on HRSS clearance")
         alice.replace_card("cn-2", "cn-5", "card damaged")
+        # Refusals whose messages name card data (a retired PAN, serial, KDD): recorded, but masked.
+        retired = next(c for c in cards if c.card_ref == "cn-2")
+        with pytest.raises(InvalidArgument, match="retired"):
+            alice.create_batch(f"R-{secrets.token_hex(3)}", "bureau-a", "dual-app-v1",
+                               [dataclasses.replace(retired, card_ref=f"cn-again-{secrets.token_hex(2)}")])
 
     # -- every audit record, as stored ------------------------------------------------------------------------------
     with engine.connect() as conn:
@@ -201,5 +207,5 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     prev = bytes(32)
     for record in log.records():
         assert record.prev == prev.hex()
-        prev = hashlib.sha256(prev + record.body.encode()).digest()
+        prev = chain(prev, record.body.encode())
         assert record.hash == prev.hex()

@@ -15,7 +15,7 @@ from ceremony_helpers import open_batch
 from conftest import card
 
 from kms import config, store
-from kms.audit import AuditLog
+from kms.audit import AuditLog, chain
 from kms.cardid import CardIdentity
 from kms.client import Client
 from kms.clock import SystemClock
@@ -127,11 +127,10 @@ def _masked(c: CardIdentity) -> str:
 
 def _assert_chain_intact(log: AuditLog) -> None:
     """The refused transactions left no gap and no stray record: sequence numbers 1..n, each hash chained."""
-    import hashlib
 
     prev, expected = bytes(32).hex(), 1
     for record in log.records():
         assert record.seq == expected and record.prev == prev
-        assert hashlib.sha256(bytes.fromhex(prev) + record.body.encode()).hexdigest() == record.hash
+        assert chain(bytes.fromhex(prev), record.body.encode()).hex() == record.hash
         prev, expected = record.hash, expected + 1
     assert log.head() == (expected - 1, prev)
