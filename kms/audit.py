@@ -5,10 +5,10 @@ if the record cannot be written the transaction fails, so the change does not ha
 holds no key material, PIN or component; card identities appear masked (``mask_pan``).
 
 Chain: record n has the canonical body ``{"seq": n, "at", "kind", "domain", "actor", "subject", "outcome",
-"detail"}`` and ``hash_n = SHA-256(hash_{n-1} ‖ SHA-256(body_n))`` with ``hash_0`` = 32 zero bytes. Writers serialize on the
-single row of ``audit_head``: the first statement of an append is an UPDATE of that row, which takes its lock (a
-row lock on PostgreSQL, the database write lock on SQLite) until the caller's transaction ends, so any number of
-processes and replicas keep one linear, gap-free chain.
+"detail"}`` and ``hash_n = SHA-256(hash_{n-1} ‖ SHA-256(body_n))`` with ``hash_0`` = 32 zero bytes. Writers
+serialize on the single row of ``audit_head``: the first statement of an append is an UPDATE of that row, which
+takes its lock (a row lock on PostgreSQL, the database write lock on SQLite) until the caller's transaction ends, so
+any number of processes and replicas keep one linear, gap-free chain.
 
 Checkpoints: ``{"format": "kms-audit-checkpoint", "version": 1, "size": n, "head": hash_n, "at": ...}``, canonical,
 signed (ECDSA P-256 over SHA-256) with the audit signing key, held in a token of its own.
