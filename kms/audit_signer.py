@@ -8,6 +8,7 @@ starts with one, so an export always ends with a checkpoint covering every recor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import threading
@@ -18,12 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kms import config as config_mod
 from kms import runtime
-from kms.audit import AuditLog, Checkpoint, checkpoint_message
+from kms.audit import GENESIS, AuditLog, Checkpoint, checkpoint_message
 from kms.clock import Clock, rfc3339
-from kms.errors import ConfigError
+from kms.errors import AuditChainBroken, ConfigError
 from kms.hsm import TokenSession
 
 AUDIT_KEY_LABEL = "kms/audit/signing/audit/v1"
+SIGNED_HEAD_LABEL = "kms/audit/signed-head"
 log = logging.getLogger("kms.audit")
 
 _session: TokenSession | None = None
@@ -37,10 +39,37 @@ def _open(config_path: str) -> None:
     _session = runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())
 
 
-def _sign(message: bytes) -> bytes:
+def _signed_head() -> tuple[int, str]:
+    """The last (size, head) this signer signed, kept in its own token: what the database cannot change."""
     assert _session is not None, "audit signer not initialized"
-    raw = _session.sign_sha256(AUDIT_KEY_LABEL, message)
+    value = _session.read_data(SIGNED_HEAD_LABEL)
+    if value is None:
+        return 0, GENESIS.hex()
+    size, _, head = value.decode("ascii").partition(":")
+    return int(size), head
+
+
+def _sign(size: int, head: str, at: str, digests: list[bytes]) -> bytes:
+    """Sign a checkpoint only if the chain it names extends what this signer signed last: ``digests`` are the body
+    digests of the records after that, and recomputing the chain from the signed head over them must give ``head``.
+    A log rewritten behind the signer's back (records edited and re-chained, checkpoints deleted, a database reset)
+    is refused here, so no export of it can carry a good signature over its end."""
+    assert _session is not None, "audit signer not initialized"
+    signed_size, signed_head = _signed_head()
+    if size < signed_size:
+        raise AuditChainBroken(f"the audit log holds {size} records, but {signed_size} were signed already")
+    if len(digests) != size - signed_size:
+        raise AuditChainBroken(f"the records after {signed_size} up to {size} are not all there")
+    current = bytes.fromhex(signed_head)
+    for digest in digests:
+        current = hashlib.sha256(current + digest).digest()
+    if current.hex() != head:
+        raise AuditChainBroken(f"the audit chain up to {size} does not extend the head signed at {signed_size}")
+    raw = _session.sign_sha256(AUDIT_KEY_LABEL, checkpoint_message(size, head, at))
+    _session.write_data(SIGNED_HEAD_LABEL, f"{size}:{head}".encode("ascii"))
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
 
 
 class AuditSigner:
@@ -50,8 +79,11 @@ class AuditSigner:
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_open,
                                          initargs=(str(config_path),))
 
-    def sign(self, message: bytes) -> bytes:
-        return self._pool.submit(_sign, message).result(timeout=60)
+    def signed_head(self) -> tuple[int, str]:
+        return self._pool.submit(_signed_head).result(timeout=60)
+
+    def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes:
+        return self._pool.submit(_sign, size, head, at, digests).result(timeout=120)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -77,13 +109,16 @@ class Checkpointer:
         with self._lock:
             last = self._log.last_checkpoint()
             size, head = self._log.head()
-            if size == 0 or (last is not None and last.size >= size):
+            if size == 0 or (last is not None and last.size >= size and last.head == self._head_at(last.size)):
                 return last
+            signed_size, _ = self._signer.signed_head()
+            digests = [hashlib.sha256(r.body.encode()).digest() for r in self._log.records(signed_size, size)]
             at = rfc3339(self._clock.now())
-            checkpoint = Checkpoint(size, head, at, AUDIT_KEY_LABEL,
-                                    self._signer.sign(checkpoint_message(size, head, at)))
-            self._log.add_checkpoint(checkpoint)
-            return checkpoint
+            checkpoint = Checkpoint(size, head, at, AUDIT_KEY_LABEL, self._signer.sign(size, head, at, digests))
+            return self._log.add_checkpoint(checkpoint)
+
+    def _head_at(self, size: int) -> str | None:
+        return next((r.hash for r in self._log.records(size - 1, size)), None)
 
     def _run(self) -> None:
         waited = 0.0

@@ -144,6 +144,14 @@ class BundleRejected(KmsError):
         super().__init__("bundle rejected")
 
 
+class AuditChainBroken(KmsError):
+    """The audit log no longer extends what the audit signer signed: it was changed outside kms. Nothing more is
+    signed, so no export of the changed log can end with a good checkpoint."""
+
+    grpc_status = "DATA_LOSS"
+    exit_code = 10
+
+
 def grpc_status_name(error: BaseException) -> str:
     """The gRPC status code name for any exception; unexpected ones become INTERNAL."""
     if isinstance(error, HsmError):

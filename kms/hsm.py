@@ -366,6 +366,24 @@ class TokenSession:
     def has_public_key(self, label: str) -> bool:
         return self._has(label, ObjectClass.PUBLIC_KEY)
 
+    # -- data objects: small state a process keeps in its token rather than in a database ---------------------------
+
+    def read_data(self, label: str) -> bytes | None:
+        """The value of the private data object with this label, or None if there is none."""
+        with _hsm(f"read data object {label!r}"):
+            for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}):
+                return bytes(obj[Attribute.VALUE])
+        return None
+
+    def write_data(self, label: str, value: bytes) -> None:
+        """Replace the private data object with this label (a token object, readable only after login)."""
+        with _hsm(f"write data object {label!r}"):
+            for obj in list(self._session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label})):
+                obj.destroy()
+            self._session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                                         Attribute.PRIVATE: True, Attribute.LABEL: label,
+                                         Attribute.APPLICATION: "kms", Attribute.VALUE: value})
+
     def _has(self, label: str, object_class: Any) -> bool:
         try:
             self._key(label, object_class)

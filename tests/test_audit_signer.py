@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ from kms.audit_signer import AUDIT_KEY_LABEL, AuditSigner, Checkpointer
 from kms.audit_verify import verify
 from kms.clock import FixedClock
 from kms.devhome import Home
+from kms.hsm import TokenSession
+
+
+@pytest.fixture(autouse=True)
+def fresh_signed_head(home: Home) -> Iterator[None]:
+    """These tests sign chains of their own databases with the session home's audit token: the signer's remembered
+    head is reset to the genesis before and after, which is always safe (the next checkpoint of any log is then
+    checked from its first record)."""
+    cfg = config.load(home.config)
+    with runtime_session(cfg) as session:
+        session.write_data("kms/audit/signed-head", b"0:" + b"0" * 64)
+    yield
+    with runtime_session(cfg) as session:
+        session.write_data("kms/audit/signed-head", b"0:" + b"0" * 64)
 
 
 def test_checkpoints_are_signed_in_the_audit_token_and_verify_offline(home: Home, tmp_path: Path) -> None:
@@ -59,3 +74,49 @@ def test_the_audit_section_is_checked(tmp_path: Path, home: Home) -> None:
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"audit\.checkpoint_records"):
         config.load(bad)
+
+
+def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Home, tmp_path: Path) -> None:
+    """Edit a signed record, re-chain everything after it, fix the head, delete the checkpoints: the signer, which
+    keeps the head it last signed in its own token, refuses to sign the rewritten chain (so no export of it can end
+    with a good checkpoint)."""
+    import sqlalchemy as sa
+
+    from kms.audit import chain
+    from kms.errors import AuditChainBroken
+
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(engine)
+    clock = FixedClock(dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC))
+    log = AuditLog(engine, clock)
+    signer = AuditSigner(home.config)
+    checkpointer = Checkpointer(log, signer, clock)
+    try:
+        for i in range(30):
+            log.record("test.event", subject=str(i))
+        assert checkpointer.checkpoint_now() is not None  # signed at 30
+        with engine.begin() as conn:
+            rows = conn.execute(sa.select(store.audit_log).order_by(store.audit_log.c.seq)).all()
+            prev = bytes.fromhex(rows[13].hash)
+            for row in rows[14:]:
+                body = row.body.replace('"outcome":"ok"', '"outcome":"refused"') if row.seq == 15 else row.body
+                digest = chain(prev, body.encode())
+                conn.execute(store.audit_log.update().where(store.audit_log.c.seq == row.seq)
+                             .values(body=body, prev=prev.hex(), hash=digest.hex()))
+                prev = digest
+            conn.execute(store.audit_head.update().values(hash=prev.hex()))
+            conn.execute(store.audit_checkpoints.delete())
+        with pytest.raises(AuditChainBroken, match="does not extend the head signed at 30"):
+            checkpointer.checkpoint_now()
+        log.record("test.after")  # more records on top of the rewrite change nothing
+        with pytest.raises(AuditChainBroken):
+            checkpointer.checkpoint_now()
+    finally:
+        signer.close()
+
+
+def runtime_session(cfg: config.Config) -> TokenSession:
+    from kms import runtime
+
+    assert cfg.audit is not None
+    return runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())

@@ -14,6 +14,7 @@ from kms import errors
 from kms.audit import AuditUnavailable
 from kms.errors import (
     AlreadyExists,
+    AuditChainBroken,
     BundleRejected,
     Cancelled,
     ConfigError,
@@ -48,6 +49,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     DeadlineExceeded: lambda: DeadlineExceeded("the deadline passed before any HSM work started"),
     Cancelled: lambda: Cancelled("the call was cancelled"),
     AuditUnavailable: lambda: AuditUnavailable(),
+    AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
 }
 
 #: (gRPC status name, CLI exit code) per class.
@@ -68,6 +70,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 8),
     Cancelled: ("CANCELLED", 130),
     AuditUnavailable: ("INTERNAL", 6),  # retryable as raised: UNAVAILABLE
+    AuditChainBroken: ("DATA_LOSS", 10),
 }
 
 
