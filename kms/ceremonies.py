@@ -447,10 +447,17 @@ class Ceremonies:
 
 
 def _audit_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A proposal's parameters as audit records show them: public keys (PEM) as their SHA-256 fingerprints."""
-    return {name: (f"sha256:{hashlib.sha256(value.encode()).hexdigest()}"
-                   if "public_key" in name and isinstance(value, str) else value)
-            for name, value in params.items()}
+    """A proposal's parameters as audit records show them: public keys (PEM) as their SHA-256 fingerprints, at any
+    depth (the genesis lists officers with their keys)."""
+    def shown(name: str, value: Any) -> Any:
+        if "public_key" in name and isinstance(value, str):
+            return f"sha256:{hashlib.sha256(value.encode()).hexdigest()}"
+        if isinstance(value, Mapping):
+            return {k: shown(k, v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shown(name, v) for v in value]
+        return value
+    return {name: shown(name, value) for name, value in params.items()}
 
 
 def _erase_inputs(conn: sa.Connection, ceremony_ids: Sequence[str]) -> None:

@@ -129,6 +129,8 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if audit is None:
                 return
             code = context.code()
+            if error is None and code in (None, grpc.StatusCode.OK) and not context.is_active():
+                error = GeneratorExit()  # the caller went away before the end (a handler may end quietly then)
             if error is None and code in (None, grpc.StatusCode.OK):
                 try:
                     audit.record("request.ok", actor=principal.uri(), domain=principal.domain or "", subject=method,

@@ -172,6 +172,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
         assert base64.b64encode(value).decode() not in text, "a key or component (base64) is in the audit log"
     for pin in pins:
         assert pin not in text, "a PIN is in the audit log"
+    assert "BEGIN PUBLIC KEY" not in text  # public keys (the genesis' officers included) appear as fingerprints
     identities = [*cards, blank]
     for c in identities:
         assert c.pan is not None and c.pan not in text, f"the PAN of {c.card_ref} is in the audit log"

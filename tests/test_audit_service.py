@@ -332,3 +332,28 @@ def test_an_ok_outcome_that_cannot_be_recorded_fails_the_call_and_a_refusal_stay
         ("request.ok", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "urn:kms:auditor:carol"),
     ]
     assert rows[1]["detail"]["status"] == "PERMISSION_DENIED"
+
+
+def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, service: Service) -> None:
+    import secrets
+
+    from ceremony_helpers import open_batch
+    from conftest import card
+
+    from kms.v1 import issuance_pb2 as ipb
+
+    batch = f"AC-{secrets.token_hex(3)}"
+    with _client(home, service, ALICE) as alice:
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
+                   [card(97_000 + i, card_ref=f"ac-{i}") for i in range(64)])
+    with _client(home, service, "station-a1") as st:
+        stream = st.issuance.StreamBatch(ipb.StreamBatchRequest(batch_id=batch, max_bundles_per_message=4),
+                                         timeout=60)
+        next(stream)
+        stream.cancel()
+    import time
+
+    time.sleep(1.0)  # the server notices the cancellation and ends the handler
+    streams = [r for r in _bodies(_export(home, service, kind="request"))
+               if r["detail"].get("method") == "/kms.v1.IssuanceService/StreamBatch" and r["actor"] == STATION_URI]
+    assert streams[-1]["kind"] == "request.refused" and streams[-1]["detail"]["status"] == "CANCELLED"
