@@ -432,6 +432,17 @@ class BatchStore:
             raise InvalidState(f"card {card_ref} of batch {batch_id} changed while it was sealed; seal it again")
         raise InvalidState(f"card {card_ref} of batch {batch_id} is {record.state.value}")
 
+    def record_redelivered(self, batch_id: str, sent: Sequence[tuple[str, str]], by: str) -> None:
+        """Bundles issued earlier and sent again (an idempotent retry, a stream read again from an earlier cursor):
+        one ``issuance.redelivered`` record per (card_ref, bundle serial), written before they are sent, so a
+        station cannot fetch a batch again unnoticed. Raises AuditUnavailable (nothing is sent) if it cannot."""
+        if self._audit is None or not sent:
+            return
+        with self._engine.begin() as conn:
+            self._audit.append_many(conn, [
+                {"kind": "issuance.redelivered", "actor": by, "subject": f"{batch_id}/{card_ref}",
+                 "detail": {"serial": serial, "by": by}} for card_ref, serial in sent])
+
     def record_issued_many(
         self, batch_id: str, issued: Sequence[tuple[CardIdentity, str, bytes]], *, by: str | None = None
     ) -> list[bool]:

@@ -158,6 +158,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             if key is not None and record.idempotency_key == key:
                 if request.HasField("chip") and not _same_chip(record, request.chip):
                     raise errors.PermissionDenied(f"card {record.card_ref} was issued for another chip")
+                self._i.store.record_redelivered(batch.batch_id, [(record.card_ref, record.serial or "")],
+                                                 principal.uri())
                 return pb.IssueCardResponse(bundle=_bundle(record))
             raise errors.AlreadyExists(f"card {record.card_ref} was already issued (bundle {record.serial}); an "
                                        "officer must re-issue it before it can be issued again")
@@ -278,6 +280,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                        if issued.data is not None], by=principal.uri())
         stored = {record.card_ref: issued for (record, issued), ok in zip(new, won, strict=True) if ok}
         bundles = []
+        again: list[tuple[str, str]] = []  # sent before: each re-sending is recorded
         for record, _ in group:
             if record.card_ref in stored:
                 fresh = stored[record.card_ref]
@@ -289,6 +292,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             current = self._i.store.card(batch_id, record.card_ref)
             if current.state is CardState.ISSUED and current.bundle is not None:
                 bundles.append(_bundle(current))
+                again.append((current.card_ref, current.serial or ""))
+        self._i.store.record_redelivered(batch_id, again, principal.uri())
         if bundles:
             yield pb.StreamBatchResponse(bundles=bundles, cursor=str(bundles[-1].sequence))
 

@@ -357,3 +357,28 @@ def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, servic
     streams = [r for r in _bodies(_export(home, service, kind="request"))
                if r["detail"].get("method") == "/kms.v1.IssuanceService/StreamBatch" and r["actor"] == STATION_URI]
     assert streams[-1]["kind"] == "request.refused" and streams[-1]["detail"]["status"] == "CANCELLED"
+
+
+def test_bundles_sent_again_are_recorded_each_time(home: Home, service: Service) -> None:
+    import secrets
+
+    from ceremony_helpers import open_batch
+    from conftest import card
+
+    batch = f"RD-{secrets.token_hex(3)}"
+    with _client(home, service, ALICE) as alice:
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
+                   [card(98_000 + i, card_ref=f"rd-{i}") for i in range(6)])
+    with _client(home, service, "station-a1") as st:
+        first = st.issue_card(batch, "rd-0", idempotency_key="rd-key")
+        assert st.issue_card(batch, "rd-0", idempotency_key="rd-key").serial == first.serial  # a retry
+        streamed = list(st.stream_batch(batch, per_message=4))
+        again = list(st.stream_batch(batch, per_message=4))  # the whole batch read a second time
+    assert [b.serial for b in again] == [b.serial for b in streamed]
+    records = [r for r in _bodies(_export(home, service, kind="issuance")) if r["subject"].startswith(f"{batch}/")]
+    issued = [r["detail"]["serial"] for r in records if r["kind"] == "issuance.issued"]
+    resent = [r["detail"]["serial"] for r in records if r["kind"] == "issuance.redelivered"]
+    assert sorted(issued) == sorted(b.serial for b in streamed)  # each bundle issued once
+    # rd-0: the retry, then the first stream (issued earlier by IssueCard), then the second stream; the others once.
+    assert resent.count(first.serial) == 3 and len(resent) == 3 + 5
+    assert all(r["actor"] == STATION_URI for r in records)
