@@ -113,22 +113,9 @@ class AuditLog:
                outcome: str = "ok", detail: Mapping[str, Any] | None = None) -> int:
         """Append one record inside the caller's transaction; returns its sequence number. Any failure raises
         AuditUnavailable, and the caller's transaction (and so its change) is rolled back."""
-        try:
-            # One statement takes the head's lock and the next sequence number (UPDATE ... RETURNING: PostgreSQL,
-            # SQLite 3.35+).
-            seq, prev = _advance(conn, 1)
-            at = rfc3339(self._clock.now())
-            body = canonical({"seq": seq, "at": at, "kind": kind, "domain": domain, "actor": actor,
-                              "subject": subject, "outcome": outcome, "detail": dict(detail or {})})
-            digest = chain(bytes.fromhex(prev), body).hex()
-            conn.execute(audit_log.insert().values(seq=seq, at=at, kind=kind, domain=domain, prev=prev, hash=digest,
-                                                   body=body.decode()))
-            conn.execute(audit_head.update().where(audit_head.c.id == 1).values(hash=digest))
-        except KmsError:
-            raise
-        except (sa.exc.SQLAlchemyError, TypeError, ValueError):
-            raise AuditUnavailable() from None
-        return int(seq)
+        [seq] = self.append_many(conn, [{"kind": kind, "actor": actor, "domain": domain, "subject": subject,
+                                         "outcome": outcome, "detail": detail}])
+        return seq
 
     def append_many(self, conn: sa.Connection, entries: list[dict[str, Any]]) -> list[int]:
         """Append several records (each a dict of ``append``'s keyword arguments plus ``kind``) inside the caller's
