@@ -295,22 +295,8 @@ def _domain_setup(
                 return session.generate_master_key(label, algorithm)
 
             _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
-        if CUSTODY_NAME not in registry.names(domain, KeyKind.CUSTODY):
-            record = registry.add(domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072")
-            try:
-                spki = session.generate_custody_keypair(record.label)
-            except BaseException:
-                registry.remove(record)
-                raise
-            registry.set_kcv(record, "", "", public_key=spki)
-        if SIGNING_KEY_NAME not in registry.names(domain, KeyKind.SIGNING):
-            record = registry.add(domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256")
-            try:
-                spki = session.generate_signing_key(record.label)
-            except BaseException:
-                registry.remove(record)
-                raise
-            registry.set_kcv(record, "", "", public_key=spki)
+        _add_key_pair(registry, domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072", session.generate_custody_keypair)
+        _add_key_pair(registry, domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256", session.generate_signing_key)
         signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
         assert signing.public_key is not None
         pem = load_der_public_key(signing.public_key).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
@@ -343,6 +329,20 @@ def _add_key(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, algor
         registry.remove(record)
         raise
     registry.set_kcv(record, kcv.hex().upper(), method.value)
+
+
+def _add_key_pair(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, algorithm: str,
+                  generate: Callable[[str], bytes]) -> None:
+    """Unless registered already: a key pair generated in the token, its public key (SPKI DER) on record."""
+    if name in registry.names(domain, kind):
+        return
+    record = registry.add(domain, kind, name, algorithm)
+    try:
+        spki = generate(record.label)
+    except BaseException:
+        registry.remove(record)
+        raise
+    registry.set_kcv(record, "", "", public_key=spki)
 
 
 def _station_accept(station_config: str, domain: str, bureau: str, version: int, wrapped: bytes, kcv: bytes) -> None:

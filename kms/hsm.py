@@ -637,8 +637,8 @@ class TokenSession:
                 pub = self._session.create_object({
                     Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                     Attribute.KEY_TYPE: KeyType.RSA,
-                    Attribute.MODULUS: numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"),
-                    Attribute.PUBLIC_EXPONENT: numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"),
+                    Attribute.MODULUS: _big(numbers.n),
+                    Attribute.PUBLIC_EXPONENT: _big(numbers.e),
                     Attribute.WRAP: True,
                     Attribute.ENCRYPT: False,
                     Attribute.VERIFY: False,
