@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +21,14 @@ import sqlalchemy as sa
 
 from kms import config, profiles, runtime, store
 from kms.cardid import CardIdentity
+from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import Home, init_home
 from kms.engine import DomainSealer, new_serial
 from kms.hsm import Algorithm, KcvMethod, TokenSession
+from kms.identity import Principal
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
+from kms.serve import Service
 from kms.station import Station, TrustStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +174,31 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFa
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+# -- a real server, and calling it ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(home: Home) -> Iterator[Service]:
+    """``kms serve`` in this process on 127.0.0.1 (a port of its own), with its worker processes; one per module."""
+    svc = Service(home.config, listen="127.0.0.1:0")
+    yield svc
+    svc.stop(grace=0)
+
+
+def service_client(home: Home, service: Service, who: Principal | str) -> Client:
+    """A client of ``service`` as a station (its name) or an officer or auditor (their principal)."""
+    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
+    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
+    assert cfg is not None
+    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
+
+
+def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=dict(os.environ))
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result

@@ -12,12 +12,11 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import client, key, officer, open_batch, run_ceremony
-from conftest import MASTER_KEYS, TEST_TRANSPORT_KEYS, card
+from conftest import MASTER_KEYS, TEST_TRANSPORT_KEYS, card, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -25,7 +24,6 @@ from kms import components, config, runtime, store
 from kms.audit import AuditLog, chain, mask_pan
 from kms.cardid import CardIdentity
 from kms.ceremony_client import CeremonyClient
-from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import Home
 from kms.errors import InvalidArgument, InvalidState
@@ -51,21 +49,8 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
-
-
 def _as(home: Home, service: Service, who: Principal) -> CeremonyClient:
     return CeremonyClient(client(home, service.port, who))
-
-
-def _station(home: Home, service: Service, name: str) -> Client:
-    cfg = config.load_station(home.station_config(name)).client
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
 def _part(algorithm: Algorithm) -> bytearray:
@@ -124,7 +109,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
         spki = unwrap_public_key_pem(session, "station-b1", "hrss")
     run_ceremony(home, service.port, "hrss", "register-transport-key",
                  {"bureau": "bureau-b", "station": "station-b1", "method": "rsa-oaep", "public_key": spki})
-    with _station(home, service, "station-b1") as b1:
+    with service_client(home, service, "station-b1") as b1:
         handoff = CeremonyClient(b1).fetch_transport_key("hrss")
         secret_values.append(bytes(handoff.wrapped_key))
         with runtime.open_station(station_b1) as session:
@@ -139,7 +124,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     with client(home, service.port, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", cards)
         open_batch(home, service.port, alice, chips, "bureau-a", "dual-app-v1", [blank])
-    with _station(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         assert len(list(st.stream_batch(batch, per_message=4))) == len(cards)
         st.issue_card(chips, blank.card_ref, card_serial=chip_serials[0], kdd=chip_kdds[0])
         with client(home, service.port, ALICE) as alice:

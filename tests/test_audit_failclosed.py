@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import open_batch
-from conftest import card
+from conftest import card, service_client
 
 from kms import config, store
 from kms.audit import AuditLog, chain
 from kms.cardid import CardIdentity
-from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import Home
 from kms.errors import HsmError
@@ -32,22 +31,8 @@ TRIGGER = "test_audit_unwritable"
 
 
 @pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
-
-
-@pytest.fixture(scope="module")
 def engine(home: Home) -> sa.Engine:
     return store.make_engine(config.load(home.config).database)
-
-
-def _client(home: Home, service: Service, who: Principal | str) -> Client:
-    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
-    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
 def _issued_records(log: AuditLog, batch_id: str) -> dict[str, dict[str, str]]:
@@ -87,13 +72,13 @@ def test_a_stream_stops_when_the_audit_log_cannot_be_written_and_every_bundle_se
 ) -> None:
     batch_id = f"B-{secrets.token_hex(4)}"
     cards = [card(400_000 + i, card_ref=f"afc-{i:04d}") for i in range(CARDS)]
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch_id, "bureau-a", "dual-app-v1", cards)
     log = AuditLog(engine, SystemClock())
     trap(ALLOWED)
 
     received = []
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         with pytest.raises(HsmError, match="the audit log cannot be written; nothing was done") as stopped:
             for bundle in st.stream_batch(batch_id, per_message=PER_MESSAGE, retries=0):
                 received.append(bundle)

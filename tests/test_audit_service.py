@@ -7,29 +7,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
-from conftest import ROOT
+from conftest import kms, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kms import config, store
+from kms import store
 from kms.audit import AuditLog, AuditUnavailable
 from kms.audit_client import AuditClient
 from kms.audit_service import chunks, parse_time
 from kms.audit_verify import verify
 from kms.authz import Policy
-from kms.client import Client
 from kms.clock import SystemClock
 from kms.devhome import Home
 from kms.errors import InvalidArgument, NotFound, PermissionDenied
@@ -45,36 +40,14 @@ EXPORT = "/kms.v1.AuditService/Export"
 
 
 @pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
-
-
-@pytest.fixture(scope="module")
 def public_key(home: Home) -> ec.EllipticCurvePublicKey:
     key = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key
 
 
-def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ))
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def _client(home: Home, service: Service, who: Principal | str) -> Client:
-    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
-    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
-
-
 def _export(home: Home, service: Service, who: Principal | str = ERIN, **filters: str) -> list[str]:
-    with _client(home, service, who) as client:
+    with service_client(home, service, who) as client:
         return [line for chunk in AuditClient(client).export(**filters) for line in chunk]
 
 
@@ -85,7 +58,7 @@ def _bodies(lines: list[str]) -> list[dict[str, Any]]:
 def test_the_auditor_exports_and_the_export_verifies_ending_with_a_checkpoint(
     home: Home, service: Service, public_key: ec.EllipticCurvePublicKey
 ) -> None:
-    with _client(home, service, ERIN) as erin:  # some calls to record
+    with service_client(home, service, ERIN) as erin:  # some calls to record
         AuditClient(erin).head()
     lines = _export(home, service)
     header, last = json.loads(lines[0]), json.loads(lines[-1])
@@ -104,7 +77,7 @@ def test_get_head_names_the_chain_and_its_newest_signed_checkpoint(
     home: Home, service: Service, public_key: ec.EllipticCurvePublicKey
 ) -> None:
     _export(home, service)  # signs a checkpoint
-    with _client(home, service, ERIN) as erin:
+    with service_client(home, service, ERIN) as erin:
         head = AuditClient(erin).head()
     assert head.size >= head.checkpoint_size > 0 and len(head.hash) == 64
     checkpoint = json.loads(head.checkpoint)
@@ -116,7 +89,7 @@ def test_stations_and_officers_are_refused_and_each_refusal_is_recorded(home: Ho
     for who in ("station-a1", ALICE):
         with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.AuditService/Export"):
             _export(home, service, who)
-        with _client(home, service, who) as client, pytest.raises(PermissionDenied):
+        with service_client(home, service, who) as client, pytest.raises(PermissionDenied):
             AuditClient(client).head()
     refused = [r for r in _bodies(_export(home, service, kind="request.refused")) if r["subject"] == EXPORT]
     actors = {r["actor"] for r in refused}
@@ -128,7 +101,7 @@ def test_stations_and_officers_are_refused_and_each_refusal_is_recorded(home: Ho
 
 
 def test_a_handler_that_ends_with_an_error_is_a_refused_outcome(home: Home, service: Service) -> None:
-    with _client(home, service, ALICE) as alice, pytest.raises(NotFound):
+    with service_client(home, service, ALICE) as alice, pytest.raises(NotFound):
         alice.get_card("no-such-card-audit")
     refused = [r for r in _bodies(_export(home, service, kind="request.refused"))
                if r["subject"] == "/kms.v1.CardService/GetCard" and r["actor"] == ALICE.uri()]
@@ -138,7 +111,7 @@ def test_a_handler_that_ends_with_an_error_is_a_refused_outcome(home: Home, serv
 
 def test_calls_that_end_ok_are_recorded_streams_when_they_end(home: Home, service: Service) -> None:
     first = _export(home, service)
-    with _client(home, service, ERIN) as erin:
+    with service_client(home, service, ERIN) as erin:
         AuditClient(erin).head()
     later = _bodies(_export(home, service, kind="request.ok"))
     size = json.loads(first[0])["size"]
@@ -151,7 +124,7 @@ def test_calls_that_end_ok_are_recorded_streams_when_they_end(home: Home, servic
 def test_filtered_exports_hold_only_matching_records_and_verify_as_filtered(
     home: Home, service: Service, public_key: ec.EllipticCurvePublicKey
 ) -> None:
-    with _client(home, service, ALICE) as alice, pytest.raises(NotFound):
+    with service_client(home, service, ALICE) as alice, pytest.raises(NotFound):
         alice.get_card("no-such-card-filter")  # an hrss officer's call: a record of domain hrss
     full = _bodies(_export(home, service))
     for filters, keep in (
@@ -343,10 +316,10 @@ def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, servic
     from kms.v1 import issuance_pb2 as ipb
 
     batch = f"AC-{secrets.token_hex(3)}"
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
                    [card(97_000 + i, card_ref=f"ac-{i}") for i in range(64)])
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         stream = st.issuance.StreamBatch(ipb.StreamBatchRequest(batch_id=batch, max_bundles_per_message=4),
                                          timeout=60)
         next(stream)
@@ -366,10 +339,10 @@ def test_bundles_sent_again_are_recorded_each_time(home: Home, service: Service)
     from conftest import card
 
     batch = f"RD-{secrets.token_hex(3)}"
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
                    [card(98_000 + i, card_ref=f"rd-{i}") for i in range(6)])
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         first = st.issue_card(batch, "rd-0", idempotency_key="rd-key")
         assert st.issue_card(batch, "rd-0", idempotency_key="rd-key").serial == first.serial  # a retry
         streamed = list(st.stream_batch(batch, per_message=4))

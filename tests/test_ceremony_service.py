@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import authorize_batch, client, key, officer, run_ceremony
-from conftest import card
+from conftest import card, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -28,13 +27,6 @@ from kms.serve import Service
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
 CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
-
-
-@pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +202,9 @@ def test_escrow_export_gives_each_custodian_only_their_component(
 def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_kcv(
         home: Home, service: Service, registry: KeyRegistry) -> None:
     from kms import runtime
-    from kms.client import Client
     from kms.station import Station, TrustStore, accept_transport_key, unwrap_public_key_pem
 
     cfg = config.load_station(home.station_config("station-b1"))
-    assert cfg.client is not None
     with runtime.open_station(cfg) as session:
         pem = unwrap_public_key_pem(session, "station-b1", "hrss")
     before = registry.active("hrss", KeyKind.TRANSPORT, "bureau-b")
@@ -224,11 +214,9 @@ def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_k
     assert result["state"] == "pre-activation" and result["handed_to"] == "urn:kms:station:bureau-b:station-b1"
     assert "wrapped" not in done.result_json.lower()  # the wrapped key is in no result and no minutes
     assert registry.active("hrss", KeyKind.TRANSPORT, "bureau-b") == before  # not used before the bureau has it
-    other = config.load_station(home.station_config("station-a1")).client
-    assert other is not None
-    with Client(other, server=f"localhost:{service.port}") as a1, pytest.raises(NotFound):
+    with service_client(home, service, "station-a1") as a1, pytest.raises(NotFound):
         CeremonyClient(a1).fetch_transport_key("hrss")  # only the named station
-    with Client(cfg.client, server=f"localhost:{service.port}") as b1:
+    with service_client(home, service, "station-b1") as b1:
         station = CeremonyClient(b1)
         handoff = station.fetch_transport_key("hrss")
         assert handoff.version == result["version"] and handoff.kcv == result["kcv"]
@@ -247,7 +235,7 @@ def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_k
     with client(home, service.port, ALICE) as alice:
         alice.create_batch(batch, "bureau-b", "dual-app-v1", [card(93_000, card_ref="tk-0")])
     authorize_batch(home, service.port, batch)
-    with Client(cfg.client, server=f"localhost:{service.port}") as b1:
+    with service_client(home, service, "station-b1") as b1:
         data = b1.issue_card(batch, "tk-0").data
     from kms import bundle
 
@@ -312,11 +300,8 @@ def test_a_batch_is_issuable_only_after_both_domains_authorized_it(home: Home, s
     with client(home, service.port, ALICE) as alice:
         status = alice.create_batch(batch, "bureau-a", "dual-app-v1", [card(90_000, card_ref="cer-090000")])
     assert status.state == "awaiting-authorization"
-    station = config.load_station(home.station_config("station-a1")).client
-    assert station is not None
-    from kms.client import Client
 
-    with Client(station, server=f"localhost:{service.port}") as st:
+    with service_client(home, service, "station-a1") as st:
         with pytest.raises(InvalidState, match="awaiting-authorization: the bank, hrss domain has not"):
             st.issue_card(batch, "cer-090000")
         with pytest.raises(InvalidState, match="awaiting-authorization"):
@@ -378,20 +363,17 @@ def test_a_suspended_master_key_serves_no_card_until_reactivated(home: Home, ser
     with client(home, service.port, ALICE) as alice:
         alice.create_batch(batch, "bureau-a", "dual-app-v1", [card(91_000 + i, card_ref=f"cer-s{i}") for i in range(2)])
     authorize_batch(home, service.port, batch)
-    station = config.load_station(home.station_config("station-a1")).client
-    assert station is not None
-    from kms.client import Client
 
     state = {"name": "hrss-mk", "version": 1}
     run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "suspended"})
     try:
-        with Client(station, server=f"localhost:{service.port}") as st, \
+        with service_client(home, service, "station-a1") as st, \
                 pytest.raises(InvalidState, match="hrss-mk/v1, the version this batch was authorized with, is "
                                                   "suspended"):
             st.issue_card(batch, "cer-s0")
     finally:
         run_ceremony(home, service.port, "hrss", "set-key-state", {**state, "state": "active"})
-    with Client(station, server=f"localhost:{service.port}") as st:
+    with service_client(home, service, "station-a1") as st:
         assert st.issue_card(batch, "cer-s0").card_ref == "cer-s0"
 
 
@@ -404,10 +386,7 @@ def _bank_versions(data: bytes) -> dict[str, int]:
 
 def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_deactivated(
         home: Home, service: Service, registry: KeyRegistry) -> None:
-    from kms.client import Client
 
-    station = config.load_station(home.station_config("station-a1")).client
-    assert station is not None
     old, new = f"B-{secrets.token_hex(4)}", f"B-{secrets.token_hex(4)}"
     with client(home, service.port, CAROL) as carol:
         carol.create_batch(old, "bureau-a", "dual-app-v1", [card(92_000 + i, card_ref=f"rot-o{i}") for i in range(2)])
@@ -419,7 +398,7 @@ def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_
             carol.create_batch(new, "bureau-a", "dual-app-v1",
                                [card(92_100 + i, card_ref=f"rot-n{i}") for i in range(2)])
             authorize_batch(home, service.port, new)
-            with Client(station, server=f"localhost:{service.port}") as st:
+            with service_client(home, service, "station-a1") as st:
                 first = st.issue_card(old, "rot-o0")
                 assert _bank_versions(first.data)["bank-imk-ac"] == 1
                 assert _bank_versions(st.issue_card(new, "rot-n0").data)["bank-imk-ac"] == v2
@@ -429,7 +408,7 @@ def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_
         finally:
             run_ceremony(home, service.port, "bank", "set-key-state",
                          {"name": "bank-imk-ac", "version": v2, "state": "deactivated"})
-        with Client(station, server=f"localhost:{service.port}") as st, \
+        with service_client(home, service, "station-a1") as st, \
                 pytest.raises(InvalidState, match=f"bank-imk-ac/v{v2}, the version this batch was authorized with, "
                                                   "is deactivated"):
             st.issue_card(new, "rot-n1")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-
-
-def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ))
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+from conftest import ROOT, kms
 
 
 @pytest.fixture(scope="module")

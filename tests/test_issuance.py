@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-from collections.abc import Iterator
 
 import grpc
 import pytest
 from ceremony_helpers import open_batch
-from conftest import card
+from conftest import card, service_client
 
-from kms import config
 from kms.cardid import CardIdentity
-from kms.client import Client
 from kms.devhome import Home
 from kms.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, PermissionDenied
 from kms.identity import Principal
@@ -25,20 +22,6 @@ from kms.station import Station
 ALICE = Principal("officer", "alice", domain="hrss")
 CAROL = Principal("officer", "carol", domain="bank")
 ERIN = Principal("auditor", "erin")
-
-
-@pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
-
-
-def _client(home: Home, service: Service, who: Principal | str) -> Client:
-    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
-    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
 def _batch_id() -> str:
@@ -53,10 +36,10 @@ def test_an_officer_authorizes_a_batch_and_the_station_streams_and_opens_it(
     home: Home, service: Service, station: Station
 ) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         status = open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(40, 10_000))
     assert (status.cards, status.issued, status.created_by) == (40, 0, ALICE.uri())
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         bundles = list(st.stream_batch(batch, per_message=8))
         assert [b.card_ref for b in bundles] == [f"svc-{10_000 + i:06d}" for i in range(40)]
         assert st.batch_status(batch).issued == 40
@@ -65,15 +48,15 @@ def test_an_officer_authorizes_a_batch_and_the_station_streams_and_opens_it(
     for b in bundles:
         report = station.open(b.data)
         assert report.ok and len(report.keys) == 15 and report.card_ref == b.card_ref
-    with _client(home, service, ERIN) as erin:
+    with service_client(home, service, ERIN) as erin:
         assert erin.batch_status(batch).issued == 40
 
 
 def test_issue_card_is_idempotent_and_at_most_once(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, CAROL) as carol:
+    with service_client(home, service, CAROL) as carol:
         open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(2, 20_000))
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         first = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
         again = st.issue_card(batch, "svc-020000", idempotency_key="k-1")
         assert (again.serial, again.data) == (first.serial, first.data)
@@ -87,9 +70,9 @@ def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home:
     batch = _batch_id()
     blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=f"621483000000{i:04d}", psn="01")
              for i in range(2)]
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", blank)
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         with pytest.raises(InvalidArgument) as missing:
             st.issue_card(batch, "chip-0")
         assert missing.value.field.startswith("chip.")
@@ -98,19 +81,19 @@ def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home:
         with pytest.raises(AlreadyExists):  # another chip for the same record
             st.issue_card(batch, "chip-0", card_serial="1111111111111111", kdd="00010203040506070809",
                           idempotency_key="b")
-        with _client(home, service, ALICE) as alice:
+        with service_client(home, service, ALICE) as alice:
             assert alice.reissue(batch, "chip-0").state == "pending"
         second = st.issue_card(batch, "chip-0", card_serial="1111111111111111", kdd="00010203040506070809",
                                idempotency_key="b")
     assert second.serial != first.serial
-    with pytest.raises(InvalidArgument) as bad, _client(home, service, "station-a1") as st:
+    with pytest.raises(InvalidArgument) as bad, service_client(home, service, "station-a1") as st:
         st.issue_card(batch, "chip-1", card_serial="XYZ", kdd="00010203040506070809")
     assert bad.value.field == "chip.card_serial"
 
 
 def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 30_000))
         with pytest.raises(PermissionDenied, match=r"not registered for the hrss domain"):
             alice.create_batch(_batch_id(), "bureau-zz", "dual-app-v1", _cards(1, 30_001))
@@ -125,12 +108,12 @@ def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
         assert invalid.value.details() == "cards[1].pan: must be 12 to 19 digits"
         with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.IssuanceService/IssueCard"):
             alice.issue_card(batch, "svc-030000")
-    with _client(home, service, "station-b1") as other:
+    with service_client(home, service, "station-b1") as other:
         with pytest.raises(PermissionDenied, match="is not authorized for bureau-b"):
             list(other.stream_batch(batch))
         with pytest.raises(PermissionDenied, match=r"may not call /kms\.v1\.BatchService/CreateBatch"):
             other.create_batch(_batch_id(), "bureau-b", "dual-app-v1", _cards(1, 30_002))
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         with pytest.raises(PermissionDenied, match="not in batch"):
             st.issue_card(batch, "svc-999999")
         with pytest.raises(InvalidArgument) as cursor:
@@ -140,13 +123,13 @@ def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
 
 def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 40_000))
         huge = [CardIdentity(card_ref=f"x{i:08d}" + "y" * 50, city_code="320200") for i in range(150_000)]
         with pytest.raises(Exception) as raised:
             alice.create_batch(_batch_id(), "bureau-a", "dual-app-v1", huge)
         assert "resource_exhausted" in str(raised.value).lower()
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         st.timeout = 0.001
         with pytest.raises((DeadlineExceeded, Exception)):
             st.issue_card(batch, "svc-040000")
@@ -156,11 +139,11 @@ def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> N
 
 def test_a_dropped_stream_resumes_without_losing_or_repeating_a_card(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, CAROL) as carol:
+    with service_client(home, service, CAROL) as carol:
         open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(60, 50_000))
     received: list[str] = []
     cursor = ""
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         from kms.v1 import issuance_pb2 as pb
 
         call = st.issuance.StreamBatch(pb.StreamBatchRequest(batch_id=batch, max_bundles_per_message=5), timeout=60)
@@ -177,10 +160,10 @@ def test_a_dropped_stream_resumes_without_losing_or_repeating_a_card(home: Home,
 
 def test_a_worker_killed_mid_batch_loses_and_repeats_nothing(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(300, 60_000))
     received = []
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         for i, bundle in enumerate(st.stream_batch(batch, per_message=4)):
             received.append((bundle.card_ref, bundle.serial))
             if i == 3:
@@ -204,7 +187,7 @@ def test_a_batch_must_carry_what_no_chip_can_supply(home: Home, service: Service
 
     no_pan = pb.CardIdentity(card_ref="no-pan", city_code="320200", psn="01")
     request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1", cards=[no_pan])
-    with _client(home, service, ALICE) as alice, pytest.raises(grpc.RpcError) as raised:
+    with service_client(home, service, ALICE) as alice, pytest.raises(grpc.RpcError) as raised:
         alice.batches.CreateBatch(request, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "cards[0].pan: is required by profile dual-app-v1"
@@ -212,9 +195,9 @@ def test_a_batch_must_carry_what_no_chip_can_supply(home: Home, service: Service
 
 def test_a_malformed_idempotency_key_is_refused_before_any_hsm_work(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", _cards(1, 70_000))
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         with pytest.raises(InvalidArgument) as raised:
             st.issue_card(batch, "svc-070000", idempotency_key="has space")
         assert raised.value.field == "idempotency_key"
@@ -228,7 +211,7 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
     from kms.issuer import IssuedBundle
 
     batch = _batch_id()
-    with _client(home, service, CAROL) as carol:
+    with service_client(home, service, CAROL) as carol:
         open_batch(home, service.port, carol, batch, "bureau-a", "dual-app-v1", _cards(5, 80_000))
     issuer = service.issuance.issuer("bureau-a", "dual-app-v1")
     real, failed = issuer.issue, []
@@ -242,7 +225,7 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
                 yield issued
 
     monkeypatch.setattr(issuer, "issue", flaky)
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         from kms.v1 import issuance_pb2 as pb
 
         got = []
@@ -257,10 +240,10 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
 
 def test_replay_with_another_chip_and_unknown_batches_are_refused(home: Home, service: Service) -> None:
     batch = _batch_id()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1",
                            [CardIdentity(card_ref="rc-0", city_code="320200", pan="6214830000000009", psn="01")])
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         st.issue_card(batch, "rc-0", card_serial="86843202AD932A48", kdd="00010203040506070809", idempotency_key="r")
         with pytest.raises(PermissionDenied, match="issued for another chip"):
             st.issue_card(batch, "rc-0", card_serial="2222222222222222", kdd="00010203040506070809",

@@ -15,10 +15,10 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import authorize_batch
-from conftest import EngineFactory
+from conftest import EngineFactory, service_client
 from conftest import card as full_card
 
-from kms import cli, config
+from kms import cli
 from kms.audit import AuditLog
 from kms.batches import BatchStore, CardState, EventKind
 from kms.cardid import CardIdentity
@@ -365,20 +365,6 @@ def test_racing_officers_change_a_card_once(
 # --- through gRPC: a real server, real certificates, real workers and tokens ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def service(home: Home) -> Iterator[Service]:
-    svc = Service(home.config, listen="127.0.0.1:0")
-    yield svc
-    svc.stop(grace=0)
-
-
-def _client(home: Home, service: Service, who: Principal | str) -> Client:
-    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
-    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
-
-
 def _batch(client: Client, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity]) -> Any:
     """CreateBatch, then both domains' authorize-batch ceremonies (officers signing with their approval keys)."""
     client.create_batch(batch_id, bureau, profile, cards)
@@ -410,8 +396,8 @@ def test_grpc_a_lost_card_is_refused_with_the_reason_and_issuable_after_the_repo
     home: Home, service: Service
 ) -> None:
     batch_id, cards = _bid(), _cards(0, 3, "lost")
-    with _client(home, service, ALICE) as alice, _client(home, service, CAROL) as carol, \
-            _client(home, service, "station-a1") as st:
+    with service_client(home, service, ALICE) as alice, service_client(home, service, CAROL) as carol, \
+            service_client(home, service, "station-a1") as st:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", cards)
         card = alice.report_lost("lc-lost-0", "hrss", "cardholder reported it")
         assert [(a.application, a.state) for a in card.applications] == [("hrss", "lost"), ("bank", "active")]
@@ -443,8 +429,8 @@ def test_grpc_the_bank_application_is_cancelled_only_after_the_hrss_application(
     home: Home, service: Service
 ) -> None:
     batch_id = _bid()
-    with _client(home, service, ALICE) as alice, _client(home, service, CAROL) as carol, \
-            _client(home, service, "station-a1") as st:
+    with service_client(home, service, ALICE) as alice, service_client(home, service, CAROL) as carol, \
+            service_client(home, service, "station-a1") as st:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", _cards(10, 1, "cancel"))
         with pytest.raises(InvalidState, match="can be cancelled only after the hrss application is cancelled"):
             carol.cancel_application("lc-cancel-0", "bank", "cancel-card", "customer request")
@@ -467,8 +453,8 @@ def test_grpc_replacement(home: Home, service: Service) -> None:
     blank = CardIdentity(card_ref=blank.card_ref, city_code="320200", pan=blank.pan, psn="01")  # chip read later
     batch_id, earlier, later = _bid(), _bid(), _bid()
     stranger = full_card(900_030, card_ref="lc-repl-stranger", pan=old.pan)  # bad data: another card, same PAN
-    with _client(home, service, ALICE) as alice, _client(home, service, CAROL) as carol, \
-            _client(home, service, "station-a1") as st:
+    with service_client(home, service, ALICE) as alice, service_client(home, service, CAROL) as carol, \
+            service_client(home, service, "station-a1") as st:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", [old, same_pan, new, blank])
         _batch(alice, earlier, "bureau-a", "dual-app-v1", [stranger])
         first = st.issue_card(batch_id, old.card_ref)
@@ -484,7 +470,7 @@ def test_grpc_replacement(home: Home, service: Service) -> None:
         # the old card is never issued again, in any form
         with pytest.raises(InvalidState, match=f"card {old.card_ref} was replaced by card {new.card_ref}"):
             st.issue_card(batch_id, old.card_ref)
-        with _client(home, service, BOB) as bob, pytest.raises(InvalidState, match="is revoked"):
+        with service_client(home, service, BOB) as bob, pytest.raises(InvalidState, match="is revoked"):
             bob.reissue(batch_id, old.card_ref)
         with pytest.raises(InvalidState, match=r"has the PAN/PSN \d+/01 of card lc-repl-0, which was replaced"):
             st.issue_card(earlier, stranger.card_ref)
@@ -513,7 +499,7 @@ def _create_request(batch_id: str, cards: Sequence[CardIdentity]) -> Any:
 
 def test_grpc_auditors_read_stations_cannot_call_and_fields_are_validated(home: Home, service: Service) -> None:
     batch_id = _bid()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", _cards(50, 1, "audit"))
         alice.report_lost("lc-audit-0", "hrss", "reported at the counter")
         for call, field in [(lambda: alice.report_lost("lc-audit-0", "hrss", ""), "reason"),
@@ -526,14 +512,14 @@ def test_grpc_auditors_read_stations_cannot_call_and_fields_are_validated(home: 
             assert raised.value.field == field
         with pytest.raises(NotFound, match="no card lc-none in any batch"):
             alice.get_card("lc-none")
-    with _client(home, service, ERIN) as erin:
+    with service_client(home, service, ERIN) as erin:
         card = erin.get_card("lc-audit-0")
         assert [(e.event, e.application, e.by, e.reason) for e in card.history] == [
             ("reported-lost", "hrss", ALICE.uri(), "reported at the counter")]
         assert card.records[0].batch_id == batch_id and card.records[0].state == "pending"
         with pytest.raises(PermissionDenied, match=r"auditor erin may not call /kms\.v1\.CardService/CancelLossReport"):
             erin.cancel_loss_report("lc-audit-0", "hrss", "x")
-    with _client(home, service, "station-a1") as st:
+    with service_client(home, service, "station-a1") as st:
         for call in (lambda: st.get_card("lc-audit-0"), lambda: st.report_lost("lc-audit-0", "hrss", "x")):
             with pytest.raises(PermissionDenied,
                                match=r"station bureau-a/station-a1 may not call /kms\.v1\.CardService/"):
@@ -542,7 +528,7 @@ def test_grpc_auditors_read_stations_cannot_call_and_fields_are_validated(home: 
 
 def test_cli_card_commands(home: Home, service: Service, capsys: pytest.CaptureFixture[str]) -> None:
     batch_id = _bid()
-    with _client(home, service, ALICE) as alice:
+    with service_client(home, service, ALICE) as alice:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", _cards(60, 2, "cli"))
     server = f"localhost:{service.port}"
     alice_cfg, carol_cfg = str(home.client_config(ALICE)), str(home.client_config(CAROL))
