@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -30,6 +30,7 @@ from kms.v1 import ceremony_pb2 as pb
 from kms.v1 import ceremony_pb2_grpc as rpc
 
 log = logging.getLogger("kms.ceremonies")
+T = TypeVar("T")
 
 
 
@@ -42,7 +43,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _handle(self, context: grpc.ServicerContext, work: Callable[[Principal], Any]) -> Any:
+    def _handle(self, context: grpc.ServicerContext, work: Callable[[Principal], T]) -> T:
         try:
             return work(current_principal())
         except Exception as error:
@@ -89,10 +90,10 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             record = self._c.propose(principal, op.name, checked, ttl)
             log.info("%s proposed %s (%s)", principal, record.ceremony_id, op.name)
             return self._message(record)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def GetCeremony(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
-        return self._handle(context, lambda p: self._message(  # type: ignore[no-any-return]
+        return self._handle(context, lambda p: self._message(
             self._visible(p, request.ceremony_id)))
 
     def ListCeremonies(self, request: pb.ListCeremoniesRequest, context: grpc.ServicerContext
@@ -108,7 +109,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             domains = [principal.domain] if principal.role == "officer" else list(DOMAINS)
             found = [r for d in domains if d for r in self._c.list(d, states)]
             return pb.ListCeremoniesResponse(ceremonies=[self._message(r) for r in found])
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
@@ -118,7 +119,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             record = self._c.approve(request.ceremony_id, principal, request.signature)
             log.info("%s approved %s", principal, record.ceremony_id)
             return self._message(record)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def SubmitComponent(self, request: pb.SubmitComponentRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
@@ -135,7 +136,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                                            request.kcv, check)
             log.info("%s sent a component to %s", principal, record.ceremony_id)
             return self._message(record)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def Cancel(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
@@ -143,7 +144,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             record = self._c.cancel(request.ceremony_id, principal)
             log.info("%s cancelled %s", principal, record.ceremony_id)
             return self._message(record)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def Execute(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
@@ -159,14 +160,14 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                     self._ctx.pools.pools[record.domain].recycle()
             log.info("%s executed %s (%s)", principal, done.ceremony_id, op.name)
             return self._message(done)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def FetchComponent(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.SealedComponent:
         def work(principal: Principal) -> pb.SealedComponent:
             self._visible(principal, request.ceremony_id)
             sealed, kcv = self._c.output_for(request.ceremony_id, principal)
             return pb.SealedComponent(ceremony_id=request.ceremony_id, sealed=sealed, kcv=kcv)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def GetMinutes(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Minutes:
         def work(principal: Principal) -> pb.Minutes:
@@ -176,7 +177,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             raw = operations.pool_for(self._ctx, record.domain).call(keyops.sign, signing.label, document)
             signature = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
             return pb.Minutes(document=document, signature=signature, signing_key=signing.label)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def GetDomain(self, request: pb.GetDomainRequest, context: grpc.ServicerContext) -> pb.DomainInfo:
         def work(principal: Principal) -> pb.DomainInfo:
@@ -187,7 +188,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                 pb.OfficerInfo(officer=r.officer.principal.uri(), roles=sorted(r.officer.roles),
                                public_key=r.public_key_pem, state=r.state)
                 for r in self._ctx.officers.all(principal.domain)])
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
 
     def FetchTransportKey(self, request: pb.TransportKeyRequest, context: grpc.ServicerContext
@@ -197,7 +198,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             log.info("%s fetched the %s transport key %s", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
                                           label=handoff.label, wrapped_key=handoff.wrapped, kcv=handoff.kcv)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
     def ConfirmTransportKey(self, request: pb.ConfirmTransportKeyRequest, context: grpc.ServicerContext
                             ) -> pb.TransportKeyHandoff:
@@ -207,7 +208,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             log.info("%s confirmed the %s transport key %s; it is active", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
                                           label=handoff.label, kcv=handoff.kcv)
-        return self._handle(context, work)  # type: ignore[no-any-return]
+        return self._handle(context, work)
 
 
 def minutes(record: CeremonyRecord, ctx: Context, now: dt.datetime) -> bytes:
