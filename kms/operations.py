@@ -213,7 +213,7 @@ def _run_import(ctx: Context, c: CeremonyRecord, kind: KeyKind = KeyKind.MASTER,
                 ) -> dict[str, Any]:
     p = c.params
     _custody_key(ctx, c.domain, p)  # still the key the components were encrypted to
-    sealed = [(who.uri(), data, kcv) for who, data, kcv in _sealed_in(ctx, c)]
+    sealed = [(who.uri(), data, kcv) for who, data, kcv in ctx.ceremonies.sealed_components(c.ceremony_id, "in")]
     # A master key is active once its joined KCV matched; a transport key waits for its bureau (set-key-state).
     return dict(pool_for(ctx, c.domain).call(keyops.create_key, kind.value, p[name_param],
                                              p.get("algorithm", Algorithm.AES256.value), _yes(p), p["kcv"], sealed,
@@ -236,7 +236,7 @@ def _run_export(ctx: Context, c: CeremonyRecord, kind: str | None = None, name: 
         recipients.append((record.officer.principal.uri(), record.public_key_pem))
     outputs = pool_for(ctx, c.domain).call(keyops.export_components, kind or p["kind"], name or p["name"],
                                         version or p["version"], recipients, c.ceremony_id)
-    _outputs_sink(ctx, c, outputs)
+    ctx.ceremonies.store_outputs(c.ceremony_id, [(parse_uri(uri), sealed, kcv) for uri, sealed, kcv in outputs])
     return {"components": [{"custodian": uri, "kcv": kcv} for uri, _, kcv in outputs]}
 
 
@@ -398,11 +398,3 @@ def fingerprint(pem: str) -> str:
     der = parse_public_key(pem).public_bytes(serialization.Encoding.DER,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()[:32]
-
-
-def _sealed_in(ctx: Context, c: CeremonyRecord) -> list[tuple[Principal, bytes, str]]:
-    return ctx.ceremonies.sealed_components(c.ceremony_id, "in")
-
-
-def _outputs_sink(ctx: Context, c: CeremonyRecord, outputs: list[tuple[str, bytes, str]]) -> None:
-    ctx.ceremonies.store_outputs(c.ceremony_id, [(parse_uri(uri), sealed, kcv) for uri, sealed, kcv in outputs])
