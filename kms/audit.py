@@ -12,12 +12,19 @@ any number of processes and replicas keep one linear, gap-free chain.
 
 Checkpoints: ``{"format": "kms-audit-checkpoint", "version": 1, "size": n, "head": hash_n, "at": ...}``, canonical,
 signed (ECDSA P-256 over SHA-256) with the audit signing key, held in a token of its own.
+
+Export seals: an export ends with a seal made for that one request, ``{"format": "kms-audit-export-seal",
+"version": 1, "size": n, "head": hash_n, "at": ..., "nonce": ..., "filters": {...}}``, canonical, signed with the same
+key (the distinct format keeps a seal from passing for a checkpoint and back). It binds the export's end, size and
+filters to the nonce the auditor's client chose, so an export cut back to an older checkpoint, or ending with the
+seal of another request, no longer verifies (kms.audit_verify). Seals are not stored: they belong to one export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +38,10 @@ from kms.store import audit_checkpoints, audit_head, audit_log
 
 GENESIS = bytes(32)
 CHECKPOINT_FORMAT = "kms-audit-checkpoint"
+SEAL_FORMAT = "kms-audit-export-seal"
+EXPORT_VERSION = 2  # 2: the export ends with an export seal
+#: An export's nonce: 16 to 64 random bytes in lowercase hex (`kms audit export` sends 16, secrets.token_hex).
+NONCE = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 PAGE = 2_000
 
 
@@ -85,6 +96,32 @@ class Checkpoint:
 
 def checkpoint_message(size: int, head: str, at: str) -> bytes:
     return canonical({"format": CHECKPOINT_FORMAT, "version": 1, "size": size, "head": head, "at": at})
+
+
+@dataclass(frozen=True)
+class Seal:
+    """The last line of one export: the chain's head at ``size``, signed for the request's ``nonce`` and filters."""
+
+    size: int
+    head: str  # hex hash of record ``size``
+    at: str
+    nonce: str  # hex, chosen by the auditor's client
+    filters: Mapping[str, str]  # the request's filters that are set (since, until, domain, kind)
+    key: str
+    signature: bytes  # DER ECDSA P-256
+
+    def message(self) -> bytes:
+        return seal_message(self.size, self.head, self.at, self.nonce, self.filters)
+
+    def line(self) -> str:
+        return json.dumps({"type": "export-seal", "size": self.size, "head": self.head, "at": self.at,
+                           "nonce": self.nonce, "filters": dict(self.filters), "key": self.key,
+                           "signature": self.signature.hex()}, separators=(",", ":"))
+
+
+def seal_message(size: int, head: str, at: str, nonce: str, filters: Mapping[str, str]) -> bytes:
+    return canonical({"format": SEAL_FORMAT, "version": 1, "size": size, "head": head, "at": at, "nonce": nonce,
+                      "filters": dict(filters)})
 
 
 def chain(prev: bytes, body: bytes) -> bytes:
@@ -242,19 +279,18 @@ def _checkpoint(row: Any) -> Checkpoint:
     return Checkpoint(int(row.size), row.head, row.at, row.key, bytes(row.signature))
 
 
-def export_lines(log: AuditLog, upto: int, *, since: str | None = None, until: str | None = None,
-                 domain: str | None = None, kind: str | None = None) -> Iterator[str]:
-    """An export as JSON Lines: a header, then the records up to ``upto`` in order, each checkpoint right after the
-    record it covers. With a filter, a record the filter leaves out appears only as an ``omitted`` line (its
-    body's digest), so a filtered export is as complete and verifiable as a full one, without showing the rest."""
-    filtered = any(v is not None for v in (since, until, domain, kind))
-    yield json.dumps({"type": "export", "format": "kms-audit-export", "version": 1, "size": upto,
-                      "filtered": filtered, "filters": {k: v for k, v in (("since", since), ("until", until),
-                                                                           ("domain", domain), ("kind", kind)) if v}},
-                     separators=(",", ":"))
-    checkpoints = iter(log.checkpoints(upto))
+def export_lines(log: AuditLog, seal: Seal) -> Iterator[str]:
+    """An export as JSON Lines: a header, then the records up to the seal's size in order, each checkpoint right after
+    the record it covers, and the seal last. With a filter (the seal's), a record the filter leaves out appears only
+    as an ``omitted`` line (its body's digest), so a filtered export is as complete and verifiable as a full one,
+    without showing the rest. The header repeats the seal's size, nonce and filters (the verifier holds it to them)."""
+    filters = dict(seal.filters)
+    since, until, domain, kind = (filters.get(k) for k in ("since", "until", "domain", "kind"))
+    yield json.dumps({"type": "export", "format": "kms-audit-export", "version": EXPORT_VERSION, "size": seal.size,
+                      "nonce": seal.nonce, "filtered": bool(filters), "filters": filters}, separators=(",", ":"))
+    checkpoints = iter(log.checkpoints(seal.size))
     upcoming = next(checkpoints, None)
-    for record in log.records(0, upto):
+    for record in log.records(0, seal.size):
         while upcoming is not None and upcoming.size < record.seq:
             yield upcoming.line()
             upcoming = next(checkpoints, None)
@@ -262,3 +298,4 @@ def export_lines(log: AuditLog, upto: int, *, since: str | None = None, until: s
     while upcoming is not None:
         yield upcoming.line()
         upcoming = next(checkpoints, None)
+    yield seal.line()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,12 +21,14 @@ class AuditClient:
         self._client = client
         self._stub = rpc.AuditServiceStub(client.channel)  # type: ignore[no-untyped-call]
 
-    def export(self, *, since: str = "", until: str = "", domain: str = "", kind: str = "",
+    def export(self, *, since: str = "", until: str = "", domain: str = "", kind: str = "", nonce: str | None = None,
                timeout: float = EXPORT_TIMEOUT) -> Iterator[list[str]]:
-        """The export's JSON Lines (without line ends), a chunk at a time as they arrive."""
+        """The export's JSON Lines (without line ends), a chunk at a time as they arrive. ``nonce`` (hex) is what the
+        export's closing seal is signed for; without one, a fresh random one (which the header then records)."""
+        request = pb.ExportRequest(since=since, until=until, domain=domain, kind=kind,
+                                   nonce=secrets.token_hex(16) if nonce is None else nonce)
         try:
-            for chunk in self._stub.Export(pb.ExportRequest(since=since, until=until, domain=domain, kind=kind),
-                                           timeout=timeout):
+            for chunk in self._stub.Export(request, timeout=timeout):
                 yield list(chunk.lines)
         except grpc.RpcError as error:
             raise translate(error) from None

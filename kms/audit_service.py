@@ -1,9 +1,10 @@
 """The audit service (kms.v1.AuditService), auditors only (docs/audit.md).
 
-``Export`` first has a checkpoint signed of the chain's current head (unless the newest one already covers it), then
-streams the records up to that checkpoint as JSON Lines (kms.audit.export_lines), page by page from the database and
-a bounded chunk at a time to the caller, so memory stays constant at any size and the export always ends with a
-signed checkpoint covering every record in it.
+``Export`` first has a checkpoint signed of the chain's current head (unless the newest one already covers it) and an
+export seal over that same head for the request's nonce and filters (kms.audit_signer.Checkpointer.seal), then
+streams the records up to it as JSON Lines (kms.audit.export_lines), page by page from the database and a bounded
+chunk at a time to the caller, so memory stays constant at any size. The export always ends with the seal signed
+for this request, so the auditor can tell it from an older export or one cut back to an older checkpoint.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import grpc
 
 from kms import errors
-from kms.audit import AuditLog, Checkpoint, export_lines
+from kms.audit import NONCE, AuditLog, Seal, export_lines
 from kms.clock import rfc3339
 from kms.registry import check_domain
 from kms.server import abort, current_principal
@@ -33,7 +34,14 @@ _KIND = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 
 
 class Checkpoints(Protocol):
-    def checkpoint_now(self) -> Checkpoint | None: ...
+    def seal(self, nonce: str, filters: Mapping[str, str]) -> Seal: ...
+
+
+def check_nonce(value: str) -> str:
+    if not NONCE.fullmatch(value):
+        raise errors.InvalidArgument("nonce", "must be 32 to 128 lowercase hex digits the auditor's client chose at "
+                                              "random for this export")
+    return value
 
 
 def parse_time(field: str, value: str) -> str | None:
@@ -48,9 +56,12 @@ def parse_time(field: str, value: str) -> str | None:
         moment = dt.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         raise errors.InvalidArgument(field, "must be an RFC 3339 time, e.g. 2026-11-27T08:00:00Z") from None
-    if moment.microsecond:
-        moment = moment.replace(microsecond=0) + dt.timedelta(seconds=1)
-    return rfc3339(moment)
+    try:
+        if moment.microsecond:
+            moment = moment.replace(microsecond=0) + dt.timedelta(seconds=1)
+        return rfc3339(moment)
+    except (OverflowError, ValueError):  # past 9999-12-31T23:59:59Z or before year 1, once rounded or in UTC
+        raise errors.InvalidArgument(field, "is out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z)") from None
 
 
 def check_filters(since: str, until: str, domain: str, kind: str) -> dict[str, str | None]:
@@ -87,11 +98,11 @@ class AuditService(rpc.AuditServiceServicer):
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportChunk]:
         try:
             filters = check_filters(request.since, request.until, request.domain, request.kind)
-            checkpoint = self._checkpointer.checkpoint_now()
-            upto = checkpoint.size if checkpoint is not None else 0
-            log.info("%s exports the audit log up to %d%s", current_principal(), upto,
-                     "" if not any(filters.values()) else f" ({', '.join(k for k, v in filters.items() if v)})")
-            for group in chunks(export_lines(self._log, upto, **filters)):
+            nonce = check_nonce(request.nonce)
+            seal = self._checkpointer.seal(nonce, {k: v for k, v in filters.items() if v is not None})
+            log.info("%s exports the audit log up to %d%s", current_principal(), seal.size,
+                     "" if not seal.filters else f" ({', '.join(seal.filters)})")
+            for group in chunks(export_lines(self._log, seal)):
                 yield pb.ExportChunk(lines=group)
         except Exception as error:
             abort(context, error)

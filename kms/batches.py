@@ -50,13 +50,13 @@ import enum
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from kms import identity
+from kms import consents, identity
 from kms.audit import AuditLog, mask_pan
 from kms.bundle import canonical
 from kms.cardid import CardIdentity
@@ -350,9 +350,14 @@ class BatchStore:
                 return self.card(batch_id, card_ref)
         raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
 
-    def reissue(self, batch_id: str, card_ref: str, by: str) -> CardRecord:
-        """Revoke the card's chip binding and any issued bundle, so that it can be issued again (officer action)."""
+    def reissue(self, batch_id: str, card_ref: str, by: str, *, domain: str, needs: Collection[str]
+                ) -> tuple[CardRecord, tuple[str, ...]]:
+        """One domain's consent (officer ``by`` of ``domain``) to revoke the card's chip binding and any issued
+        bundle, so that it can be issued again with the same keys. The revocation happens, in the same transaction,
+        once every domain in ``needs`` (the batch profile's domains) has consented (kms.consents); returns the
+        card's record and the domains whose consent is still awaited (empty: re-issued)."""
         _check_principal("by", by)
+        subject = f"{batch_id}/{card_ref}"
         for _ in range(_ATTEMPTS):
             record, batch_state = self._read(batch_id, card_ref)
             if batch_state is not BatchState.OPEN:
@@ -361,8 +366,16 @@ class BatchStore:
                 raise InvalidState(f"card {card_ref} of batch {batch_id} is revoked")
             if record.state is CardState.PENDING and not record.bound_fields:
                 raise InvalidState(f"card {card_ref} of batch {batch_id} has no chip binding or bundle to revoke")
-            now = rfc3339(self._clock.now())
+            moment = self._clock.now()
+            now = rfc3339(moment)
             with self._engine.begin() as conn:
+                given = consents.give(conn, "reissue", subject, domain, by, "re-issue", moment)
+                awaiting = tuple(sorted(set(needs) - set(given)))
+                if awaiting:
+                    if self._audit is not None:
+                        self._audit.append(conn, "card.reissue-consented", actor=by, domain=domain, subject=subject,
+                                           detail={"awaiting": list(awaiting)})
+                    return record, awaiting
                 won = conn.execute(
                     batch_cards.update()
                     .where(
@@ -379,13 +392,15 @@ class BatchStore:
                     )
                 ).rowcount == 1
                 if won:
+                    consents.clear(conn, "reissue", subject)
                     _event(conn, batch_id, card_ref, EventKind.REISSUE_REVOKED, _revoked(record), now, by)
                     if self._audit is not None:
-                        self._audit.append(conn, "card.reissued", actor=by, subject=f"{batch_id}/{card_ref}", detail={
+                        self._audit.append(conn, "card.reissued", actor=by, subject=subject, detail={
                             "previous_state": record.state.value, "revoked_binding": sorted(record.bound_fields),
-                            "revoked_bundle": record.serial or ""})
+                            "revoked_bundle": record.serial or "",
+                            "consented_by": {d: c.by for d, c in sorted(given.items())}})
             if won:
-                return self.card(batch_id, card_ref)
+                return self.card(batch_id, card_ref), ()
         raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
 
     def record_issued(

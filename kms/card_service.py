@@ -37,7 +37,8 @@ class CardService(rpc.CardServiceServicer):
                                                                by))
 
     def ReplaceCard(self, request: pb.ReplaceCardRequest, context: grpc.ServicerContext) -> pb.Card:
-        return self._run(context, f"replaced card {request.old_card_ref} by card {request.new_card_ref}", lambda by:
+        return self._run(context, f"consented to replace card {request.old_card_ref} by card {request.new_card_ref}",
+                         lambda by:
                          self._l.replace(request.old_card_ref, request.new_card_ref, request.reason, by))
 
     def CancelApplication(self, request: pb.CancelApplicationRequest, context: grpc.ServicerContext) -> pb.Card:
@@ -75,6 +76,7 @@ def _card(view: CardView) -> pb.Card:
         history=[pb.LifecycleEvent(id=e.id, application=e.application or "", event=e.event.value,
                                    from_state=e.from_state or "", to_state=e.to_state or "", reason=e.reason,
                                    detail=e.detail, at=e.at, by=e.by) for e in view.history],
+        awaiting_consent=view.awaiting_consent,
     )
 
 

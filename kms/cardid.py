@@ -59,7 +59,7 @@ class CardIdentity:
             value = data.get(name)
             if value is not None and not isinstance(value, str):
                 raise InvalidArgument(name, "must be a string")
-            if isinstance(value, str) and name in ("card_serial", "kdd"):
+            if isinstance(value, str) and name in ("card_serial", "kdd") and value.isascii():  # "ﬀ".upper() is "FF"
                 value = value.upper()
             values[name] = value
         return cls(**values)  # type: ignore[arg-type]

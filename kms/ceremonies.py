@@ -104,14 +104,14 @@ class CeremonyRecord:
 
 
 def check_id(ceremony_id: str) -> str:
-    if not _ID.match(ceremony_id):
+    if not _ID.fullmatch(ceremony_id):
         raise InvalidArgument("ceremony_id", "must be C- followed by 16 hexadecimal digits")
     return ceremony_id
 
 
 def check_kcv(kcv: str, field: str = "kcv") -> str:
     value = kcv.strip().upper()
-    if not _KCV.match(value):
+    if not kcv.isascii() or not _KCV.fullmatch(value):  # "ﬀ".upper() is "FF"
         raise InvalidArgument(field, "must be 6 hexadecimal digits (3 bytes)")
     return value
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -22,17 +23,91 @@ from kms.ceremonies import Ceremonies, CeremonyRecord, CeremonyState, check_id
 from kms.ceremony import MINUTES_FORMAT
 from kms.clock import Clock, rfc3339
 from kms.engine import SIGNING_KEY_NAME
+from kms.hsm import UNDECRYPTABLE
 from kms.identity import Principal
 from kms.operations import Context
 from kms.registry import DOMAINS, KeyKind, check_domain
-from kms.server import abort, current_principal
+from kms.server import abort, current_domains, current_principal
 from kms.v1 import ceremony_pb2 as pb
 from kms.v1 import ceremony_pb2_grpc as rpc
 
 log = logging.getLogger("kms.ceremonies")
 T = TypeVar("T")
 
+MAX_PARAMS_CHARS = 64 * 1024  # the largest parameters (a PEM certificate or RSA key) are a few KiB
+MAX_PARAMS_DEPTH = 8  # parameters nest two levels deep (authorize-batch's master_keys)
+MAX_PARAMS_DIGITS = 64  # an integer longer than this is no parameter (and int() of 4,300 digits fails)
+_JSON_SPECIAL = re.compile(r'["\\\[\]{}]')
 
+
+def parse_params(text: str) -> dict[str, Any]:
+    """``params_json`` as canonical JSON (kms.bundle.canonical) holds it: an object of strings, integers, lists
+    and objects, of bounded size and depth, no key twice. Anything else is refused naming ``params_json`` before
+    any operation sees it (``json`` alone recurses without bound, reads NaN, floats, true, false and null)."""
+    if not text:
+        return {}
+    if len(text) > MAX_PARAMS_CHARS:
+        raise errors.InvalidArgument("params_json", f"is longer than {MAX_PARAMS_CHARS} characters")
+    if _depth(text) > MAX_PARAMS_DEPTH:
+        raise errors.InvalidArgument("params_json", f"nests deeper than {MAX_PARAMS_DEPTH} levels")
+    try:
+        params = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_bounded_int, parse_float=_no_float,
+                            parse_constant=_no_float)
+    except json.JSONDecodeError:
+        raise errors.InvalidArgument("params_json", "is not JSON") from None
+    if not isinstance(params, dict):
+        raise errors.InvalidArgument("params_json", "must be a JSON object")
+    try:
+        canonical(params)
+    except (TypeError, ValueError):  # true, false, null; a string with a lone surrogate (\ud800) is no UTF-8
+        raise errors.InvalidArgument("params_json", "may hold only strings, integers, lists and objects "
+                                                    "(no true, false, null or unpaired surrogates)") from None
+    return params
+
+
+def _depth(text: str) -> int:
+    """How deep brackets outside strings nest (one pass over the quotes, backslashes and brackets), stopping once
+    past the limit: checked before parsing, which would recurse once per level."""
+    depth = deepest = 0
+    in_string, escaped_at = False, -2
+    for special in _JSON_SPECIAL.finditer(text):
+        char, at = special.group(), special.start()
+        if in_string:
+            if at == escaped_at + 1:
+                continue  # the character a backslash escapes
+            if char == "\\":
+                escaped_at = at
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_PARAMS_DEPTH:
+                break
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise errors.InvalidArgument("params_json", f"names {key[:64]!r} twice")
+        result[key] = value
+    return result
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_PARAMS_DIGITS:
+        raise errors.InvalidArgument("params_json", f"holds an integer of more than {MAX_PARAMS_DIGITS} digits")
+    return int(digits)
+
+
+def _no_float(text: str) -> Any:
+    raise errors.InvalidArgument("params_json", f"holds {text[:32]}: numbers must be integers")
 
 
 class CeremonyService(rpc.CeremonyServiceServicer):
@@ -78,12 +153,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             op = operations.operation(request.operation)
-            try:
-                params = json.loads(request.params_json or "{}")
-            except json.JSONDecodeError:
-                raise errors.InvalidArgument("params_json", "is not JSON") from None
-            if not isinstance(params, dict):
-                raise errors.InvalidArgument("params_json", "must be a JSON object")
+            params = parse_params(request.params_json)
             assert principal.domain is not None
             checked = op.check(self._ctx, principal.domain, params)
             ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else dt.timedelta(hours=24)
@@ -126,11 +196,18 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             self._visible(principal, request.ceremony_id)
 
             def check(record: CeremonyRecord, sealed: bytes, kcv: str) -> None:
+                custody = self._ctx.registry.active(record.domain, KeyKind.CUSTODY, keyops.CUSTODY_NAME)
+                keyops.check_sealed(custody.public_key or b"", sealed)  # malformed: no worker is asked
                 pool = operations.pool_for(self._ctx, record.domain)
+                decrypted = True
                 try:
                     pool.call(keyops.check_component, record.params.get("algorithm", "AES256"), sealed, kcv)
+                except errors.InvalidArgument as error:
+                    decrypted = error.reason != UNDECRYPTABLE
+                    raise
                 finally:
-                    pool.recycle()  # the process a clear component passed through ends
+                    if decrypted:
+                        pool.recycle()  # the process a clear component passed through ends
 
             record = self._c.add_component(request.ceremony_id, principal, request.encrypted_component,
                                            request.kcv, check)
@@ -194,6 +271,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
     def FetchTransportKey(self, request: pb.TransportKeyRequest, context: grpc.ServicerContext
                           ) -> pb.TransportKeyHandoff:
         def work(principal: Principal) -> pb.TransportKeyHandoff:
+            _require_domain(check_domain(request.domain))
             handoff = self._ctx.handoffs.pending(principal, check_domain(request.domain))
             log.info("%s fetched the %s transport key %s", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
@@ -203,12 +281,19 @@ class CeremonyService(rpc.CeremonyServiceServicer):
     def ConfirmTransportKey(self, request: pb.ConfirmTransportKeyRequest, context: grpc.ServicerContext
                             ) -> pb.TransportKeyHandoff:
         def work(principal: Principal) -> pb.TransportKeyHandoff:
+            _require_domain(check_domain(request.domain))
             handoff = self._ctx.handoffs.confirm(principal, check_domain(request.domain), request.version,
                                                  request.kcv)
             log.info("%s confirmed the %s transport key %s; it is active", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
                                           label=handoff.label, kcv=handoff.kcv)
         return self._handle(context, work)
+
+
+def _require_domain(domain: str) -> None:
+    """A station receives a domain's transport key only while that domain registers it (kms.principals)."""
+    if domain not in current_domains():
+        raise errors.PermissionDenied(f"{current_principal()} is not registered for the {domain} domain")
 
 
 def minutes(record: CeremonyRecord, ctx: Context, now: dt.datetime) -> bytes:

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import secrets
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from typing import Any
 
 from kms import cli_audit, cli_ceremony, errors
 from kms import config as config_mod
+from kms.files import open_private, private_dir, restrict_umask, write_private
 
 log = logging.getLogger("kms")
 
@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--city-code", default="320200")
+    p = dev.add_parser("revoke-certificate",
+                       help="revoke a certificate of a development home's CA: add it to pki/crl.pem (a running "
+                            "server applies it on the next call)")
+    p.add_argument("--home", type=Path, required=True, help="the development home (made by kms init)")
+    p.add_argument("certificate", type=Path, help="the certificate to revoke (PEM), e.g. HOME/pki/clients/….pem")
+    p.add_argument("--json", action="store_true")
 
     bundle = sub.add_parser("bundle", help="sealed bundles").add_subparsers(dest="bundle_command", required=True)
     p = bundle.add_parser("seal", help="seal bundles for the cards in a CSV file (issuer side)")
@@ -86,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-id", required=True)
     p.add_argument("--server")
     p.add_argument("--json", action="store_true")
-    p = batch.add_parser("reissue", help="revoke a spoiled card's chip binding and bundle so it can be issued again")
+    p = batch.add_parser("reissue", help="consent (for your domain) to revoke a spoiled card's chip binding and "
+                                         "bundle so it can be issued again; done once every domain consented")
     p.add_argument("--client", type=Path, required=True, help="an officer's client configuration")
     p.add_argument("--batch-id", required=True)
     p.add_argument("--card-ref", required=True)
@@ -138,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()  # whatever kms writes, and the processes it starts write, is the user's alone (kms.files)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="kms: %(message)s")
     handler = _COMMANDS[args.command]
@@ -200,6 +208,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
+    if args.dev_command == "revoke-certificate":
+        return _revoke_certificate(args)
     if not 1 <= args.count <= 10_000_000:
         raise errors.InvalidArgument("--count", "must be from 1 to 10,000,000")
     write_random_cards(args.out, args.count, args.city_code)
@@ -207,8 +217,24 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke_certificate(args: argparse.Namespace) -> int:
+    from kms.pki import DevPki
+    from kms.revocation import serial_text
+
+    pki_dir = args.home / "pki"
+    if not (pki_dir / "ca.key").is_file():
+        raise errors.ConfigError(f"{args.home}: not a development home (no pki/ca.key)")
+    pki = DevPki(pki_dir)
+    cert = pki.revoke(args.certificate)
+    subject = cert.subject.rfc4514_string()
+    _emit(args, {"certificate": str(args.certificate), "serial": serial_text(cert), "subject": subject,
+                 "crl": str(pki.crl)},
+          f"revoked {args.certificate} (serial {serial_text(cert)}, {subject}); {pki.crl} rewritten")
+    return 0
+
+
 def write_random_cards(path: Path, count: int, city_code: str = "320200") -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with open_private(path, "w", newline="", encoding="utf-8") as f:  # PANs: the owner's alone
         writer = csv.writer(f)
         writer.writerow(CARD_COLUMNS)
         for i in range(count):
@@ -259,7 +285,7 @@ def _bundle_seal(args: argparse.Namespace) -> int:
     if args.workers is not None and not 1 <= args.workers <= 64:
         raise errors.InvalidArgument("--workers", "must be from 1 to 64")
     cards = read_cards(args.cards)
-    args.out.mkdir(parents=True, exist_ok=True)
+    private_dir(args.out)
     started = time.perf_counter()
     sealed = failed = 0
     with Issuer(args.config, args.bureau, args.profile, args.workers) as issuer:
@@ -268,10 +294,7 @@ def _bundle_seal(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"kms: card {issued.card_ref}: {issued.error}", file=sys.stderr)
                 continue
-            target = args.out / f"{issued.card_ref}.kmsb"
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(issued.data)
-            os.replace(tmp, target)
+            write_private(args.out / f"{issued.card_ref}.kmsb", issued.data)
             sealed += 1
         keys_per_card = issuer.keys_per_card
     elapsed = time.perf_counter() - started
@@ -416,7 +439,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             status = client.batch_status(args.batch_id)
         else:
             reply = client.reissue(args.batch_id, args.card_ref)
-            print(f"card {reply.card_ref} of batch {args.batch_id} is {reply.state} again")
+            if reply.awaiting:
+                print(f"card {reply.card_ref} of batch {args.batch_id}: your domain's consent to re-issue it is "
+                      f"recorded; awaiting the {' and '.join(reply.awaiting)} domain's consent")
+            else:
+                print(f"card {reply.card_ref} of batch {args.batch_id} is {reply.state} again")
             return 0
     doc = _status_doc(status)
     _emit(args, doc, f"batch {doc['batch_id']}: {doc['cards']} cards for {doc['bureau']} ({doc['profile']}), "
@@ -432,6 +459,7 @@ def _card_doc(reply: Any) -> dict[str, Any]:
         "history": [{"application": e.application or None, "event": e.event, "from": e.from_state or None,
                      "to": e.to_state or None, "reason": e.reason, "detail": e.detail, "at": e.at, "by": e.by}
                     for e in reply.history],
+        "awaiting_consent": list(reply.awaiting_consent),
     }
 
 
@@ -450,7 +478,9 @@ def _cmd_card(args: argparse.Namespace) -> int:
     doc = _card_doc(reply)
     lines = [f"card {doc['card_ref']}: " + ", ".join(f"{a} {s['state']}" for a, s in doc["applications"].items())
              + (f"; replaced by {doc['replaced_by']}" if doc["replaced_by"] else "")
-             + (f"; replaces {doc['replaces']}" if doc["replaces"] else "")]
+             + (f"; replaces {doc['replaces']}" if doc["replaces"] else "")
+             + (f"; replacement awaiting the {' and '.join(doc['awaiting_consent'])} domain's consent"
+                if doc["awaiting_consent"] else "")]
     if args.card_command == "show":
         lines += [f"  record {r['batch_id']}: {r['state']}" + (f" (bundle {r['serial']})" if r["serial"] else "")
                   for r in doc["records"]]
@@ -468,7 +498,7 @@ def _cmd_station(args: argparse.Namespace) -> int:
     from kms.clock import SystemClock
     from kms.station import Station, TrustStore
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    private_dir(args.out)
     cfg = config_mod.load_station(args.station_config)
     started = time.perf_counter()
     fetched = opened = keys = matched = 0
@@ -484,10 +514,7 @@ def _cmd_station(args: argparse.Namespace) -> int:
             total = client.batch_status(args.batch_id).cards
             progress = _Progress(total, enabled=not args.json and sys.stderr.isatty())
             for bundle in client.stream_batch(args.batch_id):
-                target = args.out / f"{bundle.card_ref}.kmsb"
-                tmp = target.with_suffix(".tmp")
-                tmp.write_bytes(bundle.data)
-                os.replace(tmp, target)
+                write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
                 fetched += 1
                 if station is not None:
                     try:

@@ -12,6 +12,7 @@ import base64
 import getpass
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kms import config as config_mod
 from kms import errors, identity
 from kms.ceremony import verify_minutes
 from kms.ceremony_client import CeremonyClient, checked_proposal
+from kms.files import write_private
 from kms.hsm import wipe
 from kms.officers import ApprovalKeyFile
 from kms.registry import DOMAINS
@@ -143,10 +145,10 @@ def _params(items: list[str]) -> dict[str, Any]:
         if name in _LISTS:
             params[name] = [v for v in value.split(",") if v]
         elif name in _INTS:
-            try:
-                params[name] = int(value)
-            except ValueError:
-                raise errors.InvalidArgument(f"params.{name}", "must be an integer") from None
+            # ASCII digits only (int() also reads "٣" or "1_0"); the service checks the range.
+            if not re.fullmatch(r"-?[0-9]{1,20}", value):
+                raise errors.InvalidArgument(f"params.{name}", "must be an integer")
+            params[name] = int(value)
         else:
             params[name] = value
     return params
@@ -218,10 +220,13 @@ def run(args: argparse.Namespace, client_for: Any) -> int:
             return _fetch(args, cer)
         else:
             minutes = cer.minutes(args.ceremony_id)
-            args.out.write_bytes(minutes.document)
-            Path(f"{args.out}.sig").write_text(json.dumps({
-                "signature": base64.b64encode(minutes.signature).decode(), "signing_key": minutes.signing_key,
-            }) + "\n", encoding="utf-8")
+            try:
+                write_private(args.out, minutes.document)
+                write_private(Path(f"{args.out}.sig"), json.dumps({
+                    "signature": base64.b64encode(minutes.signature).decode(), "signing_key": minutes.signing_key,
+                }) + "\n")
+            except OSError as error:
+                raise errors.InvalidArgument("--out", f"cannot write {args.out} ({error.strerror})") from None
             _emit(args, {"minutes": str(args.out), "signature": f"{args.out}.sig", "signing_key": minutes.signing_key},
                   f"minutes of {args.ceremony_id} written to {args.out} (signature: {args.out}.sig, "
                   f"signed by {minutes.signing_key})")

@@ -12,6 +12,7 @@ import grpc
 from kms import errors
 from kms.cardid import CardIdentity
 from kms.config import ClientConfig
+from kms.revocation import check_server_certificate
 from kms.v1 import cards_pb2 as cards_pb
 from kms.v1 import cards_pb2_grpc as cards_rpc
 from kms.v1 import issuance_pb2 as pb
@@ -30,6 +31,7 @@ _CODES = {
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidState,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,  # a limit (kms.limits) or gRPC's message size
 }
 
 
@@ -44,6 +46,9 @@ def translate(error: grpc.RpcError) -> errors.KmsError:
 
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | None = None) -> None:
+        # With client.tls.crl: the server's certificate checked against the CRL first, once for this channel
+        # (kms.revocation; gRPC Python cannot check CRLs itself).
+        check_server_certificate(cfg.tls, server or cfg.server, timeout)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=cfg.tls.ca.read_bytes(), private_key=cfg.tls.key.read_bytes(),
             certificate_chain=cfg.tls.cert.read_bytes(),

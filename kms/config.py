@@ -39,11 +39,14 @@ class DomainConfig:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Mutual TLS material: our certificate and key, and the CA that must have issued the peer's certificate."""
+    """Mutual TLS material: our certificate and key, the CA that must have issued the peer's certificate, and
+    optionally that CA's certificate revocation list (PEM; kms.revocation), against which the peer's certificate
+    is checked."""
 
     cert: Path
     key: Path
     ca: Path
+    crl: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,10 @@ def _hsm(path: Path, doc: Any) -> HsmConfig:
 
 
 def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
-    doc = _only(path, where, doc, {"cert", "key", "ca"})
-    return TlsConfig(*(_path(path.parent, doc[k], f"{where}.{k}") for k in ("cert", "key", "ca")))
+    doc = _only(path, where, doc, {"cert", "key", "ca"}, {"crl"})
+    cert, key, ca = (_path(path.parent, doc[k], f"{where}.{k}") for k in ("cert", "key", "ca"))
+    crl = _path(path.parent, doc["crl"], f"{where}.crl") if doc.get("crl") is not None else None
+    return TlsConfig(cert, key, ca, crl)
 
 
 def _server(path: Path, doc: Any) -> ServerConfig:

@@ -3,16 +3,21 @@ their own approval key file (used by `make demo`, `make bench` and the tests).""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kms import config
 from kms.cardid import CardIdentity
 from kms.ceremony_client import CeremonyClient
 from kms.client import Client
-from kms.devhome import OFFICERS, Home
+from kms.devhome import AUDITORS, OFFICERS, Home
 from kms.identity import Principal
-from kms.officers import ApprovalKeyFile
+from kms.officers import ApprovalKeyFile, public_pem
+from kms.pki import DevPki
 
 
 def officer(domain: str, index: int) -> Principal:
@@ -53,3 +58,33 @@ def open_batch(home: Home, port: int, creator: Client, batch_id: str, bureau: st
     creator.create_batch(batch_id, bureau, profile, cards)
     authorize_batch(home, port, batch_id)
     return creator.batch_status(batch_id)
+
+
+def client_config_for(home: Home, who: Principal, tag: str = "") -> Path:
+    """A client configuration (clients/<who>[+tag].yaml) for ``who`` with a certificate from the home's development
+    CA, in the same shape as the auditor's that ``kms init`` wrote (server, CA, revocation settings). With ``tag``,
+    a new certificate and key for the same principal (a re-certification). Registering it is a ceremony's job."""
+    template = yaml.safe_load(home.client_config(Principal("auditor", AUDITORS[0])).read_text())
+    cred = DevPki(home.path / "pki").client(who, tag)
+    path = home.client_config(who)
+    path = path.with_name(path.stem + (f"+{tag}" if tag else "") + ".yaml")
+    template["client"]["tls"]["cert"] = os.path.relpath(cred.cert, path.parent)
+    template["client"]["tls"]["key"] = os.path.relpath(cred.key, path.parent)
+    if who.role == "officer":
+        if not home.approval_key(who).exists():
+            ApprovalKeyFile.create(home.approval_key(who))
+        template["client"]["approval_key"] = home.approval_key(who).name
+    path.write_text(yaml.safe_dump(template, sort_keys=False))
+    return path
+
+
+def officer_params(home: Home, who: Principal, roles: Sequence[str] = ("approver",)) -> dict[str, Any]:
+    """enrol-officer parameters for a new officer of a development home: an approval key file, a client
+    certificate (and configuration), both made here."""
+    client_config_for(home, who)
+    return {"name": who.name, "roles": list(roles), "public_key": public_pem(key(home, who).public_key()),
+            "certificate": DevPki(home.path / "pki").client(who).cert.read_text()}
+
+
+def certificate_pem(home: Home, who: Principal, tag: str = "") -> str:
+    return DevPki(home.path / "pki").client(who, tag).cert.read_text()

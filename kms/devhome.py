@@ -7,6 +7,8 @@ Layout under the home directory:
   profiles/                        card profiles (a copy of policies/profiles)
   trust/                           the domains' published issuance signing keys (what stations trust)
   stations/<name>/station.yaml     a station's configuration; ledger.db its opened-bundle ledger
+  pki/                             the development CA (ca.pem, ca.key), its revocation list crl.pem, certificates
+Every file is 0600 and every directory 0700, the home included (kms.files).
 
 Each domain's keys are set up in a process of its own that reads only that domain's PIN, and each station's in
 another: the bureau's transport key goes from the domain's token to the station's token wrapped under the station's
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import TypeVar
 
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+from cryptography.x509 import load_pem_x509_certificate
 
 from kms import config as config_mod
 from kms import profiles, runtime, softhsm, store
@@ -37,11 +39,13 @@ from kms.ceremony import QuorumPolicy, approval_message
 from kms.clock import SystemClock
 from kms.engine import SIGNING_KEY_NAME
 from kms.errors import ConfigError
+from kms.files import PRIVATE_DIR, copy_tree_private, private_dir, write_private
 from kms.hsm import Algorithm, KcvMethod
 from kms.identity import Principal
 from kms.keyops import CUSTODY_NAME
 from kms.officers import ApprovalKeyFile, OfficerStore, public_pem
 from kms.pki import Credential, DevPki
+from kms.principals import PrincipalRegistry, certificate_pin
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
 from kms.secrets import SecretRef
 from kms.station import accept_transport_key, unwrap_key_label
@@ -58,7 +62,9 @@ AUDITORS = ("erin",)
 DEFAULT_PORT = 7443
 GENESIS = "genesis"
 #: Development homes record the layout they were made with; an older one is refused rather than half upgraded.
-HOME_FORMAT = 3  # 2: officers' approval keys, custody keys, genesis ceremonies; 3: the audit token and key
+#: 2: officers' approval keys, custody keys, genesis ceremonies; 3: the audit token and key; 4: the principal
+#: registry (certificate pins of officers, stations and auditors)
+HOME_FORMAT = 4
 AUDIT_TOKEN = "kms-audit"
 FORMAT_FILE = ".kms-home-format"
 
@@ -115,10 +121,11 @@ def init_home(
     every other master key the profiles need is generated inside the token. Idempotent."""
     home = Home(path.resolve())
     if home.config.exists() and home_format(home.path) < HOME_FORMAT:
-        raise ConfigError(f"{home.path} was made by an older kms (no officers' approval keys, custody keys or "
-                          "ceremony records); create a new home")
-    home.path.mkdir(parents=True, exist_ok=True)
-    (home.path / FORMAT_FILE).write_text(f"{HOME_FORMAT}\n", encoding="ascii")
+        raise ConfigError(f"{home.path} was made by an older kms (no principal registry, certificate pins, audit "
+                          "token or ceremony records); create a new home")
+    private_dir(home.path)
+    os.chmod(home.path, PRIVATE_DIR)  # the home holds PINs, the CA key and card data: its owner's alone
+    write_private(home.path / FORMAT_FILE, f"{HOME_FORMAT}\n")
     conf = softhsm.write_conf(home.path / "hsm")
     pins = home.path / "pins"
     for domain in DOMAINS:
@@ -130,7 +137,7 @@ def init_home(
 
     profiles_dir = home.path / "profiles"
     if not profiles_dir.exists():
-        shutil.copytree(POLICIES / "profiles", profiles_dir)
+        copy_tree_private(POLICIES / "profiles", profiles_dir)
     pki = DevPki(home.path / "pki")
     server = pki.server()
     if not home.config.exists():
@@ -178,7 +185,7 @@ def init_home(
         _in_own_process(_trust_custody_key, str(home.config), domain, str(pins / f"{domain}.so-pin"))
         for station, (bureau, version, wrapped, kcv) in handoffs.items():
             _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
-        _genesis(home, domain)
+        _genesis(home, domain, pki, stations)
     return home
 
 
@@ -187,21 +194,21 @@ def _audit_setup(config_path: str) -> None:
     key published as audit/audit-v1.pem for auditors (apart from trust/, which stations read)."""
     cfg = config_mod.load(Path(config_path))
     assert cfg.audit is not None
-    trust = cfg.home / "audit"
-    trust.mkdir(exist_ok=True)
+    trust = private_dir(cfg.home / "audit")
     with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve()) as session:
         if session.has_public_key(AUDIT_KEY_LABEL):
             spki = session.public_key(AUDIT_KEY_LABEL)
         else:
             spki = session.generate_signing_key(AUDIT_KEY_LABEL)
     pem = load_der_public_key(spki).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    (trust / "audit-v1.pem").write_bytes(pem)
+    write_private(trust / "audit-v1.pem", pem)
 
 
-def _genesis(home: Home, domain: str) -> None:
-    """The genesis ceremony of a domain: its first officers, enrolled with their approval public keys. The first
-    officer proposes the list; every listed officer, the proposer included, signs it with their own approval key
-    (proof of possession)."""
+def _genesis(home: Home, domain: str, pki: DevPki, stations: list[tuple[str, str]]) -> None:
+    """The genesis ceremony of a domain: its first officers, enrolled with their approval public keys and pinned
+    to their client certificates, and the stations and auditors the domain trusts from the start (each pinned to its
+    certificate). The first officer proposes the list; every listed officer, the proposer included, signs it with
+    their own approval key (proof of possession)."""
     cfg = config_mod.load(home.config)
     engine = store.make_engine(cfg.database)
     store.create_all(engine)
@@ -212,16 +219,30 @@ def _genesis(home: Home, domain: str) -> None:
         return
     people = [Principal("officer", name, domain=domain) for name in OFFICERS[domain]]
     keys = {p: ApprovalKeyFile(home.approval_key(p)) for p in people}
-    listed = [{"name": p.name, "roles": list(OFFICER_ROLES), "public_key": public_pem(keys[p].public_key())}
-              for p in people]
+    grantees = [Principal("station", name, bureau=bureau) for bureau, name in stations]
+    grantees += [Principal("auditor", name) for name in AUDITORS]
+    pins = {p: _pin(pki.client(p)) for p in [*people, *grantees]}
+    listed = [{"name": p.name, "roles": list(OFFICER_ROLES), "public_key": public_pem(keys[p].public_key()),
+               "cert_sha256": pins[p]} for p in people]
+    trusted = [{"principal": p.uri(), "cert_sha256": pins[p]} for p in grantees]
     ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officer_store, audit)
-    record = ceremonies.propose(people[0], GENESIS, {"officers": listed}, quorum_required=False)
+    record = ceremonies.propose(people[0], GENESIS, {"officers": listed, "principals": trusted},
+                                quorum_required=False)
     message = approval_message(record.proposal)
     for person in people:
         ceremonies.add_genesis_signature(record.ceremony_id, person, keys[person].sign(message))
     for person in people:
-        officer_store.enrol(person, OFFICER_ROLES, public_pem(keys[person].public_key()), record.ceremony_id)
-    ceremonies.record_executed(record, {"officers": [p.uri() for p in people]}, people[0])
+        officer_store.enrol(person, OFFICER_ROLES, public_pem(keys[person].public_key()), record.ceremony_id,
+                            cert_sha256=pins[person])
+    registry = PrincipalRegistry(engine, clock, audit)
+    for grantee in grantees:
+        registry.register(grantee, domain, pins[grantee], record.ceremony_id)
+    ceremonies.record_executed(record, {"officers": [p.uri() for p in people],
+                                        "principals": [p.uri() for p in grantees]}, people[0])
+
+
+def _pin(cred: Credential) -> str:
+    return certificate_pin(load_pem_x509_certificate(cred.cert.read_bytes()))
 
 
 def _trust_custody_key(config_path: str, domain: str, so_pin_file: str) -> None:
@@ -242,14 +263,14 @@ def _in_own_process(function: Callable[..., T], *args: object) -> T:
 
 
 def _tls(base: Path, cred: Credential, pki: DevPki) -> dict[str, str]:
-    """TLS file paths relative to the directory of the config that names them."""
+    """TLS file paths relative to the directory of the config that names them; ``crl`` is the development CA's
+    revocation list (kms.revocation; ``kms dev revoke-certificate`` adds to it)."""
     return {"cert": os.path.relpath(cred.cert, base), "key": os.path.relpath(cred.key, base),
-            "ca": os.path.relpath(pki.ca.cert, base)}
+            "ca": os.path.relpath(pki.ca.cert, base), "crl": os.path.relpath(pki.crl, base)}
 
 
 def _write_yaml(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_private(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _station_unwrap_keys(station_config: str) -> dict[str, bytes]:
@@ -300,9 +321,8 @@ def _domain_setup(
         signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
         assert signing.public_key is not None
         pem = load_der_public_key(signing.public_key).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-        trust = cfg.home / "trust"
-        trust.mkdir(exist_ok=True)
-        (trust / f"{domain}-issuance-v{signing.version}.pem").write_bytes(pem)
+        trust = private_dir(cfg.home / "trust")
+        write_private(trust / f"{domain}-issuance-v{signing.version}.pem", pem)
         for bureau, stations in bureaus.items():
             if len(stations) != 1:
                 raise ConfigError("development homes give each bureau exactly one station")

@@ -144,6 +144,19 @@ class BundleRejected(KmsError):
         super().__init__("bundle rejected")
 
 
+class ResourceExhausted(KmsError):
+    """A limit of the caller's (a station's or its bureau's cards per hour or day, streams in progress) is reached;
+    the message names it. Not retryable as such: the same call succeeds only once the window has moved on or
+    officers raised the limit (a set-limits ceremony)."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    exit_code = 11
+
+    def __init__(self, message: str, *, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class AuditChainBroken(KmsError):
     """The audit log no longer extends what the audit signer signed: it was changed outside kms. Nothing more is
     signed, so no export of the changed log can end with a good checkpoint."""

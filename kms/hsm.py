@@ -30,7 +30,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.constants import DEFAULT
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from kms.errors import HsmError, HsmKeyNotFound, HsmLoginFailed, MechanismUnavailable
+from kms.errors import HsmError, HsmKeyNotFound, HsmLoginFailed, InvalidArgument, MechanismUnavailable
 
 
 class Algorithm(enum.StrEnum):
@@ -195,6 +195,10 @@ _RETRYABLE = (
     p11e.TokenNotRecognised,
     p11e.UserNotLoggedIn,
 )
+_UNDECRYPTABLE = (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange, p11e.DataInvalid, p11e.DataLenRange,
+                  p11e.GeneralError)
+#: The reason a ciphertext sent in (a custodian's component) is refused when the token cannot decrypt it.
+UNDECRYPTABLE = "cannot be decrypted with the custody key (RSA-OAEP, SHA-1)"
 _LOGIN = (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinInvalid, p11e.PinLenRange)
 _REFUSED_EXTRACT = (p11e.KeyUnextractable, p11e.AttributeSensitive, p11e.KeyNotWrappable)
 
@@ -472,13 +476,20 @@ class TokenSession:
             finally:
                 public.destroy()
 
-    def custody_decrypt(self, label: str, ciphertext: bytes) -> bytearray:
+    def custody_decrypt(self, label: str, ciphertext: bytes, field: str = "ciphertext") -> bytearray:
         """Decrypt a component sent in to the custody key (RSA-OAEP). The caller wipes the result (a ceremony's
-        documented exception: components are joined outside the token, SoftHSM has no in-token XOR)."""
+        documented exception: components are joined outside the token, SoftHSM has no in-token XOR). A ciphertext
+        the token cannot decrypt is InvalidArgument naming ``field``, with the reason UNDECRYPTABLE."""
         private = self._key(label, ObjectClass.PRIVATE_KEY)
-        with _hsm(f"decrypt a component with {label!r}"):
+        try:
             return bytearray(private.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
                                              mechanism_param=_OAEP_SHA1))
+        except _UNDECRYPTABLE:
+            # The ciphertext is this call's only input (SoftHSM 2.6 answers any failed OAEP decoding with
+            # GeneralError): the caller's data, not the HSM, is at fault; nothing was decrypted.
+            raise InvalidArgument(field, UNDECRYPTABLE) from None
+        except p11e.PKCS11Error as error:
+            raise _translate(error, f"decrypt a component with {label!r}") from None
 
     def escrow_export(self, key_label: str, custody_label: str) -> bytearray:
         """An escrowable key's value, for splitting into components: wrapped by the token under the trusted custody

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import grpc
 
 from kms import errors
+from kms.alarms import Alarms
 from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, BatchState, BatchStore, CardRecord, CardState
 from kms.cardid import CardIdentity
 from kms.clock import Clock
@@ -28,9 +30,10 @@ from kms.engine import DomainKeys
 from kms.identity import Principal
 from kms.issuer import DomainPools, IssuedBundle, Issuer
 from kms.lifecycle import CardLifecycle
+from kms.limits import Quotas, StreamQuota
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
-from kms.server import abort, current_principal
+from kms.server import abort, current_domains, current_principal
 from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
 
@@ -40,13 +43,17 @@ DEFAULT_BUNDLES_PER_MESSAGE = 16
 MAX_BUNDLES_PER_MESSAGE = 256
 PAGE = 256  # card records read per database query of a stream
 MIN_TIME_FOR_HSM_WORK = 0.05  # seconds left on the deadline below which no HSM work starts
+ISSUE_CARD = "/kms.v1.IssuanceService/IssueCard"
+STREAM_BATCH = "/kms.v1.IssuanceService/StreamBatch"
+_CURSOR = re.compile(r"[0-9]{1,9}")  # a sequence number, as the server gives it
 
 
 class Issuance:
     """What the services share: records, key registry, profiles and the domain worker pools."""
 
     def __init__(self, config_path: Any, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
-                 pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle) -> None:
+                 pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle, quotas: Quotas | None = None,
+                 alarms: Alarms | None = None) -> None:
         self.config_path = config_path
         self.store = store
         self.lifecycle = lifecycle  # lost, cancelled, replaced cards and retired identities are never issued
@@ -54,6 +61,8 @@ class Issuance:
         self.profiles = profiles
         self.pools = pools
         self.clock = clock
+        self.quotas = quotas  # stations' and bureaus' issuance limits (kms.limits); None: no limits
+        self.alarms = alarms  # alarm.outside-batch records (kms.alarms)
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._lock = threading.Lock()
 
@@ -84,21 +93,35 @@ class Issuance:
         for domain in profile.domains:
             DomainKeys.transport_key(self.registry, domain, bureau)
 
-    def station_batch(self, principal: Principal, batch_id: str) -> Any:
+    def station_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Any:
+        """The station's batch; with ``method`` (a call for cards), asking for another bureau's batch, or one that
+        does not exist, also raises alarm.outside-batch."""
         if principal.role != "station":
             raise errors.PermissionDenied(f"{principal} is not a personalization station")
         try:
             batch = self.store.get_batch(batch_id)
         except errors.NotFound:  # the same answer as for another bureau's batch: no oracle of batch ids
+            self._outside_batch(principal, method, batch_id)
             raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}") from None
         if batch.bureau != principal.bureau:
+            self._outside_batch(principal, method, batch_id)
             raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}")
-        self.check_registered(batch.bureau, self.profile(batch.profile))
+        profile = self.profile(batch.profile)
+        missing = sorted(set(profile.domains) - current_domains())
+        if missing:  # each key domain decides itself which stations receive its keys (kms.principals)
+            raise errors.PermissionDenied(f"{principal} is not registered for the {' and '.join(missing)} domain"
+                                          f"{'s' if len(missing) > 1 else ''} of batch {batch_id}")
+        self.check_registered(batch.bureau, profile)
         return batch
 
-    def issuable_batch(self, principal: Principal, batch_id: str) -> Any:
+    def _outside_batch(self, principal: Principal, method: str | None, batch_id: str,
+                       card_ref: str | None = None) -> None:
+        if method is not None and self.alarms is not None:
+            self.alarms.outside_batch(principal, method, batch_id, card_ref)
+
+    def issuable_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Any:
         """A station's batch it may fetch cards of: refused before any HSM work until every domain authorized it."""
-        batch = self.station_batch(principal, batch_id)
+        batch = self.station_batch(principal, batch_id, method)
         if batch.state is BatchState.AWAITING:
             waiting = sorted(set(self.profile(batch.profile).domains) - set(batch.authorized_by))
             raise errors.InvalidState(f"batch {batch_id} is {batch.state.value}: the {', '.join(waiting)} domain "
@@ -144,10 +167,11 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             raise errors.InvalidArgument("card_ref", "is required")
         if request.idempotency_key and not IDEMPOTENCY_KEY.fullmatch(request.idempotency_key):
             raise errors.InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters, no spaces")
-        batch = self._i.issuable_batch(principal, request.batch_id)
+        batch = self._i.issuable_batch(principal, request.batch_id, ISSUE_CARD)
         try:
             record = self._i.store.card(batch.batch_id, request.card_ref)
         except errors.NotFound:
+            self._i._outside_batch(principal, ISSUE_CARD, batch.batch_id, request.card_ref)
             raise errors.PermissionDenied(
                 f"card {request.card_ref} is not in batch {batch.batch_id}: it was not authorized") from None
         # A card in a blocking state (lost, cancelled, closed, replaced, retired identity) gets nothing, not even
@@ -172,6 +196,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             missing = sorted(f for d in profile.domains for f in profile.card_fields(d)
                              if getattr(record.identity, f) is None)
             raise errors.InvalidArgument(f"chip.{missing[0]}", "is required: the batch does not carry it")
+        if self._i.quotas is not None:  # the station's and its bureau's card limits, before any HSM work
+            self._i.quotas.require_card(principal, profile.domains, ISSUE_CARD)
         _require_time(context)
         issuer = self._i.issuer(batch.bureau, batch.profile)
         issued = next(iter(issuer.issue([record.identity], batch.batch_id, batch.key_versions)))
@@ -212,7 +238,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         message's new bundles are recorded in one transaction before it is sent); cards issued earlier are sent
         from their stored bundles, so a resumed stream repeats nothing and loses nothing."""
         principal = current_principal()
-        batch = self._i.issuable_batch(principal, request.batch_id)
+        batch = self._i.issuable_batch(principal, request.batch_id, STREAM_BATCH)
         after = _cursor(request.cursor)
         per_message = request.max_bundles_per_message or DEFAULT_BUNDLES_PER_MESSAGE
         if not 1 <= per_message <= MAX_BUNDLES_PER_MESSAGE:
@@ -233,8 +259,12 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             for record in feed:
                 if sealable(record):
                     _require_time(context)  # no new HSM work once the caller is gone or out of time
+                    if quota is not None and not quota.may_feed():
+                        return  # a card limit is reached: the walk ends the stream when it comes to this card
                     yield record.identity
 
+        # One of the station's and its bureau's streams in progress, and their card limits (kms.limits).
+        quota = None if self._i.quotas is None else self._i.quotas.stream(principal, profile.domains, STREAM_BATCH)
         sealed = issuer.issue(to_seal(), batch.batch_id, batch.key_versions)
         group: list[tuple[CardRecord, IssuedBundle | None]] = []
         try:
@@ -243,27 +273,33 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                     # A pending card in a blocking state ends the stream like a failed card (the cursor stays
                     # before it); a card issued before it was blocked is not sent again, and the stream goes on.
                     if record.state is CardState.PENDING:
-                        yield from self._message(batch.batch_id, group, principal)
+                        yield from self._message(batch.batch_id, group, principal, quota)
                         raise errors.InvalidState(blocked[record.card_ref])
                     continue
                 if sealable(record):
-                    issued = next(sealed)
+                    issued = next(sealed, None)
+                    if issued is None:  # the feed stopped at a limit: what may be sent is sent, then refused
+                        assert quota is not None
+                        yield from self._message(batch.batch_id, group, principal, quota)
+                        raise quota.error()
                     if issued.error is not None:
                         # Send what came before, then end the stream with this card's error: the cursor stays
                         # before it, so a resumed stream seals it again (nothing is skipped silently).
-                        yield from self._message(batch.batch_id, group, principal)
+                        yield from self._message(batch.batch_id, group, principal, quota)
                         raise issued.error
                     group.append((record, issued))
                 elif record.state is CardState.ISSUED:
                     group.append((record, None))
                 if len(group) >= per_message:
-                    yield from self._message(batch.batch_id, group, principal)
+                    yield from self._message(batch.batch_id, group, principal, quota)
                     group = []
                     if not context.is_active():
                         raise errors.Cancelled("the call was cancelled")
             if group:
-                yield from self._message(batch.batch_id, group, principal)
+                yield from self._message(batch.batch_id, group, principal, quota)
         finally:
+            if quota is not None:
+                quota.close()  # the stream slot is free again
             sealed.close()  # cancels the chunks still queued for the workers
 
     def _records(self, batch_id: str, after: int, blocked: dict[str, str]) -> Iterator[CardRecord]:
@@ -272,12 +308,21 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             yield from page
             after = page[-1].sequence
 
-    def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal
-                 ) -> Iterator[pb.StreamBatchResponse]:
+    def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal,
+                 quota: StreamQuota | None = None) -> Iterator[pb.StreamBatchResponse]:
         new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
+        fed, over_limit = len(new), False
+        if quota is not None and new:  # one indexed query per message with new bundles (kms.limits)
+            admitted = quota.admit(fed)
+            if admitted < fed:  # a limit is reached: the message ends before the first card over it
+                cut = new[admitted][0].sequence
+                group = [entry for entry in group if entry[0].sequence < cut]
+                new, over_limit = new[:admitted], True
         won = self._i.store.record_issued_many(
             batch_id, [(record.identity, issued.serial, issued.data) for record, issued in new
                        if issued.data is not None], by=principal.uri())
+        if quota is not None:
+            quota.recorded(sum(won), fed)
         stored = {record.card_ref: issued for (record, issued), ok in zip(new, won, strict=True) if ok}
         bundles = []
         again: list[tuple[str, str]] = []  # sent before: each re-sending is recorded
@@ -296,6 +341,9 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         self._i.store.record_redelivered(batch_id, again, principal.uri())
         if bundles:
             yield pb.StreamBatchResponse(bundles=bundles, cursor=str(bundles[-1].sequence))
+        if over_limit:
+            assert quota is not None
+            raise quota.error()
 
     def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext
                        ) -> pb.BatchStatus:
@@ -354,10 +402,13 @@ class BatchService(rpc.BatchServiceServicer):
         try:
             principal = current_principal()
             batch = self._i.store.get_batch(request.batch_id)
-            if principal.domain not in self._i.profile(batch.profile).domains:
+            domains = self._i.profile(batch.profile).domains
+            if principal.domain is None or principal.domain not in domains:
                 raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
-            record = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri())
-            return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value)
+            # The same keys go to a station again: every domain whose keys the card carries must consent.
+            record, awaiting = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri(),
+                                                     domain=principal.domain, needs=domains)
+            return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value, awaiting=awaiting)
         except Exception as error:
             abort(context, error)
         raise AssertionError("unreachable")
@@ -372,7 +423,8 @@ def _status(batch: Any) -> pb.BatchStatus:
 def _cursor(text: str) -> int:
     if not text:
         return -1
-    if not text.isdigit() or len(text) > 9:
+    # ASCII digits only: str.isdigit() also takes "²" or "٣", which int() refuses or reads as another number.
+    if not _CURSOR.fullmatch(text):
         raise errors.InvalidArgument("cursor", "is not a cursor this server gave")
     return int(text)
 
@@ -398,11 +450,11 @@ def _with_chip(identity: CardIdentity, request: pb.IssueCardRequest) -> CardIden
 def _field(value: str, name: str) -> str | None:
     if not value:
         return None
-    value = value.upper()
     limits = {"chip.card_serial": 16, "chip.kdd": 20}
-    if len(value) != limits[name] or any(c not in "0123456789ABCDEF" for c in value):
+    # Checked before upper-casing: "ﬀ".upper() is "FF", so a non-ASCII character could pass as two hex digits.
+    if len(value) != limits[name] or any(c not in "0123456789ABCDEFabcdef" for c in value):
         raise errors.InvalidArgument(name, f"must be {limits[name]} hex digits")
-    return value
+    return value.upper()
 
 
 def register(issuance: Issuance) -> Any:

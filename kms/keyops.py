@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from kms import components
 from kms.errors import HsmError, InvalidArgument, InvalidState
 from kms.hsm import Algorithm, TokenSession, wipe
@@ -32,11 +35,27 @@ def custody_label(w: Worker) -> str:
     return w.registry.active(w.domain, KeyKind.CUSTODY, CUSTODY_NAME).label
 
 
+def check_sealed(custody_spki: bytes, sealed: bytes) -> None:
+    """Before any worker sees it: a component sent in is one RSA-OAEP ciphertext under the custody key, exactly as
+    long as its modulus and smaller than it as a number (what the token would refuse only after trying)."""
+    public = serialization.load_der_public_key(custody_spki)
+    if not isinstance(public, rsa.RSAPublicKey):
+        raise InvalidState("the custody key is not an RSA key")
+    size = (public.key_size + 7) // 8
+    if len(sealed) != size or int.from_bytes(sealed, "big") >= public.public_numbers().n:
+        raise InvalidArgument("encrypted_component", f"is not an RSA-OAEP ciphertext under the {public.key_size}-bit "
+                                                     f"custody key ({size} bytes)")
+
+
 def check_component(w: Worker, algorithm: str, sealed: bytes, kcv: str) -> None:
-    """Decrypt one component sent in and compare its KCV with the one its custodian gave (nothing stored)."""
-    value = w.session.custody_decrypt(custody_label(w), sealed)
+    """Decrypt one component sent in and compare its KCV with the one its custodian gave (nothing stored). A
+    ciphertext the token cannot decrypt is InvalidArgument ``encrypted_component`` with reason hsm.UNDECRYPTABLE."""
+    alg = Algorithm(algorithm)
+    value = w.session.custody_decrypt(custody_label(w), sealed, "encrypted_component")
     try:
-        if components.kcv(Algorithm(algorithm), value) != kcv:
+        if len(value) != alg.length:
+            raise InvalidArgument("encrypted_component", f"does not hold a {alg} component ({alg.length} bytes)")
+        if components.kcv(alg, value) != kcv:
             raise InvalidArgument("kcv", "does not match the component")
     finally:
         wipe(value)

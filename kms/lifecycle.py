@@ -11,8 +11,8 @@ application of the chip (``hrss``, ``bank``) has its own state:
   with a new card serial, PAN and KDD, hence new keys) is linked to the old one, the old card's batch records that
   are pending or issued are revoked, and its identities (card serial, PAN+PSN, KDD) are retired for good.
 
-An officer acts only on the application of their own domain; a replacement, which ends both applications, is
-recorded by an hrss officer (the social security card is the HRSS issuer's card). Every change is one conditional
+An officer acts only on the application of their own domain; a replacement, which ends both applications, needs an
+officer of each domain (kms.consents: each consents, the last consent carries it out). Every change is one conditional
 UPDATE on the card's row (``version``) plus an append-only event (who, when, what, why), in one transaction; a lost
 race is re-read and re-judged, as in kms.batches.
 
@@ -29,6 +29,7 @@ their values.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kms import consents
 from kms.audit import AuditLog
 from kms.batches import CardState, EventKind
 from kms.cardid import CardIdentity
@@ -123,6 +125,7 @@ class CardView:
     since: dict[str, str | None]  # per application: time of its last change
     records: list[RecordState]
     history: list[LifecycleEvent]
+    awaiting_consent: tuple[str, ...] = ()  # a replacement's answer: domains whose officers must still consent
 
 
 class _Lost(Exception):
@@ -174,16 +177,17 @@ class CardLifecycle:
         return self._change(card_ref, application, reason, by, judge, event)
 
     def replace(self, old_card_ref: str, new_card_ref: str, reason: str, by: Principal) -> CardView:
-        """补换: the new card replaces the old one; returns the old card's view."""
+        """补换: one domain's consent (officer ``by``) to the new card replacing the old one. A replacement ends both
+        applications, so it happens, in the same transaction as the last consent, once an officer of each domain
+        consented (kms.consents). Returns the old card's view, with the domains still to consent."""
         _check_ref("old_card_ref", old_card_ref)
         _check_ref("new_card_ref", new_card_ref)
         if new_card_ref == old_card_ref:
             raise InvalidArgument("new_card_ref", "must name another card than old_card_ref")
         reason = _check_reason(reason)
         _require_officer(by)
-        if by.domain != "hrss":
-            raise PermissionDenied(f"{by} cannot replace card {old_card_ref}: a replacement (补换) ends both "
-                                   "applications of the card and is recorded by an hrss officer")
+        assert by.domain is not None
+        subject = f"{old_card_ref}>{new_card_ref}"
         for _ in range(_ATTEMPTS):
             with self._engine.connect() as conn:
                 old = _status(conn, old_card_ref)
@@ -206,39 +210,53 @@ class CardLifecycle:
                 (name, value), owner = min(retired.items())
                 raise InvalidArgument("new_card_ref", f"card {new_card_ref} has the {_LABELS[name]} {value} of card "
                                       f"{owner}, which was replaced; it is retired")
-            now = rfc3339(self._clock.now())
+            moment = self._clock.now()
+            now = rfc3339(moment)
             to_retire = [(f, v) for f in _RETIRED_FIELDS for v in sorted(old_ids[f])]
             try:
                 with self._engine.begin() as conn:
-                    _write(conn, old, {"hrss_state": AppState.REPLACED.value, "bank_state": AppState.REPLACED.value,
-                                       "replaced_by": new_card_ref}, now)
-                    _write(conn, new, {"replaces": old_card_ref}, now)
-                    already = _retired(conn, to_retire)  # e.g. a value two cards shared
-                    fresh = [{"field": f, "value": v, "card_ref": old_card_ref, "retired_at": now,
-                              "retired_by": by.uri()} for f, v in to_retire if (f, v) not in already]
-                    if fresh:
-                        conn.execute(retired_identities.insert(), fresh)
-                    revoked = _revoke_records(conn, old_card_ref, f"card replaced by {new_card_ref}", now, by.uri())
-                    retired_text = ", ".join(f"{_LABELS[f]} {v}" for f, v in to_retire) or "none known"
-                    detail = (f"replaced by card {new_card_ref}; retired identities: {retired_text}; revoked records: "
-                              f"{revoked or 'none'}")
-                    for application in APPLICATIONS:
-                        _event(conn, old_card_ref, application, Event.REPLACED, old.state(application),
-                               AppState.REPLACED, reason, detail, now, by)
-                    _event(conn, new_card_ref, None, Event.REPLACES, None, None, reason,
-                           f"replaces card {old_card_ref}", now, by)
-                    if self._audit is not None:
-                        retired_fields = sorted({f for f, _ in to_retire})
+                    given = consents.give(conn, "replace", subject, by.domain, by.uri(), reason, moment)
+                    awaiting = tuple(sorted(set(APPLICATIONS) - set(given)))
+                    if awaiting:
+                        if self._audit is not None:
+                            self._audit.append(conn, "lifecycle.replace-consented", actor=by.uri(), domain=by.domain,
+                                               subject=old_card_ref, detail={"replaced_by": new_card_ref,
+                                                                             "reason": reason,
+                                                                             "awaiting": list(awaiting)})
+                    else:
+                        consents.clear(conn, "replace", subject)
+                        _write(conn, old, {"hrss_state": AppState.REPLACED.value,
+                                           "bank_state": AppState.REPLACED.value, "replaced_by": new_card_ref}, now)
+                        _write(conn, new, {"replaces": old_card_ref}, now)
+                        already = _retired(conn, to_retire)  # e.g. a value two cards shared
+                        fresh = [{"field": f, "value": v, "card_ref": old_card_ref, "retired_at": now,
+                                  "retired_by": by.uri()} for f, v in to_retire if (f, v) not in already]
+                        if fresh:
+                            conn.execute(retired_identities.insert(), fresh)
+                        revoked = _revoke_records(conn, old_card_ref, f"card replaced by {new_card_ref}", now,
+                                                  by.uri())
+                        retired_text = ", ".join(f"{_LABELS[f]} {v}" for f, v in to_retire) or "none known"
+                        consented = ", ".join(f"{d} {c.by}" for d, c in sorted(given.items()))
+                        detail = (f"replaced by card {new_card_ref}; retired identities: {retired_text}; revoked "
+                                  f"records: {revoked or 'none'}; consented: {consented}")
                         for application in APPLICATIONS:
-                            self._record(conn, Event.REPLACED, old_card_ref, application, old.state(application),
-                                         AppState.REPLACED, reason, by, {"replaced_by": new_card_ref,
-                                                                         "retired": retired_fields,
-                                                                         "revoked": revoked})
-                        self._record(conn, Event.REPLACES, new_card_ref, None, None, None, reason, by,
-                                     {"replaces": old_card_ref})
+                            _event(conn, old_card_ref, application, Event.REPLACED, old.state(application),
+                                   AppState.REPLACED, reason, detail, now, by)
+                        _event(conn, new_card_ref, None, Event.REPLACES, None, None, reason,
+                               f"replaces card {old_card_ref}", now, by)
+                        if self._audit is not None:
+                            retired_fields = sorted({f for f, _ in to_retire})
+                            for application in APPLICATIONS:
+                                self._record(conn, Event.REPLACED, old_card_ref, application, old.state(application),
+                                             AppState.REPLACED, reason, by, {
+                                                 "replaced_by": new_card_ref, "retired": retired_fields,
+                                                 "revoked": revoked,
+                                                 "consented_by": {d: c.by for d, c in sorted(given.items())}})
+                            self._record(conn, Event.REPLACES, new_card_ref, None, None, None, reason, by,
+                                         {"replaces": old_card_ref})
             except (_Lost, sa.exc.IntegrityError):
                 continue
-            return self.view(old_card_ref)
+            return dataclasses.replace(self.view(old_card_ref), awaiting_consent=awaiting)
         raise InvalidState(f"card {old_card_ref} keeps changing; try again")
 
     # -- reading ----------------------------------------------------------------------------------------------------

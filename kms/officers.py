@@ -15,7 +15,6 @@ transaction (fail closed); the approval key appears as its fingerprint.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,12 +29,13 @@ from kms.audit import AuditLog
 from kms.ceremony import Officer
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.files import open_private
 from kms.identity import Principal, parse_uri
 from kms.registry import check_domain
 from kms.store import officers
 
 ROLES = ("approver", "key-custodian")
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 
 def parse_public_key(pem: str, field: str = "public_key") -> ec.EllipticCurvePublicKey:
@@ -61,7 +61,7 @@ def check_roles(roles: Iterable[str], field: str = "roles") -> frozenset[str]:
 
 
 def check_name(name: str, field: str = "name") -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument(field, "must be 1-32 lower-case letters, digits or '-', starting with a letter")
     return name
 
@@ -77,9 +77,7 @@ class ApprovalKeyFile:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with open_private(path, "wb", exclusive=True) as out:
             out.write(pem)
         return cls(path)
 
@@ -111,6 +109,7 @@ class OfficerRecord:
     state: str
     enrolled_at: str
     enrolled_by: str
+    cert_sha256: str = ""
 
 
 class OfficerStore:
@@ -120,7 +119,8 @@ class OfficerStore:
         self._audit = audit
 
     def enrol(self, principal: Principal, roles: Iterable[str], public_key_pem: str, enrolled_by: str,
-              conn: sa.Connection | None = None) -> OfficerRecord:
+              conn: sa.Connection | None = None, *, cert_sha256: str) -> OfficerRecord:
+        """Enrol an officer with roles, an approval key and the pin of their client certificate (kms.principals)."""
         if principal.role != "officer" or principal.domain is None:
             raise InvalidArgument("principal", "must be an officer of a domain")
         check_domain(principal.domain)
@@ -129,7 +129,7 @@ class OfficerStore:
         parse_public_key(public_key_pem)
         values = dict(principal=principal.uri(), domain=principal.domain, name=principal.name,
                       roles=" ".join(sorted(chosen)), public_key=public_key_pem, state="active",
-                      enrolled_at=rfc3339(self._clock.now()), enrolled_by=enrolled_by)
+                      enrolled_at=rfc3339(self._clock.now()), enrolled_by=enrolled_by, cert_sha256=cert_sha256)
         if conn is not None:
             self._enrol(conn, principal, values)
         else:
@@ -145,7 +145,8 @@ class OfficerStore:
         if self._audit is not None:
             self._audit.append(conn, "officer.enrolled", domain=principal.domain or "", subject=principal.uri(),
                                detail={"roles": values["roles"].split(), "enrolled_by": values["enrolled_by"],
-                                       "key_fingerprint": _fingerprint(values["public_key"])})
+                                       "key_fingerprint": _fingerprint(values["public_key"]),
+                                       "cert_sha256": values["cert_sha256"]})
 
     def revoke(self, principal: Principal) -> OfficerRecord:
         """An officer who no longer counts for anything (a revoke-officer ceremony): conditional on being active."""
@@ -199,4 +200,5 @@ def _fingerprint(pem: str) -> str:
 def _record(m: Mapping[Any, Any]) -> OfficerRecord:
     pem = str(m["public_key"])
     officer = Officer(parse_uri(str(m["principal"])), frozenset(str(m["roles"]).split()), parse_public_key(pem))
-    return OfficerRecord(officer, pem, str(m["state"]), str(m["enrolled_at"]), str(m["enrolled_by"]))
+    return OfficerRecord(officer, pem, str(m["state"]), str(m["enrolled_at"]), str(m["enrolled_by"]),
+                         str(m["cert_sha256"]))

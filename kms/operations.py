@@ -24,7 +24,10 @@ from kms.handoffs import TransportHandoffs
 from kms.hsm import Algorithm
 from kms.identity import Principal, parse_uri
 from kms.issuer import DomainPools
+from kms.limits import LimitStore
+from kms.limits import check_params as check_limits
 from kms.officers import OfficerStore, check_name, check_roles, parse_public_key
+from kms.principals import PrincipalRegistry, parse_certificate
 from kms.profiles import Profile
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
 
@@ -32,6 +35,7 @@ _KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
 _KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
 TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
+MAX_INT = 2**31 - 1  # the largest integer parameter (key versions)
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Context:
     ceremonies: Ceremonies
     handoffs: TransportHandoffs
     pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
+    principals: PrincipalRegistry | None = None  # stations' and auditors' registrations, officers' certificate pins
+    limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.limits)
 
 
 Checker = Callable[[Context, str, Mapping[str, Any]], dict[str, Any]]
@@ -85,9 +91,10 @@ def _choice(params: Mapping[str, Any], name: str, choices: tuple[str, ...], defa
 
 
 def _int(params: Mapping[str, Any], name: str) -> int:
+    # Bounded to what every database stores (PostgreSQL INTEGER; SQLite overflows past 64 bits).
     value = params.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidArgument(f"params.{name}", "must be a positive integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INT:
+        raise InvalidArgument(f"params.{name}", f"must be an integer from 1 to {MAX_INT}")
     return value
 
 
@@ -146,8 +153,9 @@ def _custody_key(ctx: Context, domain: str, params: Mapping[str, Any]) -> str:
 
 
 def _check_enrol(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
-    _only(p, {"name", "roles", "public_key"})
+    _only(p, {"name", "roles", "public_key", "certificate"}, {"cert_sha256"})
     name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    pin = _pin(p, Principal("officer", name, domain=domain))
     roles = p["roles"]
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise InvalidArgument("params.roles", "must be a list of roles")
@@ -158,7 +166,8 @@ def _check_enrol(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
         raise InvalidArgument("params.name", f"{name} is already a {domain} officer")
     if ctx.officers.key_in_use(pem):
         raise InvalidArgument("params.public_key", "is already an officer's approval key")
-    return {"name": name, "roles": sorted(chosen), "public_key": pem}
+    return {"name": name, "roles": sorted(chosen), "public_key": pem, "certificate": p["certificate"],
+            "cert_sha256": pin}
 
 
 def _check_revoke(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,9 +185,83 @@ def _run_revoke(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 def _run_enrol(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     principal = Principal("officer", c.params["name"], domain=c.domain)
-    ctx.officers.enrol(principal, c.params["roles"], c.params["public_key"], c.ceremony_id)
+    ctx.officers.enrol(principal, c.params["roles"], c.params["public_key"], c.ceremony_id,
+                       cert_sha256=c.params["cert_sha256"])
     return {"officer": principal.uri(), "roles": list(c.params["roles"]),
-            "key_fingerprint": fingerprint(c.params["public_key"])}
+            "key_fingerprint": fingerprint(c.params["public_key"]), "cert_sha256": c.params["cert_sha256"]}
+
+
+def _pin(p: Mapping[str, Any], principal: Principal) -> str:
+    """The certificate pin of ``params.certificate`` (which must name ``principal``); a ``cert_sha256`` given with
+    the proposal must be the same, so approvers can compare it with what the principal showed them."""
+    pin = parse_certificate(p.get("certificate"), "params.certificate", principal)
+    if "cert_sha256" in p and p["cert_sha256"] != pin:
+        raise InvalidArgument("params.cert_sha256", f"is not the certificate's key ({pin})")
+    return pin
+
+
+def _registry(ctx: Context) -> PrincipalRegistry:
+    if ctx.principals is None:
+        raise InvalidState("no principal registry is configured here")
+    return ctx.principals
+
+
+def _grantee(p: Mapping[str, Any], role: str) -> Principal:
+    if role == "station":
+        return Principal("station", _str(p, "station"), bureau=_str(p, "bureau"))
+    return Principal("auditor", check_name(p["name"] if isinstance(p.get("name"), str) else "", "params.name"))
+
+
+def _check_register(role: str) -> Checker:
+    """register-station (bureau, station, certificate) / enrol-auditor (name, certificate): this domain's trust in
+    that principal, pinned to its certificate's key. Registering again with a new certificate moves the pin."""
+    def check(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        _only(p, {"bureau", "station", "certificate"} if role == "station" else {"name", "certificate"},
+              {"cert_sha256"})
+        principal = _grantee(p, role)
+        return {**{k: p[k] for k in p if k != "cert_sha256"}, "principal": principal.uri(),
+                "cert_sha256": _pin(p, principal)}
+    return check
+
+
+def _run_register(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = parse_uri(c.params["principal"])
+    done = _registry(ctx).register(principal, c.domain, c.params["cert_sha256"], c.ceremony_id)
+    return {"principal": principal.uri(), "domain": c.domain, "cert_sha256": done.cert_sha256, "state": done.state}
+
+
+def _check_unregister(role: str) -> Checker:
+    """revoke-station (bureau, station) / revoke-auditor (name): this domain no longer trusts that principal."""
+    def check(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        _only(p, {"bureau", "station"} if role == "station" else {"name"})
+        principal = _grantee(p, role)
+        if not _registry(ctx).active(principal, domain):
+            raise InvalidArgument("params.station" if role == "station" else "params.name",
+                                  f"{principal.uri()} is not registered for the {domain} domain")
+        return {**dict(p), "principal": principal.uri()}
+    return check
+
+
+def _run_unregister(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = parse_uri(c.params["principal"])
+    done = _registry(ctx).revoke(principal, c.domain, c.ceremony_id)
+    return {"principal": principal.uri(), "domain": c.domain, "state": done.state}
+
+
+def _check_renew(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """renew-certificate (name, certificate): an active officer of the domain now uses this certificate's key."""
+    _only(p, {"name", "certificate"}, {"cert_sha256"})
+    name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    principal = Principal("officer", name, domain=domain)
+    if principal not in ctx.officers.active(domain):
+        raise InvalidArgument("params.name", f"{name} is not an active {domain} officer")
+    return {"name": name, "certificate": p["certificate"], "cert_sha256": _pin(p, principal)}
+
+
+def _run_renew(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = Principal("officer", c.params["name"], domain=c.domain)
+    _registry(ctx).repin_officer(principal, c.params["cert_sha256"], c.ceremony_id)
+    return {"officer": principal.uri(), "cert_sha256": c.params["cert_sha256"]}
 
 
 def _check_generate(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,8 +336,11 @@ def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[st
             raise InvalidArgument("params.public_key", "is not a PEM public key") from None
         if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
             raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
-        return {"bureau": bureau, "method": method, "public_key": pem,
-                "station": Principal("station", station, bureau=bureau).uri()}
+        receiver = Principal("station", station, bureau=bureau)
+        if ctx.principals is not None and not ctx.principals.active(receiver, domain):
+            raise InvalidArgument("params.station", f"{receiver.uri()} is not registered for the {domain} domain "
+                                                    "(register-station first)")
+        return {"bureau": bureau, "method": method, "public_key": pem, "station": receiver.uri()}
     if method == "import-components":
         _only(p, {"bureau", "method", "kcv", "custodians"}, {"custody_key"})
         return {"bureau": bureau, "method": method, "algorithm": Algorithm.AES256.value,
@@ -366,9 +452,31 @@ def _run_batch(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
             "master_keys": dict(p["master_keys"])}
 
 
+def _check_limits(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """set-limits (scope, subject, cards_per_hour / cards_per_day / concurrent_streams): this domain's value of
+    issuance limits for a station, a bureau, or every one ("default"); kms.limits.check_params."""
+    return check_limits(p)
+
+
+def _run_limits(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    if ctx.limits is None:
+        raise InvalidState("no issuance limits are kept here")
+    return ctx.limits.set(c.domain, c.params, c.ceremony_id)
+
+
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("enrol-officer", "enrol an officer with roles and an approval key", _check_enrol, _run_enrol, False),
     Operation("revoke-officer", "an officer who no longer counts for anything", _check_revoke, _run_revoke, False),
+    Operation("renew-certificate", "pin an officer to a new client certificate key", _check_renew, _run_renew,
+              False),
+    Operation("register-station", "trust a bureau's station (pinned to its certificate) for this domain",
+              _check_register("station"), _run_register, False),
+    Operation("revoke-station", "this domain no longer trusts a station", _check_unregister("station"),
+              _run_unregister, False),
+    Operation("enrol-auditor", "let an auditor (pinned to their certificate) read this domain's audit records",
+              _check_register("auditor"), _run_register, False),
+    Operation("revoke-auditor", "an auditor who may no longer read this domain's audit records",
+              _check_unregister("auditor"), _run_unregister, False),
     Operation("generate-master-key", "generate a master key (next version) in the HSM", _check_generate,
               _run_generate),
     Operation("import-master-key", "join a master key (next version) from custodians' components", _check_import,
@@ -384,6 +492,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy),
     Operation("authorize-batch", "the domain's authorization of an issuance batch", _check_batch, _run_batch,
               False),
+    Operation("set-limits", "this domain's issuance limits for a station, a bureau or every one", _check_limits,
+              _run_limits, False),
 )}
 
 

@@ -113,7 +113,7 @@ class Factor:
 
     @classmethod
     def parse(cls, text: object) -> Factor:
-        if not isinstance(text, str) or not (match := _FACTOR.match(text)):
+        if not isinstance(text, str) or not (match := _FACTOR.fullmatch(text)):
             raise ValueError(f"factor {text!r} must look like 'ascii:...' or 'hex:...'")
         encoding, template = match.groups()
         parts = []

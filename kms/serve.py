@@ -5,7 +5,7 @@ processes (kms.workers), which alone read their own domain's PIN.
 
 Every store it builds shares one audit log (kms.audit) on the service's database: each state change appends its
 record in its own transaction. A ``service.started`` record names the SHA-256 of the configuration file and of each
-policy file (authorization, quorum, profiles), so that a configuration change shows as a new digest.
+policy file (authorization, quorum, limits, profiles), so that a configuration change shows as a new digest.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from kms import card_service, profiles, runtime, store
 from kms import config as config_mod
+from kms.alarms import Alarms
 from kms.audit import AuditLog
 from kms.audit_service import AuditService
 from kms.audit_service import register as register_audit
@@ -34,12 +35,16 @@ from kms.ceremony_service import CeremonyService
 from kms.ceremony_service import register as register_ceremonies
 from kms.clock import Clock, SystemClock
 from kms.errors import ConfigError
+from kms.files import restrict_umask
 from kms.handoffs import TransportHandoffs
 from kms.issuance import Issuance, register
 from kms.issuer import DomainPools
 from kms.lifecycle import CardLifecycle
+from kms.limits import DEFAULT_LIMITS, LimitsPolicy, Quotas
 from kms.officers import OfficerStore
 from kms.operations import Context
+from kms.principals import PrincipalRegistry
+from kms.revocation import RevocationList
 from kms.server import TlsFiles, create_server
 
 log = logging.getLogger("kms.serve")
@@ -49,31 +54,42 @@ class Service:
     """A configured, started server and what it owns; ``stop()`` ends both."""
 
     def __init__(self, config_path: Path, *, listen: str | None = None, clock: Clock | None = None,
-                 processes_per_domain: int | None = None) -> None:
+                 processes_per_domain: int | None = None, limits: Path | None = None) -> None:
+        """``limits``: another defaults file than policies/limits.yaml (tests; `kms serve` has no such option)."""
         cfg = config_mod.load(config_path)
         if cfg.server is None:
             raise ConfigError(f"{cfg.path}: no 'server' section")
+        # Client certificates checked against the CA's CRL on every call; a CRL that cannot be used stops the start.
+        crl = cfg.server.tls.crl
+        revocation = [RevocationList(crl, cfg.server.tls.ca)] if crl is not None else []
         clock = clock or SystemClock()
         engine = store.make_engine(cfg.database)
         store.create_all(engine)
         self.audit = audit = AuditLog(engine, clock)
         authz_path = cfg.server.policy or DEFAULT_POLICY
+        limits_path = limits or DEFAULT_LIMITS
+        limits_policy = LimitsPolicy.load(limits_path)
         audit.record("service.started", detail={
             "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
             "policies": {"authz": _sha256(authz_path), "quorum": _sha256(DEFAULT_QUORUMS),
+                         "limits": _sha256(limits_path),
                          "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
         registry = runtime.registry(cfg, clock)  # with its own audit log on the same database
         loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
         self.pools = DomainPools(cfg.path, processes_per_domain)
         self.lifecycle = CardLifecycle(engine, clock, audit)
+        # Issuance limits (policies/limits.yaml, then set-limits ceremonies) and anomaly alarms (kms.limits, alarms).
+        self.alarms = Alarms(audit, clock, limits_policy.alarms)
+        self.quotas = Quotas(engine, clock, limits_policy, audit, self.alarms)
         self.issuance = Issuance(cfg.path, BatchStore(engine, clock, audit), registry, loaded, self.pools, clock,
-                                 lifecycle=self.lifecycle)
+                                 lifecycle=self.lifecycle, quotas=self.quotas, alarms=self.alarms)
         officer_store = OfficerStore(engine, clock, audit)
+        self.principals = PrincipalRegistry(engine, clock, audit)
         self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(DEFAULT_QUORUMS), officer_store, audit)
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
         handoffs = TransportHandoffs(engine, registry, clock, audit)
         ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
-                                   self.pools)
+                                   self.pools, self.principals, limits=self.quotas.store)
         ceremony = CeremonyService(self.ceremonies, ceremony_context, clock)
         # Checkpoints of the audit chain, signed by the audit key in a process of its own (docs/audit.md).
         self.signer: AuditSigner | None = None
@@ -92,6 +108,9 @@ class Service:
                       register_ceremonies(ceremony), *audit_services),
             address=listen or cfg.server.listen,
             audit=audit,
+            principals=self.principals,
+            certificate_checks=revocation,
+            alarms=self.alarms,
         )
         self.server.start()
 
@@ -119,6 +138,7 @@ def _services(*registrars: Callable[[Any], Iterable[str]]) -> Callable[[Any], li
 
 
 def serve(config_path: Path, *, listen: str | None = None, ready: Callable[[int], Any] = lambda port: None) -> None:
+    restrict_umask()  # a long-running process and its workers: every file they create is private (kms.files)
     service = Service(config_path, listen=listen)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

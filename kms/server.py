@@ -1,8 +1,10 @@
-"""The gRPC server frame: mutual TLS, identity from the verified client certificate, one authorization
-interceptor (policies/authz.yaml, default deny), health checking and reflection, explicit message limits, and the
-one place where kms errors become gRPC status codes.
+"""The gRPC server frame: mutual TLS, identity from the verified client certificate, checked against the principal
+registry (kms.principals: enrolled, active, certificate key pinned), one authorization interceptor
+(policies/authz.yaml, default deny), health checking and reflection, explicit message limits, and the one place
+where kms errors become gRPC status codes.
 
-Issue 3 adds the issuance services on this frame; each handler reads its caller with ``current_principal()``.
+Each handler reads its caller with ``current_principal()`` and the key domains the caller may act for with
+``current_domains()``.
 """
 
 from __future__ import annotations
@@ -17,23 +19,33 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kms import errors
+from kms.alarms import Alarms
 from kms.audit import AuditLog, mask_pan
 from kms.authz import Policy
-from kms.identity import Principal, from_pem
+from kms.identity import Principal, from_certificate
+from kms.principals import PrincipalRegistry, certificate_pin
 
 log = logging.getLogger("kms.server")
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a streamed message carries several bundles (~4 KiB each)
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("kms_principal")
+_domains: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("kms_domains")
 
 
 def current_principal() -> Principal:
     """The verified caller of the request being handled."""
     return _principal.get()
+
+
+def current_domains() -> frozenset[str]:
+    """The key domains the caller of the request being handled is registered for (kms.principals); a server
+    without a principal registry (unit tests of the frame) treats every caller as registered for its own scope."""
+    return _domains.get()
 
 
 def status_code(error: BaseException) -> grpc.StatusCode:
@@ -63,11 +75,15 @@ class TlsFiles:
         )
 
 
-def _principal_of(context: grpc.ServicerContext) -> Principal:
+def _certificate_of(context: grpc.ServicerContext) -> x509.Certificate:
     certs = context.auth_context().get("x509_pem_cert") or []
     if len(certs) != 1:
         raise errors.PermissionDenied("no verified client certificate")
-    return from_pem(certs[0])
+    return x509.load_pem_x509_certificate(certs[0])
+
+
+#: A check of the verified client certificate before anything else (e.g. certificate revocation lists).
+CertificateCheck = Callable[[x509.Certificate], None]
 
 
 _PAN = re.compile(r"(?<![0-9A-Fa-f])\d{12,19}(?![0-9A-Fa-f])")
@@ -81,6 +97,45 @@ def scrub(message: str) -> str:
     return _CHIP_ID.sub(lambda m: "*" * (len(m.group(0)) - 4) + m.group(0)[-4:], message)
 
 
+MALFORMED = "request: cannot be parsed"
+_UNPARSED = object()  # what a request that cannot be parsed deserializes to
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The request deserializer, except that bytes it cannot parse become _UNPARSED: grpcio would end such a call
+    INTERNAL itself, before any handler (or the authorization check) ran."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever else the bytes make the parser raise: the caller's
+            return _UNPARSED
+    return deserialize
+
+
+def _parsed(behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+    """The handler, given parsed requests only: an unparsable one ends the call INVALID_ARGUMENT (recorded as
+    ``request.malformed``), once the caller was authorized."""
+    def refuse(context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+
+    def checked(requests: Iterable[Any], context: grpc.ServicerContext) -> Iterable[Any]:
+        for request in requests:
+            if request is _UNPARSED:
+                refuse(context)
+            yield request
+
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        if streaming:
+            return behavior(checked(request, context), context)
+        if request is _UNPARSED:
+            refuse(context)
+        return behavior(request, context)
+    return handler
+
+
 class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Every call: who (from the certificate only), may they call this method (policy), then the handler.
 
@@ -90,9 +145,13 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     outcome that cannot be recorded fails the call with UNAVAILABLE (fail closed); a refusal that cannot be recorded
     is still a refusal (and is logged)."""
 
-    def __init__(self, policy: Policy, audit: AuditLog | None = None) -> None:
+    def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
+                 certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None) -> None:
         self._policy = policy
         self._audit = audit
+        self._principals = principals
+        self._certificate_checks = tuple(certificate_checks)
+        self._alarms = alarms
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -101,28 +160,49 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = details.method
         policy = self._policy
         audit = self._audit
+        principals = self._principals
+        certificate_checks = self._certificate_checks
+        alarms = self._alarms
 
         def refused(actor: str, domain: str, code: str, message: str) -> None:
+            if alarms is not None:
+                alarms.refused(actor, method, code)  # alarm.refusals: one caller refused often in a short time
             if audit is None:
                 return
             try:
-                audit.record("request.refused", actor=actor, domain=domain, subject=method, outcome="refused",
+                audit.record("request.malformed" if message == MALFORMED else "request.refused", actor=actor,
+                             domain=domain, subject=method, outcome="refused",
                              detail={"method": method, "status": code, "message": scrub(message)})
             except Exception:
                 log.error("the refusal of %s to %s could not be recorded in the audit log", method, actor)
 
-        def authorize(context: grpc.ServicerContext) -> tuple[Principal, contextvars.Token[Principal]]:
+        def authorize(context: grpc.ServicerContext) -> tuple[Principal, contextvars.Token[Principal],
+                                                              contextvars.Token[frozenset[str]]]:
             principal: Principal | None = None
+            domains: frozenset[str] = frozenset()
             try:
-                principal = _principal_of(context)
+                cert = _certificate_of(context)
+                for check in certificate_checks:
+                    check(cert)
+                principal = from_certificate(cert)
+                if principals is not None:
+                    domains = principals.authenticate(principal, certificate_pin(cert)).domains
+                elif principal.domain is not None:
+                    domains = frozenset({principal.domain})
                 policy.check(principal, method)
+                if alarms is not None:
+                    alarms.called(principal, method)  # alarm.hours: a station calling outside the set hours
             except errors.KmsError as error:
                 log.info("refused %s: %s", method, error)
                 refused(principal.uri() if principal else "unauthenticated",
                         (principal.domain or "") if principal else "", errors.grpc_status_name(error), str(error))
                 abort(context, error)
+            except Exception:  # a certificate the TLS layer verified but that cannot be read: refused, not INTERNAL
+                log.exception("refused %s: unreadable client certificate", method)
+                refused("unauthenticated", "", "PERMISSION_DENIED", "unreadable client certificate")
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "the client certificate cannot be read")
             assert principal is not None
-            return principal, _principal.set(principal)
+            return principal, _principal.set(principal), _domains.set(domains)
 
         def ended(principal: Principal, context: grpc.ServicerContext, error: BaseException | None) -> None:
             """Record the outcome of a call whose handler has returned (error None) or raised ``error``."""
@@ -151,7 +231,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:  # a request or a request iterator
-                principal, token = authorize(context)
+                principal, token, domains_token = authorize(context)
                 try:
                     try:
                         response = behavior(request, context)
@@ -162,11 +242,12 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     return response
                 finally:
                     _principal.reset(token)
+                    _domains.reset(domains_token)
             return wrapper
 
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                principal, token = authorize(context)
+                principal, token, domains_token = authorize(context)
                 try:
                     try:
                         yield from behavior(request, context)
@@ -176,19 +257,21 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     ended(principal, context, None)
                 finally:
                     _principal.reset(token)
+                    _domains.reset(domains_token)
             return wrapper
 
+        deserializer = _tolerant(handler.request_deserializer)  # unparsable: INVALID_ARGUMENT, not grpcio's INTERNAL
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), handler.request_deserializer,
+            return grpc.unary_unary_rpc_method_handler(guard(_parsed(handler.unary_unary, False)), deserializer,
                                                        handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(guard_stream(handler.unary_stream),
-                                                        handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(guard_stream(_parsed(handler.unary_stream, False)),
+                                                        deserializer, handler.response_serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary),
-                                                        handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(guard_stream(handler.stream_stream),
-                                                     handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(guard(_parsed(handler.stream_unary, True)),
+                                                        deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(guard_stream(_parsed(handler.stream_stream, True)),
+                                                     deserializer, handler.response_serializer)
 
 
 def create_server(
@@ -198,12 +281,17 @@ def create_server(
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
     audit: AuditLog | None = None,
+    principals: PrincipalRegistry | None = None,
+    certificate_checks: Iterable[CertificateCheck] = (),
+    alarms: Alarms | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and its port. ``register`` adds services and returns their full
-    names (for reflection and health). With ``audit``, every call's outcome is recorded there."""
+    names (for reflection and health). With ``audit``, every call's outcome is recorded there; with ``principals``
+    every caller must be enrolled, active and pinned there; ``certificate_checks`` run first on every call; with
+    ``alarms`` refusals and stations' calling hours are watched (kms.alarms)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[AuthorizationInterceptor(policy, audit)],
+        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )

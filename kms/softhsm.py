@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from kms.errors import ConfigError, HsmError
+from kms.files import private_dir, write_private
 
 MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -41,19 +42,17 @@ def find_module(explicit: str | None = None) -> str:
 
 
 def write_conf(directory: Path) -> Path:
-    """A softhsm2.conf keeping tokens in directory/tokens; returns its path (unchanged if present)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tokens = directory / "tokens"
-    tokens.mkdir(mode=0o700, exist_ok=True)
+    """A softhsm2.conf keeping tokens in directory/tokens; returns its path (unchanged if present). Directories
+    0700, the file 0600 (SoftHSM2 itself makes its token directories 0700 and object files 0600)."""
+    private_dir(directory)
+    tokens = private_dir(directory / "tokens")
     conf = directory / "softhsm2.conf"
     if not conf.exists():
-        conf.write_text(
-            f"directories.tokendir = {tokens.resolve()}\n"
-            "objectstore.backend = file\n"
-            "log.level = ERROR\n"
-            "slots.removable = false\n",
-            encoding="utf-8",
-        )
+        write_private(conf,
+                      f"directories.tokendir = {tokens.resolve()}\n"
+                      "objectstore.backend = file\n"
+                      "log.level = ERROR\n"
+                      "slots.removable = false\n")
     return conf
 
 
@@ -84,10 +83,7 @@ def new_pin() -> str:
 
 
 def write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(value + "\n")
+    write_private(path, value + "\n")
 
 
 def ensure_token(conf: Path, label: str, pin_file: Path, so_pin_file: Path) -> bool:

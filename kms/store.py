@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import sqlalchemy as sa
 from sqlalchemy import event
+
+from kms.files import create_private
 
 metadata = sa.MetaData()
 
@@ -38,6 +42,25 @@ officers = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # active | revoked
     sa.Column("enrolled_at", sa.String(32), nullable=False),
     sa.Column("enrolled_by", sa.String(64), nullable=False),  # the ceremony id (genesis or enrol-officer)
+    # SHA-256 (hex) of the SubjectPublicKeyInfo of the officer's mTLS client certificate: the one certificate key
+    # accepted for this officer (kms.principals); another certificate for the same URI is refused.
+    sa.Column("cert_sha256", sa.String(64), nullable=False),
+)
+
+#: Stations and auditors as each key domain registered them (kms.principals): a row per principal and domain,
+#: made by that domain's ceremony (register-station, enrol-auditor; the development home's genesis), pinned to
+#: the certificate key that domain approved. A principal acts for a domain only while its row is active and the
+#: caller's certificate key is the pinned one.
+principal_grants = sa.Table(
+    "principal_grants",
+    metadata,
+    sa.Column("principal", sa.String(200), primary_key=True),  # a station or auditor URI
+    sa.Column("domain", sa.String(16), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),  # station | auditor
+    sa.Column("cert_sha256", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # active | revoked
+    sa.Column("ceremony_id", sa.String(64), nullable=False),  # the ceremony that made the row's current state
+    sa.Column("changed_at", sa.String(32), nullable=False),
 )
 
 #: Ceremonies: a proposed operation of one domain, its canonical encoding and digest, and how it ended.
@@ -110,6 +133,22 @@ transport_handoffs = sa.Table(
     sa.Column("accepted_at", sa.String(32), nullable=True),
 )
 
+#: One key domain's consent to an action on a card that touches every domain's keys or applications (kms.consents):
+#: re-issuing a card (``reissue``, subject ``<batch_id>/<card_ref>``) or replacing one (``replace``, subject
+#: ``<old card_ref>><new card_ref>``). The action runs once every domain it needs has consented; the rows are then
+#: deleted. A consent older than its ``expires_at`` no longer counts.
+consents = sa.Table(
+    "consents",
+    metadata,
+    sa.Column("action", sa.String(16), primary_key=True),
+    sa.Column("subject", sa.String(200), primary_key=True),
+    sa.Column("domain", sa.String(16), primary_key=True),
+    sa.Column("by", sa.String(200), nullable=False),  # the officer of that domain
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.String(32), nullable=False),
+)
+
 #: The audit chain's head: one row, locked by every append (kms.audit), so the chain stays linear and gap-free.
 audit_head = sa.Table(
     "audit_head",
@@ -155,8 +194,10 @@ opened_bundles = sa.Table(
 
 
 def make_engine(url: str) -> sa.Engine:
-    """An engine for this URL; SQLite gets foreign keys and a busy timeout so that processes can share it."""
+    """An engine for this URL; SQLite gets foreign keys and a busy timeout so that processes can share it, and a
+    database file created 0600 before SQLite first opens it (kms.files)."""
     if url.startswith("sqlite"):
+        _create_sqlite_file(url)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -170,8 +211,23 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def _create_sqlite_file(url: str) -> None:
+    """SQLite creates a missing database with the umask's mode and gives its -wal and -shm files the database
+    file's mode: it holds card data, so it is made 0600 here first."""
+    parsed = sa.make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or "uri" in parsed.query:
+        return  # in memory, or a URI filename SQLite opens itself
+    path = Path(database)
+    if path.parent.is_dir():
+        create_private(path)
+
+
 def create_all(engine: sa.Engine) -> None:
     metadata.create_all(engine)
+    with engine.begin() as conn:
+        for index in LATE_INDEXES:
+            conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
 
 def create_station_ledger(engine: sa.Engine) -> None:
@@ -276,3 +332,24 @@ retired_identities = sa.Table(
 
 #: A card's records across batches (lifecycle look-ups by card_ref).
 sa.Index("ix_batch_cards_card_ref", batch_cards.c.card_ref)
+
+#: Stations' issuance in a sliding window (kms.limits counts ``issued`` events by time, then by station).
+ix_card_events_issued = sa.Index("ix_card_events_issued", card_events.c.event, card_events.c.at, card_events.c.by)
+
+#: Issuance limits set by ``set-limits`` ceremonies (kms.limits), per key domain: ``scope`` station or bureau,
+#: ``subject`` a station's URI, a bureau's name or "default"; ``name`` cards_per_hour | cards_per_day |
+#: concurrent_streams. The defaults are policies/limits.yaml.
+limits = sa.Table(
+    "limits",
+    metadata,
+    sa.Column("domain", sa.String(16), primary_key=True),
+    sa.Column("scope", sa.String(16), primary_key=True),
+    sa.Column("subject", sa.String(200), primary_key=True),
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.Integer, nullable=False),
+    sa.Column("ceremony_id", sa.String(64), nullable=False),
+    sa.Column("at", sa.String(32), nullable=False),
+)
+
+#: Indexes on tables that databases made by an older kms already have (create_all adds only missing tables).
+LATE_INDEXES = (ix_card_events_issued,)

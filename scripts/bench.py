@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_raw
 
 from kms import config, profiles, store
-from kms.audit import AuditLog, checkpoint_message, export_lines, mask_pan
+from kms.audit import AuditLog, Seal, checkpoint_message, export_lines, mask_pan, seal_message
 from kms.audit_signer import AUDIT_KEY_LABEL
 from kms.audit_verify import verify
 from kms.bundle import canonical
@@ -63,6 +63,7 @@ from kms.client import Client
 from kms.clock import SystemClock, rfc3339
 from kms.devceremonies import authorize_batch
 from kms.devhome import HOME_FORMAT, Home, home_format, init_home
+from kms.files import restrict_umask
 from kms.identity import Principal
 from kms.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
@@ -297,7 +298,11 @@ def audit_export(engine: sa.Engine, n: int) -> tuple[list[str], ec.EllipticCurve
             conn.execute(store.audit_checkpoints.insert().values(
                 size=size, head=head, at=at, key=AUDIT_KEY_LABEL,
                 signature=key.sign(checkpoint_message(size, head, at), ec.ECDSA(hashes.SHA256()))))
-    return list(export_lines(log, log.head()[0])), key.public_key()
+    size, head = log.head()
+    at, nonce = rfc3339(dt.datetime.now(dt.UTC)), "00" * 16
+    seal = Seal(size, head, at, nonce, {}, AUDIT_KEY_LABEL,
+                key.sign(seal_message(size, head, at, nonce, {}), ec.ECDSA(hashes.SHA256())))
+    return list(export_lines(log, seal)), key.public_key()
 
 
 def run_verify(lines: list[str], public_key: ec.EllipticCurvePublicKey, n: int) -> float:
@@ -395,6 +400,7 @@ def alternate(rounds: int, raw: Callable[[], float], other: Callable[[], float])
 
 
 def main() -> int:
+    restrict_umask()  # the home, bundles, minutes and exports written here are the user's alone (kms.files)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
     parser.add_argument("--e2e-cards", type=int, default=2000,

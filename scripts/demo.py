@@ -42,6 +42,7 @@ from kms.clock import SystemClock
 from kms.devceremonies import authorize_batch
 from kms.devhome import HOME_FORMAT, Home, home_format, init_home
 from kms.errors import BundleRejected
+from kms.files import restrict_umask
 from kms.hsm import Algorithm, wipe
 from kms.identity import Principal
 from kms.officers import ApprovalKeyFile
@@ -107,6 +108,7 @@ def start_server(config_path: Path) -> tuple[subprocess.Popen[str], int]:
 
 
 def main() -> int:
+    restrict_umask()  # the home, bundles, minutes and exports written here are the user's alone (kms.files)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path("demo-home"))
     parser.add_argument("--cards", type=int, default=1000)

@@ -15,14 +15,25 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable, Checkpoint, chain, checkpoint_message, export_lines, mask_pan
-from kms.audit_verify import verify
+from kms.audit import (
+    AuditLog,
+    AuditUnavailable,
+    Checkpoint,
+    Seal,
+    chain,
+    checkpoint_message,
+    export_lines,
+    mask_pan,
+    seal_message,
+)
+from kms.audit_verify import NOT_THIS_REQUEST, verify
 from kms.clock import FixedClock
 
 N = 10_000
 EVERY = 1_000
 START = dt.datetime(2026, 11, 27, 8, 0, tzinfo=dt.UTC)
 KEY = ec.generate_private_key(ec.SECP256R1())
+NONCE = "a1" * 16
 
 
 def _sign(log: AuditLog, clock: FixedClock) -> None:
@@ -32,8 +43,18 @@ def _sign(log: AuditLog, clock: FixedClock) -> None:
                                   KEY.sign(checkpoint_message(size, head, at), ec.ECDSA(hashes.SHA256()))))
 
 
+def _seal(log: AuditLog, clock: FixedClock, *, size: int | None = None, nonce: str = NONCE,
+          key: ec.EllipticCurvePrivateKey = KEY, **filters: str) -> Seal:
+    """What the audit signer makes for one export request (kms.audit_signer.Checkpointer.seal), by a software key."""
+    size = log.head()[0] if size is None else size
+    head = next(r.hash for r in log.records(size - 1, size))
+    at = clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Seal(size, head, at, nonce, filters, "kms/audit/signing/audit/v1",
+                key.sign(seal_message(size, head, at, nonce, filters), ec.ECDSA(hashes.SHA256())))
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def chain_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[AuditLog, FixedClock]:
     engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audit') / 'kms.db'}")
     store.create_all(engine)
     clock = FixedClock(START)
@@ -46,7 +67,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
                            domain=("hrss", "bank")[i % 2], subject=f"B-1/card-{i:05d}",
                            detail={"pan": mask_pan(f"62148300000{i:08d}"), "serial": f"{i:032X}"})
         _sign(log, clock)
-    return list(export_lines(log, log.head()[0]))
+    return log, clock
+
+
+@pytest.fixture(scope="module")
+def exported(chain_log: tuple[AuditLog, FixedClock]) -> list[str]:
+    return list(export_lines(*_sealed(chain_log)))
+
+
+def _sealed(chain_log: tuple[AuditLog, FixedClock], **kwargs: str | int) -> tuple[AuditLog, Seal]:
+    log, clock = chain_log
+    return log, _seal(log, clock, **kwargs)  # type: ignore[arg-type]
 
 
 def _records(lines: list[str]) -> dict[int, int]:
@@ -58,6 +89,8 @@ def test_an_untouched_export_verifies(exported: list[str]) -> None:
     verdict = verify(exported, KEY.public_key())
     assert verdict.ok, verdict.summary()
     assert (verdict.records, verdict.checkpoints, verdict.last_seq, verdict.covered) == (N, N // EVERY, N, N)
+    assert (verdict.nonce, verdict.nonce_expected) == (NONCE, False)
+    assert verify(exported, KEY.public_key(), nonce=NONCE).nonce_expected
     assert not verify(exported, ec.generate_private_key(ec.SECP256R1()).public_key()).ok
 
 
@@ -106,6 +139,24 @@ def _truncate(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
     return [*lines[:at[seq]], lines[last_checkpoint]]  # records from seq on dropped, the checkpoint kept
 
 
+def _swap_far(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
+    out = list(lines)
+    out[at[seq]], out[at[seq + 500]] = out[at[seq + 500]], out[at[seq]]
+    return out
+
+
+def _move_to_end(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
+    """Record ``seq`` taken out of its place and put after the last record (before the checkpoint and the seal)."""
+    out = _remove(lines, at, seq)
+    out.insert(len(out) - 2, lines[at[seq]])
+    return out
+
+
+def _cut_at_checkpoint(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
+    """The finding: everything after the checkpoint at ``seq`` dropped (the seal with it); the header kept."""
+    return lines[:at[seq] + 2]
+
+
 def _forge_checkpoint(lines: list[str], at: dict[int, int], seq: int) -> list[str]:
     out = list(lines)
     i = next(i for i, line in enumerate(lines) if line.startswith('{"type":"checkpoint"') and
@@ -128,6 +179,9 @@ def _forge_checkpoint(lines: list[str], at: dict[int, int], seq: int) -> list[st
     (_forge_checkpoint, 6_000, "checkpoint forged", 6_000),
     (_edit, 1, "edited", 1),
     (_remove, N, "truncated", N),
+    (_swap_far, 3_000, "reordered", 3_000),
+    (_move_to_end, 4_444, "reordered", 4_444),
+    (_cut_at_checkpoint, 9_000, "truncated", 9_001),
 ])
 def test_tamper_matrix_names_the_first_bad_sequence_number(
         exported: list[str], attack: object, seq: int, problem: str, bad: int) -> None:
@@ -136,6 +190,81 @@ def test_tamper_matrix_names_the_first_bad_sequence_number(
     assert not verdict.ok
     assert (verdict.bad_seq, verdict.problem) == (bad, problem), verdict.summary()
     assert f"record {bad}: {problem}" in verdict.summary()
+
+
+def test_a_distant_swap_is_called_reordered_and_a_removal_still_removed(exported: list[str]) -> None:
+    at = _records(exported)
+    verdict = verify(_swap_far(exported, at, 3_000), KEY.public_key())
+    assert verdict.detail == "record 3000 comes after record 3500"
+    verdict = verify(_remove(exported, at, 3_000), KEY.public_key())  # gone for good: not found further on
+    assert (verdict.bad_seq, verdict.problem, verdict.detail) == (3_000, "removed", "record 3000 is missing (next is "
+                                                                                     "3001)")
+
+
+def test_an_export_cut_back_to_an_older_checkpoint_does_not_verify(
+        chain_log: tuple[AuditLog, FixedClock], exported: list[str]) -> None:
+    """The finding, on the chain: the export cut right after the checkpoint at 9,000 is a complete, correctly signed
+    log up to 9,000; only the missing seal for this request tells it apart, and the verdict names it."""
+    cut = _cut_at_checkpoint(exported, _records(exported), 9_000)
+    assert cut[-1].startswith('{"type":"checkpoint"') and '"size":9000,' in cut[-1]
+    verdict = verify(cut, KEY.public_key())
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, 9_001, "truncated")
+    assert verdict.summary() == (f"audit log NOT verified: record 9001: truncated: {NOT_THIS_REQUEST} (it has no "
+                                 "export seal)")
+
+    # An attacker who also holds an older export (sealed at 9,000 for another nonce) splices its seal on: the
+    # header still names this request's nonce.
+    older = list(export_lines(*_sealed(chain_log, size=9_000, nonce="b2" * 16)))
+    spliced = [*cut, older[-1]]
+    verdict = verify(spliced, KEY.public_key())
+    assert (verdict.bad_seq, verdict.problem) == (9_001, "truncated")
+    assert verdict.detail == f"{NOT_THIS_REQUEST} (it is sealed for nonce {'b2' * 16}, not the header's {NONCE})"
+    # ... and the header's size gives it away even with the nonce rewritten to the older one.
+    renonced = [cut[0].replace(NONCE, "b2" * 16), *spliced[1:]]
+    verdict = verify(renonced, KEY.public_key())
+    assert (verdict.bad_seq, verdict.problem, verdict.detail) == (
+        9_001, "truncated", "the header announces 10000 records; the export is sealed at 9000")
+    # The older export whole (or the cut with the older header) is a true export of an older request: only the
+    # nonce the auditor kept apart tells it from this one (docs/audit.md, section 4).
+    assert verify(older, KEY.public_key()).ok
+    verdict = verify(older, KEY.public_key(), nonce=NONCE)
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, 9_001, "truncated")
+    assert verdict.detail == f"{NOT_THIS_REQUEST} (it is sealed for nonce {'b2' * 16}, not the expected {NONCE})"
+
+
+def test_the_header_and_the_seal_must_agree(chain_log: tuple[AuditLog, FixedClock], exported: list[str]) -> None:
+    header = exported[0]
+    assert f'"size":{N},' in header and f'"nonce":"{NONCE}"' in header
+    for size, bad, problem, detail in (
+            (N - 1, None, "edited", f"its size {N - 1} is not the sealed size {N}"),
+            (N + 1, N + 1, "truncated", f"the header announces {N + 1} records; the export is sealed at {N}")):
+        verdict = verify([header.replace(f'"size":{N},', f'"size":{size},'), *exported[1:]], KEY.public_key())
+        assert (verdict.ok, verdict.bad_seq, verdict.problem, verdict.detail) == (False, bad, problem, detail)
+    assert verify([header.replace(f'"size":{N},', '"size":"10000",'), *exported[1:]], KEY.public_key()).problem == (
+        "edited")
+    no_nonce = verify([header.replace(f'"nonce":"{NONCE}",', ""), *exported[1:]], KEY.public_key())
+    assert (no_nonce.ok, no_nonce.problem) == (False, "truncated")
+    assert no_nonce.detail.endswith("and the header names none)")
+    filtered = verify([header.replace('"filters":{}', '"filters":{"kind":"issuance"}'), *exported[1:]],
+                      KEY.public_key())
+    assert (filtered.ok, filtered.bad_seq, filtered.problem) == (False, None, "edited")
+    assert filtered.summary() == "audit log NOT verified: header: edited: its filters are not the sealed ones"
+    old_format = verify([header.replace('"version":2', '"version":1'), *exported[1:]], KEY.public_key())
+    assert (old_format.ok, old_format.problem) == (False, "unreadable")
+    assert verify(exported[1:], KEY.public_key()).detail == "the export does not start with its header"
+
+
+def test_the_seal_is_signed_by_the_audit_key_and_closes_the_export(
+        chain_log: tuple[AuditLog, FixedClock], exported: list[str]) -> None:
+    forged = list(export_lines(*_sealed(chain_log, key=ec.generate_private_key(ec.SECP256R1()))))
+    verdict = verify(forged, KEY.public_key())
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, N, "checkpoint forged")
+    doc = json.loads(exported[-1])
+    doc["nonce"] = "c3" * 16  # the seal's own nonce changed, the header's to match: the signature breaks
+    renonced = [exported[0].replace(NONCE, "c3" * 16), *exported[1:-1], json.dumps(doc, separators=(",", ":"))]
+    assert verify(renonced, KEY.public_key()).problem == "checkpoint forged"
+    trailing = verify([*exported, exported[-3]], KEY.public_key())
+    assert (trailing.ok, trailing.problem, trailing.detail) == (False, "inserted", "a line follows the export seal")
 
 
 def test_concurrent_writers_keep_one_gap_free_chain(backend: EngineFactory) -> None:
@@ -164,7 +293,7 @@ def test_concurrent_writers_keep_one_gap_free_chain(backend: EngineFactory) -> N
     records = list(log.records())
     assert [r.seq for r in records] == list(range(1, 201))
     _sign(log, clock)
-    assert verify(export_lines(log, 200), KEY.public_key()).ok
+    assert verify(export_lines(log, _seal(log, clock)), KEY.public_key()).ok
 
 
 def test_a_failed_append_rolls_back_the_change_it_describes(tmp_path: Path) -> None:
@@ -203,7 +332,7 @@ def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
     log.record("test.last")
     _sign(log, clock)
     assert [r.seq for r in log.records()] == list(range(1, 8))
-    assert verify(export_lines(log, 7), KEY.public_key()).ok
+    assert verify(export_lines(log, _seal(log, clock)), KEY.public_key()).ok
 
 
 def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path: Path) -> None:
@@ -214,7 +343,7 @@ def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path:
     for i in range(30):
         log.record("issuance.issued" if i % 3 else "request.refused", domain=("hrss", "bank")[i % 2], subject=str(i))
     _sign(log, clock)
-    lines = list(export_lines(log, 30, kind="request"))
+    lines = list(export_lines(log, _seal(log, clock, kind="request")))
     shown = [line for line in lines if line.startswith('{"type":"record"')]
     assert len(shown) == 10 and all('"kind":"request.refused"' in line for line in shown)
     assert sum(line.startswith('{"type":"omitted"') for line in lines) == 20
@@ -227,5 +356,6 @@ def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path:
         verdict = verify(attack(lines, at, seq), KEY.public_key())
         assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, seq, problem), (attack, verdict.summary())
     relabelled = [lines[0].replace('"filtered":true', '"filtered":false'), *lines[1:]]
-    assert verify(relabelled, KEY.public_key()).ok  # the header only describes; the chain proves
+    verdict = verify(relabelled, KEY.public_key())  # the header must say what the seal signed
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, None, "edited"), verdict.summary()
     assert not verify([lines[0]], KEY.public_key()).ok  # an export with no signed checkpoint proves nothing

@@ -15,10 +15,8 @@ import secrets
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import client, key, officer, open_batch, run_ceremony
+from ceremony_helpers import client, key, officer, officer_params, open_batch, run_ceremony
 from conftest import MASTER_KEYS, TEST_TRANSPORT_KEYS, card, service_client
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import components, config, runtime, store
 from kms.audit import AuditLog, chain, mask_pan
@@ -98,9 +96,8 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
 
     # -- officers: enrolled, then revoked -------------------------------------------------------------------------
     name = f"o{secrets.token_hex(3)}"
-    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    run_ceremony(home, service.port, "bank", "enrol-officer", {"name": name, "roles": ["approver"], "public_key": pem})
+    run_ceremony(home, service.port, "bank", "enrol-officer",
+                 officer_params(home, Principal("officer", name, domain="bank")))
     run_ceremony(home, service.port, "bank", "revoke-officer", {"name": name})
 
     # -- a transport key handed to station-b1 (rsa-oaep) ----------------------------------------------------------
@@ -127,8 +124,9 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     with service_client(home, service, "station-a1") as st:
         assert len(list(st.stream_batch(batch, per_message=4))) == len(cards)
         st.issue_card(chips, blank.card_ref, card_serial=chip_serials[0], kdd=chip_kdds[0])
-        with client(home, service.port, ALICE) as alice:
+        with client(home, service.port, ALICE) as alice, client(home, service.port, CAROL) as carol:
             alice.reissue(chips, blank.card_ref)
+            carol.reissue(chips, blank.card_ref)
         st.issue_card(chips, blank.card_ref, card_serial=chip_serials[1], kdd=chip_kdds[1])
 
     # -- the card lifecycle: lost and found, cancelled (hrss) then closed (bank), replaced ----------------------------
@@ -138,6 +136,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
         alice.cancel_application("cn-1", "hrss", "cancel-card", "holder deceased")
         carol.cancel_application("cn-1", "bank", "close-account", "account closed on HRSS clearance")
         alice.replace_card("cn-2", "cn-5", "card damaged")
+        carol.replace_card("cn-2", "cn-5", "card damaged")
         # Refusals whose messages name card data (a retired PAN, serial, KDD): recorded, but masked.
         retired = next(c for c in cards if c.card_ref == "cn-2")
         with pytest.raises(InvalidArgument, match="retired"):

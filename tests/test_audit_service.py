@@ -14,16 +14,16 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from conftest import kms, service_client
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable
+from kms.audit import AuditLog, AuditUnavailable, checkpoint_message
 from kms.audit_client import AuditClient
 from kms.audit_service import chunks, parse_time
-from kms.audit_verify import verify
+from kms.audit_verify import NOT_THIS_REQUEST, verify
 from kms.authz import Policy
 from kms.clock import SystemClock
 from kms.devhome import Home
@@ -51,6 +51,11 @@ def _export(home: Home, service: Service, who: Principal | str = ERIN, **filters
         return [line for chunk in AuditClient(client).export(**filters) for line in chunk]
 
 
+def _record_something(home: Home, service: Service) -> None:
+    with service_client(home, service, ERIN) as erin:
+        AuditClient(erin).head()
+
+
 def _bodies(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line)["body"] for line in lines if line.startswith('{"type":"record"')]
 
@@ -65,7 +70,10 @@ def test_the_auditor_exports_and_the_export_verifies_ending_with_a_checkpoint(
     records = _bodies(lines)
     assert header["type"] == "export" and not header["filtered"]
     assert [r["seq"] for r in records] == list(range(1, header["size"] + 1))  # complete, from the first record on
-    assert last["type"] == "checkpoint" and last["size"] == records[-1]["seq"] == header["size"]
+    checkpoint = json.loads(lines[-2])
+    assert checkpoint["type"] == "checkpoint" and checkpoint["size"] == records[-1]["seq"] == header["size"]
+    assert last["type"] == "export-seal" and last["size"] == header["size"] and last["head"] == checkpoint["head"]
+    assert last["nonce"] == header["nonce"] and len(header["nonce"]) == 32  # the client's random one
     verdict = verify(lines, public_key)
     assert verdict.ok, verdict.summary()
     assert (verdict.records, verdict.last_seq, verdict.covered, verdict.filtered) == (
@@ -82,7 +90,9 @@ def test_get_head_names_the_chain_and_its_newest_signed_checkpoint(
     assert head.size >= head.checkpoint_size > 0 and len(head.hash) == 64
     checkpoint = json.loads(head.checkpoint)
     assert (checkpoint["size"], checkpoint["at"]) == (head.checkpoint_size, head.checkpoint_at)
-    assert verify([head.checkpoint], public_key).checkpoints == 1  # signed by the audit key
+    public_key.verify(bytes.fromhex(checkpoint["signature"]),  # signed by the audit key
+                      checkpoint_message(checkpoint["size"], checkpoint["head"], checkpoint["at"]),
+                      ec.ECDSA(hashes.SHA256()))
 
 
 def test_stations_and_officers_are_refused_and_each_refusal_is_recorded(home: Home, service: Service) -> None:
@@ -153,7 +163,44 @@ def test_filtered_exports_hold_only_matching_records_and_verify_as_filtered(
     assert verify(lines, public_key).ok
 
 
+def test_an_export_cut_back_to_an_earlier_checkpoint_is_named_truncated(
+    home: Home, service: Service, public_key: ec.EllipticCurvePublicKey
+) -> None:
+    """The finding, over the real server: an export cut exactly after an earlier checkpoint is a complete, signed log
+    up to it; the seal signed for this request (its nonce) is what it lacks, and the verdict names that."""
+    with service_client(home, service, ERIN) as erin:
+        older = [line for chunk in AuditClient(erin).export(nonce="0a" * 16) for line in chunk]
+    _record_something(home, service)
+    with service_client(home, service, ERIN) as erin:
+        current = [line for chunk in AuditClient(erin).export(nonce="0b" * 16) for line in chunk]
+    earlier = json.loads(older[0])["size"]
+    assert json.loads(current[0])["size"] > earlier
+    assert verify(older, public_key, nonce="0a" * 16).ok and verify(current, public_key, nonce="0b" * 16).ok
+    cut_at = next(i for i, line in enumerate(current)
+                  if line.startswith('{"type":"checkpoint"') and json.loads(line)["size"] == earlier)
+    cut = current[:cut_at + 1]
+    verdict = verify(cut, public_key)
+    assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, earlier + 1, "truncated")
+    assert verdict.detail == f"{NOT_THIS_REQUEST} (it has no export seal)"
+    spliced = verify([*cut, older[-1]], public_key)  # the older export's seal put on: the header's nonce differs
+    assert (spliced.ok, spliced.bad_seq, spliced.problem) == (False, earlier + 1, "truncated")
+    # The older export as a whole is what the server signed for an older request: the nonce kept apart tells.
+    for nonce in ("0b" * 16, "0B" * 16):
+        replayed = verify(older, public_key, nonce=nonce.lower())
+        assert (replayed.ok, replayed.bad_seq, replayed.problem) == (False, earlier + 1, "truncated")
+
+
+@pytest.mark.parametrize("nonce", ["", "0a" * 15, "0A" * 16, "0a" * 65, "zz" * 16])
+def test_an_export_without_a_good_nonce_is_refused(home: Home, service: Service, nonce: str) -> None:
+    with pytest.raises(InvalidArgument) as raised, service_client(home, service, ERIN) as erin:
+        list(AuditClient(erin).export(nonce=nonce))
+    assert raised.value.field == "nonce" and "hex digits" in raised.value.reason
+
+
 @pytest.mark.parametrize(("filters", "field"), [
+    ({"since": "9999-12-31T23:59:59.5Z"}, "since"),  # rounded up past the last second there is
+    ({"until": "9999-12-31T23:59:59-01:00"}, "until"),  # in UTC, year 10000
+    ({"since": "0001-01-01T00:00:00+00:01"}, "since"),  # in UTC, year 0
     ({"since": "yesterday"}, "since"),
     ({"until": "2026-13-01T00:00:00Z"}, "until"),
     ({"until": "2026-11-27T08:00:00"}, "until"),  # no offset: not RFC 3339
@@ -172,6 +219,9 @@ def test_times_are_normalized_to_what_records_carry() -> None:
     assert parse_time("since", "2026-11-27T10:00:00+02:00") == "2026-11-27T08:00:00Z"
     assert parse_time("until", "2026-11-27t08:00:00.25z") == "2026-11-27T08:00:01Z"
     assert parse_time("since", "") is None
+    assert parse_time("until", "9999-12-31T23:59:59Z") == "9999-12-31T23:59:59Z"  # the last time there is
+    with pytest.raises(InvalidArgument, match=r"^until: is out of range"):
+        parse_time("until", "9999-12-31T23:59:59.000001Z")
     assert [len(c) for c in chunks(iter(["x" * 10] * 7), per_chunk=3)] == [3, 3, 1]
     assert [len(c) for c in chunks(iter(["x" * 10] * 7), max_bytes=25)] == [2, 2, 2, 1]
 
@@ -190,8 +240,21 @@ def test_cli_export_and_verify_round_trip_and_a_tampered_byte_is_named(
     summary = json.loads(exported.stdout)
     assert summary["records"] == summary["size"] == summary["last_seq"] > 0 and summary["checkpoints"] >= 1
     assert out.stat().st_mode & 0o077 == 0
+    nonce = summary["nonce"]
+    written = out.read_text().splitlines()
+    header, seal = json.loads(written[0]), json.loads(written[-1])
+    assert len(nonce) == 32 and header["nonce"] == seal["nonce"] == nonce and seal["at"] == summary["sealed_at"]
     verified = kms("audit", "verify", str(out), "--public-key", key, check=True)
     assert verified.stdout.startswith(f"audit log verified: {summary['records']} records")
+    assert verified.stdout.rstrip().endswith(f"for the header's nonce {nonce}")
+    kept = kms("audit", "verify", str(out), "--public-key", key, "--nonce", nonce.upper(), check=True)
+    assert kept.stdout.rstrip().endswith(f"for the nonce expected {nonce}")
+    other = kms("audit", "verify", str(out), "--public-key", key, "--expect-nonce", "ab" * 16)
+    assert other.returncode == 9 and other.stdout == "" and other.stderr.count("\n") == 1
+    assert other.stderr.startswith(f"kms: audit log NOT verified: record {summary['size'] + 1}: truncated: "
+                                   f"{NOT_THIS_REQUEST} (it is sealed for nonce {nonce}, not the expected {'ab' * 16})")
+    bad = kms("audit", "verify", str(out), "--public-key", key, "--nonce", "not-hex")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nonce" in bad.stderr
 
     again = kms("audit", "export", "--client", client, "--server", f"localhost:{service.port}", "-o", str(out))
     assert again.returncode == 4 and "exists" in again.stderr
@@ -223,6 +286,20 @@ def test_cli_export_and_verify_round_trip_and_a_tampered_byte_is_named(
                                       "its content")
     as_json = json.loads(kms("audit", "verify", str(tampered), "--public-key", key, "--json").stdout)
     assert (as_json["ok"], as_json["bad_seq"], as_json["problem"]) == (False, seq, "edited")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--since", "9999-12-31T23:59:59.5Z"),
+                                               ("--until", "9999-12-31T23:59:59-01:00")])
+def test_cli_export_with_a_time_out_of_range_says_which_and_leaves_no_file(
+    home: Home, service: Service, tmp_path: Path, option: str, value: str
+) -> None:
+    out = tmp_path / "audit.jsonl"
+    result = kms("audit", "export", "--client", str(home.client_config(ERIN)), "--server",
+                 f"localhost:{service.port}", "-o", str(out), option, value)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert f"{option[2:]}: is out of range" in result.stderr
+    assert not out.exists()
 
 
 def test_cli_export_refused_for_an_officer_leaves_no_file(home: Home, service: Service, tmp_path: Path) -> None:

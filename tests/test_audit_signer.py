@@ -18,6 +18,8 @@ from kms.clock import FixedClock
 from kms.devhome import Home
 from kms.hsm import TokenSession
 
+NONCE, OTHER = "5e" * 16, "7f" * 32
+
 
 @pytest.fixture(autouse=True)
 def fresh_signed_head(home: Home) -> Iterator[None]:
@@ -52,15 +54,23 @@ def test_checkpoints_are_signed_in_the_audit_token_and_verify_offline(home: Home
                 assert checkpointer.checkpoint_now() == first  # the head has not moved: no new checkpoint
         last = checkpointer.checkpoint_now()
         assert last is not None and last.size == 12
+        seal = checkpointer.seal(NONCE, {"kind": "test"})  # nothing new: sealed at the last checkpoint
+        assert (seal.size, seal.head, seal.nonce, seal.key) == (12, last.head, NONCE, AUDIT_KEY_LABEL)
+        log.record("test.event", subject="12")
+        later = checkpointer.seal(OTHER, {})  # a new record: checkpointed (stored), then sealed at the same head
+        assert later.size == 13 and checkpointer.checkpoint_now() == log.last_checkpoint()
+        assert log.last_checkpoint() is not None and log.last_checkpoint().size == 13  # type: ignore[union-attr]
     finally:
         signer.close()
     public = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
     assert isinstance(public, ec.EllipticCurvePublicKey)
-    verdict = verify(export_lines(log, 12), public)
-    assert verdict.ok and (verdict.checkpoints, verdict.covered) == (2, 12), verdict.summary()
+    verdict = verify(export_lines(log, seal), public, nonce=NONCE)
+    assert verdict.ok and (verdict.checkpoints, verdict.covered, verdict.filtered) == (2, 12, True), verdict.summary()
+    assert verify(export_lines(log, later), public, nonce=OTHER).ok
+    assert verify(export_lines(log, seal), public, nonce=OTHER).problem == "truncated"  # another request's seal
     issuance = serialization.load_pem_public_key((home.path / "trust" / "hrss-issuance-v1.pem").read_bytes())
     assert isinstance(issuance, ec.EllipticCurvePublicKey)
-    assert not verify(export_lines(log, 12), issuance).ok  # a domain's key cannot stand in for the audit key
+    assert not verify(export_lines(log, later), issuance).ok  # a domain's key cannot stand in for the audit key
 
 
 def test_the_audit_section_is_checked(tmp_path: Path, home: Home) -> None:
@@ -74,6 +84,28 @@ def test_the_audit_section_is_checked(tmp_path: Path, home: Home) -> None:
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"audit\.checkpoint_records"):
         config.load(bad)
+
+
+def test_the_signer_seals_no_export_of_a_log_it_signed_further_than(home: Home, tmp_path: Path) -> None:
+    """A seal obeys the signer's rule as a checkpoint does: a database reset (or rolled back to a copy) behind the
+    signed head gets no seal, not even one at its own, shorter head."""
+    from kms.errors import AuditChainBroken
+
+    clock = FixedClock(dt.datetime(2026, 11, 27, 11, 0, tzinfo=dt.UTC))
+    signer = AuditSigner(home.config)
+    try:
+        logs = []
+        for name, count in (("before.db", 5), ("after.db", 9)):
+            engine = store.make_engine(f"sqlite:///{tmp_path / name}")
+            store.create_all(engine)
+            logs.append(AuditLog(engine, clock))
+            for i in range(count):
+                logs[-1].record("test.event", subject=str(i))
+        assert Checkpointer(logs[1], signer, clock).seal(NONCE, {}).size == 9  # signed head: 9
+        with pytest.raises(AuditChainBroken, match="holds 5 records, but 9 were signed already"):
+            Checkpointer(logs[0], signer, clock).seal(NONCE, {})
+    finally:
+        signer.close()
 
 
 def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Home, tmp_path: Path) -> None:
@@ -111,6 +143,8 @@ def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Hom
         log.record("test.after")  # more records on top of the rewrite change nothing
         with pytest.raises(AuditChainBroken):
             checkpointer.checkpoint_now()
+        with pytest.raises(AuditChainBroken):  # nor is an export of it sealed
+            checkpointer.seal(NONCE, {})
     finally:
         signer.close()
 

@@ -273,7 +273,7 @@ def test_reissue_revokes_binding_and_bundle_and_keeps_the_batch_data(bstore: Bat
     bstore.record_issued("B-1", "card-0000", "S1", b"first bundle", "k1", by=STATION)
     assert bstore.get_batch("B-1").issued_count == 1
     clock.advance(dt.timedelta(hours=1))
-    reset = bstore.reissue("B-1", "card-0000", OTHER_OFFICER)
+    reset = bstore.reissue("B-1", "card-0000", OTHER_OFFICER, domain="bank", needs=("bank",))[0]
     assert reset.state is CardState.PENDING
     assert (reset.identity.card_serial, reset.identity.kdd) == (SERIAL_A, None)  # batch-supplied serial kept
     assert (reset.bound_fields, reset.chip_bound_at) == (frozenset(), None)
@@ -288,10 +288,32 @@ def test_reissue_revokes_binding_and_bundle_and_keeps_the_batch_data(bstore: Bat
     assert (again.identity.kdd, again.serial, again.bundle) == (KDD_B, "S2", b"second bundle")
 
 
+def test_reissue_of_a_dual_application_card_needs_each_domains_consent(
+        bstore: BatchStore, engine: sa.Engine, clock: FixedClock) -> None:
+    make_batch(bstore, 1)
+    bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    bstore.record_issued("B-1", "card-0000", "S1", b"first bundle", "k1", by=STATION)
+    both = ("hrss", "bank")
+    record, awaiting = bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=both)
+    assert awaiting == ("bank",) and record.state is CardState.ISSUED and record.serial == "S1"
+    # the same domain again (another hrss officer) does not stand in for the bank
+    assert bstore.reissue("B-1", "card-0000", "urn:kms:officer:hrss:bob", domain="hrss", needs=both)[1] == ("bank",)
+    assert bstore.card("B-1", "card-0000").state is CardState.ISSUED
+    # a consent counts for a day only
+    clock.advance(dt.timedelta(hours=25))
+    assert bstore.reissue("B-1", "card-0000", OTHER_OFFICER, domain="bank", needs=both)[1] == ("hrss",)
+    record, awaiting = bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=both)
+    assert awaiting == () and record.state is CardState.PENDING and record.bundle is None
+    assert count_rows(engine, store.consents) == 0  # used up
+    # the next re-issue needs both again
+    bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_B)
+    assert bstore.reissue("B-1", "card-0000", OTHER_OFFICER, domain="bank", needs=both)[1] == ("hrss",)
+
+
 def test_reissue_of_a_bound_but_unissued_card(bstore: BatchStore) -> None:
     make_batch(bstore, 1)
     bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A)
-    reset = bstore.reissue("B-1", "card-0000", OFFICER)
+    reset = bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=("hrss",))[0]
     assert (reset.identity.card_serial, reset.identity.kdd, reset.state) == (None, None, CardState.PENDING)
     assert bstore.events("B-1", "card-0000")[-1].detail == (
         f"revoked chip binding card_serial={SERIAL_A}, kdd={KDD_A}")
@@ -301,10 +323,10 @@ def test_reissue_of_a_bound_but_unissued_card(bstore: BatchStore) -> None:
 def test_reissue_needs_something_to_revoke_and_a_principal(bstore: BatchStore) -> None:
     make_batch(bstore, 1)
     with pytest.raises(InvalidState, match="no chip binding or bundle to revoke"):
-        bstore.reissue("B-1", "card-0000", OFFICER)
+        bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=("hrss",))[0]
     bstore.bind_chip("B-1", "card-0000", SERIAL_A, None)
     with pytest.raises(InvalidArgument) as raised:
-        bstore.reissue("B-1", "card-0000", "officer alice")
+        bstore.reissue("B-1", "card-0000", "officer alice", domain="hrss", needs=("hrss",))[0]
     assert raised.value.field == "by"
     assert bstore.card("B-1", "card-0000").identity.card_serial == SERIAL_A
     assert [e.event for e in bstore.events("B-1", "card-0000")] == [EventKind.CREATED, EventKind.CHIP_BOUND]
@@ -348,7 +370,7 @@ def test_bad_issue_records_are_refused_by_name(
 def test_a_bundle_sealed_for_a_revoked_binding_is_not_recorded(bstore: BatchStore) -> None:
     make_batch(bstore, 1)
     sealed_for = bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A).identity
-    bstore.reissue("B-1", "card-0000", OFFICER)
+    bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=("hrss",))[0]
     current = bstore.bind_chip("B-1", "card-0000", SERIAL_B, KDD_B).identity
     with pytest.raises(InvalidState, match="changed while it was sealed"):
         bstore.record_issued("B-1", "card-0000", "S1", b"old chip", "k1", sealed_for=sealed_for)
@@ -368,7 +390,7 @@ def test_a_closed_batch_refuses_every_change(bstore: BatchStore, engine: sa.Engi
     with pytest.raises(InvalidState, match="batch B-1 is closed"):
         bstore.bind_chip("B-1", "card-0000", SERIAL_B, None)
     with pytest.raises(InvalidState, match="batch B-1 is closed"):
-        bstore.reissue("B-1", "card-0001", OFFICER)
+        bstore.reissue("B-1", "card-0001", OFFICER, domain="hrss", needs=("hrss",))[0]
     assert bstore.card("B-1", "card-0000").state is CardState.PENDING
     assert bstore.card("B-1", "card-0001").identity.card_serial == SERIAL_A
 
@@ -481,7 +503,7 @@ def test_events_tell_each_cards_history_in_order(bstore: BatchStore, clock: Fixe
     steps: list[Callable[[], object]] = [
         lambda: bstore.bind_chip("B-1", "card-0001", SERIAL_A, KDD_A, by=STATION),
         lambda: bstore.record_issued("B-1", "card-0001", "S1", b"one", "k1", by=STATION),
-        lambda: bstore.reissue("B-1", "card-0001", OFFICER),
+        lambda: bstore.reissue("B-1", "card-0001", OFFICER, domain="hrss", needs=("hrss",))[0],
         lambda: bstore.bind_chip("B-1", "card-0001", SERIAL_B, KDD_B, by=STATION),
         lambda: bstore.record_issued("B-1", "card-0001", "S2", b"two", "k2"),
     ]
@@ -527,7 +549,7 @@ def test_each_change_appends_its_audit_record_and_a_refused_one_none(engine: sa.
         audited.record_issued("B-1", "card-0000", "S-0b", b"bundle 0b", "k-0b", by=STATION)
     assert audited.record_issued_many("B-1", [(cards[1], "S-1", b"bundle 1"), (cards[0], "S-x", b"x")],
                                       by=STATION) == [True, False]
-    audited.reissue("B-1", "card-0000", OFFICER)
+    audited.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=("hrss",))[0]
     bodies = _audit_bodies(log)
     assert [(b["kind"], b["subject"]) for b in bodies] == [
         ("batch.created", "B-1"), ("batch.authorized", "B-1"), ("batch.authorized", "B-1"),
@@ -540,7 +562,7 @@ def test_each_change_appends_its_audit_record_and_a_refused_one_none(engine: sa.
     assert bodies[3]["detail"] == {"fields": ["card_serial", "kdd"]} and bodies[3]["actor"] == STATION
     assert bodies[4]["detail"] == {"serial": "S-0", "by": STATION, "pan": "621483*********0000"}
     assert bodies[6]["detail"] == {"previous_state": "issued", "revoked_binding": ["card_serial", "kdd"],
-                                   "revoked_bundle": "S-0"}
+                                   "revoked_bundle": "S-0", "consented_by": {"hrss": OFFICER}}
     everything = repr(bodies)
     assert all(value not in everything for value in (SERIAL_A, KDD_A, cards[0].pan, cards[1].pan))
 

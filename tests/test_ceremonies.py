@@ -98,7 +98,8 @@ NAMES = sorted(STAFF)
 def enrol_all(officer_store: OfficerStore) -> None:
     for s in STAFF.values():
         if s.enrolled:
-            officer_store.enrol(s.principal, s.roles, public_pem(s.key.public_key()), "C-genesis")
+            officer_store.enrol(s.principal, s.roles, public_pem(s.key.public_key()), "C-genesis",
+                                cert_sha256="0" * 64)
 
 
 def sign(key: ec.EllipticCurvePrivateKey, digest_hex: str) -> bytes:
@@ -1116,10 +1117,10 @@ def test_enrolment_and_revocation_are_audited_once(world: World) -> None:
     officers = OfficerStore(world.engine, world.clock, log)
     newcomer = Principal("officer", "newcomer", domain="bank")
     officers.enrol(newcomer, ["approver"], public_pem(ec.generate_private_key(ec.SECP256R1()).public_key()),
-                   "C-0000000000000000")
+                   "C-0000000000000000", cert_sha256="0" * 64)
     with pytest.raises(AlreadyExists):
         officers.enrol(newcomer, ["approver"], public_pem(ec.generate_private_key(ec.SECP256R1()).public_key()),
-                       "C-0000000000000000")
+                       "C-0000000000000000", cert_sha256="0" * 64)
     officers.revoke(newcomer)
     with pytest.raises(InvalidState):
         officers.revoke(newcomer)

@@ -9,7 +9,7 @@ import secrets
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import authorize_batch, client, key, officer, run_ceremony
+from ceremony_helpers import authorize_batch, client, key, officer, officer_params, run_ceremony
 from conftest import card, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -316,12 +316,9 @@ def test_a_batch_is_issuable_only_after_both_domains_authorized_it(home: Home, s
 
 
 def test_enrolment_and_signed_minutes(home: Home, service: Service) -> None:
-    new_key = ec.generate_private_key(ec.SECP256R1())
-    pem = new_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     name = f"o{secrets.token_hex(3)}"
     done = run_ceremony(home, service.port, "hrss", "enrol-officer",
-                        {"name": name, "roles": ["approver"], "public_key": pem})
+                        officer_params(home, Principal("officer", name, domain="hrss")))
     domain = _as(home, service, ALICE).domain()
     assert f"urn:kms:officer:hrss:{name}" in [o.officer for o in domain.officers]
     minutes = _as(home, service, BOB).minutes(done.ceremony_id)
@@ -403,6 +400,8 @@ def test_rotation_new_batches_get_the_new_version_old_batches_keep_theirs_until_
                 assert _bank_versions(first.data)["bank-imk-ac"] == 1
                 assert _bank_versions(st.issue_card(new, "rot-n0").data)["bank-imk-ac"] == v2
                 carol.reissue(old, "rot-o0")  # a re-issue of an old batch's card: still the old version
+                with client(home, service.port, ALICE) as alice:
+                    alice.reissue(old, "rot-o0")  # the hrss domain's consent too
                 again = st.issue_card(old, "rot-o0")
                 assert again.serial != first.serial and _bank_versions(again.data)["bank-imk-ac"] == 1
         finally:
@@ -456,13 +455,12 @@ def test_a_component_goes_only_to_the_custody_key_the_proposal_names(
 
 
 def test_a_revoked_officer_is_listed_as_revoked(home: Home, service: Service) -> None:
-    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     name = f"r{secrets.token_hex(3)}"
-    run_ceremony(home, service.port, "bank", "enrol-officer", {"name": name, "roles": ["approver"], "public_key": pem})
+    params = officer_params(home, Principal("officer", name, domain="bank"))
+    run_ceremony(home, service.port, "bank", "enrol-officer", params)
+    other = officer_params(home, Principal("officer", name + "x", domain="bank"))
     with pytest.raises(InvalidArgument, match="already an officer's approval key"):
-        _as(home, service, CAROL).propose("enrol-officer", {"name": name + "x", "roles": ["approver"],
-                                                            "public_key": pem})
+        _as(home, service, CAROL).propose("enrol-officer", {**other, "public_key": params["public_key"]})
     done = run_ceremony(home, service.port, "bank", "revoke-officer", {"name": name})
     assert json.loads(done.result_json)["state"] == "revoked"
     states = {o.officer: o.state for o in _as(home, service, DAVE).domain().officers}

@@ -29,6 +29,7 @@ from kms.errors import (
     NotFound,
     PermissionDenied,
     ProfileError,
+    ResourceExhausted,
 )
 
 #: One instance of every KmsError class, built the way kms builds it.
@@ -50,6 +51,8 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     Cancelled: lambda: Cancelled("the call was cancelled"),
     AuditUnavailable: lambda: AuditUnavailable(),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
+    ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
+                                                 "(100) reached; 100 issued in the last hour", limit="cards_per_hour"),
 }
 
 #: (gRPC status name, CLI exit code) per class.
@@ -71,6 +74,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     Cancelled: ("CANCELLED", 130),
     AuditUnavailable: ("INTERNAL", 6),  # retryable as raised: UNAVAILABLE
     AuditChainBroken: ("DATA_LOSS", 10),
+    ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
 }
 
 

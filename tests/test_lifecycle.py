@@ -27,7 +27,7 @@ from kms.clock import FixedClock
 from kms.devhome import Home
 from kms.errors import InvalidArgument, InvalidState, NotFound, PermissionDenied
 from kms.identity import Principal
-from kms.lifecycle import AppState, CardLifecycle, Event
+from kms.lifecycle import AppState, CardLifecycle, CardView, Event
 from kms.serve import Service
 from kms.store import batches, card_lifecycle_events
 
@@ -77,6 +77,16 @@ def batch(bstore: BatchStore, engine: sa.Engine, batch_id: str, cards: Sequence[
         conn.execute(batches.update().where(batches.c.batch_id == batch_id).values(state="open"))
 
 
+def replaced(life: CardLifecycle, old: str, new: str, reason: str) -> CardView:
+    """A replacement with both domains' consent: carol's (bank) first, then alice's (hrss) carries it out."""
+    first = life.replace(old, new, reason, CAROL)
+    assert first.awaiting_consent == ("hrss",)
+    assert first.status.replaced_by is None  # nothing changed yet
+    done = life.replace(old, new, reason, ALICE)
+    assert done.awaiting_consent == ()
+    return done
+
+
 def states(life: CardLifecycle, card_ref: str) -> tuple[str, str]:
     status = life.view(card_ref).status
     return status.hrss.value, status.bank.value
@@ -110,7 +120,7 @@ def test_report_lost_blocks_issuance_and_cancelling_the_report_lifts_it(
 def test_an_officer_acts_only_on_the_application_of_their_domain(
     life: CardLifecycle, bstore: BatchStore, engine: sa.Engine
 ) -> None:
-    batch(bstore, engine, "B-1", [ident(1)])
+    batch(bstore, engine, "B-1", [ident(1), ident(2)])
     with pytest.raises(PermissionDenied, match=r"officer bank/carol cannot act on the hrss application of card c1"):
         life.report_lost("c1", "hrss", "x", CAROL)
     with pytest.raises(PermissionDenied, match="cannot act on the bank application"):
@@ -118,8 +128,9 @@ def test_an_officer_acts_only_on_the_application_of_their_domain(
     for who in (ERIN, STATION):
         with pytest.raises(PermissionDenied, match="is not a security officer"):
             life.report_lost("c1", "hrss", "x", who)
-    with pytest.raises(PermissionDenied, match="recorded by an hrss officer"):
-        life.replace("c1", "c2", "x", CAROL)
+    # A replacement ends both applications: one domain's officer only consents; nothing changes until the other does.
+    assert life.replace("c1", "c2", "x", CAROL).awaiting_consent == ("hrss",)
+    assert life.replace("c1", "c2", "x", CAROL).awaiting_consent == ("hrss",)  # a second bank consent adds nothing
     assert states(life, "c1") == ("active", "active") and life.view("c1").history == []
 
 
@@ -136,20 +147,23 @@ def test_each_lifecycle_event_appends_its_audit_record_without_card_identities(
     life.cancel_loss_report("c1", "hrss", "found", BOB)
     life.cancel_application("c1", "hrss", "cancel-card", "deceased", ALICE)
     life.cancel_application("c1", "bank", "close-account", "cleared", CAROL)
-    life.replace("c2", "c3", "damaged", ALICE)
+    replaced(life, "c2", "c3", "damaged")
     bodies = [json.loads(r.body) for r in log.records()]
     assert [(b["kind"], b["domain"], b["subject"], b["actor"]) for b in bodies] == [
         ("lifecycle.reported-lost", "hrss", "c1", ALICE.uri()),
         ("lifecycle.loss-report-cancelled", "hrss", "c1", BOB.uri()),
         ("lifecycle.cancelled", "hrss", "c1", ALICE.uri()),
         ("lifecycle.closed", "bank", "c1", CAROL.uri()),
+        ("lifecycle.replace-consented", "bank", "c2", CAROL.uri()),
         ("lifecycle.replaced", "hrss", "c2", ALICE.uri()), ("lifecycle.replaced", "bank", "c2", ALICE.uri()),
         ("lifecycle.replaces", "", "c3", ALICE.uri())]
     assert bodies[0]["detail"] == {"application": "hrss", "from": "active", "to": "lost", "reason": "hotline"}
     assert bodies[2]["detail"]["revoked"] == "B-1 (not issued)"
-    assert bodies[4]["detail"] == {"application": "hrss", "from": "active", "to": "replaced", "reason": "damaged",
+    assert bodies[4]["detail"] == {"replaced_by": "c3", "reason": "damaged", "awaiting": ["hrss"]}
+    assert bodies[5]["detail"] == {"application": "hrss", "from": "active", "to": "replaced", "reason": "damaged",
                                    "replaced_by": "c3", "retired": ["card_serial", "kdd", "pan_psn"],
-                                   "revoked": "B-1 (not issued)"}
+                                   "revoked": "B-1 (not issued)",
+                                   "consented_by": {"bank": CAROL.uri(), "hrss": ALICE.uri()}}
     everything = repr(bodies)
     for c in (ident(1), ident(2), ident(3)):
         assert all(v not in everything for v in (c.pan, c.card_serial, c.kdd) if v)
@@ -179,7 +193,7 @@ def test_transition_table_of_an_application(
         life.cancel_application("c1", "hrss", "cancel-card" if start == "cancelled" else "close-account", "setup",
                                 ALICE)
     elif start == "replaced":
-        life.replace("c1", "c9", "setup", ALICE)
+        replaced(life, "c1", "c9", "setup")
     assert life.view("c1").status.hrss.value == start
     expected = TABLE[(start, operation)]
     run = {
@@ -231,7 +245,7 @@ def test_cancelling_revokes_the_cards_records(
     assert (event.event, event.detail, event.by) == (
         EventKind.LIFECYCLE_REVOKED, "revoked (bundle S-1): hrss application cancelled", ALICE.uri())
     with pytest.raises(InvalidState, match="is revoked"):
-        bstore.reissue("B-1", "c1", ALICE.uri())
+        bstore.reissue("B-1", "c1", ALICE.uri(), domain="hrss", needs=("hrss", "bank"))
 
 
 def test_replacement_revokes_the_old_card_and_retires_its_identities(
@@ -246,15 +260,15 @@ def test_replacement_revokes_the_old_card_and_retires_its_identities(
     with pytest.raises(InvalidArgument, match=r"^new_card_ref: card c2 has the same PAN as card c1 "
                                               r"\(6214830000000000001\); a replacement card needs a new card "
                                               r"serial, PAN and KDD"):
-        life.replace("c1", "c2", "lost card", ALICE)
+        replaced(life, "c1", "c2", "lost card")
     with pytest.raises(InvalidArgument, match="card c3 has the same card serial as card c1"):
-        life.replace("c1", "c3", "lost card", ALICE)
+        replaced(life, "c1", "c3", "lost card")
     with pytest.raises(InvalidArgument, match="new_card_ref: must name another card"):
-        life.replace("c1", "c1", "lost card", ALICE)
+        replaced(life, "c1", "c1", "lost card")
     with pytest.raises(NotFound, match="no card c77 in any batch"):
-        life.replace("c1", "c77", "lost card", ALICE)
+        replaced(life, "c1", "c77", "lost card")
 
-    view = life.replace("c1", "c4", "lost card", ALICE)
+    view = replaced(life, "c1", "c4", "lost card")
     assert (view.status.hrss, view.status.bank, view.status.replaced_by) == (
         AppState.REPLACED, AppState.REPLACED, "c4")
     assert [(r.batch_id, r.state) for r in view.records] == [("B-1", CardState.REVOKED)]
@@ -262,7 +276,8 @@ def test_replacement_revokes_the_old_card_and_retires_its_identities(
         ("hrss", Event.REPLACED, "active", "replaced"), ("bank", Event.REPLACED, "lost", "replaced")]
     assert view.history[-1].detail == (
         "replaced by card c4; retired identities: card serial 1000000000000001, PAN/PSN 6214830000000000001/01, "
-        "KDD 10000000000000000001; revoked records: B-1 (bundle S-1)")
+        "KDD 10000000000000000001; revoked records: B-1 (bundle S-1); consented: bank urn:kms:officer:bank:carol, "
+        "hrss urn:kms:officer:hrss:alice")
     assert life.view("c4").status.replaces == "c1"
     assert life.view("c4").history[-1].event is Event.REPLACES
     with pytest.raises(InvalidState, match=r"^card c1 was replaced by card c4: its keys are never derived again$"):
@@ -277,16 +292,16 @@ def test_replacement_revokes_the_old_card_and_retires_its_identities(
         "c6": "card c6 has the KDD 10000000000000000001 of card c1, which was replaced: its keys are never derived "
               "again"}
     with pytest.raises(InvalidState, match="was replaced by card c4; it can no longer change"):
-        life.replace("c1", "c3", "again", ALICE)
+        replaced(life, "c1", "c3", "again")
     with pytest.raises(InvalidState, match="card c4 cannot be a replacement card: it already replaces card c1"):
-        life.replace("c2", "c4", "again", ALICE)
+        replaced(life, "c2", "c4", "again")
 
 
 def test_a_new_batch_listing_a_retired_identity_or_an_ended_card_is_refused_naming_the_field(
     life: CardLifecycle, bstore: BatchStore, engine: sa.Engine
 ) -> None:
     batch(bstore, engine, "B-1", [ident(1), ident(2), ident(3)])
-    life.replace("c1", "c2", "damaged", ALICE)
+    replaced(life, "c1", "c2", "damaged")
     life.cancel_application("c3", "hrss", "cancel-card", "deceased", ALICE)
     life.check_new_batch([ident(10), ident(11, pan=ident(1).pan, psn="02")])
     old = ident(1)
@@ -307,13 +322,13 @@ def test_a_replacement_needs_open_cards(life: CardLifecycle, bstore: BatchStore,
     batch(bstore, engine, "B-1", [ident(i) for i in range(1, 5)])
     life.cancel_application("c1", "hrss", "cancel-card", "deceased", ALICE)
     with pytest.raises(InvalidState, match="the hrss application of card c1 is cancelled; that is final"):
-        life.replace("c1", "c2", "x", ALICE)
+        replaced(life, "c1", "c2", "x")
     life.report_lost("c3", "hrss", "x", ALICE)
     with pytest.raises(InvalidState, match="card c3 cannot be a replacement card: its hrss application is lost"):
-        life.replace("c2", "c3", "x", ALICE)
-    life.replace("c2", "c4", "x", ALICE)
+        replaced(life, "c2", "c3", "x")
+    replaced(life, "c2", "c4", "x")
     with pytest.raises(InvalidState, match="card c2 cannot be a replacement card: it was replaced by card c4"):
-        life.replace("c3", "c2", "x", ALICE)
+        replaced(life, "c3", "c2", "x")
 
 
 @pytest.mark.parametrize(("call", "field"), [
@@ -458,12 +473,15 @@ def test_grpc_replacement(home: Home, service: Service) -> None:
         _batch(alice, batch_id, "bureau-a", "dual-app-v1", [old, same_pan, new, blank])
         _batch(alice, earlier, "bureau-a", "dual-app-v1", [stranger])
         first = st.issue_card(batch_id, old.card_ref)
-        with pytest.raises(PermissionDenied, match="recorded by an hrss officer"):
-            carol.replace_card(old.card_ref, new.card_ref, "lost")
         with pytest.raises(InvalidArgument) as raised:
             alice.replace_card(old.card_ref, same_pan.card_ref, "lost")
         assert raised.value.field == "new_card_ref" and "same PAN" in raised.value.reason
-        card = alice.replace_card(old.card_ref, new.card_ref, "lost card, 补换")
+        # One domain's officer alone only consents (the finding: an hrss officer ended the bank application alone).
+        pending = alice.replace_card(old.card_ref, new.card_ref, "lost card, 补换")
+        assert list(pending.awaiting_consent) == ["bank"] and not pending.replaced_by
+        assert [a.state for a in pending.applications] == ["active", "active"]
+        assert [(r.state, r.serial) for r in alice.get_card(old.card_ref).records] == [("issued", first.serial)]
+        card = carol.replace_card(old.card_ref, new.card_ref, "lost card, 补换")
         assert (card.replaced_by, [a.state for a in card.applications]) == (new.card_ref, ["replaced", "replaced"])
         assert [(r.state, r.serial) for r in card.records] == [("revoked", first.serial)]
 
@@ -543,7 +561,11 @@ def test_cli_card_commands(home: Home, service: Service, capsys: pytest.CaptureF
     assert len(err) == 1 and err[0].startswith("kms: error: the bank application of card lc-cli-0 can be closed only")
     assert cli.main(["card", "replace", "--client", alice_cfg, *common, "--new-card-ref", "lc-cli-1", "--reason",
                      "damaged"]) == 0
-    capsys.readouterr()
+    assert capsys.readouterr().out.strip() == ("card lc-cli-0: hrss active, bank active; replacement awaiting the "
+                                               "bank domain's consent")
+    assert cli.main(["card", "replace", "--client", carol_cfg, *common, "--new-card-ref", "lc-cli-1", "--reason",
+                     "damaged"]) == 0
+    assert capsys.readouterr().out.strip() == "card lc-cli-0: hrss replaced, bank replaced; replaced by lc-cli-1"
     assert cli.main(["card", "show", "--client", str(home.client_config(ERIN)), *common, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["replaced_by"] == "lc-cli-1" and shown["applications"]["hrss"]["state"] == "replaced"

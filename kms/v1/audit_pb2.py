@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kms/v1/audit.proto\x12\x06kms.v1\"K\n\rExportRequest\x12\r\n\x05since\x18\x01 \x01(\t\x12\r\n\x05until\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"\x1c\n\x0b\x45xportChunk\x12\r\n\x05lines\x18\x01 \x03(\t\"\x10\n\x0eGetHeadRequest\"f\n\x04Head\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x17\n\x0f\x63heckpoint_size\x18\x03 \x01(\x04\x12\x15\n\rcheckpoint_at\x18\x04 \x01(\t\x12\x12\n\ncheckpoint\x18\x05 \x01(\t2w\n\x0c\x41uditService\x12\x36\n\x06\x45xport\x12\x15.kms.v1.ExportRequest\x1a\x13.kms.v1.ExportChunk0\x01\x12/\n\x07GetHead\x12\x16.kms.v1.GetHeadRequest\x1a\x0c.kms.v1.Headb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kms/v1/audit.proto\x12\x06kms.v1\"Z\n\rExportRequest\x12\r\n\x05since\x18\x01 \x01(\t\x12\r\n\x05until\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\t\"\x1c\n\x0b\x45xportChunk\x12\r\n\x05lines\x18\x01 \x03(\t\"\x10\n\x0eGetHeadRequest\"f\n\x04Head\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\x17\n\x0f\x63heckpoint_size\x18\x03 \x01(\x04\x12\x15\n\rcheckpoint_at\x18\x04 \x01(\t\x12\x12\n\ncheckpoint\x18\x05 \x01(\t2w\n\x0c\x41uditService\x12\x36\n\x06\x45xport\x12\x15.kms.v1.ExportRequest\x1a\x13.kms.v1.ExportChunk0\x01\x12/\n\x07GetHead\x12\x16.kms.v1.GetHeadRequest\x1a\x0c.kms.v1.Headb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.v1.audit_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPORTREQUEST']._serialized_start=30
-  _globals['_EXPORTREQUEST']._serialized_end=105
-  _globals['_EXPORTCHUNK']._serialized_start=107
-  _globals['_EXPORTCHUNK']._serialized_end=135
-  _globals['_GETHEADREQUEST']._serialized_start=137
-  _globals['_GETHEADREQUEST']._serialized_end=153
-  _globals['_HEAD']._serialized_start=155
-  _globals['_HEAD']._serialized_end=257
-  _globals['_AUDITSERVICE']._serialized_start=259
-  _globals['_AUDITSERVICE']._serialized_end=378
+  _globals['_EXPORTREQUEST']._serialized_end=120
+  _globals['_EXPORTCHUNK']._serialized_start=122
+  _globals['_EXPORTCHUNK']._serialized_end=150
+  _globals['_GETHEADREQUEST']._serialized_start=152
+  _globals['_GETHEADREQUEST']._serialized_end=168
+  _globals['_HEAD']._serialized_start=170
+  _globals['_HEAD']._serialized_end=272
+  _globals['_AUDITSERVICE']._serialized_start=274
+  _globals['_AUDITSERVICE']._serialized_end=393
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExportRequest(_message.Message):
-    __slots__ = ("since", "until", "domain", "kind")
+    __slots__ = ("since", "until", "domain", "kind", "nonce")
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     since: str
     until: str
     domain: str
     kind: str
-    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ..., domain: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    nonce: str
+    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ..., domain: _Optional[str] = ..., kind: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("lines",)

@@ -50,7 +50,7 @@ class AuditServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Export(self, request, context):
-        """The log up to a checkpoint signed for this export, filtered, as JSON Lines in chunks.
+        """The log up to a checkpoint and a seal signed for this export, filtered, as JSON Lines in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,17 +97,19 @@ class LifecycleEvent(_message.Message):
     def __init__(self, id: _Optional[int] = ..., application: _Optional[str] = ..., event: _Optional[str] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., at: _Optional[str] = ..., by: _Optional[str] = ...) -> None: ...
 
 class Card(_message.Message):
-    __slots__ = ("card_ref", "applications", "replaced_by", "replaces", "records", "history")
+    __slots__ = ("card_ref", "applications", "replaced_by", "replaces", "records", "history", "awaiting_consent")
     CARD_REF_FIELD_NUMBER: _ClassVar[int]
     APPLICATIONS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_BY_FIELD_NUMBER: _ClassVar[int]
     REPLACES_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_CONSENT_FIELD_NUMBER: _ClassVar[int]
     card_ref: str
     applications: _containers.RepeatedCompositeFieldContainer[ApplicationState]
     replaced_by: str
     replaces: str
     records: _containers.RepeatedCompositeFieldContainer[CardRecordState]
     history: _containers.RepeatedCompositeFieldContainer[LifecycleEvent]
-    def __init__(self, card_ref: _Optional[str] = ..., applications: _Optional[_Iterable[_Union[ApplicationState, _Mapping]]] = ..., replaced_by: _Optional[str] = ..., replaces: _Optional[str] = ..., records: _Optional[_Iterable[_Union[CardRecordState, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[LifecycleEvent, _Mapping]]] = ...) -> None: ...
+    awaiting_consent: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, card_ref: _Optional[str] = ..., applications: _Optional[_Iterable[_Union[ApplicationState, _Mapping]]] = ..., replaced_by: _Optional[str] = ..., replaces: _Optional[str] = ..., records: _Optional[_Iterable[_Union[CardRecordState, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[LifecycleEvent, _Mapping]]] = ..., awaiting_consent: _Optional[_Iterable[str]] = ...) -> None: ...

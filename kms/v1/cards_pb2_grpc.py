@@ -79,8 +79,9 @@ class CardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReplaceCard(self, request, context):
-        """补换: link a replacement card to an old one; the old card's records are revoked and its identities retired
-        (hrss officer; it ends both applications of the old card).
+        """补换: one domain's consent to link a replacement card to an old one. It ends both applications of the old card,
+        so it happens once an officer of each domain consented: then the old card's records are revoked and its
+        identities retired.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -125,9 +125,11 @@ class ReissueCardRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., card_ref: _Optional[str] = ...) -> None: ...
 
 class ReissueCardResponse(_message.Message):
-    __slots__ = ("card_ref", "state")
+    __slots__ = ("card_ref", "state", "awaiting")
     CARD_REF_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_FIELD_NUMBER: _ClassVar[int]
     card_ref: str
     state: str
-    def __init__(self, card_ref: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    awaiting: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, card_ref: _Optional[str] = ..., state: _Optional[str] = ..., awaiting: _Optional[_Iterable[str]] = ...) -> None: ...

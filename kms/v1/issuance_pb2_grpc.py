@@ -220,8 +220,8 @@ class BatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReissueCard(self, request, context):
-        """Revoke a card's chip binding and issued bundle so it can be issued again (a card spoiled in
-        personalization).
+        """One domain's consent to revoke a card's chip binding and issued bundle so it can be issued again (a card
+        spoiled in personalization); it happens once an officer of every domain of the batch's profile consented.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
