@@ -20,8 +20,8 @@ import grpc
 from kms import errors
 from kms.audit import NONCE, AuditLog, Seal, export_lines
 from kms.clock import rfc3339
-from kms.registry import check_domain
-from kms.server import abort, current_principal
+from kms.registry import DOMAINS, check_domain
+from kms.server import abort, current_domains, current_principal
 from kms.v1 import audit_pb2 as pb
 from kms.v1 import audit_pb2_grpc as rpc
 
@@ -98,6 +98,7 @@ class AuditService(rpc.AuditServiceServicer):
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportChunk]:
         try:
             filters = check_filters(request.since, request.until, request.domain, request.kind)
+            _require_domains(filters["domain"])
             nonce = check_nonce(request.nonce)
             seal = self._checkpointer.seal(nonce, {k: v for k, v in filters.items() if v is not None})
             log.info("%s exports the audit log up to %d%s", current_principal(), seal.size,
@@ -118,6 +119,17 @@ class AuditService(rpc.AuditServiceServicer):
             return pb.Head(size=size, hash=head)
         return pb.Head(size=size, hash=head, checkpoint_size=last.size, checkpoint_at=last.at,
                        checkpoint=last.line())
+
+
+def _require_domains(domain: str | None) -> None:
+    """An auditor reads the records of the domains that enrolled them (kms.principals): all records only when
+    every domain did, otherwise only their domain's (records of other domains and of none appear as digests)."""
+    granted = current_domains()
+    if domain is None and not set(DOMAINS) <= granted:
+        raise errors.PermissionDenied(f"{current_principal()} is enrolled by the {', '.join(sorted(granted))} domain "
+                                      "only: export with domain set to it")
+    if domain is not None and domain not in granted:
+        raise errors.PermissionDenied(f"{current_principal()} is not enrolled by the {domain} domain")
 
 
 def register(service: AuditService) -> Callable[[grpc.Server], list[str]]:

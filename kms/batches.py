@@ -52,14 +52,14 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from kms import consents, identity
-from kms.audit import AuditLog, mask_pan
+from kms.audit import AuditLog
 from kms.bundle import canonical
-from kms.cardid import CardIdentity
+from kms.cardid import CardIdentity, ProtectedPan
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
 from kms.store import batch_authorizations, batch_cards, batches, card_events
@@ -71,6 +71,9 @@ MAX_PAGE = 10_000
 #: Chip data a station may bind to a card record.
 CHIP_FIELDS = ("card_serial", "kdd")
 IDENTITY_FIELDS = ("city_code", "card_serial", "pan", "psn", "kdd")
+#: The identity fields stored as they are; the PAN is stored only protected (kms.pans: pan_sealed, pan_index,
+#: pan_psn_index, pan_masked).
+CLEAR_FIELDS = ("city_code", "card_serial", "psn", "kdd")
 
 _INSERT_CHUNK = 5_000
 _ATTEMPTS = 5
@@ -146,8 +149,16 @@ def cards_digest(cards: Sequence[CardIdentity]) -> str:
     return hashlib.sha256(canonical([c.as_dict() for c in cards])).hexdigest()
 
 
+class Protector(Protocol):
+    """Protects clear PANs before they are stored (kms.pans.PanVault; a software stand-in in unit tests)."""
+
+    def protect(self, cards: Sequence[CardIdentity]) -> list[CardIdentity]: ...
+
+
 class BatchStore:
-    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None,
+                 pans: Protector | None = None) -> None:
+        self._pans = pans
         self._engine = engine
         self._clock = clock
         self._audit = audit
@@ -165,6 +176,8 @@ class BatchStore:
             raise InvalidArgument("cards", f"a batch lists 1 to {MAX_BATCH_CARDS} cards, not {len(cards)}")
         now = rfc3339(self._clock.now())
         digest = cards_digest(cards)
+        if self._pans is not None and any(c.pan is not None for c in cards if isinstance(c, CardIdentity)):
+            cards = self._pans.protect(cards)
         seen: dict[str, int] = {}
         rows: list[dict[str, Any]] = []
         for sequence, card in enumerate(cards):
@@ -175,9 +188,11 @@ class BatchStore:
                     f"cards[{sequence}].card_ref", f"{card.card_ref} is already card {seen[card.card_ref]} of the batch"
                 )
             seen[card.card_ref] = sequence
+            if card.pan is not None:
+                raise InvalidArgument(f"cards[{sequence}].pan", "is stored only protected (kms.pans), never in clear")
             rows.append({
                 "batch_id": batch_id, "card_ref": card.card_ref, "sequence": sequence,
-                **{name: getattr(card, name) for name in IDENTITY_FIELDS},
+                **{name: getattr(card, name) for name in CLEAR_FIELDS}, **_pan_columns(card.protected),
                 "bound_fields": None, "chip_bound_at": None, "state": CardState.PENDING.value, "serial": None,
                 "bundle": None, "idempotency_key": None, "issued_at": None,
             })
@@ -434,8 +449,8 @@ class BatchStore:
         with self._engine.begin() as conn:
             won = _store_issued(conn, batch_id, card_ref, serial, bundle, idempotency_key, sealed_for, now, by)
             if won and self._audit is not None:
-                pan = conn.execute(sa.select(batch_cards.c.pan).where(_is_card(batch_id, card_ref))).scalar()
-                self._audit.append_many(conn, [_issued_record(batch_id, card_ref, serial, pan, by)])
+                masked = conn.execute(sa.select(batch_cards.c.pan_masked).where(_is_card(batch_id, card_ref))).scalar()
+                self._audit.append_many(conn, [_issued_record(batch_id, card_ref, serial, masked, by)])
         record, batch_state = self._read(batch_id, card_ref)
         if won:
             return record
@@ -477,7 +492,8 @@ class BatchStore:
             # The records after the changes: the audit head is locked last, for as short a time as possible.
             if self._audit is not None:
                 self._audit.append_many(conn, [
-                    _issued_record(batch_id, card.card_ref, serial, card.pan, by)
+                    _issued_record(batch_id, card.card_ref, serial, card.protected.masked if card.protected else None,
+                                   by)
                     for (card, serial, _), stored in zip(issued, won, strict=True) if stored])
         return won
 
@@ -515,7 +531,9 @@ def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str
         _is_card(batch_id, card_ref), batch_cards.c.state == CardState.PENDING.value, _batch_is_open(batch_id),
     ]
     if sealed_for is not None:
-        conditions += [batch_cards.c[name].is_not_distinct_from(getattr(sealed_for, name)) for name in IDENTITY_FIELDS]
+        conditions += [batch_cards.c[name].is_not_distinct_from(getattr(sealed_for, name)) for name in CLEAR_FIELDS]
+        conditions.append(batch_cards.c.pan_index.is_not_distinct_from(
+            sealed_for.protected.index if sealed_for.protected else None))
     won: bool = conn.execute(
         batch_cards.update()
         .where(*conditions)
@@ -527,11 +545,27 @@ def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str
     return won
 
 
-def _issued_record(batch_id: str, card_ref: str, serial: str, pan: str | None, by: str | None) -> dict[str, Any]:
-    """The audit record of one issued card: the bundle serial, the station and the PAN masked (kms.audit.mask_pan);
-    no other card identity value."""
+def _issued_record(batch_id: str, card_ref: str, serial: str, masked: str | None, by: str | None
+                   ) -> dict[str, Any]:
+    """The audit record of one issued card: the bundle serial, the station and the PAN masked as it was stored
+    (kms.pans); no other card identity value."""
     return {"kind": "issuance.issued", "actor": by or "", "subject": f"{batch_id}/{card_ref}",
-            "detail": {"serial": serial, "by": by or "", "pan": mask_pan(pan)}}
+            "detail": {"serial": serial, "by": by or "", "pan": masked or ""}}
+
+
+def _pan_columns(protected: ProtectedPan | None) -> dict[str, Any]:
+    if protected is None:
+        return {"pan_sealed": None, "pan_index": None, "pan_psn_index": None, "pan_masked": None}
+    return {"pan_sealed": protected.sealed, "pan_index": protected.index, "pan_psn_index": protected.pan_psn_index,
+            "pan_masked": protected.masked}
+
+
+def protected_pan(m: Any) -> ProtectedPan | None:
+    """The protected PAN of a batch_cards row (None: the card has no PAN)."""
+    if m["pan_sealed"] is None:
+        return None
+    return ProtectedPan(sealed=bytes(m["pan_sealed"]), index=m["pan_index"], pan_psn_index=m["pan_psn_index"],
+                        masked=m["pan_masked"])
 
 
 def _event(
@@ -556,7 +590,8 @@ def _card(m: sa.RowMapping) -> CardRecord:
     bundle = m["bundle"]
     return CardRecord(
         batch_id=m["batch_id"], card_ref=m["card_ref"], sequence=m["sequence"],
-        identity=CardIdentity(card_ref=m["card_ref"], **{name: m[name] for name in IDENTITY_FIELDS}),
+        identity=CardIdentity(card_ref=m["card_ref"], **{name: m[name] for name in CLEAR_FIELDS},
+                              protected=protected_pan(m)),
         bound_fields=frozenset((m["bound_fields"] or "").split()), chip_bound_at=m["chip_bound_at"],
         state=CardState(m["state"]), serial=m["serial"], bundle=None if bundle is None else bytes(bundle),
         idempotency_key=m["idempotency_key"], issued_at=m["issued_at"],
@@ -575,7 +610,7 @@ def _chip_data(card_ref: str, card_serial: str | None, kdd: str | None) -> dict[
         if not isinstance(value, str):
             raise InvalidArgument(name, "must be a string")
         given[name] = value.upper()
-    CardIdentity(card_ref=card_ref, **given)  # validates each field, naming it
+    CardIdentity(card_ref=card_ref, card_serial=given.get("card_serial"), kdd=given.get("kdd"))  # names a bad field
     return given
 
 

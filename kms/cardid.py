@@ -6,7 +6,7 @@ Never the social security number (社会保障号码): it survives card replacem
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from kms.errors import InvalidArgument
 
@@ -21,8 +21,23 @@ _PATTERNS = {
 
 
 @dataclass(frozen=True)
+class ProtectedPan:
+    """A PAN as records keep it (kms.pans): encrypted under the bank domain's data key, bound to its card_ref,
+    with keyed look-up indexes (HMAC in the bank token) and the PAN masked (first 6, last 4) for people."""
+
+    sealed: bytes
+    index: str  # HMAC-SHA256 of the PAN (hex): the same PAN on two records
+    pan_psn_index: str  # HMAC-SHA256 of "<pan>/<psn>" (hex): retired identities
+    masked: str
+
+    def __repr__(self) -> str:
+        return f"ProtectedPan({self.masked})"
+
+
+@dataclass(frozen=True)
 class CardIdentity:
-    """One card as the derivation recipes see it. Fields a profile does not need may be absent."""
+    """One card as the derivation recipes see it. Fields a profile does not need may be absent. A card read from
+    the records carries its PAN only ``protected``; the bank domain's workers open it (kms.pans) to derive keys."""
 
     card_ref: str
     city_code: str | None = None
@@ -30,6 +45,7 @@ class CardIdentity:
     pan: str | None = None
     psn: str | None = None
     kdd: str | None = None
+    protected: ProtectedPan | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.card_ref, str) or not _CARD_REF.fullmatch(self.card_ref):
@@ -43,6 +59,10 @@ class CardIdentity:
     def province(self) -> str | None:
         return self.city_code[:2] if self.city_code else None
 
+    def has(self, name: str) -> bool:
+        """Whether the card carries this field (a protected PAN counts: the bank's workers open it)."""
+        return getattr(self, name) is not None or (name == "pan" and self.protected is not None)
+
     def require(self, names: frozenset[str]) -> None:
         for name in sorted(names):
             if getattr(self, name) is None:
@@ -50,7 +70,7 @@ class CardIdentity:
 
     @classmethod
     def from_mapping(cls, data: dict[str, object]) -> CardIdentity:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"protected"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidArgument(unknown[0], "unknown card field")
@@ -65,4 +85,4 @@ class CardIdentity:
         return cls(**values)  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, str]:
-        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        return {f.name: v for f in fields(self) if f.name != "protected" and (v := getattr(self, f.name)) is not None}

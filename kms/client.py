@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,12 @@ def _invalid(message: str) -> errors.KmsError:
     return errors.InvalidArgument(field, reason) if reason else errors.InvalidArgument("request", message)
 
 
+def _exhausted(message: str) -> errors.KmsError:
+    """A limit reached (kms.limits: "<scope> <subject>: limit <name> (<value>) reached; …"), or gRPC's own."""
+    named = re.search(r": limit ([a-z_]+) \(", message)
+    return errors.ResourceExhausted(message, limit=named[1] if named else "")
+
+
 _CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: _invalid,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
@@ -31,7 +38,7 @@ _CODES = {
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidState,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,  # a limit (kms.limits) or gRPC's message size
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _exhausted,
 }
 
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from cryptography.x509 import load_pem_x509_certificate
 
 from kms import config as config_mod
-from kms import profiles, runtime, softhsm, store
+from kms import pans, profiles, runtime, softhsm, store
 from kms.audit import AuditLog
 from kms.audit_signer import AUDIT_KEY_LABEL
 from kms.ceremonies import Ceremonies
@@ -318,6 +318,15 @@ def _domain_setup(
             _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
         _add_key_pair(registry, domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072", session.generate_custody_keypair)
         _add_key_pair(registry, domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256", session.generate_signing_key)
+        if domain == pans.DOMAIN:  # cardholder data at rest: the PAN encryption and index keys (kms.pans)
+            existing_data = registry.names(domain, KeyKind.DATA)
+            if pans.DATA_KEY not in existing_data:
+                _add_key(registry, domain, KeyKind.DATA, pans.DATA_KEY, Algorithm.AES256, session.generate_data_key,
+                         KcvMethod.AES_ECB_ZERO)
+            if pans.INDEX_KEY not in existing_data:
+                record = registry.add(domain, KeyKind.DATA, pans.INDEX_KEY, "HMAC-SHA256")
+                registry.set_kcv(record, session.generate_index_key(record.label).hex().upper(),
+                                 KcvMethod.HMAC_EMPTY.value)
         signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
         assert signing.public_key is not None
         pem = load_der_public_key(signing.public_key).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import enum
 import hashlib
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.constants import DEFAULT
+from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from kms.errors import HsmError, HsmKeyNotFound, HsmLoginFailed, InvalidArgument, MechanismUnavailable
@@ -56,6 +58,7 @@ class KcvMethod(enum.StrEnum):
     TDES_ECB_ZERO = "TDES-ECB-ZERO8-3"  # first 3 bytes of 3DES_K(0^8)
     AES_ECB_ZERO = "AES-ECB-ZERO16-3"  # first 3 bytes of AES_K(0^16) (the token's CKA_CHECK_VALUE)
     SM4_ECB_ZERO = "SM4-ECB-ZERO16-3"
+    HMAC_EMPTY = "HMAC-SHA256-EMPTY-3"  # first 3 bytes of HMAC-SHA256_K("") (generic secrets: PAN index keys)
 
 
 class Role(enum.Enum):
@@ -71,6 +74,10 @@ class Role(enum.Enum):
     # a key the security officer marked CKA_TRUSTED (CKA_WRAP_WITH_TRUSTED), i.e. the domain's custody key.
     MASTER_ESCROWABLE = "master_escrowable"
     TRANSPORT_ESCROWABLE = "transport_escrowable"
+    # Cardholder data at rest (kms.pans): an AES key that encrypts and decrypts PANs (AES-GCM) and an HMAC key
+    # that makes their look-up indexes; neither ever leaves the token.
+    DATA = "data"
+    INDEX = "index"
 
 
 _ALL_CAPS = (
@@ -93,6 +100,8 @@ _ROLES: dict[Role, tuple[frozenset[Attribute], bool, bool]] = {
     Role.STATION_CARD_KEY: (frozenset({Attribute.ENCRYPT}), False, False),
     Role.MASTER_ESCROWABLE: (frozenset({Attribute.DERIVE}), True, False),
     Role.TRANSPORT_ESCROWABLE: (frozenset({Attribute.WRAP}), True, False),
+    Role.DATA: (frozenset({Attribute.ENCRYPT, Attribute.DECRYPT}), False, False),
+    Role.INDEX: (frozenset({Attribute.SIGN, Attribute.VERIFY}), False, False),
 }
 _TRUSTED_ONLY = frozenset({Role.MASTER_ESCROWABLE, Role.TRANSPORT_ESCROWABLE})
 
@@ -604,6 +613,48 @@ class TokenSession:
         digest = hashlib.sha256(message).digest()
         with _hsm(f"sign with {label!r}"):
             return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+
+    # -- cardholder data at rest (kms.pans) --------------------------------------------------------------------
+
+    def generate_data_key(self, label: str) -> bytes:
+        """An AES-256 key that encrypts and decrypts data (AES-GCM) in the token, never extractable; its KCV."""
+        return self._generate(label, Role.DATA, Algorithm.AES256)
+
+    def generate_index_key(self, label: str) -> bytes:
+        """A 256-bit generic secret for HMAC-SHA256 look-up indexes, never extractable; the KCV of its first use
+        (HMAC of the empty string, 3 bytes), since generic secrets have no CKA_CHECK_VALUE."""
+        self._refuse_duplicate(label)
+        with _hsm(f"generate key {label!r}"):
+            self._session.generate_key(KeyType.GENERIC_SECRET, 256,
+                                       template=secret_key_template(Role.INDEX, token=True, label=label))
+        return self.hmac_sha256(label, b"")[:3]
+
+    def encrypt_data(self, label: str, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-GCM under a data key: a fresh 12-byte IV ‖ ciphertext ‖ 16-byte tag, bound to ``aad``."""
+        key = self._key(label)
+        iv = secrets.token_bytes(12)
+        with _hsm(f"encrypt with {label!r}"):
+            return iv + bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                          mechanism_param=GCMParams(iv, aad, 128)))
+
+    def decrypt_data(self, label: str, sealed: bytes, aad: bytes, field: str = "data") -> bytes:
+        """The plaintext of ``encrypt_data``; InvalidArgument naming ``field`` if it was altered, bound to other
+        ``aad`` or made with another key (the token refuses the tag)."""
+        key = self._key(label)
+        if len(sealed) < 12 + 16:
+            raise InvalidArgument(field, "is not data encrypted by kms")
+        try:
+            return bytes(key.decrypt(sealed[12:], mechanism=Mechanism.AES_GCM,
+                                     mechanism_param=GCMParams(sealed[:12], aad, 128)))
+        except (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange, p11e.GeneralError):
+            raise InvalidArgument(field, "cannot be decrypted: altered, or sealed for another record") from None
+        except p11e.PKCS11Error as error:
+            raise _translate(error, f"decrypt with {label!r}") from None
+
+    def hmac_sha256(self, label: str, message: bytes) -> bytes:
+        key = self._key(label)
+        with _hsm(f"HMAC with {label!r}"):
+            return bytes(key.sign(message, mechanism=Mechanism.SHA256_HMAC))
 
     # -- transport keys ----------------------------------------------------------------------------------------
 

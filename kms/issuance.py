@@ -31,6 +31,8 @@ from kms.identity import Principal
 from kms.issuer import DomainPools, IssuedBundle, Issuer
 from kms.lifecycle import CardLifecycle
 from kms.limits import Quotas, StreamQuota
+from kms.pans import DOMAIN as BANK
+from kms.pans import BankCall, PanVault
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
 from kms.server import abort, current_domains, current_principal
@@ -53,8 +55,10 @@ class Issuance:
 
     def __init__(self, config_path: Any, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
                  pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle, quotas: Quotas | None = None,
-                 alarms: Alarms | None = None) -> None:
+                 alarms: Alarms | None = None, pans: PanVault | None = None) -> None:
         self.config_path = config_path
+        # PANs of new batches are protected by the bank domain's workers before anything stores them (kms.pans).
+        self.pans = pans or PanVault(_bank_call(pools))
         self.store = store
         self.lifecycle = lifecycle  # lost, cancelled, replaced cards and retired identities are never issued
         self.registry = registry
@@ -101,10 +105,10 @@ class Issuance:
         try:
             batch = self.store.get_batch(batch_id)
         except errors.NotFound:  # the same answer as for another bureau's batch: no oracle of batch ids
-            self._outside_batch(principal, method, batch_id)
+            self.outside_batch(principal, method, batch_id)
             raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}") from None
         if batch.bureau != principal.bureau:
-            self._outside_batch(principal, method, batch_id)
+            self.outside_batch(principal, method, batch_id)
             raise errors.PermissionDenied(f"batch {batch_id} is not authorized for {principal.bureau}")
         profile = self.profile(batch.profile)
         missing = sorted(set(profile.domains) - current_domains())
@@ -114,8 +118,9 @@ class Issuance:
         self.check_registered(batch.bureau, profile)
         return batch
 
-    def _outside_batch(self, principal: Principal, method: str | None, batch_id: str,
-                       card_ref: str | None = None) -> None:
+    def outside_batch(self, principal: Principal, method: str | None, batch_id: str,
+                      card_ref: str | None = None) -> None:
+        """alarm.outside-batch for a call for cards (``method``) of a batch or card that is not the station's."""
         if method is not None and self.alarms is not None:
             self.alarms.outside_batch(principal, method, batch_id, card_ref)
 
@@ -143,9 +148,18 @@ def _bundle(record: CardRecord) -> pb.SealedBundle:
                            sequence=record.sequence)
 
 
+def _bank_call(pools: DomainPools) -> BankCall:
+    def call(function: Any, *args: Any) -> Any:
+        pool = pools.pools.get(BANK)
+        if pool is None:
+            raise errors.InvalidState(f"no {BANK} HSM worker is configured here: PANs cannot be stored")
+        return pool.call(function, *args)
+    return call
+
+
 def _complete(identity: CardIdentity, profile: Profile) -> bool:
     needed = frozenset().union(*(profile.card_fields(d) for d in profile.domains))
-    return all(getattr(identity, f) is not None for f in needed)
+    return all(identity.has(f) for f in needed)
 
 
 class IssuanceService(rpc.IssuanceServiceServicer):
@@ -171,7 +185,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         try:
             record = self._i.store.card(batch.batch_id, request.card_ref)
         except errors.NotFound:
-            self._i._outside_batch(principal, ISSUE_CARD, batch.batch_id, request.card_ref)
+            self._i.outside_batch(principal, ISSUE_CARD, batch.batch_id, request.card_ref)
             raise errors.PermissionDenied(
                 f"card {request.card_ref} is not in batch {batch.batch_id}: it was not authorized") from None
         # A card in a blocking state (lost, cancelled, closed, replaced, retired identity) gets nothing, not even
@@ -387,6 +401,7 @@ class BatchService(rpc.BatchServiceServicer):
                 if missing:
                     raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
                                                  f"is required by profile {profile.name}")
+            cards = self._i.pans.protect(cards)  # PANs are kept only protected by the bank domain (kms.pans)
             self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
             batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
                                                principal.uri())
@@ -444,7 +459,8 @@ def _with_chip(identity: CardIdentity, request: pb.IssueCardRequest) -> CardIden
                 "kdd": _field(request.chip.kdd, "chip.kdd")}
     except errors.InvalidArgument:
         return identity
-    return dataclasses.replace(identity, **{name: value for name, value in chip.items() if value is not None})
+    return dataclasses.replace(identity, card_serial=chip["card_serial"] or identity.card_serial,
+                               kdd=chip["kdd"] or identity.kdd)
 
 
 def _field(value: str, name: str) -> str | None:

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 from kms import consents
 from kms.audit import AuditLog
-from kms.batches import CardState, EventKind
+from kms.batches import CardState, EventKind, Protector
 from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
 from kms.errors import InvalidArgument, InvalidState, NotFound, PermissionDenied
@@ -133,7 +133,9 @@ class _Lost(Exception):
 
 
 class CardLifecycle:
-    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
+    def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None,
+                 pans: Protector | None = None) -> None:
+        self._pans = pans  # for cards given with a clear PAN (the service protects them before asking)
         self._engine = engine
         self._clock = clock
         self._audit = audit
@@ -192,8 +194,8 @@ class CardLifecycle:
             with self._engine.connect() as conn:
                 old = _status(conn, old_card_ref)
                 new = _status(conn, new_card_ref)
-                old_ids = _identities(conn, old_card_ref)
-                new_ids = _identities(conn, new_card_ref)
+                old_ids, old_shown = _identities(conn, old_card_ref)
+                new_ids, new_shown = _identities(conn, new_card_ref)
                 retired = _retired(conn, [(f, v) for f in _RETIRED_FIELDS for v in new_ids[f]])
             for application in APPLICATIONS:
                 _require_open(old, application)
@@ -204,11 +206,13 @@ class CardLifecycle:
                 same = sorted(old_ids[name] & new_ids[name])
                 if same:
                     raise InvalidArgument("new_card_ref", f"card {new_card_ref} has the same {_LABELS[name]} as card "
-                                          f"{old_card_ref} ({same[0]}); a replacement card needs a new card serial, "
+                                          f"{old_card_ref} ({old_shown.get(same[0], same[0])}); a replacement card "
+                                          "needs a new card serial, "
                                           "PAN and KDD, hence new keys")
             if retired:
                 (name, value), owner = min(retired.items())
-                raise InvalidArgument("new_card_ref", f"card {new_card_ref} has the {_LABELS[name]} {value} of card "
+                raise InvalidArgument("new_card_ref", f"card {new_card_ref} has the {_LABELS[name]} "
+                                      f"{new_shown.get(value, value)} of card "
                                       f"{owner}, which was replaced; it is retired")
             moment = self._clock.now()
             now = rfc3339(moment)
@@ -229,13 +233,15 @@ class CardLifecycle:
                                            "bank_state": AppState.REPLACED.value, "replaced_by": new_card_ref}, now)
                         _write(conn, new, {"replaces": old_card_ref}, now)
                         already = _retired(conn, to_retire)  # e.g. a value two cards shared
-                        fresh = [{"field": f, "value": v, "card_ref": old_card_ref, "retired_at": now,
-                                  "retired_by": by.uri()} for f, v in to_retire if (f, v) not in already]
+                        fresh = [{"field": f, "value": v, "shown": old_shown.get(v, v), "card_ref": old_card_ref,
+                                  "retired_at": now, "retired_by": by.uri()}
+                                 for f, v in to_retire if (f, v) not in already]
                         if fresh:
                             conn.execute(retired_identities.insert(), fresh)
                         revoked = _revoke_records(conn, old_card_ref, f"card replaced by {new_card_ref}", now,
                                                   by.uri())
-                        retired_text = ", ".join(f"{_LABELS[f]} {v}" for f, v in to_retire) or "none known"
+                        retired_text = ", ".join(f"{_LABELS[f]} {old_shown.get(v, v)}" for f, v in to_retire) \
+                            or "none known"
                         consented = ", ".join(f"{d} {c.by}" for d, c in sorted(given.items()))
                         detail = (f"replaced by card {new_card_ref}; retired identities: {retired_text}; revoked "
                                   f"records: {revoked or 'none'}; consented: {consented}")
@@ -283,6 +289,7 @@ class CardLifecycle:
 
     def blocked(self, cards: Sequence[CardIdentity]) -> dict[str, str]:
         """For the cards that must not be issued: card_ref → the reason, naming the card."""
+        cards = self._protected(cards)
         states, retired = self._lookup(cards)
         reasons: dict[str, str] = {}
         for card in cards:
@@ -291,7 +298,7 @@ class CardLifecycle:
             if reason is None:
                 for name, value in _card_values(card):
                     if (name, value) in retired:
-                        reason = (f"card {card.card_ref} has the {_LABELS[name]} {value} of card "
+                        reason = (f"card {card.card_ref} has the {_LABELS[name]} {_shown(card, value)} of card "
                                   f"{retired[(name, value)]}, which was replaced: its keys are never derived again")
                         break
             if reason is not None:
@@ -308,6 +315,7 @@ class CardLifecycle:
         """InvalidArgument naming ``cards[<i>].<field>`` for the first card of a new batch that lists a retired
         identity or a card whose lifecycle has ended (replaced, cancelled, closed). A lost card may be listed: it
         is refused at issuance while the report stands."""
+        cards = self._protected(cards)
         states, retired = self._lookup(cards)
         for i, card in enumerate(cards):
             status = states.get(card.card_ref)
@@ -317,7 +325,8 @@ class CardLifecycle:
             for name, value in _card_values(card):
                 if (name, value) in retired:
                     raise InvalidArgument(f"cards[{i}].{_RETIRED_FIELDS[name]}",
-                                          f"{_LABELS[name]} {value} was retired when card {retired[(name, value)]} "
+                                          f"{_LABELS[name]} {_shown(card, value)} was retired when card "
+                                          f"{retired[(name, value)]} "
                                           "was replaced; a replaced card's keys are never derived again")
 
     # -- internals --------------------------------------------------------------------------------------------------
@@ -364,6 +373,11 @@ class CardLifecycle:
                            subject=card_ref, detail={
                                "application": application or "", "from": "" if from_state is None else from_state.value,
                                "to": "" if to_state is None else to_state.value, "reason": reason, **detail})
+
+    def _protected(self, cards: Sequence[CardIdentity]) -> Sequence[CardIdentity]:
+        if self._pans is not None and any(c.pan is not None for c in cards):
+            return self._pans.protect(cards)
+        return cards
 
     def _lookup(self, cards: Sequence[CardIdentity]
                 ) -> tuple[dict[str, CardStatus], dict[tuple[str, str], str]]:
@@ -439,30 +453,44 @@ def _revoke_records(conn: sa.Connection, card_ref: str, why: str, now: str, by: 
     return ", ".join(revoked)
 
 
-def _identities(conn: sa.Connection, card_ref: str) -> dict[str, set[str]]:
-    """Every identity value the card's records carry: card_serial, pan, pan_psn, kdd."""
+def _identities(conn: sa.Connection, card_ref: str) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Every identity value the card's records carry: card_serial, pan and pan_psn (their keyed indexes, kms.pans),
+    kdd; and how messages show each (a PAN masked)."""
     found: dict[str, set[str]] = {"card_serial": set(), "pan": set(), "pan_psn": set(), "kdd": set()}
-    rows = conn.execute(sa.select(batch_cards.c.card_serial, batch_cards.c.pan, batch_cards.c.psn, batch_cards.c.kdd)
+    shown: dict[str, str] = {}
+    rows = conn.execute(sa.select(batch_cards.c.card_serial, batch_cards.c.pan_index, batch_cards.c.pan_psn_index,
+                                  batch_cards.c.pan_masked, batch_cards.c.psn, batch_cards.c.kdd)
                         .where(batch_cards.c.card_ref == card_ref))
     for row in rows:
-        for name, value in _values(row.card_serial, row.pan, row.psn, row.kdd):
+        for name, value in _values(row.card_serial, row.pan_psn_index, row.kdd):
             found[name].add(value)
-        if row.pan is not None:
-            found["pan"].add(row.pan)
-    return found
+        if row.pan_index is not None:
+            found["pan"].add(row.pan_index)
+            shown[row.pan_index] = row.pan_masked
+            shown[row.pan_psn_index] = f"{row.pan_masked}/{row.psn or ''}"
+    return found, shown
 
 
 def _card_values(card: CardIdentity) -> list[tuple[str, str]]:
-    return _values(card.card_serial, card.pan, card.psn, card.kdd)
+    if card.pan is not None:
+        raise InvalidState(f"card {card.card_ref}: its PAN must be protected (kms.pans) before it is looked up")
+    return _values(card.card_serial, card.protected.pan_psn_index if card.protected else None, card.kdd)
 
 
-def _values(card_serial: str | None, pan: str | None, psn: str | None, kdd: str | None) -> list[tuple[str, str]]:
-    """The retirable identity values: card serial (hrss), PAN+PSN (bank), KDD."""
+def _shown(card: CardIdentity, value: str) -> str:
+    """How a message names one of the card's identity values: a PAN/PSN index as the PAN masked, with its PSN."""
+    if card.protected is not None and value == card.protected.pan_psn_index:
+        return f"{card.protected.masked}/{card.psn or ''}"
+    return value
+
+
+def _values(card_serial: str | None, pan_psn_index: str | None, kdd: str | None) -> list[tuple[str, str]]:
+    """The retirable identity values: card serial (hrss), PAN+PSN (bank; its keyed index), KDD."""
     values = []
     if card_serial is not None:
         values.append(("card_serial", card_serial))
-    if pan is not None:
-        values.append(("pan_psn", f"{pan}/{psn or ''}"))
+    if pan_psn_index is not None:
+        values.append(("pan_psn", pan_psn_index))
     if kdd is not None:
         values.append(("kdd", kdd))
     return values

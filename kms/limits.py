@@ -268,16 +268,28 @@ class IssueCounts:
         """Issued events per station of the bureau with ``since <= at < before``: (those at or after
         ``hour_since``, all). One range scan of ix_card_events_issued (event, at, by)."""
         prefix = f"urn:kms:station:{bureau}:"
-        at, by = card_events.c.at, card_events.c.by
-        recent = sa.func.sum(sa.case((at >= hour_since, 1), else_=0)) if hour_since else sa.func.count()
-        query = (sa.select(by, recent, sa.func.count())
-                 .where(card_events.c.event == ISSUED, at >= since, by >= prefix, by < prefix[:-1] + ";")
-                 .group_by(by))
-        if before is not None:
-            query = query.where(at < before)
+        params: dict[str, str | None] = {"since": since, "lo": prefix, "hi": prefix[:-1] + ";"}  # ';' follows ':'
+        if before is None:
+            query = _SINCE
+        else:
+            query = _SNAPSHOT
+            params.update(before=before, hour=hour_since)
         with self._engine.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(query, params).all()
         return {r[0]: int(r[1] or 0) for r in rows}, {r[0]: int(r[2]) for r in rows}
+
+
+def _statements() -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """Built once (a stream checks once per message): the snapshot, and the events since its split."""
+    at, by = card_events.c.at, card_events.c.by
+    of_bureau = (card_events.c.event == ISSUED, at >= sa.bindparam("since"), by >= sa.bindparam("lo"),
+                 by < sa.bindparam("hi"))
+    snapshot = (sa.select(by, sa.func.sum(sa.case((at >= sa.bindparam("hour"), 1), else_=0)), sa.func.count())
+                .where(*of_bureau, at < sa.bindparam("before")).group_by(by))
+    return snapshot, sa.select(by, sa.func.count(), sa.func.count()).where(*of_bureau).group_by(by)
+
+
+_SNAPSHOT, _SINCE = _statements()
 
 
 # -- the limits applied ------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class KeyKind(enum.StrEnum):
     TRANSPORT = "transport"
     SIGNING = "signing"
     CUSTODY = "custody"  # the domain's RSA key for components in ceremonies (kms.components)
+    DATA = "data"  # cardholder data at rest: the bank's PAN encryption and PAN index keys (kms.pans)
 
 
 class KeyState(enum.StrEnum):

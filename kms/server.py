@@ -141,9 +141,9 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     With an audit log, every call's outcome is recorded in a transaction of its own: ``request.refused`` (method,
     caller or "unauthenticated", gRPC status name, the error message) for a refusal by policy or a handler that ends
-    with any status but OK, ``request.ok`` (method, caller) for a call that ends OK (a stream: when it ends). An OK
-    outcome that cannot be recorded fails the call with UNAVAILABLE (fail closed); a refusal that cannot be recorded
-    is still a refusal (and is logged)."""
+    with any status but OK (``request.malformed`` for a request that cannot be parsed), ``request.ok`` (method,
+    caller) for a call that ends OK (a stream: when it ends). An OK outcome that cannot be recorded fails the call
+    with UNAVAILABLE (fail closed); a refusal that cannot be recorded is still a refusal (and is logged)."""
 
     def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
                  certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None) -> None:

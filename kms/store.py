@@ -259,7 +259,11 @@ batch_cards = sa.Table(
     sa.Column("sequence", sa.Integer, nullable=False),  # 0-based position in the batch
     sa.Column("city_code", sa.String(6), nullable=True),
     sa.Column("card_serial", sa.String(16), nullable=True),
-    sa.Column("pan", sa.String(19), nullable=True),
+    # The PAN only protected (kms.pans): AES-GCM under the bank's data key, keyed indexes, masked (6/4).
+    sa.Column("pan_sealed", sa.LargeBinary, nullable=True),
+    sa.Column("pan_index", sa.String(64), nullable=True),
+    sa.Column("pan_psn_index", sa.String(64), nullable=True),
+    sa.Column("pan_masked", sa.String(19), nullable=True),
     sa.Column("psn", sa.String(2), nullable=True),
     sa.Column("kdd", sa.String(20), nullable=True),
     sa.Column("bound_fields", sa.String(64), nullable=True),
@@ -319,12 +323,14 @@ card_lifecycle_events = sa.Table(
     sa.Index("ix_card_lifecycle_events_card", "card_ref", "id"),
 )
 
-#: Identities of replaced cards, never to be issued again: card_serial, pan_psn ("<pan>/<psn>"), kdd.
+#: Identities of replaced cards, never to be issued again: card_serial, pan_psn (the keyed index of "<pan>/<psn>"),
+#: kdd.
 retired_identities = sa.Table(
     "retired_identities",
     metadata,
     sa.Column("field", sa.String(16), primary_key=True),
-    sa.Column("value", sa.String(32), primary_key=True),
+    sa.Column("value", sa.String(64), primary_key=True),  # pan_psn: its keyed index (kms.pans), never the PAN
+    sa.Column("shown", sa.String(40), nullable=True),  # how messages show it (a PAN masked 6/4)
     sa.Column("card_ref", sa.String(64), nullable=False),  # the replaced card
     sa.Column("retired_at", sa.String(32), nullable=False),
     sa.Column("retired_by", sa.String(200), nullable=False),

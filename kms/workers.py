@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kms import config, profiles, runtime
+from kms import config, pans, profiles, runtime
 from kms.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.engine import DomainSealer
@@ -122,13 +122,30 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
         sealer = _worker.sealer(bureau, profile, pins)  # re-resolved: raises if no active version remains
     pid = os.getpid()
     started = time.perf_counter()
-    sections = sealer.seal_many([(job.card, job.serial) for job in jobs], batch=batch)
+    # The bank's workers open the protected PANs of the cards here, to derive their keys (kms.pans).
+    opened = [_open_pan(job.card) for job in jobs] if _worker.domain == pans.DOMAIN else [job.card for job in jobs]
+    sealed = iter(sealer.seal_many([(card, job.serial) for card, job in zip(opened, jobs, strict=True)
+                                    if not isinstance(card, KmsError)], batch=batch))
+    sections = [card if isinstance(card, KmsError) else next(sealed) for card in opened]
     per_card = (time.perf_counter() - started) / max(1, len(jobs))
     return [
         SectionResult(job.card.card_ref, job.serial, None, section, pid, per_card) if isinstance(section, KmsError)
         else SectionResult(job.card.card_ref, job.serial, section, None, pid, per_card)
         for job, section in zip(jobs, sections, strict=True)
     ]
+
+
+_pan_labels: dict[int, str] = {}  # the bank's PAN data key label per version, looked up once per process
+
+
+def _open_pan(card: CardIdentity) -> CardIdentity | KmsError:
+    assert _worker is not None
+    try:
+        return pans.open_card(_worker, card, _pan_labels)
+    except KmsError as error:
+        if error.retryable:
+            raise
+        return error  # this card fails; the others of the chunk go on
 
 
 def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:

@@ -9,11 +9,14 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from conftest import EngineFactory
+from pan_helpers import SoftwarePans
+from pan_helpers import index as pan_index
 
 from kms import batches as batches_module
 from kms import store
@@ -46,7 +49,7 @@ def clock() -> FixedClock:
 
 @pytest.fixture
 def bstore(engine: sa.Engine, clock: FixedClock) -> BatchStore:
-    return BatchStore(engine, clock)
+    return BatchStore(engine, clock, pans=SoftwarePans())
 
 
 def card(i: int, **overrides: str) -> CardIdentity:
@@ -92,7 +95,11 @@ def test_create_batch_records_cards_in_order_with_counts(bstore: BatchStore) -> 
     assert (created.card_count, created.issued_count) == (3, 0)
     for i, given in enumerate(cards):
         record = bstore.card("B-2026.01:x", given.card_ref)
-        assert (record.sequence, record.identity, record.state) == (i, given, CardState.PENDING)
+        # the PAN is kept only protected (kms.pans): masked for people, sealed for the bank's workers
+        assert (record.sequence, record.identity, record.state) == (i, replace(given, pan=None), CardState.PENDING)
+        assert record.identity.protected is not None and given.pan is not None
+        assert record.identity.protected.masked == given.pan[:6] + "*" * (len(given.pan) - 10) + given.pan[-4:]
+        assert given.pan.encode() not in record.identity.protected.sealed
         assert (record.bound_fields, record.chip_bound_at) == (frozenset(), None)
         assert (record.serial, record.bundle, record.idempotency_key) == (None, None, None)
     bstore.record_issued("B-2026.01:x", "card-0001", "S1", b"bundle-1", "idem-1")
@@ -199,7 +206,8 @@ def test_first_bind_fills_the_chip_data_and_the_same_again_is_a_no_op(bstore: Ba
     assert (bound.identity.card_serial, bound.identity.kdd) == (SERIAL_A, KDD_A)
     assert bound.bound_fields == {"card_serial", "kdd"}
     assert bound.chip_bound_at == "2026-01-02T03:04:05Z"
-    assert bound.identity.pan == "6214830000000000001"  # batch fields untouched
+    assert bound.identity.protected is not None  # batch fields untouched
+    assert bound.identity.protected.index == pan_index("6214830000000000001")
     clock.advance(dt.timedelta(minutes=5))
     again = bstore.bind_chip("B-1", "card-0001", SERIAL_A, KDD_A, by=STATION)
     assert again == bound
@@ -401,7 +409,7 @@ def test_a_closed_batch_refuses_every_change(bstore: BatchStore, engine: sa.Engi
 def race(backend: EngineFactory, clock: FixedClock, contenders: int, call: Callable[[BatchStore, int], object]
          ) -> list[object]:
     """Run call(store, i) in ``contenders`` threads at once, each with its own engine; outcomes in order of i."""
-    stores = [BatchStore(backend(), clock) for _ in range(contenders)]
+    stores = [BatchStore(backend(), clock, pans=SoftwarePans()) for _ in range(contenders)]
     for s in stores:  # connect before the start line, so the calls themselves line up
         s.get_batch("B-1")
     start = threading.Barrier(contenders)
@@ -482,7 +490,7 @@ def test_cards_after_pages_in_batch_order(bstore: BatchStore) -> None:
     assert pages == [["z-9", "z-8", "z-7"], ["z-6", "z-5", "z-4"], ["z-3"]]
     resumed = bstore.cards_after("B-1", 4, 100)
     assert [(r.sequence, r.card_ref) for r in resumed] == [(5, "z-4"), (6, "z-3")]
-    assert resumed[0].identity == cards[5]
+    assert resumed[0].identity == replace(cards[5], pan=None)
     assert bstore.cards_after("B-1", 6, 10) == []
 
 
@@ -540,14 +548,15 @@ def _audit_bodies(log: AuditLog) -> list[dict[str, Any]]:
 
 def test_each_change_appends_its_audit_record_and_a_refused_one_none(engine: sa.Engine, clock: FixedClock) -> None:
     log = AuditLog(engine, clock)
-    audited = BatchStore(engine, clock, log)
+    audited = BatchStore(engine, clock, log, pans=SoftwarePans())
     cards = make_batch(audited, 3)
     audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
     audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)  # the same data again: no change
     audited.record_issued("B-1", "card-0000", "S-0", b"bundle 0", "k-0", by=STATION)
     with pytest.raises(AlreadyExists):
         audited.record_issued("B-1", "card-0000", "S-0b", b"bundle 0b", "k-0b", by=STATION)
-    assert audited.record_issued_many("B-1", [(cards[1], "S-1", b"bundle 1"), (cards[0], "S-x", b"x")],
+    stored = [audited.card("B-1", c.card_ref).identity for c in cards]
+    assert audited.record_issued_many("B-1", [(stored[1], "S-1", b"bundle 1"), (stored[0], "S-x", b"x")],
                                       by=STATION) == [True, False]
     audited.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=("hrss",))[0]
     bodies = _audit_bodies(log)
@@ -570,12 +579,13 @@ def test_each_change_appends_its_audit_record_and_a_refused_one_none(engine: sa.
 def test_an_unwritable_audit_log_stops_the_change(engine: sa.Engine, clock: FixedClock) -> None:
     if engine.dialect.name != "sqlite":
         pytest.skip("the trap is a SQLite trigger")
-    audited = BatchStore(engine, clock, AuditLog(engine, clock))
+    audited = BatchStore(engine, clock, AuditLog(engine, clock), pans=SoftwarePans())
     cards = make_batch(audited, 2)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TRIGGER full BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'full'); END"))
     with pytest.raises(AuditUnavailable, match="audit log cannot be written"):
-        audited.record_issued_many("B-1", [(c, f"S-{i}", b"bundle") for i, c in enumerate(cards)], by=STATION)
+        audited.record_issued_many("B-1", [(audited.card("B-1", c.card_ref).identity, f"S-{i}", b"bundle")
+                                           for i, c in enumerate(cards)], by=STATION)
     with pytest.raises(AuditUnavailable):
         audited.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
     assert all(audited.card("B-1", c.card_ref).state is CardState.PENDING for c in cards)

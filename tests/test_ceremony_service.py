@@ -479,3 +479,100 @@ def test_the_genesis_is_signed_by_every_officer_it_enrols(home: Home, service: S
     doc = verify_minutes(minutes.document, minutes.signature, public)
     listed = [o["name"] for o in json.loads(doc["proposal"])["params"]["officers"]]
     assert listed == ["alice", "bob", "chen"]
+
+
+# -- input hardening (the security test's findings) --------------------------------------------------------------
+
+
+def _propose_raw(home: Home, service: Service, who: Principal, operation: str, params_json: str) -> object:
+    from kms.v1 import ceremony_pb2 as pb
+
+    officer_client = _as(home, service, who)
+    return officer_client._client.call(officer_client._stub.Propose,
+                                       pb.ProposeRequest(operation=operation, params_json=params_json))
+
+
+@pytest.mark.parametrize("params_json", [
+    "[" * 100_000 + "]" * 100_000,  # the finding: 100,000 deep ended INTERNAL (RecursionError)
+    '{"a":' * 1_000 + "1" + "}" * 1_000,  # short enough, far too deep
+    '{"name":"x","version":NaN}', '{"name":"x","version":Infinity}', '{"name":"x","version":1.0}',
+    '{"name":"x","version":1e3}', '{"name":"x","version":' + "9" * 5_000 + "}",  # int() refuses 4,300+ digits
+    '{"name":"x","escrow":true}', '{"name":"x","escrow":null}', '{"name":"\\ud800"}',
+    '{"name":"x","name":"y"}', "[]", '"x"', "1", "{", "{'name':'x'}",
+])
+def test_params_json_is_canonical_json_of_bounded_size_and_depth(
+        home: Home, service: Service, params_json: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        _propose_raw(home, service, ALICE, "generate-master-key", params_json)
+    assert refused.value.field == "params_json"
+
+
+def test_integer_parameters_are_bounded(home: Home, service: Service, registry: KeyRegistry) -> None:
+    name = _name()
+    run_ceremony(home, service.port, "hrss", "generate-master-key", {"name": name, "escrow": "yes"})
+    alice = _as(home, service, ALICE)
+    for operation, extra in (("set-key-state", {"state": "suspended"}), ("destroy-key", {}),
+                             ("export-master-key", {"recipients": ["bob", "chen"]})):
+        # The finding: 99999999999999999999 reached SQLite (OverflowError, INTERNAL).
+        for version in (99999999999999999999, 2**63, 2**31, 0, -1):
+            with pytest.raises(InvalidArgument) as refused:
+                alice.propose(operation, {"name": name, "version": version, **extra})
+            assert (refused.value.field, refused.value.reason) == ("params.version",
+                                                                   "must be an integer from 1 to 2147483647")
+        with pytest.raises(NotFound):  # in range: looked up
+            alice.propose(operation, {"name": name, "version": 2**31 - 1, **extra})
+    assert alice.propose("set-key-state", {"name": name, "version": 1, "state": "suspended"}).state == "open"
+
+
+def test_an_undecryptable_component_is_invalid_argument_and_recycles_no_worker(
+        home: Home, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = service.pools.pools["hrss"]
+    recycled = []
+    real_recycle = pool.recycle
+    monkeypatch.setattr(pool, "recycle", lambda: (recycled.append(1), real_recycle())[1])
+    part = _component(Algorithm.AES256)
+    ceremony = run_ceremony(home, service.port, "hrss", "import-master-key",
+                            {"name": _name(), "algorithm": "AES256", "kcv": "000000", "custodians": ["bob", "chen"]},
+                            execute=False)
+    bob = _as(home, service, BOB)
+    custody = bob.domain().custody_public_key
+    kcv = components.kcv(Algorithm.AES256, part)
+    for sealed, reason in ((secrets.token_bytes(100), "is not an RSA-OAEP ciphertext"),
+                           (b"\xff" * 384, "is not an RSA-OAEP ciphertext"),  # not below the modulus
+                           (bytes(1) + secrets.token_bytes(383), "cannot be decrypted")):  # the finding: INTERNAL
+        with pytest.raises(InvalidArgument) as refused:
+            bob._client.call(bob._stub.SubmitComponent, _component_request(ceremony.ceremony_id, sealed, kcv))
+        assert refused.value.field == "encrypted_component" and refused.value.reason.startswith(reason)
+    assert recycled == []  # nothing was decrypted: the workers stay
+    # Decrypted, then refused: the worker the clear component passed through is replaced.
+    with pytest.raises(InvalidArgument, match="kcv: does not match"):
+        bob._client.call(bob._stub.SubmitComponent, _component_request(
+            ceremony.ceremony_id, components.seal_to_custody(custody, part), "000000"))
+    with pytest.raises(InvalidArgument, match="encrypted_component: does not hold a AES256 component"):
+        bob._client.call(bob._stub.SubmitComponent, _component_request(
+            ceremony.ceremony_id, components.seal_to_custody(custody, part[:16]), kcv))
+    assert len(recycled) == 2
+    assert len(bob.submit_component(ceremony.ceremony_id, part, kcv).components) == 1
+    assert len(recycled) == 3
+
+
+def _component_request(ceremony_id: str, sealed: bytes, kcv: str) -> object:
+    from kms.v1 import ceremony_pb2 as pb
+
+    return pb.SubmitComponentRequest(ceremony_id=ceremony_id, encrypted_component=sealed, kcv=kcv)
+
+
+def test_names_ids_and_kcvs_are_matched_whole(home: Home, service: Service) -> None:
+    alice = _as(home, service, ALICE)
+    params = officer_params(home, Principal("officer", f"e{secrets.token_hex(3)}", domain="hrss"))
+    with pytest.raises(InvalidArgument) as refused:  # the finding: "eve\n" passed `re.match` with `$`
+        alice.propose("enrol-officer", {**params, "name": params["name"] + "\n"})
+    assert refused.value.field == "params.name"
+    ceremony = alice.propose("generate-master-key", {"name": _name()})
+    for ceremony_id in (ceremony.ceremony_id + "\n", ceremony.ceremony_id.upper()):
+        with pytest.raises(InvalidArgument) as refused:
+            alice.get(ceremony_id)
+        assert refused.value.field == "ceremony_id"
+    with pytest.raises(InvalidArgument, match="kcv: must be 6 hexadecimal digits"):  # "ﬀ".upper() is "FF"
+        alice.propose("import-master-key", {"name": _name(), "kcv": "ﬀ1234", "custodians": ["bob", "chen"]})
+    alice.cancel(ceremony.ceremony_id)

@@ -18,6 +18,7 @@ from kms.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Permiss
 from kms.identity import Principal
 from kms.serve import Service
 from kms.station import Station
+from kms.v1 import issuance_pb2 as pb
 
 ALICE = Principal("officer", "alice", domain="hrss")
 CAROL = Principal("officer", "carol", domain="bank")
@@ -126,6 +127,35 @@ def test_refusals_name_a_human_reason(home: Home, service: Service) -> None:
         with pytest.raises(InvalidArgument) as cursor:
             list(st.stream_batch(batch, cursor="abc"))
         assert cursor.value.field == "cursor"
+
+
+def test_cursors_and_chip_data_are_ascii_only(home: Home, service: Service) -> None:
+    """The finding: a cursor of Unicode digits ("²" passes str.isdigit()) ended INTERNAL; "\u0663" was read as 3. And
+    "ﬀ".upper() is "FF": a 15-character serial with it passed as 16 hex digits."""
+    batch = _batch_id()
+    blank = CardIdentity(card_ref="ascii-0", city_code="320200", pan="6214830000054321", psn="01")
+    with service_client(home, service, ALICE) as alice:
+        open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", [blank])
+        request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1", cards=[
+            pb.CardIdentity(**dict(card(50_000, card_ref="ascii-1").as_dict(), card_serial="ﬀ843202AD932A48"))])
+        with pytest.raises(grpc.RpcError) as created:
+            alice.batches.CreateBatch(request, timeout=30)
+        assert (created.value.code(), created.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "cards[0].card_serial: must be 16 upper-case hex digits (8 bytes)")
+    with service_client(home, service, "station-a1") as st:
+        for cursor in ("²", "\u0663", "\uff11", "1²", "1234567890", " 1", "-1", "0\n"):  # ², Arabic 3, wide 1
+            with pytest.raises(InvalidArgument) as refused:
+                list(st.stream_batch(batch, cursor=cursor))
+            assert refused.value.field == "cursor", cursor
+        for serial, kdd, field in (("ﬀ843202AD932A48", "00010203040506070809", "chip.card_serial"),
+                                   ("86843202AD932A48", "ﬀ010203040506070809", "chip.kdd")):
+            with pytest.raises(InvalidArgument) as chip:
+                st.issue_card(batch, "ascii-0", card_serial=serial, kdd=kdd)
+            assert chip.value.field == field
+        # ASCII lower-case hex is still taken; an ASCII cursor is still read (past the batch's only card).
+        bundle = st.issue_card(batch, "ascii-0", card_serial="86843202ad932a48", kdd="00010203040506070809")
+        assert [b.serial for b in st.stream_batch(batch)] == [bundle.serial]
+        assert list(st.stream_batch(batch, cursor=str(bundle.sequence))) == []
 
 
 def test_oversize_message_and_passed_deadline(home: Home, service: Service) -> None:

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from ceremony_helpers import authorize_batch
 from conftest import EngineFactory, service_client
 from conftest import card as full_card
+from pan_helpers import SoftwarePans
 
 from kms import cli
 from kms.audit import AuditLog
@@ -55,12 +56,12 @@ def clock() -> FixedClock:
 
 @pytest.fixture
 def life(engine: sa.Engine, clock: FixedClock) -> CardLifecycle:
-    return CardLifecycle(engine, clock)
+    return CardLifecycle(engine, clock, pans=SoftwarePans())
 
 
 @pytest.fixture
 def bstore(engine: sa.Engine, clock: FixedClock) -> BatchStore:
-    return BatchStore(engine, clock)
+    return BatchStore(engine, clock, pans=SoftwarePans())
 
 
 def ident(i: int, card_ref: str | None = None, **overrides: str) -> CardIdentity:
@@ -139,7 +140,7 @@ def test_each_lifecycle_event_appends_its_audit_record_without_card_identities(
     bstore: BatchStore, engine: sa.Engine, clock: FixedClock
 ) -> None:
     log = AuditLog(engine, clock)
-    life = CardLifecycle(engine, clock, log)
+    life = CardLifecycle(engine, clock, log, pans=SoftwarePans())
     batch(bstore, engine, "B-1", [ident(1), ident(2), ident(3)])
     life.report_lost("c1", "hrss", "hotline", ALICE)
     with pytest.raises(InvalidState):
@@ -258,7 +259,7 @@ def test_replacement_revokes_the_old_card_and_retires_its_identities(
     bstore.record_issued("B-1", "c1", "S-1", b"bundle", None)
     life.report_lost("c1", "bank", "lost", CAROL)
     with pytest.raises(InvalidArgument, match=r"^new_card_ref: card c2 has the same PAN as card c1 "
-                                              r"\(6214830000000000001\); a replacement card needs a new card "
+                                              r"\(621483\*{9}0001\); a replacement card needs a new card "
                                               r"serial, PAN and KDD"):
         replaced(life, "c1", "c2", "lost card")
     with pytest.raises(InvalidArgument, match="card c3 has the same card serial as card c1"):
@@ -275,7 +276,7 @@ def test_replacement_revokes_the_old_card_and_retires_its_identities(
     assert [(e.application, e.event, e.from_state, e.to_state) for e in view.history[-2:]] == [
         ("hrss", Event.REPLACED, "active", "replaced"), ("bank", Event.REPLACED, "lost", "replaced")]
     assert view.history[-1].detail == (
-        "replaced by card c4; retired identities: card serial 1000000000000001, PAN/PSN 6214830000000000001/01, "
+        "replaced by card c4; retired identities: card serial 1000000000000001, PAN/PSN 621483*********0001/01, "
         "KDD 10000000000000000001; revoked records: B-1 (bundle S-1); consented: bank urn:kms:officer:bank:carol, "
         "hrss urn:kms:officer:hrss:alice")
     assert life.view("c4").status.replaces == "c1"
@@ -311,7 +312,7 @@ def test_a_new_batch_listing_a_retired_identity_or_an_ended_card_is_refused_nami
         with pytest.raises(InvalidArgument) as raised:
             life.check_new_batch([ident(10), card])
         assert raised.value.field == f"cards[1].{field}"
-    with pytest.raises(InvalidArgument, match=r"^cards\[0\]\.pan: PAN/PSN 6214830000000000001/01 was retired when "
+    with pytest.raises(InvalidArgument, match=r"^cards\[0\]\.pan: PAN/PSN 621483\*{9}0001/01 was retired when "
                                               r"card c1 was replaced"):
         life.check_new_batch([ident(11, pan=ident(1).pan)])
     life.report_lost("c2", "hrss", "lost", ALICE)
@@ -360,7 +361,7 @@ def test_racing_officers_change_a_card_once(
     backend: EngineFactory, bstore: BatchStore, engine: sa.Engine, clock: FixedClock
 ) -> None:
     batch(bstore, engine, "B-1", [ident(1)])
-    contenders = [CardLifecycle(backend(), clock) for _ in range(6)]
+    contenders = [CardLifecycle(backend(), clock, pans=SoftwarePans()) for _ in range(6)]
 
     def attempt(life: CardLifecycle) -> str:
         try:
@@ -490,7 +491,8 @@ def test_grpc_replacement(home: Home, service: Service) -> None:
             st.issue_card(batch_id, old.card_ref)
         with service_client(home, service, BOB) as bob, pytest.raises(InvalidState, match="is revoked"):
             bob.reissue(batch_id, old.card_ref)
-        with pytest.raises(InvalidState, match=r"has the PAN/PSN \d+/01 of card lc-repl-0, which was replaced"):
+        with pytest.raises(InvalidState, match=r"has the PAN/PSN 621483\*+\d{4}/01 of card lc-repl-0, which was "
+                                               "replaced"):
             st.issue_card(earlier, stranger.card_ref)
         with pytest.raises(InvalidState, match=r"has the card serial \w+ of card lc-repl-0"):
             st.issue_card(batch_id, blank.card_ref, card_serial=old.card_serial or "", kdd="000102030405060708AA")

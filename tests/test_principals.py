@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from kms import config
 from kms.audit import AuditLog
+from kms.audit_client import AuditClient
 from kms.ceremony_client import CeremonyClient
 from kms.client import Client
 from kms.devceremonies import client, officer
@@ -253,3 +254,18 @@ def test_the_registry_unit(home: Home, service: Service) -> None:
     registry.revoke(who, "bank", "C-test2")
     with pytest.raises(PermissionDenied, match="was revoked"):
         registry.authenticate(who, "b" * 64)
+
+
+def test_an_auditor_reads_the_domains_that_enrolled_them(home: Home, service: Service) -> None:
+    who = Principal("auditor", f"hana{secrets.token_hex(3)}")
+    path = client_config_for(home, who)
+    run_ceremony(home, service.port, "hrss", "enrol-auditor",
+                 {"name": who.name, "certificate": certificate_pem(home, who)})
+    with Client(config.load_client(path), server=f"localhost:{service.port}") as c:
+        with pytest.raises(PermissionDenied, match="enrolled by the hrss domain only"):
+            list(AuditClient(c).export())
+        with pytest.raises(PermissionDenied, match="not enrolled by the bank domain"):
+            list(AuditClient(c).export(domain="bank"))
+        lines = [line for chunk in AuditClient(c).export(domain="hrss") for line in chunk]
+    shown = [json.loads(line) for line in lines if line.startswith('{"type":"record"')]
+    assert shown and {r["body"]["domain"] for r in shown} == {"hrss"}

@@ -135,6 +135,12 @@ def test_unbalanced_braces_rejected(template: str) -> None:
         recipes.Factor.parse(template)
 
 
+def test_a_factor_with_a_trailing_newline_is_refused() -> None:
+    # `re.match` with `$` took "ascii:{city_code}sx\n" as "ascii:{city_code}sx": the whole text must match.
+    with pytest.raises(ValueError, match="must look like"):
+        recipes.Factor.parse("ascii:{city_code}sx\n")
+
+
 # -- factors -----------------------------------------------------------------------------------------------------
 
 

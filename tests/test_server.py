@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +11,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from kms import store
+from kms.audit import AuditLog
 from kms.authz import Policy
+from kms.clock import SystemClock
 from kms.identity import Principal
 from kms.pki import Credential, DevPki
-from kms.server import TlsFiles, create_server
+from kms.server import MALFORMED, TlsFiles, create_server
 
 STATION = Principal("station", "station-a1", bureau="bureau-a")
 AUDITOR = Principal("auditor", "carol")
@@ -71,3 +75,51 @@ def test_policy_decides_by_the_role_in_the_certificate(pki: DevPki, port: int) -
             iter([request]), timeout=10))
     names = {s.name for s in replies[0].list_services_response.service}
     assert "grpc.health.v1.Health" in names
+
+
+# -- requests that cannot be parsed --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def audited(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, AuditLog]]:
+    """A server that records every call's outcome (kms.audit) in a database of its own."""
+    engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audited') / 'kms.db'}")
+    store.create_all(engine)
+    audit = AuditLog(engine, SystemClock())
+    cred = pki.server()
+    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit)
+    server.start()
+    yield port, audit
+    server.stop(grace=None)
+
+
+def test_a_request_that_cannot_be_parsed_is_refused_invalid_argument_and_recorded(
+        pki: DevPki, audited: tuple[int, AuditLog]) -> None:
+    port, audit = audited
+    garbage = [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x0b" * 200]  # corrupt, not UTF-8, groups nested too deep
+    with _channel(pki, port, pki.client(STATION)) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")  # raw bytes: no serializer
+        for data in garbage:
+            with pytest.raises(grpc.RpcError) as raised:
+                check(data, timeout=10)
+            # grpcio alone answers INTERNAL "Exception deserializing request!" before any handler runs.
+            assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+        # A stream of requests: the one that cannot be parsed ends the call the same way.
+        info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        with _channel(pki, port, pki.client(AUDITOR)) as auditor_channel, pytest.raises(grpc.RpcError) as raised:
+            list(auditor_channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString(), b"\xff\xff"]),
+                timeout=10))
+        assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, MALFORMED)
+        # Policy still comes first: a station may not call reflection, parsable request or not.
+        with pytest.raises(grpc.RpcError) as raised:
+            list(info(iter([b"\xff\xff"]), timeout=10))
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    records = [json.loads(r.body) for r in audit.records()]
+    malformed = [r for r in records if r["kind"] == "request.malformed"]
+    assert [(r["subject"], r["actor"], r["detail"]["status"]) for r in malformed] == [
+        ("/grpc.health.v1.Health/Check", STATION.uri(), "INVALID_ARGUMENT")] * 3 + [
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", AUDITOR.uri(), "INVALID_ARGUMENT")]
+    assert [r["detail"]["status"] for r in records if r["kind"] == "request.refused"] == ["PERMISSION_DENIED"]
