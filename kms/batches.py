@@ -145,14 +145,24 @@ class CardEvent:
 
 def cards_digest(cards: Sequence[CardIdentity]) -> str:
     """SHA-256 (hex) over the canonical JSON list of the batch's card identities, in order: what an
-    authorize-batch ceremony names, so approvers sign off exactly these cards."""
-    return hashlib.sha256(canonical([c.as_dict() for c in cards])).hexdigest()
+    authorize-batch ceremony names, so approvers sign off exactly these cards. The PAN enters as its keyed index
+    (kms.pans): it binds the bank's derivation input without a digest anyone could test guessed PANs against."""
+    return hashlib.sha256(canonical([_digested(c) for c in cards])).hexdigest()
+
+
+def _digested(card: CardIdentity) -> dict[str, str]:
+    if card.pan is not None:
+        raise InvalidArgument("pan", f"card {card.card_ref}: a PAN enters the batch digest only protected (kms.pans)")
+    fields = card.as_dict()
+    if card.protected is not None:
+        fields["pan_index"] = card.protected.index
+    return fields
 
 
 class Protector(Protocol):
     """Protects clear PANs before they are stored (kms.pans.PanVault; a software stand-in in unit tests)."""
 
-    def protect(self, cards: Sequence[CardIdentity]) -> list[CardIdentity]: ...
+    def protect(self, cards: Sequence[CardIdentity], batch_id: str = "") -> list[CardIdentity]: ...
 
 
 class BatchStore:
@@ -175,9 +185,8 @@ class BatchStore:
         if not 1 <= len(cards) <= MAX_BATCH_CARDS:
             raise InvalidArgument("cards", f"a batch lists 1 to {MAX_BATCH_CARDS} cards, not {len(cards)}")
         now = rfc3339(self._clock.now())
-        digest = cards_digest(cards)
         if self._pans is not None and any(c.pan is not None for c in cards if isinstance(c, CardIdentity)):
-            cards = self._pans.protect(cards)
+            cards = self._pans.protect(cards, batch_id)
         seen: dict[str, int] = {}
         rows: list[dict[str, Any]] = []
         for sequence, card in enumerate(cards):
@@ -196,6 +205,7 @@ class BatchStore:
                 "bound_fields": None, "chip_bound_at": None, "state": CardState.PENDING.value, "serial": None,
                 "bundle": None, "idempotency_key": None, "issued_at": None,
             })
+        digest = cards_digest(cards)
         with self._engine.begin() as conn:
             try:
                 conn.execute(batches.insert().values(

@@ -14,9 +14,10 @@ from typing import Any
 
 import grpc
 
+from kms import errors
 from kms.identity import Principal
 from kms.lifecycle import APPLICATIONS, CardLifecycle, CardView
-from kms.server import abort, current_principal
+from kms.server import abort, current_domains, current_principal
 from kms.v1 import cards_pb2 as pb
 from kms.v1 import cards_pb2_grpc as rpc
 
@@ -48,6 +49,10 @@ class CardService(rpc.CardServiceServicer):
 
     def GetCard(self, request: pb.GetCardRequest, context: grpc.ServicerContext) -> pb.Card:
         try:
+            principal = current_principal()
+            missing = sorted(set(APPLICATIONS) - current_domains())
+            if principal.role == "auditor" and missing:  # a card's view shows both applications
+                raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
             return _card(self._l.view(request.card_ref))
         except Exception as error:
             abort(context, error)

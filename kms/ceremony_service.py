@@ -127,7 +127,8 @@ class CeremonyService(rpc.CeremonyServiceServicer):
 
     def _visible(self, principal: Principal, ceremony_id: str) -> CeremonyRecord:
         record = self._c.get(check_id(ceremony_id))
-        if principal.role == "officer" and principal.domain != record.domain:
+        # An officer sees their own domain's ceremonies; an auditor those of the domains that enrolled them.
+        if record.domain not in current_domains():
             raise errors.NotFound(f"no ceremony {ceremony_id}")
         return record
 
@@ -176,7 +177,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                 except ValueError:
                     raise errors.InvalidArgument("state", f"must be one of "
                                                           f"{', '.join(s.value for s in CeremonyState)}") from None
-            domains = [principal.domain] if principal.role == "officer" else list(DOMAINS)
+            domains = [d for d in DOMAINS if d in current_domains()]
             found = [r for d in domains if d for r in self._c.list(d, states)]
             return pb.ListCeremoniesResponse(ceremonies=[self._message(r) for r in found])
         return self._handle(context, work)

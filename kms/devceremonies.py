@@ -15,6 +15,7 @@ from kms.cardid import CardIdentity
 from kms.ceremony_client import CeremonyClient
 from kms.client import Client
 from kms.devhome import AUDITORS, OFFICERS, Home
+from kms.files import write_private
 from kms.identity import Principal
 from kms.officers import ApprovalKeyFile, public_pem
 from kms.pki import DevPki
@@ -74,7 +75,7 @@ def client_config_for(home: Home, who: Principal, tag: str = "") -> Path:
         if not home.approval_key(who).exists():
             ApprovalKeyFile.create(home.approval_key(who))
         template["client"]["approval_key"] = home.approval_key(who).name
-    path.write_text(yaml.safe_dump(template, sort_keys=False))
+    write_private(path, yaml.safe_dump(template, sort_keys=False))
     return path
 
 

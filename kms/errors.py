@@ -144,6 +144,14 @@ class BundleRejected(KmsError):
         super().__init__("bundle rejected")
 
 
+class Unavailable(KmsError):
+    """The service cannot do it now (e.g. its database is unreachable); the same call may succeed later."""
+
+    grpc_status = "UNAVAILABLE"
+    exit_code = 12
+    retryable = True
+
+
 class ResourceExhausted(KmsError):
     """A limit of the caller's (a station's or its bureau's cards per hour or day, streams in progress) is reached;
     the message names it. Not retryable as such: the same call succeeds only once the window has moved on or

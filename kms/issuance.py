@@ -16,7 +16,7 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import grpc
@@ -35,7 +35,7 @@ from kms.pans import DOMAIN as BANK
 from kms.pans import BankCall, PanVault
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
-from kms.server import abort, current_domains, current_principal
+from kms.server import abort, current_domains, current_principal, require_still_admitted
 from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
 
@@ -287,30 +287,30 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                     # A pending card in a blocking state ends the stream like a failed card (the cursor stays
                     # before it); a card issued before it was blocked is not sent again, and the stream goes on.
                     if record.state is CardState.PENDING:
-                        yield from self._message(batch.batch_id, group, principal, quota)
+                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
                         raise errors.InvalidState(blocked[record.card_ref])
                     continue
                 if sealable(record):
                     issued = next(sealed, None)
                     if issued is None:  # the feed stopped at a limit: what may be sent is sent, then refused
                         assert quota is not None
-                        yield from self._message(batch.batch_id, group, principal, quota)
+                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
                         raise quota.error()
                     if issued.error is not None:
                         # Send what came before, then end the stream with this card's error: the cursor stays
                         # before it, so a resumed stream seals it again (nothing is skipped silently).
-                        yield from self._message(batch.batch_id, group, principal, quota)
+                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
                         raise issued.error
                     group.append((record, issued))
                 elif record.state is CardState.ISSUED:
                     group.append((record, None))
                 if len(group) >= per_message:
-                    yield from self._message(batch.batch_id, group, principal, quota)
+                    yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
                     group = []
                     if not context.is_active():
                         raise errors.Cancelled("the call was cancelled")
             if group:
-                yield from self._message(batch.batch_id, group, principal, quota)
+                yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
         finally:
             if quota is not None:
                 quota.close()  # the stream slot is free again
@@ -323,7 +323,9 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             after = page[-1].sequence
 
     def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal,
-                 quota: StreamQuota | None = None) -> Iterator[pb.StreamBatchResponse]:
+                 quota: StreamQuota | None = None, domains: Collection[str] = ()) -> Iterator[pb.StreamBatchResponse]:
+        # A station revoked (registry or CRL) while its stream runs gets no further message (one query each).
+        require_still_admitted(domains)
         new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
         fed, over_limit = len(new), False
         if quota is not None and new:  # one indexed query per message with new bundles (kms.limits)
@@ -369,6 +371,9 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                 batch = self._i.store.get_batch(request.batch_id)
             if principal.role == "officer" and principal.domain not in self._i.profile(batch.profile).domains:
                 raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
+            missing = sorted(set(self._i.profile(batch.profile).domains) - current_domains())
+            if principal.role == "auditor" and missing:
+                raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
             return _status(batch)
         except Exception as error:
             abort(context, error)
@@ -401,7 +406,8 @@ class BatchService(rpc.BatchServiceServicer):
                 if missing:
                     raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
                                                  f"is required by profile {profile.name}")
-            cards = self._i.pans.protect(cards)  # PANs are kept only protected by the bank domain (kms.pans)
+            # PANs are kept only protected by the bank domain (kms.pans), bound to this batch
+            cards = self._i.pans.protect(cards, request.batch_id)
             self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
             batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
                                                principal.uri())

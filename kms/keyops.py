@@ -38,7 +38,10 @@ def custody_label(w: Worker) -> str:
 def check_sealed(custody_spki: bytes, sealed: bytes) -> None:
     """Before any worker sees it: a component sent in is one RSA-OAEP ciphertext under the custody key, exactly as
     long as its modulus and smaller than it as a number (what the token would refuse only after trying)."""
-    public = serialization.load_der_public_key(custody_spki)
+    try:
+        public = serialization.load_der_public_key(custody_spki)
+    except ValueError:
+        raise InvalidState("the custody key's public key is not recorded") from None
     if not isinstance(public, rsa.RSAPublicKey):
         raise InvalidState("the custody key is not an RSA key")
     size = (public.key_size + 7) // 8

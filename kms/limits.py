@@ -16,7 +16,7 @@ Limits: ``cards_per_hour`` and ``cards_per_day`` (cards newly issued, in a slidi
 Counting cost: a full count of a day's issuance is a range scan; it is made at most every ``REFRESH`` per bureau
 (a snapshot up to a split time), and each check adds only the events since the split (one small indexed query).
 Events that left the window since the snapshot are still counted: a limit binds at most ``REFRESH + MARGIN``
-early, never late.
+early. A stream far from every limit checks about once every ``RECHECK`` (StreamQuota.admit).
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ MAX_VALUE = 1_000_000_000
 DEFAULT_SUBJECT = "default"
 ISSUED = "issued"  # kms.batches' card_events.event for a card recorded issued
 
-REFRESH = dt.timedelta(seconds=5)  # how old a count snapshot may grow (clock time)
+REFRESH = dt.timedelta(seconds=10)  # how old a count snapshot may grow (clock time)
 MARGIN = dt.timedelta(seconds=5)  # the snapshot's split lies this far back: a commit late by less is still counted
 LIMITS_TTL = 5.0  # seconds a replica keeps the ceremony-set values before reading them again (monotonic)
+RECHECK = 1.0  # seconds a stream far from every limit goes without asking the database again (monotonic)
 
 _HHMM = re.compile(r"(\d{2}):(\d{2})")
 _BUREAU = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -387,9 +388,11 @@ class Quotas:
 
 class StreamQuota:
     """The card limits as one stream applies them. The stream feeds the workers only while ``may_feed()``: cards
-    fed but not yet recorded never exceed the last allowance known (so no HSM work is done far past a limit); and
-    before each message's new bundles are recorded, ``admit(n)`` asks the database again (one indexed query) how
-    many of them may be: the message carries those, then the stream ends with ``error``."""
+    fed but not yet recorded never exceed the allowance known (so no HSM work is done far past a limit); and before
+    each message's new bundles are recorded, ``admit(n)`` says how many of them may be: the message carries those,
+    then the stream ends with ``error``. ``admit`` asks the database (one indexed query) unless the allowance it
+    learned less than ``RECHECK`` seconds ago is still more than twice what the stream has used of it since, message
+    included: far from every limit, a stream asks about once a second, near one before every message."""
 
     def __init__(self, quotas: Quotas, station: Principal, domains: tuple[str, ...], method: str,
                  taken: list[tuple[str, str]]) -> None:
@@ -401,18 +404,25 @@ class StreamQuota:
         self._fed = 0
         self._recorded = 0
         self._last: Allowance | None = None
+        self._asked_at = 0.0  # monotonic time of the last query
+        self._asked_recorded = 0  # self._recorded then
 
     def _ask(self) -> Allowance:
         self._last = self._quotas.allowance(self._station, self._domains)
+        self._asked_at, self._asked_recorded = time.monotonic(), self._recorded
         return self._last
 
-    def may_feed(self) -> bool:
-        """Whether one more card may go to the workers (asking the database again only when the last allowance
-        known is used up)."""
-        if self._last is None or self._fed - self._recorded >= self._last.left:
-            self._ask()
+    def _available(self) -> int:
+        """The allowance last learned, less what this stream recorded since."""
         assert self._last is not None
-        if self._fed - self._recorded >= self._last.left:
+        return self._last.left - (self._recorded - self._asked_recorded)
+
+    def may_feed(self) -> bool:
+        """Whether one more card may go to the workers (asking the database again only when the allowance known
+        is taken up by the cards in flight)."""
+        if self._last is None or self._fed - self._recorded >= self._available():
+            self._ask()
+        if self._fed - self._recorded >= self._available():
             return False
         self._fed += 1
         return True
@@ -421,6 +431,9 @@ class StreamQuota:
         """How many of ``count`` new bundles may be recorded now (before the message is recorded)."""
         if count == 0:
             return 0
+        if (self._last is not None and time.monotonic() - self._asked_at < RECHECK
+                and 2 * (self._recorded - self._asked_recorded + count) <= self._last.left):
+            return count
         return min(count, self._ask().left)
 
     def recorded(self, count: int, fed: int) -> None:

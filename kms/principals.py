@@ -27,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from kms.audit import AuditLog
@@ -57,11 +58,14 @@ def parse_certificate(pem: object, field: str, expected: Principal) -> str:
         raise InvalidArgument(field, "is not a PEM X.509 certificate") from None
     try:
         named = from_certificate(cert)
+        pin = certificate_pin(cert)
     except PermissionDenied as error:
         raise InvalidArgument(field, str(error)) from None
+    except (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):  # extensions or key unreadable
+        raise InvalidArgument(field, "has extensions or a public key that cannot be read") from None
     if named != expected:
         raise InvalidArgument(field, f"names {named.uri()}, not {expected.uri()}")
-    return certificate_pin(cert)
+    return pin
 
 
 @dataclass(frozen=True)

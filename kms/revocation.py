@@ -7,8 +7,10 @@ gRPC Python cannot check CRLs itself, so:
   recorded as ``request.refused``). The CRL file (PEM, one or more CRLs) must hold, for every CA of the client CA file
   (``server.tls.ca``), a CRL that CA signed. The file is looked at (``stat``) on every call and read again when it
   changed, so revoking needs no restart. A file that cannot be used at start is a ConfigError; a bad replacement
-  while serving is logged as an error and the last good CRLs stay in force. A CRL past its nextUpdate is still
-  enforced (a stale list is better than none), with a warning in the log once per CRL.
+  while serving is logged as an error and the last good CRLs stay in force. So is a replacement holding a CRL
+  older than the newest seen of its issuer (a lower CRL number, or without CRL numbers an earlier lastUpdate):
+  putting an old file back would otherwise un-revoke certificates. A CRL past its nextUpdate is still enforced
+  (a stale list is better than none), with a warning in the log once per CRL.
 - **Client** (``client.tls.crl`` in a client or station configuration): before it opens a gRPC channel, the client
   makes one TLS handshake of its own with Python's ``ssl`` (its certificate, the CA, the CRL, ``VERIFY_CRL_CHECK_LEAF``)
   to the same address and refuses a revoked server certificate. The check is per channel, not per connection: a
@@ -72,6 +74,27 @@ def _ca_certificates(ca_path: Path) -> list[x509.Certificate]:
         raise errors.ConfigError(f"{ca_path}: not PEM CA certificates") from None
 
 
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """The CRL number extension's value, or None if the CRL has none."""
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _version(crl: x509.CertificateRevocationList) -> tuple[int | None, dt.datetime]:
+    return crl_number(crl), crl.last_update_utc
+
+
+def _older(version: tuple[int | None, dt.datetime], than: tuple[int | None, dt.datetime]) -> bool:
+    """Whether a CRL of ``version`` (CRL number, lastUpdate) predates one of ``than``: by CRL number when both
+    have one (RFC 5280 5.2.3: it only increases), else by lastUpdate."""
+    (number, last_update), (other_number, other_last_update) = version, than
+    if number is not None and other_number is not None:
+        return number < other_number
+    return last_update < other_last_update
+
+
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     if crl.issuer != ca.subject:
         return False
@@ -89,8 +112,8 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
 
 def parse_crls(data: bytes, where: str, ca_path: Path) -> Crls:
     """The CRLs in PEM ``data``, each verified against the CA certificates in ``ca_path``: by issuer, the newest
-    (highest lastUpdate) of each CA. Every CA of the file must have one. ConfigError otherwise (``where`` names the
-    source in the message)."""
+    of each CA (highest CRL number, else lastUpdate). Every CA of the file must have one. ConfigError otherwise
+    (``where`` names the source in the message)."""
     cas = _ca_certificates(ca_path)
     blocks = _PEM_CRL.findall(data)
     if not blocks:
@@ -105,7 +128,7 @@ def parse_crls(data: bytes, where: str, ca_path: Path) -> Crls:
             raise errors.ConfigError(f"{where}: CRL {number} (issuer {crl.issuer.rfc4514_string()}) is not signed by "
                                      f"a CA of {ca_path}")
         known = crls.get(crl.issuer)
-        if known is None or crl.last_update_utc > known.last_update_utc:
+        if known is None or _older(_version(known), _version(crl)):
             crls[crl.issuer] = crl
     for ca in cas:
         if ca.subject not in crls:
@@ -145,6 +168,9 @@ class RevocationList:
         except OSError as error:
             raise errors.ConfigError(f"server.tls.crl: {crl_path}: cannot read ({error.strerror})") from None
         self._crls = parse_crls(data, f"server.tls.crl: {crl_path}", ca_path)
+        # Per issuer, the highest CRL number and the latest lastUpdate of the CRLs in force so far: a later file
+        # with an older CRL is refused (_refuse_older), even if the issuer left the file for a while.
+        self._newest = {issuer: _version(crl) for issuer, crl in self._crls.items()}
         self._stat = stat  # of the file the CRLs in force came from (None: read again on the next call)
         self._rejected: _Stat | str | None = None  # the file (or error) last refused, so it is logged once
         log.info("%s: %d CRL(s), %d revoked certificate(s)", crl_path, len(self._crls), self.revoked_count)
@@ -192,14 +218,38 @@ class RevocationList:
             try:
                 data, stat = _read(self._path)
                 crls = parse_crls(data, str(self._path), self._ca)
+                self._refuse_older(crls)
             except (OSError, errors.ConfigError) as error:
                 reason = f"{self._path}: cannot read ({error.strerror})" if isinstance(error, OSError) else str(error)
                 log.error("%s; the revocation list loaded before stays in force", reason)
                 self._rejected = current
                 return
             self._crls, self._stat, self._rejected = crls, stat, None
+            for issuer, crl in crls.items():
+                number, last_update = _version(crl)
+                if issuer in self._newest:
+                    seen_number, seen_last_update = self._newest[issuer]
+                    if seen_number is not None:
+                        number = seen_number if number is None else max(number, seen_number)
+                    last_update = max(last_update, seen_last_update)
+                self._newest[issuer] = number, last_update
             log.warning("%s reloaded: %d CRL(s), %d revoked certificate(s)", self._path, len(crls),
                         self.revoked_count)
+
+    def _refuse_older(self, crls: Crls) -> None:
+        """ConfigError if a CRL of ``crls`` is older than the newest in force so far for its issuer (a rollback)."""
+        for issuer, crl in crls.items():
+            newest = self._newest.get(issuer)
+            if newest is not None and _older(_version(crl), newest):
+                number, last_update = _version(crl)
+                newest_number, newest_last_update = newest
+                if number is not None and newest_number is not None:
+                    detail = f"CRL number {number}, the newest seen is {newest_number}"
+                else:
+                    detail = (f"lastUpdate {last_update.isoformat()}, the newest seen is "
+                              f"{newest_last_update.isoformat()}")
+                raise errors.ConfigError(f"{self._path}: the CRL of {issuer.rfc4514_string()} is older than the "
+                                         f"one in force ({detail}): refused, it would un-revoke certificates")
 
 
 def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0) -> None:

@@ -35,11 +35,29 @@ log = logging.getLogger("kms.server")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a streamed message carries several bundles (~4 KiB each)
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("kms_principal")
 _domains: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("kms_domains")
+_recheck: contextvars.ContextVar[Callable[[], frozenset[str]]] = contextvars.ContextVar("kms_recheck")
 
 
 def current_principal() -> Principal:
     """The verified caller of the request being handled."""
     return _principal.get()
+
+
+def require_still_admitted(domains: Iterable[str]) -> None:
+    """For long calls (a batch stream): the caller's certificate and registration are checked again, and the call
+    goes on only while the caller may still act for every one of ``domains`` — a revocation (registry, CRL) during
+    a stream ends it at the next message. PermissionDenied otherwise."""
+    granted = _recheck.get()()
+    missing = sorted(set(domains) - granted)
+    if missing:
+        raise errors.PermissionDenied(f"{current_principal()} may no longer act for the {' and '.join(missing)} "
+                                      "domain")
+
+
+def _reset(tokens: list[contextvars.Token[Any]]) -> None:
+    _principal.reset(tokens[0])
+    _domains.reset(tokens[1])
+    _recheck.reset(tokens[2])
 
 
 def current_domains() -> frozenset[str]:
@@ -155,8 +173,6 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        if handler is None:
-            return None
         method = details.method
         policy = self._policy
         audit = self._audit
@@ -176,33 +192,54 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             except Exception:
                 log.error("the refusal of %s to %s could not be recorded in the audit log", method, actor)
 
-        def authorize(context: grpc.ServicerContext) -> tuple[Principal, contextvars.Token[Principal],
-                                                              contextvars.Token[frozenset[str]]]:
+        def admitted(cert: x509.Certificate, principal: Principal) -> frozenset[str]:
+            """The certificate checks and the registry: the domains the caller may act for now."""
+            for check in certificate_checks:
+                check(cert)
+            if principals is not None:
+                return principals.authenticate(principal, certificate_pin(cert)).domains
+            return frozenset({principal.domain}) if principal.domain is not None else frozenset()
+
+        def authorize(context: grpc.ServicerContext) -> tuple[Principal, list[contextvars.Token[Any]]]:
             principal: Principal | None = None
-            domains: frozenset[str] = frozenset()
             try:
                 cert = _certificate_of(context)
-                for check in certificate_checks:
-                    check(cert)
-                principal = from_certificate(cert)
-                if principals is not None:
-                    domains = principals.authenticate(principal, certificate_pin(cert)).domains
-                elif principal.domain is not None:
-                    domains = frozenset({principal.domain})
-                policy.check(principal, method)
-                if alarms is not None:
-                    alarms.called(principal, method)  # alarm.hours: a station calling outside the set hours
+                principal = from_certificate(cert)  # who the refusal names, if a check below refuses
             except errors.KmsError as error:
                 log.info("refused %s: %s", method, error)
-                refused(principal.uri() if principal else "unauthenticated",
-                        (principal.domain or "") if principal else "", errors.grpc_status_name(error), str(error))
+                refused("unauthenticated", "", errors.grpc_status_name(error), str(error))
                 abort(context, error)
             except Exception:  # a certificate the TLS layer verified but that cannot be read: refused, not INTERNAL
                 log.exception("refused %s: unreadable client certificate", method)
                 refused("unauthenticated", "", "PERMISSION_DENIED", "unreadable client certificate")
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "the client certificate cannot be read")
             assert principal is not None
-            return principal, _principal.set(principal), _domains.set(domains)
+            who = principal
+            try:
+                domains = admitted(cert, who)
+                policy.check(who, method)
+                if alarms is not None:
+                    alarms.called(who, method)  # alarm.hours: a station calling outside the set hours
+            except errors.KmsError as error:
+                log.info("refused %s: %s", method, error)
+                refused(who.uri(), who.domain or "", errors.grpc_status_name(error), str(error))
+                abort(context, error)
+            except Exception:  # e.g. the registry's database is unreachable: retryable, not the caller's fault
+                log.exception("could not check the caller of %s", method)
+                message = "the service cannot check the caller now; try again"
+                refused(who.uri(), who.domain or "", "UNAVAILABLE", message)
+                context.abort(grpc.StatusCode.UNAVAILABLE, message)
+
+            def recheck() -> frozenset[str]:
+                try:
+                    return admitted(cert, who)
+                except errors.KmsError:
+                    raise
+                except Exception:
+                    log.exception("could not check the caller of %s again", method)
+                    raise errors.Unavailable("the service cannot check the caller now; try again") from None
+
+            return who, [_principal.set(who), _domains.set(domains), _recheck.set(recheck)]
 
         def ended(principal: Principal, context: grpc.ServicerContext, error: BaseException | None) -> None:
             """Record the outcome of a call whose handler has returned (error None) or raised ``error``."""
@@ -231,7 +268,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:  # a request or a request iterator
-                principal, token, domains_token = authorize(context)
+                principal, tokens = authorize(context)
                 try:
                     try:
                         response = behavior(request, context)
@@ -241,13 +278,12 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     ended(principal, context, None)
                     return response
                 finally:
-                    _principal.reset(token)
-                    _domains.reset(domains_token)
+                    _reset(tokens)
             return wrapper
 
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                principal, token, domains_token = authorize(context)
+                principal, tokens = authorize(context)
                 try:
                     try:
                         yield from behavior(request, context)
@@ -256,10 +292,11 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         raise
                     ended(principal, context, None)
                 finally:
-                    _principal.reset(token)
-                    _domains.reset(domains_token)
+                    _reset(tokens)
             return wrapper
 
+        if handler is None:  # no such method: the caller is still checked, and refused by the policy (no entry)
+            return grpc.stream_stream_rpc_method_handler(guard_stream(lambda request, context: iter(())))
         deserializer = _tolerant(handler.request_deserializer)  # unparsable: INVALID_ARGUMENT, not grpcio's INTERNAL
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(guard(_parsed(handler.unary_unary, False)), deserializer,

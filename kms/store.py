@@ -7,6 +7,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from kms.errors import ConfigError
 from kms.files import create_private
 
 metadata = sa.MetaData()
@@ -224,10 +225,25 @@ def _create_sqlite_file(url: str) -> None:
 
 
 def create_all(engine: sa.Engine) -> None:
+    """Create missing tables, then refuse a database whose existing tables lack columns this kms needs (made by an
+    older kms: e.g. clear PANs in ``batch_cards.pan``) with ConfigError naming them, rather than failing later."""
     metadata.create_all(engine)
+    check_schema(engine)
     with engine.begin() as conn:
         for index in LATE_INDEXES:
             conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+
+
+def check_schema(engine: sa.Engine) -> None:
+    inspector = sa.inspect(engine)
+    missing = []
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
+    if missing:
+        raise ConfigError(f"{engine.url.render_as_string(hide_password=True)}: this database was made by an older "
+                          f"kms (it lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}); it is not "
+                          "upgraded in place: create a new one")
 
 
 def create_station_ledger(engine: sa.Engine) -> None:

@@ -123,7 +123,8 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
     pid = os.getpid()
     started = time.perf_counter()
     # The bank's workers open the protected PANs of the cards here, to derive their keys (kms.pans).
-    opened = [_open_pan(job.card) for job in jobs] if _worker.domain == pans.DOMAIN else [job.card for job in jobs]
+    opened = [_open_pan(job.card, batch) for job in jobs] if _worker.domain == pans.DOMAIN \
+        else [job.card for job in jobs]
     sealed = iter(sealer.seal_many([(card, job.serial) for card, job in zip(opened, jobs, strict=True)
                                     if not isinstance(card, KmsError)], batch=batch))
     sections = [card if isinstance(card, KmsError) else next(sealed) for card in opened]
@@ -138,10 +139,10 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
 _pan_labels: dict[int, str] = {}  # the bank's PAN data key label per version, looked up once per process
 
 
-def _open_pan(card: CardIdentity) -> CardIdentity | KmsError:
+def _open_pan(card: CardIdentity, batch: str) -> CardIdentity | KmsError:
     assert _worker is not None
     try:
-        return pans.open_card(_worker, card, _pan_labels)
+        return pans.open_card(_worker, card, batch, _pan_labels)
     except KmsError as error:
         if error.retryable:
             raise

@@ -22,7 +22,7 @@ _KEY = hashlib.sha256(b"kms unit tests: not a key of any domain").digest()
 
 
 class SoftwarePans:
-    def protect(self, cards: Sequence[CardIdentity]) -> list[CardIdentity]:
+    def protect(self, cards: Sequence[CardIdentity], batch_id: str = "") -> list[CardIdentity]:
         out = []
         for card in cards:
             if card.pan is None:

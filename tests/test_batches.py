@@ -87,7 +87,8 @@ def test_create_batch_records_cards_in_order_with_counts(bstore: BatchStore) -> 
     assert created == bstore.get_batch("B-2026.01:x")
     assert (created.bureau, created.profile, created.state, created.created_by, created.created_at) == (
         "bureau-a", "dual-app", BatchState.AWAITING, OFFICER, "2026-01-02T03:04:05Z")
-    assert created.cards_digest == batches_module.cards_digest(cards) and created.authorized_by == ()
+    assert created.cards_digest == batches_module.cards_digest(SoftwarePans().protect(cards))
+    assert created.authorized_by == ()
     with pytest.raises(InvalidState, match="awaiting-authorization"):
         bstore.record_issued("B-2026.01:x", "card-0001", "S1", b"bundle-1", "idem-1")
     authorize(bstore, "B-2026.01:x")
@@ -104,6 +105,17 @@ def test_create_batch_records_cards_in_order_with_counts(bstore: BatchStore) -> 
         assert (record.serial, record.bundle, record.idempotency_key) == (None, None, None)
     bstore.record_issued("B-2026.01:x", "card-0001", "S1", b"bundle-1", "idem-1")
     assert bstore.get_batch("B-2026.01:x").issued_count == 1
+
+
+def test_the_digest_binds_each_cards_pan_but_not_by_a_plain_hash(bstore: BatchStore) -> None:
+    """The finding: with PANs protected before the digest, two batches differing only in a PAN had one digest,
+    so the bank's approvers did not sign its derivation input. The PAN enters as its keyed index."""
+    one = bstore.create_batch("B-d1", "bureau-a", "dual-app", [card(1)], OFFICER).cards_digest
+    other = bstore.create_batch("B-d2", "bureau-a", "dual-app", [card(1, pan="6214830000000009992")],
+                                OFFICER).cards_digest
+    assert one != other
+    with pytest.raises(InvalidArgument, match="enters the batch digest only protected"):
+        batches_module.cards_digest([card(1)])
 
 
 def test_a_batch_is_created_once(bstore: BatchStore, engine: sa.Engine) -> None:
@@ -460,9 +472,10 @@ def test_a_batch_opens_only_when_every_domain_authorized_exactly_its_cards(bstor
     cards = [card(0), card(1)]
     bstore.create_batch("B-1", "bureau-a", "dual-app", cards, OFFICER)
     digest = bstore.get_batch("B-1").cards_digest
-    assert digest != batches_module.cards_digest([card(0), card(2)])
+    other = batches_module.cards_digest(SoftwarePans().protect([card(0), card(2)]))
+    assert digest != other
     with pytest.raises(InvalidArgument, match="cards_digest"):
-        bstore.authorize("B-1", "hrss", "C-1", batches_module.cards_digest([card(0), card(2)]), ("hrss", "bank"))
+        bstore.authorize("B-1", "hrss", "C-1", other, ("hrss", "bank"))
     with pytest.raises(InvalidArgument, match="domain"):
         bstore.authorize("B-1", "bank", "C-1", digest, ("hrss",))
     half = bstore.authorize("B-1", "hrss", "C-1", digest, ("hrss", "bank"))

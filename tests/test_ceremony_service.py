@@ -10,7 +10,7 @@ import secrets
 import pytest
 import sqlalchemy as sa
 from ceremony_helpers import authorize_batch, client, key, officer, officer_params, run_ceremony
-from conftest import card, service_client
+from conftest import card, kms, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -576,3 +576,16 @@ def test_names_ids_and_kcvs_are_matched_whole(home: Home, service: Service) -> N
     with pytest.raises(InvalidArgument, match="kcv: must be 6 hexadecimal digits"):  # "ﬀ".upper() is "FF"
         alice.propose("import-master-key", {"name": _name(), "kcv": "ﬀ1234", "custodians": ["bob", "chen"]})
     alice.cancel(ceremony.ceremony_id)
+
+
+def test_the_cli_refuses_out_of_range_and_non_ascii_versions_in_one_line(home: Home, service: Service) -> None:
+    alice = str(home.client_config(ALICE))
+    address = f"localhost:{service.port}"
+    # The finding: `kms ceremony propose set-key-state version=99999999999999999999` ended INTERNAL (SQLite).
+    for version, message in (("99999999999999999999", "params.version: must be an integer from 1 to 2147483647"),
+                             ("\u0663", "params.version: must be an integer"),  # int() reads Arabic-Indic 3 as 3
+                             ("1_0", "params.version: must be an integer")):
+        result = kms("ceremony", "propose", "--client", alice, "--server", address, "set-key-state",
+                     "name=hrss-mk", f"version={version}", "state=suspended")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr == f"kms: error: {message}\n"

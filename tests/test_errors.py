@@ -30,6 +30,7 @@ from kms.errors import (
     PermissionDenied,
     ProfileError,
     ResourceExhausted,
+    Unavailable,
 )
 
 #: One instance of every KmsError class, built the way kms builds it.
@@ -51,6 +52,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     Cancelled: lambda: Cancelled("the call was cancelled"),
     AuditUnavailable: lambda: AuditUnavailable(),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
+    Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
     ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
                                                  "(100) reached; 100 issued in the last hour", limit="cards_per_hour"),
 }
@@ -74,6 +76,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     Cancelled: ("CANCELLED", 130),
     AuditUnavailable: ("INTERNAL", 6),  # retryable as raised: UNAVAILABLE
     AuditChainBroken: ("DATA_LOSS", 10),
+    Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
 }
 
@@ -119,8 +122,8 @@ def test_hsm_error_retryable_flag() -> None:
     assert MechanismUnavailable("SM4", "t").retryable is False
 
 
-def test_only_hsm_errors_are_retryable() -> None:
-    assert not any(EXAMPLES[c]().retryable for c in EXAMPLES if not issubclass(c, HsmError))
+def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
+    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {Unavailable}
 
 
 @pytest.mark.parametrize("error", [ValueError("x"), RuntimeError("x"), KeyboardInterrupt(), OSError(5, "EIO")],

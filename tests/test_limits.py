@@ -432,3 +432,36 @@ def test_the_count_queries_search_the_issued_index() -> None:
         for statement, parameters in statements[:2]:
             plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters))
             assert "USING COVERING INDEX ix_card_events_issued (event=? AND at>?" in plan, plan
+
+
+def test_a_stream_far_from_its_limits_asks_about_once_a_second_and_near_one_before_every_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = store.make_engine("sqlite://")
+    store.create_all(engine)
+    quotas = limits.Quotas(engine, FixedClock(START), LimitsPolicy.load())
+    asked: list[int] = []
+    real = quotas.allowance
+
+    def counted(*args: Any) -> limits.Allowance:
+        asked.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(quotas, "allowance", counted)
+    far = quotas.stream(ME, BOTH, STREAM)
+    for _ in range(10):
+        assert far.admit(32) == 32
+        far.recorded(32, 32)
+    assert len(asked) == 1  # 320 of 100,000: one query
+    now = limits.time.monotonic()
+    monkeypatch.setattr(limits.time, "monotonic", lambda: now + limits.RECHECK)
+    assert far.admit(32) == 32 and len(asked) == 2  # a second later it asks again
+    far.close()
+    asked.clear()
+    quotas.store.set("hrss", {"scope": "station", "subject": STATION_URI, "cards_per_hour": 40}, "C-test")
+    near = quotas.stream(ME, BOTH, STREAM)
+    assert near.admit(8) == 8 and len(asked) == 1  # the first message asks
+    near.recorded(8, 8)
+    assert near.admit(8) == 8 and len(asked) == 1  # 16 of the 40 learned: still under half, no query
+    near.recorded(8, 8)
+    assert near.admit(8) == 8 and len(asked) == 2  # 24 of 40: past half, it asks before every message
+    near.close()

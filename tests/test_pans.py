@@ -20,7 +20,7 @@ from kms.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.devceremonies import officer
 from kms.devhome import Home
-from kms.errors import InvalidArgument, InvalidState
+from kms.errors import ConfigError, InvalidArgument, InvalidState
 from kms.hsm import TokenSession
 from kms.registry import KeyKind, KeyRegistry
 from kms.serve import Service
@@ -52,34 +52,39 @@ def test_the_bank_token_holds_the_pan_keys_and_they_never_leave_it(bank: _BankWo
 
 def test_a_pan_is_sealed_bound_to_its_card_and_opens_only_in_the_bank_worker(bank: _BankWorker) -> None:
     pan, psn = "6214839912345678901", "01"
-    (sealed, index, pan_psn_index), = pans.protect_pans(bank, [("pan-card-1", pan, psn)])
+    (sealed, index, pan_psn_index), = pans.protect_pans(bank, "B-pan", [("pan-card-1", pan, psn)])
     assert pan.encode() not in sealed and sealed[0] == pans.FORMAT
     protected = pans.ProtectedPan(sealed=sealed, index=index, pan_psn_index=pan_psn_index, masked="621483*********8901")
-    opened = pans.open_card(bank, CardIdentity(card_ref="pan-card-1", psn=psn, protected=protected), {})
+    opened = pans.open_card(bank, CardIdentity(card_ref="pan-card-1", psn=psn, protected=protected), "B-pan", {})
     assert opened.pan == pan
     # indexes are keyed: the same PAN gives the same index, but nobody without the token can compute it
-    again, = pans.protect_pans(bank, [("pan-card-2", pan, "02")])
+    again, = pans.protect_pans(bank, "B-pan", [("pan-card-2", pan, "02")])
     assert again[1] == index and again[2] != pan_psn_index and again[0] != sealed
     assert index not in (hashlib.sha256(pan.encode()).hexdigest(),
                          hashlib.sha256(f"{pan}/{psn}".encode()).hexdigest())
     # moved to another card, altered, or unknown format: refused naming the field, never a wrong PAN
-    with pytest.raises(InvalidArgument, match=r"^pan: cannot be decrypted"):
-        pans.open_card(bank, CardIdentity(card_ref="pan-card-9", protected=protected), {})
+    for moved in (CardIdentity(card_ref="pan-card-9", psn=psn, protected=protected),  # another card
+                  CardIdentity(card_ref="pan-card-1", psn="02", protected=protected)):  # its PSN changed
+        with pytest.raises(InvalidArgument, match=r"^pan: cannot be decrypted"):
+            pans.open_card(bank, moved, "B-pan", {})
+    with pytest.raises(InvalidArgument, match=r"^pan: cannot be decrypted"):  # another batch
+        pans.open_card(bank, CardIdentity(card_ref="pan-card-1", psn=psn, protected=protected), "B-other", {})
     altered = dataclasses.replace(protected, sealed=sealed[:-1] + bytes([sealed[-1] ^ 1]))
     with pytest.raises(InvalidArgument, match=r"^pan: cannot be decrypted"):
-        pans.open_card(bank, CardIdentity(card_ref="pan-card-1", protected=altered), {})
+        pans.open_card(bank, CardIdentity(card_ref="pan-card-1", psn=psn, protected=altered), "B-pan", {})
     with pytest.raises(InvalidArgument, match="not in a known format"):
-        pans.open_card(bank, CardIdentity(card_ref="pan-card-1",
-                                          protected=dataclasses.replace(protected, sealed=b"\x07" + sealed[1:])), {})
+        pans.open_card(bank, CardIdentity(card_ref="pan-card-1", psn=psn,
+                                          protected=dataclasses.replace(protected, sealed=b"\x07" + sealed[1:])),
+                       "B-pan", {})
 
 
 def test_only_the_bank_domain_protects_pans(sessions: dict[str, TokenSession], registry: KeyRegistry) -> None:
     with pytest.raises(InvalidState, match="protected by the bank domain"):
-        pans.protect_pans(_BankWorker("hrss", sessions["hrss"], registry), [("c", "6214830000000000001", "01")])
+        pans.protect_pans(_BankWorker("hrss", sessions["hrss"], registry), "B", [("c", "6214830000000000001", "01")])
 
 
 def test_the_hrss_token_cannot_open_a_pan(bank: _BankWorker, sessions: dict[str, TokenSession]) -> None:
-    pans.protect_pans(bank, [("pan-card-h", "6214839900000000001", "01")])
+    pans.protect_pans(bank, "B-pan", [("pan-card-h", "6214839900000000001", "01")])
     label = bank.registry.active("bank", KeyKind.DATA, pans.DATA_KEY).label
     assert not sessions["hrss"].has_key(label)
 
@@ -140,3 +145,12 @@ def test_no_pan_is_readable_in_the_issuer_database(home: Home, service: Service)
 def test_registry_fixture_sees_the_bank_keys(cfg: config.Config) -> None:
     registry = runtime.registry(cfg, SystemClock())
     assert registry.active("bank", KeyKind.DATA, pans.DATA_KEY).kcv
+
+
+def test_a_database_made_by_an_older_kms_is_refused_clearly(tmp_path: Path) -> None:
+    """Homes made before PANs were protected (clear ``batch_cards.pan``) are refused, not half upgraded."""
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE batch_cards (batch_id VARCHAR(64), card_ref VARCHAR(64), pan VARCHAR(19))"))
+    with pytest.raises(ConfigError, match=r"made by an older kms \(it lacks batch_cards\.sequence"):
+        store.create_all(engine)

@@ -190,6 +190,30 @@ def test_a_bad_replacement_at_runtime_keeps_the_crl_in_force(
         assert _health(b1) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_putting_an_older_crl_back_does_not_un_revoke(
+        home: Home, crl_service: Service, pki_copy: DevPki, fresh_crl: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def number() -> int:
+        return int(pki_copy.current_crl().extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+    old, old_number = fresh_crl.read_bytes(), number()
+    with service_client(home, crl_service, A1) as a1, service_client(home, crl_service, B1) as b1:
+        assert _health(a1) == health_pb2.HealthCheckResponse.SERVING  # the old CRL is in force
+        pki_copy.revoke(pki_copy.dir / "clients" / "station-bureau-a-station-a1.pem")
+        assert number() == old_number + 1
+        with pytest.raises(PermissionDenied, match="is revoked"):
+            _health(a1)
+        with caplog.at_level(logging.ERROR, logger="kms.revocation"):
+            _replace(fresh_crl, old)  # rolled back: validly signed, but CRL number n after n+1
+            for _ in range(3):
+                with pytest.raises(PermissionDenied, match="is revoked"):
+                    _health(a1)
+                assert _health(b1) == health_pb2.HealthCheckResponse.SERVING
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors == [f"{fresh_crl}: the CRL of CN=kms development CA,O=kms development is older than the one in "
+                          f"force (CRL number {old_number}, the newest seen is {old_number + 1}): refused, it would "
+                          "un-revoke certificates; the revocation list loaded before stays in force"], errors
+
+
 def test_a_crl_that_cannot_be_used_is_a_config_error_at_start(home: Home, tmp_path: Path) -> None:
     other = DevPki(tmp_path / "other")
     cases = {
@@ -279,10 +303,12 @@ class _Ca:
                 .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
                 .sign(self.key, hashes.SHA256()))
 
-    def crl(self, serials: Iterable[int] = (), next_update: dt.timedelta = dt.timedelta(days=7)) -> bytes:
+    def crl(self, serials: Iterable[int] = (), next_update: dt.timedelta = dt.timedelta(days=7),
+            last_update: dt.timedelta = dt.timedelta(minutes=-5)) -> bytes:
+        """A CRL without a CRL number; its times relative to now."""
         now = dt.datetime.now(dt.UTC)
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.name)
-                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + next_update))
+                   .last_update(now + last_update).next_update(now + next_update))
         for serial in serials:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
@@ -336,3 +362,27 @@ def test_the_development_crl_accumulates_revocations(tmp_path: Path) -> None:
     listed(_cert(certs[2]))
     with pytest.raises(PermissionDenied):
         listed(_cert(certs[0]))
+
+
+def test_without_crl_numbers_an_earlier_last_update_is_refused(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    ca = _Ca("kms CA one")
+    cert = ca.issue("urn:kms:station:bureau-a:station-a1")
+    cas, crls = tmp_path / "ca.pem", tmp_path / "crl.pem"
+    cas.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    crls.write_bytes(ca.crl([cert.serial_number]))
+    listed = RevocationList(crls, cas)
+    with caplog.at_level(logging.ERROR, logger="kms.revocation"):
+        _replace(crls, ca.crl(last_update=dt.timedelta(hours=-1)))  # an empty list from before
+        for _ in range(2):
+            with pytest.raises(PermissionDenied, match="is revoked"):
+                listed(cert)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "the CRL of CN=kms CA one is older than the one in force (lastUpdate " in errors[0]
+    _replace(crls, ca.crl())  # a later one applies
+    listed(cert)
+    # One file holding the old and a newer CRL of the same CA: the newer counts.
+    _replace(crls, ca.crl([cert.serial_number], last_update=dt.timedelta(minutes=-1))
+             + ca.crl(last_update=dt.timedelta(hours=-2)))
+    with pytest.raises(PermissionDenied, match="is revoked"):
+        listed(cert)
