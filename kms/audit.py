@@ -131,11 +131,15 @@ def chain(prev: bytes, body: bytes) -> bytes:
 
 
 def mask_pan(pan: str | None) -> str:
-    """A PAN as audit records show it: first 6 and last 4 digits."""
+    """A PAN as audit records show it, its length kept: first 6 and last 4 digits of a PAN of 16 digits or more,
+    only the last 4 of a shorter one (6 and 4 of 12 digits would leave 2 hidden, guessable with the Luhn check
+    digit), nothing of anything shorter than 12."""
     if not pan:
         return ""
-    if len(pan) <= 10:
+    if len(pan) < 12:
         return "*" * len(pan)
+    if len(pan) < 16:
+        return "*" * (len(pan) - 4) + pan[-4:]
     return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
 
 

@@ -393,8 +393,16 @@ class BatchStore:
                 raise InvalidState(f"card {card_ref} of batch {batch_id} has no chip binding or bundle to revoke")
             moment = self._clock.now()
             now = rfc3339(moment)
+            # What this consent is to: the record as read now (another state, bundle or binding needs new consents).
+            basis = f"{record.state.value}|{record.serial or ''}|{_join(record.bound_fields) or ''}"
             with self._engine.begin() as conn:
-                given = consents.give(conn, "reissue", subject, domain, by, "re-issue", moment)
+                # Consents of one card are counted one at a time (replicas, PostgreSQL): the card's row first.
+                locked = conn.execute(sa.select(batch_cards.c.state, batch_cards.c.serial, batch_cards.c.bound_fields)
+                                      .where(_is_card(batch_id, card_ref)).with_for_update()).one()
+                if (locked.state, locked.serial, locked.bound_fields) != (
+                        record.state.value, record.serial, _join(record.bound_fields)):
+                    continue  # changed since it was read: judge it again
+                given = consents.give(conn, "reissue", subject, domain, by, "re-issue", moment, basis)
                 awaiting = tuple(sorted(set(needs) - set(given)))
                 if awaiting:
                     if self._audit is not None:

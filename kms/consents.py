@@ -6,7 +6,11 @@ applications; neither domain's officer may do either alone. Each domain's office
 it needs has consented. Consents are kept in ``consents`` (kms.store), one per action, subject and domain (a second
 officer of the same domain replaces the first one's consent, never adds to it), and count for ``CONSENT_TTL``.
 
-These functions run inside the caller's transaction, so a consent and the action it completes commit together.
+These functions run inside the caller's transaction, so a consent and the action it completes commit together. The
+caller locks the subject's row first (``SELECT … FOR UPDATE``), so that consents given at the same moment by two
+domains' officers on two replicas are counted one after the other, never both as "still waiting". A consent counts
+only for the ``basis`` it was given on (for a re-issue: the card record's state, bundle and binding): once the record
+changed — say, the card was issued meanwhile — earlier consents no longer count.
 """
 
 from __future__ import annotations
@@ -31,22 +35,23 @@ class Consent:
 
 
 def give(conn: sa.Connection, action: str, subject: str, domain: str, by: str, reason: str,
-         now: dt.datetime) -> dict[str, Consent]:
+         now: dt.datetime, basis: str = "") -> dict[str, Consent]:
     """Record ``domain``'s consent (replacing an earlier one of that domain) and return every consent that still
-    counts for this action and subject, by domain."""
-    values = dict(by=by, reason=reason, at=rfc3339(now), expires_at=rfc3339(now + CONSENT_TTL))
+    counts for this action, subject and basis, by domain."""
+    values = dict(by=by, reason=reason, basis=basis, at=rfc3339(now), expires_at=rfc3339(now + CONSENT_TTL))
     changed = conn.execute(consents.update().where(
         consents.c.action == action, consents.c.subject == subject, consents.c.domain == domain)
         .values(**values)).rowcount
     if changed == 0:
         conn.execute(consents.insert().values(action=action, subject=subject, domain=domain, **values))
-    return given(conn, action, subject, now)
+    return given(conn, action, subject, now, basis)
 
 
-def given(conn: sa.Connection, action: str, subject: str, now: dt.datetime) -> dict[str, Consent]:
-    """The consents that still count for this action and subject, by domain."""
+def given(conn: sa.Connection, action: str, subject: str, now: dt.datetime, basis: str = "") -> dict[str, Consent]:
+    """The consents that still count for this action, subject and basis, by domain."""
     rows = conn.execute(sa.select(consents).where(
-        consents.c.action == action, consents.c.subject == subject, consents.c.expires_at > rfc3339(now)))
+        consents.c.action == action, consents.c.subject == subject, consents.c.expires_at > rfc3339(now),
+        consents.c.basis == basis))
     return {r.domain: Consent(r.domain, r.by, r.reason, r.at) for r in rows}
 
 

@@ -10,6 +10,7 @@ mode; the files kms writes into it are still 0600.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from kms.errors import InvalidArgument
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -50,19 +53,29 @@ def private_dir(path: Path) -> Path:
 
 
 def _restrict(fd: int) -> None:
-    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device such as /dev/stdout
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod a device such as /dev/null
         os.fchmod(fd, PRIVATE_FILE)
 
 
 @contextmanager
 def open_private(path: Path, mode: str = "w", *, exclusive: bool = False, **kwargs: Any) -> Iterator[IO[Any]]:
     """Open ``path`` for writing ("w" or "wb"), created 0600; a regular file that existed is truncated and made 0600.
-    With ``exclusive``, an existing file is an error (FileExistsError). Missing parents are created 0700."""
+    With ``exclusive``, an existing file is an error (FileExistsError). Missing parents are created 0700. A symbolic
+    link at ``path`` is not followed (InvalidArgument naming the path): one planted in a shared directory such as
+    /tmp would otherwise have kms write card data where the link points (a file or a pipe of someone else's)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"open_private writes only ('w' or 'wb'), not {mode!r}")
     private_dir(path.parent)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags, PRIVATE_FILE)
+    flags = (os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | os.O_NOFOLLOW
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags, PRIVATE_FILE)
+    except OSError as error:
+        # ELOOP (Linux; EMLINK on FreeBSD) is how O_NOFOLLOW refuses a link; with O_EXCL a link is just "exists"
+        if error.errno in (errno.ELOOP, errno.EMLINK) and path.is_symlink():
+            raise InvalidArgument(str(path), "is a symbolic link; kms does not write through one (remove it or "
+                                             "choose another path)") from None
+        raise
     try:
         _restrict(fd)
     except BaseException:
@@ -75,7 +88,9 @@ def open_private(path: Path, mode: str = "w", *, exclusive: bool = False, **kwar
 def write_private(path: Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` as a 0600 file, atomically (a temporary file beside it, then a rename): readers see
     the old content or the new, never half of it, and a failure leaves no partial file. Text is UTF-8. Missing
-    parents are created 0700. A path that is not a regular file (a device, a pipe) is written in place."""
+    parents are created 0700. A path that is not a regular file (a device, a pipe) is written in place. A symbolic
+    link is never written through: one to a regular file is replaced by the file, any other is refused
+    (open_private)."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if path.exists() and not path.is_file():
         with open_private(path, "wb") as f:

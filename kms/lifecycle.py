@@ -219,6 +219,9 @@ class CardLifecycle:
             to_retire = [(f, v) for f in _RETIRED_FIELDS for v in sorted(old_ids[f])]
             try:
                 with self._engine.begin() as conn:
+                    # Consents for one old card are counted one at a time (replicas, PostgreSQL): its rows first.
+                    conn.execute(sa.select(batch_cards.c.card_ref).where(batch_cards.c.card_ref == old_card_ref)
+                                 .with_for_update())
                     given = consents.give(conn, "replace", subject, by.domain, by.uri(), reason, moment)
                     awaiting = tuple(sorted(set(APPLICATIONS) - set(given)))
                     if awaiting:

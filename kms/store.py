@@ -146,6 +146,7 @@ consents = sa.Table(
     sa.Column("domain", sa.String(16), primary_key=True),
     sa.Column("by", sa.String(200), nullable=False),  # the officer of that domain
     sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("basis", sa.String(200), nullable=False),  # what was consented to (a re-issue: the record's state)
     sa.Column("at", sa.String(32), nullable=False),
     sa.Column("expires_at", sa.String(32), nullable=False),
 )

@@ -26,7 +26,7 @@ from kms import config, pans, profiles, runtime
 from kms.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.engine import DomainSealer
-from kms.errors import ConfigError, HsmError, KmsError
+from kms.errors import ConfigError, HsmError, InvalidState, KmsError
 from kms.hsm import TokenSession
 from kms.profiles import Profile
 from kms.registry import KeyRegistry, KeyState
@@ -149,9 +149,22 @@ def _open_pan(card: CardIdentity, batch: str) -> CardIdentity | KmsError:
         return error  # this card fails; the others of the chunk go on
 
 
+#: What a worker runs for the coordinator (``DomainPool.call``), and nothing else: the ceremonies' HSM steps and the
+#: protection of new PANs. Opening a PAN (kms.pans.open_card) is not among them: it happens only inside sealing, so
+#: no call returns a clear PAN to the coordinator.
+WORKER_STEPS = frozenset({
+    "kms.keyops.check_component", "kms.keyops.sign", "kms.keyops.create_key", "kms.keyops.export_components",
+    "kms.keyops.transport_key_for_rsa", "kms.keyops.discard_key", "kms.keyops.destroy_key",
+    "kms.pans.protect_pans",
+})
+
+
 def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
-    """A ceremony step (kms.keyops) in this domain's worker, with its session and registry."""
+    """A ceremony step (kms.keyops) in this domain's worker, with its session and registry: only WORKER_STEPS."""
     function, args = task
+    name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
+    if name not in WORKER_STEPS:
+        raise InvalidState(f"{name} is not a step a {_init_args[1] if _init_args else ''} worker runs")
     if _init_error is not None and _init_args is not None:
         _init(*_init_args)
     if _init_error is not None:

@@ -316,7 +316,17 @@ def test_a_failed_append_rolls_back_the_change_it_describes(tmp_path: Path) -> N
 
 def test_pans_are_masked() -> None:
     assert mask_pan("6214830000000000123") == "621483*********0123"
-    assert mask_pan("12345") == "*****" and mask_pan(None) == ""
+    assert mask_pan("6214830000001234") == "621483******1234"  # 16 digits: first 6 and last 4
+    # Shorter PANs (the validator takes 12 to 19 digits) show only their last 4, their length kept: 6 and 4 of 12
+    # would leave 2 digits hidden.
+    assert mask_pan("621483001234") == "********1234"
+    assert mask_pan("621483000001234") == "***********1234"
+    assert mask_pan("62148301234") == "*" * 11 and mask_pan("12345") == "*****" and mask_pan(None) == ""
+    for length in range(12, 20):
+        pan = "".join(str(i % 10) for i in range(length))
+        masked = mask_pan(pan)
+        assert len(masked) == length and masked.endswith(pan[-4:])
+        assert masked.count("*") == (length - 10 if length >= 16 else length - 4), masked
 
 
 def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:

@@ -437,6 +437,41 @@ def race(backend: EngineFactory, clock: FixedClock, contenders: int, call: Calla
         return list(pool.map(run, range(contenders)))
 
 
+@pytest.mark.parametrize("round_", range(5))
+def test_consents_given_at_once_by_both_domains_re_issue_the_card(
+        bstore: BatchStore, backend: EngineFactory, clock: FixedClock, round_: int) -> None:
+    """The review's race: hrss and bank officers consenting at the same moment on two replicas both saw "waiting
+    for the other" and the card was never re-issued; two officers of one domain hit a duplicate key. With the
+    card's row locked first, the consents are counted one after the other."""
+    make_batch(bstore, 1)
+    bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    bstore.record_issued("B-1", "card-0000", "S1", b"first bundle", "k1", by=STATION)
+    same = [(OFFICER, "hrss"), ("urn:kms:officer:hrss:bob", "hrss")]
+    outcomes = race(backend, clock, 2, lambda s, i: s.reissue("B-1", "card-0000", same[i][0], domain=same[i][1],
+                                                              needs=("hrss", "bank"))[1])
+    assert outcomes == [("bank",), ("bank",)]  # one domain's two officers: still one consent, no duplicate key
+    make_batch(bstore, 1, batch_id="B-2")
+    bstore.bind_chip("B-2", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    bstore.record_issued("B-2", "card-0000", "S2", b"first bundle", "k2", by=STATION)
+    who = [(OFFICER, "hrss"), (OTHER_OFFICER, "bank")]
+    outcomes = race(backend, clock, 2, lambda s, i: s.reissue("B-2", "card-0000", who[i][0], domain=who[i][1],
+                                                              needs=("hrss", "bank"))[1])
+    assert sorted(outcomes) in ([(), ("hrss",)], [(), ("bank",)]), outcomes  # the second one completed it
+    assert bstore.card("B-2", "card-0000").state is CardState.PENDING
+
+
+def test_a_consent_counts_only_for_the_record_it_was_given_on(bstore: BatchStore) -> None:
+    """The bank consents while the card is bound but not issued; the station then issues it: the bank's consent
+    was not to re-send that bundle, so an hrss consent alone does not revoke it."""
+    make_batch(bstore, 1)
+    bstore.bind_chip("B-1", "card-0000", SERIAL_A, KDD_A, by=STATION)
+    both = ("hrss", "bank")
+    assert bstore.reissue("B-1", "card-0000", OTHER_OFFICER, domain="bank", needs=both)[1] == ("hrss",)
+    bstore.record_issued("B-1", "card-0000", "S1", b"bundle", "k1", by=STATION)
+    record, awaiting = bstore.reissue("B-1", "card-0000", OFFICER, domain="hrss", needs=both)
+    assert awaiting == ("bank",) and record.state is CardState.ISSUED and record.serial == "S1"
+
+
 def test_racing_replicas_issue_a_card_exactly_once(bstore: BatchStore, backend: EngineFactory,
                                                     clock: FixedClock) -> None:
     make_batch(bstore, 5)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ROOT
+from conftest import ROOT, kms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kms import cli, config, files, store
@@ -27,7 +27,7 @@ from kms.cli import read_cards
 from kms.client import Client
 from kms.devceremonies import authorize_batch, client, officer
 from kms.devhome import Home, init_home
-from kms.errors import PermissionDenied
+from kms.errors import InvalidArgument, PermissionDenied
 from kms.identity import Principal
 
 #: ``kms`` with only the explicit modes acting: the umask calls of the command line and of serve do nothing.
@@ -167,6 +167,34 @@ def test_file_helpers_set_modes_whatever_the_umask(tmp_path: Path) -> None:
     for path in (target, tmp_path / "a" / "c" / "other"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["file"]  # no temporary file left
+
+
+def test_a_planted_symbolic_link_is_not_written_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    os.chmod(victim, 0o644)
+    link = tmp_path / "shared" / "cards.csv"
+    link.parent.mkdir()
+    link.symlink_to(victim)
+    with pytest.raises(InvalidArgument) as refused, files.open_private(link, "w"):
+        pass
+    assert str(refused.value) == (f"{link}: is a symbolic link; kms does not write through one (remove it or choose "
+                                  "another path)")
+    with pytest.raises(FileExistsError), files.open_private(link, "wb", exclusive=True):
+        pass
+    device = tmp_path / "shared" / "out.kmsb"
+    device.symlink_to("/dev/null")
+    with pytest.raises(InvalidArgument, match="is a symbolic link"):
+        files.write_private(device, b"data")  # not a regular file: written in place, but not through the link
+    assert victim.read_text() == "keep me" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert link.is_symlink() and device.is_symlink()
+
+    # The command line: one line, exit 2, nothing written where the link points.
+    result = kms("dev", "cards", "--count", "3", "--out", str(link))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"kms: error: {link}: is a symbolic link; kms does not write through one (remove it "
+                             "or choose another path)\n")
+    assert victim.read_text() == "keep me" and link.is_symlink()
 
 
 def test_a_certificate_revoked_with_the_command_line_is_refused_by_the_running_server(

@@ -154,3 +154,20 @@ def test_a_database_made_by_an_older_kms_is_refused_clearly(tmp_path: Path) -> N
         conn.execute(sa.text("CREATE TABLE batch_cards (batch_id VARCHAR(64), card_ref VARCHAR(64), pan VARCHAR(19))"))
     with pytest.raises(ConfigError, match=r"made by an older kms \(it lacks batch_cards\.sequence"):
         store.create_all(engine)
+
+
+def test_no_worker_call_hands_a_clear_pan_to_the_coordinator(service: Service) -> None:
+    """The review: any importable function could be run in a worker, e.g. pans.open_card. Workers run only their
+    listed steps; opening a PAN is not one of them (it happens inside sealing)."""
+    import importlib
+
+    from kms.workers import WORKER_STEPS
+
+    for name in WORKER_STEPS:  # every listed step exists (no typo lets a step silently fail)
+        module, _, function = name.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    bank_pool = service.pools.pools["bank"]
+    with pytest.raises(InvalidState, match="kms.pans.open_card is not a step"):
+        bank_pool.call(pans.open_card, CardIdentity(card_ref="x"), "B", {})
+    with pytest.raises(InvalidState, match="is not a step"):
+        bank_pool.call(runtime.open_domain)

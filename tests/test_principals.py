@@ -26,7 +26,7 @@ from kms.ceremony_client import CeremonyClient
 from kms.client import Client
 from kms.devceremonies import client, officer
 from kms.devhome import Home
-from kms.errors import InvalidArgument, PermissionDenied
+from kms.errors import InvalidArgument, NotFound, PermissionDenied
 from kms.identity import Principal
 from kms.principals import PrincipalRegistry
 from kms.serve import Service
@@ -269,3 +269,84 @@ def test_an_auditor_reads_the_domains_that_enrolled_them(home: Home, service: Se
         lines = [line for chunk in AuditClient(c).export(domain="hrss") for line in chunk]
     shown = [json.loads(line) for line in lines if line.startswith('{"type":"record"')]
     assert shown and {r["body"]["domain"] for r in shown} == {"hrss"}
+
+
+def test_an_auditor_sees_only_the_ceremonies_batches_and_cards_of_the_domains_that_enrolled_them(
+        home: Home, service: Service) -> None:
+    """The review: an auditor revoked by the bank still read bank ceremonies and had the bank's HSM sign minutes."""
+    who = Principal("auditor", f"omar{secrets.token_hex(3)}")
+    path = client_config_for(home, who)
+    run_ceremony(home, service.port, "hrss", "enrol-auditor",
+                 {"name": who.name, "certificate": certificate_pem(home, who)})
+    bank_ceremony = run_ceremony(home, service.port, "bank", "enrol-auditor",
+                                 {"name": who.name, "certificate": certificate_pem(home, who)})
+    run_ceremony(home, service.port, "bank", "revoke-auditor", {"name": who.name}, approvers=(1,))
+    hrss_ceremony = run_ceremony(home, service.port, "hrss", "generate-master-key", {"name": f"aud{who.name[4:]}"})
+    batch = f"B-aud-{secrets.token_hex(3)}"
+    with service_client(home, service, officer("hrss", 0)) as alice:
+        alice.create_batch(batch, "bureau-a", "dual-app-v1", [card(960_000, card_ref=f"aud-{batch}")])
+    with Client(config.load_client(path), server=f"localhost:{service.port}") as c:
+        cc = CeremonyClient(c)
+        listed = {x.ceremony_id: x.domain for x in cc.list()}
+        assert hrss_ceremony.ceremony_id in listed and set(listed.values()) == {"hrss"}
+        assert cc.minutes(hrss_ceremony.ceremony_id).document
+        with pytest.raises(NotFound):
+            cc.minutes(bank_ceremony.ceremony_id)  # the bank's HSM signs nothing for them
+        with pytest.raises(NotFound):
+            cc.get(bank_ceremony.ceremony_id)
+        with pytest.raises(PermissionDenied, match="not enrolled by the bank domain"):
+            c.batch_status(batch)  # a dual-application batch
+        with pytest.raises(PermissionDenied, match="not enrolled by the bank domain"):
+            c.get_card(f"aud-{batch}")
+    with client(home, service.port, Principal("auditor", "erin")) as erin:  # enrolled by both: sees both
+        assert erin.batch_status(batch).batch_id == batch
+        assert CeremonyClient(erin).minutes(bank_ceremony.ceremony_id).document
+
+
+def test_a_station_revoked_during_its_stream_gets_no_further_message(home: Home, service: Service) -> None:
+    """The review: a stream authorized once went on after revoke-station. Each message re-checks the caller."""
+    tag = secrets.token_hex(3)
+    station = Principal("station", f"station-r{tag}", bureau="bureau-b")
+    path = client_config_for(home, station)
+    for domain in ("hrss", "bank"):
+        run_ceremony(home, service.port, domain, "register-station",
+                     {"bureau": "bureau-b", "station": station.name, "certificate": certificate_pem(home, station)})
+    batch = f"B-rev-{tag}"
+    count = 400
+    with service_client(home, service, officer("hrss", 0)) as alice:
+        open_batch(home, service.port, alice, batch, "bureau-b", "dual-app-v1",
+                   [card(970_000 + i, card_ref=f"rev-{tag}-{i}") for i in range(count)])
+    received = 0
+    with Client(config.load_client(path), server=f"localhost:{service.port}") as st:
+        stream = st.stream_batch(batch, per_message=2, retries=0)
+        next(stream)
+        received = 1
+        run_ceremony(home, service.port, "bank", "revoke-station", {"bureau": "bureau-b", "station": station.name},
+                     approvers=(1,))
+        with pytest.raises(PermissionDenied, match="may no longer act for the bank domain"):
+            for _ in stream:
+                received += 1
+    assert received < count
+
+
+def test_a_certificate_parameter_that_cannot_be_read_is_invalid_argument(home: Home, service: Service) -> None:
+    """The review: a certificate whose subject alternative name cannot be parsed gave INTERNAL."""
+    import datetime as dt
+
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = cx509.Name([cx509.NameAttribute(NameOID.COMMON_NAME, "broken")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (cx509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(cx509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x01\x02\x03"),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    with client(home, service.port, officer("hrss", 0)) as c, \
+            pytest.raises(InvalidArgument, match=r"^params\.certificate: "):
+        CeremonyClient(c).propose("enrol-auditor", {"name": "zora", "certificate": pem})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -17,6 +18,7 @@ from kms.authz import Policy
 from kms.clock import SystemClock
 from kms.identity import Principal
 from kms.pki import Credential, DevPki
+from kms.principals import PrincipalRegistry
 from kms.server import MALFORMED, TlsFiles, create_server
 
 STATION = Principal("station", "station-a1", bureau="bureau-a")
@@ -123,3 +125,44 @@ def test_a_request_that_cannot_be_parsed_is_refused_invalid_argument_and_recorde
         ("/grpc.health.v1.Health/Check", STATION.uri(), "INVALID_ARGUMENT")] * 3 + [
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", AUDITOR.uri(), "INVALID_ARGUMENT")]
     assert [r["detail"]["status"] for r in records if r["kind"] == "request.refused"] == ["PERMISSION_DENIED"]
+
+
+def test_a_registry_that_cannot_be_read_is_unavailable_not_a_bad_certificate(pki: DevPki, tmp_path: Path) -> None:
+    """The review: a database outage while checking the caller read as "the client certificate cannot be read"
+    (PERMISSION_DENIED, final). It is UNAVAILABLE (retryable), and the refusal names the caller."""
+    gone = sa.create_engine("postgresql+psycopg://kms:kms@127.0.0.1:1/nowhere", connect_args={"connect_timeout": 2})
+    records = store.make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    store.create_all(records)
+    audit = AuditLog(records, SystemClock())
+    cred = pki.server()
+    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit,
+                                 principals=PrincipalRegistry(gone, SystemClock()))
+    server.start()
+    try:
+        with _channel(pki, port, pki.client(STATION)) as channel, pytest.raises(grpc.RpcError) as raised:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
+    finally:
+        server.stop(grace=None)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cannot check the caller now" in (raised.value.details() or "")
+    refusal = json.loads(list(audit.records(kind="request.refused"))[-1].body)
+    assert (refusal["actor"], refusal["detail"]["status"]) == (STATION.uri(), "UNAVAILABLE")
+
+
+def test_an_unknown_method_is_refused_by_policy_and_recorded(pki: DevPki, tmp_path: Path) -> None:
+    """The review: a method the server does not have was answered UNIMPLEMENTED before any check, unrecorded."""
+    records = store.make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    store.create_all(records)
+    audit = AuditLog(records, SystemClock())
+    cred = pki.server()
+    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit)
+    server.start()
+    try:
+        with _channel(pki, port, pki.client(STATION)) as channel, pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary("/kms.v1.IssuanceService/NoSuchMethod")(b"", timeout=10)
+    finally:
+        server.stop(grace=None)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "is not open to anyone (no policy entry)" in (raised.value.details() or "")
+    refusal = json.loads(list(audit.records(kind="request.refused"))[-1].body)
+    assert (refusal["actor"], refusal["subject"]) == (STATION.uri(), "/kms.v1.IssuanceService/NoSuchMethod")
