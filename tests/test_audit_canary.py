@@ -36,14 +36,15 @@ CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
 #: Every kind of record a state change writes (kms.batches, ceremonies, registry, officers, handoffs, lifecycle).
 KINDS = {
     "service.started",
-    "batch.created", "batch.authorized", "card.chip-bound", "card.reissued", "issuance.issued",
+    "batch.created", "batch.authorized", "card.chip-bound", "card.reissue-consented", "card.reissued",
+    "issuance.issued",
     "ceremony.proposed", "ceremony.approved", "ceremony.component", "ceremony.components-out", "ceremony.cancelled",
     "ceremony.executing", "ceremony.executed", "ceremony.failed",
     "key.added", "key.kcv", "key.state",
     "officer.enrolled", "officer.revoked",
     "handoff.offered", "handoff.confirmed",
     "lifecycle.reported-lost", "lifecycle.loss-report-cancelled", "lifecycle.cancelled", "lifecycle.closed",
-    "lifecycle.replaced", "lifecycle.replaces",
+    "lifecycle.replace-consented", "lifecycle.replaced", "lifecycle.replaces",
 }
 
 
@@ -188,7 +189,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     assert component["detail"] == {"custodian": BOB.uri(), "kcv": components.kcv(Algorithm.DES2, parts[BOB])}
     started = [b for b in bodies if b["kind"] == "service.started"][-1]["detail"]
     assert started["config_sha256"] == hashlib.sha256(home.config.read_bytes()).hexdigest()
-    assert set(started["policies"]) == {"authz", "quorum", "profiles"} and started["policies"]["profiles"]
+    assert set(started["policies"]) == {"authz", "quorum", "limits", "profiles"} and started["policies"]["profiles"]
     prev = bytes(32)
     for record in log.records():
         assert record.prev == prev.hex()
