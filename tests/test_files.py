@@ -36,13 +36,16 @@ EXPLICIT_ONLY = ("import sys; from kms import cli, serve; "
                  "sys.exit(cli.main(sys.argv[1:]))")
 
 
-def _umask_022() -> None:
-    os.umask(0o022)
+def _umask_022(*command: str) -> list[str]:
+    """``command`` run with umask 022. Through a shell rather than ``preexec_fn``: a ``preexec_fn`` makes Python
+    fork() this process, which runs gRPC's fork handlers; they restart gRPC's poller in the child, which then dies
+    (SIGABRT, "epoll_wait error: Bad file descriptor") when the child closes its descriptors before exec."""
+    return ["sh", "-c", 'umask 022 && exec "$@"', "sh", *command]
 
 
 def kms_022(*args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-c", EXPLICIT_ONLY, *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ), preexec_fn=_umask_022)
+    result = subprocess.run(_umask_022(sys.executable, "-c", EXPLICIT_ONLY, *args), capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -73,9 +76,9 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
 @pytest.fixture(scope="module")
 def port(private_home: Home) -> Iterator[int]:
     """``kms serve`` of that home in a process of its own, started with umask 022."""
-    server = subprocess.Popen([sys.executable, "-c", EXPLICIT_ONLY, "serve", "--config", str(private_home.config),
-                               "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              preexec_fn=_umask_022)
+    server = subprocess.Popen(_umask_022(sys.executable, "-c", EXPLICIT_ONLY, "serve", "--config",
+                                         str(private_home.config), "--listen", "127.0.0.1:0"),
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
@@ -124,9 +127,9 @@ def test_the_command_line_sets_umask_077(tmp_path: Path) -> None:
         assert os.umask(0o022) == files.UMASK  # kms.cli.main set it
     finally:
         os.umask(old)
-    served = subprocess.run([sys.executable, "-c", "import os; from kms import files; files.restrict_umask(); "
-                             "os.mkdir('d'); open('f', 'w').close()"], cwd=tmp_path, preexec_fn=_umask_022,
-                            check=True)
+    served = subprocess.run(_umask_022(sys.executable, "-c", "import os; from kms import files; "
+                                       "files.restrict_umask(); os.mkdir('d'); open('f', 'w').close()"),
+                            cwd=tmp_path, check=True)
     assert served.returncode == 0
     assert [stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("d", "f")] == [0o700, 0o600]
 
