@@ -174,13 +174,6 @@ class PrincipalRegistry:
         except InvalidState:
             return False
 
-    def all(self, domain: str | None = None) -> list[GrantRecord]:
-        query = sa.select(principal_grants).order_by(principal_grants.c.principal, principal_grants.c.domain)
-        if domain is not None:
-            query = query.where(principal_grants.c.domain == domain)
-        with self._engine.connect() as conn:
-            return [_grant(r._mapping) for r in conn.execute(query)]
-
     # -- officers' certificate pins ---------------------------------------------------------------------------------
 
     def repin_officer(self, principal: Principal, pin: str, ceremony_id: str) -> None:

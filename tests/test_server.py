@@ -149,19 +149,11 @@ def test_a_registry_that_cannot_be_read_is_unavailable_not_a_bad_certificate(pki
     assert (refusal["actor"], refusal["detail"]["status"]) == (STATION.uri(), "UNAVAILABLE")
 
 
-def test_an_unknown_method_is_refused_by_policy_and_recorded(pki: DevPki, tmp_path: Path) -> None:
+def test_an_unknown_method_is_refused_by_policy_and_recorded(pki: DevPki, audited: tuple[int, AuditLog]) -> None:
     """The review: a method the server does not have was answered UNIMPLEMENTED before any check, unrecorded."""
-    records = store.make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    store.create_all(records)
-    audit = AuditLog(records, SystemClock())
-    cred = pki.server()
-    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit)
-    server.start()
-    try:
-        with _channel(pki, port, pki.client(STATION)) as channel, pytest.raises(grpc.RpcError) as raised:
-            channel.unary_unary("/kms.v1.IssuanceService/NoSuchMethod")(b"", timeout=10)
-    finally:
-        server.stop(grace=None)
+    port, audit = audited
+    with _channel(pki, port, pki.client(STATION)) as channel, pytest.raises(grpc.RpcError) as raised:
+        channel.unary_unary("/kms.v1.IssuanceService/NoSuchMethod")(b"", timeout=10)
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "is not open to anyone (no policy entry)" in (raised.value.details() or "")
     refusal = json.loads(list(audit.records(kind="request.refused"))[-1].body)
