@@ -31,7 +31,7 @@ from kms.audit import AuditLog, mask_pan
 from kms.clock import Clock
 from kms.identity import Principal
 
-log = logging.getLogger("kms.alarms")
+log = logging.getLogger(__name__)
 
 #: How long an alarm of the same kind about the same thing is not repeated (limit, hours).
 REPEAT_AFTER = dt.timedelta(hours=1)

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from kms.bundle import canonical
 from kms.clock import Clock, rfc3339
-from kms.errors import HsmError, KmsError
+from kms.errors import AuditUnavailable, KmsError
 from kms.store import audit_checkpoints, audit_head, audit_log
 
 GENESIS = bytes(32)
@@ -43,13 +43,6 @@ EXPORT_VERSION = 2  # 2: the export ends with an export seal
 #: An export's nonce: 16 to 64 random bytes in lowercase hex (`kms audit export` sends 16, secrets.token_hex).
 NONCE = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 PAGE = 2_000
-
-
-class AuditUnavailable(HsmError):
-    """The audit log could not be written: the change it describes did not happen (retryable)."""
-
-    def __init__(self, message: str = "the audit log cannot be written; nothing was done") -> None:
-        super().__init__(message, retryable=True)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
@@ -33,5 +32,5 @@ class AuditClient:
         except grpc.RpcError as error:
             raise translate(error) from None
 
-    def head(self) -> Any:
-        return self._client.call(self._stub.GetHead, pb.GetHeadRequest())
+    def head(self) -> pb.Head:
+        return self._client.call(self._stub.GetHead, pb.GetHeadRequest(), pb.Head)

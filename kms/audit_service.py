@@ -21,11 +21,11 @@ from kms import errors
 from kms.audit import NONCE, AuditLog, Seal, export_lines
 from kms.clock import rfc3339
 from kms.registry import DOMAINS, check_domain
-from kms.server import abort, current_domains, current_principal
+from kms.server import current_domains, current_principal, service_method
 from kms.v1 import audit_pb2 as pb
 from kms.v1 import audit_pb2_grpc as rpc
 
-log = logging.getLogger("kms.audit")
+log = logging.getLogger(__name__)
 
 LINES_PER_CHUNK = 500
 BYTES_PER_CHUNK = 1024 * 1024  # well under the 8 MiB message limit, whatever a record's size
@@ -95,26 +95,21 @@ class AuditService(rpc.AuditServiceServicer):
         self._log = audit
         self._checkpointer = checkpointer
 
+    @service_method
     def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportChunk]:
-        try:
-            filters = check_filters(request.since, request.until, request.domain, request.kind)
-            _require_domains(filters["domain"])
-            nonce = check_nonce(request.nonce)
-            seal = self._checkpointer.seal(nonce, {k: v for k, v in filters.items() if v is not None})
-            log.info("%s exports the audit log up to %d%s", current_principal(), seal.size,
-                     "" if not seal.filters else f" ({', '.join(seal.filters)})")
-            for group in chunks(export_lines(self._log, seal)):
-                yield pb.ExportChunk(lines=group)
-        except Exception as error:
-            abort(context, error)
+        filters = check_filters(request.since, request.until, request.domain, request.kind)
+        _require_domains(filters["domain"])
+        nonce = check_nonce(request.nonce)
+        seal = self._checkpointer.seal(nonce, {k: v for k, v in filters.items() if v is not None})
+        log.info("%s exports the audit log up to %d%s", current_principal(), seal.size,
+                 "" if not seal.filters else f" ({', '.join(seal.filters)})")
+        for group in chunks(export_lines(self._log, seal)):
+            yield pb.ExportChunk(lines=group)
 
+    @service_method
     def GetHead(self, request: pb.GetHeadRequest, context: grpc.ServicerContext) -> pb.Head:
-        try:
-            size, head = self._log.head()
-            last = self._log.last_checkpoint()
-        except Exception as error:
-            abort(context, error)
-            raise AssertionError("unreachable") from None
+        size, head = self._log.head()
+        last = self._log.last_checkpoint()
         if last is None:
             return pb.Head(size=size, hash=head)
         return pb.Head(size=size, hash=head, checkpoint_size=last.size, checkpoint_at=last.at,

@@ -32,7 +32,7 @@ from kms.hsm import TokenSession
 
 AUDIT_KEY_LABEL = "kms/audit/signing/audit/v1"
 SIGNED_HEAD_LABEL = "kms/audit/signed-head"
-log = logging.getLogger("kms.audit")
+log = logging.getLogger(__name__)
 
 _session: TokenSession | None = None
 

@@ -3,17 +3,7 @@
 A batch lists card identities for one bureau and one profile. A station of that bureau fetches the batch's cards;
 each card is issued at most once, and a retried request with the same idempotency key gets the same sealed bundle.
 
-Tables (kms.store, SQLAlchemy 2 Core; SQLite by default, PostgreSQL by URL):
-
-- ``batches``: batch_id (primary key, 1-64 characters of the card_ref charset), bureau, profile, state (open |
-  closed), created_by (principal URI), created_at (RFC 3339), card_count.
-- ``batch_cards``: one row per card, primary key (batch_id, card_ref); sequence, the card's 0-based position in the
-  batch (unique per batch, the cursor of resumable streaming); the identity fields city_code, card_serial, pan, psn,
-  kdd (nullable); bound_fields, the chip fields filled by binding at the station rather than supplied by the batch;
-  chip_bound_at; state (pending | issued | revoked); serial (bundle serial), bundle (the sealed bytes, kept so a
-  retried request returns the same bytes), idempotency_key, issued_at.
-- ``card_events``: append-only history (id autoincrement, batch_id, card_ref, event: created | chip-bound | issued |
-  reissue-revoked, detail, at, by).
+Tables: ``batches``, ``batch_cards`` and ``card_events``, described with their schema in kms.store.
 
 Operations (``BatchStore(engine, clock, audit)``); with an audit log (kms.audit), every change appends its audit
 record in the same transaction, so a change whose record cannot be written does not happen (fail closed):

@@ -17,56 +17,54 @@ import grpc
 from kms import errors
 from kms.identity import Principal
 from kms.lifecycle import APPLICATIONS, CardLifecycle, CardView
-from kms.server import abort, current_domains, current_principal
+from kms.server import current_domains, current_principal, service_method
 from kms.v1 import cards_pb2 as pb
 from kms.v1 import cards_pb2_grpc as rpc
 
-log = logging.getLogger("kms.cards")
+log = logging.getLogger(__name__)
 
 
 class CardService(rpc.CardServiceServicer):
     def __init__(self, lifecycle: CardLifecycle) -> None:
         self._l = lifecycle
 
+    @service_method
     def ReportLost(self, request: pb.ReportLostRequest, context: grpc.ServicerContext) -> pb.Card:
         return self._run(context, f"reported card {request.card_ref} lost ({request.application})", lambda by:
                          self._l.report_lost(request.card_ref, request.application, request.reason, by))
 
+    @service_method
     def CancelLossReport(self, request: pb.CancelLossReportRequest, context: grpc.ServicerContext) -> pb.Card:
         return self._run(context, f"cancelled the loss report of card {request.card_ref} ({request.application})",
                          lambda by: self._l.cancel_loss_report(request.card_ref, request.application, request.reason,
                                                                by))
 
+    @service_method
     def ReplaceCard(self, request: pb.ReplaceCardRequest, context: grpc.ServicerContext) -> pb.Card:
         return self._run(context, f"consented to replace card {request.old_card_ref} by card {request.new_card_ref}",
                          lambda by:
                          self._l.replace(request.old_card_ref, request.new_card_ref, request.reason, by))
 
+    @service_method
     def CancelApplication(self, request: pb.CancelApplicationRequest, context: grpc.ServicerContext) -> pb.Card:
         return self._run(context, f"{request.kind}: card {request.card_ref} ({request.application})", lambda by:
                          self._l.cancel_application(request.card_ref, request.application, request.kind,
                                                     request.reason, by))
 
+    @service_method
     def GetCard(self, request: pb.GetCardRequest, context: grpc.ServicerContext) -> pb.Card:
-        try:
-            principal = current_principal()
-            missing = sorted(set(APPLICATIONS) - current_domains())
-            if principal.role == "auditor" and missing:  # a card's view shows both applications
-                raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
-            return _card(self._l.view(request.card_ref))
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        principal = current_principal()
+        missing = sorted(set(APPLICATIONS) - current_domains())
+        if principal.role == "auditor" and missing:  # a card's view shows both applications
+            raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
+        return _card(self._l.view(request.card_ref))
 
     def _run(self, context: grpc.ServicerContext, what: str, action: Callable[[Principal], CardView]) -> pb.Card:
-        try:
-            principal = current_principal()
-            view = action(principal)
-            log.info("%s %s", principal, what)
-            return _card(view)
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        """A change by the calling officer, logged once it is made."""
+        principal = current_principal()
+        view = action(principal)
+        log.info("%s %s", principal, what)
+        return _card(view)
 
 
 def _card(view: CardView) -> pb.Card:

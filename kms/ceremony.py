@@ -1,4 +1,4 @@
-"""Dual control: signed M-of-N approvals of an exact operation (groundwork for issue 4).
+"""Dual control: signed M-of-N approvals of an exact operation.
 
 A proposal names one operation of one domain with its parameters; its canonical encoding (kms.bundle.canonical)
 is hashed, and that digest is what every approval signs — so an approval cannot be moved to another proposal. The

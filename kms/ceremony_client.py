@@ -22,7 +22,7 @@ class Signer(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
-def checked_proposal(ceremony: Any, ceremony_id: str) -> tuple[bytes, dict[str, Any]]:
+def checked_proposal(ceremony: pb.Ceremony, ceremony_id: str) -> tuple[bytes, dict[str, Any]]:
     """The digest an approval signs, recomputed here from the canonical proposal, and the proposal decoded from
     that same encoding (what an officer is shown). Refuses a ceremony whose stated id, digest, domain or operation
     disagree with its encoding."""
@@ -47,25 +47,27 @@ class CeremonyClient:
         self._client = client
         self._stub = rpc.CeremonyServiceStub(client.channel)  # type: ignore[no-untyped-call]
 
-    def propose(self, operation: str, params: Mapping[str, Any], ttl_seconds: int = 0) -> Any:
+    def propose(self, operation: str, params: Mapping[str, Any], ttl_seconds: int = 0) -> pb.Ceremony:
         return self._client.call(self._stub.Propose, pb.ProposeRequest(
-            operation=operation, params_json=json.dumps(dict(params)), ttl_seconds=ttl_seconds))
+            operation=operation, params_json=json.dumps(dict(params)), ttl_seconds=ttl_seconds), pb.Ceremony)
 
-    def get(self, ceremony_id: str) -> Any:
-        return self._client.call(self._stub.GetCeremony, pb.CeremonyRef(ceremony_id=ceremony_id))
+    def get(self, ceremony_id: str) -> pb.Ceremony:
+        return self._client.call(self._stub.GetCeremony, pb.CeremonyRef(ceremony_id=ceremony_id), pb.Ceremony)
 
-    def list(self, state: str = "") -> list[Any]:
-        return list(self._client.call(self._stub.ListCeremonies, pb.ListCeremoniesRequest(state=state)).ceremonies)
+    def list(self, state: str = "") -> list[pb.Ceremony]:
+        return list(self._client.call(self._stub.ListCeremonies, pb.ListCeremoniesRequest(state=state),
+                                      pb.ListCeremoniesResponse).ceremonies)
 
-    def approve(self, ceremony_id: str, key: Signer, ceremony: Any = None) -> Any:
+    def approve(self, ceremony_id: str, key: Signer, ceremony: pb.Ceremony | None = None) -> pb.Ceremony:
         """Sign the proposal of ``ceremony`` (fetched now if not given): pass the object the officer was shown,
         so that what is signed is exactly what was shown."""
         ceremony = ceremony if ceremony is not None else self.get(ceremony_id)
         digest, _ = checked_proposal(ceremony, ceremony_id)
         signature = key.sign(APPROVAL_CONTEXT + digest)
-        return self._client.call(self._stub.Approve, pb.ApproveRequest(ceremony_id=ceremony_id, signature=signature))
+        return self._client.call(self._stub.Approve, pb.ApproveRequest(ceremony_id=ceremony_id, signature=signature),
+                                 pb.Ceremony)
 
-    def submit_component(self, ceremony_id: str, component: bytearray, kcv: str) -> Any:
+    def submit_component(self, ceremony_id: str, component: bytearray, kcv: str) -> pb.Ceremony:
         """Send our component encrypted to the domain's custody key — the one the approved proposal names, checked
         here — so a service cannot redirect it to another key. The caller wipes ``component``."""
         _, proposal = checked_proposal(self.get(ceremony_id), ceremony_id)
@@ -74,17 +76,18 @@ class CeremonyClient:
             raise InvalidArgument("custody_key", "the service's custody key is not the one the proposal names")
         sealed = components.seal_to_custody(custody, component)
         return self._client.call(self._stub.SubmitComponent, pb.SubmitComponentRequest(
-            ceremony_id=ceremony_id, encrypted_component=sealed, kcv=kcv))
+            ceremony_id=ceremony_id, encrypted_component=sealed, kcv=kcv), pb.Ceremony)
 
-    def cancel(self, ceremony_id: str) -> Any:
-        return self._client.call(self._stub.Cancel, pb.CeremonyRef(ceremony_id=ceremony_id))
+    def cancel(self, ceremony_id: str) -> pb.Ceremony:
+        return self._client.call(self._stub.Cancel, pb.CeremonyRef(ceremony_id=ceremony_id), pb.Ceremony)
 
-    def execute(self, ceremony_id: str) -> Any:
-        return self._client.call(self._stub.Execute, pb.CeremonyRef(ceremony_id=ceremony_id))
+    def execute(self, ceremony_id: str) -> pb.Ceremony:
+        return self._client.call(self._stub.Execute, pb.CeremonyRef(ceremony_id=ceremony_id), pb.Ceremony)
 
     def fetch_component(self, ceremony_id: str, key: Any, me: str) -> tuple[bytearray, str]:
         """Our escrow component, opened here with our approval key; its KCV is checked. The caller wipes it."""
-        sealed = self._client.call(self._stub.FetchComponent, pb.CeremonyRef(ceremony_id=ceremony_id))
+        sealed = self._client.call(self._stub.FetchComponent, pb.CeremonyRef(ceremony_id=ceremony_id),
+                                   pb.SealedComponent)
         value = components.open_for_officer(key.private_key(), sealed.sealed,
                                             components.context_for(ceremony_id, me))
         algorithm = Algorithm.DES2 if len(value) == Algorithm.DES2.length else Algorithm.AES256
@@ -93,15 +96,16 @@ class CeremonyClient:
             raise InvalidArgument("component", "does not match the KCV recorded for it")
         return value, sealed.kcv
 
-    def minutes(self, ceremony_id: str) -> Any:
-        return self._client.call(self._stub.GetMinutes, pb.CeremonyRef(ceremony_id=ceremony_id))
+    def minutes(self, ceremony_id: str) -> pb.Minutes:
+        return self._client.call(self._stub.GetMinutes, pb.CeremonyRef(ceremony_id=ceremony_id), pb.Minutes)
 
-    def fetch_transport_key(self, domain: str) -> Any:
-        return self._client.call(self._stub.FetchTransportKey, pb.TransportKeyRequest(domain=domain))
+    def fetch_transport_key(self, domain: str) -> pb.TransportKeyHandoff:
+        return self._client.call(self._stub.FetchTransportKey, pb.TransportKeyRequest(domain=domain),
+                                 pb.TransportKeyHandoff)
 
-    def confirm_transport_key(self, domain: str, version: int, kcv: str) -> Any:
+    def confirm_transport_key(self, domain: str, version: int, kcv: str) -> pb.TransportKeyHandoff:
         return self._client.call(self._stub.ConfirmTransportKey, pb.ConfirmTransportKeyRequest(
-            domain=domain, version=version, kcv=kcv))
+            domain=domain, version=version, kcv=kcv), pb.TransportKeyHandoff)
 
-    def domain(self) -> Any:
-        return self._client.call(self._stub.GetDomain, pb.GetDomainRequest())
+    def domain(self) -> pb.DomainInfo:
+        return self._client.call(self._stub.GetDomain, pb.GetDomainRequest(), pb.DomainInfo)

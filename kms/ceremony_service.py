@@ -27,11 +27,11 @@ from kms.hsm import UNDECRYPTABLE
 from kms.identity import Principal
 from kms.operations import Context
 from kms.registry import DOMAINS, KeyKind, check_domain
-from kms.server import abort, current_domains, current_principal
+from kms.server import current_domains, current_principal, service_method
 from kms.v1 import ceremony_pb2 as pb
 from kms.v1 import ceremony_pb2_grpc as rpc
 
-log = logging.getLogger("kms.ceremonies")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PARAMS_CHARS = 64 * 1024  # the largest parameters (a PEM certificate or RSA key) are a few KiB
@@ -119,11 +119,8 @@ class CeremonyService(rpc.CeremonyServiceServicer):
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _handle(self, context: grpc.ServicerContext, work: Callable[[Principal], T]) -> T:
-        try:
-            return work(current_principal())
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        """The work of a method, for its caller (errors become the call's status in ``service_method``)."""
+        return work(current_principal())
 
     def _visible(self, principal: Principal, ceremony_id: str) -> CeremonyRecord:
         record = self._c.get(check_id(ceremony_id))
@@ -151,6 +148,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
 
     # -- methods -----------------------------------------------------------------------------------------------
 
+    @service_method
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             op = operations.operation(request.operation)
@@ -163,10 +161,12 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return self._message(record)
         return self._handle(context, work)
 
+    @service_method
     def GetCeremony(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
         return self._handle(context, lambda p: self._message(
             self._visible(p, request.ceremony_id)))
 
+    @service_method
     def ListCeremonies(self, request: pb.ListCeremoniesRequest, context: grpc.ServicerContext
                        ) -> pb.ListCeremoniesResponse:
         def work(principal: Principal) -> pb.ListCeremoniesResponse:
@@ -182,6 +182,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return pb.ListCeremoniesResponse(ceremonies=[self._message(r) for r in found])
         return self._handle(context, work)
 
+    @service_method
     def Approve(self, request: pb.ApproveRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             self._visible(principal, request.ceremony_id)
@@ -192,6 +193,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return self._message(record)
         return self._handle(context, work)
 
+    @service_method
     def SubmitComponent(self, request: pb.SubmitComponentRequest, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             self._visible(principal, request.ceremony_id)
@@ -216,6 +218,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return self._message(record)
         return self._handle(context, work)
 
+    @service_method
     def Cancel(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             self._visible(principal, request.ceremony_id)
@@ -224,6 +227,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return self._message(record)
         return self._handle(context, work)
 
+    @service_method
     def Execute(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Ceremony:
         def work(principal: Principal) -> pb.Ceremony:
             record = self._visible(principal, request.ceremony_id)
@@ -240,6 +244,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return self._message(done)
         return self._handle(context, work)
 
+    @service_method
     def FetchComponent(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.SealedComponent:
         def work(principal: Principal) -> pb.SealedComponent:
             self._visible(principal, request.ceremony_id)
@@ -247,6 +252,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return pb.SealedComponent(ceremony_id=request.ceremony_id, sealed=sealed, kcv=kcv)
         return self._handle(context, work)
 
+    @service_method
     def GetMinutes(self, request: pb.CeremonyRef, context: grpc.ServicerContext) -> pb.Minutes:
         def work(principal: Principal) -> pb.Minutes:
             record = self._visible(principal, request.ceremony_id)
@@ -257,6 +263,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             return pb.Minutes(document=document, signature=signature, signing_key=signing.label)
         return self._handle(context, work)
 
+    @service_method
     def GetDomain(self, request: pb.GetDomainRequest, context: grpc.ServicerContext) -> pb.DomainInfo:
         def work(principal: Principal) -> pb.DomainInfo:
             if principal.domain is None:
@@ -269,6 +276,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
         return self._handle(context, work)
 
 
+    @service_method
     def FetchTransportKey(self, request: pb.TransportKeyRequest, context: grpc.ServicerContext
                           ) -> pb.TransportKeyHandoff:
         def work(principal: Principal) -> pb.TransportKeyHandoff:
@@ -279,6 +287,7 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                                           label=handoff.label, wrapped_key=handoff.wrapped, kcv=handoff.kcv)
         return self._handle(context, work)
 
+    @service_method
     def ConfirmTransportKey(self, request: pb.ConfirmTransportKeyRequest, context: grpc.ServicerContext
                             ) -> pb.TransportKeyHandoff:
         def work(principal: Principal) -> pb.TransportKeyHandoff:

@@ -18,7 +18,7 @@ from kms import cli_audit, cli_ceremony, errors
 from kms import config as config_mod
 from kms.files import open_private, private_dir, restrict_umask, write_private
 
-log = logging.getLogger("kms")
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kms import errors
 from kms.registry import DOMAINS
 
-#: `kms audit verify`: the exit status when the file does not verify (kms.errors uses 1-8 and 130).
-NOT_VERIFIED = 9
+#: `kms audit verify`: the exit status when the file does not verify (declared in kms.errors with the others).
+NOT_VERIFIED = errors.AuditNotVerified.exit_code
 
 
 def add_parser(sub: Any) -> None:

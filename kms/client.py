@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast, overload
 
 import grpc
 
@@ -20,35 +19,13 @@ from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
 
 
-def _invalid(message: str) -> errors.KmsError:
-    field, _, reason = message.partition(": ")
-    return errors.InvalidArgument(field, reason) if reason else errors.InvalidArgument("request", message)
-
-
-def _exhausted(message: str) -> errors.KmsError:
-    """A limit reached (kms.limits: "<scope> <subject>: limit <name> (<value>) reached; …"), or gRPC's own."""
-    named = re.search(r": limit ([a-z_]+) \(", message)
-    return errors.ResourceExhausted(message, limit=named[1] if named else "")
-
-
-_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: _invalid,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.InvalidState,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: _exhausted,
-}
-
-
 def translate(error: grpc.RpcError) -> errors.KmsError:
-    """A server's status as the kms error it stands for (UNAVAILABLE and others: a retryable HsmError-like error)."""
-    code, message = error.code(), error.details() or ""
-    factory = _CODES.get(code)
-    if factory is not None:
-        return factory(message)
-    return errors.HsmError(f"service: {code.name.lower()}: {message}", retryable=code == grpc.StatusCode.UNAVAILABLE)
+    """A server's status as the kms error it stands for (kms.errors.from_status: UNAVAILABLE and others become a
+    retryable HsmError-like error)."""
+    return errors.from_status(error.code().name, error.details() or "")
+
+
+Reply = TypeVar("Reply")
 
 
 class Client:
@@ -71,9 +48,16 @@ class Client:
     def channel(self) -> grpc.Channel:
         return self._channel
 
-    def call(self, method: Any, request: Any) -> Any:
-        """One unary call, its error as the kms error it stands for."""
-        return self._call(method, request)
+    @overload
+    def call(self, method: Any, request: Any) -> Any: ...
+
+    @overload
+    def call(self, method: Any, request: Any, returns: type[Reply]) -> Reply: ...
+
+    def call(self, method: Any, request: Any, returns: type[Any] = object) -> Any:
+        """One unary call, its error as the kms error it stands for. ``returns``, the method's reply message, types
+        the reply for the caller: the generated stubs are untyped, the messages (their .pyi) are not."""
+        return self._call(method, request, returns)
 
     def close(self) -> None:
         self._channel.close()
@@ -84,47 +68,48 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, returns: type[Reply]) -> Reply:
         try:
-            return method(request, timeout=self.timeout)
+            return cast(Reply, method(request, timeout=self.timeout))  # the stub's deserializer made a ``returns``
         except grpc.RpcError as error:
             raise translate(error) from None
 
-    def create_batch(self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity]) -> Any:
+    def create_batch(self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity]) -> pb.BatchStatus:
         request = pb.CreateBatchRequest(batch_id=batch_id, bureau=bureau, profile=profile,
                                         cards=[pb.CardIdentity(**c.as_dict()) for c in cards])
-        return self._call(self.batches.CreateBatch, request)
+        return self._call(self.batches.CreateBatch, request, pb.BatchStatus)
 
-    def batch_status(self, batch_id: str) -> Any:
-        return self._call(self.issuance.GetBatchStatus, pb.GetBatchStatusRequest(batch_id=batch_id))
+    def batch_status(self, batch_id: str) -> pb.BatchStatus:
+        return self._call(self.issuance.GetBatchStatus, pb.GetBatchStatusRequest(batch_id=batch_id), pb.BatchStatus)
 
-    def reissue(self, batch_id: str, card_ref: str) -> Any:
-        return self._call(self.batches.ReissueCard, pb.ReissueCardRequest(batch_id=batch_id, card_ref=card_ref))
+    def reissue(self, batch_id: str, card_ref: str) -> pb.ReissueCardResponse:
+        return self._call(self.batches.ReissueCard, pb.ReissueCardRequest(batch_id=batch_id, card_ref=card_ref),
+                          pb.ReissueCardResponse)
 
     # -- card lifecycle (officers; get_card also auditors) ---------------------------------------------------------
 
-    def report_lost(self, card_ref: str, application: str, reason: str) -> Any:
+    def report_lost(self, card_ref: str, application: str, reason: str) -> cards_pb.Card:
         return self._call(self.cards.ReportLost, cards_pb.ReportLostRequest(
-            card_ref=card_ref, application=application, reason=reason))
+            card_ref=card_ref, application=application, reason=reason), cards_pb.Card)
 
-    def cancel_loss_report(self, card_ref: str, application: str, reason: str) -> Any:
+    def cancel_loss_report(self, card_ref: str, application: str, reason: str) -> cards_pb.Card:
         return self._call(self.cards.CancelLossReport, cards_pb.CancelLossReportRequest(
-            card_ref=card_ref, application=application, reason=reason))
+            card_ref=card_ref, application=application, reason=reason), cards_pb.Card)
 
-    def replace_card(self, old_card_ref: str, new_card_ref: str, reason: str) -> Any:
+    def replace_card(self, old_card_ref: str, new_card_ref: str, reason: str) -> cards_pb.Card:
         return self._call(self.cards.ReplaceCard, cards_pb.ReplaceCardRequest(
-            old_card_ref=old_card_ref, new_card_ref=new_card_ref, reason=reason))
+            old_card_ref=old_card_ref, new_card_ref=new_card_ref, reason=reason), cards_pb.Card)
 
-    def cancel_application(self, card_ref: str, application: str, kind: str, reason: str) -> Any:
+    def cancel_application(self, card_ref: str, application: str, kind: str, reason: str) -> cards_pb.Card:
         """``kind``: "cancel-card" (销卡) or "close-account" (销户)."""
         return self._call(self.cards.CancelApplication, cards_pb.CancelApplicationRequest(
-            card_ref=card_ref, application=application, kind=kind, reason=reason))
+            card_ref=card_ref, application=application, kind=kind, reason=reason), cards_pb.Card)
 
-    def get_card(self, card_ref: str) -> Any:
-        return self._call(self.cards.GetCard, cards_pb.GetCardRequest(card_ref=card_ref))
+    def get_card(self, card_ref: str) -> cards_pb.Card:
+        return self._call(self.cards.GetCard, cards_pb.GetCardRequest(card_ref=card_ref), cards_pb.Card)
 
     def issue_card(self, batch_id: str, card_ref: str, *, card_serial: str = "", kdd: str = "",
-                   idempotency_key: str | None = None) -> Any:
+                   idempotency_key: str | None = None) -> pb.SealedBundle:
         """One card's bundle. Without an idempotency key one is made up for the call, so that a retry of this
         call (same key) gets the same bundle; pass "" to send none."""
         if idempotency_key is None:
@@ -132,10 +117,10 @@ class Client:
         request = pb.IssueCardRequest(batch_id=batch_id, card_ref=card_ref, idempotency_key=idempotency_key)
         if card_serial or kdd:
             request.chip.CopyFrom(pb.ChipData(card_serial=card_serial, kdd=kdd))
-        return self._call(self.issuance.IssueCard, request).bundle
+        return self._call(self.issuance.IssueCard, request, pb.IssueCardResponse).bundle
 
     def stream_batch(self, batch_id: str, *, cursor: str = "", per_message: int = 0, retries: int = 5,
-                     stream_timeout: float = 3600.0) -> Iterator[Any]:
+                     stream_timeout: float = 3600.0) -> Iterator[pb.SealedBundle]:
         """Every bundle of the batch, resuming from the last cursor after a broken stream (UNAVAILABLE), so no
         bundle is lost and none is received twice."""
         attempt = 0

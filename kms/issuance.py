@@ -23,7 +23,7 @@ import grpc
 
 from kms import errors
 from kms.alarms import Alarms
-from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, BatchState, BatchStore, CardRecord, CardState
+from kms.batches import CHIP_FIELDS, IDEMPOTENCY_KEY, Batch, BatchState, BatchStore, CardRecord, CardState
 from kms.cardid import CardIdentity
 from kms.clock import Clock
 from kms.engine import DomainKeys
@@ -35,11 +35,11 @@ from kms.pans import DOMAIN as BANK
 from kms.pans import BankCall, PanVault
 from kms.profiles import Profile
 from kms.registry import KeyRegistry
-from kms.server import abort, current_domains, current_principal, require_still_admitted
+from kms.server import current_domains, current_principal, require_still_admitted, service_method
 from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
 
-log = logging.getLogger("kms.issuance")
+log = logging.getLogger(__name__)
 
 DEFAULT_BUNDLES_PER_MESSAGE = 16
 MAX_BUNDLES_PER_MESSAGE = 256
@@ -97,7 +97,7 @@ class Issuance:
         for domain in profile.domains:
             DomainKeys.transport_key(self.registry, domain, bureau)
 
-    def station_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Any:
+    def station_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Batch:
         """The station's batch; with ``method`` (a call for cards), asking for another bureau's batch, or one that
         does not exist, also raises alarm.outside-batch."""
         if principal.role != "station":
@@ -124,7 +124,7 @@ class Issuance:
         if method is not None and self.alarms is not None:
             self.alarms.outside_batch(principal, method, batch_id, card_ref)
 
-    def issuable_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Any:
+    def issuable_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Batch:
         """A station's batch it may fetch cards of: refused before any HSM work until every domain authorized it."""
         batch = self.station_batch(principal, batch_id, method)
         if batch.state is BatchState.AWAITING:
@@ -166,14 +166,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
     def __init__(self, issuance: Issuance) -> None:
         self._i = issuance
 
+    @service_method
     def IssueCard(self, request: pb.IssueCardRequest, context: grpc.ServicerContext) -> pb.IssueCardResponse:
-        try:
-            return self._issue_card(request, context)
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
-
-    def _issue_card(self, request: pb.IssueCardRequest, context: grpc.ServicerContext) -> pb.IssueCardResponse:
         principal = current_principal()
         if not request.batch_id:
             raise errors.InvalidArgument("batch_id", "is required")
@@ -235,14 +229,13 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                 raise
         return pb.IssueCardResponse(bundle=_bundle(stored))
 
+    @service_method
     def StreamBatch(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
                     ) -> Iterator[pb.StreamBatchResponse]:
         try:
             yield from self._stream(request, context)
-        except errors.Cancelled:
+        except errors.Cancelled:  # the caller went away: nobody to tell, the stream just ends
             log.info("stream of batch %s cancelled by the client", request.batch_id)
-        except Exception as error:
-            abort(context, error)
 
     def _stream(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.StreamBatchResponse]:
@@ -361,81 +354,72 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             assert quota is not None
             raise quota.error()
 
+    @service_method
     def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext
                        ) -> pb.BatchStatus:
-        try:
-            principal = current_principal()
-            if principal.role == "station":
-                batch = self._i.station_batch(principal, request.batch_id)
-            else:
-                batch = self._i.store.get_batch(request.batch_id)
-            if principal.role == "officer" and principal.domain not in self._i.profile(batch.profile).domains:
-                raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
-            missing = sorted(set(self._i.profile(batch.profile).domains) - current_domains())
-            if principal.role == "auditor" and missing:
-                raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
-            return _status(batch)
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        principal = current_principal()
+        if principal.role == "station":
+            batch = self._i.station_batch(principal, request.batch_id)
+        else:
+            batch = self._i.store.get_batch(request.batch_id)
+        if principal.role == "officer" and principal.domain not in self._i.profile(batch.profile).domains:
+            raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
+        missing = sorted(set(self._i.profile(batch.profile).domains) - current_domains())
+        if principal.role == "auditor" and missing:
+            raise errors.PermissionDenied(f"{principal} is not enrolled by the {' and '.join(missing)} domain")
+        return _status(batch)
 
 
 class BatchService(rpc.BatchServiceServicer):
     def __init__(self, issuance: Issuance) -> None:
         self._i = issuance
 
+    @service_method
     def CreateBatch(self, request: pb.CreateBatchRequest, context: grpc.ServicerContext) -> pb.BatchStatus:
-        try:
-            principal = current_principal()
-            profile = self._i.profile(request.profile)
-            if principal.domain not in profile.domains:
-                raise errors.PermissionDenied(f"{principal} cannot authorize profile {profile.name}: it has no "
-                                              f"{principal.domain} keys")
-            self._i.check_bureau(request.bureau, profile)
-            # Fields the profile's recipes need that a station cannot supply from the chip must be in the batch.
-            needed = sorted(frozenset().union(*(profile.card_fields(d) for d in profile.domains)) - set(CHIP_FIELDS))
-            cards = []
-            for i, card in enumerate(request.cards):
-                try:
-                    cards.append(CardIdentity.from_mapping(
-                        {f: getattr(card, f) for f in ("card_ref", "city_code", "card_serial", "pan", "psn", "kdd")
-                         if getattr(card, f)}))
-                except errors.InvalidArgument as error:
-                    raise errors.InvalidArgument(f"cards[{i}].{error.field}", error.reason) from None
-                missing = [f for f in needed if getattr(cards[-1], f) is None]
-                if missing:
-                    raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
-                                                 f"is required by profile {profile.name}")
-            # PANs are kept only protected by the bank domain (kms.pans), bound to this batch
-            cards = self._i.pans.protect(cards, request.batch_id)
-            self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
-            batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
-                                               principal.uri())
-            log.info("%s created batch %s: %d cards for %s", principal, batch.batch_id, batch.card_count,
-                     batch.bureau)
-            return _status(batch)
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        principal = current_principal()
+        profile = self._i.profile(request.profile)
+        if principal.domain not in profile.domains:
+            raise errors.PermissionDenied(f"{principal} cannot authorize profile {profile.name}: it has no "
+                                          f"{principal.domain} keys")
+        self._i.check_bureau(request.bureau, profile)
+        # Fields the profile's recipes need that a station cannot supply from the chip must be in the batch.
+        needed = sorted(frozenset().union(*(profile.card_fields(d) for d in profile.domains)) - set(CHIP_FIELDS))
+        cards = []
+        for i, card in enumerate(request.cards):
+            try:
+                cards.append(CardIdentity.from_mapping(
+                    {f: getattr(card, f) for f in ("card_ref", "city_code", "card_serial", "pan", "psn", "kdd")
+                     if getattr(card, f)}))
+            except errors.InvalidArgument as error:
+                raise errors.InvalidArgument(f"cards[{i}].{error.field}", error.reason) from None
+            missing = [f for f in needed if getattr(cards[-1], f) is None]
+            if missing:
+                raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
+                                             f"is required by profile {profile.name}")
+        # PANs are kept only protected by the bank domain (kms.pans), bound to this batch
+        cards = self._i.pans.protect(cards, request.batch_id)
+        self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
+        batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,
+                                           principal.uri())
+        log.info("%s created batch %s: %d cards for %s", principal, batch.batch_id, batch.card_count,
+                 batch.bureau)
+        return _status(batch)
 
+    @service_method
     def ReissueCard(self, request: pb.ReissueCardRequest, context: grpc.ServicerContext
                     ) -> pb.ReissueCardResponse:
-        try:
-            principal = current_principal()
-            batch = self._i.store.get_batch(request.batch_id)
-            domains = self._i.profile(batch.profile).domains
-            if principal.domain is None or principal.domain not in domains:
-                raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
-            # The same keys go to a station again: every domain whose keys the card carries must consent.
-            record, awaiting = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri(),
-                                                     domain=principal.domain, needs=domains)
-            return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value, awaiting=awaiting)
-        except Exception as error:
-            abort(context, error)
-        raise AssertionError("unreachable")
+        principal = current_principal()
+        batch = self._i.store.get_batch(request.batch_id)
+        domains = self._i.profile(batch.profile).domains
+        if principal.domain is None or principal.domain not in domains:
+            raise errors.PermissionDenied(f"batch {batch.batch_id} has no {principal.domain} keys")
+        # The same keys go to a station again: every domain whose keys the card carries must consent.
+        record, awaiting = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri(),
+                                                 domain=principal.domain, needs=domains)
+        return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value, awaiting=awaiting)
 
 
-def _status(batch: Any) -> pb.BatchStatus:
+def _status(batch: Batch) -> pb.BatchStatus:
     return pb.BatchStatus(batch_id=batch.batch_id, bureau=batch.bureau, profile=batch.profile,
                           cards=batch.card_count, issued=batch.issued_count, state=batch.state.value,
                           created_by=batch.created_by, created_at=batch.created_at)

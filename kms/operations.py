@@ -30,6 +30,7 @@ from kms.officers import OfficerStore, check_name, check_roles, parse_public_key
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.profiles import Profile
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
+from kms.workers import DomainPool
 
 _KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
@@ -129,7 +130,7 @@ def _existing(ctx: Context, domain: str, params: Mapping[str, Any]) -> tuple[str
     return kind, name, version
 
 
-def pool_for(ctx: Context, domain: str) -> Any:
+def pool_for(ctx: Context, domain: str) -> DomainPool:
     if ctx.pools is None or domain not in ctx.pools.pools:
         raise InvalidState(f"no {domain} HSM worker is configured here")
     return ctx.pools.pools[domain]

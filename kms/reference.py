@@ -1,4 +1,4 @@
-"""Software reference implementations of the card-key formulas in DOMAIN.md.
+"""Software reference implementations of the card-key formulas of docs/architecture.md, section 6.
 
 These exist to check the HSM (known-answer self-test, property tests) and to compute SM4 results that a token without
 SM4 cannot. They are never a fallback for issuance: production keys are derived only inside the HSM.

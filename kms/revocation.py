@@ -36,7 +36,7 @@ from kms import errors
 from kms.config import TlsConfig
 from kms.identity import from_certificate
 
-log = logging.getLogger("kms.revocation")
+log = logging.getLogger(__name__)
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?-----END X509 CRL-----", re.S)
 #: OpenSSL's X509_V_ERR_CERT_REVOKED and X509_V_ERR_CRL_HAS_EXPIRED

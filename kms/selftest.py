@@ -1,4 +1,4 @@
-"""HSM known-answer self-test: runs derivation vectors (schema of shared/vectors/derivation.json) through the real
+"""HSM known-answer self-test: runs derivation vectors (schema of tests/vectors/derivation.json) through the real
 HSM path — the same ``derive_wrap`` the engine uses — and compares each result with the vector.
 
 Each vector's master key is imported as a session object (gone when the session closes), with a session KEK whose

@@ -47,7 +47,7 @@ from kms.principals import PrincipalRegistry
 from kms.revocation import RevocationList
 from kms.server import TlsFiles, create_server
 
-log = logging.getLogger("kms.serve")
+log = logging.getLogger(__name__)
 
 
 class Service:

@@ -10,13 +10,15 @@ Each handler reads its caller with ``current_principal()`` and the key domains t
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from cryptography import x509
@@ -30,7 +32,7 @@ from kms.authz import Policy
 from kms.identity import Principal, from_certificate
 from kms.principals import PrincipalRegistry, certificate_pin
 
-log = logging.getLogger("kms.server")
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a streamed message carries several bundles (~4 KiB each)
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("kms_principal")
@@ -71,12 +73,43 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[errors.grpc_status_name(error)]
 
 
-def abort(context: grpc.ServicerContext, error: BaseException) -> None:
+def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the error's status. Unexpected errors say only 'see the server log'."""
     if isinstance(error, errors.KmsError):
         context.abort(status_code(error), str(error))
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    raise AssertionError("unreachable: grpc's context.abort raises")
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+#: Set on every servicer method ``service_method`` wrapped (a test checks that every method of every service is).
+SERVICE_METHOD = "__kms_service_method__"
+
+
+def service_method(method: Method) -> Method:
+    """The one way a servicer method's errors become its call's status: every method of every service is
+    decorated with this. A kms error ends the call with the status kms.errors maps it to and its message; any other
+    error is INTERNAL "see the server log" (logged with its traceback). A streaming method (a generator) ends the
+    same way mid-stream, after the messages already sent."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as error:
+                abort(context, error)
+        wrapper: Callable[..., Any] = streaming
+    else:
+        @functools.wraps(method)
+        def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return method(self, request, context)
+            except Exception as error:
+                abort(context, error)
+        wrapper = unary
+    setattr(wrapper, SERVICE_METHOD, True)
+    return cast(Method, wrapper)
 
 
 @dataclass(frozen=True)

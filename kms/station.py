@@ -32,7 +32,7 @@ from kms.hsm import Algorithm, StationKeys, TokenSession, discard_objects, store
 from kms.registry import DOMAINS, KeyKind, key_label
 from kms.store import opened_bundles
 
-log = logging.getLogger("kms.station")
+log = logging.getLogger(__name__)
 
 
 class TrustStore:

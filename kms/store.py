@@ -252,6 +252,7 @@ def create_station_ledger(engine: sa.Engine) -> None:
 
 
 #: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.batches.
+#: ``batch_id`` is 1-64 characters of the card_ref charset; ``card_count`` is fixed at creation.
 batches = sa.Table(
     "batches",
     metadata,
@@ -265,9 +266,11 @@ batches = sa.Table(
     sa.Column("card_count", sa.Integer, nullable=False),
 )
 
-#: One card of a batch: its identity, chip binding and, once issued, the sealed bundle (kept so that a retried
-#: request returns the same bytes). ``bound_fields`` names the chip fields filled by binding at the station
-#: (space-separated), as opposed to fields the batch supplied; a re-issue clears exactly those.
+#: One card of a batch, primary key (batch_id, card_ref): its identity, chip binding and, once issued, the sealed
+#: bundle (kept so that a retried request returns the same bytes) with the idempotency key of the request that
+#: issued it. ``sequence``, the card's 0-based position in the batch, is unique per batch: the cursor of resumable
+#: streaming. ``bound_fields`` names the chip fields filled by binding at the station (space-separated), as opposed
+#: to fields the batch supplied; a re-issue clears exactly those, and serial, bundle and idempotency key.
 batch_cards = sa.Table(
     "batch_cards",
     metadata,
@@ -293,7 +296,8 @@ batch_cards = sa.Table(
     sa.UniqueConstraint("batch_id", "sequence", name="uq_batch_cards_sequence"),
 )
 
-#: Append-only history of every card: created, chip-bound, issued, reissue-revoked.
+#: Append-only history of every card of a batch (kms.batches.EventKind): created, chip-bound, issued,
+#: reissue-revoked, lifecycle-revoked (the card was replaced or cancelled, kms.lifecycle).
 card_events = sa.Table(
     "card_events",
     metadata,

@@ -36,7 +36,7 @@ T = TypeVar("T")
 Pins = tuple[tuple[str, int], ...]
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
-log = logging.getLogger("kms.workers")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kms import store
 from kms.audit import (
     AuditLog,
-    AuditUnavailable,
     Checkpoint,
     Seal,
     chain,
@@ -28,6 +27,7 @@ from kms.audit import (
 )
 from kms.audit_verify import NOT_THIS_REQUEST, verify
 from kms.clock import FixedClock
+from kms.errors import AuditUnavailable
 
 N = 10_000
 EVERY = 1_000

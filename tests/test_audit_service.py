@@ -20,14 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable, checkpoint_message
+from kms.audit import AuditLog, checkpoint_message
 from kms.audit_client import AuditClient
 from kms.audit_service import chunks, parse_time
 from kms.audit_verify import NOT_THIS_REQUEST, verify
 from kms.authz import Policy
 from kms.clock import SystemClock
 from kms.devhome import Home
-from kms.errors import InvalidArgument, NotFound, PermissionDenied
+from kms.errors import AuditUnavailable, InvalidArgument, NotFound, PermissionDenied
 from kms.identity import Principal
 from kms.pki import DevPki
 from kms.serve import Service

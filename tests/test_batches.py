@@ -20,11 +20,11 @@ from pan_helpers import index as pan_index
 
 from kms import batches as batches_module
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable
+from kms.audit import AuditLog
 from kms.batches import BatchState, BatchStore, CardState, EventKind
 from kms.cardid import CardIdentity
 from kms.clock import FixedClock
-from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.errors import AlreadyExists, AuditUnavailable, InvalidArgument, InvalidState, NotFound, PermissionDenied
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 START = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

@@ -16,7 +16,7 @@ from kms.hsm import Algorithm, DeriveStep
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 
-#: The factor layout of DOMAIN.md (vendor scripts): province, city, card serial.
+#: The factor layout of vendor scripts (docs/architecture.md, section 6): province, city, card serial.
 DEFAULT_FACTORS = ["ascii:{province}0000sh", "ascii:{city_code}sx", "hex:{card_serial}"]
 
 CARD = CardIdentity(

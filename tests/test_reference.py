@@ -1,4 +1,4 @@
-"""kms.reference: the software formulas of DOMAIN.md against the published known-answer vectors."""
+"""kms.reference: the software formulas (docs/architecture.md, section 6) against published known-answer vectors."""
 
 from __future__ import annotations
 
