@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
@@ -83,7 +82,7 @@ def _card(view: CardView) -> pb.Card:
     )
 
 
-def register(lifecycle: CardLifecycle) -> Any:
+def register(lifecycle: CardLifecycle) -> Callable[[grpc.Server], list[str]]:
     """A ``register`` callback for kms.server.create_server."""
     def add(server: grpc.Server) -> list[str]:
         rpc.add_CardServiceServicer_to_server(CardService(lifecycle), server)  # type: ignore[no-untyped-call]

@@ -19,6 +19,7 @@ from kms.files import write_private
 from kms.identity import Principal
 from kms.officers import ApprovalKeyFile, public_pem
 from kms.pki import DevPki
+from kms.v1 import ceremony_pb2, issuance_pb2
 
 
 def officer(domain: str, index: int) -> Principal:
@@ -34,7 +35,8 @@ def key(home: Home, who: Principal) -> ApprovalKeyFile:
 
 
 def run_ceremony(home: Home, port: int, domain: str, operation: str, params: Mapping[str, Any],
-                 approvers: Sequence[int] = (1, 2), proposer: int = 0, execute: bool = True) -> Any:
+                 approvers: Sequence[int] = (1, 2), proposer: int = 0, execute: bool = True
+                 ) -> ceremony_pb2.Ceremony:
     """Propose as the domain's officer ``proposer``, approve as each of ``approvers``, execute as the proposer."""
     with client(home, port, officer(domain, proposer)) as c:
         ceremony = CeremonyClient(c).propose(operation, params)
@@ -47,14 +49,15 @@ def run_ceremony(home: Home, port: int, domain: str, operation: str, params: Map
         return CeremonyClient(c).execute(ceremony.ceremony_id)
 
 
-def authorize_batch(home: Home, port: int, batch_id: str, domains: Sequence[str] = ("hrss", "bank")) -> list[Any]:
+def authorize_batch(home: Home, port: int, batch_id: str, domains: Sequence[str] = ("hrss", "bank")
+                    ) -> list[ceremony_pb2.Ceremony]:
     """Each domain's authorize-batch ceremony: its first officer proposes and executes, its second approves."""
     return [run_ceremony(home, port, domain, "authorize-batch", {"batch_id": batch_id}, approvers=(1,))
             for domain in domains]
 
 
 def open_batch(home: Home, port: int, creator: Client, batch_id: str, bureau: str, profile: str,
-               cards: Sequence[CardIdentity]) -> Any:
+               cards: Sequence[CardIdentity]) -> issuance_pb2.BatchStatus:
     """CreateBatch, then both domains' authorize-batch ceremonies: the batch is open for its stations."""
     creator.create_batch(batch_id, bureau, profile, cards)
     authorize_batch(home, port, batch_id)

@@ -16,7 +16,7 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import grpc
@@ -463,7 +463,7 @@ def _field(value: str, name: str) -> str | None:
     return value.upper()
 
 
-def register(issuance: Issuance) -> Any:
+def register(issuance: Issuance) -> Callable[[grpc.Server], list[str]]:
     """A ``register`` callback for kms.server.create_server."""
     def add(server: grpc.Server) -> list[str]:
         rpc.add_IssuanceServiceServicer_to_server(IssuanceService(issuance), server)  # type: ignore[no-untyped-call]
