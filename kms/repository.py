@@ -7,8 +7,6 @@ request or replica that changed it meanwhile makes the change a no-op, and the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import sqlalchemy as sa
 
 from kms.audit import AuditLog
@@ -28,8 +26,7 @@ class Repository:
         self._audit = audit
 
     @staticmethod
-    def _attempts(what: str) -> Iterator[int]:
-        """``for _ in self._attempts("card X"):`` read, judge, change conditionally; ``return`` once it held and
-        ``continue`` when it lost the race. When every attempt lost, the loop raises InvalidState for ``what``."""
-        yield from range(ATTEMPTS)
-        raise InvalidState(f"{what} keeps changing; try again")
+    def _kept_changing(what: str) -> InvalidState:
+        """What to raise when every one of ``ATTEMPTS`` reads and conditional changes of ``what`` lost its race:
+        ``for _ in range(ATTEMPTS): ... return ...`` then ``raise self._kept_changing("card X")``."""
+        return InvalidState(f"{what} keeps changing; try again")

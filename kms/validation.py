@@ -17,7 +17,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 CARD_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
-def unknown(given: Iterable[str], allowed: Collection[str]) -> list[str]:
+def unknown_keys(given: Iterable[str], allowed: Collection[str]) -> list[str]:
     """The keys of ``given`` that are not ``allowed``, sorted (each caller raises its own kind of error)."""
     return sorted(set(given) - set(allowed))
 
