@@ -47,12 +47,12 @@ class DomainPools:
 class Issuer:
     """Seals bundles for one bureau and profile with the domain worker pools it is given.
 
-    It holds nothing it would have to keep current: the profiles, the key registry and the pools are the caller's
-    (``kms serve``: the service's own; ``kms bundle seal``: ``from_config``). It checks no key state either: the
-    workers check every key a chunk needs just before sealing it (kms.workers), the one check that also sees a key
-    that changed state while a stream runs. The service answers a bureau that is not registered before any work
-    (``Issuance.check_registered``); only ``from_config`` resolves the keys up front, so that the offline CLI fails
-    before any worker reads a PIN."""
+    It holds nothing it would have to keep current: the profiles and the pools are the caller's (``kms serve``: the
+    service's own; ``kms bundle seal``: ``from_config``), and it needs no registry or clock, for it checks no key
+    state: the workers check every key a chunk needs just before sealing it (kms.workers), the one check that also
+    sees a key that changed state while a stream runs. The service refuses a bureau that is not registered before
+    any work (``Issuance.check_registered``); only ``from_config`` resolves the keys up front, so that the offline
+    CLI fails before any worker reads a PIN."""
 
     def __init__(self, profiles: Mapping[str, Profile], bureau: str, profile: str, pools: DomainPools, *,
                  owned: bool = False) -> None:
