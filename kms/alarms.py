@@ -30,12 +30,12 @@ from zoneinfo import ZoneInfo
 from kms.audit import AuditLog, mask_pan
 from kms.clock import Clock
 from kms.identity import Principal
+from kms.validation import CARD_REF
 
 log = logging.getLogger(__name__)
 
 #: How long an alarm of the same kind about the same thing is not repeated (limit, hours).
 REPEAT_AFTER = dt.timedelta(hours=1)
-_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # batch ids and card_refs (kms.cardid)
 _DIGITS = re.compile(r"\d{12,19}")
 
 #: The statuses of refusals, i.e. of calls the service turned down (not the caller's own cancellation or deadline,
@@ -70,7 +70,7 @@ class AlarmPolicy:
 def _reference(value: str) -> str:
     """A batch id or card_ref as the caller sent it, for a record: only if it is one, and a run of 12 to 19 digits
     masked like a PAN (kms.server.scrub), since a caller can put anything in a request."""
-    if not _REF.fullmatch(value):
+    if not CARD_REF.fullmatch(value):  # batch ids and card_refs
         return "(not a valid reference)"
     return _DIGITS.sub(lambda m: mask_pan(m.group(0)), value)
 

@@ -52,7 +52,9 @@ from kms.bundle import canonical
 from kms.cardid import CardIdentity, ProtectedPan
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.repository import ATTEMPTS, Repository
 from kms.store import batch_authorizations, batch_cards, batches, card_events
+from kms.validation import CARD_REF, NAME, chunks
 
 #: The most cards one batch may list.
 MAX_BATCH_CARDS = 100_000
@@ -66,9 +68,6 @@ IDENTITY_FIELDS = ("city_code", "card_serial", "pan", "psn", "kdd")
 CLEAR_FIELDS = ("city_code", "card_serial", "psn", "kdd")
 
 _INSERT_CHUNK = 5_000
-_ATTEMPTS = 5
-_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # the card_ref charset: batch ids and bundle serials
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # bureau and profile names
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 
@@ -155,13 +154,11 @@ class Protector(Protocol):
     def protect(self, cards: Sequence[CardIdentity], batch_id: str = "") -> list[CardIdentity]: ...
 
 
-class BatchStore:
+class BatchStore(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None,
                  pans: Protector | None = None) -> None:
+        super().__init__(engine, clock, audit)
         self._pans = pans
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
 
     def create_batch(
         self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity], created_by: str
@@ -204,8 +201,7 @@ class BatchStore:
                 ))
             except sa.exc.IntegrityError:
                 raise AlreadyExists(f"batch {batch_id} already exists") from None
-            for start in range(0, len(rows), _INSERT_CHUNK):
-                chunk = rows[start:start + _INSERT_CHUNK]
+            for chunk in chunks(rows, _INSERT_CHUNK):
                 conn.execute(batch_cards.insert(), chunk)
                 conn.execute(card_events.insert(), [
                     {"batch_id": batch_id, "card_ref": row["card_ref"], "event": EventKind.CREATED.value,
@@ -314,7 +310,7 @@ class BatchStore:
         given = _chip_data(card_ref, card_serial, kdd)
         if by is not None:
             _check_principal("by", by)
-        for _ in range(_ATTEMPTS):
+        for _ in range(ATTEMPTS):
             record, batch_state = self._read(batch_id, card_ref)
             fill: dict[str, str] = {}
             for name, value in given.items():
@@ -363,7 +359,7 @@ class BatchStore:
                                            detail={"fields": sorted(fill)})
             if won:
                 return self.card(batch_id, card_ref)
-        raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
+        raise self._kept_changing(f"card {card_ref} of batch {batch_id}")
 
     def reissue(self, batch_id: str, card_ref: str, by: str, *, domain: str, needs: Collection[str]
                 ) -> tuple[CardRecord, tuple[str, ...]]:
@@ -373,7 +369,7 @@ class BatchStore:
         card's record and the domains whose consent is still awaited (empty: re-issued)."""
         _check_principal("by", by)
         subject = f"{batch_id}/{card_ref}"
-        for _ in range(_ATTEMPTS):
+        for _ in range(ATTEMPTS):
             record, batch_state = self._read(batch_id, card_ref)
             if batch_state is not BatchState.OPEN:
                 raise InvalidState(f"batch {batch_id} is {batch_state.value}")
@@ -424,7 +420,7 @@ class BatchStore:
                             "consented_by": {d: c.by for d, c in sorted(given.items())}})
             if won:
                 return self.card(batch_id, card_ref), ()
-        raise InvalidState(f"card {card_ref} of batch {batch_id} keeps changing; try again")
+        raise self._kept_changing(f"card {card_ref} of batch {batch_id}")
 
     def record_issued(
         self,
@@ -623,12 +619,12 @@ def _chip_data(card_ref: str, card_serial: str | None, kdd: str | None) -> dict[
 
 
 def _check_ref(field_name: str, value: str) -> None:
-    if not isinstance(value, str) or not _REF.fullmatch(value):
+    if not isinstance(value, str) or not CARD_REF.fullmatch(value):  # batch ids and bundle serials
         raise InvalidArgument(field_name, "must be 1-64 characters of letters, digits and . _ : -")
 
 
 def _check_name(field_name: str, value: str) -> None:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):  # bureau and profile names
         raise InvalidArgument(field_name, "must be 1-64 characters of lower-case letters, digits and . _ -")
 
 

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from kms.errors import InvalidArgument
+from kms.validation import CARD_REF, unknown_keys
 
-_CARD_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _PATTERNS = {
     "city_code": (re.compile(r"^[0-9]{6}$"), "must be 6 digits"),
     "card_serial": (re.compile(r"^[0-9A-F]{16}$"), "must be 16 upper-case hex digits (8 bytes)"),
@@ -48,7 +48,7 @@ class CardIdentity:
     protected: ProtectedPan | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.card_ref, str) or not _CARD_REF.fullmatch(self.card_ref):
+        if not isinstance(self.card_ref, str) or not CARD_REF.fullmatch(self.card_ref):
             raise InvalidArgument("card_ref", "must be 1-64 characters of letters, digits and . _ : -")
         for name, (pattern, reason) in _PATTERNS.items():
             value = getattr(self, name)
@@ -71,7 +71,7 @@ class CardIdentity:
     @classmethod
     def from_mapping(cls, data: dict[str, object]) -> CardIdentity:
         known = {f.name for f in fields(cls)} - {"protected"}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(data, known)
         if unknown:
             raise InvalidArgument(unknown[0], "unknown card field")
         values: dict[str, str | None] = {}

@@ -36,6 +36,7 @@ from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.identity import Principal, parse_uri
 from kms.officers import OfficerStore
+from kms.repository import Repository
 from kms.store import ceremonies, ceremony_approvals, ceremony_components
 
 DEFAULT_TTL = dt.timedelta(hours=24)
@@ -116,16 +117,14 @@ def check_kcv(kcv: str, field: str = "kcv") -> str:
     return value
 
 
-class Ceremonies:
+class Ceremonies(Repository):
     """The ceremony protocol over the database: what the ceremony service and the genesis call."""
 
     def __init__(self, engine: sa.Engine, clock: Clock, policy: QuorumPolicy, officer_store: OfficerStore,
                  audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
+        super().__init__(engine, clock, audit)
         self.policy = policy
         self.officers = officer_store
-        self._audit = audit
 
     # -- propose, approve, components, cancel ----------------------------------------------------------------
 

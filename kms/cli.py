@@ -288,7 +288,7 @@ def _bundle_seal(args: argparse.Namespace) -> int:
     private_dir(args.out)
     started = time.perf_counter()
     sealed = failed = 0
-    with Issuer(args.config, args.bureau, args.profile, args.workers) as issuer:
+    with Issuer.from_config(args.config, args.bureau, args.profile, args.workers) as issuer:
         for issued in issuer.issue(cards, args.batch):
             if issued.data is None:
                 failed += 1

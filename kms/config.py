@@ -14,6 +14,7 @@ from kms.errors import ConfigError
 from kms.registry import DOMAINS
 from kms.secrets import SecretRef
 from kms.softhsm import find_module
+from kms.validation import unknown_keys
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _only(
     optional = optional or set()
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: {where} must be a mapping")
-    unknown = sorted(set(doc) - required - optional)
+    unknown = unknown_keys(doc, required | optional)
     if unknown:
         raise ConfigError(f"{path}: {where}: unknown setting {unknown[0]!r}")
     missing = sorted(required - set(doc))

@@ -19,6 +19,7 @@ from kms.clock import Clock, rfc3339
 from kms.errors import InvalidArgument, NotFound
 from kms.identity import Principal
 from kms.registry import KeyKind, KeyRegistry, KeyState
+from kms.repository import Repository
 from kms.store import transport_handoffs
 
 
@@ -33,12 +34,10 @@ class Handoff:
     label: str
 
 
-class TransportHandoffs:
+class TransportHandoffs(Repository):
     def __init__(self, engine: sa.Engine, registry: KeyRegistry, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
+        super().__init__(engine, clock, audit)
         self._registry = registry
-        self._clock = clock
-        self._audit = audit
 
     def offer(self, domain: str, bureau: str, version: int, station: str, wrapped: bytes, kcv: str,
               ceremony_id: str) -> None:

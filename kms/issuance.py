@@ -53,10 +53,9 @@ _CURSOR = re.compile(r"[0-9]{1,9}")  # a sequence number, as the server gives it
 class Issuance:
     """What the services share: records, key registry, profiles and the domain worker pools."""
 
-    def __init__(self, config_path: Any, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
+    def __init__(self, store: BatchStore, registry: KeyRegistry, profiles: dict[str, Profile],
                  pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle, quotas: Quotas | None = None,
                  alarms: Alarms | None = None, pans: PanVault | None = None) -> None:
-        self.config_path = config_path
         # PANs of new batches are protected by the bank domain's workers before anything stores them (kms.pans).
         self.pans = pans or PanVault(_bank_call(pools))
         self.store = store
@@ -71,11 +70,11 @@ class Issuance:
         self._lock = threading.Lock()
 
     def issuer(self, bureau: str, profile: str) -> Issuer:
-        """The issuer for a bureau and profile; PermissionDenied if the bureau is not registered for a domain."""
+        """The issuer for a bureau and profile, over this service's profiles and worker pools."""
         with self._lock:
             issuer = self._issuers.get((bureau, profile))
             if issuer is None:
-                issuer = Issuer(self.config_path, bureau, profile, pools=self.pools)
+                issuer = Issuer(self.profiles, bureau, profile, self.pools)
                 self._issuers[(bureau, profile)] = issuer
             return issuer
 
@@ -93,7 +92,9 @@ class Issuance:
 
     def check_registered(self, bureau: str, profile: Profile) -> None:
         """Only that the bureau is registered for every domain of the profile: what a station's every call
-        checks (the workers check the keys themselves, per chunk)."""
+        checks, before any work, also for bundles sent from the store. This is the station's authorization, not
+        the key-state check of sealing: the workers check every key a chunk needs, per chunk (kms.workers), the one
+        place that also sees a key that changed state while a stream runs; the Issuer checks none."""
         for domain in profile.domains:
             DomainKeys.transport_key(self.registry, domain, bureau)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from kms import bundle, config, profiles, runtime
 from kms.cardid import CardIdentity
-from kms.clock import SystemClock
+from kms.clock import Clock, SystemClock
 from kms.engine import DomainKeys, new_serial
 from kms.errors import ConfigError, KmsError
+from kms.profiles import Profile
 from kms.workers import DomainPool, Job
 
 
@@ -44,28 +45,50 @@ class DomainPools:
 
 
 class Issuer:
-    """Seals bundles for one bureau and profile. With ``pools`` it borrows them; without, it owns its own."""
+    """Seals bundles for one bureau and profile with the domain worker pools it is given.
 
-    def __init__(self, config_path: Path, bureau: str, profile: str, processes_per_domain: int | None = None,
-                 pools: DomainPools | None = None):
-        cfg = config.load(config_path)
+    It holds nothing it would have to keep current: the profiles and the pools are the caller's (``kms serve``: the
+    service's own; ``kms bundle seal``: ``from_config``), and it needs no registry or clock, for it checks no key
+    state: the workers check every key a chunk needs just before sealing it (kms.workers), the one check that also
+    sees a key that changed state while a stream runs. The service refuses a bureau that is not registered before
+    any work (``Issuance.check_registered``); only ``from_config`` resolves the keys up front, so that the offline
+    CLI fails before any worker reads a PIN."""
+
+    def __init__(self, profiles: Mapping[str, Profile], bureau: str, profile: str, pools: DomainPools, *,
+                 owned: bool = False) -> None:
+        """``owned``: the pools are this issuer's, closed (or on an error terminated) with it."""
         self.bureau = bureau
         self.profile_name = profile
-        loaded = profiles.load_dir(cfg.profiles)
-        if profile not in loaded:
-            raise ConfigError(f"no card profile named {profile!r} in {cfg.profiles}")
-        self.profile = loaded[profile]
-        self.domains = tuple(d for d in self.profile.domains if d in cfg.domains)
+        if profile not in profiles:
+            raise ConfigError(f"no card profile named {profile!r}")
+        self.profile = profiles[profile]
+        self.domains = tuple(d for d in self.profile.domains if d in pools.pools)
         missing = set(self.profile.domains) - set(self.domains)
         if missing:
             raise ConfigError(f"profile {profile} needs domain(s) {', '.join(sorted(missing))} not configured here")
         self.keys_per_card = sum(len(self.profile.keys(d)) for d in self.domains)
-        # Fail fast, before any worker reads a PIN: every key the sections need must be registered and active.
-        registry = runtime.registry(cfg, SystemClock())
-        for domain in self.domains:
-            DomainKeys.resolve(registry, domain, self.profile, bureau)
-        self._owned = pools is None
-        self._pools = pools if pools is not None else DomainPools(cfg.path, processes_per_domain)
+        self._owned = owned
+        self._pools = pools
+
+    @classmethod
+    def from_config(cls, config_path: Path, bureau: str, profile: str, processes_per_domain: int | None = None,
+                    clock: Clock | None = None) -> Issuer:
+        """An issuer with pools of its own, for a process that has no service around it (``kms bundle seal``)."""
+        cfg = config.load(config_path)
+        registry = runtime.registry(cfg, clock or SystemClock())
+        loaded = profiles.load_dir(cfg.profiles)
+        if profile not in loaded:
+            raise ConfigError(f"no card profile named {profile!r} in {cfg.profiles}")
+        pools = DomainPools(cfg.path, processes_per_domain)  # its processes start with the first chunk
+        try:
+            issuer = cls(loaded, bureau, profile, pools, owned=True)
+            # Fail fast, before any worker reads a PIN: every key the sections need must be registered and active.
+            for domain in issuer.domains:
+                DomainKeys.resolve(registry, domain, issuer.profile, bureau)
+        except BaseException:
+            pools.terminate()
+            raise
+        return issuer
 
     def issue(self, cards: Iterable[CardIdentity], batch: str,
               pins: Mapping[str, Mapping[str, int]] | None = None) -> Generator[IssuedBundle, None, None]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +45,12 @@ from kms.cardid import CardIdentity
 from kms.clock import Clock, rfc3339
 from kms.errors import InvalidArgument, InvalidState, NotFound, PermissionDenied
 from kms.identity import Principal
+from kms.repository import ATTEMPTS, Repository
 from kms.store import batch_cards, card_events, card_lifecycle, card_lifecycle_events, retired_identities
+from kms.validation import chunks
 
 APPLICATIONS = ("hrss", "bank")
 MAX_REASON = 500
-_ATTEMPTS = 5
 _CHUNK = 500
 #: Retired identity fields, how a batch card field maps onto them, and how messages name them.
 _RETIRED_FIELDS = {"card_serial": "card_serial", "pan_psn": "pan", "kdd": "kdd"}
@@ -132,13 +133,11 @@ class _Lost(Exception):
     """A conditional UPDATE found the row changed: re-read and re-judge."""
 
 
-class CardLifecycle:
+class CardLifecycle(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None,
                  pans: Protector | None = None) -> None:
+        super().__init__(engine, clock, audit)
         self._pans = pans  # for cards given with a clear PAN (the service protects them before asking)
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
 
     # -- changes ----------------------------------------------------------------------------------------------------
 
@@ -190,7 +189,7 @@ class CardLifecycle:
         _require_officer(by)
         assert by.domain is not None
         subject = f"{old_card_ref}>{new_card_ref}"
-        for _ in range(_ATTEMPTS):
+        for _ in range(ATTEMPTS):
             with self._engine.connect() as conn:
                 old = _status(conn, old_card_ref)
                 new = _status(conn, new_card_ref)
@@ -266,7 +265,7 @@ class CardLifecycle:
             except (_Lost, sa.exc.IntegrityError):
                 continue
             return dataclasses.replace(self.view(old_card_ref), awaiting_consent=awaiting)
-        raise InvalidState(f"card {old_card_ref} keeps changing; try again")
+        raise self._kept_changing(f"card {old_card_ref}")
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
@@ -344,7 +343,7 @@ class CardLifecycle:
         if by.domain != application:
             raise PermissionDenied(f"{by} cannot act on the {application} application of card {card_ref}: an "
                                    f"officer acts only on the application of their own domain ({by.domain})")
-        for _ in range(_ATTEMPTS):
+        for _ in range(ATTEMPTS):
             with self._engine.connect() as conn:
                 status = _status(conn, card_ref)
             target = judge(status)
@@ -365,7 +364,7 @@ class CardLifecycle:
             except (_Lost, sa.exc.IntegrityError):
                 continue
             return self.view(card_ref)
-        raise InvalidState(f"card {card_ref} keeps changing; try again")
+        raise self._kept_changing(f"card {card_ref}")
 
     def _record(self, conn: sa.Connection, event: Event, card_ref: str, application: str | None,
                 from_state: AppState | None, to_state: AppState | None, reason: str, by: Principal,
@@ -388,7 +387,7 @@ class CardLifecycle:
         pairs = sorted({pair for c in cards for pair in _card_values(c)})
         states: dict[str, CardStatus] = {}
         with self._engine.connect() as conn:
-            for chunk in _chunks(refs):
+            for chunk in chunks(refs, _CHUNK):
                 for row in conn.execute(sa.select(card_lifecycle).where(card_lifecycle.c.card_ref.in_(chunk))):
                     states[row.card_ref] = _row_status(row._mapping)
             retired = _retired(conn, pairs)
@@ -503,7 +502,7 @@ def _retired(conn: sa.Connection, pairs: Sequence[tuple[str, str]]) -> dict[tupl
     """Which of these (field, value) pairs are retired: pair → the replaced card that carried it."""
     wanted = set(pairs)
     found: dict[tuple[str, str], str] = {}
-    for chunk in _chunks(sorted({v for _, v in wanted})):
+    for chunk in chunks(sorted({v for _, v in wanted}), _CHUNK):
         for row in conn.execute(sa.select(retired_identities).where(retired_identities.c.value.in_(chunk))):
             if (row.field, row.value) in wanted:
                 found[(row.field, row.value)] = row.card_ref
@@ -564,8 +563,3 @@ def _check_reason(reason: str) -> str:
     if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in reason):
         raise InvalidArgument("reason", "must be one line of text without control characters")
     return reason
-
-
-def _chunks(values: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start:start + _CHUNK]

@@ -40,7 +40,9 @@ from kms.config import read_policy
 from kms.errors import ConfigError, InvalidArgument, ResourceExhausted
 from kms.identity import Principal
 from kms.registry import DOMAINS
+from kms.repository import Repository
 from kms.store import card_events, limits
+from kms.validation import NAME, unknown_keys
 
 DEFAULT_LIMITS = Path(__file__).resolve().parent.parent / "policies" / "limits.yaml"
 SCOPES = ("station", "bureau")
@@ -56,7 +58,6 @@ LIMITS_TTL = 5.0  # seconds a replica keeps the ceremony-set values before readi
 RECHECK = 1.0  # seconds a stream far from every limit goes without asking the database again (monotonic)
 
 _HHMM = re.compile(r"(\d{2}):(\d{2})")
-_BUREAU = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 # -- the defaults file ---------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class LimitsPolicy:
 def _keys(path: Path, where: str, doc: Any, names: set[str]) -> None:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: {where}: must be a mapping")
-    for name in sorted(set(doc) - names):
+    for name in unknown_keys(doc, names):
         raise ConfigError(f"{path}: {where}: unknown setting {name!r}")
     for name in sorted(names - set(doc)):
         raise ConfigError(f"{path}: {where}: missing setting {name!r}")
@@ -154,10 +155,10 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
         if scope == "station":
             parts = subject.split(":")
             if (len(parts) != 5 or parts[:3] != ["urn", "kms", "station"]
-                    or not all(_BUREAU.fullmatch(p) for p in parts[3:])):
+                    or not all(NAME.fullmatch(p) for p in parts[3:])):
                 raise InvalidArgument("params.subject", "must be a station's URI (urn:kms:station:<bureau>:<name>) "
                                                         "or default")
-        elif not _BUREAU.fullmatch(subject):
+        elif not NAME.fullmatch(subject):
             raise InvalidArgument("params.subject", "must be a bureau's name or default")
     values: dict[str, Any] = {}
     for name in NAMES:
@@ -175,14 +176,12 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"scope": scope, "subject": subject, **values}
 
 
-class LimitStore:
+class LimitStore(Repository):
     """The ``limits`` table: values set by ``set-limits`` ceremonies, per domain. Read through a cache kept
     ``LIMITS_TTL`` seconds (a change made through this object is seen at once; another replica's within the TTL)."""
 
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
+        super().__init__(engine, clock, audit)
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, str, str, str], int] | None = None
         self._read_at = 0.0

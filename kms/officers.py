@@ -32,6 +32,7 @@ from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.files import open_private
 from kms.identity import Principal, parse_uri
 from kms.registry import check_domain
+from kms.repository import Repository
 from kms.store import officers
 
 ROLES = ("approver", "key-custodian")
@@ -112,11 +113,9 @@ class OfficerRecord:
     cert_sha256: str = ""
 
 
-class OfficerStore:
+class OfficerStore(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
+        super().__init__(engine, clock, audit)
 
     def enrol(self, principal: Principal, roles: Iterable[str], public_key_pem: str, enrolled_by: str,
               conn: sa.Connection | None = None, *, cert_sha256: str) -> OfficerRecord:

@@ -30,9 +30,9 @@ from kms.officers import OfficerStore, check_name, check_roles, parse_public_key
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.profiles import Profile
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
+from kms.validation import NAME, unknown_keys
 from kms.workers import DomainPool
 
-_KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
 _KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
 TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
@@ -73,11 +73,11 @@ class Operation:
 def _only(params: Mapping[str, Any], required: set[str], optional: frozenset[str] | set[str] = frozenset()) -> None:
     for name in sorted(required - set(params)):
         raise InvalidArgument(f"params.{name}", "is required")
-    for name in sorted(set(params) - required - optional):
+    for name in unknown_keys(params, required | optional):
         raise InvalidArgument(f"params.{name}", "is not a parameter of this operation")
 
 
-def _str(params: Mapping[str, Any], name: str, pattern: re.Pattern[str] = _KEY_NAME, what: str = "") -> str:
+def _str(params: Mapping[str, Any], name: str, pattern: re.Pattern[str] = NAME, what: str = "") -> str:
     value = params.get(name)
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidArgument(f"params.{name}", what or "must be 1-64 of a-z 0-9 . _ - starting with a letter or digit")

@@ -6,7 +6,6 @@ not hold is rejected with the file, the line and the reason (ProfileError).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from kms import recipes
 from kms.errors import ProfileError
 from kms.hsm import Algorithm
 from kms.registry import DOMAINS, KeyKind
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+from kms.validation import NAME
 
 
 class _Map(dict[str, Any]):
@@ -117,7 +115,7 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
         raise ProfileError(src, 1, "a profile is a mapping with 'profile', 'description' and 'domains'")
     _only(src, doc, {"profile", "description", "domains"})
     name = doc.get("profile")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ProfileError(src, doc.lines.get("profile", doc.line), "'profile' must be a lower-case name")
     domains_doc = doc.get("domains")
     if not isinstance(domains_doc, _Map) or not domains_doc:
@@ -166,7 +164,7 @@ def _keys(src: str, domain: str, entries: list[Any], known: set[str] | None) -> 
             if not isinstance(entry.get(required), str):
                 raise ProfileError(src, entry.line, f"key entry needs '{required}' (text)")
         name = entry["name"]
-        if not _NAME.fullmatch(name):
+        if not NAME.fullmatch(name):
             raise ProfileError(src, entry.lines["name"], f"key name {name!r} must be a lower-case name")
         if name in seen:
             raise ProfileError(src, entry.lines["name"], f"key {name!r} appears twice in domain {domain}")

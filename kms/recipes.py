@@ -22,6 +22,7 @@ from kms import reference
 from kms.cardid import CardIdentity
 from kms.errors import InvalidArgument
 from kms.hsm import Algorithm, DeriveStep
+from kms.validation import unknown_keys
 
 Steps = tuple[tuple[DeriveStep, bytes], ...]
 
@@ -178,7 +179,7 @@ class HrssDispersal:
 
 
 def _only(params: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(params) - allowed)
+    unknown = unknown_keys(params, allowed)
     if unknown:
         raise ValueError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed)) or 'none'}")
 

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from kms.audit import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.repository import Repository
 from kms.store import keys
 
 DOMAINS = ("hrss", "bank")
@@ -80,11 +81,9 @@ class KeyRecord:
     state_changed_at: str = ""
 
 
-class KeyRegistry:
+class KeyRegistry(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
+        super().__init__(engine, clock, audit)
 
     def add(
         self,

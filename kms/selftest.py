@@ -21,6 +21,7 @@ from kms import recipes, reference
 from kms.cardid import CardIdentity
 from kms.errors import ConfigError, HsmError, MechanismUnavailable
 from kms.hsm import Algorithm, DeriveStep, TokenSession
+from kms.validation import unknown_keys
 
 KINDS = ("option_a", "gp_kmc", "ssc_chain", "sm4_block", "tdes_kcv")
 
@@ -46,7 +47,7 @@ def load_vectors(path: Path) -> dict[str, list[dict[str, Any]]]:
         raise ConfigError(f"{path}: not valid JSON (line {error.lineno})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected an object of vector lists")
-    unknown = sorted(k for k in doc if k not in KINDS and k != "about")
+    unknown = unknown_keys(doc, {*KINDS, "about"})
     if unknown:
         raise ConfigError(f"{path}: unknown vector kind {unknown[0]!r}; known: {', '.join(KINDS)}")
     return {k: v for k, v in doc.items() if k in KINDS}

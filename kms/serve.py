@@ -81,7 +81,7 @@ class Service:
         # Issuance limits (policies/limits.yaml, then set-limits ceremonies) and anomaly alarms (kms.limits, alarms).
         self.alarms = Alarms(audit, clock, limits_policy.alarms)
         self.quotas = Quotas(engine, clock, limits_policy, audit, self.alarms)
-        self.issuance = Issuance(cfg.path, BatchStore(engine, clock, audit), registry, loaded, self.pools, clock,
+        self.issuance = Issuance(BatchStore(engine, clock, audit), registry, loaded, self.pools, clock,
                                  lifecycle=self.lifecycle, quotas=self.quotas, alarms=self.alarms)
         officer_store = OfficerStore(engine, clock, audit)
         self.principals = PrincipalRegistry(engine, clock, audit)

@@ -30,6 +30,7 @@ from kms.errors import ConfigError, HsmError, InvalidState, KmsError
 from kms.hsm import TokenSession
 from kms.profiles import Profile
 from kms.registry import KeyRegistry, KeyState
+from kms.validation import chunks
 
 T = TypeVar("T")
 #: Master key versions a batch was authorized with: ((name, version), ...), sorted; () for the newest active.
@@ -255,7 +256,7 @@ class DomainPool:
                 return results
 
         try:
-            for chunk in _chunks(jobs, CHUNK):
+            for chunk in chunks(jobs, CHUNK):
                 pending.append((chunk, self._submit((bureau, profile, chunk, batch, pins))))
                 while len(pending) >= window:
                     yield from take()
@@ -298,14 +299,3 @@ class DomainPool:
 
     def terminate(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _chunks(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    chunk: list[Job] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -91,7 +91,7 @@ def make_cards(n: int, seed: int) -> list[CardIdentity]:
 
 
 def run_engine(config_path: Path, cards: list[CardIdentity], processes: int) -> float:
-    with Issuer(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
+    with Issuer.from_config(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
         for issued in issuer.issue(cards[:64], "bench-warmup"):  # workers up and logged in
             assert issued.data is not None
         started = time.perf_counter()

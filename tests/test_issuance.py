@@ -286,3 +286,19 @@ def test_replay_with_another_chip_and_unknown_batches_are_refused(home: Home, se
                           idempotency_key="r")
         with pytest.raises(PermissionDenied, match="B-nonexistent is not authorized for bureau-a"):
             st.issue_card("B-nonexistent", "rc-0")
+
+
+def test_the_service_issuer_is_built_from_what_the_service_holds(service: Service,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # No second configuration, profile directory or database engine: the service's own are handed over.
+    from kms import config, profiles, runtime, store
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the issuer rebuilt what the service already holds")
+
+    for module, name in ((config, "load"), (profiles, "load_dir"), (runtime, "registry"), (store, "make_engine")):
+        monkeypatch.setattr(module, name, refuse)
+    issuer = service.issuance.issuer("bureau-built-once", "dual-app-v1")
+    assert issuer.profile is service.issuance.profiles["dual-app-v1"]
+    assert issuer._pools is service.pools  # borrowed: closing the issuer leaves the service's workers running
+    assert service.issuance.issuer("bureau-built-once", "dual-app-v1") is issuer

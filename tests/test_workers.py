@@ -24,7 +24,7 @@ def test_issuer_seals_bundles_in_order_that_a_station_opens(home: Home, station:
 
     monkeypatch.setattr(SecretRef, "resolve", refuse)
     cards = [card(100 + i) for i in range(40)]
-    with Issuer(home.config, "bureau-a", "dual-app-v1", processes_per_domain=1) as issuer:
+    with Issuer.from_config(home.config, "bureau-a", "dual-app-v1", processes_per_domain=1) as issuer:
         issued = list(issuer.issue(cards, "B-workers"))
     assert [b.card_ref for b in issued] == [c.card_ref for c in cards]
     assert len({b.serial for b in issued}) == len(cards)
@@ -40,7 +40,7 @@ def test_a_card_refused_by_a_domain_is_reported_not_sealed(home: Home) -> None:
     bad = card(203)
     object.__setattr__(bad, "pan", None)  # a card without a PAN: the bank recipes need one
     cards.insert(1, bad)
-    with Issuer(home.config, "bureau-a", "dual-app-v1") as issuer:
+    with Issuer.from_config(home.config, "bureau-a", "dual-app-v1") as issuer:
         issued = list(issuer.issue(cards, "B-bad"))
     assert [b.data is not None for b in issued] == [True, False, True, True]
     assert isinstance(issued[1].error, InvalidArgument) and issued[1].error.field == "pan"
@@ -60,9 +60,9 @@ def test_workers_are_recycled_after_a_number_of_keys(home: Home, tmp_path: Path)
 
 def test_issuer_refuses_unknown_profile_and_unregistered_bureau_before_starting(home: Home) -> None:
     with pytest.raises(ConfigError, match="no card profile named 'nope'"):
-        Issuer(home.config, "bureau-a", "nope")
+        Issuer.from_config(home.config, "bureau-a", "nope")
     with pytest.raises(PermissionDenied, match="bureau 'bureau-zz' has no"):
-        Issuer(home.config, "bureau-zz", "dual-app-v1")
+        Issuer.from_config(home.config, "bureau-zz", "dual-app-v1")
 
 
 def _config_copy(home: Home, tmp_path: Path, **changes: object) -> Path:
