@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 
 from kms.errors import ConfigError
+from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
 from kms.secrets import SecretRef
-from kms.softhsm import find_module
 
 
 @dataclass(frozen=True)

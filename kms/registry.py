@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.store import keys

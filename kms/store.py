@@ -251,7 +251,7 @@ def create_station_ledger(engine: sa.Engine) -> None:
     opened_bundles.metadata.create_all(engine)
 
 
-#: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.batches.
+#: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.issuance.batches.
 batches = sa.Table(
     "batches",
     metadata,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms.audit import mask_pan
-from kms.cardid import CardIdentity, ProtectedPan
+from kms.audit.log import mask_pan
+from kms.cards.cardid import CardIdentity, ProtectedPan
 
 _KEY = hashlib.sha256(b"kms unit tests: not a key of any domain").digest()
 

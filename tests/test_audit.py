@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import store
-from kms.audit import (
+from kms.audit.log import (
     AuditLog,
     AuditUnavailable,
     Checkpoint,
@@ -26,7 +26,7 @@ from kms.audit import (
     mask_pan,
     seal_message,
 )
-from kms.audit_verify import NOT_THIS_REQUEST, verify
+from kms.audit.verify import NOT_THIS_REQUEST, verify
 from kms.clock import FixedClock
 
 N = 10_000
@@ -45,7 +45,7 @@ def _sign(log: AuditLog, clock: FixedClock) -> None:
 
 def _seal(log: AuditLog, clock: FixedClock, *, size: int | None = None, nonce: str = NONCE,
           key: ec.EllipticCurvePrivateKey = KEY, **filters: str) -> Seal:
-    """What the audit signer makes for one export request (kms.audit_signer.Checkpointer.seal), by a software key."""
+    """What the audit signer makes for one export request (kms.audit.signer.Checkpointer.seal), by a software key."""
     size = log.head()[0] if size is None else size
     head = next(r.hash for r in log.records(size - 1, size))
     at = clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -18,13 +18,13 @@ from conftest import EngineFactory
 from pan_helpers import SoftwarePans
 from pan_helpers import index as pan_index
 
-from kms import batches as batches_module
 from kms import store
-from kms.audit import AuditLog, AuditUnavailable
-from kms.batches import BatchState, BatchStore, CardState, EventKind
-from kms.cardid import CardIdentity
+from kms.audit.log import AuditLog, AuditUnavailable
+from kms.cards.cardid import CardIdentity
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.issuance import batches as batches_module
+from kms.issuance.batches import BatchState, BatchStore, CardState, EventKind
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 START = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

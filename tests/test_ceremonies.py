@@ -35,19 +35,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kms import store
-from kms.audit import AuditLog
-from kms.ceremonies import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
-from kms.ceremony import APPROVAL_CONTEXT, Officer, QuorumPolicy
+from kms.audit.log import AuditLog
+from kms.ceremony.officers import OfficerRecord, OfficerStore, public_pem
+from kms.ceremony.operations import OPERATIONS
+from kms.ceremony.rules import APPROVAL_CONTEXT, Officer, QuorumPolicy
+from kms.ceremony.store import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, HsmError, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.identity import Principal
-from kms.officers import OfficerRecord, OfficerStore, public_pem
-from kms.operations import OPERATIONS
 from kms.registry import DOMAINS
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
-QUORUM_FILE = Path(__file__).resolve().parent.parent / "policies" / "quorum.yaml"
+QUORUM_FILE = Path(__file__).resolve().parent.parent / "kms" / "policies" / "quorum.yaml"
 #: What an approval signs, as docs/ceremonies.md states it (kept independent of kms.ceremony).
 CONTEXT = b"kms-ceremony-approval/v1\x00"
 #: The quorum rules read straight from the policy file: {(domain, operation): (approvals, role)}.

@@ -103,7 +103,7 @@ def test_errors_are_one_line_with_a_specific_exit_status(
 
 
 def test_profile_check_reports_file_line_and_reason(cli_home: Path, tmp_path: Path) -> None:
-    ok = kms("profile", "check", str(ROOT / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
+    ok = kms("profile", "check", str(ROOT / "kms" / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
     assert ok.returncode == 0 and "profile dual-app-v1 ok (hrss: 9 keys, bank: 6 keys)" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("profile: bad\ndomains:\n  bank:\n    keys:\n      - name: k\n        usage: u\n"

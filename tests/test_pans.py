@@ -15,15 +15,17 @@ import sqlalchemy as sa
 from ceremony_helpers import authorize_batch
 from conftest import MASTER_KEYS, VECTORS, card, service_client
 
-from kms import bundle, config, pans, reference, runtime, store
-from kms.cardid import CardIdentity
+from kms import bundle, config, runtime, store
+from kms.cards import reference
+from kms.cards.cardid import CardIdentity
 from kms.clock import SystemClock
-from kms.devceremonies import officer
-from kms.devhome import Home
+from kms.dev.ceremonies import officer
+from kms.dev.home import Home
 from kms.errors import ConfigError, InvalidArgument, InvalidState
-from kms.hsm import TokenSession
+from kms.hsm.session import TokenSession
+from kms.issuance import pans
 from kms.registry import KeyKind, KeyRegistry
-from kms.serve import Service
+from kms.server.serve import Service
 
 
 @dataclass
@@ -161,7 +163,7 @@ def test_no_worker_call_hands_a_clear_pan_to_the_coordinator(service: Service) -
     listed steps; opening a PAN is not one of them (it happens inside sealing)."""
     import importlib
 
-    from kms.workers import WORKER_STEPS
+    from kms.issuance.workers import WORKER_STEPS
 
     for name in WORKER_STEPS:  # every listed step exists (no typo lets a step silently fail)
         module, _, function = name.rpartition(".")

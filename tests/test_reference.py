@@ -1,4 +1,4 @@
-"""kms.reference: the software formulas of DOMAIN.md against the published known-answer vectors."""
+"""kms.cards.reference: the software formulas of DOMAIN.md against the published known-answer vectors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kms import reference
+from kms.cards import reference
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 

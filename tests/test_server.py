@@ -13,13 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import store
-from kms.audit import AuditLog
-from kms.authz import Policy
+from kms.audit.log import AuditLog
 from kms.clock import SystemClock
+from kms.dev.pki import Credential, DevPki
 from kms.identity import Principal
-from kms.pki import Credential, DevPki
 from kms.principals import PrincipalRegistry
-from kms.server import MALFORMED, TlsFiles, create_server
+from kms.server.authz import Policy
+from kms.server.frame import MALFORMED, TlsFiles, create_server
 
 STATION = Principal("station", "station-a1", bureau="bureau-a")
 AUDITOR = Principal("auditor", "carol")
