@@ -54,6 +54,7 @@ class ServerConfig:
     listen: str
     tls: TlsConfig
     policy: Path | None
+    quorum_policy: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -187,13 +188,14 @@ def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
 
 
 def _server(path: Path, doc: Any) -> ServerConfig:
-    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy"})
+    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy", "quorum_policy"})
     listen = doc["listen"]
     if not isinstance(listen, str) or ":" not in listen:
         raise ConfigError(f"{path}: server.listen must be host:port")
-    policy = doc.get("policy")
+    policy, quorum = doc.get("policy"), doc.get("quorum_policy")
     return ServerConfig(listen, _tls(path, doc["tls"], "server.tls"),
-                        _path(path.parent, policy, "server.policy") if policy else None)
+                        _path(path.parent, policy, "server.policy") if policy else None,
+                        _path(path.parent, quorum, "server.quorum_policy") if quorum else None)
 
 
 def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:

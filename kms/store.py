@@ -376,3 +376,8 @@ limits = sa.Table(
 
 #: Indexes on tables that databases made by an older kms already have (create_all adds only missing tables).
 LATE_INDEXES = (ix_card_events_issued,)
+
+
+def database_display(url: str) -> str:
+    """The database URL without its password (for logs and ``service.started``)."""
+    return sa.make_url(url).render_as_string(hide_password=True)

@@ -33,10 +33,11 @@ from kms.clock import rfc3339
 from kms.config import read_policy
 from kms.errors import ConfigError, InvalidArgument
 from kms.identity import Principal
+from kms.policies import shipped
 from kms.registry import DOMAINS
 
 APPROVAL_CONTEXT = b"kms-ceremony-approval/v1\x00"
-DEFAULT_QUORUMS = Path(__file__).resolve().parent.parent / "policies" / "quorum.yaml"
+DEFAULT_QUORUMS = shipped("quorum.yaml")
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,13 @@ from kms.hsm.types import Algorithm, KcvMethod
 from kms.identity import Principal
 from kms.issuance import pans
 from kms.issuance.sealer import SIGNING_KEY_NAME
+from kms.policies import shipped
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
 from kms.secrets import SecretRef
 from kms.station import accept_transport_key, unwrap_key_label
 
 T = TypeVar("T")
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
 #: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
 DEFAULT_BUREAUS: Mapping[str, tuple[str, ...]] = {"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)}
 #: Officers per domain, and the auditor, who get client certificates in a development home.
@@ -140,7 +140,7 @@ def init_home(
 
     profiles_dir = home.path / "profiles"
     if not profiles_dir.exists():
-        copy_tree_private(POLICIES / "profiles", profiles_dir)
+        copy_tree_private(shipped("profiles"), profiles_dir)
     pki = DevPki(home.path / "pki")
     server = pki.server()
     if not home.config.exists():

@@ -1,12 +1,13 @@
-"""The HSM port: the only module in kms that imports pkcs11.
+"""The HSM port's sessions: the module and token verbs (kms.hsm is the only package in kms that imports pkcs11).
 
 It opens one token by label, logs in with a PIN the caller resolved from a reference, and offers domain verbs
 (derive-and-wrap, KCV, sign, generate, import, unwrap) instead of raw Cryptoki. Every key it creates goes through
-one template table (``_ROLES``): every secret key is CKA_SENSITIVE, and the only keys that may be extracted at all
-are per-card keys, which are extractable solely by wrapping and are destroyed in the same call that wraps them.
+one template table (``_ROLES``, kms.hsm.templates): every secret key is CKA_SENSITIVE, and the only keys that may be
+extracted at all are per-card keys, which are extractable solely by wrapping and are destroyed in the same call
+that wraps them.
 
-PKCS#11 errors become kms errors here (retryable or not) with readable messages; nothing from the token's memory
-ever reaches a message.
+PKCS#11 errors become kms errors (kms.hsm.errors, retryable or not) with readable messages; nothing from the
+token's memory ever reaches a message.
 
 Concurrency: python-pkcs11 initializes Cryptoki without locking, so a ``Module`` and its sessions belong to one
 thread. kms scales with processes, one token session per process.

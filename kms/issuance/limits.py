@@ -39,10 +39,11 @@ from kms.clock import Clock, rfc3339
 from kms.config import read_policy
 from kms.errors import ConfigError, InvalidArgument, ResourceExhausted
 from kms.identity import Principal
+from kms.policies import shipped
 from kms.registry import DOMAINS
 from kms.store import card_events, limits
 
-DEFAULT_LIMITS = Path(__file__).resolve().parent.parent / "policies" / "limits.yaml"
+DEFAULT_LIMITS = shipped("limits.yaml")
 SCOPES = ("station", "bureau")
 NAMES = ("cards_per_hour", "cards_per_day", "concurrent_streams")
 WINDOWS = {"cards_per_hour": dt.timedelta(hours=1), "cards_per_day": dt.timedelta(days=1)}

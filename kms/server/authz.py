@@ -10,8 +10,9 @@ from pathlib import Path
 from kms.config import read_policy
 from kms.errors import ConfigError, PermissionDenied
 from kms.identity import ROLES, Principal
+from kms.policies import shipped
 
-DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "authz.yaml"
+DEFAULT_POLICY = shipped("authz.yaml")
 
 
 @dataclass(frozen=True)

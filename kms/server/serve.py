@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from kms import config as config_mod
 from kms import runtime, store
 from kms.audit.alarms import Alarms
@@ -48,6 +46,7 @@ from kms.server.ceremony import CeremonyService
 from kms.server.ceremony import register as register_ceremonies
 from kms.server.frame import TlsFiles, create_server
 from kms.server.issuance import Issuance, register
+from kms.store import database_display as _database
 
 log = logging.getLogger("kms.serve")
 
@@ -70,10 +69,11 @@ class Service:
         self.audit = audit = AuditLog(engine, clock)
         authz_path = cfg.server.policy or DEFAULT_POLICY
         limits_path = limits or DEFAULT_LIMITS
+        quorum_path = cfg.server.quorum_policy or DEFAULT_QUORUMS
         limits_policy = LimitsPolicy.load(limits_path)
         audit.record("service.started", detail={
             "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
-            "policies": {"authz": _sha256(authz_path), "quorum": _sha256(DEFAULT_QUORUMS),
+            "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
                          "limits": _sha256(limits_path),
                          "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
         registry = runtime.registry(cfg, clock)  # with its own audit log on the same database
@@ -87,7 +87,7 @@ class Service:
                                  lifecycle=self.lifecycle, quotas=self.quotas, alarms=self.alarms)
         officer_store = OfficerStore(engine, clock, audit)
         self.principals = PrincipalRegistry(engine, clock, audit)
-        self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(DEFAULT_QUORUMS), officer_store, audit)
+        self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(quorum_path), officer_store, audit)
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
         handoffs = TransportHandoffs(engine, registry, clock, audit)
         ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
@@ -127,11 +127,6 @@ class Service:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _database(url: str) -> str:
-    """The database URL without its password."""
-    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def _services(*registrars: Callable[[Any], Iterable[str]]) -> Callable[[Any], list[str]]:
