@@ -154,7 +154,7 @@ def _who(cert: x509.Certificate) -> str:
 
 
 class RevocationList:
-    """The server's check of client certificates against the CRL file (a kms.server CertificateCheck)."""
+    """The server's check of client certificates against the CRL file (a kms.server.frame CertificateCheck)."""
 
     def __init__(self, crl_path: Path, ca_path: Path,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:

@@ -1,4 +1,4 @@
-"""Running ceremonies from tests as officers do (kms.devceremonies)."""
+"""Running ceremonies from tests as officers do (kms.dev.ceremonies)."""
 
 from kms.dev.ceremonies import (
            authorize_batch,

@@ -1,4 +1,4 @@
-"""Anomaly alarms (kms.alarms), end to end: a development home of its own, `kms serve` in this process with an
+"""Anomaly alarms (kms.audit.alarms), end to end: a development home of its own, `kms serve` in this process with an
 injected clock and a limits file with office hours, real mutual TLS; the alarms found with `kms audit export --kind
 alarm`, and the export verified with `kms audit verify`."""
 

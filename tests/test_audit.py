@@ -1,4 +1,4 @@
-"""The audit chain (kms.audit) and its offline verifier (kms.audit_verify): a tamper matrix on 10,000 records, each
+"""The audit chain (kms.audit.log) and its offline verifier (kms.audit.verify): a tamper matrix on 10,000 records, each
 attack named by its exact first bad sequence number; concurrent writers keep one gap-free chain."""
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from kms.station import accept_transport_key, unwrap_public_key_pem
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
 CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
 
-#: Every kind of record a state change writes (kms.batches, ceremonies, registry, officers, handoffs, lifecycle).
+#: Every kind of record a state change writes (kms.issuance.batches, ceremonies, registry, officers, handoffs,
+#: lifecycle).
 KINDS = {
     "service.started",
     "batch.created", "batch.authorized", "card.chip-bound", "card.reissue-consented", "card.reissued",

@@ -1,4 +1,4 @@
-"""Dual control: M-of-N signed approvals (kms.ceremony), including a hypothesis state machine over
+"""Dual control: M-of-N signed approvals (kms.ceremony.rules), including a hypothesis state machine over
 propose / approve / replay / cancel / expire / execute with officers of both domains."""
 
 from __future__ import annotations

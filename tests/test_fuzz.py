@@ -1,7 +1,7 @@
 """Fuzzing every RPC of every kms service over the real mutual-TLS server (docs/issuance-service.md, section 5).
 
 The RPCs come from the protobuf descriptors of every module in kms.v1, so a new RPC is fuzzed without a change
-here; each is called as a principal its policy entry allows (policies/authz.yaml), at least PER_RPC times, with
+here; each is called as a principal its policy entry allows (kms/policies/authz.yaml), at least PER_RPC times, with
 requests generated from the message descriptors by a seeded generator: raw random bytes, corrupted wire data
 (bad UTF-8, wrong wire types, overlong lengths and varints, deep groups), and well-typed messages whose fields
 hold nasty values (huge strings, Unicode digits, trailing newlines, out-of-range integers, malformed times, deeply

@@ -1,5 +1,5 @@
-"""Per-station and per-bureau issuance limits (kms.limits), end to end: a development home of its own, `kms serve` in
-this process with an injected clock, real mutual TLS, real worker processes and tokens, limits changed only by
+"""Per-station and per-bureau issuance limits (kms.issuance.limits), end to end: a development home of its own, `kms
+serve` in this process with an injected clock, real mutual TLS, real worker processes and tokens, limits changed only by
 set-limits ceremonies signed with the officers' approval keys."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Cardholder data at rest (kms.pans): PANs are stored only sealed to the bank domain's data key, looked up by keyed
-indexes made in the bank token, and opened only in the bank domain's workers to derive the card's keys."""
+"""Cardholder data at rest (kms.issuance.pans): PANs are stored only sealed to the bank domain's data key, looked up by
+keyed indexes made in the bank token, and opened only in the bank domain's workers to derive the card's keys."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from kms.server.serve import Service
 
 @dataclass
 class _BankWorker:
-    """What kms.workers gives a worker-side function: its domain, token session and registry."""
+    """What kms.issuance.workers gives a worker-side function: its domain, token session and registry."""
 
     domain: str
     session: TokenSession

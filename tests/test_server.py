@@ -84,7 +84,7 @@ def test_policy_decides_by_the_role_in_the_certificate(pki: DevPki, port: int) -
 
 @pytest.fixture(scope="module")
 def audited(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, AuditLog]]:
-    """A server that records every call's outcome (kms.audit) in a database of its own."""
+    """A server that records every call's outcome (kms.audit.log) in a database of its own."""
     engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audited') / 'kms.db'}")
     store.create_all(engine)
     audit = AuditLog(engine, SystemClock())

@@ -1,7 +1,8 @@
 """Anomaly alarms: audit records of kind ``alarm.*`` that an auditor finds with ``kms audit export --kind alarm``
 (docs/issuance-service.md, section 11).
 
-- ``alarm.limit``: a station tripped one of its or its bureau's limits (kms.limits); at most one per station, limit
+- ``alarm.limit``: a station tripped one of its or its bureau's limits (kms.issuance.limits); at most one per station,
+limit
   and value per hour (each refused call is in the log anyway, as ``request.refused``).
 - ``alarm.refusals``: a principal (or ``unauthenticated``) collected ``count`` refusals within ``seconds``; at most
   one per principal per window.
@@ -35,7 +36,7 @@ log = logging.getLogger("kms.alarms")
 
 #: How long an alarm of the same kind about the same thing is not repeated (limit, hours).
 REPEAT_AFTER = dt.timedelta(hours=1)
-_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # batch ids and card_refs (kms.cardid)
+_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # batch ids and card_refs (kms.cards.cardid)
 _DIGITS = re.compile(r"\d{12,19}")
 
 #: The statuses of refusals, i.e. of calls the service turned down (not the caller's own cancellation or deadline,
@@ -46,7 +47,7 @@ REFUSAL_STATUSES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_A
 
 @dataclass(frozen=True)
 class AlarmPolicy:
-    """The alarm thresholds of policies/limits.yaml: ``refusals`` within ``refusal_seconds``; the hours stations
+    """The alarm thresholds of kms/policies/limits.yaml: ``refusals`` within ``refusal_seconds``; the hours stations
     may call, from ``hours_from`` (inclusive) to ``hours_to`` (exclusive), in minutes since midnight in ``timezone``
     (a window across midnight, e.g. 22:00 to 06:00, is allowed; 00:00 to 24:00 is all day)."""
 

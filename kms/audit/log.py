@@ -17,7 +17,7 @@ Export seals: an export ends with a seal made for that one request, ``{"format":
 "version": 1, "size": n, "head": hash_n, "at": ..., "nonce": ..., "filters": {...}}``, canonical, signed with the same
 key (the distinct format keeps a seal from passing for a checkpoint and back). It binds the export's end, size and
 filters to the nonce the auditor's client chose, so an export cut back to an older checkpoint, or ending with the
-seal of another request, no longer verifies (kms.audit_verify). Seals are not stored: they belong to one export.
+seal of another request, no longer verifies (kms.audit.verify). Seals are not stored: they belong to one export.
 """
 
 from __future__ import annotations

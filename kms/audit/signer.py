@@ -1,4 +1,4 @@
-"""Signed checkpoints of the audit chain (kms.audit), by the audit signing key in a token of its own.
+"""Signed checkpoints of the audit chain (kms.audit.log), by the audit signing key in a token of its own.
 
 Only the signer's own process reads the audit token's PIN (as each domain's workers alone read theirs); the
 service hands it checkpoint messages and gets signatures back. The ``Checkpointer`` signs the chain's head every

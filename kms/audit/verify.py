@@ -1,4 +1,4 @@
-"""Offline verification of an audit export (JSON Lines, kms.audit): nothing but the file and the audit public key.
+"""Offline verification of an audit export (JSON Lines, kms.audit.log): nothing but the file and the audit public key.
 
 Checks every record's sequence number, its link to the previous record and its hash over the body as written,
 every checkpoint's signature and head, and the export seal that must close the file: its signature, its head, and

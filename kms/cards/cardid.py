@@ -22,7 +22,7 @@ _PATTERNS = {
 
 @dataclass(frozen=True)
 class ProtectedPan:
-    """A PAN as records keep it (kms.pans): encrypted under the bank domain's data key, bound to its card_ref,
+    """A PAN as records keep it (kms.issuance.pans): encrypted under the bank domain's data key, bound to its card_ref,
     with keyed look-up indexes (HMAC in the bank token) and the PAN masked (first 6, last 4) for people."""
 
     sealed: bytes
@@ -37,7 +37,8 @@ class ProtectedPan:
 @dataclass(frozen=True)
 class CardIdentity:
     """One card as the derivation recipes see it. Fields a profile does not need may be absent. A card read from
-    the records carries its PAN only ``protected``; the bank domain's workers open it (kms.pans) to derive keys."""
+    the records carries its PAN only ``protected``; the bank domain's workers open it (kms.issuance.pans) to derive
+    keys."""
 
     card_ref: str
     city_code: str | None = None

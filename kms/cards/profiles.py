@@ -1,4 +1,4 @@
-"""Card profiles: for each domain, the keys a card gets. Data in policies/profiles/*.yaml, validated at load.
+"""Card profiles: for each domain, the keys a card gets. Data in kms/policies/profiles/*.yaml, validated at load.
 
 A profile that names an unknown recipe, bad recipe parameters, an unknown field, or a master key the registry does
 not hold is rejected with the file, the line and the reason (ProfileError).

@@ -114,7 +114,7 @@ def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, ex
 
 def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes) -> tuple[dict[str, Any], bytes]:
     """A bureau's transport key generated in the token, pre-activation, and wrapped under the bureau station's
-    RSA key (OAEP) for the hand-off (kms.handoffs). Returns (result, wrapped key)."""
+    RSA key (OAEP) for the hand-off (kms.ceremony.handoffs). Returns (result, wrapped key)."""
     record = w.registry.add(w.domain, KeyKind.TRANSPORT, bureau, Algorithm.AES256.value, state=KeyState.PRE_ACTIVATION)
     try:
         wrapped, kcv = w.session.generate_transport_key_for(record.label, recipient_spki)

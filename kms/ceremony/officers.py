@@ -8,8 +8,8 @@ a smartcard token can stand in for it.
 The first officers of each domain are enrolled by the genesis ceremony at ``kms init``; every later enrolment is an
 ``enrol-officer`` ceremony of the domain.
 
-With an audit log (kms.audit), enrolment and revocation append ``officer.enrolled`` / ``officer.revoked`` in the same
-transaction (fail closed); the approval key appears as its fingerprint.
+With an audit log (kms.audit.log), enrolment and revocation append ``officer.enrolled`` / ``officer.revoked`` in the
+same transaction (fail closed); the approval key appears as its fingerprint.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The operations a ceremony can run: each one's parameters (checked when proposed, so approvers sign exactly what
-will run) and what executing it does. HSM steps go to the domain's own worker (kms.keyops through
+will run) and what executing it does. HSM steps go to the domain's own worker (kms.ceremony.keyops through
 ``DomainPool.call``); after any key change the domain's workers are recycled so none serves a stale key version.
 
 Parameters are canonical JSON (kms.canonical: strings, integers, lists, objects); flags are "yes"/"no".
@@ -50,7 +50,7 @@ class Context:
     handoffs: TransportHandoffs
     pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
     principals: PrincipalRegistry | None = None  # stations' and auditors' registrations, officers' certificate pins
-    limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.limits)
+    limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.issuance.limits)
 
 
 Checker = Callable[[Context, str, Mapping[str, Any]], dict[str, Any]]
@@ -357,7 +357,7 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
         public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
         spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki)
-        # The wrapped key goes to the named station only (kms.handoffs), never into results or minutes.
+        # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
         ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
                            c.ceremony_id)
         return {**made, "handed_to": p["station"]}

@@ -2,7 +2,7 @@
 
 A proposal names one operation of one domain with its parameters; its canonical encoding (kms.canonical)
 is hashed, and that digest is what every approval signs — so an approval cannot be moved to another proposal. The
-quorum for (domain, operation) is data (policies/quorum.yaml). ``evaluate`` decides, with a reason per refused
+quorum for (domain, operation) is data (kms/policies/quorum.yaml). ``evaluate`` decides, with a reason per refused
 approval, whether a proposal may run:
 
 - the proposer never counts as an approver, and one officer counts once;
@@ -10,8 +10,8 @@ approval, whether a proposal may run:
 - each approval's signature must verify under that officer's enrolled public key, over this proposal's digest;
 - nothing counts once the proposal has expired or was cancelled.
 
-This module holds no state and touches no HSM: kms.ceremonies persists ceremonies, kms.operations says what each
-operation does, kms.ceremony_service serves them; ``verify_minutes`` checks signed minutes offline.
+This module holds no state and touches no HSM: kms.ceremony.store persists ceremonies, kms.ceremony.operations says what
+each operation does, kms.server.ceremony serves them; ``verify_minutes`` checks signed minutes offline.
 """
 
 from __future__ import annotations

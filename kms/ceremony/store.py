@@ -1,14 +1,14 @@
 """Ceremonies, persisted: propose → approve (signed) → components → execute once → minutes; cancel; expiry.
 
-The rules of who counts are in kms.ceremony (``evaluate``); this module stores ceremonies and applies those rules at
-every step. Each state change is one conditional UPDATE or INSERT whose WHERE clause or key states what it assumed,
+The rules of who counts are in kms.ceremony.rules (``evaluate``); this module stores ceremonies and applies those rules
+at every step. Each state change is one conditional UPDATE or INSERT whose WHERE clause or key states what it assumed,
 so two service replicas cannot both execute a ceremony, and an officer cannot approve twice.
 
 States: ``open`` → ``executing`` → ``executed`` | ``failed``; ``open`` → ``cancelled`` | ``expired``. An open
 ceremony past its expiry time reads as ``expired`` and accepts nothing more; ``sweep`` records it so and erases its
 encrypted components, and fails executions interrupted for longer than EXECUTION_TIMEOUT.
 
-With an audit log (kms.audit) each step appends its record in the transaction of its change (fail closed), and only
+With an audit log (kms.audit.log) each step appends its record in the transaction of its change (fail closed), and only
 once the change happened: ``ceremony.proposed`` (operation, digest, parameters with public keys as fingerprints),
 ``ceremony.approved``, ``ceremony.component`` (custodian and KCV only), ``ceremony.components-out`` (escrow: per
 recipient the KCV), ``ceremony.cancelled``, ``ceremony.executing``, ``ceremony.executed`` / ``ceremony.failed``
@@ -132,7 +132,8 @@ class Ceremonies:
     def propose(self, proposer: Principal, operation: str, params: Mapping[str, Any],
                 ttl: dt.timedelta = DEFAULT_TTL, *, quorum_required: bool = True) -> CeremonyRecord:
         """Record a proposal by an enrolled officer of its domain. ``params`` must already be checked for the
-        operation (kms.operations). Without a quorum rule for the operation nothing is recorded (default deny)."""
+        operation (kms.ceremony.operations). Without a quorum rule for the operation nothing is recorded (default
+        deny)."""
         if not dt.timedelta(minutes=1) <= ttl <= MAX_TTL:
             raise InvalidArgument("ttl_seconds", f"must be between 60 and {int(MAX_TTL.total_seconds())}")
         if proposer.role != "officer" or proposer.domain is None:

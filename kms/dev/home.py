@@ -4,7 +4,7 @@ Layout under the home directory:
   hsm/softhsm2.conf, hsm/tokens/   one SoftHSM2 token per domain (kms-hrss, kms-bank) and per station
   pins/                            random user and SO PINs, one file each (mode 0600), referenced as file:...
   kms.yaml                         the issuer configuration; kms.db the key registry
-  profiles/                        card profiles (a copy of policies/profiles)
+  profiles/                        card profiles (a copy of kms/policies/profiles)
   trust/                           the domains' published issuance signing keys (what stations trust)
   stations/<name>/station.yaml     a station's configuration; ledger.db its opened-bundle ledger
   pki/                             the development CA (ca.pem, ca.key), its revocation list crl.pem, certificates
@@ -321,7 +321,7 @@ def _domain_setup(
             _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
         _add_key_pair(registry, domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072", session.generate_custody_keypair)
         _add_key_pair(registry, domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256", session.generate_signing_key)
-        if domain == pans.DOMAIN:  # cardholder data at rest: the PAN encryption and index keys (kms.pans)
+        if domain == pans.DOMAIN:  # cardholder data at rest: the PAN encryption and index keys (kms.issuance.pans)
             existing_data = registry.names(domain, KeyKind.DATA)
             if pans.DATA_KEY not in existing_data:
                 _add_key(registry, domain, KeyKind.DATA, pans.DATA_KEY, Algorithm.AES256, session.generate_data_key,

@@ -432,7 +432,7 @@ class TokenSession:
         with _hsm(f"sign with {label!r}"):
             return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
 
-    # -- cardholder data at rest (kms.pans) --------------------------------------------------------------------
+    # -- cardholder data at rest (kms.issuance.pans) ---------------------------------------------------------------
 
     def generate_data_key(self, label: str) -> bytes:
         """An AES-256 key that encrypts and decrypts data (AES-GCM) in the token, never extractable; its KCV."""

@@ -29,7 +29,7 @@ class Role(enum.Enum):
     # a key the security officer marked CKA_TRUSTED (CKA_WRAP_WITH_TRUSTED), i.e. the domain's custody key.
     MASTER_ESCROWABLE = "master_escrowable"
     TRANSPORT_ESCROWABLE = "transport_escrowable"
-    # Cardholder data at rest (kms.pans): an AES key that encrypts and decrypts PANs (AES-GCM) and an HMAC key
+    # Cardholder data at rest (kms.issuance.pans): an AES key that encrypts and decrypts PANs (AES-GCM) and an HMAC key
     # that makes their look-up indexes; neither ever leaves the token.
     DATA = "data"
     INDEX = "index"

@@ -15,7 +15,7 @@ Tables (kms.store, SQLAlchemy 2 Core; SQLite by default, PostgreSQL by URL):
 - ``card_events``: append-only history (id autoincrement, batch_id, card_ref, event: created | chip-bound | issued |
   reissue-revoked, detail, at, by).
 
-Operations (``BatchStore(engine, clock, audit)``); with an audit log (kms.audit), every change appends its audit
+Operations (``BatchStore(engine, clock, audit)``); with an audit log (kms.audit.log), every change appends its audit
 record in the same transaction, so a change whose record cannot be written does not happen (fail closed):
 ``batch.created`` (one per batch: card count and cards digest), ``batch.authorized``, ``card.chip-bound`` (which
 fields, never their values), ``card.reissued`` and ``issuance.issued`` (one per card: bundle serial, station, masked
@@ -147,7 +147,8 @@ class CardEvent:
 def cards_digest(cards: Sequence[CardIdentity]) -> str:
     """SHA-256 (hex) over the canonical JSON list of the batch's card identities, in order: what an
     authorize-batch ceremony names, so approvers sign off exactly these cards. The PAN enters as its keyed index
-    (kms.pans): it binds the bank's derivation input without a digest anyone could test guessed PANs against."""
+    (kms.issuance.pans): it binds the bank's derivation input without a digest anyone could test guessed PANs
+    against."""
     return hashlib.sha256(canonical([_digested(c) for c in cards])).hexdigest()
 
 
@@ -380,7 +381,7 @@ class BatchStore:
                 ) -> tuple[CardRecord, tuple[str, ...]]:
         """One domain's consent (officer ``by`` of ``domain``) to revoke the card's chip binding and any issued
         bundle, so that it can be issued again with the same keys. The revocation happens, in the same transaction,
-        once every domain in ``needs`` (the batch profile's domains) has consented (kms.consents); returns the
+        once every domain in ``needs`` (the batch profile's domains) has consented (kms.issuance.consents); returns the
         card's record and the domains whose consent is still awaited (empty: re-issued)."""
         _check_principal("by", by)
         subject = f"{batch_id}/{card_ref}"
@@ -567,7 +568,7 @@ def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str
 def _issued_record(batch_id: str, card_ref: str, serial: str, masked: str | None, by: str | None
                    ) -> dict[str, Any]:
     """The audit record of one issued card: the bundle serial, the station and the PAN masked as it was stored
-    (kms.pans); no other card identity value."""
+    (kms.issuance.pans); no other card identity value."""
     return {"kind": "issuance.issued", "actor": by or "", "subject": f"{batch_id}/{card_ref}",
             "detail": {"serial": serial, "by": by or "", "pan": masked or ""}}
 

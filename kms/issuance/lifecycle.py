@@ -22,7 +22,7 @@ identity or a card whose lifecycle has ended.
 
 Tables (kms.store): ``card_lifecycle``, ``card_lifecycle_events``, ``retired_identities``.
 
-With an audit log (kms.audit) every event also appends ``lifecycle.<event>`` in the same transaction (fail closed):
+With an audit log (kms.audit.log) every event also appends ``lifecycle.<event>`` in the same transaction (fail closed):
 the card_ref, application, states, reason and revoked batch records; retired identities by field name only, never
 their values.
 """
@@ -181,7 +181,7 @@ class CardLifecycle:
     def replace(self, old_card_ref: str, new_card_ref: str, reason: str, by: Principal) -> CardView:
         """补换: one domain's consent (officer ``by``) to the new card replacing the old one. A replacement ends both
         applications, so it happens, in the same transaction as the last consent, once an officer of each domain
-        consented (kms.consents). Returns the old card's view, with the domains still to consent."""
+        consented (kms.issuance.consents). Returns the old card's view, with the domains still to consent."""
         _check_ref("old_card_ref", old_card_ref)
         _check_ref("new_card_ref", new_card_ref)
         if new_card_ref == old_card_ref:
@@ -457,8 +457,8 @@ def _revoke_records(conn: sa.Connection, card_ref: str, why: str, now: str, by: 
 
 
 def _identities(conn: sa.Connection, card_ref: str) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """Every identity value the card's records carry: card_serial, pan and pan_psn (their keyed indexes, kms.pans),
-    kdd; and how messages show each (a PAN masked)."""
+    """Every identity value the card's records carry: card_serial, pan and pan_psn (their keyed indexes,
+    kms.issuance.pans), kdd; and how messages show each (a PAN masked)."""
     found: dict[str, set[str]] = {"card_serial": set(), "pan": set(), "pan_psn": set(), "kdd": set()}
     shown: dict[str, str] = {}
     rows = conn.execute(sa.select(batch_cards.c.card_serial, batch_cards.c.pan_index, batch_cards.c.pan_psn_index,

@@ -3,15 +3,16 @@
 Limits: ``cards_per_hour`` and ``cards_per_day`` (cards newly issued, in a sliding window) and
 ``concurrent_streams`` (StreamBatch calls in progress), each for a station and for its whole bureau.
 
-- **Defaults** are data, policies/limits.yaml (read once at start-up; its SHA-256 is in ``service.started``).
-- **Changes** only by a ``set-limits`` ceremony of a key domain (kms.operations), stored in the ``limits`` table
+- **Defaults** are data, kms/policies/limits.yaml (read once at start-up; its SHA-256 is in ``service.started``).
+- **Changes** only by a ``set-limits`` ceremony of a key domain (kms.ceremony.operations), stored in the ``limits``
+table
   per (domain, scope, subject, name). For a call, each domain whose keys the batch carries has its value: its own
   ceremony value for this station (or bureau), else its value for ``default``, else the file's. The **smallest** of
   these applies: either key owner can tighten a limit alone; raising one above the file's default takes both.
 - **Counting**: cards from ``card_events`` (``issued`` events by the station's URI), so every replica on the same
   database counts every replica's cards; streams in memory, per server process.
 - A call over a limit is refused with ``ResourceExhausted`` naming the limit, and raises ``alarm.limit``
-  (kms.alarms).
+  (kms.audit.alarms).
 
 Counting cost: a full count of a day's issuance is a range scan; it is made at most every ``REFRESH`` per bureau
 (a snapshot up to a split time), and each check adds only the events since the split (one small indexed query).
@@ -49,7 +50,7 @@ NAMES = ("cards_per_hour", "cards_per_day", "concurrent_streams")
 WINDOWS = {"cards_per_hour": dt.timedelta(hours=1), "cards_per_day": dt.timedelta(days=1)}
 MAX_VALUE = 1_000_000_000
 DEFAULT_SUBJECT = "default"
-ISSUED = "issued"  # kms.batches' card_events.event for a card recorded issued
+ISSUED = "issued"  # kms.issuance.batches' card_events.event for a card recorded issued
 
 REFRESH = dt.timedelta(seconds=10)  # how old a count snapshot may grow (clock time)
 MARGIN = dt.timedelta(seconds=5)  # the snapshot's split lies this far back: a commit late by less is still counted
@@ -307,7 +308,7 @@ class Allowance:
 
 
 class Quotas:
-    """The limits of policies/limits.yaml and the ``limits`` table, applied to stations' calls."""
+    """The limits of kms/policies/limits.yaml and the ``limits`` table, applied to stations' calls."""
 
     def __init__(self, engine: sa.Engine, clock: Clock, policy: LimitsPolicy, audit: AuditLog | None = None,
                  alarms: Alarms | None = None) -> None:

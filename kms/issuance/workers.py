@@ -124,7 +124,7 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
         sealer = _worker.sealer(bureau, profile, pins)  # re-resolved: raises if no active version remains
     pid = os.getpid()
     started = time.perf_counter()
-    # The bank's workers open the protected PANs of the cards here, to derive their keys (kms.pans).
+    # The bank's workers open the protected PANs of the cards here, to derive their keys (kms.issuance.pans).
     opened = [_open_pan(job.card, batch) for job in jobs] if _worker.domain == pans.DOMAIN \
         else [job.card for job in jobs]
     sealed = iter(sealer.seal_many([(card, job.serial) for card, job in zip(opened, jobs, strict=True)
@@ -163,7 +163,8 @@ WORKER_STEPS = frozenset({
 
 
 def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
-    """A ceremony step (kms.keyops) in this domain's worker, with its session and registry: only WORKER_STEPS."""
+    """A ceremony step (kms.ceremony.keyops) in this domain's worker, with its session and registry: only
+    WORKER_STEPS."""
     function, args = task
     name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
     if name not in WORKER_STEPS:

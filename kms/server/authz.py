@@ -1,4 +1,4 @@
-"""Method-level authorization as data (policies/authz.yaml): which roles may call which gRPC method.
+"""Method-level authorization as data (kms/policies/authz.yaml): which roles may call which gRPC method.
 Default deny; unknown settings and roles are errors at load."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The card lifecycle service (kms.v1.CardService, protos/kms/v1/cards.proto): officers report a card's
 application lost, cancel the report, replace a card and cancel an application; officers and auditors read a card.
 
-Every handler runs behind the authorization interceptor (kms.server; policies/authz.yaml). The rules — which officer
-may act on which application, which transitions are allowed — live in kms.lifecycle, which also validates every
-field (INVALID_ARGUMENT naming it).
+Every handler runs behind the authorization interceptor (kms.server.frame; kms/policies/authz.yaml). The rules — which
+officer may act on which application, which transitions are allowed — live in kms.issuance.lifecycle, which also
+validates every field (INVALID_ARGUMENT naming it).
 """
 
 from __future__ import annotations

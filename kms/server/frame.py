@@ -1,6 +1,6 @@
 """The gRPC server frame: mutual TLS, identity from the verified client certificate, checked against the principal
 registry (kms.principals: enrolled, active, certificate key pinned), one authorization interceptor
-(policies/authz.yaml, default deny), health checking and reflection, explicit message limits, and the one place
+(kms/policies/authz.yaml, default deny), health checking and reflection, explicit message limits, and the one place
 where kms errors become gRPC status codes.
 
 Each handler reads its caller with ``current_principal()`` and the key domains the caller may act for with
@@ -325,7 +325,7 @@ def create_server(
     """A started-ready (not yet started) server and its port. ``register`` adds services and returns their full
     names (for reflection and health). With ``audit``, every call's outcome is recorded there; with ``principals``
     every caller must be enrolled, active and pinned there; ``certificate_checks`` run first on every call; with
-    ``alarms`` refusals and stations' calling hours are watched (kms.alarms)."""
+    ``alarms`` refusals and stations' calling hours are watched (kms.audit.alarms)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms)],

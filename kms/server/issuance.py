@@ -1,12 +1,12 @@
 """The issuance services (kms.v1): stations fetch sealed bundles of authorized batches; officers create batches.
 
-Every handler runs behind the authorization interceptor (kms.server): the caller is a verified principal whose role
-the policy allows for the method. Here each request is checked against the caller's own scope — a station only its
+Every handler runs behind the authorization interceptor (kms.server.frame): the caller is a verified principal whose
+role the policy allows for the method. Here each request is checked against the caller's own scope — a station only its
 bureau's batches, for domains its bureau is registered for; an officer only batches whose profile covers their
 domain — and refused with a reason a person understands.
 
 No HSM work starts once a call's deadline has passed or the call was cancelled. A card is issued at most once
-(kms.batches); a retried request with the same idempotency key, or a resumed stream, gets the stored bundle.
+(kms.issuance.batches); a retried request with the same idempotency key, or a resumed stream, gets the stored bundle.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class Issuance:
                  pools: DomainPools, clock: Clock, *, lifecycle: CardLifecycle, quotas: Quotas | None = None,
                  alarms: Alarms | None = None, pans: PanVault | None = None) -> None:
         self.config_path = config_path
-        # PANs of new batches are protected by the bank domain's workers before anything stores them (kms.pans).
+        # PANs of new batches are protected by the bank domain's workers before anything stores them
+        # (kms.issuance.pans).
         self.pans = pans or PanVault(_bank_call(pools))
         self.store = store
         self.lifecycle = lifecycle  # lost, cancelled, replaced cards and retired identities are never issued
@@ -65,8 +66,8 @@ class Issuance:
         self.profiles = profiles
         self.pools = pools
         self.clock = clock
-        self.quotas = quotas  # stations' and bureaus' issuance limits (kms.limits); None: no limits
-        self.alarms = alarms  # alarm.outside-batch records (kms.alarms)
+        self.quotas = quotas  # stations' and bureaus' issuance limits (kms.issuance.limits); None: no limits
+        self.alarms = alarms  # alarm.outside-batch records (kms.audit.alarms)
         self._issuers: dict[tuple[str, str], Issuer] = {}
         self._lock = threading.Lock()
 
@@ -261,7 +262,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         issuer = self._i.issuer(batch.bureau, batch.profile)
         _require_time(context)
 
-        blocked: dict[str, str] = {}  # card_ref → why it must not be issued (kms.lifecycle), filled per page
+        blocked: dict[str, str] = {}  # card_ref → why it must not be issued (kms.issuance.lifecycle), filled per page
 
         def sealable(record: CardRecord) -> bool:
             return (record.state is CardState.PENDING and record.card_ref not in blocked
@@ -277,7 +278,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                         return  # a card limit is reached: the walk ends the stream when it comes to this card
                     yield record.identity
 
-        # One of the station's and its bureau's streams in progress, and their card limits (kms.limits).
+        # One of the station's and its bureau's streams in progress, and their card limits (kms.issuance.limits).
         quota = None if self._i.quotas is None else self._i.quotas.stream(principal, profile.domains, STREAM_BATCH)
         sealed = issuer.issue(to_seal(), batch.batch_id, batch.key_versions)
         group: list[tuple[CardRecord, IssuedBundle | None]] = []
@@ -328,7 +329,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
         require_still_admitted(domains)
         new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
         fed, over_limit = len(new), False
-        if quota is not None and new:  # one indexed query per message with new bundles (kms.limits)
+        if quota is not None and new:  # one indexed query per message with new bundles (kms.issuance.limits)
             admitted = quota.admit(fed)
             if admitted < fed:  # a limit is reached: the message ends before the first card over it
                 cut = new[admitted][0].sequence
@@ -406,7 +407,7 @@ class BatchService(rpc.BatchServiceServicer):
                 if missing:
                     raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
                                                  f"is required by profile {profile.name}")
-            # PANs are kept only protected by the bank domain (kms.pans), bound to this batch
+            # PANs are kept only protected by the bank domain (kms.issuance.pans), bound to this batch
             cards = self._i.pans.protect(cards, request.batch_id)
             self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards
             batch = self._i.store.create_batch(request.batch_id, request.bureau, profile.name, cards,

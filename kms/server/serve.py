@@ -1,9 +1,9 @@
 """`kms serve`: the issuance service on its configured address, until SIGINT/SIGTERM.
 
 The serving process holds no PIN: it reads records and the key registry, and hands sealing to each domain's worker
-processes (kms.workers), which alone read their own domain's PIN.
+processes (kms.issuance.workers), which alone read their own domain's PIN.
 
-Every store it builds shares one audit log (kms.audit) on the service's database: each state change appends its
+Every store it builds shares one audit log (kms.audit.log) on the service's database: each state change appends its
 record in its own transaction. A ``service.started`` record names the SHA-256 of the configuration file and of each
 policy file (authorization, quorum, limits, profiles), so that a configuration change shows as a new digest.
 """
@@ -56,7 +56,7 @@ class Service:
 
     def __init__(self, config_path: Path, *, listen: str | None = None, clock: Clock | None = None,
                  processes_per_domain: int | None = None, limits: Path | None = None) -> None:
-        """``limits``: another defaults file than policies/limits.yaml (tests; `kms serve` has no such option)."""
+        """``limits``: another defaults file than kms/policies/limits.yaml (tests; `kms serve` has no such option)."""
         cfg = config_mod.load(config_path)
         if cfg.server is None:
             raise ConfigError(f"{cfg.path}: no 'server' section")
@@ -80,7 +80,8 @@ class Service:
         loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
         self.pools = DomainPools(cfg.path, processes_per_domain)
         self.lifecycle = CardLifecycle(engine, clock, audit)
-        # Issuance limits (policies/limits.yaml, then set-limits ceremonies) and anomaly alarms (kms.limits, alarms).
+        # Issuance limits (kms/policies/limits.yaml, then set-limits ceremonies) and anomaly alarms
+        # (kms.issuance.limits, alarms).
         self.alarms = Alarms(audit, clock, limits_policy.alarms)
         self.quotas = Quotas(engine, clock, limits_policy, audit, self.alarms)
         self.issuance = Issuance(cfg.path, BatchStore(engine, clock, audit), registry, loaded, self.pools, clock,
