@@ -169,7 +169,7 @@ def test_no_worker_call_hands_a_clear_pan_to_the_coordinator(service: Service) -
         module, _, function = name.rpartition(".")
         assert callable(getattr(importlib.import_module(module), function)), name
     bank_pool = service.pools.pools["bank"]
-    with pytest.raises(InvalidState, match=r"kms\.pans\.open_card is not a step"):
+    with pytest.raises(InvalidState, match=r"kms\.issuance\.pans\.open_card is not a step"):
         bank_pool.call(pans.open_card, CardIdentity(card_ref="x"), "B", {})
     with pytest.raises(InvalidState, match="is not a step"):
         bank_pool.call(runtime.open_domain)
