@@ -12,7 +12,7 @@ from collections.abc import Callable
 class KmsError(Exception):
     """Base of every error kms raises on purpose."""
 
-    #: gRPC status code name (grpc.StatusCode[...]); mapped in kms.server, kept as text here so the core
+    #: gRPC status code name (grpc.StatusCode[...]); mapped in kms.server.frame, kept as text here so the core
     #: does not import grpc.
     grpc_status = "INTERNAL"
     exit_code = 1

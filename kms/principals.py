@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import InvalidArgument, InvalidState, PermissionDenied
 from kms.identity import Principal, from_certificate, parse_uri

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock
 from kms.errors import InvalidState
 

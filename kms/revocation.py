@@ -2,8 +2,8 @@
 
 gRPC Python cannot check CRLs itself, so:
 
-- **Server** (``server.tls.crl`` in kms.yaml): ``RevocationList`` is a certificate check of kms.server: it runs first
-  on every call, and a client certificate whose serial its issuer's CRL lists is refused (PERMISSION_DENIED,
+- **Server** (``server.tls.crl`` in kms.yaml): ``RevocationList`` is a certificate check of kms.server.frame: it runs
+  first on every call, and a client certificate whose serial its issuer's CRL lists is refused (PERMISSION_DENIED,
   recorded as ``request.refused``). The CRL file (PEM, one or more CRLs) must hold, for every CA of the client CA file
   (``server.tls.ca``), a CRL that CA signed. The file is looked at (``stat``) on every call and read again when it
   changed, so revoking needs no restart. A file that cannot be used at start is a ConfigError; a bad replacement
@@ -154,7 +154,7 @@ def _who(cert: x509.Certificate) -> str:
 
 
 class RevocationList:
-    """The server's check of client certificates against the CRL file (a kms.server CertificateCheck)."""
+    """The server's check of client certificates against the CRL file (a kms.server.frame CertificateCheck)."""
 
     def __init__(self, crl_path: Path, ca_path: Path,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:

@@ -19,22 +19,24 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from kms import config, profiles, runtime, store
-from kms.cardid import CardIdentity
-from kms.client import Client
+from kms import config, runtime, store
+from kms.cards import profiles
+from kms.cards.cardid import CardIdentity
+from kms.client.service import Client
 from kms.clock import SystemClock
-from kms.devhome import Home, init_home
-from kms.engine import DomainSealer, new_serial
-from kms.hsm import Algorithm, KcvMethod, TokenSession
+from kms.dev.home import Home, init_home
+from kms.hsm.session import TokenSession
+from kms.hsm.types import Algorithm, KcvMethod
 from kms.identity import Principal
+from kms.issuance.sealer import DomainSealer, new_serial
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
-from kms.serve import Service
+from kms.server.serve import Service
 from kms.station import Station, TrustStore
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS_PATH = Path(__file__).resolve().parent / "vectors" / "derivation.json"
 VECTORS = json.loads(VECTORS_PATH.read_text())
-PROFILE = profiles.load(ROOT / "policies" / "profiles" / "dual-app.yaml")
+PROFILE = profiles.load(ROOT / "kms" / "policies" / "profiles" / "dual-app.yaml")
 TEST_BUREAU = "bureau-test"
 
 

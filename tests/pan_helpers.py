@@ -1,8 +1,8 @@
-"""A software stand-in for the bank domain's PAN protection (kms.pans), for unit tests of the stores only.
+"""A software stand-in for the bank domain's PAN protection (kms.issuance.pans), for unit tests of the stores only.
 
 It produces what the HSM path produces — a sealed blob, keyed indexes, the masked PAN — with a fixed test key in
-software, so store-level tests can create batches without worker processes. The service always uses kms.pans with
-the bank token; tests/test_pans.py checks that path against a real token.
+software, so store-level tests can create batches without worker processes. The service always uses kms.issuance.pans
+with the bank token; tests/test_pans.py checks that path against a real token.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms.audit import mask_pan
-from kms.cardid import CardIdentity, ProtectedPan
+from kms.audit.log import mask_pan
+from kms.cards.cardid import CardIdentity, ProtectedPan
 
 _KEY = hashlib.sha256(b"kms unit tests: not a key of any domain").digest()
 

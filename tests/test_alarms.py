@@ -1,4 +1,4 @@
-"""Anomaly alarms (kms.alarms), end to end: a development home of its own, `kms serve` in this process with an
+"""Anomaly alarms (kms.audit.alarms), end to end: a development home of its own, `kms serve` in this process with an
 injected clock and a limits file with office hours, real mutual TLS; the alarms found with `kms audit export --kind
 alarm`, and the export verified with `kms audit verify`."""
 
@@ -16,14 +16,14 @@ import pytest
 from ceremony_helpers import client, officer, open_batch, run_ceremony
 from conftest import card, kms, service_client
 
-from kms.alarms import AlarmPolicy
-from kms.cardid import CardIdentity
+from kms.audit.alarms import AlarmPolicy
+from kms.cards.cardid import CardIdentity
 from kms.clock import FixedClock
-from kms.devhome import Home, init_home
+from kms.dev.home import Home, init_home
 from kms.errors import PermissionDenied, ResourceExhausted
 from kms.identity import Principal
-from kms.limits import DEFAULT_LIMITS
-from kms.serve import Service
+from kms.issuance.limits import DEFAULT_LIMITS
+from kms.server.serve import Service
 
 A1, B1 = "station-a1", "station-b1"
 A1_URI, B1_URI = "urn:kms:station:bureau-a:station-a1", "urn:kms:station:bureau-b:station-b1"

@@ -1,4 +1,4 @@
-"""The audit chain (kms.audit) and its offline verifier (kms.audit_verify): a tamper matrix on 10,000 records, each
+"""The audit chain (kms.audit.log) and its offline verifier (kms.audit.verify): a tamper matrix on 10,000 records, each
 attack named by its exact first bad sequence number; concurrent writers keep one gap-free chain."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import store
-from kms.audit import (
+from kms.audit.log import (
     AuditLog,
     Checkpoint,
     Seal,
@@ -25,7 +25,7 @@ from kms.audit import (
     mask_pan,
     seal_message,
 )
-from kms.audit_verify import NOT_THIS_REQUEST, verify
+from kms.audit.verify import NOT_THIS_REQUEST, verify
 from kms.clock import FixedClock
 from kms.errors import AuditUnavailable
 
@@ -45,7 +45,7 @@ def _sign(log: AuditLog, clock: FixedClock) -> None:
 
 def _seal(log: AuditLog, clock: FixedClock, *, size: int | None = None, nonce: str = NONCE,
           key: ec.EllipticCurvePrivateKey = KEY, **filters: str) -> Seal:
-    """What the audit signer makes for one export request (kms.audit_signer.Checkpointer.seal), by a software key."""
+    """What the audit signer makes for one export request (kms.audit.signer.Checkpointer.seal), by a software key."""
     size = log.head()[0] if size is None else size
     head = next(r.hash for r in log.records(size - 1, size))
     at = clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -18,22 +18,24 @@ import sqlalchemy as sa
 from ceremony_helpers import client, key, officer, officer_params, open_batch, run_ceremony
 from conftest import MASTER_KEYS, TEST_TRANSPORT_KEYS, card, service_client
 
-from kms import components, config, runtime, store
-from kms.audit import AuditLog, chain, mask_pan
-from kms.cardid import CardIdentity
-from kms.ceremony_client import CeremonyClient
+from kms import config, runtime, store
+from kms.audit.log import AuditLog, chain, mask_pan
+from kms.cards.cardid import CardIdentity
+from kms.ceremony import components
+from kms.client.ceremony import CeremonyClient
 from kms.clock import SystemClock
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import InvalidArgument, InvalidState
-from kms.hsm import Algorithm
+from kms.hsm.types import Algorithm
 from kms.identity import Principal
-from kms.serve import Service
+from kms.server.serve import Service
 from kms.station import accept_transport_key, unwrap_public_key_pem
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
 CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
 
-#: Every kind of record a state change writes (kms.batches, ceremonies, registry, officers, handoffs, lifecycle).
+#: Every kind of record a state change writes (kms.issuance.batches, ceremonies, registry, officers, handoffs,
+#: lifecycle).
 KINDS = {
     "service.started",
     "batch.created", "batch.authorized", "card.chip-bound", "card.reissue-consented", "card.reissued",

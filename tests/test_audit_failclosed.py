@@ -15,13 +15,13 @@ from ceremony_helpers import open_batch
 from conftest import card, service_client
 
 from kms import config, store
-from kms.audit import AuditLog, chain
-from kms.cardid import CardIdentity
+from kms.audit.log import AuditLog, chain
+from kms.cards.cardid import CardIdentity
 from kms.clock import SystemClock
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import HsmError
 from kms.identity import Principal
-from kms.serve import Service
+from kms.server.serve import Service
 
 ALICE = Principal("officer", "alice", domain="hrss")
 CARDS = 40

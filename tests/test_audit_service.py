@@ -1,4 +1,4 @@
-"""The audit service and request outcomes end to end: a real server (kms.serve.Service) on the session home, its
+"""The audit service and request outcomes end to end: a real server (kms.server.serve.Service) on the session home, its
 checkpoints signed by the audit key in the audit token; an auditor exports, `kms audit verify` checks the export
 offline with audit/audit-v1.pem; stations and officers are refused, and each call's outcome is itself a
 record."""
@@ -20,18 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import store
-from kms.audit import AuditLog, checkpoint_message
-from kms.audit_client import AuditClient
-from kms.audit_service import chunks, parse_time
-from kms.audit_verify import NOT_THIS_REQUEST, verify
-from kms.authz import Policy
+from kms.audit.log import AuditLog, AuditUnavailable, checkpoint_message
+from kms.audit.verify import NOT_THIS_REQUEST, verify
+from kms.client.audit import AuditClient
 from kms.clock import SystemClock
-from kms.devhome import Home
-from kms.errors import AuditUnavailable, InvalidArgument, NotFound, PermissionDenied
+from kms.dev.home import Home
+from kms.dev.pki import DevPki
+from kms.errors import InvalidArgument, NotFound, PermissionDenied
 from kms.identity import Principal
-from kms.pki import DevPki
-from kms.serve import Service
-from kms.server import TlsFiles, create_server
+from kms.server.audit import chunks, parse_time
+from kms.server.authz import Policy
+from kms.server.frame import TlsFiles, create_server
+from kms.server.serve import Service
 
 ALICE = Principal("officer", "alice", domain="hrss")
 ERIN = Principal("auditor", "erin")

@@ -11,12 +11,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import config, store
-from kms.audit import AuditLog, export_lines
-from kms.audit_signer import AUDIT_KEY_LABEL, AuditSigner, Checkpointer
-from kms.audit_verify import verify
+from kms.audit.log import AuditLog, export_lines
+from kms.audit.signer import AUDIT_KEY_LABEL, AuditSigner, Checkpointer
+from kms.audit.verify import verify
 from kms.clock import FixedClock
-from kms.devhome import Home
-from kms.hsm import TokenSession
+from kms.dev.home import Home
+from kms.hsm.session import TokenSession
 
 NONCE, OTHER = "5e" * 16, "7f" * 32
 
@@ -114,7 +114,7 @@ def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Hom
     with a good checkpoint)."""
     import sqlalchemy as sa
 
-    from kms.audit import chain
+    from kms.audit.log import chain
     from kms.errors import AuditChainBroken
 
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kms.authz import Policy
 from kms.errors import ConfigError, PermissionDenied
 from kms.identity import Principal
+from kms.server.authz import Policy
 
 STATION = Principal("station", "station-a1", bureau="bureau-a")
 OFFICER = Principal("officer", "alice", domain="hrss")

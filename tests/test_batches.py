@@ -18,13 +18,13 @@ from conftest import EngineFactory
 from pan_helpers import SoftwarePans
 from pan_helpers import index as pan_index
 
-from kms import batches as batches_module
 from kms import store
-from kms.audit import AuditLog
-from kms.batches import BatchState, BatchStore, CardState, EventKind
-from kms.cardid import CardIdentity
+from kms.audit.log import AuditLog, AuditUnavailable
+from kms.cards.cardid import CardIdentity
 from kms.clock import FixedClock
-from kms.errors import AlreadyExists, AuditUnavailable, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
+from kms.issuance import batches as batches_module
+from kms.issuance.batches import BatchState, BatchStore, CardState, EventKind
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 START = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -96,7 +96,7 @@ def test_create_batch_records_cards_in_order_with_counts(bstore: BatchStore) -> 
     assert (created.card_count, created.issued_count) == (3, 0)
     for i, given in enumerate(cards):
         record = bstore.card("B-2026.01:x", given.card_ref)
-        # the PAN is kept only protected (kms.pans): masked for people, sealed for the bank's workers
+        # the PAN is kept only protected (kms.issuance.pans): masked for people, sealed for the bank's workers
         assert (record.sequence, record.identity, record.state) == (i, replace(given, pan=None), CardState.PENDING)
         assert record.identity.protected is not None and given.pan is not None
         assert record.identity.protected.masked == given.pan[:6] + "*" * (len(given.pan) - 10) + given.pan[-4:]
@@ -587,7 +587,7 @@ def test_events_tell_each_cards_history_in_order(bstore: BatchStore, clock: Fixe
         bstore.events("B-9")
 
 
-# -- audit records (kms.audit): in the change's transaction, only for changes that happened ------------------------
+# -- audit records (kms.audit.log): in the change's transaction, only for changes that happened ------------------------
 
 
 def _audit_bodies(log: AuditLog) -> list[dict[str, Any]]:

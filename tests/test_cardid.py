@@ -1,4 +1,4 @@
-"""kms.cardid: card identities, validated field by field; errors name the field."""
+"""kms.cards.cardid: card identities, validated field by field; errors name the field."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kms.cardid import CardIdentity
+from kms.cards.cardid import CardIdentity
 from kms.errors import InvalidArgument
 
 FULL = {

@@ -1,4 +1,4 @@
-"""Ceremonies, persisted (kms.ceremonies): propose / approve / components / cancel / expire / execute over a real
+"""Ceremonies, persisted (kms.ceremony.store): propose / approve / components / cancel / expire / execute over a real
 database, with officers of both domains and a fake operation (the unit seam: the real operations run through gRPC in
 test_ceremony_service.py).
 
@@ -35,20 +35,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kms import store
-from kms.audit import AuditLog
-from kms.ceremonies import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
-from kms.ceremony import APPROVAL_CONTEXT, Officer, QuorumPolicy
+from kms.audit.log import AuditLog
+from kms.ceremony.officers import OfficerRecord, OfficerStore, public_pem
+from kms.ceremony.operations import OPERATIONS
+from kms.ceremony.rules import APPROVAL_CONTEXT, Officer, QuorumPolicy
+from kms.ceremony.store import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, HsmError, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.identity import Principal
-from kms.officers import OfficerRecord, OfficerStore, public_pem
-from kms.operations import OPERATIONS
 from kms.registry import DOMAINS
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
-QUORUM_FILE = Path(__file__).resolve().parent.parent / "policies" / "quorum.yaml"
-#: What an approval signs, as docs/ceremonies.md states it (kept independent of kms.ceremony).
+QUORUM_FILE = Path(__file__).resolve().parent.parent / "kms" / "policies" / "quorum.yaml"
+#: What an approval signs, as docs/ceremonies.md states it (kept independent of kms.ceremony.rules).
 CONTEXT = b"kms-ceremony-approval/v1\x00"
 #: The quorum rules read straight from the policy file: {(domain, operation): (approvals, role)}.
 RULES: dict[tuple[str, str], tuple[int, str]] = {
@@ -1047,7 +1047,8 @@ def test_approvals_sign_the_documented_context() -> None:
     assert APPROVAL_CONTEXT == CONTEXT
 
 
-# -- audit records (kms.audit): each step in its own transaction, only once it happened -----------------------------
+# -- audit records (kms.audit.log): each step in its own transaction, only once it happened
+# -----------------------------
 
 
 def test_each_step_appends_its_audit_record_and_a_refused_one_none(world: World) -> None:

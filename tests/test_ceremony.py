@@ -1,4 +1,4 @@
-"""Dual control: M-of-N signed approvals (kms.ceremony), including a hypothesis state machine over
+"""Dual control: M-of-N signed approvals (kms.ceremony.rules), including a hypothesis state machine over
 propose / approve / replay / cancel / expire / execute with officers of both domains."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kms.ceremony import Approval, Officer, Proposal, QuorumPolicy, evaluate, sign_approval
+from kms.ceremony.rules import Approval, Officer, Proposal, QuorumPolicy, evaluate, sign_approval
 from kms.errors import ConfigError, InvalidArgument
 from kms.identity import Principal
 
@@ -185,7 +185,7 @@ class Ceremonies(RuleBasedStateMachine):
 
 
 def _valid(approval: Approval, proposal: Proposal) -> bool:
-    from kms.ceremony import _verifies, approval_message
+    from kms.ceremony.rules import _verifies, approval_message
 
     return _verifies(OFFICERS[approval.officer].public_key, approval.signature, approval_message(proposal))
 
@@ -199,7 +199,7 @@ def _minutes(approved_by: list[str], signers: list[Principal], domain_key: ec.El
     from cryptography.hazmat.primitives import hashes, serialization
 
     from kms.bundle import canonical
-    from kms.ceremony import approval_message
+    from kms.ceremony.rules import approval_message
 
     proposal = Proposal("hrss", "generate-master-key", {"name": "mk"}, proposer, T0, T0 + dt.timedelta(hours=1),
                         "C-00112233445566ff")
@@ -216,7 +216,7 @@ def _minutes(approved_by: list[str], signers: list[Principal], domain_key: ec.El
 
 
 def test_minutes_verify_offline_only_with_a_quorum_of_good_signatures() -> None:
-    from kms.ceremony import verify_minutes
+    from kms.ceremony.rules import verify_minutes
 
     alice, bob, chen = (o.principal for o, _ in STAFF[:3])
     domain_key = ec.generate_private_key(ec.SECP256R1())

@@ -14,16 +14,17 @@ from conftest import card, kms, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kms import components, config, store
-from kms.ceremony import APPROVAL_CONTEXT, verify_minutes
-from kms.ceremony_client import CeremonyClient
+from kms import config, store
+from kms.ceremony import components
+from kms.ceremony.rules import APPROVAL_CONTEXT, verify_minutes
+from kms.client.ceremony import CeremonyClient
 from kms.clock import SystemClock
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, PermissionDenied
-from kms.hsm import Algorithm
+from kms.hsm.types import Algorithm
 from kms.identity import Principal
 from kms.registry import KeyKind, KeyRegistry, KeyState
-from kms.serve import Service
+from kms.server.serve import Service
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
 CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))

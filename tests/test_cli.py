@@ -24,7 +24,7 @@ def test_init_is_idempotent_and_keys_list_shows_no_values(cli_home: Path) -> Non
     listing = json.loads(kms("keys", "list", "--config", str(cli_home / "kms.yaml"), "--json", check=True).stdout)
     assert {(r["domain"], r["kind"]) for r in listing} == {
         (d, k) for d in ("hrss", "bank") for k in ("master", "transport", "signing", "custody")} | {("bank", "data")}
-    assert sorted(r["name"] for r in listing if r["kind"] == "data") == ["pan", "pan-index"]  # kms.pans
+    assert sorted(r["name"] for r in listing if r["kind"] == "data") == ["pan", "pan-index"]  # kms.issuance.pans
     assert len([r for r in listing if r["kind"] == "master"]) == 11
     assert all(r["state"] == "active" and r["version"] == 1 for r in listing)
     assert all(set(r) == {"domain", "kind", "name", "version", "algorithm", "state", "kcv", "kcv_method",
@@ -103,7 +103,7 @@ def test_errors_are_one_line_with_a_specific_exit_status(
 
 
 def test_profile_check_reports_file_line_and_reason(cli_home: Path, tmp_path: Path) -> None:
-    ok = kms("profile", "check", str(ROOT / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
+    ok = kms("profile", "check", str(ROOT / "kms" / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
     assert ok.returncode == 0 and "profile dual-app-v1 ok (hrss: 9 keys, bank: 6 keys)" in ok.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("profile: bad\ndomains:\n  bank:\n    keys:\n      - name: k\n        usage: u\n"

@@ -11,12 +11,13 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kms import bundle, reference
-from kms.cardid import CardIdentity
+from kms import bundle
+from kms.cards import reference
+from kms.cards.cardid import CardIdentity
 from kms.clock import FixedClock
-from kms.engine import DomainKeys, DomainSealer
 from kms.errors import InvalidArgument, NotFound, PermissionDenied
-from kms.hsm import TokenSession
+from kms.hsm.session import TokenSession
+from kms.issuance.sealer import DomainKeys, DomainSealer
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
 
 NOW = dt.datetime(2026, 11, 26, 8, 30, tzinfo=dt.UTC)
@@ -126,8 +127,8 @@ def test_a_card_without_a_field_its_recipes_need_is_invalid_argument(test_sealer
 def test_unregistered_bureau_or_missing_master_key_is_refused(registry: KeyRegistry) -> None:
     with pytest.raises(PermissionDenied, match="not registered for the bank domain"):
         DomainKeys.resolve(registry, "bank", PROFILE, "bureau-nobody")
-    from kms import profiles
-    from kms.profiles import Profile
+    from kms.cards import profiles
+    from kms.cards.profiles import Profile
 
     bad = Profile(name="x", description="", source="x", domains={
         "bank": (profiles.KeySpec(name="k", usage="u", recipe=PROFILE.keys("bank")[0].recipe, master_key="nope"),)})

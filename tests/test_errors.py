@@ -1,5 +1,6 @@
 """kms.errors: gRPC status names and CLI exit codes per class, and back from a status to an error; every servicer
-method turns errors into statuses the one way (kms.server.service_method); errors survive pickling (HSM workers)."""
+method turns errors into statuses the one way (kms.server.frame.service_method); errors survive pickling (HSM
+workers)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import grpc
 import pytest
 
 import kms
-from kms import client, errors, server
+from kms import errors
+from kms.client import service as client
 from kms.errors import (
     AlreadyExists,
     AuditChainBroken,
@@ -39,6 +41,7 @@ from kms.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from kms.server import frame as server
 
 #: One instance of every KmsError class, built the way kms builds it.
 EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
@@ -160,7 +163,7 @@ def test_exit_codes_are_shared_only_within_a_family() -> None:
 
 
 def test_the_verifier_exit_code_is_the_declared_one() -> None:
-    from kms import cli_audit
+    from kms.cli import audit as cli_audit
 
     assert cli_audit.NOT_VERIFIED == AuditNotVerified.exit_code == 9
 
@@ -273,7 +276,7 @@ def test_every_servicer_method_of_every_service_goes_through_service_method() ->
                 function = getattr(implementation, method.name)
                 assert function is not getattr(base, method.name), f"{implementation.__name__}.{method.name} missing"
                 assert getattr(function, server.SERVICE_METHOD, False), \
-                    f"{implementation.__name__}.{method.name} is not decorated with kms.server.service_method"
+                    f"{implementation.__name__}.{method.name} is not decorated with kms.server.frame.service_method"
                 assert inspect.isgeneratorfunction(function) == method.server_streaming
 
 

@@ -1,7 +1,7 @@
 """Fuzzing every RPC of every kms service over the real mutual-TLS server (docs/issuance-service.md, section 5).
 
 The RPCs come from the protobuf descriptors of every module in kms.v1, so a new RPC is fuzzed without a change
-here; each is called as a principal its policy entry allows (policies/authz.yaml), at least PER_RPC times, with
+here; each is called as a principal its policy entry allows (kms/policies/authz.yaml), at least PER_RPC times, with
 requests generated from the message descriptors by a seeded generator: raw random bytes, corrupted wire data
 (bad UTF-8, wrong wire types, overlong lengths and varints, deep groups), and well-typed messages whose fields
 hold nasty values (huge strings, Unicode digits, trailing newlines, out-of-range integers, malformed times, deeply
@@ -38,18 +38,18 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import kms.v1
-from kms import components
-from kms.authz import Policy
-from kms.ceremony_client import CeremonyClient
-from kms.client import Client
+from kms.ceremony import components
+from kms.ceremony.operations import OPERATIONS
+from kms.client.ceremony import CeremonyClient
+from kms.client.service import Client
 from kms.clock import rfc3339
-from kms.devhome import AUDITORS, OFFICERS, Home
+from kms.dev.home import AUDITORS, OFFICERS, Home
 from kms.errors import KmsError
-from kms.hsm import Algorithm
+from kms.hsm.types import Algorithm
 from kms.identity import Principal
-from kms.operations import OPERATIONS
-from kms.serve import Service
-from kms.server import MALFORMED
+from kms.server.authz import Policy
+from kms.server.frame import MALFORMED
+from kms.server.serve import Service
 
 SEED = int(os.environ.get("KMS_FUZZ_SEED", "20260522"))
 PER_RPC = int(os.environ.get("KMS_FUZZ_PER_RPC", "300"))

@@ -17,9 +17,14 @@ from conftest import MASTER_KEYS, PROFILE, card
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from kms import hsm, reference, runtime
+from kms import runtime
+from kms.cards import reference
 from kms.errors import HsmError, HsmKeyNotFound, HsmLoginFailed, MechanismUnavailable
-from kms.hsm import Algorithm, DeriveStep, Role, TokenSession
+from kms.hsm import errors as hsm_errors
+from kms.hsm import templates, types
+from kms.hsm.session import TokenSession
+from kms.hsm.templates import Role
+from kms.hsm.types import Algorithm, DeriveStep
 from kms.registry import KeyKind, KeyRegistry
 
 
@@ -35,18 +40,18 @@ def test_every_role_template_is_sensitive_and_only_card_keys_are_extractable() -
     escrowable = {Role.MASTER_ESCROWABLE, Role.TRANSPORT_ESCROWABLE}
     for role in Role:
         for token in (True, False):
-            template = hsm.secret_key_template(role, token=token)
+            template = templates.secret_key_template(role, token=token)
             assert template[Attribute.SENSITIVE] is True
             assert template[Attribute.PRIVATE] is True
             assert template[Attribute.EXTRACTABLE] is (role is Role.CARD_KEY or role in escrowable)
             # Escrowable keys leave the token only wrapped under a key the security officer marked trusted.
             assert template.get(Attribute.WRAP_WITH_TRUSTED, False) is (role in escrowable)
             assert list(template)[-1] is Attribute.MODIFIABLE
-    for template in (hsm._CARD_KEY_DERIVE, hsm._INTERMEDIATE_DERIVE):
+    for template in (templates._CARD_KEY_DERIVE, templates._INTERMEDIATE_DERIVE):
         assert template[Attribute.SENSITIVE] is True
-    assert hsm._INTERMEDIATE_DERIVE[Attribute.EXTRACTABLE] is False
-    assert hsm._INTERMEDIATE_DERIVE[Attribute.DERIVE] is True
-    assert hsm._CARD_KEY_DERIVE[Attribute.DERIVE] is False
+    assert templates._INTERMEDIATE_DERIVE[Attribute.EXTRACTABLE] is False
+    assert templates._INTERMEDIATE_DERIVE[Attribute.DERIVE] is True
+    assert templates._CARD_KEY_DERIVE[Attribute.DERIVE] is False
 
 
 @pytest.mark.parametrize("domain", ["hrss", "bank"])
@@ -105,7 +110,7 @@ def test_an_escrowable_key_is_wrapped_only_under_the_so_trusted_custody_key(
         try:
             assert reference.kcv_tdes(bytes(value)) == kcv
         finally:
-            hsm.wipe(value)
+            types.wipe(value)
         # A key not created escrowable is refused even under the trusted custody key.
         plain = registry.get(domain, KeyKind.MASTER, PROFILE.master_keys(domain)[0], 1).label  # made by kms init
         with pytest.raises(HsmError, match="may not leave it"):
@@ -269,7 +274,7 @@ VECTOR_KEY = "0123456789ABCDEFFEDCBA9876543210"
     ],
 )
 def test_pkcs11_errors_map_to_retryable_or_not(error: p11e.PKCS11Error, retryable: bool, kind: type) -> None:
-    mapped = hsm._translate(error, "do something")
+    mapped = hsm_errors._translate(error, "do something")
     assert type(mapped) is kind
     assert mapped.retryable is retryable
     assert mapped.grpc_code == ("UNAVAILABLE" if retryable else mapped.grpc_status)
@@ -302,7 +307,7 @@ def test_station_card_keys_are_not_extractable(
 
 def test_module_path_errors_are_config_errors(tmp_path: Any) -> None:
     from kms.errors import ConfigError
-    from kms.softhsm import find_module
+    from kms.hsm.softhsm import find_module
 
     with pytest.raises(ConfigError, match="no PKCS#11 module at"):
         find_module(str(tmp_path / "missing.so"))

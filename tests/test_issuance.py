@@ -12,11 +12,11 @@ import pytest
 from ceremony_helpers import open_batch
 from conftest import card, service_client
 
-from kms.cardid import CardIdentity
-from kms.devhome import Home
+from kms.cards.cardid import CardIdentity
+from kms.dev.home import Home
 from kms.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, PermissionDenied, ResourceExhausted
 from kms.identity import Principal
-from kms.serve import Service
+from kms.server.serve import Service
 from kms.station import Station
 from kms.v1 import issuance_pb2 as pb
 
@@ -244,7 +244,7 @@ def test_a_card_that_fails_to_seal_ends_the_stream_and_the_resume_seals_it(
     home: Home, service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kms.errors import HsmError
-    from kms.issuer import IssuedBundle
+    from kms.issuance.issuer import IssuedBundle
 
     batch = _batch_id()
     with service_client(home, service, CAROL) as carol:
@@ -291,7 +291,8 @@ def test_replay_with_another_chip_and_unknown_batches_are_refused(home: Home, se
 def test_the_service_issuer_is_built_from_what_the_service_holds(service: Service,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # No second configuration, profile directory or database engine: the service's own are handed over.
-    from kms import config, profiles, runtime, store
+    from kms import config, runtime, store
+    from kms.cards import profiles
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the issuer rebuilt what the service already holds")

@@ -19,17 +19,17 @@ from conftest import EngineFactory, service_client
 from conftest import card as full_card
 from pan_helpers import SoftwarePans
 
-from kms import cli
-from kms.audit import AuditLog
-from kms.batches import BatchStore, CardState, EventKind
-from kms.cardid import CardIdentity
-from kms.client import Client
+from kms.audit.log import AuditLog
+from kms.cards.cardid import CardIdentity
+from kms.cli import main as cli
+from kms.client.service import Client
 from kms.clock import FixedClock
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import InvalidArgument, InvalidState, NotFound, PermissionDenied
 from kms.identity import Principal
-from kms.lifecycle import AppState, CardLifecycle, CardView, Event
-from kms.serve import Service
+from kms.issuance.batches import BatchStore, CardState, EventKind
+from kms.issuance.lifecycle import AppState, CardLifecycle, CardView, Event
+from kms.server.serve import Service
 from kms.store import batches, card_lifecycle_events
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")

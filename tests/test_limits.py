@@ -1,5 +1,5 @@
-"""Per-station and per-bureau issuance limits (kms.limits), end to end: a development home of its own, `kms serve` in
-this process with an injected clock, real mutual TLS, real worker processes and tokens, limits changed only by
+"""Per-station and per-bureau issuance limits (kms.issuance.limits), end to end: a development home of its own, `kms
+serve` in this process with an injected clock, real mutual TLS, real worker processes and tokens, limits changed only by
 set-limits ceremonies signed with the officers' approval keys."""
 
 from __future__ import annotations
@@ -19,17 +19,18 @@ from ceremony_helpers import client, key, officer, open_batch, run_ceremony
 from conftest import EngineFactory, card, kms, service_client
 from pan_helpers import SoftwarePans
 
-from kms import limits, store
-from kms.authz import DEFAULT_POLICY, Policy
-from kms.batches import BatchStore
-from kms.cardid import CardIdentity
-from kms.ceremony_client import CeremonyClient
+from kms import store
+from kms.cards.cardid import CardIdentity
+from kms.client.ceremony import CeremonyClient
 from kms.clock import FixedClock
-from kms.devhome import Home, init_home
+from kms.dev.home import Home, init_home
 from kms.errors import ConfigError, InvalidArgument, InvalidState, PermissionDenied, ResourceExhausted
 from kms.identity import Principal
-from kms.limits import DEFAULT_LIMITS, IssueCounts, LimitsPolicy
-from kms.serve import Service
+from kms.issuance import limits
+from kms.issuance.batches import BatchStore
+from kms.issuance.limits import DEFAULT_LIMITS, IssueCounts, LimitsPolicy
+from kms.server.authz import DEFAULT_POLICY, Policy
+from kms.server.serve import Service
 
 STATION = "station-a1"
 STATION_URI = "urn:kms:station:bureau-a:station-a1"

@@ -1,5 +1,5 @@
-"""Cardholder data at rest (kms.pans): PANs are stored only sealed to the bank domain's data key, looked up by keyed
-indexes made in the bank token, and opened only in the bank domain's workers to derive the card's keys."""
+"""Cardholder data at rest (kms.issuance.pans): PANs are stored only sealed to the bank domain's data key, looked up by
+keyed indexes made in the bank token, and opened only in the bank domain's workers to derive the card's keys."""
 
 from __future__ import annotations
 
@@ -15,20 +15,22 @@ import sqlalchemy as sa
 from ceremony_helpers import authorize_batch
 from conftest import MASTER_KEYS, VECTORS, card, service_client
 
-from kms import bundle, config, pans, reference, runtime, store
-from kms.cardid import CardIdentity
+from kms import bundle, config, runtime, store
+from kms.cards import reference
+from kms.cards.cardid import CardIdentity
 from kms.clock import SystemClock
-from kms.devceremonies import officer
-from kms.devhome import Home
+from kms.dev.ceremonies import officer
+from kms.dev.home import Home
 from kms.errors import ConfigError, InvalidArgument, InvalidState
-from kms.hsm import TokenSession
+from kms.hsm.session import TokenSession
+from kms.issuance import pans
 from kms.registry import KeyKind, KeyRegistry
-from kms.serve import Service
+from kms.server.serve import Service
 
 
 @dataclass
 class _BankWorker:
-    """What kms.workers gives a worker-side function: its domain, token session and registry."""
+    """What kms.issuance.workers gives a worker-side function: its domain, token session and registry."""
 
     domain: str
     session: TokenSession
@@ -161,13 +163,13 @@ def test_no_worker_call_hands_a_clear_pan_to_the_coordinator(service: Service) -
     listed steps; opening a PAN is not one of them (it happens inside sealing)."""
     import importlib
 
-    from kms.workers import WORKER_STEPS
+    from kms.issuance.workers import WORKER_STEPS
 
     for name in WORKER_STEPS:  # every listed step exists (no typo lets a step silently fail)
         module, _, function = name.rpartition(".")
         assert callable(getattr(importlib.import_module(module), function)), name
     bank_pool = service.pools.pools["bank"]
-    with pytest.raises(InvalidState, match=r"kms\.pans\.open_card is not a step"):
+    with pytest.raises(InvalidState, match=r"kms\.issuance\.pans\.open_card is not a step"):
         bank_pool.call(pans.open_card, CardIdentity(card_ref="x"), "B", {})
     with pytest.raises(InvalidState, match="is not a step"):
         bank_pool.call(runtime.open_domain)

@@ -1,4 +1,4 @@
-"""kms.profiles: the shipped profile, and rejection of bad profiles with the file, the line and the reason."""
+"""kms.cards.profiles: the shipped profile, and rejection of bad profiles with the file, the line and the reason."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from kms import profiles, recipes
+from kms.cards import profiles, recipes
 from kms.errors import ProfileError
-from kms.hsm import Algorithm
+from kms.hsm.types import Algorithm
 
-SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "profiles"
+SHIPPED = Path(__file__).resolve().parent.parent / "kms" / "policies" / "profiles"
 
 HRSS_MASTERS = {"hrss-kmc", "hrss-mk", "hrss-stk", "hrss-eak", "hrss-irk", "hrss-puk", "hrss-rpk"}
 BANK_MASTERS = {"bank-imk-ac", "bank-imk-smi", "bank-imk-smc", "bank-kmc"}

@@ -1,4 +1,4 @@
-"""kms.recipes: recipe construction and validation, the HSM steps each recipe asks for, and their references."""
+"""kms.cards.recipes: recipe construction and validation, the HSM steps each recipe asks for, and their references."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from kms import recipes, reference
-from kms.cardid import CardIdentity
+from kms.cards import recipes, reference
+from kms.cards.cardid import CardIdentity
 from kms.errors import InvalidArgument
-from kms.hsm import Algorithm, DeriveStep
+from kms.hsm.types import Algorithm, DeriveStep
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 

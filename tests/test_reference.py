@@ -1,4 +1,5 @@
-"""kms.reference: the software formulas (docs/architecture.md, section 6) against published known-answer vectors."""
+"""kms.cards.reference: the software formulas (docs/architecture.md, section 6) against published known-answer
+vectors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kms import reference
+from kms.cards import reference
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 

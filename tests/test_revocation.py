@@ -25,14 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kms import config, store
-from kms.client import Client
-from kms.devhome import Home
+from kms.client.service import Client
+from kms.dev.home import Home
+from kms.dev.pki import DevPki
 from kms.errors import ConfigError, PermissionDenied
 from kms.identity import Principal
-from kms.pki import DevPki
 from kms.revocation import RevocationList, load_crls
 from kms.revocation import log as revocation_log
-from kms.serve import Service
+from kms.server.serve import Service
 
 A1 = "station-a1"
 B1 = "station-b1"

@@ -13,13 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kms import store
-from kms.audit import AuditLog
-from kms.authz import Policy
+from kms.audit.log import AuditLog
 from kms.clock import SystemClock
+from kms.dev.pki import Credential, DevPki
 from kms.identity import Principal
-from kms.pki import Credential, DevPki
 from kms.principals import PrincipalRegistry
-from kms.server import MALFORMED, TlsFiles, create_server
+from kms.server.authz import Policy
+from kms.server.frame import MALFORMED, TlsFiles, create_server
 
 STATION = Principal("station", "station-a1", bureau="bureau-a")
 AUDITOR = Principal("auditor", "carol")
@@ -84,7 +84,7 @@ def test_policy_decides_by_the_role_in_the_certificate(pki: DevPki, port: int) -
 
 @pytest.fixture(scope="module")
 def audited(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, AuditLog]]:
-    """A server that records every call's outcome (kms.audit) in a database of its own."""
+    """A server that records every call's outcome (kms.audit.log) in a database of its own."""
     engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audited') / 'kms.db'}")
     store.create_all(engine)
     audit = AuditLog(engine, SystemClock())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-from kms import softhsm
+from kms.hsm import softhsm
 
 
 def test_dev_hsm_script_creates_the_tokens_once(tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 
 from kms import bundle, store
 from kms.clock import SystemClock
-from kms.engine import DomainSealer
 from kms.errors import BundleRejected
-from kms.hsm import TokenSession
+from kms.hsm.session import TokenSession
+from kms.issuance.sealer import DomainSealer
 from kms.registry import KeyKind
 from kms.station import Station, TrustStore
 
@@ -170,7 +170,7 @@ def test_a_station_not_registered_for_a_domain_rejects_its_section(
     # A bundle of an HRSS-only profile opens there.
     from conftest import PROFILE
 
-    from kms.profiles import Profile
+    from kms.cards.profiles import Profile
 
     hrss_profile = Profile(name="hrss-only", description="", source="test", domains={"hrss": PROFILE.keys("hrss")})
     sealer = DomainSealer("hrss", sealers["hrss"]._session, registry, hrss_profile, "bureau-a", SystemClock())

@@ -8,12 +8,12 @@ import pytest
 import yaml
 from conftest import card
 
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import ConfigError, InvalidArgument, PermissionDenied
-from kms.issuer import Issuer
+from kms.issuance.issuer import Issuer
+from kms.issuance.workers import DomainPool, Job
 from kms.secrets import SecretRef
 from kms.station import Station
-from kms.workers import DomainPool, Job
 
 
 def test_issuer_seals_bundles_in_order_that_a_station_opens(home: Home, station: Station,
