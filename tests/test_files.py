@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ROOT, kms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ROOT, kms
 
 from kms import config, files, store
 from kms.cli import main as cli

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 KMS = ROOT / "kms"
 PACKAGES = {"hsm", "cards", "issuance", "ceremony", "audit", "server", "client", "cli", "dev", "v1", "policies"}

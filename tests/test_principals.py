@@ -14,10 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ceremony_helpers import certificate_pem, client_config_for, officer_params, open_batch, run_ceremony
-from conftest import card, service_client
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from helpers import card, certificate_pem, client_config_for, officer_params, open_batch, run_ceremony, service_client
 
 from kms import config
 from kms.audit.log import AuditLog

@@ -9,10 +9,10 @@ from typing import Any
 
 import pkcs11.exceptions as p11e
 import pytest
-from conftest import card, seal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from helpers import card, seal
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from kms import bundle, store
@@ -168,7 +168,7 @@ def test_a_station_not_registered_for_a_domain_rejects_its_section(
     with pytest.raises(BundleRejected):
         hrss_only.open(seal(sealers, card(18)))
     # A bundle of an HRSS-only profile opens there.
-    from conftest import PROFILE
+    from helpers import PROFILE
 
     from kms.cards.profiles import Profile
 

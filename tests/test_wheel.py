@@ -21,7 +21,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.wheel
 

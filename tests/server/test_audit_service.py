@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from conftest import kms, service_client
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import kms, service_client
 
 from kms import store
 from kms.audit.log import AuditLog, AuditUnavailable, checkpoint_message
@@ -388,7 +388,7 @@ def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, servic
     import secrets
 
     from ceremony_helpers import open_batch
-    from conftest import card
+    from helpers import card
 
     from kms.v1 import issuance_pb2 as ipb
 
@@ -413,7 +413,7 @@ def test_bundles_sent_again_are_recorded_each_time(home: Home, service: Service)
     import secrets
 
     from ceremony_helpers import open_batch
-    from conftest import card
+    from helpers import card
 
     batch = f"RD-{secrets.token_hex(3)}"
     with service_client(home, service, ALICE) as alice:

@@ -31,11 +31,10 @@ from typing import Any
 
 import grpc
 import pytest
-from ceremony_helpers import open_batch
-from conftest import MASTER_KEYS, card, service_client
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import MASTER_KEYS, card, open_batch, service_client
 
 import kms.v1
 from kms.ceremony import components

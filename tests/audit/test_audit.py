@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import EngineFactory
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import EngineFactory
 
 from kms import store
 from kms.audit.log import (

@@ -14,10 +14,8 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import authorize_batch
-from conftest import EngineFactory, service_client
-from conftest import card as full_card
-from pan_helpers import SoftwarePans
+from helpers import EngineFactory, SoftwarePans, authorize_batch, service_client
+from helpers import card as full_card
 
 from kms.audit.log import AuditLog
 from kms.cards.cardid import CardIdentity

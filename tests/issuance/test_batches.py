@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import EngineFactory
-from pan_helpers import SoftwarePans
-from pan_helpers import index as pan_index
+from helpers import EngineFactory, SoftwarePans, pan_index
 
 from kms import store
 from kms.audit.log import AuditLog, AuditUnavailable

@@ -13,8 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from ceremony_helpers import client, officer, open_batch, run_ceremony
-from conftest import card, kms, service_client
+from helpers import card, client, kms, officer, open_batch, run_ceremony, service_client
 
 from kms.audit.alarms import AlarmPolicy
 from kms.cards.cardid import CardIdentity

@@ -9,10 +9,9 @@ import secrets
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import authorize_batch, client, key, officer, officer_params, run_ceremony
-from conftest import card, kms, service_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import authorize_batch, card, client, key, kms, officer, officer_params, run_ceremony, service_client
 
 from kms import config, store
 from kms.ceremony import components

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import card
+from helpers import card
 
 from kms.dev.home import Home
 from kms.errors import ConfigError, InvalidArgument, PermissionDenied

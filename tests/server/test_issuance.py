@@ -9,8 +9,7 @@ import signal
 
 import grpc
 import pytest
-from ceremony_helpers import open_batch
-from conftest import card, service_client
+from helpers import card, open_batch, service_client
 
 from kms.cards.cardid import CardIdentity
 from kms.dev.home import Home

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import authorize_batch
-from conftest import MASTER_KEYS, VECTORS, card, service_client
+from helpers import MASTER_KEYS, VECTORS, authorize_batch, card, service_client
 
 from kms import bundle, config, runtime, store
 from kms.cards import reference

@@ -13,8 +13,8 @@ from typing import Any
 import pkcs11
 import pkcs11.exceptions as p11e
 import pytest
-from conftest import MASTER_KEYS, PROFILE, card
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+from helpers import MASTER_KEYS, PROFILE, card
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from kms import runtime
@@ -196,7 +196,7 @@ def test_no_session_object_is_left_when_a_derivation_fails(
 def test_derive_wrap_matches_software_reference_under_known_transport_key(
     sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
 ) -> None:
-    from conftest import TEST_TRANSPORT_KEYS
+    from helpers import TEST_TRANSPORT_KEYS
 
     session = sessions["bank"]
     c = card(7)
@@ -285,7 +285,7 @@ def test_pkcs11_errors_map_to_retryable_or_not(error: p11e.PKCS11Error, retryabl
 def test_station_card_keys_are_not_extractable(
     sealers: dict[str, Any], station_session: TokenSession
 ) -> None:
-    from conftest import seal
+    from helpers import seal
 
     from kms import bundle
 
@@ -318,7 +318,7 @@ def test_a_station_pin_holder_cannot_unwrap_a_sealed_key_as_readable(
     sealers: dict[str, Any], station_session: TokenSession
 ) -> None:
     """CKA_UNWRAP_TEMPLATE on the station's transport keys: the token itself refuses a non-sensitive unwrap."""
-    from conftest import seal
+    from helpers import seal
 
     from kms import bundle
 

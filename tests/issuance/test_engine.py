@@ -6,8 +6,8 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from conftest import MASTER_KEYS, PROFILE, TEST_TRANSPORT_KEYS, VECTORS, card
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+from helpers import MASTER_KEYS, PROFILE, TEST_TRANSPORT_KEYS, VECTORS, card
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

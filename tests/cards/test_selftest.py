@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, VECTORS, VECTORS_PATH
+from helpers import ROOT, VECTORS, VECTORS_PATH
 
 
 def _kms(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

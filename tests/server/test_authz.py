@@ -19,7 +19,7 @@ def _all_kms_methods() -> list[str]:
     """Every method of every service of every .proto file under protos/kms/v1 (through its generated module)."""
     import importlib
 
-    protos = sorted((Path(__file__).resolve().parent.parent / "protos" / "kms" / "v1").glob("*.proto"))
+    protos = sorted((Path(__file__).resolve().parents[2] / "protos" / "kms" / "v1").glob("*.proto"))
     modules = [importlib.import_module(f"kms.v1.{proto.stem}_pb2") for proto in protos]
     return [f"/{service.full_name}/{method.name}"
             for module in modules for service in module.DESCRIPTOR.services_by_name.values()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, kms
+from helpers import ROOT, kms
 
 
 @pytest.fixture(scope="module")

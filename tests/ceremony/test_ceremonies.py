@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
-from conftest import EngineFactory
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import EngineFactory
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -47,7 +47,7 @@ from kms.registry import DOMAINS
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
-QUORUM_FILE = Path(__file__).resolve().parent.parent / "kms" / "policies" / "quorum.yaml"
+QUORUM_FILE = Path(__file__).resolve().parents[2] / "kms" / "policies" / "quorum.yaml"
 #: What an approval signs, as docs/ceremonies.md states it (kept independent of kms.ceremony.rules).
 CONTEXT = b"kms-ceremony-approval/v1\x00"
 #: The quorum rules read straight from the policy file: {(domain, operation): (approvals, role)}.

@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import open_batch
-from conftest import card, service_client
+from helpers import card, open_batch, service_client
 
 from kms import config, store
 from kms.audit.log import AuditLog, chain

@@ -15,9 +15,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import client, key, officer, open_batch, run_ceremony
-from conftest import EngineFactory, card, kms, service_client
-from pan_helpers import SoftwarePans
+from helpers import (
+    EngineFactory,
+    SoftwarePans,
+    card,
+    client,
+    key,
+    kms,
+    officer,
+    open_batch,
+    run_ceremony,
+    service_client,
+)
 
 from kms import store
 from kms.cards.cardid import CardIdentity

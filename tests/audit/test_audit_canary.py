@@ -15,8 +15,18 @@ import secrets
 
 import pytest
 import sqlalchemy as sa
-from ceremony_helpers import client, key, officer, officer_params, open_batch, run_ceremony
-from conftest import MASTER_KEYS, TEST_TRANSPORT_KEYS, card, service_client
+from helpers import (
+    MASTER_KEYS,
+    TEST_TRANSPORT_KEYS,
+    card,
+    client,
+    key,
+    officer,
+    officer_params,
+    open_batch,
+    run_ceremony,
+    service_client,
+)
 
 from kms import config, runtime, store
 from kms.audit.log import AuditLog, chain, mask_pan

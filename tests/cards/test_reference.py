@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kms.cards import reference
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
+VECTORS = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 
 
 def _h(text: str) -> bytes:

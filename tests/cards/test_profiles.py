@@ -10,7 +10,7 @@ from kms.cards import profiles, recipes
 from kms.errors import ProfileError
 from kms.hsm.types import Algorithm
 
-SHIPPED = Path(__file__).resolve().parent.parent / "kms" / "policies" / "profiles"
+SHIPPED = Path(__file__).resolve().parents[2] / "kms" / "policies" / "profiles"
 
 HRSS_MASTERS = {"hrss-kmc", "hrss-mk", "hrss-stk", "hrss-eak", "hrss-irk", "hrss-puk", "hrss-rpk"}
 BANK_MASTERS = {"bank-imk-ac", "bank-imk-smi", "bank-imk-smc", "bank-kmc"}

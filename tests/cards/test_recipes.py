@@ -14,7 +14,7 @@ from kms.cards.cardid import CardIdentity
 from kms.errors import InvalidArgument
 from kms.hsm.types import Algorithm, DeriveStep
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "derivation.json").read_text(encoding="utf-8"))
+VECTORS = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "derivation.json").read_text(encoding="utf-8"))
 
 #: The factor layout of vendor scripts (docs/architecture.md, section 6): province, city, card serial.
 DEFAULT_FACTORS = ["ascii:{province}0000sh", "ascii:{city_code}sx", "hex:{card_serial}"]
