@@ -387,8 +387,7 @@ def test_an_ok_outcome_that_cannot_be_recorded_fails_the_call_and_a_refusal_stay
 def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, service: Service) -> None:
     import secrets
 
-    from helpers import open_batch
-    from helpers import card
+    from helpers import card, open_batch
 
     from kms.v1 import issuance_pb2 as ipb
 
@@ -412,8 +411,7 @@ def test_a_stream_the_caller_cancels_is_recorded_as_cancelled(home: Home, servic
 def test_bundles_sent_again_are_recorded_each_time(home: Home, service: Service) -> None:
     import secrets
 
-    from helpers import open_batch
-    from helpers import card
+    from helpers import card, open_batch
 
     batch = f"RD-{secrets.token_hex(3)}"
     with service_client(home, service, ALICE) as alice:
