@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench protos clean
+.PHONY: setup demo test test-fast lint bench protos clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The pure tests only: no SoftHSM2 token, no server, no PostgreSQL (markers set in tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -m "not hsm and not service and not postgres and not wheel"
 
 lint: setup
 	$(VENV)/bin/ruff check kms tests scripts

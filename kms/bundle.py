@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kms.canonical import _dumps, canonical
 from kms.errors import BundleRejected
 
 BUNDLE_FORMAT = "kms-sealed-bundle"
@@ -29,27 +30,6 @@ SIGNING_CONTEXT = b"kms-sealed-section/v1\x00"
 MAX_BUNDLE_BYTES = 1 << 20
 
 _HEX = re.compile(r"^(?:[0-9A-F]{2})*$")
-
-
-def canonical(value: Any) -> bytes:
-    """The canonical encoding of a JSON value made of str, int, list and dict."""
-    _check_types(value)
-    return _dumps(value)
-
-
-def _check_types(value: Any) -> None:
-    if isinstance(value, bool) or value is None or isinstance(value, float):
-        raise TypeError("canonical JSON here holds only str, int, list and dict")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError("object keys must be strings")
-            _check_types(v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_types(v)
-    elif not isinstance(value, str | int):
-        raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def hexs(data: bytes) -> str:
@@ -113,10 +93,6 @@ def signed_bytes(body: Mapping[str, Any]) -> bytes:
     """What a section's signature covers. ``body`` holds only str/int values: built by section_body, or parsed
     from a bundle whose canonical form was already checked."""
     return SIGNING_CONTEXT + _dumps(body)
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from typing import Any
 import yaml
 
 from kms.errors import ConfigError
+from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
 from kms.secrets import SecretRef
-from kms.softhsm import find_module
+from kms.validation import unknown_keys
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ServerConfig:
     listen: str
     tls: TlsConfig
     policy: Path | None
+    quorum_policy: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def _only(
     optional = optional or set()
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: {where} must be a mapping")
-    unknown = sorted(set(doc) - required - optional)
+    unknown = unknown_keys(doc, required | optional)
     if unknown:
         raise ConfigError(f"{path}: {where}: unknown setting {unknown[0]!r}")
     missing = sorted(required - set(doc))
@@ -187,13 +189,14 @@ def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
 
 
 def _server(path: Path, doc: Any) -> ServerConfig:
-    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy"})
+    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy", "quorum_policy"})
     listen = doc["listen"]
     if not isinstance(listen, str) or ":" not in listen:
         raise ConfigError(f"{path}: server.listen must be host:port")
-    policy = doc.get("policy")
+    policy, quorum = doc.get("policy"), doc.get("quorum_policy")
     return ServerConfig(listen, _tls(path, doc["tls"], "server.tls"),
-                        _path(path.parent, policy, "server.policy") if policy else None)
+                        _path(path.parent, policy, "server.policy") if policy else None,
+                        _path(path.parent, quorum, "server.quorum_policy") if quorum else None)
 
 
 def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:

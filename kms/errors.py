@@ -1,15 +1,18 @@
-"""One error tree for kms, and the one place that maps it to gRPC status codes and CLI exit codes.
+"""One error tree for kms, and the one place that maps it to gRPC status codes (both ways) and CLI exit codes.
 
 Messages never carry key material, PINs or components: they name what failed and why, nothing more.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 
 class KmsError(Exception):
     """Base of every error kms raises on purpose."""
 
-    #: gRPC status code name (grpc.StatusCode[...]); mapped in kms.server, kept as text here so the core
+    #: gRPC status code name (grpc.StatusCode[...]); mapped in kms.server.frame, kept as text here so the core
     #: does not import grpc.
     grpc_status = "INTERNAL"
     exit_code = 1
@@ -165,12 +168,32 @@ class ResourceExhausted(KmsError):
         self.limit = limit
 
 
+class AuditUnavailable(Unavailable):
+    """The audit log cannot be written (its database is unreachable or refused the write): the change the record
+    describes did not happen either (fail closed). Retryable, like any outage of the service's database; its own
+    exit code, so that it does not read as the HSM's."""
+
+    exit_code = 13
+
+    def __init__(self, message: str = "the audit log cannot be written; nothing was done") -> None:
+        super().__init__(message)
+
+
 class AuditChainBroken(KmsError):
     """The audit log no longer extends what the audit signer signed: it was changed outside kms. Nothing more is
     signed, so no export of the changed log can end with a good checkpoint."""
 
     grpc_status = "DATA_LOSS"
     exit_code = 10
+
+
+class AuditNotVerified(KmsError):
+    """An audit export that does not verify offline (kms.audit_verify): `kms audit verify` names the first bad
+    record and exits with this code. Raised by no service: a log changed in the service's own database is
+    AuditChainBroken."""
+
+    grpc_status = "DATA_LOSS"
+    exit_code = 9
 
 
 def grpc_status_name(error: BaseException) -> str:
@@ -187,3 +210,39 @@ def exit_code(error: BaseException) -> int:
     if isinstance(error, KmsError):
         return error.exit_code
     return 1
+
+
+# -- gRPC status → kms error (clients) ------------------------------------------------------------------------------
+# The other direction of ``grpc_status`` above, by status name as well, so that this module needs no grpc.
+
+
+def _invalid(message: str) -> KmsError:
+    """INVALID_ARGUMENT's details are "<field>: <reason>" (InvalidArgument); anything else names the request."""
+    field, _, reason = message.partition(": ")
+    return InvalidArgument(field, reason) if reason else InvalidArgument("request", message)
+
+
+def _exhausted(message: str) -> KmsError:
+    """A limit reached (kms.limits: "<scope> <subject>: limit <name> (<value>) reached; …"), or gRPC's own."""
+    named = re.search(r": limit ([a-z_]+) \(", message)
+    return ResourceExhausted(message, limit=named[1] if named else "")
+
+
+_FROM_STATUS: dict[str, Callable[[str], KmsError]] = {
+    "INVALID_ARGUMENT": _invalid,
+    "PERMISSION_DENIED": PermissionDenied,
+    "NOT_FOUND": NotFound,
+    "ALREADY_EXISTS": AlreadyExists,
+    "FAILED_PRECONDITION": InvalidState,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "RESOURCE_EXHAUSTED": _exhausted,
+}
+
+
+def from_status(name: str, message: str) -> KmsError:
+    """The kms error a call's status stands for, from the status name (e.g. "NOT_FOUND") and its details. Any other
+    status becomes an HsmError "service: <status>: <details>", retryable for UNAVAILABLE (what a client retries)."""
+    factory = _FROM_STATUS.get(name)
+    if factory is not None:
+        return factory(message)
+    return HsmError(f"service: {name.lower()}: {message}", retryable=name == "UNAVAILABLE")

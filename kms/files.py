@@ -1,11 +1,11 @@
 """Files at rest: everything kms writes is its owner's alone, whatever the umask.
 
 Homes hold PINs, private keys and card data (``kms.db``, station ledgers, fetched bundles, card files), so every
-file kms creates is 0600 and every directory 0700. Two layers: the command line and ``kms serve`` set the umask to
-077 (kms.cli.main, kms.serve.serve; worker processes inherit it), and the code paths here create with explicit
-modes and then set them (a umask can only take bits away, and an odd one could take the owner's), so library
-callers get the same. An existing directory that kms did not create (an ``--out`` the user chose, /tmp) keeps its
-mode; the files kms writes into it are still 0600.
+file kms creates is 0600 and every directory 0700. Two layers: the command line and ``kms serve`` set the umask to 077
+(kms.cli.main.main, kms.server.serve.serve; worker processes inherit it), and the code paths here create with explicit
+modes and then set them (a umask can only take bits away, and an odd one could take the owner's), so library callers get
+the same. An existing directory that kms did not create (an ``--out`` the user chose, /tmp) keeps its mode; the files
+kms writes into it are still 0600.
 """
 
 from __future__ import annotations

@@ -11,16 +11,15 @@ Nothing else in a request (metadata, fields) can change who the caller is.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from kms.errors import PermissionDenied
 from kms.registry import DOMAINS
+from kms.validation import NAME
 
 ROLES = ("station", "officer", "auditor")
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 PREFIX = "urn:kms:"
 
 
@@ -49,11 +48,11 @@ def parse_uri(uri: str) -> Principal:
         raise PermissionDenied("the client certificate names no kms principal")
     parts = uri[len(PREFIX):].split(":")
     role = parts[0]
-    if role == "station" and len(parts) == 3 and all(_NAME.fullmatch(p) for p in parts[1:]):
+    if role == "station" and len(parts) == 3 and all(NAME.fullmatch(p) for p in parts[1:]):
         return Principal(role="station", bureau=parts[1], name=parts[2])
-    if role == "officer" and len(parts) == 3 and parts[1] in DOMAINS and _NAME.fullmatch(parts[2]):
+    if role == "officer" and len(parts) == 3 and parts[1] in DOMAINS and NAME.fullmatch(parts[2]):
         return Principal(role="officer", domain=parts[1], name=parts[2])
-    if role == "auditor" and len(parts) == 2 and _NAME.fullmatch(parts[1]):
+    if role == "auditor" and len(parts) == 2 and NAME.fullmatch(parts[1]):
         return Principal(role="auditor", name=parts[1])
     raise PermissionDenied("the client certificate names no valid kms principal")
 

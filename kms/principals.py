@@ -30,11 +30,12 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import InvalidArgument, InvalidState, PermissionDenied
 from kms.identity import Principal, from_certificate, parse_uri
 from kms.registry import check_domain
+from kms.repository import Repository
 from kms.store import officers, principal_grants
 
 ACTIVE = "active"
@@ -86,11 +87,9 @@ class GrantRecord:
     changed_at: str
 
 
-class PrincipalRegistry:
+class PrincipalRegistry(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
+        super().__init__(engine, clock, audit)
 
     # -- the check on every call ------------------------------------------------------------------------------------
 

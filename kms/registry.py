@@ -4,7 +4,7 @@ Records live in the store; the key material lives only in the token, under the l
 States follow NIST SP 800-57: a key made by a ceremony is registered pre-activation and activated only once its
 KCV is checked; ``transition`` allows only the moves in ``TRANSITIONS``, each time-stamped.
 
-With an audit log (kms.audit) every change appends its record in the same transaction (fail closed): ``key.added``,
+With an audit log (kms.audit.log) every change appends its record in the same transaction (fail closed): ``key.added``,
 ``key.state``, ``key.kcv``, ``key.removed`` — label, kind, version, state and KCV, never a key value.
 """
 
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.repository import Repository
 from kms.store import keys
 
 DOMAINS = ("hrss", "bank")
@@ -29,8 +30,8 @@ class KeyKind(enum.StrEnum):
     MASTER = "master"
     TRANSPORT = "transport"
     SIGNING = "signing"
-    CUSTODY = "custody"  # the domain's RSA key for components in ceremonies (kms.components)
-    DATA = "data"  # cardholder data at rest: the bank's PAN encryption and PAN index keys (kms.pans)
+    CUSTODY = "custody"  # the domain's RSA key for components in ceremonies (kms.ceremony.components)
+    DATA = "data"  # cardholder data at rest: the bank's PAN encryption and PAN index keys (kms.issuance.pans)
 
 
 class KeyState(enum.StrEnum):
@@ -80,11 +81,9 @@ class KeyRecord:
     state_changed_at: str = ""
 
 
-class KeyRegistry:
+class KeyRegistry(Repository):
     def __init__(self, engine: sa.Engine, clock: Clock, audit: AuditLog | None = None) -> None:
-        self._engine = engine
-        self._clock = clock
-        self._audit = audit
+        super().__init__(engine, clock, audit)
 
     def add(
         self,

@@ -2,8 +2,8 @@
 
 gRPC Python cannot check CRLs itself, so:
 
-- **Server** (``server.tls.crl`` in kms.yaml): ``RevocationList`` is a certificate check of kms.server: it runs first
-  on every call, and a client certificate whose serial its issuer's CRL lists is refused (PERMISSION_DENIED,
+- **Server** (``server.tls.crl`` in kms.yaml): ``RevocationList`` is a certificate check of kms.server.frame: it runs
+  first on every call, and a client certificate whose serial its issuer's CRL lists is refused (PERMISSION_DENIED,
   recorded as ``request.refused``). The CRL file (PEM, one or more CRLs) must hold, for every CA of the client CA file
   (``server.tls.ca``), a CRL that CA signed. The file is looked at (``stat``) on every call and read again when it
   changed, so revoking needs no restart. A file that cannot be used at start is a ConfigError; a bad replacement
@@ -36,7 +36,7 @@ from kms import errors
 from kms.config import TlsConfig
 from kms.identity import from_certificate
 
-log = logging.getLogger("kms.revocation")
+log = logging.getLogger(__name__)
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?-----END X509 CRL-----", re.S)
 #: OpenSSL's X509_V_ERR_CERT_REVOKED and X509_V_ERR_CRL_HAS_EXPIRED
@@ -154,7 +154,7 @@ def _who(cert: x509.Certificate) -> str:
 
 
 class RevocationList:
-    """The server's check of client certificates against the CRL file (a kms.server CertificateCheck)."""
+    """The server's check of client certificates against the CRL file (a kms.server.frame CertificateCheck)."""
 
     def __init__(self, crl_path: Path, ca_path: Path,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:

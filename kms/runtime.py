@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from kms import store
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import Clock
 from kms.config import Config, HsmConfig, StationConfig
 from kms.errors import ConfigError
-from kms.hsm import Module, TokenSession
+from kms.hsm.session import Module, TokenSession
 from kms.registry import KeyRegistry
 
 _modules: dict[str, Module] = {}

@@ -28,11 +28,12 @@ from cryptography.hazmat.primitives.serialization import (
 from kms import bundle
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument
-from kms.hsm import Algorithm, StationKeys, TokenSession, discard_objects, store_station_keys
+from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
+from kms.hsm.types import Algorithm
 from kms.registry import DOMAINS, KeyKind, key_label
 from kms.store import opened_bundles
 
-log = logging.getLogger("kms.station")
+log = logging.getLogger(__name__)
 
 
 class TrustStore:

@@ -134,10 +134,10 @@ transport_handoffs = sa.Table(
     sa.Column("accepted_at", sa.String(32), nullable=True),
 )
 
-#: One key domain's consent to an action on a card that touches every domain's keys or applications (kms.consents):
-#: re-issuing a card (``reissue``, subject ``<batch_id>/<card_ref>``) or replacing one (``replace``, subject
-#: ``<old card_ref>><new card_ref>``). The action runs once every domain it needs has consented; the rows are then
-#: deleted. A consent older than its ``expires_at`` no longer counts.
+#: One key domain's consent to an action on a card that touches every domain's keys or applications
+#: (kms.issuance.consents): re-issuing a card (``reissue``, subject ``<batch_id>/<card_ref>``) or replacing one
+#: (``replace``, subject ``<old card_ref>><new card_ref>``). The action runs once every domain it needs has consented;
+#: the rows are then deleted. A consent older than its ``expires_at`` no longer counts.
 consents = sa.Table(
     "consents",
     metadata,
@@ -151,7 +151,7 @@ consents = sa.Table(
     sa.Column("expires_at", sa.String(32), nullable=False),
 )
 
-#: The audit chain's head: one row, locked by every append (kms.audit), so the chain stays linear and gap-free.
+#: The audit chain's head: one row, locked by every append (kms.audit.log), so the chain stays linear and gap-free.
 audit_head = sa.Table(
     "audit_head",
     metadata,
@@ -251,7 +251,8 @@ def create_station_ledger(engine: sa.Engine) -> None:
     opened_bundles.metadata.create_all(engine)
 
 
-#: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.batches.
+#: Issuance batches (work orders): one bureau, one profile, a fixed list of cards. Managed by kms.issuance.batches.
+#: ``batch_id`` is 1-64 characters of the card_ref charset; ``card_count`` is fixed at creation.
 batches = sa.Table(
     "batches",
     metadata,
@@ -265,9 +266,11 @@ batches = sa.Table(
     sa.Column("card_count", sa.Integer, nullable=False),
 )
 
-#: One card of a batch: its identity, chip binding and, once issued, the sealed bundle (kept so that a retried
-#: request returns the same bytes). ``bound_fields`` names the chip fields filled by binding at the station
-#: (space-separated), as opposed to fields the batch supplied; a re-issue clears exactly those.
+#: One card of a batch, primary key (batch_id, card_ref): its identity, chip binding and, once issued, the sealed
+#: bundle (kept so that a retried request returns the same bytes) with the idempotency key of the request that
+#: issued it. ``sequence``, the card's 0-based position in the batch, is unique per batch: the cursor of resumable
+#: streaming. ``bound_fields`` names the chip fields filled by binding at the station (space-separated), as opposed
+#: to fields the batch supplied; a re-issue clears exactly those, and serial, bundle and idempotency key.
 batch_cards = sa.Table(
     "batch_cards",
     metadata,
@@ -276,7 +279,7 @@ batch_cards = sa.Table(
     sa.Column("sequence", sa.Integer, nullable=False),  # 0-based position in the batch
     sa.Column("city_code", sa.String(6), nullable=True),
     sa.Column("card_serial", sa.String(16), nullable=True),
-    # The PAN only protected (kms.pans): AES-GCM under the bank's data key, keyed indexes, masked (6/4).
+    # The PAN only protected (kms.issuance.pans): AES-GCM under the bank's data key, keyed indexes, masked (6/4).
     sa.Column("pan_sealed", sa.LargeBinary, nullable=True),
     sa.Column("pan_index", sa.String(64), nullable=True),
     sa.Column("pan_psn_index", sa.String(64), nullable=True),
@@ -293,7 +296,8 @@ batch_cards = sa.Table(
     sa.UniqueConstraint("batch_id", "sequence", name="uq_batch_cards_sequence"),
 )
 
-#: Append-only history of every card: created, chip-bound, issued, reissue-revoked.
+#: Append-only history of every card of a batch (kms.batches.EventKind): created, chip-bound, issued,
+#: reissue-revoked, lifecycle-revoked (the card was replaced or cancelled, kms.lifecycle).
 card_events = sa.Table(
     "card_events",
     metadata,
@@ -308,7 +312,7 @@ card_events = sa.Table(
     sa.Index("ix_card_events_card", "batch_id", "card_ref", "id"),
 )
 
-#: Card lifecycle (kms.lifecycle): the current state of each application of a card, by card_ref across all
+#: Card lifecycle (kms.issuance.lifecycle): the current state of each application of a card, by card_ref across all
 #: batches; a row exists once anything happened to the card (no row: both applications active). ``version`` makes
 #: every change a conditional UPDATE.
 card_lifecycle = sa.Table(
@@ -346,7 +350,7 @@ retired_identities = sa.Table(
     "retired_identities",
     metadata,
     sa.Column("field", sa.String(16), primary_key=True),
-    sa.Column("value", sa.String(64), primary_key=True),  # pan_psn: its keyed index (kms.pans), never the PAN
+    sa.Column("value", sa.String(64), primary_key=True),  # pan_psn: its keyed index (kms.issuance.pans), never the PAN
     sa.Column("shown", sa.String(40), nullable=True),  # how messages show it (a PAN masked 6/4)
     sa.Column("card_ref", sa.String(64), nullable=False),  # the replaced card
     sa.Column("retired_at", sa.String(32), nullable=False),
@@ -356,12 +360,12 @@ retired_identities = sa.Table(
 #: A card's records across batches (lifecycle look-ups by card_ref).
 sa.Index("ix_batch_cards_card_ref", batch_cards.c.card_ref)
 
-#: Stations' issuance in a sliding window (kms.limits counts ``issued`` events by time, then by station).
+#: Stations' issuance in a sliding window (kms.issuance.limits counts ``issued`` events by time, then by station).
 ix_card_events_issued = sa.Index("ix_card_events_issued", card_events.c.event, card_events.c.at, card_events.c.by)
 
-#: Issuance limits set by ``set-limits`` ceremonies (kms.limits), per key domain: ``scope`` station or bureau,
+#: Issuance limits set by ``set-limits`` ceremonies (kms.issuance.limits), per key domain: ``scope`` station or bureau,
 #: ``subject`` a station's URI, a bureau's name or "default"; ``name`` cards_per_hour | cards_per_day |
-#: concurrent_streams. The defaults are policies/limits.yaml.
+#: concurrent_streams. The defaults are kms/policies/limits.yaml.
 limits = sa.Table(
     "limits",
     metadata,
@@ -376,3 +380,8 @@ limits = sa.Table(
 
 #: Indexes on tables that databases made by an older kms already have (create_all adds only missing tables).
 LATE_INDEXES = (ix_card_events_issued,)
+
+
+def database_display(url: str) -> str:
+    """The database URL without its password (for logs and ``service.started``)."""
+    return sa.make_url(url).render_as_string(hide_password=True)

@@ -2,8 +2,8 @@
 HSM processes, measured in the same run (rounds alternate, and who goes first alternates, so machine drift hits
 both sides alike); medians and per-round ratios are reported.
 
-1. Engine (goal >= 90 % of raw): kms.issuer.Issuer in this process, i.e. per-domain worker processes, each card's
-   keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the token) and
+1. Engine (goal >= 90 % of raw): kms.issuance.issuer.Issuer in this process, i.e. per-domain worker processes, each
+   card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the token) and
    canonically encoded, sections spliced into bundles in the coordinating process.
 2. End to end (goal >= 80 % of raw): `kms serve` as a process of its own (gRPC over mutual TLS, workers_per_domain
    HSM worker processes per domain, records in SQLite); per round an officer creates a fresh batch for bureau-a
@@ -11,9 +11,9 @@ both sides alike); medians and per-round ratios are reported.
    received; the station does not open them).
 3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
    client), p50 and p99 after warm-up.
-4. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.AuditLog.append with one record per
+4. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.log.AuditLog.append with one record per
    transaction on SQLite, against plain INSERTs of rows of the same size into a scratch table of the same shape, one
-   per transaction, same database; (b) offline verify rate, records/s of kms.audit_verify.verify over an export of
+   per transaction, same database; (b) offline verify rate, records/s of kms.audit.verify.verify over an export of
    >= 100,000 records with a signed checkpoint every 1,000 (goal >= 100,000 records/s), against SHA-256 alone over
    the same lines. `--audit-only` runs just this section.
 
@@ -53,19 +53,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_raw
 
-from kms import config, profiles, store
-from kms.audit import AuditLog, Seal, checkpoint_message, export_lines, mask_pan, seal_message
-from kms.audit_signer import AUDIT_KEY_LABEL
-from kms.audit_verify import verify
+from kms import config, store
+from kms.audit.log import AuditLog, Seal, checkpoint_message, export_lines, mask_pan, seal_message
+from kms.audit.signer import AUDIT_KEY_LABEL
+from kms.audit.verify import verify
 from kms.bundle import canonical
-from kms.cardid import CardIdentity
-from kms.client import Client
+from kms.cards import profiles
+from kms.cards.cardid import CardIdentity
+from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
-from kms.devceremonies import authorize_batch
-from kms.devhome import HOME_FORMAT, Home, home_format, init_home
+from kms.dev.ceremonies import authorize_batch
+from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
 from kms.files import restrict_umask
 from kms.identity import Principal
-from kms.issuer import Issuer
+from kms.issuance.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
 from kms.runtime import registry as open_registry
 
@@ -91,7 +92,7 @@ def make_cards(n: int, seed: int) -> list[CardIdentity]:
 
 
 def run_engine(config_path: Path, cards: list[CardIdentity], processes: int) -> float:
-    with Issuer(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
+    with Issuer.from_config(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
         for issued in issuer.issue(cards[:64], "bench-warmup"):  # workers up and logged in
             assert issued.data is not None
         started = time.perf_counter()
@@ -357,7 +358,7 @@ def bench_audit(rounds: int, append_records: int, verify_records: int) -> None:
     for name, n, times in (("plain INSERT, same row size (baseline)", append_records, insert_t),
                            ("AuditLog.append (chained, head locked)", append_records, append_t),
                            ("SHA-256 only over the export lines", verify_records, sha_t),
-                           ("kms.audit_verify.verify", verify_records, verify_t)):
+                           ("kms.audit.verify.verify", verify_records, verify_t)):
         median = statistics.median(times)
         print(f"  {name:44}{n / median:>10.0f}{median:>10.2f}")
     for name, base_t, other_t, base in (("audit append / plain INSERT", insert_t, append_t, "plain INSERT"),

@@ -31,21 +31,23 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from kms import components, config, reference, store
-from kms.audit_client import AuditClient
-from kms.audit_verify import verify
-from kms.ceremony import verify_minutes
-from kms.ceremony_client import CeremonyClient
-from kms.cli import read_cards, write_random_cards
-from kms.client import Client
+from kms import config, store
+from kms.audit.verify import verify
+from kms.cards import reference
+from kms.ceremony import components
+from kms.ceremony.officers import ApprovalKeyFile
+from kms.ceremony.rules import verify_minutes
+from kms.cli.main import read_cards, write_random_cards
+from kms.client.audit import AuditClient
+from kms.client.ceremony import CeremonyClient
+from kms.client.service import Client
 from kms.clock import SystemClock
-from kms.devceremonies import authorize_batch
-from kms.devhome import HOME_FORMAT, Home, home_format, init_home
+from kms.dev.ceremonies import authorize_batch
+from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
 from kms.errors import BundleRejected
 from kms.files import restrict_umask
-from kms.hsm import Algorithm, wipe
+from kms.hsm.types import Algorithm, wipe
 from kms.identity import Principal
-from kms.officers import ApprovalKeyFile
 from kms.runtime import open_station
 from kms.station import Station, TrustStore
 

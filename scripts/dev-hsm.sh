@@ -10,7 +10,7 @@ python=${PYTHON:-$here/.venv/bin/python}
 import sys
 from pathlib import Path
 
-from kms import softhsm
+from kms.hsm import softhsm
 
 root = Path(sys.argv[1]).resolve()
 conf = softhsm.write_conf(root)

@@ -7,48 +7,23 @@ else — signing keys, the stations' transport keys — is generated inside the 
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import subprocess
-import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import MASTER_KEYS, POSTGRES, PROFILE, TEST_BUREAU, TEST_TRANSPORT_KEYS, EngineFactory
 
-from kms import config, profiles, runtime, store
-from kms.cardid import CardIdentity
-from kms.client import Client
+from kms import config, runtime, store
 from kms.clock import SystemClock
-from kms.devhome import Home, init_home
-from kms.engine import DomainSealer, new_serial
-from kms.hsm import Algorithm, KcvMethod, TokenSession
-from kms.identity import Principal
+from kms.dev.home import Home, init_home
+from kms.hsm.session import TokenSession
+from kms.hsm.types import Algorithm, KcvMethod
+from kms.issuance.sealer import DomainSealer
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
-from kms.serve import Service
+from kms.server.serve import Service
 from kms.station import Station, TrustStore
-
-ROOT = Path(__file__).resolve().parent.parent
-VECTORS_PATH = Path(__file__).resolve().parent / "vectors" / "derivation.json"
-VECTORS = json.loads(VECTORS_PATH.read_text())
-PROFILE = profiles.load(ROOT / "policies" / "profiles" / "dual-app.yaml")
-TEST_BUREAU = "bureau-test"
-
-
-def _known_master_keys() -> dict[tuple[str, str], bytes]:
-    keys = {(d, name): secrets.token_bytes(16) for d in DOMAINS for name in PROFILE.master_keys(d)}
-    # The public vectors' keys where they fit, so a card from the vectors comes out as the vectors say.
-    keys[("bank", "bank-imk-ac")] = bytes.fromhex(VECTORS["option_a"][0]["imk"])
-    keys[("hrss", "hrss-mk")] = bytes.fromhex(VECTORS["ssc_chain"][0]["root"])
-    keys[("bank", "bank-kmc")] = bytes.fromhex(VECTORS["gp_kmc"][0]["kmc"])
-    return keys
-
-
-MASTER_KEYS = _known_master_keys()
-TEST_TRANSPORT_KEYS = {d: secrets.token_bytes(32) for d in DOMAINS}
 
 
 @pytest.fixture(scope="session")
@@ -120,27 +95,8 @@ def station(station_config: config.StationConfig, station_session: TokenSession,
                    TrustStore.load(station_config.trust), ledger, SystemClock())
 
 
-def card(i: int = 0, **overrides: str) -> CardIdentity:
-    fields = {
-        "card_ref": f"card-{i:06d}", "city_code": "320200", "card_serial": f"{0x86843202AD932A48 + i:016X}",
-        "pan": f"{6214830000000000000 + i}", "psn": "01", "kdd": f"{0x00010203040506070809 + i:020X}",
-    }
-    fields.update(overrides)
-    return CardIdentity(**fields)
-
-
-def seal(sealers: dict[str, DomainSealer], c: CardIdentity, batch: str = "B-1") -> bytes:
-    from kms import bundle
-
-    serial = new_serial()
-    sections = {d: bundle.encode_section(s.seal(c, serial=serial, batch=batch)) for d, s in sealers.items()}
-    return bundle.assemble(serial, c.card_ref, sections)
-
-
 # -- store backends ----------------------------------------------------------------------------------------------
 
-POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
-EngineFactory = Callable[[], sa.Engine]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -187,18 +143,31 @@ def service(home: Home) -> Iterator[Service]:
     svc.stop(grace=0)
 
 
-def service_client(home: Home, service: Service, who: Principal | str) -> Client:
-    """A client of ``service`` as a station (its name) or an officer or auditor (their principal)."""
-    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
-    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
-    assert cfg is not None
-    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
-def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process of its own, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ))
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+# -- markers: hsm (a SoftHSM2 token), service (a kms server), postgres (the PostgreSQL backend) --------------------
+
+_HSM_FIXTURES = {"home", "cfg", "registry", "sessions", "test_bureau", "sealers", "station_config", "station_session",
+                 "station", "service"}
+_HSM_TEXT = ("init_home(", "softhsm", '"init"', "runtime.open", "DomainPool(", "Service(", "selftest")
+_SERVICE_TEXT = ("create_server(", "Service(", '"serve"', "service_client(")
+_sources: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it needs, so ``make test-fast`` (``-m "not hsm and not service and not postgres"``)
+    runs the pure ones: from its fixtures, its parameters, and what its module builds (a module that starts a
+    server or makes a token marks all its tests)."""
+    for item in items:
+        path = str(item.path)
+        if path not in _sources:
+            _sources[path] = Path(path).read_text(encoding="utf-8")
+        source = _sources[path]
+        names = set(getattr(item, "fixturenames", ()))
+        if "service" in names or any(text in source for text in _SERVICE_TEXT):
+            item.add_marker(pytest.mark.service)
+        if names & _HSM_FIXTURES or any(text in source for text in _HSM_TEXT):
+            item.add_marker(pytest.mark.hsm)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgresql":
+            item.add_marker(pytest.mark.postgres)

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MASTER_KEYS, PROFILE, ROOT, TEST_TRANSPORT_KEYS, VECTORS_PATH, card, seal
+from helpers import MASTER_KEYS, PROFILE, ROOT, TEST_TRANSPORT_KEYS, VECTORS_PATH, card, seal
 
 from kms import config
-from kms.devhome import Home
+from kms.dev.home import Home
 from kms.errors import BundleRejected, ConfigError
 from kms.station import Station
 

@@ -295,3 +295,19 @@ def test_station_literal_pin_rejected_without_echoing_it(tmp_path: Path) -> None
     message = _error(config.load_station, _write(tmp_path / "station.yaml", _station(pin=CANARY)))
     assert "pin" in message
     assert CANARY not in message
+
+
+# -- the server section's policy files ---------------------------------------------------------------------------
+
+
+def test_server_policies_default_to_the_shipped_ones_and_resolve_beside_the_file(tmp_path: Path) -> None:
+    tls = {"cert": "pki/server.pem", "key": "pki/server.key", "ca": "pki/ca.pem"}
+    plain = config.load(_write(tmp_path / "a" / "kms.yaml", _issuer(server={"listen": "127.0.0.1:7443", "tls": tls})))
+    assert plain.server is not None and plain.server.policy is None and plain.server.quorum_policy is None
+    named = config.load(_write(tmp_path / "b" / "kms.yaml", _issuer(server={
+        "listen": "127.0.0.1:7443", "tls": tls, "policy": "etc/authz.yaml", "quorum_policy": "etc/quorum.yaml"})))
+    assert named.server is not None
+    assert named.server.policy == (tmp_path / "b" / "etc" / "authz.yaml").resolve()
+    assert named.server.quorum_policy == (tmp_path / "b" / "etc" / "quorum.yaml").resolve()
+    bad = _issuer(server={"listen": "127.0.0.1:7443", "tls": tls, "quorum": "etc/quorum.yaml"})
+    assert "quorum" in _error(config.load, _write(tmp_path / "c" / "kms.yaml", bad))

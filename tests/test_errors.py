@@ -1,20 +1,29 @@
-"""kms.errors: gRPC status names and CLI exit codes per class; errors survive pickling (HSM worker processes)."""
+"""kms.errors: gRPC status names and CLI exit codes per class, and back from a status to an error; every servicer
+method turns errors into statuses the one way (kms.server.frame.service_method); errors survive pickling (HSM
+workers)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import pickle
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
 
+import grpc
 import pytest
 
 import kms
 from kms import errors
-from kms.audit import AuditUnavailable
+from kms.client import service as client
 from kms.errors import (
     AlreadyExists,
     AuditChainBroken,
+    AuditNotVerified,
+    AuditUnavailable,
     BundleRejected,
     Cancelled,
     ConfigError,
@@ -32,6 +41,7 @@ from kms.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from kms.server import frame as server
 
 #: One instance of every KmsError class, built the way kms builds it.
 EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
@@ -51,6 +61,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     DeadlineExceeded: lambda: DeadlineExceeded("the deadline passed before any HSM work started"),
     Cancelled: lambda: Cancelled("the call was cancelled"),
     AuditUnavailable: lambda: AuditUnavailable(),
+    AuditNotVerified: lambda: AuditNotVerified("audit log NOT verified: record 12 was edited"),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
     Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
     ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
@@ -74,7 +85,8 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     BundleRejected: ("PERMISSION_DENIED", 7),
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 8),
     Cancelled: ("CANCELLED", 130),
-    AuditUnavailable: ("INTERNAL", 6),  # retryable as raised: UNAVAILABLE
+    AuditUnavailable: ("UNAVAILABLE", 13),  # retryable: the database, not the HSM (no longer the HSM's 6)
+    AuditNotVerified: ("DATA_LOSS", 9),  # `kms audit verify`
     AuditChainBroken: ("DATA_LOSS", 10),
     Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
@@ -88,9 +100,14 @@ def _all_subclasses(cls: type) -> set[type]:
     return found
 
 
+def _kms_modules() -> list[ModuleType]:
+    """Every module of kms (subpackages too), imported, so that classes defined anywhere in kms are seen."""
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(kms.__path__, "kms.")
+            if not m.name.endswith(".__main__")]
+
+
 def test_every_error_class_is_covered() -> None:
-    for module in pkgutil.iter_modules(kms.__path__, "kms."):
-        importlib.import_module(module.name)  # so that subclasses defined anywhere in kms are seen
+    _kms_modules()
     classes = {c for c in {KmsError, *_all_subclasses(KmsError)} if c.__module__.startswith("kms.")}
     assert classes == set(EXAMPLES) == set(MAPPING)
 
@@ -105,7 +122,7 @@ def test_status_and_exit_code(cls: type[KmsError]) -> None:
     assert errors.exit_code(error) == code
 
 
-@pytest.mark.parametrize("cls", [HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable, AuditUnavailable],
+@pytest.mark.parametrize("cls", [HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable],
                          ids=lambda c: c.__name__)
 def test_retryable_hsm_error_is_unavailable(cls: type[HsmError]) -> None:
     error = EXAMPLES[cls]()
@@ -123,7 +140,211 @@ def test_hsm_error_retryable_flag() -> None:
 
 
 def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
-    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {Unavailable}
+    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {Unavailable,
+                                                                                               AuditUnavailable}
+
+
+def test_audit_unavailable_is_its_own_retryable_class() -> None:
+    error = AuditUnavailable()
+    assert not isinstance(error, HsmError)  # a database failure is not the HSM's
+    assert isinstance(error, Unavailable) and error.retryable
+    assert str(error) == "the audit log cannot be written; nothing was done"
+    assert errors.exit_code(error) == 13 != errors.exit_code(HsmError("x", retryable=True))
+    assert errors.grpc_status_name(error) == "UNAVAILABLE"
+
+
+def test_exit_codes_are_shared_only_within_a_family() -> None:
+    families = [{ConfigError, ProfileError, InvalidState}, {NotFound, AlreadyExists},
+                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}]
+    by_code: dict[int, set[type[KmsError]]] = {}
+    for cls, (_, code) in MAPPING.items():
+        by_code.setdefault(code, set()).add(cls)
+    assert all(len(classes) == 1 or classes in families for classes in by_code.values()), by_code
+
+
+def test_the_verifier_exit_code_is_the_declared_one() -> None:
+    from kms.cli import audit as cli_audit
+
+    assert cli_audit.NOT_VERIFIED == AuditNotVerified.exit_code == 9
+
+
+# -- gRPC status → kms error (the clients) -------------------------------------------------------------------------
+
+
+def test_status_names_are_grpc_status_codes() -> None:
+    """Both directions name real gRPC status codes (kms.errors keeps them as text)."""
+    names = {code.name for code in grpc.StatusCode}
+    assert {cls.grpc_status for cls in MAPPING} <= names
+    assert set(errors._FROM_STATUS) <= names
+
+
+def test_errors_does_not_import_grpc() -> None:
+    tree = ast.parse(inspect.getsource(errors))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] == "grpc"}
+
+
+@pytest.mark.parametrize("cls", [InvalidArgument, NotFound, AlreadyExists, PermissionDenied, InvalidState,
+                                 DeadlineExceeded, ResourceExhausted], ids=lambda c: c.__name__)
+def test_a_status_comes_back_as_the_error_it_was(cls: type[KmsError]) -> None:
+    error = EXAMPLES[cls]()
+    back = errors.from_status(errors.grpc_status_name(error), str(error))
+    assert type(back) is cls
+    assert vars(back) == vars(error)  # field and reason, or the limit, survive the round trip
+
+
+@pytest.mark.parametrize(("status", "cls"), [("FAILED_PRECONDITION", InvalidState),
+                                             ("PERMISSION_DENIED", PermissionDenied)])
+def test_statuses_shared_by_several_classes_come_back_as_one(status: str, cls: type[KmsError]) -> None:
+    assert type(errors.from_status(status, "whatever")) is cls  # ConfigError, BundleRejected: told by the message
+
+
+def test_invalid_argument_without_a_field_names_the_request() -> None:
+    back = errors.from_status("INVALID_ARGUMENT", "request: cannot be parsed")
+    assert isinstance(back, InvalidArgument) and (back.field, back.reason) == ("request", "cannot be parsed")
+    odd = errors.from_status("INVALID_ARGUMENT", "no colon here")
+    assert isinstance(odd, InvalidArgument) and (odd.field, odd.reason) == ("request", "no colon here")
+
+
+def test_resource_exhausted_names_the_limit_or_none() -> None:
+    theirs = errors.from_status("RESOURCE_EXHAUSTED", "Received message larger than max")
+    assert isinstance(theirs, ResourceExhausted) and theirs.limit == ""
+
+
+@pytest.mark.parametrize(("status", "retryable"), [("UNAVAILABLE", True), ("INTERNAL", False), ("DATA_LOSS", False),
+                                                   ("UNKNOWN", False), ("CANCELLED", False)])
+def test_other_statuses_become_hsm_errors(status: str, retryable: bool) -> None:
+    back = errors.from_status(status, "the audit log cannot be written; nothing was done")
+    assert type(back) is HsmError and back.retryable is retryable
+    assert str(back) == f"service: {status.lower()}: the audit log cannot be written; nothing was done"
+    assert errors.grpc_status_name(back) == ("UNAVAILABLE" if retryable else "INTERNAL")
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+
+def test_the_client_translates_through_errors() -> None:
+    back = client.translate(_RpcError(grpc.StatusCode.INVALID_ARGUMENT, "cursor: is not a cursor this server gave"))
+    assert isinstance(back, InvalidArgument) and back.field == "cursor"
+    gone = client.translate(_RpcError(grpc.StatusCode.UNAVAILABLE, None))
+    assert isinstance(gone, HsmError) and gone.retryable and str(gone) == "service: unavailable: "
+
+
+# -- kms error → status: one decorator on every servicer method --------------------------------------------------
+
+
+def _servicer_bases() -> dict[str, type]:
+    """The generated servicer base class of every kms.v1 service, by service name."""
+    import kms.v1
+
+    bases = {}
+    for info in pkgutil.iter_modules(kms.v1.__path__, "kms.v1."):
+        if info.name.endswith("_pb2"):
+            messages = importlib.import_module(info.name)
+            stubs = importlib.import_module(info.name + "_grpc")
+            for name in messages.DESCRIPTOR.services_by_name:
+                bases[name] = getattr(stubs, f"{name}Servicer")
+    return bases
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *_subclasses(sub)}
+    return found
+
+
+def test_every_servicer_method_of_every_service_goes_through_service_method() -> None:
+    _kms_modules()
+    services = _servicer_bases()
+    assert set(services) == {"IssuanceService", "BatchService", "CardService", "CeremonyService", "AuditService"}
+    for name, base in services.items():
+        implementations = {c for c in _subclasses(base) if c.__module__.startswith("kms.")}
+        assert implementations, f"no implementation of {name} in kms"
+        descriptor = importlib.import_module(base.__module__.removesuffix("_grpc")).DESCRIPTOR.services_by_name[name]
+        for implementation in implementations:
+            for method in descriptor.methods:
+                function = getattr(implementation, method.name)
+                assert function is not getattr(base, method.name), f"{implementation.__name__}.{method.name} missing"
+                assert getattr(function, server.SERVICE_METHOD, False), \
+                    f"{implementation.__name__}.{method.name} is not decorated with kms.server.frame.service_method"
+                assert inspect.isgeneratorfunction(function) == method.server_streaming
+
+
+class _Aborted(Exception):
+    """What grpc's ServicerContext.abort raises."""
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise _Aborted()
+
+
+class _Service:
+    @server.service_method
+    def Unary(self, request: Any, context: Any) -> str:
+        if isinstance(request, BaseException):
+            raise request
+        return f"reply to {request}"
+
+    @server.service_method
+    def Stream(self, request: Any, context: Any) -> Iterator[str]:
+        yield "first"
+        yield "second"
+        if isinstance(request, BaseException):
+            raise request
+        yield "third"
+
+
+@pytest.mark.parametrize("cls", list(EXAMPLES), ids=lambda c: c.__name__)
+def test_a_kms_error_ends_the_call_with_its_status_and_message(cls: type[KmsError]) -> None:
+    error, context = EXAMPLES[cls](), _Context()
+    with pytest.raises(_Aborted):
+        _Service().Unary(error, context)
+    assert context.status == (grpc.StatusCode[errors.grpc_status_name(error)], str(error))
+
+
+def test_an_unexpected_error_is_internal_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    context = _Context()
+    with pytest.raises(_Aborted):
+        _Service().Unary(KeyError("secret-looking detail"), context)
+    assert context.status == (grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    assert any(r.exc_info and r.name == server.log.name for r in caplog.records)  # the traceback, in the log only
+
+
+def test_a_reply_passes_unchanged() -> None:
+    context = _Context()
+    assert _Service().Unary("ping", context) == "reply to ping"
+    assert context.status is None
+    assert list(_Service().Stream("ping", context)) == ["first", "second", "third"]
+    assert context.status is None
+
+
+def test_a_stream_ends_with_the_status_after_the_messages_sent() -> None:
+    context, received = _Context(), []
+    with pytest.raises(_Aborted):
+        for message in _Service().Stream(errors.Unavailable("the database is unreachable"), context):
+            received.append(message)
+    assert received == ["first", "second"]
+    assert context.status == (grpc.StatusCode.UNAVAILABLE, "the database is unreachable")
+
+
+def test_the_decorator_keeps_the_method_name() -> None:
+    assert _Service.Unary.__name__ == "Unary" and _Service.Stream.__name__ == "Stream"
+    assert inspect.isgeneratorfunction(_Service.Stream) and not inspect.isgeneratorfunction(_Service.Unary)
 
 
 @pytest.mark.parametrize("error", [ValueError("x"), RuntimeError("x"), KeyboardInterrupt(), OSError(5, "EIO")],

@@ -19,19 +19,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ROOT, kms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ROOT, kms
 
-from kms import cli, config, files, store
-from kms.cli import read_cards
-from kms.client import Client
-from kms.devceremonies import authorize_batch, client, officer
-from kms.devhome import Home, init_home
+from kms import config, files, store
+from kms.cli import main as cli
+from kms.cli.main import read_cards
+from kms.client.service import Client
+from kms.dev.ceremonies import authorize_batch, client, officer
+from kms.dev.home import Home, init_home
 from kms.errors import InvalidArgument, PermissionDenied
 from kms.identity import Principal
 
 #: ``kms`` with only the explicit modes acting: the umask calls of the command line and of serve do nothing.
-EXPLICIT_ONLY = ("import sys; from kms import cli, serve; "
+EXPLICIT_ONLY = ("import sys; from kms.cli import main as cli; from kms.server import serve; "
                  "cli.restrict_umask = serve.restrict_umask = lambda: 0; "
                  "sys.exit(cli.main(sys.argv[1:]))")
 
@@ -124,7 +125,7 @@ def test_the_command_line_sets_umask_077(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         assert cli.main(["dev", "cards", "--count", "1", "--out", str(tmp_path / "cards.csv")]) == 0
-        assert os.umask(0o022) == files.UMASK  # kms.cli.main set it
+        assert os.umask(0o022) == files.UMASK  # kms.cli.main.main set it
     finally:
         os.umask(old)
     served = subprocess.run(_umask_022(sys.executable, "-c", "import os; from kms import files; "

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from kms.dev.pki import DevPki
 from kms.errors import PermissionDenied
 from kms.identity import Principal, from_certificate, from_pem, parse_uri
-from kms.pki import DevPki
 
 
 @pytest.mark.parametrize(

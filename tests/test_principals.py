@@ -14,22 +14,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ceremony_helpers import certificate_pem, client_config_for, officer_params, open_batch, run_ceremony
-from conftest import card, service_client
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from helpers import card, certificate_pem, client_config_for, officer_params, open_batch, run_ceremony, service_client
 
 from kms import config
-from kms.audit import AuditLog
-from kms.audit_client import AuditClient
-from kms.ceremony_client import CeremonyClient
-from kms.client import Client
-from kms.devceremonies import client, officer
-from kms.devhome import Home
+from kms.audit.log import AuditLog
+from kms.client.audit import AuditClient
+from kms.client.ceremony import CeremonyClient
+from kms.client.service import Client
+from kms.dev.ceremonies import client, officer
+from kms.dev.home import Home
 from kms.errors import InvalidArgument, NotFound, PermissionDenied
 from kms.identity import Principal
 from kms.principals import PrincipalRegistry
-from kms.serve import Service
+from kms.server.serve import Service
 from kms.v1 import audit_pb2, cards_pb2, ceremony_pb2, issuance_pb2
 
 REGISTRY_REFUSALS = ("is not enrolled in kms", "was revoked", "is not the one registered for it")

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from kms import store
-from kms.audit import AuditLog
+from kms.audit.log import AuditLog
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from kms.registry import KeyKind, KeyRegistry, KeyState, key_label

@@ -18,20 +18,21 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import yaml
-from conftest import kms, service_client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import kms, service_client
 
 from kms import config, store
-from kms.client import Client
-from kms.devhome import Home
+from kms.client.service import Client
+from kms.dev.home import Home
+from kms.dev.pki import DevPki
 from kms.errors import ConfigError, PermissionDenied
 from kms.identity import Principal
-from kms.pki import DevPki
 from kms.revocation import RevocationList, load_crls
-from kms.serve import Service
+from kms.revocation import log as revocation_log
+from kms.server.serve import Service
 
 A1 = "station-a1"
 B1 = "station-b1"
@@ -171,7 +172,7 @@ def test_a_bad_replacement_at_runtime_keeps_the_crl_in_force(
     with service_client(home, crl_service, A1) as a1, service_client(home, crl_service, B1) as b1:
         with pytest.raises(PermissionDenied, match="is revoked"):
             _health(b1)
-        with caplog.at_level(logging.ERROR, logger="kms.revocation"):
+        with caplog.at_level(logging.ERROR, logger=revocation_log.name):
             for bad, reason in ((b"not a CRL\n", "no PEM certificate revocation list"),
                                 (other_ca.crl.read_bytes(), "is not signed by a CA of"),
                                 (b"", "no PEM certificate revocation list")):
@@ -202,7 +203,7 @@ def test_putting_an_older_crl_back_does_not_un_revoke(
         assert number() == old_number + 1
         with pytest.raises(PermissionDenied, match="is revoked"):
             _health(a1)
-        with caplog.at_level(logging.ERROR, logger="kms.revocation"):
+        with caplog.at_level(logging.ERROR, logger=revocation_log.name):
             _replace(fresh_crl, old)  # rolled back: validly signed, but CRL number n after n+1
             for _ in range(3):
                 with pytest.raises(PermissionDenied, match="is revoked"):
@@ -340,7 +341,7 @@ def test_one_file_holds_the_crls_of_several_cas(tmp_path: Path, caplog: pytest.L
     crls.write_bytes(first.crl([one.serial_number], dt.timedelta(days=1))
                      + second.crl([two.serial_number], dt.timedelta(days=1)))
     later = RevocationList(crls, cas, now=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
-    with caplog.at_level(logging.WARNING, logger="kms.revocation"):
+    with caplog.at_level(logging.WARNING, logger=revocation_log.name):
         for _ in range(3):
             for cert in (one, two):
                 with pytest.raises(PermissionDenied, match="is revoked"):
@@ -372,7 +373,7 @@ def test_without_crl_numbers_an_earlier_last_update_is_refused(tmp_path: Path,
     cas.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     crls.write_bytes(ca.crl([cert.serial_number]))
     listed = RevocationList(crls, cas)
-    with caplog.at_level(logging.ERROR, logger="kms.revocation"):
+    with caplog.at_level(logging.ERROR, logger=revocation_log.name):
         _replace(crls, ca.crl(last_update=dt.timedelta(hours=-1)))  # an empty list from before
         for _ in range(2):
             with pytest.raises(PermissionDenied, match="is revoked"):

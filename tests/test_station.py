@@ -9,17 +9,17 @@ from typing import Any
 
 import pkcs11.exceptions as p11e
 import pytest
-from conftest import card, seal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from helpers import card, seal
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from kms import bundle, store
 from kms.clock import SystemClock
-from kms.engine import DomainSealer
 from kms.errors import BundleRejected
-from kms.hsm import TokenSession
+from kms.hsm.session import TokenSession
+from kms.issuance.sealer import DomainSealer
 from kms.registry import KeyKind
 from kms.station import Station, TrustStore
 
@@ -168,9 +168,9 @@ def test_a_station_not_registered_for_a_domain_rejects_its_section(
     with pytest.raises(BundleRejected):
         hrss_only.open(seal(sealers, card(18)))
     # A bundle of an HRSS-only profile opens there.
-    from conftest import PROFILE
+    from helpers import PROFILE
 
-    from kms.profiles import Profile
+    from kms.cards.profiles import Profile
 
     hrss_profile = Profile(name="hrss-only", description="", source="test", domains={"hrss": PROFILE.keys("hrss")})
     sealer = DomainSealer("hrss", sealers["hrss"]._session, registry, hrss_profile, "bureau-a", SystemClock())

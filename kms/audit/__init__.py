@@ -1,0 +1,1 @@
+"""The tamper-evident audit log, its signer process, the offline verifier and the anomaly alarms it records."""

@@ -1,0 +1,511 @@
+"""The operations a ceremony can run: each one's parameters (checked when proposed, so approvers sign exactly what
+will run) and what executing it does. HSM steps go to the domain's own worker (kms.ceremony.keyops through
+``DomainPool.call``); after any key change the domain's workers are recycled so none serves a stale key version.
+
+Parameters are canonical JSON (kms.canonical: strings, integers, lists, objects); flags are "yes"/"no".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kms.cards.profiles import Profile
+from kms.ceremony import keyops
+from kms.ceremony.handoffs import TransportHandoffs
+from kms.ceremony.officers import OfficerStore, check_name, check_roles, parse_public_key
+from kms.ceremony.store import Ceremonies, CeremonyRecord, check_kcv
+from kms.errors import InvalidArgument, InvalidState, NotFound
+from kms.hsm.types import Algorithm
+from kms.identity import Principal, parse_uri
+from kms.issuance.batches import BatchState, BatchStore
+from kms.issuance.issuer import DomainPools
+from kms.issuance.limits import LimitStore
+from kms.issuance.limits import check_params as check_limits
+from kms.issuance.workers import DomainPool
+from kms.principals import PrincipalRegistry, parse_certificate
+from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
+from kms.validation import NAME, unknown_keys
+
+_SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
+_KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
+TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
+MAX_INT = 2**31 - 1  # the largest integer parameter (key versions)
+
+
+@dataclass
+class Context:
+    """What operations read and change."""
+
+    registry: KeyRegistry
+    officers: OfficerStore
+    batches: BatchStore
+    profiles: Mapping[str, Profile]
+    ceremonies: Ceremonies
+    handoffs: TransportHandoffs
+    pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
+    principals: PrincipalRegistry | None = None  # stations' and auditors' registrations, officers' certificate pins
+    limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.issuance.limits)
+
+
+Checker = Callable[[Context, str, Mapping[str, Any]], dict[str, Any]]
+Runner = Callable[[Context, CeremonyRecord], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    summary: str
+    check: Checker
+    run: Runner
+    changes_keys: bool = True
+
+
+# -- parameter helpers -------------------------------------------------------------------------------------------
+
+
+def _only(params: Mapping[str, Any], required: set[str], optional: frozenset[str] | set[str] = frozenset()) -> None:
+    for name in sorted(required - set(params)):
+        raise InvalidArgument(f"params.{name}", "is required")
+    for name in unknown_keys(params, required | optional):
+        raise InvalidArgument(f"params.{name}", "is not a parameter of this operation")
+
+
+def _str(params: Mapping[str, Any], name: str, pattern: re.Pattern[str] = NAME, what: str = "") -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidArgument(f"params.{name}", what or "must be 1-64 of a-z 0-9 . _ - starting with a letter or digit")
+    return value
+
+
+def _choice(params: Mapping[str, Any], name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    value = params.get(name, default)
+    if value not in choices:
+        raise InvalidArgument(f"params.{name}", f"must be one of {', '.join(choices)}")
+    return str(value)
+
+
+def _int(params: Mapping[str, Any], name: str) -> int:
+    # Bounded to what every database stores (PostgreSQL INTEGER; SQLite overflows past 64 bits).
+    value = params.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INT:
+        raise InvalidArgument(f"params.{name}", f"must be an integer from 1 to {MAX_INT}")
+    return value
+
+
+def _algorithm(params: Mapping[str, Any]) -> str:
+    value = _choice(params, "algorithm", tuple(a.value for a in Algorithm), Algorithm.DES2.value)
+    if value == Algorithm.SM4.value:
+        raise InvalidArgument("params.algorithm", "SM4 keys cannot be created on this HSM (no SM4 mechanism)")
+    return value
+
+
+def _custodians(ctx: Context, domain: str, params: Mapping[str, Any], name: str) -> list[str]:
+    """Two or more distinct enrolled key custodians of the domain, by name."""
+    value = params.get(name)
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"params.{name}", "must list at least 2 officers (split knowledge)")
+    if len(set(value)) != len(value):
+        raise InvalidArgument(f"params.{name}", "names an officer twice")
+    active = ctx.officers.active(domain)
+    for officer_name in value:
+        officer = active.get(Principal("officer", officer_name, domain=domain))
+        if officer is None:
+            raise InvalidArgument(f"params.{name}", f"{officer_name} is not an active {domain} officer")
+        if "key-custodian" not in officer.roles:
+            raise InvalidArgument(f"params.{name}", f"{officer_name} lacks the key-custodian role")
+    return sorted(value)
+
+
+def _existing(ctx: Context, domain: str, params: Mapping[str, Any]) -> tuple[str, str, int]:
+    kind = _choice(params, "kind", tuple(k.value for k in _KINDS), KeyKind.MASTER.value)
+    name, version = _str(params, "name"), _int(params, "version")
+    ctx.registry.get(domain, KeyKind(kind), name, version)  # NotFound names it
+    return kind, name, version
+
+
+def pool_for(ctx: Context, domain: str) -> DomainPool:
+    if ctx.pools is None or domain not in ctx.pools.pools:
+        raise InvalidState(f"no {domain} HSM worker is configured here")
+    return ctx.pools.pools[domain]
+
+
+def _yes(params: Mapping[str, Any], name: str = "escrow") -> bool:
+    return params.get(name) == "yes"
+
+
+def _custody_key(ctx: Context, domain: str, params: Mapping[str, Any]) -> str:
+    """The fingerprint of the custody key components are to be encrypted to: signed with the proposal, checked by
+    each custodian's client before encrypting, and again when the ceremony executes."""
+    current = ctx.registry.active(domain, KeyKind.CUSTODY, keyops.CUSTODY_NAME)
+    fingerprint = hashlib.sha256(current.public_key or b"").hexdigest()
+    if "custody_key" in params and params["custody_key"] != fingerprint:
+        raise InvalidArgument("params.custody_key", f"is not the {domain} custody key ({fingerprint})")
+    return fingerprint
+
+
+# -- operations --------------------------------------------------------------------------------------------------
+
+
+def _check_enrol(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name", "roles", "public_key", "certificate"}, {"cert_sha256"})
+    name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    pin = _pin(p, Principal("officer", name, domain=domain))
+    roles = p["roles"]
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise InvalidArgument("params.roles", "must be a list of roles")
+    chosen = check_roles(roles, "params.roles")
+    pem = p["public_key"] if isinstance(p["public_key"], str) else ""
+    parse_public_key(pem, "params.public_key")
+    if Principal("officer", name, domain=domain) in {r.officer.principal for r in ctx.officers.all(domain)}:
+        raise InvalidArgument("params.name", f"{name} is already a {domain} officer")
+    if ctx.officers.key_in_use(pem):
+        raise InvalidArgument("params.public_key", "is already an officer's approval key")
+    return {"name": name, "roles": sorted(chosen), "public_key": pem, "certificate": p["certificate"],
+            "cert_sha256": pin}
+
+
+def _check_revoke(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name"})
+    name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    if Principal("officer", name, domain=domain) not in ctx.officers.active(domain):
+        raise InvalidArgument("params.name", f"{name} is not an active {domain} officer")
+    return {"name": name}
+
+
+def _run_revoke(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    revoked = ctx.officers.revoke(Principal("officer", c.params["name"], domain=c.domain))
+    return {"officer": revoked.officer.principal.uri(), "state": revoked.state}
+
+
+def _run_enrol(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = Principal("officer", c.params["name"], domain=c.domain)
+    ctx.officers.enrol(principal, c.params["roles"], c.params["public_key"], c.ceremony_id,
+                       cert_sha256=c.params["cert_sha256"])
+    return {"officer": principal.uri(), "roles": list(c.params["roles"]),
+            "key_fingerprint": fingerprint(c.params["public_key"]), "cert_sha256": c.params["cert_sha256"]}
+
+
+def _pin(p: Mapping[str, Any], principal: Principal) -> str:
+    """The certificate pin of ``params.certificate`` (which must name ``principal``); a ``cert_sha256`` given with
+    the proposal must be the same, so approvers can compare it with what the principal showed them."""
+    pin = parse_certificate(p.get("certificate"), "params.certificate", principal)
+    if "cert_sha256" in p and p["cert_sha256"] != pin:
+        raise InvalidArgument("params.cert_sha256", f"is not the certificate's key ({pin})")
+    return pin
+
+
+def _registry(ctx: Context) -> PrincipalRegistry:
+    if ctx.principals is None:
+        raise InvalidState("no principal registry is configured here")
+    return ctx.principals
+
+
+def _grantee(p: Mapping[str, Any], role: str) -> Principal:
+    if role == "station":
+        return Principal("station", _str(p, "station"), bureau=_str(p, "bureau"))
+    return Principal("auditor", check_name(p["name"] if isinstance(p.get("name"), str) else "", "params.name"))
+
+
+def _check_register(role: str) -> Checker:
+    """register-station (bureau, station, certificate) / enrol-auditor (name, certificate): this domain's trust in
+    that principal, pinned to its certificate's key. Registering again with a new certificate moves the pin."""
+    def check(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        _only(p, {"bureau", "station", "certificate"} if role == "station" else {"name", "certificate"},
+              {"cert_sha256"})
+        principal = _grantee(p, role)
+        return {**{k: p[k] for k in p if k != "cert_sha256"}, "principal": principal.uri(),
+                "cert_sha256": _pin(p, principal)}
+    return check
+
+
+def _run_register(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = parse_uri(c.params["principal"])
+    done = _registry(ctx).register(principal, c.domain, c.params["cert_sha256"], c.ceremony_id)
+    return {"principal": principal.uri(), "domain": c.domain, "cert_sha256": done.cert_sha256, "state": done.state}
+
+
+def _check_unregister(role: str) -> Checker:
+    """revoke-station (bureau, station) / revoke-auditor (name): this domain no longer trusts that principal."""
+    def check(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+        _only(p, {"bureau", "station"} if role == "station" else {"name"})
+        principal = _grantee(p, role)
+        if not _registry(ctx).active(principal, domain):
+            raise InvalidArgument("params.station" if role == "station" else "params.name",
+                                  f"{principal.uri()} is not registered for the {domain} domain")
+        return {**dict(p), "principal": principal.uri()}
+    return check
+
+
+def _run_unregister(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = parse_uri(c.params["principal"])
+    done = _registry(ctx).revoke(principal, c.domain, c.ceremony_id)
+    return {"principal": principal.uri(), "domain": c.domain, "state": done.state}
+
+
+def _check_renew(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """renew-certificate (name, certificate): an active officer of the domain now uses this certificate's key."""
+    _only(p, {"name", "certificate"}, {"cert_sha256"})
+    name = check_name(p["name"] if isinstance(p["name"], str) else "", "params.name")
+    principal = Principal("officer", name, domain=domain)
+    if principal not in ctx.officers.active(domain):
+        raise InvalidArgument("params.name", f"{name} is not an active {domain} officer")
+    return {"name": name, "certificate": p["certificate"], "cert_sha256": _pin(p, principal)}
+
+
+def _run_renew(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    principal = Principal("officer", c.params["name"], domain=c.domain)
+    _registry(ctx).repin_officer(principal, c.params["cert_sha256"], c.ceremony_id)
+    return {"officer": principal.uri(), "cert_sha256": c.params["cert_sha256"]}
+
+
+def _check_generate(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name"}, {"algorithm", "escrow"})
+    return {"name": _str(p, "name"), "algorithm": _algorithm(p), "escrow": _choice(p, "escrow", ("yes", "no"), "no")}
+
+
+def _check_rotate(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    checked = _check_generate(ctx, domain, p)
+    versions = ctx.registry.versions(domain, KeyKind.MASTER, checked["name"])
+    if not versions:
+        raise InvalidArgument("params.name", f"no {domain} master key {checked['name']} to rotate")
+    checked["algorithm"] = versions[-1].algorithm
+    checked["replaces_version"] = versions[-1].version
+    return checked
+
+
+def _run_generate(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    p = c.params
+    return dict(pool_for(ctx, c.domain).call(keyops.create_key, KeyKind.MASTER.value, p["name"], p["algorithm"],
+                                          _yes(p)))
+
+
+def _check_import(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name", "kcv", "custodians"}, {"algorithm", "escrow", "custody_key"})
+    return {"name": _str(p, "name"), "algorithm": _algorithm(p), "escrow": _choice(p, "escrow", ("yes", "no"), "no"),
+            "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
+            "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
+
+
+def _run_import(ctx: Context, c: CeremonyRecord, kind: KeyKind = KeyKind.MASTER, name_param: str = "name"
+                ) -> dict[str, Any]:
+    p = c.params
+    _custody_key(ctx, c.domain, p)  # still the key the components were encrypted to
+    sealed = [(who.uri(), data, kcv) for who, data, kcv in ctx.ceremonies.sealed_components(c.ceremony_id, "in")]
+    # A master key is active once its joined KCV matched; a transport key waits for its bureau (set-key-state).
+    return dict(pool_for(ctx, c.domain).call(keyops.create_key, kind.value, p[name_param],
+                                             p.get("algorithm", Algorithm.AES256.value), _yes(p), p["kcv"], sealed,
+                                             kind is KeyKind.MASTER))
+
+
+def _check_export(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name", "version", "recipients"}, {"kind"})
+    kind, name, version = _existing(ctx, domain, p)
+    return {"kind": kind, "name": name, "version": version,
+            "recipients": _custodians(ctx, domain, p, "recipients")}
+
+
+def _run_export(ctx: Context, c: CeremonyRecord, kind: str | None = None, name: str | None = None,
+                version: int | None = None) -> dict[str, Any]:
+    p = c.params
+    recipients = []
+    for officer_name in p["recipients"]:
+        record = ctx.officers.get(Principal("officer", officer_name, domain=c.domain))
+        recipients.append((record.officer.principal.uri(), record.public_key_pem))
+    outputs = pool_for(ctx, c.domain).call(keyops.export_components, kind or p["kind"], name or p["name"],
+                                        version or p["version"], recipients, c.ceremony_id)
+    ctx.ceremonies.store_outputs(c.ceremony_id, [(parse_uri(uri), sealed, kcv) for uri, sealed, kcv in outputs])
+    return {"components": [{"custodian": uri, "kcv": kcv} for uri, _, kcv in outputs]}
+
+
+def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    method = _choice(p, "method", TRANSPORT_METHODS)
+    bureau = _str(p, "bureau")
+    if method == "rsa-oaep":
+        _only(p, {"bureau", "method", "station", "public_key"})
+        station = _str(p, "station")
+        pem = p["public_key"] if isinstance(p["public_key"], str) else ""
+        try:
+            public = serialization.load_pem_public_key(pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise InvalidArgument("params.public_key", "is not a PEM public key") from None
+        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
+            raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
+        receiver = Principal("station", station, bureau=bureau)
+        if ctx.principals is not None and not ctx.principals.active(receiver, domain):
+            raise InvalidArgument("params.station", f"{receiver.uri()} is not registered for the {domain} domain "
+                                                    "(register-station first)")
+        return {"bureau": bureau, "method": method, "public_key": pem, "station": receiver.uri()}
+    if method == "import-components":
+        _only(p, {"bureau", "method", "kcv", "custodians"}, {"custody_key"})
+        return {"bureau": bureau, "method": method, "algorithm": Algorithm.AES256.value,
+                "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
+                "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
+    _only(p, {"bureau", "method", "recipients"})
+    return {"bureau": bureau, "method": method, "recipients": _custodians(ctx, domain, p, "recipients")}
+
+
+def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    p = c.params
+    pool = pool_for(ctx, c.domain)
+    if p["method"] == "rsa-oaep":
+        public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
+        spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki)
+        # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
+        ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
+                           c.ceremony_id)
+        return {**made, "handed_to": p["station"]}
+    if p["method"] == "import-components":
+        return _run_import(ctx, c, KeyKind.TRANSPORT, "bureau")
+    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True,
+                          None, (), False))
+    try:
+        exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+    except BaseException:
+        pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+        raise
+    return {**made, **exported}
+
+
+def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name", "version", "state"}, {"kind"})
+    kind, name, version = _existing(ctx, domain, p)
+    state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
+    _activation_allowed(ctx.registry.get(domain, KeyKind(kind), name, version), KeyState(state))
+    return {"kind": kind, "name": name, "version": version, "state": state}
+
+
+def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
+    """Activation by ceremony: a suspended key again, or a transport key whose bureau confirmed its KCV out of band
+    (components). A master key becomes active only inside the ceremony that made it, after its KCV check."""
+    if to is KeyState.ACTIVE and record.state is not KeyState.SUSPENDED and not (
+            record.kind is KeyKind.TRANSPORT and record.state is KeyState.PRE_ACTIVATION):
+        raise InvalidArgument("params.state", f"{record.label} is {record.state.value}: only a suspended key, or a "
+                                              "transport key awaiting its bureau, can be made active")
+
+
+def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    p = c.params
+    record = ctx.registry.get(c.domain, KeyKind(p["kind"]), p["name"], p["version"])
+    _activation_allowed(record, KeyState(p["state"]))
+    changed = ctx.registry.transition(record, KeyState(p["state"]))
+    return {"label": changed.label, "from": record.state.value, "state": changed.state.value,
+            "at": changed.state_changed_at}
+
+
+def _check_destroy(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"name", "version"}, {"kind"})
+    kind, name, version = _existing(ctx, domain, p)
+    return {"kind": kind, "name": name, "version": version}
+
+
+def _run_destroy(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    p = c.params
+    return dict(pool_for(ctx, c.domain).call(keyops.destroy_key, p["kind"], p["name"], p["version"]))
+
+
+def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    _only(p, {"batch_id"}, {"bureau", "profile", "card_count", "cards_digest", "master_keys"})
+    batch_id = p["batch_id"] if isinstance(p["batch_id"], str) else ""
+    try:
+        batch = ctx.batches.get_batch(batch_id)
+    except NotFound:
+        raise InvalidArgument("params.batch_id", f"no batch {batch_id}") from None
+    if batch.state is not BatchState.AWAITING:
+        raise InvalidArgument("params.batch_id", f"batch {batch_id} is {batch.state.value}")
+    if domain not in ctx.profiles[batch.profile].domains:
+        raise InvalidArgument("params.batch_id", f"batch {batch_id} has no {domain} keys")
+    if domain in batch.authorized_by:
+        raise InvalidArgument("params.batch_id", f"batch {batch_id} is already authorized by the {domain} domain")
+    # What the approvers sign: the batch's bureau, profile and exact cards (by digest), filled in from the record,
+    # and the master key versions its cards will be derived from (the newest active ones now; they stay the
+    # batch's keys after a rotation, re-issues included, while they remain active).
+    profile = ctx.profiles[batch.profile]
+    versions = {name: ctx.registry.active(domain, KeyKind.MASTER, name).version
+                for name in profile.master_keys(domain)}
+    facts = {"batch_id": batch.batch_id, "bureau": batch.bureau, "profile": batch.profile,
+             "card_count": batch.card_count, "cards_digest": batch.cards_digest, "master_keys": versions}
+    for name, value in facts.items():
+        if name in p and p[name] != value:
+            raise InvalidArgument(f"params.{name}", f"does not match batch {batch_id} ({value})")
+    return facts
+
+
+def _run_batch(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    p = c.params
+    batch = ctx.batches.get_batch(p["batch_id"])
+    if (batch.bureau, batch.profile, batch.card_count) != (p["bureau"], p["profile"], p["card_count"]):
+        raise InvalidState(f"batch {batch.batch_id} differs from what was approved")
+    for name, version in p["master_keys"].items():
+        record = ctx.registry.get(c.domain, KeyKind.MASTER, name, version)
+        if record.state is not KeyState.ACTIVE:
+            raise InvalidState(f"{record.label} is {record.state.value} since it was approved for this batch")
+    done = ctx.batches.authorize(batch.batch_id, c.domain, c.ceremony_id, p["cards_digest"],
+                                 tuple(ctx.profiles[batch.profile].domains), p["master_keys"])
+    return {"batch_id": done.batch_id, "state": done.state.value, "authorized_by": list(done.authorized_by),
+            "master_keys": dict(p["master_keys"])}
+
+
+def _check_limits(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """set-limits (scope, subject, cards_per_hour / cards_per_day / concurrent_streams): this domain's value of
+    issuance limits for a station, a bureau, or every one ("default"); kms.issuance.limits.check_params."""
+    return check_limits(p)
+
+
+def _run_limits(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    if ctx.limits is None:
+        raise InvalidState("no issuance limits are kept here")
+    return ctx.limits.set(c.domain, c.params, c.ceremony_id)
+
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("enrol-officer", "enrol an officer with roles and an approval key", _check_enrol, _run_enrol, False),
+    Operation("revoke-officer", "an officer who no longer counts for anything", _check_revoke, _run_revoke, False),
+    Operation("renew-certificate", "pin an officer to a new client certificate key", _check_renew, _run_renew,
+              False),
+    Operation("register-station", "trust a bureau's station (pinned to its certificate) for this domain",
+              _check_register("station"), _run_register, False),
+    Operation("revoke-station", "this domain no longer trusts a station", _check_unregister("station"),
+              _run_unregister, False),
+    Operation("enrol-auditor", "let an auditor (pinned to their certificate) read this domain's audit records",
+              _check_register("auditor"), _run_register, False),
+    Operation("revoke-auditor", "an auditor who may no longer read this domain's audit records",
+              _check_unregister("auditor"), _run_unregister, False),
+    Operation("generate-master-key", "generate a master key (next version) in the HSM", _check_generate,
+              _run_generate),
+    Operation("import-master-key", "join a master key (next version) from custodians' components", _check_import,
+              _run_import),
+    Operation("rotate-master-key", "generate the next version of an existing master key", _check_rotate,
+              _run_generate),
+    Operation("export-master-key", "export an escrowable key as components, one per custodian", _check_export,
+              _run_export),
+    Operation("register-transport-key", "a bureau's transport key (rsa-oaep, import-components, export-components)",
+              _check_transport, _run_transport),
+    Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,
+              _run_state),
+    Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy),
+    Operation("authorize-batch", "the domain's authorization of an issuance batch", _check_batch, _run_batch,
+              False),
+    Operation("set-limits", "this domain's issuance limits for a station, a bureau or every one", _check_limits,
+              _run_limits, False),
+)}
+
+
+def operation(name: str) -> Operation:
+    try:
+        return OPERATIONS[name]
+    except KeyError:
+        raise InvalidArgument("operation", f"must be one of {', '.join(sorted(OPERATIONS))}") from None
+
+
+def fingerprint(pem: str) -> str:
+    der = parse_public_key(pem).public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()[:32]

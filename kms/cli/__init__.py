@@ -1,0 +1,1 @@
+"""The `kms` command line: one module per command group; `python -m kms.cli` runs it."""

@@ -1,0 +1,188 @@
+"""`kms audit …`: an auditor takes the audit log home and proves it complete and unaltered (docs/audit.md).
+
+``export`` writes the JSON Lines as they stream in (constant memory at any size) to a new file only its owner can
+read, and never overwrites one; ``verify`` checks such a file offline, with nothing but the audit public key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms import errors
+from kms.registry import DOMAINS
+
+#: `kms audit verify`: the exit status when the file does not verify (declared in kms.errors with the others).
+NOT_VERIFIED = errors.AuditNotVerified.exit_code
+
+
+def add_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the tamper-evident audit log (auditors)")
+    commands = audit.add_subparsers(dest="audit_command", required=True)
+    p = commands.add_parser(
+        "export", help="export the audit log as JSON Lines, ending with a seal signed for this export",
+        description="Export the audit log as JSON Lines into a new file (mode 0600; an existing file is never "
+                    "overwritten), written as it streams in. The export ends with a seal signed for this request "
+                    "(a random nonce this command sends and prints) covering every record in it. Filters: time "
+                    "range (since inclusive, until exclusive, RFC 3339), domain, kind (a kind or a dotted prefix, "
+                    "e.g. ceremony); a record a filter leaves out appears only as the digest of its body, so a "
+                    "filtered export verifies as completely as a full one.")
+    p.add_argument("--client", type=Path, required=True, help="an auditor's client configuration")
+    p.add_argument("--server", help="host:port, instead of the client configuration's")
+    p.add_argument("--out", "-o", type=Path, required=True, help="the export file (must not exist)")
+    p.add_argument("--since", default="", help="RFC 3339 time, inclusive (e.g. 2026-11-27T00:00:00Z)")
+    p.add_argument("--until", default="", help="RFC 3339 time, exclusive")
+    p.add_argument("--domain", choices=DOMAINS)
+    p.add_argument("--kind", default="", help="a record kind or dotted prefix (e.g. request.refused, ceremony)")
+    p.add_argument("--json", action="store_true")
+    p = commands.add_parser(
+        "verify", help="verify an export offline: every hash, sequence number and checkpoint signature",
+        description="Verify an audit export offline, reading it line by line: every record's sequence number, link "
+                    "and hash, every checkpoint's signature and head, and that the file ends with the seal signed "
+                    "for its request (the nonce given, or else the header's). Prints a summary and exits 0 if it "
+                    "verifies; otherwise prints one line on stderr naming the first bad sequence number and why "
+                    "(edited, removed, inserted, reordered, truncated, checkpoint forged) and exits "
+                    f"{NOT_VERIFIED}. Other exit statuses: 2 the file, key or nonce cannot be read.")
+    p.add_argument("file", type=Path)
+    p.add_argument("--public-key", type=Path, required=True, help="the audit public key (PEM), e.g. audit/audit-v1.pem")
+    p.add_argument("--nonce", "--expect-nonce", dest="nonce", metavar="HEX",
+                   help="the nonce `kms audit export` printed, kept apart from the file: the export must be sealed "
+                        "for it (without it, the nonce the file's header records is checked)")
+    p.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
+
+
+def run(args: argparse.Namespace, client_for: Any) -> int:
+    if args.audit_command == "verify":
+        return _verify(args)
+    return _export(args, client_for)
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+class _Progress:
+    """One line on stderr (only on a terminal): records written, and how far into the log the export is."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.size = 0
+        self._last = 0.0
+
+    def update(self, records: int, seq: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self._last < 0.2):
+            return
+        self._last = now
+        percent = min(seq * 100 // self.size, 100) if self.size else 100
+        bar = "#" * (percent // 4)
+        print(f"\r[{bar:<25}] {records} records, {seq}/{self.size}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _export(args: argparse.Namespace, client_for: Any) -> int:
+    from kms.client.audit import AuditClient
+
+    started = time.perf_counter()
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise errors.AlreadyExists(f"{args.out} exists; choose a new file for the export") from None
+    except OSError as error:
+        raise errors.InvalidArgument("out", f"cannot create {args.out} ({error.strerror})") from None
+    records = checkpoints = last_seq = size = 0
+    nonce = secrets.token_hex(16)  # the export's seal is signed for it: an older export cannot pass for this one
+    sealed = ""
+    progress = _Progress(enabled=not args.json and sys.stderr.isatty())
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out, client_for(args.client, args.server) as client:
+            for chunk in AuditClient(client).export(since=args.since, until=args.until, domain=args.domain or "",
+                                                    kind=args.kind, nonce=nonce):
+                for line in chunk:
+                    if line.startswith('{"type":"record","seq":'):
+                        records += 1
+                        last_seq = int(line[23:line.index(",", 23)])
+                    elif line.startswith('{"type":"checkpoint"'):
+                        checkpoints += 1
+                    elif line.startswith('{"type":"export",'):
+                        header = json.loads(line)
+                        size = progress.size = int(header["size"])
+                        _answers(header, nonce, "header")
+                    elif line.startswith('{"type":"export-seal"'):
+                        sealed = _answers(json.loads(line), nonce, "seal")
+                    out.write(line)
+                    out.write("\n")
+                progress.update(records, last_seq)
+            if not sealed:
+                raise errors.KmsError("the export does not answer this request: it has no seal")
+            progress.update(records, size, final=True)
+            progress.done()
+    except BaseException:
+        progress.done()
+        args.out.unlink(missing_ok=True)  # no partial export is left behind to be taken for a whole one
+        raise
+    seconds = time.perf_counter() - started
+    _emit(args, {"out": str(args.out), "records": records, "checkpoints": checkpoints, "size": size,
+                 "last_seq": last_seq, "seconds": round(seconds, 3), "nonce": nonce, "sealed_at": sealed},
+          f"exported {records} records and {checkpoints} signed checkpoints (log size {size}) to {args.out} "
+          f"in {seconds:.1f} s, sealed {sealed} for nonce {nonce} (keep it apart: kms audit verify --nonce)")
+    return 0
+
+
+def _answers(doc: Any, nonce: str, what: str) -> str:
+    """The export's header and seal must name the nonce this command sent, as the file will record it; the seal's
+    time."""
+    if not isinstance(doc, dict) or doc.get("nonce") != nonce:
+        raise errors.KmsError(f"the export does not answer this request: its {what} names another nonce")
+    return str(doc.get("at", ""))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from kms.audit.log import NONCE
+    from kms.audit.verify import verify
+
+    try:
+        public = serialization.load_pem_public_key(args.public_key.read_bytes())
+    except (OSError, ValueError) as error:
+        raise errors.InvalidArgument("public_key", f"cannot read {args.public_key} as a PEM public key "
+                                                   f"({type(error).__name__})") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise errors.InvalidArgument("public_key", "must be an ECDSA P-256 public key")
+    if args.nonce is not None:
+        args.nonce = args.nonce.lower()
+        if not NONCE.fullmatch(args.nonce):
+            raise errors.InvalidArgument("nonce", "must be the 32 to 128 hex digits `kms audit export` printed")
+    try:
+        # A byte that is not UTF-8 reads as U+FFFD: its record then fails its hash, as an edited one.
+        with args.file.open(encoding="utf-8", errors="replace", newline="\n") as lines:
+            verdict = verify(lines, public, nonce=args.nonce)
+    except OSError as error:
+        raise errors.InvalidArgument("file", f"cannot read {args.file} ({error.strerror})") from None
+    except ValueError:  # only the header line is parsed as a whole, and it is not JSON
+        print("kms: audit log NOT verified: the header line is unreadable", file=sys.stderr)
+        return NOT_VERIFIED
+    if args.json:
+        print(json.dumps({"ok": verdict.ok, "records": verdict.records, "checkpoints": verdict.checkpoints,
+                          "last_seq": verdict.last_seq, "covered": verdict.covered, "filtered": verdict.filtered,
+                          "omitted": verdict.omitted, "signed_at": verdict.signed_at or None,
+                          "bad_seq": verdict.bad_seq, "problem": verdict.problem or None,
+                          "detail": verdict.detail or None, "nonce": verdict.nonce or None,
+                          "nonce_expected": verdict.nonce_expected}, indent=2, sort_keys=True))
+    if not verdict.ok:
+        print(f"kms: {verdict.summary()}", file=sys.stderr)
+        return NOT_VERIFIED
+    if not args.json:
+        print(verdict.summary())
+    return 0

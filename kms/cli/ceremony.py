@@ -1,0 +1,272 @@
+"""`kms ceremony …`: an officer's commands for key ceremonies (docs/ceremonies.md).
+
+Components are read without echo (or from a file), encrypted on this machine to the domain's custody key, and wiped;
+an escrow component is written only to the file the custodian names (mode 0600). Minutes are written as the signed
+canonical document plus a ``.sig`` file, and ``verify-minutes`` checks them offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms import config as config_mod
+from kms import errors, identity
+from kms.ceremony.officers import ApprovalKeyFile
+from kms.ceremony.rules import verify_minutes
+from kms.client.ceremony import CeremonyClient, checked_proposal
+from kms.files import write_private
+from kms.hsm.types import wipe
+from kms.registry import DOMAINS
+
+_LISTS = {"custodians", "recipients", "roles"}
+_INTS = {"version", "card_count"}
+
+
+def add_parser(sub: Any) -> None:
+    cer = sub.add_parser("ceremony", help="key ceremonies under dual control (officers; auditors read)")
+    commands = cer.add_subparsers(dest="ceremony_command", required=True)
+
+    def command(name: str, text: str, *, with_id: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = commands.add_parser(name, help=text)
+        p.add_argument("--client", type=Path, required=True, help="an officer's (or auditor's) client configuration")
+        p.add_argument("--server", help="host:port, instead of the client configuration's")
+        p.add_argument("--json", action="store_true")
+        if with_id:
+            p.add_argument("ceremony_id")
+        return p
+
+    p = command("propose", "propose an operation of your domain", with_id=False)
+    p.add_argument("operation")
+    p.add_argument("params", nargs="*", metavar="NAME=VALUE",
+                   help="parameters; lists comma-separated (custodians=bob,chen); VALUE @FILE reads a file")
+    p.add_argument("--ttl", type=int, default=0, help="seconds until the proposal expires (default 24 h)")
+    command("show", "a ceremony: operation, digest, approvals, components, result")
+    p = command("list", "your domain's ceremonies", with_id=False)
+    p.add_argument("--state", default="")
+    p = command("approve", "approve a ceremony: sign its digest with your approval key")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = command("submit-component", "send your key component, encrypted to the domain's custody key")
+    p.add_argument("--kcv", required=True, help="your component's check value (6 hex digits)")
+    p.add_argument("--component-file", type=Path, help="a file holding the component in hex (default: prompt)")
+    command("execute", "run a ceremony whose quorum is met")
+    command("cancel", "cancel an open ceremony")
+    p = command("fetch-component", "your escrow component of an executed export, into a file only you can read")
+    p.add_argument("--out", type=Path, required=True)
+    p = command("minutes", "signed minutes of a ceremony")
+    p.add_argument("--out", "-o", type=Path, required=True, help="the minutes; the signature goes to OUT.sig")
+    p = commands.add_parser("verify-minutes", help="check signed minutes offline")
+    p.add_argument("file", type=Path)
+    p.add_argument("--public-key", type=Path, required=True, help="the domain's issuance signing key (PEM)")
+    p.add_argument("--json", action="store_true")
+
+
+def add_station_parsers(station: Any) -> None:
+    p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p = station.add_parser("accept-transport-key",
+                           help="take the transport key a ceremony left for this station into its token, check "
+                                "the KCV and confirm it (which activates the key)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+
+
+def run_station(args: argparse.Namespace, client_for: Any) -> int:
+    from kms import runtime
+    from kms.station import accept_transport_key, unwrap_public_key_pem
+
+    cfg = config_mod.load_station(args.station_config)
+    if args.station_command == "unwrap-key":
+        with runtime.open_station(cfg) as session:
+            print(unwrap_public_key_pem(session, cfg.name, args.domain), end="")
+        return 0
+    with client_for(args.station_config, args.server) as client:
+        cer = CeremonyClient(client)
+        handoff = cer.fetch_transport_key(args.domain)
+        with runtime.open_station(cfg) as session:
+            kcv = accept_transport_key(session, cfg.name, args.domain, handoff.label, handoff.wrapped_key,
+                                       handoff.kcv)
+        confirmed = cer.confirm_transport_key(args.domain, handoff.version, kcv)
+    _emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label, "kcv": kcv},
+          f"{confirmed.label} is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active")
+    return 0
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+def _doc(ceremony: Any) -> dict[str, Any]:
+    return {
+        "ceremony_id": ceremony.ceremony_id, "domain": ceremony.domain, "operation": ceremony.operation,
+        "params": json.loads(ceremony.params_json or "{}"), "proposer": ceremony.proposer,
+        "created_at": ceremony.created_at, "expires_at": ceremony.expires_at, "state": ceremony.state,
+        "digest": ceremony.digest, "required": ceremony.required, "role": ceremony.role,
+        "approvals": [{"officer": a.officer, "at": a.at} for a in ceremony.approvals],
+        "components": [{"custodian": c.custodian, "kcv": c.kcv, "at": c.at} for c in ceremony.components],
+        "result": json.loads(ceremony.result_json) if ceremony.result_json else None, "error": ceremony.error,
+    }
+
+
+def _text(doc: dict[str, Any]) -> str:
+    lines = [f"{doc['ceremony_id']}: {doc['operation']} ({doc['domain']}), {doc['state']}; proposed by "
+             f"{doc['proposer']}; {len(doc['approvals'])} of {doc['required']} approvals ({doc['role']})"]
+    if doc["state"] == "failed":
+        lines.append(f"  failed: {doc['error']}")
+    if doc["result"]:
+        lines.append("  result: " + json.dumps(doc["result"], sort_keys=True))
+    return "\n".join(lines)
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise errors.InvalidArgument("params", f"{item!r} is not NAME=VALUE")
+        if value.startswith("@"):
+            try:
+                value = Path(value[1:]).read_text(encoding="utf-8")
+            except OSError as error:
+                raise errors.InvalidArgument(f"params.{name}", f"cannot read {value[1:]} ({error.strerror})") from None
+        if name in _LISTS:
+            params[name] = [v for v in value.split(",") if v]
+        elif name in _INTS:
+            # ASCII digits only (int() also reads "٣" or "1_0"); the service checks the range.
+            if not re.fullmatch(r"-?[0-9]{1,20}", value):
+                raise errors.InvalidArgument(f"params.{name}", "must be an integer")
+            params[name] = int(value)
+        else:
+            params[name] = value
+    return params
+
+
+def _approval_key(args: argparse.Namespace) -> ApprovalKeyFile:
+    cfg = config_mod.load_client(args.client)
+    if cfg.approval_key is None:
+        raise errors.ConfigError(f"{args.client}: no client.approval_key (an officer's approval key)")
+    return ApprovalKeyFile(cfg.approval_key)
+
+
+def _me(args: argparse.Namespace) -> str:
+    cfg = config_mod.load_client(args.client)
+    return identity.from_pem(cfg.tls.cert.read_bytes()).uri()
+
+
+def _read_component(args: argparse.Namespace) -> bytearray:
+    if args.component_file is not None:
+        try:
+            text = args.component_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            raise errors.InvalidArgument("component_file", "cannot be read as hexadecimal text") from None
+    else:
+        text = getpass.getpass("component (hex, not echoed): ")
+    try:
+        return bytearray.fromhex("".join(text.split()))
+    except ValueError:
+        raise errors.InvalidArgument("component", "must be hexadecimal") from None
+    finally:
+        del text
+
+
+def run(args: argparse.Namespace, client_for: Any) -> int:
+    if args.ceremony_command == "verify-minutes":
+        return _verify(args)
+    with client_for(args.client, args.server) as client:
+        cer = CeremonyClient(client)
+        command = args.ceremony_command
+        if command == "propose":
+            ceremony = cer.propose(args.operation, _params(args.params), args.ttl)
+        elif command == "show":
+            ceremony = cer.get(args.ceremony_id)
+        elif command == "list":
+            found = [_doc(c) for c in cer.list(args.state)]
+            _emit(args, found, "\n".join(_text(d) for d in found) or "no ceremonies")
+            return 0
+        elif command == "approve":
+            ceremony = cer.get(args.ceremony_id)
+            digest, proposal = checked_proposal(ceremony, args.ceremony_id)
+            if not args.yes:  # shown: the proposal decoded from the very encoding whose digest is signed
+                print(f"{args.ceremony_id}: {proposal['operation']} ({proposal['domain']}) proposed by "
+                      f"{proposal['proposer']}, expires {proposal['expires_at']}\n  params: "
+                      f"{json.dumps(proposal['params'], sort_keys=True)}\n  digest: {digest.hex()}", file=sys.stderr)
+                if not sys.stdin.isatty() or input("approve? [y/N] ").strip().lower() != "y":
+                    raise errors.Cancelled("not approved")
+            ceremony = cer.approve(args.ceremony_id, _approval_key(args), ceremony)
+        elif command == "submit-component":
+            value = _read_component(args)
+            try:
+                ceremony = cer.submit_component(args.ceremony_id, value, args.kcv)
+            finally:
+                wipe(value)
+        elif command == "execute":
+            ceremony = cer.execute(args.ceremony_id)
+        elif command == "cancel":
+            ceremony = cer.cancel(args.ceremony_id)
+        elif command == "fetch-component":
+            return _fetch(args, cer)
+        else:
+            minutes = cer.minutes(args.ceremony_id)
+            try:
+                write_private(args.out, minutes.document)
+                write_private(Path(f"{args.out}.sig"), json.dumps({
+                    "signature": base64.b64encode(minutes.signature).decode(), "signing_key": minutes.signing_key,
+                }) + "\n")
+            except OSError as error:
+                raise errors.InvalidArgument("--out", f"cannot write {args.out} ({error.strerror})") from None
+            _emit(args, {"minutes": str(args.out), "signature": f"{args.out}.sig", "signing_key": minutes.signing_key},
+                  f"minutes of {args.ceremony_id} written to {args.out} (signature: {args.out}.sig, "
+                  f"signed by {minutes.signing_key})")
+            return 0
+    doc = _doc(ceremony)
+    _emit(args, doc, _text(doc))
+    return 0
+
+
+def _fetch(args: argparse.Namespace, cer: CeremonyClient) -> int:
+    key = _approval_key(args)
+    value, kcv = cer.fetch_component(args.ceremony_id, key, _me(args))
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(value.hex().upper() + "\n")
+    except FileExistsError:
+        raise errors.AlreadyExists(f"{args.out} exists; choose a new file for the component") from None
+    finally:
+        wipe(value)
+    _emit(args, {"ceremony_id": args.ceremony_id, "out": str(args.out), "kcv": kcv},
+          f"your component of {args.ceremony_id} is in {args.out} (KCV {kcv}); keep it under your sole control")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        document = args.file.read_bytes()
+        sig = json.loads(Path(f"{args.file}.sig").read_text(encoding="utf-8"))
+        signature = base64.b64decode(sig["signature"])
+        public = serialization.load_pem_public_key(args.public_key.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise errors.InvalidArgument("file", f"cannot read the minutes, their .sig or the key ({type(error).__name__})"
+                                     ) from None
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise errors.InvalidArgument("public_key", "must be an ECDSA P-256 public key")
+    doc = verify_minutes(document, signature, public)
+    _emit(args, {"ok": True, "ceremony_id": doc["ceremony_id"], "state": doc["state"],
+                 "approvals": [a["officer"] for a in doc["approvals"]]},
+          f"minutes of {doc['ceremony_id']} verified: {doc['operation']} ({doc['domain']}) {doc['state']}, "
+          f"{len(doc['approvals'])} approval signature(s) good")
+    return 0
+

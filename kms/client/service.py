@@ -1,0 +1,140 @@
+"""Calling the issuance service over mutual TLS as a station, an officer or an auditor."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar, cast, overload
+
+import grpc
+
+from kms import errors
+from kms.cards.cardid import CardIdentity
+from kms.config import ClientConfig
+from kms.revocation import check_server_certificate
+from kms.v1 import cards_pb2 as cards_pb
+from kms.v1 import cards_pb2_grpc as cards_rpc
+from kms.v1 import issuance_pb2 as pb
+from kms.v1 import issuance_pb2_grpc as rpc
+
+
+def translate(error: grpc.RpcError) -> errors.KmsError:
+    """A server's status as the kms error it stands for (kms.errors.from_status: UNAVAILABLE and others become a
+    retryable HsmError-like error)."""
+    return errors.from_status(error.code().name, error.details() or "")
+
+
+Reply = TypeVar("Reply")
+
+
+class Client:
+    def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | None = None) -> None:
+        # With client.tls.crl: the server's certificate checked against the CRL first, once for this channel
+        # (kms.revocation; gRPC Python cannot check CRLs itself).
+        check_server_certificate(cfg.tls, server or cfg.server, timeout)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=cfg.tls.ca.read_bytes(), private_key=cfg.tls.key.read_bytes(),
+            certificate_chain=cfg.tls.cert.read_bytes(),
+        )
+        self._channel = grpc.secure_channel(server or cfg.server, credentials, options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+        self.issuance = rpc.IssuanceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.batches = rpc.BatchServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.cards = cards_rpc.CardServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    @overload
+    def call(self, method: Any, request: Any) -> Any: ...
+
+    @overload
+    def call(self, method: Any, request: Any, returns: type[Reply]) -> Reply: ...
+
+    def call(self, method: Any, request: Any, returns: type[Any] = object) -> Any:
+        """One unary call, its error as the kms error it stands for. ``returns``, the method's reply message, types
+        the reply for the caller: the generated stubs are untyped, the messages (their .pyi) are not."""
+        return self._call(method, request, returns)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, returns: type[Reply]) -> Reply:
+        try:
+            return cast(Reply, method(request, timeout=self.timeout))  # the stub's deserializer made a ``returns``
+        except grpc.RpcError as error:
+            raise translate(error) from None
+
+    def create_batch(self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity]) -> pb.BatchStatus:
+        request = pb.CreateBatchRequest(batch_id=batch_id, bureau=bureau, profile=profile,
+                                        cards=[pb.CardIdentity(**c.as_dict()) for c in cards])
+        return self._call(self.batches.CreateBatch, request, pb.BatchStatus)
+
+    def batch_status(self, batch_id: str) -> pb.BatchStatus:
+        return self._call(self.issuance.GetBatchStatus, pb.GetBatchStatusRequest(batch_id=batch_id), pb.BatchStatus)
+
+    def reissue(self, batch_id: str, card_ref: str) -> pb.ReissueCardResponse:
+        return self._call(self.batches.ReissueCard, pb.ReissueCardRequest(batch_id=batch_id, card_ref=card_ref),
+                          pb.ReissueCardResponse)
+
+    # -- card lifecycle (officers; get_card also auditors) ---------------------------------------------------------
+
+    def report_lost(self, card_ref: str, application: str, reason: str) -> cards_pb.Card:
+        return self._call(self.cards.ReportLost, cards_pb.ReportLostRequest(
+            card_ref=card_ref, application=application, reason=reason), cards_pb.Card)
+
+    def cancel_loss_report(self, card_ref: str, application: str, reason: str) -> cards_pb.Card:
+        return self._call(self.cards.CancelLossReport, cards_pb.CancelLossReportRequest(
+            card_ref=card_ref, application=application, reason=reason), cards_pb.Card)
+
+    def replace_card(self, old_card_ref: str, new_card_ref: str, reason: str) -> cards_pb.Card:
+        return self._call(self.cards.ReplaceCard, cards_pb.ReplaceCardRequest(
+            old_card_ref=old_card_ref, new_card_ref=new_card_ref, reason=reason), cards_pb.Card)
+
+    def cancel_application(self, card_ref: str, application: str, kind: str, reason: str) -> cards_pb.Card:
+        """``kind``: "cancel-card" (销卡) or "close-account" (销户)."""
+        return self._call(self.cards.CancelApplication, cards_pb.CancelApplicationRequest(
+            card_ref=card_ref, application=application, kind=kind, reason=reason), cards_pb.Card)
+
+    def get_card(self, card_ref: str) -> cards_pb.Card:
+        return self._call(self.cards.GetCard, cards_pb.GetCardRequest(card_ref=card_ref), cards_pb.Card)
+
+    def issue_card(self, batch_id: str, card_ref: str, *, card_serial: str = "", kdd: str = "",
+                   idempotency_key: str | None = None) -> pb.SealedBundle:
+        """One card's bundle. Without an idempotency key one is made up for the call, so that a retry of this
+        call (same key) gets the same bundle; pass "" to send none."""
+        if idempotency_key is None:
+            idempotency_key = secrets.token_hex(16)
+        request = pb.IssueCardRequest(batch_id=batch_id, card_ref=card_ref, idempotency_key=idempotency_key)
+        if card_serial or kdd:
+            request.chip.CopyFrom(pb.ChipData(card_serial=card_serial, kdd=kdd))
+        return self._call(self.issuance.IssueCard, request, pb.IssueCardResponse).bundle
+
+    def stream_batch(self, batch_id: str, *, cursor: str = "", per_message: int = 0, retries: int = 5,
+                     stream_timeout: float = 3600.0) -> Iterator[pb.SealedBundle]:
+        """Every bundle of the batch, resuming from the last cursor after a broken stream (UNAVAILABLE), so no
+        bundle is lost and none is received twice."""
+        attempt = 0
+        while True:
+            try:
+                for message in self.issuance.StreamBatch(
+                        pb.StreamBatchRequest(batch_id=batch_id, cursor=cursor, max_bundles_per_message=per_message),
+                        timeout=stream_timeout):
+                    yield from message.bundles
+                    cursor = message.cursor
+                    attempt = 0
+                return
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+                    raise translate(error) from None
+                attempt += 1
+                time.sleep(min(2.0, 0.1 * 2 ** attempt))

@@ -1,0 +1,1 @@
+"""Development only, not production: the development home (`kms init`), its PKI and its ceremonies."""

@@ -1,0 +1,1 @@
+"""The gRPC server: frame (mutual TLS, interceptor), authorization policy, `kms serve`, one module per service."""

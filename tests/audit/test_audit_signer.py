@@ -1,0 +1,156 @@
+"""Checkpoints signed in the audit token of a development home (its own token and PIN, its own process)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms import config, store
+from kms.audit.log import AuditLog, export_lines
+from kms.audit.signer import AUDIT_KEY_LABEL, AuditSigner, Checkpointer
+from kms.audit.verify import verify
+from kms.clock import FixedClock
+from kms.dev.home import Home
+from kms.hsm.session import TokenSession
+
+NONCE, OTHER = "5e" * 16, "7f" * 32
+
+
+@pytest.fixture(autouse=True)
+def fresh_signed_head(home: Home) -> Iterator[None]:
+    """These tests sign chains of their own databases with the session home's audit token: the signer's remembered
+    head is reset to the genesis before and after, which is always safe (the next checkpoint of any log is then
+    checked from its first record)."""
+    cfg = config.load(home.config)
+    with runtime_session(cfg) as session:
+        session.write_data("kms/audit/signed-head", b"0:" + b"0" * 64)
+    yield
+    with runtime_session(cfg) as session:
+        session.write_data("kms/audit/signed-head", b"0:" + b"0" * 64)
+
+
+def test_checkpoints_are_signed_in_the_audit_token_and_verify_offline(home: Home, tmp_path: Path) -> None:
+    cfg = config.load(home.config)
+    assert cfg.audit is not None and cfg.audit.token == "kms-audit" and cfg.audit.token not in {
+        d.token for d in cfg.domains.values()}
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(engine)
+    clock = FixedClock(dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC))
+    log = AuditLog(engine, clock)
+    signer = AuditSigner(home.config)
+    checkpointer = Checkpointer(log, signer, clock, every_records=5, every_seconds=3600)
+    try:
+        assert checkpointer.checkpoint_now() is None  # nothing to sign yet
+        for i in range(12):
+            log.record("test.event", subject=str(i))
+            if i == 6:
+                first = checkpointer.checkpoint_now()
+                assert first is not None and (first.size, first.key) == (7, AUDIT_KEY_LABEL)
+                assert checkpointer.checkpoint_now() == first  # the head has not moved: no new checkpoint
+        last = checkpointer.checkpoint_now()
+        assert last is not None and last.size == 12
+        seal = checkpointer.seal(NONCE, {"kind": "test"})  # nothing new: sealed at the last checkpoint
+        assert (seal.size, seal.head, seal.nonce, seal.key) == (12, last.head, NONCE, AUDIT_KEY_LABEL)
+        log.record("test.event", subject="12")
+        later = checkpointer.seal(OTHER, {})  # a new record: checkpointed (stored), then sealed at the same head
+        assert later.size == 13 and checkpointer.checkpoint_now() == log.last_checkpoint()
+        assert log.last_checkpoint() is not None and log.last_checkpoint().size == 13  # type: ignore[union-attr]
+    finally:
+        signer.close()
+    public = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    verdict = verify(export_lines(log, seal), public, nonce=NONCE)
+    assert verdict.ok and (verdict.checkpoints, verdict.covered, verdict.filtered) == (2, 12, True), verdict.summary()
+    assert verify(export_lines(log, later), public, nonce=OTHER).ok
+    assert verify(export_lines(log, seal), public, nonce=OTHER).problem == "truncated"  # another request's seal
+    issuance = serialization.load_pem_public_key((home.path / "trust" / "hrss-issuance-v1.pem").read_bytes())
+    assert isinstance(issuance, ec.EllipticCurvePublicKey)
+    assert not verify(export_lines(log, later), issuance).ok  # a domain's key cannot stand in for the audit key
+
+
+def test_the_audit_section_is_checked(tmp_path: Path, home: Home) -> None:
+    import yaml
+
+    from kms.errors import ConfigError
+
+    doc = yaml.safe_load(home.config.read_text())
+    doc["audit"]["checkpoint_records"] = 0
+    bad = tmp_path / "kms.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"audit\.checkpoint_records"):
+        config.load(bad)
+
+
+def test_the_signer_seals_no_export_of_a_log_it_signed_further_than(home: Home, tmp_path: Path) -> None:
+    """A seal obeys the signer's rule as a checkpoint does: a database reset (or rolled back to a copy) behind the
+    signed head gets no seal, not even one at its own, shorter head."""
+    from kms.errors import AuditChainBroken
+
+    clock = FixedClock(dt.datetime(2026, 11, 27, 11, 0, tzinfo=dt.UTC))
+    signer = AuditSigner(home.config)
+    try:
+        logs = []
+        for name, count in (("before.db", 5), ("after.db", 9)):
+            engine = store.make_engine(f"sqlite:///{tmp_path / name}")
+            store.create_all(engine)
+            logs.append(AuditLog(engine, clock))
+            for i in range(count):
+                logs[-1].record("test.event", subject=str(i))
+        assert Checkpointer(logs[1], signer, clock).seal(NONCE, {}).size == 9  # signed head: 9
+        with pytest.raises(AuditChainBroken, match="holds 5 records, but 9 were signed already"):
+            Checkpointer(logs[0], signer, clock).seal(NONCE, {})
+    finally:
+        signer.close()
+
+
+def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Home, tmp_path: Path) -> None:
+    """Edit a signed record, re-chain everything after it, fix the head, delete the checkpoints: the signer, which
+    keeps the head it last signed in its own token, refuses to sign the rewritten chain (so no export of it can end
+    with a good checkpoint)."""
+    import sqlalchemy as sa
+
+    from kms.audit.log import chain
+    from kms.errors import AuditChainBroken
+
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(engine)
+    clock = FixedClock(dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC))
+    log = AuditLog(engine, clock)
+    signer = AuditSigner(home.config)
+    checkpointer = Checkpointer(log, signer, clock)
+    try:
+        for i in range(30):
+            log.record("test.event", subject=str(i))
+        assert checkpointer.checkpoint_now() is not None  # signed at 30
+        with engine.begin() as conn:
+            rows = conn.execute(sa.select(store.audit_log).order_by(store.audit_log.c.seq)).all()
+            prev = bytes.fromhex(rows[13].hash)
+            for row in rows[14:]:
+                body = row.body.replace('"outcome":"ok"', '"outcome":"refused"') if row.seq == 15 else row.body
+                digest = chain(prev, body.encode())
+                conn.execute(store.audit_log.update().where(store.audit_log.c.seq == row.seq)
+                             .values(body=body, prev=prev.hex(), hash=digest.hex()))
+                prev = digest
+            conn.execute(store.audit_head.update().values(hash=prev.hex()))
+            conn.execute(store.audit_checkpoints.delete())
+        with pytest.raises(AuditChainBroken, match="does not extend the head signed at 30"):
+            checkpointer.checkpoint_now()
+        log.record("test.after")  # more records on top of the rewrite change nothing
+        with pytest.raises(AuditChainBroken):
+            checkpointer.checkpoint_now()
+        with pytest.raises(AuditChainBroken):  # nor is an export of it sealed
+            checkpointer.seal(NONCE, {})
+    finally:
+        signer.close()
+
+
+def runtime_session(cfg: config.Config) -> TokenSession:
+    from kms import runtime
+
+    assert cfg.audit is not None
+    return runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())

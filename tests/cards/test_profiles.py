@@ -1,0 +1,270 @@
+"""kms.cards.profiles: the shipped profile, and rejection of bad profiles with the file, the line and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kms.cards import profiles, recipes
+from kms.errors import ProfileError
+from kms.hsm.types import Algorithm
+
+SHIPPED = Path(__file__).resolve().parents[2] / "kms" / "policies" / "profiles"
+
+HRSS_MASTERS = {"hrss-kmc", "hrss-mk", "hrss-stk", "hrss-eak", "hrss-irk", "hrss-puk", "hrss-rpk"}
+BANK_MASTERS = {"bank-imk-ac", "bank-imk-smi", "bank-imk-smc", "bank-kmc"}
+ALL_MASTERS = {"hrss": HRSS_MASTERS, "bank": BANK_MASTERS}
+
+GOOD = """\
+profile: test-v1
+description: a test profile
+domains:
+  hrss:
+    keys:
+      - name: mk
+        usage: application-master
+        recipe: hrss_dispersal
+        params: {algorithm: 3des, factors: ["hex:{card_serial}"]}
+        master_key: hrss-mk
+      - {name: isd-enc, usage: gp-isd-enc, recipe: gp_kmc, params: {method: emv-cps, key: enc}, master_key: hrss-kmc}
+  bank:
+    keys:
+      - {name: udk-ac, usage: application-cryptogram, recipe: emv_option_a, master_key: bank-imk-ac}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "profile.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    """1-based line number of the n-th line containing ``needle``."""
+    hits = [i for i, line in enumerate(text.splitlines(), start=1) if needle in line]
+    return hits[occurrence - 1]
+
+
+def _reject(path: Path, master_keys: dict[str, set[str]] | None = None) -> ProfileError:
+    with pytest.raises(ProfileError) as info:
+        profiles.load(path, master_keys=master_keys)
+    return info.value
+
+
+# -- the shipped profile -------------------------------------------------------------------------------------------
+
+
+def test_shipped_profile_loads() -> None:
+    profile = profiles.load(SHIPPED / "dual-app.yaml", master_keys=ALL_MASTERS)
+    assert profile.name == "dual-app-v1"
+    assert profile.source == str(SHIPPED / "dual-app.yaml")
+    assert [k.name for k in profile.keys("hrss")] == ["isd-enc", "isd-mac", "isd-dek", "mk", "stk", "eak", "irk",
+                                                      "puk", "rpk"]
+    assert [k.name for k in profile.keys("bank")] == ["udk-ac", "udk-smi", "udk-smc", "ssd-enc", "ssd-mac", "ssd-dek"]
+    assert set(profile.master_keys("hrss")) == HRSS_MASTERS
+    assert set(profile.master_keys("bank")) == BANK_MASTERS
+    assert profile.master_keys("hrss") == sorted(HRSS_MASTERS)
+
+
+def test_shipped_profile_recipes() -> None:
+    profile = profiles.load(SHIPPED / "dual-app.yaml")
+    hrss = {k.name: k for k in profile.keys("hrss")}
+    bank = {k.name: k for k in profile.keys("bank")}
+    assert hrss["mk"].master_key == "hrss-mk"
+    assert hrss["mk"].usage == "application-master"
+    chain = hrss["mk"].recipe
+    assert isinstance(chain, recipes.HrssDispersal)
+    assert chain.factors == tuple(
+        recipes.Factor.parse(f) for f in ("ascii:{province}0000sh", "ascii:{city_code}sx", "hex:{card_serial}")
+    )
+    # The YAML alias gives every HRSS application key the same chain.
+    assert all(hrss[n].recipe == chain for n in ("stk", "eak", "irk", "puk", "rpk"))
+    assert hrss["isd-mac"].recipe == recipes.GpKmc(method="emv-cps", key="mac")
+    assert isinstance(bank["udk-smc"].recipe, recipes.OptionA)
+    assert all(k.algorithm is Algorithm.DES2 for k in (*hrss.values(), *bank.values()))
+    assert profile.card_fields("hrss") == frozenset({"kdd", "city_code", "card_serial"})
+    assert profile.card_fields("bank") == frozenset({"pan", "psn", "kdd"})
+
+
+def test_shipped_profile_rejected_without_one_master_key() -> None:
+    masters = {"hrss": HRSS_MASTERS - {"hrss-puk"}, "bank": BANK_MASTERS}
+    error = _reject(SHIPPED / "dual-app.yaml", masters)
+    assert "hrss-puk" in error.reason
+    assert error.line == _line_of((SHIPPED / "dual-app.yaml").read_text(encoding="utf-8"), "master_key: hrss-puk")
+
+
+def test_load_dir_of_shipped_profiles() -> None:
+    loaded = profiles.load_dir(SHIPPED, master_keys=ALL_MASTERS)
+    assert list(loaded) == ["dual-app-v1"]
+
+
+# -- a good profile written here -----------------------------------------------------------------------------------
+
+
+def test_good_profile(tmp_path: Path) -> None:
+    profile = profiles.load(_write(tmp_path, GOOD), master_keys=ALL_MASTERS)
+    assert profile.description == "a test profile"
+    assert [k.name for k in profile.keys("hrss")] == ["mk", "isd-enc"]
+    assert profile.keys("nowhere") == ()
+    assert profile.card_fields("hrss") == frozenset({"card_serial", "kdd"})
+
+
+def test_one_domain_is_enough(tmp_path: Path) -> None:
+    text = GOOD.split("  bank:")[0]
+    profile = profiles.load(_write(tmp_path, text))
+    assert set(profile.domains) == {"hrss"}
+    assert profile.keys("bank") == ()
+
+
+# -- rejections: file, line, reason --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "marker", "reason"),
+    [
+        pytest.param("recipe: hrss_dispersal", "recipe: hrss_dispersal_v2", "recipe: hrss_dispersal_v2",
+                     "unknown recipe 'hrss_dispersal_v2'", id="unknown recipe"),
+        pytest.param("{algorithm: 3des,", "{algorithm: aes,", "{algorithm: aes,", "algorithm must be",
+                     id="bad recipe params"),
+        pytest.param("params: {method: emv-cps, key: enc}", "params: {method: emv-cps, key: enc, kvn: 1}", "kvn: 1",
+                     "unknown parameter 'kvn'", id="unknown recipe param"),
+        pytest.param("description: a test profile\n", "description: a test profile\nowner: someone\n",
+                     "owner: someone", "unknown field 'owner'", id="unknown top-level field"),
+        pytest.param("        master_key: hrss-mk\n", "        master_key: hrss-mk\n        slot: 3\n", "slot: 3",
+                     "unknown field 'slot'", id="unknown key field"),
+        pytest.param("  bank:\n", "  finance:\n", "finance:", "unknown domain 'finance'", id="unknown domain"),
+        pytest.param("{name: isd-enc,", "{name: mk,", "{name: mk,", "key 'mk' appears twice",
+                     id="duplicate key name"),
+        pytest.param("        usage: application-master\n",
+                     "        usage: application-master\n        usage: maintenance\n", "usage: maintenance",
+                     "duplicate key 'usage'", id="duplicate YAML mapping key"),
+        pytest.param("description: a test profile\n", "description: a test profile\ndescription: twice\n",
+                     "description: twice", "duplicate key 'description'", id="duplicate top-level key"),
+        pytest.param("description: a test profile", "description: a test: profile", "description: a test: profile",
+                     "not valid YAML", id="invalid YAML"),
+        pytest.param("  bank:\n    keys:\n      - {name: udk-ac, usage: application-cryptogram, recipe: emv_option_a, "
+                     "master_key: bank-imk-ac}\n", "  bank:\n    keys: []\n", "keys: []", "non-empty list",
+                     id="empty keys list"),
+        pytest.param("name: mk", "name: MK", "name: MK", "must be a lower-case name", id="bad key name"),
+        pytest.param("profile: test-v1", "profile: Test V1", "profile: Test V1", "lower-case name",
+                     id="bad profile name"),
+        pytest.param("params: {algorithm: 3des, factors: [\"hex:{card_serial}\"]}", "params: [3des]",
+                     "params: [3des]", "'params' must be a mapping", id="params not a mapping"),
+    ],
+)
+def test_rejected_with_file_line_and_reason(tmp_path: Path, old: str, new: str, marker: str, reason: str) -> None:
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1)
+    path = _write(tmp_path, text)
+    error = _reject(path, ALL_MASTERS)
+    line = _line_of(text, marker, occurrence=text.count(marker))
+    assert error.path == str(path)
+    assert error.line == line
+    assert str(error).startswith(f"{path}:{line}:")
+    assert reason in error.reason
+
+
+def test_missing_master_key_names_key_and_domain(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    error = _reject(path, {"hrss": HRSS_MASTERS - {"hrss-kmc"}, "bank": BANK_MASTERS})
+    line = _line_of(GOOD, "master_key: hrss-kmc")
+    assert error.line == line
+    assert str(error).startswith(f"{path}:{line}:")
+    assert "'hrss-kmc'" in error.reason
+    assert "domain hrss" in error.reason
+
+
+def test_master_key_of_the_other_domain_does_not_count(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    # bank-imk-ac exists, but only in the hrss token: the bank key must not accept it.
+    error = _reject(path, {"hrss": HRSS_MASTERS | BANK_MASTERS, "bank": set()})
+    assert error.line == _line_of(GOOD, "master_key: bank-imk-ac")
+    assert "'bank-imk-ac'" in error.reason
+    assert "domain bank" in error.reason
+
+
+def test_master_keys_are_not_checked_without_a_registry(tmp_path: Path) -> None:
+    profile = profiles.load(_write(tmp_path, GOOD), master_keys=None)
+    assert profile.master_keys("hrss") == ["hrss-kmc", "hrss-mk"]
+
+
+def test_missing_required_key_field(tmp_path: Path) -> None:
+    text = GOOD.replace("        usage: application-master\n", "", 1)
+    path = _write(tmp_path, text)
+    error = _reject(path)
+    assert error.line == _line_of(text, "- name: mk")
+    assert "'usage'" in error.reason
+
+
+@pytest.mark.parametrize("text", ["", "- just\n- a list\n", "plain text\n"])
+def test_not_a_mapping(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text)
+    error = _reject(path)
+    assert str(error).startswith(f"{path}:1:")
+
+
+def test_unreadable_profile(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    error = _reject(path)
+    assert error.path == str(path)
+    assert "cannot read" in error.reason
+
+
+def test_non_utf8_profile_is_a_profile_error(tmp_path: Path) -> None:
+    path = tmp_path / "gbk.yaml"
+    path.write_bytes(GOOD.replace("a test profile", "社保应用").encode("gbk"))
+    error = _reject(path)
+    assert error.path == str(path)
+
+
+def test_unhashable_yaml_key_is_a_profile_error(tmp_path: Path) -> None:
+    text = GOOD.replace("description: a test profile\n", "description: a test profile\n? [a, b]\n: c\n")
+    path = _write(tmp_path, text)
+    error = _reject(path)
+    assert error.line == _line_of(text, "? [a, b]")
+
+
+def test_key_entry_not_a_mapping_has_its_line(tmp_path: Path) -> None:
+    text = GOOD.replace("      - {name: udk-ac,", "      - just-a-name\n      - {name: udk-ac,")
+    path = _write(tmp_path, text)
+    error = _reject(path)
+    assert error.line == _line_of(text, "- just-a-name")
+
+
+def test_key_name_with_trailing_newline_rejected(tmp_path: Path) -> None:
+    text = GOOD.replace("name: mk", 'name: "mk\\n"', 1)
+    path = _write(tmp_path, text)
+    error = _reject(path)
+    assert error.line == _line_of(text, 'name: "mk\\n"')
+
+
+# -- load_dir ------------------------------------------------------------------------------------------------------
+
+
+def test_load_dir_by_profile_name(tmp_path: Path) -> None:
+    _write(tmp_path, GOOD, "a.yaml")
+    _write(tmp_path, GOOD.replace("profile: test-v1", "profile: test-v2"), "b.yaml")
+    _write(tmp_path, "not: a profile, and not *.yaml\n", "notes.txt")
+    loaded = profiles.load_dir(tmp_path, master_keys=ALL_MASTERS)
+    assert sorted(loaded) == ["test-v1", "test-v2"]
+    assert loaded["test-v2"].source == str(tmp_path / "b.yaml")
+
+
+def test_load_dir_rejects_the_same_profile_twice(tmp_path: Path) -> None:
+    first = _write(tmp_path, GOOD, "a.yaml")
+    second = _write(tmp_path, GOOD.replace("a test profile", "another copy"), "b.yaml")
+    with pytest.raises(ProfileError) as info:
+        profiles.load_dir(tmp_path)
+    assert info.value.path == str(second)
+    assert str(info.value).startswith(f"{second}:")
+    assert "'test-v1'" in info.value.reason
+    assert str(first) in info.value.reason
+
+
+def test_load_dir_passes_on_a_bad_profile(tmp_path: Path) -> None:
+    _write(tmp_path, GOOD, "a.yaml")
+    bad = _write(tmp_path, GOOD.replace("recipe: emv_option_a", "recipe: option_b"), "b.yaml")
+    with pytest.raises(ProfileError) as info:
+        profiles.load_dir(tmp_path)
+    assert info.value.path == str(bad)

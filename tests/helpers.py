@@ -1,0 +1,129 @@
+"""What tests share besides fixtures (those are in conftest.py): known keys and vectors, card identities, sealing,
+clients of the test server, the CLI runner, ceremonies run by a development home's officers (kms.dev.ceremonies), and
+a software stand-in for the bank domain's PAN protection for unit tests of the stores (the service always uses
+kms.issuance.pans with the bank token; tests/issuance/test_pans.py checks that path against a real token).
+
+Tests import these from here, never from conftest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms import config
+from kms.audit.log import mask_pan
+from kms.cards import profiles
+from kms.cards.cardid import CardIdentity, ProtectedPan
+from kms.client.service import Client
+from kms.dev.ceremonies import (
+    authorize_batch,
+    certificate_pem,
+    client,
+    client_config_for,
+    key,
+    officer,
+    officer_params,
+    open_batch,
+    run_ceremony,
+)
+from kms.dev.home import Home
+from kms.identity import Principal
+from kms.issuance.sealer import DomainSealer, new_serial
+from kms.registry import DOMAINS
+from kms.server.serve import Service
+
+__all__ = ["authorize_batch", "certificate_pem", "client", "client_config_for", "key", "officer", "officer_params",
+           "open_batch", "run_ceremony"]
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS_PATH = Path(__file__).resolve().parent / "vectors" / "derivation.json"
+VECTORS = json.loads(VECTORS_PATH.read_text())
+PROFILE = profiles.load(ROOT / "kms" / "policies" / "profiles" / "dual-app.yaml")
+TEST_BUREAU = "bureau-test"
+
+
+def _known_master_keys() -> dict[tuple[str, str], bytes]:
+    keys = {(d, name): secrets.token_bytes(16) for d in DOMAINS for name in PROFILE.master_keys(d)}
+    # The public vectors' keys where they fit, so a card from the vectors comes out as the vectors say.
+    keys[("bank", "bank-imk-ac")] = bytes.fromhex(VECTORS["option_a"][0]["imk"])
+    keys[("hrss", "hrss-mk")] = bytes.fromhex(VECTORS["ssc_chain"][0]["root"])
+    keys[("bank", "bank-kmc")] = bytes.fromhex(VECTORS["gp_kmc"][0]["kmc"])
+    return keys
+
+
+MASTER_KEYS = _known_master_keys()
+TEST_TRANSPORT_KEYS = {d: secrets.token_bytes(32) for d in DOMAINS}
+
+
+
+def card(i: int = 0, **overrides: str) -> CardIdentity:
+    fields = {
+        "card_ref": f"card-{i:06d}", "city_code": "320200", "card_serial": f"{0x86843202AD932A48 + i:016X}",
+        "pan": f"{6214830000000000000 + i}", "psn": "01", "kdd": f"{0x00010203040506070809 + i:020X}",
+    }
+    fields.update(overrides)
+    return CardIdentity(**fields)
+
+
+def seal(sealers: dict[str, DomainSealer], c: CardIdentity, batch: str = "B-1") -> bytes:
+    from kms import bundle
+
+    serial = new_serial()
+    sections = {d: bundle.encode_section(s.seal(c, serial=serial, batch=batch)) for d, s in sealers.items()}
+    return bundle.assemble(serial, c.card_ref, sections)
+
+
+POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
+EngineFactory = Callable[[], sa.Engine]
+
+
+def service_client(home: Home, service: Service, who: Principal | str) -> Client:
+    """A client of ``service`` as a station (its name) or an officer or auditor (their principal)."""
+    path = home.station_config(who) if isinstance(who, str) else home.client_config(who)
+    cfg = config.load_station(path).client if isinstance(who, str) else config.load_client(path)
+    assert cfg is not None
+    return Client(cfg, server=f"localhost:{service.port}", timeout=120)
+
+
+def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=dict(os.environ))
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+# -- PANs at rest, in software (unit tests of the stores) ----------------------------------------------------
+
+_KEY = hashlib.sha256(b"kms unit tests: not a key of any domain").digest()
+
+
+class SoftwarePans:
+    def protect(self, cards: Sequence[CardIdentity], batch_id: str = "") -> list[CardIdentity]:
+        out = []
+        for card in cards:
+            if card.pan is None:
+                out.append(card)
+                continue
+            iv = os.urandom(12)
+            sealed = b"\x01\x00\x00\x00\x01" + iv + AESGCM(_KEY).encrypt(iv, card.pan.encode(), card.card_ref.encode())
+            out.append(dataclasses.replace(card, pan=None, protected=ProtectedPan(
+                sealed=sealed, index=pan_index(card.pan), pan_psn_index=pan_index(f"{card.pan}/{card.psn or ''}"),
+                masked=mask_pan(card.pan))))
+        return out
+
+
+def pan_index(value: str) -> str:
+    return hmac.new(_KEY, value.encode(), hashlib.sha256).hexdigest()

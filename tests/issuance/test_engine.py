@@ -1,0 +1,136 @@
+"""The card key engine on real SoftHSM2 tokens: every key of every section equals the software reference."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+from helpers import MASTER_KEYS, PROFILE, TEST_TRANSPORT_KEYS, VECTORS, card
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kms import bundle
+from kms.cards import reference
+from kms.cards.cardid import CardIdentity
+from kms.clock import FixedClock
+from kms.errors import InvalidArgument, NotFound, PermissionDenied
+from kms.hsm.session import TokenSession
+from kms.issuance.sealer import DomainKeys, DomainSealer
+from kms.registry import DOMAINS, KeyKind, KeyRegistry
+
+NOW = dt.datetime(2026, 11, 26, 8, 30, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def test_sealers(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
+) -> dict[str, DomainSealer]:
+    return {d: DomainSealer(d, sessions[d], registry, PROFILE, test_bureau, FixedClock(NOW)) for d in DOMAINS}
+
+
+def _check_section(section: dict[str, Any], domain: str, c: CardIdentity) -> None:
+    body = section["body"]
+    specs = PROFILE.keys(domain)
+    assert body["domain"] == domain
+    assert [k["name"] for k in body["keys"]] == [s.name for s in specs]
+    for spec, sealed in zip(specs, body["keys"], strict=True):
+        key = aes_key_unwrap_with_padding(TEST_TRANSPORT_KEYS[domain], bytes.fromhex(sealed["wrapped"]))
+        expected = spec.recipe.reference(MASTER_KEYS[(domain, spec.master_key)], c)
+        assert key == expected, (domain, spec.name)
+        assert bytes.fromhex(sealed["kcv"]) == reference.kcv_tdes(expected)
+        assert sealed["kcv_method"] == "TDES-ECB-ZERO8-3"
+        assert sealed["algorithm"] == "DES2"
+        # A section is wrapped only under its own domain's transport key.
+        other = next(d for d in DOMAINS if d != domain)
+        with pytest.raises(InvalidUnwrap):
+            aes_key_unwrap_with_padding(TEST_TRANSPORT_KEYS[other], bytes.fromhex(sealed["wrapped"]))
+
+
+cards = st.builds(
+    lambda i, city, serial, pan, psn, kdd: CardIdentity(
+        card_ref=f"p-{i}", city_code=city, card_serial=serial.hex().upper(), pan=pan, psn=psn,
+        kdd=kdd.hex().upper(),
+    ),
+    st.integers(0, 10**9),
+    st.from_regex(r"[0-9]{6}", fullmatch=True),
+    st.binary(min_size=8, max_size=8),
+    st.from_regex(r"[0-9]{12,19}", fullmatch=True),
+    st.from_regex(r"[0-9]{2}", fullmatch=True),
+    st.binary(min_size=10, max_size=10),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(c=cards)
+def test_random_cards_through_the_hsm_equal_the_software_reference(
+    c: CardIdentity, test_sealers: dict[str, DomainSealer]
+) -> None:
+    for domain, sealer in test_sealers.items():
+        _check_section(sealer.seal(c, serial="AB" * 16, batch="B-prop"), domain, c)
+
+
+def test_public_vector_card_comes_out_as_the_vectors_say(test_sealers: dict[str, DomainSealer]) -> None:
+    chain = VECTORS["ssc_chain"][0]
+    option_a = VECTORS["option_a"][0]
+    gp = VECTORS["gp_kmc"][0]
+    c = CardIdentity(card_ref="vector", city_code=chain["city_code"], card_serial=chain["card_serial"],
+                     pan=option_a["pan"], psn=option_a["psn"], kdd=gp["kdd"])
+    by_name = {}
+    for domain, sealer in test_sealers.items():
+        for sealed in sealer.seal(c, serial="CD" * 16, batch="B-vec")["body"]["keys"]:
+            by_name[sealed["name"]] = (
+                aes_key_unwrap_with_padding(TEST_TRANSPORT_KEYS[domain], bytes.fromhex(sealed["wrapped"])),
+                sealed["kcv"],
+            )
+    assert by_name["mk"][0].hex().upper() == chain["key"]
+    assert by_name["mk"][1] == chain["kcv"]
+    assert by_name["udk-ac"][0].hex().upper() == option_a["key"]
+    assert by_name["udk-ac"][1] == option_a["kcv"]
+    for which in ("enc", "mac", "dek"):
+        assert by_name[f"ssd-{which}"][0].hex().upper() == gp[which]
+        assert by_name[f"ssd-{which}"][1] == gp[f"kcv_{which}"]
+
+
+def test_section_header_records_what_a_station_and_an_auditor_need(
+    test_sealers: dict[str, DomainSealer], registry: KeyRegistry
+) -> None:
+    section = test_sealers["bank"].seal(card(5), serial="EF" * 16, batch="B-hdr")
+    body = section["body"]
+    assert body["format"] == "kms-sealed-section" and body["version"] == 1
+    assert body["serial"] == "EF" * 16
+    assert body["bureau"] == "bureau-test" and body["batch"] == "B-hdr" and body["card_ref"] == "card-000005"
+    assert body["profile"] == "dual-app-v1"
+    assert body["created_at"] == "2026-11-26T08:30:00Z"
+    assert body["master_keys"] == {n: registry.active("bank", KeyKind.MASTER, n).version
+                                   for n in PROFILE.master_keys("bank")}
+    tk = registry.active("bank", KeyKind.TRANSPORT, "bureau-test")
+    assert body["transport_key"] == {"name": "bureau-test", "version": tk.version, "kcv": tk.kcv}
+    signing = registry.active("bank", KeyKind.SIGNING, "issuance")
+    assert signing.public_key is not None
+    assert section["signature"]["key_id"] == bundle.key_id(signing.public_key)
+    assert section["signature"]["algorithm"] == "ECDSA-P256-SHA256"
+
+
+def test_a_card_without_a_field_its_recipes_need_is_invalid_argument(test_sealers: dict[str, DomainSealer]) -> None:
+    c = CardIdentity(card_ref="no-pan", city_code="320200", card_serial="86843202AD932A48",
+                     kdd="00010203040506070809")
+    with pytest.raises(InvalidArgument) as raised:
+        test_sealers["bank"].seal(c, serial="00" * 16, batch="B")
+    assert raised.value.field == "pan"
+    # The HRSS section needs no PAN.
+    test_sealers["hrss"].seal(c, serial="00" * 16, batch="B")
+
+
+def test_unregistered_bureau_or_missing_master_key_is_refused(registry: KeyRegistry) -> None:
+    with pytest.raises(PermissionDenied, match="not registered for the bank domain"):
+        DomainKeys.resolve(registry, "bank", PROFILE, "bureau-nobody")
+    from kms.cards import profiles
+    from kms.cards.profiles import Profile
+
+    bad = Profile(name="x", description="", source="x", domains={
+        "bank": (profiles.KeySpec(name="k", usage="u", recipe=PROFILE.keys("bank")[0].recipe, master_key="nope"),)})
+    with pytest.raises(NotFound, match="no bank master key named nope"):
+        DomainKeys.resolve(registry, "bank", bad, "bureau-a")

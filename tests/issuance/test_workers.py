@@ -1,0 +1,141 @@
+"""The issuer and its per-domain worker processes, on real tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import card
+
+from kms.dev.home import Home
+from kms.errors import ConfigError, InvalidArgument, PermissionDenied
+from kms.issuance.issuer import Issuer
+from kms.issuance.workers import DomainPool, Job
+from kms.secrets import SecretRef
+from kms.station import Station
+
+
+def test_issuer_seals_bundles_in_order_that_a_station_opens(home: Home, station: Station,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The issuer process never reads a PIN: only the spawned domain workers do.
+    def refuse(self: SecretRef) -> str:
+        raise AssertionError(f"the issuer process resolved {self}")
+
+    monkeypatch.setattr(SecretRef, "resolve", refuse)
+    cards = [card(100 + i) for i in range(40)]
+    with Issuer.from_config(home.config, "bureau-a", "dual-app-v1", processes_per_domain=1) as issuer:
+        issued = list(issuer.issue(cards, "B-workers"))
+    assert [b.card_ref for b in issued] == [c.card_ref for c in cards]
+    assert len({b.serial for b in issued}) == len(cards)
+    monkeypatch.undo()
+    for b in issued:
+        assert b.data is not None and b.error is None
+        report = station.open(b.data)
+        assert report.ok and len(report.keys) == 15
+
+
+def test_a_card_refused_by_a_domain_is_reported_not_sealed(home: Home) -> None:
+    cards = [card(200), card(201, kdd="00" * 10), card(202)]
+    bad = card(203)
+    object.__setattr__(bad, "pan", None)  # a card without a PAN: the bank recipes need one
+    cards.insert(1, bad)
+    with Issuer.from_config(home.config, "bureau-a", "dual-app-v1") as issuer:
+        issued = list(issuer.issue(cards, "B-bad"))
+    assert [b.data is not None for b in issued] == [True, False, True, True]
+    assert isinstance(issued[1].error, InvalidArgument) and issued[1].error.field == "pan"
+
+
+def test_workers_are_recycled_after_a_number_of_keys(home: Home, tmp_path: Path) -> None:
+    config = _config_copy(home, tmp_path, recycle_after_keys=1000)  # about 3 chunks of HRSS cards per worker
+    pool = DomainPool(config, "hrss", processes=1)
+    try:
+        jobs = [Job(card(300 + i), f"{i:032X}") for i in range(320)]
+        results = list(pool.seal(jobs, "B-recycle", "bureau-a", "dual-app-v1"))
+    finally:
+        pool.close()
+    assert all(r.section is not None for r in results)
+    assert len({r.worker for r in results}) >= 3
+
+
+def test_issuer_refuses_unknown_profile_and_unregistered_bureau_before_starting(home: Home) -> None:
+    with pytest.raises(ConfigError, match="no card profile named 'nope'"):
+        Issuer.from_config(home.config, "bureau-a", "nope")
+    with pytest.raises(PermissionDenied, match="bureau 'bureau-zz' has no"):
+        Issuer.from_config(home.config, "bureau-zz", "dual-app-v1")
+
+
+def _config_copy(home: Home, tmp_path: Path, **changes: object) -> Path:
+    doc = yaml.safe_load(home.config.read_text())
+    doc["hsm"]["softhsm2_conf"] = str(home.softhsm2_conf)
+    doc["database"] = f"sqlite:///{home.path / 'kms.db'}"
+    doc["profiles"] = str(home.path / "profiles")
+    doc["domains"] = {d: {"token": v["token"], "pin": f"file:{home.path / 'pins' / (d + '.pin')}"}
+                      for d, v in doc["domains"].items()}
+    doc.update(changes)
+    path = tmp_path / "kms.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_killed_worker_is_replaced_and_its_cards_sealed_again(home: Home, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    pool = DomainPool(home.config, "bank", processes=1)
+    try:
+        jobs = [Job(card(400 + i), f"{i:032X}") for i in range(600)]
+        results = pool.seal(jobs, "B-kill", "bureau-a", "dual-app-v1")
+        first = next(results)
+        os.kill(first.worker, signal.SIGKILL)
+        rest = list(results)
+    finally:
+        pool.terminate()
+    everything = [first, *rest]
+    assert [r.card_ref for r in everything] == [j.card.card_ref for j in jobs]  # none lost, none twice
+    assert all(r.section is not None for r in everything)
+    assert len({r.worker for r in everything}) >= 2  # a fresh process took over
+
+
+def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, tmp_path: Path) -> None:
+    import contextlib
+    import os
+    import signal
+    import threading
+
+    from kms.errors import HsmError
+
+    pool = DomainPool(home.config, "bank", processes=1)
+    stop = threading.Event()
+
+    def killer() -> None:  # kill every worker process of the pool as soon as it appears
+        while not stop.is_set():
+            for pid in list(getattr(pool._executor, "_processes", {}) or {}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(HsmError) as raised:
+            jobs = [Job(card(700 + i), f"{i:032X}") for i in range(200)]
+            list(pool.seal(jobs, "B-kill-all", "bureau-a", "dual-app-v1"))
+        assert raised.value.retryable
+        assert "keep ending unexpectedly" in str(raised.value)
+    finally:
+        stop.set()
+        thread.join()
+        pool.terminate()
+
+
+def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None:
+    from kms.errors import HsmError
+
+    config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
+    pool = DomainPool(config, "hrss", processes=1)
+    try:
+        with pytest.raises(HsmError, match=r"the hrss HSM worker could not start \(OperationalError\)"):
+            list(pool.seal([Job(card(500), "00" * 16)], "B-init", "bureau-a", "dual-app-v1"))
+    finally:
+        pool.terminate()

@@ -1,0 +1,107 @@
+"""The import contract of the packages (docs/architecture.md, section 3): which module may import which library,
+and which package may import which other kms package. Read from the source with ast, so an import inside a
+function counts as much as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import ROOT
+
+KMS = ROOT / "kms"
+PACKAGES = {"hsm", "cards", "issuance", "ceremony", "audit", "server", "client", "cli", "dev", "v1", "policies"}
+
+#: The modules that keep records: the only ones that may import SQLAlchemy.
+STORES = {
+    "kms.store", "kms.repository", "kms.registry", "kms.principals", "kms.station",
+    "kms.audit.log",
+    "kms.ceremony.store", "kms.ceremony.officers", "kms.ceremony.handoffs",
+    "kms.issuance.batches", "kms.issuance.consents", "kms.issuance.lifecycle", "kms.issuance.limits",
+}
+
+#: Package -> the other kms packages it may import ("core": the flat modules of kms/). The column "may import" of
+#: the package map in docs/architecture.md.
+MAY_IMPORT = {
+    "core": {"hsm", "audit"},
+    "hsm": {"core"},
+    "cards": {"core", "hsm"},
+    "audit": {"core", "hsm"},
+    "issuance": {"core", "hsm", "cards", "audit", "policies"},
+    "ceremony": {"core", "hsm", "cards", "audit", "issuance", "policies"},
+    "server": {"core", "hsm", "cards", "audit", "issuance", "ceremony", "policies", "v1"},
+    "client": {"core", "hsm", "cards", "ceremony", "v1"},
+    "cli": {"core", "hsm", "cards", "audit", "issuance", "ceremony", "server", "client", "dev"},
+    "dev": {"core", "hsm", "cards", "audit", "issuance", "ceremony", "client", "policies", "v1"},
+    "policies": set(),
+}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in sorted(KMS.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if not name.startswith("kms.v1"):
+            modules[name] = path
+    return modules
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            if node.module == "kms":
+                found |= {f"kms.{alias.name}" for alias in node.names}
+    return found
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PACKAGES else "core"
+
+
+def _importers(library: str) -> set[str]:
+    return {name for name, path in _modules().items()
+            if any(i == library or i.startswith(library + ".") for i in _imports(path))}
+
+
+def test_the_contract_sees_every_module() -> None:
+    modules = _modules()
+    assert len(modules) > 60 and {"kms.hsm.session", "kms.server.frame", "kms.store", "kms.cli.main"} <= set(modules)
+    assert {_package(m) for m in modules} == set(MAY_IMPORT)
+
+
+def test_pkcs11_only_under_kms_hsm() -> None:
+    importers = _importers("pkcs11")
+    assert importers and all(m.startswith("kms.hsm.") for m in importers), importers
+    # The plain value types stay importable without the PKCS#11 library (the CLI and the clients use them).
+    assert "kms.hsm.types" not in importers
+
+
+def test_grpc_only_in_the_server_and_the_clients() -> None:
+    for library in ("grpc", "grpc_health", "grpc_reflection"):
+        importers = _importers(library)
+        assert all(_package(m) in {"server", "client"} for m in importers), (library, importers)
+    assert _importers("grpc")
+
+
+def test_sqlalchemy_only_in_the_stores() -> None:
+    importers = _importers("sqlalchemy")
+    assert importers and importers <= STORES, importers - STORES
+
+
+def test_packages_import_only_what_the_package_map_allows() -> None:
+    wrong = []
+    for name, path in _modules().items():
+        mine = _package(name)
+        for imported in _imports(path):
+            if imported.startswith("kms.") or imported == "kms":
+                theirs = _package(imported)
+                if theirs != mine and theirs not in MAY_IMPORT[mine]:
+                    wrong.append(f"{name} imports {imported} ({mine} may import {sorted(MAY_IMPORT[mine])})")
+    assert not wrong, "\n".join(wrong)
