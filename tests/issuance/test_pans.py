@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import re
 import secrets
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +95,16 @@ _PAN_DIGITS = re.compile(rb"(?<![0-9])(?:62148|12345678)[0-9]{7,14}(?![0-9])")
 
 
 def _database_bytes(cfg: config.Config) -> dict[str, bytes]:
+    """The raw bytes of the database and its -wal/-shm files, read by a child process. Never open() them here: this
+    process holds SQLite connections to the same files (the session's registry, the in-process service), and closing
+    any descriptor of a file drops every POSIX lock the process holds on it (sqlite.org/howtocorrupt.html, 2.2).
+    Another process may then reset the WAL under those connections, which later read garbage ("file is not a
+    database")."""
     path = Path(sa.make_url(cfg.database).database or "")
     if not path.is_absolute():
         path = cfg.home / path
-    return {p.name: p.read_bytes() for p in path.parent.glob(path.name + "*")}
+    return {p.name: subprocess.run(["cat", str(p)], check=True, capture_output=True).stdout
+            for p in path.parent.glob(path.name + "*")}
 
 
 def test_no_pan_is_readable_in_the_issuer_database(home: Home, service: Service) -> None:
