@@ -188,7 +188,7 @@ class AuditChainBroken(KmsError):
 
 
 class AuditNotVerified(KmsError):
-    """An audit export that does not verify offline (kms.audit_verify): `kms audit verify` names the first bad
+    """An audit export that does not verify offline (kms.audit.verify): `kms audit verify` names the first bad
     record and exits with this code. Raised by no service: a log changed in the service's own database is
     AuditChainBroken."""
 
@@ -223,7 +223,7 @@ def _invalid(message: str) -> KmsError:
 
 
 def _exhausted(message: str) -> KmsError:
-    """A limit reached (kms.limits: "<scope> <subject>: limit <name> (<value>) reached; …"), or gRPC's own."""
+    """A limit reached (kms.issuance.limits: "<scope> <subject>: limit <name> (<value>) reached; …"), or gRPC's own."""
     named = re.search(r": limit ([a-z_]+) \(", message)
     return ResourceExhausted(message, limit=named[1] if named else "")
 
@@ -236,13 +236,16 @@ _FROM_STATUS: dict[str, Callable[[str], KmsError]] = {
     "FAILED_PRECONDITION": InvalidState,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "RESOURCE_EXHAUSTED": _exhausted,
+    "UNAVAILABLE": lambda message: Unavailable(f"service: unavailable: {message}"),
 }
 
 
 def from_status(name: str, message: str) -> KmsError:
-    """The kms error a call's status stands for, from the status name (e.g. "NOT_FOUND") and its details. Any other
-    status becomes an HsmError "service: <status>: <details>", retryable for UNAVAILABLE (what a client retries)."""
+    """The kms error a call's status stands for, from the status name (e.g. "NOT_FOUND") and its details:
+    UNAVAILABLE is Unavailable (retryable, exit 12: the service or its database, the HSM's workers or the audit log
+    cannot do it now; the same call may succeed later). Any other status becomes an HsmError
+    "service: <status>: <details>" (INTERNAL, DATA_LOSS, ...)."""
     factory = _FROM_STATUS.get(name)
     if factory is not None:
         return factory(message)
-    return HsmError(f"service: {name.lower()}: {message}", retryable=name == "UNAVAILABLE")
+    return HsmError(f"service: {name.lower()}: {message}")

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.hsm.labels import key_label
 from kms.repository import Repository
 from kms.store import keys
 
@@ -58,11 +59,6 @@ def check_domain(domain: str) -> str:
     if domain not in DOMAINS:
         raise InvalidArgument("domain", f"must be one of {', '.join(DOMAINS)}")
     return domain
-
-
-def key_label(domain: str, kind: KeyKind, name: str, version: int) -> str:
-    """The token label of a key: kms/<domain>/<kind>/<name>/v<version>."""
-    return f"kms/{domain}/{kind.value}/{name}/v{version}"
 
 
 @dataclass(frozen=True)

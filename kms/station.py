@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.serialization import (
 from kms import bundle
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument
+from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
 from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
 from kms.hsm.types import Algorithm
-from kms.registry import DOMAINS, KeyKind, key_label
+from kms.registry import DOMAINS, KeyKind
 from kms.store import opened_bundles
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class Station:
                     report.keys.append(KeyReport(
                         domain=section.domain, name=key.name, usage=key.usage, algorithm=key.algorithm,
                         kcv_method=key.kcv_method, kcv_expected=bundle.hexs(key.kcv), kcv_computed=bundle.hexs(kcv),
-                        label=_card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
+                        label=card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
                     ))
             if not report.ok:
                 report.stored = False
@@ -208,7 +209,7 @@ class Station:
     def _record_and_store(
         self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool
     ) -> None:
-        groups = [(keys, [_card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
+        groups = [(keys, [card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
                   for section, keys in unwrapped]
         if store:
             taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
@@ -231,17 +232,9 @@ class Station:
             raise
 
 
-def _card_key_label(card_ref: str, domain: str, name: str) -> str:
-    return f"card/{card_ref}/{domain}/{name}"
-
 
 
 # -- transport keys handed over to this station ---------------------------------------------------------------------
-
-
-def unwrap_key_label(station: str, domain: str) -> str:
-    """The station's RSA key pair that transport keys of a domain are wrapped to."""
-    return f"kms/station/{station}/unwrap/{domain}"
 
 
 def unwrap_public_key_pem(session: TokenSession, station: str, domain: str) -> str:

@@ -296,8 +296,8 @@ batch_cards = sa.Table(
     sa.UniqueConstraint("batch_id", "sequence", name="uq_batch_cards_sequence"),
 )
 
-#: Append-only history of every card of a batch (kms.batches.EventKind): created, chip-bound, issued,
-#: reissue-revoked, lifecycle-revoked (the card was replaced or cancelled, kms.lifecycle).
+#: Append-only history of every card of a batch (kms.issuance.batches.EventKind): created, chip-bound, issued,
+#: reissue-revoked, lifecycle-revoked (the card was replaced or cancelled, kms.issuance.lifecycle).
 card_events = sa.Table(
     "card_events",
     metadata,

@@ -55,7 +55,6 @@ import bench_raw
 
 from kms import config, store
 from kms.audit.log import AuditLog, Seal, checkpoint_message, export_lines, mask_pan, seal_message
-from kms.audit.signer import AUDIT_KEY_LABEL
 from kms.audit.verify import verify
 from kms.bundle import canonical
 from kms.cards import profiles
@@ -65,6 +64,7 @@ from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
 from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
 from kms.files import restrict_umask
+from kms.hsm.labels import AUDIT_KEY
 from kms.identity import Principal
 from kms.issuance.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
@@ -297,11 +297,11 @@ def audit_export(engine: sa.Engine, n: int) -> tuple[list[str], ec.EllipticCurve
             size, head = conn.execute(sa.select(store.audit_head.c.seq, store.audit_head.c.hash)).one()
             at = rfc3339(dt.datetime.now(dt.UTC))
             conn.execute(store.audit_checkpoints.insert().values(
-                size=size, head=head, at=at, key=AUDIT_KEY_LABEL,
+                size=size, head=head, at=at, key=AUDIT_KEY,
                 signature=key.sign(checkpoint_message(size, head, at), ec.ECDSA(hashes.SHA256()))))
     size, head = log.head()
     at, nonce = rfc3339(dt.datetime.now(dt.UTC)), "00" * 16
-    seal = Seal(size, head, at, nonce, {}, AUDIT_KEY_LABEL,
+    seal = Seal(size, head, at, nonce, {}, AUDIT_KEY,
                 key.sign(seal_message(size, head, at, nonce, {}), ec.ECDSA(hashes.SHA256())))
     return list(export_lines(log, seal)), key.public_key()
 

@@ -212,13 +212,23 @@ def test_resource_exhausted_names_the_limit_or_none() -> None:
     assert isinstance(theirs, ResourceExhausted) and theirs.limit == ""
 
 
-@pytest.mark.parametrize(("status", "retryable"), [("UNAVAILABLE", True), ("INTERNAL", False), ("DATA_LOSS", False),
-                                                   ("UNKNOWN", False), ("CANCELLED", False)])
-def test_other_statuses_become_hsm_errors(status: str, retryable: bool) -> None:
-    back = errors.from_status(status, "the audit log cannot be written; nothing was done")
-    assert type(back) is HsmError and back.retryable is retryable
-    assert str(back) == f"service: {status.lower()}: the audit log cannot be written; nothing was done"
-    assert errors.grpc_status_name(back) == ("UNAVAILABLE" if retryable else "INTERNAL")
+@pytest.mark.parametrize("status", ["INTERNAL", "DATA_LOSS", "UNKNOWN", "CANCELLED"])
+def test_other_statuses_become_hsm_errors(status: str) -> None:
+    back = errors.from_status(status, "the signer failed")
+    assert type(back) is HsmError and not back.retryable
+    assert str(back) == f"service: {status.lower()}: the signer failed"
+    assert errors.grpc_status_name(back) == "INTERNAL" and errors.exit_code(back) == 6
+
+
+@pytest.mark.parametrize("sent", [Unavailable("the registry's database cannot be read"), AuditUnavailable(),
+                                  HsmError("the bank HSM worker could not start", retryable=True)],
+                         ids=lambda e: type(e).__name__)
+def test_unavailable_comes_back_as_unavailable_exit_12(sent: KmsError) -> None:
+    """An outage of the service, its database, the audit log or an HSM's workers is one thing to a client: retry
+    later. It exits 12 (Unavailable), not the HSM's 6: a client cannot tell which part was unavailable."""
+    back = errors.from_status(errors.grpc_status_name(sent), str(sent))
+    assert type(back) is Unavailable and back.retryable and errors.exit_code(back) == 12
+    assert str(back) == f"service: unavailable: {sent}"
 
 
 class _RpcError(grpc.RpcError):
@@ -236,7 +246,7 @@ def test_the_client_translates_through_errors() -> None:
     back = client.translate(_RpcError(grpc.StatusCode.INVALID_ARGUMENT, "cursor: is not a cursor this server gave"))
     assert isinstance(back, InvalidArgument) and back.field == "cursor"
     gone = client.translate(_RpcError(grpc.StatusCode.UNAVAILABLE, None))
-    assert isinstance(gone, HsmError) and gone.retryable and str(gone) == "service: unavailable: "
+    assert isinstance(gone, Unavailable) and gone.retryable and str(gone) == "service: unavailable: "
 
 
 # -- kms error → status: one decorator on every servicer method --------------------------------------------------

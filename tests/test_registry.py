@@ -17,7 +17,8 @@ from kms import store
 from kms.audit.log import AuditLog
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
-from kms.registry import KeyKind, KeyRegistry, KeyState, key_label
+from kms.hsm.labels import key_label
+from kms.registry import KeyKind, KeyRegistry, KeyState
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 

@@ -28,10 +28,9 @@ from kms import runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditChainBroken, ConfigError
+from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
 
-AUDIT_KEY_LABEL = "kms/audit/signing/audit/v1"
-SIGNED_HEAD_LABEL = "kms/audit/signed-head"
 log = logging.getLogger(__name__)
 
 _session: TokenSession | None = None
@@ -48,7 +47,7 @@ def _open(config_path: str) -> None:
 def _signed_head() -> tuple[int, str]:
     """The last (size, head) this signer signed, kept in its own token: what the database cannot change."""
     assert _session is not None, "audit signer not initialized"
-    value = _session.read_data(SIGNED_HEAD_LABEL)
+    value = _session.read_data(AUDIT_SIGNED_HEAD)
     if value is None:
         return 0, GENESIS.hex()
     size, _, head = value.decode("ascii").partition(":")
@@ -81,8 +80,8 @@ def _sign_head(size: int, head: str, digests: list[bytes], message: bytes) -> by
         current = hashlib.sha256(current + digest).digest()
     if current.hex() != head:
         raise AuditChainBroken(f"the audit chain up to {size} does not extend the head signed at {signed_size}")
-    raw = _session.sign_sha256(AUDIT_KEY_LABEL, message)
-    _session.write_data(SIGNED_HEAD_LABEL, f"{size}:{head}".encode("ascii"))
+    raw = _session.sign_sha256(AUDIT_KEY, message)
+    _session.write_data(AUDIT_SIGNED_HEAD, f"{size}:{head}".encode("ascii"))
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
 
 
@@ -135,7 +134,7 @@ class Checkpointer:
             size, head = (checkpoint.size, checkpoint.head) if checkpoint is not None else (0, GENESIS.hex())
             at = rfc3339(self._clock.now())
             signature = self._signer.seal(size, head, at, nonce, filters, self._digests(size))
-            return Seal(size, head, at, nonce, dict(filters), AUDIT_KEY_LABEL, signature)
+            return Seal(size, head, at, nonce, dict(filters), AUDIT_KEY, signature)
 
     def _checkpoint(self) -> Checkpoint | None:
         last = self._log.last_checkpoint()
@@ -143,7 +142,7 @@ class Checkpointer:
         if size == 0 or (last is not None and last.size >= size and last.head == self._head_at(last.size)):
             return last
         at = rfc3339(self._clock.now())
-        checkpoint = Checkpoint(size, head, at, AUDIT_KEY_LABEL,
+        checkpoint = Checkpoint(size, head, at, AUDIT_KEY,
                                 self._signer.sign(size, head, at, self._digests(size)))
         return self._log.add_checkpoint(checkpoint)
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from kms.cards import recipes, reference
 from kms.cards.cardid import CardIdentity
 from kms.errors import ConfigError, HsmError, MechanismUnavailable
+from kms.hsm.labels import selftest_label
 from kms.hsm.session import TokenSession
 from kms.hsm.types import Algorithm, DeriveStep
 from kms.validation import unknown_keys
@@ -58,7 +59,7 @@ class SelfTest:
     def __init__(self, session: TokenSession) -> None:
         self._session = session
         self._kek = bytearray(secrets.token_bytes(32))
-        self._kek_label = f"kms/selftest/kek/{secrets.token_hex(8)}"
+        self._kek_label = selftest_label("kek")
         self._session.import_transport_key(self._kek_label, bytearray(self._kek), token=False)
 
     def close(self) -> None:
@@ -90,7 +91,7 @@ class SelfTest:
     # -- kinds --------------------------------------------------------------------------------------------------
 
     def _derive(self, master: str, steps: recipes.Steps) -> tuple[bytes, bytes]:
-        label = f"kms/selftest/master/{secrets.token_hex(8)}"
+        label = selftest_label("master")
         self._session.import_master_key(label, Algorithm.DES2, bytearray.fromhex(master), token=False)
         try:
             result = self._session.derive_wrap(label, steps, self._kek_label)
@@ -153,7 +154,7 @@ class SelfTest:
         raise _Unsupported(f"{mechanism} is offered, but kms has no binding for this vendor's SM4 yet")
 
     def _tdes_kcv(self, case: dict[str, Any]) -> str:
-        label = f"kms/selftest/kcv/{secrets.token_hex(8)}"
+        label = selftest_label("kcv")
         kcv = self._session.import_master_key(label, Algorithm.DES2, bytearray.fromhex(case["key"]), token=False)
         self._session.destroy(label)
         if kcv.hex().upper() != case["kcv"].upper():

@@ -19,6 +19,7 @@ from kms import errors
 from kms.cli import audit as cli_audit
 from kms.cli import ceremony as cli_ceremony
 from kms.files import open_private, private_dir, restrict_umask, write_private
+from kms.hsm.labels import SELFTEST_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -370,10 +371,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kms-selftest-") as tmp:
         conf = softhsm.write_conf(Path(tmp))
         pins = Path(tmp) / "pins"
-        softhsm.ensure_token(conf, "kms-selftest", pins / "user.pin", pins / "so.pin")
+        softhsm.ensure_token(conf, SELFTEST_TOKEN, pins / "user.pin", pins / "so.pin")
         hsm = config_mod.HsmConfig(module=args.module or "auto", softhsm2_conf=conf)
         pin = (pins / "user.pin").read_text(encoding="utf-8").strip()
-        with runtime.module(hsm).open("kms-selftest", pin) as session:
+        with runtime.module(hsm).open(SELFTEST_TOKEN, pin) as session:
             return _run_selftest(args, session, vectors)
 
 

@@ -20,8 +20,8 @@ from kms.v1 import issuance_pb2_grpc as rpc
 
 
 def translate(error: grpc.RpcError) -> errors.KmsError:
-    """A server's status as the kms error it stands for (kms.errors.from_status: UNAVAILABLE and others become a
-    retryable HsmError-like error)."""
+    """A server's status as the kms error it stands for (kms.errors.from_status: UNAVAILABLE becomes the
+    retryable Unavailable, exit 12)."""
     return errors.from_status(error.code().name, error.details() or "")
 
 

@@ -33,7 +33,6 @@ from cryptography.x509 import load_pem_x509_certificate
 from kms import config as config_mod
 from kms import runtime, store
 from kms.audit.log import AuditLog
-from kms.audit.signer import AUDIT_KEY_LABEL
 from kms.cards import profiles
 from kms.ceremony.keyops import CUSTODY_NAME
 from kms.ceremony.officers import ApprovalKeyFile, OfficerStore, public_pem
@@ -44,15 +43,16 @@ from kms.dev.pki import Credential, DevPki
 from kms.errors import ConfigError
 from kms.files import PRIVATE_DIR, copy_tree_private, private_dir, write_private
 from kms.hsm import softhsm
+from kms.hsm.labels import AUDIT_KEY, AUDIT_TOKEN, domain_token, key_label, station_token, unwrap_key_label
 from kms.hsm.types import Algorithm, KcvMethod
 from kms.identity import Principal
 from kms.issuance import pans
 from kms.issuance.sealer import SIGNING_KEY_NAME
 from kms.policies import shipped
 from kms.principals import PrincipalRegistry, certificate_pin
-from kms.registry import DOMAINS, KeyKind, KeyRegistry, key_label
+from kms.registry import DOMAINS, KeyKind, KeyRegistry
 from kms.secrets import SecretRef
-from kms.station import accept_transport_key, unwrap_key_label
+from kms.station import accept_transport_key
 
 T = TypeVar("T")
 #: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
@@ -68,7 +68,6 @@ GENESIS = "genesis"
 #: 2: officers' approval keys, custody keys, genesis ceremonies; 3: the audit token and key; 4: the principal
 #: registry (certificate pins of officers, stations and auditors)
 HOME_FORMAT = 4
-AUDIT_TOKEN = "kms-audit"
 FORMAT_FILE = ".kms-home-format"
 
 
@@ -102,14 +101,6 @@ class Home:
     @property
     def softhsm2_conf(self) -> Path:
         return self.path / "hsm" / "softhsm2.conf"
-
-
-def domain_token(domain: str) -> str:
-    return f"kms-{domain}"
-
-
-def station_token(station: str) -> str:
-    return f"kms-{station}"
 
 
 def init_home(
@@ -199,10 +190,10 @@ def _audit_setup(config_path: str) -> None:
     assert cfg.audit is not None
     trust = private_dir(cfg.home / "audit")
     with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve()) as session:
-        if session.has_public_key(AUDIT_KEY_LABEL):
-            spki = session.public_key(AUDIT_KEY_LABEL)
+        if session.has_public_key(AUDIT_KEY):
+            spki = session.public_key(AUDIT_KEY)
         else:
-            spki = session.generate_signing_key(AUDIT_KEY_LABEL)
+            spki = session.generate_signing_key(AUDIT_KEY)
     pem = load_der_public_key(spki).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     write_private(trust / "audit-v1.pem", pem)
 

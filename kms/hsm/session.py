@@ -33,6 +33,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from kms.errors import HsmError, HsmKeyNotFound, InvalidArgument, MechanismUnavailable
 from kms.hsm.errors import _UNDECRYPTABLE, UNDECRYPTABLE, _hsm, _translate
+from kms.hsm.labels import trusted_label
 from kms.hsm.templates import (
     _ALL_CAPS,
     _CARD_KEY_DERIVE,
@@ -103,11 +104,6 @@ class Module:
                 raise HsmError(f"more than one token labelled {token_label!r} in {self.path}") from None
             session = token.open(user_pin=pin, rw=True, attribute_mapper=_attribute_mapper())
         return TokenSession(token_label, session)
-
-
-def trusted_label(custody_label: str) -> str:
-    """The label of the SO-trusted public half of a custody key."""
-    return f"{custody_label}/trusted"
 
 
 def _big(value: int) -> bytes:

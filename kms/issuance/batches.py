@@ -143,7 +143,7 @@ def cards_digest(cards: Sequence[CardIdentity]) -> str:
 
 def _digested(card: CardIdentity) -> dict[str, str]:
     if card.pan is not None:
-        raise InvalidArgument("pan", f"card {card.card_ref}: a PAN enters the batch digest only protected (kms.pans)")
+        raise InvalidArgument("pan", f"card {card.card_ref}: a PAN enters the batch digest only sealed")
     fields = card.as_dict()
     if card.protected is not None:
         fields["pan_index"] = card.protected.index
@@ -187,7 +187,7 @@ class BatchStore(Repository):
                 )
             seen[card.card_ref] = sequence
             if card.pan is not None:
-                raise InvalidArgument(f"cards[{sequence}].pan", "is stored only protected (kms.pans), never in clear")
+                raise InvalidArgument(f"cards[{sequence}].pan", "is stored only sealed, never in clear")
             rows.append({
                 "batch_id": batch_id, "card_ref": card.card_ref, "sequence": sequence,
                 **{name: getattr(card, name) for name in CLEAR_FIELDS}, **_pan_columns(card.protected),

@@ -475,7 +475,7 @@ def _identities(conn: sa.Connection, card_ref: str) -> tuple[dict[str, set[str]]
 
 def _card_values(card: CardIdentity) -> list[tuple[str, str]]:
     if card.pan is not None:
-        raise InvalidState(f"card {card.card_ref}: its PAN must be protected (kms.pans) before it is looked up")
+        raise InvalidState(f"card {card.card_ref}: its PAN must be sealed by the bank domain before it is looked up")
     return _values(card.card_serial, card.protected.pan_psn_index if card.protected else None, card.kdd)
 
 

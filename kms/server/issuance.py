@@ -94,7 +94,8 @@ class Issuance:
     def check_registered(self, bureau: str, profile: Profile) -> None:
         """Only that the bureau is registered for every domain of the profile: what a station's every call
         checks, before any work, also for bundles sent from the store. This is the station's authorization, not
-        the key-state check of sealing: the workers check every key a chunk needs, per chunk (kms.workers), the one
+        the key-state check of sealing: the workers check every key a chunk needs, per chunk
+        (kms.issuance.workers), the one
         place that also sees a key that changed state while a stream runs; the Issuer checks none."""
         for domain in profile.domains:
             DomainKeys.transport_key(self.registry, domain, bureau)

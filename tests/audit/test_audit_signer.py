@@ -12,10 +12,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import config, store
 from kms.audit.log import AuditLog, export_lines
-from kms.audit.signer import AUDIT_KEY_LABEL, AuditSigner, Checkpointer
+from kms.audit.signer import AuditSigner, Checkpointer
 from kms.audit.verify import verify
 from kms.clock import FixedClock
 from kms.dev.home import Home
+from kms.hsm.labels import AUDIT_KEY
 from kms.hsm.session import TokenSession
 
 NONCE, OTHER = "5e" * 16, "7f" * 32
@@ -50,12 +51,12 @@ def test_checkpoints_are_signed_in_the_audit_token_and_verify_offline(home: Home
             log.record("test.event", subject=str(i))
             if i == 6:
                 first = checkpointer.checkpoint_now()
-                assert first is not None and (first.size, first.key) == (7, AUDIT_KEY_LABEL)
+                assert first is not None and (first.size, first.key) == (7, AUDIT_KEY)
                 assert checkpointer.checkpoint_now() == first  # the head has not moved: no new checkpoint
         last = checkpointer.checkpoint_now()
         assert last is not None and last.size == 12
         seal = checkpointer.seal(NONCE, {"kind": "test"})  # nothing new: sealed at the last checkpoint
-        assert (seal.size, seal.head, seal.nonce, seal.key) == (12, last.head, NONCE, AUDIT_KEY_LABEL)
+        assert (seal.size, seal.head, seal.nonce, seal.key) == (12, last.head, NONCE, AUDIT_KEY)
         log.record("test.event", subject="12")
         later = checkpointer.seal(OTHER, {})  # a new record: checkpointed (stored), then sealed at the same head
         assert later.size == 13 and checkpointer.checkpoint_now() == log.last_checkpoint()

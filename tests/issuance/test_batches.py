@@ -112,7 +112,7 @@ def test_the_digest_binds_each_cards_pan_but_not_by_a_plain_hash(bstore: BatchSt
     other = bstore.create_batch("B-d2", "bureau-a", "dual-app", [card(1, pan="6214830000000009992")],
                                 OFFICER).cards_digest
     assert one != other
-    with pytest.raises(InvalidArgument, match="enters the batch digest only protected"):
+    with pytest.raises(InvalidArgument, match="enters the batch digest only sealed"):
         batches_module.cards_digest([card(1)])
 
 
