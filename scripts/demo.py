@@ -37,7 +37,7 @@ from kms.cards import reference
 from kms.ceremony import components
 from kms.ceremony.officers import ApprovalKeyFile
 from kms.ceremony.rules import verify_minutes
-from kms.cli.main import read_cards, write_random_cards
+from kms.cli.common import read_cards, write_random_cards
 from kms.client.audit import AuditClient
 from kms.client.ceremony import CeremonyClient
 from kms.client.service import Client

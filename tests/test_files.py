@@ -24,7 +24,7 @@ from helpers import ROOT, kms
 
 from kms import config, files, store
 from kms.cli import main as cli
-from kms.cli.main import read_cards
+from kms.cli.common import read_cards
 from kms.client.service import Client
 from kms.dev.ceremonies import authorize_batch, client, officer
 from kms.dev.home import Home, init_home

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import errors
+from kms.cli.common import Progress, client_for, emit
 from kms.registry import DOMAINS
 
 #: `kms audit verify`: the exit status when the file does not verify (declared in kms.errors with the others).
@@ -27,6 +28,7 @@ NOT_VERIFIED = errors.AuditNotVerified.exit_code
 
 def add_parser(sub: Any) -> None:
     audit = sub.add_parser("audit", help="the tamper-evident audit log (auditors)")
+    audit.set_defaults(handler=run)
     commands = audit.add_subparsers(dest="audit_command", required=True)
     p = commands.add_parser(
         "export", help="export the audit log as JSON Lines, ending with a seal signed for this export",
@@ -60,39 +62,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
 
 
-def run(args: argparse.Namespace, client_for: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
         return _verify(args)
-    return _export(args, client_for)
+    return _export(args)
 
 
-def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
-
-
-class _Progress:
-    """One line on stderr (only on a terminal): records written, and how far into the log the export is."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self.size = 0
-        self._last = 0.0
-
-    def update(self, records: int, seq: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self._last < 0.2):
-            return
-        self._last = now
-        percent = min(seq * 100 // self.size, 100) if self.size else 100
-        bar = "#" * (percent // 4)
-        print(f"\r[{bar:<25}] {records} records, {seq}/{self.size}", end="", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
-
-
-def _export(args: argparse.Namespace, client_for: Any) -> int:
+def _export(args: argparse.Namespace) -> int:
     from kms.client.audit import AuditClient
 
     started = time.perf_counter()
@@ -105,7 +81,7 @@ def _export(args: argparse.Namespace, client_for: Any) -> int:
     records = checkpoints = last_seq = size = 0
     nonce = secrets.token_hex(16)  # the export's seal is signed for it: an older export cannot pass for this one
     sealed = ""
-    progress = _Progress(enabled=not args.json and sys.stderr.isatty())
+    progress = Progress(enabled=not args.json and sys.stderr.isatty())
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out, client_for(args.client, args.server) as client:
             for chunk in AuditClient(client).export(since=args.since, until=args.until, domain=args.domain or "",
@@ -118,23 +94,23 @@ def _export(args: argparse.Namespace, client_for: Any) -> int:
                         checkpoints += 1
                     elif line.startswith('{"type":"export",'):
                         header = json.loads(line)
-                        size = progress.size = int(header["size"])
+                        size = progress.total = int(header["size"])
                         _answers(header, nonce, "header")
                     elif line.startswith('{"type":"export-seal"'):
                         sealed = _answers(json.loads(line), nonce, "seal")
                     out.write(line)
                     out.write("\n")
-                progress.update(records, last_seq)
+                progress.update(last_seq, f"{records} records")
             if not sealed:
                 raise errors.KmsError("the export does not answer this request: it has no seal")
-            progress.update(records, size, final=True)
+            progress.update(size, f"{records} records", final=True)
             progress.done()
     except BaseException:
         progress.done()
         args.out.unlink(missing_ok=True)  # no partial export is left behind to be taken for a whole one
         raise
     seconds = time.perf_counter() - started
-    _emit(args, {"out": str(args.out), "records": records, "checkpoints": checkpoints, "size": size,
+    emit(args, {"out": str(args.out), "records": records, "checkpoints": checkpoints, "size": size,
                  "last_seq": last_seq, "seconds": round(seconds, 3), "nonce": nonce, "sealed_at": sealed},
           f"exported {records} records and {checkpoints} signed checkpoints (log size {size}) to {args.out} "
           f"in {seconds:.1f} s, sealed {sealed} for nonce {nonce} (keep it apart: kms audit verify --nonce)")

@@ -24,10 +24,10 @@ from kms import config as config_mod
 from kms import errors, identity
 from kms.ceremony.officers import ApprovalKeyFile
 from kms.ceremony.rules import verify_minutes
+from kms.cli.common import client_for, emit
 from kms.client.ceremony import CeremonyClient, checked_proposal
 from kms.files import write_private
 from kms.hsm.types import wipe
-from kms.registry import DOMAINS
 
 _LISTS = {"custodians", "recipients", "roles"}
 _INTS = {"version", "card_count"}
@@ -35,6 +35,7 @@ _INTS = {"version", "card_count"}
 
 def add_parser(sub: Any) -> None:
     cer = sub.add_parser("ceremony", help="key ceremonies under dual control (officers; auditors read)")
+    cer.set_defaults(handler=run)
     commands = cer.add_subparsers(dest="ceremony_command", required=True)
 
     def command(name: str, text: str, *, with_id: bool = True) -> argparse.ArgumentParser:
@@ -69,44 +70,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--public-key", type=Path, required=True, help="the domain's issuance signing key (PEM)")
     p.add_argument("--json", action="store_true")
-
-
-def add_station_parsers(station: Any) -> None:
-    p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
-    p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--domain", required=True, choices=DOMAINS)
-    p = station.add_parser("accept-transport-key",
-                           help="take the transport key a ceremony left for this station into its token, check "
-                                "the KCV and confirm it (which activates the key)")
-    p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--domain", required=True, choices=DOMAINS)
-    p.add_argument("--server")
-    p.add_argument("--json", action="store_true")
-
-
-def run_station(args: argparse.Namespace, client_for: Any) -> int:
-    from kms import runtime
-    from kms.station import accept_transport_key, unwrap_public_key_pem
-
-    cfg = config_mod.load_station(args.station_config)
-    if args.station_command == "unwrap-key":
-        with runtime.open_station(cfg) as session:
-            print(unwrap_public_key_pem(session, cfg.name, args.domain), end="")
-        return 0
-    with client_for(args.station_config, args.server) as client:
-        cer = CeremonyClient(client)
-        handoff = cer.fetch_transport_key(args.domain)
-        with runtime.open_station(cfg) as session:
-            kcv = accept_transport_key(session, cfg.name, args.domain, handoff.label, handoff.wrapped_key,
-                                       handoff.kcv)
-        confirmed = cer.confirm_transport_key(args.domain, handoff.version, kcv)
-    _emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label, "kcv": kcv},
-          f"{confirmed.label} is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active")
-    return 0
-
-
-def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
 
 
 def _doc(ceremony: Any) -> dict[str, Any]:
@@ -182,7 +145,7 @@ def _read_component(args: argparse.Namespace) -> bytearray:
         del text
 
 
-def run(args: argparse.Namespace, client_for: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.ceremony_command == "verify-minutes":
         return _verify(args)
     with client_for(args.client, args.server) as client:
@@ -194,7 +157,7 @@ def run(args: argparse.Namespace, client_for: Any) -> int:
             ceremony = cer.get(args.ceremony_id)
         elif command == "list":
             found = [_doc(c) for c in cer.list(args.state)]
-            _emit(args, found, "\n".join(_text(d) for d in found) or "no ceremonies")
+            emit(args, found, "\n".join(_text(d) for d in found) or "no ceremonies")
             return 0
         elif command == "approve":
             ceremony = cer.get(args.ceremony_id)
@@ -227,12 +190,12 @@ def run(args: argparse.Namespace, client_for: Any) -> int:
                 }) + "\n")
             except OSError as error:
                 raise errors.InvalidArgument("--out", f"cannot write {args.out} ({error.strerror})") from None
-            _emit(args, {"minutes": str(args.out), "signature": f"{args.out}.sig", "signing_key": minutes.signing_key},
+            emit(args, {"minutes": str(args.out), "signature": f"{args.out}.sig", "signing_key": minutes.signing_key},
                   f"minutes of {args.ceremony_id} written to {args.out} (signature: {args.out}.sig, "
                   f"signed by {minutes.signing_key})")
             return 0
     doc = _doc(ceremony)
-    _emit(args, doc, _text(doc))
+    emit(args, doc, _text(doc))
     return 0
 
 
@@ -247,7 +210,7 @@ def _fetch(args: argparse.Namespace, cer: CeremonyClient) -> int:
         raise errors.AlreadyExists(f"{args.out} exists; choose a new file for the component") from None
     finally:
         wipe(value)
-    _emit(args, {"ceremony_id": args.ceremony_id, "out": str(args.out), "kcv": kcv},
+    emit(args, {"ceremony_id": args.ceremony_id, "out": str(args.out), "kcv": kcv},
           f"your component of {args.ceremony_id} is in {args.out} (KCV {kcv}); keep it under your sole control")
     return 0
 
@@ -264,7 +227,7 @@ def _verify(args: argparse.Namespace) -> int:
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise errors.InvalidArgument("public_key", "must be an ECDSA P-256 public key")
     doc = verify_minutes(document, signature, public)
-    _emit(args, {"ok": True, "ceremony_id": doc["ceremony_id"], "state": doc["state"],
+    emit(args, {"ok": True, "ceremony_id": doc["ceremony_id"], "state": doc["state"],
                  "approvals": [a["officer"] for a in doc["approvals"]]},
           f"minutes of {doc['ceremony_id']} verified: {doc['operation']} ({doc['domain']}) {doc['state']}, "
           f"{len(doc['approvals'])} approval signature(s) good")

@@ -1,0 +1,83 @@
+"""`kms serve` and `kms selftest`: run the issuance service; check the HSM against known-answer vectors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kms import config as config_mod
+from kms.hsm.labels import SELFTEST_TOKEN
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the issuance service (gRPC over mutual TLS) until interrupted")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--listen", help="host:port (default: server.listen in the config; port 0 picks one)")
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
+    p.add_argument("--vectors", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="use this configuration's token (session objects only)")
+    p.add_argument("--domain", choices=("hrss", "bank"), default="bank", help="which domain's token, with --config")
+    p.add_argument("--module", help="PKCS#11 module for the temporary token (default: find SoftHSM2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_selftest)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kms.server.serve import serve
+
+    def ready(port: int) -> None:
+        print(f"kms: serving on port {port}", flush=True)
+
+    serve(args.config, listen=args.listen, ready=ready)
+    return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from kms import runtime
+    from kms.cards import selftest
+    from kms.hsm import softhsm
+
+    vectors = selftest.load_vectors(args.vectors)
+    if args.config:
+        cfg = config_mod.load(args.config)
+        with runtime.open_domain(cfg, args.domain) as session:
+            return _run_selftest(args, session, vectors)
+    with tempfile.TemporaryDirectory(prefix="kms-selftest-") as tmp:
+        conf = softhsm.write_conf(Path(tmp))
+        pins = Path(tmp) / "pins"
+        softhsm.ensure_token(conf, SELFTEST_TOKEN, pins / "user.pin", pins / "so.pin")
+        hsm = config_mod.HsmConfig(module=args.module or "auto", softhsm2_conf=conf)
+        pin = (pins / "user.pin").read_text(encoding="utf-8").strip()
+        with runtime.module(hsm).open(SELFTEST_TOKEN, pin) as session:
+            return _run_selftest(args, session, vectors)
+
+
+def _run_selftest(args: argparse.Namespace, session: Any, vectors: dict[str, Any]) -> int:
+    from kms.cards.selftest import SelfTest
+
+    test = SelfTest(session)
+    try:
+        results = list(test.run(vectors))
+    finally:
+        test.close()
+    failed = sum(r.failed for r in results)
+    if args.json:
+        print(json.dumps({"token": session.token_label, "failed": failed, "cases": [
+            {"case": r.case, "source": r.source, "status": r.status, "detail": r.detail} for r in results]},
+            indent=2))
+    else:
+        labels = {"pass": "PASS", "fail": "FAIL", "unsupported": "SKIP"}
+        for r in results:
+            print(f"{labels[r.status]} {r.case:14} {r.detail}  [{r.source}]")
+        print(f"{len(results)} cases: {sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
+              f"{sum(r.status == 'unsupported' for r in results)} not supported by this HSM")
+    if not results:
+        print("kms: error: no vectors in the file", file=sys.stderr)
+        return 1
+    return 0 if failed == 0 else 1

@@ -1,0 +1,122 @@
+"""`kms station …`: a personalization station fetches a batch's bundles (and opens them into its token), shows its
+unwrap public key, and takes a transport key a ceremony left for it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kms import config as config_mod
+from kms import errors
+from kms.cli.common import Progress, client_for, emit
+from kms.files import private_dir, write_private
+from kms.registry import DOMAINS
+
+
+def add_parser(sub: Any) -> None:
+    station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
+                                                                                       required=True)
+    p = station.add_parser("fetch", help="fetch a batch's sealed bundles into a directory")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--batch-id", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--open", action="store_true", help="also verify and open each bundle into the station's token")
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_fetch)
+    p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p.set_defaults(handler=_unwrap_key)
+    p = station.add_parser("accept-transport-key",
+                           help="take the transport key a ceremony left for this station into its token, check "
+                                "the KCV and confirm it (which activates the key)")
+    p.add_argument("--station-config", type=Path, required=True)
+    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p.add_argument("--server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_accept_transport_key)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from kms import runtime, store
+    from kms.clock import SystemClock
+    from kms.station import Station, TrustStore
+
+    private_dir(args.out)
+    cfg = config_mod.load_station(args.station_config)
+    started = time.perf_counter()
+    fetched = opened = keys = matched = 0
+    session = station = None
+    if args.open:
+        ledger = store.make_engine(cfg.ledger)
+        store.create_station_ledger(ledger)
+        session = runtime.open_station(cfg)
+        station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
+                          SystemClock())
+    try:
+        with client_for(args.station_config, args.server) as client:
+            total = client.batch_status(args.batch_id).cards
+            progress = Progress(total, enabled=not args.json and sys.stderr.isatty())
+            for bundle in client.stream_batch(args.batch_id):
+                write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
+                fetched += 1
+                if station is not None:
+                    try:
+                        report = station.open(bundle.data)
+                    except errors.BundleRejected:
+                        report = None
+                    if report is not None:
+                        opened += 1
+                        keys += len(report.keys)
+                        matched += sum(k.match for k in report.keys)
+                progress.update(fetched)
+            progress.update(fetched, final=True)
+            progress.done()
+            if fetched < total:
+                print(f"kms: {total - fetched} of {total} cards of batch {args.batch_id} were not issued in this "
+                      "fetch (cards waiting for chip data at the station, or issued to another request after "
+                      "this stream passed them); see kms batch show",
+                      file=sys.stderr)
+    finally:
+        if session is not None:
+            session.close()
+    seconds = time.perf_counter() - started
+    doc = {"batch_id": args.batch_id, "fetched": fetched, "opened": opened, "keys": keys, "kcv_matches": matched,
+           "seconds": round(seconds, 3), "bundles_per_second": round(fetched / seconds, 1) if seconds else None}
+    text = f"fetched {fetched} bundles of batch {args.batch_id} into {args.out} in {seconds:.1f} s"
+    if args.open:
+        text += f"; opened {opened}: {keys} keys, {matched} KCV matches"
+    emit(args, doc, text)
+    return 0 if not args.open or (opened == fetched and matched == keys) else errors.BundleRejected.exit_code
+
+
+def _unwrap_key(args: argparse.Namespace) -> int:
+    from kms import runtime
+    from kms.station import unwrap_public_key_pem
+
+    cfg = config_mod.load_station(args.station_config)
+    with runtime.open_station(cfg) as session:
+        print(unwrap_public_key_pem(session, cfg.name, args.domain), end="")
+    return 0
+
+
+def _accept_transport_key(args: argparse.Namespace) -> int:
+    from kms import runtime
+    from kms.client.ceremony import CeremonyClient
+    from kms.station import accept_transport_key
+
+    cfg = config_mod.load_station(args.station_config)
+    with client_for(args.station_config, args.server) as client:
+        cer = CeremonyClient(client)
+        handoff = cer.fetch_transport_key(args.domain)
+        with runtime.open_station(cfg) as session:
+            kcv = accept_transport_key(session, cfg.name, args.domain, handoff.label, handoff.wrapped_key,
+                                       handoff.kcv)
+        confirmed = cer.confirm_transport_key(args.domain, handoff.version, kcv)
+    emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label, "kcv": kcv},
+         f"{confirmed.label} is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active")
+    return 0
