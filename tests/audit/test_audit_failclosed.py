@@ -18,7 +18,7 @@ from kms.audit.log import AuditLog, chain
 from kms.cards.cardid import CardIdentity
 from kms.clock import SystemClock
 from kms.dev.home import Home
-from kms.errors import HsmError
+from kms.errors import Unavailable
 from kms.identity import Principal
 from kms.server.serve import Service
 
@@ -78,7 +78,7 @@ def test_a_stream_stops_when_the_audit_log_cannot_be_written_and_every_bundle_se
 
     received = []
     with service_client(home, service, "station-a1") as st:
-        with pytest.raises(HsmError, match="the audit log cannot be written; nothing was done") as stopped:
+        with pytest.raises(Unavailable, match="the audit log cannot be written; nothing was done") as stopped:
             for bundle in st.stream_batch(batch_id, per_message=PER_MESSAGE, retries=0):
                 received.append(bundle)
         assert stopped.value.retryable  # UNAVAILABLE: the station may resume once the log is writable again
