@@ -50,12 +50,23 @@ class TlsConfig:
     crl: Path | None = None
 
 
+#: ``server.health_listen`` when it is not set: loopback, the gRPC port + 1 (port 0, any free port, stays 0).
+HEALTH_LISTEN_AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str
     tls: TlsConfig
     policy: Path | None
     quorum_policy: Path | None = None
+    #: The plain-HTTP listener for /healthz, /readyz and /metrics (kms.server.http): host:port, HEALTH_LISTEN_AUTO,
+    #: or None (``off``: no listener).
+    health_listen: str | None = HEALTH_LISTEN_AUTO
+    #: How often the health monitor checks the workers' tokens, the database and the audit signer.
+    health_check_seconds: int = 5
+    #: On SIGTERM: how long in-flight calls may take to finish (a stream ends after its current message).
+    drain_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -189,14 +200,23 @@ def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
 
 
 def _server(path: Path, doc: Any) -> ServerConfig:
-    doc = _only(path, "server", doc, {"listen", "tls"}, {"policy", "quorum_policy"})
+    doc = _only(path, "server", doc, {"listen", "tls"},
+                {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds"})
     listen = doc["listen"]
     if not isinstance(listen, str) or ":" not in listen:
         raise ConfigError(f"{path}: server.listen must be host:port")
+    health = doc.get("health_listen", HEALTH_LISTEN_AUTO)
+    if health is False or health == "off":  # YAML reads a bare off as false
+        health = None
+    elif not isinstance(health, str) or (health != HEALTH_LISTEN_AUTO and ":" not in health):
+        raise ConfigError(f"{path}: server.health_listen must be host:port, auto or off")
     policy, quorum = doc.get("policy"), doc.get("quorum_policy")
     return ServerConfig(listen, _tls(path, doc["tls"], "server.tls"),
                         _path(path.parent, policy, "server.policy") if policy else None,
-                        _path(path.parent, quorum, "server.quorum_policy") if quorum else None)
+                        _path(path.parent, quorum, "server.quorum_policy") if quorum else None,
+                        health_listen=health,
+                        health_check_seconds=_int(doc, "health_check_seconds", 5, 1, 3600, "server"),
+                        drain_seconds=_int(doc, "drain_seconds", 30, 0, 3600, "server"))
 
 
 def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:

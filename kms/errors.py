@@ -104,7 +104,20 @@ class HsmError(KmsError):
 
 
 class HsmLoginFailed(HsmError):
-    """The PIN was refused or the token is locked. The PIN itself is never part of the message."""
+    """The PIN was refused or the token is locked. The PIN itself is never part of the message.
+
+    Never retryable, by anyone: a real HSM locks its user PIN after a few failures, so neither a worker's
+    replacement nor a client's retry may try the PIN again (FAILED_PRECONDITION: an operator must fix the PIN and
+    restart the service)."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+    @property
+    def grpc_code(self) -> str:
+        return self.grpc_status  # never UNAVAILABLE, whatever ``retryable`` says: clients retry only that
 
 
 class HsmKeyNotFound(HsmError):

@@ -6,9 +6,10 @@ from kms import store
 from kms.audit.log import AuditLog
 from kms.clock import Clock
 from kms.config import Config, HsmConfig, StationConfig
-from kms.errors import ConfigError
+from kms.errors import ConfigError, HsmError, HsmLoginFailed
 from kms.hsm.session import Module, TokenSession
 from kms.registry import KeyRegistry
+from kms.secrets import SecretRef
 
 _modules: dict[str, Module] = {}
 
@@ -22,13 +23,34 @@ def module(hsm: HsmConfig) -> Module:
     return _modules[path]
 
 
+def open_token(hsm: HsmConfig, setting: str, token: str, pin: SecretRef) -> TokenSession:
+    """A session on ``token`` logged in with ``pin``; an error names the setting to fix (``setting`` is where the
+    token and PIN are configured, e.g. ``domains.bank``): ``hsm.module`` (no such module, or not a PKCS#11
+    library), ``<setting>.token`` (no token with that label), ``<setting>.pin`` (the reference cannot be read:
+    ConfigError; the token refused the PIN: HsmLoginFailed, after exactly one login attempt)."""
+    try:
+        loaded = module(hsm)
+    except HsmError as error:
+        raise ConfigError(f"hsm.module: {error}") from None
+    if token not in loaded.token_labels():
+        raise ConfigError(f"{setting}.token: no token labelled {token!r} in {loaded.path}")
+    try:
+        value = pin.resolve()
+    except ConfigError as error:
+        raise ConfigError(f"{setting}.pin: {error}") from None
+    try:
+        return loaded.open(token, value)
+    except HsmLoginFailed:
+        raise HsmLoginFailed(f"{setting}.pin: the token {token} refused the PIN") from None
+
+
 def open_domain(config: Config, domain: str) -> TokenSession:
     """A session on the domain's own token. Only the domain's worker calls this: it is where its PIN is read."""
     try:
         domain_config = config.domains[domain]
     except KeyError:
         raise ConfigError(f"{config.path}: domain {domain!r} is not configured") from None
-    return module(config.hsm).open(domain_config.token, domain_config.pin.resolve())
+    return open_token(config.hsm, f"domains.{domain}", domain_config.token, domain_config.pin)
 
 
 def open_station(config: StationConfig) -> TokenSession:

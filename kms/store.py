@@ -385,3 +385,10 @@ LATE_INDEXES = (ix_card_events_issued,)
 def database_display(url: str) -> str:
     """The database URL without its password (for logs and ``service.started``)."""
     return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def ping(engine: sa.Engine) -> None:
+    """Read one small table (the audit chain's head): raises whatever the database raises if it cannot serve now
+    (the health monitor's check, kms.server.health)."""
+    with engine.connect() as conn:
+        conn.execute(sa.select(sa.func.count()).select_from(audit_head)).scalar_one()

@@ -79,7 +79,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     PermissionDenied: ("PERMISSION_DENIED", 5),
     InvalidState: ("FAILED_PRECONDITION", 3),
     HsmError: ("INTERNAL", 6),
-    HsmLoginFailed: ("INTERNAL", 6),
+    HsmLoginFailed: ("FAILED_PRECONDITION", 6),
     HsmKeyNotFound: ("FAILED_PRECONDITION", 6),
     MechanismUnavailable: ("FAILED_PRECONDITION", 6),
     BundleRejected: ("PERMISSION_DENIED", 7),
@@ -122,13 +122,20 @@ def test_status_and_exit_code(cls: type[KmsError]) -> None:
     assert errors.exit_code(error) == code
 
 
-@pytest.mark.parametrize("cls", [HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [HsmError, HsmKeyNotFound, MechanismUnavailable], ids=lambda c: c.__name__)
 def test_retryable_hsm_error_is_unavailable(cls: type[HsmError]) -> None:
     error = EXAMPLES[cls]()
     error.retryable = True
     assert errors.grpc_status_name(error) == "UNAVAILABLE"
     assert errors.exit_code(error) == MAPPING[cls][1]  # the exit code does not change
+
+
+def test_a_refused_pin_is_never_retryable() -> None:
+    """A client retries UNAVAILABLE only; a PIN the token refused must not be tried again (issue 11, item 1)."""
+    error = HsmLoginFailed("domains.bank.pin: the token kms-bank refused the PIN")
+    assert error.retryable is False and errors.grpc_status_name(error) == "FAILED_PRECONDITION"
+    error.retryable = True  # even so
+    assert errors.grpc_status_name(error) == "FAILED_PRECONDITION"
 
 
 def test_hsm_error_retryable_flag() -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -27,27 +29,82 @@ from kms import config as config_mod
 from kms import runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
-from kms.errors import AuditChainBroken, ConfigError
+from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, KmsError, Unavailable
 from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
+from kms.processes import context, end_with_parent, executor_pids
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 _session: TokenSession | None = None
+_config_path: str | None = None
+_init_error: KmsError | None = None
+STARTUP_SECONDS = 120.0
 
 
 def _open(config_path: str) -> None:
+    """The signer process's initializer: opens the audit token (one login). A failure is kept for ``_probe``."""
+    global _config_path, _init_error
+    if _config_path is None:
+        end_with_parent()  # logged into the audit token: this process must not outlive the service
+    _config_path = config_path
+    try:
+        _session_open()
+        _init_error = None
+    except KmsError as error:
+        _init_error = error
+    except Exception as error:
+        _init_error = HsmError(f"the audit signer could not start ({type(error).__name__})", retryable=True)
+
+
+def _session_open() -> None:
     global _session
-    cfg = config_mod.load(Path(config_path))
+    assert _config_path is not None
+    cfg = config_mod.load(Path(_config_path))
     if cfg.audit is None:
         raise ConfigError(f"{cfg.path}: no 'audit' section")
-    _session = runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())
+    _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin)
+
+
+def _ready() -> TokenSession:
+    """The audit token's session, checked (a token that went away and came back shows no objects to it: the
+    signed head would read as absent) and opened again if it was lost; a refused PIN is never tried again."""
+    global _session, _init_error
+    if _init_error is not None and not isinstance(_init_error, HsmLoginFailed):
+        _open(_config_path or "")
+    if _init_error is not None:
+        raise _init_error
+    assert _session is not None, "audit signer not initialized"
+    try:
+        _session.check()
+        return _session
+    except KmsError as error:
+        log.warning("audit signer: the token session is lost (%s); opening it again", error)
+    _session.close()
+    try:
+        assert _config_path is not None
+        cfg = config_mod.load(Path(_config_path))
+        runtime.module(cfg.hsm).reinitialize()
+        _session_open()
+    except HsmLoginFailed as error:
+        _init_error = error
+        raise
+    except KmsError as error:
+        raise HsmError(f"the audit token is unavailable ({error})", retryable=True) from None
+    assert _session is not None
+    return _session
+
+
+def _probe() -> int:
+    _ready()
+    return os.getpid()
 
 
 def _signed_head() -> tuple[int, str]:
     """The last (size, head) this signer signed, kept in its own token: what the database cannot change."""
-    assert _session is not None, "audit signer not initialized"
-    value = _session.read_data(AUDIT_SIGNED_HEAD)
+    value = _ready().read_data(AUDIT_SIGNED_HEAD)
     if value is None:
         return 0, GENESIS.hex()
     size, _, head = value.decode("ascii").partition(":")
@@ -69,7 +126,7 @@ def _sign_head(size: int, head: str, digests: list[bytes], message: bytes) -> by
     ``digests`` are the body digests of the records after that, and recomputing the chain from the signed head over
     them must give ``head``. A log rewritten behind the signer's back (records edited and re-chained, checkpoints
     deleted, a database reset) is refused here, so no export of it can carry a good signature over its end."""
-    assert _session is not None, "audit signer not initialized"
+    session = _ready()
     signed_size, signed_head = _signed_head()
     if size < signed_size:
         raise AuditChainBroken(f"the audit log holds {size} records, but {signed_size} were signed already")
@@ -80,30 +137,130 @@ def _sign_head(size: int, head: str, digests: list[bytes], message: bytes) -> by
         current = hashlib.sha256(current + digest).digest()
     if current.hex() != head:
         raise AuditChainBroken(f"the audit chain up to {size} does not extend the head signed at {signed_size}")
-    raw = _session.sign_sha256(AUDIT_KEY, message)
-    _session.write_data(AUDIT_SIGNED_HEAD, f"{size}:{head}".encode("ascii"))
+    raw = session.sign_sha256(AUDIT_KEY, message)
+    session.write_data(AUDIT_SIGNED_HEAD, f"{size}:{head}".encode("ascii"))
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
 
 
 class AuditSigner:
-    """A process of its own holding a session on the audit token."""
+    """A process of its own holding a session on the audit token, supervised.
 
-    def __init__(self, config_path: Path) -> None:
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_open,
-                                         initargs=(str(config_path),))
+    It starts at construction (or ``start``): the process opens the token and logs in (once) before that returns,
+    so a wrong PIN, label or module stops ``kms serve`` with the setting named. If the process dies, calls raise
+    Unavailable (retryable: UNAVAILABLE to clients, not INTERNAL) until ``supervise`` (the health monitor) starts
+    a new one. A refused PIN is final: no process is started again and the PIN is not tried again."""
+
+    def __init__(self, config_path: Path, *, start: bool = True) -> None:
+        """``start``: start the process now (else ``start()`` does; calls before that are Unavailable)."""
+        self._config = str(config_path)
+        self._lock = threading.Lock()
+        self.refused: HsmLoginFailed | None = None
+        #: New processes started after the first one died.
+        self.restarts = 0
+        self._executor: ProcessPoolExecutor | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the process (if not running): it logs in once; raises the error naming the setting."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        if self.refused is not None:
+            raise self.refused
+        executor = ProcessPoolExecutor(1, mp_context=context(), initializer=_open, initargs=(self._config,))
+        try:
+            executor.submit(_probe).result(timeout=STARTUP_SECONDS)
+        except HsmLoginFailed as error:
+            executor.shutdown(wait=False, cancel_futures=True)
+            self.refused = error  # the caller says it (kms serve: one line; supervise: logged)
+            raise
+        except BaseException as error:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if isinstance(error, KmsError):
+                raise
+            raise HsmError(f"the audit signer could not start ({type(error).__name__})", retryable=True) from None
+        return executor
+
+    def _run(self, timeout: float, function: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            executor = self._executor
+        if executor is None:
+            if self.refused is not None:
+                raise HsmLoginFailed("the audit token refused the service's PIN; an operator must fix the PIN and "
+                                     "restart the service")
+            raise Unavailable("the audit signer is not running; it is being restarted, try again")
+        try:
+            return executor.submit(function, *args).result(timeout=timeout)
+        except BrokenProcessPool:
+            self._lost(executor)
+            raise Unavailable("the audit signer process ended; it is being restarted, try again") from None
+        except TimeoutError:
+            raise Unavailable("the audit signer does not answer; try again") from None
+        except HsmLoginFailed as error:
+            with self._lock:
+                self.refused = error
+                if self._executor is executor:
+                    self._executor = None
+            executor.shutdown(wait=False, cancel_futures=True)
+            log.error("audit signer: %s; the PIN is not tried again until the service restarts", error)
+            raise HsmLoginFailed("the audit token refused the service's PIN; an operator must fix the PIN and "
+                                 "restart the service") from None
+
+    def _lost(self, executor: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is not executor:
+                return
+            self._executor = None
+        log.error("the audit signer process ended unexpectedly; checkpoints wait for its replacement")
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return executor_pids(self._executor) if self._executor is not None else []
+
+    def check(self, timeout: float = 30.0) -> str | None:
+        """None if the signer process answers with a working token session, else why not (a dead process is
+        noted: ``supervise`` replaces it)."""
+        if self.refused is not None:
+            return "the audit token refused the PIN; fix it and restart the service"
+        try:
+            self._run(timeout, _probe)
+        except KmsError as error:
+            return str(error) if isinstance(error, Unavailable) else f"the audit token is unavailable ({error})"
+        return None
+
+    def supervise(self) -> bool:
+        """Start a new signer process if the last one died (one login). True if a new one was started."""
+        with self._lock:
+            if self._executor is not None or self.refused is not None:
+                return False
+            try:
+                self._executor = self._new_executor()
+            except KmsError as error:
+                log.error("the audit signer could not be restarted: %s", error)
+                return False
+            self.restarts += 1
+        log.warning("audit signer restarted")
+        return True
 
     def signed_head(self) -> tuple[int, str]:
-        return self._pool.submit(_signed_head).result(timeout=60)
+        return self._run(60, _signed_head)
 
     def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes:
-        return self._pool.submit(_sign, size, head, at, digests).result(timeout=120)
+        return self._run(120, _sign, size, head, at, digests)
 
     def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
              digests: list[bytes]) -> bytes:
-        return self._pool.submit(_seal, size, head, at, nonce, dict(filters), digests).result(timeout=120)
+        return self._run(120, _seal, size, head, at, nonce, dict(filters), digests)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
 
 class Checkpointer:
@@ -165,6 +322,8 @@ class Checkpointer:
                 if behind >= self._every_records or (behind > 0 and waited >= self._every_seconds):
                     self.checkpoint_now()
                     waited = 0.0
+            except KmsError as error:  # e.g. the signer is being replaced: the next round tries again
+                log.warning("audit checkpoint failed: %s", error)
             except Exception:  # the next round tries again; the export path signs on demand
                 log.exception("audit checkpoint failed")
 

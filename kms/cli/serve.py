@@ -17,6 +17,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the issuance service (gRPC over mutual TLS) until interrupted")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--listen", help="host:port (default: server.listen in the config; port 0 picks one)")
+    p.add_argument("--health-listen", metavar="HOST:PORT|off",
+                   help="the HTTP listener for /healthz, /readyz and /metrics (default: server.health_listen in the "
+                        "config, else loopback on the gRPC port + 1)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
@@ -29,12 +32,16 @@ def add_parser(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kms.server.serve import serve
+    from kms.server.serve import FROM_CONFIG, Service, serve
 
-    def ready(port: int) -> None:
-        print(f"kms: serving on port {port}", flush=True)
+    def ready(service: Service) -> None:
+        if service.http is not None:
+            print(f"kms: health on {service.http.url}/readyz", file=sys.stderr, flush=True)
+        print(f"kms: serving on port {service.port}", flush=True)
 
-    serve(args.config, listen=args.listen, ready=ready)
+    health = FROM_CONFIG if args.health_listen is None else (None if args.health_listen == "off"
+                                                             else args.health_listen)
+    serve(args.config, listen=args.listen, health_listen=health, ready=ready)
     return 0
 
 

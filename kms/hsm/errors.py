@@ -16,6 +16,7 @@ _RETRYABLE = (
     p11e.DeviceMemory,
     p11e.DeviceRemoved,
     p11e.HostMemory,
+    p11e.ObjectHandleInvalid,  # a handle gone stale (the token went away); the session is opened again
     p11e.SessionClosed,
     p11e.SessionHandleInvalid,
     p11e.SessionCount,

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,24 @@ _OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # SoftHSM 2.6 offers OAEP
 
 # ---------------------------------------------------------------------------------------------------------------
 # module and token
+
+
+#: Diagnostics: with this environment variable naming a file, every user login attempt (C_Login, in ``Module.open``)
+#: appends one line to it — time, process id, token label, outcome (``ok`` or the PKCS#11 error's name); never a PIN.
+#: Worker processes inherit it. How the tests count login attempts with a wrong PIN; an operator may use it too.
+LOGIN_TRACE_ENV = "KMS_HSM_LOGIN_TRACE"
+
+
+def _trace_login(token_label: str, outcome: str) -> None:
+    path = os.environ.get(LOGIN_TRACE_ENV)
+    if not path:
+        return
+    line = f"{time.time():.3f} {os.getpid()} {token_label} {outcome}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)  # one write of a short line: lines of several processes do not interleave
+    finally:
+        os.close(fd)
 
 
 class Module:
@@ -102,8 +122,18 @@ class Module:
                 raise HsmError(f"no token labelled {token_label!r} in {self.path}") from None
             except p11e.MultipleTokensReturned:
                 raise HsmError(f"more than one token labelled {token_label!r} in {self.path}") from None
-            session = token.open(user_pin=pin, rw=True, attribute_mapper=_attribute_mapper())
+            try:
+                session = token.open(user_pin=pin, rw=True, attribute_mapper=_attribute_mapper())
+            except p11e.PKCS11Error as error:
+                _trace_login(token_label, type(error).__name__)
+                raise
+            _trace_login(token_label, "ok")
         return TokenSession(token_label, session)
+
+    def reinitialize(self) -> None:
+        """C_Finalize and C_Initialize: every session of this process is closed; tokens are looked for again."""
+        with _hsm("initialize the PKCS#11 module again"):
+            self._lib.reinitialize()
 
 
 def _big(value: int) -> bytes:
@@ -159,6 +189,17 @@ class TokenSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check(self) -> None:
+        """Raise an HsmError unless this session still reaches its token and objects: the token's information,
+        every key handle this session keeps, and at least one object in the token (a token moved away and back
+        shows none to an old session). Cheap: a few calls, no cryptography."""
+        with _hsm(f"check token {self.token_label!r}"):
+            self._session.token.slot.get_token()
+            for key in list(self._keys.values()):
+                key[Attribute.CLASS]
+            if next(iter(self._session.get_objects()), None) is None:
+                raise HsmError(f"token {self.token_label!r} shows no objects to this session", retryable=True)
 
     def mechanisms(self) -> frozenset[str]:
         if self._mechanisms is None:

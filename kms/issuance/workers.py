@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
 import os
 import threading
 import time
@@ -27,10 +26,11 @@ from kms.cards import profiles
 from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
 from kms.clock import SystemClock
-from kms.errors import ConfigError, HsmError, InvalidState, KmsError
+from kms.errors import ConfigError, HsmError, HsmLoginFailed, InvalidState, KmsError
 from kms.hsm.session import TokenSession
 from kms.issuance import pans
 from kms.issuance.sealer import DomainSealer
+from kms.processes import context, end_with_parent, executor_pids
 from kms.registry import KeyRegistry, KeyState
 from kms.validation import chunks
 
@@ -39,6 +39,7 @@ T = TypeVar("T")
 Pins = tuple[tuple[str, int], ...]
 CHUNK = 32  # cards per task: amortizes the inter-process round trip
 MAX_RESTARTS = 3  # pool replacements one seal() call tolerates before giving up
+STARTUP_SECONDS = 120.0  # a new pool's first process: spawned, the configuration and profiles loaded, logged in
 log = logging.getLogger(__name__)
 
 
@@ -85,14 +86,19 @@ _init_args: tuple[str, str] | None = None
 
 def _init(config_path: str, domain: str) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
-    A failure is kept and reported with the first task, so the caller learns why (not just that a process died)."""
+    A failure is kept and reported with the first task (``_probe`` at the pool's start), so the caller learns why,
+    not just that a process died. A refused PIN is final for this process: it is never tried again."""
     global _init_error, _init_args
+    if _init_args is None:
+        end_with_parent()  # logged into a token: this process must not outlive the service
     _init_args = (config_path, domain)
     try:
         _open(config_path, domain)
         _init_error = None
+    except KmsError as error:  # ours name the setting (runtime.open_token) and carry no secret
+        log.debug("%s worker could not start: %s", domain, error)  # the pool reports it, once
+        _init_error = error
     except Exception as error:
-        # The detail (paths, token labels) goes to this worker's log; callers hear only what kind of failure.
         log.error("%s worker could not start: %s", domain, error)
         _init_error = HsmError(f"the {domain} HSM worker could not start ({type(error).__name__})", retryable=True)
 
@@ -109,12 +115,73 @@ def _open(config_path: str, domain: str) -> None:
     gc.freeze()
 
 
-def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
-    bureau, profile, jobs, batch, pins = args
-    if _init_error is not None and _init_args is not None:
-        _init(*_init_args)  # the cause may have been passing (a locked database, a busy token)
+def _ready() -> _Worker:
+    """This process's worker, opened again if its start failed for a passing cause (a locked database, a busy
+    token); a refused PIN is raised again without another login."""
+    if _init_error is not None and _init_args is not None and not isinstance(_init_error, HsmLoginFailed):
+        _init(*_init_args)
     if _init_error is not None:
         raise _init_error
+    assert _worker is not None, "worker not initialized"
+    return _worker
+
+
+def _reopened() -> bool:
+    """After a failure: False if the session still reaches its token (the failure was the request's); True once
+    the session was opened again — the module initialized again (C_Finalize/C_Initialize: SoftHSM2 sees a token
+    directory moved away and back only then) and the PIN presented once more. A retryable HsmError if the token
+    cannot be reached now; HsmLoginFailed (kept: never tried again) if it refused the PIN."""
+    global _init_error
+    worker = _ready()
+    try:
+        worker.session.check()
+        return False
+    except KmsError as error:
+        log.warning("%s worker: the token session is lost (%s); opening it again", worker.domain, error)
+    assert _init_args is not None
+    worker.session.close()
+    worker.sealers.clear()
+    _pan_labels.clear()
+    try:
+        cfg = config.load(Path(_init_args[0]))
+        runtime.module(cfg.hsm).reinitialize()
+        worker.session = runtime.open_domain(cfg, worker.domain)
+    except HsmLoginFailed as error:
+        _init_error = error
+        raise
+    except KmsError as error:
+        raise HsmError(f"the {worker.domain} token is unavailable ({error})", retryable=True) from None
+    log.warning("%s worker: token session opened again", worker.domain)
+    return True
+
+
+def _probe() -> int:
+    """A pool's start and the health monitor: this worker's token session works (opened again if it was lost).
+    Returns the process id."""
+    _ready()
+    _reopened()
+    return os.getpid()
+
+
+def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
+    """Seal a chunk; if it fails because the token session was lost (checked by ``_reopened``), the session is
+    opened again and the chunk sealed once more (nothing of a chunk is issued before it returns)."""
+    _ready()
+    try:
+        results = _seal_chunk_once(args)
+    except HsmLoginFailed:
+        raise
+    except KmsError:
+        if not _reopened():
+            raise
+        return _seal_chunk_once(args)
+    if any(isinstance(r.error, HsmError) for r in results) and _reopened():
+        return _seal_chunk_once(args)
+    return results
+
+
+def _seal_chunk_once(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
+    bureau, profile, jobs, batch, pins = args
     assert _worker is not None, "worker not initialized"
     sealer = _worker.sealer(bureau, profile, pins)
     # A key may have changed state since this sealer resolved it (a ceremony on any replica): checked per chunk.
@@ -170,12 +237,18 @@ def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
     name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
     if name not in WORKER_STEPS:
         raise InvalidState(f"{name} is not a step a {_init_args[1] if _init_args else ''} worker runs")
-    if _init_error is not None and _init_args is not None:
-        _init(*_init_args)
-    if _init_error is not None:
-        raise _init_error
-    assert _worker is not None, "worker not initialized"
-    return function(_worker, *args)
+    worker = _ready()
+    try:
+        return function(worker, *args)
+    except HsmLoginFailed:
+        raise
+    except KmsError:
+        # Not run again (a ceremony step may have changed the token): the session is opened again for the next
+        # call if it was lost, and the caller may retry.
+        if _reopened():
+            raise HsmError(f"the {worker.domain} token session was lost during the step; it was opened again, "
+                           "try again", retryable=True) from None
+        raise
 
 
 def _max_keys_per_card(cfg: config.Config, domain: str) -> int:
@@ -185,8 +258,11 @@ def _max_keys_per_card(cfg: config.Config, domain: str) -> int:
 class DomainPool:
     """Worker processes for one domain.
 
-    A worker that dies (or fails to start) breaks the pool: ``seal`` then raises a retryable HsmError instead of
-    waiting forever, and cards not yet returned were not issued by this call.
+    The first process starts, opens the token and logs in before any other (``start``, and each replacement of
+    the processes): with a wrong PIN, label or module that is one attempt, and the error names the setting. A
+    refused PIN is final: the pool starts no process and tries no login again (HsmLoginFailed, not retryable) until
+    the service is restarted. A worker that dies (or fails to start) breaks the pool: ``seal`` then raises a
+    retryable HsmError instead of waiting forever, and cards not yet returned were not issued by this call.
     """
 
     def __init__(self, config_path: Path, domain: str, processes: int | None = None):
@@ -204,23 +280,78 @@ class DomainPool:
         self._lock = threading.Lock()  # several request threads may submit at once
         self._submitted = 0
         self._generation = 0
-        self._executor = self._new_executor()
+        self._executor: ProcessPoolExecutor | None = None  # started by start() or the first task
+        self._closed = False
+        #: The PIN refusal that stopped this pool (the detail, for the log and the health report), if any.
+        self.refused: HsmLoginFailed | None = None
+        #: Replacements of the processes after one died or could not start (recycling not counted).
+        self.restarts = 0
+        self._last_ok = 0.0  # time.monotonic() of the last chunk or probe that succeeded
+
+    def start(self) -> None:
+        """Start the first process and log in (if not done yet): raises the error that names the setting."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = self._new_executor()
+
+    def _refusal(self) -> HsmLoginFailed:
+        return HsmLoginFailed(f"the {self.domain} domain's token refused the service's PIN; an operator must fix "
+                              "the PIN and restart the service")
+
+    def _refuse(self, error: HsmLoginFailed) -> HsmLoginFailed:
+        """A refused PIN: remembered, the processes stopped (none tries it again); the caller's error."""
+        with self._lock:
+            if self.refused is None:
+                self.refused = error
+                log.error("%s workers stopped: %s; the PIN is not tried again until the service restarts",
+                          self.domain, error)
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        return self._refusal()
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init, initargs=self._initargs)
+        """A new pool whose first process has opened the token (one login); others start as chunks come. Called
+        with the lock held."""
+        if self.refused is not None:
+            raise self._refusal()
+        if self._closed:
+            raise HsmError(f"the {self.domain} workers are stopping", retryable=True)
+        executor = ProcessPoolExecutor(self.processes, mp_context=context(), initializer=_init,
+                                       initargs=self._initargs)
+        try:
+            executor.submit(_probe).result(timeout=STARTUP_SECONDS)
+        except HsmLoginFailed as error:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if self.refused is None:
+                self.refused = error  # the caller says it (kms serve: one line; later: logged by who replaced)
+            raise error from None
+        except BaseException as error:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if isinstance(error, KmsError):
+                raise
+            raise HsmError(f"the {self.domain} worker process could not start ({type(error).__name__})",
+                           retryable=True) from None
+        self._last_ok = time.monotonic()
+        return executor
+
+    def _current(self) -> tuple[int, ProcessPoolExecutor]:
+        """The generation and executor to submit to, started if there is none. Called with the lock held."""
+        if self._executor is None:
+            self._executor = self._new_executor()
+        return self._generation, self._executor
 
     def _submit(self, task: tuple[str, str, list[Job], str, Pins]) -> tuple[int, Future[list[SectionResult]]]:
         for _ in range(MAX_RESTARTS + 1):
             with self._lock:
-                if self._submitted >= self._chunks_per_generation:
+                if self._executor is not None and self._submitted >= self._chunks_per_generation:
                     retiring, self._executor = self._executor, self._new_executor()
                     retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
                     self._generation += 1
                     self._submitted = 0
-                generation = self._generation
+                generation, executor = self._current()
                 try:
-                    future = self._executor.submit(_seal_chunk, task)
+                    future = executor.submit(_seal_chunk, task)
                 except BrokenProcessPool:  # a worker died since the last submission
                     pass
                 else:
@@ -235,7 +366,8 @@ class DomainPool:
 
         If a worker dies, the pool is replaced by fresh processes and the chunks not yet returned are sealed
         again (a section that was never returned was never issued, so nothing is issued twice); after
-        MAX_RESTARTS replacements within one call the error is raised (retryable HsmError)."""
+        MAX_RESTARTS replacements within one call the error is raised (retryable HsmError). A refused PIN ends
+        the call with HsmLoginFailed (FAILED_PRECONDITION: clients do not retry it)."""
         pending: deque[tuple[list[Job], tuple[int, Future[list[SectionResult]]]]] = deque()
         window = 4 * self.processes
         restarts = 0
@@ -246,6 +378,8 @@ class DomainPool:
                 _, (generation, future) = pending[0]
                 try:
                     results = future.result()
+                except HsmLoginFailed as error:
+                    raise self._refuse(error) from None
                 except BrokenProcessPool:
                     restarts += 1
                     if restarts > MAX_RESTARTS:
@@ -257,6 +391,7 @@ class DomainPool:
                         pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch, pins)))
                     continue
                 pending.popleft()
+                self._last_ok = time.monotonic()
                 return results
 
         try:
@@ -273,33 +408,94 @@ class DomainPool:
     def call(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step)."""
         with self._lock:
-            executor = self._executor
+            generation, executor = self._current()
         try:
             return executor.submit(_call, (function, args)).result()
+        except HsmLoginFailed as error:
+            raise self._refuse(error) from None
         except BrokenProcessPool:
-            self._replace_executor(self._generation)
+            self._replace_executor(generation)
             raise HsmError(f"a {self.domain} worker process ended during a ceremony step", retryable=True) from None
+
+    def probe(self, timeout: float = 30.0) -> str | None:
+        """For the health monitor: None if a worker answers with a working token session (opened again if it was
+        lost; a dead pool is replaced), else why not, in a few words (no PIN, no key). A worker busy with chunks
+        for longer than ``timeout`` counts as working if a chunk came back within that time."""
+        if self.refused is not None:
+            return "the token refused the PIN; fix it and restart the service"
+        try:
+            with self._lock:
+                generation, executor = self._current()
+            try:
+                future = executor.submit(_probe)
+            except BrokenProcessPool:
+                self._replace_executor(generation)
+                return None if self._executor is not None else "the worker processes could not be started"
+            try:
+                future.result(timeout=timeout)
+            except BrokenProcessPool:
+                self._replace_executor(generation)
+                return None if self._executor is not None else "the worker processes could not be started"
+            except TimeoutError:
+                future.cancel()
+                return None if time.monotonic() - self._last_ok < timeout else "the workers do not answer"
+        except HsmLoginFailed as error:
+            self._refuse(error)
+            return "the token refused the PIN; fix it and restart the service"
+        except KmsError as error:
+            return f"the token is unavailable ({_reason(error)})"
+        self._last_ok = time.monotonic()
+        return None
+
+    def pids(self) -> list[int]:
+        """The ids of this pool's current worker processes."""
+        with self._lock:
+            return executor_pids(self._executor) if self._executor is not None else []
 
     def recycle(self) -> None:
         """Replace the workers by fresh ones (after a key changed state: no worker keeps a stale key version)."""
         with self._lock:
+            if self._executor is None:
+                return
             retiring, self._executor = self._executor, self._new_executor()
             self._generation += 1
             self._submitted = 0
         retiring.shutdown(wait=False)
 
     def _replace_executor(self, generation: int) -> None:
-        """Replace the broken pool, once: other requests that saw the same pool break find it replaced."""
+        """Replace the broken pool, once: other requests that saw the same pool break find it replaced. If the
+        new one cannot start, there is none until the next task or probe tries again."""
         with self._lock:
             if generation != self._generation:
                 return
-            broken, self._executor = self._executor, self._new_executor()
+            broken, self._executor = self._executor, None
             self._generation += 1
             self._submitted = 0
-        broken.shutdown(wait=False, cancel_futures=True)
+            self.restarts += 1
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+            try:
+                self._executor = self._new_executor()
+            except KmsError as error:
+                log.error("the %s worker processes could not be restarted: %s", self.domain, error)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def terminate(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _reason(error: KmsError) -> str:
+    """A short reason for a health report: the error's kind, and its PKCS#11 cause if it names one."""
+    text = str(error)
+    kind = text[text.rfind("(") + 1:-1] if text.endswith(")") and "(" in text else ""
+    return kind or type(error).__name__

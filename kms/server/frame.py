@@ -14,6 +14,8 @@ import functools
 import inspect
 import logging
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -197,7 +199,9 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     with UNAVAILABLE (fail closed); a refusal that cannot be recorded is still a refusal (and is logged)."""
 
     def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
-                 certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None) -> None:
+                 certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None,
+                 draining: threading.Event | None = None) -> None:
+        self._draining = draining
         self._policy = policy
         self._audit = audit
         self._principals = principals
@@ -212,6 +216,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         principals = self._principals
         certificate_checks = self._certificate_checks
         alarms = self._alarms
+        draining = self._draining
 
         def refused(actor: str, domain: str, code: str, message: str) -> None:
             if alarms is not None:
@@ -319,7 +324,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 principal, tokens = authorize(context)
                 try:
                     try:
-                        yield from behavior(request, context)
+                        yield from _until_draining(behavior(request, context), context, draining)
                     except BaseException as error:
                         ended(principal, context, error)
                         raise
@@ -344,6 +349,46 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                                                      deserializer, handler.response_serializer)
 
 
+#: The status and message a stream ends with when the service stops (SIGTERM) after its current message.
+DRAINING = "the service is stopping; resume from the last cursor (on another replica, or once it is back)"
+
+
+def _until_draining(messages: Iterable[Any], context: grpc.ServicerContext,
+                    draining: threading.Event | None) -> Iterator[Any]:
+    """A stream's messages, until the service drains: the message in flight is finished and sent, then the stream
+    ends UNAVAILABLE (retryable; the client resumes from that message's cursor) instead of being cut mid-message
+    when the grace period runs out."""
+    iterator = iter(messages)
+    try:
+        for message in iterator:
+            yield message
+            if draining is not None and draining.is_set():
+                context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _bind_error(address: str) -> str:
+    """Why ``address`` cannot be listened on, as the OS says it (e.g. "address already in use"), or "" if it can
+    (gRPC itself reports only that binding failed)."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return "cannot resolve the address"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                return (error.strerror or str(error)).lower()
+    return ""
+
+
 def create_server(
     tls: TlsFiles,
     policy: Policy,
@@ -354,25 +399,39 @@ def create_server(
     principals: PrincipalRegistry | None = None,
     certificate_checks: Iterable[CertificateCheck] = (),
     alarms: Alarms | None = None,
+    health_servicer: health.HealthServicer | None = None,
+    draining: threading.Event | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server and its port. ``register`` adds services and returns their full
-    names (for reflection and health). With ``audit``, every call's outcome is recorded there; with ``principals``
-    every caller must be enrolled, active and pinned there; ``certificate_checks`` run first on every call; with
-    ``alarms`` refusals and stations' calling hours are watched (kms.audit.alarms)."""
+    """A started-ready (not yet started) server and its port, bound already (a port in use is a ConfigError
+    "server.listen <address>: address already in use": the port is never shared, ``grpc.so_reuseport`` is off).
+    ``register`` adds services and returns their full names (for reflection and health). With ``audit``, every
+    call's outcome is recorded there; with ``principals`` every caller must be enrolled, active and pinned there;
+    ``certificate_checks`` run first on every call; with ``alarms`` refusals and stations' calling hours are
+    watched (kms.audit.alarms). ``health_servicer``: the health statuses someone else keeps (kms.server.health);
+    without one every service says SERVING. ``draining``: once set, streams end after their current message."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms)],
+        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms, draining)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)],  # a second server on this port fails instead of sharing it
     )
     names = list(register(server))
-    health_servicer = health.HealthServicer()
+    if health_servicer is None:
+        health_servicer = health.HealthServicer()
+        for name in ("", *names):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *names):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_secure_port(address, tls.credentials())
+    if not address.endswith(":0"):
+        busy = _bind_error(address)  # asked first: gRPC's own failure also writes a line of its own to stderr
+        if busy:
+            raise errors.ConfigError(f"server.listen {address}: {busy}")
+    try:
+        port = server.add_secure_port(address, tls.credentials())
+    except RuntimeError:  # grpcio raises when it cannot bind; older versions return 0
+        port = 0
     if port == 0:
-        raise errors.ConfigError(f"cannot listen on {address}")
+        raise errors.ConfigError(f"server.listen {address}: {_bind_error(address) or 'cannot listen there'}")
     return server, port

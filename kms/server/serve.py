@@ -30,6 +30,7 @@ from kms.ceremony.operations import Context
 from kms.ceremony.rules import DEFAULT_QUORUMS, QuorumPolicy
 from kms.ceremony.store import Ceremonies
 from kms.clock import Clock, SystemClock
+from kms.config import HEALTH_LISTEN_AUTO
 from kms.errors import ConfigError
 from kms.files import restrict_umask
 from kms.issuance.batches import BatchStore
@@ -45,21 +46,36 @@ from kms.server.authz import DEFAULT_POLICY, Policy
 from kms.server.ceremony import CeremonyService
 from kms.server.ceremony import register as register_ceremonies
 from kms.server.frame import TlsFiles, create_server
+from kms.server.health import Dependency, HealthMonitor
+from kms.server.http import HealthListener
 from kms.server.issuance import Issuance, register
 from kms.store import database_display as _database
 
 log = logging.getLogger(__name__)
 
 
+#: ``Service(health_listen=...)``: take ``server.health_listen`` from the configuration.
+FROM_CONFIG = "from-config"
+
+
 class Service:
-    """A configured, started server and what it owns; ``stop()`` ends both."""
+    """A configured, started server and what it owns; ``stop()`` ends both.
+
+    Start-up fails fast, in this order, before anything is served: the configuration, policies and CRL; the gRPC
+    port (``server.listen``: in use is an error, never shared) and the health listener's; each domain's first
+    worker process and the audit signer, each logged into its token once (a wrong PIN, label or module is a
+    ConfigError or HsmLoginFailed naming the setting). Then the health monitor's first round, and the server."""
 
     def __init__(self, config_path: Path, *, listen: str | None = None, clock: Clock | None = None,
-                 processes_per_domain: int | None = None, limits: Path | None = None) -> None:
-        """``limits``: another defaults file than kms/policies/limits.yaml (tests; `kms serve` has no such option)."""
+                 processes_per_domain: int | None = None, limits: Path | None = None,
+                 health_listen: str | None = FROM_CONFIG, health_interval: float | None = None) -> None:
+        """``limits``: another defaults file than kms/policies/limits.yaml (tests; `kms serve` has no such option).
+        ``health_listen``: host:port for the HTTP health listener, None for none (default: the configuration's).
+        ``health_interval``: seconds between the health monitor's rounds (default: the configuration's)."""
         cfg = config_mod.load(config_path)
         if cfg.server is None:
             raise ConfigError(f"{cfg.path}: no 'server' section")
+        self.drain_seconds = float(cfg.server.drain_seconds)
         # Client certificates checked against the CA's CRL on every call; a CRL that cannot be used stops the start.
         crl = cfg.server.tls.crl
         revocation = [RevocationList(crl, cfg.server.tls.ca)] if crl is not None else []
@@ -71,11 +87,6 @@ class Service:
         limits_path = limits or DEFAULT_LIMITS
         quorum_path = cfg.server.quorum_policy or DEFAULT_QUORUMS
         limits_policy = LimitsPolicy.load(limits_path)
-        audit.record("service.started", detail={
-            "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
-            "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
-                         "limits": _sha256(limits_path),
-                         "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
         registry = runtime.registry(cfg, clock)  # with its own audit log on the same database
         loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
         self.pools = DomainPools(cfg.path, processes_per_domain)
@@ -89,7 +100,6 @@ class Service:
         officer_store = OfficerStore(engine, clock, audit)
         self.principals = PrincipalRegistry(engine, clock, audit)
         self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(quorum_path), officer_store, audit)
-        self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
         handoffs = TransportHandoffs(engine, registry, clock, audit)
         ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
                                    self.pools, self.principals, limits=self.quotas.store)
@@ -99,31 +109,148 @@ class Service:
         self.checkpointer: Checkpointer | None = None
         audit_services = []
         if cfg.audit is not None:
-            self.signer = AuditSigner(cfg.path)
+            self.signer = AuditSigner(cfg.path, start=False)
             self.checkpointer = Checkpointer(audit, self.signer, clock, every_records=cfg.audit.checkpoint_records,
                                              every_seconds=cfg.audit.checkpoint_seconds)
-            self.checkpointer.start()
             audit_services.append(register_audit(AuditService(audit, self.checkpointer)))
+        self.health = HealthMonitor(
+            _dependencies(engine, self.pools, self.signer), _needs(list(self.pools.pools), self.signer is not None),
+            clock, float(health_interval or cfg.server.health_check_seconds))
+        self.draining = threading.Event()
         tls = cfg.server.tls
+        address = listen or cfg.server.listen
         self.server, self.port = create_server(
             TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
                       register_ceremonies(ceremony), *audit_services),
-            address=listen or cfg.server.listen,
+            address=address,
             audit=audit,
             principals=self.principals,
             certificate_checks=revocation,
             alarms=self.alarms,
+            health_servicer=self.health.servicer,
+            draining=self.draining,
         )
+        self.http: HealthListener | None = None
+        try:
+            health_address = cfg.server.health_listen if health_listen == FROM_CONFIG else health_listen
+            if health_address == HEALTH_LISTEN_AUTO:
+                health_address = _beside(address, self.port)
+            if health_address is not None:
+                self.http = HealthListener(health_address, self.health)
+            _start_all(self.pools, self.signer)  # fail fast: each token's login, once
+        except BaseException:
+            self._abandon()
+            raise
+        self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
+        audit.record("service.started", detail={
+            "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
+            "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
+                         "limits": _sha256(limits_path),
+                         "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
+        self.health.start()
+        if self.checkpointer is not None:
+            self.checkpointer.start()
+        if self.http is not None:
+            self.http.start()
         self.server.start()
+        self._stopped = False
 
-    def stop(self, grace: float = 5.0) -> None:
-        self.server.stop(grace).wait()
+    def _abandon(self) -> None:
+        """A start that failed: release the ports, end the processes started so far."""
+        self.server.stop(None)
+        if self.http is not None:
+            self.http.stop()
+        if self.signer is not None:
+            self.signer.close()
+        self.pools.terminate()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: health says NOT_SERVING, no new call is accepted, streams end after their current
+        message (UNAVAILABLE: the station resumes from its cursor) and other calls finish within ``grace`` seconds
+        (default: ``server.drain_seconds``); then the chain's end is signed (a final checkpoint) and the worker and
+        signer processes end."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.draining.set()
+        self.health.drain()
+        self.server.stop(self.drain_seconds if grace is None else grace).wait()
+        self.health.stop()
+        if self.http is not None:
+            self.http.stop()
+        try:
+            self.audit.record("service.stopped")
+        except Exception:
+            log.exception("the service's stop could not be recorded in the audit log")
         if self.checkpointer is not None:
             self.checkpointer.stop()  # signs the chain's end
         if self.signer is not None:
             self.signer.close()
         self.pools.close()
+
+    def child_pids(self) -> list[int]:
+        """The worker and signer processes this service runs now (tests, diagnostics)."""
+        pids = [pid for pool in self.pools.pools.values() for pid in pool.pids()]
+        return pids + (self.signer.pids() if self.signer is not None else [])
+
+
+def _dependencies(engine: Any, pools: DomainPools, signer: AuditSigner | None) -> list[Dependency]:
+    def database() -> str | None:
+        try:
+            store.ping(engine)
+        except Exception as error:
+            return f"the database cannot be reached ({type(error).__name__})"
+        return None
+
+    found = [Dependency("database", database)]
+    found += [Dependency(f"hsm.{domain}", pool.probe) for domain, pool in sorted(pools.pools.items())]
+    if signer is not None:
+        found.append(Dependency("audit-signer", signer.check, signer.supervise))
+    return found
+
+
+def _needs(domains: list[str], audit: bool) -> dict[str, list[str]]:
+    """What each service needs: issuing and ceremonies need every domain's token; the audit service its signer."""
+    hsm = [f"hsm.{d}" for d in sorted(domains)]
+    needs = {
+        "kms.v1.IssuanceService": ["database", *hsm],
+        "kms.v1.BatchService": ["database", *hsm],
+        "kms.v1.CardService": ["database"],
+        "kms.v1.CeremonyService": ["database", *hsm],
+    }
+    if audit:
+        needs["kms.v1.AuditService"] = ["database", "audit-signer"]
+    return needs
+
+
+def _beside(address: str, port: int) -> str:
+    """The default health listener: loopback, the gRPC port + 1 (0 stays 0: any free port)."""
+    return f"127.0.0.1:{port + 1 if address.rpartition(':')[2] != '0' else 0}"
+
+
+def _start_all(pools: DomainPools, signer: AuditSigner | None) -> None:
+    """Each domain's first worker and the signer, started side by side; the first error (domains by name, then the
+    audit signer) is raised."""
+    starts: dict[str, Callable[[], None]] = {d: p.start for d, p in sorted(pools.pools.items())}
+    if signer is not None:
+        starts["audit"] = signer.start
+    failures: dict[str, BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            starts[name]()
+        except BaseException as error:
+            failures[name] = error
+
+    threads = [threading.Thread(target=run, args=(name,), name=f"kms-start-{name}") for name in starts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in starts:
+        if name in failures:
+            raise failures[name]
 
 
 def _sha256(path: Path) -> str:
@@ -135,13 +262,15 @@ def _services(*registrars: Callable[[Any], Iterable[str]]) -> Callable[[Any], li
     return lambda server: [name for add in registrars for name in add(server)]
 
 
-def serve(config_path: Path, *, listen: str | None = None, ready: Callable[[int], Any] = lambda port: None) -> None:
+def serve(config_path: Path, *, listen: str | None = None, health_listen: str | None = FROM_CONFIG,
+          ready: Callable[[Service], Any] = lambda service: None) -> None:
+    """Run until SIGINT or SIGTERM, then drain (``Service.stop``)."""
     restrict_umask()  # a long-running process and its workers: every file they create is private (kms.files)
-    service = Service(config_path, listen=listen)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    ready(service.port)
+    service = Service(config_path, listen=listen, health_listen=health_listen)
+    ready(service)
     stopping.wait()
-    log.info("stopping")
+    log.info("stopping: draining for up to %s s", service.drain_seconds)
     service.stop()
