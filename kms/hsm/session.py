@@ -198,7 +198,12 @@ class TokenSession:
             self._session.token.slot.get_token()
             for key in list(self._keys.values()):
                 key[Attribute.CLASS]
-            if next(iter(self._session.get_objects()), None) is None:
+            objects = self._session.get_objects()
+            try:
+                first = next(objects, None)
+            finally:
+                objects.close()  # ends the search now (C_FindObjectsFinal), not when collected
+            if first is None:
                 raise HsmError(f"token {self.token_label!r} shows no objects to this session", retryable=True)
 
     def mechanisms(self) -> frozenset[str]:

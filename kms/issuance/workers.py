@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -495,7 +496,10 @@ class DomainPool:
 
 
 def _reason(error: KmsError) -> str:
-    """A short reason for a health report: the error's kind, and its PKCS#11 cause if it names one."""
+    """A short reason for a health report: the PKCS#11 error's name if the message ends with one, else the kind of
+    failure — never a path or a label."""
     text = str(error)
-    kind = text[text.rfind("(") + 1:-1] if text.endswith(")") and "(" in text else ""
-    return kind or type(error).__name__
+    if "no token labelled" in text:
+        return "the token is not present"
+    named = re.search(r"\(([A-Za-z]+)\)\)*$", text)
+    return named[1] if named else type(error).__name__
