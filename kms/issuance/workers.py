@@ -151,7 +151,8 @@ def _reopened() -> bool:
         _init_error = error
         raise
     except KmsError as error:
-        raise HsmError(f"the {worker.domain} token is unavailable ({error})", retryable=True) from None
+        log.warning("%s worker: the token cannot be opened again yet: %s", worker.domain, error)
+        raise HsmError(f"the {worker.domain} token is unavailable ({_reason(error)})", retryable=True) from None
     log.warning("%s worker: token session opened again", worker.domain)
     return True
 
@@ -293,7 +294,7 @@ class DomainPool:
         """Start the first process and log in (if not done yet): raises the error that names the setting."""
         with self._lock:
             if self._executor is None:
-                self._executor = self._new_executor()
+                self._executor = self._new_executor(detailed=True)
 
     def _refusal(self) -> HsmLoginFailed:
         return HsmLoginFailed(f"the {self.domain} domain's token refused the service's PIN; an operator must fix "
@@ -311,9 +312,10 @@ class DomainPool:
             executor.shutdown(wait=False, cancel_futures=True)
         return self._refusal()
 
-    def _new_executor(self) -> ProcessPoolExecutor:
+    def _new_executor(self, detailed: bool = False) -> ProcessPoolExecutor:
         """A new pool whose first process has opened the token (one login); others start as chunks come. Called
-        with the lock held."""
+        with the lock held. ``detailed``: a failure is raised as the worker gave it, naming the setting (start-up,
+        for the operator); otherwise it is logged and callers (clients) hear only what kind of failure."""
         if self.refused is not None:
             raise self._refusal()
         if self._closed:
@@ -329,9 +331,11 @@ class DomainPool:
             raise error from None
         except BaseException as error:
             executor.shutdown(wait=False, cancel_futures=True)
+            if isinstance(error, KmsError) and (detailed or error.retryable):
+                raise  # for the operator; or the worker's own "could not start (<kind>)", already retryable
             if isinstance(error, KmsError):
-                raise
-            raise HsmError(f"the {self.domain} worker process could not start ({type(error).__name__})",
+                log.error("a %s worker process could not start: %s", self.domain, error)
+            raise HsmError(f"the {self.domain} HSM worker could not start ({type(error).__name__})",
                            retryable=True) from None
         self._last_ok = time.monotonic()
         return executor
@@ -501,5 +505,5 @@ def _reason(error: KmsError) -> str:
     text = str(error)
     if "no token labelled" in text:
         return "the token is not present"
-    named = re.search(r"\(([A-Za-z]+)\)\)*$", text)
+    named = re.search(r"\(([^()]*)\)\)*$", text)
     return named[1] if named else type(error).__name__
