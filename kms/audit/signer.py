@@ -24,7 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kms import config as config_mod
-from kms import runtime
+from kms import logs, runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditChainBroken, ConfigError
@@ -38,6 +38,7 @@ _session: TokenSession | None = None
 
 def _open(config_path: str) -> None:
     global _session
+    logs.configure_from_env()  # this process's log lines look like the service's (kms.logs)
     cfg = config_mod.load(Path(config_path))
     if cfg.audit is None:
         raise ConfigError(f"{cfg.path}: no 'audit' section")

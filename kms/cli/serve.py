@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from kms import config as config_mod
+from kms import logs
 from kms.hsm.labels import SELFTEST_TOKEN
 
 
@@ -17,6 +20,10 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the issuance service (gRPC over mutual TLS) until interrupted")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--listen", help="host:port (default: server.listen in the config; port 0 picks one)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get(logs.ENV_FORMAT, "text"),
+                   help="log lines on stderr: text, or one JSON object per line (default: $KMS_LOG_FORMAT or text)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default=os.environ.get(logs.ENV_LEVEL),
+                   help="least level logged (default: $KMS_LOG_LEVEL, or info; debug with -v)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
@@ -31,7 +38,11 @@ def add_parser(sub: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from kms.server.serve import serve
 
+    # The service's log: timestamps and levels on stderr, text or JSON (kms.logs); stdout keeps the line below.
+    logs.configure(args.log_level or ("debug" if args.verbose else "info"), args.log_format)
+
     def ready(port: int) -> None:
+        logging.getLogger("kms.server.serve").info("serving on port %d", port)
         print(f"kms: serving on port {port}", flush=True)
 
     serve(args.config, listen=args.listen, ready=ready)

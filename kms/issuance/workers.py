@@ -8,6 +8,7 @@ number of keys (``recycle_after_keys``) by ending its process.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kms import config, runtime
+from kms import config, logs, metrics, runtime
 from kms.cards import profiles
 from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
@@ -56,6 +57,7 @@ class SectionResult:
     error: KmsError | None = None
     worker: int = 0  # the worker's process id, for diagnostics
     seconds: float = 0.0  # worker time per card over its chunk (HSM and encoding)
+    hsm_calls: tuple[metrics.HsmCall, ...] = ()  # the worker's timed HSM calls since its last results (kms.metrics)
 
 
 @dataclass
@@ -87,6 +89,8 @@ def _init(config_path: str, domain: str) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
     A failure is kept and reported with the first task, so the caller learns why (not just that a process died)."""
     global _init_error, _init_args
+    if _init_args is None:
+        logs.configure_from_env()  # this process's log lines look like the service's (kms.logs)
     _init_args = (config_path, domain)
     try:
         _open(config_path, domain)
@@ -132,11 +136,14 @@ def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Section
                                     if not isinstance(card, KmsError)], batch=batch))
     sections = [card if isinstance(card, KmsError) else next(sealed) for card in opened]
     per_card = (time.perf_counter() - started) / max(1, len(jobs))
-    return [
+    results = [
         SectionResult(job.card.card_ref, job.serial, None, section, pid, per_card) if isinstance(section, KmsError)
         else SectionResult(job.card.card_ref, job.serial, section, None, pid, per_card)
         for job, section in zip(jobs, sections, strict=True)
     ]
+    if results:  # the HSM timings travel with the chunk's first result; the parent observes them
+        results[0] = dataclasses.replace(results[0], hsm_calls=metrics.take_hsm_calls())
+    return results
 
 
 _pan_labels: dict[int, str] = {}  # the bank's PAN data key label per version, looked up once per process
@@ -163,9 +170,9 @@ WORKER_STEPS = frozenset({
 })
 
 
-def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
+def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> tuple[T, tuple[metrics.HsmCall, ...]]:
     """A ceremony step (kms.ceremony.keyops) in this domain's worker, with its session and registry: only
-    WORKER_STEPS."""
+    WORKER_STEPS. Its result, with the HSM calls timed since the last results (kms.metrics)."""
     function, args = task
     name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
     if name not in WORKER_STEPS:
@@ -175,7 +182,7 @@ def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
     if _init_error is not None:
         raise _init_error
     assert _worker is not None, "worker not initialized"
-    return function(_worker, *args)
+    return function(_worker, *args), metrics.take_hsm_calls()
 
 
 def _max_keys_per_card(cfg: config.Config, domain: str) -> int:
@@ -214,6 +221,7 @@ class DomainPool:
         for _ in range(MAX_RESTARTS + 1):
             with self._lock:
                 if self._submitted >= self._chunks_per_generation:
+                    metrics.WORKER_RESTARTS.labels(self.domain, "recycled").inc()
                     retiring, self._executor = self._executor, self._new_executor()
                     retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
                     self._generation += 1
@@ -251,12 +259,13 @@ class DomainPool:
                     if restarts > MAX_RESTARTS:
                         raise HsmError(f"{self.domain} worker processes keep ending unexpectedly; the cards not "
                                        "yet returned were not issued", retryable=True) from None
-                    log.warning("a %s worker process ended unexpectedly; restarting the pool", self.domain)
                     self._replace_executor(generation)
                     for i, (retry_chunk, _) in enumerate(list(pending)):
                         pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch, pins)))
                     continue
                 pending.popleft()
+                for result in results:
+                    metrics.observe_hsm_calls(self.domain, result.hsm_calls)
                 return results
 
         try:
@@ -275,10 +284,12 @@ class DomainPool:
         with self._lock:
             executor = self._executor
         try:
-            return executor.submit(_call, (function, args)).result()
+            result, calls = executor.submit(_call, (function, args)).result()
         except BrokenProcessPool:
             self._replace_executor(self._generation)
             raise HsmError(f"a {self.domain} worker process ended during a ceremony step", retryable=True) from None
+        metrics.observe_hsm_calls(self.domain, calls)
+        return result
 
     def recycle(self) -> None:
         """Replace the workers by fresh ones (after a key changed state: no worker keeps a stale key version)."""
@@ -286,6 +297,7 @@ class DomainPool:
             retiring, self._executor = self._executor, self._new_executor()
             self._generation += 1
             self._submitted = 0
+        metrics.WORKER_RESTARTS.labels(self.domain, "key-change").inc()
         retiring.shutdown(wait=False)
 
     def _replace_executor(self, generation: int) -> None:
@@ -296,6 +308,8 @@ class DomainPool:
             broken, self._executor = self._executor, self._new_executor()
             self._generation += 1
             self._submitted = 0
+        metrics.WORKER_RESTARTS.labels(self.domain, "died").inc()
+        log.warning("a %s worker process ended unexpectedly; its pool was replaced", self.domain)  # once
         broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:

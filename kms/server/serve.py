@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kms import config as config_mod
-from kms import runtime, store
+from kms import metrics, runtime, store
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog
 from kms.audit.signer import AuditSigner, Checkpointer
@@ -116,8 +116,11 @@ class Service:
             alarms=self.alarms,
         )
         self.server.start()
+        # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
+        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts)
 
     def stop(self, grace: float = 5.0) -> None:
+        self.metrics.close()
         self.server.stop(grace).wait()
         if self.checkpointer is not None:
             self.checkpointer.stop()  # signs the chain's end
