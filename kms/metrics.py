@@ -91,6 +91,27 @@ def take_hsm_calls() -> tuple[HsmCall, ...]:
             return tuple(taken)
 
 
+_CARRIED = "kms_hsm_calls"  # the attribute an exception raised in a worker carries its timings in (pickled along)
+
+
+def sends_hsm_calls_on_error(function: F) -> F:
+    """Decorator of a worker's task: an exception it raises carries the HSM calls timed so far (a failed login
+    among them) back to the serving process, which observes them with ``observe_hsm_calls_of``."""
+    @functools.wraps(function)
+    def task(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            setattr(error, _CARRIED, take_hsm_calls())
+            raise
+    return cast(F, task)
+
+
+def observe_hsm_calls_of(domain: str, error: BaseException) -> None:
+    """In the serving process: the HSM calls a failed worker task carried (``sends_hsm_calls_on_error``)."""
+    observe_hsm_calls(domain, getattr(error, _CARRIED, ()))
+
+
 def observe_hsm_calls(domain: str, calls: tuple[HsmCall, ...]) -> None:
     """In the serving process: the HSM calls a ``domain`` worker timed."""
     for verb, seconds, error in calls:

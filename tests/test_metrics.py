@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import yaml
 from helpers import PROFILE, card, client, officer, open_batch, service_client
 from prometheus_client import REGISTRY, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kms import metrics
 from kms.client.ceremony import CeremonyClient
 from kms.dev.home import Home
-from kms.errors import PermissionDenied
+from kms.errors import KmsError, PermissionDenied
 from kms.server.serve import Service
 from kms.v1 import issuance_pb2 as pb
 
@@ -193,3 +194,26 @@ def test_the_exposition_is_served_over_http_and_holds_no_card_data(home: Home, s
     assert "urn:kms:" not in text  # no caller's name in any label
     for i in range(40):
         assert card(710_000 + i).pan not in text
+
+
+def test_a_failed_login_in_a_worker_is_counted_as_an_hsm_error(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = yaml.safe_load(home.config.read_text())
+    doc["domains"]["bank"]["pin"] = "env:KMS_TEST_WRONG_PIN"
+    wrong = home.path / f"kms-wrong-pin-{secrets.token_hex(3)}.yaml"
+    wrong.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("KMS_TEST_WRONG_PIN", secrets.token_hex(12))
+    before = scrape()
+    try:
+        service = Service(wrong, listen="127.0.0.1:0")
+        try:
+            with client(home, service.port, ALICE) as alice, pytest.raises(KmsError):
+                alice.create_batch(f"P-{secrets.token_hex(3)}", "bureau-a", PROFILE.name, [card(780_000)])
+        finally:
+            service.stop(grace=0)
+    finally:
+        wrong.unlink()
+    after = scrape()
+    # The bank worker's login was refused in its process; the timing came back with the task's error.
+    assert moved(before, after, "kms_hsm_errors_total", domain="bank", verb="login", error="HsmLoginFailed") >= 1
+    assert moved(before, after, "kms_hsm_call_seconds_count", domain="bank", verb="login") >= 1
+    assert moved(before, after, "kms_refusals_total", method=CREATE, code="UNAVAILABLE", stage="handler") == 1

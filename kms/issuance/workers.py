@@ -113,6 +113,7 @@ def _open(config_path: str, domain: str) -> None:
     gc.freeze()
 
 
+@metrics.sends_hsm_calls_on_error
 def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
     bureau, profile, jobs, batch, pins = args
     if _init_error is not None and _init_args is not None:
@@ -170,6 +171,7 @@ WORKER_STEPS = frozenset({
 })
 
 
+@metrics.sends_hsm_calls_on_error
 def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> tuple[T, tuple[metrics.HsmCall, ...]]:
     """A ceremony step (kms.ceremony.keyops) in this domain's worker, with its session and registry: only
     WORKER_STEPS. Its result, with the HSM calls timed since the last results (kms.metrics)."""
@@ -254,7 +256,10 @@ class DomainPool:
                 _, (generation, future) = pending[0]
                 try:
                     results = future.result()
-                except BrokenProcessPool:
+                except Exception as error:
+                    metrics.observe_hsm_calls_of(self.domain, error)  # e.g. a failed login
+                    if not isinstance(error, BrokenProcessPool):
+                        raise
                     restarts += 1
                     if restarts > MAX_RESTARTS:
                         raise HsmError(f"{self.domain} worker processes keep ending unexpectedly; the cards not "
@@ -288,6 +293,9 @@ class DomainPool:
         except BrokenProcessPool:
             self._replace_executor(self._generation)
             raise HsmError(f"a {self.domain} worker process ended during a ceremony step", retryable=True) from None
+        except Exception as error:
+            metrics.observe_hsm_calls_of(self.domain, error)  # e.g. a failed login
+            raise
         metrics.observe_hsm_calls(self.domain, calls)
         return result
 

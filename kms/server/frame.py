@@ -167,6 +167,8 @@ def _outcome_level(code: str, error: str) -> int:
     if error.startswith("Hsm") or error == "MechanismUnavailable" or code == "UNAVAILABLE":
         return logging.WARNING  # an HSM failure, or a fault the caller may retry through
     return logging.INFO if code in _CALLER_CODES else logging.ERROR
+
+
 _UNPARSED = object()  # what a request that cannot be parsed deserializes to
 
 
