@@ -9,6 +9,9 @@ that wraps them.
 PKCS#11 errors become kms errors (kms.hsm.errors, retryable or not) with readable messages; nothing from the
 token's memory ever reaches a message.
 
+Each verb that calls the token is timed (``kms.metrics.hsm_call``: the ``kms_hsm_call_seconds`` histogram, observed
+by the serving process from the timings its workers send back).
+
 Concurrency: python-pkcs11 initializes Cryptoki without locking, so a ``Module`` and its sessions belong to one
 thread. kms scales with processes, one token session per process.
 """
