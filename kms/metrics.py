@@ -113,9 +113,14 @@ def observe_hsm_calls_of(domain: str, error: BaseException) -> None:
 
 
 def observe_hsm_calls(domain: str, calls: tuple[HsmCall, ...]) -> None:
-    """In the serving process: the HSM calls a ``domain`` worker timed."""
+    """In the serving process: the HSM calls a ``domain`` worker timed (hundreds per chunk: each label set is
+    looked up once)."""
+    children: dict[str, Any] = {}
     for verb, seconds, error in calls:
-        HSM_CALL_SECONDS.labels(domain, verb).observe(seconds)
+        child = children.get(verb)
+        if child is None:
+            child = children[verb] = HSM_CALL_SECONDS.labels(domain, verb)
+        child.observe(seconds)
         if error:
             HSM_ERRORS.labels(domain, verb, error).inc()
 
