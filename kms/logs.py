@@ -11,7 +11,7 @@ their lines look the same. Logs go to stderr; stdout keeps what scripts read (``
 
 The request context is a contextvar: ``bind`` for the span of a call (kms.server.frame's interceptor), ``note`` to
 add to it (an error's class, once known). Nothing here decides what may be logged: callers never log PINs, keys,
-components or clear PANs (tests/test_logs.py runs a canary over every line of a full flow).
+components or clear PANs (tests/server/test_logging.py runs a canary over every line of a full flow).
 """
 
 from __future__ import annotations
