@@ -25,12 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from kms import metrics
 from kms.canonical import canonical
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditUnavailable, KmsError
@@ -156,6 +158,7 @@ class AuditLog:
         transaction, with one lock of the head and one multi-row insert: what a stream message's cards use."""
         if not entries:
             return []
+        started = time.perf_counter()
         try:
             last, prev = _advance(conn, len(entries))
             at = rfc3339(self._clock.now())
@@ -174,6 +177,7 @@ class AuditLog:
             raise
         except (sa.exc.SQLAlchemyError, TypeError, ValueError, KeyError):
             raise AuditUnavailable() from None
+        metrics.audit_appended(len(rows), time.perf_counter() - started)  # kms_audit_append_seconds
         return [r["seq"] for r in rows]
 
     def record(self, kind: str, **fields: Any) -> int:
@@ -205,6 +209,14 @@ class AuditLog:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
         return (0, GENESIS.hex()) if row is None else (int(row.seq), str(row.hash))
+
+    def coverage(self) -> tuple[int, int]:
+        """(records in the chain, records the newest checkpoint covers), in one transaction: the checkpoint lag
+        (kms.metrics)."""
+        with self._engine.connect() as conn:
+            size = conn.execute(sa.select(audit_head.c.seq).where(audit_head.c.id == 1)).scalar()
+            covered = conn.execute(sa.select(sa.func.max(audit_checkpoints.c.size))).scalar()
+        return int(size or 0), int(covered or 0)
 
     def last_checkpoint(self) -> Checkpoint | None:
         with self._engine.connect() as conn:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kms import config as config_mod
-from kms import runtime
+from kms import logs, runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, KmsError, Unavailable
@@ -49,6 +49,7 @@ def _open(config_path: str) -> None:
     global _config_path, _init_error
     if _config_path is None:
         end_with_parent()  # logged into the audit token: this process must not outlive the service
+        logs.configure_from_env()  # this process's log lines look like the service's (kms.logs)
     _config_path = config_path
     try:
         _session_open()

@@ -357,6 +357,13 @@ class Ceremonies(Repository):
             ).order_by(ceremony_components.c.at, ceremony_components.c.custodian)).all()
         return self._record(row._mapping, approvals, components)
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """{(domain, state): ceremonies} as stored (kms.metrics, when scraped; one indexed query)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(ceremonies.c.domain, ceremonies.c.state, sa.func.count())
+                                .group_by(ceremonies.c.domain, ceremonies.c.state)).all()
+        return {(str(domain), str(state)): int(count) for domain, state, count in rows}
+
     def list(self, domain: str, states: Sequence[CeremonyState] = ()) -> list[CeremonyRecord]:
         with self._engine.connect() as conn:
             ids = conn.execute(sa.select(ceremonies.c.ceremony_id).where(ceremonies.c.domain == domain)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from kms import config as config_mod
+from kms import logs
 from kms.hsm.labels import SELFTEST_TOKEN
 
 
@@ -20,6 +23,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--health-listen", metavar="HOST:PORT|off",
                    help="the HTTP listener for /healthz, /readyz and /metrics (default: server.health_listen in the "
                         "config, else loopback on the gRPC port + 1)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get(logs.ENV_FORMAT, "text"),
+                   help="log lines on stderr: text, or one JSON object per line (default: $KMS_LOG_FORMAT or text)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default=os.environ.get(logs.ENV_LEVEL),
+                   help="least level logged (default: $KMS_LOG_LEVEL, or info; debug with -v)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
@@ -34,9 +41,13 @@ def add_parser(sub: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from kms.server.serve import FROM_CONFIG, Service, serve
 
+    # The service's log: timestamps and levels on stderr, text or JSON (kms.logs); stdout keeps the line below.
+    logs.configure(args.log_level or ("debug" if args.verbose else "info"), args.log_format)
+
     def ready(service: Service) -> None:
         if service.http is not None:
             print(f"kms: health on {service.http.url}/readyz", file=sys.stderr, flush=True)
+        logging.getLogger("kms.server.serve").info("serving on port %d", service.port)
         print(f"kms: serving on port {service.port}", flush=True)
 
     health = FROM_CONFIG if args.health_listen is None else (None if args.health_listen == "off"

@@ -9,6 +9,9 @@ that wraps them.
 PKCS#11 errors become kms errors (kms.hsm.errors, retryable or not) with readable messages; nothing from the
 token's memory ever reaches a message.
 
+Each verb that calls the token is timed (``kms.metrics.hsm_call``: the ``kms_hsm_call_seconds`` histogram, observed
+by the serving process from the timings its workers send back).
+
 Concurrency: python-pkcs11 initializes Cryptoki without locking, so a ``Module`` and its sessions belong to one
 thread. kms scales with processes, one token session per process.
 """
@@ -48,6 +51,7 @@ from kms.hsm.templates import (
     secret_key_template,
 )
 from kms.hsm.types import Algorithm, DeriveStep, wipe
+from kms.metrics import hsm_call
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
 
@@ -113,6 +117,7 @@ class Module:
         with _hsm("list tokens"):
             return [slot.get_token().label for slot in self._lib.get_slots(token_present=True)]
 
+    @hsm_call("login")
     def open(self, token_label: str, pin: str) -> TokenSession:
         """A read-write session on the token with this label, logged in as the user."""
         with _hsm(f"open token {token_label!r}"):
@@ -278,6 +283,7 @@ class TokenSession:
                 infos.append(_describe(obj))
         return infos
 
+    @hsm_call("destroy")
     def destroy(self, label: str, object_class: str = "secret") -> None:
         cls = {"secret": ObjectClass.SECRET_KEY, "private": ObjectClass.PRIVATE_KEY,
                "public": ObjectClass.PUBLIC_KEY}[object_class]
@@ -297,6 +303,7 @@ class TokenSession:
         """Generate a wrap-only AES-256 transport key in the token; returns its KCV."""
         return self._generate(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, Algorithm.AES256)
 
+    @hsm_call("generate")
     def _generate(self, label: str, role: Role, algorithm: Algorithm) -> bytes:
         self._refuse_duplicate(label)
         key_type = self._key_type(algorithm)
@@ -325,6 +332,7 @@ class TokenSession:
 
     # -- custody: components in and out of the token during ceremonies -----------------------------------------
 
+    @hsm_call("generate")
     def generate_custody_keypair(self, label: str) -> bytes:
         """The domain's custody key: an RSA-3072 private key that may only decrypt (never extractable), for
         components sent in encrypted to it and for escrow exports wrapped under its trusted public half (which
@@ -345,6 +353,7 @@ class TokenSession:
             finally:
                 public.destroy()
 
+    @hsm_call("custody-decrypt")
     def custody_decrypt(self, label: str, ciphertext: bytes, field: str = "ciphertext") -> bytearray:
         """Decrypt a component sent in to the custody key (RSA-OAEP). The caller wipes the result (a ceremony's
         documented exception: components are joined outside the token, SoftHSM has no in-token XOR). A ciphertext
@@ -360,6 +369,7 @@ class TokenSession:
         except p11e.PKCS11Error as error:
             raise _translate(error, f"decrypt a component with {label!r}") from None
 
+    @hsm_call("escrow-export")
     def escrow_export(self, key_label: str, custody_label: str) -> bytearray:
         """An escrowable key's value, for splitting into components: wrapped by the token under the trusted custody
         public key (refused for any key not created escrowable, and under any key the SO did not trust), then
@@ -371,6 +381,7 @@ class TokenSession:
             wrapped = trusted.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1)
             return bytearray(private.decrypt(wrapped, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1))
 
+    @hsm_call("import")
     def _import(self, label: str, role: Role, algorithm: Algorithm, value: bytearray, token: bool) -> bytes:
         try:
             if len(value) != algorithm.length:
@@ -387,6 +398,7 @@ class TokenSession:
 
     # -- the hot path ------------------------------------------------------------------------------------------
 
+    @hsm_call("derive-wrap")
     def derive_wrap(
         self,
         master_label: str,
@@ -432,6 +444,7 @@ class TokenSession:
 
     # -- signing -----------------------------------------------------------------------------------------------
 
+    @hsm_call("generate")
     def generate_signing_key(self, label: str) -> bytes:
         """An ECDSA P-256 key pair as token objects; returns the public key as SubjectPublicKeyInfo DER."""
         self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
@@ -466,6 +479,7 @@ class TokenSession:
             )
         return numbers.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
+    @hsm_call("sign")
     def sign_sha256(self, label: str, message: bytes) -> bytes:
         """ECDSA P-256 over SHA-256(message); the hash is computed here (SoftHSM lacks CKM_ECDSA_SHA256).
         Returns the raw signature r ‖ s (64 bytes)."""
@@ -480,6 +494,7 @@ class TokenSession:
         """An AES-256 key that encrypts and decrypts data (AES-GCM) in the token, never extractable; its KCV."""
         return self._generate(label, Role.DATA, Algorithm.AES256)
 
+    @hsm_call("generate")
     def generate_index_key(self, label: str) -> bytes:
         """A 256-bit generic secret for HMAC-SHA256 look-up indexes, never extractable; the KCV of its first use
         (HMAC of the empty string, 3 bytes), since generic secrets have no CKA_CHECK_VALUE."""
@@ -489,6 +504,7 @@ class TokenSession:
                                        template=secret_key_template(Role.INDEX, token=True, label=label))
         return self.hmac_sha256(label, b"")[:3]
 
+    @hsm_call("encrypt")
     def encrypt_data(self, label: str, plaintext: bytes, aad: bytes) -> bytes:
         """AES-GCM under a data key: a fresh 12-byte IV ‖ ciphertext ‖ 16-byte tag, bound to ``aad``."""
         key = self._key(label)
@@ -497,6 +513,7 @@ class TokenSession:
             return iv + bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
                                           mechanism_param=GCMParams(iv, aad, 128)))
 
+    @hsm_call("decrypt")
     def decrypt_data(self, label: str, sealed: bytes, aad: bytes, field: str = "data") -> bytes:
         """The plaintext of ``encrypt_data``; InvalidArgument naming ``field`` if it was altered, bound to other
         ``aad`` or made with another key (the token refuses the tag)."""
@@ -511,6 +528,7 @@ class TokenSession:
         except p11e.PKCS11Error as error:
             raise _translate(error, f"decrypt with {label!r}") from None
 
+    @hsm_call("hmac")
     def hmac_sha256(self, label: str, message: bytes) -> bytes:
         key = self._key(label)
         with _hsm(f"HMAC with {label!r}"):
@@ -518,6 +536,7 @@ class TokenSession:
 
     # -- transport keys ----------------------------------------------------------------------------------------
 
+    @hsm_call("generate")
     def generate_unwrap_keypair(self, label: str) -> bytes:
         """At a station: an RSA-2048 key pair whose private half may only unwrap. Returns the public SPKI DER."""
         self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
@@ -537,6 +556,7 @@ class TokenSession:
             )
         return self.public_key(label)
 
+    @hsm_call("transport-key-out")
     def generate_transport_key_for(self, label: str, recipient_spki: bytes) -> tuple[bytes, bytes]:
         """In an issuing domain's token: generate a bureau's AES-256 transport key (wrap only) and hand it to the
         bureau wrapped under the station's RSA public key with OAEP. The key is wrappable for exactly that one
@@ -574,6 +594,7 @@ class TokenSession:
             finally:
                 _destroy_all(made)
 
+    @hsm_call("transport-key-in")
     def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str) -> bytes:
         """At a station: unwrap a transport key sent under our RSA key into a token object that may only unwrap.
         Returns its KCV (first 3 bytes of AES_K(0^16), the method of the issuing token's CKA_CHECK_VALUE), for the
@@ -606,6 +627,7 @@ class TokenSession:
 
     # -- station -----------------------------------------------------------------------------------------------
 
+    @hsm_call("unwrap")
     def unwrap_card_keys(
         self,
         transport_label: str,

@@ -8,6 +8,7 @@ number of keys (``recycle_after_keys``) by ending its process.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kms import config, runtime
+from kms import config, logs, metrics, runtime
 from kms.cards import profiles
 from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
@@ -58,6 +59,7 @@ class SectionResult:
     error: KmsError | None = None
     worker: int = 0  # the worker's process id, for diagnostics
     seconds: float = 0.0  # worker time per card over its chunk (HSM and encoding)
+    hsm_calls: tuple[metrics.HsmCall, ...] = ()  # the worker's timed HSM calls since its last results (kms.metrics)
 
 
 @dataclass
@@ -92,6 +94,7 @@ def _init(config_path: str, domain: str) -> None:
     global _init_error, _init_args
     if _init_args is None:
         end_with_parent()  # logged into a token: this process must not outlive the service
+        logs.configure_from_env()  # this process's log lines look like the service's (kms.logs)
     _init_args = (config_path, domain)
     try:
         _open(config_path, domain)
@@ -165,6 +168,7 @@ def _probe() -> int:
     return os.getpid()
 
 
+@metrics.sends_hsm_calls_on_error
 def _seal_chunk(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[SectionResult]:
     """Seal a chunk; if it fails because the token session was lost (checked by ``_reopened``), the session is
     opened again and the chunk sealed once more (nothing of a chunk is issued before it returns)."""
@@ -201,11 +205,14 @@ def _seal_chunk_once(args: tuple[str, str, Sequence[Job], str, Pins]) -> list[Se
                                     if not isinstance(card, KmsError)], batch=batch))
     sections = [card if isinstance(card, KmsError) else next(sealed) for card in opened]
     per_card = (time.perf_counter() - started) / max(1, len(jobs))
-    return [
+    results = [
         SectionResult(job.card.card_ref, job.serial, None, section, pid, per_card) if isinstance(section, KmsError)
         else SectionResult(job.card.card_ref, job.serial, section, None, pid, per_card)
         for job, section in zip(jobs, sections, strict=True)
     ]
+    if results:  # the HSM timings travel with the chunk's first result; the parent observes them
+        results[0] = dataclasses.replace(results[0], hsm_calls=metrics.take_hsm_calls())
+    return results
 
 
 _pan_labels: dict[int, str] = {}  # the bank's PAN data key label per version, looked up once per process
@@ -232,16 +239,17 @@ WORKER_STEPS = frozenset({
 })
 
 
-def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> T:
+@metrics.sends_hsm_calls_on_error
+def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> tuple[T, tuple[metrics.HsmCall, ...]]:
     """A ceremony step (kms.ceremony.keyops) in this domain's worker, with its session and registry: only
-    WORKER_STEPS."""
+    WORKER_STEPS. Its result, with the HSM calls timed since the last results (kms.metrics)."""
     function, args = task
     name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', '')}"
     if name not in WORKER_STEPS:
         raise InvalidState(f"{name} is not a step a {_init_args[1] if _init_args else ''} worker runs")
     worker = _ready()
     try:
-        return function(worker, *args)
+        return function(worker, *args), metrics.take_hsm_calls()
     except HsmLoginFailed:
         raise
     except KmsError:
@@ -350,6 +358,7 @@ class DomainPool:
         for _ in range(MAX_RESTARTS + 1):
             with self._lock:
                 if self._executor is not None and self._submitted >= self._chunks_per_generation:
+                    metrics.WORKER_RESTARTS.labels(self.domain, "recycled").inc()
                     retiring, self._executor = self._executor, self._new_executor()
                     retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
                     self._generation += 1
@@ -384,19 +393,24 @@ class DomainPool:
                 try:
                     results = future.result()
                 except HsmLoginFailed as error:
+                    metrics.observe_hsm_calls_of(self.domain, error)  # the failed login
                     raise self._refuse(error) from None
-                except BrokenProcessPool:
+                except Exception as error:
+                    metrics.observe_hsm_calls_of(self.domain, error)
+                    if not isinstance(error, BrokenProcessPool):
+                        raise
                     restarts += 1
                     if restarts > MAX_RESTARTS:
                         raise HsmError(f"{self.domain} worker processes keep ending unexpectedly; the cards not "
                                        "yet returned were not issued", retryable=True) from None
-                    log.warning("a %s worker process ended unexpectedly; restarting the pool", self.domain)
                     self._replace_executor(generation)
                     for i, (retry_chunk, _) in enumerate(list(pending)):
                         pending[i] = (retry_chunk, self._submit((bureau, profile, retry_chunk, batch, pins)))
                     continue
                 pending.popleft()
                 self._last_ok = time.monotonic()
+                for result in results:
+                    metrics.observe_hsm_calls(self.domain, result.hsm_calls)
                 return results
 
         try:
@@ -415,12 +429,18 @@ class DomainPool:
         with self._lock:
             generation, executor = self._current()
         try:
-            return executor.submit(_call, (function, args)).result()
+            result, calls = executor.submit(_call, (function, args)).result()
         except HsmLoginFailed as error:
+            metrics.observe_hsm_calls_of(self.domain, error)  # the failed login
             raise self._refuse(error) from None
         except BrokenProcessPool:
             self._replace_executor(generation)
             raise HsmError(f"a {self.domain} worker process ended during a ceremony step", retryable=True) from None
+        except Exception as error:
+            metrics.observe_hsm_calls_of(self.domain, error)  # e.g. a failed login
+            raise
+        metrics.observe_hsm_calls(self.domain, calls)
+        return result
 
     def probe(self, timeout: float = 30.0) -> str | None:
         """For the health monitor: None if a worker answers with a working token session (opened again if it was
@@ -465,6 +485,7 @@ class DomainPool:
             retiring, self._executor = self._executor, self._new_executor()
             self._generation += 1
             self._submitted = 0
+        metrics.WORKER_RESTARTS.labels(self.domain, "key-change").inc()
         retiring.shutdown(wait=False)
 
     def _replace_executor(self, generation: int) -> None:
@@ -483,6 +504,8 @@ class DomainPool:
                 self._executor = self._new_executor()
             except KmsError as error:
                 log.error("the %s worker processes could not be restarted: %s", self.domain, error)
+        metrics.WORKER_RESTARTS.labels(self.domain, "died").inc()
+        log.warning("a %s worker process ended unexpectedly; its pool was replaced", self.domain)  # once
 
     def close(self) -> None:
         with self._lock:

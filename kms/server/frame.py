@@ -14,8 +14,10 @@ import functools
 import inspect
 import logging
 import re
+import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kms import errors
+from kms import errors, logs, metrics
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog, mask_pan
 from kms.identity import Principal, from_certificate
@@ -76,10 +78,15 @@ def status_code(error: BaseException) -> grpc.StatusCode:
 
 
 def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
-    """End the call with the error's status. Unexpected errors say only 'see the server log'."""
+    """End the call with the error's status. Unexpected errors say only 'see the server log'. The error's class (and
+    an unexpected error's traceback) go to the request's log context: the interceptor logs the outcome once."""
+    logs.note(error=type(error).__name__)
     if isinstance(error, errors.KmsError):
         context.abort(status_code(error), str(error))
-    log.exception("unexpected error")
+    if logs.context():
+        logs.note(_exc=error)
+    else:  # no interceptor around this call (unit tests of a servicer): the traceback is logged here
+        log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
     raise AssertionError("unreachable: grpc's context.abort raises")
 
@@ -151,6 +158,19 @@ def scrub(message: str) -> str:
 
 
 MALFORMED = "request: cannot be parsed"
+REQUEST_ID = "x-request-id"  # trailing metadata: the id the server's log lines of the call carry
+#: Status codes that say the caller was refused (logged at INFO); UNAVAILABLE is logged at WARNING, the rest at ERROR.
+_CALLER_CODES = frozenset({"INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND", "ALREADY_EXISTS",
+                           "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED",
+                           "OUT_OF_RANGE", "ABORTED"})
+
+
+def _outcome_level(code: str, error: str) -> int:
+    if error.startswith("Hsm") or error == "MechanismUnavailable" or code == "UNAVAILABLE":
+        return logging.WARNING  # an HSM failure, or a fault the caller may retry through
+    return logging.INFO if code in _CALLER_CODES else logging.ERROR
+
+
 _UNPARSED = object()  # what a request that cannot be parsed deserializes to
 
 
@@ -196,7 +216,11 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     caller or "unauthenticated", gRPC status name, the error message) for a refusal by policy or a handler that ends
     with any status but OK (``request.malformed`` for a request that cannot be parsed), ``request.ok`` (method,
     caller) for a call that ends OK (a stream: when it ends). An OK outcome that cannot be recorded fails the call
-    with UNAVAILABLE (fail closed); a refusal that cannot be recorded is still a refusal (and is logged)."""
+    with UNAVAILABLE (fail closed); a refusal that cannot be recorded is still a refusal (and is logged).
+
+    Every call gets a request id (trailing metadata ``x-request-id``), which every log line of the call carries with
+    the caller and the method (kms.logs); every outcome but OK is logged once, and counted (kms.metrics:
+    kms_requests_total, kms_refusals_total, kms_streams_open)."""
 
     def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
                  certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None,
@@ -217,8 +241,23 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         certificate_checks = self._certificate_checks
         alarms = self._alarms
         draining = self._draining
+        label = method if handler is not None else metrics.UNKNOWN_METHOD  # no caller-chosen label values
+        streaming = handler is None or bool(handler.unary_stream or handler.stream_stream)
 
-        def refused(actor: str, domain: str, code: str, message: str) -> None:
+        def refused(actor: str, domain: str, code: str, message: str, stage: str = "handler") -> None:
+            """A call that does not end OK: counted, logged once (with its request context), alarms, audited."""
+            metrics.REQUESTS.labels(label, code).inc()
+            metrics.REFUSALS.labels(label, code, stage).inc()
+            noted = logs.context()
+            error = str(noted.get("error", ""))
+            event = "refused" if stage == "admission" else "aborted" if streaming else "failed"
+            text = scrub(message)
+            what = {"refused": f"refused {method}", "aborted": f"stream {method} aborted",
+                    "failed": f"{method} failed"}[event]
+            exc = noted.get("_exc")
+            log.log(_outcome_level(code, error), "%s: %s: %s", what, code, text,
+                    extra={"code": code, "event": event},
+                    exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)
             if alarms is not None:
                 alarms.refused(actor, method, code)  # alarm.refusals: one caller refused often in a short time
             if audit is None:
@@ -226,7 +265,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 audit.record("request.malformed" if message == MALFORMED else "request.refused", actor=actor,
                              domain=domain, subject=method, outcome="refused",
-                             detail={"method": method, "status": code, "message": scrub(message)})
+                             detail={"method": method, "status": code, "message": text})
             except Exception:
                 log.error("the refusal of %s to %s could not be recorded in the audit log", method, actor)
 
@@ -244,28 +283,29 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 cert = _certificate_of(context)
                 principal = from_certificate(cert)  # who the refusal names, if a check below refuses
             except errors.KmsError as error:
-                log.info("refused %s: %s", method, error)
-                refused("unauthenticated", "", errors.grpc_status_name(error), str(error))
+                logs.note(error=type(error).__name__)
+                refused("unauthenticated", "", errors.grpc_status_name(error), str(error), "admission")
                 abort(context, error)
-            except Exception:  # a certificate the TLS layer verified but that cannot be read: refused, not INTERNAL
-                log.exception("refused %s: unreadable client certificate", method)
-                refused("unauthenticated", "", "PERMISSION_DENIED", "unreadable client certificate")
+            except Exception as error:  # a certificate the TLS layer verified but that cannot be read: refused
+                logs.note(error=type(error).__name__, _exc=error)
+                refused("unauthenticated", "", "PERMISSION_DENIED", "unreadable client certificate", "admission")
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "the client certificate cannot be read")
             assert principal is not None
             who = principal
+            logs.note(principal=who.uri(), domain=who.domain)
             try:
                 domains = admitted(cert, who)
                 policy.check(who, method)
                 if alarms is not None:
                     alarms.called(who, method)  # alarm.hours: a station calling outside the set hours
             except errors.KmsError as error:
-                log.info("refused %s: %s", method, error)
-                refused(who.uri(), who.domain or "", errors.grpc_status_name(error), str(error))
+                logs.note(error=type(error).__name__)
+                refused(who.uri(), who.domain or "", errors.grpc_status_name(error), str(error), "admission")
                 abort(context, error)
-            except Exception:  # e.g. the registry's database is unreachable: retryable, not the caller's fault
-                log.exception("could not check the caller of %s", method)
+            except Exception as error:  # e.g. the registry's database is unreachable: retryable, not the caller's
+                logs.note(error=type(error).__name__, _exc=error)
                 message = "the service cannot check the caller now; try again"
-                refused(who.uri(), who.domain or "", "UNAVAILABLE", message)
+                refused(who.uri(), who.domain or "", "UNAVAILABLE", message, "admission")
                 context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
             def recheck() -> frozenset[str]:
@@ -273,27 +313,30 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     return admitted(cert, who)
                 except errors.KmsError:
                     raise
-                except Exception:
-                    log.exception("could not check the caller of %s again", method)
+                except Exception as error:  # logged with the call's outcome (UNAVAILABLE), with this traceback
+                    logs.note(_exc=error)
                     raise errors.Unavailable("the service cannot check the caller now; try again") from None
 
             return who, [_principal.set(who), _domains.set(domains), _recheck.set(recheck)]
 
-        def ended(principal: Principal, context: grpc.ServicerContext, error: BaseException | None) -> None:
+        def ended(principal: Principal, context: grpc.ServicerContext, error: BaseException | None,
+                  started: float) -> None:
             """Record the outcome of a call whose handler has returned (error None) or raised ``error``."""
-            if audit is None:
-                return
             code = context.code()
             if error is None and code in (None, grpc.StatusCode.OK) and not context.is_active():
                 error = GeneratorExit()  # the caller went away before the end (a handler may end quietly then)
             if error is None and code in (None, grpc.StatusCode.OK):
                 try:
-                    audit.record("request.ok", actor=principal.uri(), domain=principal.domain or "", subject=method,
-                                 detail={"method": method})
+                    if audit is not None:
+                        audit.record("request.ok", actor=principal.uri(), domain=principal.domain or "",
+                                     subject=method, detail={"method": method})
                 except Exception:
+                    metrics.REQUESTS.labels(label, "UNAVAILABLE").inc()
                     log.error("the outcome of %s by %s could not be recorded; the call fails", method, principal)
                     context.abort(grpc.StatusCode.UNAVAILABLE, "the call's outcome could not be recorded in the audit "
                                   "log; what it changed is recorded, but its answer was not sent")
+                metrics.REQUESTS.labels(label, "OK").inc()
+                log.debug("%s ok in %.3f s", method, time.monotonic() - started)
                 return
             if code is not None and code != grpc.StatusCode.OK:
                 text = context.details() or b""
@@ -304,33 +347,51 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 name, message = "UNKNOWN", f"the handler failed ({type(error).__name__})"
             refused(principal.uri(), principal.domain or "", name, message)
 
+        def begin(context: grpc.ServicerContext) -> contextvars.Token[Any]:
+            """The call's request id: in its log context, and sent back in the trailing metadata."""
+            request_id = secrets.token_hex(8)
+            bound = logs.bind(request_id=request_id, method=method)
+            context.set_trailing_metadata(((REQUEST_ID, request_id),))
+            return bound
+
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:  # a request or a request iterator
-                principal, tokens = authorize(context)
+                started, bound = time.monotonic(), begin(context)
                 try:
+                    principal, tokens = authorize(context)
                     try:
-                        response = behavior(request, context)
-                    except BaseException as error:
-                        ended(principal, context, error)
-                        raise
-                    ended(principal, context, None)
-                    return response
+                        try:
+                            response = behavior(request, context)
+                        except BaseException as error:
+                            ended(principal, context, error, started)
+                            raise
+                        ended(principal, context, None, started)
+                        return response
+                    finally:
+                        _reset(tokens)
                 finally:
-                    _reset(tokens)
+                    logs.unbind(bound)
             return wrapper
 
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                principal, tokens = authorize(context)
+                started, bound = time.monotonic(), begin(context)
                 try:
+                    principal, tokens = authorize(context)
+                    streams = metrics.STREAMS_OPEN.labels(label)
+                    streams.inc()
                     try:
-                        yield from _until_draining(behavior(request, context), context, draining)
-                    except BaseException as error:
-                        ended(principal, context, error)
-                        raise
-                    ended(principal, context, None)
+                        try:
+                            yield from _until_draining(behavior(request, context), context, draining)
+                        except BaseException as error:
+                            ended(principal, context, error, started)
+                            raise
+                        ended(principal, context, None, started)
+                    finally:
+                        streams.dec()
+                        _reset(tokens)
                 finally:
-                    _reset(tokens)
+                    logs.unbind(bound)
             return wrapper
 
         if handler is None:  # no such method: the caller is still checked, and refused by the policy (no entry)

@@ -16,12 +16,12 @@ import itertools
 import logging
 import re
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from kms import errors
+from kms import errors, metrics
 from kms.audit.alarms import Alarms
 from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
@@ -230,6 +230,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             stored = self._i.store.card(batch.batch_id, record.card_ref)
             if key is None or stored.idempotency_key != key:
                 raise
+        else:
+            _count_issued(batch, profile, 1)
         return pb.IssueCardResponse(bundle=_bundle(stored))
 
     @service_method
@@ -237,8 +239,8 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                     ) -> Iterator[pb.StreamBatchResponse]:
         try:
             yield from self._stream(request, context)
-        except errors.Cancelled:  # the caller went away: nobody to tell, the stream just ends
-            log.info("stream of batch %s cancelled by the client", request.batch_id)
+        except errors.Cancelled:  # the caller went away: nobody to tell, the stream just ends (the interceptor logs it)
+            log.debug("stream of batch %s cancelled by the client", request.batch_id)
 
     def _stream(self, request: pb.StreamBatchRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.StreamBatchResponse]:
@@ -283,30 +285,30 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                     # A pending card in a blocking state ends the stream like a failed card (the cursor stays
                     # before it); a card issued before it was blocked is not sent again, and the stream goes on.
                     if record.state is CardState.PENDING:
-                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
+                        yield from self._message(batch, group, principal, quota, profile)
                         raise errors.InvalidState(blocked[record.card_ref])
                     continue
                 if sealable(record):
                     issued = next(sealed, None)
                     if issued is None:  # the feed stopped at a limit: what may be sent is sent, then refused
                         assert quota is not None
-                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
+                        yield from self._message(batch, group, principal, quota, profile)
                         raise quota.error()
                     if issued.error is not None:
                         # Send what came before, then end the stream with this card's error: the cursor stays
                         # before it, so a resumed stream seals it again (nothing is skipped silently).
-                        yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
+                        yield from self._message(batch, group, principal, quota, profile)
                         raise issued.error
                     group.append((record, issued))
                 elif record.state is CardState.ISSUED:
                     group.append((record, None))
                 if len(group) >= per_message:
-                    yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
+                    yield from self._message(batch, group, principal, quota, profile)
                     group = []
                     if not context.is_active():
                         raise errors.Cancelled("the call was cancelled")
             if group:
-                yield from self._message(batch.batch_id, group, principal, quota, tuple(profile.domains))
+                yield from self._message(batch, group, principal, quota, profile)
         finally:
             if quota is not None:
                 quota.close()  # the stream slot is free again
@@ -318,10 +320,11 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             yield from page
             after = page[-1].sequence
 
-    def _message(self, batch_id: str, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal,
-                 quota: StreamQuota | None = None, domains: Collection[str] = ()) -> Iterator[pb.StreamBatchResponse]:
+    def _message(self, batch: Batch, group: list[tuple[CardRecord, IssuedBundle | None]], principal: Principal,
+                 quota: StreamQuota | None, profile: Profile) -> Iterator[pb.StreamBatchResponse]:
         # A station revoked (registry or CRL) while its stream runs gets no further message (one query each).
-        require_still_admitted(domains)
+        batch_id = batch.batch_id
+        require_still_admitted(profile.domains)
         new = [(record, issued) for record, issued in group if issued is not None and issued.data is not None]
         fed, over_limit = len(new), False
         if quota is not None and new:  # one indexed query per message with new bundles (kms.issuance.limits)
@@ -335,6 +338,7 @@ class IssuanceService(rpc.IssuanceServiceServicer):
                        if issued.data is not None], by=principal.uri())
         if quota is not None:
             quota.recorded(sum(won), fed)
+        _count_issued(batch, profile, sum(won))
         stored = {record.card_ref: issued for (record, issued), ok in zip(new, won, strict=True) if ok}
         bundles = []
         again: list[tuple[str, str]] = []  # sent before: each re-sending is recorded
@@ -420,6 +424,11 @@ class BatchService(rpc.BatchServiceServicer):
         record, awaiting = self._i.store.reissue(batch.batch_id, request.card_ref, principal.uri(),
                                                  domain=principal.domain, needs=domains)
         return pb.ReissueCardResponse(card_ref=record.card_ref, state=record.state.value, awaiting=awaiting)
+
+
+def _count_issued(batch: Batch, profile: Profile, cards: int) -> None:
+    """kms_cards_issued_total and kms_keys_issued_total (kms.metrics): cards newly recorded issued."""
+    metrics.cards_issued(batch.bureau, profile.name, cards, {d: len(profile.keys(d)) for d in profile.domains})
 
 
 def _status(batch: Batch) -> pb.BatchStatus:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kms import config as config_mod
-from kms import runtime, store
+from kms import metrics, runtime, store
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog
 from kms.audit.signer import AuditSigner, Checkpointer
@@ -155,6 +155,8 @@ class Service:
             self.http.start()
         self.server.start()
         self._stopped = False
+        # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
+        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts)
 
     def _abandon(self) -> None:
         """A start that failed: release the ports, end the processes started so far."""
@@ -173,6 +175,7 @@ class Service:
         if self._stopped:
             return
         self._stopped = True
+        self.metrics.close()
         self.draining.set()
         self.health.drain()
         self.server.stop(self.drain_seconds if grace is None else grace).wait()
