@@ -45,9 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_level or ("debug" if args.verbose else "info"), args.log_format)
 
     def ready(service: Service) -> None:
+        served = logging.getLogger("kms.server.serve")
         if service.http is not None:
-            print(f"kms: health on {service.http.url}/readyz", file=sys.stderr, flush=True)
-        logging.getLogger("kms.server.serve").info("serving on port %d", service.port)
+            served.info("health and metrics on %s (/healthz, /readyz, /metrics)", service.http.url)
+        served.info("serving on port %d", service.port)
         print(f"kms: serving on port {service.port}", flush=True)
 
     health = FROM_CONFIG if args.health_listen is None else (None if args.health_listen == "off"

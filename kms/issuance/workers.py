@@ -160,6 +160,7 @@ def _reopened() -> bool:
     return True
 
 
+@metrics.sends_hsm_calls_on_error
 def _probe() -> int:
     """A pool's start and the health monitor: this worker's token session works (opened again if it was lost).
     Returns the process id."""
@@ -333,11 +334,13 @@ class DomainPool:
         try:
             executor.submit(_probe).result(timeout=STARTUP_SECONDS)
         except HsmLoginFailed as error:
+            metrics.observe_hsm_calls_of(self.domain, error)  # the refused login
             executor.shutdown(wait=False, cancel_futures=True)
             if self.refused is None:
                 self.refused = error  # the caller says it (kms serve: one line; later: logged by who replaced)
             raise error from None
         except BaseException as error:
+            metrics.observe_hsm_calls_of(self.domain, error)
             executor.shutdown(wait=False, cancel_futures=True)
             if isinstance(error, KmsError) and (detailed or error.retryable):
                 raise  # for the operator; or the worker's own "could not start (<kind>)", already retryable
