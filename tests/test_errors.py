@@ -39,6 +39,7 @@ from kms.errors import (
     PermissionDenied,
     ProfileError,
     ResourceExhausted,
+    StorageUnavailable,
     Unavailable,
 )
 from kms.server import frame as server
@@ -64,6 +65,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     AuditNotVerified: lambda: AuditNotVerified("audit log NOT verified: record 12 was edited"),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
     Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
+    StorageUnavailable: lambda: StorageUnavailable("disk I/O error"),
     ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
                                                  "(100) reached; 100 issued in the last hour", limit="cards_per_hour"),
 }
@@ -89,6 +91,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     AuditNotVerified: ("DATA_LOSS", 9),  # `kms audit verify`
     AuditChainBroken: ("DATA_LOSS", 10),
     Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
+    StorageUnavailable: ("UNAVAILABLE", 12),  # the service's database: retryable like any outage of the service
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
 }
 

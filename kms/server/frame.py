@@ -28,9 +28,12 @@ from grpc_reflection.v1alpha import reflection
 from kms import errors
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog, mask_pan
+from kms.config import Capacity
 from kms.identity import Principal, from_certificate
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.server.authz import Policy
+from kms.server.capacity import StreamSlots
+from kms.store import storage_fault
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,26 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the error's status. Unexpected errors say only 'see the server log'."""
     if isinstance(error, errors.KmsError):
         context.abort(status_code(error), str(error))
+    fault = _storage_fault(error)
+    if fault is not None:  # a database error from an engine kms.store.make_engine did not make: still an outage
+        log.warning("storage fault: %s", fault)
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(errors.StorageUnavailable(fault)))
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
     raise AssertionError("unreachable: grpc's context.abort raises")
+
+
+def _storage_fault(error: BaseException) -> str | None:
+    """The storage fault (kms.store.storage_fault) an unexpected error is, or was raised from."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        fault = storage_fault(current)
+        if fault is not None:
+            return fault
+        current = current.__cause__ or current.__context__
+    return None
 
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -197,12 +217,14 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     with UNAVAILABLE (fail closed); a refusal that cannot be recorded is still a refusal (and is logged)."""
 
     def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
-                 certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None) -> None:
+                 certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None,
+                 streams: StreamSlots | None = None) -> None:
         self._policy = policy
         self._audit = audit
         self._principals = principals
         self._certificate_checks = tuple(certificate_checks)
         self._alarms = alarms
+        self._streams = streams  # a stream holds a slot while it runs (kms.server.capacity)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -212,6 +234,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         principals = self._principals
         certificate_checks = self._certificate_checks
         alarms = self._alarms
+        streams = self._streams
 
         def refused(actor: str, domain: str, code: str, message: str) -> None:
             if alarms is not None:
@@ -314,10 +337,24 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     _reset(tokens)
             return wrapper
 
+        def take_stream_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
+            """A stream slot for the caller (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""
+            if streams is None:
+                return False
+            try:
+                streams.take(principal.uri())
+            except errors.ResourceExhausted as error:
+                log.info("refused %s: %s", method, error)
+                refused(principal.uri(), principal.domain or "", error.grpc_status, str(error))
+                abort(context, error)
+            return True
+
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
                 principal, tokens = authorize(context)
+                slot = False
                 try:
+                    slot = take_stream_slot(principal, context)
                     try:
                         yield from behavior(request, context)
                     except BaseException as error:
@@ -325,6 +362,9 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         raise
                     ended(principal, context, None)
                 finally:
+                    if slot:
+                        assert streams is not None
+                        streams.release(principal.uri())
                     _reset(tokens)
             return wrapper
 
@@ -349,21 +389,27 @@ def create_server(
     policy: Policy,
     register: Callable[[grpc.Server], Iterable[str]] = lambda server: (),
     address: str = "127.0.0.1:0",
-    max_workers: int = 16,
     audit: AuditLog | None = None,
     principals: PrincipalRegistry | None = None,
     certificate_checks: Iterable[CertificateCheck] = (),
     alarms: Alarms | None = None,
+    capacity: Capacity | None = None,
+    streams: StreamSlots | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and its port. ``register`` adds services and returns their full
     names (for reflection and health). With ``audit``, every call's outcome is recorded there; with ``principals``
     every caller must be enrolled, active and pinned there; ``certificate_checks`` run first on every call; with
-    ``alarms`` refusals and stations' calling hours are watched (kms.audit.alarms)."""
+    ``alarms`` refusals and stations' calling hours are watched (kms.audit.alarms). ``capacity`` (kms.yaml's
+    ``server`` settings; the defaults of kms.config.Capacity without it) sizes the thread pool, gRPC's limit of calls
+    in progress and the stream slots, counted in ``streams`` (one made here if none is given; kms.server.capacity)."""
+    capacity = capacity or Capacity()
+    streams = streams or StreamSlots(capacity)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms)],
+        futures.ThreadPoolExecutor(max_workers=capacity.threads, thread_name_prefix="kms-rpc"),
+        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms, streams)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+        maximum_concurrent_rpcs=capacity.max_concurrent_rpcs,
     )
     names = list(register(server))
     health_servicer = health.HealthServicer()

@@ -42,6 +42,7 @@ from kms.server import cards as card_service
 from kms.server.audit import AuditService
 from kms.server.audit import register as register_audit
 from kms.server.authz import DEFAULT_POLICY, Policy
+from kms.server.capacity import StreamSlots
 from kms.server.ceremony import CeremonyService
 from kms.server.ceremony import register as register_ceremonies
 from kms.server.frame import TlsFiles, create_server
@@ -105,6 +106,7 @@ class Service:
             self.checkpointer.start()
             audit_services.append(register_audit(AuditService(audit, self.checkpointer)))
         tls = cfg.server.tls
+        self.streams = StreamSlots(cfg.server.capacity)  # streams in progress (kms.server.capacity)
         self.server, self.port = create_server(
             TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
@@ -114,6 +116,8 @@ class Service:
             principals=self.principals,
             certificate_checks=revocation,
             alarms=self.alarms,
+            capacity=cfg.server.capacity,
+            streams=self.streams,
         )
         self.server.start()
 
