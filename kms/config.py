@@ -221,15 +221,15 @@ CAPACITY_KEYS = ("threads", "max_concurrent_rpcs", "max_streams", "streams_per_p
 def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
     """The server's capacity settings; a setting left out takes its default, ``max_streams`` and
     ``max_concurrent_rpcs`` derived from ``threads`` (half of them; eight times as many)."""
-    threads = _int(doc, "threads", Capacity.threads, 2, 1024, f"{path}: server")
-    max_streams = _int(doc, "max_streams", max(1, threads // 2), 1, 1023, f"{path}: server")
     try:
+        threads = _int(doc, "threads", Capacity.threads, 2, 1024, "server")
+        max_streams = _int(doc, "max_streams", max(1, threads // 2), 1, 1023, "server")
         return Capacity(
             threads=threads,
-            max_concurrent_rpcs=_int(doc, "max_concurrent_rpcs", 8 * threads, 2, 100_000, f"{path}: server"),
+            max_concurrent_rpcs=_int(doc, "max_concurrent_rpcs", 8 * threads, 2, 100_000, "server"),
             max_streams=max_streams,
             streams_per_principal=_int(doc, "streams_per_principal", min(Capacity.streams_per_principal, max_streams),
-                                       1, 1023, f"{path}: server"),
+                                       1, 1023, "server"),
         )
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

@@ -143,8 +143,8 @@ def test_hsm_error_retryable_flag() -> None:
 
 
 def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
-    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {Unavailable,
-                                                                                               AuditUnavailable}
+    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {
+        Unavailable, AuditUnavailable, StorageUnavailable}
 
 
 def test_audit_unavailable_is_its_own_retryable_class() -> None:
@@ -156,9 +156,16 @@ def test_audit_unavailable_is_its_own_retryable_class() -> None:
     assert errors.grpc_status_name(error) == "UNAVAILABLE"
 
 
+def test_storage_unavailable_names_the_fault_only() -> None:
+    error = StorageUnavailable("disk full")
+    assert isinstance(error, Unavailable) and error.retryable and error.reason == "disk full"
+    assert str(error) == "the database is unavailable (disk full); try again"
+    assert errors.grpc_status_name(error) == "UNAVAILABLE" and errors.exit_code(error) == 12
+
+
 def test_exit_codes_are_shared_only_within_a_family() -> None:
     families = [{ConfigError, ProfileError, InvalidState}, {NotFound, AlreadyExists},
-                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}]
+                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}, {Unavailable, StorageUnavailable}]
     by_code: dict[int, set[type[KmsError]]] = {}
     for cls, (_, code) in MAPPING.items():
         by_code.setdefault(code, set()).add(cls)

@@ -1,0 +1,143 @@
+"""Storage faults during calls and streams are UNAVAILABLE, never INTERNAL (kms.store.translate_storage_faults),
+through the real server: `kms serve` in this process, real mutual TLS, real worker processes and tokens, the
+service's own SQLite database. Two faults: "disk I/O error" raised where the SQLite driver raises it while a stream
+records a message (tests/helpers.py StorageFault), and a real SQLITE_FULL from SQLite itself (the database file may
+not grow: PRAGMA max_page_count on the service's connections). Once the fault is gone the stream resumes from its
+cursor and every card arrives exactly once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from helpers import StorageFault, card, client, officer, open_batch, service_client
+from sqlalchemy import event
+
+from kms.cards.cardid import CardIdentity
+from kms.client.service import Retrying
+from kms.dev.home import Home
+from kms.errors import Unavailable
+from kms.server.serve import Service
+
+ALICE = officer("hrss", 0)
+STATION = "station-a1"
+CARDS = 40
+PER_MESSAGE = 4
+RECORD = "UPDATE batch_cards"  # the first statement that records a message's cards (kms.issuance.batches)
+
+
+def _engine(service: Service) -> sa.Engine:
+    engine = service.issuance.store._engine  # the serving process's engine: where the fault goes
+    assert isinstance(engine, sa.Engine)
+    return engine
+
+
+def _batch(home: Home, service: Service) -> tuple[str, list[CardIdentity]]:
+    batch_id = f"SF-{secrets.token_hex(4)}"
+    cards = [card(800_000 + i, card_ref=f"{batch_id.lower()}-{i:03d}") for i in range(CARDS)]
+    with client(home, service.port, ALICE) as alice:
+        open_batch(home, service.port, alice, batch_id, "bureau-a", "dual-app-v1", cards)
+    return batch_id, cards
+
+
+def _issued_once(service: Service, batch_id: str, cards: list[CardIdentity]) -> dict[str, str]:
+    """card_ref → serial of the batch's issuance.issued records, asserting one per card and no other."""
+    found: dict[str, str] = {}
+    for record in service.audit.records(kind="issuance.issued"):
+        body = json.loads(record.body)
+        batch, _, card_ref = body["subject"].partition("/")
+        if batch == batch_id:
+            assert card_ref not in found, f"{card_ref} was issued twice"
+            found[card_ref] = body["detail"]["serial"]
+    assert sorted(found) == [c.card_ref for c in cards]
+    return found
+
+
+@pytest.fixture
+def no_internal(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No call of the test ended INTERNAL ("unexpected error" in the server log), and the server logged the fault."""
+    with caplog.at_level(logging.WARNING):
+        yield
+    records = caplog.get_records("call")
+    assert not [r for r in records if r.getMessage() == "unexpected error"]
+    assert [r for r in records if r.getMessage().startswith("database unavailable (")]
+
+
+def test_a_disk_io_error_in_a_stream_is_unavailable_and_the_stream_resumes(
+        home: Home, service: Service, no_internal: None) -> None:
+    batch_id, cards = _batch(home, service)
+    received: list[Any] = []
+    with service_client(home, service, STATION) as st:
+        with StorageFault(_engine(service), RECORD, after=2 * PER_MESSAGE) as fault:
+            with pytest.raises(Unavailable) as stopped:
+                for bundle in st.stream_batch(batch_id, per_message=PER_MESSAGE, retries=0):
+                    received.append(bundle)
+            assert str(stopped.value) == ("service: unavailable: the database is unavailable (disk I/O error); "
+                                          "try again")
+            assert stopped.value.retryable and fault.hits == 1
+            # Two whole messages were recorded and sent; the third was neither.
+            assert len(received) == 2 * PER_MESSAGE == st.batch_status(batch_id).issued
+            fault.clear()
+        received += st.stream_batch(batch_id, cursor=str(received[-1].sequence), per_message=PER_MESSAGE,
+                                    retries=0)
+    assert [b.card_ref for b in received] == [c.card_ref for c in cards]  # nothing lost, nothing twice
+    assert _issued_once(service, batch_id, cards) == {b.card_ref: b.serial for b in received}
+
+
+def test_the_client_retries_with_backoff_and_resumes_from_its_cursor(
+        home: Home, service: Service, no_internal: None) -> None:
+    """The fault lasts three attempts: the client retries three times (each with a backoff delay), each time from
+    the last cursor it received, and the fourth attempt completes the batch."""
+    batch_id, cards = _batch(home, service)
+    retries: list[Retrying] = []
+    slept: list[float] = []
+    with service_client(home, service, STATION) as st, \
+            StorageFault(_engine(service), RECORD, after=3 * PER_MESSAGE, times=3) as fault:
+        received = list(st.stream_batch(batch_id, per_message=PER_MESSAGE, on_retry=retries.append,
+                                        sleep=slept.append))
+    assert fault.hits == 3
+    assert [b.card_ref for b in received] == [c.card_ref for c in cards]
+    assert [r.retry for r in retries] == [1, 2, 3]
+    assert {r.cursor for r in retries} == {str(received[3 * PER_MESSAGE - 1].sequence)}
+    assert all(isinstance(r.error, Unavailable) and "(disk I/O error)" in str(r.error) for r in retries)
+    assert slept == [r.delay for r in retries]
+    assert 0.25 <= slept[0] <= 0.5 and 0.5 <= slept[1] <= 1.0 and 1.0 <= slept[2] <= 2.0  # exponential, jittered
+    _issued_once(service, batch_id, cards)
+
+
+def test_a_full_disk_makes_every_call_unavailable_until_it_has_room_again(
+        home: Home, service: Service, no_internal: None) -> None:
+    batch_id, cards = _batch(home, service)
+    engine = _engine(service)
+
+    def full(dbapi_connection: Any, _record: Any) -> None:  # SQLite's own SQLITE_FULL once the file would grow
+        pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    received: list[Any] = []
+    event.listen(engine, "connect", full)
+    engine.dispose()  # the pool's connections from now on are limited
+    try:
+        with service_client(home, service, STATION) as st, pytest.raises(Unavailable) as stopped:
+            for bundle in st.stream_batch(batch_id, per_message=PER_MESSAGE, retries=0):
+                received.append(bundle)
+        assert "the database is unavailable (disk full)" in str(stopped.value) or \
+            "the audit log cannot be written (disk full)" in str(stopped.value)
+        # A unary call that changes something is refused the same way (its change and its record fail together).
+        with client(home, service.port, ALICE) as alice, pytest.raises(Unavailable, match=r"\(disk full\)"):
+            alice.create_batch(f"SF-{secrets.token_hex(4)}", "bureau-a", "dual-app-v1", [card(900_001)])
+    finally:
+        event.remove(engine, "connect", full)
+        engine.dispose()
+    assert len(received) < CARDS
+    with service_client(home, service, STATION) as st:
+        received += st.stream_batch(batch_id, cursor=str(received[-1].sequence) if received else "",
+                                    per_message=PER_MESSAGE, retries=0)
+        assert st.batch_status(batch_id).issued == CARDS
+    assert [b.card_ref for b in received] == [c.card_ref for c in cards]
+    assert _issued_once(service, batch_id, cards) == {b.card_ref: b.serial for b in received}
