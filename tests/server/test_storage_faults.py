@@ -10,19 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import sqlalchemy as sa
 from helpers import StorageFault, card, client, officer, open_batch, service_client
 from sqlalchemy import event
 
+from kms import store
 from kms.cards.cardid import CardIdentity
 from kms.client.service import Retrying
+from kms.clock import SystemClock
 from kms.dev.home import Home
+from kms.dev.pki import DevPki
 from kms.errors import Unavailable
+from kms.identity import Principal
+from kms.issuance.batches import BatchStore
+from kms.server.authz import Policy
+from kms.server.frame import TlsFiles, create_server, service_method
 from kms.server.serve import Service
+from kms.v1 import issuance_pb2 as pb
+from kms.v1 import issuance_pb2_grpc as rpc
 
 ALICE = officer("hrss", 0)
 STATION = "station-a1"
@@ -141,3 +153,52 @@ def test_a_full_disk_makes_every_call_unavailable_until_it_has_room_again(
         assert st.batch_status(batch_id).issued == CARDS
     assert [b.card_ref for b in received] == [c.card_ref for c in cards]
     assert _issued_once(service, batch_id, cards) == {b.card_ref: b.serial for b in received}
+
+
+# -- an engine kms.store did not make ------------------------------------------------------------------------------
+
+
+class _Status(rpc.IssuanceServiceServicer):
+    """GetBatchStatus over a BatchStore on an engine made without kms.store.make_engine (no fault translation)."""
+
+    def __init__(self, batches: BatchStore) -> None:
+        self._batches = batches
+
+    @service_method
+    def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext) -> pb.BatchStatus:
+        return pb.BatchStatus(batch_id=self._batches.get_batch(request.batch_id).batch_id)
+
+
+def test_the_frame_still_answers_unavailable_for_a_fault_the_engine_did_not_translate(tmp_path: Path) -> None:
+    """The last line of defence (kms.server.frame.abort): a storage fault from an engine that kms.store did not make
+    (a raw SQLAlchemy OperationalError, or an error raised from one) is UNAVAILABLE too; any other error is still
+    INTERNAL."""
+    raw = sa.create_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.create_all(raw)
+    pki = DevPki(tmp_path / "pki")
+    cred = pki.server()
+
+    def register(server: grpc.Server) -> list[str]:
+        rpc.add_IssuanceServiceServicer_to_server(_Status(BatchStore(raw, SystemClock())), server)  # type: ignore[no-untyped-call]
+        return ["kms.v1.IssuanceService"]
+
+    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), register)
+    server.start()
+    station = pki.client(Principal("station", STATION, bureau="bureau-a"))
+    credentials = grpc.ssl_channel_credentials(pki.ca.cert.read_bytes(), station.key.read_bytes(),
+                                               station.cert.read_bytes())
+    try:
+        with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
+            status = rpc.IssuanceServiceStub(channel).GetBatchStatus  # type: ignore[no-untyped-call]
+            with StorageFault(raw, "SELECT"), pytest.raises(grpc.RpcError) as faulty:
+                status(pb.GetBatchStatusRequest(batch_id="B-1"), timeout=10)
+            assert (faulty.value.code(), faulty.value.details()) == (
+                grpc.StatusCode.UNAVAILABLE, "the database is unavailable (disk I/O error); try again")
+            with StorageFault(raw, "SELECT", error=lambda: sqlite3.OperationalError("no such table: batches")), \
+                    pytest.raises(grpc.RpcError) as broken:
+                status(pb.GetBatchStatusRequest(batch_id="B-1"), timeout=10)
+            assert (broken.value.code(), broken.value.details()) == (
+                grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    finally:
+        server.stop(grace=None)
+        raw.dispose()
