@@ -1,16 +1,19 @@
 """Storage faults during calls and streams are UNAVAILABLE, never INTERNAL (kms.store.translate_storage_faults),
 through the real server: `kms serve` in this process, real mutual TLS, real worker processes and tokens, the
-service's own SQLite database. Two faults: "disk I/O error" raised where the SQLite driver raises it while a stream
-records a message (tests/helpers.py StorageFault), and a real SQLITE_FULL from SQLite itself (the database file may
-not grow: PRAGMA max_page_count on the service's connections). Once the fault is gone the stream resumes from its
-cursor and every card arrives exactly once."""
+service's own database. Faults: "disk I/O error" raised where the SQLite driver raises it while a stream records a
+message (tests/helpers.py StorageFault); a real SQLITE_FULL from SQLite itself (the database file may not grow:
+PRAGMA max_page_count on the service's connections); and, with KMS_TEST_POSTGRES_URL, a home whose records are in
+PostgreSQL, whose server refuses a message's writes with SQLSTATE 53100 (disk_full). Once the fault is gone the
+stream resumes from its cursor and every card arrives exactly once."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +21,22 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from helpers import StorageFault, card, client, officer, open_batch, service_client
+import yaml
+from helpers import POSTGRES, StorageFault, card, client, officer, open_batch, service_client
 from sqlalchemy import event
 
 from kms import store
 from kms.cards.cardid import CardIdentity
 from kms.client.service import Retrying
 from kms.clock import SystemClock
-from kms.dev.home import Home
+from kms.dev.home import FORMAT_FILE, HOME_FORMAT, Home, init_home
 from kms.dev.pki import DevPki
 from kms.errors import Unavailable
+from kms.files import write_private
+from kms.hsm.labels import AUDIT_TOKEN, domain_token
 from kms.identity import Principal
 from kms.issuance.batches import BatchStore
+from kms.registry import DOMAINS
 from kms.server.authz import Policy
 from kms.server.frame import TlsFiles, create_server, service_method
 from kms.server.serve import Service
@@ -202,3 +209,74 @@ def test_the_frame_still_answers_unavailable_for_a_fault_the_engine_did_not_tran
     finally:
         server.stop(grace=None)
         raw.dispose()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home, Service, sa.Engine]]:
+    """A development home whose records are in a fresh PostgreSQL schema (skipped without KMS_TEST_POSTGRES_URL),
+    its `kms serve` in this process, and an engine on that schema for the test's own statements."""
+    if not POSTGRES:
+        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    path = tmp_path_factory.mktemp("pg-home")
+    pki = DevPki(path / "pki")
+    server, relative = pki.server(), (lambda p: os.path.relpath(p, path))
+    write_private(path / FORMAT_FILE, f"{HOME_FORMAT}\n")  # init_home completes the home this kms.yaml starts
+    write_private(path / "kms.yaml", yaml.safe_dump({
+        "hsm": {"module": "auto", "softhsm2_conf": "hsm/softhsm2.conf"},
+        "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
+        "database": f"{POSTGRES}?options=-csearch_path%3D{schema}",
+        "profiles": "profiles", "workers_per_domain": 1,
+        "server": {"listen": "127.0.0.1:0", "tls": {"cert": relative(server.cert), "key": relative(server.key),
+                                                   "ca": relative(pki.ca.cert), "crl": relative(pki.crl)}},
+        "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin"},
+    }, sort_keys=False))
+    home = init_home(path, bureaus={"bureau-a": (STATION,), "bureau-b": ("station-b1",)})
+    svc = Service(home.config, listen="127.0.0.1:0")
+    try:
+        yield home, svc, admin
+    finally:
+        svc.stop(grace=0)
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_postgresql_disk_full_during_a_stream_is_retried_and_every_card_arrives_once(
+        pg_service: tuple[Home, Service, sa.Engine]) -> None:
+    """The PostgreSQL server itself refuses the writes of three attempts to record a message with SQLSTATE 53100
+    (disk_full, raised by a trigger as the server raises it when its disk is full): the station's client sees
+    UNAVAILABLE naming the fault, retries with backoff from its cursor, and gets every card exactly once."""
+    home, svc, admin = pg_service
+    assert _engine(svc).dialect.name == "postgresql"
+    batch_id, cards = _batch(home, svc)
+    with admin.begin() as conn:  # from now on: the first 2 messages' cards recorded, then 3 attempts refused
+        conn.execute(sa.text("CREATE SEQUENCE fault_count"))
+        conn.execute(sa.text(
+            "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$ DECLARE n bigint; BEGIN "
+            "n := nextval('fault_count'); "
+            f"IF n > {2 * PER_MESSAGE} AND n <= {2 * PER_MESSAGE + 3} THEN RAISE EXCEPTION "
+            "'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END IF; "
+            "RETURN NEW; END $$"))
+        conn.execute(sa.text("CREATE TRIGGER fault BEFORE UPDATE ON batch_cards FOR EACH ROW "
+                             "EXECUTE FUNCTION fault()"))
+    retries: list[Retrying] = []
+    try:
+        with service_client(home, svc, STATION) as st:
+            received = list(st.stream_batch(batch_id, per_message=PER_MESSAGE, on_retry=retries.append,
+                                            sleep=lambda seconds: None))
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER fault ON batch_cards"))
+    assert [r.retry for r in retries] == [1, 2, 3]
+    assert all(str(r.error) == "service: unavailable: the database is unavailable (disk full); try again"
+               for r in retries)
+    assert {r.cursor for r in retries} == {str(received[2 * PER_MESSAGE - 1].sequence)}
+    assert [b.card_ref for b in received] == [c.card_ref for c in cards]
+    assert _issued_once(svc, batch_id, cards) == {b.card_ref: b.serial for b in received}
