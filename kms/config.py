@@ -55,6 +55,32 @@ HEALTH_LISTEN_AUTO = "auto"
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """How much the server takes on at once (``server`` section of kms.yaml; docs/operations.md, "Capacity, limits
+    and retries"). Every call runs on one of ``threads``; a stream holds its thread until it ends, so streams get at
+    most ``max_streams`` of them (fewer than ``threads``: unary calls always find one free), and one principal at
+    most ``streams_per_principal``. gRPC itself refuses calls beyond ``max_concurrent_rpcs`` (running or waiting for
+    a thread) with RESOURCE_EXHAUSTED."""
+
+    threads: int = 16
+    max_concurrent_rpcs: int = 128
+    max_streams: int = 8
+    streams_per_principal: int = 4
+
+    def __post_init__(self) -> None:
+        if self.threads < 2:
+            raise ConfigError("server.threads must be at least 2")
+        if not 1 <= self.max_streams < self.threads:
+            raise ConfigError(f"server.max_streams must be from 1 to server.threads - 1 ({self.threads - 1}), so "
+                              "that calls other than streams always have a thread")
+        if not 1 <= self.streams_per_principal <= self.max_streams:
+            raise ConfigError(f"server.streams_per_principal must be from 1 to server.max_streams "
+                              f"({self.max_streams})")
+        if self.max_concurrent_rpcs < self.threads:
+            raise ConfigError(f"server.max_concurrent_rpcs must be at least server.threads ({self.threads})")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: str
     tls: TlsConfig
@@ -67,6 +93,7 @@ class ServerConfig:
     health_check_seconds: int = 5
     #: On SIGTERM: how long in-flight calls may take to finish (a stream ends after its current message).
     drain_seconds: int = 30
+    capacity: Capacity = Capacity()
 
 
 @dataclass(frozen=True)
@@ -199,9 +226,29 @@ def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
     return TlsConfig(cert, key, ca, crl)
 
 
+CAPACITY_KEYS = ("threads", "max_concurrent_rpcs", "max_streams", "streams_per_principal")
+
+
+def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
+    """The server's capacity settings; a setting left out takes its default, ``max_streams`` and
+    ``max_concurrent_rpcs`` derived from ``threads`` (half of them; eight times as many)."""
+    try:
+        threads = _int(doc, "threads", Capacity.threads, 2, 1024, "server")
+        max_streams = _int(doc, "max_streams", max(1, threads // 2), 1, 1023, "server")
+        return Capacity(
+            threads=threads,
+            max_concurrent_rpcs=_int(doc, "max_concurrent_rpcs", 8 * threads, 2, 100_000, "server"),
+            max_streams=max_streams,
+            streams_per_principal=_int(doc, "streams_per_principal", min(Capacity.streams_per_principal, max_streams),
+                                       1, 1023, "server"),
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
 def _server(path: Path, doc: Any) -> ServerConfig:
     doc = _only(path, "server", doc, {"listen", "tls"},
-                {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds"})
+                {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds", *CAPACITY_KEYS})
     listen = doc["listen"]
     if not isinstance(listen, str) or ":" not in listen:
         raise ConfigError(f"{path}: server.listen must be host:port")
@@ -216,7 +263,8 @@ def _server(path: Path, doc: Any) -> ServerConfig:
                         _path(path.parent, quorum, "server.quorum_policy") if quorum else None,
                         health_listen=health,
                         health_check_seconds=_int(doc, "health_check_seconds", 5, 1, 3600, "server"),
-                        drain_seconds=_int(doc, "drain_seconds", 30, 0, 3600, "server"))
+                        drain_seconds=_int(doc, "drain_seconds", 30, 0, 3600, "server"),
+                        capacity=_capacity(path, doc))
 
 
 def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:

@@ -168,6 +168,16 @@ class Unavailable(KmsError):
     retryable = True
 
 
+class StorageUnavailable(Unavailable):
+    """The service's database cannot be reached, read or written now (an I/O error, a full disk, locked past the
+    busy timeout, a connection lost or refused; kms.store.storage_fault); ``reason`` says which in a few words, the
+    database's own message goes to the server log only. Retryable: the same call may succeed once it is back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the database is unavailable ({reason}); try again")
+        self.reason = reason
+
+
 class ResourceExhausted(KmsError):
     """A limit of the caller's (a station's or its bureau's cards per hour or day, streams in progress) is reached;
     the message names it. Not retryable as such: the same call succeeds only once the window has moved on or

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from kms.errors import ConfigError
+from kms.errors import ConfigError, StorageUnavailable
 from kms.files import create_private
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -197,10 +201,11 @@ opened_bundles = sa.Table(
 
 def make_engine(url: str) -> sa.Engine:
     """An engine for this URL; SQLite gets foreign keys and a busy timeout so that processes can share it, and a
-    database file created 0600 before SQLite first opens it (kms.files)."""
+    database file created 0600 before SQLite first opens it (kms.files). Storage faults of either database come out
+    of it as StorageUnavailable (``translate_storage_faults``)."""
     if url.startswith("sqlite"):
         _create_sqlite_file(url)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # type: ignore[no-untyped-def]
@@ -209,8 +214,80 @@ def make_engine(url: str) -> sa.Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
 
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+        return translate_storage_faults(engine)
+    return translate_storage_faults(sa.create_engine(url, pool_pre_ping=True))
+
+
+# -- storage faults ------------------------------------------------------------------------------------------------
+# A database that cannot be reached, read or written now (I/O error, full disk, locked past the busy timeout, a
+# connection lost or refused, a server shutting down) is the service's outage, not the caller's mistake nor a bug:
+# every store's call then raises StorageUnavailable, an Unavailable (gRPC UNAVAILABLE, exit 12; clients retry it).
+# Everything else a database says (constraint violations, SQL errors, a corrupt file) stays what it is.
+
+BUSY_TIMEOUT = 30  # seconds SQLite waits for another writer's lock before "database is locked"
+
+#: SQLite primary result codes that are storage faults, and how the refusal names them.
+_SQLITE_FAULTS = {sqlite3.SQLITE_IOERR: "disk I/O error", sqlite3.SQLITE_FULL: "disk full",
+                  sqlite3.SQLITE_CANTOPEN: "cannot open the database file", sqlite3.SQLITE_BUSY: "database locked",
+                  sqlite3.SQLITE_LOCKED: "database locked", sqlite3.SQLITE_NOMEM: "out of memory",
+                  sqlite3.SQLITE_READONLY: "database read-only"}
+#: The same by message, for an error that carries no result code (raised by a driver shim or a fault injector).
+_SQLITE_MESSAGES = {"disk i/o error": "disk I/O error", "database or disk is full": "disk full",
+                    "unable to open database file": "cannot open the database file",
+                    "database is locked": "database locked", "database table is locked": "database locked",
+                    "out of memory": "out of memory", "attempt to write a readonly database": "database read-only"}
+#: PostgreSQL SQLSTATEs (and classes: two characters) that are storage faults.
+_POSTGRES_FAULTS = {"08": "connection lost", "57P01": "database server shutting down",
+                    "57P02": "database server crashed", "57P03": "database server not accepting connections",
+                    "57014": "statement cancelled", "53100": "disk full", "53200": "out of memory",
+                    "53300": "too many connections", "53": "insufficient resources", "58030": "disk I/O error",
+                    "58": "system error", "40001": "serialization failure", "40P01": "deadlock",
+                    "55P03": "lock not available"}
+
+
+def storage_fault(error: BaseException, disconnected: bool = False) -> str | None:
+    """What storage fault a DBAPI error (or SQLAlchemy's wrapper of one) is, in a few words, or None if it is not
+    one. ``disconnected``: SQLAlchemy found the connection lost."""
+    if isinstance(error, sa.exc.DBAPIError):
+        disconnected = disconnected or error.connection_invalidated
+        if error.orig is not None:
+            error = error.orig
+    if disconnected:
+        return "connection lost"
+    if isinstance(error, sqlite3.Error):
+        if not isinstance(error, sqlite3.OperationalError):
+            return None
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return _SQLITE_FAULTS.get(code & 0xFF)
+        text = str(error).lower()
+        return next((reason for message, reason in _SQLITE_MESSAGES.items() if text.startswith(message)), None)
+    state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    if state:
+        return _POSTGRES_FAULTS.get(state) or _POSTGRES_FAULTS.get(state[:2])
+    # No SQLSTATE: a PostgreSQL driver's connection failure (refused, timed out, the server gone).
+    if type(error).__module__.split(".")[0] in ("psycopg", "psycopg2") and type(error).__name__ == "OperationalError":
+        return "cannot connect"
+    return None
+
+
+def translate_storage_faults(engine: sa.Engine) -> sa.Engine:
+    """Make ``engine`` raise StorageUnavailable for a storage fault (``storage_fault``) in any statement, commit or
+    connect, in the one place every store's database work passes (SQLAlchemy's ``handle_error`` event); the
+    database's own message goes to the log only (it may name hosts and files)."""
+    event.listen(engine, "handle_error", _on_error)
+    return engine
+
+
+def _on_error(context: sa.engine.ExceptionContext) -> BaseException | None:
+    if context.is_pre_ping:  # the pool tests a pooled connection and replaces it itself
+        return None
+    reason = storage_fault(context.original_exception, context.is_disconnect)
+    if reason is None:
+        return None
+    log.warning("database unavailable (%s): %s: %s", reason, type(context.original_exception).__name__,
+                str(context.original_exception).strip().splitlines()[0] if str(context.original_exception) else "")
+    return StorageUnavailable(reason)
 
 
 def _create_sqlite_file(url: str) -> None:

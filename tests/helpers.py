@@ -3,7 +3,8 @@ clients of the test server, the CLI runner, ceremonies run by a development home
 a software stand-in for the bank domain's PAN protection for unit tests of the stores (the service always uses
 kms.issuance.pans with the bank token; tests/issuance/test_pans.py checks that path against a real token).
 
-Tests import these from here, never from conftest."""
+Tests import these from here, never from conftest. And the one fake: StorageFault, a database storage fault injected
+where the driver raises it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import hmac
 import json
 import os
 import secrets
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -127,3 +131,41 @@ class SoftwarePans:
 
 def pan_index(value: str) -> str:
     return hmac.new(_KEY, value.encode(), hashlib.sha256).hexdigest()
+
+
+# -- storage faults (fault injection: the one place a test fakes the database) ----------------------------------
+
+
+class StorageFault:
+    """While in its ``with`` block, statements of ``engine`` that begin with ``statement`` fail as the database
+    driver fails them on a storage fault (``error()``, by default SQLite's "disk I/O error"): the first ``after``
+    of them pass, the next ``times`` fail (None: every one until ``clear()``). Raised where the driver raises, so
+    SQLAlchemy and kms.store see it as they would see the real one. ``hits``: how many failed."""
+
+    def __init__(self, engine: sa.Engine, statement: str, *, after: int = 0, times: int | None = None,
+                 error: Callable[[], Exception] = lambda: sqlite3.OperationalError("disk I/O error")) -> None:
+        self.engine, self.statement, self.after, self.times, self.error = engine, statement, after, times, error
+        self.seen = self.hits = 0
+        self.on = True
+        self._lock = threading.Lock()
+
+    def _hook(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not statement.lstrip().upper().startswith(self.statement.upper()):
+            return
+        with self._lock:
+            self.seen += 1
+            failing = self.on and self.seen > self.after and (self.times is None or self.hits < self.times)
+            if failing:
+                self.hits += 1
+        if failing:
+            raise self.error()
+
+    def clear(self) -> None:
+        self.on = False
+
+    def __enter__(self) -> StorageFault:
+        sa.event.listen(self.engine, "before_cursor_execute", self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._hook)

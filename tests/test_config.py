@@ -311,3 +311,43 @@ def test_server_policies_default_to_the_shipped_ones_and_resolve_beside_the_file
     assert named.server.quorum_policy == (tmp_path / "b" / "etc" / "quorum.yaml").resolve()
     bad = _issuer(server={"listen": "127.0.0.1:7443", "tls": tls, "quorum": "etc/quorum.yaml"})
     assert "quorum" in _error(config.load, _write(tmp_path / "c" / "kms.yaml", bad))
+
+
+# -- the server section's capacity (docs/operations.md, "Capacity, limits and retries") ---------------------------
+
+_TLS = {"cert": "pki/server.pem", "key": "pki/server.key", "ca": "pki/ca.pem"}
+
+
+def _capacity(tmp_path: Path, **settings: Any) -> config.Capacity:
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(server={"listen": "127.0.0.1:7443", "tls": _TLS,
+                                                                     **settings})))
+    assert cfg.server is not None
+    return cfg.server.capacity
+
+
+def test_capacity_defaults_and_what_follows_from_threads(tmp_path: Path) -> None:
+    assert _capacity(tmp_path) == config.Capacity(threads=16, max_concurrent_rpcs=128, max_streams=8,
+                                                  streams_per_principal=4)
+    # Left out, max_streams is half the threads and max_concurrent_rpcs eight times as many.
+    assert _capacity(tmp_path, threads=64) == config.Capacity(64, 512, 32, 4)
+    assert _capacity(tmp_path, threads=4) == config.Capacity(4, 32, 2, 2)
+    assert _capacity(tmp_path, threads=2) == config.Capacity(2, 16, 1, 1)
+    assert _capacity(tmp_path, threads=32, max_concurrent_rpcs=40, max_streams=30, streams_per_principal=10) == \
+        config.Capacity(32, 40, 30, 10)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"threads": 1}, "server.threads must be an integer from 2 to 1024"),
+    ({"threads": "16"}, "server.threads must be an integer from 2 to 1024"),
+    ({"threads": True}, "server.threads must be an integer from 2 to 1024"),
+    ({"max_streams": 0}, "server.max_streams must be an integer from 1 to 1023"),
+    ({"max_streams": 16}, "server.max_streams must be from 1 to server.threads - 1 (15), so that calls other than "
+                          "streams always have a thread"),
+    ({"streams_per_principal": 9}, "server.streams_per_principal must be from 1 to server.max_streams (8)"),
+    ({"max_concurrent_rpcs": 8}, "server.max_concurrent_rpcs must be at least server.threads (16)"),
+    ({"max_concurrent_rpcs": 1.5}, "server.max_concurrent_rpcs must be an integer from 2 to 100000"),
+    ({"thread": 16}, "server: unknown setting 'thread'"),
+])
+def test_capacity_settings_are_checked(tmp_path: Path, settings: dict[str, Any], message: str) -> None:
+    path = _write(tmp_path / "kms.yaml", _issuer(server={"listen": "127.0.0.1:7443", "tls": _TLS, **settings}))
+    assert _error(config.load, path) == f"{path.resolve()}: {message}"

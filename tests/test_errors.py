@@ -39,6 +39,7 @@ from kms.errors import (
     PermissionDenied,
     ProfileError,
     ResourceExhausted,
+    StorageUnavailable,
     Unavailable,
 )
 from kms.server import frame as server
@@ -64,6 +65,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     AuditNotVerified: lambda: AuditNotVerified("audit log NOT verified: record 12 was edited"),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
     Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
+    StorageUnavailable: lambda: StorageUnavailable("disk I/O error"),
     ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
                                                  "(100) reached; 100 issued in the last hour", limit="cards_per_hour"),
 }
@@ -89,6 +91,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     AuditNotVerified: ("DATA_LOSS", 9),  # `kms audit verify`
     AuditChainBroken: ("DATA_LOSS", 10),
     Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
+    StorageUnavailable: ("UNAVAILABLE", 12),  # the service's database: retryable like any outage of the service
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
 }
 
@@ -147,8 +150,8 @@ def test_hsm_error_retryable_flag() -> None:
 
 
 def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
-    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {Unavailable,
-                                                                                               AuditUnavailable}
+    assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {
+        Unavailable, AuditUnavailable, StorageUnavailable}
 
 
 def test_audit_unavailable_is_its_own_retryable_class() -> None:
@@ -160,9 +163,16 @@ def test_audit_unavailable_is_its_own_retryable_class() -> None:
     assert errors.grpc_status_name(error) == "UNAVAILABLE"
 
 
+def test_storage_unavailable_names_the_fault_only() -> None:
+    error = StorageUnavailable("disk full")
+    assert isinstance(error, Unavailable) and error.retryable and error.reason == "disk full"
+    assert str(error) == "the database is unavailable (disk full); try again"
+    assert errors.grpc_status_name(error) == "UNAVAILABLE" and errors.exit_code(error) == 12
+
+
 def test_exit_codes_are_shared_only_within_a_family() -> None:
     families = [{ConfigError, ProfileError, InvalidState}, {NotFound, AlreadyExists},
-                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}]
+                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}, {Unavailable, StorageUnavailable}]
     by_code: dict[int, set[type[KmsError]]] = {}
     for cls, (_, code) in MAPPING.items():
         by_code.setdefault(code, set()).add(cls)

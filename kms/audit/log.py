@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from kms import metrics
 from kms.canonical import canonical
 from kms.clock import Clock, rfc3339
-from kms.errors import AuditUnavailable, KmsError
+from kms.errors import AuditUnavailable, KmsError, StorageUnavailable
 from kms.store import audit_checkpoints, audit_head, audit_log
 
 GENESIS = bytes(32)
@@ -173,6 +173,10 @@ class AuditLog:
                 previous = digest
             conn.execute(audit_log.insert(), rows)
             conn.execute(audit_head.update().where(audit_head.c.id == 1).values(hash=previous.hex()))
+        except AuditUnavailable:
+            raise
+        except StorageUnavailable as fault:  # a storage fault (kms.store): the log cannot be written now
+            raise _unwritable(fault) from None
         except KmsError:
             raise
         except (sa.exc.SQLAlchemyError, TypeError, ValueError, KeyError):
@@ -185,6 +189,10 @@ class AuditLog:
         try:
             with self._engine.begin() as conn:
                 return self.append(conn, kind, **fields)
+        except AuditUnavailable:
+            raise
+        except StorageUnavailable as fault:  # the commit, or the connection, met a storage fault
+            raise _unwritable(fault) from None
         except sa.exc.SQLAlchemyError:
             raise AuditUnavailable() from None
 
@@ -265,6 +273,12 @@ class AuditLog:
             for row in rows:
                 yield _checkpoint(row)
             cursor = int(rows[-1].size)
+
+
+def _unwritable(fault: StorageUnavailable) -> AuditUnavailable:
+    """AuditUnavailable for a storage fault, naming it: "the audit log cannot be written (disk full); nothing was
+    done"."""
+    return AuditUnavailable(f"the audit log cannot be written ({fault.reason}); nothing was done")
 
 
 def _advance(conn: sa.Connection, count: int) -> tuple[int, str]:

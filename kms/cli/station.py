@@ -15,6 +15,9 @@ from kms.cli.common import Progress, client_for, emit
 from kms.files import private_dir, write_private
 from kms.registry import DOMAINS
 
+#: `kms station fetch`'s retries of UNAVAILABLE by default: 8 in a row, for at most 5 minutes without progress.
+RETRIES, RETRY_FOR = 8, 300.0
+
 
 def add_parser(sub: Any) -> None:
     station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
@@ -26,6 +29,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--open", action="store_true", help="also verify and open each bundle into the station's token")
     p.add_argument("--server")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--retries", type=_count, default=RETRIES, metavar="N",
+                   help="when the service is unavailable (exit 12: its database, its HSM workers or the network), "
+                        "retry up to N times in a row, with exponential backoff and jitter, resuming after the last "
+                        f"bundle received; 0: do not retry (default {RETRIES})")
+    p.add_argument("--retry-for", type=_seconds, default=RETRY_FOR, metavar="SECONDS",
+                   help=f"give up retrying once SECONDS passed without a bundle received (default {RETRY_FOR:g})")
     p.set_defaults(handler=_fetch)
     p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
     p.add_argument("--station-config", type=Path, required=True)
@@ -43,6 +52,7 @@ def add_parser(sub: Any) -> None:
 
 def _fetch(args: argparse.Namespace) -> int:
     from kms import runtime, store
+    from kms.client.service import Backoff, Retrying, retry_unavailable
     from kms.clock import SystemClock
     from kms.station import Station, TrustStore
 
@@ -57,11 +67,21 @@ def _fetch(args: argparse.Namespace) -> int:
         session = runtime.open_station(cfg)
         station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
                           SystemClock())
+    backoff = Backoff(retries=args.retries, seconds=args.retry_for)
+    progress: Progress | None = None
+
+    def retrying(retry: Retrying) -> None:  # one line on stderr per retry, apart from the progress line
+        if progress is not None and progress.enabled:
+            print(file=sys.stderr)
+        where = f"resuming after cursor {retry.cursor}" if retry.cursor else "from the start"
+        print(f"kms: {retry.error}; retry {retry.retry} of {retry.retries} in {retry.delay:.1f} s, {where}",
+              file=sys.stderr, flush=True)
+
     try:
-        with client_for(args.station_config, args.server) as client:
-            total = client.batch_status(args.batch_id).cards
+        with retry_unavailable(lambda: client_for(args.station_config, args.server), backoff, retrying) as client:
+            total = retry_unavailable(lambda: client.batch_status(args.batch_id).cards, backoff, retrying)
             progress = Progress(total, enabled=not args.json and sys.stderr.isatty())
-            for bundle in client.stream_batch(args.batch_id):
+            for bundle in client.stream_batch(args.batch_id, backoff=backoff, on_retry=retrying):
                 write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
                 fetched += 1
                 if station is not None:
@@ -92,6 +112,22 @@ def _fetch(args: argparse.Namespace) -> int:
         text += f"; opened {opened}: {keys} keys, {matched} KCV matches"
     emit(args, doc, text)
     return 0 if not args.open or (opened == fetched and matched == keys) else errors.BundleRejected.exit_code
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to 1000")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86_400:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
 
 
 def _unwrap_key(args: argparse.Namespace) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
 import grpc
@@ -26,6 +29,82 @@ def translate(error: grpc.RpcError) -> errors.KmsError:
 
 
 Reply = TypeVar("Reply")
+
+
+# -- retries of UNAVAILABLE -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How UNAVAILABLE is retried: exponential backoff with jitter, bounded. The n-th retry in a row waits half of
+    ``min(most, first * 2**(n-1))`` plus up to as much again at random (so that stations that lost the service
+    together do not come back together); after ``retries`` retries, or once ``seconds`` have passed since the
+    last progress (a bundle received, or the first attempt), the last error is raised. Progress starts both counts
+    afresh: a long batch survives any number of outages as long as it moves between them."""
+
+    retries: int = 8
+    seconds: float = 300.0
+    first: float = 0.5
+    most: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.seconds < 0 or self.first <= 0 or self.most < self.first:
+            raise ValueError("Backoff: retries and seconds must be 0 or more, 0 < first <= most")
+
+    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before the ``retry``-th retry in a row (1, 2, ...)."""
+        step = min(self.most, self.first * 2.0 ** min(retry - 1, 62))
+        return float(step / 2 + rand() * step / 2)
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """A retry about to happen: the ``retry``-th in a row of at most ``retries``, after ``delay`` seconds, because of
+    ``error``; a stream resumes after ``cursor`` ("": from the start)."""
+
+    retry: int
+    retries: int
+    delay: float
+    error: errors.KmsError
+    cursor: str = ""
+
+
+class _Budget:
+    """The retries left under a Backoff since the last progress."""
+
+    def __init__(self, backoff: Backoff, clock: Callable[[], float] = time.monotonic) -> None:
+        self._backoff = backoff
+        self._clock = clock
+        self.progressed()
+
+    def progressed(self) -> None:
+        self._retry, self._since = 0, self._clock()
+
+    def wait(self, error: errors.KmsError, cursor: str, on_retry: Callable[[Retrying], None] | None,
+             sleep: Callable[[float], None]) -> None:
+        """Wait before the next retry, or raise ``error`` if the backoff gives up."""
+        self._retry += 1
+        delay = self._backoff.delay(self._retry)
+        if self._retry > self._backoff.retries or self._clock() + delay - self._since > self._backoff.seconds:
+            raise error
+        if on_retry is not None:
+            on_retry(Retrying(self._retry, self._backoff.retries, delay, error, cursor))
+        sleep(delay)
+
+
+def retry_unavailable(call: Callable[[], Reply], backoff: Backoff = Backoff(),
+                      on_retry: Callable[[Retrying], None] | None = None,
+                      sleep: Callable[[float], None] = time.sleep) -> Reply:
+    """``call()`` (a unary call of a Client, or making one), retried under ``backoff`` while it raises a retryable
+    kms error (Unavailable; the server not reachable at all)."""
+    budget = _Budget(backoff)
+    while True:
+        try:
+            return call()
+        except errors.KmsError as error:
+            if not error.retryable:
+                raise
+            budget.wait(error, "", on_retry, sleep)
 
 
 class Client:
@@ -119,11 +198,18 @@ class Client:
             request.chip.CopyFrom(pb.ChipData(card_serial=card_serial, kdd=kdd))
         return self._call(self.issuance.IssueCard, request, pb.IssueCardResponse).bundle
 
-    def stream_batch(self, batch_id: str, *, cursor: str = "", per_message: int = 0, retries: int = 5,
-                     stream_timeout: float = 3600.0) -> Iterator[pb.SealedBundle]:
-        """Every bundle of the batch, resuming from the last cursor after a broken stream (UNAVAILABLE), so no
-        bundle is lost and none is received twice."""
-        attempt = 0
+    def stream_batch(self, batch_id: str, *, cursor: str = "", per_message: int = 0, retries: int | None = None,
+                     backoff: Backoff = Backoff(), on_retry: Callable[[Retrying], None] | None = None,
+                     stream_timeout: float = 3600.0, sleep: Callable[[float], None] = time.sleep
+                     ) -> Iterator[pb.SealedBundle]:
+        """Every bundle of the batch. After UNAVAILABLE (a broken connection, the service's database or HSM
+        workers out for a while) the stream is asked for again from the last cursor received, after ``backoff``'s
+        delay, so no bundle is lost and none is received twice; ``on_retry`` hears of each retry before its delay.
+        ``retries`` overrides ``backoff.retries``. Any other status, or UNAVAILABLE once the backoff gives up, is
+        raised as its kms error."""
+        if retries is not None:
+            backoff = dataclasses.replace(backoff, retries=retries)
+        budget = _Budget(backoff)
         while True:
             try:
                 for message in self.issuance.StreamBatch(
@@ -131,10 +217,9 @@ class Client:
                         timeout=stream_timeout):
                     yield from message.bundles
                     cursor = message.cursor
-                    attempt = 0
+                    budget.progressed()
                 return
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise translate(error) from None
-                attempt += 1
-                time.sleep(min(2.0, 0.1 * 2 ** attempt))
+                budget.wait(translate(error), cursor, on_retry, sleep)

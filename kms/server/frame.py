@@ -32,9 +32,12 @@ from grpc_reflection.v1alpha import reflection
 from kms import errors, logs, metrics
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog, mask_pan
+from kms.config import Capacity
 from kms.identity import Principal, from_certificate
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.server.authz import Policy
+from kms.server.capacity import StreamSlots
+from kms.store import storage_fault
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,29 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
     logs.note(error=type(error).__name__)
     if isinstance(error, errors.KmsError):
         context.abort(status_code(error), str(error))
+    fault = _storage_fault(error)
+    if fault is not None:  # a database error from an engine kms.store.make_engine did not make: still an outage
+        log.warning("storage fault: %s", fault)
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(errors.StorageUnavailable(fault)))
     if logs.context():
         logs.note(_exc=error)
     else:  # no interceptor around this call (unit tests of a servicer): the traceback is logged here
         log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
     raise AssertionError("unreachable: grpc's context.abort raises")
+
+
+def _storage_fault(error: BaseException) -> str | None:
+    """The storage fault (kms.store.storage_fault) an unexpected error is, or was raised from."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        fault = storage_fault(current)
+        if fault is not None:
+            return fault
+        current = current.__cause__ or current.__context__
+    return None
 
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -224,13 +244,14 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, policy: Policy, audit: AuditLog | None = None, principals: PrincipalRegistry | None = None,
                  certificate_checks: Iterable[CertificateCheck] = (), alarms: Alarms | None = None,
-                 draining: threading.Event | None = None) -> None:
+                 draining: threading.Event | None = None, streams: StreamSlots | None = None) -> None:
         self._draining = draining
         self._policy = policy
         self._audit = audit
         self._principals = principals
         self._certificate_checks = tuple(certificate_checks)
         self._alarms = alarms
+        self._streams = streams  # a stream holds a slot while it runs (kms.server.capacity)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -243,6 +264,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         draining = self._draining
         label = method if handler is not None else metrics.UNKNOWN_METHOD  # no caller-chosen label values
         streaming = handler is None or bool(handler.unary_stream or handler.stream_stream)
+        streams = self._streams
 
         def refused(actor: str, domain: str, code: str, message: str, stage: str = "handler") -> None:
             """A call that does not end OK: counted, logged once (with its request context), alarms, audited."""
@@ -373,22 +395,40 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     logs.unbind(bound)
             return wrapper
 
+        def take_stream_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
+            """A stream slot for the caller (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""
+            if streams is None:
+                return False
+            try:
+                streams.take(principal.uri())
+            except errors.ResourceExhausted as error:
+                refused(principal.uri(), principal.domain or "", error.grpc_status, str(error), "admission")
+                abort(context, error)
+            return True
+
         def guard_stream(behavior: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
                 started, bound = time.monotonic(), begin(context)
                 try:
                     principal, tokens = authorize(context)
-                    streams = metrics.STREAMS_OPEN.labels(label)
-                    streams.inc()
+                    slot = False
                     try:
+                        slot = take_stream_slot(principal, context)
+                        gauge = metrics.STREAMS_OPEN.labels(label)
+                        gauge.inc()
                         try:
-                            yield from _until_draining(behavior(request, context), context, draining)
-                        except BaseException as error:
-                            ended(principal, context, error, started)
-                            raise
-                        ended(principal, context, None, started)
+                            try:
+                                yield from _until_draining(behavior(request, context), context, draining)
+                            except BaseException as error:
+                                ended(principal, context, error, started)
+                                raise
+                            ended(principal, context, None, started)
+                        finally:
+                            gauge.dec()
                     finally:
-                        streams.dec()
+                        if slot:
+                            assert streams is not None
+                            streams.release(principal.uri())
                         _reset(tokens)
                 finally:
                     logs.unbind(bound)
@@ -455,13 +495,14 @@ def create_server(
     policy: Policy,
     register: Callable[[grpc.Server], Iterable[str]] = lambda server: (),
     address: str = "127.0.0.1:0",
-    max_workers: int = 16,
     audit: AuditLog | None = None,
     principals: PrincipalRegistry | None = None,
     certificate_checks: Iterable[CertificateCheck] = (),
     alarms: Alarms | None = None,
     health_servicer: health.HealthServicer | None = None,
     draining: threading.Event | None = None,
+    capacity: Capacity | None = None,
+    streams: StreamSlots | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and its port, bound already (a port in use is a ConfigError
     "server.listen <address>: address already in use": the port is never shared, ``grpc.so_reuseport`` is off).
@@ -469,13 +510,20 @@ def create_server(
     call's outcome is recorded there; with ``principals`` every caller must be enrolled, active and pinned there;
     ``certificate_checks`` run first on every call; with ``alarms`` refusals and stations' calling hours are
     watched (kms.audit.alarms). ``health_servicer``: the health statuses someone else keeps (kms.server.health);
-    without one every service says SERVING. ``draining``: once set, streams end after their current message."""
+    without one every service says SERVING. ``draining``: once set, streams end after their current message.
+    ``capacity`` (kms.yaml's ``server`` settings; the defaults of kms.config.Capacity without it) sizes the thread
+    pool, gRPC's limit of calls in progress and the stream slots, counted in ``streams`` (one made here if none is
+    given; kms.server.capacity)."""
+    capacity = capacity or Capacity()
+    streams = streams or StreamSlots(capacity)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms, draining)],
+        futures.ThreadPoolExecutor(max_workers=capacity.threads, thread_name_prefix="kms-rpc"),
+        interceptors=[AuthorizationInterceptor(policy, audit, principals, certificate_checks, alarms,
+                                               draining=draining, streams=streams)],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],  # a second server on this port fails instead of sharing it
+        maximum_concurrent_rpcs=capacity.max_concurrent_rpcs,
     )
     names = list(register(server))
     if health_servicer is None:

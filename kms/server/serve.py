@@ -43,6 +43,7 @@ from kms.server import cards as card_service
 from kms.server.audit import AuditService
 from kms.server.audit import register as register_audit
 from kms.server.authz import DEFAULT_POLICY, Policy
+from kms.server.capacity import StreamSlots
 from kms.server.ceremony import CeremonyService
 from kms.server.ceremony import register as register_ceremonies
 from kms.server.frame import TlsFiles, create_server
@@ -119,6 +120,7 @@ class Service:
         self.draining = threading.Event()
         tls = cfg.server.tls
         address = listen or cfg.server.listen
+        self.streams = StreamSlots(cfg.server.capacity)  # streams in progress (kms.server.capacity)
         self.server, self.port = create_server(
             TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
@@ -130,6 +132,8 @@ class Service:
             alarms=self.alarms,
             health_servicer=self.health.servicer,
             draining=self.draining,
+            capacity=cfg.server.capacity,
+            streams=self.streams,
         )
         self.http: HealthListener | None = None
         try:
