@@ -25,6 +25,9 @@ def add_parser(sub: Any) -> None:
                 "kms init home\nkms serve --config home/kms.yaml")
     p.add_argument("home", type=Path, help="the directory to create (or complete)")
     p.add_argument("--module", default="auto", help="PKCS#11 module path (default: find SoftHSM2)")
+    p.add_argument("--port", type=int,
+                   help="the port the server's configuration listens on and the clients' configurations name "
+                        "(default: 7443; a new home only: an existing home keeps its own)")
     json_option(p)
     p.set_defaults(handler=_init)
 
@@ -60,7 +63,10 @@ def add_parser(sub: Any) -> None:
 def _init(args: argparse.Namespace) -> int:
     from kms.dev import home as devhome
 
-    home = devhome.init_home(args.home, module=args.module)
+    port = devhome.DEFAULT_PORT if args.port is None else args.port
+    if not 1 <= port <= 65535:
+        raise errors.InvalidArgument("--port", "must be from 1 to 65535")
+    home = devhome.init_home(args.home, module=args.module, port=port)
     emit(args, {"home": str(home.path), "config": str(home.config)},
          f"development home ready: {home.path}\n  issuer config: {home.config}\n"
          f"  station config: {home.station_config('station-a1')}")
