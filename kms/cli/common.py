@@ -75,8 +75,9 @@ def force_option(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_existing(path: Path, force: bool) -> None:
-    """No silent overwrite: AlreadyExists naming ``path`` if it exists, unless ``--force``."""
-    if not force and (path.exists() or path.is_symlink()):
+    """No silent overwrite: AlreadyExists naming ``path`` if it exists, unless ``--force``. (A symbolic link is left
+    to the writer, which refuses to write through one whatever --force says: kms.files.)"""
+    if not force and path.exists() and not path.is_symlink():
         raise errors.AlreadyExists(f"{path} exists; choose another file, or pass --force to overwrite it")
 
 
