@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> None:
         Each call is the consent of the caller's domain; the card is pending again once every domain of its
         profile consented.""",
                 "kms batch reissue --client home/clients/officer-hrss-alice.yaml --batch-id B-0001 "
-                "--card-ref card-0000042")
+                "--card-ref b1-0000042")
     client_options(p, "an officer's client configuration")
     p.add_argument("--batch-id", required=True, help="the batch")
     p.add_argument("--card-ref", required=True, help="the spoiled card")
@@ -48,24 +48,24 @@ def add_parser(sub: Any) -> None:
         The card lifecycle per application: 挂失 (lost), 解挂 (unlost), 补换 (replace), 销卡/销户 (cancel). An officer
         acts on their own domain's application; issuance is refused for a card in a blocking state
         (docs/card-lifecycle.md).""",
-                    "kms card show --client home/clients/auditor-erin.yaml --card-ref card-0000001")
+                    "kms card show --client home/clients/auditor-erin.yaml --card-ref b1-0000001")
     group.set_defaults(handler=_card)
     card = commands(group, "card_command")
     for name, text, example in (
             ("lost", "report an application of a card lost (挂失)",
-             "kms card lost --client home/clients/officer-hrss-alice.yaml --card-ref card-0000001 "
+             "kms card lost --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
              "--application hrss --reason 'reported by the holder'"),
             ("unlost", "cancel the loss report of an application (解挂)",
-             "kms card unlost --client home/clients/officer-hrss-alice.yaml --card-ref card-0000001 "
+             "kms card unlost --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
              "--application hrss --reason 'found'"),
             ("replace", "record a replacement card (补换): the old card is revoked, its identities retired",
-             "kms card replace --client home/clients/officer-hrss-alice.yaml --card-ref card-0000001 "
-             "--new-card-ref card-0000900 --reason damaged"),
+             "kms card replace --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
+             "--new-card-ref b2-0000000 --reason damaged"),
             ("cancel", "cancel (销卡) or close (销户) an application of a card; hrss first",
-             "kms card cancel --client home/clients/officer-hrss-alice.yaml --card-ref card-0000001 "
+             "kms card cancel --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
              "--application hrss --kind cancel-card --reason 'holder request'"),
             ("show", "a card's state per application and its history",
-             "kms card show --client home/clients/auditor-erin.yaml --card-ref card-0000001 --json")):
+             "kms card show --client home/clients/auditor-erin.yaml --card-ref b1-0000001 --json")):
         p = command(card, name, text, text[0].upper() + text[1:] + ". The change is recorded with its reason, "
                     "who made it and when, in the card's history and the audit log." if name != "show" else
                     "A card's state per application, its records per batch, and its history.", example)

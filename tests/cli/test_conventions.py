@@ -24,8 +24,26 @@ from kms.cli.main import main, parser
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env={**os.environ, **(env or {})})
+    """The CLI in this process (main(), as the console script calls it): its exit status, stdout and stderr."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as done:  # --help, --version, usage errors
+                code = done.code if isinstance(done.code, int) else 0 if done.code is None else 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def _commands(p: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
@@ -111,7 +129,7 @@ def test_profile_check_speaks_json() -> None:
 def test_a_closed_stdout_pipe_is_not_an_error() -> None:
     """`kms ... | head -1`: the reader went away. Exit 141 (as git) when a write found the pipe closed, 0 when the
     output fitted in the pipe before; nothing on stderr either way."""
-    for args, codes in ((["profile", "check", *["kms/policies/profiles"] * 2000], {141}),  # ~100 KB: beyond a pipe
+    for args, codes in ((["profile", "check", *["kms/policies/profiles"] * 400], {141}),  # ~30 KB: past the reader
                         (["ceremony", "propose", "--help"], {0, 141})):
         with subprocess.Popen([sys.executable, "-m", "kms.cli", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, cwd=ROOT) as proc:
@@ -141,3 +159,31 @@ def test_main_maps_not_approved_to_its_own_exit_status(capsys: pytest.CaptureFix
     assert errors.NotApproved("not approved").exit_code == 14 != errors.Cancelled("x").exit_code
     assert main(["ceremony", "verify-minutes", "/nonexistent/minutes.json", "--public-key", "/nonexistent"]) == 2
     assert "kms: error: " in capsys.readouterr().err
+
+
+def test_each_operations_listed_parameters_are_the_ones_its_check_takes() -> None:
+    """`propose --help` lists Operation.params: every name there is accepted by the operation's check, and every
+    required one that is left out is refused as required (so the list cannot drift from the code)."""
+    import re
+
+    from kms.errors import InvalidArgument
+
+    for op in OPERATIONS.values():
+        alternatives = op.params.split(" | ")
+        for i, alternative in enumerate(alternatives):
+            pairs = re.findall(r"(\[?)([a-z_]+)=(\S+)", alternative)
+            assert pairs, op.name
+            params: dict[str, object] = {"bureau": "bureau-b"} if i else {}
+            for _, name, value in pairs:
+                literal = value if re.fullmatch(r"[a-z][a-z0-9-]*(\|[a-z0-9-]+)*", value) else "x"
+                params[name] = literal.split("|")[0]
+            try:
+                op.check(None, "hrss", params)  # type: ignore[arg-type]
+            except InvalidArgument as error:
+                assert "is not a parameter" not in error.reason and "is required" not in error.reason, (op.name, error)
+            except (AttributeError, TypeError):
+                pass  # past the parameter names, on to checks that need the service's state
+            for optional, name, _ in pairs:
+                if not optional and name not in ("method", "bureau"):
+                    with pytest.raises(InvalidArgument, match=rf"^params\.{name}: is required$"):
+                        op.check(None, "hrss", {k: v for k, v in params.items() if k != name})  # type: ignore[arg-type]
