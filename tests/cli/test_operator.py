@@ -175,3 +175,15 @@ def test_a_closed_pipe_ends_keys_list_quietly(served: tuple[Path, str]) -> None:
         proc.stdout.close()
         stderr = proc.stderr.read()
         assert proc.wait(timeout=120) in (0, 141) and stderr == b""
+
+
+def test_kms_serve_names_a_certificate_it_cannot_read(served: tuple[Path, str]) -> None:
+    home, _ = served
+    doc = yaml.safe_load((home / "kms.yaml").read_text())
+    doc["server"]["tls"]["cert"] = "pki/nowhere.pem"
+    bad = home / "kms-badcert.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = kms("serve", "--config", str(bad), "--listen", "127.0.0.1:0")
+    assert result.returncode == 3 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (f"kms: error: server.tls.cert: {home / 'pki' / 'nowhere.pem'}: cannot "
+                                              "read (No such file or directory)")
