@@ -161,6 +161,15 @@ def _read(path: Path) -> dict[str, Any]:
     return doc
 
 
+def read_file(path: Path, setting: str) -> bytes:
+    """The bytes of a file a setting names (a certificate, key or CA file); ConfigError naming the setting and the
+    path when it cannot be read (a wrong path is then one clear line, not an internal error)."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{setting}: {path}: cannot read ({error.strerror})") from None
+
+
 def read_policy(path: Path, body: str) -> Any:
     """The body of a versioned policy file (``version: 1`` and one top-level ``body`` key), e.g. authz, quorums."""
     doc = _read(path)

@@ -150,6 +150,15 @@ class Cancelled(KmsError):
     exit_code = 130
 
 
+class NotApproved(KmsError):
+    """An officer did not approve a ceremony at the ``approve? [y/N]`` prompt, or there was no terminal to ask on
+    (then the message says to pass ``--yes``). Its own exit status, apart from an interrupt's 130. Raised by the
+    command line only."""
+
+    grpc_status = "CANCELLED"
+    exit_code = 14
+
+
 class BundleRejected(KmsError):
     """A sealed bundle failed verification. Deliberately opaque: the reason is never told to the caller."""
 

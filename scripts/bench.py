@@ -58,7 +58,7 @@ from kms.audit.log import AuditLog, Seal, checkpoint_message, export_lines, mask
 from kms.audit.verify import verify
 from kms.bundle import canonical
 from kms.cards import profiles
-from kms.cards.cardid import CardIdentity
+from kms.cards.cardid import CardIdentity, luhn_check_digit
 from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
@@ -81,11 +81,16 @@ WARMUP_CARDS = 64
 LATENCY_WARMUP_CALLS = 10
 
 
+def _luhn(body: str) -> str:
+    """A PAN the profile accepts: ``body`` and its Luhn check digit."""
+    return body + luhn_check_digit(body)
+
+
 def make_cards(n: int, seed: int) -> list[CardIdentity]:
     rng = random.Random(seed)
     return [
         CardIdentity(card_ref=f"bench-{i:07d}", city_code="320200", card_serial=f"{rng.getrandbits(64):016X}",
-                     pan=f"621483{rng.randrange(10**13):013d}", psn=f"{rng.randrange(100):02d}",
+                     pan=_luhn(f"621483{rng.randrange(10**12):012d}"), psn=f"{rng.randrange(100):02d}",
                      kdd=f"{rng.getrandbits(80):020X}")
         for i in range(n)
     ]

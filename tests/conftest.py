@@ -13,11 +13,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import MASTER_KEYS, POSTGRES, PROFILE, TEST_BUREAU, TEST_TRANSPORT_KEYS, EngineFactory
+from helpers import (
+    MASTER_KEYS,
+    POSTGRES,
+    PROFILE,
+    TEST_BUREAU,
+    TEST_RANGE_PROFILE,
+    TEST_TRANSPORT_KEYS,
+    EngineFactory,
+)
 
 from kms import config, runtime, store
 from kms.clock import SystemClock
 from kms.dev.home import Home, init_home
+from kms.files import write_private
 from kms.hsm.session import TokenSession
 from kms.hsm.types import Algorithm, KcvMethod
 from kms.issuance.sealer import DomainSealer
@@ -34,6 +43,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
         bureaus={"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)},
         master_keys=MASTER_KEYS,
     )
+    # A test range: the shipped profile under another name, opted out of the PAN's Luhn check (for the public
+    # derivation vectors, whose PANs fail it).
+    shipped = (path / "profiles" / "dual-app.yaml").read_text(encoding="utf-8")
+    write_private(path / "profiles" / "test-range.yaml",
+                  shipped.replace("profile: dual-app-v1\n", f"profile: {TEST_RANGE_PROFILE}\npan_luhn: false\n"))
     return h
 
 

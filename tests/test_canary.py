@@ -32,7 +32,7 @@ def _assert_clean(text: str, secrets: list[str]) -> None:
 def test_cli_output_and_bundles_hold_no_secret(home: Home, tmp_path: Path) -> None:
     cards = tmp_path / "cards.csv"
     cards.write_text("card_ref,city_code,card_serial,pan,psn,kdd\n"
-                     "c1,320200,86843202AD932A48,6214830000000001,01,00010203040506070809\n")
+                     "c1,320200,86843202AD932A48,6214830000000009,01,00010203040506070809\n")
     out = tmp_path / "out"
     env = dict(os.environ)
     runs = [
@@ -56,7 +56,7 @@ def test_cli_output_and_bundles_hold_no_secret(home: Home, tmp_path: Path) -> No
     secrets += [v["imk"] for v in vectors["option_a"]] + [v["key"] for v in vectors["option_a"]]
     _assert_clean(text, secrets)
     data = (out / "c1.kmsb").read_text()
-    c = card(0, card_ref="c1", pan="6214830000000001", kdd="00010203040506070809")
+    c = card(0, card_ref="c1", pan="6214830000000009", kdd="00010203040506070809")
     clear_keys = [spec.recipe.reference(MASTER_KEYS[(d, spec.master_key)], c).hex().upper()
                   for d in ("hrss", "bank") for spec in PROFILE.keys(d)]
     _assert_clean(data, secrets + clear_keys)

@@ -35,6 +35,7 @@ from kms.errors import (
     InvalidState,
     KmsError,
     MechanismUnavailable,
+    NotApproved,
     NotFound,
     PermissionDenied,
     ProfileError,
@@ -61,6 +62,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     BundleRejected: lambda: BundleRejected(),
     DeadlineExceeded: lambda: DeadlineExceeded("the deadline passed before any HSM work started"),
     Cancelled: lambda: Cancelled("the call was cancelled"),
+    NotApproved: lambda: NotApproved("not approved"),
     AuditUnavailable: lambda: AuditUnavailable(),
     AuditNotVerified: lambda: AuditNotVerified("audit log NOT verified: record 12 was edited"),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
@@ -87,6 +89,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     BundleRejected: ("PERMISSION_DENIED", 7),
     DeadlineExceeded: ("DEADLINE_EXCEEDED", 8),
     Cancelled: ("CANCELLED", 130),
+    NotApproved: ("CANCELLED", 14),  # the command line only: an officer said no (or there was no terminal to ask)
     AuditUnavailable: ("UNAVAILABLE", 13),  # retryable: the database, not the HSM (no longer the HSM's 6)
     AuditNotVerified: ("DATA_LOSS", 9),  # `kms audit verify`
     AuditChainBroken: ("DATA_LOSS", 10),

@@ -20,6 +20,27 @@ _PATTERNS = {
 }
 
 
+def _luhn_sum(digits: str) -> int:
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = ord(char) - 48
+        if position % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10
+
+
+def luhn_valid(digits: str) -> bool:
+    """Whether a string of digits ends with its Luhn (ISO/IEC 7812-1, mod 10) check digit, as a payment card's PAN
+    does."""
+    return _luhn_sum(digits) == 0
+
+
+def luhn_check_digit(body: str) -> str:
+    """The check digit to append to ``body`` (digits) to make a Luhn-valid PAN."""
+    return str((10 - _luhn_sum(body + "0")) % 10)
+
+
 @dataclass(frozen=True)
 class ProtectedPan:
     """A PAN as records keep it (kms.issuance.pans): encrypted under the bank domain's data key, bound to its card_ref,
@@ -63,6 +84,13 @@ class CardIdentity:
     def has(self, name: str) -> bool:
         """Whether the card carries this field (a protected PAN counts: the bank's workers open it)."""
         return getattr(self, name) is not None or (name == "pan" and self.protected is not None)
+
+    def check_luhn(self) -> None:
+        """InvalidArgument naming ``pan`` when the card carries a clear PAN whose check digit is wrong. Applied where
+        cards meet their profile (batch creation, sealing), unless the profile opts out (``pan_luhn: false``, for
+        test ranges)."""
+        if self.pan is not None and not luhn_valid(self.pan):
+            raise InvalidArgument("pan", "fails the Luhn check")
 
     def require(self, names: frozenset[str]) -> None:
         for name in sorted(names):

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from kms.cards import recipes
+from kms.cards.cardid import CardIdentity
 from kms.errors import ProfileError
 from kms.hsm.types import Algorithm
 from kms.registry import DOMAINS, KeyKind
@@ -81,6 +82,8 @@ class Profile:
     description: str
     domains: dict[str, tuple[KeySpec, ...]]
     source: str
+    #: Whether a card's PAN must pass the Luhn check (default true); ``pan_luhn: false`` opts a test range out.
+    pan_luhn: bool = True
 
     def keys(self, domain: str) -> tuple[KeySpec, ...]:
         return self.domains.get(domain, ())
@@ -90,6 +93,12 @@ class Profile:
 
     def master_keys(self, domain: str) -> list[str]:
         return sorted({k.master_key for k in self.keys(domain)})
+
+    def check_card(self, card: CardIdentity) -> None:
+        """A card's fields as this profile requires them beyond their format: the PAN's Luhn check digit (unless
+        the profile opts out). InvalidArgument naming the field."""
+        if self.pan_luhn:
+            card.check_luhn()
 
 
 def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
@@ -113,7 +122,7 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
         raise ProfileError(src, mark.line + 1 if mark else 0, f"not valid YAML: {problem}") from None
     if not isinstance(doc, _Map):
         raise ProfileError(src, 1, "a profile is a mapping with 'profile', 'description' and 'domains'")
-    _only(src, doc, {"profile", "description", "domains"})
+    _only(src, doc, {"profile", "description", "domains", "pan_luhn"})
     name = doc.get("profile")
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ProfileError(src, doc.lines.get("profile", doc.line), "'profile' must be a lower-case name")
@@ -136,7 +145,10 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise ProfileError(src, doc.lines["description"], "'description' must be text")
-    return Profile(name=name, description=description, domains=domains, source=src)
+    pan_luhn = doc.get("pan_luhn", True)
+    if not isinstance(pan_luhn, bool):
+        raise ProfileError(src, doc.lines["pan_luhn"], "'pan_luhn' must be true or false")
+    return Profile(name=name, description=description, domains=domains, source=src, pan_luhn=pan_luhn)
 
 
 def load_dir(directory: Path, master_keys: dict[str, set[str]] | None = None) -> dict[str, Profile]:

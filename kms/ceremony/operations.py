@@ -65,6 +65,8 @@ class Operation:
     check: Checker
     run: Runner
     changes_keys: bool = True
+    #: The parameters, as `kms ceremony propose --help` lists them (NAME=VALUE; [optional]; | alternatives).
+    params: str = ""
 
 
 # -- parameter helpers -------------------------------------------------------------------------------------------
@@ -466,35 +468,44 @@ def _run_limits(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
-    Operation("enrol-officer", "enrol an officer with roles and an approval key", _check_enrol, _run_enrol, False),
-    Operation("revoke-officer", "an officer who no longer counts for anything", _check_revoke, _run_revoke, False),
+    Operation("enrol-officer", "enrol an officer with roles and an approval key", _check_enrol, _run_enrol, False,
+              "name=NAME roles=approver,key-custodian public_key=@KEY.pem certificate=@CERT.pem [cert_sha256=HEX]"),
+    Operation("revoke-officer", "an officer who no longer counts for anything", _check_revoke, _run_revoke, False,
+              "name=NAME"),
     Operation("renew-certificate", "pin an officer to a new client certificate key", _check_renew, _run_renew,
-              False),
+              False, "name=NAME certificate=@CERT.pem [cert_sha256=HEX]"),
     Operation("register-station", "trust a bureau's station (pinned to its certificate) for this domain",
-              _check_register("station"), _run_register, False),
+              _check_register("station"), _run_register, False,
+              "bureau=BUREAU station=NAME certificate=@CERT.pem [cert_sha256=HEX]"),
     Operation("revoke-station", "this domain no longer trusts a station", _check_unregister("station"),
-              _run_unregister, False),
+              _run_unregister, False, "bureau=BUREAU station=NAME"),
     Operation("enrol-auditor", "let an auditor (pinned to their certificate) read this domain's audit records",
-              _check_register("auditor"), _run_register, False),
+              _check_register("auditor"), _run_register, False, "name=NAME certificate=@CERT.pem [cert_sha256=HEX]"),
     Operation("revoke-auditor", "an auditor who may no longer read this domain's audit records",
-              _check_unregister("auditor"), _run_unregister, False),
+              _check_unregister("auditor"), _run_unregister, False, "name=NAME"),
     Operation("generate-master-key", "generate a master key (next version) in the HSM", _check_generate,
-              _run_generate),
+              _run_generate, params="name=NAME [algorithm=ALGORITHM] [escrow=yes]"),
     Operation("import-master-key", "join a master key (next version) from custodians' components", _check_import,
-              _run_import),
+              _run_import, params="name=NAME kcv=HEX custodians=A,B[,...] [algorithm=ALGORITHM] [escrow=yes] "
+                                  "[custody_key=FINGERPRINT]"),
     Operation("rotate-master-key", "generate the next version of an existing master key", _check_rotate,
-              _run_generate),
+              _run_generate, params="name=NAME [escrow=yes]"),
     Operation("export-master-key", "export an escrowable key as components, one per custodian", _check_export,
-              _run_export),
+              _run_export, params="name=NAME version=N recipients=A,B[,...] [kind=KIND]"),
     Operation("register-transport-key", "a bureau's transport key (rsa-oaep, import-components, export-components)",
-              _check_transport, _run_transport),
+              _check_transport, _run_transport,
+              params="bureau=BUREAU and method=rsa-oaep station=NAME public_key=@PEM | method=import-components "
+                     "kcv=HEX custodians=A,B[,...] [custody_key=FINGERPRINT] | method=export-components "
+                     "recipients=A,B[,...]"),
     Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,
-              _run_state),
-    Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy),
+              _run_state, params="name=NAME version=N state=STATE [kind=KIND]"),
+    Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy,
+              params="name=NAME version=N [kind=KIND]"),
     Operation("authorize-batch", "the domain's authorization of an issuance batch", _check_batch, _run_batch,
-              False),
+              False, "batch_id=ID (the service fills in bureau, profile, card_count, cards_digest, master_keys)"),
     Operation("set-limits", "this domain's issuance limits for a station, a bureau or every one", _check_limits,
-              _run_limits, False),
+              _run_limits, False, "scope=station|bureau subject=URI|BUREAU|default [cards_per_hour=N] "
+                                  "[cards_per_day=N] [concurrent_streams=N]"),
 )}
 
 

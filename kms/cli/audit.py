@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import errors
-from kms.cli.common import Progress, client_for, emit
+from kms.cli.common import Progress, client_for, client_options, command, commands, emit, json_option
 from kms.registry import DOMAINS
 
 #: `kms audit verify`: the exit status when the file does not verify (declared in kms.errors with the others).
@@ -27,39 +27,42 @@ NOT_VERIFIED = errors.AuditNotVerified.exit_code
 
 
 def add_parser(sub: Any) -> None:
-    audit = sub.add_parser("audit", help="the tamper-evident audit log (auditors)")
+    audit = command(sub, "audit", "the tamper-evident audit log (auditors)", """
+        The tamper-evident audit log: an auditor exports it and verifies the export offline with nothing but the
+        audit public key (docs/audit.md).""",
+                    "kms audit export --client home/clients/auditor-erin.yaml -o audit.jsonl")
     audit.set_defaults(handler=run)
-    commands = audit.add_subparsers(dest="audit_command", required=True)
-    p = commands.add_parser(
-        "export", help="export the audit log as JSON Lines, ending with a seal signed for this export",
-        description="Export the audit log as JSON Lines into a new file (mode 0600; an existing file is never "
-                    "overwritten), written as it streams in. The export ends with a seal signed for this request "
-                    "(a random nonce this command sends and prints) covering every record in it. Filters: time "
-                    "range (since inclusive, until exclusive, RFC 3339), domain, kind (a kind or a dotted prefix, "
-                    "e.g. ceremony); a record a filter leaves out appears only as the digest of its body, so a "
-                    "filtered export verifies as completely as a full one.")
-    p.add_argument("--client", type=Path, required=True, help="an auditor's client configuration")
-    p.add_argument("--server", help="host:port, instead of the client configuration's")
+    commands_ = commands(audit, "audit_command")
+    p = command(
+        commands_, "export", "export the audit log as JSON Lines, ending with a seal signed for this export", """
+        Export the audit log as JSON Lines into a new file (mode 0600; an existing file is never overwritten),
+        written as it streams in. The export ends with a seal signed for this request (a random nonce this
+        command sends and prints) covering every record in it. Filters: time range (since inclusive, until
+        exclusive, RFC 3339), domain, kind (a kind or a dotted prefix, e.g. ceremony); a record a filter leaves out
+        appears only as the digest of its body, so a filtered export verifies as completely as a full one.""",
+        "kms audit export --client home/clients/auditor-erin.yaml -o audit.jsonl\n"
+        "kms audit export --client home/clients/auditor-erin.yaml -o ceremonies.jsonl --kind ceremony --json")
+    client_options(p, "an auditor's client configuration")
     p.add_argument("--out", "-o", type=Path, required=True, help="the export file (must not exist)")
     p.add_argument("--since", default="", help="RFC 3339 time, inclusive (e.g. 2026-11-27T00:00:00Z)")
     p.add_argument("--until", default="", help="RFC 3339 time, exclusive")
-    p.add_argument("--domain", choices=DOMAINS)
+    p.add_argument("--domain", choices=DOMAINS, help="only this domain's records in full")
     p.add_argument("--kind", default="", help="a record kind or dotted prefix (e.g. request.refused, ceremony)")
-    p.add_argument("--json", action="store_true")
-    p = commands.add_parser(
-        "verify", help="verify an export offline: every hash, sequence number and checkpoint signature",
-        description="Verify an audit export offline, reading it line by line: every record's sequence number, link "
-                    "and hash, every checkpoint's signature and head, and that the file ends with the seal signed "
-                    "for its request (the nonce given, or else the header's). Prints a summary and exits 0 if it "
-                    "verifies; otherwise prints one line on stderr naming the first bad sequence number and why "
-                    "(edited, removed, inserted, reordered, truncated, checkpoint forged) and exits "
-                    f"{NOT_VERIFIED}. Other exit statuses: 2 the file, key or nonce cannot be read.")
-    p.add_argument("file", type=Path)
+    p = command(
+        commands_, "verify", "verify an export offline: every hash, sequence number and checkpoint signature", f"""
+        Verify an audit export offline, reading it line by line: every record's sequence number, link and hash,
+        every checkpoint's signature and head, and that the file ends with the seal signed for its request (the
+        nonce given, or else the header's). Prints a summary and exits 0 if it verifies; otherwise prints one line
+        on stderr naming the first bad sequence number and why (edited, removed, inserted, reordered, truncated,
+        checkpoint forged) and exits {NOT_VERIFIED}. Other exit statuses: 2 the file, key or nonce cannot be
+        read.""",
+        "kms audit verify audit.jsonl --public-key home/audit/audit-v1.pem --nonce 3f1c…  # the nonce export printed")
+    p.add_argument("file", type=Path, help="the export (JSON Lines)")
     p.add_argument("--public-key", type=Path, required=True, help="the audit public key (PEM), e.g. audit/audit-v1.pem")
     p.add_argument("--nonce", "--expect-nonce", dest="nonce", metavar="HEX",
                    help="the nonce `kms audit export` printed, kept apart from the file: the export must be sealed "
                         "for it (without it, the nonce the file's header records is checked)")
-    p.add_argument("--json", action="store_true", help="the verdict as JSON on stdout")
+    json_option(p, "the verdict")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +84,7 @@ def _export(args: argparse.Namespace) -> int:
     records = checkpoints = last_seq = size = 0
     nonce = secrets.token_hex(16)  # the export's seal is signed for it: an older export cannot pass for this one
     sealed = ""
-    progress = Progress(enabled=not args.json and sys.stderr.isatty())
+    progress = Progress(unit="records")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out, client_for(args.client, args.server) as client:
             for chunk in AuditClient(client).export(since=args.since, until=args.until, domain=args.domain or "",

@@ -6,46 +6,73 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kms.cli.common import client_for, emit, read_cards
+from kms.cli.common import client_for, client_options, command, commands, emit, read_cards
 
 
 def add_parser(sub: Any) -> None:
-    group = sub.add_parser("batch", help="issuance batches (officers)")
+    group = command(sub, "batch", "issuance batches (officers)", """
+        Issuance batches: the work orders officers create for a bureau. A batch is issuable once every domain of
+        its profile authorized it (an authorize-batch ceremony each).""",
+                    "kms batch show --client home/clients/auditor-erin.yaml --batch-id B-0001")
     group.set_defaults(handler=_batch)
-    batch = group.add_subparsers(dest="batch_command", required=True)
-    p = batch.add_parser("create", help="authorize a batch of cards for a bureau")
-    p.add_argument("--client", type=Path, required=True, help="an officer's client configuration")
-    p.add_argument("--batch-id", required=True)
-    p.add_argument("--bureau", required=True)
-    p.add_argument("--profile", default="dual-app-v1")
+    batch = commands(group, "batch_command")
+    p = command(batch, "create", "create a batch of cards for a bureau (awaiting authorization)", """
+        Create a batch of the cards of a card file for a bureau and a profile. The batch is recorded
+        awaiting-authorization; each domain of the profile then authorizes it in an authorize-batch ceremony.
+        Each card must carry every field the profile needs except the chip data (card_serial, kdd), and a PAN
+        must pass the Luhn check unless the profile opts out (pan_luhn: false).""",
+                "kms batch create --client home/clients/officer-hrss-alice.yaml --batch-id B-0001 "
+                "--bureau bureau-b --cards cards.csv")
+    client_options(p, "an officer's client configuration")
+    p.add_argument("--batch-id", required=True, help="the new batch's id (1 to 64 characters)")
+    p.add_argument("--bureau", required=True, help="the bureau whose stations will fetch it")
+    p.add_argument("--profile", default="dual-app-v1", help="the card profile (default: dual-app-v1)")
     p.add_argument("--cards", type=Path, required=True, help="CSV: card_ref,city_code,card_serial,pan,psn,kdd")
-    p.add_argument("--server", help="host:port, instead of the client configuration's")
-    p.add_argument("--json", action="store_true")
-    p = batch.add_parser("show", help="a batch's status")
-    p.add_argument("--client", type=Path, required=True, help="a client or station configuration")
-    p.add_argument("--batch-id", required=True)
-    p.add_argument("--server")
-    p.add_argument("--json", action="store_true")
-    p = batch.add_parser("reissue", help="consent (for your domain) to revoke a spoiled card's chip binding and "
-                                         "bundle so it can be issued again; done once every domain consented")
-    p.add_argument("--client", type=Path, required=True, help="an officer's client configuration")
-    p.add_argument("--batch-id", required=True)
-    p.add_argument("--card-ref", required=True)
-    p.add_argument("--server")
+    p = command(batch, "show", "a batch's status", """
+        A batch's bureau, profile, card count, cards issued, state, and who created it when.""",
+                "kms batch show --client home/clients/auditor-erin.yaml --batch-id B-0001 --json | jq .issued")
+    client_options(p, "a client or station configuration")
+    p.add_argument("--batch-id", required=True, help="the batch")
+    p = command(batch, "reissue", "consent (for your domain) to revoke a spoiled card's chip binding and "
+                                  "bundle so it can be issued again; done once every domain consented", """
+        A card spoiled in personalization: revoke its chip binding and issued bundle so it can be issued again.
+        Each call is the consent of the caller's domain; the card is pending again once every domain of its
+        profile consented.""",
+                "kms batch reissue --client home/clients/officer-hrss-alice.yaml --batch-id B-0001 "
+                "--card-ref b1-0000042")
+    client_options(p, "an officer's client configuration")
+    p.add_argument("--batch-id", required=True, help="the batch")
+    p.add_argument("--card-ref", required=True, help="the spoiled card")
 
-    group = sub.add_parser("card", help="card lifecycle (officers; show also auditors)")
+    group = command(sub, "card", "card lifecycle (officers; show also auditors)", """
+        The card lifecycle per application: 挂失 (lost), 解挂 (unlost), 补换 (replace), 销卡/销户 (cancel). An officer
+        acts on their own domain's application; issuance is refused for a card in a blocking state
+        (docs/card-lifecycle.md).""",
+                    "kms card show --client home/clients/auditor-erin.yaml --card-ref b1-0000001")
     group.set_defaults(handler=_card)
-    card = group.add_subparsers(dest="card_command", required=True)
-    for name, text in (("lost", "report an application of a card lost (挂失)"),
-                       ("unlost", "cancel the loss report of an application (解挂)"),
-                       ("replace", "record a replacement card (补换): the old card is revoked, its identities retired"),
-                       ("cancel", "cancel (销卡) or close (销户) an application of a card; hrss first"),
-                       ("show", "a card's state per application and its history")):
-        p = card.add_parser(name, help=text)
-        p.add_argument("--client", type=Path, required=True, help="an officer's or auditor's client configuration")
+    card = commands(group, "card_command")
+    for name, text, example in (
+            ("lost", "report an application of a card lost (挂失)",
+             "kms card lost --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
+             "--application hrss --reason 'reported by the holder'"),
+            ("unlost", "cancel the loss report of an application (解挂)",
+             "kms card unlost --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
+             "--application hrss --reason 'found'"),
+            ("replace", "record a replacement card (补换): the old card is revoked, its identities retired",
+             "kms card replace --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
+             "--new-card-ref b2-0000000 --reason damaged"),
+            ("cancel", "cancel (销卡) or close (销户) an application of a card; hrss first",
+             "kms card cancel --client home/clients/officer-hrss-alice.yaml --card-ref b1-0000001 "
+             "--application hrss --kind cancel-card --reason 'holder request'"),
+            ("show", "a card's state per application and its history",
+             "kms card show --client home/clients/auditor-erin.yaml --card-ref b1-0000001 --json")):
+        p = command(card, name, text, text[0].upper() + text[1:] + ". The change is recorded with its reason, "
+                    "who made it and when, in the card's history and the audit log." if name != "show" else
+                    "A card's state per application, its records per batch, and its history.", example)
+        client_options(p, "an officer's or auditor's client configuration")
         p.add_argument("--card-ref", required=True, help="the card (for replace: the old card)")
         if name in ("lost", "unlost", "cancel"):
-            p.add_argument("--application", required=True, choices=("hrss", "bank"))
+            p.add_argument("--application", required=True, choices=("hrss", "bank"), help="which application")
         if name == "replace":
             p.add_argument("--new-card-ref", required=True, help="the replacement card, a card of some batch")
         if name == "cancel":
@@ -53,8 +80,6 @@ def add_parser(sub: Any) -> None:
                            help="cancel-card (销卡) or close-account (销户)")
         if name != "show":
             p.add_argument("--reason", required=True, help="why; recorded with the change")
-        p.add_argument("--server")
-        p.add_argument("--json", action="store_true")
 
 
 def _status_doc(status: Any) -> dict[str, Any]:
@@ -71,11 +96,11 @@ def _batch(args: argparse.Namespace) -> int:
             status = client.batch_status(args.batch_id)
         else:
             reply = client.reissue(args.batch_id, args.card_ref)
-            if reply.awaiting:
-                print(f"card {reply.card_ref} of batch {args.batch_id}: your domain's consent to re-issue it is "
-                      f"recorded; awaiting the {' and '.join(reply.awaiting)} domain's consent")
-            else:
-                print(f"card {reply.card_ref} of batch {args.batch_id} is {reply.state} again")
+            emit(args, {"batch_id": args.batch_id, "card_ref": reply.card_ref, "state": reply.state,
+                        "awaiting": list(reply.awaiting)},
+                 f"card {reply.card_ref} of batch {args.batch_id}: your domain's consent to re-issue it is "
+                 f"recorded; awaiting the {' and '.join(reply.awaiting)} domain's consent" if reply.awaiting else
+                 f"card {reply.card_ref} of batch {args.batch_id} is {reply.state} again")
             return 0
     doc = _status_doc(status)
     emit(args, doc, f"batch {doc['batch_id']}: {doc['cards']} cards for {doc['bureau']} ({doc['profile']}), "

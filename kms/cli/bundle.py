@@ -12,30 +12,49 @@ from typing import Any
 
 from kms import config as config_mod
 from kms import errors
-from kms.cli.common import emit, read_cards
+from kms.cli.common import command, commands, emit, env_path, force_option, json_option, read_cards, refuse_existing
 from kms.files import private_dir, write_private
 
 
 def add_parser(sub: Any) -> None:
-    bundle = sub.add_parser("bundle", help="sealed bundles").add_subparsers(dest="bundle_command", required=True)
-    p = bundle.add_parser("seal", help="seal bundles for the cards in a CSV file (issuer side)")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--bureau", required=True)
-    p.add_argument("--batch", required=True)
-    p.add_argument("--profile", default="dual-app-v1")
+    group = command(sub, "bundle", "sealed bundles: seal without the service, open at a station", """
+        Sealed bundles: a card's keys wrapped under a bureau's transport key with their check values, signed per
+        domain (docs/bundle-format.md). `seal` makes them from a card file without the service; `open` verifies
+        them at a station and unwraps the keys into its token.""",
+                    "kms bundle open --station-config home/stations/station-a1/station.yaml sealed/")
+    bundle = commands(group, "bundle_command")
+    p = command(bundle, "seal", "seal bundles for the cards in a CSV file (issuer side, without the service)", """
+        Seal one bundle per card of a card file for a bureau, in this machine's domain worker processes (no
+        service, no batch, no authorization: a development and bench path). Writes OUT/<card_ref>.kmsb (mode 0600);
+        a bundle file that exists already is refused unless --force. A card that fails is reported on stderr and
+        the others are sealed (exit 1 if any failed).""",
+                "kms bundle seal --config home/kms.yaml --bureau bureau-a --batch B-0002 --cards cards.csv "
+                "--out sealed/")
+    env_path(p, "--config", "the issuer configuration (kms.yaml)")
+    p.add_argument("--bureau", required=True, help="the bureau whose transport keys wrap the cards' keys")
+    p.add_argument("--batch", required=True, help="the batch name the bundles record (1 to 64 characters)")
+    p.add_argument("--profile", default="dual-app-v1", help="the card profile (default: dual-app-v1)")
     p.add_argument("--cards", type=Path, required=True, help="CSV: card_ref,city_code,card_serial,pan,psn,kdd")
     p.add_argument("--out", type=Path, required=True, help="directory for the .kmsb files")
     p.add_argument("--workers", type=int, help="worker processes per domain (default: from the config)")
-    p.add_argument("--json", action="store_true")
+    force_option(p)
+    json_option(p, "the counts")
     p.set_defaults(handler=_seal)
-    p = bundle.add_parser("open", help="verify bundles and unwrap their keys into the station's token")
-    p.add_argument("--station-config", type=Path, required=True)
+    p = command(bundle, "open", "verify bundles and unwrap their keys into the station's token", """
+        Verify sealed bundles at a station (signatures, bureau, domains, replay against the station's ledger) and
+        unwrap every key into its token, recomputing each KCV. Each bundle is one line per key on stdout; a refusal
+        is one line on stderr: `bundle rejected` (deliberately opaque; with -v the reason, e.g. a replay, is
+        logged). Exit 0 if every bundle opened with every KCV matching, else 7.""",
+                "kms bundle open --station-config home/stations/station-a1/station.yaml sealed/\n"
+                "kms bundle open --station-config home/stations/station-a1/station.yaml --verify-only --json "
+                "sealed/card-0000000.kmsb")
+    env_path(p, "--station-config", "the station configuration (station.yaml)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--store", action="store_true", help="keep the keys as token objects in the station's token")
     mode.add_argument("--verify-only", action="store_true",
                       help="dry run: verify and check every KCV, but record nothing (the bundle can be opened later)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("bundles", type=Path, nargs="+", help="bundle files or directories of *.kmsb")
+    json_option(p, "a report per bundle")
+    p.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE", help="bundle files or directories of *.kmsb")
     p.set_defaults(handler=_open)
 
 
@@ -47,6 +66,8 @@ def _seal(args: argparse.Namespace) -> int:
     if args.workers is not None and not 1 <= args.workers <= 64:
         raise errors.InvalidArgument("--workers", "must be from 1 to 64")
     cards = read_cards(args.cards)
+    for card in cards:  # no silent overwrite: checked before any work
+        refuse_existing(args.out / f"{card.card_ref}.kmsb", args.force)
     private_dir(args.out)
     started = time.perf_counter()
     sealed = failed = 0

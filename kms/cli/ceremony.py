@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from kms import config as config_mod
 from kms import errors, identity
 from kms.ceremony.officers import ApprovalKeyFile
 from kms.ceremony.rules import verify_minutes
-from kms.cli.common import client_for, emit
+from kms.cli.common import (
+    client_for,
+    client_options,
+    command,
+    commands,
+    emit,
+    force_option,
+    json_option,
+    refuse_existing,
+)
 from kms.client.ceremony import CeremonyClient, checked_proposal
 from kms.files import write_private
 from kms.hsm.types import wipe
@@ -33,43 +43,93 @@ _LISTS = {"custodians", "recipients", "roles"}
 _INTS = {"version", "card_count"}
 
 
-def add_parser(sub: Any) -> None:
-    cer = sub.add_parser("ceremony", help="key ceremonies under dual control (officers; auditors read)")
-    cer.set_defaults(handler=run)
-    commands = cer.add_subparsers(dest="ceremony_command", required=True)
+def _operations() -> str:
+    """The operations and their parameters, from the operations table itself (kms.ceremony.operations)."""
+    from kms.ceremony.operations import OPERATIONS
 
-    def command(name: str, text: str, *, with_id: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = commands.add_parser(name, help=text)
-        p.add_argument("--client", type=Path, required=True, help="an officer's (or auditor's) client configuration")
-        p.add_argument("--server", help="host:port, instead of the client configuration's")
-        p.add_argument("--json", action="store_true")
+    lines = ["operations (NAME=VALUE parameters; [optional]; | alternatives):"]
+    for op in OPERATIONS.values():
+        lines.append(f"  {op.name}: {op.summary}")
+        lines.extend(f"      {line}" for line in textwrap.wrap(op.params, 92, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    cer = command(sub, "ceremony", "key ceremonies under dual control (officers; auditors read)", """
+        Key ceremonies under dual control: an officer proposes an operation of their domain, a quorum of other
+        officers of the same domain approves it (each signing its digest with their own approval key), the
+        proposer executes it, and signed minutes record it (docs/ceremonies.md).""",
+                  "kms ceremony propose --help    # the operations and their parameters")
+    cer.set_defaults(handler=run)
+    commands_ = commands(cer, "ceremony_command")
+
+    def command_(name: str, text: str, description: str, example: str, *,
+                 with_id: bool = True) -> argparse.ArgumentParser:
+        p = command(commands_, name, text, description, example)
+        client_options(p, "an officer's (or auditor's) client configuration")
         if with_id:
-            p.add_argument("ceremony_id")
+            p.add_argument("ceremony_id", help="the ceremony (C-…), as propose printed it")
         return p
 
-    p = command("propose", "propose an operation of your domain", with_id=False)
-    p.add_argument("operation")
+    p = command_("propose", "propose an operation of your domain", """
+        Propose an operation of your domain (your certificate's). Prints the new ceremony with its id; approvers
+        then see exactly these parameters, with the values the service fills in (e.g. authorize-batch's card count
+        and digest), before they sign. Take the id from the JSON output to script the next steps.""",
+                 "id=$(kms ceremony propose --client home/clients/officer-hrss-alice.yaml --json "
+                 "generate-master-key name=hrss-test | jq -r .ceremony_id)", with_id=False)
+    p.epilog = f"{_operations()}\n\n{p.epilog}"
+    p.add_argument("operation", help="the operation (listed below)")
     p.add_argument("params", nargs="*", metavar="NAME=VALUE",
                    help="parameters; lists comma-separated (custodians=bob,chen); VALUE @FILE reads a file")
     p.add_argument("--ttl", type=int, default=0, help="seconds until the proposal expires (default 24 h)")
-    command("show", "a ceremony: operation, digest, approvals, components, result")
-    p = command("list", "your domain's ceremonies", with_id=False)
-    p.add_argument("--state", default="")
-    p = command("approve", "approve a ceremony: sign its digest with your approval key")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p = command("submit-component", "send your key component, encrypted to the domain's custody key")
+    command_("show", "a ceremony: operation, digest, approvals, components, result", """
+        A ceremony: its operation and parameters, digest, state, approvals, components received and result.""",
+             "kms ceremony show --client home/clients/officer-hrss-alice.yaml --json C-4936f72c8e6098f8")
+    p = command_("list", "your domain's ceremonies", """
+        Your domain's ceremonies, newest first, optionally only those in one state.""",
+                 "kms ceremony list --client home/clients/officer-hrss-alice.yaml --state open", with_id=False)
+    p.add_argument("--state", default="", help="only ceremonies in this state (open, executed, failed, ...)")
+    p = command_("approve", "approve a ceremony: sign its digest with your approval key", """
+        Approve a ceremony of your domain: sign its digest with your approval key (client.approval_key). Without
+        --yes, the proposal (decoded from the very encoding whose digest is signed) is shown on stderr and
+        `approve? [y/N]` asked on the terminal; anything but y is `not approved` (exit 14), and so is running
+        without a terminal (pass --yes after reviewing with `kms ceremony show`).""",
+                 "kms ceremony approve --client home/clients/officer-hrss-bob.yaml C-4936f72c8e6098f8\n"
+                 "kms ceremony approve --client home/clients/officer-hrss-bob.yaml --yes \"$id\"")
+    p.add_argument("--yes", action="store_true", help="approve without asking (review with `show` first)")
+    p = command_("submit-component", "send your key component, encrypted to the domain's custody key", """
+        Send your key component for an import ceremony: read without echo (or from a file), encrypted on this
+        machine to the domain's custody key, and wiped. The service checks it against the KCV you give.""",
+                 "kms ceremony submit-component --client home/clients/officer-bank-dave.yaml --kcv 1A2B3C "
+                 "C-4936f72c8e6098f8")
     p.add_argument("--kcv", required=True, help="your component's check value (6 hex digits)")
     p.add_argument("--component-file", type=Path, help="a file holding the component in hex (default: prompt)")
-    command("execute", "run a ceremony whose quorum is met")
-    command("cancel", "cancel an open ceremony")
-    p = command("fetch-component", "your escrow component of an executed export, into a file only you can read")
-    p.add_argument("--out", type=Path, required=True)
-    p = command("minutes", "signed minutes of a ceremony")
+    command_("execute", "run a ceremony whose quorum is met", """
+        Run a ceremony whose quorum is met (the proposer). Prints the result, e.g. a new key's version and KCV.""",
+             "kms ceremony execute --client home/clients/officer-hrss-alice.yaml C-4936f72c8e6098f8")
+    command_("cancel", "cancel an open ceremony", """
+        Cancel an open ceremony (the proposer).""",
+             "kms ceremony cancel --client home/clients/officer-hrss-alice.yaml C-4936f72c8e6098f8")
+    p = command_("fetch-component", "your escrow component of an executed export, into a file only you can read",
+                 """
+        Fetch your escrow component of an executed export-master-key ceremony into a new file only you can read
+        (an existing file is refused).""",
+                 "kms ceremony fetch-component --client home/clients/officer-bank-dave.yaml --out dave.component "
+                 "C-4936f72c8e6098f8")
+    p.add_argument("--out", type=Path, required=True, help="the component file to create (must not exist)")
+    p = command_("minutes", "signed minutes of a ceremony", """
+        The signed minutes of a ceremony: the canonical document to OUT and its signature to OUT.sig. Existing
+        files are refused unless --force.""",
+                 "kms ceremony minutes --client home/clients/auditor-erin.yaml C-4936f72c8e6098f8 -o minutes.json")
     p.add_argument("--out", "-o", type=Path, required=True, help="the minutes; the signature goes to OUT.sig")
-    p = commands.add_parser("verify-minutes", help="check signed minutes offline")
-    p.add_argument("file", type=Path)
+    force_option(p)
+    p = command(commands_, "verify-minutes", "check signed minutes offline", """
+        Check signed minutes offline against the domain's issuance signing key: the signature over the document
+        and every approval signature in it.""",
+                "kms ceremony verify-minutes minutes.json --public-key home/trust/hrss-issuance-v1.pem")
+    p.add_argument("file", type=Path, help="the minutes (with FILE.sig beside it)")
     p.add_argument("--public-key", type=Path, required=True, help="the domain's issuance signing key (PEM)")
-    p.add_argument("--json", action="store_true")
+    json_option(p, "the verdict")
 
 
 def _doc(ceremony: Any) -> dict[str, Any]:
@@ -126,7 +186,7 @@ def _approval_key(args: argparse.Namespace) -> ApprovalKeyFile:
 
 def _me(args: argparse.Namespace) -> str:
     cfg = config_mod.load_client(args.client)
-    return identity.from_pem(cfg.tls.cert.read_bytes()).uri()
+    return identity.from_pem(config_mod.read_file(cfg.tls.cert, "client.tls.cert")).uri()
 
 
 def _read_component(args: argparse.Namespace) -> bytearray:
@@ -166,8 +226,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{args.ceremony_id}: {proposal['operation']} ({proposal['domain']}) proposed by "
                       f"{proposal['proposer']}, expires {proposal['expires_at']}\n  params: "
                       f"{json.dumps(proposal['params'], sort_keys=True)}\n  digest: {digest.hex()}", file=sys.stderr)
-                if not sys.stdin.isatty() or input("approve? [y/N] ").strip().lower() != "y":
-                    raise errors.Cancelled("not approved")
+                if not sys.stdin.isatty():
+                    raise errors.NotApproved(f"not approved: no terminal to ask on; review the proposal (kms "
+                                             f"ceremony show {args.ceremony_id}) and pass --yes")
+                print("approve? [y/N] ", end="", file=sys.stderr, flush=True)  # never on stdout (--json)
+                if sys.stdin.readline().strip().lower() != "y":
+                    raise errors.NotApproved("not approved")
             ceremony = cer.approve(args.ceremony_id, _approval_key(args), ceremony)
         elif command == "submit-component":
             value = _read_component(args)
@@ -182,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         elif command == "fetch-component":
             return _fetch(args, cer)
         else:
+            refuse_existing(args.out, args.force)
+            refuse_existing(Path(f"{args.out}.sig"), args.force)
             minutes = cer.minutes(args.ceremony_id)
             try:
                 write_private(args.out, minutes.document)

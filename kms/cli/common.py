@@ -1,13 +1,16 @@
-"""What the command groups share: printing a result (text or ``--json``), a client from a configuration file, the
-card CSV format, and a progress line."""
+"""What the command groups share: how a command is declared (description, example, the options every command spells
+the same way, their environment variables), printing a result (text or ``--json``), a client from a configuration
+file, refusing to overwrite a file, the card CSV format, and progress on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import secrets
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,64 @@ from kms.files import open_private
 
 #: The card CSV columns (`kms batch create --cards`, `kms bundle seal --cards`, `kms dev cards`).
 CARD_COLUMNS = ("card_ref", "city_code", "card_serial", "pan", "psn", "kdd")
+
+
+#: The environment variables that give a flag its default; the flag wins (each flag's help says so).
+ENV = {"--server": "KMS_SERVER", "--client": "KMS_CLIENT", "--station-config": "KMS_STATION_CONFIG",
+       "--config": "KMS_CONFIG"}
+
+
+def command(sub: Any, name: str, text: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A command (or command group) with its one-line ``text`` for the list, a ``description`` (paragraphs apart by
+    blank lines) and an ``example`` (shell lines) for its ``--help``."""
+    paragraphs = [textwrap.fill(" ".join(p.split()), 100) for p in description.strip().split("\n\n")]
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description="\n\n".join(paragraphs),
+        epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+def commands(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """The sub-commands of a command group."""
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+
+def env_path(parser: argparse.ArgumentParser, flag: str, text: str, *, required: bool = True) -> None:
+    """A file option whose default comes from its environment variable (ENV); required unless that is set."""
+    env = ENV[flag]
+    value = os.environ.get(env) or None
+    parser.add_argument(flag, type=Path, default=Path(value) if value else None, required=required and not value,
+                        metavar="FILE", help=f"{text} (default: ${env})")
+
+
+def server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get(ENV["--server"]) or None, metavar="HOST:PORT",
+                        help="the service's address, instead of the configuration's client.server "
+                             f"(default: ${ENV['--server']})")
+
+
+def json_option(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
+
+
+def client_options(parser: argparse.ArgumentParser, who: str, *, json: bool = True) -> None:
+    """--client (``who``'s client configuration), --server and --json."""
+    env_path(parser, "--client", who)
+    server_option(parser)
+    if json:
+        json_option(parser)
+
+
+def force_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """No silent overwrite: AlreadyExists naming ``path`` if it exists, unless ``--force``. (A symbolic link is left
+    to the writer, which refuses to write through one whatever --force says: kms.files.)"""
+    if not force and path.exists() and not path.is_symlink():
+        raise errors.AlreadyExists(f"{path} exists; choose another file, or pass --force to overwrite it")
 
 
 def emit(args: argparse.Namespace, doc: Any, text: str) -> None:
@@ -44,17 +105,25 @@ def _is_station_config(path: Path) -> bool:
         return False
 
 
-def write_random_cards(path: Path, count: int, city_code: str = "320200") -> None:
+def write_random_cards(path: Path, count: int, city_code: str = "320200", prefix: str = "card-") -> None:
     """``count`` random dual-application card identities as a card CSV (mode 0600: it holds PANs)."""
     with open_private(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CARD_COLUMNS)
         for i in range(count):
             writer.writerow([
-                f"card-{i:07d}", city_code, secrets.token_hex(8).upper(),
-                "621483" + f"{secrets.randbelow(10**13):013d}", f"{secrets.randbelow(100):02d}",
+                f"{prefix}{i:07d}", city_code, secrets.token_hex(8).upper(),
+                _random_pan(), f"{secrets.randbelow(100):02d}",
                 secrets.token_hex(10).upper(),
             ])
+
+
+def _random_pan() -> str:
+    """A random 19-digit PAN of the development BIN 621483 that passes the Luhn check, as profiles require."""
+    from kms.cards.cardid import luhn_check_digit
+
+    body = "621483" + f"{secrets.randbelow(10**12):012d}"
+    return body + luhn_check_digit(body)
 
 
 def read_cards(path: Path) -> list[Any]:
@@ -83,24 +152,60 @@ def read_cards(path: Path) -> list[Any]:
     return cards
 
 
-class Progress:
-    """One line on stderr, only when enabled (a terminal, no ``--json``): a bar, ``count/total`` and the caller's
-    note, redrawn at most five times a second. ``total`` may be set later (0: not known yet)."""
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
 
-    def __init__(self, total: int = 0, *, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+
+class Progress:
+    """Progress on stderr (never stdout, so ``--json > file`` stays valid JSON): on a terminal, one line redrawn at
+    most five times a second with a bar, ``count/total``, the rate and the time left; otherwise (a log file, a
+    pipe) a plain line per 10 % done. ``total`` may be set later (0: not known yet); ``unit`` names what is
+    counted."""
+
+    def __init__(self, total: int = 0, *, enabled: bool = True, unit: str = "items") -> None:
+        self.total, self.enabled, self.unit = total, enabled, unit
+        self._tty = sys.stderr.isatty()
+        self._started = time.monotonic()
         self._last = 0.0
+        self._tenths = 0  # the 10 % steps already printed (not on a terminal)
+        self._drawn = False
+
+    def _figures(self, count: int) -> tuple[int, str]:
+        elapsed = time.monotonic() - self._started
+        rate = count / elapsed if elapsed > 0 else 0.0
+        percent = min(count * 100 // self.total, 100) if self.total else 100
+        text = f"{count}/{self.total} {self.unit}" if self.total else f"{count} {self.unit}"
+        text += f", {rate:,.0f}/s" if rate else ""
+        if self.total and rate and count < self.total:
+            text += f", ETA {_duration((self.total - count) / rate)}"
+        elif count and (not self.total or count >= self.total):
+            text += f", {_duration(elapsed)}"
+        return percent, text
 
     def update(self, count: int, note: str = "", *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self._last < 0.2):
+        if not self.enabled:
             return
-        self._last = now
-        percent = min(count * 100 // self.total, 100) if self.total else 100
-        bar = "#" * (percent // 4)
-        print(f"\r[{bar:<25}] {note}{', ' if note else ''}{count}/{self.total}", end="", file=sys.stderr,
-              flush=True)
+        if self._tty:
+            now = time.monotonic()
+            if not final and now - self._last < 0.2:
+                return
+            self._last = now
+            percent, text = self._figures(count)
+            print(f"\r[{'#' * (percent // 4):<25}] {note}{', ' if note else ''}{text}\033[K", end="",
+                  file=sys.stderr, flush=True)
+            self._drawn = True
+            return
+        if not self.total:
+            return
+        tenths = min(count * 10 // self.total, 10)
+        if tenths > self._tenths:
+            self._tenths = tenths
+            percent, text = self._figures(count)
+            print(f"kms: {percent} % ({note}{', ' if note else ''}{text})", file=sys.stderr, flush=True)
 
     def done(self) -> None:
-        if self.enabled:
+        if self.enabled and self._tty and self._drawn:
             print(file=sys.stderr)
+            self._drawn = False

@@ -13,13 +13,20 @@ from typing import Any
 
 from kms import config as config_mod
 from kms import logs
+from kms.cli.common import command, env_path, json_option
 from kms.hsm.labels import SELFTEST_TOKEN
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the issuance service (gRPC over mutual TLS) until interrupted")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--listen", help="host:port (default: server.listen in the config; port 0 picks one)")
+    p = command(sub, "serve", "run the issuance service (gRPC over mutual TLS) until interrupted", """
+        Run the issuance, batch, card, ceremony and audit services over gRPC with mutual TLS, with one HSM worker
+        process per domain (workers_per_domain) and the audit signer, until Ctrl-C or SIGTERM. Prints `kms: serving
+        on port N` on stdout once it listens. Operating it (supervision, health, backup, certificates):
+        docs/operations.md.""",
+                "kms serve --config home/kms.yaml\nKMS_CONFIG=/etc/kms/kms.yaml kms serve --listen 0.0.0.0:7443")
+    env_path(p, "--config", "the issuer configuration (kms.yaml)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="the address to listen on (default: server.listen in the config; port 0 picks one)")
     p.add_argument("--health-listen", metavar="HOST:PORT|off",
                    help="the HTTP listener for /healthz, /readyz and /metrics (default: server.health_listen in the "
                         "config, else loopback on the gRPC port + 1)")
@@ -29,12 +36,16 @@ def add_parser(sub: Any) -> None:
                    help="least level logged (default: $KMS_LOG_LEVEL, or info; debug with -v)")
     p.set_defaults(handler=_serve)
 
-    p = sub.add_parser("selftest", help="run known-answer derivation vectors through the HSM")
-    p.add_argument("--vectors", type=Path, required=True)
-    p.add_argument("--config", type=Path, help="use this configuration's token (session objects only)")
+    p = command(sub, "selftest", "run known-answer derivation vectors through the HSM", """
+        Run known-answer derivation vectors (tests/vectors/derivation.json) through an HSM: by default a temporary
+        SoftHSM2 token; with --config, that configuration's domain token, using session objects only. One line
+        per case, PASS, FAIL or SKIP (a mechanism the HSM lacks); exit 0 only if nothing failed.""",
+                "kms selftest --vectors tests/vectors/derivation.json")
+    p.add_argument("--vectors", type=Path, required=True, help="the vectors file (JSON)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="use this configuration's token (session objects only)")
     p.add_argument("--domain", choices=("hrss", "bank"), default="bank", help="which domain's token, with --config")
     p.add_argument("--module", help="PKCS#11 module for the temporary token (default: find SoftHSM2)")
-    p.add_argument("--json", action="store_true")
+    json_option(p, "the results")
     p.set_defaults(handler=_selftest)
 
 

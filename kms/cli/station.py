@@ -11,7 +11,7 @@ from typing import Any
 
 from kms import config as config_mod
 from kms import errors
-from kms.cli.common import Progress, client_for, emit
+from kms.cli.common import Progress, client_for, command, commands, emit, env_path, json_option, server_option
 from kms.files import private_dir, write_private
 from kms.registry import DOMAINS
 
@@ -20,15 +20,27 @@ RETRIES, RETRY_FOR = 8, 300.0
 
 
 def add_parser(sub: Any) -> None:
-    station = sub.add_parser("station", help="personalization station").add_subparsers(dest="station_command",
-                                                                                       required=True)
-    p = station.add_parser("fetch", help="fetch a batch's sealed bundles into a directory")
-    p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--batch-id", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    group = command(sub, "station", "personalization station", """
+        A personalization station: fetch a batch's sealed bundles (and open them into the station's token), show
+        its unwrap public key, take a transport key a ceremony left for it. The station configuration's client
+        section says how to reach the service.""",
+                    "kms station fetch --station-config home/stations/station-b1/station.yaml --batch-id B-0001 "
+                    "--out bundles/ --open")
+    station = commands(group, "station_command")
+    p = command(station, "fetch", "fetch a batch's sealed bundles into a directory", """
+        Stream a batch's sealed bundles from the service into OUT/<card_ref>.kmsb (mode 0600), resuming the stream
+        where it broke off when the service is briefly unavailable. With --open, verify each bundle and unwrap its
+        keys into the station's token, recomputing every KCV (exit 7 if any is refused or mismatches). Cards the
+        batch holds that this fetch did not receive (e.g. waiting for chip data) are counted on stderr; progress,
+        with rate and time left, goes to stderr too.""",
+                "kms station fetch --station-config home/stations/station-b1/station.yaml --batch-id B-0001 "
+                "--out bundles/ --open")
+    env_path(p, "--station-config", "the station configuration (station.yaml)")
+    p.add_argument("--batch-id", required=True, help="the batch to fetch")
+    p.add_argument("--out", type=Path, required=True, help="the directory for the bundles (created 0700)")
     p.add_argument("--open", action="store_true", help="also verify and open each bundle into the station's token")
-    p.add_argument("--server")
-    p.add_argument("--json", action="store_true")
+    server_option(p)
+    json_option(p, "the counts")
     p.add_argument("--retries", type=_count, default=RETRIES, metavar="N",
                    help="when the service is unavailable (exit 12: its database, its HSM workers or the network), "
                         "retry up to N times in a row, with exponential backoff and jitter, resuming after the last "
@@ -36,17 +48,26 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--retry-for", type=_seconds, default=RETRY_FOR, metavar="SECONDS",
                    help=f"give up retrying once SECONDS passed without a bundle received (default {RETRY_FOR:g})")
     p.set_defaults(handler=_fetch)
-    p = station.add_parser("unwrap-key", help="the station's RSA public key for a domain's transport keys (PEM)")
-    p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--domain", required=True, choices=DOMAINS)
+    p = command(station, "unwrap-key", "the station's RSA public key for a domain's transport keys (PEM)", """
+        The station's RSA public key (PEM) that a domain's register-transport-key ceremony (method=rsa-oaep) wraps
+        the bureau's transport key to. Made in the station's token on first use.""",
+                "kms station unwrap-key --station-config home/stations/station-b1/station.yaml --domain bank "
+                "> station-b1-bank.pem")
+    env_path(p, "--station-config", "the station configuration (station.yaml)")
+    p.add_argument("--domain", required=True, choices=DOMAINS, help="the domain whose transport key it receives")
+    json_option(p, "the key (domain, station, pem)")
     p.set_defaults(handler=_unwrap_key)
-    p = station.add_parser("accept-transport-key",
-                           help="take the transport key a ceremony left for this station into its token, check "
-                                "the KCV and confirm it (which activates the key)")
-    p.add_argument("--station-config", type=Path, required=True)
-    p.add_argument("--domain", required=True, choices=DOMAINS)
-    p.add_argument("--server")
-    p.add_argument("--json", action="store_true")
+    p = command(station, "accept-transport-key",
+                "take the transport key a ceremony left for this station into its token, check the KCV and confirm "
+                "it (which activates the key)", """
+        Take the transport key a register-transport-key ceremony left for this station (wrapped to its unwrap key)
+        into its token, check its KCV against the issuer's, and confirm it, which activates the key.""",
+                "kms station accept-transport-key --station-config home/stations/station-b1/station.yaml "
+                "--domain bank")
+    env_path(p, "--station-config", "the station configuration (station.yaml)")
+    p.add_argument("--domain", required=True, choices=DOMAINS, help="the domain whose transport key it is")
+    server_option(p)
+    json_option(p)
     p.set_defaults(handler=_accept_transport_key)
 
 
@@ -71,7 +92,7 @@ def _fetch(args: argparse.Namespace) -> int:
     progress: Progress | None = None
 
     def retrying(retry: Retrying) -> None:  # one line on stderr per retry, apart from the progress line
-        if progress is not None and progress.enabled:
+        if progress is not None and progress.enabled and sys.stderr.isatty():  # end the redrawn line
             print(file=sys.stderr)
         where = f"resuming after cursor {retry.cursor}" if retry.cursor else "from the start"
         print(f"kms: {retry.error}; retry {retry.retry} of {retry.retries} in {retry.delay:.1f} s, {where}",
@@ -80,7 +101,7 @@ def _fetch(args: argparse.Namespace) -> int:
     try:
         with retry_unavailable(lambda: client_for(args.station_config, args.server), backoff, retrying) as client:
             total = retry_unavailable(lambda: client.batch_status(args.batch_id).cards, backoff, retrying)
-            progress = Progress(total, enabled=not args.json and sys.stderr.isatty())
+            progress = Progress(total, unit="bundles")
             for bundle in client.stream_batch(args.batch_id, backoff=backoff, on_retry=retrying):
                 write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
                 fetched += 1
@@ -136,7 +157,11 @@ def _unwrap_key(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load_station(args.station_config)
     with runtime.open_station(cfg) as session:
-        print(unwrap_public_key_pem(session, cfg.name, args.domain), end="")
+        pem = unwrap_public_key_pem(session, cfg.name, args.domain)
+    if args.json:
+        emit(args, {"domain": args.domain, "station": cfg.name, "pem": pem}, "")
+    else:
+        print(pem, end="")
     return 0
 
 

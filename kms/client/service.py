@@ -14,7 +14,7 @@ import grpc
 
 from kms import errors
 from kms.cards.cardid import CardIdentity
-from kms.config import ClientConfig
+from kms.config import ClientConfig, read_file
 from kms.revocation import check_server_certificate
 from kms.v1 import cards_pb2 as cards_pb
 from kms.v1 import cards_pb2_grpc as cards_rpc
@@ -109,13 +109,13 @@ def retry_unavailable(call: Callable[[], Reply], backoff: Backoff = Backoff(),
 
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | None = None) -> None:
+        # A file that cannot be read is a ConfigError naming its setting and path, before anything else uses it.
+        ca, key, cert = (read_file(cfg.tls.ca, "client.tls.ca"), read_file(cfg.tls.key, "client.tls.key"),
+                         read_file(cfg.tls.cert, "client.tls.cert"))
         # With client.tls.crl: the server's certificate checked against the CRL first, once for this channel
         # (kms.revocation; gRPC Python cannot check CRLs itself).
         check_server_certificate(cfg.tls, server or cfg.server, timeout)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=cfg.tls.ca.read_bytes(), private_key=cfg.tls.key.read_bytes(),
-            certificate_chain=cfg.tls.cert.read_bytes(),
-        )
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self._channel = grpc.secure_channel(server or cfg.server, credentials, options=[
             ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
         self.issuance = rpc.IssuanceServiceStub(self._channel)  # type: ignore[no-untyped-call]

@@ -195,6 +195,8 @@ class DomainSealer:
     def _plan(self, card: CardIdentity) -> list[tuple[str, Any]]:
         """(master key label, derivation steps) for each key of the card."""
         card.require(self._card_fields)
+        if "pan" in self._card_fields:  # a clear PAN here: the bank's workers opened it, or a card file gave it
+            self.profile.check_card(card)
         steps: dict[object, Any] = {}  # keys that share a recipe (e.g. one HRSS chain) share its steps
         plan = []
         for resolved in self._keys:

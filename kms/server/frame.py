@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from kms import errors, logs, metrics
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog, mask_pan
-from kms.config import Capacity
+from kms.config import Capacity, read_file
 from kms.identity import Principal, from_certificate
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.server.authz import Policy
@@ -148,9 +148,10 @@ class TlsFiles:
     client_ca: Path
 
     def credentials(self) -> grpc.ServerCredentials:
+        # A file that cannot be read is a ConfigError naming its setting and path (not an internal error).
         return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
-            root_certificates=self.client_ca.read_bytes(),
+            [(read_file(self.key, "server.tls.key"), read_file(self.cert, "server.tls.cert"))],
+            root_certificates=read_file(self.client_ca, "server.tls.ca"),
             require_client_auth=True,
         )
 

@@ -403,6 +403,10 @@ class BatchService(rpc.BatchServiceServicer):
             if missing:
                 raise errors.InvalidArgument(f"cards[{i}].{missing[0]}",
                                              f"is required by profile {profile.name}")
+            try:
+                profile.check_card(cards[-1])  # the PAN's Luhn check digit, unless the profile opts out
+            except errors.InvalidArgument as error:
+                raise errors.InvalidArgument(f"cards[{i}].{error.field}", error.reason) from None
         # PANs are kept only protected by the bank domain (kms.issuance.pans), bound to this batch
         cards = self._i.pans.protect(cards, request.batch_id)
         self._i.lifecycle.check_new_batch(cards)  # retired identities, replaced or cancelled cards

@@ -129,7 +129,7 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     # -- batches: streamed, a chip bound at the station, a re-issue ------------------------------------------------
     batch, chips = f"B-{secrets.token_hex(4)}", f"B-{secrets.token_hex(4)}"
     cards = [card(500_000 + i, card_ref=f"cn-{i}") for i in range(6)]
-    blank = CardIdentity(card_ref="cn-chip-0", city_code="320200", pan="6214830000500100", psn="01")
+    blank = CardIdentity(card_ref="cn-chip-0", city_code="320200", pan="6214830000500107", psn="01")
     chip_serials, chip_kdds = ["86843202AD9F0001", "86843202AD9F0002"], ["0A0B0C0D0E0F10111213", "0A0B0C0D0E0F10111214"]
     with client(home, service.port, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", cards)

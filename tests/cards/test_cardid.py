@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kms.cards.cardid import CardIdentity
+from kms.cards.cardid import CardIdentity, luhn_check_digit, luhn_valid
 from kms.errors import InvalidArgument
 
 FULL = {
     "card_ref": "card-1",
     "city_code": "320200",
     "card_serial": "86843202AD932A48",
-    "pan": "6214830012345678",
+    "pan": "6214830012345673",
     "psn": "01",
     "kdd": "00010203040506070809",
 }
@@ -192,3 +192,23 @@ def test_require_reports_missing_fields_in_a_stable_order() -> None:
         with pytest.raises(InvalidArgument) as info:
             card.require(frozenset({"psn", "kdd", "pan"}))
         assert info.value.field == "kdd"  # alphabetically first
+
+
+@pytest.mark.parametrize("pan", ["4111111111111111", "6214830012345673", "6214830000000000007"])
+def test_luhn_valid_pans(pan: str) -> None:
+    assert luhn_valid(pan) and luhn_valid("79927398713") and not luhn_valid("79927398710")
+    CardIdentity(card_ref="c", pan=pan).check_luhn()
+
+
+def test_a_wrong_check_digit_is_refused_naming_the_pan() -> None:
+    card = CardIdentity(card_ref="c", pan="6214830012345678")
+    with pytest.raises(InvalidArgument) as info:
+        card.check_luhn()
+    assert info.value.field == "pan" and str(info.value) == "pan: fails the Luhn check"
+    CardIdentity(card_ref="c").check_luhn()  # no PAN: nothing to check
+
+
+@given(st.text(alphabet="0123456789", min_size=11, max_size=18))
+def test_exactly_one_check_digit_completes_a_body(body: str) -> None:
+    digit = luhn_check_digit(body)
+    assert [d for d in "0123456789" if luhn_valid(body + d)] == [digit]

@@ -268,3 +268,25 @@ def test_load_dir_passes_on_a_bad_profile(tmp_path: Path) -> None:
     with pytest.raises(ProfileError) as info:
         profiles.load_dir(tmp_path)
     assert info.value.path == str(bad)
+
+
+def test_pan_luhn_is_on_by_default_and_a_profile_may_opt_out(tmp_path: Path) -> None:
+    from kms.cards.cardid import CardIdentity
+    from kms.errors import InvalidArgument
+
+    bad = CardIdentity(card_ref="c", pan="6214830012345678")
+    strict = profiles.load(_write(tmp_path, GOOD, "strict.yaml"))
+    assert strict.pan_luhn
+    with pytest.raises(InvalidArgument, match=r"^pan: fails the Luhn check$"):
+        strict.check_card(bad)
+    lax = profiles.load(_write(tmp_path, GOOD.replace("profile: test-v1\n", "profile: test-v1\npan_luhn: false\n"),
+                               "lax.yaml"))
+    assert not lax.pan_luhn
+    lax.check_card(bad)
+
+
+def test_pan_luhn_must_be_a_boolean(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD.replace("profile: test-v1\n", "profile: test-v1\npan_luhn: maybe\n"))
+    with pytest.raises(ProfileError) as info:
+        profiles.load(path)
+    assert info.value.line == 2 and "'pan_luhn' must be true or false" in str(info.value)

@@ -57,7 +57,7 @@ def test_seal_then_open_at_the_station(cli_home: Path, tmp_path: Path) -> None:
 
 def test_a_card_listed_twice_is_refused(cli_home: Path, tmp_path: Path) -> None:
     cards = tmp_path / "cards.csv"
-    row = "c1,320200,86843202AD932A48,6214830000000001,01,00010203040506070809\n"
+    row = "c1,320200,86843202AD932A48,6214830000000009,01,00010203040506070809\n"
     cards.write_text("card_ref,city_code,card_serial,pan,psn,kdd\n" + row + row)
     result = kms("bundle", "seal", "--config", str(cli_home / "kms.yaml"), "--bureau", "bureau-a", "--batch", "B",
                  "--cards", str(cards), "--out", str(tmp_path / "out"))
@@ -68,7 +68,7 @@ def test_a_card_listed_twice_is_refused(cli_home: Path, tmp_path: Path) -> None:
 def test_bad_card_file_names_file_line_and_field(cli_home: Path, tmp_path: Path) -> None:
     cards = tmp_path / "cards.csv"
     cards.write_text("card_ref,city_code,card_serial,pan,psn,kdd\n"
-                     "c1,320200,86843202AD932A48,6214830000000001,01,00010203040506070809\n"
+                     "c1,320200,86843202AD932A48,6214830000000009,01,00010203040506070809\n"
                      "c2,320200,86843202AD932A48,62148300,01,00010203040506070809\n")
     result = kms("bundle", "seal", "--config", str(cli_home / "kms.yaml"), "--bureau", "bureau-a", "--batch", "B",
                  "--cards", str(cards), "--out", str(tmp_path / "out"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -27,7 +28,19 @@ NOW = dt.datetime(2026, 11, 26, 8, 30, tzinfo=dt.UTC)
 def test_sealers(
     sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
 ) -> dict[str, DomainSealer]:
-    return {d: DomainSealer(d, sessions[d], registry, PROFILE, test_bureau, FixedClock(NOW)) for d in DOMAINS}
+    """Sealers of the shipped profile as a test range (pan_luhn off): the derivation properties below hold for any
+    PAN of 12 to 19 digits, and the public vectors' PANs fail the Luhn check."""
+    test_range = dataclasses.replace(PROFILE, pan_luhn=False)
+    return {d: DomainSealer(d, sessions[d], registry, test_range, test_bureau, FixedClock(NOW)) for d in DOMAINS}
+
+
+def test_the_shipped_profile_refuses_a_pan_failing_the_luhn_check(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
+) -> None:
+    sealer = DomainSealer("bank", sessions["bank"], registry, PROFILE, test_bureau, FixedClock(NOW))
+    with pytest.raises(InvalidArgument, match=r"^pan: fails the Luhn check$"):
+        sealer.seal(card(7, pan="6214830012345678"), serial="AA" * 16, batch="B-luhn")
+    assert sealer.seal(card(7), serial="AB" * 16, batch="B-luhn")["body"]["domain"] == "bank"
 
 
 def _check_section(section: dict[str, Any], domain: str, c: CardIdentity) -> None:

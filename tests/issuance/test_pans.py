@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import MASTER_KEYS, VECTORS, authorize_batch, card, service_client
+from helpers import MASTER_KEYS, TEST_RANGE_PROFILE, VECTORS, authorize_batch, card, service_client
 
 from kms import bundle, config, runtime, store
 from kms.cards import reference
@@ -119,7 +119,7 @@ def test_no_pan_is_readable_in_the_issuer_database(home: Home, service: Service)
     with service_client(home, service, officer("hrss", 0)) as alice, \
             service_client(home, service, officer("bank", 0)) as carol, \
             service_client(home, service, "station-a1") as st:
-        alice.create_batch(batch_id, "bureau-a", "dual-app-v1", cards)
+        alice.create_batch(batch_id, "bureau-a", TEST_RANGE_PROFILE, cards)
         authorize_batch(home, service.port, batch_id)
         received = {b.card_ref: b.data for b in st.stream_batch(batch_id)}
         assert set(received) == {c.card_ref for c in cards}

@@ -9,7 +9,7 @@ import signal
 
 import grpc
 import pytest
-from helpers import card, open_batch, service_client
+from helpers import TEST_RANGE_PROFILE, card, luhn_pan, open_batch, service_client
 
 from kms.cards.cardid import CardIdentity
 from kms.dev.home import Home
@@ -68,7 +68,7 @@ def test_issue_card_is_idempotent_and_at_most_once(home: Home, service: Service)
 
 def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home: Home, service: Service) -> None:
     batch = _batch_id()
-    blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=f"621483000000{i:04d}", psn="01")
+    blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=luhn_pan(f"62148300000{i:04d}"), psn="01")
              for i in range(2)]
     with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", blank)
@@ -132,7 +132,7 @@ def test_cursors_and_chip_data_are_ascii_only(home: Home, service: Service) -> N
     """The finding: a cursor of Unicode digits ("²" passes str.isdigit()) ended INTERNAL; "\u0663" was read as 3. And
     "ﬀ".upper() is "FF": a 15-character serial with it passed as 16 hex digits."""
     batch = _batch_id()
-    blank = CardIdentity(card_ref="ascii-0", city_code="320200", pan="6214830000054321", psn="01")
+    blank = CardIdentity(card_ref="ascii-0", city_code="320200", pan="6214830000054329", psn="01")
     with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", [blank])
         request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1", cards=[
@@ -226,6 +226,21 @@ def test_a_batch_must_carry_what_no_chip_can_supply(home: Home, service: Service
         alice.batches.CreateBatch(request, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "cards[0].pan: is required by profile dual-app-v1"
+
+
+def test_a_pan_failing_the_luhn_check_is_refused_unless_the_profile_opts_out(home: Home, service: Service) -> None:
+    from kms.v1 import issuance_pb2 as pb
+
+    bad = pb.CardIdentity(**dict(card(1, card_ref="luhn-0").as_dict(), pan="6214830012345678"))
+    request = pb.CreateBatchRequest(batch_id=_batch_id(), bureau="bureau-a", profile="dual-app-v1",
+                                    cards=[pb.CardIdentity(**card(0, card_ref="luhn-ok").as_dict()), bad])
+    with service_client(home, service, ALICE) as alice:
+        with pytest.raises(grpc.RpcError) as raised:
+            alice.batches.CreateBatch(request, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details() == "cards[1].pan: fails the Luhn check"
+        request.profile = TEST_RANGE_PROFILE  # a test range: the profile opts out (pan_luhn: false)
+        assert alice.batches.CreateBatch(request, timeout=30).cards == 2
 
 
 def test_a_malformed_idempotency_key_is_refused_before_any_hsm_work(home: Home, service: Service) -> None:
