@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,71 @@ class Station:
         finally:
             for _, keys in unwrapped:
                 keys.discard()
+
+    def open_many(self, bundles: Iterable[bytes], *, chunk: int = 32) -> Iterator[OpenReport | BundleRejected]:
+        """Open bundles as ``open(data)`` does (keys checked, not stored), but record the opened serials of up to
+        ``chunk`` bundles in one ledger transaction: one commit, i.e. one sync to disk, per chunk rather than per
+        bundle — on a disk with slow syncs most of what opening one bundle costs.
+
+        Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
+        that refused it, once its chunk is committed. A replay is refused before any token work, also within a
+        chunk. An error that is not about one bundle (a retryable HsmError, the ledger) ends the iteration: nothing
+        of the unfinished chunk is recorded, and every bundle yielded before it is.
+        """
+        if chunk < 1:
+            raise InvalidArgument("chunk", "must be at least 1")
+        pending: list[bytes] = []
+        for data in bundles:
+            pending.append(data)
+            if len(pending) == chunk:
+                yield from self._open_chunk(pending)
+                pending = []
+        if pending:
+            yield from self._open_chunk(pending)
+
+    def _open_chunk(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+        try:
+            return self._open_chunk_once(chunk)
+        except sa.exc.IntegrityError:
+            # Another process recorded one of these serials after this one looked: the chunk was rolled back
+            # (nothing stored, nothing recorded), so each bundle is opened again on its own.
+            results: list[OpenReport | BundleRejected] = []
+            for data in chunk:
+                try:
+                    results.append(self.open(data))
+                except BundleRejected as rejected:
+                    results.append(rejected)
+            return results
+
+    def _open_chunk_once(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+        results: list[OpenReport | BundleRejected] = []
+        with self._ledger.begin() as conn:
+            claimed: set[str] = set()
+            rows = []
+            for data in chunk:
+                try:
+                    parsed = self._checked(data)
+                    if parsed.serial in claimed or conn.execute(
+                        sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == parsed.serial)
+                    ).first() is not None:
+                        raise _reject("replay")
+                    unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+                    try:
+                        report = self._unwrap_all(parsed, unwrapped, store=False)
+                    finally:
+                        for _, keys in unwrapped:
+                            keys.discard()
+                except BundleRejected as rejected:
+                    results.append(rejected)
+                    continue
+                results.append(report)
+                if report.ok:
+                    claimed.add(parsed.serial)
+                    rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref,
+                                 "opened_at": rfc3339(self._clock.now())})
+            if rows:
+                conn.execute(opened_bundles.insert(), rows)
+        return results
 
     def _checked(self, data: bytes) -> bundle.ParsedBundle:
         """The parsed bundle, if it is for this station and every section is signed by its domain's key."""
