@@ -198,15 +198,23 @@ class Station:
 
     def _open_chunk_once(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
         results: list[OpenReport | BundleRejected] = []
+        checked: list[bundle.ParsedBundle | BundleRejected] = []
+        for data in chunk:
+            try:
+                checked.append(self._checked(data))
+            except BundleRejected as rejected:
+                checked.append(rejected)
+        serials = [p.serial for p in checked if isinstance(p, bundle.ParsedBundle)]
         with self._ledger.begin() as conn:
-            claimed: set[str] = set()
+            # one look-up for the chunk's serials, in the transaction that records them
+            claimed = set(conn.execute(
+                sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial.in_(serials))).scalars())
             rows = []
-            for data in chunk:
+            for parsed in checked:
                 try:
-                    parsed = self._checked(data)
-                    if parsed.serial in claimed or conn.execute(
-                        sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == parsed.serial)
-                    ).first() is not None:
+                    if isinstance(parsed, BundleRejected):
+                        raise parsed
+                    if parsed.serial in claimed:
                         raise _reject("replay")
                     unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
                     try:
