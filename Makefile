@@ -26,8 +26,9 @@ lint: setup
 	$(VENV)/bin/ruff check kms tests scripts
 	$(VENV)/bin/mypy
 
+# A fresh development home in .bench/home per run; sizes and rounds: make bench BENCH_ARGS="--rounds 1 --cards 100".
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/kms/v1/*.proto

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,93 @@ class Station:
         """
         if store and verify_only:
             raise InvalidArgument("store", "cannot store keys in a verify-only open")
+        parsed = self._checked(data)
+        unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+        try:
+            if verify_only:
+                if self._seen(parsed.serial):
+                    raise _reject("replay")
+                return self._unwrap_all(parsed, unwrapped, store=False)
+            return self._open_recorded(parsed, unwrapped, store)
+        finally:
+            for _, keys in unwrapped:
+                keys.discard()
+
+    def open_many(self, bundles: Iterable[bytes], *, chunk: int = 32) -> Iterator[OpenReport | BundleRejected]:
+        """Open bundles as ``open(data)`` does (keys checked, not stored), but record the opened serials of up to
+        ``chunk`` bundles in one ledger transaction: one commit, i.e. one sync to disk, per chunk rather than per
+        bundle — on a disk with slow syncs most of what opening one bundle costs.
+
+        Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
+        that refused it, once its chunk is committed. A replay is refused before any token work, also within a
+        chunk. An error that is not about one bundle (a retryable HsmError, the ledger) ends the iteration: nothing
+        of the unfinished chunk is recorded, and every bundle yielded before it is.
+        """
+        if chunk < 1:
+            raise InvalidArgument("chunk", "must be at least 1")
+        pending: list[bytes] = []
+        for data in bundles:
+            pending.append(data)
+            if len(pending) == chunk:
+                yield from self._open_chunk(pending)
+                pending = []
+        if pending:
+            yield from self._open_chunk(pending)
+
+    def _open_chunk(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+        try:
+            return self._open_chunk_once(chunk)
+        except sa.exc.IntegrityError:
+            # Another process recorded one of these serials after this one looked: the chunk was rolled back
+            # (nothing stored, nothing recorded), so each bundle is opened again on its own.
+            results: list[OpenReport | BundleRejected] = []
+            for data in chunk:
+                try:
+                    results.append(self.open(data))
+                except BundleRejected as rejected:
+                    results.append(rejected)
+            return results
+
+    def _open_chunk_once(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+        results: list[OpenReport | BundleRejected] = []
+        checked: list[bundle.ParsedBundle | BundleRejected] = []
+        for data in chunk:
+            try:
+                checked.append(self._checked(data))
+            except BundleRejected as rejected:
+                checked.append(rejected)
+        serials = [p.serial for p in checked if isinstance(p, bundle.ParsedBundle)]
+        with self._ledger.begin() as conn:
+            # one look-up for the chunk's serials, in the transaction that records them
+            claimed = set(conn.execute(
+                sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial.in_(serials))).scalars())
+            rows = []
+            for parsed in checked:
+                try:
+                    if isinstance(parsed, BundleRejected):
+                        raise parsed
+                    if parsed.serial in claimed:
+                        raise _reject("replay")
+                    unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+                    try:
+                        report = self._unwrap_all(parsed, unwrapped, store=False)
+                    finally:
+                        for _, keys in unwrapped:
+                            keys.discard()
+                except BundleRejected as rejected:
+                    results.append(rejected)
+                    continue
+                results.append(report)
+                if report.ok:
+                    claimed.add(parsed.serial)
+                    rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref,
+                                 "opened_at": rfc3339(self._clock.now())})
+            if rows:
+                conn.execute(opened_bundles.insert(), rows)
+        return results
+
+    def _checked(self, data: bytes) -> bundle.ParsedBundle:
+        """The parsed bundle, if it is for this station and every section is signed by its domain's key."""
         try:
             parsed = bundle.parse(data)
         except BundleRejected:
@@ -162,31 +250,53 @@ class Station:
                 raise _reject("section for another bureau")
             if not self._trust.verify(section):
                 raise _reject("signature")
-        if self._seen(parsed.serial):
-            raise _reject("replay")
+        return parsed
 
-        unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+    def _open_recorded(self, parsed: bundle.ParsedBundle,
+                       unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool) -> OpenReport:
+        """Open in one ledger transaction: the serial is claimed first (a replay is refused before any token work,
+        with one statement rather than a look-up and an insert), the keys are unwrapped and checked, and stored
+        if asked; a KCV mismatch, a refusal or an error rolls the claim back, and no stored key outlives a
+        transaction that did not commit."""
+        stored: list[object] = []
         try:
-            for section in parsed.sections:
-                unwrapped.append((section, self._unwrap(section)))
-            report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=store)
-            for section, keys in unwrapped:
-                for key, kcv in zip(section.keys, keys.kcvs, strict=True):
-                    report.keys.append(KeyReport(
-                        domain=section.domain, name=key.name, usage=key.usage, algorithm=key.algorithm,
-                        kcv_method=key.kcv_method, kcv_expected=bundle.hexs(key.kcv), kcv_computed=bundle.hexs(kcv),
-                        label=card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
+            with self._ledger.begin() as conn:
+                try:
+                    conn.execute(opened_bundles.insert().values(
+                        serial=parsed.serial, card_ref=parsed.card_ref, opened_at=rfc3339(self._clock.now())
                     ))
-            if not report.ok:
-                report.stored = False
-                report.keys = [dataclasses.replace(k, label=None) for k in report.keys]
-                return report
-            if not verify_only:
-                self._record_and_store(parsed, unwrapped, store)
+                except sa.exc.IntegrityError:
+                    raise _reject("replay") from None
+                report = self._unwrap_all(parsed, unwrapped, store)
+                if not report.ok:
+                    raise _Unmatched(report)
+                if store:
+                    stored = self._store(parsed, unwrapped)
             return report
-        finally:
-            for _, keys in unwrapped:
-                keys.discard()
+        except _Unmatched as unmatched:
+            return unmatched.report
+        except BaseException:
+            discard_objects(stored)  # the ledger rolled back: keep no keys it does not account for
+            raise
+
+    def _unwrap_all(self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]],
+                    store: bool) -> OpenReport:
+        """Unwrap every section's keys (added to ``unwrapped``, for the caller to discard) and report their KCVs;
+        a report that is not ok names no labels and says nothing is stored."""
+        for section in parsed.sections:
+            unwrapped.append((section, self._unwrap(section)))
+        report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=store)
+        for section, keys in unwrapped:
+            for key, kcv in zip(section.keys, keys.kcvs, strict=True):
+                report.keys.append(KeyReport(
+                    domain=section.domain, name=key.name, usage=key.usage, algorithm=key.algorithm,
+                    kcv_method=key.kcv_method, kcv_expected=bundle.hexs(key.kcv), kcv_computed=bundle.hexs(kcv),
+                    label=card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
+                ))
+        if not report.ok:
+            report.stored = False
+            report.keys = [dataclasses.replace(k, label=None) for k in report.keys]
+        return report
 
     def _unwrap(self, section: bundle.ParsedSection) -> StationKeys:
         label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version)
@@ -206,32 +316,23 @@ class Station:
                 sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == serial)
             ).first() is not None
 
-    def _record_and_store(
-        self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool
-    ) -> None:
+    def _store(self, parsed: bundle.ParsedBundle,
+               unwrapped: list[tuple[bundle.ParsedSection, StationKeys]]) -> list[object]:
         groups = [(keys, [card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
                   for section, keys in unwrapped]
-        if store:
-            taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
-            if taken:
-                raise AlreadyExists(f"keys of card {parsed.card_ref} are already stored at this station "
-                                    f"({taken[0]}); remove them before storing another bundle for the card")
-        stored: list[object] = []
-        try:
-            with self._ledger.begin() as conn:
-                try:
-                    conn.execute(opened_bundles.insert().values(
-                        serial=parsed.serial, card_ref=parsed.card_ref, opened_at=rfc3339(self._clock.now())
-                    ))
-                except sa.exc.IntegrityError:
-                    raise _reject("replay") from None
-                if store:
-                    stored = store_station_keys(self._session, groups)
-        except BaseException:
-            discard_objects(stored)  # the ledger rolled back: keep no keys it does not account for
-            raise
+        taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
+        if taken:
+            raise AlreadyExists(f"keys of card {parsed.card_ref} are already stored at this station "
+                                f"({taken[0]}); remove them before storing another bundle for the card")
+        return store_station_keys(self._session, groups)
 
 
+class _Unmatched(Exception):
+    """A recomputed KCV differs from the sealed one: the open's transaction is rolled back, the report returned."""
+
+    def __init__(self, report: OpenReport) -> None:
+        super().__init__("KCV mismatch")
+        self.report = report
 
 
 # -- transport keys handed over to this station ---------------------------------------------------------------------

@@ -1,25 +1,36 @@
-"""`make bench`: what issuance costs next to a raw PKCS#11 loop doing the same HSM work, with the same number of
-HSM processes, measured in the same run (rounds alternate, and who goes first alternates, so machine drift hits
-both sides alike); medians and per-round ratios are reported.
+"""`make bench`: what kms costs next to raw PKCS#11 loops doing the same token work, measured in the same run.
 
-1. Engine (goal >= 90 % of raw): kms.issuance.issuer.Issuer in this process, i.e. per-domain worker processes, each
-   card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the token) and
-   canonically encoded, sections spliced into bundles in the coordinating process.
-2. End to end (goal >= 80 % of raw): `kms serve` as a process of its own (gRPC over mutual TLS, workers_per_domain
-   HSM worker processes per domain, records in SQLite); per round an officer creates a fresh batch for bureau-a
-   (not timed) and a station of bureau-a streams the whole batch (timed: issuance, records written, bundles
-   received; the station does not open them).
+Every run starts from a fresh development home (--home, default .bench/home, removed and rebuilt): its tokens,
+key registry and audit token are new together, so the audit signer's remembered head always matches the records
+database the server gets. Each comparison runs --rounds rounds (default 5); rounds alternate the two sides and who
+goes first, so machine drift hits both alike. Each figure is reported per round and as min / median / max in a
+table at the end, and written as JSON (--summary). A ratio's goal is judged on the median of its per-round ratios.
+
+1. Engine vs raw (goal >= 90 %): kms.issuance.issuer.Issuer in this process, i.e. per-domain worker processes,
+   each card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the
+   token) and canonically encoded, sections spliced into bundles in the coordinating process.
+2. End to end vs raw (goal >= 80 %): `kms serve` as a process of its own (gRPC over mutual TLS,
+   workers_per_domain HSM worker processes per domain, records in SQLite); per round an officer creates a fresh
+   batch for bureau-a (not timed) and a station of bureau-a streams the whole batch (timed: issuance, records
+   written, bundles received; the station does not open them here).
 3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
-   client), p50 and p99 after warm-up.
-4. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.log.AuditLog.append with one record per
+   client) after warm-up calls; p50 and p99 per round.
+   The server's audit signer is checked before the server stops: an auditor's export must verify offline against
+   the audit public key, the server's log must hold no traceback and no failed checkpoint, and after it stops its
+   last checkpoint must cover every record. Otherwise the bench fails (exit 1).
+4. Station open vs raw unwrap (goal >= 80 %): kms.station.Station.open (parse, both sections' signatures verified,
+   every key unwrapped into the station's token and its KCV computed, the serial recorded in a fresh ledger, the
+   keys discarded) on --station-cards bundles the station received in round 1 of part 2, in a process of its own;
+   against scripts/bench_raw.py's unwrap loop in another: the same keys unwrapped with the same mechanism and
+   template, KCV, destroy, nothing else.
+5. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.log.AuditLog.append with one record per
    transaction on SQLite, against plain INSERTs of rows of the same size into a scratch table of the same shape, one
    per transaction, same database; (b) offline verify rate, records/s of kms.audit.verify.verify over an export of
-   >= 100,000 records with a signed checkpoint every 1,000 (goal >= 100,000 records/s), against SHA-256 alone over
-   the same lines. `--audit-only` runs just this section.
+   --verify-records records with a signed checkpoint every 1,000 (goal >= 100,000 records/s), against SHA-256
+   alone over the same lines. `--audit-only` runs just this part.
 
-Raw: scripts/bench_raw.py, the bare derive+KCV+wrap+destroy calls. Everything runs on a development home under
-.bench/ (created on first use); the server gets a fresh records database (a copy of the home's key registry) on
-every run. Start-up is never timed: workers are ready and a warm-up batch has been issued before the clock starts.
+Raw: scripts/bench_raw.py. Start-up is never timed: workers are ready and warm-up work is done before a clock
+starts.
 """
 
 from __future__ import annotations
@@ -27,8 +38,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import json
 import multiprocessing
+import os
 import random
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -40,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,37 +62,55 @@ import sqlalchemy as sa
 import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_raw
 
-from kms import config, store
+from kms import bundle, config, runtime, store
 from kms.audit.log import AuditLog, Seal, checkpoint_message, export_lines, mask_pan, seal_message
 from kms.audit.verify import verify
-from kms.bundle import canonical
+from kms.canonical import canonical
 from kms.cards import profiles
 from kms.cards.cardid import CardIdentity, luhn_check_digit
+from kms.client.audit import AuditClient
 from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
-from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
-from kms.files import restrict_umask
-from kms.hsm.labels import AUDIT_KEY
+from kms.dev.home import AUDITORS, FORMAT_FILE, Home, init_home
+from kms.errors import KmsError
+from kms.files import restrict_umask, write_private
+from kms.hsm.labels import AUDIT_KEY, key_label
 from kms.identity import Principal
 from kms.issuance.issuer import Issuer
 from kms.registry import DOMAINS, KeyKind
 from kms.runtime import registry as open_registry
+from kms.station import OpenReport, Station, TrustStore
 
 PROFILE = "dual-app-v1"
 BUREAU = "bureau-a"
 STATION = "station-a1"  # a station of BUREAU
 OFFICER = Principal("officer", "alice", domain="hrss")
+AUDITOR = Principal("auditor", AUDITORS[0])
 DEFAULT_HOME = Path(".bench/home")
+DEFAULT_SUMMARY = Path(".bench/summary.json")
+BENCH_MARKER = ".kms-bench-home"  # a home the bench made, and may remove on its next run
 E2E_CONFIG = "kms-bench-e2e.yaml"  # next to kms.yaml in the home, so its relative paths hold
 E2E_DATABASE = "bench-e2e.db"
+SERVER_LOG = "bench-server.log"
+STATION_CHUNK = 32  # bundles per ledger commit in Station.open_many (one StreamBatch message by default)
 WARMUP_CARDS = 64
 LATENCY_WARMUP_CALLS = 10
+#: What the server's log must never hold in a bench run: the audit signer failing, or any traceback.
+SERVER_LOG_FAILURES = ("Traceback", "AuditChainBroken", "checkpoint failed")
+
+
+class BenchFailed(SystemExit):
+    """The run is not to be trusted (a side did the wrong work, or the audit signer failed): exit 1, loudly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"bench: FAILED: {reason}")
 
 
 def _luhn(body: str) -> str:
@@ -95,6 +127,136 @@ def make_cards(n: int, seed: int) -> list[CardIdentity]:
         for i in range(n)
     ]
 
+
+# --- figures: per round, min / median / max, goals, the table and the JSON summary --------------------------------
+
+@dataclass
+class Figure:
+    key: str  # machine name, e.g. "station.ratio"
+    label: str
+    unit: str  # "cards/s", "keys/s", "bundles/s", "records/s", "ms", "ratio"
+    values: list[float]  # one per round
+    goal: float | None = None  # the median must reach it (ratios: a fraction; rates: per second)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.goal is None else self.median >= self.goal
+
+    def show(self, value: float) -> str:
+        if self.unit == "ratio":
+            return f"{value:.1%}"
+        if self.unit == "ms":
+            return f"{value:.1f}"
+        return f"{value:,.0f}"
+
+    def as_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"label": self.label, "unit": self.unit, "rounds": [round(v, 6) for v in self.values],
+                               "min": round(min(self.values), 6), "median": round(self.median, 6),
+                               "max": round(max(self.values), 6)}
+        if self.goal is not None:
+            doc.update(goal=self.goal, met=self.met)
+        return doc
+
+
+@dataclass
+class Summary:
+    figures: list[Figure] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        return figure
+
+    def rates(self, key: str, label: str, unit: str, n: int, times: list[float], goal: float | None = None
+              ) -> Figure:
+        """``n`` items per round over each round's seconds."""
+        return self.add(Figure(key, label, unit, [n / t for t in times], goal))
+
+    def ratio(self, key: str, label: str, base_t: list[float], other_t: list[float], goal: float | None = None
+              ) -> Figure:
+        """The other side's throughput over the baseline's, paired per round (the same round's two timings)."""
+        return self.add(Figure(key, label, "ratio", [b / o for b, o in zip(base_t, other_t, strict=True)], goal))
+
+    def table(self) -> str:
+        width = max(len(f.label) for f in self.figures) + 2
+        lines = [f"{'':{width}}{'unit':>10}{'min':>11}{'median':>11}{'max':>11}  goal",
+                 f"{'':{width}}{'':>10}{'':>11}{'':>11}{'':>11}"]
+        lines.pop()
+        for f in self.figures:
+            unit = "" if f.unit == "ratio" else f.unit
+            goal = "" if f.goal is None else (
+                f">= {f.show(f.goal)}: {'met' if f.met else 'NOT met'}")
+            lines.append(f"{f.label:{width}}{unit:>10}{f.show(min(f.values)):>11}{f.show(f.median):>11}"
+                         f"{f.show(max(f.values)):>11}  {goal}".rstrip())
+        return "\n".join(lines)
+
+    def write(self, path: Path) -> None:
+        doc = {"figures": {f.key: f.as_json() for f in self.figures}, **self.notes}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps(doc, indent=2) + "\n")
+
+
+def per_round(figure: Figure) -> str:
+    return ", ".join(figure.show(v) for v in figure.values)
+
+
+def ratio_line(figure: Figure, base: str) -> str:
+    goal = "" if figure.goal is None else f"; goal >= {figure.goal:.0%}: {'met' if figure.met else 'NOT met'}"
+    return f"  {figure.label.split(' ', 1)[1]}: median {figure.show(figure.median)} of {base} (per round: " \
+           f"{per_round(figure)}){goal}"
+
+
+def rate_line(name: str, cards: int, keys_per_card: int, times: list[float], unit: str = "cards/s") -> str:
+    seconds = statistics.median(times)
+    return f"  {name:34}{cards / seconds:>10.0f}{cards * keys_per_card / seconds:>10.0f}{seconds:>10.2f}"
+
+
+def alternate(rounds: int, raw: Callable[[], float], other: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Alternate raw and the other side, and swap who goes first each round, so drift hits both alike."""
+    raw_t, other_t = interleave(rounds, raw, other)
+    return raw_t, other_t
+
+
+def interleave(rounds: int, *sides: Callable[[], float]) -> list[list[float]]:
+    """Each side once per round, the order rotated by one each round (so each side goes first in turn)."""
+    times: list[list[float]] = [[] for _ in sides]
+    for i in range(rounds):
+        for k in range(len(sides)):
+            j = (i + k) % len(sides)
+            times[j].append(sides[j]())
+    return times
+
+
+def percentile(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+# --- the bench home: a fresh one per run ------------------------------------------------------------------------
+
+def fresh_home(path: Path) -> Home:
+    """A new development home at ``path``: what an earlier run left there is removed first, so the key registry,
+    the tokens and the audit token's signed head all start together (a records database of one run with the audit
+    token of another is what made every checkpoint fail: AuditChainBroken). Only a directory the bench made (or the
+    default .bench/home of an older bench) is ever removed."""
+    if path.exists() and any(path.iterdir()):
+        legacy = path.resolve() == DEFAULT_HOME.resolve() and (path / FORMAT_FILE).exists()
+        if not (path / BENCH_MARKER).exists() and not legacy:
+            raise SystemExit(f"bench: {path} is not a home the bench made (no {BENCH_MARKER}); name a new or empty "
+                             "directory with --home")
+        shutil.rmtree(path)
+    started = time.perf_counter()
+    home = init_home(path)
+    write_private(home.path / BENCH_MARKER, "made by scripts/bench.py: removed and made again on its next run\n")
+    print(f"bench: a fresh development home in {path} ({time.perf_counter() - started:.0f} s, not timed)",
+          flush=True)
+    return home
+
+
+# --- 1. engine vs raw ---------------------------------------------------------------------------------------------
 
 def run_engine(config_path: Path, cards: list[CardIdentity], processes: int) -> float:
     with Issuer.from_config(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
@@ -138,32 +300,37 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
         go.set()
         done = sum(f.result()[0] for f in futures)
         elapsed = time.perf_counter() - started
-    assert done == sum(len(j[4]) for j in jobs)
+    if done != sum(len(j[4]) for j in jobs):
+        raise BenchFailed(f"the raw loop made {done} keys of {sum(len(j[4]) for j in jobs)}")
     return elapsed
 
 
-# --- end to end: `kms serve` in a process of its own, an officer and a station over gRPC + mutual TLS ---------------
+def bench_engine(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary) -> None:
+    cards = make_cards(args.cards, seed=2026)
+    raw_t, engine_t = alternate(args.rounds, lambda: run_raw(cfg, cards, args.processes),
+                                lambda: run_engine(home.config, cards, args.processes))
+    n = len(cards)
+    summary.rates("engine.raw", "1. raw PKCS#11 loop", "cards/s", n, raw_t)
+    summary.rates("engine.kms", "1. kms engine", "cards/s", n, engine_t)
+    ratio = summary.ratio("engine.ratio", "1. engine / raw", raw_t, engine_t, 0.90)
+    print()
+    print(f"1. card key engine in process vs raw PKCS#11 loop, {n} cards per round")
+    print(f"  {'(medians)':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
+    print(rate_line("raw PKCS#11 loop", n, keys_per_card, raw_t))
+    print(rate_line("kms engine (sealed bundles)", n, keys_per_card, engine_t))
+    print(ratio_line(ratio, "raw"), flush=True)
 
-def bench_home(path: Path) -> Home:
-    """The development home; one made by an older kms is rebuilt if it is the default bench home, refused
-    otherwise."""
-    if (path / "kms.yaml").exists() and home_format(path) < HOME_FORMAT:
-        if path.resolve() != DEFAULT_HOME.resolve():
-            raise SystemExit(f"bench: {path} was made by an older kms; use a fresh --home")
-        print(f"bench: {path} was made by an older kms; rebuilding it", file=sys.stderr)
-        shutil.rmtree(path)
-    return init_home(path)
 
+# --- 2. and 3. end to end: `kms serve` in a process of its own, an officer and a station over gRPC + mutual TLS --
 
 def e2e_config(home: Home, cfg: config.Config, processes: int) -> Path:
-    """The home's configuration with `processes` HSM workers per domain and a fresh records database (an online
-    copy of the home's database, so the key registry is the same and no earlier run's batches remain)."""
+    """The home's configuration with `processes` HSM workers per domain and a records database of its own (an
+    online copy of the home's database, so the key registry is the same; the home, and with it the audit token,
+    is fresh in every run, so the copy and the audit signer's signed head belong together)."""
     prefix = "sqlite:///"
     if not cfg.database.startswith(prefix):
         raise SystemExit(f"bench: the bench home's database must be SQLite, not {cfg.database}")
     target = home.path / E2E_DATABASE
-    for stale in (target, target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
-        stale.unlink(missing_ok=True)
     source, copy = sqlite3.connect(cfg.database.removeprefix(prefix)), sqlite3.connect(target)
     try:
         source.backup(copy)
@@ -174,34 +341,40 @@ def e2e_config(home: Home, cfg: config.Config, processes: int) -> Path:
     doc["database"] = f"sqlite:///{E2E_DATABASE}"
     doc["workers_per_domain"] = processes
     path = home.path / E2E_CONFIG
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    write_private(path, yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
 @contextmanager
-def kms_serve(config_path: Path) -> Iterator[int]:
-    """`kms serve` as a process of its own on a free port of 127.0.0.1; always stopped (SIGTERM, then wait)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("kms: serving on port "):
-            raise SystemExit(f"bench: the server did not start: {line!r}")
-        yield int(line.rsplit(" ", 1)[1])
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.returncode != 0:
-                print(f"bench: kms serve exited with status {proc.returncode}", file=sys.stderr)
-        if proc.stdout is not None:
-            proc.stdout.close()
+def kms_serve(config_path: Path, log_path: Path) -> Iterator[int]:
+    """`kms serve` as a process of its own on a free port of 127.0.0.1, its log (stderr) in ``log_path``; always
+    stopped (SIGTERM, then wait). A server that does not start, or does not exit with status 0, fails the bench."""
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("kms: serving on port "):
+                raise BenchFailed(f"the server did not start: {line!r}; its log: {log_path}\n{tail(log_path)}")
+            yield int(line.rsplit(" ", 1)[1])
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    if proc.returncode != 0:
+        raise BenchFailed(f"kms serve exited with status {proc.returncode}; its log: {log_path}\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 @dataclass
@@ -210,7 +383,7 @@ class EndToEnd:
     station: Client
     stamp: str
     per_message: int
-    authorize: Callable[[str], None]  # both domains' authorize-batch ceremonies (not timed)
+    authorize: Callable[[str], object]  # both domains' authorize-batch ceremonies (not timed)
 
     def batch(self, name: str, cards: list[CardIdentity]) -> tuple[str, float]:
         """A fresh batch for BUREAU, created by the officer; its id and the seconds creating it took."""
@@ -222,17 +395,22 @@ class EndToEnd:
         self.authorize(batch_id)
         return batch_id, seconds
 
-    def stream(self, batch_id: str, cards: list[CardIdentity]) -> float:
-        """Seconds for the station to receive every bundle of the batch (issued, recorded, streamed)."""
-        refs = []
+    def stream(self, batch_id: str, cards: list[CardIdentity], keep: list[bytes] | None = None) -> float:
+        """Seconds for the station to receive every bundle of the batch (issued, recorded, streamed); the bundles
+        are added to ``keep`` if given."""
+        received = []
         started = time.perf_counter()
-        for bundle in self.station.stream_batch(batch_id, per_message=self.per_message):
-            assert bundle.data, bundle.card_ref
-            refs.append(bundle.card_ref)
+        for sealed in self.station.stream_batch(batch_id, per_message=self.per_message):
+            received.append(sealed)
         elapsed = time.perf_counter() - started
-        assert refs == [c.card_ref for c in cards], f"{batch_id}: {len(refs)} of {len(cards)} bundles received"
+        refs = [b.card_ref for b in received]
+        if refs != [c.card_ref for c in cards] or not all(b.data for b in received):
+            raise BenchFailed(f"{batch_id}: {len(refs)} of {len(cards)} bundles received")
         issued = self.station.batch_status(batch_id).issued
-        assert issued == len(cards), f"{batch_id}: {issued} of {len(cards)} cards recorded as issued"
+        if issued != len(cards):
+            raise BenchFailed(f"{batch_id}: {issued} of {len(cards)} cards recorded as issued")
+        if keep is not None:
+            keep.extend(b.data for b in received)
         return elapsed
 
     def latencies(self, batch_id: str, cards: list[CardIdentity]) -> list[float]:
@@ -240,13 +418,225 @@ class EndToEnd:
         result = []
         for card in cards:
             started = time.perf_counter()
-            bundle = self.station.issue_card(batch_id, card.card_ref)
+            sealed = self.station.issue_card(batch_id, card.card_ref)
             result.append(time.perf_counter() - started)
-            assert bundle.data and bundle.card_ref == card.card_ref, card.card_ref
+            if not sealed.data or sealed.card_ref != card.card_ref:
+                raise BenchFailed(f"IssueCard {card.card_ref}: no bundle")
         return result
 
 
-# --- 4. audit log: append rate and offline verify rate -----------------------------------------------------------
+def check_audit_export(home: Home, address: str) -> str:
+    """An auditor's export of the whole log, verified offline with the audit public key: the signer signed a
+    checkpoint and a seal over the chain this run wrote."""
+    with Client(config.load_client(home.client_config(AUDITOR)), server=address, timeout=300) as client:
+        nonce = secrets.token_hex(16)
+        try:
+            lines = [line for chunk in AuditClient(client).export(nonce=nonce) for line in chunk]
+        except KmsError as error:
+            raise BenchFailed(f"the audit signer failed during the run: the auditor's export was refused: {error}"
+                              ) from None
+    public_key = load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    verdict = verify(lines, public_key, nonce=nonce)
+    if not verdict.ok or verdict.checkpoints == 0:
+        raise BenchFailed(f"the audit signer failed during the run: the auditor's export: {verdict.summary()}")
+    return verdict.summary()
+
+
+def check_signer_after(home: Home, log_path: Path) -> dict[str, int]:
+    """After the server stopped: no traceback or failed checkpoint in its log, and its last checkpoint (signed at
+    shutdown) covers every record of the run."""
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    found = [marker for marker in SERVER_LOG_FAILURES if marker in text]
+    if found:
+        raise BenchFailed(f"the server's log ({log_path}) holds {', '.join(map(repr, found))}:\n{tail(log_path)}")
+    engine = store.make_engine(f"sqlite:///{home.path / E2E_DATABASE}")
+    try:
+        audit = AuditLog(engine, SystemClock())
+        records, _ = audit.head()
+        last = audit.last_checkpoint()
+        with engine.connect() as conn:
+            checkpoints = conn.execute(sa.select(sa.func.count()).select_from(store.audit_checkpoints)).scalar_one()
+    finally:
+        engine.dispose()
+    covered = last.size if last is not None else 0
+    if covered != records:
+        raise BenchFailed(f"the audit signer failed during the run: the last signed checkpoint covers {covered} of "
+                          f"{records} records (log: {log_path})")
+    return {"records": records, "checkpoints": checkpoints, "covered": covered}
+
+
+def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary
+                  ) -> tuple[list[bytes], list[bytes]]:
+    """Parts 2 and 3 on one server, started (and warmed up) before any timing. Returns the bundles the station
+    received in the warm-up and in round 1 (for part 4)."""
+    e2e_cards = make_cards(args.e2e_cards, seed=2027)
+    latency_cards = make_cards(args.rounds * (LATENCY_WARMUP_CALLS + args.latency_cards), seed=2028)
+    station_cfg = config.load_station(home.station_config(STATION)).client
+    assert station_cfg is not None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    creates: list[float] = []
+    warmup_bundles: list[bytes] = []
+    bundles: list[bytes] = []
+    log_path = home.path / SERVER_LOG
+    with kms_serve(e2e_config(home, cfg, args.processes), log_path) as port:
+        address = f"localhost:{port}"
+        with Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300) as officer, \
+                Client(station_cfg, server=address, timeout=300) as station:
+            e2e = EndToEnd(officer, station, stamp, args.per_message,
+                           lambda batch_id: authorize_batch(home, port, batch_id))
+            warmup = make_cards(WARMUP_CARDS, seed=2029)
+            # workers spawned and logged in, channels open
+            e2e.stream(e2e.batch("warmup", warmup)[0], warmup, keep=warmup_bundles)
+
+            def one_e2e_round() -> float:
+                batch_id, created = e2e.batch(f"r{len(creates)}", e2e_cards)
+                creates.append(created)
+                return e2e.stream(batch_id, e2e_cards, keep=bundles if not bundles else None)
+
+            raw_e2e_t, e2e_t = alternate(args.rounds, lambda: run_raw(cfg, e2e_cards, args.processes),
+                                         one_e2e_round)
+            m = len(e2e_cards)
+            summary.rates("e2e.raw", "2. raw PKCS#11 loop", "cards/s", m, raw_e2e_t)
+            summary.rates("e2e.kms", "2. kms serve, end to end", "cards/s", m, e2e_t)
+            ratio = summary.ratio("e2e.ratio", "2. end-to-end / raw", raw_e2e_t, e2e_t, 0.80)
+            print()
+            print(f"2. end to end: `kms serve` (own process, records in SQLite) -> {STATION} of {BUREAU} over gRPC + "
+                  f"mutual TLS, StreamBatch of a fresh {m}-card batch per round, {args.per_message} bundles per "
+                  f"message, bundles not opened; raw PKCS#11 loop on the same {m} cards")
+            print(f"  {'(medians)':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
+            print(rate_line("raw PKCS#11 loop", m, keys_per_card, raw_e2e_t))
+            print(rate_line("kms serve, end to end", m, keys_per_card, e2e_t))
+            print(ratio_line(ratio, "raw"))
+            print(f"  (not timed: the officer's CreateBatch of {m} cards, median {statistics.median(creates):.2f} s)",
+                  flush=True)
+
+            latency_batch = e2e.batch("latency", latency_cards)[0]
+            p50, p99 = [], []
+            per_round_calls = LATENCY_WARMUP_CALLS + args.latency_cards
+            for r in range(args.rounds):
+                cards = latency_cards[r * per_round_calls:(r + 1) * per_round_calls]
+                ms = [t * 1000 for t in e2e.latencies(latency_batch, cards)[LATENCY_WARMUP_CALLS:]]
+                p50.append(percentile(ms, 50))
+                p99.append(percentile(ms, 99))
+            summary.add(Figure("latency.p50", "3. IssueCard latency p50", "ms", p50))
+            summary.add(Figure("latency.p99", "3. IssueCard latency p99", "ms", p99))
+            print()
+            print(f"3. single-card call: IssueCard (unary, one card, sequential calls from one {STATION} client), "
+                  f"{args.latency_cards} calls per round after {LATENCY_WARMUP_CALLS} warm-up calls")
+            print(f"  p50 per round (ms): {', '.join(f'{v:.1f}' for v in p50)}; median {statistics.median(p50):.1f}")
+            print(f"  p99 per round (ms): {', '.join(f'{v:.1f}' for v in p99)}; median {statistics.median(p99):.1f}",
+                  flush=True)
+            exported = check_audit_export(home, address)
+    state = check_signer_after(home, log_path)
+    summary.notes["audit_signer"] = {**state, "export": exported}
+    print(f"  audit signer: {exported}; after shutdown, {state['checkpoints']} checkpoints, the last covering all "
+          f"{state['records']} records; no traceback in the server's log", flush=True)
+    return warmup_bundles, bundles
+
+
+# --- 4. station open vs raw unwrap --------------------------------------------------------------------------------
+
+def station_open(station_config: str, warmup: list[bytes], bundles: list[bytes], ledger_url: str, chunk: int
+                 ) -> tuple[float, int]:
+    """In a process of its own, as `kms station fetch --open` or `kms bundle open` would: each bundle opened (keys
+    checked, not stored) and recorded in a fresh ledger, by Station.open (chunk 0: one ledger commit per bundle)
+    or Station.open_many (one commit per ``chunk`` bundles). Seconds for ``bundles`` (after ``warmup``) and keys
+    checked."""
+    cfg = config.load_station(Path(station_config))
+    ledger = store.make_engine(ledger_url)
+    store.create_station_ledger(ledger)
+    with runtime.open_station(cfg) as session:
+        station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
+                          SystemClock())
+        for data in warmup:
+            station.open(data)
+        keys = bad = 0
+        started = time.perf_counter()
+        if chunk:
+            for result in station.open_many(bundles, chunk=chunk):
+                if isinstance(result, OpenReport):
+                    keys += len(result.keys)
+                    bad += not result.ok
+                else:
+                    bad += 1
+        else:
+            for data in bundles:
+                report = station.open(data)
+                keys += len(report.keys)
+                bad += not report.ok
+        elapsed = time.perf_counter() - started
+    ledger.dispose()
+    if bad:
+        raise BenchFailed(f"the station refused {bad} bundles or found a KCV that does not match")
+    return elapsed, keys
+
+
+def unwrap_plan(bundles: list[bytes]) -> list[tuple[str, list[bytes]]]:
+    """For each section of each bundle: its transport key's label and its wrapped keys (what raw unwraps)."""
+    plan = []
+    for parsed in map(bundle.parse, bundles):
+        for section in parsed.sections:
+            label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key,
+                              section.transport_key_version)
+            plan.append((label, [key.wrapped for key in section.keys]))
+    return plan
+
+
+def in_process(function: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Any, ...]:
+    """``function(*args)`` in a fresh process (SoftHSM frees destroyed session objects only at C_Finalize, so
+    each round starts from the same token state)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[bytes], summary: Summary) -> None:
+    bundles = received[:args.station_cards]
+    station_config = home.station_config(STATION)
+    cfg = config.load_station(station_config)
+    raw_args = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.pin.resolve())
+    plan, warmup_plan = unwrap_plan(bundles), unwrap_plan(warmup)
+    keys = sum(len(wrapped) for _, wrapped in plan)
+    ledgers = iter(range(2 * args.rounds))
+
+    def raw() -> float:
+        done, seconds = in_process(bench_raw.unwrap, *raw_args, warmup_plan, plan)
+        if done != keys:
+            raise BenchFailed(f"the raw unwrap loop unwrapped {done} keys of {keys}")
+        return float(seconds)
+
+    def station(chunk: int) -> Callable[[], float]:
+        def run() -> float:
+            ledger = home.path / f"bench-ledger-{next(ledgers)}.db"
+            seconds, checked = in_process(station_open, str(station_config), warmup, bundles,
+                                          f"sqlite:///{ledger}", chunk)
+            if checked != keys:
+                raise BenchFailed(f"the station checked {checked} keys of {keys}")
+            return float(seconds)
+        return run
+
+    raw_t, many_t, open_t = interleave(args.rounds, raw, station(STATION_CHUNK), station(0))
+    n = len(bundles)
+    per_bundle = keys // n
+    summary.rates("station.raw", "4. raw unwrap loop", "bundles/s", n, raw_t)
+    summary.rates("station.kms", f"4. Station.open_many ({STATION_CHUNK})", "bundles/s", n, many_t)
+    ratio = summary.ratio("station.ratio", "4. station open / raw unwrap", raw_t, many_t, 0.80)
+    summary.rates("station.open", "4. Station.open, each", "bundles/s", n, open_t)
+    each = summary.ratio("station.open_ratio", "4. open each / raw unwrap", raw_t, open_t)
+    print()
+    print(f"4. station open vs raw unwrap loop, {n} bundles of part 2 per round ({per_bundle} keys each), one "
+          f"process each, {STATION}'s token: Station.open_many (parse, 2 signatures verified, unwrap + KCV per key, "
+          f"serials recorded in a fresh SQLite ledger, one commit per {STATION_CHUNK} bundles, keys discarded) and "
+          "Station.open (the same, one commit per bundle) vs unwrap + KCV + destroy per key")
+    print(f"  {'(medians)':34}{'bundles/s':>10}{'keys/s':>10}{'seconds':>10}")
+    print(rate_line("raw unwrap loop", n, per_bundle, raw_t))
+    print(rate_line(f"kms Station.open_many ({STATION_CHUNK})", n, per_bundle, many_t))
+    print(rate_line("kms Station.open, each", n, per_bundle, open_t))
+    print(ratio_line(ratio, "raw"))
+    print(ratio_line(each, "raw"), flush=True)
+
+
+# --- 5. audit log: append rate and offline verify rate -----------------------------------------------------------
 
 AUDIT_CHECKPOINT_EVERY = 1_000
 AUDIT_VERIFY_GOAL = 100_000  # records/s
@@ -326,7 +716,8 @@ def run_sha256_only(lines: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def bench_audit(rounds: int, append_records: int, verify_records: int) -> None:
+def bench_audit(args: Any, summary: Summary) -> None:
+    rounds, append_records, verify_records = args.rounds, args.audit_records, args.verify_records
     workdir = Path(".bench")
     workdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="audit-", dir=workdir) as tmp:
@@ -355,159 +746,94 @@ def bench_audit(rounds: int, append_records: int, verify_records: int) -> None:
         engine.dispose()
         sha_t, verify_t = alternate(rounds, lambda: run_sha256_only(lines),
                                     lambda: run_verify(lines, public_key, verify_records))
+    figures = [
+        summary.rates("audit.insert", "5. plain INSERT", "records/s", append_records, insert_t),
+        summary.rates("audit.append", "5. AuditLog.append", "records/s", append_records, append_t),
+        summary.ratio("audit.append_ratio", "5. append / plain INSERT", insert_t, append_t),
+        summary.rates("audit.sha256", "5. SHA-256 only", "records/s", verify_records, sha_t),
+        summary.rates("audit.verify", "5. kms.audit.verify", "records/s", verify_records, verify_t, AUDIT_VERIFY_GOAL),
+        summary.ratio("audit.verify_ratio", "5. verify / SHA-256 only", sha_t, verify_t),
+    ]
     print()
-    print(f"4. audit log: (a) append, {append_records} records per round, one per transaction, SQLite (WAL) on "
+    print(f"5. audit log: (a) append, {append_records} records per round, one per transaction, SQLite (WAL) on "
           f"{workdir}; (b) offline verify of an export of {verify_records} records, a signed checkpoint every "
           f"{AUDIT_CHECKPOINT_EVERY}")
-    print(f"  {'':44}{'records/s':>10}{'seconds':>10}")
-    for name, n, times in (("plain INSERT, same row size (baseline)", append_records, insert_t),
-                           ("AuditLog.append (chained, head locked)", append_records, append_t),
-                           ("SHA-256 only over the export lines", verify_records, sha_t),
-                           ("kms.audit.verify.verify", verify_records, verify_t)):
-        median = statistics.median(times)
-        print(f"  {name:44}{n / median:>10.0f}{median:>10.2f}")
-    for name, base_t, other_t, base in (("audit append / plain INSERT", insert_t, append_t, "plain INSERT"),
-                                        ("verify / SHA-256 only", sha_t, verify_t, "SHA-256 only")):
-        ratio = statistics.median(base_t) / statistics.median(other_t)
-        per_round = ", ".join(f"{b / o:.1%}" for b, o in zip(base_t, other_t, strict=True))
-        print(f"  {name} throughput: {ratio:.1%} of {base} (per round: {per_round})")
-    rate = verify_records / statistics.median(verify_t)
-    verdict = "met" if rate >= AUDIT_VERIFY_GOAL else "NOT met"
-    print(f"  verify rate {rate:,.0f} records/s; goal >= {AUDIT_VERIFY_GOAL:,} records/s: {verdict}", flush=True)
-
-
-def percentile(values: list[float], p: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
-
-
-def rate_line(name: str, cards: int, keys_per_card: int, seconds: float) -> str:
-    return f"  {name:34}{cards / seconds:>10.0f}{cards * keys_per_card / seconds:>10.0f}{seconds:>10.2f}"
-
-
-def ratio_line(name: str, raw_t: list[float], other_t: list[float], goal: float) -> str:
-    ratio = statistics.median(raw_t) / statistics.median(other_t)
-    rounds = ", ".join(f"{r / o:.1%}" for r, o in zip(raw_t, other_t, strict=True))
-    verdict = "met" if ratio >= goal else "NOT met"
-    return f"  {name} throughput: {ratio:.1%} of raw (per round: {rounds}); goal >= {goal:.0%}: {verdict}"
-
-
-def alternate(rounds: int, raw: Callable[[], float], other: Callable[[], float]) -> tuple[list[float], list[float]]:
-    """Alternate raw and the other side, and swap who goes first each round, so drift hits both alike."""
-    raw_t: list[float] = []
-    other_t: list[float] = []
-    for i in range(rounds):
-        if i % 2:
-            other_t.append(other())
-            raw_t.append(raw())
-        else:
-            raw_t.append(raw())
-            other_t.append(other())
-    return raw_t, other_t
+    for figure in figures:
+        unit = "" if figure.unit == "ratio" else f" {figure.unit}"
+        print(f"  {figure.label.split(' ', 1)[1]:34} median {figure.show(figure.median)}{unit} (per round: "
+              f"{per_round(figure)})")
+    verify_rate = figures[4]
+    print(f"  verify rate goal >= {AUDIT_VERIFY_GOAL:,} records/s: {'met' if verify_rate.met else 'NOT met'}",
+          flush=True)
 
 
 def main() -> int:
     restrict_umask()  # the home, bundles, minutes and exports written here are the user's alone (kms.files)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each comparison (default: 5)")
     parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
     parser.add_argument("--e2e-cards", type=int, default=2000,
                         help="cards per end-to-end batch and its raw round (default: 2000)")
     parser.add_argument("--latency-cards", type=int, default=200,
-                        help="IssueCard calls timed for the single-card latency (default: 200)")
+                        help="IssueCard calls timed per round for the single-card latency (default: 200)")
+    parser.add_argument("--station-cards", type=int, default=1000,
+                        help="bundles the station opens per round, at most --e2e-cards (default: 1000)")
     parser.add_argument("--per-message", type=int, default=32,
                         help="bundles per streamed message (StreamBatch max_bundles_per_message; default: 32)")
     parser.add_argument("--processes", type=int, default=1,
                         help="HSM worker processes per domain, on every side (default: 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each comparison (default: 3)")
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="the bench's development home, made afresh on every run: whatever an earlier run "
+                             f"left there is removed (default: {DEFAULT_HOME})")
+    parser.add_argument("--summary", type=Path, default=DEFAULT_SUMMARY,
+                        help=f"where the JSON summary of the figures goes (default: {DEFAULT_SUMMARY})")
     parser.add_argument("--audit-records", type=int, default=2000,
                         help="audit records appended per round, one per transaction (default: 2000)")
     parser.add_argument("--verify-records", type=int, default=100_000,
                         help="records in the export the verifier reads (default: 100000)")
-    parser.add_argument("--audit-only", action="store_true", help="run only section 4, the audit log")
+    parser.add_argument("--audit-only", action="store_true", help="run only part 5, the audit log")
     args = parser.parse_args()
-    for name in ("cards", "e2e_cards", "latency_cards", "processes", "rounds", "audit_records", "verify_records"):
+    for name in ("rounds", "cards", "e2e_cards", "latency_cards", "station_cards", "processes", "audit_records",
+                 "verify_records"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:
         parser.error("--latency-cards must be at least 2")
+    if args.station_cards > args.e2e_cards:
+        parser.error("--station-cards must be at most --e2e-cards (the station opens bundles of part 2)")
 
     t0 = time.perf_counter()
+    summary = Summary()
+    summary.notes.update(
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), cpus=os.cpu_count(),
+        load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+        parameters={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     if args.audit_only:
-        print(f"kms bench: audit log only; medians of {args.rounds} alternating rounds, baselines measured in the "
-              "same run", flush=True)
-        bench_audit(args.rounds, args.audit_records, args.verify_records)
-        print()
-        print(f"bench done in {time.perf_counter() - t0:.0f} s")
-        return 0
-    home = bench_home(args.home)
-    cfg = config.load(home.config)
-    profile = profiles.load_dir(cfg.profiles)[PROFILE]
-    keys_per_card = sum(len(profile.keys(d)) for d in DOMAINS)
-    derivations = sum(len(spec.recipe.steps(make_cards(1, 0)[0])) for d in DOMAINS for spec in profile.keys(d))
-
-    print(f"kms bench: profile {PROFILE}, {keys_per_card} keys per card ({derivations} C_DeriveKey per card); "
-          f"{args.processes} HSM process(es) per domain x {len(DOMAINS)} domains on every side; "
-          f"medians of {args.rounds} alternating rounds, raw measured in the same run", flush=True)
-
-    # 1. engine vs raw
-    cards = make_cards(args.cards, seed=2026)
-    raw_t, engine_t = alternate(args.rounds, lambda: run_raw(cfg, cards, args.processes),
-                                lambda: run_engine(home.config, cards, args.processes))
-    n = len(cards)
+        print(f"kms bench: audit log only; {args.rounds} alternating rounds, baselines measured in the same run",
+              flush=True)
+        bench_audit(args, summary)
+    else:
+        home = fresh_home(args.home)
+        cfg = config.load(home.config)
+        profile = profiles.load_dir(cfg.profiles)[PROFILE]
+        keys_per_card = sum(len(profile.keys(d)) for d in DOMAINS)
+        derivations = sum(len(spec.recipe.steps(make_cards(1, 0)[0])) for d in DOMAINS for spec in profile.keys(d))
+        print(f"kms bench: profile {PROFILE}, {keys_per_card} keys per card ({derivations} C_DeriveKey per card); "
+              f"{args.processes} HSM process(es) per domain x {len(DOMAINS)} domains on every side; "
+              f"{args.rounds} alternating rounds, raw measured in the same run", flush=True)
+        bench_engine(args, home, cfg, keys_per_card, summary)
+        warmup, received = bench_service(args, home, cfg, keys_per_card, summary)
+        bench_station(args, home, warmup, received, summary)
+        bench_audit(args, summary)
+    seconds = time.perf_counter() - t0
+    summary.notes.update(load_average_at_end=[round(x, 2) for x in os.getloadavg()], seconds=round(seconds, 1))
+    summary.write(args.summary)
     print()
-    print(f"1. card key engine in process vs raw PKCS#11 loop, {n} cards per round")
-    print(f"  {'':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
-    print(rate_line("raw PKCS#11 loop", n, keys_per_card, statistics.median(raw_t)))
-    print(rate_line("kms engine (sealed bundles)", n, keys_per_card, statistics.median(engine_t)))
-    print(ratio_line("engine / raw", raw_t, engine_t, 0.90), flush=True)
-
-    # 2. end to end vs raw, 3. single-card latency: one server for both, started (and warmed up) before any timing
-    e2e_cards = make_cards(args.e2e_cards, seed=2027)
-    latency_cards = make_cards(LATENCY_WARMUP_CALLS + args.latency_cards, seed=2028)
-    station_cfg = config.load_station(home.station_config(STATION)).client
-    assert station_cfg is not None
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    creates: list[float] = []
-    with kms_serve(e2e_config(home, cfg, args.processes)) as port:
-        address = f"localhost:{port}"
-        with Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300) as officer, \
-                Client(station_cfg, server=address, timeout=300) as station:
-            e2e = EndToEnd(officer, station, stamp, args.per_message,
-                           lambda batch_id: authorize_batch(home, port, batch_id))
-            warmup = make_cards(WARMUP_CARDS, seed=2029)
-            e2e.stream(e2e.batch("warmup", warmup)[0], warmup)  # workers spawned and logged in, channels open
-
-            def one_e2e_round() -> float:
-                batch_id, created = e2e.batch(f"r{len(creates)}", e2e_cards)
-                creates.append(created)
-                return e2e.stream(batch_id, e2e_cards)
-
-            raw_e2e_t, e2e_t = alternate(args.rounds, lambda: run_raw(cfg, e2e_cards, args.processes),
-                                         one_e2e_round)
-            m = len(e2e_cards)
-            print()
-            print(f"2. end to end: `kms serve` (own process, records in SQLite) -> {STATION} of {BUREAU} over gRPC + "
-                  f"mutual TLS, StreamBatch of a fresh {m}-card batch per round, {args.per_message} bundles per "
-                  f"message, bundles not opened; raw PKCS#11 loop on the same {m} cards")
-            print(f"  {'':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
-            print(rate_line("raw PKCS#11 loop", m, keys_per_card, statistics.median(raw_e2e_t)))
-            print(rate_line("kms serve, end to end", m, keys_per_card, statistics.median(e2e_t)))
-            print(ratio_line("end-to-end / raw", raw_e2e_t, e2e_t, 0.80))
-            print(f"  (not timed: the officer's CreateBatch of {m} cards, median {statistics.median(creates):.2f} s)",
-                  flush=True)
-
-            latency_batch = e2e.batch("latency", latency_cards)[0]
-            timed = e2e.latencies(latency_batch, latency_cards)[LATENCY_WARMUP_CALLS:]
-    ms = [t * 1000 for t in timed]
+    print(f"Summary: {args.rounds} round(s) per figure, min / median / max "
+          f"(load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs)")
+    print(summary.table())
     print()
-    print(f"3. single-card call: IssueCard (unary, one card, sequential calls from one {STATION} client), "
-          f"{len(ms)} calls after {LATENCY_WARMUP_CALLS} warm-up calls")
-    print(f"  latency p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms "
-          f"(min {min(ms):.1f}, mean {statistics.fmean(ms):.1f}, max {max(ms):.1f} ms)", flush=True)
-
-    bench_audit(args.rounds, args.audit_records, args.verify_records)
-    print()
-    print(f"bench done in {time.perf_counter() - t0:.0f} s")
+    print(f"bench done in {seconds:.0f} s; summary in {args.summary}")
     return 0
 
 

@@ -1,8 +1,13 @@
-"""Baseline for `make bench`: a bare python-pkcs11 loop doing exactly the HSM work the engine does per card —
-for each key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
-C_DestroyObject — and nothing else (no signing, no encoding, no inter-process traffic).
+"""Baselines for `make bench`: bare python-pkcs11 loops doing exactly the token work kms does, and nothing else.
 
-Deliberately outside the kms package: it is the yardstick, not the product.
+- ``run``, the issuing side, per key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES
+  key wrap with padding, C_DestroyObject (no signing, no encoding, no inter-process traffic).
+- ``unwrap``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
+  transport key into a session object (the template kms uses for a station card key), KCV (encrypt a zero block),
+  C_DestroyObject (no parsing, no signature check, no ledger).
+
+Deliberately outside the kms package: it is the yardstick, not the product. It takes from kms only the station
+card key's template, so that both sides create the same objects.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.constants import DEFAULT
+
+from kms.hsm.templates import Role, secret_key_template
 
 
 class _Kdsd(ctypes.Structure):
@@ -40,7 +47,7 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
     lib = pkcs11.lib(module)
     with lib.get_token(token_label=token).open(user_pin=pin, rw=True) as session:
         masters: dict[str, Any] = {}
-        transport = session.get_key(object_class=ObjectClass.SECRET_KEY, label=transport_label)
+        transport: Any = session.get_key(object_class=ObjectClass.SECRET_KEY, label=transport_label)
         for label, _ in plan:
             if label not in masters:
                 masters[label] = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
@@ -62,3 +69,32 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
             for key in made:
                 key.destroy()
         return len(plan), time.perf_counter() - started
+
+
+def unwrap(module: str, softhsm2_conf: str, token: str, pin: str, warmup: list[tuple[str, list[bytes]]],
+           plan: list[tuple[str, list[bytes]]]) -> tuple[int, float]:
+    """plan: for each section of each bundle, (transport key label, [wrapped keys]); ``warmup`` is run first,
+    untimed. Returns the keys unwrapped in ``plan`` and the seconds they took."""
+    os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+    lib = pkcs11.lib(module)
+    template = secret_key_template(Role.STATION_CARD_KEY, token=False)
+    zero = bytes(8)
+    with lib.get_token(token_label=token).open(user_pin=pin, rw=True) as session:
+        transports: dict[str, Any] = {}
+        for label, _ in warmup + plan:
+            if label not in transports:
+                transports[label] = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+        work = [[(transports[label], wrapped) for label, wrapped in part] for part in (warmup, plan)]
+        count = 0
+        started = 0.0
+        for timed, part in enumerate(work):
+            if timed:
+                started = time.perf_counter()
+            for transport, keys in part:
+                for wrapped in keys:
+                    key = transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.DES2, wrapped,
+                                               mechanism=Mechanism.AES_KEY_WRAP_PAD, template=template)
+                    key.encrypt(zero, mechanism=Mechanism.DES3_ECB)
+                    key.destroy()
+                    count += timed
+        return count, time.perf_counter() - started

@@ -21,7 +21,7 @@ from kms.errors import BundleRejected
 from kms.hsm.session import TokenSession
 from kms.issuance.sealer import DomainSealer
 from kms.registry import KeyKind
-from kms.station import Station, TrustStore
+from kms.station import OpenReport, Station, TrustStore
 
 
 def _doc(data: bytes) -> dict[str, Any]:
@@ -272,3 +272,72 @@ def test_a_second_bundle_for_a_card_whose_keys_are_stored_is_refused_and_not_rec
     for o in station_session.objects():
         if o.label.startswith(f"card/{c.card_ref}/"):
             station_session.destroy(o.label)
+
+
+# -- open_many: one ledger commit per chunk ------------------------------------------------------------------------
+
+
+def test_open_many_reports_each_bundle_in_order_and_records_every_good_one(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    good = [seal(sealers, card(40 + i)) for i in range(5)]
+    already = good[1]
+    station.open(already)
+    doc = _doc(good[3])
+    doc["sections"][0]["body"]["card_ref"] = "card-999999"  # the signature no longer covers it
+    tampered = _encode(doc)
+    stream = [good[0], already, good[2], tampered, good[4], good[0]]  # good[0] twice: a replay within a chunk
+    results = list(station.open_many(stream, chunk=len(stream)))
+    assert len(results) == len(stream)
+    assert [isinstance(r, OpenReport) for r in results] == [True, False, True, False, True, False]
+    opened = [r for r in results if isinstance(r, OpenReport)]
+    assert [r.card_ref for r in opened] == ["card-000040", "card-000042", "card-000044"]
+    assert all(r.ok and not r.stored and len(r.keys) == 15 for r in opened)
+    assert all(station._seen(bundle.parse(d).serial) for d in (good[0], already, good[2], good[4]))
+    assert not station._seen(bundle.parse(good[3]).serial)
+    assert [o for o in station_session.objects() if not o.token] == []
+    with pytest.raises(BundleRejected):
+        station.open(good[2])  # what open_many recorded is a replay for open too
+
+
+def test_open_many_records_no_bundle_whose_kcv_does_not_match(
+    sealers: dict[str, DomainSealer], station: Station, sessions: dict[str, TokenSession], registry: Any
+) -> None:
+    doc = _doc(seal(sealers, card(50)))
+    body = doc["sections"][0]["body"]
+    body["keys"][0]["kcv"] = "000000" if body["keys"][0]["kcv"] != "000000" else "111111"
+    label = registry.active("bank", KeyKind.SIGNING, "issuance").label
+    _resign(doc, 0, lambda m: sessions["bank"].sign_sha256(label, m))
+    fine = seal(sealers, card(51))
+    first, second = station.open_many([_encode(doc), fine])
+    assert isinstance(first, OpenReport) and not first.ok and not first.stored
+    assert isinstance(second, OpenReport) and second.ok
+    assert not station._seen(doc["serial"])
+    assert station._seen(bundle.parse(fine).serial)
+
+
+def test_open_many_stops_on_a_token_failure_with_nothing_of_that_chunk_recorded(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kms.errors import HsmError
+
+    bundles = [seal(sealers, card(60 + i)) for i in range(4)]
+    unwrap = station_session.unwrap_card_keys
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:  # fault injection: the token fails on bundle 4's first section
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise HsmError("token went away", retryable=True)
+        return unwrap(*args, **kwargs)
+
+    monkeypatch.setattr(station_session, "unwrap_card_keys", failing)
+    results = station.open_many(bundles, chunk=2)
+    first, second = next(results), next(results)
+    assert isinstance(first, OpenReport) and first.ok and isinstance(second, OpenReport) and second.ok
+    with pytest.raises(HsmError):
+        next(results)
+    serials = [bundle.parse(d).serial for d in bundles]
+    assert [station._seen(s) for s in serials] == [True, True, False, False]
+    assert [o for o in station_session.objects() if not o.token] == []

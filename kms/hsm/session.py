@@ -56,6 +56,9 @@ from kms.metrics import hsm_call
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
 
 _OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # SoftHSM 2.6 offers OAEP with SHA-1 only
+#: A card key a station unwraps to check (a session object): built once, for it is made for every key of every
+#: bundle a station opens.
+_STATION_SESSION_KEY = secret_key_template(Role.STATION_CARD_KEY, token=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -652,7 +655,8 @@ class TokenSession:
                          ) -> tuple[Any, bytes]:
         if algorithm is not Algorithm.DES2:
             raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
-        template = secret_key_template(Role.STATION_CARD_KEY, token=label is not None, label=label)
+        template = (_STATION_SESSION_KEY if label is None
+                    else secret_key_template(Role.STATION_CARD_KEY, token=True, label=label))
         with _hsm("unwrap card key"):
             key = transport.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.DES2, wrapped, mechanism=Mechanism.AES_KEY_WRAP_PAD,

@@ -1,0 +1,72 @@
+"""`make bench` (scripts/bench.py) at a tiny size: it runs end to end and reports every figure.
+
+No speed is asserted here (speed targets belong to `make bench` itself); this checks that the bench still works —
+a fresh home, every part, the audit signer check, the table and the JSON summary — after a change elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench  # noqa: E402  (scripts/ is not a package)
+
+FIGURES = {
+    "engine.raw", "engine.kms", "engine.ratio",
+    "e2e.raw", "e2e.kms", "e2e.ratio",
+    "latency.p50", "latency.p99",
+    "station.raw", "station.kms", "station.ratio", "station.open", "station.open_ratio",
+    "audit.insert", "audit.append", "audit.append_ratio", "audit.sha256", "audit.verify", "audit.verify_ratio",
+}
+GOALS = {"engine.ratio": 0.90, "e2e.ratio": 0.80, "station.ratio": 0.80, "audit.verify": 100_000}
+
+
+@pytest.mark.hsm
+@pytest.mark.service
+def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--rounds", "1", "--cards", "8", "--e2e-cards", "8",
+         "--latency-cards", "3", "--station-cards", "8", "--audit-records", "10", "--verify-records", "1000",
+         "--home", str(tmp_path / "home"), "--summary", str(summary_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    figures = summary["figures"]
+    assert set(figures) == FIGURES
+    for key, figure in figures.items():
+        assert len(figure["rounds"]) == 1, key
+        assert figure["min"] == figure["median"] == figure["max"] > 0, key
+        assert figure.get("goal") == GOALS.get(key), key
+    assert figures["station.ratio"]["median"] == pytest.approx(
+        figures["station.kms"]["median"] / figures["station.raw"]["median"], rel=1e-3)
+    signer = summary["audit_signer"]
+    assert signer["records"] == signer["covered"] > 0
+    assert signer["checkpoints"] >= 1
+    assert summary["parameters"]["rounds"] == 1 and len(summary["load_average_at_start"]) == 3
+
+    # every figure in the printed table, by its label
+    table = result.stdout.split("Summary:", 1)[1]
+    for label in ("1. engine / raw", "2. end-to-end / raw", "3. IssueCard latency p50", "3. IssueCard latency p99",
+                  "4. station open / raw unwrap", "4. open each / raw unwrap", "5. kms.audit.verify"):
+        assert label in table
+    # the home is one the bench made: the next run may remove it
+    assert (tmp_path / "home" / bench.BENCH_MARKER).exists()
+
+
+def test_bench_never_removes_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "kms.yaml").write_text("hsm: {}\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="not a home the bench made"):
+        bench.fresh_home(precious)
+    assert (precious / "kms.yaml").read_text(encoding="utf-8") == "hsm: {}\n"
