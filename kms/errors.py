@@ -207,8 +207,10 @@ class AuditUnavailable(Unavailable):
 
     exit_code = 13
 
-    def __init__(self, message: str = "the audit log cannot be written; nothing was done") -> None:
+    def __init__(self, message: str = "the audit log cannot be written; nothing was done", *,
+                 reason: str = "") -> None:
         super().__init__(message)
+        self.reason = reason  # the storage fault, in a few words, when one is known (e.g. "disk full")
 
 
 class AuditChainBroken(KmsError):

@@ -278,7 +278,7 @@ class AuditLog:
 def _unwritable(fault: StorageUnavailable) -> AuditUnavailable:
     """AuditUnavailable for a storage fault, naming it: "the audit log cannot be written (disk full); nothing was
     done"."""
-    return AuditUnavailable(f"the audit log cannot be written ({fault.reason}); nothing was done")
+    return AuditUnavailable(f"the audit log cannot be written ({fault.reason}); nothing was done", reason=fault.reason)
 
 
 def _advance(conn: sa.Connection, count: int) -> tuple[int, str]:

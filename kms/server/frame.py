@@ -353,11 +353,13 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     if audit is not None:
                         audit.record("request.ok", actor=principal.uri(), domain=principal.domain or "",
                                      subject=method, detail={"method": method})
-                except Exception:
+                except Exception as failure:
                     metrics.REQUESTS.labels(label, "UNAVAILABLE").inc()
                     log.error("the outcome of %s by %s could not be recorded; the call fails", method, principal)
+                    reason = getattr(failure, "reason", "")  # the storage fault, e.g. "disk full"
                     context.abort(grpc.StatusCode.UNAVAILABLE, "the call's outcome could not be recorded in the audit "
-                                  "log; what it changed is recorded, but its answer was not sent")
+                                  f"log{f' ({reason})' if reason else ''}; what it changed is recorded, but its "
+                                  "answer was not sent")
                 metrics.REQUESTS.labels(label, "OK").inc()
                 log.debug("%s ok in %.3f s", method, time.monotonic() - started)
                 return

@@ -41,10 +41,18 @@ def _batch(home: Home, service: Service) -> tuple[str, list[CardIdentity]]:
     return batch_id, cards
 
 
+PROGRESS = re.compile(r"kms: \d+ % \(\d+/\d+ bundles, ")
+
+
 def _fetch(home: Home, service: Service, batch_id: str, out: Path, *flags: str) -> tuple[int, str, str]:
     result = kms("station", "fetch", "--station-config", str(home.station_config("station-a1")), "--server",
                  f"localhost:{service.port}", "--batch-id", batch_id, "--out", str(out), "--json", *flags)
-    return result.returncode, result.stdout, result.stderr
+    return result.returncode, result.stdout, _without_progress(result.stderr)
+
+
+def _without_progress(stderr: str) -> str:
+    """stderr without the progress lines (a line per 10 % off a terminal: "kms: 40 % (16/40 bundles, …)")."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not PROGRESS.match(line))
 
 
 def _issued_once(service: Service, batch_id: str) -> list[str]:

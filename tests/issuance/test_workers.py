@@ -130,12 +130,12 @@ def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, t
 
 
 def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None:
-    from kms.errors import HsmError
+    from kms.errors import StorageUnavailable
 
     config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
     pool = DomainPool(config, "hrss", processes=1)
-    try:
-        with pytest.raises(HsmError, match=r"the hrss HSM worker could not start \(OperationalError\)"):
+    try:  # the worker's registry cannot open the database: said as such (retryable), not as an HSM failure
+        with pytest.raises(StorageUnavailable, match=r"the database is unavailable \(cannot open the database file\)"):
             list(pool.seal([Job(card(500), "00" * 16)], "B-init", "bureau-a", "dual-app-v1"))
     finally:
         pool.terminate()
