@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
 from kms.clock import SystemClock
 from kms.errors import ConfigError, HsmError, HsmLoginFailed, InvalidState, KmsError
+from kms.hsm.errors import short_reason
 from kms.hsm.session import TokenSession
 from kms.issuance import pans
 from kms.issuance.sealer import DomainSealer
@@ -526,10 +526,5 @@ class DomainPool:
 
 
 def _reason(error: KmsError) -> str:
-    """A short reason for a health report: the PKCS#11 error's name if the message ends with one, else the kind of
-    failure — never a path or a label."""
-    text = str(error)
-    if "no token labelled" in text:
-        return "the token is not present"
-    named = re.search(r"\(([^()]*)\)\)*$", text)
-    return named[1] if named else type(error).__name__
+    """A short reason for a health report (kms.hsm.errors.short_reason): never a path or a label."""
+    return short_reason(error)
