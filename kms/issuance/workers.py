@@ -461,10 +461,11 @@ class DomainPool:
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step)."""
-        with self._lock:
-            generation, executor = self._current()
         try:
-            result, calls = executor.submit(_call, (function, args)).result()
+            with self._lock:  # submitted under the lock: never to a pool being retired (recycled, replaced)
+                generation, executor = self._current()
+                future = executor.submit(_call, (function, args))
+            result, calls = future.result()
         except HsmLoginFailed as error:
             metrics.observe_hsm_calls_of(self.domain, error)  # the failed login
             raise self._refuse(error) from None
@@ -484,11 +485,13 @@ class DomainPool:
         if self.refused is not None:
             return "the token refused the PIN; fix it and restart the service"
         try:
-            with self._lock:
+            with self._lock:  # submitted under the lock: never to a pool being retired (recycled, replaced)
                 generation, executor = self._current()
-            try:
-                future = executor.submit(_probe)
-            except BrokenProcessPool:
+                try:
+                    future: Future[int] | None = executor.submit(_probe)
+                except BrokenProcessPool:
+                    future = None
+            if future is None:
                 self._replace_executor(generation)
                 return None if self._executor is not None else "the worker processes could not be started"
             try:

@@ -172,3 +172,41 @@ def test_a_pin_refused_while_the_pool_grows_is_presented_once_not_once_per_proce
         pool.terminate()
     outcomes = [line.split()[3] for line in trace.read_text().splitlines()]
     assert outcomes[0] == "ok" and outcomes[1:] == ["PinIncorrect"], outcomes
+
+
+class _RetireOnRelease:
+    """The pool's lock, except that the first release after ``arm()`` retires the pool's processes as a concurrent
+    recycle does (fault injection: the moment between taking the current pool and using it)."""
+
+    def __init__(self, pool: DomainPool) -> None:
+        import threading
+
+        self._pool, self._lock, self._armed = pool, threading.Lock(), False
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if self._armed:
+            self._armed = False
+            with self._lock:
+                retiring, self._pool._executor = self._pool._executor, None
+                self._pool._generation += 1
+            assert retiring is not None
+            retiring.shutdown(wait=False)  # as recycle(): its queued work still runs, nothing new is accepted
+
+
+def test_a_health_probe_racing_a_recycle_does_not_fail(home: Home) -> None:
+    pool = DomainPool(home.config, "bank", processes=1)
+    lock = _RetireOnRelease(pool)
+    pool._lock = lock  # type: ignore[assignment]
+    try:
+        pool.start()
+        lock.arm()
+        assert pool.probe() is None  # not "cannot schedule new futures after shutdown" (RuntimeError)
+    finally:
+        pool.terminate()
