@@ -161,6 +161,7 @@ class AuditSigner:
         #: New processes started after the first one died.
         self.restarts = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._closed = False  # close() was called: no process is started again
         if start:
             self.start()
 
@@ -242,7 +243,7 @@ class AuditSigner:
     def supervise(self) -> bool:
         """Start a new signer process if the last one died (one login). True if a new one was started."""
         with self._lock:
-            if self._executor is not None or self.refused is not None:
+            if self._executor is not None or self.refused is not None or self._closed:
                 return False
             try:
                 self._executor = self._new_executor()
@@ -265,6 +266,7 @@ class AuditSigner:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
