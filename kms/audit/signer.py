@@ -30,6 +30,7 @@ from kms import logs, runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, KmsError, Unavailable
+from kms.hsm.errors import short_reason
 from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
 from kms.processes import context, end_with_parent, executor_pids
@@ -92,8 +93,9 @@ def _ready() -> TokenSession:
     except HsmLoginFailed as error:
         _init_error = error
         raise
-    except KmsError as error:
-        raise HsmError(f"the audit token is unavailable ({error})", retryable=True) from None
+    except KmsError as error:  # the detail (module path, token label) to this process's log only
+        log.warning("audit signer: the token cannot be opened again yet: %s", error)
+        raise HsmError(f"the audit token is unavailable ({short_reason(error)})", retryable=True) from None
     assert _session is not None
     return _session
 
@@ -159,6 +161,7 @@ class AuditSigner:
         #: New processes started after the first one died.
         self.restarts = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._closed = False  # close() was called: no process is started again
         if start:
             self.start()
 
@@ -229,14 +232,18 @@ class AuditSigner:
             return "the audit token refused the PIN; fix it and restart the service"
         try:
             self._run(timeout, _probe)
-        except KmsError as error:
-            return str(error) if isinstance(error, Unavailable) else f"the audit token is unavailable ({error})"
+        except KmsError as error:  # /readyz is served without a client certificate: no path, no label
+            if isinstance(error, Unavailable):
+                return str(error)
+            text = str(error)
+            return text if text.startswith("the audit token is unavailable (") and "/" not in text \
+                else f"the audit token is unavailable ({short_reason(error)})"
         return None
 
     def supervise(self) -> bool:
         """Start a new signer process if the last one died (one login). True if a new one was started."""
         with self._lock:
-            if self._executor is not None or self.refused is not None:
+            if self._executor is not None or self.refused is not None or self._closed:
                 return False
             try:
                 self._executor = self._new_executor()
@@ -259,6 +266,7 @@ class AuditSigner:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)

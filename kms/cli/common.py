@@ -75,9 +75,10 @@ def force_option(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_existing(path: Path, force: bool) -> None:
-    """No silent overwrite: AlreadyExists naming ``path`` if it exists, unless ``--force``. (A symbolic link is left
-    to the writer, which refuses to write through one whatever --force says: kms.files.)"""
-    if not force and path.exists() and not path.is_symlink():
+    """No silent overwrite: AlreadyExists naming ``path`` if it exists — a symbolic link too, dangling or not — unless
+    ``--force``. (With --force the writer never writes through a link either: kms.files replaces a link to a regular
+    file by the file, and refuses any other.)"""
+    if not force and (path.exists() or path.is_symlink()):
         raise errors.AlreadyExists(f"{path} exists; choose another file, or pass --force to overwrite it")
 
 

@@ -5,6 +5,7 @@ memory ever reaches a message.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import pkcs11.exceptions as p11e
@@ -53,3 +54,14 @@ def _hsm(what: str) -> Iterator[None]:
         raise _translate(error, what) from None
 
 
+
+
+def short_reason(error: Exception) -> str:
+    """A few words on why a token cannot be used, for health reports (served without a client certificate) and
+    callers: the PKCS#11 error's name if the message ends with one, else the kind of failure — never a path, a
+    module or a token label (those go to the log)."""
+    text = str(error)
+    if "no token labelled" in text:
+        return "the token is not present"
+    named = re.search(r"\(([^()]*)\)\)*$", text)
+    return named[1] if named else type(error).__name__

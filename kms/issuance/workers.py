@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
 from kms.clock import SystemClock
 from kms.errors import ConfigError, HsmError, HsmLoginFailed, InvalidState, KmsError
+from kms.hsm.errors import short_reason
 from kms.hsm.session import TokenSession
 from kms.issuance import pans
 from kms.issuance.sealer import DomainSealer
@@ -85,16 +85,45 @@ class _Worker:
 _worker: _Worker | None = None
 _init_error: KmsError | None = None
 _init_args: tuple[str, str] | None = None
+#: Shared by the processes of one pool (DomainPool): a lock that lets one of them log in at a time, and an event set
+#: once the token refused the PIN to any of them — then no other presents it (a real HSM locks its user PIN after a
+#: few failures, however many workers a domain has). None outside a pool's processes.
+_logins: tuple[Any, Any] | None = None
+#: How long a process waits for another's login before giving up (retryable): a process killed while logging in
+#: takes the lock with it until its pool is replaced, with a new lock.
+LOGIN_WAIT_SECONDS = 60.0
 
 
-def _init(config_path: str, domain: str) -> None:
+def _login(cfg: config.Config, domain: str) -> TokenSession:
+    """The domain's token session (runtime.open_domain: one C_Login), unless another process of the pool had the
+    PIN refused already; one process of the pool at a time."""
+    if _logins is None:
+        return runtime.open_domain(cfg, domain)
+    lock, refused = _logins
+    if not lock.acquire(timeout=LOGIN_WAIT_SECONDS):
+        raise HsmError(f"the {domain} token: another worker's login does not end", retryable=True)
+    try:
+        if refused.is_set():
+            raise HsmLoginFailed(f"domains.{domain}.pin: the token refused the PIN to another {domain} worker; it is "
+                                 "not presented again")
+        try:
+            return runtime.open_domain(cfg, domain)
+        except HsmLoginFailed:
+            refused.set()
+            raise
+    finally:
+        lock.release()
+
+
+def _init(config_path: str, domain: str, logins: tuple[Any, Any] | None = None) -> None:
     """Runs once in each worker process: opens the domain's token with the PIN this process resolves.
     A failure is kept and reported with the first task (``_probe`` at the pool's start), so the caller learns why,
     not just that a process died. A refused PIN is final for this process: it is never tried again."""
-    global _init_error, _init_args
+    global _init_error, _init_args, _logins
     if _init_args is None:
         end_with_parent()  # logged into a token: this process must not outlive the service
         logs.configure_from_env()  # this process's log lines look like the service's (kms.logs)
+        _logins = logins
     _init_args = (config_path, domain)
     try:
         _open(config_path, domain)
@@ -113,7 +142,7 @@ def _open(config_path: str, domain: str) -> None:
     clock = SystemClock()
     registry = runtime.registry(cfg, clock)
     loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
-    session = runtime.open_domain(cfg, domain)
+    session = _login(cfg, domain)
     _worker = _Worker(domain, session, registry, loaded, clock, {})
     # Long-lived start-up objects leave the collector's view; the per-card garbage is acyclic.
     gc.freeze()
@@ -149,7 +178,7 @@ def _reopened() -> bool:
     try:
         cfg = config.load(Path(_init_args[0]))
         runtime.module(cfg.hsm).reinitialize()
-        worker.session = runtime.open_domain(cfg, worker.domain)
+        worker.session = _login(cfg, worker.domain)
     except HsmLoginFailed as error:
         _init_error = error
         raise
@@ -295,6 +324,7 @@ class DomainPool:
         self._closed = False
         #: The PIN refusal that stopped this pool (the detail, for the log and the health report), if any.
         self.refused: HsmLoginFailed | None = None
+        self._refused_event = context().Event()  # set by the process whose login was refused (_login)
         #: Replacements of the processes after one died or could not start (recycling not counted).
         self.restarts = 0
         self._last_ok = 0.0  # time.monotonic() of the last chunk or probe that succeeded
@@ -312,6 +342,7 @@ class DomainPool:
     def _refuse(self, error: HsmLoginFailed) -> HsmLoginFailed:
         """A refused PIN: remembered, the processes stopped (none tries it again); the caller's error."""
         with self._lock:
+            self._refused_event.set()
             if self.refused is None:
                 self.refused = error
                 log.error("%s workers stopped: %s; the PIN is not tried again until the service restarts",
@@ -329,8 +360,9 @@ class DomainPool:
             raise self._refusal()
         if self._closed:
             raise HsmError(f"the {self.domain} workers are stopping", retryable=True)
+        # A lock per generation: a process killed while logging in breaks only its own pool.
         executor = ProcessPoolExecutor(self.processes, mp_context=context(), initializer=_init,
-                                       initargs=self._initargs)
+                                       initargs=(*self._initargs, (context().Lock(), self._refused_event)))
         try:
             executor.submit(_probe).result(timeout=STARTUP_SECONDS)
         except HsmLoginFailed as error:
@@ -429,10 +461,11 @@ class DomainPool:
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
         """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step)."""
-        with self._lock:
-            generation, executor = self._current()
         try:
-            result, calls = executor.submit(_call, (function, args)).result()
+            with self._lock:  # submitted under the lock: never to a pool being retired (recycled, replaced)
+                generation, executor = self._current()
+                future = executor.submit(_call, (function, args))
+            result, calls = future.result()
         except HsmLoginFailed as error:
             metrics.observe_hsm_calls_of(self.domain, error)  # the failed login
             raise self._refuse(error) from None
@@ -452,11 +485,13 @@ class DomainPool:
         if self.refused is not None:
             return "the token refused the PIN; fix it and restart the service"
         try:
-            with self._lock:
+            with self._lock:  # submitted under the lock: never to a pool being retired (recycled, replaced)
                 generation, executor = self._current()
-            try:
-                future = executor.submit(_probe)
-            except BrokenProcessPool:
+                try:
+                    future: Future[int] | None = executor.submit(_probe)
+                except BrokenProcessPool:
+                    future = None
+            if future is None:
                 self._replace_executor(generation)
                 return None if self._executor is not None else "the worker processes could not be started"
             try:
@@ -526,10 +561,5 @@ class DomainPool:
 
 
 def _reason(error: KmsError) -> str:
-    """A short reason for a health report: the PKCS#11 error's name if the message ends with one, else the kind of
-    failure — never a path or a label."""
-    text = str(error)
-    if "no token labelled" in text:
-        return "the token is not present"
-    named = re.search(r"\(([^()]*)\)\)*$", text)
-    return named[1] if named else type(error).__name__
+    """A short reason for a health report (kms.hsm.errors.short_reason): never a path or a label."""
+    return short_reason(error)

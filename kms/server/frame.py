@@ -99,7 +99,9 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
 
 
 def _storage_fault(error: BaseException) -> str | None:
-    """The storage fault (kms.store.storage_fault) an unexpected error is, or was raised from."""
+    """The storage fault (kms.store.storage_fault) an unexpected error is, or was raised from (``raise ... from
+    fault``, or ``from None`` over one: a deliberate translation). An error raised *while handling* a fault (an
+    implicit context: a bug in an ``except`` block) is not one: it stays INTERNAL, with its traceback logged."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -107,7 +109,7 @@ def _storage_fault(error: BaseException) -> str | None:
         fault = storage_fault(current)
         if fault is not None:
             return fault
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (current.__context__ if current.__suppress_context__ else None)
     return None
 
 

@@ -71,6 +71,9 @@ class HealthMonitor:
         self._failing: dict[str, str] = {}  # dependency -> reason
         self._serving: dict[str, bool] = {}  # service -> published status
         self._lock = threading.Lock()  # one round at a time
+        # What was published, read by ``status`` (/readyz) without waiting for a round in progress: a round may take
+        # a worker's probe timeout or the audit signer's restart, longer than a load balancer waits.
+        self._state = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stopping = False
@@ -104,6 +107,10 @@ class HealthMonitor:
             return f"the check failed ({type(error).__name__})"
 
     def _note(self, name: str, reason: str | None) -> None:
+        with self._state:
+            self._note_locked(name, reason)
+
+    def _note_locked(self, name: str, reason: str | None) -> None:
         before = self._failing.get(name)
         if reason is None and name in self._failing:
             del self._failing[name]
@@ -115,6 +122,10 @@ class HealthMonitor:
             self.transitions.append(Transition(self._clock.now(), name, False, reason))
 
     def _publish(self) -> None:
+        with self._state:
+            self._publish_locked()
+
+    def _publish_locked(self) -> None:
         if self.stopping:
             return
         for service, needed in self._needs.items():
@@ -134,8 +145,9 @@ class HealthMonitor:
                 log.warning("health: %s is NOT_SERVING (%s)", service or "the service", missing)
 
     def status(self) -> tuple[bool, dict[str, str], dict[str, str]]:
-        """(ready, failing dependencies and why, every service's status): what /readyz answers."""
-        with self._lock:
+        """(ready, failing dependencies and why, every service's status): what /readyz answers — as last published,
+        without waiting for a round of checks in progress."""
+        with self._state:
             failing = dict(self._failing)
             services = {(name or "(overall)"): ("SERVING" if ok else "NOT_SERVING")
                         for name, ok in sorted(self._serving.items())}

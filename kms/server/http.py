@@ -6,7 +6,8 @@
 - ``GET /metrics``: the Prometheus text exposition of prometheus_client's default registry.
 
 No client certificate (it serves no key, card or record, and no secret: statuses and reasons only); keep it on
-loopback or a management network. Only GET and HEAD; anything else is 405, an unknown path 404.
+loopback or a management network. Only GET and HEAD; anything else is 405, an unknown path 404. A connection that
+sends no complete request within ``REQUEST_TIMEOUT`` seconds is closed (each connection holds a thread while open).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from kms.server.health import HealthMonitor
 
 log = logging.getLogger(__name__)
 
+#: Seconds a connection may take to send its request (and to read the answer) before it is closed.
+REQUEST_TIMEOUT = 10.0
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], monitor: HealthMonitor, family: int) -> None:
+    def __init__(self, address: tuple[str, int], monitor: HealthMonitor, family: int, timeout: float) -> None:
         self.address_family = family
         self.monitor = monitor
+        self.request_timeout = timeout
         super().__init__(address, _Handler)
 
 
@@ -39,6 +44,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "kms"
     sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout)  # a silent or slow client is dropped (slowloris)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -80,15 +89,17 @@ class HealthListener:
     """The listener on ``address`` (host:port; port 0 picks one), bound at construction: an address in use is a
     ConfigError naming ``server.health_listen``."""
 
-    def __init__(self, address: str, monitor: HealthMonitor) -> None:
+    def __init__(self, address: str, monitor: HealthMonitor, timeout: float = REQUEST_TIMEOUT) -> None:
         host, _, port_text = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         try:
             port = int(port_text)
+            if not 0 <= port <= 65535:
+                raise ValueError(port)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            self._server = _Server((host, port), monitor, family)
+            self._server = _Server((host, port), monitor, family, timeout)
         except ValueError:
-            raise ConfigError(f"server.health_listen {address}: the port must be a number") from None
+            raise ConfigError(f"server.health_listen {address}: the port must be a number from 0 to 65535") from None
         except OSError as error:
             raise ConfigError(f"server.health_listen {address}: {(error.strerror or str(error)).lower()}") from None
         self.host = host

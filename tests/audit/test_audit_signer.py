@@ -155,3 +155,15 @@ def runtime_session(cfg: config.Config) -> TokenSession:
 
     assert cfg.audit is not None
     return runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())
+
+
+def test_a_closed_signer_is_not_restarted_by_a_late_supervision_round(home: Home) -> None:
+    """Stopping the service closes the signer; a health round still running (its join timed out) must not start
+    a new signer process, logged into the audit token, after that."""
+    signer = AuditSigner(home.config)
+    signer.close()
+    try:
+        assert signer.supervise() is False
+        assert signer.pids() == [] and signer.restarts == 0
+    finally:
+        signer.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
+from kms import errors
 from kms.cards.cardid import luhn_valid
 from kms.ceremony.operations import OPERATIONS
 from kms.cli import common
@@ -188,3 +189,16 @@ def test_each_operations_listed_parameters_are_the_ones_its_check_takes() -> Non
                 if not optional and name not in ("method", "bureau"):
                     with pytest.raises(InvalidArgument, match=rf"^params\.{name}: is required$"):
                         op.check(None, "hrss", {k: v for k, v in params.items() if k != name})  # type: ignore[arg-type]
+
+
+def test_a_symbolic_link_at_the_output_path_is_not_replaced_without_force(tmp_path: Path) -> None:
+    kept = tmp_path / "kept.json"
+    kept.write_text("keep me")
+    link, dangling = tmp_path / "minutes.json", tmp_path / "gone.json"
+    link.symlink_to(kept)
+    dangling.symlink_to(tmp_path / "nowhere")
+    for path in (link, dangling):
+        with pytest.raises(errors.AlreadyExists, match="pass --force to overwrite it"):
+            common.refuse_existing(path, force=False)
+        common.refuse_existing(path, force=True)  # --force: the writer decides (kms.files never writes through)
+    assert link.is_symlink() and kept.read_text() == "keep me"

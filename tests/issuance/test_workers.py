@@ -132,10 +132,81 @@ def test_workers_that_keep_dying_give_a_retryable_error_not_a_hang(home: Home, t
 def test_a_worker_that_cannot_start_says_why(home: Home, tmp_path: Path) -> None:
     from kms.errors import StorageUnavailable
 
+    # The worker's database cannot be opened: a storage fault (kms.store), retryable, named — not a bare class name.
     config = _config_copy(home, tmp_path, database=f"sqlite:///{tmp_path / 'missing-dir' / 'kms.db'}")
     pool = DomainPool(config, "hrss", processes=1)
-    try:  # the worker's registry cannot open the database: said as such (retryable), not as an HSM failure
-        with pytest.raises(StorageUnavailable, match=r"the database is unavailable \(cannot open the database file\)"):
+    try:
+        with pytest.raises(StorageUnavailable, match=r"the database is unavailable \(cannot open the database file\)"
+                           ) as raised:
             list(pool.seal([Job(card(500), "00" * 16)], "B-init", "bureau-a", "dual-app-v1"))
+        assert raised.value.retryable
+    finally:
+        pool.terminate()
+
+
+def test_a_pin_refused_while_the_pool_grows_is_presented_once_not_once_per_process(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three workers per domain; the first logs in at the start, then the PIN file goes wrong (a bad rotation) and
+    the pool starts its other processes for a batch: one of them presents the PIN, the token refuses it, and the
+    others never present it (a real HSM locks its PIN after a few failures, whatever the number of workers)."""
+    from kms.errors import HsmLoginFailed
+    from kms.hsm.session import LOGIN_TRACE_ENV
+
+    pin = tmp_path / "bank.pin"
+    pin.write_text((home.path / "pins" / "bank.pin").read_text())
+    trace = tmp_path / "logins.trace"
+    monkeypatch.setenv(LOGIN_TRACE_ENV, str(trace))  # inherited by the spawned workers
+    config = _config_copy(home, tmp_path)
+    doc = yaml.safe_load(config.read_text())
+    doc["domains"]["bank"]["pin"] = f"file:{pin}"
+    config.write_text(yaml.safe_dump(doc))
+    pool = DomainPool(config, "bank", processes=3)
+    try:
+        pool.start()
+        pin.write_text("000000\n")
+        with pytest.raises(HsmLoginFailed):
+            list(pool.seal([Job(card(800 + i), f"{i:032X}") for i in range(32 * 12)], "B-pin", "bureau-a",
+                           "dual-app-v1"))
+        assert pool.probe() is not None  # refused: the health monitor presents nothing either
+    finally:
+        pool.terminate()
+    outcomes = [line.split()[3] for line in trace.read_text().splitlines()]
+    assert outcomes[0] == "ok" and outcomes[1:] == ["PinIncorrect"], outcomes
+
+
+class _RetireOnRelease:
+    """The pool's lock, except that the first release after ``arm()`` retires the pool's processes as a concurrent
+    recycle does (fault injection: the moment between taking the current pool and using it)."""
+
+    def __init__(self, pool: DomainPool) -> None:
+        import threading
+
+        self._pool, self._lock, self._armed = pool, threading.Lock(), False
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if self._armed:
+            self._armed = False
+            with self._lock:
+                retiring, self._pool._executor = self._pool._executor, None
+                self._pool._generation += 1
+            assert retiring is not None
+            retiring.shutdown(wait=False)  # as recycle(): its queued work still runs, nothing new is accepted
+
+
+def test_a_health_probe_racing_a_recycle_does_not_fail(home: Home) -> None:
+    pool = DomainPool(home.config, "bank", processes=1)
+    lock = _RetireOnRelease(pool)
+    pool._lock = lock  # type: ignore[assignment]
+    try:
+        pool.start()
+        lock.arm()
+        assert pool.probe() is None  # not "cannot schedule new futures after shutdown" (RuntimeError)
     finally:
         pool.terminate()

@@ -162,3 +162,23 @@ def test_a_repair_is_published_between_the_failure_and_the_recovery() -> None:
     monitor.drain()
     ready, failing, services = monitor.status()
     assert not ready and failing == {"service": "stopping"} and set(services.values()) == {"NOT_SERVING"}
+
+
+def test_a_missing_audit_token_is_reported_without_its_label_or_module_path(
+        own_home: Home, monitored: Service) -> None:
+    """/readyz is served without a client certificate: its reasons name what fails in a few words, never a path."""
+    from kms.dev.home import AUDIT_TOKEN
+
+    token = _token_dir(own_home, AUDIT_TOKEN)
+    away = own_home.path / "hsm" / "audit-moved-away"
+    shutil.move(token, away)
+    try:
+        failing = monitored.health.check_now()
+        assert set(failing) == {"audit-signer"}, failing
+        code, _, body = _get(monitored, "/readyz")
+        reason = json.loads(body)["failing"]["audit-signer"]
+        assert code == 503 and "not present" in reason, reason
+        assert "/" not in reason and AUDIT_TOKEN not in reason and "audit.token" not in reason, reason
+    finally:
+        shutil.move(away, token)
+    assert monitored.health.check_now() == {}

@@ -14,7 +14,7 @@ import os
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +281,42 @@ def test_postgresql_disk_full_during_a_stream_is_retried_and_every_card_arrives_
     assert {r.cursor for r in retries} == {str(received[2 * PER_MESSAGE - 1].sequence)}
     assert [b.card_ref for b in received] == [c.card_ref for c in cards]
     assert _issued_once(svc, batch_id, cards) == {b.card_ref: b.serial for b in received}
+
+
+def test_a_bug_while_handling_a_fault_is_not_a_fault() -> None:
+    """What the frame calls a storage fault (UNAVAILABLE, retried by clients): an error raised from one, or over one
+    with ``from None``; not a programming error raised in the ``except`` block that handled one (INTERNAL)."""
+    from kms.server.frame import _storage_fault
+
+    def raised(make: Callable[[], object]) -> BaseException:
+        try:
+            make()
+        except BaseException as error:
+            return error
+        raise AssertionError("nothing raised")
+
+    def fault() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def from_fault() -> None:
+        try:
+            fault()
+        except sqlite3.OperationalError as error:
+            raise RuntimeError("the batch cannot be read") from error
+
+    def over_fault() -> None:
+        try:
+            fault()
+        except sqlite3.OperationalError:
+            raise RuntimeError("the batch cannot be read") from None
+
+    def bug_while_handling() -> None:
+        try:
+            fault()
+        except sqlite3.OperationalError:
+            {}["reason"]  # a bug in the handler: a key that is not there
+
+    assert _storage_fault(raised(fault)) == "disk I/O error"
+    assert _storage_fault(raised(from_fault)) == "disk I/O error"
+    assert _storage_fault(raised(over_fault)) == "disk I/O error"
+    assert _storage_fault(raised(bug_while_handling)) is None
