@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import signal
@@ -45,7 +46,7 @@ from kms.clock import SystemClock
 from kms.dev.ceremonies import authorize_batch
 from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
 from kms.errors import BundleRejected
-from kms.files import restrict_umask
+from kms.files import open_private, restrict_umask
 from kms.hsm.types import Algorithm, wipe
 from kms.identity import Principal
 from kms.runtime import open_station
@@ -97,16 +98,26 @@ def import_master_key(home: Home, address: str) -> tuple[str, str, bytes]:
     return done.ceremony_id, done.result_json, value
 
 
-def start_server(config_path: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, text=True)
+SERVER_LOG = "kms-serve.log"  # in the home: the server's own log (stderr), kept apart from the demo's steps
+
+
+def start_server(config_path: Path, log_path: Path) -> tuple[subprocess.Popen[str], int]:
+    with open_private(log_path, "w", encoding="utf-8") as log_file:  # 0600; the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kms.cli", "serve", "--config", str(config_path), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=log_file, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("kms: serving on port "):
         proc.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
+        raise SystemExit(f"the server did not start: {line!r}; its log: {log_path}")
     return proc, int(line.rsplit(" ", 1)[1])
+
+
+def server_problems(log_path: Path) -> list[str]:
+    """The lines of the server's log at WARNING or above, and tracebacks: a clean demo has none."""
+    return [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")]
 
 
 def main() -> int:
@@ -124,9 +135,11 @@ def main() -> int:
     print(f"[1/8] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
           "(genesis: 3 officers per domain)")
 
-    server, port = start_server(home.config)
+    server_log = home.path / SERVER_LOG
+    server, port = start_server(home.config, server_log)
     address = f"localhost:{port}"
-    print(f"[2/8] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain)")
+    print(f"[2/8] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain; "
+          f"its log: {server_log})")
     try:
         batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         cards_file = home.path / f"{batch}.csv"
@@ -206,12 +219,15 @@ def main() -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-    print(f"[8/8] server stopped (exit {code})")
+    problems = server_problems(server_log)
+    print(f"[8/8] server stopped (exit {code}); its log holds {len(problems)} warnings or errors")
+    for line in problems[:5]:
+        print(f"      {line}")
 
     keys_per_card = 15
     ok = (fetched == opened == issued == args.cards and matched == total_keys == args.cards * keys_per_card
           and all("ACCEPTED" not in r for r in refusals) and code == 0 and uses_import and verdict.ok
-          and issued_records == args.cards)
+          and issued_records == args.cards and not problems)
     print()
     print("summary")
     print(f"  cards            {args.cards} dual-application (HRSS + PBOC debit), batch {batch} for {BUREAU}")
@@ -219,7 +235,8 @@ def main() -> int:
     print(f"  keys             {total_keys} unwrapped into the station's token, {matched} KCV matches")
     print(f"  audit            {verdict.records} records, {verdict.checkpoints} signed checkpoints, verified offline"
           f" ({'OK' if verdict.ok else 'FAILED'}); {issued_records} issuance records = {fetched} bundles")
-    print(f"  ceremonies       import of {IMPORTED} v2 from 2 components ({imported_id}); batch authorized by "
+    version = json.loads(imported_result)["version"]
+    print(f"  ceremonies       import of {IMPORTED} v{version} from 2 components ({imported_id}); batch authorized by "
           f"both domains ({', '.join(authorized)})")
     print(f"  throughput       {fetched / seconds:.0f} cards/s, {total_keys / seconds:.0f} keys/s "
           "(issue, record, fetch, verify, unwrap)")
