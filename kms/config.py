@@ -66,6 +66,9 @@ class Capacity:
     max_concurrent_rpcs: int = 128
     max_streams: int = 8
     streams_per_principal: int = 4
+    #: Unary calls in progress of one principal: fewer than ``threads``, so that one caller's slow calls (an
+    #: IssueCard the HSM takes its time over) never hold every thread; 0: half the threads.
+    calls_per_principal: int = 0
 
     def __post_init__(self) -> None:
         if self.threads < 2:
@@ -76,6 +79,11 @@ class Capacity:
         if not 1 <= self.streams_per_principal <= self.max_streams:
             raise ConfigError(f"server.streams_per_principal must be from 1 to server.max_streams "
                               f"({self.max_streams})")
+        if self.calls_per_principal == 0:
+            object.__setattr__(self, "calls_per_principal", max(1, self.threads // 2))
+        if not 1 <= self.calls_per_principal < self.threads:
+            raise ConfigError(f"server.calls_per_principal must be from 1 to server.threads - 1 ({self.threads - 1}), "
+                              "so that one caller's calls never hold every thread")
         if self.max_concurrent_rpcs < self.threads:
             raise ConfigError(f"server.max_concurrent_rpcs must be at least server.threads ({self.threads})")
 
@@ -235,7 +243,7 @@ def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
     return TlsConfig(cert, key, ca, crl)
 
 
-CAPACITY_KEYS = ("threads", "max_concurrent_rpcs", "max_streams", "streams_per_principal")
+CAPACITY_KEYS = ("threads", "max_concurrent_rpcs", "max_streams", "streams_per_principal", "calls_per_principal")
 
 
 def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
@@ -250,6 +258,7 @@ def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
             max_streams=max_streams,
             streams_per_principal=_int(doc, "streams_per_principal", min(Capacity.streams_per_principal, max_streams),
                                        1, 1023, "server"),
+            calls_per_principal=_int(doc, "calls_per_principal", max(1, threads // 2), 1, 1023, "server"),
         )
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

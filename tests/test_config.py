@@ -327,13 +327,13 @@ def _capacity(tmp_path: Path, **settings: Any) -> config.Capacity:
 
 def test_capacity_defaults_and_what_follows_from_threads(tmp_path: Path) -> None:
     assert _capacity(tmp_path) == config.Capacity(threads=16, max_concurrent_rpcs=128, max_streams=8,
-                                                  streams_per_principal=4)
-    # Left out, max_streams is half the threads and max_concurrent_rpcs eight times as many.
-    assert _capacity(tmp_path, threads=64) == config.Capacity(64, 512, 32, 4)
-    assert _capacity(tmp_path, threads=4) == config.Capacity(4, 32, 2, 2)
-    assert _capacity(tmp_path, threads=2) == config.Capacity(2, 16, 1, 1)
-    assert _capacity(tmp_path, threads=32, max_concurrent_rpcs=40, max_streams=30, streams_per_principal=10) == \
-        config.Capacity(32, 40, 30, 10)
+                                                  streams_per_principal=4, calls_per_principal=8)
+    # Left out, max_streams and calls_per_principal are half the threads and max_concurrent_rpcs eight times as many.
+    assert _capacity(tmp_path, threads=64) == config.Capacity(64, 512, 32, 4, 32)
+    assert _capacity(tmp_path, threads=4) == config.Capacity(4, 32, 2, 2, 2)
+    assert _capacity(tmp_path, threads=2) == config.Capacity(2, 16, 1, 1, 1)
+    assert _capacity(tmp_path, threads=32, max_concurrent_rpcs=40, max_streams=30, streams_per_principal=10,
+                     calls_per_principal=3) == config.Capacity(32, 40, 30, 10, 3)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -345,6 +345,9 @@ def test_capacity_defaults_and_what_follows_from_threads(tmp_path: Path) -> None
                           "streams always have a thread"),
     ({"streams_per_principal": 9}, "server.streams_per_principal must be from 1 to server.max_streams (8)"),
     ({"max_concurrent_rpcs": 8}, "server.max_concurrent_rpcs must be at least server.threads (16)"),
+    ({"calls_per_principal": 16}, "server.calls_per_principal must be from 1 to server.threads - 1 (15), so that one "
+                                  "caller's calls never hold every thread"),
+    ({"calls_per_principal": 0}, "server.calls_per_principal must be an integer from 1 to 1023"),
     ({"max_concurrent_rpcs": 1.5}, "server.max_concurrent_rpcs must be an integer from 2 to 100000"),
     ({"thread": 16}, "server: unknown setting 'thread'"),
 ])

@@ -9,6 +9,10 @@ one station cannot take all the stream slots of the others. A stream over either
 RESOURCE_EXHAUSTED naming the setting; the authorization interceptor (kms.server.frame) takes a slot after the
 caller was authorized and gives it back when the stream ends, however it ends.
 
+Unary calls hold a thread only while they run, but a slow one (an IssueCard the HSM takes its time over) holds it
+for as long: ``server.calls_per_principal`` bounds the unary calls in progress of one principal, below the threads,
+so that one caller's calls never take every thread either (``take_call``/``release_call``).
+
 These are the operator's protection of the server; the issuance limits of kms/policies/limits.yaml
 (``concurrent_streams`` per station and per bureau, kms.issuance.limits) are the key domains' policy for
 StreamBatch and apply within them.
@@ -31,6 +35,7 @@ class StreamSlots:
         self._lock = threading.Lock()
         self._open = 0
         self._by_principal: dict[str, int] = {}
+        self._calls: dict[str, int] = {}  # unary calls in progress per principal
 
     def take(self, principal: str) -> None:
         """One slot for a stream of ``principal`` (a principal's URI), or ResourceExhausted naming the limit that
@@ -56,6 +61,28 @@ class StreamSlots:
                 self._by_principal[principal] = left
             else:
                 del self._by_principal[principal]
+
+    def take_call(self, principal: str) -> None:
+        """A unary call of ``principal`` starts, or ResourceExhausted naming ``calls_per_principal``."""
+        with self._lock:
+            mine = self._calls.get(principal, 0)
+            if mine >= self.capacity.calls_per_principal:
+                raise ResourceExhausted(
+                    f"principal {principal}: limit calls_per_principal ({self.capacity.calls_per_principal}) "
+                    f"reached; {mine} call{'s' if mine != 1 else ''} in progress", limit="calls_per_principal")
+            self._calls[principal] = mine + 1
+
+    def release_call(self, principal: str) -> None:
+        with self._lock:
+            left = self._calls[principal] - 1
+            if left:
+                self._calls[principal] = left
+            else:
+                del self._calls[principal]
+
+    def calls_in_progress(self, principal: str) -> int:
+        with self._lock:
+            return self._calls.get(principal, 0)
 
     def in_progress(self, principal: str | None = None) -> int:
         """Streams in progress on this server, or of one principal."""

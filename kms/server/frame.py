@@ -386,7 +386,9 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 started, bound = time.monotonic(), begin(context)
                 try:
                     principal, tokens = authorize(context)
+                    slot = False
                     try:
+                        slot = take_call_slot(principal, context)
                         try:
                             response = behavior(request, context)
                         except BaseException as error:
@@ -395,10 +397,24 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         ended(principal, context, None, started)
                         return response
                     finally:
+                        if slot:
+                            assert streams is not None
+                            streams.release_call(principal.uri())
                         _reset(tokens)
                 finally:
                     logs.unbind(bound)
             return wrapper
+
+        def take_call_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
+            """One of the caller's unary call slots (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""
+            if streams is None:
+                return False
+            try:
+                streams.take_call(principal.uri())
+            except errors.ResourceExhausted as error:
+                refused(principal.uri(), principal.domain or "", error.grpc_status, str(error), "admission")
+                abort(context, error)
+            return True
 
         def take_stream_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
             """A stream slot for the caller (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""

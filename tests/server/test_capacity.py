@@ -11,6 +11,7 @@ the same 32 streams took all 16 threads and the officer's call ended DEADLINE_EX
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,13 @@ from helpers import card, client, officer, open_batch, service_client
 from kms import config
 from kms.config import Capacity
 from kms.dev.home import Home
+from kms.dev.pki import DevPki
 from kms.errors import ResourceExhausted
 from kms.identity import Principal
 from kms.issuance.limits import DEFAULT_LIMITS
+from kms.server.authz import Policy
 from kms.server.capacity import StreamSlots
+from kms.server.frame import TlsFiles, create_server, service_method
 from kms.server.serve import Service
 from kms.v1 import issuance_pb2 as pb
 from kms.v1 import issuance_pb2_grpc as rpc
@@ -213,3 +217,87 @@ def test_slots_per_principal_and_in_all() -> None:
     for who in ("a", "b", "c"):
         slots.release(who)
     assert slots.in_progress() == 0
+
+
+def test_unary_call_slots_per_principal() -> None:
+    slots = StreamSlots(Capacity(threads=8, max_concurrent_rpcs=64, max_streams=3, streams_per_principal=2,
+                                 calls_per_principal=2))
+    slots.take_call("a")
+    slots.take_call("a")
+    with pytest.raises(ResourceExhausted) as mine:
+        slots.take_call("a")
+    assert mine.value.limit == "calls_per_principal"
+    assert str(mine.value) == "principal a: limit calls_per_principal (2) reached; 2 calls in progress"
+    slots.take_call("b")  # another principal is not held back
+    slots.take("a")  # nor are a's streams, counted apart
+    slots.release_call("a")
+    slots.take_call("a")
+    assert (slots.calls_in_progress("a"), slots.calls_in_progress("b"), slots.in_progress("a")) == (2, 1, 1)
+    for who in ("a", "a", "b"):
+        slots.release_call(who)
+    slots.release("a")
+    assert (slots.calls_in_progress("a"), slots.in_progress()) == (0, 0)
+
+
+# -- unary calls of one principal, through the real frame ----------------------------------------------------------
+
+
+class _Slow(rpc.IssuanceServiceServicer):
+    """GetBatchStatus that waits until the test lets it answer: a call the HSM, say, takes its time over."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Event()
+
+    @service_method
+    def GetBatchStatus(self, request: pb.GetBatchStatusRequest, context: grpc.ServicerContext) -> pb.BatchStatus:
+        self.entered.release()
+        self.go.wait(60)
+        return pb.BatchStatus(batch_id=request.batch_id)
+
+
+def test_one_principals_slow_calls_never_hold_every_thread(tmp_path: Path) -> None:
+    """calls_per_principal: a station's calls beyond it are refused RESOURCE_EXHAUSTED naming it, at once, while
+    another principal's call is still served on the threads left."""
+    pki = DevPki(tmp_path / "pki")
+    cred = pki.server()
+    slow = _Slow()
+
+    def register(server: grpc.Server) -> list[str]:
+        rpc.add_IssuanceServiceServicer_to_server(slow, server)  # type: ignore[no-untyped-call]
+        return ["kms.v1.IssuanceService"]
+
+    capacity = Capacity(threads=4, max_concurrent_rpcs=32, max_streams=2, streams_per_principal=1,
+                        calls_per_principal=2)
+    server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), register,
+                                 capacity=capacity)
+    server.start()
+
+    def channel(who: Principal) -> grpc.Channel:
+        c = pki.client(who)
+        return grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(
+            pki.ca.cert.read_bytes(), c.key.read_bytes(), c.cert.read_bytes()))
+
+    busy = Principal("station", "station-a1", bureau="bureau-a")
+    other = Principal("station", "station-b1", bureau="bureau-b")
+    try:
+        with channel(busy) as mine, channel(other) as theirs:
+            status = rpc.IssuanceServiceStub(mine).GetBatchStatus  # type: ignore[no-untyped-call]
+            held = [status.future(pb.GetBatchStatusRequest(batch_id=f"B-{i}"), timeout=60) for i in range(2)]
+            for _ in held:
+                assert slow.entered.acquire(timeout=30)  # both calls are running, each on a thread
+            with pytest.raises(grpc.RpcError) as refused:
+                status(pb.GetBatchStatusRequest(batch_id="B-2"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == ("principal urn:kms:station:bureau-a:station-a1: limit "
+                                               "calls_per_principal (2) reached; 2 calls in progress")
+            answer = rpc.IssuanceServiceStub(theirs).GetBatchStatus.future(  # type: ignore[no-untyped-call]
+                pb.GetBatchStatusRequest(batch_id="B-other"), timeout=30)
+            assert slow.entered.acquire(timeout=30)  # served on a third thread while station-a1's two still run
+            slow.go.set()
+            assert answer.result().batch_id == "B-other"
+            assert sorted(f.result().batch_id for f in held) == ["B-0", "B-1"]
+            assert status(pb.GetBatchStatusRequest(batch_id="B-3"), timeout=10).batch_id == "B-3"  # slots given back
+    finally:
+        slow.go.set()
+        server.stop(grace=None)
