@@ -152,10 +152,12 @@ class ParsedSection:
     key_id: str
     signature: bytes
     keys: tuple[ParsedKey, ...]
+    #: the body's canonical bytes, as read (the bundle's canonical form was checked with them)
+    body_bytes: bytes
 
     @property
     def signed_bytes(self) -> bytes:
-        return signed_bytes(self.body)
+        return SIGNING_CONTEXT + self.body_bytes
 
 
 @dataclass(frozen=True)
@@ -166,12 +168,24 @@ class ParsedBundle:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The JSON object hook of ``parse``: refuses a repeated key, and true/false/null values (canonical JSON here
+    holds only strings, integers, lists and objects; floats and constants are refused by the parser's hooks and
+    every object is checked by this hook as it is read, so no second walk of the document is needed)."""
     result: dict[str, Any] = {}
     for k, v in pairs:
         if k in result:
             raise ValueError("duplicate key")
+        if v is None or v is True or v is False or (isinstance(v, list) and not _plain(v)):
+            raise ValueError("only str, int, list and object values")
         result[k] = v
     return result
+
+
+def _plain(value: Any) -> bool:
+    """Not true/false/null, nor a list holding one (its objects were checked by the hook already)."""
+    if value is None or value is True or value is False:
+        return False
+    return not isinstance(value, list) or all(_plain(v) for v in value)
 
 
 def _reject_constant(_: str) -> Any:
@@ -194,8 +208,6 @@ def _parse(data: bytes) -> ParsedBundle:
         raise ValueError("too large")
     doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_float=_reject_constant,
                      parse_constant=_reject_constant)
-    if canonical(doc) != data:
-        raise ValueError("not canonical")
     _fields(doc, {"format", "version", "serial", "card_ref", "sections"})
     if doc["format"] != BUNDLE_FORMAT or doc["version"] != VERSION:
         raise ValueError("unknown format")
@@ -203,10 +215,18 @@ def _parse(data: bytes) -> ParsedBundle:
     domains = [s.domain for s in sections]
     if not sections or len(set(domains)) != len(domains) or domains != sorted(domains):
         raise ValueError("sections")
+    serial, card_ref = _str(doc["serial"]), _str(doc["card_ref"])
     for s in sections:
-        if s.serial != doc["serial"] or s.card_ref != doc["card_ref"]:
+        if s.serial != serial or s.card_ref != card_ref:
             raise ValueError("envelope does not match its sections")
-    return ParsedBundle(serial=_str(doc["serial"]), card_ref=_str(doc["card_ref"]), sections=sections)
+    # Canonical form: the document's canonical encoding, spliced as a sealer splices it (every field's value and
+    # place is fixed by the checks above; each body is encoded once, and those bytes are what the signature
+    # covers), must be the input byte for byte.
+    canonical_form = assemble(serial, card_ref, {
+        s.domain: encode_signed_section(s.body_bytes, s.key_id, s.signature) for s in sections})
+    if canonical_form != data:
+        raise ValueError("not canonical")
+    return ParsedBundle(serial=serial, card_ref=card_ref, sections=sections)
 
 
 def _section(doc: Any) -> ParsedSection:
@@ -234,7 +254,7 @@ def _section(doc: Any) -> ParsedSection:
         body=body, domain=_str(body["domain"]), bureau=_str(body["bureau"]), serial=_str(body["serial"]),
         card_ref=_str(body["card_ref"]), transport_key=_str(tk["name"]), transport_key_version=_int(tk["version"]),
         transport_key_kcv=_str(tk["kcv"]), domains=domains, key_id=_str(sig["key_id"]), signature=signature,
-        keys=keys,
+        keys=keys, body_bytes=_dumps(body),
     )
 
 

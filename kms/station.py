@@ -36,6 +36,7 @@ from kms.registry import DOMAINS, KeyKind
 from kms.store import opened_bundles
 
 log = logging.getLogger(__name__)
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 class TrustStore:
@@ -67,7 +68,7 @@ class TrustStore:
         r = int.from_bytes(section.signature[:32], "big")
         s = int.from_bytes(section.signature[32:], "big")
         try:
-            entry[1].verify(encode_dss_signature(r, s), section.signed_bytes, ec.ECDSA(hashes.SHA256()))
+            entry[1].verify(encode_dss_signature(r, s), section.signed_bytes, _ECDSA_SHA256)
         except InvalidSignature:
             return False
         return True
@@ -169,12 +170,24 @@ class Station:
         Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
         that refused it, once its chunk is committed. A replay is refused before any token work, also within a
         chunk. An error that is not about one bundle (a retryable HsmError, the ledger) ends the iteration: nothing
-        of the unfinished chunk is recorded, and every bundle yielded before it is.
+        of the unfinished chunk is recorded, and every bundle yielded before it is. If ``bundles`` itself fails (a
+        stream or a file that cannot be read, or an interrupt while it reads), the bundles it gave before are
+        opened and yielded first, then its error is raised: as with ``open`` one bundle at a time, every bundle
+        received is opened.
         """
         if chunk < 1:
             raise InvalidArgument("chunk", "must be at least 1")
         pending: list[bytes] = []
-        for data in bundles:
+        source = iter(bundles)
+        while True:
+            try:
+                data = next(source)
+            except StopIteration:
+                break
+            except BaseException:  # an interrupt too: what was received is opened first
+                if pending:
+                    yield from self._open_chunk(pending)
+                raise
             pending.append(data)
             if len(pending) == chunk:
                 yield from self._open_chunk(pending)

@@ -300,3 +300,24 @@ def test_parse_rejects_hex_with_trailing_newline() -> None:
 def test_parse_rejects_deep_nesting() -> None:
     depth = 100_000
     _rejected(b"[" * depth + b"]" * depth)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param(None, id="null"), pytest.param(True, id="true"), pytest.param(False, id="false"),
+    pytest.param([1, [None]], id="null in a nested list"), pytest.param([[{"a": [True]}]], id="true deep in lists"),
+])
+def test_parse_rejects_constants_anywhere(value: Any) -> None:
+    # the object hook refuses them as the document is read (no second walk over it); the bytes are otherwise
+    # canonical, so nothing else would refuse them
+    doc = _doc()
+    _body(doc)["master_keys"]["extra"] = value
+    data = _compact(doc)
+    assert json.loads(data)["sections"][0]["body"]["master_keys"]["extra"] == value
+    _rejected(data)
+
+
+def test_parse_keeps_the_signed_bytes_as_read() -> None:
+    good = _good()
+    for section in bundle.parse(good).sections:
+        assert section.body_bytes in good
+        assert section.signed_bytes == bundle.SIGNING_CONTEXT + section.body_bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -340,4 +341,22 @@ def test_open_many_stops_on_a_token_failure_with_nothing_of_that_chunk_recorded(
         next(results)
     serials = [bundle.parse(d).serial for d in bundles]
     assert [station._seen(s) for s in serials] == [True, True, False, False]
+    assert [o for o in station_session.objects() if not o.token] == []
+
+
+def test_open_many_opens_what_a_failing_source_gave_before_raising_its_error(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    bundles = [seal(sealers, card(70 + i)) for i in range(3)]
+
+    def source() -> Iterator[bytes]:  # a stream that breaks after three bundles, mid-chunk
+        yield from bundles
+        raise OSError("stream broke")
+
+    results = station.open_many(source(), chunk=32)
+    opened = [next(results) for _ in bundles]
+    assert all(isinstance(r, OpenReport) and r.ok for r in opened)
+    with pytest.raises(OSError, match="stream broke"):
+        next(results)
+    assert all(station._seen(bundle.parse(d).serial) for d in bundles)
     assert [o for o in station_session.objects() if not o.token] == []

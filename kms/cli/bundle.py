@@ -8,12 +8,15 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kms import config as config_mod
 from kms import errors
 from kms.cli.common import command, commands, emit, env_path, force_option, json_option, read_cards, refuse_existing
 from kms.files import private_dir, write_private
+
+if TYPE_CHECKING:
+    from kms.station import OpenReport, Station
 
 
 def add_parser(sub: Any) -> None:
@@ -106,17 +109,26 @@ def _open(args: argparse.Namespace) -> int:
     store.create_station_ledger(ledger)
     reports = []
     rejected = mismatched = 0
+    paths = list(_bundle_files(args.bundles))
+
+    def read() -> Iterator[bytes]:
+        for path in paths:
+            try:
+                yield path.read_bytes()
+            except OSError as error:
+                raise errors.InvalidArgument(str(path), f"cannot read ({error.strerror})") from None
+
     with runtime.open_station(cfg) as session:
         station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
                           SystemClock())
-        for path in _bundle_files(args.bundles):
-            try:
-                data = path.read_bytes()
-            except OSError as error:
-                raise errors.InvalidArgument(str(path), f"cannot read ({error.strerror})") from None
-            try:
-                report = station.open(data, store=args.store, verify_only=args.verify_only)
-            except errors.BundleRejected as error:
+        if args.store or args.verify_only:
+            results: Iterator[OpenReport | errors.BundleRejected] = _one_by_one(
+                station, read(), store=args.store, verify_only=args.verify_only)
+        else:  # checked, not stored: the serials of up to 32 bundles recorded in one ledger commit
+            results = station.open_many(read())
+        for path, report in zip(paths, results, strict=True):
+            if isinstance(report, errors.BundleRejected):
+                error = report
                 rejected += 1
                 reports.append({"file": str(path), "ok": False, "error": str(error)})
                 if not args.json:
@@ -135,3 +147,12 @@ def _open(args: argparse.Namespace) -> int:
         print(f"{len(reports)} bundles: {len(reports) - rejected - mismatched} ok, {rejected} rejected, "
               f"{mismatched} with KCV mismatches")
     return 0 if rejected == 0 and mismatched == 0 else errors.BundleRejected.exit_code
+
+
+def _one_by_one(station: Station, bundles: Iterator[bytes], *, store: bool, verify_only: bool
+                ) -> Iterator[OpenReport | errors.BundleRejected]:
+    for data in bundles:
+        try:
+            yield station.open(data, store=store, verify_only=verify_only)
+        except errors.BundleRejected as rejected:
+            yield rejected

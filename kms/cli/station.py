@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _fetch(args: argparse.Namespace) -> int:
     from kms import runtime, store
     from kms.client.service import Backoff, Retrying, retry_unavailable
     from kms.clock import SystemClock
-    from kms.station import Station, TrustStore
+    from kms.station import OpenReport, Station, TrustStore
 
     private_dir(args.out)
     cfg = config_mod.load_station(args.station_config)
@@ -101,20 +102,27 @@ def _fetch(args: argparse.Namespace) -> int:
     try:
         with retry_unavailable(lambda: client_for(args.station_config, args.server), backoff, retrying) as client:
             total = retry_unavailable(lambda: client.batch_status(args.batch_id).cards, backoff, retrying)
-            progress = Progress(total, unit="bundles")
-            for bundle in client.stream_batch(args.batch_id, backoff=backoff, on_retry=retrying):
-                write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
-                fetched += 1
-                if station is not None:
-                    try:
-                        report = station.open(bundle.data)
-                    except errors.BundleRejected:
-                        report = None
-                    if report is not None:
+            progress = bar = Progress(total, unit="bundles")
+
+            def received() -> Iterator[bytes]:
+                nonlocal fetched
+                for bundle in client.stream_batch(args.batch_id, backoff=backoff, on_retry=retrying):
+                    write_private(args.out / f"{bundle.card_ref}.kmsb", bundle.data)
+                    fetched += 1
+                    bar.update(fetched)
+                    yield bundle.data
+
+            if station is None:
+                for _ in received():
+                    pass
+            else:
+                # opened as they arrive, their serials recorded in one ledger commit per 32 bundles (a stream that
+                # fails mid-way has every bundle it gave opened before its error surfaces)
+                for result in station.open_many(received()):
+                    if isinstance(result, OpenReport):  # a refused bundle is not counted as opened
                         opened += 1
-                        keys += len(report.keys)
-                        matched += sum(k.match for k in report.keys)
-                progress.update(fetched)
+                        keys += len(result.keys)
+                        matched += sum(k.match for k in result.keys)
             progress.update(fetched, final=True)
             progress.done()
             if fetched < total:

@@ -662,6 +662,9 @@ class TokenSession:
                 ObjectClass.SECRET_KEY, KeyType.DES2, wrapped, mechanism=Mechanism.AES_KEY_WRAP_PAD,
                 template=template,
             )
+            # The key type is the one this unwrap set: telling python-pkcs11 saves it reading CKA_KEY_TYPE back
+            # before the encrypt (it uses it only to pick a default mechanism; the mechanism is named here).
+            key.key_type = KeyType.DES2
             try:
                 return key, bytes(key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3])
             except BaseException:

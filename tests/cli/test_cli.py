@@ -55,6 +55,33 @@ def test_seal_then_open_at_the_station(cli_home: Path, tmp_path: Path) -> None:
     assert again.stderr.strip().endswith("bundle rejected")
 
 
+def test_open_reports_per_file_and_records_what_it_opened_before_a_file_it_cannot_read(
+    cli_home: Path, tmp_path: Path
+) -> None:
+    # `kms bundle open` opens through Station.open_many (one ledger commit per chunk): the reports are still per
+    # file and in order, a refusal does not stop it, and an unreadable file stops it only after every bundle read
+    # before it is opened and recorded.
+    cards = tmp_path / "cards.csv"
+    kms("dev", "cards", "--count", "3", "--out", str(cards), check=True)
+    out = tmp_path / "bundles"
+    kms("bundle", "seal", "--config", str(cli_home / "kms.yaml"), "--bureau", "bureau-a", "--batch", "B-chunk",
+        "--cards", str(cards), "--out", str(out), check=True)
+    first, second, third = sorted(out.glob("*.kmsb"))
+    station = str(cli_home / "stations" / "station-a1" / "station.yaml")
+    kms("bundle", "open", "--station-config", station, str(second), check=True)
+    result = kms("bundle", "open", "--station-config", station, str(first), str(second), str(third),
+                 str(tmp_path / "missing.kmsb"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == f"{second}: bundle rejected"  # the replay, reported for its file
+    assert result.stderr.splitlines()[-1].startswith("kms: error: ") and "cannot read" in result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [first.name] * 15 + [third.name] * 15
+    assert all(": ok " in line for line in lines)
+    for path in (first, third):  # recorded before the error: opening again is a replay
+        again = kms("bundle", "open", "--station-config", station, str(path))
+        assert again.returncode == 7 and again.stderr.strip().endswith("bundle rejected")
+
+
 def test_a_card_listed_twice_is_refused(cli_home: Path, tmp_path: Path) -> None:
     cards = tmp_path / "cards.csv"
     row = "c1,320200,86843202AD932A48,6214830000000009,01,00010203040506070809\n"
