@@ -75,10 +75,16 @@ def force_option(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_existing(path: Path, force: bool) -> None:
-    """No silent overwrite: AlreadyExists naming ``path`` if it exists — a symbolic link too, dangling or not — unless
-    ``--force``. (With --force the writer never writes through a link either: kms.files replaces a link to a regular
-    file by the file, and refuses any other.)"""
-    if not force and (path.exists() or path.is_symlink()):
+    """No silent overwrite: AlreadyExists naming ``path`` if it exists, unless ``--force``; a symbolic link there,
+    dangling or not, is refused as such (InvalidArgument, the words of kms.files.open_private) unless ``--force``.
+    (With --force the writer never writes through a link either: kms.files replaces a link to a regular file by the
+    file, and refuses any other.)"""
+    if force:
+        return
+    if path.is_symlink():
+        raise errors.InvalidArgument(str(path), "is a symbolic link; kms does not write through one (remove it or "
+                                                "choose another path)")
+    if path.exists():
         raise errors.AlreadyExists(f"{path} exists; choose another file, or pass --force to overwrite it")
 
 

@@ -198,7 +198,7 @@ def test_a_symbolic_link_at_the_output_path_is_not_replaced_without_force(tmp_pa
     link.symlink_to(kept)
     dangling.symlink_to(tmp_path / "nowhere")
     for path in (link, dangling):
-        with pytest.raises(errors.AlreadyExists, match="pass --force to overwrite it"):
+        with pytest.raises(errors.InvalidArgument, match="is a symbolic link; kms does not write through one"):
             common.refuse_existing(path, force=False)
         common.refuse_existing(path, force=True)  # --force: the writer decides (kms.files never writes through)
     assert link.is_symlink() and kept.read_text() == "keep me"
