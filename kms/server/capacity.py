@@ -56,11 +56,7 @@ class StreamSlots:
     def release(self, principal: str) -> None:
         with self._lock:
             self._open -= 1
-            left = self._by_principal[principal] - 1
-            if left:
-                self._by_principal[principal] = left
-            else:
-                del self._by_principal[principal]
+            _decrement(self._by_principal, principal)
 
     def take_call(self, principal: str) -> None:
         """A unary call of ``principal`` starts, or ResourceExhausted naming ``calls_per_principal``."""
@@ -74,11 +70,7 @@ class StreamSlots:
 
     def release_call(self, principal: str) -> None:
         with self._lock:
-            left = self._calls[principal] - 1
-            if left:
-                self._calls[principal] = left
-            else:
-                del self._calls[principal]
+            _decrement(self._calls, principal)
 
     def calls_in_progress(self, principal: str) -> int:
         with self._lock:
@@ -88,3 +80,12 @@ class StreamSlots:
         """Streams in progress on this server, or of one principal."""
         with self._lock:
             return self._open if principal is None else self._by_principal.get(principal, 0)
+
+
+def _decrement(counts: dict[str, int], principal: str) -> None:
+    """One less for ``principal``; a count that reaches zero leaves the map (it holds only principals in progress)."""
+    left = counts[principal] - 1
+    if left:
+        counts[principal] = left
+    else:
+        del counts[principal]

@@ -388,7 +388,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     principal, tokens = authorize(context)
                     slot = False
                     try:
-                        slot = take_call_slot(principal, context)
+                        slot = take_slot(principal, context, stream=False)
                         try:
                             response = behavior(request, context)
                         except BaseException as error:
@@ -405,23 +405,13 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     logs.unbind(bound)
             return wrapper
 
-        def take_call_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
-            """One of the caller's unary call slots (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""
+        def take_slot(principal: Principal, context: grpc.ServicerContext, stream: bool) -> bool:
+            """One of the caller's stream or unary call slots (kms.server.capacity), or the call refused
+            RESOURCE_EXHAUSTED naming the limit. False when the server counts no slots."""
             if streams is None:
                 return False
             try:
-                streams.take_call(principal.uri())
-            except errors.ResourceExhausted as error:
-                refused(principal.uri(), principal.domain or "", error.grpc_status, str(error), "admission")
-                abort(context, error)
-            return True
-
-        def take_stream_slot(principal: Principal, context: grpc.ServicerContext) -> bool:
-            """A stream slot for the caller (kms.server.capacity), or the call refused RESOURCE_EXHAUSTED."""
-            if streams is None:
-                return False
-            try:
-                streams.take(principal.uri())
+                (streams.take if stream else streams.take_call)(principal.uri())
             except errors.ResourceExhausted as error:
                 refused(principal.uri(), principal.domain or "", error.grpc_status, str(error), "admission")
                 abort(context, error)
@@ -434,7 +424,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     principal, tokens = authorize(context)
                     slot = False
                     try:
-                        slot = take_stream_slot(principal, context)
+                        slot = take_slot(principal, context, stream=True)
                         gauge = metrics.STREAMS_OPEN.labels(label)
                         gauge.inc()
                         try:
