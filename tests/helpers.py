@@ -143,6 +143,13 @@ def pan_index(value: str) -> str:
 # -- storage faults (fault injection: the one place a test fakes the database) ----------------------------------
 
 
+def serving_engine(service: Service) -> sa.Engine:
+    """The database engine of a running service's process: where a StorageFault goes."""
+    engine = service.issuance.store._engine
+    assert isinstance(engine, sa.Engine)
+    return engine
+
+
 class StorageFault:
     """While in its ``with`` block, statements of ``engine`` that begin with ``statement`` fail as the database
     driver fails them on a storage fault (``error()``, by default SQLite's "disk I/O error"): the first ``after``

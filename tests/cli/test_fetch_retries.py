@@ -11,8 +11,7 @@ import re
 import secrets
 from pathlib import Path
 
-import sqlalchemy as sa
-from helpers import StorageFault, card, client, kms, officer, open_batch
+from helpers import StorageFault, card, client, kms, officer, open_batch, serving_engine
 
 from kms.cards.cardid import CardIdentity
 from kms.dev.home import Home
@@ -25,12 +24,6 @@ PER_MESSAGE = 16  # the server's default, which the CLI asks for
 RECORD = "UPDATE batch_cards"  # the first statement that records a stream message's cards
 RETRY = re.compile(r"kms: service: unavailable: the database is unavailable \(disk I/O error\); try again; "
                    r"retry (\d) of (\d) in (\d+\.\d) s, resuming after cursor (\d+)")
-
-
-def _engine(service: Service) -> sa.Engine:
-    engine = service.issuance.store._engine
-    assert isinstance(engine, sa.Engine)
-    return engine
 
 
 def _batch(home: Home, service: Service) -> tuple[str, list[CardIdentity]]:
@@ -65,7 +58,7 @@ def _issued_once(service: Service, batch_id: str) -> list[str]:
 def test_fetch_retries_with_backoff_and_resumes_from_its_cursor(home: Home, service: Service, tmp_path: Path) -> None:
     batch_id, cards = _batch(home, service)
     out = tmp_path / "bundles"
-    with StorageFault(_engine(service), RECORD, after=PER_MESSAGE, times=2) as fault:
+    with StorageFault(serving_engine(service), RECORD, after=PER_MESSAGE, times=2) as fault:
         code, stdout, stderr = _fetch(home, service, batch_id, out, "--retries", "5")
     assert code == 0, stderr
     assert fault.hits == 2
@@ -86,7 +79,7 @@ def test_fetch_retries_with_backoff_and_resumes_from_its_cursor(home: Home, serv
 def test_fetch_gives_up_after_its_retries_and_a_rerun_completes(home: Home, service: Service, tmp_path: Path) -> None:
     batch_id, cards = _batch(home, service)
     out = tmp_path / "bundles"
-    with StorageFault(_engine(service), RECORD, after=PER_MESSAGE) as fault:  # until cleared
+    with StorageFault(serving_engine(service), RECORD, after=PER_MESSAGE) as fault:  # until cleared
         code, _, stderr = _fetch(home, service, batch_id, out, "--retries", "2")
         fault.clear()
     assert code == Unavailable.exit_code == 12

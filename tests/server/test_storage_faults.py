@@ -22,7 +22,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 import yaml
-from helpers import POSTGRES, StorageFault, card, client, officer, open_batch, service_client
+from helpers import POSTGRES, StorageFault, card, client, officer, open_batch, service_client, serving_engine
 from sqlalchemy import event
 
 from kms import store
@@ -48,12 +48,6 @@ STATION = "station-a1"
 CARDS = 40
 PER_MESSAGE = 4
 RECORD = "UPDATE batch_cards"  # the first statement that records a message's cards (kms.issuance.batches)
-
-
-def _engine(service: Service) -> sa.Engine:
-    engine = service.issuance.store._engine  # the serving process's engine: where the fault goes
-    assert isinstance(engine, sa.Engine)
-    return engine
 
 
 def _batch(home: Home, service: Service) -> tuple[str, list[CardIdentity]]:
@@ -92,7 +86,7 @@ def test_a_disk_io_error_in_a_stream_is_unavailable_and_the_stream_resumes(
     batch_id, cards = _batch(home, service)
     received: list[Any] = []
     with service_client(home, service, STATION) as st:
-        with StorageFault(_engine(service), RECORD, after=2 * PER_MESSAGE) as fault:
+        with StorageFault(serving_engine(service), RECORD, after=2 * PER_MESSAGE) as fault:
             with pytest.raises(Unavailable) as stopped:
                 for bundle in st.stream_batch(batch_id, per_message=PER_MESSAGE, retries=0):
                     received.append(bundle)
@@ -116,7 +110,7 @@ def test_the_client_retries_with_backoff_and_resumes_from_its_cursor(
     retries: list[Retrying] = []
     slept: list[float] = []
     with service_client(home, service, STATION) as st, \
-            StorageFault(_engine(service), RECORD, after=3 * PER_MESSAGE, times=3) as fault:
+            StorageFault(serving_engine(service), RECORD, after=3 * PER_MESSAGE, times=3) as fault:
         received = list(st.stream_batch(batch_id, per_message=PER_MESSAGE, on_retry=retries.append,
                                         sleep=slept.append))
     assert fault.hits == 3
@@ -132,7 +126,7 @@ def test_the_client_retries_with_backoff_and_resumes_from_its_cursor(
 def test_a_full_disk_makes_every_call_unavailable_until_it_has_room_again(
         home: Home, service: Service, no_internal: None) -> None:
     batch_id, cards = _batch(home, service)
-    engine = _engine(service)
+    engine = serving_engine(service)
 
     def full(dbapi_connection: Any, _record: Any) -> None:  # SQLite's own SQLITE_FULL once the file would grow
         pages = dbapi_connection.execute("PRAGMA page_count").fetchone()[0]
@@ -255,7 +249,7 @@ def test_postgresql_disk_full_during_a_stream_is_retried_and_every_card_arrives_
     (disk_full, raised by a trigger as the server raises it when its disk is full): the station's client sees
     UNAVAILABLE naming the fault, retries with backoff from its cursor, and gets every card exactly once."""
     home, svc, admin = pg_service
-    assert _engine(svc).dialect.name == "postgresql"
+    assert serving_engine(svc).dialect.name == "postgresql"
     batch_id, cards = _batch(home, svc)
     with admin.begin() as conn:  # from now on: the first 2 messages' cards recorded, then 3 attempts refused
         conn.execute(sa.text("CREATE SEQUENCE fault_count"))
