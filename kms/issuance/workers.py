@@ -184,7 +184,7 @@ def _reopened() -> bool:
         raise
     except KmsError as error:
         log.warning("%s worker: the token cannot be opened again yet: %s", worker.domain, error)
-        raise HsmError(f"the {worker.domain} token is unavailable ({_reason(error)})", retryable=True) from None
+        raise HsmError(f"the {worker.domain} token is unavailable ({short_reason(error)})", retryable=True) from None
     log.warning("%s worker: token session opened again", worker.domain)
     return True
 
@@ -506,7 +506,7 @@ class DomainPool:
             self._refuse(error)
             return "the token refused the PIN; fix it and restart the service"
         except KmsError as error:
-            return f"the token is unavailable ({_reason(error)})"
+            return f"the token is unavailable ({short_reason(error)})"
         self._last_ok = time.monotonic()
         return None
 
@@ -558,8 +558,3 @@ class DomainPool:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _reason(error: KmsError) -> str:
-    """A short reason for a health report (kms.hsm.errors.short_reason): never a path or a label."""
-    return short_reason(error)
