@@ -73,7 +73,7 @@ from kms.audit.log import AuditLog, Seal, checkpoint_message, export_lines, mask
 from kms.audit.verify import verify
 from kms.canonical import canonical
 from kms.cards import profiles
-from kms.cards.cardid import CardIdentity, luhn_check_digit
+from kms.cards.cardid import CardIdentity, with_luhn_digit
 from kms.client.audit import AuditClient
 from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
@@ -113,16 +113,11 @@ class BenchFailed(SystemExit):
         super().__init__(f"bench: FAILED: {reason}")
 
 
-def _luhn(body: str) -> str:
-    """A PAN the profile accepts: ``body`` and its Luhn check digit."""
-    return body + luhn_check_digit(body)
-
-
 def make_cards(n: int, seed: int) -> list[CardIdentity]:
     rng = random.Random(seed)
     return [
         CardIdentity(card_ref=f"bench-{i:07d}", city_code="320200", card_serial=f"{rng.getrandbits(64):016X}",
-                     pan=_luhn(f"621483{rng.randrange(10**12):012d}"), psn=f"{rng.randrange(100):02d}",
+                     pan=with_luhn_digit(f"621483{rng.randrange(10**12):012d}"), psn=f"{rng.randrange(100):02d}",
                      kdd=f"{rng.getrandbits(80):020X}")
         for i in range(n)
     ]

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kms import config
 from kms.audit.log import mask_pan
 from kms.cards import profiles
-from kms.cards.cardid import CardIdentity, ProtectedPan, luhn_check_digit
+from kms.cards.cardid import CardIdentity, ProtectedPan, with_luhn_digit
 from kms.client.service import Client
 from kms.dev.ceremonies import (
     authorize_batch,
@@ -73,15 +73,10 @@ TEST_TRANSPORT_KEYS = {d: secrets.token_bytes(32) for d in DOMAINS}
 
 
 
-def luhn_pan(body: str) -> str:
-    """A test PAN: ``body`` with its Luhn check digit appended (profiles refuse a PAN that fails the check)."""
-    return body + luhn_check_digit(body)
-
-
 def card(i: int = 0, **overrides: str) -> CardIdentity:
     fields = {
         "card_ref": f"card-{i:06d}", "city_code": "320200", "card_serial": f"{0x86843202AD932A48 + i:016X}",
-        "pan": luhn_pan(f"{621483000000000000 + i}"), "psn": "01", "kdd": f"{0x00010203040506070809 + i:020X}",
+        "pan": with_luhn_digit(f"{621483000000000000 + i}"), "psn": "01", "kdd": f"{0x00010203040506070809 + i:020X}",
     }
     fields.update(overrides)
     return CardIdentity(**fields)

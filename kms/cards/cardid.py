@@ -41,6 +41,11 @@ def luhn_check_digit(body: str) -> str:
     return str((10 - _luhn_sum(body + "0")) % 10)
 
 
+def with_luhn_digit(body: str) -> str:
+    """``body`` (digits) with its Luhn check digit appended: a PAN the check accepts."""
+    return body + luhn_check_digit(body)
+
+
 @dataclass(frozen=True)
 class ProtectedPan:
     """A PAN as records keep it (kms.issuance.pans): encrypted under the bank domain's data key, bound to its card_ref,

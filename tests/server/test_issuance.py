@@ -9,9 +9,9 @@ import signal
 
 import grpc
 import pytest
-from helpers import TEST_RANGE_PROFILE, card, luhn_pan, open_batch, service_client
+from helpers import TEST_RANGE_PROFILE, card, open_batch, service_client
 
-from kms.cards.cardid import CardIdentity
+from kms.cards.cardid import CardIdentity, with_luhn_digit
 from kms.dev.home import Home
 from kms.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, PermissionDenied, ResourceExhausted
 from kms.identity import Principal
@@ -68,8 +68,8 @@ def test_issue_card_is_idempotent_and_at_most_once(home: Home, service: Service)
 
 def test_chip_data_binds_at_the_station_and_a_spoiled_card_needs_a_reissue(home: Home, service: Service) -> None:
     batch = _batch_id()
-    blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=luhn_pan(f"62148300000{i:04d}"), psn="01")
-             for i in range(2)]
+    blank = [CardIdentity(card_ref=f"chip-{i}", city_code="320200", pan=with_luhn_digit(f"62148300000{i:04d}"),
+                          psn="01") for i in range(2)]
     with service_client(home, service, ALICE) as alice:
         open_batch(home, service.port, alice, batch, "bureau-a", "dual-app-v1", blank)
     with service_client(home, service, "station-a1") as st:
