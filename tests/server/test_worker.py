@@ -257,6 +257,13 @@ def test_a_worker_refuses_to_start_on_a_wrong_pin_or_an_open_socket_directory(wo
     assert done.returncode == 3, done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith(f"{open_dir} is writable by every user; give the socket a "
                                                          "directory of its own")
+    if os.geteuid() == 0:  # only root can give a directory to another user
+        theirs = sockets / "theirs"
+        theirs.mkdir(mode=0o750)
+        os.chown(theirs, 65534, -1)
+        done = _worker("--domain", "hrss", "--config", str(workers.layout.workers["hrss"]), "--listen",
+                       f"unix:{theirs / 'w.sock'}")
+        assert done.returncode == 3 and f"{theirs} is not owned by this worker's user" in done.stderr, done.stderr
     done = _worker("--domain", "hrss", "--config", str(workers.layout.workers["hrss"]))  # its socket is taken
     assert done.returncode == 3 and "another process listens there" in done.stderr, done.stderr
     done = _worker("--domain", "bank", "--config", str(workers.layout.front))  # the front end's: no PIN
