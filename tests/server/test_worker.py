@@ -220,6 +220,22 @@ def test_a_killed_worker_service_is_unavailable_then_back(home: Home, workers: W
         assert len(list(st.stream_batch(batch))) == 10
 
 
+def test_a_killed_audit_worker_service_fails_the_audit_service_until_it_is_back(home: Home, workers: Workers,
+                                                                                remote: Service) -> None:
+    workers.stop("audit", signal.SIGKILL)
+    assert remote.health.check_now() == {"audit-signer": "the worker service cannot be reached"}
+    services = remote.health.status()[2]
+    assert services["kms.v1.AuditService"] == "NOT_SERVING" and services["kms.v1.IssuanceService"] == "SERVING"
+    assert remote.checkpointer is not None
+    size = remote.audit.record("test.marker")  # a record no checkpoint covers yet
+    with pytest.raises(Unavailable, match="the audit worker service is unavailable"):
+        remote.checkpointer.checkpoint_now()
+    workers.start("audit")
+    assert remote.health.check_now() == {}
+    signed = remote.checkpointer.checkpoint_now()  # signed by the audit worker service again
+    assert signed is not None and signed.size >= size
+
+
 def test_the_front_end_stops_its_start_when_a_worker_service_does_not_answer(home: Home, sockets: Path) -> None:
     doc = yaml.safe_load((home.path / "front.yaml").read_text())
     doc["workers"]["bank"] = f"unix:{sockets / 'nobody' / 'worker.sock'}"
