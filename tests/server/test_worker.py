@@ -21,15 +21,17 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import ROOT, card, open_batch, run_ceremony, service_client
+from helpers import ROOT, card, client, officer, open_batch, run_ceremony, service_client
 
 from kms import config
 from kms.audit.verify import verify
+from kms.ceremony import components
 from kms.client.audit import AuditClient
 from kms.client.ceremony import CeremonyClient
 from kms.dev.home import Home
 from kms.dev.workers import WorkerLayout, split_home
-from kms.errors import ConfigError, Unavailable
+from kms.errors import ConfigError, InvalidArgument, Unavailable
+from kms.hsm.types import Algorithm
 from kms.identity import Principal
 from kms.issuance.workers import Job
 from kms.registry import KeyKind
@@ -37,8 +39,8 @@ from kms.server.serve import Service
 from kms.station import Station
 from kms.v1 import worker_pb2 as pb
 
-ALICE = Principal("officer", "alice", domain="hrss")
-CAROL = Principal("officer", "carol", domain="bank")
+ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
+CAROL = officer("bank", 0)
 ERIN = Principal("auditor", "erin")
 
 
@@ -140,6 +142,31 @@ def test_ceremony_key_operations_run_in_the_worker_services(home: Home, remote: 
     public = serialization.load_der_public_key(signing.public_key)
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(minutes.signature, minutes.document, ec.ECDSA(hashes.SHA256()))
+
+
+def test_an_import_ceremony_checks_and_joins_components_in_the_worker_service(home: Home, remote: Service) -> None:
+    name = f"wrk-imp-{secrets.token_hex(3)}"
+    parts = {who: bytearray(secrets.token_bytes(16)) for who in (BOB, CHEN)}
+    expected = components.kcv(Algorithm.DES2, components.join(list(parts.values())))
+    ceremony = run_ceremony(home, remote.port, "hrss", "import-master-key",
+                            {"name": name, "kcv": expected, "custodians": ["bob", "chen"]}, execute=False)
+    hrss = remote.pools.pools["hrss"]
+    assert hrss.probe() is None
+    restarts = hrss.restarts
+    with client(home, remote.port, BOB) as c:
+        bob = CeremonyClient(c)
+        with pytest.raises(InvalidArgument) as wrong:  # decrypted and compared in the hrss worker service
+            bob.submit_component(ceremony.ceremony_id, parts[BOB], components.kcv(Algorithm.DES2, parts[CHEN]))
+        assert wrong.value.field == "kcv"
+        bob.submit_component(ceremony.ceremony_id, parts[BOB], components.kcv(Algorithm.DES2, parts[BOB]))
+    with client(home, remote.port, CHEN) as c:
+        CeremonyClient(c).submit_component(ceremony.ceremony_id, parts[CHEN],
+                                           components.kcv(Algorithm.DES2, parts[CHEN]))
+    with client(home, remote.port, ALICE) as c:
+        done = CeremonyClient(c).execute(ceremony.ceremony_id)
+    assert done.state == "executed", done.error
+    assert remote.issuance.registry.active("hrss", KeyKind.MASTER, name).kcv == expected
+    assert hrss.probe() is None and hrss.restarts == restarts  # recycled after each component; none died
 
 
 def test_the_audit_export_is_sealed_by_the_audit_worker_service(home: Home, remote: Service) -> None:
