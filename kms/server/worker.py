@@ -434,15 +434,17 @@ class AuditSignerWorker:
 # -- the socket -----------------------------------------------------------------------------------------------------
 
 
-def prepare_socket(listen: str, setting: str = "worker.listen") -> Path:
-    """The socket's path, ready to bind: its directory exists (made 0750 if missing), is owned by this user and is not
-    writable by others; no other worker listens there (a socket left by one that ended is removed). ConfigError
-    naming ``setting`` otherwise."""
+def prepare_socket(listen: str, gid: int | None = None, setting: str = "worker.listen") -> Path:
+    """The socket's path, ready to bind: its directory exists (made 0750 if missing, given to group ``gid`` if one),
+    is owned by this user and is not writable by others; no other worker listens there (a socket left by one that
+    ended is removed). ConfigError naming ``setting`` otherwise."""
     path = Path(listen[len("unix:"):])
     directory = path.parent
     if not directory.exists():
         try:
             directory.mkdir(mode=0o750)
+            if gid is not None:
+                os.chown(directory, -1, gid)
         except OSError as error:
             raise ConfigError(f"{setting} {listen}: cannot make {directory} ({error.strerror})") from None
         os.chmod(directory, 0o750)  # noqa: S103 - the front end's group must reach the socket inside
@@ -512,9 +514,8 @@ class WorkerService:
             raise ConfigError(f"{cfg.path}: worker.listen is not set (or give --listen unix:PATH)")
         self.listen = listen
         group = cfg.worker.socket_group if cfg.worker is not None else None
-        if group is not None:
-            group_id(group)  # before any login
-        self.socket = prepare_socket(listen)
+        gid = group_id(group) if group is not None else None  # before any login
+        self.socket = prepare_socket(listen, gid)
         self.health = health.HealthServicer()
         self.pool: DomainPool | None = None
         self.signer: AuditSigner | None = None

@@ -329,6 +329,7 @@ def test_the_socket_is_given_to_the_socket_group(workers: Workers, sockets: Path
     try:
         info = (sockets / "grouped" / "w.sock").stat()
         assert info.st_gid == os.getegid() and stat.S_IMODE(info.st_mode) == 0o660
+        assert (sockets / "grouped").stat().st_gid == os.getegid()  # the directory it made: the front end's too
     finally:
         assert grouped.stop("hrss") == 0
 
