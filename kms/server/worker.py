@@ -508,6 +508,8 @@ class WorkerService:
             if not listen.startswith("unix:") or len(listen) == len("unix:"):
                 raise ConfigError("--listen must be unix:PATH (a Unix socket)")
             listen = f"unix:{Path(listen[len('unix:'):]).absolute()}"
+            if len(listen.encode()) - len("unix:") > 107:
+                raise ConfigError("--listen: the socket path is longer than 107 bytes")
         elif cfg.worker is not None:
             listen = cfg.worker.listen
         if listen is None:
