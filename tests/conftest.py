@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from openbao import BaoServer
-from openbao import binary as openbao_binary
 from helpers import (
     MASTER_KEYS,
     POSTGRES,
@@ -24,6 +22,8 @@ from helpers import (
     TEST_TRANSPORT_KEYS,
     EngineFactory,
 )
+from openbao import BaoServer
+from openbao import binary as openbao_binary
 
 from kms import config, runtime, store
 from kms.clock import SystemClock
