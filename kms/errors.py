@@ -187,6 +187,15 @@ class StorageUnavailable(Unavailable):
         self.reason = reason
 
 
+class SecretUnavailable(Unavailable):
+    """A secret kept in OpenBao (a ``vault:`` reference, kms.secrets) cannot be read now: OpenBao cannot be reached
+    or is sealed, and this process holds no cached value that is still valid. The message names the reference or
+    the setting and OpenBao's address, never a value. Retryable; its own exit code, so that it does not read as the
+    service's database or the HSM."""
+
+    exit_code = 15
+
+
 class ResourceExhausted(KmsError):
     """A limit of the caller's (a station's or its bureau's cards per hour or day, streams in progress) is reached;
     the message names it. Not retryable as such: the same call succeeds only once the window has moved on or

@@ -67,7 +67,7 @@ def _session_open() -> None:
     cfg = config_mod.load(Path(_config_path))
     if cfg.audit is None:
         raise ConfigError(f"{cfg.path}: no 'audit' section")
-    _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin)
+    _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin, cfg.secret)
 
 
 def _ready() -> TokenSession:

@@ -122,7 +122,8 @@ class Service:
         address = listen or cfg.server.listen
         self.streams = StreamSlots(cfg.server.capacity)  # streams in progress (kms.server.capacity)
         self.server, self.port = create_server(
-            TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
+            TlsFiles(tls.cert, tls.private_key("server.tls.key"), tls.ca),
+            Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
                       register_ceremonies(ceremony), *audit_services),
             address=address,
