@@ -174,7 +174,7 @@ def test_a_vault_reference_needs_an_openbao_block() -> None:
     ref = SecretRef.parse("vault:kv/kms/hrss#pin")
     with pytest.raises(ConfigError, match="needs an 'openbao' block"):
         ref.resolve()
-    with pytest.raises(ConfigError, match="needs an 'openbao' block in /etc/kms/kms.yaml"):
+    with pytest.raises(ConfigError, match=r"needs an 'openbao' block in /etc/kms/kms\.yaml"):
         secrets_mod.resolve(ref, None, "/etc/kms/kms.yaml")
 
 
