@@ -10,8 +10,11 @@ reference through ``resolve`` below.
 **OpenBao, per process.** Each process has one ``OpenBao`` client per ``openbao`` block (``client_for``), logged in
 lazily with AppRole the first time a ``vault:`` reference is resolved. Its token is renewed (``renew-self``) when
 less than a third of its TTL is left, at the next use; when the token is not renewable, renewal fails, or the
-renewal was cut short by the token's max TTL, the client logs in again. A response-wrapped secret_id is unwrapped
-once, at the first login, and kept in this process's memory only: the wrapping token is then spent.
+renewal was cut short by the token's max TTL, the client logs in again. A response-wrapped secret_id
+(``wrapped_secret_id``) is unwrapped once, at the first login, and the wrapping token is then spent: the secret_id
+is kept in this process's memory only — or, when ``secret_id: file:PATH`` is configured as well (a service of
+several processes: a domain's worker pool), in that file (0600), written by the first process under a lock and read
+by the others.
 
 **Cache rule.** KV version 2 secrets have no lease. A value read from OpenBao is used for at most
 ``openbao.cache_seconds`` (default 300 s) and never past the expiry of the token it was read with (being allowed to
@@ -27,6 +30,7 @@ credentials); an unreachable or sealed OpenBao is ``SecretUnavailable``, naming 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
 import re
@@ -38,6 +42,7 @@ from typing import Any
 
 from kms.clock import Clock, SystemClock
 from kms.errors import ConfigError, SecretUnavailable
+from kms.files import write_private
 
 SCHEMES = ("env", "file", "vault")
 #: ``vault:<mount>/<path>#<field>``: a mount and a path of plain segments, a field name.
@@ -115,8 +120,12 @@ class OpenBaoSettings:
     timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        if (self.secret_id is None) == (self.wrapped_secret_id is None):
-            raise ConfigError("openbao.approle: exactly one of secret_id and wrapped_secret_id is needed")
+        if self.secret_id is None and self.wrapped_secret_id is None:
+            raise ConfigError("openbao.approle: secret_id or wrapped_secret_id is needed")
+        if self.secret_id is not None and self.wrapped_secret_id is not None and (
+                self.secret_id.scheme != "file" or self.wrapped_secret_id.scheme != "file"):
+            raise ConfigError("openbao.approle: with wrapped_secret_id, secret_id is the file:PATH the unwrapped "
+                              "secret_id is kept in")
         for ref in (self.role_id, self.secret_id, self.wrapped_secret_id):
             if ref is not None and ref.scheme == "vault":
                 raise ConfigError("openbao.approle: the AppRole credentials are env: or file: references")
@@ -195,8 +204,28 @@ class OpenBao:
         role_id = settings.role_id.resolve()
         if self._secret_id is not None:
             return role_id, self._secret_id
-        if settings.secret_id is not None:
+        if settings.wrapped_secret_id is None:
+            assert settings.secret_id is not None
             return role_id, settings.secret_id.resolve()
+        if settings.secret_id is None:
+            self._secret_id = self._unwrap()  # the wrapping token is spent: keep what it held, in memory only
+            return role_id, self._secret_id
+        # Both: the first process to start unwraps and keeps the secret_id in the secret_id file (0600), for the
+        # other processes of the service (a domain's worker pool, its replacements); one at a time.
+        kept = Path(settings.secret_id.target)
+        try:
+            with open(settings.wrapped_secret_id.target, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (kept.is_file() and kept.read_text(encoding="utf-8").strip()):
+                    write_private(kept, self._unwrap() + "\n")
+                    log.info("openbao: the wrapped secret_id was unwrapped; it is kept in %s", kept)
+        except OSError as error:
+            raise ConfigError(f"openbao.approle: {settings.wrapped_secret_id} or {settings.secret_id}: cannot be "
+                              f"read or written ({error.strerror})") from None
+        return role_id, settings.secret_id.resolve()
+
+    def _unwrap(self) -> str:
+        settings = self.settings
         assert settings.wrapped_secret_id is not None
         wrapping = settings.wrapped_secret_id.resolve()
         try:
@@ -209,8 +238,7 @@ class OpenBao:
                 f"openbao.approle.wrapped_secret_id ({settings.wrapped_secret_id}): OpenBao at {settings.address} "
                 f"did not unwrap it ({_reason(error)}): a response-wrapped secret_id can be unwrapped once only, "
                 "and this one was already unwrapped or has expired; ask for a new one") from None
-        self._secret_id = secret_id  # the wrapping token is spent: keep what it held, in memory only
-        return role_id, secret_id
+        return secret_id
 
     def _login(self) -> None:
         role_id, secret_id = self._credentials()

@@ -178,12 +178,13 @@ def test_a_vault_reference_needs_an_openbao_block() -> None:
         secrets_mod.resolve(ref, None, "/etc/kms/kms.yaml")
 
 
-def test_openbao_settings_need_exactly_one_secret_id() -> None:
+def test_openbao_settings_need_a_secret_id() -> None:
     role = SecretRef("file", "/r")
-    with pytest.raises(ConfigError, match="exactly one of secret_id and wrapped_secret_id"):
+    with pytest.raises(ConfigError, match="secret_id or wrapped_secret_id is needed"):
         OpenBaoSettings("http://127.0.0.1:1", role)
-    with pytest.raises(ConfigError, match="exactly one"):
-        OpenBaoSettings("http://127.0.0.1:1", role, SecretRef("file", "/s"), SecretRef("file", "/w"))
+    with pytest.raises(ConfigError, match="with wrapped_secret_id, secret_id is the file:PATH"):
+        OpenBaoSettings("http://127.0.0.1:1", role, SecretRef("env", "S"), SecretRef("file", "/w"))
+    assert OpenBaoSettings("http://127.0.0.1:1", role, SecretRef("file", "/s"), SecretRef("file", "/w"))
 
 
 # -- vault: references, resolved by a real OpenBao server (tests/openbao.py) ----------------------------------------
@@ -280,6 +281,25 @@ def test_a_wrapped_secret_id_is_unwrapped_once(openbao: BaoServer, tmp_path: Pat
     message = _clean(info.value, wrapping, PIN)
     assert f"secret reference {ref}: openbao.approle.wrapped_secret_id (file:{tmp_path / 'wrapped'})" in message
     assert "can be unwrapped once only" in message and openbao.address in message
+
+
+def test_a_wrapped_secret_id_kept_for_the_other_processes_of_a_service(openbao: BaoServer, tmp_path: Path) -> None:
+    """With secret_id: file:PATH beside wrapped_secret_id: the first process unwraps and keeps the secret_id there
+    (0600); the others (a worker pool, its replacements) read it; the wrapping token is used once."""
+    where, name = _unique("t-wrap2"), _unique("kms-pool")
+    openbao.put(f"{where}/bank", pin=PIN)
+    role_id, _ = openbao.approle(name, _policy(f"{where}/bank"))
+    wrapping = openbao.wrapped_secret_id(name)
+    settings = _settings(tmp_path, openbao.address, role_id, wrapped=wrapping)
+    settings = OpenBaoSettings(settings.address, settings.role_id, SecretRef("file", str(tmp_path / "kept")),
+                               settings.wrapped_secret_id)
+    ref = SecretRef.parse(f"vault:kv/{where}/bank#pin")
+    assert [OpenBao(settings).read(ref) for _ in range(3)] == [PIN] * 3
+    kept = tmp_path / "kept"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert openbao.client().auth.approle.read_secret_id(name, kept.read_text().strip())["data"]  # a real secret_id
+    with pytest.raises(Exception, match="wrapping token is not valid or does not exist"):
+        openbao.client(wrapping).sys.unwrap()  # spent by the first process
 
 
 def test_a_denied_path_names_the_reference(openbao: BaoServer, tmp_path: Path) -> None:
