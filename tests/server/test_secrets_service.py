@@ -82,8 +82,8 @@ class Provisioned:
         where.mkdir(mode=0o700, exist_ok=True)
         (where / "role-id").write_text(self.role_id + "\n")
         (where / "secret-id").write_text(self.secret_id + "\n")
-        doc["openbao"] = {"address": server.address,
-                          "approle": {"role_id": f"file:{where / 'role-id'}", "secret_id": f"file:{where / 'secret-id'}"}}
+        doc["openbao"] = {"address": server.address, "approle": {"role_id": f"file:{where / 'role-id'}",
+                                                                 "secret_id": f"file:{where / 'secret-id'}"}}
         for name in ("hrss", "bank"):
             doc["domains"][name]["pin"] = f"vault:kv/{self.prefix}/{name}#pin"
         doc["audit"]["pin"] = f"vault:kv/{self.prefix}/audit#pin"
