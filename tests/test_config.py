@@ -491,3 +491,35 @@ def test_the_database_url_and_password_are_resolved_when_asked_for(tmp_path: Pat
 def test_a_bad_database_setting_is_named(tmp_path: Path, database: Any, message: str) -> None:
     got = _error(config.load, _write(tmp_path / "kms.yaml", _issuer(database=database)))
     assert message in got and CANARY not in got
+
+
+@pytest.mark.postgres
+def test_a_database_password_from_openbao_reaches_postgresql(openbao: Any, tmp_path: Path) -> None:
+    """The password kept in OpenBao (KV v2), merged into a URL written without it: a real PostgreSQL accepts it."""
+    url = os.environ.get("KMS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
+    import sqlalchemy as sa
+
+    from kms import store
+
+    real = sa.make_url(url)
+    assert real.password
+    where = f"t-db-{os.urandom(3).hex()}"
+    openbao.put(f"{where}/database", password=real.password)
+    role_id, secret_id = openbao.approle(where, f'path "kv/data/{where}/database" {{ capabilities = ["read"] }}\n')
+    (tmp_path / "role-id").write_text(role_id)
+    (tmp_path / "secret-id").write_text(secret_id)
+    without = sa.engine.URL.create(real.drivername, username=real.username, host=real.host, port=real.port,
+                                   database=real.database, query=real.query).render_as_string(hide_password=False)
+    doc = _issuer(database={"url": without, "password": f"vault:kv/{where}/database#password"},
+                  openbao={"address": openbao.address,
+                           "approle": {"role_id": "file:role-id", "secret_id": "file:secret-id"}})
+    cfg = config.load(_write(tmp_path / "kms.yaml", doc))
+    assert isinstance(cfg.database_setting.url, str) and sa.make_url(cfg.database_setting.url).password is None
+    engine = store.make_engine(cfg.database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
