@@ -148,7 +148,7 @@ def _reason(error: BaseException) -> str:
     if "SSL" in name:
         return "TLS handshake failed"
     if "Connection" in name:
-        return "connection refused"
+        return "connection refused" if "refused" in str(error).lower() else "cannot connect"
     return f"{name}{f' {status}' if status else ''}"
 
 
@@ -284,6 +284,8 @@ class OpenBao:
         if self._hvac is None or self._token_expires is None:
             self._login()
             return
+        if self._token_ttl == 0:
+            return  # a token that does not expire (no TTL): nothing to renew
         left = (self._token_expires - self._clock.now()).total_seconds()
         if left <= self._token_ttl * RENEW_WHEN_LEFT:
             self._renew()
@@ -319,7 +321,9 @@ class OpenBao:
                                   f"(fields: {present})" if field not in data else
                                   f"secret reference {ref}: field {field!r} is empty or not text")
             assert self._token_expires is not None
-            expires = min(self._clock.now() + dt.timedelta(seconds=self.settings.cache_seconds), self._token_expires)
+            expires = self._clock.now() + dt.timedelta(seconds=self.settings.cache_seconds)
+            if self._token_ttl:
+                expires = min(expires, self._token_expires)
             self._cache[ref] = (value, expires)
             return value
 
