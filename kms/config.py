@@ -4,6 +4,7 @@ PINs are references (kms.secrets), never literals. Relative paths are taken from
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,18 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class AnchorConfig:
+    """``audit.anchor``: where the audit signer anchors each signed checkpoint in OpenBao KV v2 (kms.audit.anchor):
+    ``<mount>/data/<prefix>/checkpoints/<size>``, create-only. The connection is the top-level ``openbao`` block.
+    ``spool``: the signer's directory of checkpoints signed but not yet anchored (default: ``audit-anchor`` beside
+    the configuration file)."""
+
+    mount: str = "kv"
+    prefix: str = "kms/audit"
+    spool: Path | None = None
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit signing key's own token (apart from the domains'), and how often checkpoints are signed."""
 
@@ -122,6 +135,7 @@ class AuditConfig:
     pin: SecretRef
     checkpoint_records: int = 1_000
     checkpoint_seconds: int = 60
+    anchor: AnchorConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,8 @@ class Config:
     recycle_after_keys: int
     server: ServerConfig | None = None
     audit: AuditConfig | None = None
+    #: The top-level ``openbao`` block as written (address, ca_cert, approle); read by kms.audit.anchor.
+    openbao: dict[str, Any] | None = None
 
     @property
     def home(self) -> Path:
@@ -304,7 +320,7 @@ def load_client(path: Path) -> ClientConfig:
 def load(path: Path) -> Config:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"hsm", "domains", "database"},
-                {"profiles", "workers_per_domain", "recycle_after_keys", "server", "audit"})
+                {"profiles", "workers_per_domain", "recycle_after_keys", "server", "audit", "openbao"})
     domains_doc = _only(path, "domains", doc["domains"], set(), set(DOMAINS))
     domains = {}
     for name, body in domains_doc.items():
@@ -324,18 +340,47 @@ def load(path: Path) -> Config:
         workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
         recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
         server=_server(path, doc["server"]) if "server" in doc else None,
-        audit=_audit(path, doc["audit"]) if "audit" in doc else None,
+        audit=_audit(path, doc["audit"], "openbao" in doc) if "audit" in doc else None,
+        openbao=_openbao(path, doc["openbao"]) if "openbao" in doc else None,
     )
 
 
-def _audit(path: Path, doc: Any) -> AuditConfig:
-    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds"})
+def _audit(path: Path, doc: Any, openbao: bool = False) -> AuditConfig:
+    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds", "anchor"})
     return AuditConfig(
         token=str(doc["token"]),
         pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent, field="audit.pin"),
         checkpoint_records=_int(doc, "checkpoint_records", 1_000, 1, 10_000_000, "audit"),
         checkpoint_seconds=_int(doc, "checkpoint_seconds", 60, 1, 86_400, "audit"),
+        anchor=_anchor(path, doc["anchor"], openbao) if "anchor" in doc else None,
     )
+
+
+_KV_MOUNT = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+_KV_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def _anchor(path: Path, doc: Any, openbao: bool) -> AnchorConfig:
+    doc = _only(path, "audit.anchor", doc or {}, set(), {"mount", "prefix", "spool"})
+    mount, prefix = doc.get("mount", AnchorConfig.mount), doc.get("prefix", AnchorConfig.prefix)
+    if not isinstance(mount, str) or not _KV_MOUNT.fullmatch(mount):
+        raise ConfigError(f"{path}: audit.anchor.mount must be a KV v2 mount path, e.g. kv")
+    if not isinstance(prefix, str) or not _KV_PREFIX.fullmatch(prefix) or ".." in prefix.split("/"):
+        raise ConfigError(f"{path}: audit.anchor.prefix must be a path inside the mount, e.g. kms/audit")
+    if not openbao:
+        raise ConfigError(f"{path}: audit.anchor needs the top-level 'openbao' block (the connection and AppRole)")
+    spool = doc.get("spool")
+    return AnchorConfig(mount, prefix, _path(path.parent, spool if spool else "audit-anchor", "audit.anchor.spool"))
+
+
+def _openbao(path: Path, doc: Any) -> dict[str, Any]:
+    """The ``openbao`` block's keys are checked here; kms.audit.anchor reads it (and kms.secrets, issue 12)."""
+    doc = _only(path, "openbao", doc, {"address"}, {"ca_cert", "approle"})
+    if not isinstance(doc["address"], str) or not doc["address"].startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: openbao.address must be an http:// or https:// URL")
+    if "approle" in doc:
+        _only(path, "openbao.approle", doc["approle"], {"role_id"}, {"mount", "secret_id", "wrapped_secret_id"})
+    return dict(doc)
 
 
 def load_station(path: Path) -> StationConfig:

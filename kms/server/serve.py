@@ -160,7 +160,8 @@ class Service:
         self.server.start()
         self._stopped = False
         # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
-        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts)
+        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts,
+                                    anchor=self.signer.anchor_status if self.signer is not None else None)
 
     def _abandon(self) -> None:
         """A start that failed: release the ports, end the processes started so far."""
