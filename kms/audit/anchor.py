@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +53,7 @@ ANCHOR_FORMAT = "kms-audit-checkpoint"  # the anchored value is the checkpoint a
 DIGITS = 16  # the size in the path, zero-padded: the names sort in sequence order
 RETRY_SECONDS = 5.0
 TIMEOUT_SECONDS = 3.0  # one request to OpenBao from the signer: a checkpoint never waits longer for it
+SEND_AT_ONCE = 16  # anchors a checkpoint sends itself (the backlog before it first); the retry thread sends the rest
 _NAME = re.compile(rf"(\d{{{DIGITS}}})\.json")
 ClientSource = Callable[[], Any]  # returns an authenticated hvac.Client
 
@@ -108,7 +110,8 @@ class Anchor:
         self._conflicts_dir = self.spool / "conflicts"
         self._retry = retry_seconds
         self._clock = clock
-        self._lock = threading.Lock()
+        self._spooling = threading.Lock()  # writing to the spool: short
+        self._sending = threading.Lock()  # sending the backlog: a checkpoint never waits for it (record)
         self._failed_at: float | None = None  # when the last attempt failed: none before retry_seconds have passed
         self._anchored = 0
         self._error = ""
@@ -118,29 +121,45 @@ class Anchor:
     # -- the signer's side -----------------------------------------------------------------------------------------
 
     def record(self, checkpoint: Checkpoint) -> None:
-        """Spool ``checkpoint`` (durably) and send the backlog unless OpenBao failed less than a retry period ago.
-        Never raises for OpenBao: a checkpoint is valid whether or not it is anchored yet."""
-        with self._lock:
+        """Spool ``checkpoint`` (durably), then send the backlog (at most ``SEND_AT_ONCE`` of it: the retry thread
+        sends the rest) — unless OpenBao failed less than a retry period ago, or the retry thread is sending right
+        now. Never raises for OpenBao: a checkpoint is valid whether or not it is anchored yet."""
+        with self._spooling:
             name = self.spool / f"{checkpoint.size:0{DIGITS}d}.json"
-            if not name.exists():
-                try:
-                    write_private(name, json.dumps(anchor_value(checkpoint), sort_keys=True))
-                    _fsync_dir(self.spool)
-                except OSError as error:  # the checkpoint cannot be kept for its anchor: it is not given out
-                    raise Unavailable(f"the audit anchor spool {self.spool} cannot be written ({error.strerror})"
-                                      ) from None
-            if self._failed_at is None or self._clock() - self._failed_at >= self._retry:
-                self._flush_locked()
+            text = json.dumps(anchor_value(checkpoint), sort_keys=True)
+            try:
+                if not name.exists():
+                    write_private(name, text)
+                elif name.read_text(encoding="utf-8") != text:  # the same size signed again while still waiting
+                    kept = self._conflicts_dir / f"{name.stem}.{secrets.token_hex(4)}.json"
+                    write_private(kept, text)
+                    log.error("audit anchor: a checkpoint at %d was signed again while the first is still waiting to "
+                              "be anchored; the second is kept in %s", checkpoint.size, kept)
+                _fsync_dir(name.parent)
+            except OSError as error:  # the checkpoint cannot be kept for its anchor: it is not given out
+                raise Unavailable(f"the audit anchor spool {self.spool} cannot be written ({error.strerror})"
+                                  ) from None
+        if self._failed_at is not None and self._clock() - self._failed_at < self._retry:
+            return
+        if self._sending.acquire(blocking=False):
+            try:
+                self._flush_locked(SEND_AT_ONCE)
+            finally:
+                self._sending.release()
 
     def flush(self) -> AnchorStatus:
-        """Send the backlog now, oldest first, stopping at the first one that cannot be sent; the status after."""
-        with self._lock:
+        """Send the whole backlog now, oldest first, stopping at the first one that cannot be sent; the status
+        after."""
+        with self._sending:
             self._flush_locked()
-            return self._status_locked()
+        return self.status()
 
     def status(self) -> AnchorStatus:
-        with self._lock:
-            return self._status_locked()
+        pending = self._pending()
+        conflicts = sum(1 for p in self._conflicts_dir.iterdir() if p.is_file()) if self._conflicts_dir.is_dir() \
+            else 0
+        oldest = int(pending[0].name[:DIGITS]) if pending else 0
+        return AnchorStatus(len(pending), self._anchored, conflicts, self._error, oldest)
 
     def start(self) -> None:
         """Retry the backlog every ``retry_seconds`` in a thread of this process (the signer's)."""
@@ -156,27 +175,20 @@ class Anchor:
     def _run(self) -> None:
         while not self._stop.wait(self._retry):
             try:
-                with self._lock:
+                with self._sending:
                     if self._pending():
                         self._flush_locked()
             except Exception:  # the next round tries again; the spool keeps every checkpoint
                 log.exception("audit anchor: the backlog could not be sent")
 
-    # -- inside the lock ---------------------------------------------------------------------------------------------
+    # -- holding the sending lock -----------------------------------------------------------------------------------
 
     def _pending(self) -> list[Path]:
         return sorted(p for p in self.spool.iterdir() if _NAME.fullmatch(p.name))
 
-    def _status_locked(self) -> AnchorStatus:
+    def _flush_locked(self, limit: int | None = None) -> None:
         pending = self._pending()
-        conflicts = sum(1 for p in self._conflicts_dir.iterdir() if p.is_file()) if self._conflicts_dir.is_dir() \
-            else 0
-        oldest = int(pending[0].name[:DIGITS]) if pending else 0
-        return AnchorStatus(len(pending), self._anchored, conflicts, self._error, oldest)
-
-    def _flush_locked(self) -> None:
-        pending = self._pending()
-        for path in pending:
+        for path in pending[:limit]:
             value = json.loads(path.read_text(encoding="utf-8"))
             outcome = self._send(value)
             if outcome == "sent":

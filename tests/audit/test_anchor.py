@@ -196,6 +196,8 @@ def test_checkpoints_signed_while_openbao_is_down_are_anchored_later_in_order(
     assert status.error.startswith("OpenBao cannot be reached")
     anchor.record(late[1])  # within the retry period: spooled, OpenBao not even tried
     assert gate.connections == tried and anchor.status().backlog == 2
+    anchor.record(_checkpoint(9, at="2026-12-01T09:09:09Z"))  # 9 signed again while it waits: kept apart
+    assert (anchor.status().backlog, anchor.status().conflicts) == (2, 1)
     # The backlog is on disk: a new signer process (a new Anchor over the same spool) has it.
     assert Anchor(connect, mount="kv", prefix=prefix, spool=spool).status().backlog == 2
     clock.now += 10
@@ -205,7 +207,7 @@ def test_checkpoints_signed_while_openbao_is_down_are_anchored_later_in_order(
     assert root.list_secrets(path=f"{prefix}/checkpoints", mount_point="kv")["data"]["keys"] == [f"{2:016d}"]
     gate.open()
     status = anchor.flush()
-    assert (status.backlog, status.anchored, status.error) == (0, 14, "")
+    assert (status.backlog, status.anchored, status.error, status.conflicts) == (0, 14, "", 1)
     anchored = read_anchors(openbao.client(), "kv", prefix)
     assert [anchored[c.size] for c in late] == late
     created = [root.read_secret_metadata(path=anchor_path(prefix, c.size), mount_point="kv")["data"]["created_time"]
@@ -315,3 +317,25 @@ def test_each_disagreement_is_named_by_the_first_checkpoint_and_what_differs() -
     assert (verdict.bad_size, verdict.problem) == (40, "missing in export") and "cut back" in verdict.detail
     earlier, _ = _export(30, (10, 25), sealed="2026-12-01T10:30:00Z")  # an export made before the checkpoint at 40
     assert compare(earlier, anchors).ok
+
+
+def test_a_checkpoint_sends_only_a_bounded_part_of_a_long_backlog_itself(
+        openbao: BaoServer, prefix: str, tmp_path: Path, gate: TcpGate) -> None:
+    """After a long outage the checkpoint that finds OpenBao back sends the oldest SEND_AT_ONCE of the backlog (in
+    order) and leaves the rest to the retry thread, so signing never waits for the whole backlog."""
+    from kms.audit.anchor import SEND_AT_ONCE
+
+    writer, _ = _roles(openbao, prefix)
+    writer.url = gate.address
+    clock = Clock()
+    anchor = Anchor(writer, mount="kv", prefix=prefix, spool=tmp_path / "spool", clock=clock)
+    gate.close()
+    for size in range(1, SEND_AT_ONCE + 6):
+        anchor.record(_checkpoint(size))
+    assert anchor.status().backlog == SEND_AT_ONCE + 5
+    gate.open()
+    clock.now += 10
+    anchor.record(_checkpoint(SEND_AT_ONCE + 6))
+    status = anchor.status()
+    assert (status.backlog, status.oldest, status.anchored) == (6, SEND_AT_ONCE + 1, SEND_AT_ONCE)
+    assert anchor.flush().backlog == 0 and len(read_anchors(openbao.client(), "kv", prefix)) == SEND_AT_ONCE + 6
