@@ -25,8 +25,6 @@ from kms.canonical import canonical
 from kms.errors import ConfigError, PermissionDenied
 from kms.hsm.labels import AUDIT_KEY
 
-pytestmark = pytest.mark.openbao
-
 WRITER_POLICY = (ROOT / "deploy" / "openbao" / "kms-audit-anchor.hcl").read_text()
 AUDITOR_POLICY = (ROOT / "deploy" / "openbao" / "kms-auditor.hcl").read_text()
 KEY = ec.generate_private_key(ec.SECP256R1())

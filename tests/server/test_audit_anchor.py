@@ -31,8 +31,6 @@ from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.identity import Principal
 from kms.server.serve import Service
 
-pytestmark = pytest.mark.openbao
-
 ERIN = Principal("auditor", "erin")
 WAIT = 60.0  # seconds a test waits for the retry thread to send the backlog (a bound on a hang, not a measurement)
 
