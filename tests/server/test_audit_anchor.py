@@ -231,3 +231,6 @@ def test_check_anchors_says_what_is_wrong_with_its_arguments(
     assert missing.returncode == 2 and "export" in missing.stderr
     nothing = kms("audit", "check-anchors", "--export", str(export))
     assert nothing.returncode == 2 and "openbao_address" in nothing.stderr
+    # The signer's own role (what --config logs in with here) may create anchors, not read them.
+    signer_role = kms("audit", "check-anchors", "--export", str(export), "--config", str(anchored_home.config))
+    assert signer_role.returncode == 5 and "kms-auditor.hcl" in signer_role.stderr, signer_role.stderr
