@@ -189,17 +189,20 @@ class Anchor:
     def _flush_locked(self, limit: int | None = None) -> None:
         pending = self._pending()
         for path in pending[:limit]:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))
+                int(value["size"])
+            except (ValueError, KeyError, TypeError):  # not written by this module (its writes are atomic)
+                log.error("audit anchor: %s is not a spooled checkpoint; moved to %s", path, self._set_aside(path))
+                continue
             outcome = self._send(value)
             if outcome == "sent":
                 path.unlink()
                 self._anchored = int(value["size"])
             elif outcome == "taken":
-                private_dir(self._conflicts_dir)
-                path.replace(self._conflicts_dir / path.name)
                 log.error("audit anchor: a checkpoint at %d was signed, but an anchor at %d exists already; it is "
                           "kept in %s, and kms audit check-anchors shows which one an export carries",
-                          value["size"], value["size"], self._conflicts_dir)
+                          value["size"], value["size"], self._set_aside(path))
             else:
                 if self._failed_at is None or outcome != self._error:
                     log.warning("audit anchor: %s; %d checkpoint(s) wait in %s and are sent in order once it works",
@@ -209,6 +212,15 @@ class Anchor:
         if self._failed_at is not None:
             log.info("audit anchor: the backlog is written (anchored up to %d)", self._anchored)
         self._error, self._failed_at = "", None
+
+    def _set_aside(self, path: Path) -> Path:
+        """Move a spooled file to conflicts/ under a name no other file there has; the new path."""
+        private_dir(self._conflicts_dir)
+        target = self._conflicts_dir / path.name
+        if target.exists():
+            target = self._conflicts_dir / f"{path.stem}.{secrets.token_hex(4)}.json"
+        path.replace(target)
+        return target
 
     def _send(self, value: dict[str, Any]) -> str:
         """"sent", "taken" (an anchor exists at that path), or why it could not be sent (kept for a retry)."""

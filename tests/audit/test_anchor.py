@@ -117,6 +117,8 @@ def test_the_signers_role_creates_anchors_and_can_never_overwrite_or_delete_one(
     assert (status.backlog, status.conflicts, status.anchored, status.error) == (0, 1, 9, "")
     assert [p.name for p in (tmp_path / "spool" / "conflicts").iterdir()] == [f"{7:016d}.json"]
     assert _anchored(openbao, prefix, 7)["data"] == stored["data"]
+    anchor.record(_checkpoint(7, at="2026-12-01T09:00:09Z"))  # a third: kept beside the second, not over it
+    assert anchor.status().conflicts == 2 and _anchored(openbao, prefix, 7)["data"] == stored["data"]
 
 
 def test_the_auditors_role_reads_the_anchors_and_cannot_write_any(
