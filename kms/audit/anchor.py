@@ -286,11 +286,17 @@ def _first_line(error: BaseException) -> str:
 
 def connector(cfg: Config, *, timeout: float = TIMEOUT_SECONDS) -> ClientSource:
     """A function returning an hvac.Client logged in with the AppRole of the configuration's ``openbao`` block.
-    The role_id and secret_id references are read now (a missing one is a ConfigError naming it); the login happens
-    when the function is called. (Until kms.secrets' client serves it, this is the one place that connects.)"""
+    With kms.secrets' shared client (``Config.openbao`` an ``OpenBaoSettings``), that process-wide client (its login
+    and token renewal). Else this module logs in itself: the role_id and secret_id references are read now (a
+    missing one is a ConfigError naming it), the login happens when the function is called."""
     doc = cfg.openbao
     if doc is None:
         raise ConfigError(f"{cfg.path}: audit.anchor needs the top-level 'openbao' block")
+    if not isinstance(doc, dict):  # kms.secrets.OpenBaoSettings: the process's one OpenBao client serves the anchor
+        from importlib import import_module
+
+        shared = import_module("kms.secrets").client_for(doc)
+        return lambda: shared.client()
     approle = doc.get("approle")
     if not isinstance(approle, dict) or "secret_id" not in approle:
         raise ConfigError(f"{cfg.path}: openbao.approle: the audit anchor logs in with role_id and secret_id")

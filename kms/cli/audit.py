@@ -206,8 +206,7 @@ def _check_anchors(args: argparse.Namespace) -> int:
     settings = cfg.audit.anchor if cfg is not None and cfg.audit is not None else None
     mount = args.mount or (settings.mount if settings else "kv")
     prefix = args.prefix or (settings.prefix if settings else "kms/audit")
-    address = args.openbao_address or (cfg.openbao or {}).get("address") if cfg is not None else None
-    address = args.openbao_address or address
+    address = args.openbao_address or _openbao_address(cfg)
     if not address:
         raise errors.InvalidArgument("openbao_address", "is needed (or --config with an openbao block)")
     if args.token_file is not None:
@@ -245,6 +244,13 @@ def _check_anchors(args: argparse.Namespace) -> int:
     if not args.json:
         print(verdict.summary())
     return 0
+
+
+def _openbao_address(cfg: Any) -> str | None:
+    """The address of a configuration's ``openbao`` block (a mapping, or kms.secrets' settings), if any."""
+    block = getattr(cfg, "openbao", None)
+    address = block.get("address") if isinstance(block, dict) else getattr(block, "address", None)
+    return str(address) if address else None
 
 
 def _last_seq(lines: Any) -> int:
