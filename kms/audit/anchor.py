@@ -382,17 +382,19 @@ class AnchorVerdict:
     problem: str = ""  # head, signature, missing in export, missing in anchor, anchor forged
     detail: str = ""
     later: int = 0  # anchors after the export's end
+    before: int = 0  # the export's checkpoints before the first anchor (signed before anchoring began)
 
     def summary(self) -> str:
         if self.ok:
+            before = f"; {self.before} checkpoints from before the first anchor not compared" if self.before else ""
             return (f"anchors agree: {self.compared} checkpoints compared up to record {self.last_seq} "
-                    f"({self.anchors} anchors read; newest anchor at {self.newest})")
+                    f"({self.anchors} anchors read; newest anchor at {self.newest}{before})")
         return f"audit log NOT anchored: checkpoint {self.bad_size}: {self.problem}: {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "compared": self.compared, "anchors": self.anchors, "last_seq": self.last_seq,
-                "newest_anchor": self.newest, "bad_size": self.bad_size, "problem": self.problem or None,
-                "detail": self.detail or None}
+                "newest_anchor": self.newest, "before_first_anchor": self.before, "bad_size": self.bad_size,
+                "problem": self.problem or None, "detail": self.detail or None}
 
 
 _RECORD = re.compile(r'^\{"type":"record","seq":(\d+),"prev":"[0-9a-f]{64}","hash":"[0-9a-f]{64}","body":')
@@ -441,7 +443,11 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
         last = seq
         if seq in wanted:
             heads[seq] = prev.hex()
-    within = sorted({s for s in anchors if s <= last} | {s for s in exported if s <= last})
+    # Checkpoints signed before anchoring began (audit.anchor set on a running deployment) have no anchor to meet:
+    # compared is what follows the first anchor. With no anchor at all, nothing is skipped (a wrong mount or prefix
+    # must not pass for agreement).
+    first = min(anchors) if anchors else 0
+    within = sorted({s for s in anchors if s <= last} | {s for s in exported if first <= s <= last})
     later = sorted(s for s in anchors if s > last)
     newest = max(anchors) if anchors else 0
 
@@ -471,8 +477,9 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
     for count, size in enumerate(within, start=1):
         anchor, mine = anchors.get(size), exported.get(size)
         if anchor is None:
-            after = " after the newest anchor (the signer's anchor backlog may not be written yet)" if (
-                size > newest) else ""
+            after = " (nothing is anchored there at all: check the mount and prefix)" if not anchors else (
+                " after the newest anchor (the signer's anchor backlog may not be written yet)" if size > newest
+                else "")
             return bad(size, "missing in anchor", f"the export's checkpoint at {size} was never anchored{after}",
                        count)
         if mine is None:
@@ -481,7 +488,8 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
         if (mine.signature, mine.at, mine.key) != (anchor.signature, anchor.at, anchor.key):
             return bad(size, "signature", f"the export's checkpoint at {size} (signed {mine.at}) is not the anchored "
                                           f"one (signed {anchor.at}), though the head is the same", count)
-    return AnchorVerdict(True, len(within), len(anchors), last, newest, later=len(later))
+    return AnchorVerdict(True, len(within), len(anchors), last, newest, later=len(later),
+                         before=sum(1 for s in exported if s < first))
 
 
 def _signed(checkpoint: Checkpoint, public_key: ec.EllipticCurvePublicKey) -> bool:

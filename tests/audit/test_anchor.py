@@ -286,6 +286,14 @@ def test_an_export_that_matches_its_anchors_agrees() -> None:
     # An older export (the log went on, and was anchored further, since) agrees too.
     later = dict(checkpoints) | {55: _checkpoint(55, at="2026-12-01T13:00:00Z")}
     assert compare(lines, later).ok
+    # Anchoring switched on after the checkpoint at 10: it has no anchor to meet, and is said not compared.
+    since = compare(lines, {25: checkpoints[25], 40: checkpoints[40]})
+    assert since.ok and (since.compared, since.before) == (2, 1) and since.summary().endswith(
+        "; 1 checkpoints from before the first anchor not compared)")
+    # No anchor at all (a wrong mount or prefix) is no agreement.
+    nothing = compare(lines, {})
+    assert (nothing.ok, nothing.bad_size, nothing.problem) == (False, 10, "missing in anchor")
+    assert "check the mount and prefix" in nothing.detail
 
 
 def test_each_disagreement_is_named_by_the_first_checkpoint_and_what_differs() -> None:
