@@ -470,10 +470,10 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
             return bad(size, "head", f"the export's checkpoint at {size} names head {mine.head}, the anchored head "
                                      f"is {anchor.head}", count)
     if later and sealed_at and anchors[later[0]].at < sealed_at:
-        first = anchors[later[0]]
-        return bad(first.size, "missing in export", f"the export ends at record {last} (sealed {sealed_at}), but a "
-                                                    f"checkpoint at {first.size} was anchored before that "
-                                                    f"({first.at}): the log was cut back", len(within))
+        cut = anchors[later[0]]
+        return bad(cut.size, "missing in export", f"the export ends at record {last} (sealed {sealed_at}), but a "
+                                                  f"checkpoint at {cut.size} was anchored before that ({cut.at}): "
+                                                  "the log was cut back", len(within))
     for count, size in enumerate(within, start=1):
         anchor, mine = anchors.get(size), exported.get(size)
         if anchor is None:
