@@ -7,9 +7,11 @@ the anchors name the first checkpoint where the history departs."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import hvac
@@ -101,6 +103,28 @@ def _check(home: Home, openbao: BaoServer, prefix: str, token: Path, export: Pat
     return done.returncode, done.stdout, done.stderr
 
 
+def _resign(config_path: str, checkpoints: list[tuple[int, str, str]], signed_head: str) -> list[bytes]:
+    """As someone who holds the audit PIN, in a process of its own (its SoftHSM2 configuration this home's): sign
+    ``checkpoints`` (size, head, at) with the audit key and set the signer's remembered head to ``signed_head``."""
+    cfg = config.load(Path(config_path))
+    assert cfg.audit is not None
+    session = runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())
+    try:
+        signatures = []
+        for size, head, at in checkpoints:
+            raw = session.sign_sha256(AUDIT_KEY, checkpoint_message(size, head, at))
+            signatures.append(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")))
+        session.write_data(AUDIT_SIGNED_HEAD, signed_head.encode("ascii"))
+        return signatures
+    finally:
+        session.close()
+
+
+def _as_attacker(config_path: Path, checkpoints: list[tuple[int, str, str]], signed_head: str) -> list[bytes]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_resign, str(config_path), checkpoints, signed_head).result(timeout=120)
+
+
 def _backlog(service: Service) -> dict[str, object]:
     assert service.signer is not None
     status = service.signer.anchor_status()
@@ -167,34 +191,26 @@ def test_a_rewritten_log_with_a_reset_signer_passes_verify_but_not_the_anchors(
     # remembered head set to the new end (what someone who holds the database and the audit PIN can do).
     target = sizes[0] + 2
     engine = store.make_engine(config.load(anchored_home.config).database)
-    cfg = config.load(anchored_home.config)
-    assert cfg.audit is not None
-    session = runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve())
-    try:
-        with engine.begin() as conn:
-            rows = conn.execute(sa.select(store.audit_log).order_by(store.audit_log.c.seq)).all()
-            old = conn.execute(sa.select(store.audit_checkpoints).order_by(store.audit_checkpoints.c.size)).all()
-            assert [r.seq for r in rows] == list(range(1, len(rows) + 1)) and target < len(rows)
-            prev, heads = bytes.fromhex(rows[target - 2].hash), {}
-            for row in rows[target - 1:]:
-                body = row.body.replace('"outcome":"ok"', '"outcome":"refused"') if row.seq == target else row.body
-                assert row.seq != target or body != row.body
-                digest = chain(prev, body.encode())
-                conn.execute(store.audit_log.update().where(store.audit_log.c.seq == row.seq)
-                             .values(body=body, prev=prev.hex(), hash=digest.hex()))
-                heads[row.seq] = digest.hex()
-                prev = digest
-            conn.execute(store.audit_head.update().values(hash=prev.hex()))
-            conn.execute(store.audit_checkpoints.delete())
-            for cp in old:
-                head = heads.get(cp.size, cp.head)
-                raw = session.sign_sha256(AUDIT_KEY, checkpoint_message(cp.size, head, cp.at))
-                signature = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-                conn.execute(store.audit_checkpoints.insert().values(size=cp.size, head=head, at=cp.at, key=cp.key,
-                                                                     signature=signature))
-        session.write_data(AUDIT_SIGNED_HEAD, f"{len(rows)}:{prev.hex()}".encode("ascii"))
-    finally:
-        session.close()
+    with engine.begin() as conn:
+        rows = conn.execute(sa.select(store.audit_log).order_by(store.audit_log.c.seq)).all()
+        old = conn.execute(sa.select(store.audit_checkpoints).order_by(store.audit_checkpoints.c.size)).all()
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1)) and target < len(rows)
+        prev, heads = bytes.fromhex(rows[target - 2].hash), {}
+        for row in rows[target - 1:]:
+            body = row.body.replace('"outcome":"ok"', '"outcome":"refused"') if row.seq == target else row.body
+            assert row.seq != target or body != row.body
+            digest = chain(prev, body.encode())
+            conn.execute(store.audit_log.update().where(store.audit_log.c.seq == row.seq)
+                         .values(body=body, prev=prev.hex(), hash=digest.hex()))
+            heads[row.seq] = digest.hex()
+            prev = digest
+        conn.execute(store.audit_head.update().values(hash=prev.hex()))
+        conn.execute(store.audit_checkpoints.delete())
+        resigned = [(cp.size, heads.get(cp.size, cp.head), cp.at) for cp in old]
+        signatures = _as_attacker(anchored_home.config, resigned, f"{len(rows)}:{prev.hex()}")
+        for (size, head, at), signature in zip(resigned, signatures, strict=True):
+            conn.execute(store.audit_checkpoints.insert().values(size=size, head=head, at=at, key=AUDIT_KEY,
+                                                                 signature=signature))
     engine.dispose()
 
     rewritten = tmp_path / "rewritten.jsonl"
