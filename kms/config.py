@@ -4,6 +4,7 @@ PINs are references (kms.secrets), never literals. Relative paths are taken from
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,18 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class AnchorConfig:
+    """``audit.anchor``: where the audit signer anchors each signed checkpoint in OpenBao KV v2 (kms.audit.anchor):
+    ``<mount>/data/<prefix>/checkpoints/<size>``, create-only. The connection is the top-level ``openbao`` block.
+    ``spool``: the signer's directory of checkpoints signed but not yet anchored (default: ``audit-anchor`` beside
+    the configuration file)."""
+
+    mount: str = "kv"
+    prefix: str = "kms/audit"
+    spool: Path | None = None
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit signing key's own token (apart from the domains'), and how often checkpoints are signed."""
 
@@ -135,6 +148,7 @@ class AuditConfig:
     pin: SecretRef
     checkpoint_records: int = 1_000
     checkpoint_seconds: int = 60
+    anchor: AnchorConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -374,13 +388,31 @@ def load(path: Path) -> Config:
 
 
 def _audit(path: Path, doc: Any, openbao: OpenBaoSettings | None = None) -> AuditConfig:
-    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds"})
+    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds", "anchor"})
     return AuditConfig(
         token=str(doc["token"]),
         pin=_reference(path, doc["pin"], "audit.pin", openbao),
         checkpoint_records=_int(doc, "checkpoint_records", 1_000, 1, 10_000_000, "audit"),
         checkpoint_seconds=_int(doc, "checkpoint_seconds", 60, 1, 86_400, "audit"),
+        anchor=_anchor(path, doc["anchor"], openbao is not None) if "anchor" in doc else None,
     )
+
+
+_KV_MOUNT = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+_KV_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def _anchor(path: Path, doc: Any, openbao: bool) -> AnchorConfig:
+    doc = _only(path, "audit.anchor", doc or {}, set(), {"mount", "prefix", "spool"})
+    mount, prefix = doc.get("mount", AnchorConfig.mount), doc.get("prefix", AnchorConfig.prefix)
+    if not isinstance(mount, str) or not _KV_MOUNT.fullmatch(mount):
+        raise ConfigError(f"{path}: audit.anchor.mount must be a KV v2 mount path, e.g. kv")
+    if not isinstance(prefix, str) or not _KV_PREFIX.fullmatch(prefix) or ".." in prefix.split("/"):
+        raise ConfigError(f"{path}: audit.anchor.prefix must be a path inside the mount, e.g. kms/audit")
+    if not openbao:
+        raise ConfigError(f"{path}: audit.anchor needs the top-level 'openbao' block (the connection and AppRole)")
+    spool = doc.get("spool")
+    return AnchorConfig(mount, prefix, _path(path.parent, spool if spool else "audit-anchor", "audit.anchor.spool"))
 
 
 def load_station(path: Path) -> StationConfig:

@@ -232,7 +232,8 @@ class AuditChainBroken(KmsError):
 
 class AuditNotVerified(KmsError):
     """An audit export that does not verify offline (kms.audit.verify): `kms audit verify` names the first bad
-    record and exits with this code. Raised by no service: a log changed in the service's own database is
+    record and exits with this code; `kms audit check-anchors` too when an export disagrees with the checkpoints
+    anchored in OpenBao (kms.audit.anchor). Raised by no service: a log changed in the service's own database is
     AuditChainBroken."""
 
     grpc_status = "DATA_LOSS"

@@ -161,7 +161,9 @@ class Service:
         self.server.start()
         self._stopped = False
         # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
-        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts)
+        # The audit anchor's backlog, from the signer that anchors (kms.audit.anchor), when it can tell.
+        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts,
+                                    anchor=getattr(self.signer, "anchor_status", None))
 
     def _abandon(self) -> None:
         """A start that failed: release the ports, end the processes started so far."""
