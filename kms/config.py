@@ -4,16 +4,19 @@ PINs are references (kms.secrets), never literals. Relative paths are taken from
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
 from kms.errors import ConfigError
 from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
-from kms.secrets import SecretRef
+from kms.secrets import OpenBaoSettings, SecretRef
+from kms.secrets import resolve as resolve_secret
 from kms.validation import unknown_keys
 
 
@@ -45,9 +48,20 @@ class TlsConfig:
     is checked."""
 
     cert: Path
-    key: Path
+    #: A PEM file, or a ``vault:`` reference to a field holding the PEM (then loaded into memory, never written).
+    key: Path | SecretRef
     ca: Path
     crl: Path | None = None
+    openbao: OpenBaoSettings | None = field(default=None, compare=False)
+
+    def private_key(self, setting: str) -> bytes:
+        """The private key's PEM, from its file or from OpenBao (resolved in this process); errors name ``setting``."""
+        if isinstance(self.key, SecretRef):
+            try:
+                return resolve_secret(self.key, self.openbao).encode("utf-8")
+            except ConfigError as error:
+                raise ConfigError(f"{setting}: {error}") from None
+        return read_file(self.key, setting)
 
 
 #: ``server.health_listen`` when it is not set: loopback, the gRPC port + 1 (port 0, any free port, stays 0).
@@ -115,6 +129,18 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class AnchorConfig:
+    """``audit.anchor``: where the audit signer anchors each signed checkpoint in OpenBao KV v2 (kms.audit.anchor):
+    ``<mount>/data/<prefix>/checkpoints/<size>``, create-only. The connection is the top-level ``openbao`` block.
+    ``spool``: the signer's directory of checkpoints signed but not yet anchored (default: ``audit-anchor`` beside
+    the configuration file)."""
+
+    mount: str = "kv"
+    prefix: str = "kms/audit"
+    spool: Path | None = None
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The audit signing key's own token (apart from the domains'), and how often checkpoints are signed."""
 
@@ -122,6 +148,16 @@ class AuditConfig:
     pin: SecretRef | None  # None only where ``workers.audit`` serves the signer
     checkpoint_records: int = 1_000
     checkpoint_seconds: int = 60
+    anchor: AnchorConfig | None = None
+
+
+@dataclass(frozen=True)
+class DatabaseSetting:
+    """``database``: a URL, or a reference to one (``vault:kv/kms/front/database#url``), or a mapping ``url`` (a
+    URL without password, or a reference) and ``password`` (a reference), the password merged into the URL."""
+
+    url: str | SecretRef
+    password: SecretRef | None = None
 
 
 #: The names ``workers`` may give an endpoint for: each domain, and the audit signer.
@@ -141,12 +177,14 @@ class Config:
     path: Path
     hsm: HsmConfig
     domains: dict[str, DomainConfig]
-    database: str
+    database_setting: DatabaseSetting
     profiles: Path
     workers_per_domain: int
     recycle_after_keys: int
     server: ServerConfig | None = None
     audit: AuditConfig | None = None
+    #: The ``openbao`` block: how this process reads ``vault:`` references (kms.secrets).
+    openbao: OpenBaoSettings | None = None
     #: A front end's worker services: ``hrss``, ``bank``, ``audit`` -> ``unix:PATH`` (kms.server.remote).
     workers: dict[str, str] = field(default_factory=dict)
     worker: WorkerConfig | None = None
@@ -154,6 +192,15 @@ class Config:
     @property
     def home(self) -> Path:
         return self.path.parent
+
+    def secret(self, ref: SecretRef) -> str:
+        """The value of a secret reference (env:, file:, vault:), resolved in this process (kms.secrets)."""
+        return resolve_secret(ref, self.openbao, str(self.path))
+
+    @property
+    def database(self) -> str:
+        """The database URL, its references resolved in this process (the password never in the file)."""
+        return _database_url(self.database_setting, self.secret)
 
 
 @dataclass(frozen=True)
@@ -168,6 +215,11 @@ class StationConfig:
     ledger: str
     domains: tuple[str, ...]
     client: ClientConfig | None = None
+    openbao: OpenBaoSettings | None = None
+
+    def secret(self, ref: SecretRef) -> str:
+        """The value of a secret reference (env:, file:, vault:), resolved in this process (kms.secrets)."""
+        return resolve_secret(ref, self.openbao, str(self.path))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -251,11 +303,16 @@ def _hsm(path: Path, doc: Any) -> HsmConfig:
     )
 
 
-def _tls(path: Path, doc: Any, where: str) -> TlsConfig:
+def _tls(path: Path, doc: Any, where: str, openbao: OpenBaoSettings | None) -> TlsConfig:
     doc = _only(path, where, doc, {"cert", "key", "ca"}, {"crl"})
-    cert, key, ca = (_path(path.parent, doc[k], f"{where}.{k}") for k in ("cert", "key", "ca"))
+    cert, ca = (_path(path.parent, doc[k], f"{where}.{k}") for k in ("cert", "ca"))
+    key: Path | SecretRef
+    if isinstance(doc["key"], str) and doc["key"].startswith("vault:"):
+        key = _reference(path, doc["key"], f"{where}.key", openbao)
+    else:
+        key = _path(path.parent, doc["key"], f"{where}.key")
     crl = _path(path.parent, doc["crl"], f"{where}.crl") if doc.get("crl") is not None else None
-    return TlsConfig(cert, key, ca, crl)
+    return TlsConfig(cert, key, ca, crl, openbao)
 
 
 CAPACITY_KEYS = ("threads", "max_concurrent_rpcs", "max_streams", "streams_per_principal", "calls_per_principal")
@@ -279,7 +336,7 @@ def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
         raise ConfigError(f"{path}: {error}") from None
 
 
-def _server(path: Path, doc: Any) -> ServerConfig:
+def _server(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> ServerConfig:
     doc = _only(path, "server", doc, {"listen", "tls"},
                 {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds", *CAPACITY_KEYS})
     listen = doc["listen"]
@@ -291,7 +348,7 @@ def _server(path: Path, doc: Any) -> ServerConfig:
     elif not isinstance(health, str) or (health != HEALTH_LISTEN_AUTO and ":" not in health):
         raise ConfigError(f"{path}: server.health_listen must be host:port, auto or off")
     policy, quorum = doc.get("policy"), doc.get("quorum_policy")
-    return ServerConfig(listen, _tls(path, doc["tls"], "server.tls"),
+    return ServerConfig(listen, _tls(path, doc["tls"], "server.tls", openbao),
                         _path(path.parent, policy, "server.policy") if policy else None,
                         _path(path.parent, quorum, "server.quorum_policy") if quorum else None,
                         health_listen=health,
@@ -300,27 +357,28 @@ def _server(path: Path, doc: Any) -> ServerConfig:
                         capacity=_capacity(path, doc))
 
 
-def _client(path: Path, doc: Any, where: str = "client") -> ClientConfig:
+def _client(path: Path, doc: Any, where: str = "client", openbao: OpenBaoSettings | None = None) -> ClientConfig:
     doc = _only(path, where, doc, {"server", "tls"}, {"approval_key"})
     if not isinstance(doc["server"], str) or ":" not in doc["server"]:
         raise ConfigError(f"{path}: {where}.server must be host:port")
     key = doc.get("approval_key")
-    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls"),
+    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls", openbao),
                         _path(path.parent, key, f"{where}.approval_key") if key else None)
 
 
 def load_client(path: Path) -> ClientConfig:
     """A client configuration file (an officer's or auditor's): just the 'client' section."""
     path = path.resolve()
-    doc = _only(path, "top level", _read(path), {"client"})
-    return _client(path, doc["client"])
+    doc = _only(path, "top level", _read(path), {"client"}, {"openbao"})
+    return _client(path, doc["client"], openbao=_openbao(path, doc.get("openbao")))
 
 
 def load(path: Path) -> Config:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"hsm", "database"},
-                {"domains", "profiles", "workers_per_domain", "recycle_after_keys", "server", "audit", "workers",
-                 "worker"})
+                {"domains", "profiles", "workers_per_domain", "recycle_after_keys", "server", "audit", "openbao",
+                 "workers", "worker"})
+    openbao = _openbao(path, doc.get("openbao"))
     workers = _workers(path, doc.get("workers"))
     domains_doc = _only(path, "domains", doc.get("domains") or {}, set(), set(DOMAINS))
     domains = {}
@@ -328,8 +386,7 @@ def load(path: Path) -> Config:
         body = _only(path, f"domains.{name}", body, {"token"} if name in workers else {"token", "pin"}, {"pin"})
         domains[name] = DomainConfig(
             name=name, token=str(body["token"]),
-            pin=SecretRef.parse(str(body["pin"]), base_dir=path.parent, field=f"domains.{name}.pin")
-            if "pin" in body else None,
+            pin=_reference(path, body["pin"], f"domains.{name}.pin", openbao) if "pin" in body else None,
         )
     # An audit worker's configuration holds only the audit section (kms worker --audit).
     if "domains" not in doc and ("audit" not in doc or "server" in doc):
@@ -345,12 +402,13 @@ def load(path: Path) -> Config:
         path=path,
         hsm=_hsm(path, doc["hsm"]),
         domains=domains,
-        database=_sqlite_url(path.parent, doc["database"], "database"),
+        database_setting=_database(path, doc["database"], openbao),
         profiles=_path(path.parent, doc.get("profiles", "profiles"), "profiles"),
         workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
         recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
-        server=_server(path, doc["server"]) if "server" in doc else None,
-        audit=_audit(path, doc["audit"], remote="audit" in workers) if "audit" in doc else None,
+        server=_server(path, doc["server"], openbao) if "server" in doc else None,
+        audit=_audit(path, doc["audit"], openbao, remote="audit" in workers) if "audit" in doc else None,
+        openbao=openbao,
         workers=workers,
         worker=_worker(path, doc["worker"]) if "worker" in doc else None,
     )
@@ -383,28 +441,135 @@ def _worker(path: Path, doc: Any) -> WorkerConfig:
                         socket_group=group)
 
 
-def _audit(path: Path, doc: Any, remote: bool = False) -> AuditConfig:
+def _audit(path: Path, doc: Any, openbao: OpenBaoSettings | None = None, remote: bool = False) -> AuditConfig:
     doc = _only(path, "audit", doc, {"token"} if remote else {"token", "pin"},
-                {"pin", "checkpoint_records", "checkpoint_seconds"})
+                {"pin", "checkpoint_records", "checkpoint_seconds", "anchor"})
     return AuditConfig(
         token=str(doc["token"]),
-        pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent, field="audit.pin") if "pin" in doc else None,
+        pin=_reference(path, doc["pin"], "audit.pin", openbao) if "pin" in doc else None,
         checkpoint_records=_int(doc, "checkpoint_records", 1_000, 1, 10_000_000, "audit"),
         checkpoint_seconds=_int(doc, "checkpoint_seconds", 60, 1, 86_400, "audit"),
+        anchor=_anchor(path, doc["anchor"], openbao is not None) if "anchor" in doc else None,
     )
+
+
+_KV_MOUNT = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+_KV_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def _anchor(path: Path, doc: Any, openbao: bool) -> AnchorConfig:
+    doc = _only(path, "audit.anchor", doc or {}, set(), {"mount", "prefix", "spool"})
+    mount, prefix = doc.get("mount", AnchorConfig.mount), doc.get("prefix", AnchorConfig.prefix)
+    if not isinstance(mount, str) or not _KV_MOUNT.fullmatch(mount):
+        raise ConfigError(f"{path}: audit.anchor.mount must be a KV v2 mount path, e.g. kv")
+    if not isinstance(prefix, str) or not _KV_PREFIX.fullmatch(prefix) or ".." in prefix.split("/"):
+        raise ConfigError(f"{path}: audit.anchor.prefix must be a path inside the mount, e.g. kms/audit")
+    if not openbao:
+        raise ConfigError(f"{path}: audit.anchor needs the top-level 'openbao' block (the connection and AppRole)")
+    spool = doc.get("spool")
+    return AnchorConfig(mount, prefix, _path(path.parent, spool if spool else "audit-anchor", "audit.anchor.spool"))
 
 
 def load_station(path: Path) -> StationConfig:
     path = path.resolve()
     doc = _only(path, "top level", _read(path), {"station", "bureau", "hsm", "token", "pin", "trust", "ledger",
-                                                  "domains"}, {"client"})
+                                                  "domains"}, {"client", "openbao"})
+    openbao = _openbao(path, doc.get("openbao"))
     domains = doc["domains"]
     if not isinstance(domains, list) or not domains or any(d not in DOMAINS for d in domains):
         raise ConfigError(f"{path}: domains must list hrss and/or bank")
     return StationConfig(
         path=path, name=str(doc["station"]), bureau=str(doc["bureau"]), hsm=_hsm(path, doc["hsm"]),
-        token=str(doc["token"]), pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent),
+        token=str(doc["token"]), pin=_reference(path, doc["pin"], "pin", openbao),
         trust=_path(path.parent, doc["trust"], "trust"), ledger=_sqlite_url(path.parent, doc["ledger"], "ledger"),
         domains=tuple(domains),
-        client=_client(path, doc["client"]) if "client" in doc else None,
+        client=_client(path, doc["client"], openbao=openbao) if "client" in doc else None,
+        openbao=openbao,
     )
+
+
+# -- secrets: references, the database URL, the openbao block (kms.secrets) -----------------------------------------
+
+
+def _reference(path: Path, value: Any, where: str, openbao: OpenBaoSettings | None) -> SecretRef:
+    """A secret reference; a ``vault:`` one only with an ``openbao`` block in the same file."""
+    ref = SecretRef.parse(str(value), base_dir=path.parent, field=where)
+    if ref.scheme == "vault" and openbao is None:
+        raise ConfigError(f"{path}: {where}: a vault reference needs an 'openbao' block in this file")
+    return ref
+
+
+def _database(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> DatabaseSetting:
+    if isinstance(doc, dict):
+        body = _only(path, "database", doc, {"url"}, {"password"})
+        setting = _database(path, body["url"], openbao)
+        if "password" not in body:
+            return setting
+        if not isinstance(setting.url, str) or setting.url.startswith("sqlite"):
+            raise ConfigError(f"{path}: database.password goes with a database.url that is a server's URL "
+                              "(written out, without a password)")
+        if urlsplit(setting.url).password is not None:
+            raise ConfigError(f"{path}: database.url has a password already; with database.password it must not")
+        return DatabaseSetting(setting.url, _reference(path, body["password"], "database.password", openbao))
+    if isinstance(doc, str) and doc.split(":", 1)[0] in ("env", "file", "vault") and "://" not in doc:
+        return DatabaseSetting(_reference(path, doc, "database", openbao))
+    return DatabaseSetting(_sqlite_url(path.parent, doc, "database"))
+
+
+def _database_url(setting: DatabaseSetting, secret: Any) -> str:
+    """The URL of a DatabaseSetting; ``secret`` resolves a reference (Config.secret)."""
+    if isinstance(setting.url, SecretRef):
+        try:
+            url = str(secret(setting.url)).strip()
+        except ConfigError as error:
+            raise ConfigError(f"database: {error}") from None
+        if "://" not in url:
+            raise ConfigError(f"database: the secret {setting.url} is not a database URL")
+        return url
+    if setting.password is None:
+        return setting.url
+    try:
+        password = str(secret(setting.password))
+    except ConfigError as error:
+        raise ConfigError(f"database.password: {error}") from None
+    parts = urlsplit(setting.url)
+    user, _, host = parts.netloc.rpartition("@")
+    if not user:
+        raise ConfigError("database.url: a database.password needs a user name in the URL (user@host)")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _openbao(path: Path, doc: Any) -> OpenBaoSettings | None:
+    """The ``openbao`` block: address, ca_cert, approle (mount, role_id, secret_id or wrapped_secret_id), and
+    cache_seconds, timeout_seconds."""
+    if doc is None:
+        return None
+    doc = _only(path, "openbao", doc, {"address", "approle"}, {"ca_cert", "cache_seconds", "timeout_seconds"})
+    address = doc["address"]
+    if not isinstance(address, str) or not address.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: openbao.address must be an http:// or https:// URL")
+    role = _only(path, "openbao.approle", doc["approle"], {"role_id"}, {"mount", "secret_id", "wrapped_secret_id"})
+    ca = doc.get("ca_cert")
+
+    def ref(key: str) -> SecretRef | None:
+        value = role.get(key)
+        return SecretRef.parse(str(value), base_dir=path.parent, field=f"openbao.approle.{key}") \
+            if value is not None else None
+
+    role_id = ref("role_id")
+    assert role_id is not None
+    mount = role.get("mount", "approle")
+    if not isinstance(mount, str) or not mount or "/" in mount.strip("/"):
+        raise ConfigError(f"{path}: openbao.approle.mount must be the name of the AppRole mount, e.g. approle")
+    try:
+        return OpenBaoSettings(
+            address=address.rstrip("/"), role_id=role_id, secret_id=ref("secret_id"),
+            wrapped_secret_id=ref("wrapped_secret_id"),
+            ca_cert=_path(path.parent, ca, "openbao.ca_cert") if ca is not None else None,
+            approle_mount=mount.strip("/"),
+            cache_seconds=_int(doc, "cache_seconds", 300, 0, 86_400, "openbao"),
+            timeout_seconds=float(_int(doc, "timeout_seconds", 10, 1, 300, "openbao")),
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

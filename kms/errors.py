@@ -187,6 +187,15 @@ class StorageUnavailable(Unavailable):
         self.reason = reason
 
 
+class SecretUnavailable(Unavailable):
+    """A secret kept in OpenBao (a ``vault:`` reference, kms.secrets) cannot be read now: OpenBao cannot be reached
+    or is sealed, and this process holds no cached value that is still valid. The message names the reference or
+    the setting and OpenBao's address, never a value. Retryable; its own exit code, so that it does not read as the
+    service's database or the HSM."""
+
+    exit_code = 15
+
+
 class ResourceExhausted(KmsError):
     """A limit of the caller's (a station's or its bureau's cards per hour or day, streams in progress) is reached;
     the message names it. Not retryable as such: the same call succeeds only once the window has moved on or
@@ -223,7 +232,8 @@ class AuditChainBroken(KmsError):
 
 class AuditNotVerified(KmsError):
     """An audit export that does not verify offline (kms.audit.verify): `kms audit verify` names the first bad
-    record and exits with this code. Raised by no service: a log changed in the service's own database is
+    record and exits with this code; `kms audit check-anchors` too when an export disagrees with the checkpoints
+    anchored in OpenBao (kms.audit.anchor). Raised by no service: a log changed in the service's own database is
     AuditChainBroken."""
 
     grpc_status = "DATA_LOSS"

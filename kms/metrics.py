@@ -148,12 +148,16 @@ def audit_appended(records: int, seconds: float) -> None:
 CheckpointSource = Callable[[], tuple[int, int]]
 #: Returns {(domain, state): ceremonies}.
 CeremonySource = Callable[[], Mapping[tuple[str, str], int]]
+#: Returns the audit anchor's status (kms.audit.anchor.AnchorStatus as JSON), None when no anchor is configured.
+AnchorSource = Callable[[], Mapping[str, Any] | None]
 
 
 class _Sources:
-    def __init__(self, checkpoints: CheckpointSource | None, ceremonies: CeremonySource | None) -> None:
+    def __init__(self, checkpoints: CheckpointSource | None, ceremonies: CeremonySource | None,
+                 anchor: AnchorSource | None = None) -> None:
         self.checkpoints = checkpoints
         self.ceremonies = ceremonies
+        self.anchor = anchor
 
 
 class _DatabaseCollector(Collector):
@@ -191,6 +195,8 @@ class _DatabaseCollector(Collector):
                 yield GaugeMetricFamily("kms_audit_checkpoint_lag_records", "Audit records not yet covered by a "
                                         "signed checkpoint (chain size minus the newest checkpoint's size)",
                                         value=max(0, size - covered))
+        if sources.anchor is not None:
+            yield from _anchor_metrics(sources.anchor)
         if sources.ceremonies is not None:
             try:
                 counts = sources.ceremonies()
@@ -202,6 +208,26 @@ class _DatabaseCollector(Collector):
                 for (domain, state), count in sorted(counts.items()):
                     family.add_metric([domain, state], count)
                 yield family
+
+
+def _anchor_metrics(source: AnchorSource) -> Iterator[Metric]:
+    try:
+        status = source()
+    except Exception:
+        log.debug("audit anchor: the signer cannot be asked", exc_info=True)
+        return
+    if status is None:
+        return
+    yield GaugeMetricFamily("kms_audit_anchor_backlog", "Signed audit checkpoints not yet anchored in OpenBao (they "
+                            "wait in the signer's spool and are written in order once it can be reached)",
+                            value=int(status.get("backlog", 0)))
+    yield GaugeMetricFamily("kms_audit_anchor_failing", "1 while the audit signer cannot write anchors to OpenBao",
+                            value=1 if status.get("error") else 0)
+    yield GaugeMetricFamily("kms_audit_anchor_conflicts", "Signed checkpoints refused by OpenBao because an anchor "
+                            "of the same size exists (kept in the spool's conflicts/)",
+                            value=int(status.get("conflicts", 0)))
+    yield GaugeMetricFamily("kms_audit_anchored_size", "The size of the checkpoint the audit signer anchored last",
+                            value=int(status.get("anchored", 0)))
 
 
 _collector = _DatabaseCollector()
@@ -218,9 +244,10 @@ class Binding:
         _collector.unbind(self._sources)
 
 
-def bind(*, checkpoints: CheckpointSource | None = None, ceremonies: CeremonySource | None = None) -> Binding:
-    """Make the running service's audit log and ceremonies the sources of the gauges read when scraped (the last
-    bound service's, if a process runs several, as tests do)."""
-    sources = _Sources(checkpoints, ceremonies)
+def bind(*, checkpoints: CheckpointSource | None = None, ceremonies: CeremonySource | None = None,
+         anchor: AnchorSource | None = None) -> Binding:
+    """Make the running service's audit log, ceremonies and audit anchor the sources of the gauges read when scraped
+    (the last bound service's, if a process runs several, as tests do)."""
+    sources = _Sources(checkpoints, ceremonies, anchor)
     _collector.bind(sources)
     return Binding(sources)

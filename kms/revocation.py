@@ -252,6 +252,21 @@ class RevocationList:
                                          f"one in force ({detail}): refused, it would un-revoke certificates")
 
 
+def _load_cert_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Our certificate and private key into ``context``. Python's ssl loads a key only from a file: a key kept in
+    OpenBao goes through an anonymous in-memory file (memfd), never onto a disk."""
+    if isinstance(tls.key, Path):
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        return
+    pem = tls.private_key("client.tls.key")
+    fd = os.memfd_create("kms-tls-key", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        context.load_cert_chain(str(tls.cert), f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0) -> None:
     """With ``tls.crl``: one TLS handshake to ``address`` (host:port) as the gRPC channel would make it, the
     server's certificate checked against the CRL. PermissionDenied if it is revoked (or fails verification),
@@ -265,7 +280,7 @@ def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
     context.load_verify_locations(cafile=str(tls.crl))
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    context.load_cert_chain(str(tls.cert), str(tls.key))
+    _load_cert_chain(context, tls)
     context.set_alpn_protocols(["h2"])
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock, \

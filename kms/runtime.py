@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kms import store
 from kms.audit.log import AuditLog
 from kms.clock import Clock
 from kms.config import Config, HsmConfig, StationConfig
-from kms.errors import ConfigError, HsmError, HsmLoginFailed
+from kms.errors import ConfigError, HsmError, HsmLoginFailed, SecretUnavailable
 from kms.hsm.session import Module, TokenSession
 from kms.registry import KeyRegistry
 from kms.secrets import SecretRef
@@ -23,11 +25,13 @@ def module(hsm: HsmConfig) -> Module:
     return _modules[path]
 
 
-def open_token(hsm: HsmConfig, setting: str, token: str, pin: SecretRef) -> TokenSession:
+def open_token(hsm: HsmConfig, setting: str, token: str, pin: SecretRef,
+               secret: Callable[[SecretRef], str] | None = None) -> TokenSession:
     """A session on ``token`` logged in with ``pin``; an error names the setting to fix (``setting`` is where the
     token and PIN are configured, e.g. ``domains.bank``): ``hsm.module`` (no such module, or not a PKCS#11
     library), ``<setting>.token`` (no token with that label), ``<setting>.pin`` (the reference cannot be read:
-    ConfigError; the token refused the PIN: HsmLoginFailed, after exactly one login attempt)."""
+    ConfigError, or SecretUnavailable when OpenBao cannot be reached; the token refused the PIN: HsmLoginFailed,
+    after exactly one login attempt). ``secret`` resolves the reference (``Config.secret``: also ``vault:``)."""
     try:
         loaded = module(hsm)
     except HsmError as error:
@@ -35,9 +39,11 @@ def open_token(hsm: HsmConfig, setting: str, token: str, pin: SecretRef) -> Toke
     if token not in loaded.token_labels():
         raise ConfigError(f"{setting}.token: no token labelled {token!r} in {loaded.path}")
     try:
-        value = pin.resolve()
+        value = secret(pin) if secret is not None else pin.resolve()
     except ConfigError as error:
         raise ConfigError(f"{setting}.pin: {error}") from None
+    except SecretUnavailable as error:
+        raise SecretUnavailable(f"{setting}.pin: {error}") from None
     try:
         return loaded.open(token, value)
     except HsmLoginFailed:
@@ -52,11 +58,11 @@ def open_domain(config: Config, domain: str) -> TokenSession:
         raise ConfigError(f"{config.path}: domain {domain!r} is not configured") from None
     if domain_config.pin is None:  # a front end's configuration: the domain's worker service holds the PIN
         raise ConfigError(f"{config.path}: domains.{domain}.pin is not set here (workers.{domain} serves the domain)")
-    return open_token(config.hsm, f"domains.{domain}", domain_config.token, domain_config.pin)
+    return open_token(config.hsm, f"domains.{domain}", domain_config.token, domain_config.pin, config.secret)
 
 
 def open_station(config: StationConfig) -> TokenSession:
-    return module(config.hsm).open(config.token, config.pin.resolve())
+    return module(config.hsm).open(config.token, config.secret(config.pin))
 
 
 def registry(config: Config, clock: Clock) -> KeyRegistry:

@@ -288,7 +288,7 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
                 for c in cards for spec in profile.keys(domain)]
         share = (len(cards) + processes - 1) // processes
         keys_per_card = len(profile.keys(domain))
-        pin = cfg.domains[domain].pin.resolve()
+        pin = cfg.secret(cfg.domains[domain].pin)
         for p in range(processes):
             part = plan[p * share * keys_per_card:(p + 1) * share * keys_per_card]
             jobs.append((module, conf, cfg.domains[domain].token, pin, part, transport))
@@ -702,7 +702,7 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
     bundles = received[:args.station_cards]
     station_config = home.station_config(STATION)
     cfg = config.load_station(station_config)
-    raw_args = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.pin.resolve())
+    raw_args = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.secret(cfg.pin))
     plan, warmup_plan = unwrap_plan(bundles), unwrap_plan(warmup)
     keys = sum(len(wrapped) for _, wrapped in plan)
     ledgers = iter(range(2 * args.rounds))

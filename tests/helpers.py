@@ -8,6 +8,7 @@ where the driver raises it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -178,3 +179,82 @@ class StorageFault:
 
     def __exit__(self, *exc: object) -> None:
         sa.event.remove(self.engine, "before_cursor_execute", self._hook)
+
+
+# -- a TCP gate: fault injection for a server reached over loopback (OpenBao) ---------------------------------------
+
+
+class TcpGate:
+    """A loopback TCP relay to ``127.0.0.1:<target>`` that a test closes and opens again: closed, it drops every
+    connection it holds and each new one as soon as it is accepted, so to a client the server behind it is down.
+    ``connections``: connections accepted so far (attempts, open or closed)."""
+
+    def __init__(self, target: int) -> None:
+        import socket
+
+        self._target = target
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self._open = True
+        self._lock = threading.Lock()
+        self._live: list[Any] = []
+        threading.Thread(target=self._accept, name="tcp-gate", daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                if not self._open:
+                    conn.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+                except OSError:
+                    conn.close()
+                    continue
+                upstream.settimeout(None)
+                self._live += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        """The server behind is unreachable from now on (connections in progress are cut)."""
+        import socket
+
+        with self._lock:
+            self._open = False
+            live, self._live = self._live, []
+        for s in live:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def open(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def stop(self) -> None:
+        self.close()
+        self._server.close()

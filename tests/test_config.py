@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from kms import config
-from kms.errors import ConfigError
-from kms.secrets import SecretRef
+from kms.errors import ConfigError, SecretUnavailable
+from kms.secrets import OpenBaoSettings, SecretRef
 
 CANARY = "Canary-PIN-7f3a9c"
 
@@ -408,3 +408,172 @@ def test_a_worker_configuration_holds_its_own_domain_or_only_the_audit_section(t
                          ({"socket_group": ""}, "worker.socket_group must be a group name"),
                          ({"threads": 4}, "worker: unknown setting 'threads'")):
         assert message in _error(config.load, _write(tmp_path / "w.yaml", _issuer(worker=bad)))
+
+
+# -- the openbao block and what may be a reference (kms.secrets) ----------------------------------------------------
+
+_OPENBAO = {"address": "https://bao.example:8200", "ca_cert": "pki/openbao-ca.pem",
+            "approle": {"role_id": "file:openbao/role-id", "secret_id": "file:openbao/secret-id"}}
+
+
+def test_the_openbao_block(tmp_path: Path) -> None:
+    doc = _issuer(openbao=_OPENBAO, domains={"hrss": {"token": "kms-hrss", "pin": "vault:kv/kms/hrss#pin"}},
+                  audit={"token": "kms-audit", "pin": "vault:kv/kms/audit#pin"})
+    cfg = config.load(_write(tmp_path / "kms.yaml", doc))
+    home = tmp_path.resolve()
+    assert cfg.openbao == OpenBaoSettings(
+        address="https://bao.example:8200", role_id=SecretRef("file", str(home / "openbao" / "role-id")),
+        secret_id=SecretRef("file", str(home / "openbao" / "secret-id")), ca_cert=home / "pki" / "openbao-ca.pem",
+        approle_mount="approle", cache_seconds=300, timeout_seconds=10.0)
+    assert cfg.domains["hrss"].pin == SecretRef("vault", "kv/kms/hrss#pin")
+    assert cfg.audit is not None and cfg.audit.pin == SecretRef("vault", "kv/kms/audit#pin")
+
+
+def test_the_openbao_block_with_a_wrapped_secret_id_and_its_options(tmp_path: Path) -> None:
+    block = {"address": "http://127.0.0.1:8200/", "cache_seconds": 60, "timeout_seconds": 3,
+             "approle": {"mount": "kms-approle", "role_id": "env:ROLE", "wrapped_secret_id": "file:wrapped"}}
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(openbao=block)))
+    assert cfg.openbao is not None
+    assert (cfg.openbao.address, cfg.openbao.approle_mount, cfg.openbao.cache_seconds, cfg.openbao.timeout_seconds,
+            cfg.openbao.secret_id) == ("http://127.0.0.1:8200", "kms-approle", 60, 3.0, None)
+    assert cfg.openbao.wrapped_secret_id == SecretRef("file", str(tmp_path.resolve() / "wrapped"))
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ({**_OPENBAO, "token": "x"}, "openbao: unknown setting 'token'"),
+    ({"approle": _OPENBAO["approle"]}, "openbao: missing setting 'address'"),
+    ({**_OPENBAO, "address": "bao.example:8200"}, "openbao.address must be an http:// or https:// URL"),
+    ({**_OPENBAO, "approle": {"role_id": "file:r"}}, "openbao.approle: secret_id or wrapped_secret_id is needed"),
+    ({**_OPENBAO, "approle": {"role_id": "file:r", "secret_id": "env:S", "wrapped_secret_id": "file:w"}},
+     "openbao.approle: with wrapped_secret_id, secret_id is the file:PATH the unwrapped secret_id is kept in"),
+    ({**_OPENBAO, "approle": {"role_id": CANARY, "secret_id": "file:s"}},
+     "openbao.approle.role_id: must be a reference"),
+    ({**_OPENBAO, "approle": {"role_id": "file:r", "secret_id": "vault:kv/kms/x#secret_id"}},
+     "openbao.approle: the AppRole credentials are env: or file: references"),
+    ({**_OPENBAO, "cache_seconds": -1}, "openbao.cache_seconds must be an integer from 0 to 86400"),
+])
+def test_a_bad_openbao_block_is_named(tmp_path: Path, block: dict[str, Any], message: str) -> None:
+    message_got = _error(config.load, _write(tmp_path / "kms.yaml", _issuer(openbao=block)))
+    assert message in message_got and CANARY not in message_got
+
+
+def test_a_vault_reference_without_an_openbao_block_is_refused_at_load(tmp_path: Path) -> None:
+    doc = _issuer(domains={"bank": {"token": "kms-bank", "pin": "vault:kv/kms/bank#pin"}})
+    path = _write(tmp_path / "kms.yaml", doc)
+    assert _error(config.load, path) == (f"{path.resolve()}: domains.bank.pin: a vault reference needs an 'openbao' "
+                                         "block in this file")
+
+
+def test_the_station_and_client_configurations_take_an_openbao_block(tmp_path: Path) -> None:
+    station = _station(openbao=_OPENBAO, pin="vault:kv/kms/station/station-a1#pin",
+                       client={"server": "kms.example:7443",
+                               "tls": {**_TLS, "key": "vault:kv/kms/station/station-a1/tls#key"}})
+    cfg = config.load_station(_write(tmp_path / "station.yaml", station))
+    assert cfg.openbao is not None and cfg.pin == SecretRef("vault", "kv/kms/station/station-a1#pin")
+    assert cfg.client is not None and cfg.client.tls.key == SecretRef("vault", "kv/kms/station/station-a1/tls#key")
+    assert cfg.client.tls.openbao == cfg.openbao
+    officer = {"openbao": _OPENBAO, "client": {"server": "kms.example:7443",
+                                               "tls": {**_TLS, "key": "vault:kv/kms/officer/alice#key"}}}
+    client = config.load_client(_write(tmp_path / "alice.yaml", officer))
+    assert client.tls.key == SecretRef("vault", "kv/kms/officer/alice#key") and client.tls.openbao is not None
+
+
+def test_a_tls_key_is_a_path_or_a_vault_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "server.key").write_text("PEM FROM FILE")
+    server = {"listen": "127.0.0.1:7443", "tls": _TLS}
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(server=server)))
+    assert cfg.server is not None and cfg.server.tls.key == tmp_path.resolve() / "pki" / "server.key"
+    assert cfg.server.tls.private_key("server.tls.key") == b"PEM FROM FILE"
+    # A vault: reference with no OpenBao to answer: the error names the setting and the reference.
+    server = {"listen": "127.0.0.1:7443", "tls": {**_TLS, "key": "vault:kv/kms/front/tls#key"}}
+    block = {"address": "http://127.0.0.1:1", "timeout_seconds": 1,
+             "approle": {"role_id": "env:KMS_TEST_ROLE", "secret_id": "env:KMS_TEST_SECRET_ID"}}
+    monkeypatch.setenv("KMS_TEST_ROLE", "r")
+    monkeypatch.setenv("KMS_TEST_SECRET_ID", CANARY)
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(server=server, openbao=block)))
+    assert cfg.server is not None
+    with pytest.raises(SecretUnavailable) as info:
+        cfg.server.tls.private_key("server.tls.key")
+    assert str(info.value).startswith("secret reference vault:kv/kms/front/tls#key: openbao.approle: login: OpenBao "
+                                      "at http://127.0.0.1:1 is unavailable")
+    assert CANARY not in str(info.value)
+
+
+@pytest.mark.parametrize(("database", "setting"), [
+    pytest.param("vault:kv/kms/front/database#url",
+                 config.DatabaseSetting(SecretRef("vault", "kv/kms/front/database#url")), id="the URL from OpenBao"),
+    pytest.param("env:KMS_DATABASE_URL", config.DatabaseSetting(SecretRef("env", "KMS_DATABASE_URL")),
+                 id="the URL from the environment"),
+    pytest.param({"url": "postgresql+psycopg://kms@db.example:5432/kms", "password": "vault:kv/kms/front/database#pw"},
+                 config.DatabaseSetting("postgresql+psycopg://kms@db.example:5432/kms",
+                                        SecretRef("vault", "kv/kms/front/database#pw")), id="the password only"),
+    pytest.param({"url": "sqlite:///kms.db"}, None, id="a mapping with only a URL"),
+])
+def test_the_database_may_be_a_reference(tmp_path: Path, database: Any, setting: Any) -> None:
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(database=database, openbao=_OPENBAO)))
+    assert cfg.database_setting == (setting or config.DatabaseSetting(f"sqlite:///{tmp_path.resolve() / 'kms.db'}"))
+
+
+def test_the_database_url_and_password_are_resolved_when_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    monkeypatch.setenv("KMS_TEST_DB_URL", "postgresql+psycopg://kms:pw@db/kms")
+    monkeypatch.setenv("KMS_TEST_DB_PASSWORD", "p@ss/w:rd")
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(database="env:KMS_TEST_DB_URL")))
+    assert cfg.database == "postgresql+psycopg://kms:pw@db/kms"
+    doc = _issuer(database={"url": "postgresql+psycopg://kms@db:5432/kms?sslmode=require",
+                            "password": "env:KMS_TEST_DB_PASSWORD"})
+    cfg = config.load(_write(tmp_path / "kms.yaml", doc))
+    assert cfg.database == "postgresql+psycopg://kms:p%40ss%2Fw%3Ard@db:5432/kms?sslmode=require"
+    import sqlalchemy as sa
+
+    assert sa.make_url(cfg.database).password == "p@ss/w:rd"  # what the driver gets
+    monkeypatch.setenv("KMS_TEST_DB_URL", CANARY)
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(database="env:KMS_TEST_DB_URL")))
+    with pytest.raises(ConfigError) as info:
+        _ = cfg.database
+    assert str(info.value) == "database: the secret env:KMS_TEST_DB_URL is not a database URL"
+
+
+@pytest.mark.parametrize(("database", "message"), [
+    ({"url": "postgresql+psycopg://kms:pw@db/kms", "password": "env:P"}, "database.url has a password already"),
+    ({"url": "sqlite:///kms.db", "password": "env:P"}, "database.password goes with a database.url that is a server"),
+    ({"url": "env:U", "password": "env:P"}, "database.password goes with a database.url that is a server"),
+    ({"url": "postgresql+psycopg://db/kms", "password": CANARY}, "database.password: must be a reference"),
+    ({"password": "env:P"}, "database: missing setting 'url'"),
+])
+def test_a_bad_database_setting_is_named(tmp_path: Path, database: Any, message: str) -> None:
+    got = _error(config.load, _write(tmp_path / "kms.yaml", _issuer(database=database)))
+    assert message in got and CANARY not in got
+
+
+@pytest.mark.postgres
+def test_a_database_password_from_openbao_reaches_postgresql(openbao: Any, tmp_path: Path) -> None:
+    """The password kept in OpenBao (KV v2), merged into a URL written without it: a real PostgreSQL accepts it."""
+    url = os.environ.get("KMS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
+    import sqlalchemy as sa
+
+    from kms import store
+
+    real = sa.make_url(url)
+    assert real.password
+    where = f"t-db-{os.urandom(3).hex()}"
+    openbao.put(f"{where}/database", password=real.password)
+    role_id, secret_id = openbao.approle(where, f'path "kv/data/{where}/database" {{ capabilities = ["read"] }}\n')
+    (tmp_path / "role-id").write_text(role_id)
+    (tmp_path / "secret-id").write_text(secret_id)
+    without = sa.engine.URL.create(real.drivername, username=real.username, host=real.host, port=real.port,
+                                   database=real.database, query=real.query).render_as_string(hide_password=False)
+    doc = _issuer(database={"url": without, "password": f"vault:kv/{where}/database#password"},
+                  openbao={"address": openbao.address,
+                           "approle": {"role_id": "file:role-id", "secret_id": "file:secret-id"}})
+    cfg = config.load(_write(tmp_path / "kms.yaml", doc))
+    assert isinstance(cfg.database_setting.url, str) and sa.make_url(cfg.database_setting.url).password is None
+    engine = store.make_engine(cfg.database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select 1")).scalar_one() == 1
+    finally:
+        engine.dispose()

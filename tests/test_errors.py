@@ -40,6 +40,7 @@ from kms.errors import (
     PermissionDenied,
     ProfileError,
     ResourceExhausted,
+    SecretUnavailable,
     StorageUnavailable,
     Unavailable,
 )
@@ -70,6 +71,8 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
     Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
     StorageUnavailable: lambda: StorageUnavailable("disk I/O error"),
+    SecretUnavailable: lambda: SecretUnavailable("secret reference vault:kv/kms/hrss#pin: OpenBao at "
+                                                 "http://127.0.0.1:8200 is unavailable (connection refused)"),
     ResourceExhausted: lambda: ResourceExhausted("station urn:kms:station:bureau-a:station-a1: limit cards_per_hour "
                                                  "(100) reached; 100 issued in the last hour", limit="cards_per_hour"),
 }
@@ -97,6 +100,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     AuditChainBroken: ("DATA_LOSS", 10),
     Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
     StorageUnavailable: ("UNAVAILABLE", 12),  # the service's database: retryable like any outage of the service
+    SecretUnavailable: ("UNAVAILABLE", 15),  # OpenBao down or sealed, no valid cached value: retryable
     ResourceExhausted: ("RESOURCE_EXHAUSTED", 11),  # not retryable: the client does not resume from it
 }
 
@@ -173,7 +177,7 @@ def test_hsm_error_retryable_flag() -> None:
 
 def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
     assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {
-        Unavailable, AuditUnavailable, StorageUnavailable}
+        Unavailable, AuditUnavailable, StorageUnavailable, SecretUnavailable}
 
 
 def test_audit_unavailable_is_its_own_retryable_class() -> None:

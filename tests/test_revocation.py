@@ -387,3 +387,25 @@ def test_without_crl_numbers_an_earlier_last_update_is_refused(tmp_path: Path,
              + ca.crl(last_update=dt.timedelta(hours=-2)))
     with pytest.raises(PermissionDenied, match="is revoked"):
         listed(cert)
+
+
+# -- a client key kept in OpenBao: loaded for the CRL check without a file on disk ----------------------------------
+
+
+def test_a_client_key_from_a_reference_is_loaded_from_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    from kms.revocation import _load_cert_chain
+    from kms.secrets import SecretRef
+
+    pki = DevPki(tmp_path / "pki")
+    cred = pki.client(Principal("station", "station-a1", bureau="bureau-a"))
+    monkeypatch.setenv("KMS_TEST_TLS_KEY", cred.key.read_text())
+    before = set((tmp_path).rglob("*"))
+    tls = config.TlsConfig(cred.cert, SecretRef("env", "KMS_TEST_TLS_KEY"), pki.ca.cert)
+    _load_cert_chain(ssl.create_default_context(), tls)  # raises if the key does not match the certificate
+    assert set((tmp_path).rglob("*")) == before  # nothing written
+    other = pki.client(Principal("station", "station-b1", bureau="bureau-b"))
+    monkeypatch.setenv("KMS_TEST_TLS_KEY", other.key.read_text())
+    with pytest.raises(ssl.SSLError):
+        _load_cert_chain(ssl.create_default_context(), tls)

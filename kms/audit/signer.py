@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -35,6 +35,9 @@ from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
 from kms.processes import context, end_with_parent, executor_pids
 
+if TYPE_CHECKING:
+    from kms.audit.anchor import Anchor
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 _session: TokenSession | None = None
 _config_path: str | None = None
 _init_error: KmsError | None = None
+_anchor: Anchor | None = None  # audit.anchor: each checkpoint signed here is also anchored in OpenBao (anchor.py)
 STARTUP_SECONDS = 120.0
 
 
@@ -54,6 +58,7 @@ def _open(config_path: str) -> None:
     _config_path = config_path
     try:
         _session_open()
+        _anchor_open()
         _init_error = None
     except KmsError as error:
         _init_error = error
@@ -69,7 +74,22 @@ def _session_open() -> None:
         raise ConfigError(f"{cfg.path}: no 'audit' section")
     if cfg.audit.pin is None:  # a front end's configuration: the audit worker service holds the PIN
         raise ConfigError(f"{cfg.path}: audit.pin is not set here (workers.audit serves the signer)")
-    _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin)
+    _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin, cfg.secret)
+
+
+def _anchor_open() -> None:
+    """The anchor of ``audit.anchor``, once per process, with its retry thread (OpenBao is not needed yet)."""
+    global _anchor
+    if _anchor is None and _config_path is not None:
+        from kms.audit.anchor import from_config
+
+        _anchor = from_config(config_mod.load(Path(_config_path)))
+        if _anchor is not None:
+            _anchor.start()
+
+
+def _anchor_status() -> dict[str, Any] | None:
+    return _anchor.status().to_json() if _anchor is not None else None
 
 
 def _ready() -> TokenSession:
@@ -117,8 +137,12 @@ def _signed_head() -> tuple[int, str]:
 
 
 def _sign(size: int, head: str, at: str, digests: list[bytes]) -> bytes:
-    """Sign a checkpoint only if the chain it names extends what this signer signed last (``_extends``)."""
-    return _sign_head(size, head, digests, checkpoint_message(size, head, at))
+    """Sign a checkpoint only if the chain it names extends what this signer signed last (``_extends``); then
+    anchor it, in this process, if ``audit.anchor`` is set (kms.audit.anchor: spooled, sent without waiting long)."""
+    signature = _sign_head(size, head, digests, checkpoint_message(size, head, at))
+    if _anchor is not None:
+        _anchor.record(Checkpoint(size, head, at, AUDIT_KEY, signature))
+    return signature
 
 
 def _seal(size: int, head: str, at: str, nonce: str, filters: dict[str, str], digests: list[bytes]) -> bytes:
@@ -290,6 +314,10 @@ class AuditSigner:
     def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
              digests: list[bytes]) -> bytes:
         return self._run(120, _seal, size, head, at, nonce, dict(filters), digests)
+
+    def anchor_status(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """The anchor's status in the signer process (kms.audit.anchor.AnchorStatus as JSON), None without one."""
+        return self._run(timeout, _anchor_status)
 
     def close(self) -> None:
         with self._lock:

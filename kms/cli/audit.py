@@ -63,11 +63,36 @@ def add_parser(sub: Any) -> None:
                    help="the nonce `kms audit export` printed, kept apart from the file: the export must be sealed "
                         "for it (without it, the nonce the file's header records is checked)")
     json_option(p, "the verdict")
+    p = command(
+        commands_, "check-anchors", "compare an export's checkpoints with those anchored in OpenBao", f"""
+        Compare an audit export with the checkpoints the audit signer anchored in OpenBao KV v2 (create-only, one
+        entry per checkpoint: docs/audit.md, section 5): at every anchored size up to the export's end, the chain
+        the export carries must have the anchored head, and the export's checkpoint there must be the anchored one;
+        every checkpoint of the export must be anchored. Prints a summary and exits 0 if they agree; otherwise
+        prints one line on stderr naming the first checkpoint where they disagree and what differs (head,
+        signature, missing in export, missing in anchor, anchor forged) and exits {NOT_VERIFIED}. Run kms audit
+        verify first: it proves the export itself. OpenBao: --openbao-address and --token-file (an auditor's
+        token, policy deploy/openbao/kms-auditor.hcl), or --config (a kms configuration with an openbao block and
+        audit.anchor; logs in with its AppRole unless --token-file is given). Other exit statuses: 2 the file or
+        key cannot be read, 5 OpenBao refuses the token, 12 OpenBao cannot be reached.""",
+        "kms audit check-anchors --export audit.jsonl --openbao-address https://bao.example:8200 "
+        "--token-file ~/.bao-token --public-key home/audit/audit-v1.pem")
+    p.add_argument("--export", type=Path, required=True, help="the export (JSON Lines) from kms audit export")
+    p.add_argument("--config", type=Path, help="a kms configuration with the openbao block and audit.anchor")
+    p.add_argument("--openbao-address", help="OpenBao's URL, e.g. https://bao.example:8200 (default: --config's)")
+    p.add_argument("--ca-cert", type=Path, help="the CA certificate (PEM) of OpenBao's TLS certificate")
+    p.add_argument("--token-file", type=Path, help="a file holding an OpenBao token that may read the anchors")
+    p.add_argument("--mount", help="the KV v2 mount (default: --config's audit.anchor.mount, else kv)")
+    p.add_argument("--prefix", help="the path of the anchors in the mount (default: --config's, else kms/audit)")
+    p.add_argument("--public-key", type=Path, help="the audit public key (PEM): every anchor's signature is checked")
+    json_option(p, "the verdict")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
         return _verify(args)
+    if args.audit_command == "check-anchors":
+        return _check_anchors(args)
     return _export(args)
 
 
@@ -128,17 +153,22 @@ def _answers(doc: Any, nonce: str, what: str) -> str:
     return str(doc.get("at", ""))
 
 
+def _public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    try:
+        public = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise errors.InvalidArgument("public_key", f"cannot read {path} as a PEM public key "
+                                                   f"({type(error).__name__})") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise errors.InvalidArgument("public_key", "must be an ECDSA P-256 public key")
+    return public
+
+
 def _verify(args: argparse.Namespace) -> int:
     from kms.audit.log import NONCE
     from kms.audit.verify import verify
 
-    try:
-        public = serialization.load_pem_public_key(args.public_key.read_bytes())
-    except (OSError, ValueError) as error:
-        raise errors.InvalidArgument("public_key", f"cannot read {args.public_key} as a PEM public key "
-                                                   f"({type(error).__name__})") from None
-    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
-        raise errors.InvalidArgument("public_key", "must be an ECDSA P-256 public key")
+    public = _public_key(args.public_key)
     if args.nonce is not None:
         args.nonce = args.nonce.lower()
         if not NONCE.fullmatch(args.nonce):
@@ -165,3 +195,68 @@ def _verify(args: argparse.Namespace) -> int:
     if not args.json:
         print(verdict.summary())
     return 0
+
+
+def _check_anchors(args: argparse.Namespace) -> int:
+    from kms import config as config_mod
+    from kms.audit import anchor
+
+    public = _public_key(args.public_key) if args.public_key is not None else None
+    cfg = config_mod.load(args.config) if args.config is not None else None
+    settings = cfg.audit.anchor if cfg is not None and cfg.audit is not None else None
+    mount = args.mount or (settings.mount if settings else "kv")
+    prefix = args.prefix or (settings.prefix if settings else "kms/audit")
+    address = args.openbao_address or _openbao_address(cfg)
+    if not address:
+        raise errors.InvalidArgument("openbao_address", "is needed (or --config with an openbao block)")
+    if args.token_file is not None:
+        import hvac
+
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise errors.InvalidArgument("token_file", f"cannot read {args.token_file} "
+                                                       f"({type(error).__name__})") from None
+        if not token:
+            raise errors.InvalidArgument("token_file", f"{args.token_file} is empty")
+        verify_tls: bool | str = str(args.ca_cert) if args.ca_cert is not None else True
+        client = hvac.Client(url=str(address), token=token, verify=verify_tls, timeout=30)
+    elif cfg is not None:
+        client = anchor.connector(cfg, timeout=30)()
+    else:
+        raise errors.InvalidArgument("token_file", "is needed (or --config with an openbao block)")
+    try:
+        with args.export.open(encoding="utf-8", errors="replace", newline="\n") as lines:
+            last = _last_seq(lines)
+            lines.seek(0)
+            anchors = anchor.read_anchors(client, mount, prefix, upto=last)
+            verdict = anchor.compare(lines, anchors, public)
+    except OSError as error:
+        raise errors.InvalidArgument("export", f"cannot read {args.export} ({error.strerror})") from None
+    except (ValueError, KeyError):
+        raise errors.InvalidArgument("export", f"{args.export}: a checkpoint line is unreadable (run kms audit "
+                                               "verify)") from None
+    if args.json:
+        print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
+    if not verdict.ok:
+        print(f"kms: {verdict.summary()}", file=sys.stderr)
+        return NOT_VERIFIED
+    if not args.json:
+        print(verdict.summary())
+    return 0
+
+
+def _openbao_address(cfg: Any) -> str | None:
+    """The address of a configuration's ``openbao`` block, if any."""
+    block = getattr(cfg, "openbao", None)
+    return str(block.address) if block is not None else None
+
+
+def _last_seq(lines: Any) -> int:
+    """The export's last sequence number, from its seal (or its last record line)."""
+    last = 0
+    for line in lines:
+        if line.startswith(('{"type":"record","seq":', '{"type":"omitted","seq":')):
+            start = line.index(":", 20) + 1
+            last = int(line[start:line.index(",", start)])
+    return last

@@ -110,7 +110,7 @@ def retry_unavailable(call: Callable[[], Reply], backoff: Backoff = Backoff(),
 class Client:
     def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | None = None) -> None:
         # A file that cannot be read is a ConfigError naming its setting and path, before anything else uses it.
-        ca, key, cert = (read_file(cfg.tls.ca, "client.tls.ca"), read_file(cfg.tls.key, "client.tls.key"),
+        ca, key, cert = (read_file(cfg.tls.ca, "client.tls.ca"), cfg.tls.private_key("client.tls.key"),
                          read_file(cfg.tls.cert, "client.tls.cert"))
         # With client.tls.crl: the server's certificate checked against the CRL first, once for this channel
         # (kms.revocation; gRPC Python cannot check CRLs itself).

@@ -190,7 +190,7 @@ def _audit_setup(config_path: str) -> None:
     assert cfg.audit is not None
     trust = private_dir(cfg.home / "audit")
     assert cfg.audit.pin is not None  # a development home's own configuration holds every PIN
-    with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve()) as session:
+    with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.secret(cfg.audit.pin)) as session:
         if session.has_public_key(AUDIT_KEY):
             spki = session.public_key(AUDIT_KEY)
         else:
@@ -247,7 +247,7 @@ def _trust_custody_key(config_path: str, domain: str, so_pin_file: str) -> None:
     registry = runtime.registry(cfg, SystemClock())
     custody = registry.active(domain, KeyKind.CUSTODY, CUSTODY_NAME)
     assert custody.public_key is not None
-    so_pin = SecretRef.parse(f"file:{so_pin_file}").resolve()
+    so_pin = cfg.secret(SecretRef.parse(f"file:{so_pin_file}"))
     runtime.module(cfg.hsm).trust_custody_key(cfg.domains[domain].token, so_pin, custody.label, custody.public_key)
 
 

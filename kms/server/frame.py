@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -146,13 +146,15 @@ def service_method(method: Method) -> Method:
 @dataclass(frozen=True)
 class TlsFiles:
     cert: Path
-    key: Path
+    #: The private key's file, or its PEM already in memory (a key kept in OpenBao: TlsConfig.private_key).
+    key: Path | bytes = field(repr=False)
     client_ca: Path
 
     def credentials(self) -> grpc.ServerCredentials:
         # A file that cannot be read is a ConfigError naming its setting and path (not an internal error).
+        key = self.key if isinstance(self.key, bytes) else read_file(self.key, "server.tls.key")
         return grpc.ssl_server_credentials(
-            [(read_file(self.key, "server.tls.key"), read_file(self.cert, "server.tls.cert"))],
+            [(key, read_file(self.cert, "server.tls.cert"))],
             root_certificates=read_file(self.client_ca, "server.tls.ca"),
             require_client_auth=True,
         )

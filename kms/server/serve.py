@@ -127,7 +127,8 @@ class Service:
         address = listen or cfg.server.listen
         self.streams = StreamSlots(cfg.server.capacity)  # streams in progress (kms.server.capacity)
         self.server, self.port = create_server(
-            TlsFiles(tls.cert, tls.key, tls.ca), Policy.load(cfg.server.policy or DEFAULT_POLICY),
+            TlsFiles(tls.cert, tls.private_key("server.tls.key"), tls.ca),
+            Policy.load(cfg.server.policy or DEFAULT_POLICY),
             _services(register(self.issuance), card_service.register(self.lifecycle),
                       register_ceremonies(ceremony), *audit_services),
             address=address,
@@ -165,7 +166,9 @@ class Service:
         self.server.start()
         self._stopped = False
         # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
-        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts)
+        # The audit anchor's backlog, from the signer that anchors (kms.audit.anchor), when it can tell.
+        self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts,
+                                    anchor=getattr(self.signer, "anchor_status", None))
 
     def _abandon(self) -> None:
         """A start that failed: release the ports, end the processes started so far."""
