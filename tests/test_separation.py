@@ -1,0 +1,254 @@
+"""Each key domain, the audit signer and the front end as OS users of their own (issue 12, scope 3; run as root).
+
+A development home is split into the layout of docs/deployment.md (kms.dev.separation) for four fresh system users;
+`kms worker --domain hrss`, `--domain bank` and `kms worker --audit` run as the domains' and the audit signer's
+users, `kms serve` as the front end's, with the workers' Unix sockets in its kms.yaml and no PIN. A batch is issued
+end to end (a station fetches and opens every bundle) and an auditor's export verifies against the audit key. Then
+who can read which secret is measured by trying, as each user, in a child process (never computed from modes), and
+printed: the table in docs/deployment.md, "Who can read what", is this output.
+
+CI runs the suite as root; elsewhere the module is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, card, client, officer, open_batch
+
+from kms.dev.home import Home, init_home
+from kms.dev.separation import (
+    AUDIT,
+    SIGNERS,
+    Layout,
+    ServiceUsers,
+    ensure_users,
+    format_matrix,
+    readability,
+    remove_users,
+    run_as,
+    searchable,
+    separate,
+)
+from kms.registry import DOMAINS
+
+pytestmark = [
+    pytest.mark.osusers,
+    pytest.mark.skipif(os.geteuid() != 0, reason="creates OS users and runs services as them: needs root (CI runs "
+                                                  "the suite as root)"),
+]
+
+BUREAU, STATION = "bureau-b", "station-b1"
+START_SECONDS = 120.0
+
+
+@dataclass
+class Deployment:
+    home: Home
+    layout: Layout
+    users: ServiceUsers
+    work: Path
+
+    def user_list(self) -> list[str]:
+        return list(self.users.all().values())
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    """A development home split for four new system users (unique names), under a directory every user can
+    search; users, groups and files removed afterwards. The interpreter and this checkout are made searchable to
+    the service users while the module runs (kms.dev.separation.searchable: a pyenv Python under /root)."""
+    work = Path(tempfile.mkdtemp(prefix="kms-separation-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    users = ServiceUsers.prefixed(f"kmst{secrets.token_hex(3)}")
+    created: list[str] = []
+    try:
+        home = init_home(work / "home", bureaus={"bureau-a": ("station-a1",), BUREAU: (STATION,)})
+        created = ensure_users(users)
+        needed = [Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix), ROOT / "kms", work]
+        with searchable(users.all().values(), needed):
+            yield Deployment(home, separate(home, work / "srv", users), users, work)
+    finally:
+        remove_users(created)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _env() -> dict[str, str]:
+    """The services' whole environment: nothing of the test's (no PIN could come through it)."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    if "KMS_PKCS11_MODULE" in os.environ:
+        env["KMS_PKCS11_MODULE"] = os.environ["KMS_PKCS11_MODULE"]
+    return env
+
+
+class Services:
+    """The three workers and the front end, each as its user; stopped (SIGTERM) in reverse order."""
+
+    def __init__(self, d: Deployment) -> None:
+        self.d = d
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.logs = d.work / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    def start(self, name: str, user: str, cwd: Path, *args: str, stdout: int | None = None) -> subprocess.Popen[str]:
+        with open(self.logs / f"{name}.err", "w", encoding="utf-8") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "kms.cli", *args], cwd=cwd, env=_env(), text=True,
+                                    stdout=stdout if stdout is not None else subprocess.DEVNULL, stderr=err,
+                                    **run_as(user))
+        self.procs[name] = proc
+        return proc
+
+    def stderr(self, name: str) -> str:
+        return (self.logs / f"{name}.err").read_text(encoding="utf-8")
+
+    def wait_for_socket(self, name: str, socket: Path) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while not socket.exists():
+            proc = self.procs[name]
+            assert proc.poll() is None, f"{name} ended ({proc.returncode}): {self.stderr(name)}"
+            assert time.monotonic() < deadline, f"{name}: no socket {socket} after {START_SECONDS} s"
+            time.sleep(0.1)
+
+    def stop(self) -> dict[str, int]:
+        codes = {}
+        for name, proc in reversed(self.procs.items()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                codes[name] = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+
+@pytest.fixture(scope="module")
+def running(deployment: Deployment) -> Iterator[tuple[Services, int]]:
+    """The workers, then the front end (its port from its first line)."""
+    d = deployment
+    services = Services(d)
+    try:
+        for component in SIGNERS:
+            which = ["--audit"] if component == AUDIT else ["--domain", component]
+            services.start(component, d.users.of(component), d.layout.dir(component), "worker", *which,
+                           "--config", str(d.layout.worker_config(component)))
+        for component in SIGNERS:
+            services.wait_for_socket(component, d.layout.socket(component))
+        front = services.start("front", d.users.front, d.layout.dir("front"), "serve", "--config",
+                               str(d.layout.front_config), "--listen", "127.0.0.1:0", stdout=subprocess.PIPE)
+        assert front.stdout is not None
+        line = front.stdout.readline()
+        assert line.startswith("kms: serving on port "), (line, services.stderr("front"))
+        yield services, int(line.rsplit(" ", 1)[1])
+    finally:
+        codes = services.stop()
+    assert all(code == 0 for code in codes.values()), (codes, {n: services.stderr(n)[-2000:] for n in codes})
+
+
+def _uids(pid: int) -> tuple[int, ...]:
+    """Real, effective, saved and filesystem uid of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return tuple(int(v) for v in line.split()[1:])
+    raise AssertionError(f"/proc/{pid}/status: no Uid line")
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def _pins(d: Deployment) -> dict[str, str]:
+    return {c: d.layout.pin_file(c).read_text(encoding="utf-8").strip() for c in SIGNERS
+            if d.layout.pin_file(c).exists()}
+
+
+def test_a_batch_is_issued_end_to_end_by_services_under_their_own_users(
+        deployment: Deployment, running: tuple[Services, int], tmp_path: Path) -> None:
+    d, (_, port) = deployment, running
+    creator = client(d.home, port, officer("hrss", 0))
+    status = open_batch(d.home, port, creator, "B-sep", BUREAU, "dual-app-v1", [card(i) for i in range(3)])
+    assert status.state == "open", status
+    out = tmp_path / "bundles"
+    fetched = subprocess.run([sys.executable, "-m", "kms.cli", "station", "fetch", "--station-config",
+                              str(d.home.station_config(STATION)), "--server", f"localhost:{port}", "--batch-id",
+                              "B-sep", "--out", str(out), "--open", "--json"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert fetched.returncode == 0, fetched.stderr
+    report = json.loads(fetched.stdout)
+    assert report["fetched"] == report["opened"] == 3
+    assert report["keys"] == report["kcv_matches"] > 0
+
+    # The audit signer (its own user, its own token) signed the chain: an auditor's export verifies.
+    export = tmp_path / "audit.jsonl"
+    exported = subprocess.run([sys.executable, "-m", "kms.cli", "audit", "export", "--client",
+                               str(d.home.path / "clients" / "auditor-erin.yaml"), "--server", f"localhost:{port}",
+                               "-o", str(export)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr
+    verified = subprocess.run([sys.executable, "-m", "kms.cli", "audit", "verify", str(export), "--public-key",
+                               str(d.home.path / "audit" / "audit-v1.pem")], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
+        deployment: Deployment, running: tuple[Services, int]) -> None:
+    d, (services, _) = deployment, running
+    pins = _pins(d)
+    assert set(pins) == set(SIGNERS)
+    for component in SIGNERS:
+        uid = run_as(d.users.of(component))["user"]
+        tree = _tree(services.procs[component].pid)
+        assert all(set(_uids(pid)) == {uid} for pid in tree), (component, {pid: _uids(pid) for pid in tree})
+    front_uid = run_as(d.users.front)["user"]
+    for pid in _tree(services.procs["front"].pid):
+        assert set(_uids(pid)) == {front_uid}
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert not any(pin.encode() in environ for pin in pins.values())
+        assert b"PIN" not in environ.upper()
+
+
+def test_who_can_read_what(deployment: Deployment) -> None:
+    """Measured as each user; printed (the closing note and docs/deployment.md quote it)."""
+    d = deployment
+    users = d.user_list()
+    secrets_ = d.layout.secrets()
+    assert {f"{c} {what}" for c in SIGNERS for what in ("PIN", "token")} <= set(secrets_)
+    matrix = readability(users, secrets_)
+    print("\n" + format_matrix(matrix, users))
+
+    front, hrss, bank, audit = (d.users.of(c) for c in ("front", "hrss", "bank", "audit"))
+    for domain in DOMAINS:
+        assert not matrix[f"{domain} PIN"][front] and not matrix[f"{domain} token"][front]
+    assert not matrix["audit PIN"][front] and not matrix["audit token"][front]
+    assert not matrix["bank PIN"][hrss] and not matrix["bank token"][hrss]
+    assert not matrix["hrss PIN"][bank] and not matrix["hrss token"][bank]
+    assert {name for name, row in matrix.items() if row[audit]} == {"audit PIN", "audit token"}
+    # And every cell as the layout means it: each secret readable by its owners and nobody else.
+    assert {name: {u for u in users if row[u]} for name, row in matrix.items()} == d.layout.expected_readers()
