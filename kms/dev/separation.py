@@ -13,7 +13,7 @@ directory, all readable by the one user who made it. ``separate`` turns it into 
       profiles/                (domains) the card profiles the domain's workers load
     front/                     owned by the front end's user, 0700: kms.yaml with a ``workers:`` block and no PIN,
                                its TLS files (pki/), the profiles
-    run/<component>/           owned by the component's user, group the front end's group, 0710: the worker's Unix
+    run/<component>/           owned by the component's user, group the front end's group, 2710: the worker's Unix
                                socket (the front end may only search the directory and connect)
     db/                        root, group ``ServiceUsers.database``, 2770: the SQLite database kms.db (0660), shared
                                by the front end and the domain workers (not the audit signer)
@@ -146,7 +146,8 @@ class Layout:
 
     def secrets(self) -> dict[str, Path]:
         """What must stay apart, by name: each component's PIN file and token directory, the front end's TLS key,
-        the database. (PINs given by ``pin_sources`` have no file; they are left out.)"""
+        the database, and each worker's socket while it exists (to connect to it is to use that token). PINs given
+        by ``pin_sources`` have no file; they are left out."""
         found: dict[str, Path] = {}
         for component in SIGNERS:
             if self.pin_file(component).exists():
@@ -154,6 +155,9 @@ class Layout:
             found[f"{component} token"] = self.token_dir(component)
         found["front TLS key"] = self.tls_key
         found["database"] = self.database
+        for component in SIGNERS:  # while the workers run: who can connect to each (and so use its token)
+            if self.socket(component).exists():
+                found[f"{component} worker socket"] = self.socket(component)
         return found
 
     def expected_readers(self) -> dict[str, set[str]]:
@@ -162,6 +166,7 @@ class Layout:
         for component in SIGNERS:
             expected[f"{component} PIN"] = {self.users.of(component)}
             expected[f"{component} token"] = {self.users.of(component)}
+            expected[f"{component} worker socket"] = {self.users.front, self.users.of(component)}
         expected["front TLS key"] = {self.users.front}
         expected["database"] = {self.users.front, *(self.users.of(d) for d in DOMAINS)}
         return {name: readers for name, readers in expected.items() if name in self.secrets()}
@@ -435,7 +440,10 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
     _chown(run, "root", "root", 0o755)
     for component in SIGNERS:
         (run / component).mkdir(exist_ok=True)
-        _chown(run / component, users.of(component), front_group, 0o710)
+        # setgid: the socket the worker binds here is born in the front end's group, which the worker (not a member,
+        # or it could reach the other workers' sockets) could not give it otherwise; worker.socket_group then only
+        # confirms the group, and the worker makes the socket 0660.
+        _chown(run / component, users.of(component), front_group, 0o2710)
 
     module = cfg.hsm.module
     for component in SIGNERS:
@@ -500,13 +508,16 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
 # -- who can read what ----------------------------------------------------------------------------------------------
 
 #: Run as the user being measured, isolated (-I): for each path, can this user read it? A file: open and read a
-#: byte. A directory: list it and open every file in it (a token's objects).
+#: byte. A directory: list it and open every file in it (a token's objects). A Unix socket: connect to it.
 _PROBE = r"""
-import json, os, sys
+import json, os, socket, stat, sys
 result = {}
 for path in json.loads(sys.argv[1]):
     try:
-        if os.path.isdir(path):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+        elif os.path.isdir(path):
             for name in os.listdir(path):
                 if os.path.isfile(os.path.join(path, name)):
                     with open(os.path.join(path, name), "rb") as f:
