@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, card, client, officer, open_batch
 
 from kms.dev.home import Home, init_home
@@ -32,6 +34,7 @@ from kms.dev.separation import (
     AUDIT,
     SIGNERS,
     Layout,
+    PinSource,
     ServiceUsers,
     ensure_users,
     format_matrix,
@@ -41,6 +44,7 @@ from kms.dev.separation import (
     searchable,
     separate,
 )
+from kms.errors import ConfigError
 from kms.registry import DOMAINS
 
 pytestmark = [
@@ -230,6 +234,8 @@ def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert not any(pin.encode() in environ for pin in pins.values())
         assert b"PIN" not in environ.upper()
+    for name in services.procs:  # and none in what any service wrote to stderr
+        assert not any(pin in services.stderr(name) for pin in pins.values()), name
 
 
 def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]) -> None:
@@ -251,3 +257,51 @@ def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]
     assert {name for name, row in matrix.items() if row[audit]} == {"audit PIN", "audit token", "audit worker socket"}
     # And every cell as the layout means it: each secret readable by its owners and nobody else.
     assert {name: {u for u in users if row[u]} for name, row in matrix.items()} == d.layout.expected_readers()
+
+
+def test_a_pin_source_replaces_the_pin_file_with_a_reference_and_credentials_of_its_user() -> None:
+    """The hook for OpenBao-held PINs: a component's ``PinSource`` puts its reference and ``openbao:`` block into the
+    worker configuration and its credential files (0400, its user) beside it, hands the PIN to ``store``, and leaves
+    no PIN file. Building twice gives the same layout (idempotent), the other components keep ``file:pin``."""
+    work = Path(tempfile.mkdtemp(prefix="kms-separation-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    users = ServiceUsers.prefixed(f"kmst{secrets.token_hex(3)}")
+    created: list[str] = []
+    stored: list[str] = []
+    try:
+        home = init_home(work / "home", bureaus={"bureau-a": ("station-a1",)})
+        home_pin = (home.path / "pins" / "hrss.pin").read_text(encoding="utf-8").strip()
+        created = ensure_users(users)
+        openbao = {"address": "http://127.0.0.1:8200",
+                   "approle": {"role_id": "file:openbao/role-id", "secret_id": "file:openbao/secret-id"}}
+        source = PinSource("vault:kv/kms/hrss#pin", openbao, {"openbao/role-id": "role-1\n",
+                                                               "openbao/secret-id": "secret-1\n"}, stored.append)
+        for _ in range(2):
+            layout = separate(home, work / "srv", users, pin_sources={"hrss": source})
+        assert stored == [home_pin]  # handed over once; the second run finds it gone and keeps the reference
+        assert not layout.pin_file("hrss").exists() and not (home.path / "pins" / "hrss.pin").exists()
+        worker = yaml.safe_load(layout.worker_config("hrss").read_text(encoding="utf-8"))
+        assert worker["domains"] == {"hrss": {"token": "kms-hrss", "pin": "vault:kv/kms/hrss#pin"}}
+        assert worker["openbao"] == openbao
+        hrss = run_as(users.hrss)["user"]
+        for name in source.files:
+            info = (layout.dir("hrss") / name).stat()
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (hrss, 0o400)
+        bank = yaml.safe_load(layout.worker_config("bank").read_text(encoding="utf-8"))
+        assert bank["domains"]["bank"]["pin"] == "file:pin" and "openbao" not in bank
+        info = layout.pin_file("bank").stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (run_as(users.bank)["user"], 0o400)
+        probed = [users.front, users.hrss, users.bank]
+        with searchable(probed, [Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix)]):
+            readers = readability(probed, {"hrss secret-id": layout.dir("hrss") / "openbao" / "secret-id"})
+        assert readers == {"hrss secret-id": {users.front: False, users.hrss: True, users.bank: False}}
+    finally:
+        remove_users(created)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_an_account_that_is_not_a_service_account_is_refused_not_changed() -> None:
+    before = Path("/etc/passwd").read_bytes(), Path("/etc/group").read_bytes()
+    with pytest.raises(ConfigError, match="user root exists and is not a system account"):
+        ensure_users(ServiceUsers(front="root", hrss="root", bank="root", audit="root", database="root"))
+    assert (Path("/etc/passwd").read_bytes(), Path("/etc/group").read_bytes()) == before

@@ -378,12 +378,15 @@ def _move_tokens(home: Home, root: Path, wanted: Mapping[str, str]) -> None:
         raise ConfigError(f"{home.path}: no token labelled {sorted(missing)[0]} in {source}")
 
 
-def _move_pin(source: Path, target: Path, user: str) -> str:
-    """Move a PIN file (or keep the one moved before): owned by ``user``, 0400. Returns the PIN."""
+def _move_pin(source: Path, target: Path, user: str, handed_over: bool) -> str | None:
+    """Move a PIN file (or keep the one moved before): owned by ``user``, 0400. Returns the PIN; None if it is in
+    neither place and ``handed_over`` (a PinSource took it on an earlier run)."""
     if source.exists():
         write_private(target, source.read_bytes())
         source.unlink()
     elif not target.exists():
+        if handed_over:
+            return None
         raise ConfigError(f"{source}: no PIN file (and none at {target})")
     _chown(target, user, None, 0o400)
     return target.read_text(encoding="utf-8").splitlines()[0].strip()
@@ -416,7 +419,8 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
     for component in SIGNERS:
         softhsm.write_conf(root / component / "hsm")
     _move_tokens(home, root, tokens)
-    pins = {c: _move_pin(home.path / "pins" / f"{c}.pin", layout.pin_file(c), users.of(c)) for c in SIGNERS}
+    pins = {c: _move_pin(home.path / "pins" / f"{c}.pin", layout.pin_file(c), users.of(c), c in sources)
+            for c in SIGNERS}
 
     # The database: checkpointed into its main file (the last connection to close does that), then moved.
     db_dir = root / "db"
@@ -449,10 +453,12 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
     for component in SIGNERS:
         directory = root / component
         source = sources.get(component)
-        if source is not None:
+        pin = pins[component]
+        if source is not None and pin is not None:  # not yet handed over
             if source.store is not None:
-                source.store(pins[component])
+                source.store(pin)
             layout.pin_file(component).unlink()
+        if source is not None:
             for name, content in source.files.items():
                 write_private(directory / name, content)
         reference = source.reference if source is not None else f"file:{PIN_FILE}"
