@@ -97,7 +97,8 @@ class PinSource:
     """Where a component's worker gets its PIN instead of ``file:pin``: ``reference`` (e.g.
     ``vault:kv/kms/hrss#pin``), the ``openbao:`` block of its worker configuration, and credential files (name ->
     content: role-id, secret-id) written beside it, 0400, owned by the component's user. ``store`` is called with
-    the PIN (taken from the development home) so that it can be put where the reference points."""
+    the PIN once, by the build that takes it out of the development home, to put it where the reference points (a
+    later build finds it gone and keeps the reference)."""
 
     reference: str
     openbao: Mapping[str, Any] = field(default_factory=dict)
