@@ -4,7 +4,7 @@ PINs are references (kms.secrets), never literals. Relative paths are taken from
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class HsmConfig:
 class DomainConfig:
     name: str
     token: str
-    pin: SecretRef
+    pin: SecretRef | None  # None only where ``workers.<name>`` serves the domain (a front end holds no PIN)
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,21 @@ class AuditConfig:
     """The audit signing key's own token (apart from the domains'), and how often checkpoints are signed."""
 
     token: str
-    pin: SecretRef
+    pin: SecretRef | None  # None only where ``workers.audit`` serves the signer
     checkpoint_records: int = 1_000
     checkpoint_seconds: int = 60
+
+
+#: The names ``workers`` may give an endpoint for: each domain, and the audit signer.
+WORKER_NAMES = (*DOMAINS, "audit")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A worker service's own settings (``kms worker``; the ``worker`` section of its configuration)."""
+
+    listen: str | None = None  # unix:PATH (absolute)
+    socket_group: str | None = None  # the group the socket is given to (the front end's)
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,9 @@ class Config:
     recycle_after_keys: int
     server: ServerConfig | None = None
     audit: AuditConfig | None = None
+    #: A front end's worker services: ``hrss``, ``bank``, ``audit`` -> ``unix:PATH`` (kms.server.remote).
+    workers: dict[str, str] = field(default_factory=dict)
+    worker: WorkerConfig | None = None
 
     @property
     def home(self) -> Path:
@@ -303,18 +318,27 @@ def load_client(path: Path) -> ClientConfig:
 
 def load(path: Path) -> Config:
     path = path.resolve()
-    doc = _only(path, "top level", _read(path), {"hsm", "domains", "database"},
-                {"profiles", "workers_per_domain", "recycle_after_keys", "server", "audit"})
-    domains_doc = _only(path, "domains", doc["domains"], set(), set(DOMAINS))
+    doc = _only(path, "top level", _read(path), {"hsm", "database"},
+                {"domains", "profiles", "workers_per_domain", "recycle_after_keys", "server", "audit", "workers",
+                 "worker"})
+    workers = _workers(path, doc.get("workers"))
+    domains_doc = _only(path, "domains", doc.get("domains") or {}, set(), set(DOMAINS))
     domains = {}
     for name, body in domains_doc.items():
-        body = _only(path, f"domains.{name}", body, {"token", "pin"})
+        body = _only(path, f"domains.{name}", body, {"token"} if name in workers else {"token", "pin"}, {"pin"})
         domains[name] = DomainConfig(
             name=name, token=str(body["token"]),
-            pin=SecretRef.parse(str(body["pin"]), base_dir=path.parent, field=f"domains.{name}.pin"),
+            pin=SecretRef.parse(str(body["pin"]), base_dir=path.parent, field=f"domains.{name}.pin")
+            if "pin" in body else None,
         )
-    if not domains:
+    # An audit worker's configuration holds only the audit section (kms worker --audit).
+    if not domains and ("audit" not in doc or "server" in doc):
         raise ConfigError(f"{path}: domains: at least one domain is needed")
+    for name in workers:
+        if name != "audit" and name not in domains:
+            raise ConfigError(f"{path}: workers.{name}: the {name} domain is not configured (domains.{name})")
+    if "audit" in workers and "audit" not in doc:
+        raise ConfigError(f"{path}: workers.audit: there is no 'audit' section")
     return Config(
         path=path,
         hsm=_hsm(path, doc["hsm"]),
@@ -324,15 +348,45 @@ def load(path: Path) -> Config:
         workers_per_domain=_int(doc, "workers_per_domain", 1, 1, 64, "workers_per_domain"),
         recycle_after_keys=_int(doc, "recycle_after_keys", 200_000, 1_000, 100_000_000, "recycle_after_keys"),
         server=_server(path, doc["server"]) if "server" in doc else None,
-        audit=_audit(path, doc["audit"]) if "audit" in doc else None,
+        audit=_audit(path, doc["audit"], remote="audit" in workers) if "audit" in doc else None,
+        workers=workers,
+        worker=_worker(path, doc["worker"]) if "worker" in doc else None,
     )
 
 
-def _audit(path: Path, doc: Any) -> AuditConfig:
-    doc = _only(path, "audit", doc, {"token", "pin"}, {"checkpoint_records", "checkpoint_seconds"})
+def unix_socket(path: Path, value: Any, where: str) -> str:
+    """``unix:PATH``, the path made absolute (taken from the configuration file's directory) and short enough for a
+    socket address."""
+    if not isinstance(value, str) or not value.startswith("unix:") or not value[len("unix:"):]:
+        raise ConfigError(f"{path}: {where} must be unix:PATH (a Unix socket)")
+    socket_path = _path(path.parent, value[len("unix:"):], where)
+    if len(str(socket_path).encode()) > 107:
+        raise ConfigError(f"{path}: {where}: the socket path is longer than 107 bytes")
+    return f"unix:{socket_path}"
+
+
+def _workers(path: Path, doc: Any) -> dict[str, str]:
+    if doc is None:
+        return {}
+    doc = _only(path, "workers", doc, set(), set(WORKER_NAMES))
+    return {name: unix_socket(path, value, f"workers.{name}") for name, value in doc.items()}
+
+
+def _worker(path: Path, doc: Any) -> WorkerConfig:
+    doc = _only(path, "worker", doc, set(), {"listen", "socket_group"})
+    group = doc.get("socket_group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ConfigError(f"{path}: worker.socket_group must be a group name")
+    return WorkerConfig(listen=unix_socket(path, doc["listen"], "worker.listen") if "listen" in doc else None,
+                        socket_group=group)
+
+
+def _audit(path: Path, doc: Any, remote: bool = False) -> AuditConfig:
+    doc = _only(path, "audit", doc, {"token"} if remote else {"token", "pin"},
+                {"pin", "checkpoint_records", "checkpoint_seconds"})
     return AuditConfig(
         token=str(doc["token"]),
-        pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent, field="audit.pin"),
+        pin=SecretRef.parse(str(doc["pin"]), base_dir=path.parent, field="audit.pin") if "pin" in doc else None,
         checkpoint_records=_int(doc, "checkpoint_records", 1_000, 1, 10_000_000, "audit"),
         checkpoint_seconds=_int(doc, "checkpoint_seconds", 60, 1, 86_400, "audit"),
     )

@@ -283,3 +283,34 @@ def from_status(name: str, message: str) -> KmsError:
     if factory is not None:
         return factory(message)
     return HsmError(f"service: {name.lower()}: {message}")
+
+
+# -- errors across the worker services' API (kms.server.worker, kms.server.remote) -----------------------------------
+
+#: The attributes an error keeps when it crosses to another process by name (each a str, or ``retryable``).
+CARRIED = ("field", "reason", "limit", "mechanism")
+
+
+def error_class(kind: str) -> type[KmsError]:
+    """The class of kms.errors called ``kind`` (KmsError for a name it does not define): errors that cross a process
+    boundary by name are rebuilt only as classes of this tree, never looked up anywhere else."""
+    found: type[KmsError] = KmsError
+    todo: list[type[KmsError]] = [KmsError]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == kind and cls.__module__ == __name__:
+            found = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def rebuilt(kind: str, message: str, retryable: bool, attributes: dict[str, str]) -> KmsError:
+    """The error another process raised (its class's name, message, retryability and CARRIED attributes)."""
+    cls = error_class(kind)
+    state: dict[str, object] = {k: v for k, v in attributes.items() if k in CARRIED}
+    if retryable != cls.retryable:
+        state["retryable"] = retryable
+    error = _rebuild(cls, message, state)
+    if isinstance(error, InvalidArgument) and not hasattr(error, "field"):
+        error.field, _, error.reason = message.partition(": ")
+    return error

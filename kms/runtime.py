@@ -50,6 +50,8 @@ def open_domain(config: Config, domain: str) -> TokenSession:
         domain_config = config.domains[domain]
     except KeyError:
         raise ConfigError(f"{config.path}: domain {domain!r} is not configured") from None
+    if domain_config.pin is None:  # a front end's configuration: the domain's worker service holds the PIN
+        raise ConfigError(f"{config.path}: domains.{domain}.pin is not set here (workers.{domain} serves the domain)")
     return open_token(config.hsm, f"domains.{domain}", domain_config.token, domain_config.pin)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -67,6 +67,8 @@ def _session_open() -> None:
     cfg = config_mod.load(Path(_config_path))
     if cfg.audit is None:
         raise ConfigError(f"{cfg.path}: no 'audit' section")
+    if cfg.audit.pin is None:  # a front end's configuration: the audit worker service holds the PIN
+        raise ConfigError(f"{cfg.path}: audit.pin is not set here (workers.audit serves the signer)")
     _session = runtime.open_token(cfg.hsm, "audit", cfg.audit.token, cfg.audit.pin)
 
 
@@ -143,6 +145,31 @@ def _sign_head(size: int, head: str, digests: list[bytes], message: bytes) -> by
     raw = session.sign_sha256(AUDIT_KEY, message)
     session.write_data(AUDIT_SIGNED_HEAD, f"{size}:{head}".encode("ascii"))
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
+class Signer(Protocol):
+    """What the service uses of the audit signer: a process spawned here (AuditSigner), or the audit worker
+    service reached over its Unix socket (kms.server.remote.RemoteSigner, ``workers.audit`` in kms.yaml)."""
+
+    refused: HsmLoginFailed | None
+    restarts: int
+
+    def start(self) -> None: ...
+
+    def check(self, timeout: float = 30.0) -> str | None: ...
+
+    def supervise(self) -> bool: ...
+
+    def pids(self) -> list[int]: ...
+
+    def signed_head(self) -> tuple[int, str]: ...
+
+    def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes: ...
+
+    def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
+             digests: list[bytes]) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class AuditSigner:
@@ -273,7 +300,7 @@ class AuditSigner:
 
 
 class Checkpointer:
-    def __init__(self, log_: AuditLog, signer: AuditSigner, clock: Clock, *, every_records: int = 1_000,
+    def __init__(self, log_: AuditLog, signer: Signer, clock: Clock, *, every_records: int = 1_000,
                  every_seconds: float = 60.0) -> None:
         self._log = log_
         self._signer = signer

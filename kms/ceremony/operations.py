@@ -28,7 +28,7 @@ from kms.issuance.batches import BatchState, BatchStore
 from kms.issuance.issuer import DomainPools
 from kms.issuance.limits import LimitStore
 from kms.issuance.limits import check_params as check_limits
-from kms.issuance.workers import DomainPool
+from kms.issuance.workers import Pool
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
 from kms.validation import NAME, unknown_keys
@@ -132,7 +132,7 @@ def _existing(ctx: Context, domain: str, params: Mapping[str, Any]) -> tuple[str
     return kind, name, version
 
 
-def pool_for(ctx: Context, domain: str) -> DomainPool:
+def pool_for(ctx: Context, domain: str) -> Pool:
     if ctx.pools is None or domain not in ctx.pools.pools:
         raise InvalidState(f"no {domain} HSM worker is configured here")
     return ctx.pools.pools[domain]

@@ -189,6 +189,7 @@ def _audit_setup(config_path: str) -> None:
     cfg = config_mod.load(Path(config_path))
     assert cfg.audit is not None
     trust = private_dir(cfg.home / "audit")
+    assert cfg.audit.pin is not None  # a development home's own configuration holds every PIN
     with runtime.module(cfg.hsm).open(cfg.audit.token, cfg.audit.pin.resolve()) as session:
         if session.has_public_key(AUDIT_KEY):
             spki = session.public_key(AUDIT_KEY)

@@ -18,7 +18,7 @@ from kms.cards.profiles import Profile
 from kms.clock import Clock, SystemClock
 from kms.errors import ConfigError, KmsError
 from kms.issuance.sealer import DomainKeys, new_serial
-from kms.issuance.workers import DomainPool, Job
+from kms.issuance.workers import DomainPool, Job, Pool
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,15 @@ class IssuedBundle:
 
 
 class DomainPools:
-    """One worker pool per configured domain, shared by every bureau and profile (e.g. by a server's requests)."""
+    """One worker pool per configured domain, shared by every bureau and profile (e.g. by a server's requests):
+    processes spawned here, or the ``remote`` pool given for a domain (a domain worker service, kms.server.remote)."""
 
-    def __init__(self, config_path: Path, processes_per_domain: int | None = None) -> None:
+    def __init__(self, config_path: Path, processes_per_domain: int | None = None, *,
+                 remote: Mapping[str, Pool] | None = None) -> None:
         cfg = config.load(config_path)
-        self.pools = {d: DomainPool(cfg.path, d, processes_per_domain) for d in cfg.domains}
+        remote = remote or {}
+        self.pools: dict[str, Pool] = {d: remote[d] if d in remote else DomainPool(cfg.path, d, processes_per_domain)
+                                       for d in cfg.domains}
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kms import config, logs, metrics, runtime
 from kms.cards import profiles
@@ -289,6 +289,34 @@ def _call(task: tuple[Callable[..., T], tuple[Any, ...]]) -> tuple[T, tuple[metr
             raise HsmError(f"the {worker.domain} token session was lost during the step; it was opened again, "
                            "try again", retryable=True) from None
         raise
+
+
+class Pool(Protocol):
+    """What the service uses of one domain's workers: processes spawned here (DomainPool), or a domain worker
+    service reached over its Unix socket (kms.server.remote.RemotePool, ``workers.<domain>`` in kms.yaml)."""
+
+    domain: str
+    #: The PIN refusal that stopped the workers, if any (nothing tries the PIN again until they are restarted).
+    refused: HsmLoginFailed | None
+    #: Replacements of worker processes that died or could not start.
+    restarts: int
+
+    def start(self) -> None: ...
+
+    def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str, pins: Pins = ()
+             ) -> Iterator[SectionResult]: ...
+
+    def call(self, function: Callable[..., T], *args: Any) -> T: ...
+
+    def probe(self, timeout: float = 30.0) -> str | None: ...
+
+    def pids(self) -> list[int]: ...
+
+    def recycle(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def terminate(self) -> None: ...
 
 
 def _max_keys_per_card(cfg: config.Config, domain: str) -> int:

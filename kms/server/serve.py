@@ -1,7 +1,8 @@
 """`kms serve`: the issuance service on its configured address, until SIGINT/SIGTERM.
 
 The serving process holds no PIN: it reads records and the key registry, and hands sealing to each domain's worker
-processes (kms.issuance.workers), which alone read their own domain's PIN.
+processes (kms.issuance.workers), which alone read their own domain's PIN: processes it spawns, or, for a domain
+named in ``workers`` (and the audit signer), a worker service of its own (``kms worker``, kms.server.remote).
 
 Every store it builds shares one audit log (kms.audit.log) on the service's database: each state change appends its
 record in its own transaction. A ``service.started`` record names the SHA-256 of the configuration file and of each
@@ -22,7 +23,7 @@ from kms import config as config_mod
 from kms import metrics, runtime, store
 from kms.audit.alarms import Alarms
 from kms.audit.log import AuditLog
-from kms.audit.signer import AuditSigner, Checkpointer
+from kms.audit.signer import AuditSigner, Checkpointer, Signer
 from kms.cards import profiles
 from kms.ceremony.handoffs import TransportHandoffs
 from kms.ceremony.officers import OfficerStore
@@ -50,6 +51,7 @@ from kms.server.frame import TlsFiles, create_server
 from kms.server.health import Dependency, HealthMonitor
 from kms.server.http import HealthListener
 from kms.server.issuance import Issuance, register
+from kms.server.remote import RemotePool, RemoteSigner
 from kms.store import database_display as _database
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,9 @@ class Service:
         limits_policy = LimitsPolicy.load(limits_path)
         registry = runtime.registry(cfg, clock)  # with its own audit log on the same database
         loaded = profiles.load_dir(cfg.profiles, profiles.master_key_names(registry))
-        self.pools = DomainPools(cfg.path, processes_per_domain)
+        # Each domain's workers: spawned here, or its worker service (``workers.<domain>``: no PIN here).
+        self.pools = DomainPools(cfg.path, processes_per_domain,
+                                 remote={d: RemotePool(d, cfg.workers[d]) for d in cfg.domains if d in cfg.workers})
         self.lifecycle = CardLifecycle(engine, clock, audit)
         # Issuance limits (kms/policies/limits.yaml, then set-limits ceremonies) and anomaly alarms
         # (kms.issuance.limits, alarms).
@@ -106,11 +110,12 @@ class Service:
                                    self.pools, self.principals, limits=self.quotas.store)
         ceremony = CeremonyService(self.ceremonies, ceremony_context, clock)
         # Checkpoints of the audit chain, signed by the audit key in a process of its own (docs/audit.md).
-        self.signer: AuditSigner | None = None
+        self.signer: Signer | None = None
         self.checkpointer: Checkpointer | None = None
         audit_services = []
         if cfg.audit is not None:
-            self.signer = AuditSigner(cfg.path, start=False)
+            self.signer = RemoteSigner(cfg.workers["audit"]) if "audit" in cfg.workers \
+                else AuditSigner(cfg.path, start=False)
             self.checkpointer = Checkpointer(audit, self.signer, clock, every_records=cfg.audit.checkpoint_records,
                                              every_seconds=cfg.audit.checkpoint_seconds)
             audit_services.append(register_audit(AuditService(audit, self.checkpointer)))
@@ -202,7 +207,7 @@ class Service:
         return pids + (self.signer.pids() if self.signer is not None else [])
 
 
-def _dependencies(engine: Any, pools: DomainPools, signer: AuditSigner | None) -> list[Dependency]:
+def _dependencies(engine: Any, pools: DomainPools, signer: Signer | None) -> list[Dependency]:
     def database() -> str | None:
         try:
             store.ping(engine)
@@ -236,7 +241,7 @@ def _beside(address: str, port: int) -> str:
     return f"127.0.0.1:{port + 1 if address.rpartition(':')[2] != '0' else 0}"
 
 
-def _start_all(pools: DomainPools, signer: AuditSigner | None) -> None:
+def _start_all(pools: DomainPools, signer: Signer | None) -> None:
     """Each domain's first worker and the signer, started side by side; the first error (domains by name, then the
     audit signer) is raised."""
     starts: dict[str, Callable[[], None]] = {d: p.start for d, p in sorted(pools.pools.items())}
