@@ -18,9 +18,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The pure tests only: no SoftHSM2 token, no server, no PostgreSQL (markers set in tests/conftest.py).
+# The pure tests only: no SoftHSM2 token, no server, no PostgreSQL, no OpenBao (markers set in tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -q -m "not hsm and not service and not postgres and not wheel"
+	$(PY) -m pytest -q -m "not hsm and not service and not postgres and not wheel and not openbao"
 
 lint: setup
 	$(VENV)/bin/ruff check kms tests scripts

