@@ -490,8 +490,11 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
     front = root / FRONT
     tls = cfg.server.tls
     for name, path in (("server.pem", tls.cert), ("server.key", tls.key), ("ca.pem", tls.ca), ("crl.pem", tls.crl)):
-        if path is not None:
-            write_private(front / "pki" / name, path.read_bytes())
+        if path is None:
+            continue
+        if not isinstance(path, Path):  # a reference (e.g. the key in OpenBao): not a file to copy
+            raise ConfigError(f"{cfg.path}: server.tls: {name} must be a file in a development home")
+        write_private(front / "pki" / name, path.read_bytes())
     if not (front / "profiles").exists():
         copy_tree_private(cfg.profiles, front / "profiles")
     server = yaml.safe_load(home.config.read_text(encoding="utf-8"))["server"]
