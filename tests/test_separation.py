@@ -21,23 +21,27 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import ROOT, card, client, officer, open_batch
+from openbao import BaoServer
 
 from kms.dev.home import Home, init_home
 from kms.dev.separation import (
     AUDIT,
+    FRONT,
     SIGNERS,
+    AppRole,
     Layout,
     PinSource,
     ServiceUsers,
     ensure_users,
     format_matrix,
+    openbao_readability,
     readability,
     remove_users,
     run_as,
@@ -46,6 +50,7 @@ from kms.dev.separation import (
 )
 from kms.errors import ConfigError
 from kms.registry import DOMAINS
+from kms.secrets import SCHEMES
 
 pytestmark = [
     pytest.mark.osusers,
@@ -62,16 +67,45 @@ class Deployment:
     layout: Layout
     users: ServiceUsers
     work: Path
+    openbao: BaoServer | None = None  # the PINs are in OpenBao (each user its own AppRole), not in files
 
     def user_list(self) -> list[str]:
         return list(self.users.all().values())
 
 
-@pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
+#: The KV v2 secret of each component's PIN, as the shipped policies (deploy/openbao/kms-<component>.hcl) name it.
+PIN_PATHS = {f"{c} PIN in OpenBao": f"kv/kms/{c}" for c in SIGNERS}
+POLICIES = ROOT / "deploy" / "openbao"
+
+
+def _openbao_pins(bao: BaoServer, users: ServiceUsers) -> tuple[dict[str, PinSource], dict[str, AppRole]]:
+    """Each component's PIN at kv/kms/<component>#pin, and each component (the front end too) an AppRole of its
+    own bound to the shipped policy of its name."""
+    approles = {}
+    for component in (FRONT, *SIGNERS):
+        policy = (POLICIES / f"kms-{component}.hcl").read_text(encoding="utf-8")
+        approles[component] = AppRole(*bao.approle(users.of(component), policy))
+
+    def store(component: str) -> Callable[[str], None]:
+        return lambda pin: bao.put(f"kms/{component}", pin=pin)
+
+    sources = {c: PinSource(f"vault:kv/kms/{c}#pin", AppRole.block(bao.address), store(c)) for c in SIGNERS}
+    return sources, approles
+
+
+@pytest.fixture(scope="module", params=["file", "openbao"])
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """A development home split for four new system users (unique names), under a directory every user can
     search; users, groups and files removed afterwards. The interpreter and this checkout are made searchable to
-    the service users while the module runs (kms.dev.separation.searchable: a pyenv Python under /root)."""
+    the service users while the module runs (kms.dev.separation.searchable: a pyenv Python under /root).
+    Twice: the PINs in files (0400, each its user's), then in OpenBao (each user reading its own with its own
+    AppRole, the shipped policies)."""
+    bao: BaoServer | None = None
+    if request.param == "openbao":
+        if "vault" not in SCHEMES or not POLICIES.is_dir():
+            pytest.skip("vault: references (kms.secrets) and deploy/openbao/ come from the secrets helper's branch "
+                        "(i12-secrets), not merged into this tree yet")
+        bao = request.getfixturevalue("openbao")
     work = Path(tempfile.mkdtemp(prefix="kms-separation-", dir="/tmp"))
     os.chmod(work, 0o755)
     users = ServiceUsers.prefixed(f"kmst{secrets.token_hex(3)}")
@@ -79,9 +113,11 @@ def deployment() -> Iterator[Deployment]:
     try:
         home = init_home(work / "home", bureaus={"bureau-a": ("station-a1",), BUREAU: (STATION,)})
         created = ensure_users(users)
+        sources, approles = _openbao_pins(bao, users) if bao is not None else ({}, {})
         needed = [Path(sys.executable), Path(sys.prefix), Path(sys.base_prefix), ROOT / "kms", work]
         with searchable(users.all().values(), needed):
-            yield Deployment(home, separate(home, work / "srv", users), users, work)
+            layout = separate(home, work / "srv", users, pin_sources=sources, approles=approles)
+            yield Deployment(home, layout, users, work, bao)
     finally:
         remove_users(created)
         shutil.rmtree(work, ignore_errors=True)
@@ -187,8 +223,12 @@ def _tree(pid: int) -> list[int]:
 
 
 def _pins(d: Deployment) -> dict[str, str]:
-    return {c: d.layout.pin_file(c).read_text(encoding="utf-8").strip() for c in SIGNERS
-            if d.layout.pin_file(c).exists()}
+    """Each component's PIN, from its file or from OpenBao (read with the root token)."""
+    if d.openbao is not None:
+        kv = d.openbao.client().secrets.kv.v2
+        return {c: str(kv.read_secret_version(path=f"kms/{c}", mount_point="kv", raise_on_deleted_version=True)
+                       ["data"]["data"]["pin"]) for c in SIGNERS}
+    return {c: d.layout.pin_file(c).read_text(encoding="utf-8").strip() for c in SIGNERS}
 
 
 def test_a_batch_is_issued_end_to_end_by_services_under_their_own_users(
@@ -244,9 +284,19 @@ def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]
     d = deployment
     users = d.user_list()
     secrets_ = d.layout.secrets()
-    assert {f"{c} {what}" for c in SIGNERS for what in ("PIN", "token", "worker socket")} <= set(secrets_)
+    assert {f"{c} {what}" for c in SIGNERS for what in ("token", "worker socket")} <= set(secrets_)
     matrix = readability(users, secrets_)
-    print("\n" + format_matrix(matrix, users))
+    expected = d.layout.expected_readers()
+    if d.openbao is None:
+        assert {f"{c} PIN" for c in SIGNERS} <= set(secrets_)
+    else:  # no PIN file anywhere; each PIN in OpenBao, and each user's own AppRole credentials
+        assert not any(d.layout.pin_file(c).exists() for c in SIGNERS)
+        assert {f"{c} AppRole secret_id" for c in ("front", *SIGNERS)} <= set(secrets_)
+        matrix |= openbao_readability(d.layout, d.openbao.address, PIN_PATHS)
+        expected |= {f"{c} PIN in OpenBao": {d.users.of(c)} for c in SIGNERS}
+        for c in SIGNERS:  # below, "<c> PIN" is wherever the PIN is
+            matrix[f"{c} PIN"] = matrix[f"{c} PIN in OpenBao"]
+    print(f"\nPINs in {'OpenBao' if d.openbao else 'files'}:\n" + format_matrix(matrix, users))
 
     front, hrss, bank, audit = (d.users.of(c) for c in ("front", "hrss", "bank", "audit"))
     for domain in DOMAINS:
@@ -254,15 +304,21 @@ def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]
     assert not matrix["audit PIN"][front] and not matrix["audit token"][front]
     for mine, theirs in ((hrss, "bank"), (bank, "hrss")):
         assert not any(matrix[f"{theirs} {what}"][mine] for what in ("PIN", "token", "worker socket"))
-    assert {name for name, row in matrix.items() if row[audit]} == {"audit PIN", "audit token", "audit worker socket"}
+    assert {name for name, row in matrix.items() if row[audit] and "PIN" not in name} == \
+        {"audit token", "audit worker socket"} | ({"audit AppRole secret_id"} if d.openbao else set())
+    assert {name for name, row in matrix.items() if row[audit] and "PIN" in name} == {"audit PIN"} | \
+        ({"audit PIN in OpenBao"} if d.openbao else set())
     # And every cell as the layout means it: each secret readable by its owners and nobody else.
-    assert {name: {u for u in users if row[u]} for name, row in matrix.items()} == d.layout.expected_readers()
+    for c in SIGNERS:
+        expected[f"{c} PIN"] = {d.users.of(c)}
+    assert {name: {u for u in users if row[u]} for name, row in matrix.items()} == expected
 
 
 def test_a_pin_source_replaces_the_pin_file_with_a_reference_and_credentials_of_its_user() -> None:
     """The hook for OpenBao-held PINs: a component's ``PinSource`` puts its reference and ``openbao:`` block into the
-    worker configuration and its credential files (0400, its user) beside it, hands the PIN to ``store``, and leaves
-    no PIN file. Building twice gives the same layout (idempotent), the other components keep ``file:pin``."""
+    worker configuration, its ``AppRole`` credential files go beside it (0400, its user), the PIN is handed to
+    ``store``, and no PIN file is left. Building twice gives the same layout (idempotent), the other components
+    keep ``file:pin``."""
     work = Path(tempfile.mkdtemp(prefix="kms-separation-", dir="/tmp"))
     os.chmod(work, 0o755)
     users = ServiceUsers.prefixed(f"kmst{secrets.token_hex(3)}")
@@ -272,20 +328,24 @@ def test_a_pin_source_replaces_the_pin_file_with_a_reference_and_credentials_of_
         home = init_home(work / "home", bureaus={"bureau-a": ("station-a1",)})
         home_pin = (home.path / "pins" / "hrss.pin").read_text(encoding="utf-8").strip()
         created = ensure_users(users)
-        openbao = {"address": "http://127.0.0.1:8200",
-                   "approle": {"role_id": "file:openbao/role-id", "secret_id": "file:openbao/secret-id"}}
-        source = PinSource("vault:kv/kms/hrss#pin", openbao, {"openbao/role-id": "role-1\n",
-                                                               "openbao/secret-id": "secret-1\n"}, stored.append)
+        openbao = AppRole.block("http://127.0.0.1:8200")
+        source = PinSource("vault:kv/kms/hrss#pin", openbao, stored.append)
         for _ in range(2):
-            layout = separate(home, work / "srv", users, pin_sources={"hrss": source})
+            layout = separate(home, work / "srv", users, pin_sources={"hrss": source},
+                              approles={"hrss": AppRole("role-1", "secret-1")})
         assert stored == [home_pin]  # handed over once; the second run finds it gone and keeps the reference
         assert not layout.pin_file("hrss").exists() and not (home.path / "pins" / "hrss.pin").exists()
         worker = yaml.safe_load(layout.worker_config("hrss").read_text(encoding="utf-8"))
         assert worker["domains"] == {"hrss": {"token": "kms-hrss", "pin": "vault:kv/kms/hrss#pin"}}
         assert worker["openbao"] == openbao
+        assert worker["openbao"]["approle"] == {"role_id": "file:openbao/role-id",
+                                                "secret_id": "file:openbao/secret-id"}
         hrss = run_as(users.hrss)["user"]
-        for name in source.files:
-            info = (layout.dir("hrss") / name).stat()
+        credentials = layout.approle("hrss")
+        assert credentials is not None and layout.approle("bank") is None
+        assert [p.read_text(encoding="utf-8") for p in credentials] == ["role-1\n", "secret-1\n"]
+        for path in credentials:
+            info = path.stat()
             assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (hrss, 0o400)
         bank = yaml.safe_load(layout.worker_config("bank").read_text(encoding="utf-8"))
         assert bank["domains"]["bank"]["pin"] == "file:pin" and "openbao" not in bank

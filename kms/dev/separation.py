@@ -22,10 +22,12 @@ The security officers' SO PINs, the CA key, the officers' client files and the s
 production) stay in the development home, root's alone.
 
 PIN sources: a component's PIN is written to ``<component>/pin`` and named ``file:pin``; ``pin_sources`` replaces
-that per component with another reference (``vault:kv/kms/hrss#pin``) and an ``openbao:`` block, whose credential
-files (role-id, secret-id) are written beside the worker configuration, 0400, owned by the component's user.
+that per component with another reference (``vault:kv/kms/hrss#pin``) and an ``openbao:`` block. ``approles``
+gives a component (the front end too) its AppRole credentials: ``<component>/openbao/role-id`` and ``secret-id``,
+0400, owned by the component's user (what ``file:openbao/role-id`` in an ``openbao:`` block names).
 
-``readability`` measures who can read what by trying, as each user, in a child process.
+``readability`` measures who can read what by trying, as each user, in a child process; ``openbao_readability``
+which KV secrets each user can read with the AppRole credentials it can read.
 """
 
 from __future__ import annotations
@@ -92,18 +94,35 @@ class ServiceUsers:
         return cls(**{c: f"{prefix}-{c}" for c in (FRONT, *SIGNERS)}, database=f"{prefix}-db")
 
 
+#: Where a component's AppRole credentials are kept, relative to its directory (``approles``).
+ROLE_ID = "openbao/role-id"
+SECRET_ID = "openbao/secret-id"
+
+
 @dataclass(frozen=True)
 class PinSource:
     """Where a component's worker gets its PIN instead of ``file:pin``: ``reference`` (e.g.
-    ``vault:kv/kms/hrss#pin``), the ``openbao:`` block of its worker configuration, and credential files (name ->
-    content: role-id, secret-id) written beside it, 0400, owned by the component's user. ``store`` is called with
-    the PIN once, by the build that takes it out of the development home, to put it where the reference points (a
-    later build finds it gone and keeps the reference)."""
+    ``vault:kv/kms/hrss#pin``) and the ``openbao:`` block of its worker configuration (its credentials: ``approles``).
+    ``store`` is called with the PIN once, by the build that takes it out of the development home, to put it where
+    the reference points (a later build finds it gone and keeps the reference)."""
 
     reference: str
     openbao: Mapping[str, Any] = field(default_factory=dict)
-    files: Mapping[str, str] = field(default_factory=dict)
     store: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class AppRole:
+    """A component's AppRole credentials (``role_id`` is not secret on its own; ``secret_id`` is)."""
+
+    role_id: str
+    secret_id: str
+
+    @staticmethod
+    def block(address: str, **extra: Any) -> dict[str, Any]:
+        """An ``openbao:`` block that logs in with the credentials ``approles`` writes."""
+        return {"address": address, **extra,
+                "approle": {"role_id": f"file:{ROLE_ID}", "secret_id": f"file:{SECRET_ID}"}}
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,11 @@ class Layout:
     def socket(self, component: str) -> Path:
         return self.root / "run" / component / "worker.sock"
 
+    def approle(self, component: str) -> tuple[Path, Path] | None:
+        """The component's role-id and secret-id files, if it was given an AppRole."""
+        role_id, secret_id = self.root / component / ROLE_ID, self.root / component / SECRET_ID
+        return (role_id, secret_id) if secret_id.exists() else None
+
     @property
     def database(self) -> Path:
         return self.root / "db" / "kms.db"
@@ -156,6 +180,10 @@ class Layout:
             found[f"{component} token"] = self.token_dir(component)
         found["front TLS key"] = self.tls_key
         found["database"] = self.database
+        for component in (FRONT, *SIGNERS):
+            approle = self.approle(component)
+            if approle is not None:
+                found[f"{component} AppRole secret_id"] = approle[1]
         for component in SIGNERS:  # while the workers run: who can connect to each (and so use its token)
             if self.socket(component).exists():
                 found[f"{component} worker socket"] = self.socket(component)
@@ -168,6 +196,8 @@ class Layout:
             expected[f"{component} PIN"] = {self.users.of(component)}
             expected[f"{component} token"] = {self.users.of(component)}
             expected[f"{component} worker socket"] = {self.users.front, self.users.of(component)}
+        for component in (FRONT, *SIGNERS):
+            expected[f"{component} AppRole secret_id"] = {self.users.of(component)}
         expected["front TLS key"] = {self.users.front}
         expected["database"] = {self.users.front, *(self.users.of(d) for d in DOMAINS)}
         return {name: readers for name, readers in expected.items() if name in self.secrets()}
@@ -398,7 +428,8 @@ def _write_yaml(path: Path, data: object) -> None:
 
 
 def separate(home: Home, root: Path, users: ServiceUsers, *,
-             pin_sources: Mapping[str, PinSource] | None = None) -> Layout:
+             pin_sources: Mapping[str, PinSource] | None = None,
+             approles: Mapping[str, AppRole] | None = None) -> Layout:
     """Build the separated layout under ``root`` from the development home (run as root, after ``ensure_users``).
     The home's domain and audit tokens and their user PINs are moved out of it, its database moved to ``root/db``;
     everything else of the home (stations, clients, the CA) stays. Idempotent: a second run on the same home and
@@ -459,9 +490,6 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
             if source.store is not None:
                 source.store(pin)
             layout.pin_file(component).unlink()
-        if source is not None:
-            for name, content in source.files.items():
-                write_private(directory / name, content)
         reference = source.reference if source is not None else f"file:{PIN_FILE}"
         doc: dict[str, Any] = {"hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"}}
         if component == AUDIT:
@@ -483,9 +511,6 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
         _own_tree(directory, users.of(component))
         if layout.pin_file(component).exists():
             os.chmod(layout.pin_file(component), 0o400)
-        if source is not None:
-            for name in source.files:
-                os.chmod(directory / name, 0o400)
 
     front = root / FRONT
     tls = cfg.server.tls
@@ -512,6 +537,13 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
         "workers": {c: f"unix:{layout.socket(c)}" for c in SIGNERS},
     })
     _own_tree(front, users.front)
+    for component, approle in (approles or {}).items():
+        files = {root / component / ROLE_ID: approle.role_id, root / component / SECRET_ID: approle.secret_id}
+        for path, value in files.items():
+            write_private(path, value + "\n")
+        _own_tree(root / component / ROLE_ID.partition("/")[0], users.of(component))
+        for path in files:
+            os.chmod(path, 0o400)
     return layout
 
 
@@ -560,6 +592,58 @@ def readability(users: Sequence[str], secrets: Mapping[str, Path]) -> dict[str, 
         found = readable_by(user, list(secrets.values()))
         for name, path in secrets.items():
             matrix[name][user] = found[path]
+    return matrix
+
+
+#: Run as the user being measured, isolated: log in with the AppRole credentials in the files given (if this user
+#: can read them), then try to read each KV v2 secret. Standard library only (urllib), so it needs nothing of kms.
+_BAO_PROBE = r"""
+import json, sys, urllib.error, urllib.request
+address, role_id_file, secret_id_file, paths = json.loads(sys.argv[1])
+
+def call(path, body=None, token=None):
+    request = urllib.request.Request(address + "/v1/" + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"X-Vault-Token": token} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+result = {path: False for path in paths}
+try:
+    role_id = open(role_id_file).read().strip()
+    secret_id = open(secret_id_file).read().strip()
+except OSError:
+    print(json.dumps(result))
+    sys.exit(0)
+token = call("auth/approle/login", {"role_id": role_id, "secret_id": secret_id})["auth"]["client_token"]
+for path in paths:
+    mount, _, rest = path.partition("/")
+    try:
+        call(f"{mount}/data/{rest}", token=token)
+        result[path] = True
+    except urllib.error.HTTPError as error:
+        if error.code not in (403, 404):
+            raise
+print(json.dumps(result))
+"""
+
+
+def openbao_readability(layout: Layout, address: str, paths: Mapping[str, str]) -> dict[str, dict[str, bool]]:
+    """secret name -> user -> readable, for KV v2 secrets (name -> ``mount/path``): as each user with an AppRole in
+    ``layout``, in a child process running as that user, its credential files read and its AppRole logged in."""
+    matrix: dict[str, dict[str, bool]] = {name: {} for name in paths}
+    for component, user in layout.users.all().items():
+        approle = layout.approle(component)
+        if approle is None:
+            continue
+        argument = json.dumps([address, str(approle[0]), str(approle[1]), list(paths.values())])
+        result = subprocess.run([sys.executable, "-I", "-c", _BAO_PROBE, argument], capture_output=True, text=True,
+                                check=False, cwd="/", env={"PATH": "/usr/bin:/bin"}, **run_as(user))
+        if result.returncode != 0:
+            raise ConfigError(f"cannot run an OpenBao probe as {user} (exit {result.returncode}): "
+                              f"{result.stderr.strip()[-300:]}")
+        found = json.loads(result.stdout)
+        for name, path in paths.items():
+            matrix[name][user] = bool(found[path])
     return matrix
 
 
