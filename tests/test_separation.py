@@ -49,7 +49,6 @@ from kms.dev.separation import (
     separate,
 )
 from kms.errors import ConfigError
-from kms.registry import DOMAINS
 from kms.secrets import SCHEMES
 
 pytestmark = [
@@ -279,38 +278,31 @@ def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
 
 
 def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]) -> None:
-    """Measured as each user while the services run (a socket counts as read if the user can connect to it);
-    printed (the closing note and docs/deployment.md quote it)."""
+    """Measured as each user while the services run (a socket counts as read if the user can connect to it; a PIN
+    in OpenBao if the user's own AppRole may read it); printed (the closing note and docs/deployment.md quote it)."""
     d = deployment
     users = d.user_list()
     secrets_ = d.layout.secrets()
-    assert {f"{c} {what}" for c in SIGNERS for what in ("token", "worker socket")} <= set(secrets_)
     matrix = readability(users, secrets_)
     expected = d.layout.expected_readers()
-    if d.openbao is None:
-        assert {f"{c} PIN" for c in SIGNERS} <= set(secrets_)
-    else:  # no PIN file anywhere; each PIN in OpenBao, and each user's own AppRole credentials
+    if d.openbao is not None:  # each PIN in OpenBao, none in a file; each user its own AppRole credentials
         assert not any(d.layout.pin_file(c).exists() for c in SIGNERS)
         assert {f"{c} AppRole secret_id" for c in ("front", *SIGNERS)} <= set(secrets_)
         matrix |= openbao_readability(d.layout, d.openbao.address, PIN_PATHS)
         expected |= {f"{c} PIN in OpenBao": {d.users.of(c)} for c in SIGNERS}
-        for c in SIGNERS:  # below, "<c> PIN" is wherever the PIN is
-            matrix[f"{c} PIN"] = matrix[f"{c} PIN in OpenBao"]
+    pin = {c: f"{c} PIN in OpenBao" if d.openbao is not None else f"{c} PIN" for c in SIGNERS}
+    assert {pin[c] for c in SIGNERS} | {f"{c} {what}" for c in SIGNERS for what in ("token", "worker socket")} \
+        <= set(matrix)
     print(f"\nPINs in {'OpenBao' if d.openbao else 'files'}:\n" + format_matrix(matrix, users))
 
     front, hrss, bank, audit = (d.users.of(c) for c in ("front", "hrss", "bank", "audit"))
-    for domain in DOMAINS:
-        assert not matrix[f"{domain} PIN"][front] and not matrix[f"{domain} token"][front]
-    assert not matrix["audit PIN"][front] and not matrix["audit token"][front]
-    for mine, theirs in ((hrss, "bank"), (bank, "hrss")):
-        assert not any(matrix[f"{theirs} {what}"][mine] for what in ("PIN", "token", "worker socket"))
-    assert {name for name, row in matrix.items() if row[audit] and "PIN" not in name} == \
-        {"audit token", "audit worker socket"} | ({"audit AppRole secret_id"} if d.openbao else set())
-    assert {name for name, row in matrix.items() if row[audit] and "PIN" in name} == {"audit PIN"} | \
-        ({"audit PIN in OpenBao"} if d.openbao else set())
-    # And every cell as the layout means it: each secret readable by its owners and nobody else.
     for c in SIGNERS:
-        expected[f"{c} PIN"] = {d.users.of(c)}
+        assert not matrix[pin[c]][front] and not matrix[f"{c} token"][front]
+    for mine, theirs in ((hrss, "bank"), (bank, "hrss")):
+        assert not any(matrix[name][mine] for name in (pin[theirs], f"{theirs} token", f"{theirs} worker socket"))
+    assert {name for name, row in matrix.items() if row[audit]} == \
+        {pin["audit"], "audit token", "audit worker socket"} | ({"audit AppRole secret_id"} if d.openbao else set())
+    # And every cell as the layout means it: each secret readable by its owners and nobody else.
     assert {name: {u for u in users if row[u]} for name, row in matrix.items()} == expected
 
 
