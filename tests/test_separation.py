@@ -5,7 +5,9 @@ A development home is split into the layout of docs/deployment.md (kms.dev.separ
 users, `kms serve` as the front end's, with the workers' Unix sockets in its kms.yaml and no PIN. A batch is issued
 end to end (a station fetches and opens every bundle) and an auditor's export verifies against the audit key. Then
 who can read which secret is measured by trying, as each user, in a child process (never computed from modes), and
-printed: the table in docs/deployment.md, "Who can read what", is this output.
+printed: the tables in docs/deployment.md, "Who can read what", are this output. All of it twice: the PINs in files
+(0400, each its user's), then in OpenBao (a real server; each user, the front end's too, an AppRole of its own bound
+to the shipped policy of its name).
 
 CI runs the suite as root; elsewhere the module is skipped, saying so.
 """
@@ -208,10 +210,10 @@ def _tree(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                fields = (entry / "stat").read_text()
             except OSError:
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            ppid = int(fields.rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
