@@ -332,7 +332,9 @@ def load(path: Path) -> Config:
             if "pin" in body else None,
         )
     # An audit worker's configuration holds only the audit section (kms worker --audit).
-    if not domains and ("audit" not in doc or "server" in doc):
+    if "domains" not in doc and ("audit" not in doc or "server" in doc):
+        raise ConfigError(f"{path}: top level: missing setting 'domains'")
+    if not domains and "domains" in doc:
         raise ConfigError(f"{path}: domains: at least one domain is needed")
     for name in workers:
         if name != "audit" and name not in domains:

@@ -307,10 +307,10 @@ def error_class(kind: str) -> type[KmsError]:
 def rebuilt(kind: str, message: str, retryable: bool, attributes: dict[str, str]) -> KmsError:
     """The error another process raised (its class's name, message, retryability and CARRIED attributes)."""
     cls = error_class(kind)
-    state: dict[str, object] = {k: v for k, v in attributes.items() if k in CARRIED}
+    state: dict[str, object] = {"message": message, **{k: v for k, v in attributes.items() if k in CARRIED}}
     if retryable != cls.retryable:
         state["retryable"] = retryable
     error = _rebuild(cls, message, state)
-    if isinstance(error, InvalidArgument) and not hasattr(error, "field"):
+    if isinstance(error, InvalidArgument) and not getattr(error, "field", ""):
         error.field, _, error.reason = message.partition(": ")
     return error

@@ -29,6 +29,13 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    --verify-records records with a signed checkpoint every 1,000 (goal >= 100,000 records/s), against SHA-256
    alone over the same lines. `--audit-only` runs just this part.
 
+6. Worker services vs spawned pools (goal >= 90 %): the same end-to-end issuance as part 2 (a fresh batch per
+   round, streamed by a station, timed) on two servers started side by side from copies of the same records: one
+   spawning its HSM worker processes (the default), the other (`workers:` in its kms.yaml, no PIN) reaching each
+   domain's workers in a `kms worker` service of its own over a Unix socket; rounds alternate the two. Neither has
+   an audit signer here (two record databases cannot share the audit token's signed head; part 2 checks the
+   signer). `--workers-only` runs just this part.
+
 Raw: scripts/bench_raw.py. Start-up is never timed: workers are ready and warm-up work is done before a clock
 starts.
 """
@@ -79,6 +86,7 @@ from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
 from kms.dev.home import AUDITORS, FORMAT_FILE, Home, init_home
+from kms.dev.workers import split_home
 from kms.errors import KmsError
 from kms.files import restrict_umask, write_private
 from kms.hsm.labels import AUDIT_KEY, key_label
@@ -530,6 +538,111 @@ def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int,
     return warmup_bundles, bundles
 
 
+# --- 6. domain worker services vs spawned pools ------------------------------------------------------------------
+
+WORKERS_SPAWNED = "bench-workers-spawned"  # configuration and records of part 6's two servers, in the home
+WORKERS_REMOTE = "bench-workers-remote"
+
+
+def workers_config(home: Home, cfg: config.Config, name: str, processes: int) -> Path:
+    """The home's configuration without the audit signer, with ``processes`` workers per domain and records of its
+    own (an online copy of the home's database: the same key registry)."""
+    prefix = "sqlite:///"
+    source, copy = sqlite3.connect(cfg.database.removeprefix(prefix)), sqlite3.connect(home.path / f"{name}.db")
+    try:
+        source.backup(copy)
+    finally:
+        source.close()
+        copy.close()
+    doc = yaml.safe_load(home.config.read_text(encoding="utf-8"))
+    doc.pop("audit", None)
+    doc.update(database=f"sqlite:///{name}.db", workers_per_domain=processes)
+    path = home.path / f"{name}.yaml"
+    write_private(path, yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@contextmanager
+def worker_services(config_path: Path, log_dir: Path) -> Iterator[Path]:
+    """`kms worker` for each domain (its sockets in a short temporary directory), ready before this yields the
+    front end's configuration; each stopped with SIGTERM after, and must exit with status 0."""
+    sockets = Path(tempfile.mkdtemp(prefix="kms-bench-", dir="/tmp"))
+    layout = split_home(config_path, sockets, DOMAINS)
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for domain in DOMAINS:
+            with (log_dir / f"bench-worker-{domain}.log").open("w", encoding="utf-8") as log:
+                procs[domain] = subprocess.Popen([sys.executable, "-m", "kms.cli", *layout.command(domain)],
+                                                 stdout=subprocess.PIPE, stderr=log, text=True)
+            line = procs[domain].stdout.readline() if procs[domain].stdout is not None else ""
+            if not line.startswith(f"kms: worker {domain} serving on "):
+                raise BenchFailed(f"the {domain} worker service did not start: {line!r}; its log: "
+                                  f"{log_dir / f'bench-worker-{domain}.log'}")
+        yield layout.front
+    finally:
+        for domain, proc in procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.returncode != 0:
+                raise BenchFailed(f"kms worker --domain {domain} exited with status {proc.returncode}")
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def bench_workers(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary) -> None:
+    cards = make_cards(args.workers_cards, seed=2031)
+    warmup = make_cards(WARMUP_CARDS, seed=2032)
+    station_cfg = config.load_station(home.station_config(STATION)).client
+    assert station_cfg is not None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    spawned_path = workers_config(home, cfg, WORKERS_SPAWNED, args.processes)
+    remote_path = workers_config(home, cfg, WORKERS_REMOTE, args.processes)
+    with kms_serve(spawned_path, home.path / f"{WORKERS_SPAWNED}.log") as spawned_port, \
+            worker_services(remote_path, home.path) as front, \
+            kms_serve(front, home.path / f"{WORKERS_REMOTE}.log") as remote_port:
+        sides = {}
+        clients = []
+        for name, port in (("spawned", spawned_port), ("remote", remote_port)):
+            address = f"localhost:{port}"
+            officer = Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300)
+            station = Client(station_cfg, server=address, timeout=300)
+            clients += [officer, station]
+            sides[name] = EndToEnd(officer, station, f"{stamp}-{name}", args.per_message,
+                                   lambda batch_id, port=port: authorize_batch(home, port, batch_id))
+        try:
+            for e2e in sides.values():  # workers logged in, channels open, before any timing
+                e2e.stream(e2e.batch("warmup", warmup)[0], warmup)
+            rounds: dict[str, int] = {"spawned": 0, "remote": 0}
+
+            def one_round(name: str) -> float:
+                e2e = sides[name]
+                rounds[name] += 1
+                batch_id, _ = e2e.batch(f"w{rounds[name]}", cards)
+                return e2e.stream(batch_id, cards)
+
+            spawned_t, remote_t = alternate(args.rounds, lambda: one_round("spawned"), lambda: one_round("remote"))
+        finally:
+            for client in clients:
+                client.close()
+    n = len(cards)
+    summary.rates("workers.spawned", "6. kms serve, spawned workers", "cards/s", n, spawned_t)
+    summary.rates("workers.remote", "6. kms serve, worker services", "cards/s", n, remote_t)
+    ratio = summary.ratio("workers.ratio", "6. worker services / spawned", spawned_t, remote_t, 0.90)
+    print()
+    print(f"6. worker services: `kms serve` with each domain's workers in a `kms worker` service (Unix socket) vs "
+          f"spawned by it, StreamBatch of a fresh {n}-card batch per round on each")
+    print(f"  {'(medians)':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
+    print(rate_line("spawned worker processes", n, keys_per_card, spawned_t))
+    print(rate_line("domain worker services", n, keys_per_card, remote_t))
+    print(ratio_line(ratio, "spawned"), flush=True)
+
+
 # --- 4. station open vs raw unwrap --------------------------------------------------------------------------------
 
 def station_open(station_config: str, warmup: list[bytes], bundles: list[bytes], ledger_url: str, chunk: int
@@ -787,9 +900,12 @@ def main() -> int:
     parser.add_argument("--verify-records", type=int, default=100_000,
                         help="records in the export the verifier reads (default: 100000)")
     parser.add_argument("--audit-only", action="store_true", help="run only part 5, the audit log")
+    parser.add_argument("--workers-cards", type=int, default=1000,
+                        help="cards per batch in part 6, worker services vs spawned workers (default: 1000)")
+    parser.add_argument("--workers-only", action="store_true", help="run only part 6, worker services")
     args = parser.parse_args()
     for name in ("rounds", "cards", "e2e_cards", "latency_cards", "station_cards", "processes", "audit_records",
-                 "verify_records"):
+                 "verify_records", "workers_cards"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:
@@ -816,10 +932,12 @@ def main() -> int:
         print(f"kms bench: profile {PROFILE}, {keys_per_card} keys per card ({derivations} C_DeriveKey per card); "
               f"{args.processes} HSM process(es) per domain x {len(DOMAINS)} domains on every side; "
               f"{args.rounds} alternating rounds, raw measured in the same run", flush=True)
-        bench_engine(args, home, cfg, keys_per_card, summary)
-        warmup, received = bench_service(args, home, cfg, keys_per_card, summary)
-        bench_station(args, home, warmup, received, summary)
-        bench_audit(args, summary)
+        if not args.workers_only:
+            bench_engine(args, home, cfg, keys_per_card, summary)
+            warmup, received = bench_service(args, home, cfg, keys_per_card, summary)
+            bench_station(args, home, warmup, received, summary)
+            bench_audit(args, summary)
+        bench_workers(args, home, cfg, keys_per_card, summary)
     seconds = time.perf_counter() - t0
     summary.notes.update(load_average_at_end=[round(x, 2) for x in os.getloadavg()], seconds=round(seconds, 1))
     summary.write(args.summary)

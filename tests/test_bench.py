@@ -24,8 +24,10 @@ FIGURES = {
     "latency.p50", "latency.p99",
     "station.raw", "station.kms", "station.ratio", "station.open", "station.open_ratio",
     "audit.insert", "audit.append", "audit.append_ratio", "audit.sha256", "audit.verify", "audit.verify_ratio",
+    "workers.spawned", "workers.remote", "workers.ratio",
 }
-GOALS = {"engine.ratio": 0.90, "e2e.ratio": 0.80, "station.ratio": 0.80, "audit.verify": 100_000}
+GOALS = {"engine.ratio": 0.90, "e2e.ratio": 0.80, "station.ratio": 0.80, "audit.verify": 100_000,
+         "workers.ratio": 0.90}
 
 
 @pytest.mark.hsm
@@ -35,6 +37,7 @@ def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench.py"), "--rounds", "1", "--cards", "8", "--e2e-cards", "8",
          "--latency-cards", "3", "--station-cards", "8", "--audit-records", "10", "--verify-records", "1000",
+         "--workers-cards", "8",
          "--home", str(tmp_path / "home"), "--summary", str(summary_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -57,7 +60,8 @@ def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     # every figure in the printed table, by its label
     table = result.stdout.split("Summary:", 1)[1]
     for label in ("1. engine / raw", "2. end-to-end / raw", "3. IssueCard latency p50", "3. IssueCard latency p99",
-                  "4. station open / raw unwrap", "4. open each / raw unwrap", "5. kms.audit.verify"):
+                  "4. station open / raw unwrap", "4. open each / raw unwrap", "5. kms.audit.verify",
+                  "6. worker services / spawned"):
         assert label in table
     # the home is one the bench made: the next run may remove it
     assert (tmp_path / "home" / bench.BENCH_MARKER).exists()

@@ -354,3 +354,57 @@ def test_capacity_defaults_and_what_follows_from_threads(tmp_path: Path) -> None
 def test_capacity_settings_are_checked(tmp_path: Path, settings: dict[str, Any], message: str) -> None:
     path = _write(tmp_path / "kms.yaml", _issuer(server={"listen": "127.0.0.1:7443", "tls": _TLS, **settings}))
     assert _error(config.load, path) == f"{path.resolve()}: {message}"
+
+
+# -- worker services: the front end's `workers`, a worker's own `worker` section -----------------------------------
+
+
+_AUDIT = {"token": "kms-audit", "pin": "file:pins/audit.pin"}
+
+
+def test_a_front_end_with_worker_services_needs_no_pin_for_them(tmp_path: Path) -> None:
+    doc = _issuer(domains={"hrss": {"token": "kms-hrss"}, "bank": {"token": "kms-bank", "pin": "env:KMS_BANK_PIN"}},
+                  audit={"token": "kms-audit"},
+                  workers={"hrss": "unix:run/hrss/worker.sock", "audit": "unix:/run/kms/audit/worker.sock"})
+    cfg = config.load(_write(tmp_path / "kms.yaml", doc))
+    assert cfg.domains["hrss"].pin is None and cfg.audit is not None and cfg.audit.pin is None
+    assert cfg.domains["bank"].pin is not None  # spawned here: its PIN as before
+    assert cfg.workers == {"hrss": f"unix:{tmp_path.resolve() / 'run/hrss/worker.sock'}",
+                           "audit": "unix:/run/kms/audit/worker.sock"}
+    without = {**doc, "workers": {"audit": "unix:/run/kms/audit/worker.sock"}}  # hrss spawned: its PIN is needed
+    assert "domains.hrss: missing setting 'pin'" in _error(config.load, _write(tmp_path / "k2.yaml", without))
+    no_audit = {**doc, "workers": {"hrss": "unix:/run/h.sock"}}
+    assert "audit: missing setting 'pin'" in _error(config.load, _write(tmp_path / "k3.yaml", no_audit))
+
+
+@pytest.mark.parametrize(("workers", "message"), [
+    ({"hsm": "unix:/run/x.sock"}, "workers: unknown setting 'hsm'"),
+    ({"hrss": "127.0.0.1:7000"}, "workers.hrss must be unix:PATH"),
+    ({"hrss": "unix:"}, "workers.hrss must be unix:PATH"),
+    ({"hrss": f"unix:/{'x' * 120}"}, "workers.hrss: the socket path is longer than 107 bytes"),
+    ({"audit": "unix:/run/a.sock"}, "workers.audit: there is no 'audit' section"),
+])
+def test_bad_worker_endpoints_are_named(tmp_path: Path, workers: dict[str, str], message: str) -> None:
+    assert message in _error(config.load, _write(tmp_path / "kms.yaml", _issuer(workers=workers)))
+
+
+def test_a_worker_endpoint_needs_its_domain_configured(tmp_path: Path) -> None:
+    doc = _issuer(domains={"hrss": {"token": "kms-hrss", "pin": "file:p"}}, workers={"bank": "unix:/run/b.sock"})
+    assert "workers.bank: the bank domain is not configured (domains.bank)" in _error(
+        config.load, _write(tmp_path / "kms.yaml", doc))
+
+
+def test_a_worker_configuration_holds_its_own_domain_or_only_the_audit_section(tmp_path: Path) -> None:
+    audit_only = {k: v for k, v in _issuer(audit=_AUDIT, worker={"listen": "unix:s/audit.sock",
+                                                                  "socket_group": "kms-front"}).items()
+                  if k != "domains"}
+    cfg = config.load(_write(tmp_path / "worker-audit.yaml", audit_only))
+    assert cfg.domains == {} and cfg.audit is not None and cfg.audit.pin is not None
+    assert cfg.worker == config.WorkerConfig(f"unix:{tmp_path.resolve() / 's/audit.sock'}", "kms-front")
+    served = {k: v for k, v in _issuer(server={"listen": "127.0.0.1:0", "tls": {}}, audit=_AUDIT).items()
+              if k != "domains"}  # kms serve's configuration still needs its domains
+    assert "top level: missing setting 'domains'" in _error(config.load, _write(tmp_path / "kms.yaml", served))
+    for bad, message in (({"listen": "/run/x.sock"}, "worker.listen must be unix:PATH"),
+                         ({"socket_group": ""}, "worker.socket_group must be a group name"),
+                         ({"threads": 4}, "worker: unknown setting 'threads'")):
+        assert message in _error(config.load, _write(tmp_path / "w.yaml", _issuer(worker=bad)))

@@ -44,6 +44,8 @@ from kms.errors import (
     Unavailable,
 )
 from kms.server import frame as server
+from kms.server import worker
+from kms.v1 import worker_pb2 as pb_worker
 
 #: One instance of every KmsError class, built the way kms builds it.
 EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
@@ -116,6 +118,23 @@ def test_every_error_class_is_covered() -> None:
     _kms_modules()
     classes = {c for c in {KmsError, *_all_subclasses(KmsError)} if c.__module__.startswith("kms.")}
     assert classes == set(EXAMPLES) == set(MAPPING)
+
+
+@pytest.mark.parametrize("cls", list(EXAMPLES), ids=lambda c: c.__name__)
+def test_every_error_crosses_the_worker_api_as_itself(cls: type[KmsError]) -> None:
+    error = EXAMPLES[cls]()
+    back = worker.error_from(pb_worker.WorkerError.FromString(worker.error_message(error).SerializeToString()))
+    assert type(back) is cls and str(back) == str(error) and back.retryable == error.retryable
+    assert (errors.grpc_status_name(back), errors.exit_code(back)) == (errors.grpc_status_name(error),
+                                                                       errors.exit_code(error))
+    for name in errors.CARRIED:
+        assert getattr(back, name, "") == getattr(error, name, "")
+
+
+def test_a_worker_error_of_a_kind_the_tree_does_not_define_is_a_plain_kms_error() -> None:
+    for kind in ("SystemExit", "ValueError", "KmsError", "kms.errors.HsmError", ""):
+        back = worker.error_from(pb_worker.WorkerError(kind=kind, message="m", retryable=True))
+        assert type(back) is KmsError and str(back) == "m" and back.retryable
 
 
 @pytest.mark.parametrize("cls", list(MAPPING), ids=lambda c: c.__name__)
@@ -293,11 +312,23 @@ def _subclasses(cls: type) -> set[type]:
     return found
 
 
+#: The internal services of the worker services (kms.server.worker): generic handlers whose every error ends the call
+#: through that module's own abort (the kms error also in the trailing metadata), not servicer classes.
+_INTERNAL = {"DomainWorker": worker.DomainWorker(None), "AuditSignerWorker": worker.AuditSignerWorker(None)}  # type: ignore[arg-type]
+
+
 def test_every_servicer_method_of_every_service_goes_through_service_method() -> None:
     _kms_modules()
     services = _servicer_bases()
-    assert set(services) == {"IssuanceService", "BatchService", "CardService", "CeremonyService", "AuditService"}
+    assert set(services) == {"IssuanceService", "BatchService", "CardService", "CeremonyService", "AuditService",
+                             *_INTERNAL}
+    for name in _INTERNAL:  # the worker services' handlers: every method, each error through kms.server.worker
+        handlers = _INTERNAL[name].handlers()._method_handlers  # type: ignore[attr-defined]
+        methods = pb_worker.DESCRIPTOR.services_by_name[name].methods
+        assert set(handlers) == {f"/kms.v1.{name}/{m.name}" for m in methods}
     for name, base in services.items():
+        if name in _INTERNAL:
+            continue
         implementations = {c for c in _subclasses(base) if c.__module__.startswith("kms.")}
         assert implementations, f"no implementation of {name} in kms"
         descriptor = importlib.import_module(base.__module__.removesuffix("_grpc")).DESCRIPTOR.services_by_name[name]

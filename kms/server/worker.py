@@ -72,12 +72,11 @@ AUDIT_SERVICE = pb.DESCRIPTOR.services_by_name["AuditSignerWorker"].full_name
 
 def error_message(error: KmsError) -> pb.WorkerError:
     return pb.WorkerError(kind=type(error).__name__, message=str(error), retryable=error.retryable,
-                          **{k: str(getattr(error, k)) for k in errors.CARRIED if k != "mechanism"
-                             and isinstance(getattr(error, k, None), str)})
+                          **{k: getattr(error, k) for k in errors.CARRIED if isinstance(getattr(error, k, None), str)})
 
 
 def error_from(message: pb.WorkerError) -> KmsError:
-    attributes = {k: getattr(message, k) for k in ("field", "reason", "limit") if getattr(message, k)}
+    attributes = {k: getattr(message, k) for k in errors.CARRIED}
     return errors.rebuilt(message.kind, message.message, message.retryable, attributes)
 
 

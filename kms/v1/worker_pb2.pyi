@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerError(_message.Message):
-    __slots__ = ("kind", "message", "retryable", "field", "reason", "limit")
+    __slots__ = ("kind", "message", "retryable", "field", "reason", "limit", "mechanism")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
     kind: str
     message: str
     retryable: bool
     field: str
     reason: str
     limit: str
-    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ..., limit: _Optional[str] = ...) -> None: ...
+    mechanism: str
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ..., limit: _Optional[str] = ..., mechanism: _Optional[str] = ...) -> None: ...
 
 class ProtectedPan(_message.Message):
     __slots__ = ("sealed", "index", "pan_psn_index", "masked")
