@@ -12,8 +12,8 @@ error (kms.errors.rebuilt).
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 START_SECONDS = 30.0  # how long ``start`` waits for a worker service that is starting too
 CALL_SECONDS = 600.0  # a chunk or key operation (a worker may be replacing its processes meanwhile)
+WATCHER_SECONDS = 0.3
 CONNECT_SECONDS = 2.0  # how long a call waits for a channel that is reconnecting (its backoff is at most 1 s)
 _OPTIONS = [("grpc.max_receive_message_length", api.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", api.MAX_MESSAGE_BYTES),
@@ -66,12 +67,18 @@ class _Remote:
         self.refused: HsmLoginFailed | None = None
         self.restarts = 0
         self.processes = 1
+        self._watched = 0.0  # time.monotonic() of the last ``connect``
 
     def connect(self, seconds: float = CONNECT_SECONDS) -> None:
         """Wait up to ``seconds`` for the channel to be connected (a worker service that just came back: the channel
         is reconnecting); a call made after that fails at once if the service is still not there."""
-        with contextlib.suppress(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(self.channel).result(timeout=seconds)
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            ready.cancel()  # no longer watching the channel
+        finally:
+            self._watched = time.monotonic()
 
     def _unary(self, method: Callable[..., Any], request: Any, timeout: float, *, wait: bool = False) -> Any:
         if not wait:
@@ -120,10 +127,13 @@ class _Remote:
         return []
 
     def close(self) -> None:
+        # gRPC's connectivity watcher (``connect``) polls the channel until 0.2 s after its last subscriber left; a
+        # channel closed before that makes it fail in its own thread.
+        time.sleep(max(0.0, self._watched + WATCHER_SECONDS - time.monotonic()))
         self.channel.close()
 
     def terminate(self) -> None:
-        self.channel.close()
+        self.close()
 
 
 class RemotePool(_Remote):

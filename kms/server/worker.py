@@ -465,13 +465,17 @@ def prepare_socket(listen: str, setting: str = "worker.listen") -> Path:
     return path
 
 
+def group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"worker.socket_group: no group named {group!r}") from None
+
+
 def secure_socket(path: Path, group: str | None) -> None:
     """Mode 0660 on the bound socket (it was created more private still: kms's umask), its group ``group``."""
     if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"worker.socket_group: no group named {group!r}") from None
+        gid = group_id(group)
         try:
             os.chown(path, -1, gid)
         except OSError as error:
@@ -508,6 +512,8 @@ class WorkerService:
             raise ConfigError(f"{cfg.path}: worker.listen is not set (or give --listen unix:PATH)")
         self.listen = listen
         group = cfg.worker.socket_group if cfg.worker is not None else None
+        if group is not None:
+            group_id(group)  # before any login
         self.socket = prepare_socket(listen)
         self.health = health.HealthServicer()
         self.pool: DomainPool | None = None
@@ -535,7 +541,12 @@ class WorkerService:
                 port = 0
             if port == 0:
                 raise ConfigError(f"worker.listen {listen}: cannot listen there")
-            secure_socket(self.socket, group)
+            try:
+                secure_socket(self.socket, group)
+            except BaseException:
+                self.server.stop(None)
+                self.socket.unlink(missing_ok=True)
+                raise
             self.server.start()
         except BaseException:
             self._end_processes(wait=False)

@@ -5,6 +5,7 @@ has its own test."""
 
 from __future__ import annotations
 
+import grp
 import os
 import secrets
 import signal
@@ -205,13 +206,16 @@ def test_a_killed_worker_service_is_unavailable_then_back(home: Home, workers: W
     workers.stop("hrss", signal.SIGKILL)  # its worker processes end with it (kms.processes)
     failing = remote.health.check_now()
     assert failing == {"hsm.hrss": "the worker service cannot be reached"}, failing
-    assert remote.health.servicer is not None
+    ready, _, services = remote.health.status()
+    assert not ready and services["kms.v1.IssuanceService"] == services["kms.v1.CeremonyService"] == "NOT_SERVING"
+    assert services["kms.v1.CardService"] == services["kms.v1.AuditService"] == "SERVING"  # they need no hrss token
     with service_client(home, remote, "station-a1") as st, pytest.raises(Unavailable):
         list(st.stream_batch(batch, retries=0))
     with pytest.raises(Unavailable, match="the hrss worker service is unavailable"):
         list(remote.pools.pools["hrss"].seal([Job(card(1), "S-1")], batch, "bureau-a", "dual-app-v1"))
     workers.start("hrss")  # the socket its predecessor left is found stale and replaced
     assert remote.health.check_now() == {}
+    assert remote.health.status()[0]
     with service_client(home, remote, "station-a1") as st:
         assert len(list(st.stream_batch(batch))) == 10
 
@@ -257,6 +261,26 @@ def test_a_worker_refuses_to_start_on_a_wrong_pin_or_an_open_socket_directory(wo
     assert done.returncode == 3 and "another process listens there" in done.stderr, done.stderr
     done = _worker("--domain", "bank", "--config", str(workers.layout.front))  # the front end's: no PIN
     assert done.returncode == 3 and "domains.bank.pin is not set" in done.stderr, done.stderr
+
+
+def test_the_socket_is_given_to_the_socket_group(workers: Workers, sockets: Path) -> None:
+    doc = yaml.safe_load(workers.layout.workers["hrss"].read_text())
+    doc["worker"] = {"listen": f"unix:{sockets / 'grouped' / 'w.sock'}", "socket_group": "kms-no-such-group"}
+    path = workers.layout.workers["hrss"].with_name("worker-hrss-grouped.yaml")
+    path.write_text(yaml.safe_dump(doc))
+    done = _worker("--domain", "hrss", "--config", str(path))
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "kms: error: worker.socket_group: no group named 'kms-no-such-group'"
+    doc["worker"]["socket_group"] = grp.getgrgid(os.getegid()).gr_name
+    path.write_text(yaml.safe_dump(doc))
+    grouped = Workers(WorkerLayout(workers.layout.front, {"hrss": path}, {"hrss": doc["worker"]["listen"]}),
+                      workers.logs)
+    grouped.start("hrss")
+    try:
+        info = (sockets / "grouped" / "w.sock").stat()
+        assert info.st_gid == os.getegid() and stat.S_IMODE(info.st_mode) == 0o660
+    finally:
+        assert grouped.stop("hrss") == 0
 
 
 def test_sigterm_drains_and_removes_the_socket(workers: Workers) -> None:
