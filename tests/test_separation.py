@@ -265,18 +265,25 @@ def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
     d, (services, _) = deployment, running
     pins = _pins(d)
     assert set(pins) == set(SIGNERS)
-    for component in SIGNERS:
+    for component in SIGNERS:  # the service and its worker processes (those logged into the token)
         uid = run_as(d.users.of(component))["user"]
         tree = _tree(services.procs[component].pid)
+        assert len(tree) >= 2, (component, tree)
         assert all(set(_uids(pid)) == {uid} for pid in tree), (component, {pid: _uids(pid) for pid in tree})
+    # Nothing secret in the front end's environment, nor in anything a service wrote to stderr: no PIN, no
+    # secret_id of any AppRole.
+    approles = [d.layout.approle(c) for c in ("front", *SIGNERS)]
+    secret_ids = [found[1].read_text(encoding="utf-8").strip() for found in approles if found is not None]
+    assert len(secret_ids) == (4 if d.openbao else 0)
+    values = [*pins.values(), *secret_ids]
     front_uid = run_as(d.users.front)["user"]
     for pid in _tree(services.procs["front"].pid):
         assert set(_uids(pid)) == {front_uid}
         environ = Path(f"/proc/{pid}/environ").read_bytes()
-        assert not any(pin.encode() in environ for pin in pins.values())
+        assert not any(value.encode() in environ for value in values)
         assert b"PIN" not in environ.upper()
-    for name in services.procs:  # and none in what any service wrote to stderr
-        assert not any(pin in services.stderr(name) for pin in pins.values()), name
+    for name in services.procs:
+        assert not any(value in services.stderr(name) for value in values), name
 
 
 def test_who_can_read_what(deployment: Deployment, running: tuple[Services, int]) -> None:
