@@ -15,11 +15,18 @@ OFFICER = Principal("officer", "alice", domain="hrss")
 AUDITOR = Principal("auditor", "carol")
 
 
-def _all_kms_methods() -> list[str]:
-    """Every method of every service of every .proto file under protos/kms/v1 (through its generated module)."""
+#: The worker services' internal API: served only on their Unix sockets (kms.server.worker), never by the mutual TLS
+#: server, whose policy therefore names none of its methods (default deny).
+INTERNAL = "worker.proto"
+
+
+def _all_kms_methods(internal: bool = False) -> list[str]:
+    """Every method of every service of every .proto file under protos/kms/v1 (through its generated module), but
+    the internal API's (only those with ``internal``)."""
     import importlib
 
-    protos = sorted((Path(__file__).resolve().parents[2] / "protos" / "kms" / "v1").glob("*.proto"))
+    protos = [p for p in sorted((Path(__file__).resolve().parents[2] / "protos" / "kms" / "v1").glob("*.proto"))
+              if (p.name == INTERNAL) == internal]
     modules = [importlib.import_module(f"kms.v1.{proto.stem}_pb2") for proto in protos]
     return [f"/{service.full_name}/{method.name}"
             for module in modules for service in module.DESCRIPTOR.services_by_name.values()
@@ -31,6 +38,8 @@ def test_every_method_of_every_kms_service_has_a_policy_entry() -> None:
     assert "/kms.v1.IssuanceService/IssueCard" in methods
     assert "/kms.v1.CardService/ReportLost" in methods
     assert Policy.load().missing(methods) == []
+    internal = _all_kms_methods(internal=True)
+    assert "/kms.v1.DomainWorker/KeyOperation" in internal and Policy.load().missing(internal) == sorted(internal)
 
 
 def test_roles_and_default_deny() -> None:

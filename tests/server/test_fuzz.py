@@ -62,10 +62,11 @@ AUDITOR = Principal("auditor", AUDITORS[0])
 
 
 def kms_methods() -> list[tuple[str, MethodDescriptor]]:
-    """Every RPC of every service in the kms.v1 protobuf package: (full method path, descriptor)."""
+    """Every RPC of every service in the kms.v1 protobuf package: (full method path, descriptor); not the worker
+    services' internal API (worker.proto), which this server does not serve (tests/server/test_worker.py)."""
     found = []
     for module_info in pkgutil.iter_modules(kms.v1.__path__):
-        if not module_info.name.endswith("_pb2"):
+        if not module_info.name.endswith("_pb2") or module_info.name == "worker_pb2":
             continue
         module = importlib.import_module(f"kms.v1.{module_info.name}")
         for service_descriptor in module.DESCRIPTOR.services_by_name.values():
