@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -553,7 +554,7 @@ def station_bundles(args: Any, home: Home, cfg: config.Config) -> tuple[list[byt
     return warmup_bundles, bundles
 
 
-STATION_BLOCK = 2 * STATION_CHUNK  # bundles per timed block of part 4; the sides take turns block by block
+STATION_BLOCK = 4 * STATION_CHUNK  # bundles per timed block of part 4; the sides take turns block by block
 
 
 class RawSide:
@@ -575,13 +576,13 @@ class StationSide:
     bundles: Station.open_many (``chunk`` bundles per ledger commit) or, with chunk 0, Station.open (a commit per
     bundle); keys checked, not stored; serials recorded in a fresh ledger of its own."""
 
-    def __init__(self, station_config: str, ledger_url: str, chunk: int) -> None:
+    def __init__(self, station_config: str, ledger_url: str, chunk: int, check_ahead: bool = True) -> None:
         cfg = config.load_station(Path(station_config))
         self._ledger = store.make_engine(ledger_url)
         store.create_station_ledger(self._ledger)
         self._session = runtime.open_station(cfg)
         self._station = Station(cfg.name, cfg.bureau, cfg.domains, self._session, TrustStore.load(cfg.trust),
-                                self._ledger, SystemClock())
+                                self._ledger, SystemClock(), check_ahead=check_ahead)
         self._chunk = chunk
 
     def run(self, bundles: list[bytes]) -> tuple[int, int]:
@@ -602,6 +603,7 @@ class StationSide:
         return keys, bad
 
     def close(self) -> None:
+        self._station.close()
         self._session.close()
         self._ledger.dispose()
 
@@ -660,7 +662,8 @@ def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundle
     try:
         for name, (kind, setup) in sides.items():
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=side_worker, args=(child, kind, setup, warmup, bundles), daemon=True)
+            # not daemonic: a station side starts a checking process of its own (Station.open_many)
+            proc = ctx.Process(target=side_worker, args=(child, kind, setup, warmup, bundles))
             proc.start()
             child.close()
             workers.append((name, parent, proc))
@@ -668,9 +671,9 @@ def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundle
             if not parent.poll(300) or _answer(name, parent) != "ready":
                 raise BenchFailed(f"part 4: the {name} side did not start")
         totals = {name: (0.0, 0, 0) for name, _, _ in workers}
+        orders = list(itertools.permutations(workers))  # each side in each place and after each other side alike
         for i, lo in enumerate(range(0, len(bundles), STATION_BLOCK)):
-            k = i % len(workers)
-            for name, parent, _ in workers[k:] + workers[:k]:
+            for name, parent, _ in orders[i % len(orders)]:
                 parent.send((lo, lo + STATION_BLOCK))
                 seconds, keys, bad = _answer(name, parent)
                 t, n, b = totals[name]
@@ -701,13 +704,16 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
     raw_setup = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.pin.resolve())
     keys = sum(len(wrapped) for _, wrapped in unwrap_plan(bundles))
     ledgers = iter(range(2 * args.rounds))
+
+    def fresh_ledger() -> str:
+        path = home.path / f"bench-ledger-{next(ledgers)}.db"
+        path.unlink(missing_ok=True)
+        return f"sqlite:///{path}"
+
     times: dict[str, list[float]] = {"raw": [], "many": [], "each": []}
     for _ in range(args.rounds):
-        sides = {"raw": ("raw", raw_setup),
-                 "many": ("station", (station_config, f"sqlite:///{home.path / f'bench-ledger-{next(ledgers)}.db'}",
-                                      STATION_CHUNK)),
-                 "each": ("station", (station_config, f"sqlite:///{home.path / f'bench-ledger-{next(ledgers)}.db'}",
-                                      0))}
+        sides = {"raw": ("raw", raw_setup), "many": ("station", (station_config, fresh_ledger(), STATION_CHUNK)),
+                 "each": ("station", (station_config, fresh_ledger(), 0))}
         for name, (seconds, checked, bad) in station_round(sides, warmup, bundles).items():
             if bad:
                 raise BenchFailed(f"part 4, {name}: {bad} bundles refused or with a KCV that does not match")
