@@ -13,9 +13,9 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
@@ -185,25 +185,73 @@ def check(data: bytes, bureau: str, domains: tuple[str, ...], trust: TrustStore)
 
 # -- the checking process of Station.open_many: parsing and signatures, pipelined with the token's work -----------
 
-_checker: tuple[str, tuple[str, ...], TrustStore] | None = None  # in the checking process: bureau, domains, trust
+class _Checker:
+    """The checking process of a station's ``open_many``: it parses and verifies the chunks sent to it over a
+    pipe, in order, and answers with each bundle checked or the reason it is refused. A pipe and a process, no
+    thread in the station's process (a thread would take the GIL from the token calls). It ends when the station
+    closes it, or when the station's process ends (its pipe closes)."""
+
+    def __init__(self, bureau: str, domains: tuple[str, ...], trust: TrustStore) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_checker_main, args=(child, bureau, domains, trust.spkis()),
+                                    name="kms-station-checker", daemon=True)
+        self._process.start()
+        child.close()
+        self._sent = self._received = 0
+        self._answers: dict[int, list[_Checked | str]] = {}
+
+    def submit(self, block: list[bytes]) -> int:
+        """Send a chunk to be checked; returns its ticket for ``result``. The answers sent before are read first
+        (their chunks are checked by then: open_many needs the answer before this one next), so that neither
+        side ever waits to write into a pipe the other is not reading."""
+        while self._received < self._sent:
+            self._take()
+        self._conn.send((self._sent, block))
+        self._sent += 1
+        return self._sent - 1
+
+    def result(self, ticket: int) -> list[_Checked | str]:
+        """The answer to ``ticket``: EOFError or OSError if the checking process is gone. Answers to earlier
+        tickets nobody took (an open_many left early) are dropped."""
+        while ticket not in self._answers:
+            self._take()
+        for stale in [t for t in self._answers if t < ticket]:
+            del self._answers[stale]
+        return self._answers.pop(ticket)
+
+    def _take(self) -> None:
+        seq, results = self._conn.recv()
+        self._received += 1
+        self._answers[seq] = cast(list[_Checked | str], results)
+
+    def close(self) -> None:
+        self._conn.close()  # the checking process reads EOF and ends
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
 
-def _start_checker(bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]]) -> None:
-    global _checker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the station's to handle: it checks in-process
-    _checker = (bureau, domains, TrustStore.from_spkis(spkis))
-
-
-def _check_chunk(chunk: list[bytes]) -> list[_Checked | str]:
-    """In the checking process: each bundle checked, or the reason it is refused."""
-    assert _checker is not None
-    results: list[_Checked | str] = []
-    for data in chunk:
-        try:
-            results.append(check(data, *_checker))
-        except _Refused as refused:
-            results.append(refused.reason)
-    return results
+def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the station's to handle
+    trust = TrustStore.from_spkis(spkis)
+    try:
+        while True:
+            seq, block = conn.recv()
+            results: list[_Checked | str] = []
+            for data in block:
+                try:
+                    results.append(check(data, bureau, domains, trust))
+                except _Refused as refused:
+                    results.append(refused.reason)
+            conn.send((seq, results))
+    except (EOFError, OSError):  # the station closed the pipe, or its process ended
+        return
 
 
 class Station:
@@ -227,13 +275,13 @@ class Station:
         self._ledger = ledger
         self._clock = clock
         self._check_ahead = check_ahead
-        self._checker: ProcessPoolExecutor | None = None
+        self._checker: _Checker | None = None
 
     def close(self) -> None:
         """Stop the checking process of ``open_many``, if one was started (it also ends with this process)."""
         if self._checker is not None:
-            self._checker.shutdown(cancel_futures=True)
-            self._checker = None
+            checker, self._checker = self._checker, None
+            checker.close()
 
     def __enter__(self) -> Station:
         return self
@@ -288,7 +336,7 @@ class Station:
         if chunk < 1:
             raise InvalidArgument("chunk", "must be at least 1")
         source = iter(bundles)
-        pending: tuple[list[bytes], Future[list[_Checked | str]] | None] | None = None  # read, not yet opened
+        pending: tuple[list[bytes], int | None] | None = None  # read, not yet opened
         while True:
             block, failure = _take(source, chunk)
             job = None
@@ -304,27 +352,25 @@ class Station:
                     raise failure
                 return
 
-    def _submit(self, block: list[bytes]) -> Future[list[_Checked | str]] | None:
+    def _submit(self, block: list[bytes]) -> int | None:
         """``block`` checked in the checking process (started on first use), or None: checked here."""
         if not self._check_ahead:
             return None
         try:
             if self._checker is None:
-                self._checker = ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_checker,
-                    initargs=(self.bureau, self.domains, self._trust.spkis()))
-            return self._checker.submit(_check_chunk, block)
+                self._checker = _Checker(self.bureau, self.domains, self._trust)
+            return self._checker.submit(block)
         except Exception as error:
             log.warning("bundle checks in-process: the checking process is unavailable (%s)", type(error).__name__)
             self._check_ahead = False
             self.close()
             return None
 
-    def _check_block(self, block: list[bytes], ahead: Future[list[_Checked | str]] | None
+    def _check_block(self, block: list[bytes], ahead: int | None
                      ) -> list[_Checked | BundleRejected]:
-        if ahead is not None:
+        if ahead is not None and self._checker is not None:
             try:
-                results = ahead.result()
+                results = self._checker.result(ahead)
             except Exception as error:
                 log.warning("bundle checks in-process: the checking process failed (%s)", type(error).__name__)
                 self._check_ahead = False
@@ -339,7 +385,7 @@ class Station:
                 checked.append(rejected)
         return checked
 
-    def _open_chunk(self, block: list[bytes], ahead: Future[list[_Checked | str]] | None
+    def _open_chunk(self, block: list[bytes], ahead: int | None
                     ) -> list[OpenReport | BundleRejected]:
         try:
             return self._open_chunk_once(self._check_block(block, ahead))
