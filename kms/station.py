@@ -320,7 +320,7 @@ class Station:
         bundle — on a disk with slow syncs most of what opening one bundle costs.
 
         Pipelined: while the token unwraps one chunk's keys, the next chunk is parsed and its signatures verified
-        in a checking process of this station's (started at the first second chunk, with ``check_ahead``; threads
+        in a checking process of this station's (started when a second chunk arrives, with ``check_ahead``; threads
         would wait for each other's GIL): a chunk is read from ``bundles`` before the one before it is opened.
         Every bundle is still checked before its keys are unwrapped; if the checking process fails, the chunk is
         checked here.
