@@ -15,6 +15,13 @@
 6. the import ceremony's minutes are exported and verified offline;
 7. the auditor exports the audit log and verifies it offline with the audit public key (every issued card has its
    record); the server is stopped, and a summary printed.
+
+`--secrets openbao` (`make demo-openbao`, as root) runs the same flow on the production layout
+(docs/deployment.md): a real OpenBao (`bao server -dev`) with the policies of deploy/openbao/ and an AppRole per
+component, each PIN moved from the home into OpenBao, the home split for four OS users (kms.dev.separation), the
+worker services (hrss, bank, the audit signer anchoring its checkpoints) and `kms serve` each run as its own user;
+then `kms audit check-anchors` on the export, and the table of the processes that ran with what each user can read,
+measured. The services, OpenBao, the OS users and the layout are removed at the end. Not root: one line, exit 2.
 """
 
 from __future__ import annotations
