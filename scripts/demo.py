@@ -479,7 +479,8 @@ def separated(args: argparse.Namespace) -> int:
 
 def _made(created: Sequence[str]) -> str:
     groups = sum(name.startswith("group:") for name in created)
-    return f"made here: {len(created) - groups} users, {groups} groups"
+    users = len(created) - groups
+    return f"made here: {users} user{'s' * (users != 1)}, {groups} group{'s' * (groups != 1)}"
 
 
 def _user_exists(name: str) -> bool:
