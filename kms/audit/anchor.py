@@ -484,9 +484,9 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
                                              f"anchored{when} ({len(later)} anchors after the export's end): the log "
                                              f"was cut back, or the export is older than anchor {cut}{advice}",
                    len(within))
-    if anchors and not within:
-        return bad(first, "nothing compared", f"{len(anchors)} anchors exist but none is within the export (up to "
-                                              f"record {end})", 0)
+    if read and not any(s <= end for s in anchors):
+        return bad(first or newest, "nothing compared", f"{read} anchors exist but none is within the export (up "
+                                                        f"to record {end}): nothing was compared", 0)
     for count, size in enumerate(within, start=1):
         anchor, mine = anchors.get(size), exported.get(size)
         if anchor is None:
