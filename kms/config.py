@@ -15,7 +15,7 @@ import yaml
 from kms.errors import ConfigError
 from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
-from kms.secrets import OpenBaoSettings, SecretRef
+from kms.secrets import OpenBaoSettings, SecretRef, check_address
 from kms.secrets import resolve as resolve_secret
 from kms.validation import unknown_keys
 
@@ -164,12 +164,19 @@ class DatabaseSetting:
 WORKER_NAMES = (*DOMAINS, "audit")
 
 
+#: Two of the largest batches (kms.issuance.batches.MAX_BATCH_CARDS) an hour, with room for look-ups.
+DEFAULT_PAN_QUOTA_PER_HOUR = 250_000
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """A worker service's own settings (``kms worker``; the ``worker`` section of its configuration)."""
 
     listen: str | None = None  # unix:PATH (absolute)
     socket_group: str | None = None  # the group the socket is given to (the front end's)
+    #: PANs a bank worker service protects in any one hour (kms.server.worker._protect): the bound on how many
+    #: candidate PANs a front end that was taken over can have indexed (docs/deployment.md).
+    pan_quota_per_hour: int = DEFAULT_PAN_QUOTA_PER_HOUR
 
 
 @dataclass(frozen=True)
@@ -433,12 +440,14 @@ def _workers(path: Path, doc: Any) -> dict[str, str]:
 
 
 def _worker(path: Path, doc: Any) -> WorkerConfig:
-    doc = _only(path, "worker", doc, set(), {"listen", "socket_group"})
+    doc = _only(path, "worker", doc, set(), {"listen", "socket_group", "pan_quota_per_hour"})
     group = doc.get("socket_group")
     if group is not None and (not isinstance(group, str) or not group):
         raise ConfigError(f"{path}: worker.socket_group must be a group name")
     return WorkerConfig(listen=unix_socket(path, doc["listen"], "worker.listen") if "listen" in doc else None,
-                        socket_group=group)
+                        socket_group=group,
+                        pan_quota_per_hour=_int(doc, "pan_quota_per_hour", DEFAULT_PAN_QUOTA_PER_HOUR, 1,
+                                                100_000_000, "worker"))
 
 
 def _audit(path: Path, doc: Any, openbao: OpenBaoSettings | None = None, remote: bool = False) -> AuditConfig:
@@ -547,8 +556,10 @@ def _openbao(path: Path, doc: Any) -> OpenBaoSettings | None:
         return None
     doc = _only(path, "openbao", doc, {"address", "approle"}, {"ca_cert", "cache_seconds", "timeout_seconds"})
     address = doc["address"]
-    if not isinstance(address, str) or not address.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}: openbao.address must be an http:// or https:// URL")
+    try:
+        check_address(address if isinstance(address, str) else repr(address))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     role = _only(path, "openbao.approle", doc["approle"], {"role_id"}, {"mount", "secret_id", "wrapped_secret_id"})
     ca = doc.get("ca_cert")
 

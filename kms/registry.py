@@ -230,10 +230,17 @@ def _public_key_detail(public_key: bytes | None) -> dict[str, str]:
 
 
 def _record(row: sa.Row[tuple[object, ...]]) -> KeyRecord:
+    """A row as a record. The token label is derived from the row's domain, kind, name and version (kms.hsm.labels),
+    never taken from its ``label`` column: a row changed by another user of the database cannot point a worker at
+    another key of its token (a row whose label disagrees is refused)."""
     m = row._mapping
+    label = key_label(m["domain"], m["kind"], m["name"], m["version"])
+    if m["label"] != label:
+        raise InvalidState(f"the key registry row of {label} names another token label ({m['label']}): the "
+                           "database was changed outside kms")
     return KeyRecord(
         domain=m["domain"], kind=KeyKind(m["kind"]), name=m["name"], version=m["version"],
-        algorithm=m["algorithm"], state=KeyState(m["state"]), label=m["label"], kcv=m["kcv"],
+        algorithm=m["algorithm"], state=KeyState(m["state"]), label=label, kcv=m["kcv"],
         kcv_method=m["kcv_method"], public_key=m["public_key"], created_at=m["created_at"],
         state_changed_at=m["state_changed_at"],
     )

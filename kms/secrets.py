@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import ipaddress
 import logging
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,7 @@ class OpenBaoSettings:
     timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
+        check_address(self.address)
         if self.secret_id is None and self.wrapped_secret_id is None:
             raise ConfigError("openbao.approle: secret_id or wrapped_secret_id is needed")
         if self.secret_id is not None and self.wrapped_secret_id is not None and (
@@ -129,6 +132,32 @@ class OpenBaoSettings:
         for ref in (self.role_id, self.secret_id, self.wrapped_secret_id):
             if ref is not None and ref.scheme == "vault":
                 raise ConfigError("openbao.approle: the AppRole credentials are env: or file: references")
+
+
+def check_address(address: str, setting: str = "openbao.address") -> str:
+    """``address`` if OpenBao may be reached there: https, or plain http to a loopback address only (127.0.0.0/8,
+    ::1, localhost): over any other network a token, a secret_id and the secrets themselves would travel in clear.
+    ConfigError naming ``setting`` otherwise."""
+    try:
+        parsed = urllib.parse.urlsplit(address)
+        host = parsed.hostname or ""
+    except ValueError:
+        parsed, host = None, ""
+    if parsed is None or parsed.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{setting} must be an https:// URL (http:// only to a loopback address), not {address!r}")
+    if parsed.scheme == "http" and not _loopback(host):
+        raise ConfigError(f"{setting} {address}: plain http is allowed only to a loopback address (127.0.0.0/8, ::1, "
+                          "localhost); use https:// (and openbao.ca_cert) to reach OpenBao over a network")
+    return address
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reason(error: BaseException) -> str:

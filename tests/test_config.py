@@ -406,8 +406,12 @@ def test_a_worker_configuration_holds_its_own_domain_or_only_the_audit_section(t
     assert "top level: missing setting 'domains'" in _error(config.load, _write(tmp_path / "kms.yaml", served))
     for bad, message in (({"listen": "/run/x.sock"}, "worker.listen must be unix:PATH"),
                          ({"socket_group": ""}, "worker.socket_group must be a group name"),
+                         ({"pan_quota_per_hour": 0}, "worker.pan_quota_per_hour must be an integer from 1"),
                          ({"threads": 4}, "worker: unknown setting 'threads'")):
         assert message in _error(config.load, _write(tmp_path / "w.yaml", _issuer(worker=bad)))
+    assert cfg.worker.pan_quota_per_hour == config.DEFAULT_PAN_QUOTA_PER_HOUR
+    quota = config.load(_write(tmp_path / "w.yaml", _issuer(worker={"pan_quota_per_hour": 5000})))
+    assert quota.worker is not None and quota.worker.pan_quota_per_hour == 5000
 
 
 # -- the openbao block and what may be a reference (kms.secrets) ----------------------------------------------------
@@ -442,7 +446,11 @@ def test_the_openbao_block_with_a_wrapped_secret_id_and_its_options(tmp_path: Pa
 @pytest.mark.parametrize(("block", "message"), [
     ({**_OPENBAO, "token": "x"}, "openbao: unknown setting 'token'"),
     ({"approle": _OPENBAO["approle"]}, "openbao: missing setting 'address'"),
-    ({**_OPENBAO, "address": "bao.example:8200"}, "openbao.address must be an http:// or https:// URL"),
+    ({**_OPENBAO, "address": "bao.example:8200"}, "openbao.address must be an https:// URL"),
+    ({**_OPENBAO, "address": "http://bao.example:8200"},
+     "openbao.address http://bao.example:8200: plain http is allowed only to a loopback address"),
+    ({**_OPENBAO, "address": "http://10.0.0.5:8200"}, "plain http is allowed only to a loopback address"),
+    ({**_OPENBAO, "address": "http://127.0.0.1.example.com:8200"}, "plain http is allowed only to a loopback"),
     ({**_OPENBAO, "approle": {"role_id": "file:r"}}, "openbao.approle: secret_id or wrapped_secret_id is needed"),
     ({**_OPENBAO, "approle": {"role_id": "file:r", "secret_id": "env:S", "wrapped_secret_id": "file:w"}},
      "openbao.approle: with wrapped_secret_id, secret_id is the file:PATH the unwrapped secret_id is kept in"),
@@ -455,6 +463,13 @@ def test_the_openbao_block_with_a_wrapped_secret_id_and_its_options(tmp_path: Pa
 def test_a_bad_openbao_block_is_named(tmp_path: Path, block: dict[str, Any], message: str) -> None:
     message_got = _error(config.load, _write(tmp_path / "kms.yaml", _issuer(openbao=block)))
     assert message in message_got and CANARY not in message_got
+
+
+@pytest.mark.parametrize("address", ["https://bao.example:8200", "https://10.0.0.5", "http://127.0.0.1:8200",
+                                     "http://127.3.4.5:8200", "http://[::1]:8200", "http://localhost:8200"])
+def test_openbao_is_reached_over_https_or_plain_http_on_loopback_only(tmp_path: Path, address: str) -> None:
+    cfg = config.load(_write(tmp_path / "kms.yaml", _issuer(openbao={**_OPENBAO, "address": address})))
+    assert cfg.openbao is not None and cfg.openbao.address == address
 
 
 def test_a_vault_reference_without_an_openbao_block_is_refused_at_load(tmp_path: Path) -> None:

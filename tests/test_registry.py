@@ -65,6 +65,19 @@ def test_versions_count_up_per_name_and_label_follows(registry: KeyRegistry) -> 
     assert [r.domain for r in registry.all("hrss")] == ["hrss"]
 
 
+def test_a_row_whose_label_was_changed_outside_kms_is_refused(registry: KeyRegistry, engine: sa.Engine) -> None:
+    """The token label is derived from the row's domain, kind, name and version: another user of a shared database
+    who points the bank's PAN key row at the index key does not make a worker use the index key."""
+    registry.add("bank", KeyKind.DATA, "pan", "AES256", state=KeyState.ACTIVE)
+    registry.add("bank", KeyKind.DATA, "pan-index", "HMAC256", state=KeyState.ACTIVE)
+    with engine.begin() as conn:
+        conn.execute(store.keys.update().where(store.keys.c.label == "kms/bank/data/pan/v1")
+                     .values(label="kms/bank/data/pan-index/v1x"))
+    with pytest.raises(InvalidState, match=r"kms/bank/data/pan/v1 names another token label"):
+        registry.active("bank", KeyKind.DATA, "pan")
+    assert registry.active("bank", KeyKind.DATA, "pan-index").label == "kms/bank/data/pan-index/v1"
+
+
 def test_active_ignores_keys_that_are_not_active(registry: KeyRegistry) -> None:
     registry.add("bank", KeyKind.MASTER, "k", "DES2")
     registry.add("bank", KeyKind.MASTER, "k", "DES2", state=KeyState.PRE_ACTIVATION)

@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from kms.audit.log import GENESIS, Checkpoint, checkpoint_message
 from kms.config import Config
 from kms.errors import ConfigError, InvalidArgument, PermissionDenied, Unavailable
 from kms.files import private_dir, write_private
-from kms.secrets import OpenBao
+from kms.secrets import client_for
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +286,21 @@ def _first_line(error: BaseException) -> str:
 
 def connector(cfg: Config, *, timeout: float = TIMEOUT_SECONDS) -> ClientSource:
     """A function returning an hvac.Client logged in with the AppRole of the configuration's ``openbao`` block,
-    through a kms.secrets client of its own (login, token renewal, a wrapped secret_id as kms.secrets handles it)
-    whose requests time out after ``timeout`` seconds: an anchor write never holds a checkpoint for long."""
+    whose requests time out after ``timeout`` seconds: an anchor write never holds a checkpoint for long.
+
+    The login is this process's shared kms.secrets client's (``client_for``: login, token renewal, a wrapped
+    secret_id unwrapped once — a second client of its own would try the spent wrapping token again); the client
+    returned carries its token with a timeout of its own. Called again after a refusal (an expired token), it asks
+    the shared client, which renews or logs in again."""
     if cfg.openbao is None:
         raise ConfigError(f"{cfg.path}: audit.anchor needs the top-level 'openbao' block")
-    client = OpenBao(replace(cfg.openbao, timeout_seconds=timeout))
-    return client.client
+    settings = cfg.openbao
+    verify: bool | str = str(settings.ca_cert) if settings.ca_cert is not None else True
+
+    def connect() -> Any:
+        shared = client_for(settings).client()
+        return hvac.Client(url=settings.address, token=shared.token, verify=verify, timeout=timeout)
+    return connect
 
 
 def from_config(cfg: Config) -> Anchor | None:
@@ -306,8 +315,11 @@ def from_config(cfg: Config) -> Anchor | None:
 # -- the auditor's side: read the anchors, compare an export ---------------------------------------------------------
 
 
-def read_anchors(client: Any, mount: str, prefix: str, *, upto: int | None = None) -> dict[int, Checkpoint]:
-    """The anchored checkpoints by size (those up to ``upto`` and the first one after it, if given). Raises
+def read_anchors(client: Any, mount: str, prefix: str, *, upto: int | None = None,
+                 created: dict[int, str] | None = None) -> dict[int, Checkpoint]:
+    """The anchored checkpoints by size (those up to ``upto`` and the first one after it, if given; the auditor's
+    check reads them all). ``created``, if given, is filled with OpenBao's own creation time of each (information
+    only: ``compare`` never decides by a time). Raises
     PermissionDenied (the token may not list or read them), Unavailable (OpenBao cannot be reached) or
     InvalidArgument (an anchor is not an anchored checkpoint)."""
     folder = f"{prefix}/checkpoints"
@@ -322,8 +334,11 @@ def read_anchors(client: Any, mount: str, prefix: str, *, upto: int | None = Non
             sizes = [s for s in sizes if s <= upto] + after
         found = {}
         for size in sizes:
-            value = client.secrets.kv.v2.read_secret_version(path=anchor_path(prefix, size), mount_point=mount,
-                                                              raise_on_deleted_version=True)["data"]["data"]
+            answer = client.secrets.kv.v2.read_secret_version(path=anchor_path(prefix, size), mount_point=mount,
+                                                               raise_on_deleted_version=True)["data"]
+            value = answer["data"]
+            if created is not None:
+                created[size] = str((answer.get("metadata") or {}).get("created_time", ""))
             try:
                 checkpoint = from_value(value)
             except ValueError as error:
@@ -349,27 +364,34 @@ def read_anchors(client: Any, mount: str, prefix: str, *, upto: int | None = Non
 @dataclass(frozen=True)
 class AnchorVerdict:
     ok: bool
-    compared: int  # checkpoints compared (anchored or in the export, up to the export's end)
+    compared: int  # checkpoints compared (anchored or in the export, up to the export's end, or ``until``)
     anchors: int  # anchors read
     last_seq: int  # the export's last record
     newest: int  # the newest anchor's size (0: none)
     bad_size: int | None = None
-    problem: str = ""  # head, signature, missing in export, missing in anchor, anchor forged
+    problem: str = ""  # head, signature, missing in export, missing in anchor, anchor forged, nothing compared
     detail: str = ""
-    later: int = 0  # anchors after the export's end
+    later: int = 0  # anchors after the export's end (or after ``until``)
     before: int = 0  # the export's checkpoints before the first anchor (signed before anchoring began)
+    until: int | None = None  # the auditor compared only up to this size (--until)
+    omitted: int = 0  # records the export omits (a filtered export: only their digests are chained)
 
     def summary(self) -> str:
         if self.ok:
             before = f"; {self.before} checkpoints from before the first anchor not compared" if self.before else ""
+            until = (f"; compared only up to {self.until} as asked (--until): {self.later} later anchors not "
+                     "checked") if self.until is not None else ""
+            omitted = (f"; a filtered export: {self.omitted} records omitted (their digests chained, their "
+                       "contents not shown)") if self.omitted else ""
             return (f"anchors agree: {self.compared} checkpoints compared up to record {self.last_seq} "
-                    f"({self.anchors} anchors read; newest anchor at {self.newest}{before})")
+                    f"({self.anchors} anchors read; newest anchor at {self.newest}{before}{until}{omitted})")
         return f"audit log NOT anchored: checkpoint {self.bad_size}: {self.problem}: {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "compared": self.compared, "anchors": self.anchors, "last_seq": self.last_seq,
                 "newest_anchor": self.newest, "before_first_anchor": self.before, "bad_size": self.bad_size,
-                "problem": self.problem or None, "detail": self.detail or None}
+                "problem": self.problem or None, "detail": self.detail or None, "until": self.until,
+                "later_anchors": self.later, "omitted": self.omitted}
 
 
 _RECORD = re.compile(r'^\{"type":"record","seq":(\d+),"prev":"[0-9a-f]{64}","hash":"[0-9a-f]{64}","body":')
@@ -377,40 +399,48 @@ _OMITTED = re.compile(r'^\{"type":"omitted","seq":(\d+),.*"digest":"([0-9a-f]{64
 
 
 def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
-            public_key: ec.EllipticCurvePublicKey | None = None) -> AnchorVerdict:
-    """Hold an export (its lines) against the anchored checkpoints. Named first: the first checkpoint where the
-    history differs (``head``, ``anchor forged``, or the cut back of ``missing in export``); if the history agrees,
-    the first other disagreement. The kinds:
+            public_key: ec.EllipticCurvePublicKey | None = None, *, until: int | None = None,
+            created: Mapping[int, str] | None = None) -> AnchorVerdict:
+    """Hold an export (its lines) against every anchored checkpoint. Named first: the first checkpoint where the
+    history differs (``head``, ``anchor forged``); then an anchor beyond the export's end (``missing in export``);
+    if the history agrees, the first other disagreement. The kinds:
 
     - ``head``: the chain the export carries, recomputed from its records, is not the anchored head at that size;
     - ``signature``: the export's checkpoint at that size has the anchored head but another time or signature (the
       same head signed twice: a second replica, or the key used outside the signer);
     - ``missing in export``: a checkpoint was anchored at that size but the export carries none there, or the export
-      ends before an anchor made before its seal (the log was cut back);
+      ends before an anchor: the log was cut back, or the export is older than that anchor. Only the auditor can
+      tell the two apart, and says so with ``until`` (compare only up to that size; the verdict says so). No time
+      the export or an anchor carries decides it: both are signed by whoever holds the audit PIN;
     - ``missing in anchor``: the export carries a checkpoint that was never anchored (forged, or still in the
       signer's backlog: ``kms_audit_anchor_backlog``);
-    - ``anchor forged``: with ``public_key``, an anchor not signed by the audit key.
+    - ``anchor forged``: with ``public_key``, an anchor not signed by the audit key;
+    - ``nothing compared``: anchors exist but none is within the export (or ``until``).
 
-    The export's own integrity (links, hashes, signatures, seal) is ``kms audit verify``'s; run it first."""
+    ``created``: OpenBao's own creation time of each anchor (information shown in the verdict, never used to
+    decide). The export's own integrity (links, hashes, signatures, seal) is ``kms audit verify``'s; run it
+    first."""
+    read, beyond, newest = len(anchors), 0, max(anchors) if anchors else 0
+    if until is not None:
+        beyond = sum(1 for s in anchors if s > until)
+        anchors = {s: a for s, a in anchors.items() if s <= until}
     wanted = set(anchors)
     heads: dict[int, str] = {}
     exported: dict[int, Checkpoint] = {}
-    prev, last, sealed_at = GENESIS, 0, ""
+    prev, last, omitted = GENESIS, 0, 0
     for raw in lines:
         line = raw.rstrip("\n")
         match = _RECORD.match(line)
         if match is not None and line.endswith("}"):
             seq, digest = int(match.group(1)), hashlib.sha256(line[match.end():-1].encode()).digest()
-        elif (omitted := _OMITTED.match(line)) is not None:
-            seq, digest = int(omitted.group(1)), bytes.fromhex(omitted.group(2))
+        elif (skipped := _OMITTED.match(line)) is not None:
+            seq, digest = int(skipped.group(1)), bytes.fromhex(skipped.group(2))
+            omitted += 1
         elif line.startswith('{"type":"checkpoint"'):
             doc = json.loads(line)
             cp = Checkpoint(int(doc["size"]), str(doc["head"]), str(doc["at"]), str(doc["key"]),
                             bytes.fromhex(doc["signature"]))
             exported.setdefault(cp.size, cp)
-            continue
-        elif line.startswith('{"type":"export-seal"'):
-            sealed_at = str(json.loads(line).get("at", ""))
             continue
         else:
             continue
@@ -418,20 +448,21 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
         last = seq
         if seq in wanted:
             heads[seq] = prev.hex()
+    end = last if until is None else min(last, until)
     # Checkpoints signed before anchoring began (audit.anchor set on a running deployment) have no anchor to meet:
     # compared is what follows the first anchor. With no anchor at all, nothing is skipped (a wrong mount or prefix
     # must not pass for agreement).
     first = min(anchors) if anchors else 0
-    within = sorted({s for s in anchors if s <= last} | {s for s in exported if first <= s <= last})
+    within = sorted({s for s in anchors if s <= end} | {s for s in exported if first <= s <= end})
     later = sorted(s for s in anchors if s > last)
-    newest = max(anchors) if anchors else 0
 
     def bad(size: int, problem: str, detail: str, compared: int) -> AnchorVerdict:
-        return AnchorVerdict(False, compared, len(anchors), last, newest, size, problem, detail, len(later))
+        return AnchorVerdict(False, compared, read, last, newest, size, problem, detail, len(later),
+                             until=until, omitted=omitted)
 
-    # First the history: the first checkpoint where the chain differs from the anchored one (or an anchor is forged,
-    # or the log was cut back); only where the history agrees, the first checkpoint missing on either side or signed
-    # twice. A log rewritten and re-signed throughout is so named where its chain departs from the anchors.
+    # First the history: the first checkpoint where the chain differs from the anchored one (or an anchor is forged);
+    # then the cut back; only where the history agrees, the first checkpoint missing on either side or signed twice.
+    # A log rewritten and re-signed throughout is so named where its chain departs from the anchors.
     for count, size in enumerate(within, start=1):
         anchor, mine = anchors.get(size), exported.get(size)
         if anchor is None:
@@ -444,11 +475,18 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
         if mine is not None and mine.head != anchor.head:
             return bad(size, "head", f"the export's checkpoint at {size} names head {mine.head}, the anchored head "
                                      f"is {anchor.head}", count)
-    if later and sealed_at and anchors[later[0]].at < sealed_at:
-        cut = anchors[later[0]]
-        return bad(cut.size, "missing in export", f"the export ends at record {last} (sealed {sealed_at}), but a "
-                                                  f"checkpoint at {cut.size} was anchored before that ({cut.at}): "
-                                                  "the log was cut back", len(within))
+    if later:
+        cut = later[0]
+        when = f", created in OpenBao {created[cut]}" if created and cut in created else ""
+        advice = ("" if until is not None else
+                  f"; if this export is older than that anchor, compare it with --until {last}")
+        return bad(cut, "missing in export", f"the export ends at record {last}, but a checkpoint at {cut} was "
+                                             f"anchored{when} ({len(later)} anchors after the export's end): the log "
+                                             f"was cut back, or the export is older than anchor {cut}{advice}",
+                   len(within))
+    if read and not any(s <= end for s in anchors):
+        return bad(first or newest, "nothing compared", f"{read} anchors exist but none is within the export (up "
+                                                        f"to record {end}): nothing was compared", 0)
     for count, size in enumerate(within, start=1):
         anchor, mine = anchors.get(size), exported.get(size)
         if anchor is None:
@@ -463,8 +501,8 @@ def compare(lines: Iterable[str], anchors: Mapping[int, Checkpoint],
         if (mine.signature, mine.at, mine.key) != (anchor.signature, anchor.at, anchor.key):
             return bad(size, "signature", f"the export's checkpoint at {size} (signed {mine.at}) is not the anchored "
                                           f"one (signed {anchor.at}), though the head is the same", count)
-    return AnchorVerdict(True, len(within), len(anchors), last, newest, later=len(later),
-                         before=sum(1 for s in exported if s < first))
+    return AnchorVerdict(True, len(within), read, last, newest, later=beyond,
+                         before=sum(1 for s in exported if s < first), until=until, omitted=omitted)
 
 
 def _signed(checkpoint: Checkpoint, public_key: ec.EllipticCurvePublicKey) -> bool:

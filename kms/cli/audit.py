@@ -68,9 +68,13 @@ def add_parser(sub: Any) -> None:
         Compare an audit export with the checkpoints the audit signer anchored in OpenBao KV v2 (create-only, one
         entry per checkpoint: docs/audit.md, section 5): at every anchored size up to the export's end, the chain
         the export carries must have the anchored head, and the export's checkpoint there must be the anchored one;
-        every checkpoint of the export must be anchored. Prints a summary and exits 0 if they agree; otherwise
-        prints one line on stderr naming the first checkpoint where they disagree and what differs (head,
-        signature, missing in export, missing in anchor, anchor forged) and exits {NOT_VERIFIED}. Run kms audit
+        every checkpoint of the export must be anchored. Every anchor is read: one beyond the export's end fails
+        the check (the log was cut back, or the export is older than that anchor) unless --until N is given, which
+        compares only up to N and says so in the verdict; no time in the export or an anchor decides it (both are
+        signed by whoever holds the audit PIN). A filtered export is named as such in the verdict. Prints a summary
+        and exits 0 if they agree; otherwise prints one line on stderr naming the first checkpoint where they
+        disagree and what differs (head, signature, missing in export, missing in anchor, anchor forged, nothing
+        compared) and exits {NOT_VERIFIED}. Run kms audit
         verify first: it proves the export itself. OpenBao: --openbao-address and --token-file (an auditor's
         token, policy deploy/openbao/kms-auditor.hcl), or --config (a kms configuration with an openbao block and
         audit.anchor; logs in with its AppRole unless --token-file is given). Other exit statuses: 2 the file or
@@ -85,6 +89,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mount", help="the KV v2 mount (default: --config's audit.anchor.mount, else kv)")
     p.add_argument("--prefix", help="the path of the anchors in the mount (default: --config's, else kms/audit)")
     p.add_argument("--public-key", type=Path, help="the audit public key (PEM): every anchor's signature is checked")
+    p.add_argument("--until", type=int, metavar="N",
+                   help="compare only up to log size N (an export known to be older than the newest anchors); "
+                        "anchors after N are not checked, and the verdict says so")
     json_option(p, "the verdict")
 
 
@@ -209,6 +216,13 @@ def _check_anchors(args: argparse.Namespace) -> int:
     address = args.openbao_address or _openbao_address(cfg)
     if not address:
         raise errors.InvalidArgument("openbao_address", "is needed (or --config with an openbao block)")
+    if args.openbao_address:
+        from kms.secrets import check_address
+
+        try:
+            check_address(args.openbao_address, "--openbao-address")
+        except errors.ConfigError as error:
+            raise errors.InvalidArgument("openbao_address", str(error)) from None
     if args.token_file is not None:
         import hvac
 
@@ -225,12 +239,13 @@ def _check_anchors(args: argparse.Namespace) -> int:
         client = anchor.connector(cfg, timeout=30)()
     else:
         raise errors.InvalidArgument("token_file", "is needed (or --config with an openbao block)")
+    if args.until is not None and args.until < 1:
+        raise errors.InvalidArgument("until", "must be a log size from 1")
     try:
         with args.export.open(encoding="utf-8", errors="replace", newline="\n") as lines:
-            last = _last_seq(lines)
-            lines.seek(0)
-            anchors = anchor.read_anchors(client, mount, prefix, upto=last)
-            verdict = anchor.compare(lines, anchors, public)
+            created: dict[int, str] = {}
+            anchors = anchor.read_anchors(client, mount, prefix, created=created)
+            verdict = anchor.compare(lines, anchors, public, until=args.until, created=created)
     except OSError as error:
         raise errors.InvalidArgument("export", f"cannot read {args.export} ({error.strerror})") from None
     except (ValueError, KeyError):
@@ -250,13 +265,3 @@ def _openbao_address(cfg: Any) -> str | None:
     """The address of a configuration's ``openbao`` block, if any."""
     block = getattr(cfg, "openbao", None)
     return str(block.address) if block is not None else None
-
-
-def _last_seq(lines: Any) -> int:
-    """The export's last sequence number, from its seal (or its last record line)."""
-    last = 0
-    for line in lines:
-        if line.startswith(('{"type":"record","seq":', '{"type":"omitted","seq":')):
-            start = line.index(":", 20) + 1
-            last = int(line[start:line.index(",", start)])
-    return last

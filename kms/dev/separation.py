@@ -647,9 +647,47 @@ def openbao_readability(layout: Layout, address: str, paths: Mapping[str, str]) 
     return matrix
 
 
-def format_matrix(matrix: Mapping[str, Mapping[str, bool]], users: Sequence[str]) -> str:
-    """The matrix as a Markdown table: a row per secret, a column per user, ``read`` or ``-``."""
+#: Run as the user being measured: open the SQLite database for writing and change every key registry row of
+#: ``domain`` (label = label, in a transaction rolled back: nothing stays changed). Standard library only.
+_DB_WRITE_PROBE = r"""
+import json, sqlite3, sys
+path, domain = json.loads(sys.argv[1])
+try:
+    db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("UPDATE keys SET label = label WHERE domain = ?", (domain,))
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+    print(json.dumps(True))
+except sqlite3.Error:
+    print(json.dumps(False))
+"""
+
+
+def database_writers(users: Sequence[str], database: Path, domain: str = "bank") -> dict[str, bool]:
+    """user -> whether a child process running as that user can change ``domain``'s key registry rows in the SQLite
+    ``database`` (measured; the change is rolled back)."""
+    found = {}
+    for user in users:
+        result = subprocess.run([sys.executable, "-I", "-c", _DB_WRITE_PROBE, json.dumps([str(database), domain])],
+                                capture_output=True, text=True, check=False, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                **run_as(user))
+        if result.returncode != 0:
+            raise ConfigError(f"cannot run a database probe as {user} (exit {result.returncode}): "
+                              f"{result.stderr.strip()[-300:]}")
+        found[user] = bool(json.loads(result.stdout))
+    return found
+
+
+def format_matrix(matrix: Mapping[str, Mapping[str, bool]], users: Sequence[str],
+                  writes: Mapping[str, Mapping[str, bool]] | None = None) -> str:
+    """The matrix as a Markdown table: a row per secret, a column per user, ``write`` (where ``writes`` says so),
+    ``read`` or ``-``."""
+    writes = writes or {}
     lines = ["| secret | " + " | ".join(users) + " |", "|---" * (len(users) + 1) + "|"]
     for name, row in matrix.items():
-        lines.append(f"| {name} | " + " | ".join("read" if row[u] else "-" for u in users) + " |")
+        cells = ("write" if writes.get(name, {}).get(u) else "read" if row[u] else "-" for u in users)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

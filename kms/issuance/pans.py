@@ -9,10 +9,17 @@ The PAN belongs to the bank application, so its protection is the bank domain's,
   replacement card, and retired identities. Without the token, an index cannot be computed for a guessed PAN.
 
 The coordinator (``kms serve``) holds neither key. It hands the clear PANs of a new batch to a bank worker once
-(``protect``), stores what comes back, and forgets the clear values; from then on only the bank domain's workers
-open a PAN (``open_card``), inside the process that derives the card's bank keys from it, and no worker call
-returns a clear PAN. The masked PAN (first 6 and last 4 digits, which PCI DSS allows to be shown) is kept for
-records, messages and audit.
+(``protect``, at most ``MAX_PANS_PER_CALL`` a call), stores what comes back, and forgets the clear values; from then
+on only the bank domain's workers open a PAN (``open_card``), inside the process that derives the card's bank keys
+from it, and no worker call returns a clear PAN. The masked PAN (first 6 and last 4 digits, which PCI DSS allows to
+be shown) is kept for records, messages and audit.
+
+What the index does not do: it is no secret from whoever may call ``protect``. The cards table keeps the index
+beside the masked PAN, which leaves about 10^5 Luhn-valid candidates for a 16-digit PAN; a front end that was taken
+over can have the bank worker index each candidate and find the one whose index is stored. The keyed index only
+means that this search needs the bank worker; what bounds it is the bank worker service's quota of PANs per hour
+(``worker.pan_quota_per_hour``, kms.server.worker.PanQuota: beyond it the call is refused and a security alarm
+logged), i.e. a handful of PANs an hour at the default, and the alarm that tells someone to look.
 
 A sealed PAN is ``01 ‖ key version (4 bytes, big-endian) ‖ IV (12) ‖ ciphertext ‖ tag (16)``; its additional data
 is the canonical JSON ``["kms-pan/v1", key version, batch_id, card_ref, psn]``.
@@ -34,6 +41,9 @@ DOMAIN = "bank"
 DATA_KEY = "pan"
 INDEX_KEY = "pan-index"
 FORMAT = 1
+MAX_PANS_PER_CALL = 1024  # PANs in one protect_pans call: a chunk of a batch, as SealChunk's (kms.server.worker)
+#: The batch id of PANs protected for a look-up only (no batch): their sealed forms are dropped.
+LOOKUP_BATCH = "pan-lookup"
 
 
 class Worker(Protocol):
@@ -103,11 +113,15 @@ class PanVault:
 
     def protect(self, cards: Sequence[CardIdentity], batch_id: str = "") -> list[CardIdentity]:
         """The cards of a batch with each clear PAN replaced by its protected form (the same cards where there is
-        none). Without ``batch_id`` (a look-up only) the sealed PANs made are of no use and are dropped."""
+        none), ``MAX_PANS_PER_CALL`` a call. Without ``batch_id`` (a look-up only) the sealed PANs made are of no use
+        and are dropped."""
         todo = [(i, c) for i, c in enumerate(cards) if c.pan is not None]
         if not todo:
             return list(cards)
-        made = self._call(protect_pans, batch_id, [(c.card_ref, c.pan, c.psn or "") for _, c in todo])
+        items = [(c.card_ref, c.pan, c.psn or "") for _, c in todo]
+        made = []
+        for start in range(0, len(items), MAX_PANS_PER_CALL):
+            made.extend(self._call(protect_pans, batch_id or LOOKUP_BATCH, items[start:start + MAX_PANS_PER_CALL]))
         out = list(cards)
         for (i, card), (sealed, index, pan_psn_index) in zip(todo, made, strict=True):
             assert card.pan is not None

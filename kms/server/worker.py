@@ -19,15 +19,19 @@ WorkerError (a kms.errors class by name, never anything else), cards, sections a
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime as dt
 import grp
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ from kms.cards.cardid import CardIdentity, ProtectedPan
 from kms.ceremony import keyops
 from kms.ceremony.rules import MINUTES_FORMAT
 from kms.ceremony.store import check_id, check_kcv
+from kms.clock import Clock, SystemClock
 from kms.errors import ConfigError, InvalidArgument, KmsError
 from kms.files import restrict_umask
 from kms.hsm.labels import key_label
@@ -61,7 +66,10 @@ log = logging.getLogger(__name__)
 ERROR_KEY = "kms-error-bin"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_JOBS = 1024  # cards in one SealChunk request
+MAX_MINUTES_BYTES = 1024 * 1024  # a ceremony's minutes the sign operation signs
 DRAIN_SECONDS = 30.0
+AT_SKEW_SECONDS = 120  # a checkpoint's or seal's time, as the front end gives it, against the audit signer's clock
+_RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 #: The domain worker services' and the audit worker's gRPC service names (health).
 DOMAIN_SERVICE = pb.DESCRIPTOR.services_by_name["DomainWorker"].full_name
 AUDIT_SERVICE = pb.DESCRIPTOR.services_by_name["AuditSignerWorker"].full_name
@@ -247,9 +255,11 @@ def _sign(m: pb.SignDocument, domain: str) -> tuple[Any, ...]:
     bundles, so a front end must not have it sign anything else."""
     if not m.label.startswith(f"kms/{domain}/{KeyKind.SIGNING.value}/"):
         raise InvalidArgument("label", f"must be a {domain} signing key")
+    if len(m.message) > MAX_MINUTES_BYTES:
+        raise InvalidArgument("message", f"at most {MAX_MINUTES_BYTES} bytes")
     try:
         document = json.loads(m.message)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         document = None
     if not isinstance(document, dict) or document.get("format") != MINUTES_FORMAT or document.get("domain") != domain:
         raise InvalidArgument("message", f"is not the minutes of a {domain} ceremony")
@@ -277,13 +287,55 @@ def _key_ref(m: pb.KeyRef, domain: str) -> tuple[Any, ...]:
     return kind, name, version
 
 
+#: PANs in one protect_pans call: the front end sends them a chunk at a time (kms.issuance.pans.PanVault).
+MAX_PANS_PER_CALL = pans.MAX_PANS_PER_CALL
+
+
+class PanQuota:
+    """The PANs this worker service protects in a sliding hour (``worker.pan_quota_per_hour``). Every protected PAN
+    gives the caller its keyed index, and the cards table keeps the index beside the masked PAN (first 6, last 4
+    digits): a front end that was taken over could look for a stored PAN among its ~10^5 Luhn-valid candidates. The
+    quota bounds that search; beyond it, protect_pans is refused and a security alarm is logged."""
+
+    WINDOW = 3600.0
+
+    def __init__(self, per_hour: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_hour = per_hour
+        self._clock = clock
+        self._spent: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int, batch_id: str) -> None:
+        with self._lock:
+            now = self._clock()
+            while self._spent and self._spent[0][0] <= now - self.WINDOW:
+                self._total -= self._spent.popleft()[1]
+            if self._total + count > self.per_hour:
+                log.critical("SECURITY ALARM: protect_pans refused: %d PANs asked for batch %s, %d protected in the "
+                             "last hour, worker.pan_quota_per_hour is %d (a front end looking up candidate PANs?)",
+                             count, batch_id, self._total, self.per_hour)
+                raise errors.ResourceExhausted(
+                    f"this worker service protected {self._total} PANs in the last hour; {count} more would exceed "
+                    f"worker.pan_quota_per_hour ({self.per_hour})", limit="worker.pan_quota_per_hour")
+            self._spent.append((now, count))
+            self._total += count
+
+
+#: This worker service's quota (a worker service is a process of its own; WorkerService sets it from its config).
+PAN_QUOTA = PanQuota(config_mod.DEFAULT_PAN_QUOTA_PER_HOUR)
+
+
 def _protect(m: pb.ProtectPans, domain: str) -> tuple[Any, ...]:
-    if m.batch_id and not CARD_REF.fullmatch(m.batch_id):
+    if not m.batch_id or not CARD_REF.fullmatch(m.batch_id):
         raise InvalidArgument("batch_id", "must be a batch id")
+    if not 1 <= len(m.items) <= MAX_PANS_PER_CALL:
+        raise InvalidArgument("items", f"1 to {MAX_PANS_PER_CALL} PANs in one call")
     items = []
     for item in m.items:
         card = CardIdentity(card_ref=item.card_ref, pan=item.pan, psn=item.psn or None)  # checks each field
         items.append((card.card_ref, item.pan, item.psn))
+    PAN_QUOTA.take(len(items), m.batch_id)
     return m.batch_id, items
 
 
@@ -387,8 +439,9 @@ class DomainWorker:
 class AuditSignerWorker:
     """The AuditSignerWorker service over the audit signer's process."""
 
-    def __init__(self, signer: AuditSigner) -> None:
+    def __init__(self, signer: AuditSigner, clock: Clock | None = None) -> None:
         self.signer = signer
+        self._clock: Clock = clock or SystemClock()
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return _service(AUDIT_SERVICE, {
@@ -402,14 +455,22 @@ class AuditSignerWorker:
         size, head = self.signer.signed_head()
         return pb.SignedHeadResponse(size=size, head=head)
 
-    @staticmethod
-    def _checked(size: int, head: str, at: str, digests: Sequence[bytes]) -> None:
+    def _checked(self, size: int, head: str, at: str, digests: Sequence[bytes]) -> None:
         if size < 0:
             raise InvalidArgument("size", "must not be negative")
         if len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
             raise InvalidArgument("head", "must be 64 lowercase hex digits")
-        if not at or len(at) > 40:
-            raise InvalidArgument("at", "must be a time")
+        # The time is signed into the checkpoint: the signer's own clock vouches for it, not the front end's word.
+        try:
+            if not _RFC3339_UTC.fullmatch(at):
+                raise ValueError(at)
+            moment = dt.datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        except ValueError:
+            raise InvalidArgument("at", "must be an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SSZ)") from None
+        skew = abs((moment - self._clock.now()).total_seconds())
+        if skew > AT_SKEW_SECONDS:
+            raise InvalidArgument("at", f"is {skew:.0f} s away from the audit signer's clock (at most "
+                                        f"{AT_SKEW_SECONDS} s)")
         if any(len(d) != 32 for d in digests):
             raise InvalidArgument("digests", "must be SHA-256 digests")
 
@@ -436,24 +497,44 @@ class AuditSignerWorker:
 
 def prepare_socket(listen: str, gid: int | None = None, setting: str = "worker.listen") -> Path:
     """The socket's path, ready to bind: its directory exists (made 0750 if missing, given to group ``gid`` if one),
-    is owned by this user and is not writable by others; no other worker listens there (a socket left by one that
-    ended is removed). ConfigError naming ``setting`` otherwise."""
+    is a real directory (not a symbolic link) owned by this user and writable by no one else (neither its group nor
+    others: the recommended setgid 2710 layout of kms.dev.separation is fine); no other worker listens there (a
+    socket left by one that ended is removed). The directory is changed through a descriptor, never by its path.
+    ConfigError naming ``setting`` otherwise."""
     path = Path(listen[len("unix:"):])
     directory = path.parent
-    if not directory.exists():
-        try:
-            directory.mkdir(mode=0o750)
-            if gid is not None:
-                os.chown(directory, -1, gid)
-        except OSError as error:
-            raise ConfigError(f"{setting} {listen}: cannot make {directory} ({error.strerror})") from None
-        os.chmod(directory, 0o750)  # noqa: S103 - the front end's group must reach the socket inside
-    info = directory.stat()
+    made = False
+    try:
+        directory.mkdir(mode=0o700)
+        made = True
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise ConfigError(f"{setting} {listen}: cannot make {directory} ({error.strerror})") from None
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise ConfigError(f"{setting} {listen}: {directory} is not a directory of its own (a symbolic link, or "
+                          f"{error.strerror})") from None
+    try:
+        if made:
+            try:
+                if gid is not None:
+                    os.fchown(fd, -1, gid)
+                os.fchmod(fd, 0o750)  # the front end's group must reach the socket inside
+            except OSError as error:
+                raise ConfigError(f"{setting} {listen}: cannot make {directory} ({error.strerror})") from None
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
     if info.st_uid != os.geteuid():
         raise ConfigError(f"{setting} {listen}: {directory} is not owned by this worker's user (uid {os.geteuid()})")
     if info.st_mode & stat.S_IWOTH:
         raise ConfigError(f"{setting} {listen}: {directory} is writable by every user; give the socket a directory "
                           "of its own")
+    if info.st_mode & stat.S_IWGRP:
+        raise ConfigError(f"{setting} {listen}: {directory} is writable by its group; give the socket a directory "
+                          "only this worker's user may write (e.g. mode 2710, group the front end's)")
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"{setting} {listen}: {path} exists and is not a socket")
@@ -467,6 +548,10 @@ def prepare_socket(listen: str, gid: int | None = None, setting: str = "worker.l
     return path
 
 
+#: The umask the socket is bound under: it is made 0660 at once, never chmod-ed by its path afterwards.
+SOCKET_UMASK = 0o117
+
+
 def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
@@ -475,15 +560,21 @@ def group_id(group: str) -> int:
 
 
 def secure_socket(path: Path, group: str | None) -> None:
-    """Mode 0660 on the bound socket (it was created more private still: kms's umask), its group ``group``."""
-    if group is not None:
-        gid = group_id(group)
+    """The bound socket (made 0660 by binding it under ``SOCKET_UMASK``) given to ``group`` without following a
+    symbolic link; then checked by lstat: a socket of this user's, mode 0660, of that group."""
+    gid = group_id(group) if group is not None else None
+    info = path.lstat()
+    if gid is not None and info.st_gid != gid:  # a setgid directory of that group gave it already
         try:
-            os.chown(path, -1, gid)
+            os.chown(path, -1, gid, follow_symlinks=False)
         except OSError as error:
             raise ConfigError(f"worker.socket_group {group}: cannot give the socket to it ({error.strerror})") \
                 from None
-    os.chmod(path, 0o660)
+        info = path.lstat()
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) != 0o660 or (
+            gid is not None and info.st_gid != gid):
+        raise ConfigError(f"worker.listen unix:{path}: the socket is not what this worker bound (mode "
+                          f"{stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}, gid {info.st_gid})")
 
 
 class WorkerService:
@@ -516,6 +607,8 @@ class WorkerService:
             raise ConfigError(f"{cfg.path}: worker.listen is not set (or give --listen unix:PATH)")
         self.listen = listen
         group = cfg.worker.socket_group if cfg.worker is not None else None
+        PAN_QUOTA.per_hour = cfg.worker.pan_quota_per_hour if cfg.worker is not None else \
+            config_mod.DEFAULT_PAN_QUOTA_PER_HOUR
         gid = group_id(group) if group is not None else None  # before any login
         self.socket = prepare_socket(listen, gid)
         self.health = health.HealthServicer()
@@ -538,10 +631,13 @@ class WorkerService:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             for service in ("", name):
                 self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            previous = os.umask(SOCKET_UMASK)  # the socket is created 0660: no chmod by its path afterwards
             try:
                 port = self.server.add_insecure_port(listen)
             except RuntimeError:
                 port = 0
+            finally:
+                os.umask(previous)
             if port == 0:
                 raise ConfigError(f"worker.listen {listen}: cannot listen there")
             try:

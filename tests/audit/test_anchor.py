@@ -4,6 +4,7 @@ down, and the comparison of an export with the anchored history."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from hvac import exceptions as bao_errors
 from openbao import BaoServer
 
 from kms import config
-from kms.audit.anchor import Anchor, anchor_path, compare, read_anchors
+from kms.audit.anchor import Anchor, anchor_path, compare, from_config, read_anchors
 from kms.audit.log import GENESIS, AuditRecord, Checkpoint, Seal, chain, checkpoint_message
 from kms.canonical import canonical
 from kms.errors import ConfigError, PermissionDenied
@@ -215,6 +216,35 @@ def test_checkpoints_signed_while_openbao_is_down_are_anchored_later_in_order(
     assert created == sorted(created)  # written in sequence order
 
 
+def test_the_anchor_logs_in_with_a_wrapped_secret_id_the_process_already_unwrapped(
+        openbao: BaoServer, prefix: str, tmp_path: Path) -> None:
+    """audit.pin in OpenBao and the AppRole's secret_id response-wrapped (no secret_id file): the signer's process
+    unwraps it once to read the PIN; the anchor then logs in through that same client, not a second one that would
+    try the spent wrapping token."""
+    tag = prefix.split("/")[0]
+    openbao.put(f"{tag}/audit", pin="123456")
+    policy = WRITER_POLICY.replace("kms/audit", prefix) + f'path "kv/data/{tag}/audit" {{ capabilities = ["read"] }}\n'
+    role_id, _ = openbao.approle(f"wrapped-{tag}", policy)
+    (tmp_path / "role-id").write_text(role_id + "\n")
+    (tmp_path / "wrapped").write_text(openbao.wrapped_secret_id(f"wrapped-{tag}") + "\n")
+    path = tmp_path / "kms.yaml"
+    path.write_text(yaml.safe_dump({
+        "hsm": {}, "database": "sqlite:///kms.db",
+        "openbao": {"address": openbao.address, "approle": {"role_id": "file:role-id",
+                                                            "wrapped_secret_id": "file:wrapped"}},
+        "audit": {"token": "kms-audit", "pin": f"vault:kv/{tag}/audit#pin",
+                  "anchor": {"prefix": prefix, "spool": str(tmp_path / "spool")}}}))
+    cfg = config.load(path)
+    assert cfg.audit is not None and cfg.audit.pin is not None and cfg.secret(cfg.audit.pin) == "123456"
+    anchor = from_config(cfg)
+    assert anchor is not None
+    checkpoint = _checkpoint(7)
+    anchor.record(checkpoint)
+    status = anchor.status()
+    assert (status.backlog, status.anchored, status.error) == (0, 7, ""), status
+    assert read_anchors(openbao.client(), "kv", prefix) == {7: checkpoint}
+
+
 # -- configuration ------------------------------------------------------------------------------------------------
 
 
@@ -283,9 +313,14 @@ def test_an_export_that_matches_its_anchors_agrees() -> None:
     assert verdict.ok and (verdict.compared, verdict.anchors, verdict.last_seq, verdict.newest) == (3, 3, 40, 40)
     assert verdict.summary() == "anchors agree: 3 checkpoints compared up to record 40 (3 anchors read; newest " \
                                 "anchor at 40)"
-    # An older export (the log went on, and was anchored further, since) agrees too.
+    # An older export (the log went on, and was anchored further, since) agrees only when the auditor says so.
     later = dict(checkpoints) | {55: _checkpoint(55, at="2026-12-01T13:00:00Z")}
-    assert compare(lines, later).ok
+    older = compare(lines, later)
+    assert (older.ok, older.bad_size, older.problem) == (False, 55, "missing in export")
+    assert "--until 40" in older.detail
+    upto = compare(lines, later, until=40)
+    assert upto.ok and (upto.compared, upto.anchors, upto.later) == (3, 4, 1)
+    assert "compared only up to 40 as asked (--until): 1 later anchors not checked" in upto.summary()
     # Anchoring switched on after the checkpoint at 10: it has no anchor to meet, and is said not compared.
     since = compare(lines, {25: checkpoints[25], 40: checkpoints[40]})
     assert since.ok and (since.compared, since.before) == (2, 1) and since.summary().endswith(
@@ -319,12 +354,47 @@ def test_each_disagreement_is_named_by_the_first_checkpoint_and_what_differs() -
     # An anchor not signed by the audit key (only with the public key given).
     forged = dict(anchors) | {10: _checkpoint(10, anchors[10].head, key=ec.generate_private_key(ec.SECP256R1()))}
     assert compare(honest_lines, forged, KEY.public_key()).problem == "anchor forged"
-    # The log cut back to 30 records and exported afterwards: an anchor at 40 made before the seal names the cut.
+    # The log cut back to 30 records and exported afterwards: the anchor at 40 names the cut, whatever the seal says.
     cut, _ = _export(30, (10, 25))
     verdict = compare(cut, anchors)
     assert (verdict.bad_size, verdict.problem) == (40, "missing in export") and "cut back" in verdict.detail
-    earlier, _ = _export(30, (10, 25), sealed="2026-12-01T10:30:00Z")  # an export made before the checkpoint at 40
-    assert compare(earlier, anchors).ok
+    earlier, _ = _export(30, (10, 25), sealed="2026-12-01T10:30:00Z")  # a seal dated before the checkpoint at 40
+    assert (compare(earlier, anchors).ok, compare(earlier, anchors).bad_size) == (False, 40)
+    assert compare(earlier, anchors, until=30).ok  # the auditor knows this export is older than anchor 40
+
+
+def test_a_truncated_log_never_passes_the_anchors() -> None:
+    """The review's attack (/tmp/review/anchor_trunc.py): the log cut back after a checkpoint, the seal backdated
+    before the next anchor (the seal's time is signed by whoever holds the audit PIN), or no seal at all."""
+    honest, anchors = _export(40, (10, 25, 40))
+    for sealed in ("2026-12-01T10:11:00Z", "2000-01-01T00:00:00Z"):
+        backdated, _ = _export(30, (10, 25), sealed=sealed)
+        verdict = compare(backdated, anchors, created={40: "2026-12-01T10:40:01.5Z"})
+        assert (verdict.ok, verdict.bad_size, verdict.problem) == (False, 40, "missing in export")
+        assert "the log was cut back, or the export is older than anchor 40" in verdict.detail
+        assert "created in OpenBao 2026-12-01T10:40:01.5Z" in verdict.detail
+    unsealed = [line for line in _export(30, (10, 25))[0] if not line.startswith('{"type":"export-seal"')]
+    assert (compare(unsealed, anchors).ok, compare(unsealed, anchors).bad_size) == (False, 40)
+    # Up to --until the comparison is made as ever: a cut before N still fails, and so does nothing compared.
+    assert (compare(unsealed, anchors, until=40).ok, compare(unsealed, anchors, until=40).bad_size) == (False, 40)
+    nothing = compare(honest, {40: anchors[40]}, until=20)
+    assert (nothing.ok, nothing.problem) == (False, "nothing compared")
+    # A filtered export is said to be one.
+    verdict = compare(_omit(honest, 3), anchors)
+    assert verdict.ok and verdict.omitted == 1 and "a filtered export: 1 records omitted" in verdict.summary()
+    assert verdict.to_json()["omitted"] == 1
+
+
+def _omit(lines: list[str], seq: int) -> list[str]:
+    """``lines`` with record ``seq`` as a filtered export has it: an omitted line (its body's digest)."""
+    out = []
+    for line in lines:
+        if line.startswith(f'{{"type":"record","seq":{seq},'):
+            doc = json.loads(line)
+            body = line[line.index(',"body":') + len(',"body":'):-1]
+            line = AuditRecord(seq, doc["prev"], doc["hash"], body).omitted_line()
+        out.append(line)
+    return out
 
 
 def test_a_checkpoint_sends_only_a_bounded_part_of_a_long_backlog_itself(

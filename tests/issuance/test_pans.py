@@ -80,6 +80,24 @@ def test_a_pan_is_sealed_bound_to_its_card_and_opens_only_in_the_bank_worker(ban
                        "B-pan", {})
 
 
+def test_the_coordinator_sends_pans_a_chunk_at_a_time_and_always_with_a_batch_id(bank: _BankWorker) -> None:
+    """PanVault stays inside the bank worker service's cap per call (kms.server.worker._protect) and names a batch id
+    even for a look-up; each chunk is protected in the real bank token."""
+    calls: list[tuple[str, int]] = []
+
+    def call(function: object, batch_id: str, items: list[tuple[str, str, str]]) -> object:
+        calls.append((batch_id, len(items)))
+        return pans.protect_pans(bank, batch_id, items)
+
+    cards = [card(i, card_ref=f"chunk-{i:05d}") for i in range(pans.MAX_PANS_PER_CALL + 3)]
+    protected = pans.PanVault(call).protect(cards, "B-chunks")
+    assert calls == [("B-chunks", pans.MAX_PANS_PER_CALL), ("B-chunks", 3)]
+    assert all(c.pan is None and c.protected is not None for c in protected)
+    calls.clear()
+    pans.PanVault(call).protect(cards[:2])
+    assert calls == [(pans.LOOKUP_BATCH, 2)]
+
+
 def test_only_the_bank_domain_protects_pans(sessions: dict[str, TokenSession], registry: KeyRegistry) -> None:
     with pytest.raises(InvalidState, match="protected by the bank domain"):
         pans.protect_pans(_BankWorker("hrss", sessions["hrss"], registry), "B", [("c", "6214830000000000001", "01")])

@@ -96,10 +96,11 @@ def _export(home: Home, service: Service, out: Path) -> dict[str, object]:
     return dict(json.loads(done.stdout))
 
 
-def _check(home: Home, openbao: BaoServer, prefix: str, token: Path, export: Path) -> tuple[int, str, str]:
+def _check(home: Home, openbao: BaoServer, prefix: str, token: Path, export: Path, *more: str
+           ) -> tuple[int, str, str]:
     done = kms("audit", "check-anchors", "--export", str(export), "--openbao-address", openbao.address,
                "--token-file", str(token), "--mount", "kv", "--prefix", prefix, "--public-key",
-               str(home.path / "audit" / "audit-v1.pem"))
+               str(home.path / "audit" / "audit-v1.pem"), *more)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -181,7 +182,7 @@ def test_a_rewritten_log_with_a_reset_signer_passes_verify_but_not_the_anchors(
         sizes.append(checkpoint.size)
     key = str(anchored_home.path / "audit" / "audit-v1.pem")
     honest = tmp_path / "honest.jsonl"
-    _export(anchored_home, service, honest)
+    honest_last = int(str(_export(anchored_home, service, honest)["last_seq"]))
     kms("audit", "verify", str(honest), "--public-key", key, check=True)
     code, out, err = _check(anchored_home, openbao, prefix, auditor_token, honest)
     assert (code, err) == (0, "") and out.startswith("anchors agree: "), err
@@ -226,8 +227,13 @@ def test_a_rewritten_log_with_a_reset_signer_passes_verify_but_not_the_anchors(
     verdict = json.loads(as_json.stdout)
     assert as_json.returncode == 9 and (verdict["ok"], verdict["bad_size"], verdict["problem"]) == (
         False, sizes[1], "head")
-    # The honest export still agrees with the anchors: they were never overwritten.
-    assert _check(anchored_home, openbao, prefix, auditor_token, honest)[0] == 0
+    # The honest export still agrees with the anchors (they were never overwritten) — up to its end, as the auditor
+    # says: the log was anchored further since, and an older export is not told from a cut-back log otherwise.
+    code, out, err = _check(anchored_home, openbao, prefix, auditor_token, honest)
+    assert code == 9 and "the log was cut back, or the export is older than anchor" in err, err
+    assert f"--until {honest_last}" in err
+    code, out, err = _check(anchored_home, openbao, prefix, auditor_token, honest, "--until", str(honest_last))
+    assert code == 0 and f"compared only up to {honest_last} as asked (--until)" in out, err
 
 
 def test_check_anchors_says_what_is_wrong_with_its_arguments(
@@ -247,6 +253,9 @@ def test_check_anchors_says_what_is_wrong_with_its_arguments(
     assert missing.returncode == 2 and "export" in missing.stderr
     nothing = kms("audit", "check-anchors", "--export", str(export))
     assert nothing.returncode == 2 and "openbao_address" in nothing.stderr
+    plain = kms("audit", "check-anchors", "--export", str(export), "--openbao-address", "http://bao.example:8200",
+                "--token-file", str(denied))
+    assert plain.returncode == 2 and "plain http is allowed only to a loopback address" in plain.stderr
     # The signer's own role (what --config logs in with here) may create anchors, not read them.
     signer_role = kms("audit", "check-anchors", "--export", str(export), "--config", str(anchored_home.config))
     assert signer_role.returncode == 5 and "kms-auditor.hcl" in signer_role.stderr, signer_role.stderr
