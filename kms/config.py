@@ -170,6 +170,8 @@ class WorkerConfig:
 
     listen: str | None = None  # unix:PATH (absolute)
     socket_group: str | None = None  # the group the socket is given to (the front end's)
+    #: The domain's officers this worker trusts for dual control (kms.ceremony.binding), a file it owns.
+    officers: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -433,12 +435,13 @@ def _workers(path: Path, doc: Any) -> dict[str, str]:
 
 
 def _worker(path: Path, doc: Any) -> WorkerConfig:
-    doc = _only(path, "worker", doc, set(), {"listen", "socket_group"})
+    doc = _only(path, "worker", doc, set(), {"listen", "socket_group", "officers"})
     group = doc.get("socket_group")
     if group is not None and (not isinstance(group, str) or not group):
         raise ConfigError(f"{path}: worker.socket_group must be a group name")
     return WorkerConfig(listen=unix_socket(path, doc["listen"], "worker.listen") if "listen" in doc else None,
-                        socket_group=group)
+                        socket_group=group,
+                        officers=_path(path.parent, doc["officers"], "worker.officers") if "officers" in doc else None)
 
 
 def _audit(path: Path, doc: Any, openbao: OpenBaoSettings | None = None, remote: bool = False) -> AuditConfig:

@@ -38,13 +38,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kms import config as config_mod
-from kms import errors, metrics
+from kms import errors, metrics, store
 from kms.audit.signer import AuditSigner
 from kms.cards.cardid import CardIdentity, ProtectedPan
 from kms.ceremony import keyops
-from kms.ceremony.rules import MINUTES_FORMAT
-from kms.ceremony.store import check_id, check_kcv
-from kms.errors import ConfigError, InvalidArgument, KmsError
+from kms.ceremony.binding import KEY_CHANGING, DualControl, load_trust_file
+from kms.ceremony.officers import OfficerStore
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy
+from kms.ceremony.store import Ceremonies, check_id, check_kcv
+from kms.clock import SystemClock
+from kms.errors import ConfigError, InvalidArgument, KmsError, PermissionDenied
 from kms.files import restrict_umask
 from kms.hsm.labels import key_label
 from kms.hsm.types import Algorithm
@@ -339,10 +342,13 @@ def operation_for(function: Callable[..., Any]) -> Operation:
 
 
 class DomainWorker:
-    """The DomainWorker service over one domain's pool of worker processes."""
+    """The DomainWorker service over one domain's pool of worker processes. Key-changing operations run only as a
+    step of a ceremony ``dual_control`` finds approved (kms.ceremony.binding); without it (tests of the API alone)
+    every key-changing operation is refused."""
 
-    def __init__(self, pool: DomainPool) -> None:
+    def __init__(self, pool: DomainPool, dual_control: DualControl | None = None) -> None:
         self.pool = pool
+        self.dual_control = dual_control
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return _service(DOMAIN_SERVICE, {
@@ -371,7 +377,20 @@ class DomainWorker:
         if op is None:
             raise InvalidArgument("operation", f"must be one of {', '.join(BY_FIELD)}")
         arguments = op.arguments(getattr(request, op.field), self.pool.domain)
-        return op.result(self.pool.call(op.function, *arguments))
+        if op.field not in KEY_CHANGING:
+            return op.result(self.pool.call(op.function, *arguments))
+        try:
+            if request.ceremony_id:
+                check_id(request.ceremony_id)
+            if self.dual_control is None:
+                raise PermissionDenied("this worker checks no ceremony: it runs no key-changing step")
+            result = self.dual_control.run(request.ceremony_id, op.field, arguments,
+                                           lambda: self.pool.call(op.function, *arguments))
+        except (PermissionDenied, InvalidArgument) as error:
+            log.warning("refused a key operation: %s", error)
+            raise
+        log.info("%s ran for ceremony %s", op.field, request.ceremony_id)
+        return op.result(result)
 
     def recycle(self, request: pb.RecycleRequest, context: grpc.ServicerContext) -> pb.RecycleResponse:
         self.pool.recycle()
@@ -486,6 +505,23 @@ def secure_socket(path: Path, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
+def dual_control_for(cfg: config_mod.Config, domain: str) -> DualControl:
+    """The worker's own check of ceremonies (kms.ceremony.binding): the registry database it is configured with, the
+    quorum policy shipped with kms, the officers of ``worker.officers`` (checked now, so a bad file fails the start;
+    without the setting every key-changing operation is refused, and the log says so)."""
+    clock = SystemClock()
+    engine = store.make_engine(cfg.database)
+    officers = OfficerStore(engine, clock)
+    trust = cfg.worker.officers if cfg.worker is not None else None
+    checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock)
+    if trust is None:
+        log.warning("%s: worker.officers is not set: this %s worker runs no key-changing ceremony step",
+                    cfg.path, domain)
+    else:
+        load_trust_file(trust, domain)
+    return checker
+
+
 class WorkerService:
     """A started worker service: its pool (or signer) logged in, its server listening on the socket."""
 
@@ -522,9 +558,11 @@ class WorkerService:
         self.pool: DomainPool | None = None
         self.signer: AuditSigner | None = None
         if domain is not None:
+            dual_control = dual_control_for(cfg, domain)
             self.pool = DomainPool(cfg.path, domain)
             self.pool.start()  # fail fast: one login, the error naming the setting
-            handlers, name, processes = DomainWorker(self.pool).handlers(), DOMAIN_SERVICE, self.pool.processes
+            handlers, name, processes = (DomainWorker(self.pool, dual_control).handlers(), DOMAIN_SERVICE,
+                                         self.pool.processes)
         else:
             self.signer = AuditSigner(cfg.path)  # started: one login
             handlers, name, processes = AuditSignerWorker(self.signer).handlers(), AUDIT_SERVICE, 1
