@@ -25,6 +25,8 @@ Anything else is PermissionDenied naming what failed (never key material).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import stat
 import threading
@@ -33,16 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.ceremony.officers import OfficerStore, check_name, check_roles, parse_public_key, public_pem
-from kms.ceremony.rules import Approval, Officer, QuorumPolicy, evaluate
+from kms.ceremony.rules import Approval, Officer, Proposal, QuorumPolicy, approval_message, evaluate
 from kms.ceremony.store import EXECUTION_TIMEOUT, Ceremonies, CeremonyRecord, CeremonyState
 from kms.clock import Clock
 from kms.errors import ConfigError, KmsError, NotFound, PermissionDenied
 from kms.files import write_private
 from kms.hsm.types import Algorithm
-from kms.identity import Principal
+from kms.identity import Principal, parse_uri
 from kms.registry import KeyKind
 
 #: The keyops steps that change a token, by the name the worker API gives them.
@@ -192,6 +196,10 @@ _ARGUMENT_NAMES = {
 }
 
 
+def _parse_time(text: Any) -> dt.datetime:
+    return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+
+
 class DualControl:
     """The worker's check of each key-changing step against the ceremony it names (module docstring)."""
 
@@ -206,13 +214,16 @@ class DualControl:
         self._lock = threading.Lock()
         self._used: dict[str, dict[str, int]] = {}  # ceremony -> step -> version made (0: none)
 
+    def _listed(self) -> dict[Principal, Officer]:
+        if self._trust is None:
+            raise PermissionDenied("this worker trusts no officer (worker.officers is not set): it runs no "
+                                   "key-changing step and signs no minutes")
+        return load_trust_file(self._trust, self.domain)
+
     def trusted(self) -> dict[Principal, Officer]:
         """The trust file's officers (read again at every check: an edit takes effect without a restart) who are
         still active in the registry."""
-        if self._trust is None:
-            raise PermissionDenied("this worker trusts no officer (worker.officers is not set): it runs no "
-                                   "key-changing step")
-        listed = load_trust_file(self._trust, self.domain)
+        listed = self._listed()
         active = self._officer_store.active(self.domain)
         return {p: o for p, o in listed.items() if p in active}
 
@@ -263,3 +274,47 @@ class DualControl:
             with self._lock:
                 used[step] = int(result.get("version", 0))
         return result
+
+    def check_minutes(self, document: bytes) -> None:
+        """Before the domain's key signs minutes: every approval they quote is by an officer of the trust file, under
+        the key the file holds, and verifies over the quoted proposal; minutes of an executed ceremony show the
+        shipped quorum of such approvals. So a front end cannot have the domain sign minutes of a ceremony its own
+        keys approved (kms.server.worker checked the format and the domain already)."""
+        try:
+            doc = json.loads(document)
+            quoted = str(doc["proposal"])
+            proposal_doc = json.loads(quoted)
+            proposal = Proposal(proposal_doc["domain"], proposal_doc["operation"], proposal_doc["params"],
+                                parse_uri(proposal_doc["proposer"]), _parse_time(proposal_doc["created_at"]),
+                                _parse_time(proposal_doc["expires_at"]), proposal_doc["ceremony_id"])
+            approvals = [(parse_uri(str(a["officer"])), str(a["public_key"]), bytes.fromhex(str(a["signature"])))
+                         for a in doc["approvals"]]
+        except (ValueError, KeyError, TypeError, AttributeError, KmsError):
+            raise PermissionDenied("sign: the minutes do not quote a proposal and its approvals") from None
+        if (hashlib.sha256(quoted.encode()).hexdigest() != doc.get("digest") or proposal.domain != self.domain
+                or proposal.encoding() != quoted.encode() or proposal.ceremony_id != doc.get("ceremony_id")
+                or proposal.operation != doc.get("operation")):
+            raise PermissionDenied("sign: the minutes' digest, domain, ceremony or operation differ from the "
+                                   "proposal they quote")
+        trusted = self._listed()
+        for officer, pem, signature in approvals:
+            known = trusted.get(officer)
+            try:
+                same_key = known is not None and _der(pem) == _der(public_pem(known.public_key))
+            except (ValueError, UnicodeEncodeError):
+                same_key = False
+            if not same_key:
+                raise PermissionDenied(f"sign: the minutes quote an approval by {officer} under a key this worker "
+                                       "does not trust for that officer")
+            assert known is not None
+            try:
+                known.public_key.verify(signature, approval_message(proposal), ec.ECDSA(hashes.SHA256()))
+            except (InvalidSignature, ValueError):
+                raise PermissionDenied(f"sign: the approval by {officer} does not verify over the quoted "
+                                       "proposal") from None
+        if doc.get("state") == "executed" and proposal.operation != "genesis":
+            decision = evaluate(proposal, [Approval(o, sig) for o, _, sig in approvals], trusted, self._policy,
+                                proposal.created_at)
+            if not decision.met:
+                raise PermissionDenied(f"sign: the minutes show {len(decision.counted)} of the {decision.required} "
+                                       "approvals the ceremony needs by officers this worker trusts")

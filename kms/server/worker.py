@@ -377,6 +377,14 @@ class DomainWorker:
         if op is None:
             raise InvalidArgument("operation", f"must be one of {', '.join(BY_FIELD)}")
         arguments = op.arguments(getattr(request, op.field), self.pool.domain)
+        if op.field == "sign":  # minutes quoting only approvals by officers this worker trusts
+            try:
+                if self.dual_control is None:
+                    raise PermissionDenied("this worker checks no ceremony: it signs no minutes")
+                self.dual_control.check_minutes(arguments[1])
+            except PermissionDenied as error:
+                log.warning("refused to sign minutes: %s", error)
+                raise
         if op.field not in KEY_CHANGING:
             return op.result(self.pool.call(op.function, *arguments))
         try:

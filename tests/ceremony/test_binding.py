@@ -5,6 +5,7 @@ the ceremony it names — on a real database; the worker services themselves are
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms import store
+from kms.canonical import canonical
 from kms.ceremony.binding import DualControl, load_trust_file, write_trust_file
 from kms.ceremony.officers import OfficerStore, public_pem
-from kms.ceremony.rules import QuorumPolicy, approval_message
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy, approval_message
 from kms.ceremony.store import Ceremonies
 from kms.clock import FixedClock
 from kms.config import load
@@ -182,3 +184,42 @@ def test_worker_officers_is_read_relative_to_the_configuration(tmp_path: Path) -
         "worker": {"listen": f"unix:{tmp_path}/w.sock", "officers": "officers.yaml"}}))
     cfg = load(path)
     assert cfg.worker is not None and cfg.worker.officers == tmp_path / "officers.yaml"
+
+
+def _minutes(world: World, ceremony_id: str, extra: list[dict[str, str]] | None = None, state: str = "executed",
+             drop: int = 0) -> bytes:
+    """Minutes as kms.server.ceremony.minutes writes them (the parts the worker checks)."""
+    record = world.ceremonies.get(ceremony_id)
+    keys = {r.officer.principal.uri(): r.public_key_pem for r in world.officers.all("hrss")}
+    approvals = [{"officer": a.officer.uri(), "at": a.at, "signature": a.signature.hex(),
+                  "public_key": keys[a.officer.uri()]} for a in record.approvals][drop:]
+    return canonical({"format": MINUTES_FORMAT, "version": 1, "ceremony_id": ceremony_id, "domain": "hrss",
+                      "operation": record.operation, "proposal": record.encoding.decode(), "digest": record.digest,
+                      "approvals": approvals + (extra or []), "state": state, "result": {}})
+
+
+def test_minutes_are_signed_only_with_approvals_by_trusted_officers(world: World) -> None:
+    ceremony_id = world.approved()
+    world.dual.check_minutes(_minutes(world, ceremony_id))  # genuine: may be signed
+    world.dual.check_minutes(_minutes(world, ceremony_id, state="open", drop=1))  # an open one, one approval so far
+    record = world.ceremonies.get(ceremony_id)
+    mallory = ec.generate_private_key(ec.SECP256R1())
+    forged = {"officer": "urn:kms:officer:hrss:mallory", "at": "2026-05-01T00:00:00Z",
+              "signature": mallory.sign(approval_message(record.proposal), ec.ECDSA(hashes.SHA256())).hex(),
+              "public_key": public_pem(mallory.public_key())}
+    with pytest.raises(PermissionDenied, match="approval by officer hrss/mallory under a key this worker does not"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, [forged], drop=1))
+    as_chen = {**forged, "officer": world.who("chen").uri()}  # a known officer, a key of the front end's choosing
+    with pytest.raises(PermissionDenied, match="approval by officer hrss/chen under a key"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, [as_chen], drop=2))
+    with pytest.raises(PermissionDenied, match="show 1 of the 2 approvals"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, drop=1))  # "executed" with one approval
+    other = world.approved(params={"name": "other", "algorithm": "AES256", "escrow": "no"})
+    moved = json.loads(_minutes(world, ceremony_id))
+    moved["approvals"][0]["signature"] = world.ceremonies.get(other).approvals[0].signature.hex()
+    with pytest.raises(PermissionDenied, match="does not verify over the quoted proposal"):
+        world.dual.check_minutes(canonical(moved))  # an approval of another proposal
+    moved = json.loads(_minutes(world, ceremony_id))
+    moved["proposal"] = moved["proposal"].replace('"other"', '"x"').replace('"mk"', '"mk2"')
+    with pytest.raises(PermissionDenied, match="differ from the proposal they quote"):
+        world.dual.check_minutes(canonical(moved))

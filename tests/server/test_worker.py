@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers import ROOT, card, client, key, officer, open_batch, run_ceremony, service_client
 
-from kms import config, runtime, store
+from kms import bundle, config, runtime, store
 from kms.audit.verify import verify
+from kms.canonical import canonical
 from kms.ceremony import components
 from kms.ceremony.officers import OfficerStore, public_pem
-from kms.ceremony.rules import QuorumPolicy, approval_message
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy, approval_message
 from kms.ceremony.store import Ceremonies
 from kms.client.audit import AuditClient
 from kms.client.ceremony import CeremonyClient
@@ -478,6 +479,27 @@ def test_a_taken_over_front_end_cannot_change_keys_through_the_worker(home: Home
             "name is not what the approved proposal says")
         _denied(call, pb.KeyOperationRequest(destroy_key=pb.KeyRef(kind="master", name=name, version=1),
                                              ceremony_id=gen.ceremony_id), "does not run destroy_key")
+        # The domain's signing key signs no section (its signed bytes are no JSON) and no minutes quoting an approval
+        # by a key the worker does not trust (the front end could make those up).
+        label = remote.issuance.registry.active("hrss", KeyKind.SIGNING, "issuance").label
+        section = bundle.SIGNING_CONTEXT + canonical({"format": MINUTES_FORMAT, "domain": "hrss"})
+        with pytest.raises(grpc.RpcError) as raised:
+            call(pb.KeyOperationRequest(sign=pb.SignDocument(label=label, message=section)).SerializeToString(),
+                 timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        engine = store.make_engine(config.load(home.config).database)
+        proposal = Ceremonies(engine, SystemClock(), QuorumPolicy.load(), OfficerStore(engine, SystemClock())).get(
+            gen.ceremony_id)
+        engine.dispose()
+        forged = canonical({
+            "format": MINUTES_FORMAT, "version": 1, "ceremony_id": gen.ceremony_id, "domain": "hrss",
+            "operation": "generate-master-key", "proposal": proposal.encoding.decode(), "digest": proposal.digest,
+            "approvals": [{"officer": who.uri(), "at": "2026-01-01T00:00:00Z", "public_key": attacker_pem,
+                           "signature": attacker.sign(approval_message(proposal.proposal),
+                                                      ec.ECDSA(hashes.SHA256())).hex()} for who in (BOB, CHEN)],
+            "state": "executed", "result": {}})
+        _denied(call, pb.KeyOperationRequest(sign=pb.SignDocument(label=label, message=forged)),
+                "under a key this worker does not trust")
         _set_state(home, full.ceremony_id, "executed")
         _denied(call, pb.KeyOperationRequest(export_components=swapped, ceremony_id=full.ceremony_id),
                 "executed, not executing")
