@@ -5,7 +5,9 @@ AuditSigner) under its own OS user, with its own configuration and PIN, and answ
 API of protos/kms/v1/worker.proto. That API names everything it does: sealing a chunk of cards, one of the key
 operations in OPERATIONS (each argument checked here), recycling the processes, a probe. Nothing the front end sends
 is run as code or looked up by name, so a front end that was taken over can ask a domain's token for nothing kms does
-not do already.
+not do already; and a key-changing operation runs only as a step of a ceremony this worker finds approved by officers
+of its own trust file (kms.ceremony.binding, ``worker.officers``), minutes are signed only when the approvals they
+quote are by such officers.
 
 The socket is created mode 0660 in a directory this user owns (created 0750 if missing; a directory others may
 write to is refused), given to ``worker.socket_group`` if set: only that group (the front end's) can connect. Start-up

@@ -37,6 +37,7 @@ from kms.clock import SystemClock
 from kms.dev.home import Home
 from kms.dev.workers import WorkerLayout, split_home
 from kms.errors import ConfigError, InvalidArgument, Unavailable
+from kms.hsm.session import TokenSession
 from kms.hsm.types import Algorithm
 from kms.identity import Principal
 from kms.issuance.workers import Job
@@ -350,7 +351,8 @@ def test_sigterm_drains_and_removes_the_socket(workers: Workers) -> None:
 # -- dual control in the worker service (kms.ceremony.binding) ------------------------------------------------------
 
 
-def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: Home, remote: Service) -> None:
+def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: Home, remote: Service,
+                                                                       station_session: TokenSession) -> None:
     name = f"wrk-esc-{secrets.token_hex(3)}"
     made = run_ceremony(home, remote.port, "hrss", "generate-master-key", {"name": name, "escrow": "yes"})
     assert made.state == "executed", made.error
@@ -366,9 +368,7 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
     exported = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                             {"bureau": "bureau-b", "method": "export-components", "recipients": ["bob", "chen"]})
     assert exported.state == "executed", exported.error  # create_key, then export_components of that version
-    station_cfg = config.load_station(home.station_config("station-a1"))
-    with runtime.open_station(station_cfg) as session:
-        pem = unwrap_public_key_pem(session, "station-a1", "hrss")
+    pem = unwrap_public_key_pem(station_session, "station-a1", "hrss")  # the session-wide station-a1 session
     handed = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                           {"bureau": "bureau-a", "station": "station-a1", "method": "rsa-oaep", "public_key": pem})
     assert handed.state == "executed", handed.error
@@ -377,9 +377,8 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
     with service_client(home, remote, "station-a1") as a1:  # the station takes it (as a bureau would)
         handoff = CeremonyClient(a1).fetch_transport_key("hrss")
         assert handoff.version == result["version"]
-        with runtime.open_station(station_cfg) as session:
-            kcv = accept_transport_key(session, "station-a1", "hrss", handoff.label, handoff.wrapped_key,
-                                       handoff.kcv)
+        kcv = accept_transport_key(station_session, "station-a1", "hrss", handoff.label, handoff.wrapped_key,
+                                   handoff.kcv)
         CeremonyClient(a1).confirm_transport_key("hrss", handoff.version, kcv)
 
 
