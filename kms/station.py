@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
@@ -44,6 +47,21 @@ class TrustStore:
 
     def __init__(self, keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]]) -> None:
         self._keys = keys  # key id -> (domain, key)
+
+    def spkis(self) -> dict[str, tuple[str, bytes]]:
+        """Key id -> (domain, SubjectPublicKeyInfo DER): the store in a form another process can be given."""
+        return {kid: (domain, key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+                for kid, (domain, key) in self._keys.items()}
+
+    @classmethod
+    def from_spkis(cls, spkis: dict[str, tuple[str, bytes]]) -> TrustStore:
+        keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]] = {}
+        for kid, (domain, spki) in spkis.items():
+            key = load_der_public_key(spki)
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise ConfigError(f"trusted key {kid}: not an ECDSA public key")
+            keys[kid] = (domain, key)
+        return cls(keys)
 
     @classmethod
     def load(cls, directory: Path) -> TrustStore:
@@ -118,6 +136,124 @@ def _reject(reason: str) -> BundleRejected:
     return BundleRejected()
 
 
+@dataclass(frozen=True)
+class _Section:
+    """What opening needs of a section whose checks passed: where its keys go and the keys."""
+
+    domain: str
+    transport_key: str
+    transport_key_version: int
+    keys: tuple[bundle.ParsedKey, ...]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A bundle for this station, every section signed by its domain's key (``check``); small, so that the
+    checking process hands it back cheaply."""
+
+    serial: str
+    card_ref: str
+    sections: tuple[_Section, ...]
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check(data: bytes, bureau: str, domains: tuple[str, ...], trust: TrustStore) -> _Checked:
+    """Parse a bundle and check it is for this station (bureau, domains) and every section is signed by its
+    domain's key. Raises _Refused with the reason (for the local log only) otherwise."""
+    try:
+        parsed = bundle.parse(data)
+    except BundleRejected:
+        raise _Refused("malformed or not canonical") from None
+    names = [s.domain for s in parsed.sections]
+    for section in parsed.sections:
+        if section.domains != names:
+            raise _Refused("sections missing from or added to the bundle")
+        if section.domain not in domains:
+            raise _Refused(f"section for domain {section.domain} this station is not registered for")
+        if section.bureau != bureau:
+            raise _Refused("section for another bureau")
+        if not trust.verify(section):
+            raise _Refused("signature")
+    return _Checked(parsed.serial, parsed.card_ref, tuple(
+        _Section(s.domain, s.transport_key, s.transport_key_version, s.keys) for s in parsed.sections))
+
+
+# -- the checking process of Station.open_many: parsing and signatures, pipelined with the token's work -----------
+
+class _Checker:
+    """The checking process of a station's ``open_many``: it parses and verifies the chunks sent to it over a
+    pipe, in order, and answers with each bundle checked or the reason it is refused. A pipe and a process, no
+    thread in the station's process (a thread would take the GIL from the token calls). It ends when the station
+    closes it, or when the station's process ends (its pipe closes)."""
+
+    def __init__(self, bureau: str, domains: tuple[str, ...], trust: TrustStore) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_checker_main, args=(child, bureau, domains, trust.spkis()),
+                                    name="kms-station-checker", daemon=True)
+        self._process.start()
+        child.close()
+        self._sent = self._received = 0
+        self._answers: dict[int, list[_Checked | str]] = {}
+
+    def submit(self, block: list[bytes]) -> int:
+        """Send a chunk to be checked; returns its ticket for ``result``. The answers sent before are read first
+        (their chunks are checked by then: open_many needs the answer before this one next), so that neither
+        side ever waits to write into a pipe the other is not reading."""
+        while self._received < self._sent:
+            self._take()
+        self._conn.send((self._sent, block))
+        self._sent += 1
+        return self._sent - 1
+
+    def result(self, ticket: int) -> list[_Checked | str]:
+        """The answer to ``ticket``: EOFError or OSError if the checking process is gone. Answers to earlier
+        tickets nobody took (an open_many left early) are dropped."""
+        while ticket not in self._answers:
+            self._take()
+        for stale in [t for t in self._answers if t < ticket]:
+            del self._answers[stale]
+        return self._answers.pop(ticket)
+
+    def _take(self) -> None:
+        seq, results = self._conn.recv()
+        self._received += 1
+        self._answers[seq] = cast(list[_Checked | str], results)
+
+    def close(self) -> None:
+        self._conn.close()  # the checking process reads EOF and ends
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+
+def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the station's to handle
+    trust = TrustStore.from_spkis(spkis)
+    try:
+        while True:
+            seq, block = conn.recv()
+            results: list[_Checked | str] = []
+            for data in block:
+                try:
+                    results.append(check(data, bureau, domains, trust))
+                except _Refused as refused:
+                    results.append(refused.reason)
+            conn.send((seq, results))
+    except (EOFError, OSError):  # the station closed the pipe, or its process ended
+        return
+
+
 class Station:
     def __init__(
         self,
@@ -128,6 +264,8 @@ class Station:
         trust: TrustStore,
         ledger: sa.Engine,
         clock: Clock,
+        *,
+        check_ahead: bool = True,
     ) -> None:
         self.name = name
         self.bureau = bureau
@@ -136,6 +274,20 @@ class Station:
         self._trust = trust
         self._ledger = ledger
         self._clock = clock
+        self._check_ahead = check_ahead
+        self._checker: _Checker | None = None
+
+    def close(self) -> None:
+        """Stop the checking process of ``open_many``, if one was started (it also ends with this process)."""
+        if self._checker is not None:
+            checker, self._checker = self._checker, None
+            checker.close()
+
+    def __enter__(self) -> Station:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def open(self, data: bytes, *, store: bool = False, verify_only: bool = False) -> OpenReport:
         """Verify one bundle and unwrap its keys into this station's token, recomputing every KCV.
@@ -151,7 +303,7 @@ class Station:
         if store and verify_only:
             raise InvalidArgument("store", "cannot store keys in a verify-only open")
         parsed = self._checked(data)
-        unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+        unwrapped: list[tuple[_Section, StationKeys]] = []
         try:
             if verify_only:
                 if self._seen(parsed.serial):
@@ -167,6 +319,12 @@ class Station:
         ``chunk`` bundles in one ledger transaction: one commit, i.e. one sync to disk, per chunk rather than per
         bundle — on a disk with slow syncs most of what opening one bundle costs.
 
+        Pipelined: while the token unwraps one chunk's keys, the next chunk is parsed and its signatures verified
+        in a checking process of this station's (started when a second chunk arrives, with ``check_ahead``; threads
+        would wait for each other's GIL): a chunk is read from ``bundles`` before the one before it is opened.
+        Every bundle is still checked before its keys are unwrapped; if the checking process fails, the chunk is
+        checked here.
+
         Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
         that refused it, once its chunk is committed. A replay is refused before any token work, also within a
         chunk. An error that is not about one bundle (a retryable HsmError, the ledger) ends the iteration: nothing
@@ -177,59 +335,87 @@ class Station:
         """
         if chunk < 1:
             raise InvalidArgument("chunk", "must be at least 1")
-        pending: list[bytes] = []
         source = iter(bundles)
+        pending: tuple[list[bytes], int | None] | None = None  # read, not yet opened
         while True:
-            try:
-                data = next(source)
-            except StopIteration:
-                break
-            except BaseException:  # an interrupt too: what was received is opened first
-                if pending:
-                    yield from self._open_chunk(pending)
-                raise
-            pending.append(data)
-            if len(pending) == chunk:
-                yield from self._open_chunk(pending)
-                pending = []
-        if pending:
-            yield from self._open_chunk(pending)
+            block, failure = _take(source, chunk)
+            job = None
+            if block:  # checked ahead in the checking process while the chunk before it is opened
+                job = (block, self._submit(block) if pending is not None else None)
+            if pending is not None:
+                yield from self._open_chunk(*pending)
+            pending = job
+            if failure is not None or len(block) < chunk:
+                if pending is not None:
+                    yield from self._open_chunk(*pending)
+                if failure is not None:
+                    raise failure
+                return
 
-    def _open_chunk(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+    def _submit(self, block: list[bytes]) -> int | None:
+        """``block`` checked in the checking process (started on first use), or None: checked here."""
+        if not self._check_ahead:
+            return None
         try:
-            return self._open_chunk_once(chunk)
+            if self._checker is None:
+                self._checker = _Checker(self.bureau, self.domains, self._trust)
+            return self._checker.submit(block)
+        except Exception as error:
+            log.warning("bundle checks in-process: the checking process is unavailable (%s)", type(error).__name__)
+            self._check_ahead = False
+            self.close()
+            return None
+
+    def _check_block(self, block: list[bytes], ahead: int | None
+                     ) -> list[_Checked | BundleRejected]:
+        if ahead is not None and self._checker is not None:
+            try:
+                results = self._checker.result(ahead)
+            except Exception as error:
+                log.warning("bundle checks in-process: the checking process failed (%s)", type(error).__name__)
+                self._check_ahead = False
+                self.close()
+            else:
+                return [_reject(r) if isinstance(r, str) else r for r in results]
+        checked: list[_Checked | BundleRejected] = []
+        for data in block:
+            try:
+                checked.append(self._checked(data))
+            except BundleRejected as rejected:
+                checked.append(rejected)
+        return checked
+
+    def _open_chunk(self, block: list[bytes], ahead: int | None
+                    ) -> list[OpenReport | BundleRejected]:
+        try:
+            return self._open_chunk_once(self._check_block(block, ahead))
         except sa.exc.IntegrityError:
             # Another process recorded one of these serials after this one looked: the chunk was rolled back
             # (nothing stored, nothing recorded), so each bundle is opened again on its own.
             results: list[OpenReport | BundleRejected] = []
-            for data in chunk:
+            for data in block:
                 try:
                     results.append(self.open(data))
                 except BundleRejected as rejected:
                     results.append(rejected)
             return results
 
-    def _open_chunk_once(self, chunk: list[bytes]) -> list[OpenReport | BundleRejected]:
+    def _open_chunk_once(self, checked: list[_Checked | BundleRejected]) -> list[OpenReport | BundleRejected]:
         results: list[OpenReport | BundleRejected] = []
-        checked: list[bundle.ParsedBundle | BundleRejected] = []
-        for data in chunk:
-            try:
-                checked.append(self._checked(data))
-            except BundleRejected as rejected:
-                checked.append(rejected)
-        serials = [p.serial for p in checked if isinstance(p, bundle.ParsedBundle)]
+        serials = [p.serial for p in checked if isinstance(p, _Checked)]
         with self._ledger.begin() as conn:
             # one look-up for the chunk's serials, in the transaction that records them
             claimed = set(conn.execute(
                 sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial.in_(serials))).scalars())
             rows = []
+            opened_at = rfc3339(self._clock.now())
             for parsed in checked:
                 try:
                     if isinstance(parsed, BundleRejected):
                         raise parsed
                     if parsed.serial in claimed:
                         raise _reject("replay")
-                    unwrapped: list[tuple[bundle.ParsedSection, StationKeys]] = []
+                    unwrapped: list[tuple[_Section, StationKeys]] = []
                     try:
                         report = self._unwrap_all(parsed, unwrapped, store=False)
                     finally:
@@ -241,32 +427,20 @@ class Station:
                 results.append(report)
                 if report.ok:
                     claimed.add(parsed.serial)
-                    rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref,
-                                 "opened_at": rfc3339(self._clock.now())})
+                    rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref, "opened_at": opened_at})
             if rows:
                 conn.execute(opened_bundles.insert(), rows)
         return results
 
-    def _checked(self, data: bytes) -> bundle.ParsedBundle:
-        """The parsed bundle, if it is for this station and every section is signed by its domain's key."""
+    def _checked(self, data: bytes) -> _Checked:
+        """The checked bundle, if it is for this station and every section is signed by its domain's key."""
         try:
-            parsed = bundle.parse(data)
-        except BundleRejected:
-            raise _reject("malformed or not canonical") from None
-        domains = [s.domain for s in parsed.sections]
-        for section in parsed.sections:
-            if section.domains != domains:
-                raise _reject("sections missing from or added to the bundle")
-            if section.domain not in self.domains:
-                raise _reject(f"section for domain {section.domain} this station is not registered for")
-            if section.bureau != self.bureau:
-                raise _reject("section for another bureau")
-            if not self._trust.verify(section):
-                raise _reject("signature")
-        return parsed
+            return check(data, self.bureau, self.domains, self._trust)
+        except _Refused as refused:
+            raise _reject(refused.reason) from None
 
-    def _open_recorded(self, parsed: bundle.ParsedBundle,
-                       unwrapped: list[tuple[bundle.ParsedSection, StationKeys]], store: bool) -> OpenReport:
+    def _open_recorded(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]], store: bool
+                       ) -> OpenReport:
         """Open in one ledger transaction: the serial is claimed first (a replay is refused before any token work,
         with one statement rather than a look-up and an insert), the keys are unwrapped and checked, and stored
         if asked; a KCV mismatch, a refusal or an error rolls the claim back, and no stored key outlives a
@@ -292,8 +466,8 @@ class Station:
             discard_objects(stored)  # the ledger rolled back: keep no keys it does not account for
             raise
 
-    def _unwrap_all(self, parsed: bundle.ParsedBundle, unwrapped: list[tuple[bundle.ParsedSection, StationKeys]],
-                    store: bool) -> OpenReport:
+    def _unwrap_all(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]], store: bool
+                    ) -> OpenReport:
         """Unwrap every section's keys (added to ``unwrapped``, for the caller to discard) and report their KCVs;
         a report that is not ok names no labels and says nothing is stored."""
         for section in parsed.sections:
@@ -311,7 +485,7 @@ class Station:
             report.keys = [dataclasses.replace(k, label=None) for k in report.keys]
         return report
 
-    def _unwrap(self, section: bundle.ParsedSection) -> StationKeys:
+    def _unwrap(self, section: _Section) -> StationKeys:
         label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version)
         try:
             algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
@@ -329,8 +503,7 @@ class Station:
                 sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == serial)
             ).first() is not None
 
-    def _store(self, parsed: bundle.ParsedBundle,
-               unwrapped: list[tuple[bundle.ParsedSection, StationKeys]]) -> list[object]:
+    def _store(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]]) -> list[object]:
         groups = [(keys, [card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
                   for section, keys in unwrapped]
         taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
@@ -338,6 +511,19 @@ class Station:
             raise AlreadyExists(f"keys of card {parsed.card_ref} are already stored at this station "
                                 f"({taken[0]}); remove them before storing another bundle for the card")
         return store_station_keys(self._session, groups)
+
+
+def _take(source: Iterator[bytes], n: int) -> tuple[list[bytes], BaseException | None]:
+    """Up to ``n`` items of ``source`` (fewer: it ended), and the error it raised, if any (an interrupt too)."""
+    block: list[bytes] = []
+    try:
+        for data in source:
+            block.append(data)
+            if len(block) == n:
+                break
+    except BaseException as error:
+        return block, error
+    return block, None
 
 
 class _Unmatched(Exception):

@@ -18,11 +18,16 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    The server's audit signer is checked before the server stops: an auditor's export must verify offline against
    the audit public key, the server's log must hold no traceback and no failed checkpoint, and after it stops its
    last checkpoint must cover every record. Otherwise the bench fails (exit 1).
-4. Station open vs raw unwrap (goal >= 80 %): kms.station.Station.open (parse, both sections' signatures verified,
-   every key unwrapped into the station's token and its KCV computed, the serial recorded in a fresh ledger, the
-   keys discarded) on --station-cards bundles the station received in round 1 of part 2, in a process of its own;
-   against scripts/bench_raw.py's unwrap loop in another: the same keys unwrapped with the same mechanism and
-   template, KCV, destroy, nothing else.
+4. Station open vs raw unwrap (goal >= 80 %): kms.station.Station.open_many (parse, both sections' signatures
+   verified -- the next chunk's in the station's checking process while the token works on this one --, every key
+   unwrapped into the station's token and its KCV computed, the serials recorded in a fresh ledger, one commit per
+   32 bundles, the keys discarded) on --station-cards bundles the station received in round 1 of part 2; the same
+   with check_ahead off (every check in the station's process); Station.open (a commit per bundle); against
+   scripts/bench_raw.py's unwrap loop: the same keys unwrapped with the same mechanism, key type and template, KCV,
+   destroy, nothing else. Per round each side runs in a fresh process of its own, set up and warmed up alike (the
+   64 warm-up bundles, the same way as the timed ones); then the sides take turns every 128 bundles, in every
+   order in turn, so that what else the machine does hits every side alike. `--station-only` runs just this part
+   (its bundles streamed from `kms serve` first, not timed).
 5. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.log.AuditLog.append with one record per
    transaction on SQLite, against plain INSERTs of rows of the same size into a scratch table of the same shape, one
    per transaction, same database; (b) offline verify rate, records/s of kms.audit.verify.verify over an export of
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -645,24 +651,63 @@ def bench_workers(args: Any, home: Home, cfg: config.Config, keys_per_card: int,
 
 # --- 4. station open vs raw unwrap --------------------------------------------------------------------------------
 
-def station_open(station_config: str, warmup: list[bytes], bundles: list[bytes], ledger_url: str, chunk: int
-                 ) -> tuple[float, int]:
-    """In a process of its own, as `kms station fetch --open` or `kms bundle open` would: each bundle opened (keys
-    checked, not stored) and recorded in a fresh ledger, by Station.open (chunk 0: one ledger commit per bundle)
-    or Station.open_many (one commit per ``chunk`` bundles). Seconds for ``bundles`` (after ``warmup``) and keys
-    checked."""
-    cfg = config.load_station(Path(station_config))
-    ledger = store.make_engine(ledger_url)
-    store.create_station_ledger(ledger)
-    with runtime.open_station(cfg) as session:
-        station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
-                          SystemClock())
-        for data in warmup:
-            station.open(data)
+def station_bundles(args: Any, home: Home, cfg: config.Config) -> tuple[list[bytes], list[bytes]]:
+    """For --station-only: the bundles part 4 opens, streamed by the station from `kms serve` (not timed): the
+    warm-up batch's and one batch of --station-cards."""
+    station_cfg = config.load_station(home.station_config(STATION)).client
+    assert station_cfg is not None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    warmup_bundles: list[bytes] = []
+    bundles: list[bytes] = []
+    with kms_serve(e2e_config(home, cfg, args.processes), home.path / SERVER_LOG) as port:
+        address = f"localhost:{port}"
+        with Client(config.load_client(home.client_config(OFFICER)), server=address, timeout=300) as officer, \
+                Client(station_cfg, server=address, timeout=300) as station:
+            e2e = EndToEnd(officer, station, stamp, args.per_message,
+                           lambda batch_id: authorize_batch(home, port, batch_id))
+            warmup, cards = make_cards(WARMUP_CARDS, seed=2029), make_cards(args.station_cards, seed=2027)
+            e2e.stream(e2e.batch("warmup", warmup)[0], warmup, keep=warmup_bundles)
+            e2e.stream(e2e.batch("station", cards)[0], cards, keep=bundles)
+    print(f"bench: {len(warmup_bundles)} + {len(bundles)} bundles received for part 4 (not timed)", flush=True)
+    return warmup_bundles, bundles
+
+
+STATION_BLOCK = 4 * STATION_CHUNK  # bundles per timed block of part 4; the sides take turns block by block
+
+
+class RawSide:
+    """Part 4's raw side in its worker process: scripts/bench_raw.py's unwrap loop on the station's token."""
+
+    def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str) -> None:
+        self._unwrapper = bench_raw.Unwrapper(module, softhsm2_conf, token, pin)
+
+    def run_plan(self, plan: list[tuple[str, list[bytes]]]) -> tuple[int, int]:
+        """Keys unwrapped (and 0 bad: the raw loop checks nothing)."""
+        return self._unwrapper.unwrap(plan), 0
+
+    def close(self) -> None:
+        self._unwrapper.close()
+
+
+class StationSide:
+    """Part 4's station side in its worker process, as `kms station fetch --open` or `kms bundle open` would open
+    bundles: Station.open_many (``chunk`` bundles per ledger commit) or, with chunk 0, Station.open (a commit per
+    bundle); keys checked, not stored; serials recorded in a fresh ledger of its own."""
+
+    def __init__(self, station_config: str, ledger_url: str, chunk: int, check_ahead: bool = True) -> None:
+        cfg = config.load_station(Path(station_config))
+        self._ledger = store.make_engine(ledger_url)
+        store.create_station_ledger(self._ledger)
+        self._session = runtime.open_station(cfg)
+        self._station = Station(cfg.name, cfg.bureau, cfg.domains, self._session, TrustStore.load(cfg.trust),
+                                self._ledger, SystemClock(), check_ahead=check_ahead)
+        self._chunk = chunk
+
+    def run(self, bundles: list[bytes]) -> tuple[int, int]:
+        """Keys checked, and bundles refused or with a KCV that does not match."""
         keys = bad = 0
-        started = time.perf_counter()
-        if chunk:
-            for result in station.open_many(bundles, chunk=chunk):
+        if self._chunk:
+            for result in self._station.open_many(bundles, chunk=self._chunk):
                 if isinstance(result, OpenReport):
                     keys += len(result.keys)
                     bad += not result.ok
@@ -670,77 +715,155 @@ def station_open(station_config: str, warmup: list[bytes], bundles: list[bytes],
                     bad += 1
         else:
             for data in bundles:
-                report = station.open(data)
+                report = self._station.open(data)
                 keys += len(report.keys)
                 bad += not report.ok
-        elapsed = time.perf_counter() - started
-    ledger.dispose()
-    if bad:
-        raise BenchFailed(f"the station refused {bad} bundles or found a KCV that does not match")
-    return elapsed, keys
+        return keys, bad
+
+    def close(self) -> None:
+        self._station.close()
+        self._session.close()
+        self._ledger.dispose()
+
+
+def side_worker(conn: Any, kind: str, setup: tuple[Any, ...], warmup: list[bytes], bundles: list[bytes]) -> None:
+    """One side of part 4 in a process of its own (fresh per round: SoftHSM frees destroyed session objects only
+    at C_Finalize, so every round starts from the same token state). Set up and warm up (the warm-up bundles, the
+    same way as the timed ones; not timed), then answer ``(lo, hi)`` with the seconds, keys and bad bundles of
+    bundles[lo:hi] until told None. The raw side's unwrap plan (labels and wrapped keys, parsed here) is made
+    before any timing, so it times token work only."""
+    side: RawSide | StationSide = RawSide(*setup) if kind == "raw" else StationSide(*setup)
+    try:
+        if isinstance(side, RawSide):
+            side.run_plan(unwrap_plan(warmup))
+            plans = [unwrap_plan([data]) for data in bundles]
+        else:
+            side.run(warmup)
+        conn.send("ready")
+        while (block := conn.recv()) is not None:
+            lo, hi = block
+            if isinstance(side, RawSide):
+                part = [section for plan in plans[lo:hi] for section in plan]
+                started = time.perf_counter()
+                keys, bad = side.run_plan(part)
+            else:
+                part_bundles = bundles[lo:hi]
+                started = time.perf_counter()
+                keys, bad = side.run(part_bundles)
+            conn.send((time.perf_counter() - started, keys, bad))
+    finally:
+        side.close()
+        conn.close()
 
 
 def unwrap_plan(bundles: list[bytes]) -> list[tuple[str, list[bytes]]]:
-    """For each section of each bundle: its transport key's label and its wrapped keys (what raw unwraps)."""
+    """For each section of each bundle: its transport key's label and its wrapped keys (what raw unwraps: every
+    key the station unwraps, once; all DES2, the key type both sides give C_UnwrapKey)."""
     plan = []
     for parsed in map(bundle.parse, bundles):
         for section in parsed.sections:
+            if any(key.algorithm != "DES2" for key in section.keys):
+                raise BenchFailed("part 4 compares DES2 card keys only")
             label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key,
                               section.transport_key_version)
             plan.append((label, [key.wrapped for key in section.keys]))
     return plan
 
 
-def in_process(function: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Any, ...]:
-    """``function(*args)`` in a fresh process (SoftHSM frees destroyed session objects only at C_Finalize, so
-    each round starts from the same token state)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundles: list[bytes]
+                  ) -> dict[str, tuple[float, int, int]]:
+    """One round of part 4: each side in a fresh process of its own, set up and warmed up before any timing; then
+    the sides take turns block by block (STATION_BLOCK bundles), the order rotating each block, so that what else
+    the machine does hits every side alike. Per side: seconds (its blocks' sum), keys, bad bundles."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = []
+    try:
+        for name, (kind, setup) in sides.items():
+            parent, child = ctx.Pipe()
+            # not daemonic: a station side starts a checking process of its own (Station.open_many)
+            proc = ctx.Process(target=side_worker, args=(child, kind, setup, warmup, bundles))
+            proc.start()
+            child.close()
+            workers.append((name, parent, proc))
+        for name, parent, _ in workers:
+            if not parent.poll(300) or _answer(name, parent) != "ready":
+                raise BenchFailed(f"part 4: the {name} side did not start")
+        totals = {name: (0.0, 0, 0) for name, _, _ in workers}
+        orders = list(itertools.permutations(workers))  # each side in each place and after each other side alike
+        for i, lo in enumerate(range(0, len(bundles), STATION_BLOCK)):
+            for name, parent, _ in orders[i % len(orders)]:
+                parent.send((lo, lo + STATION_BLOCK))
+                seconds, keys, bad = _answer(name, parent)
+                t, n, b = totals[name]
+                totals[name] = (t + seconds, n + keys, b + bad)
+        for _, parent, _ in workers:
+            parent.send(None)
+        return totals
+    finally:
+        for _, parent, proc in workers:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            parent.close()
+
+
+def _answer(name: str, conn: Any) -> Any:
+    try:
+        return conn.recv()
+    except EOFError:
+        raise BenchFailed(f"part 4: the {name} side's process died (its error is above)") from None
 
 
 def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[bytes], summary: Summary) -> None:
     bundles = received[:args.station_cards]
-    station_config = home.station_config(STATION)
-    cfg = config.load_station(station_config)
-    raw_args = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.secret(cfg.pin))
-    plan, warmup_plan = unwrap_plan(bundles), unwrap_plan(warmup)
-    keys = sum(len(wrapped) for _, wrapped in plan)
-    ledgers = iter(range(2 * args.rounds))
+    station_config = str(home.station_config(STATION))
+    cfg = config.load_station(Path(station_config))
+    raw_setup = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.secret(cfg.pin))
+    keys = sum(len(wrapped) for _, wrapped in unwrap_plan(bundles))
+    ledgers = iter(range(3 * args.rounds))
 
-    def raw() -> float:
-        done, seconds = in_process(bench_raw.unwrap, *raw_args, warmup_plan, plan)
-        if done != keys:
-            raise BenchFailed(f"the raw unwrap loop unwrapped {done} keys of {keys}")
-        return float(seconds)
+    def fresh_ledger() -> str:
+        path = home.path / f"bench-ledger-{next(ledgers)}.db"
+        path.unlink(missing_ok=True)
+        return f"sqlite:///{path}"
 
-    def station(chunk: int) -> Callable[[], float]:
-        def run() -> float:
-            ledger = home.path / f"bench-ledger-{next(ledgers)}.db"
-            seconds, checked = in_process(station_open, str(station_config), warmup, bundles,
-                                          f"sqlite:///{ledger}", chunk)
+    times: dict[str, list[float]] = {"raw": [], "many": [], "here": [], "each": []}
+    for _ in range(args.rounds):
+        sides = {"raw": ("raw", raw_setup), "many": ("station", (station_config, fresh_ledger(), STATION_CHUNK)),
+                 "here": ("station", (station_config, fresh_ledger(), STATION_CHUNK, False)),
+                 "each": ("station", (station_config, fresh_ledger(), 0))}
+        for name, (seconds, checked, bad) in station_round(sides, warmup, bundles).items():
+            if bad:
+                raise BenchFailed(f"part 4, {name}: {bad} bundles refused or with a KCV that does not match")
             if checked != keys:
-                raise BenchFailed(f"the station checked {checked} keys of {keys}")
-            return float(seconds)
-        return run
-
-    raw_t, many_t, open_t = interleave(args.rounds, raw, station(STATION_CHUNK), station(0))
+                raise BenchFailed(f"part 4, {name}: {checked} keys of {keys}")
+            times[name].append(seconds)
+    raw_t, many_t, here_t, open_t = times["raw"], times["many"], times["here"], times["each"]
     n = len(bundles)
     per_bundle = keys // n
     summary.rates("station.raw", "4. raw unwrap loop", "bundles/s", n, raw_t)
     summary.rates("station.kms", f"4. Station.open_many ({STATION_CHUNK})", "bundles/s", n, many_t)
     ratio = summary.ratio("station.ratio", "4. station open / raw unwrap", raw_t, many_t, 0.80)
+    summary.rates("station.in_process", "4. open_many, checks in-process", "bundles/s", n, here_t)
+    here = summary.ratio("station.in_process_ratio", "4. in-process checks / raw unwrap", raw_t, here_t)
     summary.rates("station.open", "4. Station.open, each", "bundles/s", n, open_t)
     each = summary.ratio("station.open_ratio", "4. open each / raw unwrap", raw_t, open_t)
     print()
-    print(f"4. station open vs raw unwrap loop, {n} bundles of part 2 per round ({per_bundle} keys each), one "
-          f"process each, {STATION}'s token: Station.open_many (parse, 2 signatures verified, unwrap + KCV per key, "
-          f"serials recorded in a fresh SQLite ledger, one commit per {STATION_CHUNK} bundles, keys discarded) and "
-          "Station.open (the same, one commit per bundle) vs unwrap + KCV + destroy per key")
+    print(f"4. station open vs raw unwrap loop, {n} bundles of part 2 per round ({per_bundle} keys each), "
+          f"{STATION}'s token, each side in a fresh process of its own per round, warmed up alike, the sides taking "
+          f"turns every {STATION_BLOCK} bundles in every order: Station.open_many (parse, 2 signatures verified "
+          f"-- the next chunk's in its checking process while the token works --, unwrap + KCV per key, serials "
+          f"recorded in a fresh SQLite ledger, one commit per {STATION_CHUNK} bundles, keys discarded), the same "
+          "with every check in its own process (check_ahead off), and Station.open (one commit per bundle) vs "
+          "unwrap + KCV + destroy per key")
     print(f"  {'(medians)':34}{'bundles/s':>10}{'keys/s':>10}{'seconds':>10}")
     print(rate_line("raw unwrap loop", n, per_bundle, raw_t))
     print(rate_line(f"kms Station.open_many ({STATION_CHUNK})", n, per_bundle, many_t))
+    print(rate_line("kms open_many, checks in-process", n, per_bundle, here_t))
     print(rate_line("kms Station.open, each", n, per_bundle, open_t))
     print(ratio_line(ratio, "raw"))
+    print(ratio_line(here, "raw"))
     print(ratio_line(each, "raw"), flush=True)
 
 
@@ -903,6 +1026,8 @@ def main() -> int:
     parser.add_argument("--workers-cards", type=int, default=1000,
                         help="cards per batch in part 6, worker services vs spawned workers (default: 1000)")
     parser.add_argument("--workers-only", action="store_true", help="run only part 6, worker services")
+    parser.add_argument("--station-only", action="store_true",
+                        help="run only part 4, the station (its bundles streamed from `kms serve` first, not timed)")
     args = parser.parse_args()
     for name in ("rounds", "cards", "e2e_cards", "latency_cards", "station_cards", "processes", "audit_records",
                  "verify_records", "workers_cards"):
@@ -910,7 +1035,9 @@ def main() -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:
         parser.error("--latency-cards must be at least 2")
-    if args.station_cards > args.e2e_cards:
+    if args.audit_only and args.station_only:
+        parser.error("--audit-only and --station-only exclude each other")
+    if args.station_cards > args.e2e_cards and not args.station_only:
         parser.error("--station-cards must be at most --e2e-cards (the station opens bundles of part 2)")
 
     t0 = time.perf_counter()
@@ -932,12 +1059,16 @@ def main() -> int:
         print(f"kms bench: profile {PROFILE}, {keys_per_card} keys per card ({derivations} C_DeriveKey per card); "
               f"{args.processes} HSM process(es) per domain x {len(DOMAINS)} domains on every side; "
               f"{args.rounds} alternating rounds, raw measured in the same run", flush=True)
-        if not args.workers_only:
+        if args.station_only:
+            warmup, received = station_bundles(args, home, cfg)
+            bench_station(args, home, warmup, received, summary)
+        elif not args.workers_only:
             bench_engine(args, home, cfg, keys_per_card, summary)
             warmup, received = bench_service(args, home, cfg, keys_per_card, summary)
             bench_station(args, home, warmup, received, summary)
             bench_audit(args, summary)
-        bench_workers(args, home, cfg, keys_per_card, summary)
+        if not args.station_only:
+            bench_workers(args, home, cfg, keys_per_card, summary)
     seconds = time.perf_counter() - t0
     summary.notes.update(load_average_at_end=[round(x, 2) for x in os.getloadavg()], seconds=round(seconds, 1))
     summary.write(args.summary)

@@ -2,7 +2,7 @@
 
 - ``run``, the issuing side, per key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES
   key wrap with padding, C_DestroyObject (no signing, no encoding, no inter-process traffic).
-- ``unwrap``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
+- ``Unwrapper``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
   transport key into a session object (the template kms uses for a station card key), KCV (encrypt a zero block),
   C_DestroyObject (no parsing, no signature check, no ledger).
 
@@ -71,30 +71,31 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
         return len(plan), time.perf_counter() - started
 
 
-def unwrap(module: str, softhsm2_conf: str, token: str, pin: str, warmup: list[tuple[str, list[bytes]]],
-           plan: list[tuple[str, list[bytes]]]) -> tuple[int, float]:
-    """plan: for each section of each bundle, (transport key label, [wrapped keys]); ``warmup`` is run first,
-    untimed. Returns the keys unwrapped in ``plan`` and the seconds they took."""
-    os.environ["SOFTHSM2_CONF"] = softhsm2_conf
-    lib = pkcs11.lib(module)
-    template = secret_key_template(Role.STATION_CARD_KEY, token=False)
-    zero = bytes(8)
-    with lib.get_token(token_label=token).open(user_pin=pin, rw=True) as session:
-        transports: dict[str, Any] = {}
-        for label, _ in warmup + plan:
-            if label not in transports:
-                transports[label] = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
-        work = [[(transports[label], wrapped) for label, wrapped in part] for part in (warmup, plan)]
-        count = 0
-        started = 0.0
-        for timed, part in enumerate(work):
-            if timed:
-                started = time.perf_counter()
-            for transport, keys in part:
-                for wrapped in keys:
-                    key = transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.DES2, wrapped,
-                                               mechanism=Mechanism.AES_KEY_WRAP_PAD, template=template)
-                    key.encrypt(zero, mechanism=Mechanism.DES3_ECB)
-                    key.destroy()
-                    count += timed
-        return count, time.perf_counter() - started
+class Unwrapper:
+    """The station side's raw loop on one logged-in session: ``unwrap(part)`` does, for each (transport key label,
+    [wrapped keys]) of ``part``, per key C_UnwrapKey (AES key wrap with padding, the station card key's session
+    template, key type DES2), KCV (DES3-ECB of a zero block) and C_DestroyObject. Returns the keys unwrapped."""
+
+    def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str) -> None:
+        os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+        self._session = pkcs11.lib(module).get_token(token_label=token).open(user_pin=pin, rw=True)
+        self._template = secret_key_template(Role.STATION_CARD_KEY, token=False)
+        self._transports: dict[str, Any] = {}
+
+    def unwrap(self, part: list[tuple[str, list[bytes]]]) -> int:
+        for label, _ in part:  # key handles looked up once, as kms caches them
+            if label not in self._transports:
+                self._transports[label] = self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
+        work = [(self._transports[label], wrapped) for label, wrapped in part]
+        template, zero, count = self._template, bytes(8), 0
+        for transport, keys in work:
+            for wrapped in keys:
+                key = transport.unwrap_key(ObjectClass.SECRET_KEY, KeyType.DES2, wrapped,
+                                           mechanism=Mechanism.AES_KEY_WRAP_PAD, template=template)
+                key.encrypt(zero, mechanism=Mechanism.DES3_ECB)
+                key.destroy()
+                count += 1
+        return count
+
+    def close(self) -> None:
+        self._session.close()

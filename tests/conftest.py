@@ -103,12 +103,14 @@ def station_session(station_config: config.StationConfig) -> Iterator[TokenSessi
 
 
 @pytest.fixture
-def station(station_config: config.StationConfig, station_session: TokenSession, tmp_path: Path) -> Station:
-    """The bureau-a station with a fresh opened-bundle ledger."""
+def station(station_config: config.StationConfig, station_session: TokenSession, tmp_path: Path
+            ) -> Iterator[Station]:
+    """The bureau-a station with a fresh opened-bundle ledger (its checking process stopped afterwards)."""
     ledger = store.make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     store.create_station_ledger(ledger)
-    return Station(station_config.name, station_config.bureau, station_config.domains, station_session,
-                   TrustStore.load(station_config.trust), ledger, SystemClock())
+    with Station(station_config.name, station_config.bureau, station_config.domains, station_session,
+                 TrustStore.load(station_config.trust), ledger, SystemClock()) as station:
+        yield station
 
 
 # -- store backends ----------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ FIGURES = {
     "engine.raw", "engine.kms", "engine.ratio",
     "e2e.raw", "e2e.kms", "e2e.ratio",
     "latency.p50", "latency.p99",
-    "station.raw", "station.kms", "station.ratio", "station.open", "station.open_ratio",
+    "station.raw", "station.kms", "station.ratio", "station.in_process", "station.in_process_ratio", "station.open",
+    "station.open_ratio",
     "audit.insert", "audit.append", "audit.append_ratio", "audit.sha256", "audit.verify", "audit.verify_ratio",
     "workers.spawned", "workers.remote", "workers.ratio",
 }
@@ -60,8 +61,8 @@ def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     # every figure in the printed table, by its label
     table = result.stdout.split("Summary:", 1)[1]
     for label in ("1. engine / raw", "2. end-to-end / raw", "3. IssueCard latency p50", "3. IssueCard latency p99",
-                  "4. station open / raw unwrap", "4. open each / raw unwrap", "5. kms.audit.verify",
-                  "6. worker services / spawned"):
+                  "4. station open / raw unwrap", "4. in-process checks / raw unwrap", "4. open each / raw unwrap",
+                  "5. kms.audit.verify", "6. worker services / spawned"):
         assert label in table
     # the home is one the bench made: the next run may remove it
     assert (tmp_path / "home" / bench.BENCH_MARKER).exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -360,3 +363,73 @@ def test_open_many_opens_what_a_failing_source_gave_before_raising_its_error(
         next(results)
     assert all(station._seen(bundle.parse(d).serial) for d in bundles)
     assert [o for o in station_session.objects() if not o.token] == []
+
+
+def test_open_many_checks_ahead_in_a_checking_process_and_refuses_what_it_refuses(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    good = [seal(sealers, card(80 + i)) for i in range(4)]
+    doc = _doc(good[3])
+    created = doc["sections"][1]["body"]["created_at"]
+    doc["sections"][1]["body"]["created_at"] = created.replace(created[:4], str(int(created[:4]) - 1), 1)  # unsigned
+    stream = [good[0], good[1], good[2], _encode(doc), good[1]]  # chunks of 2: the 2nd and 3rd are checked ahead
+    with caplog.at_level(logging.INFO, logger="kms.station"):
+        results = list(station.open_many(stream, chunk=2))
+    assert station._checker is not None  # the checking process did chunks 2 and 3
+    assert [isinstance(r, OpenReport) and r.ok for r in results] == [True, True, True, False, False]
+    assert all(isinstance(r, BundleRejected) for r in results[3:])
+    # the reasons reach this station's log, not only the checking process's
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bundle rejected")]
+    assert reasons == ["bundle rejected: signature", "bundle rejected: replay"]
+    assert [station._seen(bundle.parse(d).serial) for d in good] == [True, True, True, False]
+    assert [o for o in station_session.objects() if not o.token] == []
+    station.close()
+    assert station._checker is None
+
+
+def test_open_many_checks_here_when_the_checking_process_dies(
+    sealers: dict[str, DomainSealer], station: Station
+) -> None:
+    good = [seal(sealers, card(90 + i)) for i in range(5)]
+    doc = _doc(good[4])
+    doc["sections"][0]["body"]["card_ref"] = "card-999998"
+    stream = [*good[:4], _encode(doc)]
+    results = station.open_many(stream, chunk=1)
+    first = next(results)  # chunk 2 is being checked ahead: the checking process is up
+    assert isinstance(first, OpenReport) and first.ok
+    assert station._checker is not None
+    pid = station._checker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # fault injection: the checking process is killed
+    rest = list(results)
+    assert [isinstance(r, OpenReport) and r.ok for r in rest] == [True, True, True, False]
+    assert station._checker is None and not station._check_ahead  # the rest was checked in this process
+    assert [station._seen(bundle.parse(d).serial) for d in good] == [True, True, True, True, False]
+
+
+def test_without_check_ahead_no_process_is_started(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession
+) -> None:
+    alone = Station(station.name, station.bureau, station.domains, station_session, station._trust,
+                    station._ledger, SystemClock(), check_ahead=False)
+    results = list(alone.open_many([seal(sealers, card(100 + i)) for i in range(3)], chunk=1))
+    assert all(isinstance(r, OpenReport) and r.ok for r in results)
+    assert alone._checker is None
+
+
+def test_open_many_opens_both_chunks_read_when_the_source_fails_in_the_second(
+    sealers: dict[str, DomainSealer], station: Station
+) -> None:
+    bundles = [seal(sealers, card(110 + i)) for i in range(3)]
+
+    def source() -> Iterator[bytes]:  # breaks while the 2nd chunk is read, the 1st not opened yet (read ahead)
+        yield from bundles
+        raise OSError("stream broke")
+
+    results = station.open_many(source(), chunk=2)
+    opened = [next(results) for _ in bundles]
+    assert all(isinstance(r, OpenReport) and r.ok for r in opened)
+    with pytest.raises(OSError, match="stream broke"):
+        next(results)
+    assert all(station._seen(bundle.parse(d).serial) for d in bundles)
