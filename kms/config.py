@@ -177,6 +177,8 @@ class WorkerConfig:
     #: PANs a bank worker service protects in any one hour (kms.server.worker._protect): the bound on how many
     #: candidate PANs a front end that was taken over can have indexed (docs/deployment.md).
     pan_quota_per_hour: int = DEFAULT_PAN_QUOTA_PER_HOUR
+    #: The domain's officers this worker trusts for dual control (kms.ceremony.binding), a file it owns.
+    officers: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -440,14 +442,15 @@ def _workers(path: Path, doc: Any) -> dict[str, str]:
 
 
 def _worker(path: Path, doc: Any) -> WorkerConfig:
-    doc = _only(path, "worker", doc, set(), {"listen", "socket_group", "pan_quota_per_hour"})
+    doc = _only(path, "worker", doc, set(), {"listen", "socket_group", "pan_quota_per_hour", "officers"})
     group = doc.get("socket_group")
     if group is not None and (not isinstance(group, str) or not group):
         raise ConfigError(f"{path}: worker.socket_group must be a group name")
     return WorkerConfig(listen=unix_socket(path, doc["listen"], "worker.listen") if "listen" in doc else None,
                         socket_group=group,
                         pan_quota_per_hour=_int(doc, "pan_quota_per_hour", DEFAULT_PAN_QUOTA_PER_HOUR, 1,
-                                                100_000_000, "worker"))
+                                                100_000_000, "worker"),
+                        officers=_path(path.parent, doc["officers"], "worker.officers") if "officers" in doc else None)
 
 
 def _audit(path: Path, doc: Any, openbao: OpenBaoSettings | None = None, remote: bool = False) -> AuditConfig:

@@ -285,7 +285,7 @@ def _check_rotate(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, 
 def _run_generate(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     return dict(pool_for(ctx, c.domain).call(keyops.create_key, KeyKind.MASTER.value, p["name"], p["algorithm"],
-                                          _yes(p)))
+                                             _yes(p), ceremony=c.ceremony_id))
 
 
 def _check_import(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def _run_import(ctx: Context, c: CeremonyRecord, kind: KeyKind = KeyKind.MASTER,
     # A master key is active once its joined KCV matched; a transport key waits for its bureau (set-key-state).
     return dict(pool_for(ctx, c.domain).call(keyops.create_key, kind.value, p[name_param],
                                              p.get("algorithm", Algorithm.AES256.value), _yes(p), p["kcv"], sealed,
-                                             kind is KeyKind.MASTER))
+                                             kind is KeyKind.MASTER, ceremony=c.ceremony_id))
 
 
 def _check_export(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,7 +321,8 @@ def _run_export(ctx: Context, c: CeremonyRecord, kind: str | None = None, name: 
         record = ctx.officers.get(Principal("officer", officer_name, domain=c.domain))
         recipients.append((record.officer.principal.uri(), record.public_key_pem))
     outputs = pool_for(ctx, c.domain).call(keyops.export_components, kind or p["kind"], name or p["name"],
-                                        version or p["version"], recipients, c.ceremony_id)
+                                           version or p["version"], recipients, c.ceremony_id,
+                                           ceremony=c.ceremony_id)
     ctx.ceremonies.store_outputs(c.ceremony_id, [(parse_uri(uri), sealed, kcv) for uri, sealed, kcv in outputs])
     return {"components": [{"custodian": uri, "kcv": kcv} for uri, _, kcv in outputs]}
 
@@ -359,7 +360,7 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     if p["method"] == "rsa-oaep":
         public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
         spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki)
+        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, ceremony=c.ceremony_id)
         # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
         ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
                            c.ceremony_id)
@@ -367,11 +368,11 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     if p["method"] == "import-components":
         return _run_import(ctx, c, KeyKind.TRANSPORT, "bureau")
     made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True,
-                          None, (), False))
+                          None, (), False, ceremony=c.ceremony_id))
     try:
         exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
     except BaseException:
-        pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
+        pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"], ceremony=c.ceremony_id)
         raise
     return {**made, **exported}
 
@@ -410,7 +411,8 @@ def _check_destroy(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str,
 
 def _run_destroy(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
-    return dict(pool_for(ctx, c.domain).call(keyops.destroy_key, p["kind"], p["name"], p["version"]))
+    return dict(pool_for(ctx, c.domain).call(keyops.destroy_key, p["kind"], p["name"], p["version"],
+                                             ceremony=c.ceremony_id))
 
 
 def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from kms import config as config_mod
 from kms import runtime, store
 from kms.audit.log import AuditLog
 from kms.cards import profiles
+from kms.ceremony.binding import write_trust_file
 from kms.ceremony.keyops import CUSTODY_NAME
 from kms.ceremony.officers import ApprovalKeyFile, OfficerStore, public_pem
 from kms.ceremony.rules import QuorumPolicy, approval_message
@@ -93,6 +94,11 @@ class Home:
     def client_config(self, principal: Principal) -> Path:
         """An officer's or auditor's client configuration: clients/<role>-<domain>-<name>.yaml."""
         return self.path / "clients" / (principal.uri().removeprefix("urn:kms:").replace(":", "-") + ".yaml")
+
+    def officers_file(self, domain: str) -> Path:
+        """The domain's officers as its worker service trusts them (``worker.officers``, kms.ceremony.binding),
+        written at genesis."""
+        return self.path / f"officers-{domain}.yaml"
 
     def approval_key(self, officer: Principal) -> Path:
         """An officer's approval key file (development; production: the officer's smartcard)."""
@@ -234,6 +240,8 @@ def _genesis(home: Home, domain: str, pki: DevPki, stations: list[tuple[str, str
         registry.register(grantee, domain, pins[grantee], record.ceremony_id)
     ceremonies.record_executed(record, {"officers": [p.uri() for p in people],
                                         "principals": [p.uri() for p in grantees]}, people[0])
+    write_trust_file(home.officers_file(domain), domain,
+                     [(p.name, OFFICER_ROLES, public_pem(keys[p].public_key())) for p in people])
 
 
 def _pin(cred: Credential) -> str:

@@ -507,6 +507,10 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
         if source is not None and source.openbao:
             doc["openbao"] = dict(source.openbao)
         doc["worker"] = {"listen": f"unix:{layout.socket(component)}", "socket_group": front_group}
+        officers = home.officers_file(component)
+        if component != AUDIT and officers.exists():  # the officers it trusts, in a file of its own user's
+            write_private(directory / "officers.yaml", officers.read_bytes())
+            doc["worker"]["officers"] = "officers.yaml"
         _write_yaml(layout.worker_config(component), doc)
         _own_tree(directory, users.of(component))
         if layout.pin_file(component).exists():

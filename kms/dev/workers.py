@@ -49,6 +49,9 @@ def split_home(config: Path, sockets: Path, services: tuple[str, ...] = SERVICES
     for name in services:
         own = {**base, "audit": doc["audit"]} if name == "audit" else {**base, "domains": {name: doc["domains"][name]}}
         own["worker"] = {"listen": socket_of[name]}
+        officers = config.parent / f"officers-{name}.yaml"  # written at genesis (kms.dev.home.Home.officers_file)
+        if name != "audit" and officers.exists():
+            own["worker"]["officers"] = str(officers.absolute())
         made[name] = _write(config.parent / f"worker-{name}.yaml", own)
     return WorkerLayout(made["front"], {name: made[name] for name in services}, socket_of)
 

@@ -306,7 +306,9 @@ class Pool(Protocol):
     def seal(self, jobs: Iterable[Job], batch: str, bureau: str, profile: str, pins: Pins = ()
              ) -> Iterator[SectionResult]: ...
 
-    def call(self, function: Callable[..., T], *args: Any) -> T: ...
+    def call(self, function: Callable[..., T], *args: Any, ceremony: str = "") -> T:
+        """``function(worker, *args)``; ``ceremony``: the ceremony a key-changing step executes (a worker service
+        checks it against its approvals, kms.ceremony.binding)."""
 
     def probe(self, timeout: float = 30.0) -> str | None: ...
 
@@ -487,8 +489,10 @@ class DomainPool:
             for _, (_, future) in pending:
                 future.cancel()
 
-    def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step)."""
+    def call(self, function: Callable[..., T], *args: Any, ceremony: str = "") -> T:
+        """Run ``function(worker, *args)`` in one of this domain's workers (a ceremony's HSM step). ``ceremony`` is
+        not checked here: processes spawned by the front end trust it (the check is at the worker service's
+        boundary, kms.server.worker)."""
         try:
             with self._lock:  # submitted under the lock: never to a pool being retired (recycled, replaced)
                 generation, executor = self._current()

@@ -182,11 +182,12 @@ class RemotePool(_Remote):
             for future in pending:
                 future.cancel()
 
-    def call(self, function: Callable[..., T], *args: Any) -> T:
+    def call(self, function: Callable[..., T], *args: Any, ceremony: str = "") -> T:
         """``function(worker, *args)`` in one of the domain's workers: only the operations of
-        kms.server.worker.OPERATIONS, sent by name with their arguments."""
+        kms.server.worker.OPERATIONS, sent by name with their arguments, and the ceremony a key-changing one
+        executes (the worker service checks that ceremony itself: kms.ceremony.binding)."""
         op = api.operation_for(function)
-        request = pb.KeyOperationRequest(**{op.field: op.request(*args)})
+        request = pb.KeyOperationRequest(**{op.field: op.request(*args)}, ceremony_id=ceremony)
         result: T = op.value(self._unary(self._stub.KeyOperation, request, CALL_SECONDS))
         return result
 

@@ -5,7 +5,9 @@ AuditSigner) under its own OS user, with its own configuration and PIN, and answ
 API of protos/kms/v1/worker.proto. That API names everything it does: sealing a chunk of cards, one of the key
 operations in OPERATIONS (each argument checked here), recycling the processes, a probe. Nothing the front end sends
 is run as code or looked up by name, so a front end that was taken over can ask a domain's token for nothing kms does
-not do already.
+not do already; and a key-changing operation runs only as a step of a ceremony this worker finds approved by officers
+of its own trust file (kms.ceremony.binding, ``worker.officers``), minutes are signed only when the approvals they
+quote are by such officers.
 
 The socket is created mode 0660 in a directory this user owns (created 0750 if missing; a directory others may
 write to is refused), given to ``worker.socket_group`` if set: only that group (the front end's) can connect. Start-up
@@ -42,14 +44,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kms import config as config_mod
-from kms import errors, metrics
+from kms import errors, metrics, store
 from kms.audit.signer import AuditSigner
 from kms.cards.cardid import CardIdentity, ProtectedPan
 from kms.ceremony import keyops
-from kms.ceremony.rules import MINUTES_FORMAT
-from kms.ceremony.store import check_id, check_kcv
+from kms.ceremony.binding import KEY_CHANGING, DualControl, load_trust_file
+from kms.ceremony.officers import OfficerStore
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy
+from kms.ceremony.store import Ceremonies, check_id, check_kcv
 from kms.clock import Clock, SystemClock
-from kms.errors import ConfigError, InvalidArgument, KmsError
+from kms.errors import ConfigError, InvalidArgument, KmsError, PermissionDenied
 from kms.files import restrict_umask
 from kms.hsm.labels import key_label
 from kms.hsm.types import Algorithm
@@ -391,10 +395,13 @@ def operation_for(function: Callable[..., Any]) -> Operation:
 
 
 class DomainWorker:
-    """The DomainWorker service over one domain's pool of worker processes."""
+    """The DomainWorker service over one domain's pool of worker processes. Key-changing operations run only as a
+    step of a ceremony ``dual_control`` finds approved (kms.ceremony.binding); without it (tests of the API alone)
+    every key-changing operation is refused."""
 
-    def __init__(self, pool: DomainPool) -> None:
+    def __init__(self, pool: DomainPool, dual_control: DualControl | None = None) -> None:
         self.pool = pool
+        self.dual_control = dual_control
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return _service(DOMAIN_SERVICE, {
@@ -423,7 +430,28 @@ class DomainWorker:
         if op is None:
             raise InvalidArgument("operation", f"must be one of {', '.join(BY_FIELD)}")
         arguments = op.arguments(getattr(request, op.field), self.pool.domain)
-        return op.result(self.pool.call(op.function, *arguments))
+        if op.field == "sign":  # minutes quoting only approvals by officers this worker trusts
+            try:
+                if self.dual_control is None:
+                    raise PermissionDenied("this worker checks no ceremony: it signs no minutes")
+                self.dual_control.check_minutes(arguments[1])
+            except PermissionDenied as error:
+                log.warning("refused to sign minutes: %s", error)
+                raise
+        if op.field not in KEY_CHANGING:
+            return op.result(self.pool.call(op.function, *arguments))
+        try:
+            if request.ceremony_id:
+                check_id(request.ceremony_id)
+            if self.dual_control is None:
+                raise PermissionDenied("this worker checks no ceremony: it runs no key-changing step")
+            result = self.dual_control.run(request.ceremony_id, op.field, arguments,
+                                           lambda: self.pool.call(op.function, *arguments))
+        except (PermissionDenied, InvalidArgument) as error:
+            log.warning("refused a key operation: %s", error)
+            raise
+        log.info("%s ran for ceremony %s", op.field, request.ceremony_id)
+        return op.result(result)
 
     def recycle(self, request: pb.RecycleRequest, context: grpc.ServicerContext) -> pb.RecycleResponse:
         self.pool.recycle()
@@ -577,6 +605,23 @@ def secure_socket(path: Path, group: str | None) -> None:
                           f"{stat.S_IMODE(info.st_mode):o}, uid {info.st_uid}, gid {info.st_gid})")
 
 
+def dual_control_for(cfg: config_mod.Config, domain: str) -> DualControl:
+    """The worker's own check of ceremonies (kms.ceremony.binding): the registry database it is configured with, the
+    quorum policy shipped with kms, the officers of ``worker.officers`` (checked now, so a bad file fails the start;
+    without the setting every key-changing operation is refused, and the log says so)."""
+    clock = SystemClock()
+    engine = store.make_engine(cfg.database)
+    officers = OfficerStore(engine, clock)
+    trust = cfg.worker.officers if cfg.worker is not None else None
+    checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock)
+    if trust is None:
+        log.warning("%s: worker.officers is not set: this %s worker runs no key-changing ceremony step",
+                    cfg.path, domain)
+    else:
+        load_trust_file(trust, domain)
+    return checker
+
+
 class WorkerService:
     """A started worker service: its pool (or signer) logged in, its server listening on the socket."""
 
@@ -615,9 +660,11 @@ class WorkerService:
         self.pool: DomainPool | None = None
         self.signer: AuditSigner | None = None
         if domain is not None:
+            dual_control = dual_control_for(cfg, domain)
             self.pool = DomainPool(cfg.path, domain)
             self.pool.start()  # fail fast: one login, the error naming the setting
-            handlers, name, processes = DomainWorker(self.pool).handlers(), DOMAIN_SERVICE, self.pool.processes
+            handlers, name, processes = (DomainWorker(self.pool, dual_control).handlers(), DOMAIN_SERVICE,
+                                         self.pool.processes)
         else:
             self.signer = AuditSigner(cfg.path)  # started: one login
             handlers, name, processes = AuditSignerWorker(self.signer).handlers(), AUDIT_SERVICE, 1

@@ -223,7 +223,7 @@ class ProtectPans(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[PanItem, _Mapping]]] = ...) -> None: ...
 
 class KeyOperationRequest(_message.Message):
-    __slots__ = ("check_component", "sign", "create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key", "protect_pans")
+    __slots__ = ("check_component", "sign", "create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key", "protect_pans", "ceremony_id")
     CHECK_COMPONENT_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
     CREATE_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class KeyOperationRequest(_message.Message):
     DISCARD_KEY_FIELD_NUMBER: _ClassVar[int]
     DESTROY_KEY_FIELD_NUMBER: _ClassVar[int]
     PROTECT_PANS_FIELD_NUMBER: _ClassVar[int]
+    CEREMONY_ID_FIELD_NUMBER: _ClassVar[int]
     check_component: CheckComponent
     sign: SignDocument
     create_key: CreateKey
@@ -240,7 +241,8 @@ class KeyOperationRequest(_message.Message):
     discard_key: KeyRef
     destroy_key: KeyRef
     protect_pans: ProtectPans
-    def __init__(self, check_component: _Optional[_Union[CheckComponent, _Mapping]] = ..., sign: _Optional[_Union[SignDocument, _Mapping]] = ..., create_key: _Optional[_Union[CreateKey, _Mapping]] = ..., export_components: _Optional[_Union[ExportComponents, _Mapping]] = ..., transport_key_for_rsa: _Optional[_Union[TransportKeyForRsa, _Mapping]] = ..., discard_key: _Optional[_Union[KeyRef, _Mapping]] = ..., destroy_key: _Optional[_Union[KeyRef, _Mapping]] = ..., protect_pans: _Optional[_Union[ProtectPans, _Mapping]] = ...) -> None: ...
+    ceremony_id: str
+    def __init__(self, check_component: _Optional[_Union[CheckComponent, _Mapping]] = ..., sign: _Optional[_Union[SignDocument, _Mapping]] = ..., create_key: _Optional[_Union[CreateKey, _Mapping]] = ..., export_components: _Optional[_Union[ExportComponents, _Mapping]] = ..., transport_key_for_rsa: _Optional[_Union[TransportKeyForRsa, _Mapping]] = ..., discard_key: _Optional[_Union[KeyRef, _Mapping]] = ..., destroy_key: _Optional[_Union[KeyRef, _Mapping]] = ..., protect_pans: _Optional[_Union[ProtectPans, _Mapping]] = ..., ceremony_id: _Optional[str] = ...) -> None: ...
 
 class KeyResult(_message.Message):
     __slots__ = ("label", "version", "state", "kcv", "kcv_method", "escrow")

@@ -6,6 +6,7 @@ has its own test."""
 from __future__ import annotations
 
 import grp
+import json
 import os
 import secrets
 import signal
@@ -20,23 +21,29 @@ import grpc
 import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import ROOT, card, client, officer, open_batch, run_ceremony, service_client
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import ROOT, card, client, key, officer, open_batch, run_ceremony, service_client
 
-from kms import config
+from kms import bundle, config, runtime, store
 from kms.audit.verify import verify
+from kms.canonical import canonical
 from kms.ceremony import components
+from kms.ceremony.officers import OfficerStore, public_pem
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy, approval_message
+from kms.ceremony.store import Ceremonies
 from kms.client.audit import AuditClient
 from kms.client.ceremony import CeremonyClient
+from kms.clock import SystemClock
 from kms.dev.home import Home
 from kms.dev.workers import WorkerLayout, split_home
 from kms.errors import ConfigError, InvalidArgument, Unavailable
+from kms.hsm.session import TokenSession
 from kms.hsm.types import Algorithm
 from kms.identity import Principal
 from kms.issuance.workers import Job
 from kms.registry import KeyKind
 from kms.server.serve import Service
-from kms.station import Station
+from kms.station import Station, accept_transport_key, unwrap_public_key_pem
 from kms.v1 import worker_pb2 as pb
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
@@ -339,3 +346,166 @@ def test_sigterm_drains_and_removes_the_socket(workers: Workers) -> None:
     assert workers.stop("audit") == 0
     assert not socket.exists()
     workers.start("audit")
+
+
+# -- dual control in the worker service (kms.ceremony.binding) ------------------------------------------------------
+
+
+def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: Home, remote: Service,
+                                                                       station_session: TokenSession) -> None:
+    name = f"wrk-esc-{secrets.token_hex(3)}"
+    made = run_ceremony(home, remote.port, "hrss", "generate-master-key", {"name": name, "escrow": "yes"})
+    assert made.state == "executed", made.error
+    done = run_ceremony(home, remote.port, "hrss", "export-master-key",
+                        {"name": name, "version": 1, "recipients": ["bob", "chen"]}, approvers=(1, 2))
+    assert done.state == "executed", done.error
+    parts = []
+    for who in (BOB, CHEN):  # each component sealed to the approval key the worker trusts for that officer
+        with client(home, remote.port, who) as c:
+            parts.append(CeremonyClient(c).fetch_component(done.ceremony_id, key(home, who), who.uri())[0])
+    kcv = components.kcv(Algorithm.DES2, components.join(parts))
+    assert kcv == remote.issuance.registry.active("hrss", KeyKind.MASTER, name).kcv
+    exported = run_ceremony(home, remote.port, "hrss", "register-transport-key",
+                            {"bureau": "bureau-b", "method": "export-components", "recipients": ["bob", "chen"]})
+    assert exported.state == "executed", exported.error  # create_key, then export_components of that version
+    pem = unwrap_public_key_pem(station_session, "station-a1", "hrss")  # the session-wide station-a1 session
+    handed = run_ceremony(home, remote.port, "hrss", "register-transport-key",
+                          {"bureau": "bureau-a", "station": "station-a1", "method": "rsa-oaep", "public_key": pem})
+    assert handed.state == "executed", handed.error
+    result = json.loads(handed.result_json)
+    assert result["handed_to"] == "urn:kms:station:bureau-a:station-a1"
+    with service_client(home, remote, "station-a1") as a1:  # the station takes it (as a bureau would)
+        handoff = CeremonyClient(a1).fetch_transport_key("hrss")
+        assert handoff.version == result["version"]
+        kcv = accept_transport_key(station_session, "station-a1", "hrss", handoff.label, handoff.wrapped_key,
+                                   handoff.kcv)
+        CeremonyClient(a1).confirm_transport_key("hrss", handoff.version, kcv)
+
+
+def _objects(home: Home) -> int:
+    with runtime.open_domain(config.load(home.config), "hrss") as session:
+        return len(session.objects())
+
+
+def _set_state(home: Home, ceremony_id: str, state: str) -> None:
+    """What a taken-over front end can do: write the database (here: mark a ceremony as executing)."""
+    engine = store.make_engine(config.load(home.config).database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(store.ceremonies.update().where(store.ceremonies.c.ceremony_id == ceremony_id)
+                         .values(state=state))
+    finally:
+        engine.dispose()
+
+
+def _denied(call: grpc.UnaryUnaryMultiCallable, request: pb.KeyOperationRequest, reason: str) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        call(request.SerializeToString(), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()
+    assert reason in raised.value.details(), raised.value.details()
+
+
+def test_a_taken_over_front_end_cannot_change_keys_through_the_worker(home: Home, workers: Workers,
+                                                                     remote: Service) -> None:
+    name = f"wrk-own-{secrets.token_hex(3)}"
+    assert run_ceremony(home, remote.port, "hrss", "generate-master-key",
+                        {"name": name, "escrow": "yes"}).state == "executed"
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    attacker_pem = public_pem(attacker.public_key())
+    before = _objects(home)
+    versions = len(remote.issuance.registry.versions("hrss", KeyKind.MASTER, name))
+    channel, call = _stub(workers, "hrss")
+    export = pb.ExportComponents(kind="master", name=name, version=1, ceremony_id="C-0000000000000000",
+                                 recipients=[pb.Recipient(uri=BOB.uri(), public_key_pem=attacker_pem),
+                                             pb.Recipient(uri=CHEN.uri(), public_key_pem=attacker_pem)])
+    with channel:
+        # No ceremony at all.
+        _denied(call, pb.KeyOperationRequest(export_components=export), "must name the ceremony")
+        _denied(call, pb.KeyOperationRequest(create_key=pb.CreateKey(kind="master", name="evil", algorithm="AES256")),
+                "must name the ceremony")
+        # A ceremony that does not exist, and one of the other domain.
+        _denied(call, pb.KeyOperationRequest(export_components=export, ceremony_id="C-0000000000000000"),
+                "no such ceremony")
+        bank = run_ceremony(home, remote.port, "bank", "generate-master-key", {"name": f"{name}-b"}, execute=False)
+        _set_state(home, bank.ceremony_id, "executing")
+        _denied(call, pb.KeyOperationRequest(create_key=pb.CreateKey(
+            kind="master", name=f"{name}-b", algorithm="DES2"), ceremony_id=bank.ceremony_id), "of the bank domain")
+        # An export proposal with one approval of the two it needs, marked executing in the database.
+        params = {"name": name, "version": 1, "recipients": ["bob", "chen"]}
+        half = run_ceremony(home, remote.port, "hrss", "export-master-key", params, approvers=(1,), execute=False)
+        request = pb.KeyOperationRequest(export_components=pb.ExportComponents(
+            kind="master", name=name, version=1, ceremony_id=half.ceremony_id,
+            recipients=[pb.Recipient(uri=BOB.uri(), public_key_pem=attacker_pem)]), ceremony_id=half.ceremony_id)
+        _denied(call, request, "not executing")  # still open
+        _set_state(home, half.ceremony_id, "executing")
+        _denied(call, request, "1 of the 2 approvals")
+        # An officer inserted into the database only (the front end can write it) approving: counts for nothing.
+        mallory = Principal("officer", "mallory", domain="hrss")
+        engine = store.make_engine(config.load(home.config).database)
+        OfficerStore(engine, SystemClock()).enrol(mallory, ("approver", "key-custodian"), attacker_pem,
+                                                  half.ceremony_id, cert_sha256="0" * 64)
+        record = Ceremonies(engine, SystemClock(), QuorumPolicy.load(), OfficerStore(engine, SystemClock())).get(
+            half.ceremony_id)
+        signature = attacker.sign(approval_message(record.proposal), ec.ECDSA(hashes.SHA256()))
+        with engine.begin() as conn:
+            conn.execute(store.ceremony_approvals.insert().values(
+                ceremony_id=half.ceremony_id, officer=mallory.uri(), signature=signature, at="2026-01-01T00:00:00Z"))
+        try:
+            _denied(call, request, "mallory")
+        finally:  # the home is shared with other modules: mallory goes again
+            with engine.begin() as conn:
+                conn.execute(store.officers.delete().where(store.officers.c.principal == mallory.uri()))
+            engine.dispose()
+        # A properly approved export, executing, asked for with other recipients' keys: refused.
+        full = run_ceremony(home, remote.port, "hrss", "export-master-key", params, execute=False)
+        _set_state(home, full.ceremony_id, "executing")
+        swapped = pb.ExportComponents(kind="master", name=name, version=1, ceremony_id=full.ceremony_id,
+                                      recipients=[pb.Recipient(uri=BOB.uri(), public_key_pem=attacker_pem),
+                                                  pb.Recipient(uri=CHEN.uri(), public_key_pem=attacker_pem)])
+        _denied(call, pb.KeyOperationRequest(export_components=swapped, ceremony_id=full.ceremony_id),
+                "recipients is not what the approved proposal says")
+        # ... nor may that ceremony run another step (a transport key wrapped under the attacker's RSA key).
+        spki = rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        rogue = pb.KeyOperationRequest(transport_key_for_rsa=pb.TransportKeyForRsa(
+            bureau="bureau-a", recipient_spki=spki), ceremony_id=full.ceremony_id)
+        _denied(call, rogue, "export-master-key does not run transport_key_for_rsa")
+        # A generate ceremony approved for one name, asked to make another; and an executed one replayed.
+        gen = run_ceremony(home, remote.port, "hrss", "generate-master-key", {"name": f"{name}-g"}, execute=False)
+        _set_state(home, gen.ceremony_id, "executing")
+        _denied(call, pb.KeyOperationRequest(create_key=pb.CreateKey(
+            kind="master", name=f"{name}-x", algorithm="DES2", activate=True), ceremony_id=gen.ceremony_id),
+            "name is not what the approved proposal says")
+        _denied(call, pb.KeyOperationRequest(destroy_key=pb.KeyRef(kind="master", name=name, version=1),
+                                             ceremony_id=gen.ceremony_id), "does not run destroy_key")
+        # The domain's signing key signs no section (its signed bytes are no JSON) and no minutes quoting an approval
+        # by a key the worker does not trust (the front end could make those up).
+        label = remote.issuance.registry.active("hrss", KeyKind.SIGNING, "issuance").label
+        section = bundle.SIGNING_CONTEXT + canonical({"format": MINUTES_FORMAT, "domain": "hrss"})
+        with pytest.raises(grpc.RpcError) as raised:
+            call(pb.KeyOperationRequest(sign=pb.SignDocument(label=label, message=section)).SerializeToString(),
+                 timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        engine = store.make_engine(config.load(home.config).database)
+        proposal = Ceremonies(engine, SystemClock(), QuorumPolicy.load(), OfficerStore(engine, SystemClock())).get(
+            gen.ceremony_id)
+        engine.dispose()
+        forged = canonical({
+            "format": MINUTES_FORMAT, "version": 1, "ceremony_id": gen.ceremony_id, "domain": "hrss",
+            "operation": "generate-master-key", "proposal": proposal.encoding.decode(), "digest": proposal.digest,
+            "approvals": [{"officer": who.uri(), "at": "2026-01-01T00:00:00Z", "public_key": attacker_pem,
+                           "signature": attacker.sign(approval_message(proposal.proposal),
+                                                      ec.ECDSA(hashes.SHA256())).hex()} for who in (BOB, CHEN)],
+            "state": "executed", "result": {}})
+        _denied(call, pb.KeyOperationRequest(sign=pb.SignDocument(label=label, message=forged)),
+                "under a key this worker does not trust")
+        _set_state(home, full.ceremony_id, "executed")
+        _denied(call, pb.KeyOperationRequest(export_components=swapped, ceremony_id=full.ceremony_id),
+                "executed, not executing")
+    for made in (bank, half, gen):  # what the test left executing, closed
+        _set_state(home, made.ceremony_id, "cancelled")
+    assert _objects(home) == before  # nothing made, exported or destroyed in the token
+    assert len(remote.issuance.registry.versions("hrss", KeyKind.MASTER, name)) == versions
+    assert not remote.issuance.registry.versions("hrss", KeyKind.MASTER, f"{name}-x")
+    log = (workers.logs / "hrss.log").read_text()
+    assert "refused a key operation" in log and "mallory" in log

@@ -1,0 +1,225 @@
+"""The worker's own dual control (kms.ceremony.binding): the trust file, and each key-changing step checked against
+the ceremony it names — on a real database; the worker services themselves are tested in tests/server/test_worker.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms import store
+from kms.canonical import canonical
+from kms.ceremony.binding import DualControl, load_trust_file, write_trust_file
+from kms.ceremony.officers import OfficerStore, public_pem
+from kms.ceremony.rules import MINUTES_FORMAT, QuorumPolicy, approval_message
+from kms.ceremony.store import Ceremonies
+from kms.clock import FixedClock
+from kms.config import load
+from kms.errors import ConfigError, PermissionDenied
+from kms.identity import Principal
+
+ROLES = ("approver", "key-custodian")
+NAMES = ("alice", "bob", "chen")
+PARAMS = {"name": "mk", "algorithm": "AES256", "escrow": "no"}
+CREATE = ("master", "mk", "AES256", False, None, [], True)  # create_key's arguments as the worker checked them
+
+
+@dataclass
+class World:
+    ceremonies: Ceremonies
+    officers: OfficerStore
+    keys: dict[str, ec.EllipticCurvePrivateKey]
+    trust: Path
+    clock: FixedClock
+    dual: DualControl
+
+    def who(self, name: str) -> Principal:
+        return Principal("officer", name, domain="hrss")
+
+    def approved(self, operation: str = "generate-master-key", params: dict[str, Any] | None = None,
+                 approvers: tuple[str, ...] = ("bob", "chen")) -> str:
+        record = self.ceremonies.propose(self.who("alice"), operation, params or PARAMS)
+        for name in approvers:
+            self.ceremonies.approve(record.ceremony_id, self.who(name), self.keys[name].sign(
+                approval_message(record.proposal), ec.ECDSA(hashes.SHA256())))
+        return record.ceremony_id
+
+    def executing(self, ceremony_id: str, step: str = "create_key", arguments: tuple[Any, ...] = CREATE) -> Any:
+        """Execute the ceremony through the store; inside, the worker's check of one step."""
+        got: list[Any] = []
+        self.ceremonies.execute(ceremony_id, self.who("alice"), lambda r: got.append(
+            self.dual.run(ceremony_id, step, arguments, lambda: {"version": 1})) or {})
+        return got[0]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    engine = store.make_engine(f"sqlite:///{tmp_path}/kms.db")
+    store.create_all(engine)
+    clock = FixedClock(dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
+    officers = OfficerStore(engine, clock)
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in NAMES}
+    for name, private in keys.items():
+        officers.enrol(Principal("officer", name, domain="hrss"), ROLES, public_pem(private.public_key()), "genesis",
+                       cert_sha256="0" * 64)
+    trust = write_trust_file(tmp_path / "officers.yaml", "hrss",
+                             [(n, ROLES, public_pem(k.public_key())) for n, k in keys.items()])
+    ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(), officers)
+    yield World(ceremonies, officers, keys, trust, clock, DualControl("hrss", ceremonies, officers, trust, clock))
+    engine.dispose()
+
+
+def test_an_approved_executing_ceremony_runs_its_step_once(world: World) -> None:
+    ceremony_id = world.approved()
+    assert world.executing(ceremony_id) == {"version": 1}
+    record = world.ceremonies.get(ceremony_id)
+    assert record.state.value == "executed"
+
+
+def test_a_step_outside_an_executing_ceremony_is_refused(world: World) -> None:
+    ceremony_id = world.approved()
+    ran: list[int] = []
+    with pytest.raises(PermissionDenied, match="the ceremony is open, not executing"):
+        world.dual.run(ceremony_id, "create_key", CREATE, lambda: ran.append(1))
+    with pytest.raises(PermissionDenied, match="must name the ceremony"):
+        world.dual.run("", "destroy_key", ("master", "mk", 1), lambda: ran.append(1))
+    assert ran == []
+    assert world.dual.run("", "check_component", (), lambda: "ran") == "ran"  # not a key-changing step
+
+
+@pytest.mark.parametrize(("arguments", "field"), [
+    (("master", "other", "AES256", False, None, [], True), "name"),
+    (("master", "mk", "DES2", False, None, [], True), "algorithm"),
+    (("master", "mk", "AES256", True, None, [], True), "escrow"),
+    (("transport", "mk", "AES256", False, None, [], True), "kind"),
+])
+def test_arguments_other_than_the_approved_params_are_refused(world: World, arguments: tuple[Any, ...],
+                                                             field: str) -> None:
+    ceremony_id = world.approved()
+    with pytest.raises(PermissionDenied, match=f"{field} is not what the approved proposal says"):
+        world.executing(ceremony_id, arguments=arguments)
+
+
+def test_a_replayed_step_and_a_step_the_operation_does_not_run_are_refused(world: World) -> None:
+    ceremony_id = world.approved()
+
+    def twice(record: Any) -> dict[str, Any]:
+        world.dual.run(ceremony_id, "create_key", CREATE, lambda: {"version": 1})
+        with pytest.raises(PermissionDenied, match="already ran create_key"):
+            world.dual.run(ceremony_id, "create_key", CREATE, lambda: {"version": 2})
+        with pytest.raises(PermissionDenied, match="generate-master-key does not run destroy_key"):
+            world.dual.run(ceremony_id, "destroy_key", ("master", "mk", 1), lambda: None)
+        return {}
+
+    world.ceremonies.execute(ceremony_id, world.who("alice"), twice)
+
+
+def test_only_officers_of_the_trust_file_still_active_in_the_registry_count(world: World) -> None:
+    listed = yaml.safe_load(world.trust.read_text())
+    listed["officers"] = [o for o in listed["officers"] if o["name"] != "chen"]  # chen: in the database only
+    world.trust.write_text(yaml.safe_dump(listed))
+    with pytest.raises(PermissionDenied, match=r"1 of the 2 approvals .*chen: not an enrolled officer"):
+        world.executing(world.approved())
+    write_trust_file(world.trust, "hrss", [(n, ROLES, public_pem(k.public_key())) for n, k in world.keys.items()])
+    ceremony_id = world.approved()
+
+    def revoked_meanwhile(record: Any) -> dict[str, Any]:
+        world.officers.revoke(world.who("bob"))  # revoked by ceremony: no longer counts, whatever the file says
+        return dict(world.dual.run(ceremony_id, "create_key", CREATE, lambda: {"version": 1}))
+
+    with pytest.raises(PermissionDenied, match="bob: not an enrolled officer"):
+        world.ceremonies.execute(ceremony_id, world.who("alice"), revoked_meanwhile)
+
+
+def test_an_approval_under_a_key_the_trust_file_does_not_hold_does_not_count(world: World) -> None:
+    forged = ec.generate_private_key(ec.SECP256R1())
+    world.keys["chen"] = forged  # chen's key replaced in the database (as the front end can): the file keeps his own
+    with world.ceremonies._engine.begin() as conn:
+        conn.execute(store.officers.update().where(store.officers.c.principal == world.who("chen").uri())
+                     .values(public_key=public_pem(forged.public_key())))
+    with pytest.raises(PermissionDenied, match="chen: the signature is not over this proposal"):
+        world.executing(world.approved())
+
+
+def test_without_a_trust_file_no_key_changing_step_runs(world: World) -> None:
+    bare = DualControl("hrss", world.ceremonies, world.officers, None, world.clock)
+    ceremony_id = world.approved()
+    with pytest.raises(PermissionDenied, match=r"worker\.officers is not set"):
+        world.ceremonies.execute(ceremony_id, world.who("alice"), lambda r: bare.run(
+            ceremony_id, "create_key", CREATE, lambda: {"version": 1}))
+
+
+def test_the_trust_file_is_checked(world: World, tmp_path: Path) -> None:
+    assert set(load_trust_file(world.trust, "hrss")) == {world.who(n) for n in NAMES}
+    with pytest.raises(ConfigError, match="lists the officers of 'hrss', not of bank"):
+        load_trust_file(world.trust, "bank")
+    os.chmod(world.trust, 0o664)
+    with pytest.raises(ConfigError, match="writable by no one else"):
+        load_trust_file(world.trust, "hrss")
+    os.chmod(world.trust, 0o600)
+    doc = yaml.safe_load(world.trust.read_text())
+    doc["officers"].append(doc["officers"][0])
+    world.trust.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"officers\[3\]: lists alice twice"):
+        load_trust_file(world.trust, "hrss")
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_trust_file(tmp_path / "missing.yaml", "hrss")
+
+
+def test_worker_officers_is_read_relative_to_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "worker-hrss.yaml"
+    path.write_text(yaml.safe_dump({
+        "hsm": {"module": "/usr/lib/softhsm/libsofthsm2.so"}, "database": "sqlite:///kms.db",
+        "domains": {"hrss": {"token": "kms-hrss", "pin": "env:HRSS_PIN"}},
+        "worker": {"listen": f"unix:{tmp_path}/w.sock", "officers": "officers.yaml"}}))
+    cfg = load(path)
+    assert cfg.worker is not None and cfg.worker.officers == tmp_path / "officers.yaml"
+
+
+def _minutes(world: World, ceremony_id: str, extra: list[dict[str, str]] | None = None, state: str = "executed",
+             drop: int = 0) -> bytes:
+    """Minutes as kms.server.ceremony.minutes writes them (the parts the worker checks)."""
+    record = world.ceremonies.get(ceremony_id)
+    keys = {r.officer.principal.uri(): r.public_key_pem for r in world.officers.all("hrss")}
+    approvals = [{"officer": a.officer.uri(), "at": a.at, "signature": a.signature.hex(),
+                  "public_key": keys[a.officer.uri()]} for a in record.approvals][drop:]
+    return canonical({"format": MINUTES_FORMAT, "version": 1, "ceremony_id": ceremony_id, "domain": "hrss",
+                      "operation": record.operation, "proposal": record.encoding.decode(), "digest": record.digest,
+                      "approvals": approvals + (extra or []), "state": state, "result": {}})
+
+
+def test_minutes_are_signed_only_with_approvals_by_trusted_officers(world: World) -> None:
+    ceremony_id = world.approved()
+    world.dual.check_minutes(_minutes(world, ceremony_id))  # genuine: may be signed
+    world.dual.check_minutes(_minutes(world, ceremony_id, state="open", drop=1))  # an open one, one approval so far
+    record = world.ceremonies.get(ceremony_id)
+    mallory = ec.generate_private_key(ec.SECP256R1())
+    forged = {"officer": "urn:kms:officer:hrss:mallory", "at": "2026-05-01T00:00:00Z",
+              "signature": mallory.sign(approval_message(record.proposal), ec.ECDSA(hashes.SHA256())).hex(),
+              "public_key": public_pem(mallory.public_key())}
+    with pytest.raises(PermissionDenied, match="approval by officer hrss/mallory under a key this worker does not"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, [forged], drop=1))
+    as_chen = {**forged, "officer": world.who("chen").uri()}  # a known officer, a key of the front end's choosing
+    with pytest.raises(PermissionDenied, match="approval by officer hrss/chen under a key"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, [as_chen], drop=2))
+    with pytest.raises(PermissionDenied, match="show 1 of the 2 approvals"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, drop=1))  # "executed" with one approval
+    other = world.approved(params={"name": "other", "algorithm": "AES256", "escrow": "no"})
+    moved = json.loads(_minutes(world, ceremony_id))
+    moved["approvals"][0]["signature"] = world.ceremonies.get(other).approvals[0].signature.hex()
+    with pytest.raises(PermissionDenied, match="does not verify over the quoted proposal"):
+        world.dual.check_minutes(canonical(moved))  # an approval of another proposal
+    moved = json.loads(_minutes(world, ceremony_id))
+    moved["proposal"] = moved["proposal"].replace('"other"', '"x"').replace('"mk"', '"mk2"')
+    with pytest.raises(PermissionDenied, match="differ from the proposal they quote"):
+        world.dual.check_minutes(canonical(moved))
