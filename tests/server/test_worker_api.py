@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kms.canonical import canonical
 from kms.ceremony import keyops
@@ -16,6 +18,10 @@ from kms.issuance import pans
 from kms.issuance.workers import WORKER_STEPS
 from kms.server import worker
 from kms.v1 import worker_pb2 as pb
+
+#: A real station-sized RSA public key: the worker checks the SPKI before anything else.
+RSA_SPKI = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+    Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 CAROL = "urn:kms:officer:bank:carol"
 MINUTES = canonical({"format": MINUTES_FORMAT, "domain": "bank", "ceremony_id": "C-0123456789abcdef"})
@@ -31,7 +37,7 @@ CASES: list[tuple[Any, tuple[Any, ...], Any]] = [
     (keyops.create_key, ("transport", "bureau-a", "AES256", True, None, [], False), KEY),
     (keyops.export_components, ("master", "bank-mk", 2, [(CAROL, "-----BEGIN PUBLIC KEY-----")],
                                 "C-0123456789abcdef"), [(CAROL, b"\x04" * 90, "654321")]),
-    (keyops.transport_key_for_rsa, ("bureau-a", b"\x30\x82"), (KEY, b"\x05" * 256)),
+    (keyops.transport_key_for_rsa, ("bureau-a", RSA_SPKI), (KEY, b"\x05" * 256)),
     (keyops.discard_key, ("transport", "bureau-a", 3), None),
     (keyops.destroy_key, ("master", "bank-mk", 1), KEY),
     (pans.protect_pans, ("B-1", [("card-1", "6214830000000000", "01")]), [(b"\x06" * 40, "ab" * 32, "cd" * 32)]),
