@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kms.ceremony.officers import OfficerStore, check_name, check_roles, parse_public_key, public_pem
 from kms.ceremony.rules import Approval, Officer, Proposal, QuorumPolicy, approval_message, evaluate
-from kms.ceremony.store import EXECUTION_TIMEOUT, Ceremonies, CeremonyRecord, CeremonyState
+from kms.ceremony.store import EXECUTION_TIMEOUT, MAX_TTL, Ceremonies, CeremonyRecord, CeremonyState
 from kms.clock import Clock
 from kms.errors import ConfigError, KmsError, NotFound, PermissionDenied
 from kms.files import write_private
@@ -52,6 +52,8 @@ from kms.registry import KeyKind
 #: The keyops steps that change a token, by the name the worker API gives them.
 KEY_CHANGING = ("create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key")
 TRUST_FORMAT = "kms-worker-officers"
+#: How far in the future a proposal's creation time may lie by the worker's clock.
+CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 # -- the trust file -------------------------------------------------------------------------------------------------
@@ -62,6 +64,31 @@ def write_trust_file(path: Path, domain: str, officers: Sequence[tuple[str, Sequ
     doc = {"format": TRUST_FORMAT, "version": 1, "domain": domain,
            "officers": [{"name": name, "roles": sorted(roles), "public_key": pem} for name, roles, pem in officers]}
     return write_private(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def _read_journal(path: Path) -> dict[str, dict[str, int]]:
+    """The steps run so far (``DualControl._record``): {proposal digest: {step: version}}. A journal that cannot be
+    read is a ConfigError: the worker does not start rather than forget what it ran."""
+    used: dict[str, dict[str, int]] = {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return used
+    except OSError as error:
+        raise ConfigError(f"worker journal {path}: cannot read it ({error.strerror})") from None
+    with os.fdopen(fd, encoding="utf-8") as lines:
+        info = os.fstat(lines.fileno())
+        if info.st_uid not in (os.geteuid(), 0) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"worker journal {path}: must be owned by the worker's user and writable by no one "
+                              "else")
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                used.setdefault(str(entry["digest"]), {})[str(entry["step"])] = int(entry["version"])
+            except (ValueError, KeyError, TypeError):
+                if line.endswith("\n"):  # a torn last line (a crash while writing) is ignored; others are not
+                    raise ConfigError(f"worker journal {path}: line {number} is unreadable") from None
+    return used
 
 
 def load_trust_file(path: Path, domain: str) -> dict[Principal, Officer]:
@@ -122,18 +149,26 @@ class _Expected:
         self.record = record
         self.officers = officers
 
-    def _officer_uris(self, names: Any) -> list[str]:
-        return [Principal("officer", str(n), domain=self.record.domain).uri() for n in (names or [])]
-
-    def _recipients(self, names: Any) -> list[tuple[str, bytes]]:
-        out = []
-        for name in names or []:
-            principal = Principal("officer", str(name), domain=self.record.domain)
+    def _custodians(self, names: Any, what: str) -> list[Principal]:
+        """Two or more distinct officers of the trust file with the key-custodian role (split knowledge), checked
+        here again: the front end's own check is not a boundary."""
+        listed = [Principal("officer", str(n), domain=self.record.domain) for n in (names or [])]
+        if len(listed) < 2 or len(set(listed)) != len(listed):
+            raise PermissionDenied(f"the approved {what} must name at least 2 distinct officers (split knowledge)")
+        for principal in listed:
             officer = self.officers.get(principal)
             if officer is None:
-                raise PermissionDenied(f"recipient {principal} is not an officer this worker trusts")
-            out.append((principal.uri(), _der(public_pem(officer.public_key))))
-        return out
+                raise PermissionDenied(f"{what[:-1]} {principal} is not an officer this worker trusts")
+            if "key-custodian" not in officer.roles:
+                raise PermissionDenied(f"{what[:-1]} {principal} lacks the key-custodian role in the trust file")
+        return listed
+
+    def _officer_uris(self, names: Any) -> list[str]:
+        return [p.uri() for p in self._custodians(names, "custodians")]
+
+    def _recipients(self, names: Any) -> list[tuple[str, bytes]]:
+        return [(p.uri(), _der(public_pem(self.officers[p].public_key)))
+                for p in self._custodians(names, "recipients")]
 
     def steps(self, made: Mapping[str, int]) -> dict[str, tuple[Any, ...]]:
         """{step: its arguments, normalized as ``normalize`` gives a request's}; ``made`` holds versions made by
@@ -204,7 +239,7 @@ class DualControl:
     """The worker's check of each key-changing step against the ceremony it names (module docstring)."""
 
     def __init__(self, domain: str, ceremonies: Ceremonies, officer_store: OfficerStore, trust: Path | None,
-                 clock: Clock, policy: QuorumPolicy | None = None) -> None:
+                 clock: Clock, policy: QuorumPolicy | None = None, *, journal: Path | None = None) -> None:
         self.domain = domain
         self._ceremonies = ceremonies
         self._officer_store = officer_store
@@ -212,7 +247,12 @@ class DualControl:
         self._clock = clock
         self._policy = policy or QuorumPolicy.load()  # the policy shipped with kms
         self._lock = threading.Lock()
-        self._used: dict[str, dict[str, int]] = {}  # ceremony -> step -> version made (0: none)
+        #: proposal digest (hex) -> step -> version made (0: none); kept in the journal too, so a step run before a
+        #: restart of the worker is not run again after it.
+        self._used: dict[str, dict[str, int]] = {}
+        self._journal = journal
+        if journal is not None:
+            self._used = _read_journal(journal)
 
     def _listed(self) -> dict[Principal, Officer]:
         if self._trust is None:
@@ -240,12 +280,19 @@ class DualControl:
             record = self._ceremonies.get(ceremony_id)
         except NotFound:
             raise PermissionDenied(f"{where}: no such ceremony") from None
+        if (record.ceremony_id != ceremony_id or record.proposal.ceremony_id != ceremony_id
+                or record.encoding != record.proposal.encoding()):
+            # The officers signed the ceremony id inside the proposal: a row copied under another id is not theirs.
+            raise PermissionDenied(f"{where}: the stored proposal is not this ceremony's")
         if record.domain != self.domain:
             raise PermissionDenied(f"{where}: the ceremony is of the {record.domain} domain, not {self.domain}")
         if record.state is not CeremonyState.EXECUTING:
             raise PermissionDenied(f"{where}: the ceremony is {record.state.value}, not executing")
         now = self._clock.now()
         expires = record.proposal.expires_at
+        if expires - record.proposal.created_at > MAX_TTL or record.proposal.created_at > now + CLOCK_SKEW:
+            raise PermissionDenied(f"{where}: the proposal's lifetime is longer than kms allows, or it was made in "
+                                   "the future")
         if now >= expires + EXECUTION_TIMEOUT:
             raise PermissionDenied(f"{where}: the proposal expired")
         officers = self.trusted()
@@ -256,8 +303,9 @@ class DualControl:
             why = "; ".join(f"{who}: {reason}" for who, reason in decision.refused)
             raise PermissionDenied(f"{where}: {len(decision.counted)} of the {decision.required} approvals it needs "
                                    f"are by officers this worker trusts" + (f" ({why})" if why else ""))
+        digest = record.proposal.digest.hex()
         with self._lock:
-            used = self._used.setdefault(ceremony_id, {})
+            used = self._used.setdefault(digest, {})
             expected = _Expected(record, officers).steps(used)
             if step not in expected:
                 raise PermissionDenied(f"{where}: {record.operation} does not run {step}"
@@ -269,11 +317,24 @@ class DualControl:
                 if want != have:
                     raise PermissionDenied(f"{where}: {name} is not what the approved proposal says")
             used[step] = 0
+            self._record(digest, step, 0)  # before the step runs: a crash leaves it used, never runnable twice
         result = execute()
         if step == "create_key" and isinstance(result, Mapping):
             with self._lock:
                 used[step] = int(result.get("version", 0))
+                self._record(digest, step, used[step])
         return result
+
+    def _record(self, digest: str, step: str, version: int) -> None:
+        if self._journal is None:
+            return
+        line = json.dumps({"digest": digest, "step": step, "version": version}, sort_keys=True) + "\n"
+        fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def check_minutes(self, document: bytes) -> None:
         """Before the domain's key signs minutes: every approval they quote is by an officer of the trust file, under
@@ -312,7 +373,15 @@ class DualControl:
             except (InvalidSignature, ValueError):
                 raise PermissionDenied(f"sign: the approval by {officer} does not verify over the quoted "
                                        "proposal") from None
-        if doc.get("state") == "executed" and proposal.operation != "genesis":
+        if proposal.operation == "genesis":
+            # Genesis has no quorum: every officer it lists signed it, each one this worker trusts.
+            try:
+                listed = {Principal("officer", str(o["name"]), domain=self.domain) for o in proposal.params["officers"]}
+            except (KeyError, TypeError, ValueError, KmsError):
+                raise PermissionDenied("sign: the genesis minutes list no officers") from None
+            if not listed or not listed <= {officer for officer, _, _ in approvals}:
+                raise PermissionDenied("sign: genesis minutes need the approval of every officer they list")
+        elif doc.get("state") in ("executed", "executing"):
             decision = evaluate(proposal, [Approval(o, sig) for o, _, sig in approvals], trusted, self._policy,
                                 proposal.created_at)
             if not decision.met:

@@ -626,7 +626,8 @@ def dual_control_for(cfg: config_mod.Config, domain: str) -> DualControl:
     engine = store.make_engine(cfg.database)
     officers = OfficerStore(engine, clock)
     trust = cfg.worker.officers if cfg.worker is not None else None
-    checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock)
+    checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock,
+                          journal=cfg.path.parent / f"dual-control-{domain}.journal")
     if trust is None:
         log.warning("%s: worker.officers is not set: this %s worker runs no key-changing ceremony step",
                     cfg.path, domain)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -223,3 +224,56 @@ def test_minutes_are_signed_only_with_approvals_by_trusted_officers(world: World
     moved["proposal"] = moved["proposal"].replace('"other"', '"x"').replace('"mk"', '"mk2"')
     with pytest.raises(PermissionDenied, match="differ from the proposal they quote"):
         world.dual.check_minutes(canonical(moved))
+
+
+def _copy_under(world: World, ceremony_id: str, new_id: str, state: str = "executing") -> None:
+    """What a taken-over front end can do: the approved ceremony's row and approvals again, under another id."""
+    engine = world.ceremonies._engine
+    with engine.begin() as conn:
+        row = dict(conn.execute(sa.select(store.ceremonies).where(
+            store.ceremonies.c.ceremony_id == ceremony_id)).mappings().one())
+        conn.execute(store.ceremonies.insert().values({**row, "ceremony_id": new_id, "state": state}))
+        for approval in conn.execute(sa.select(store.ceremony_approvals).where(
+                store.ceremony_approvals.c.ceremony_id == ceremony_id)).mappings().all():
+            conn.execute(store.ceremony_approvals.insert().values({**approval, "ceremony_id": new_id}))
+
+
+def test_an_approved_ceremony_copied_under_another_id_runs_nothing(world: World) -> None:
+    ceremony_id = world.approved()
+    assert world.executing(ceremony_id) == {"version": 1}
+    copy = "C-" + "f" * 16
+    _copy_under(world, ceremony_id, copy)
+    ran: list[int] = []
+    with pytest.raises(PermissionDenied, match="the stored proposal is not this ceremony's"):
+        world.dual.run(copy, "create_key", CREATE, lambda: ran.append(1))
+    assert ran == []
+
+
+def test_a_step_run_before_a_restart_of_the_worker_is_not_run_after_it(world: World, tmp_path: Path) -> None:
+    journal = tmp_path / "dual-control-hrss.journal"
+    before = DualControl("hrss", world.ceremonies, world.officers, world.trust, world.clock, journal=journal)
+    ceremony_id = world.approved()
+    engine = world.ceremonies._engine
+    with engine.begin() as conn:  # executing, as the front end would leave it
+        conn.execute(store.ceremonies.update().where(store.ceremonies.c.ceremony_id == ceremony_id).values(
+            state="executing"))
+    assert before.run(ceremony_id, "create_key", CREATE, lambda: {"version": 1}) == {"version": 1}
+    assert oct(journal.stat().st_mode & 0o777) == "0o600"
+    after = DualControl("hrss", world.ceremonies, world.officers, world.trust, world.clock, journal=journal)
+    ran: list[int] = []
+    with pytest.raises(PermissionDenied, match="already ran create_key"):
+        after.run(ceremony_id, "create_key", CREATE, lambda: ran.append(1))
+    assert ran == []
+    journal.write_text("not json\n" + journal.read_text())
+    with pytest.raises(ConfigError, match="line 1 is unreadable"):
+        DualControl("hrss", world.ceremonies, world.officers, world.trust, world.clock, journal=journal)
+
+
+def test_minutes_claiming_execution_or_genesis_need_their_approvals(world: World) -> None:
+    ceremony_id = world.approved()
+    with pytest.raises(PermissionDenied, match="show 0 of the 2 approvals"):
+        world.dual.check_minutes(_minutes(world, ceremony_id, state="executing", drop=2))
+    record = world.ceremonies.propose(world.who("alice"), "genesis", {"officers": [
+        {"name": "alice"}, {"name": "bob"}]}, quorum_required=False)
+    with pytest.raises(PermissionDenied, match="need the approval of every officer they list"):
+        world.dual.check_minutes(_minutes(world, record.ceremony_id, state="executed"))
