@@ -329,12 +329,16 @@ class DualControl:
         if self._journal is None:
             return
         line = json.dumps({"digest": digest, "step": step, "version": version}, sort_keys=True) + "\n"
-        fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:  # fail closed: the step is marked used in memory and does not run
+            raise ConfigError(f"worker journal {self._journal}: cannot write it ({error.strerror}); the step did "
+                              "not run") from None
 
     def check_minutes(self, document: bytes) -> None:
         """Before the domain's key signs minutes: every approval they quote is by an officer of the trust file, under
