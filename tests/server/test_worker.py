@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers import ROOT, card, client, key, officer, open_batch, run_ceremony, service_client
 
-from kms import bundle, config, runtime, store
+from kms import bundle, config, store
 from kms.audit.verify import verify
 from kms.canonical import canonical
 from kms.ceremony import components
@@ -383,8 +383,14 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
 
 
 def _objects(home: Home) -> int:
-    with runtime.open_domain(config.load(home.config), "hrss") as session:
-        return len(session.objects())
+    """The hrss token's object count, read in a process of its own: this test process may hold a logged-in session
+    on that token already (another test's fixture), and SoftHSM refuses a second login in one process."""
+    code = ("import sys; from pathlib import Path; from kms import config, runtime\n"
+            "with runtime.open_domain(config.load(Path(sys.argv[1])), 'hrss') as session:\n"
+            "    print(len(session.objects()))")
+    done = subprocess.run([sys.executable, "-c", code, str(home.config)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return int(done.stdout.strip())
 
 
 def _set_state(home: Home, ceremony_id: str, state: str) -> None:
