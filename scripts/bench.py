@@ -369,17 +369,22 @@ def kms_serve(config_path: Path, log_path: Path) -> Iterator[int]:
                 raise BenchFailed(f"the server did not start: {line!r}; its log: {log_path}\n{tail(log_path)}")
             yield int(line.rsplit(" ", 1)[1])
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            stop(proc)
     if proc.returncode != 0:
         raise BenchFailed(f"kms serve exited with status {proc.returncode}; its log: {log_path}\n{tail(log_path)}")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Ends a service the bench started: SIGTERM (it drains), SIGKILL after 60 s; its stdout pipe closed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -587,15 +592,7 @@ def worker_services(config_path: Path, log_dir: Path) -> Iterator[Path]:
         yield layout.front
     finally:
         for domain, proc in procs.items():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            stop(proc)
             if proc.returncode != 0:
                 raise BenchFailed(f"kms worker --domain {domain} exited with status {proc.returncode}")
         shutil.rmtree(sockets, ignore_errors=True)

@@ -51,6 +51,7 @@ from kms.dev.separation import (
     searchable,
     separate,
 )
+from kms.dev.services import process_tree
 from kms.errors import ConfigError
 from kms.secrets import SCHEMES
 
@@ -205,25 +206,6 @@ def _uids(pid: int) -> tuple[int, ...]:
     raise AssertionError(f"/proc/{pid}/status: no Uid line")
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process descended from it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(fields.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
-
-
 def _pins(d: Deployment) -> dict[str, str]:
     """Each component's PIN, from its file or from OpenBao (read with the root token)."""
     if d.openbao is not None:
@@ -268,7 +250,7 @@ def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
     assert set(pins) == set(SIGNERS)
     for component in SIGNERS:  # the service and its worker processes (those logged into the token)
         uid = run_as(d.users.of(component))["user"]
-        tree = _tree(services.procs[component].pid)
+        tree = process_tree(services.procs[component].pid)
         assert len(tree) >= 2, (component, tree)
         assert all(set(_uids(pid)) == {uid} for pid in tree), (component, {pid: _uids(pid) for pid in tree})
     # Nothing secret in the front end's environment, nor in anything a service wrote to stderr: no PIN, no
@@ -278,7 +260,7 @@ def test_each_service_runs_as_its_user_and_the_front_end_holds_no_pin(
     assert len(secret_ids) == (4 if d.openbao else 0)
     values = [*pins.values(), *secret_ids]
     front_uid = run_as(d.users.front)["user"]
-    for pid in _tree(services.procs["front"].pid):
+    for pid in process_tree(services.procs["front"].pid):
         assert set(_uids(pid)) == {front_uid}
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert not any(value.encode() in environ for value in values)
