@@ -1,4 +1,4 @@
-"""The checks of names and references that several modules apply, and the chunking of long lists.
+"""The checks of names, references and public keys that several modules apply, and the chunking of long lists.
 
 One place for each pattern, so a bureau name, say, is the same everywhere: in a principal's URI, a batch, a limit.
 """
@@ -8,6 +8,11 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Iterator
 from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from kms.errors import InvalidArgument
 
 T = TypeVar("T")
 
@@ -32,3 +37,15 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def rsa_public_key(spki: bytes, field: str) -> rsa.RSAPublicKey:
+    """A DER SubjectPublicKeyInfo of an RSA key of at least 2048 bits (a station's key a transport key is wrapped
+    under); InvalidArgument naming ``field`` otherwise."""
+    try:
+        key = load_der_public_key(spki)
+    except (ValueError, TypeError):  # not DER, or not a public key cryptography knows
+        raise InvalidArgument(field, "must be a DER SubjectPublicKeyInfo") from None
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+        raise InvalidArgument(field, "must be an RSA public key of at least 2048 bits")
+    return key

@@ -52,6 +52,7 @@ from kms.hsm.templates import (
 )
 from kms.hsm.types import Algorithm, DeriveStep, wipe
 from kms.metrics import hsm_call
+from kms.validation import rsa_public_key
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
 
@@ -564,12 +565,7 @@ class TokenSession:
         """In an issuing domain's token: generate a bureau's AES-256 transport key (wrap only) and hand it to the
         bureau wrapped under the station's RSA public key with OAEP. The key is wrappable for exactly that one
         call; afterwards it is made unextractable. Returns (wrapped key, KCV)."""
-        try:
-            recipient = load_der_public_key(recipient_spki)
-        except (ValueError, TypeError):  # not DER, or not a public key cryptography knows
-            raise InvalidArgument("recipient_spki", "must be a DER SubjectPublicKeyInfo") from None
-        if not isinstance(recipient, rsa.RSAPublicKey) or recipient.key_size < 2048:
-            raise InvalidArgument("recipient_spki", "must be an RSA public key of at least 2048 bits")
+        recipient = rsa_public_key(recipient_spki, "recipient_spki")
         numbers = recipient.public_numbers()
         self._refuse_duplicate(label)
         # A session object that may be wrapped exactly once; then it is made unextractable and copied into the

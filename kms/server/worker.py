@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kms import config as config_mod
@@ -64,7 +62,7 @@ from kms.issuance import pans
 from kms.issuance.workers import DomainPool, Job, Pins, SectionResult
 from kms.registry import KeyKind
 from kms.v1 import worker_pb2 as pb
-from kms.validation import CARD_REF, NAME
+from kms.validation import CARD_REF, NAME, rsa_public_key
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +270,9 @@ def _sign(m: pb.SignDocument, domain: str) -> tuple[Any, ...]:
     return m.label, m.message
 
 
-def _rsa_spki(spki: bytes, field: str) -> bytes:
-    """A DER SubjectPublicKeyInfo of an RSA key of at least 2048 bits, checked before the request goes further."""
-    try:
-        key = load_der_public_key(spki)
-    except (ValueError, TypeError):
-        raise InvalidArgument(field, "must be a DER SubjectPublicKeyInfo") from None
-    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
-        raise InvalidArgument(field, "must be an RSA public key of at least 2048 bits")
-    return spki
+def _transport_for_rsa(m: pb.TransportKeyForRsa, domain: str) -> tuple[Any, ...]:
+    rsa_public_key(m.recipient_spki, "recipient_spki")  # checked before the request goes further
+    return _name(m.bureau, "bureau"), m.recipient_spki
 
 
 def _create(m: pb.CreateKey, domain: str) -> tuple[Any, ...]:
@@ -376,7 +368,7 @@ OPERATIONS: tuple[Operation, ...] = (
               lambda r: [(c.custodian, c.sealed, c.kcv) for c in r.components.components]),
     Operation("transport_key_for_rsa", keyops.transport_key_for_rsa,
               lambda bureau, spki: pb.TransportKeyForRsa(bureau=bureau, recipient_spki=spki),
-              lambda m, domain: (_name(m.bureau, "bureau"), _rsa_spki(m.recipient_spki, "recipient_spki")),
+              _transport_for_rsa,
               lambda made: pb.KeyOperationResponse(handed=pb.HandedKey(key=_key_message(made[0]), wrapped=made[1])),
               lambda r: (_key_from(r.handed.key), r.handed.wrapped)),
     Operation("discard_key", keyops.discard_key,
