@@ -10,12 +10,19 @@ Two pieces:
 - ``end_with_parent()``: called first in each child's initializer; asks the kernel for SIGKILL when the parent dies
   (``prctl(PR_SET_PDEATHSIG)``), then checks ``os.getppid()`` in case the parent died before that (the race), and
   exits at once if so. Where prctl is not available, a thread polls ``os.getppid()`` instead.
+- ``retire(executor)`` / ``settle()``: a pool given up without waiting (a refused PIN, a broken or recycled pool)
+  still ends in the background, in its management thread. ``settle`` waits for those ends (killing processes that
+  do not end in time) as the process exits, before the pools' own exit hook: Python 3.11's hook writes to a pool's
+  wakeup pipe while that thread may be closing it, which printed "Exception ignored ... Bad file descriptor" after
+  the one line of a failed start.
 
 ``spawn`` never forks a process that runs gRPC's threads (forking those is unsafe); nothing uses ``preexec_fn``.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.process  # noqa: F401  (its exit hook registers first; see settle)
 import contextlib
 import ctypes
 import multiprocessing
@@ -26,6 +33,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +121,40 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_retired: list[tuple[threading.Thread, list[multiprocessing.process.BaseProcess]]] = []
+_retired_lock = threading.Lock()
+
+
+def retire(executor: Any, *, cancel: bool = True) -> None:
+    """``executor.shutdown(wait=False)`` (``cancel``: its queued work too), remembered for ``settle``."""
+    thread = getattr(executor, "_executor_manager_thread", None)
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=cancel)
+    if thread is not None:
+        with _retired_lock:
+            _retired[:] = [entry for entry in _retired if entry[0].is_alive()]
+            _retired.append((thread, processes))
+
+
+def settle(timeout: float = 10.0) -> None:
+    """Wait until every retired pool has ended, for up to ``timeout`` seconds; then kill what still runs."""
+    with _retired_lock:
+        retired, _retired[:] = list(_retired), []
+    deadline = time.monotonic() + timeout
+    for thread, processes in retired:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            for process in processes:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    process.kill()
+            thread.join(5.0)
+
+
+# Run ``settle`` at exit before the process pools' own exit hook (threading runs these hooks last registered first;
+# importing concurrent.futures.process above registered that one already).
+getattr(threading, "_register_atexit", atexit.register)(settle)
 
 
 def executor_pids(executor: Any) -> list[int]:

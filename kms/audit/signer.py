@@ -33,7 +33,7 @@ from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, 
 from kms.hsm.errors import short_reason
 from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
-from kms.processes import context, end_with_parent, executor_pids
+from kms.processes import context, end_with_parent, executor_pids, retire
 
 if TYPE_CHECKING:
     from kms.audit.anchor import Anchor
@@ -229,11 +229,11 @@ class AuditSigner:
         try:
             executor.submit(_probe).result(timeout=STARTUP_SECONDS)
         except HsmLoginFailed as error:
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
             self.refused = error  # the caller says it (kms serve: one line; supervise: logged)
             raise
         except BaseException as error:
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
             if isinstance(error, KmsError):
                 raise
             raise HsmError(f"the audit signer could not start ({type(error).__name__})", retryable=True) from None
@@ -259,7 +259,7 @@ class AuditSigner:
                 self.refused = error
                 if self._executor is executor:
                     self._executor = None
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
             log.error("audit signer: %s; the PIN is not tried again until the service restarts", error)
             raise HsmLoginFailed("the audit token refused the service's PIN; an operator must fix the PIN and "
                                  "restart the service") from None
@@ -270,7 +270,7 @@ class AuditSigner:
                 return
             self._executor = None
         log.error("the audit signer process ended unexpectedly; checkpoints wait for its replacement")
-        executor.shutdown(wait=False, cancel_futures=True)
+        retire(executor)
 
     def pids(self) -> list[int]:
         with self._lock:

@@ -32,7 +32,7 @@ from kms.hsm.errors import short_reason
 from kms.hsm.session import TokenSession
 from kms.issuance import pans
 from kms.issuance.sealer import DomainSealer
-from kms.processes import context, end_with_parent, executor_pids
+from kms.processes import context, end_with_parent, executor_pids, retire
 from kms.registry import KeyRegistry, KeyState
 from kms.validation import chunks
 
@@ -379,7 +379,7 @@ class DomainPool:
                           self.domain, error)
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
         return self._refusal()
 
     def _new_executor(self, detailed: bool = False) -> ProcessPoolExecutor:
@@ -397,13 +397,13 @@ class DomainPool:
             executor.submit(_probe).result(timeout=STARTUP_SECONDS)
         except HsmLoginFailed as error:
             metrics.observe_hsm_calls_of(self.domain, error)  # the refused login
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
             if self.refused is None:
                 self.refused = error  # the caller says it (kms serve: one line; later: logged by who replaced)
             raise error from None
         except BaseException as error:
             metrics.observe_hsm_calls_of(self.domain, error)
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
             if isinstance(error, KmsError) and (detailed or error.retryable):
                 raise  # for the operator; or the worker's own "could not start (<kind>)", already retryable
             if isinstance(error, KmsError):
@@ -425,7 +425,7 @@ class DomainPool:
                 if self._executor is not None and self._submitted >= self._chunks_per_generation:
                     metrics.WORKER_RESTARTS.labels(self.domain, "recycled").inc()
                     retiring, self._executor = self._executor, self._new_executor()
-                    retiring.shutdown(wait=False)  # its queued chunks still finish; then its processes exit
+                    retire(retiring, cancel=False)  # its queued chunks still finish; then its processes exit
                     self._generation += 1
                     self._submitted = 0
                 generation, executor = self._current()
@@ -556,7 +556,7 @@ class DomainPool:
             self._generation += 1
             self._submitted = 0
         metrics.WORKER_RESTARTS.labels(self.domain, "key-change").inc()
-        retiring.shutdown(wait=False)
+        retire(retiring, cancel=False)
 
     def _replace_executor(self, generation: int) -> None:
         """Replace the broken pool, once: other requests that saw the same pool break find it replaced. If the
@@ -569,7 +569,7 @@ class DomainPool:
             self._submitted = 0
             self.restarts += 1
             if broken is not None:
-                broken.shutdown(wait=False, cancel_futures=True)
+                retire(broken)
             try:
                 self._executor = self._new_executor()
             except KmsError as error:
@@ -589,4 +589,4 @@ class DomainPool:
             self._closed = True
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            retire(executor)
