@@ -17,7 +17,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.script.revision import RevisionError
 from sqlalchemy import event
 
 from kms.errors import ConfigError, StorageUnavailable
@@ -521,11 +520,8 @@ def _status(conn: sa.Connection) -> SchemaStatus:
         return SchemaStatus(None, head, "unversioned" if tables else "empty")
     if current == head:
         return SchemaStatus(current, head, "current")
-    try:
-        known = scripts.get_revision(current) is not None
-    except RevisionError:  # a revision id this kms has never seen
-        known = False
-    return SchemaStatus(current, head, "older" if known else "newer")
+    known = {script.revision for script in scripts.walk_revisions()}
+    return SchemaStatus(current, head, "older" if current in known else "newer")  # unknown: a later kms's
 
 
 def schema_status(engine: sa.Engine) -> SchemaStatus:
