@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -187,6 +188,7 @@ audit_checkpoints = sa.Table(
     sa.Column("at", sa.String(32), nullable=False),
     sa.Column("key", sa.String(160), nullable=False),
     sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("replica", sa.String(64), nullable=True),  # which replica signed it (NULL: made before issue 13)
 )
 
 #: At a station: every bundle serial opened there, so that a replayed bundle is refused.
@@ -469,3 +471,38 @@ def ping(engine: sa.Engine) -> None:
     (the health monitor's check, kms.server.health)."""
     with engine.connect() as conn:
         conn.execute(sa.select(sa.func.count()).select_from(audit_head)).scalar_one()
+
+
+# -- locks across replicas -----------------------------------------------------------------------------------------
+# Several `kms serve` replicas on one PostgreSQL database serialise a few things that are not one row's conditional
+# change with PostgreSQL advisory locks (kms.audit.log's checkpoint lock, kms.ceremony.store's execution lock). A
+# lock held by a session ends with it: a replica that dies (or loses its connection) holds nothing.
+
+
+def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock key (signed 64 bits) of a lock's name; names are kms's own ("audit-checkpoint", ...)."""
+    return int.from_bytes(hashlib.sha256(f"kms:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def lock_for_transaction(conn: sa.Connection, name: str) -> None:
+    """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock)."""
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(name)})
+
+
+def try_lock_for_transaction(conn: sa.Connection, name: str) -> bool:
+    """PostgreSQL: the lock ``name`` until ``conn``'s transaction ends, if no other session holds it now."""
+    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(name)}).scalar())
+
+
+def try_lock(conn: sa.Connection, name: str) -> bool:
+    """PostgreSQL: the lock ``name`` for ``conn``'s session (until ``unlock`` or the session ends), if no other
+    session holds it now."""
+    return bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": lock_key(name)}).scalar())
+
+
+def unlock(conn: sa.Connection, name: str) -> None:
+    conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key(name)})

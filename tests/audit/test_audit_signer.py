@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import EngineFactory
 
 from kms import config, store
 from kms.audit.log import AuditLog, export_lines
@@ -167,3 +169,59 @@ def test_a_closed_signer_is_not_restarted_by_a_late_supervision_round(home: Home
         assert signer.pids() == [] and signer.restarts == 0
     finally:
         signer.close()
+
+
+def test_replicas_sharing_one_signer_checkpoint_one_at_a_time(home: Home, backend: EngineFactory) -> None:
+    """Two replicas (each its own engine, audit log and checkpointer, as two `kms serve` on one database) append and
+    checkpoint at once through one audit signer (the audit worker service). Without a lock across them, one reads
+    the signer's head, the other has it signed further, and the first is refused ("… were signed already", "… are
+    not all there"); with AuditLog.checkpoint_lock no round is refused, the checkpoints name both replicas, and the
+    export verifies offline."""
+    import threading
+
+    from kms.errors import KmsError
+
+    clock = FixedClock(dt.datetime(2026, 12, 1, 23, 0, tzinfo=dt.UTC))
+    signer = AuditSigner(home.config)
+    replicas = {name: AuditLog(backend(), clock) for name in ("replica-a", "replica-b")}
+    checkpointers = {name: Checkpointer(log, signer, clock, replica=name) for name, log in replicas.items()}
+    start = threading.Barrier(len(replicas))
+    refused: list[KmsError] = []
+
+    def replica(name: str) -> None:
+        log, checkpointer = replicas[name], checkpointers[name]
+        start.wait()
+        for n in range(ROUNDS):
+            log.record("test.event", subject=f"{name}-{n}")
+            try:
+                if n % 5 == 4:
+                    checkpointer.seal(NONCE, {})
+                else:
+                    checkpointer.checkpoint_now()
+            except KmsError as error:
+                refused.append(error)
+
+    try:
+        threads = [threading.Thread(target=replica, args=(name,)) for name in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seal = checkpointers["replica-a"].seal(OTHER, {})
+    finally:
+        signer.close()
+    assert refused == []
+    log = replicas["replica-b"]
+    checkpoints = list(log.checkpoints())
+    assert seal.size == 2 * ROUNDS and checkpoints[-1].size == 2 * ROUNDS
+    assert {c.replica for c in checkpoints} == {"replica-a", "replica-b"}
+    lines = list(export_lines(log, seal))
+    assert {json.loads(line).get("replica") for line in lines if '"type":"checkpoint"' in line} == {
+        "replica-a", "replica-b"}
+    public = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    verdict = verify(iter(lines), public, nonce=OTHER)
+    assert verdict.ok and verdict.covered == 2 * ROUNDS and verdict.checkpoints == len(checkpoints), verdict.summary()
+
+
+ROUNDS = 40
