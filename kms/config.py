@@ -117,9 +117,10 @@ class ServerConfig:
     #: On SIGTERM: how long in-flight calls may take to finish (a stream ends after its current message).
     drain_seconds: int = 30
     capacity: Capacity = Capacity()
-    #: This replica's name (``server.replica``; default ``<hostname>-<port of server.listen>``): in its
-    #: ``service.started``/``service.stopped`` records, the checkpoints it signs, /metrics and /readyz.
-    replica: str = ""
+    #: This replica's name (``server.replica``; None: ``default_replica``, ``<hostname>-<port>`` of the port it
+    #: listens on): in its ``service.started``/``service.stopped`` records, the checkpoints it signs, /metrics and
+    #: /readyz.
+    replica: str | None = None
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def _server(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> ServerConf
                         health_check_seconds=_int(doc, "health_check_seconds", 5, 1, 3600, "server"),
                         drain_seconds=_int(doc, "drain_seconds", 30, 0, 3600, "server"),
                         capacity=_capacity(path, doc),
-                        replica=_replica(path, doc.get("replica"), listen))
+                        replica=_replica(path, doc.get("replica")))
 
 
 #: ``server.replica``: what a replica is called where several share one database (letters, digits, ``.``, ``_``,
@@ -377,17 +378,16 @@ def _server(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> ServerConf
 REPLICA = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def default_replica(listen: str) -> str:
-    """``<hostname>-<port>``: unique among replicas on distinct hosts or ports (the host name's first label, cut to
-    fit; a character outside REPLICA becomes ``-``)."""
+def default_replica(port: int) -> str:
+    """``<hostname>-<port>``, the replica's name when ``server.replica`` is not set: unique among replicas on
+    distinct hosts or ports (the host name's first label, cut to fit; a character outside REPLICA becomes ``-``)."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "localhost"
-    port = listen.rpartition(":")[2]
-    return f"{host[:63 - len(port)]}-{port}"
+    return f"{host[:63 - len(str(port))]}-{port}"
 
 
-def _replica(path: Path, value: Any, listen: str) -> str:
+def _replica(path: Path, value: Any) -> str | None:
     if value is None:
-        return default_replica(listen)
+        return None
     if not isinstance(value, str) or not REPLICA.fullmatch(value):
         raise ConfigError(f"{path}: server.replica must be 1 to 64 letters, digits, '.', '_' or '-'")
     return value

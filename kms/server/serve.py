@@ -79,8 +79,9 @@ class Service:
         if cfg.server is None:
             raise ConfigError(f"{cfg.path}: no 'server' section")
         self.drain_seconds = float(cfg.server.drain_seconds)
-        #: This replica's name (``server.replica``): in service.started/stopped, its checkpoints, /metrics, /readyz.
-        self.replica = cfg.server.replica
+        #: This replica's name (``server.replica``, else ``<hostname>-<port>`` once the port is bound): in
+        #: service.started/stopped, the checkpoints it has signed, /metrics (kms_replica_info) and /readyz.
+        self.replica = cfg.server.replica or ""
         # Client certificates checked against the CA's CRL on every call; a CRL that cannot be used stops the start.
         crl = cfg.server.tls.crl
         revocation = [RevocationList(crl, cfg.server.tls.ca)] if crl is not None else []
@@ -143,6 +144,10 @@ class Service:
             capacity=cfg.server.capacity,
             streams=self.streams,
         )
+        self.replica = self.replica or config_mod.default_replica(self.port)
+        self.health.replica = self.replica
+        if self.checkpointer is not None:
+            self.checkpointer.replica = self.replica
         self.http: HealthListener | None = None
         try:
             health_address = cfg.server.health_listen if health_listen == FROM_CONFIG else health_listen
