@@ -171,20 +171,24 @@ def test_a_closed_signer_is_not_restarted_by_a_late_supervision_round(home: Home
         signer.close()
 
 
-def test_replicas_sharing_one_signer_checkpoint_one_at_a_time(home: Home, backend: EngineFactory) -> None:
+@pytest.mark.parametrize("signers", ["shared", "embedded"])
+def test_replicas_checkpoint_one_at_a_time(home: Home, backend: EngineFactory, signers: str) -> None:
     """Two replicas (each its own engine, audit log and checkpointer, as two `kms serve` on one database) append and
-    checkpoint at once through one audit signer (the audit worker service). Without a lock across them, one reads
-    the signer's head, the other has it signed further, and the first is refused ("… were signed already", "… are
-    not all there"); with AuditLog.checkpoint_lock no round is refused, the checkpoints name both replicas, and the
-    export verifies offline."""
+    checkpoint at once, through one audit signer (``shared``: the audit worker service) or each through a signer
+    process of its own on the one audit token (``embedded``: the signed head is a data object that both processes
+    read and replace). Without a lock across replicas, one reads the signer's head, the other has it signed
+    further, and the first is refused ("… were signed already", "… are not all there"); with
+    AuditLog.checkpoint_lock no round is refused, the checkpoints name both replicas, and the export verifies."""
     import threading
 
     from kms.errors import KmsError
 
     clock = FixedClock(dt.datetime(2026, 12, 1, 23, 0, tzinfo=dt.UTC))
-    signer = AuditSigner(home.config)
-    replicas = {name: AuditLog(backend(), clock) for name in ("replica-a", "replica-b")}
-    checkpointers = {name: Checkpointer(log, signer, clock, replica=name) for name, log in replicas.items()}
+    names = ("replica-a", "replica-b")
+    shared = AuditSigner(home.config)
+    own = {names[0]: shared, names[1]: AuditSigner(home.config) if signers == "embedded" else shared}
+    replicas = {name: AuditLog(backend(), clock) for name in names}
+    checkpointers = {name: Checkpointer(log, own[name], clock, replica=name) for name, log in replicas.items()}
     start = threading.Barrier(len(replicas))
     refused: list[KmsError] = []
 
@@ -209,7 +213,8 @@ def test_replicas_sharing_one_signer_checkpoint_one_at_a_time(home: Home, backen
             thread.join()
         seal = checkpointers["replica-a"].seal(OTHER, {})
     finally:
-        signer.close()
+        for signer in set(own.values()):
+            signer.close()
     assert refused == []
     log = replicas["replica-b"]
     checkpoints = list(log.checkpoints())
