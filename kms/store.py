@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -476,33 +475,33 @@ def ping(engine: sa.Engine) -> None:
 # -- locks across replicas -----------------------------------------------------------------------------------------
 # Several `kms serve` replicas on one PostgreSQL database serialise a few things that are not one row's conditional
 # change with PostgreSQL advisory locks (kms.audit.log's checkpoint lock, kms.ceremony.store's execution lock). A
-# lock held by a session ends with it: a replica that dies (or loses its connection) holds nothing.
+# lock held by a session ends with it: a replica that dies (or loses its connection) holds nothing. Advisory locks
+# are per database, not per schema: the key is a hash of the schema and the lock's name, so that two kms on one
+# database in schemas of their own (the tests do that) do not share locks.
+
+#: The key of the lock named :name (hashtextextended: PostgreSQL 11+).
+_KEY = "hashtextextended('kms:' || current_schema() || ':' || :name, 0)"
 
 
 def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
     return bind.dialect.name == "postgresql"
 
 
-def lock_key(name: str) -> int:
-    """The advisory lock key (signed 64 bits) of a lock's name; names are kms's own ("audit-checkpoint", ...)."""
-    return int.from_bytes(hashlib.sha256(f"kms:{name}".encode()).digest()[:8], "big", signed=True)
-
-
 def lock_for_transaction(conn: sa.Connection, name: str) -> None:
     """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock)."""
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(name)})
+    conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_KEY})"), {"name": name})
 
 
 def try_lock_for_transaction(conn: sa.Connection, name: str) -> bool:
     """PostgreSQL: the lock ``name`` until ``conn``'s transaction ends, if no other session holds it now."""
-    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(name)}).scalar())
+    return bool(conn.execute(sa.text(f"SELECT pg_try_advisory_xact_lock({_KEY})"), {"name": name}).scalar())
 
 
 def try_lock(conn: sa.Connection, name: str) -> bool:
     """PostgreSQL: the lock ``name`` for ``conn``'s session (until ``unlock`` or the session ends), if no other
     session holds it now."""
-    return bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": lock_key(name)}).scalar())
+    return bool(conn.execute(sa.text(f"SELECT pg_try_advisory_lock({_KEY})"), {"name": name}).scalar())
 
 
 def unlock(conn: sa.Connection, name: str) -> None:
-    conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key(name)})
+    conn.execute(sa.text(f"SELECT pg_advisory_unlock({_KEY})"), {"name": name})

@@ -46,7 +46,7 @@ EXPORT_VERSION = 2  # 2: the export ends with an export seal
 #: An export's nonce: 16 to 64 random bytes in lowercase hex (`kms audit export` sends 16, secrets.token_hex).
 NONCE = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 PAGE = 2_000
-CHECKPOINT_LOCK = "audit-checkpoint"  # kms.store.lock_key: checkpoints signed one at a time across replicas
+CHECKPOINT_LOCK = "audit-checkpoint"  # kms.store.lock_for_transaction: one checkpoint at a time
 
 
 @dataclass(frozen=True)

@@ -503,7 +503,7 @@ def _audit_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _execution_lock(ceremony_id: str) -> str:
-    """The name of the lock a replica holds while it executes the ceremony (kms.store.lock_key)."""
+    """The name of the lock a replica holds while it executes the ceremony (kms.store.try_lock)."""
     return f"ceremony-execution:{ceremony_id}"
 
 
