@@ -185,6 +185,7 @@ class Service:
             self.http.stop()
         if self.signer is not None:
             self.signer.close()
+        self.quotas.close()
         self.pools.terminate()
 
     def stop(self, grace: float | None = None) -> None:
@@ -210,6 +211,7 @@ class Service:
             self.checkpointer.stop()  # signs the chain's end
         if self.signer is not None:
             self.signer.close()
+        self.quotas.close()
         self.pools.close()
 
     def child_pids(self) -> list[int]:
