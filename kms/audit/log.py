@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -83,8 +83,8 @@ class Checkpoint:
     key: str  # the signing key's label
     signature: bytes  # DER ECDSA P-256
     #: The replica whose checkpointer had it signed (``server.replica``; None before issue 13). Not signed: it tells
-    #: operators who checkpointed, the signature alone says what was signed.
-    replica: str | None = None
+    #: operators who checkpointed, the signature alone says what was signed (so it is no part of equality either).
+    replica: str | None = field(default=None, compare=False)
 
     def message(self) -> bytes:
         return checkpoint_message(self.size, self.head, self.at)
