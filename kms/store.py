@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -505,3 +509,22 @@ def try_lock(conn: sa.Connection, name: str) -> bool:
 
 def unlock(conn: sa.Connection, name: str) -> None:
     conn.execute(sa.text(f"SELECT pg_advisory_unlock({_KEY})"), {"name": name})
+
+
+@contextmanager
+def sqlite_file_lock(engine: sa.Engine, name: str) -> Iterator[None]:
+    """SQLite: the lock ``name`` across the processes of one host that share the database file: an exclusive
+    ``flock`` of ``<database>.<name>.lock`` (0600, beside it), held for the ``with`` block and released if the
+    process dies. It blocks no reader or writer of the database itself. An in-memory database has one process."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    path = Path(f"{database}.{name}.lock")
+    create_private(path)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

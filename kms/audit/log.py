@@ -213,15 +213,16 @@ class AuditLog:
         """Checkpoints are signed one at a time by every replica on this database: the audit signer signs only a
         chain that extends the head it signed last, so a replica must read that head, the chain and the newest
         checkpoint, have it signed and store the checkpoint, with no other replica's signing in between. Held for
-        the ``with`` block: on PostgreSQL an advisory lock of the block's transaction (appends go on meanwhile), on
-        SQLite the database's write lock (its one writer: appends wait the few milliseconds of a signature).
-        Within a process, ``Checkpointer``'s own lock comes first."""
-        with self._engine.begin() as conn:
-            if store.is_postgresql(conn):
+        the ``with`` block: on PostgreSQL an advisory lock of the block's transaction, on SQLite a file lock beside
+        the database (the processes of one host); neither stops appends meanwhile, so a slow signer delays
+        checkpoints, never issuance. Within a process, ``Checkpointer``'s own lock comes first."""
+        if store.is_postgresql(self._engine):
+            with self._engine.begin() as conn:
                 store.lock_for_transaction(conn, CHECKPOINT_LOCK)
-            else:  # a write statement takes SQLite's write lock until the transaction ends
-                conn.execute(audit_head.update().where(audit_head.c.id == 1).values(seq=audit_head.c.seq))
-            yield CheckpointLock(conn)
+                yield CheckpointLock(self, conn)
+        else:
+            with store.sqlite_file_lock(self._engine, CHECKPOINT_LOCK):
+                yield CheckpointLock(self, None)
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -290,21 +291,28 @@ class AuditLog:
 
 class CheckpointLock:
     """What ``AuditLog.checkpoint_lock`` yields: the newest checkpoint and the head read, and a checkpoint stored,
-    under the lock (in its transaction)."""
+    under the lock (PostgreSQL: in the lock's transaction; SQLite: each in a transaction of its own)."""
 
-    def __init__(self, conn: sa.Connection) -> None:
+    def __init__(self, log: AuditLog, conn: sa.Connection | None) -> None:
+        self._log = log
         self._conn = conn
 
     def last_checkpoint(self) -> Checkpoint | None:
+        if self._conn is None:
+            return self._log.last_checkpoint()
         row = self._conn.execute(sa.select(audit_checkpoints).order_by(audit_checkpoints.c.size.desc())
                                  .limit(1)).first()
         return None if row is None else _checkpoint(row)
 
     def head(self) -> tuple[int, str]:
+        if self._conn is None:
+            return self._log.head()
         row = self._conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
         return (0, GENESIS.hex()) if row is None else (int(row.seq), str(row.hash))
 
     def add_checkpoint(self, checkpoint: Checkpoint, replica: str | None = None) -> Checkpoint:
+        if self._conn is None:
+            return self._log.add_checkpoint(checkpoint, replica)
         return _add_checkpoint(self._conn, checkpoint, replica)
 
 
