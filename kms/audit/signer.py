@@ -13,6 +13,7 @@ that extends the head this signer signed last.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -353,6 +354,30 @@ class Checkpointer:
         with self._lock, self._log.checkpoint_lock() as locked:
             return self._checkpoint(locked)
 
+    def checkpoint_due(self, waited: float) -> Checkpoint | None:
+        """One round of the checkpointer's thread, ``waited`` seconds after this replica's last checkpoint: sign the
+        head if a checkpoint is due — ``every_records`` records past the newest checkpoint, or records past it that
+        is older than ``every_seconds`` (whichever replica signed it) — judged again under the lock, so that replicas
+        crossing the threshold together sign one checkpoint, not one each. The checkpoint signed, or None."""
+        if not self._due(self._log.last_checkpoint(), self._log.head()[0], waited):
+            return None
+        with self._lock, self._log.checkpoint_lock() as locked:
+            last = locked.last_checkpoint()
+            if not self._due(last, locked.head()[0], waited):
+                return None
+            return self._checkpoint(locked)
+
+    def _due(self, last: Checkpoint | None, size: int, waited: float) -> bool:
+        behind = size - (last.size if last is not None else 0)
+        if behind >= self._every_records:
+            return True
+        if behind <= 0 or waited < self._every_seconds:
+            return False
+        if last is None:
+            return True
+        signed_at = dt.datetime.strptime(last.at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return (self._clock.now() - signed_at).total_seconds() >= self._every_seconds
+
     def seal(self, nonce: str, filters: Mapping[str, str]) -> Seal:
         """A checkpoint of the current head (as ``checkpoint_now``), then an export seal over that same head for
         ``nonce`` and ``filters``: both under one lock, so no other checkpoint moves the signed head in between."""
@@ -386,11 +411,7 @@ class Checkpointer:
         while not self._stop.wait(1.0):
             waited += 1.0
             try:
-                last = self._log.last_checkpoint()
-                size, _ = self._log.head()
-                behind = size - (last.size if last is not None else 0)
-                if behind >= self._every_records or (behind > 0 and waited >= self._every_seconds):
-                    self.checkpoint_now()
+                if self.checkpoint_due(waited) is not None:
                     waited = 0.0
             except KmsError as error:  # e.g. the signer is being replaced: the next round tries again
                 log.warning("audit checkpoint failed: %s", error)

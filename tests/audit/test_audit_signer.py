@@ -230,3 +230,30 @@ def test_replicas_checkpoint_one_at_a_time(home: Home, backend: EngineFactory, s
 
 
 ROUNDS = 40
+
+
+def test_replicas_crossing_the_threshold_together_sign_one_checkpoint(home: Home, backend: EngineFactory) -> None:
+    """The checkpointer's periodic round judges again under the checkpoint lock whether a checkpoint is due, by the
+    newest checkpoint of any replica: every_records past it, or records past one older than every_seconds. Two
+    replicas whose rounds come together sign one checkpoint, not two."""
+    clock = FixedClock(dt.datetime(2026, 12, 1, 23, 30, tzinfo=dt.UTC))
+    signer = AuditSigner(home.config)
+    logs = [AuditLog(backend(), clock) for _ in range(2)]
+    a, b = (Checkpointer(log, signer, clock, every_records=5, every_seconds=60, replica=name)
+            for log, name in zip(logs, ("replica-a", "replica-b"), strict=True))
+    try:
+        for i in range(5):
+            logs[i % 2].record("test.event", subject=str(i))
+        first = a.checkpoint_due(1.0)
+        assert first is not None and (first.size, first.replica) == (5, "replica-a")
+        assert b.checkpoint_due(1.0) is None  # a's covers it
+        for i in range(3):
+            logs[1].record("test.event", subject=f"more-{i}")
+        assert a.checkpoint_due(1.0) is None and b.checkpoint_due(60.0) is None  # 3 records, a checkpoint 0 s old
+        clock.advance(dt.timedelta(seconds=60))
+        second = b.checkpoint_due(60.0)
+        assert second is not None and (second.size, second.replica) == (8, "replica-b")
+        assert a.checkpoint_due(60.0) is None
+    finally:
+        signer.close()
+    assert [(c.size, c.replica) for c in logs[0].checkpoints()] == [(5, "replica-a"), (8, "replica-b")]
