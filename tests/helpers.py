@@ -19,11 +19,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import yaml
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import config
@@ -103,10 +104,11 @@ def service_client(home: Home, service: Service, who: Principal | str) -> Client
     return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
-def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process of its own, as a user runs it."""
+def kms(*args: str, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as a user runs it (``env``: variables set for it, "" unsets one)."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v != ""}
     result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ))
+                            timeout=300, cwd=ROOT, env=environment)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -258,3 +260,45 @@ class TcpGate:
     def stop(self) -> None:
         self.close()
         self._server.close()
+
+
+# -- a development home on a fresh PostgreSQL schema (several replicas share it) ------------------------------------
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[tuple[str, sa.Engine]]:
+    """A fresh schema of KMS_TEST_POSTGRES_URL (the caller skips without it): its database URL (the schema as the
+    connections' search_path) and an engine on it for the test's own statements; dropped afterwards."""
+    assert POSTGRES, "KMS_TEST_POSTGRES_URL is not set"
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}", admin
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def postgres_home(path: Path, database: str, bureaus: dict[str, tuple[str, ...]] | None = None) -> Home:
+    """A development home at ``path`` whose records are in ``database`` (postgres_schema), with a server CRL, the
+    domains and the audit signer spawned by `kms serve` (kms.dev.workers.split_home makes them worker services)."""
+    from kms.dev.home import FORMAT_FILE, HOME_FORMAT, init_home
+    from kms.dev.pki import DevPki
+    from kms.files import write_private
+    from kms.hsm.labels import AUDIT_TOKEN, domain_token
+
+    pki = DevPki(path / "pki")
+    server, relative = pki.server(), (lambda p: os.path.relpath(p, path))
+    write_private(path / FORMAT_FILE, f"{HOME_FORMAT}\n")  # init_home completes the home this kms.yaml starts
+    write_private(path / "kms.yaml", yaml.safe_dump({
+        "hsm": {"module": "auto", "softhsm2_conf": "hsm/softhsm2.conf"},
+        "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
+        "database": database, "profiles": "profiles", "workers_per_domain": 1,
+        "server": {"listen": "127.0.0.1:0", "tls": {"cert": relative(server.cert), "key": relative(server.key),
+                                                   "ca": relative(pki.ca.cert), "crl": relative(pki.crl)}},
+        "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin"},
+    }, sort_keys=False))
+    return init_home(path, bureaus=bureaus or {"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)})
