@@ -142,15 +142,16 @@ def endpoint(text: str) -> Endpoint:
     if not colon or not host:
         raise ValueError(f"{text!r} has no port (host:port)")
     if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))  # one spelling, so a duplicate shows
+        except ValueError:
+            raise ValueError(f"{text!r}: {host[1:-1]!r} in brackets is not an IPv6 address") from None
+    elif not _HOST_NAME.fullmatch(host):
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
-    elif ":" in host:
+            raise ValueError(f"{text!r}: {host!r} is not a host name or IP address") from None
         raise ValueError(f"{text!r}: an IPv6 address goes in brackets ([::1]:7443)")
-    elif not _HOST_NAME.fullmatch(host):
-        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
     if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
     return Endpoint(host.lower(), int(port))

@@ -57,12 +57,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         home = postgres_home(tmp_path_factory.mktemp("replicas-home"), database)
         layout = split_home(home.config, sockets, services=("audit",))
         with (logs / "audit.log").open("w") as err:
-            signer = subprocess.Popen([sys.executable, "-m", "kms.cli", *layout.command("audit")], stdout=subprocess.PIPE,
-                                      stderr=err, text=True)
+            signer = subprocess.Popen([sys.executable, "-m", "kms.cli", *layout.command("audit")],
+                                      stdout=subprocess.PIPE, stderr=err, text=True)
         replicas = Replicas(layout.front, logs)
         try:
             assert signer.stdout is not None
-            assert signer.stdout.readline().startswith("kms: worker audit serving on "), (logs / "audit.log").read_text()
+            line = signer.stdout.readline()
+            assert line.startswith("kms: worker audit serving on "), (line, (logs / "audit.log").read_text())
             replicas.start()
             replicas.start()
             yield Cluster(home, replicas, db)
