@@ -8,6 +8,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
@@ -136,7 +137,7 @@ class Target:
         """This target reaching only ``addresses`` (some of its own)."""
         if len(self.addresses) == 1 and not self.options:
             return self
-        return _listed(self.name, self.options[-1][1], tuple(addresses))
+        return _listed(self.name, dict(self.options)["grpc.default_authority"], tuple(addresses))
 
 
 def _listed(name: str, authority: str, addresses: tuple[tuple[str, int], ...]) -> Target:
@@ -185,29 +186,37 @@ def target(endpoints: Sequence[Endpoint],
                    tuple(dict.fromkeys((address, e.port) for e in live for f, address in resolved[e] if f == family)))
 
 
+#: With several addresses, how long each one's CRL check may take to connect and shake hands: a replica that hangs
+#: (frozen, or a host that drops packets) is left out after this, not after the call timeout.
+CHECK_SECONDS = 10.0
+
+
 def check_server_certificates(tls: TlsConfig, reached: Target, timeout: float) -> Target:
     """With ``client.tls.crl``: the server certificate at each of the target's addresses checked against the CRL
     (kms.revocation.check_server_certificate, for the TLS name the channel checks); the target without the
-    addresses that cannot be reached now (their certificates unchecked, so never used by this channel). A revoked
-    certificate anywhere: PermissionDenied. None reachable: the last retryable error. Without a CRL: ``reached``."""
+    addresses that cannot be reached now (their certificates unchecked, so never used by this channel). Several
+    addresses are checked at once, each within CHECK_SECONDS. A revoked certificate anywhere: PermissionDenied.
+    None reachable: the last retryable error. Without a CRL: ``reached``."""
     if tls.crl is None:
         return reached
     if len(reached.addresses) == 1 and not reached.options:
         check_server_certificate(tls, reached.target, timeout)
         return reached
-    checked: list[tuple[str, int]] = []
-    unreachable: errors.KmsError | None = None
-    for host, port in reached.addresses:
+
+    def check(address: tuple[str, int]) -> errors.KmsError | None:
         try:
-            check_server_certificate(tls, str(Endpoint(host, port)), timeout, name=reached.name)
+            check_server_certificate(tls, str(Endpoint(*address)), min(timeout, CHECK_SECONDS), name=reached.name)
         except errors.KmsError as error:
             if not error.retryable:
                 raise
-            unreachable = error
-            continue
-        checked.append((host, port))
-    if unreachable is not None and not checked:
-        raise unreachable
+            return error
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(len(reached.addresses), 8), thread_name_prefix="kms-crl") as pool:
+        outcomes = list(pool.map(check, reached.addresses))  # the first refusal, if any, is raised here
+    checked = [address for address, error in zip(reached.addresses, outcomes, strict=True) if error is None]
+    if not checked:
+        raise next(error for error in reversed(outcomes) if error is not None)
     return reached.only(checked)
 
 
