@@ -169,7 +169,7 @@ def target(endpoints: Sequence[Endpoint],
     ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy (each call to the next connected address; an address
     whose connection failed is skipped until it reconnects). One channel checks one TLS name: the first endpoint's
     host (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several
-    ports, or one service certificate naming every replica's host). An endpoint whose host does not resolve is
+    ports, or a service name in every replica's certificate, listed first). An endpoint whose host does not resolve is
     left out while another resolves; Unavailable (retried like any outage) if none does."""
     first = endpoints[0]
     if len(endpoints) == 1:

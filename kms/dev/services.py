@@ -212,7 +212,8 @@ class Replicas:
     worker services. ``start`` adds one and waits until it serves; ``endpoints`` is what a client lists
     (``localhost:P1,localhost:P2``); ``kill`` sends one a signal (SIGKILL: a replica lost mid-call); ``stop`` ends
     those still running (SIGTERM, then SIGKILL after STOP_SECONDS) and returns their exit statuses. Their spawned
-    HSM workers die with them (kms.processes). ``env``: their environment (default: this process's)."""
+    HSM workers die with them (kms.processes); ``restart`` starts a replica again on the ports of one that ended.
+    ``env``: their environment (default: this process's)."""
 
     def __init__(self, config: Path, logs: Path, env: Mapping[str, str] | None = None) -> None:
         self.config = config
@@ -220,14 +221,15 @@ class Replicas:
         self.env = dict(os.environ if env is None else env)
         self.replicas: list[Replica] = []
 
-    def start(self) -> Replica:
-        """One more replica, serving once this returns; ConfigError (its log's tail) if it does not come up."""
+    def start(self, port: int = 0, http_port: int = 0) -> Replica:
+        """One more replica (on ``port`` and ``http_port``, 0: free ones), serving once this returns; ConfigError
+        (its log's tail) if it does not come up."""
         self.logs.mkdir(parents=True, exist_ok=True)
         index = len(self.replicas)
         log = self.logs / f"replica-{index}.log"
         with open(log, "w", encoding="utf-8") as err:
             proc = subprocess.Popen([sys.executable, "-m", "kms.cli", SERVE, "--config", str(self.config),
-                                     "--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
+                                     "--listen", f"127.0.0.1:{port}", "--health-listen", f"127.0.0.1:{http_port}"],
                                     env=self.env, text=True, stdout=subprocess.PIPE, stderr=err,
                                     stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
@@ -242,6 +244,12 @@ class Replicas:
         replica = Replica(index, proc, int(line.rsplit(" ", 1)[1]), http.group(1) if http else "", log)
         self.replicas.append(replica)
         return replica
+
+    def restart(self, replica: Replica) -> Replica:
+        """A new replica on the ports of ``replica``, which has ended (killed or stopped): clients that list its
+        endpoint reach it again."""
+        assert replica.process.poll() is not None, "the replica still runs"
+        return self.start(replica.port, int(replica.http.rsplit(":", 1)[1]))
 
     @property
     def running(self) -> list[Replica]:

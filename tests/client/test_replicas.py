@@ -159,3 +159,21 @@ def test_a_malformed_server_list_is_one_line(cluster: Cluster) -> None:
                      "--batch-id", "x", env={"KMS_SERVER": ""})
         assert result.returncode == 2
         assert result.stderr.splitlines()[-1] == f"kms batch show: error: argument --server: {reason}"
+
+
+def test_a_replica_restarted_on_its_address_is_balanced_to_again(cluster: Cluster) -> None:
+    """After the failover test one replica is gone: started again on its ports, a client listing both endpoints
+    (as the station's configuration would) uses it again."""
+    batch_id = "R-RESTART"
+    _open_batch(cluster, batch_id, 1)
+    gone = [r for r in cluster.replicas.replicas if r.process.poll() is not None]
+    if not gone:  # this test run alone
+        gone = [cluster.replicas.running[1]]
+        cluster.replicas.kill(gone[0])
+    back = cluster.replicas.restart(gone[0])
+    assert (back.port, back.http) == (gone[0].port, gone[0].http)
+    listed = ",".join(r.endpoint for r in cluster.replicas.running)
+    with cluster.station(listed) as station:
+        for _ in range(20):
+            station.batch_status(batch_id)
+    assert back.sample("kms_requests_total", "GetBatchStatus") >= 5  # a fresh process: all of these are its own
