@@ -27,6 +27,7 @@ from kms.dev.home import Home
 from kms.dev.services import Replicas
 from kms.dev.workers import split_home
 from kms.identity import Principal
+from kms.v1 import issuance_pb2 as pb
 
 pytestmark = [pytest.mark.postgres, pytest.mark.service, pytest.mark.hsm]
 
@@ -108,10 +109,11 @@ def test_calls_are_balanced_over_both_replicas(cluster: Cluster) -> None:
 def test_a_stream_resumes_on_the_other_replica_and_every_card_arrives_once(cluster: Cluster) -> None:
     batch_id = "R-FAILOVER"
     card_refs = _open_batch(cluster, batch_id, 160)
-    retries: list[Retrying] = []
-    received = []
+    retries: list[tuple[Retrying, str]] = []  # each retry, and the sequence of the last bundle received before it
+    received: list[pb.SealedBundle] = []
     with cluster.station(cluster.replicas.endpoints) as station:
-        stream = station.stream_batch(batch_id, per_message=1, on_retry=retries.append,
+        stream = station.stream_batch(batch_id, per_message=1,
+                                      on_retry=lambda r: retries.append((r, str(received[-1].sequence))),
                                       backoff=Backoff(retries=8, first=0.2, most=1.0))
         for bundle in stream:
             received.append(bundle)
@@ -119,7 +121,9 @@ def test_a_stream_resumes_on_the_other_replica_and_every_card_arrives_once(clust
                 streaming = [r for r in cluster.replicas.running if r.sample("kms_streams_open", "StreamBatch") > 0]
                 assert len(streaming) == 1
                 assert cluster.replicas.kill(streaming[0]) == -9
-    assert retries and retries[0].cursor == str(received[3].sequence)  # resumed after the last bundle received
+    # one retry, after the last bundle received: it went to the live replica, not again to the lost one
+    assert [(r.retry, r.cursor) for r, _ in retries] == [(1, last) for _, last in retries[:1]], retries
+    assert int(retries[0][1]) >= received[3].sequence
     assert [b.card_ref for b in received] == card_refs  # each card once, in order, none lost
     with cluster.db.connect() as conn:
         stored = {row.card_ref: row for row in conn.execute(sa.text(
