@@ -19,12 +19,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import yaml
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import config
@@ -262,43 +261,99 @@ class TcpGate:
         self._server.close()
 
 
-# -- a development home on a fresh PostgreSQL schema (several replicas share it) ------------------------------------
+# -- kms before schema migrations (tests/migrations) ---------------------------------------------------------------
+
+#: The `kms` package of commit 5a25ab4, the last one before schema migrations: `git archive 5a25ab4 kms | xz -9`.
+KMS_BEFORE_MIGRATIONS = ROOT / "tests" / "fixtures" / "kms-5a25ab4.tar.xz"
+
+
+def unpack_kms_before_migrations(dest: Path) -> Path:
+    """The old kms unpacked under ``dest``: the directory to put on PYTHONPATH (it holds ``kms/``)."""
+    import tarfile
+
+    with tarfile.open(KMS_BEFORE_MIGRATIONS) as archive:
+        archive.extractall(dest, filter="data")
+    assert (dest / "kms" / "store.py").is_file()
+    return dest
+
+
+def old_kms(tree: Path, *args: str, cwd: Path | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess[str]:
+    """``python <args>`` with the old kms of ``tree`` (PYTHONPATH) and this venv's python and libraries."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or tree, env=env)
 
 
 @contextlib.contextmanager
-def postgres_schema() -> Iterator[tuple[str, sa.Engine]]:
-    """A fresh schema of KMS_TEST_POSTGRES_URL (the caller skips without it): its database URL (the schema as the
-    connections' search_path) and an engine on it for the test's own statements; dropped afterwards."""
-    assert POSTGRES, "KMS_TEST_POSTGRES_URL is not set"
-    schema = f"t_{secrets.token_hex(6)}"
-    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+def postgres_schema() -> Any:
+    """A fresh PostgreSQL schema (KMS_TEST_POSTGRES_URL): yields the database URL whose connections use it (its
+    search_path); dropped afterwards."""
+    import uuid
+
+    assert POSTGRES
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}", admin
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     finally:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
 
 
-def postgres_home(path: Path, database: str, bureaus: dict[str, tuple[str, ...]] | None = None) -> Home:
-    """A development home at ``path`` whose records are in ``database`` (postgres_schema), with a server CRL, the
-    domains and the audit signer spawned by `kms serve` (kms.dev.workers.split_home makes them worker services)."""
+def database_rows(engine: sa.Engine) -> dict[str, Any]:
+    """Every table of the database with its columns and all its rows, sorted: what to compare before and after
+    something that must change nothing."""
+    found: dict[str, Any] = {}
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        for name in sorted(inspector.get_table_names()):
+            columns = [c["name"] for c in inspector.get_columns(name)]
+            table = sa.table(name, *[sa.column(c) for c in columns])
+            rows = sorted((tuple(row) for row in conn.execute(sa.select(table))), key=repr)
+            found[name] = (columns, sorted(ix["name"] or "" for ix in inspector.get_indexes(name)), rows)
+    return found
+
+
+def postgres_home(path: Path, bureaus: dict[str, tuple[str, ...]]) -> tuple[Home, sa.Engine]:
+    """A development home at ``path`` whose records are in a fresh schema of KMS_TEST_POSTGRES_URL's database (one
+    worker process per domain), and an engine on that schema for the test's own statements (the caller drops the
+    schema: ``drop_schema``)."""
+    import uuid
+
+    import yaml
+
     from kms.dev.home import FORMAT_FILE, HOME_FORMAT, init_home
     from kms.dev.pki import DevPki
     from kms.files import write_private
     from kms.hsm.labels import AUDIT_TOKEN, domain_token
 
+    assert POSTGRES is not None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     pki = DevPki(path / "pki")
     server, relative = pki.server(), (lambda p: os.path.relpath(p, path))
     write_private(path / FORMAT_FILE, f"{HOME_FORMAT}\n")  # init_home completes the home this kms.yaml starts
     write_private(path / "kms.yaml", yaml.safe_dump({
         "hsm": {"module": "auto", "softhsm2_conf": "hsm/softhsm2.conf"},
         "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
-        "database": database, "profiles": "profiles", "workers_per_domain": 1,
+        "database": f"{POSTGRES}?options=-csearch_path%3D{schema}",
+        "profiles": "profiles", "workers_per_domain": 1,
         "server": {"listen": "127.0.0.1:0", "tls": {"cert": relative(server.cert), "key": relative(server.key),
                                                    "ca": relative(pki.ca.cert), "crl": relative(pki.crl)}},
         "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin"},
     }, sort_keys=False))
-    return init_home(path, bureaus=bureaus or {"bureau-a": ("station-a1",), "bureau-b": ("station-b1",)})
+    return init_home(path, bureaus=bureaus), admin
+
+
+def drop_schema(admin: sa.Engine) -> None:
+    """Drop the schema ``postgres_home`` made (the engine's search path) and dispose of the engine."""
+    with admin.begin() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()

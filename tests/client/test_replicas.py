@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import POSTGRES, card, client, kms, officer, open_batch, postgres_home, postgres_schema
+from helpers import POSTGRES, card, client, drop_schema, kms, officer, open_batch, postgres_home
 
 from kms import config
 from kms.client.audit import AuditClient
@@ -54,8 +54,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.skip("KMS_TEST_POSTGRES_URL is not set")
     sockets = Path(tempfile.mkdtemp(prefix="kmsr-", dir="/tmp"))  # short: a socket path has at most 107 bytes
     logs = tmp_path_factory.mktemp("replica-logs")
-    with postgres_schema() as (database, db):
-        home = postgres_home(tmp_path_factory.mktemp("replicas-home"), database)
+    home, db = postgres_home(tmp_path_factory.mktemp("replicas-home"),
+                             {"bureau-a": (STATION,), "bureau-b": ("station-b1",)})
+    try:
         layout = split_home(home.config, sockets, services=("audit",))
         with (logs / "audit.log").open("w") as err:
             signer = subprocess.Popen([sys.executable, "-m", "kms.cli", *layout.command("audit")],
@@ -75,6 +76,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             if signer.stdout is not None:
                 signer.stdout.close()
             shutil.rmtree(sockets, ignore_errors=True)
+    finally:
+        drop_schema(db)
 
 
 def _open_batch(cluster: Cluster, batch_id: str, count: int) -> list[str]:
