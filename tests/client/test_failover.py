@@ -140,10 +140,14 @@ def test_a_stream_resumes_on_the_other_replica_and_every_card_arrives_once(clust
     assert mine == sorted(f"{batch_id}/{c}" for c in card_refs)  # each card issued exactly once
 
 
-def test_a_command_whose_first_endpoint_is_dead_succeeds_on_the_next(cluster: Cluster) -> None:
+def test_a_command_whose_first_endpoint_is_dead_succeeds_on_the_next(cluster: Cluster, tmp_path: Path) -> None:
     batch_id = "R-DEADFIRST"
-    _open_batch(cluster, batch_id, 1)
+    _open_batch(cluster, batch_id, 3)
     server = f"{_dead_endpoint()},{cluster.replicas.endpoints}"
+    fetched = kms("station", "fetch", "--station-config", str(cluster.home.station_config(STATION)), "--server",
+                  server, "--batch-id", batch_id, "--out", str(tmp_path / "bundles"), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert json.loads(fetched.stdout)["fetched"] == 3 and "retry" not in fetched.stderr  # no call went to the dead one
     shown = kms("batch", "show", "--client", str(cluster.home.client_config(ALICE)), "--server", server,
                 "--batch-id", batch_id, "--json")
     assert shown.returncode == 0, shown.stderr
