@@ -13,23 +13,39 @@ from helpers import ROOT
 
 from kms import processes
 
-# Python 3.11's exit hook for process pools checks a pool's wakeup pipe, then writes to it; the pool's management
-# thread may close the pipe in between. The child widens that window to two seconds (the management thread closes
-# the pipe within it even on a loaded machine), so the race is certain whenever the management thread of a retired
-# pool is still running when the hook runs.
+# Python 3.11's exit hook for process pools (concurrent.futures.process._python_exit) checks a pool's wakeup pipe,
+# then writes to it; the pool's management thread may close the pipe in between. The child makes that interleaving
+# certain rather than likely: the management thread closes the pipe only once the exit hook has begun (or after 5 s
+# without it), and the hook, having found the pipe open, writes only once the pipe is closed. So the hook fails
+# exactly when a retired pool's management thread is still running as the hook begins.
 _CHILD = textwrap.dedent("""
     import concurrent.futures.process as cfp
+    import sys
+    import threading
     import time
     from concurrent.futures import ProcessPoolExecutor
 
     from kms import processes
 
-    def slow_wakeup(self):
+    hook_began = threading.Event()
+    original_wakeup, original_close = cfp._ThreadWakeup.wakeup, cfp._ThreadWakeup.close
+
+    def wakeup(self):
+        if sys._getframe(1).f_code.co_name != "_python_exit":
+            return original_wakeup(self)
+        hook_began.set()
         if not self._closed:
-            time.sleep(2.0)
+            deadline = time.monotonic() + 60
+            while not self._closed and time.monotonic() < deadline:
+                time.sleep(0.01)
             self._writer.send_bytes(b"")
 
-    cfp._ThreadWakeup.wakeup = slow_wakeup
+    def close(self):
+        if threading.current_thread() is not threading.main_thread():
+            hook_began.wait(5)
+        original_close(self)
+
+    cfp._ThreadWakeup.wakeup, cfp._ThreadWakeup.close = wakeup, close
     executor = ProcessPoolExecutor(1, mp_context=processes.context())
     executor.submit(int).result()
     processes.{retire}(executor)
