@@ -12,18 +12,20 @@ invariants that say nothing was lost, doubled or forged.
 - five batches: one per bureau a to d, each streamed by that bureau's station (``kms station fetch``, a process of its
   own) through one replica, and one of bureau-e streamed by both its stations at once through two other replicas;
   both domains authorize each batch by ceremony, and the hrss authorize-batch of bureau-e's batch is executed by
-  two replicas racing (the same officer's Execute sent to r2 and r3 at once);
+  two replicas racing (the proposer's Execute sent to the two other replicas than the one it was proposed on, at
+  once);
 - while the stations stream: r1 SIGKILLed and restarted on its port (its stations retry UNAVAILABLE and resume from
-  their cursors on it: each station knows one replica's address until clients take several), and the bank worker
+  their cursors on it; with clients that take several endpoints every station is given every replica, its own
+  first, and fails over by itself), and the bank worker
   service stopped and started again (every replica's bank calls fail UNAVAILABLE meanwhile; the streams resume).
 
-Then ``check`` reads the records and the stations' files and reports each invariant: every card issued exactly once
-(one stored bundle, one ``issuance.issued`` record, its serial), none lost (every station has every card of its
-batch), every bundle a station holds byte-identical to the stored one (so a redelivered one is the first delivery),
-the pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit export``) that
-verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name them; the
-raced ceremony executed once; every process started stopped, and none left behind (/proc). A failed invariant makes
-``Report.ok`` false (scripts/cluster.py exits 1).
+Then the ``check_*`` functions read the records and the stations' files and report each invariant: every card
+issued exactly once (one stored bundle, one ``issuance.issued`` record, its serial), none lost (every station has
+every card of its batch), every bundle a station holds byte-identical to the stored one (so a redelivered one is the
+first delivery), the pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit
+export``) that verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name
+them; the raced ceremony executed once; every process started stopped, and none left behind (/proc). A failed
+invariant makes ``Report.ok`` false (scripts/cluster.py exits 1).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -746,15 +748,6 @@ def _problems(**named: list[str]) -> str:
 def _kms(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True, timeout=600,
                           check=False, env=environment())
-
-
-@contextlib.contextmanager
-def started(cluster: Cluster) -> Iterator[Cluster]:
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def cluster_run(run_dir: Path, database: str, plan: Plan, report: Report) -> Report:
