@@ -74,6 +74,7 @@ PAIR_BUREAU, PAIR = "bureau-e", ("station-e1", "station-e2")
 AUDITOR = Principal("auditor", AUDITORS[0])
 STOP_SECONDS = 60
 START_SECONDS = 120
+PORT_ATTEMPTS = 3
 CHECKPOINT_RECORDS, CHECKPOINT_SECONDS = 200, 5
 
 
@@ -123,10 +124,18 @@ class Report:
         return "\n".join(lines)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now (all held at once while they are picked)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def environment() -> dict[str, str]:
@@ -152,7 +161,7 @@ class Service:
         assert self.proc.stdout is not None
         line = _readline(self.proc.stdout, START_SECONDS)
         if not line.startswith(self.ready):
-            self.kill()
+            self.kill(record=False)  # a start that failed is not one of the runs the report counts
             raise KmsError(f"{self.name} did not start ({line.strip()!r}); its log: {self.log}\n{tail(self.log)}")
 
     @property
@@ -160,13 +169,18 @@ class Service:
         assert self.proc is not None
         return self.proc.pid
 
-    def kill(self) -> int:
+    def kill(self, record: bool = True) -> int:
         """SIGKILL (its whole tree: a killed replica leaves no worker of its own behind), then its status."""
         assert self.proc is not None
         for pid in reversed(process_tree(self.proc.pid)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        return self._ended(self.proc.wait())
+        code = self.proc.wait()
+        if not record:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            return code
+        return self._ended(code)
 
     def stop(self) -> int | None:
         """SIGTERM (it drains), SIGKILL after STOP_SECONDS; its exit status (None: not running)."""
@@ -268,6 +282,7 @@ class Cluster:
             self.workers[name] = service
         named = replica_names_supported()
         front = yaml.safe_load(self.layout.front.read_text(encoding="utf-8"))
+        ports = free_ports(2 * self.count)
         for i in range(self.count):
             doc = json.loads(json.dumps(front))
             if named:
@@ -276,18 +291,27 @@ class Cluster:
             doc["audit"].update(checkpoint_records=CHECKPOINT_RECORDS, checkpoint_seconds=CHECKPOINT_SECONDS)
             path = home.path / f"replica-{i + 1}.yaml"
             write_private(path, yaml.safe_dump(doc, sort_keys=False))
-            port, health = free_port(), free_port()
-            self.ports.append(port)
-            self.health_ports.append(health)
-            self.replicas.append(Service(f"replica r{i + 1}", ["serve", "--config", str(path), "--listen",
-                                                                f"127.0.0.1:{port}", "--health-listen",
-                                                                f"127.0.0.1:{health}"],
-                                         logs / f"replica-{i + 1}.log", "kms: serving on port "))
-        for r in self.replicas:  # one after the other: the first one to start creates the schema
-            r.start()
+            self.ports.append(ports[2 * i])
+            self.health_ports.append(ports[2 * i + 1])
+            self.replicas.append(Service(f"replica r{i + 1}", self._serve_args(path, i), logs / f"replica-{i + 1}.log",
+                                         "kms: serving on port "))
+        for i, r in enumerate(self.replicas):  # one after the other: the first one to start creates the schema
+            for attempt in range(PORT_ATTEMPTS):
+                try:
+                    r.start()
+                    break
+                except KmsError:  # a port picked free was taken meanwhile by another process: other ports
+                    if attempt == PORT_ATTEMPTS - 1 or "address already in use" not in tail(r.log, 3):
+                        raise
+                    self.ports[i], self.health_ports[i] = free_ports(2)
+                    r.args = self._serve_args(home.path / f"replica-{i + 1}.yaml", i)
         self.log(f"worker services hrss, bank, audit on Unix sockets in {sockets}; {self.count} replicas of kms serve "
                  f"on 127.0.0.1:{', '.join(map(str, self.ports))} sharing them"
                  f"{' (server.replica r1..)' if named else ''}")
+
+    def _serve_args(self, config: Path, i: int) -> list[str]:
+        return ["serve", "--config", str(config), "--listen", f"127.0.0.1:{self.ports[i]}", "--health-listen",
+                f"127.0.0.1:{self.health_ports[i]}"]
 
     def address(self, i: int) -> str:
         return f"localhost:{self.ports[i]}"
