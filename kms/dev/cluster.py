@@ -75,6 +75,7 @@ AUDITOR = Principal("auditor", AUDITORS[0])
 STOP_SECONDS = 60
 START_SECONDS = 120
 PORT_ATTEMPTS = 3
+RESTARTS = 3  # attempts to start a killed replica or a stopped worker service again
 CHECKPOINT_RECORDS, CHECKPOINT_SECONDS = 200, 5
 
 
@@ -514,6 +515,22 @@ def run(cluster: Cluster, plan: Plan, report: Report) -> dict[str, Any]:
             "faults_done": not any(t.is_alive() for t in faults)}
 
 
+def restart(service: Service, report: Report) -> None:
+    """Start ``service`` again; a start that fails is tried again (RESTARTS times in all, as a supervisor such as
+    systemd's Restart=on-failure would), each failure reported as an event and counted."""
+    for attempt in range(1, RESTARTS + 1):
+        try:
+            service.start()
+            return
+        except KmsError as error:
+            report.figures["failed_restarts"] = report.figures.get("failed_restarts", 0) + 1
+            first = str(error).splitlines()[-1] if str(error).strip() else type(error).__name__
+            report.event(f"{service.name} did not start again (attempt {attempt} of {RESTARTS}): {first}")
+            if attempt == RESTARTS:
+                raise
+            time.sleep(2.0)
+
+
 def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) -> list[threading.Thread]:
     """The faults, each in a thread of its own while the stations stream: r1 SIGKILLed once its first station holds
     plan.kill_at of its batch, and restarted on its port; the bank worker service stopped and started again once
@@ -537,7 +554,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
                                                if several_endpoints_supported()
                                                else all(f.received() < plan.cards for f in on_r1))
         time.sleep(1.0)
-        cluster.replicas[0].start()
+        restart(cluster.replicas[0], report)
         report.event(f"r1 restarted on port {cluster.ports[0]}; its stations resume from their cursors")
 
     def restart_bank() -> None:
@@ -551,7 +568,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
                      "bundles)")
         report.figures["worker_restart_mid_stream"] = running()
         time.sleep(1.0)
-        cluster.workers["bank"].start()
+        restart(cluster.workers["bank"], report)
         report.event("bank worker service started again on its socket; the replicas reconnect to it")
 
     def guarded(action: Callable[[], None]) -> Callable[[], None]:
@@ -712,6 +729,8 @@ def check_faults(done: dict[str, Any], report: Report) -> None:
                and "fault_error" not in f,
                "r1 SIGKILLed while its stations streamed, and restarted; the bank worker service restarted while "
                "stations streamed" + (f"; {f['fault_error']}" if "fault_error" in f else "")
+               + (f"; {f['failed_restarts']} start(s) failed and were tried again" if f.get("failed_restarts")
+                  else "")
                + ("" if f.get("killed_mid_stream") else "; r1 was NOT killed mid-stream")
                + ("" if f.get("worker_restart_mid_stream") else "; the worker was NOT restarted mid-stream"))
 
