@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from kms.errors import ConfigError, StorageUnavailable
 from kms.files import create_private
 
 log = logging.getLogger(__name__)
+# Alembic says at INFO which dialect it found each time a status is read; kms logs what it changes itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 metadata = sa.MetaData()
 
@@ -187,6 +199,8 @@ audit_checkpoints = sa.Table(
     sa.Column("at", sa.String(32), nullable=False),
     sa.Column("key", sa.String(160), nullable=False),
     sa.Column("signature", sa.LargeBinary, nullable=False),
+    # The ``server.replica`` whose checkpointer asked for it; NULL for checkpoints made before schema 0002.
+    sa.Column("replica", sa.String(64), nullable=True),
 )
 
 #: At a station: every bundle serial opened there, so that a replayed bundle is refused.
@@ -300,28 +314,6 @@ def _create_sqlite_file(url: str) -> None:
     path = Path(database)
     if path.parent.is_dir():
         create_private(path)
-
-
-def create_all(engine: sa.Engine) -> None:
-    """Create missing tables, then refuse a database whose existing tables lack columns this kms needs (made by an
-    older kms: e.g. clear PANs in ``batch_cards.pan``) with ConfigError naming them, rather than failing later."""
-    metadata.create_all(engine)
-    check_schema(engine)
-    with engine.begin() as conn:
-        for index in LATE_INDEXES:
-            conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
-
-
-def check_schema(engine: sa.Engine) -> None:
-    inspector = sa.inspect(engine)
-    missing = []
-    for table in metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
-    if missing:
-        raise ConfigError(f"{engine.url.render_as_string(hide_password=True)}: this database was made by an older "
-                          f"kms (it lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}); it is not "
-                          "upgraded in place: create a new one")
 
 
 def create_station_ledger(engine: sa.Engine) -> None:
@@ -455,8 +447,6 @@ limits = sa.Table(
     sa.Column("at", sa.String(32), nullable=False),
 )
 
-#: Indexes on tables that databases made by an older kms already have (create_all adds only missing tables).
-LATE_INDEXES = (ix_card_events_issued,)
 
 
 def database_display(url: str) -> str:
@@ -469,3 +459,201 @@ def ping(engine: sa.Engine) -> None:
     (the health monitor's check, kms.server.health)."""
     with engine.connect() as conn:
         conn.execute(sa.select(sa.func.count()).select_from(audit_head)).scalar_one()
+
+
+# -- the schema's revisions (kms/migrations) -----------------------------------------------------------------------
+# The tables above are the schema at the head revision of kms/migrations/versions; tests/test_migrations.py fails
+# when they differ. Every process that opens the records database requires it at that revision (require_current);
+# only `kms db upgrade` (upgrade) changes an existing one, and an empty one is created at head by the processes that
+# start a deployment (`kms serve`, `kms worker`, `kms init`).
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+#: The revision a database made by a kms before schema migrations is stamped with once it matches its schema.
+BASELINE = "0001_baseline"
+
+SchemaState = Literal["empty", "current", "older", "newer", "unversioned"]
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """A database's schema against this kms's revisions: ``current`` its revision (None: none recorded), ``head``
+    this kms's, ``state`` "empty" (no kms table), "current", "older" (an earlier revision of this kms: ``kms db
+    upgrade``), "newer" (a revision this kms does not know: a later kms wrote it), "unversioned" (tables made by a
+    kms before schema migrations, no revision recorded: ``kms db upgrade``)."""
+
+    current: str | None
+    head: str
+    state: SchemaState
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS))
+
+
+def _alembic_config(connection: sa.Connection) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _baseline() -> sa.MetaData:
+    """The baseline revision's tables (``schema()`` of versions/0001_baseline.py)."""
+    revision = _scripts().get_revision(BASELINE)
+    assert revision is not None
+    baseline: sa.MetaData = revision.module.schema()
+    return baseline
+
+
+def _known_tables() -> set[str]:
+    return set(metadata.tables) | set(_baseline().tables)
+
+
+def _status(conn: sa.Connection) -> SchemaStatus:
+    scripts = _scripts()
+    head = scripts.get_current_head()
+    assert head is not None
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current is None:
+        tables = set(sa.inspect(conn).get_table_names()) & _known_tables()
+        return SchemaStatus(None, head, "unversioned" if tables else "empty")
+    if current == head:
+        return SchemaStatus(current, head, "current")
+    known = {script.revision for script in scripts.walk_revisions()}
+    return SchemaStatus(current, head, "older" if current in known else "newer")  # unknown: a later kms's
+
+
+def schema_status(engine: sa.Engine) -> SchemaStatus:
+    """Where this database's schema stands against this kms's revisions (reads only)."""
+    with engine.connect() as conn:
+        return _status(conn)
+
+
+@contextlib.contextmanager
+def _schema_lock(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One transaction holding the right to change the schema, committed at the end: PostgreSQL's transaction-level
+    advisory lock for this schema (replicas starting together wait for each other; DDL is transactional there),
+    SQLite's write lock taken at BEGIN IMMEDIATE (its DDL is transactional too, once inside a transaction)."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('kms.schema'), hashtext(current_schema()))"))
+        yield conn
+        conn.commit()
+
+
+def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
+    """Bring the database to this kms's head revision, in one transaction under the schema lock, and say from which
+    revision to which (from None: it was empty or unversioned; from == to: nothing to do). An unversioned database
+    with the baseline's schema is stamped ``0001_baseline`` first (missing tables or indexes the kms before
+    migrations would have added are added); one whose schema differs otherwise is refused (ConfigError naming the
+    differences), and so is a database at a revision this kms does not know."""
+    with _schema_lock(engine) as conn:
+        status = _status(conn)
+        if status.state == "newer":
+            raise ConfigError(_newer(engine, status))
+        if status.state == "current":
+            return status.current, status.head
+        cfg = _alembic_config(conn)
+        if status.state == "unversioned":
+            _adopt(engine, conn)
+            command.stamp(cfg, BASELINE)
+        command.upgrade(cfg, "head")
+        return status.current, status.head
+
+
+def require_current(engine: sa.Engine, *, create: bool = False, config: object = "kms.yaml") -> SchemaStatus:
+    """Refuse (ConfigError, one line naming ``kms db upgrade --config <config>``) a database whose schema is not at
+    this kms's head revision; with ``create``, an empty one is first created at head (logged). Returns the status
+    found (state "empty": it was created now)."""
+    status = schema_status(engine)
+    if status.state == "current":
+        return status
+    if status.state == "empty" and create:
+        upgrade(engine)
+        log.info("%s: no kms tables: the schema was created at revision %s", _display(engine), status.head)
+        return status
+    if status.state == "newer":
+        raise ConfigError(_newer(engine, status))
+    found = {"older": f"at revision {status.current}",
+             "unversioned": "from a kms before schema migrations (no revision recorded)",
+             "empty": "empty (no kms tables)"}[status.state]
+    raise ConfigError(f"{_display(engine)}: the database schema is {found}, this kms needs {status.head}: run "
+                      f"`kms db upgrade --config {config}`")
+
+
+def _newer(engine: sa.Engine, status: SchemaStatus) -> str:
+    return (f"{_display(engine)}: the database schema (revision {status.current}) is newer than this kms "
+            f"({status.head}); upgrade kms")
+
+
+def _display(engine: sa.Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def schema_differences(conn: sa.Connection, target: sa.MetaData) -> list[str]:
+    """How the database's tables differ from ``target``'s (Alembic's autogenerate comparison: tables, columns,
+    types, nullability, indexes, unique and foreign key constraints), one short phrase each; tables that are not
+    kms's are left out. Empty: the same schema."""
+    return [text for _, text in _compare(conn, target)]
+
+
+def _compare(conn: sa.Connection, target: sa.MetaData) -> list[tuple[tuple[Any, ...], str]]:
+    known = _known_tables() | set(target.tables)
+
+    def include_name(name: str | None, kind: str, parents: Mapping[str, str | None]) -> bool:
+        return kind != "table" or name in known
+
+    context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name})
+    found = []
+    for diff in compare_metadata(context, target):
+        for change in diff if isinstance(diff, list) else [diff]:  # a column's modifications come as a list
+            found.append((change, _describe(change)))
+    return found
+
+
+def _describe(change: tuple[Any, ...]) -> str:
+    kind = change[0]
+    if kind == "add_table":
+        return f"lacks table {change[1].name}"
+    if kind == "remove_table":
+        return f"has table {change[1].name}, which kms does not make"
+    if kind in ("add_column", "remove_column"):
+        name = f"{change[2]}.{change[3].name}"
+        return f"lacks {name}" if kind == "add_column" else f"has {name}, which kms does not make"
+    if kind in ("add_index", "remove_index"):
+        index = change[1]
+        return f"{'lacks' if kind == 'add_index' else 'has'} index {index.name} on {index.table.name}"
+    if kind == "modify_type":
+        return f"{change[2]}.{change[3]} is {change[5]}, kms makes it {change[6]}"
+    if kind == "modify_nullable":
+        def nullable(flag: object) -> str:
+            return "nullable" if flag else "NOT NULL"
+        return f"{change[2]}.{change[3]} is {nullable(change[5])}, kms makes it {nullable(change[6])}"
+    if kind in ("add_constraint", "remove_constraint", "add_fk", "remove_fk"):
+        constraint = change[1]
+        what = "foreign key" if kind.endswith("fk") else "constraint"
+        columns = ", ".join(c.name for c in constraint.columns)
+        return f"{'lacks' if kind.startswith('add') else 'has'} {what} on {constraint.table.name} ({columns})"
+    return f"{kind} {' '.join(str(part) for part in change[1:] if part is not None)}"
+
+
+def _adopt(engine: sa.Engine, conn: sa.Connection) -> None:
+    """An unversioned database made ready for the baseline stamp: what a kms before migrations added at its own
+    start (tables, and indexes on existing tables, that a later version of it introduced) is added; any other
+    difference from the baseline refuses it."""
+    baseline = _baseline()
+    found = _compare(conn, baseline)
+    other = [text for change, text in found if change[0] not in ("add_table", "add_index")]
+    if other:
+        shown = ", ".join(other[:4]) + (" …" if len(other) > 4 else "")
+        raise ConfigError(f"{_display(engine)}: this database was made by an older kms and its schema is not the one "
+                          f"schema migrations start from ({shown}); it is not upgraded in place: create a new one")
+    missing = [baseline.tables[change[1].name] for change, _ in found if change[0] == "add_table"]
+    baseline.create_all(conn, tables=missing)
+    made = {table.name for table in missing}
+    for change, _ in found:
+        if change[0] == "add_index" and change[1].table.name not in made:
+            change[1].create(conn)

@@ -950,7 +950,7 @@ def bench_audit(args: Any, summary: Summary) -> None:
     workdir.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="audit-", dir=workdir) as tmp:
         engine = store.make_engine(f"sqlite:///{Path(tmp) / 'append.db'}")
-        store.create_all(engine)
+        store.upgrade(engine)
         _SCRATCH.create(engine)
         log = AuditLog(engine, SystemClock())
         run_audit_append(engine, log, 0, 50)  # warm-up: connections pooled, the head row made
@@ -969,7 +969,7 @@ def bench_audit(args: Any, summary: Summary) -> None:
         engine.dispose()
 
         engine = store.make_engine(f"sqlite:///{Path(tmp) / 'verify.db'}")
-        store.create_all(engine)
+        store.upgrade(engine)
         lines, public_key = audit_export(engine, verify_records)
         engine.dispose()
         sha_t, verify_t = alternate(rounds, lambda: run_sha256_only(lines),

@@ -140,7 +140,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFa
             made.append(sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"}))
             return made[-1]
 
-    store.create_all(make())
+    store.upgrade(make())
     yield make
     for eng in made:
         eng.dispose()

@@ -258,3 +258,60 @@ class TcpGate:
     def stop(self) -> None:
         self.close()
         self._server.close()
+
+
+# -- kms before schema migrations (tests/migrations) ---------------------------------------------------------------
+
+#: The `kms` package of commit 5a25ab4, the last one before schema migrations: `git archive 5a25ab4 kms | xz -9`.
+KMS_BEFORE_MIGRATIONS = ROOT / "tests" / "fixtures" / "kms-5a25ab4.tar.xz"
+
+
+def unpack_kms_before_migrations(dest: Path) -> Path:
+    """The old kms unpacked under ``dest``: the directory to put on PYTHONPATH (it holds ``kms/``)."""
+    import tarfile
+
+    with tarfile.open(KMS_BEFORE_MIGRATIONS) as archive:
+        archive.extractall(dest, filter="data")
+    assert (dest / "kms" / "store.py").is_file()
+    return dest
+
+
+def old_kms(tree: Path, *args: str, cwd: Path | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess[str]:
+    """``python <args>`` with the old kms of ``tree`` (PYTHONPATH) and this venv's python and libraries."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or tree, env=env)
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Any:
+    """A fresh PostgreSQL schema (KMS_TEST_POSTGRES_URL): yields the database URL whose connections use it (its
+    search_path); dropped afterwards."""
+    import uuid
+
+    assert POSTGRES
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def database_rows(engine: sa.Engine) -> dict[str, Any]:
+    """Every table of the database with its columns and all its rows, sorted: what to compare before and after
+    something that must change nothing."""
+    found: dict[str, Any] = {}
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        for name in sorted(inspector.get_table_names()):
+            columns = [c["name"] for c in inspector.get_columns(name)]
+            table = sa.table(name, *[sa.column(c) for c in columns])
+            rows = sorted((tuple(row) for row in conn.execute(sa.select(table))), key=repr)
+            found[name] = (columns, sorted(ix["name"] or "" for ix in inspector.get_indexes(name)), rows)
+    return found

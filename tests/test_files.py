@@ -152,7 +152,7 @@ def test_file_helpers_set_modes_whatever_the_umask(tmp_path: Path) -> None:
             pass
         db = tmp_path / "a" / "kms.db"
         engine = store.make_engine(f"sqlite:///{db}")
-        store.create_all(engine)
+        store.upgrade(engine)
         with engine.connect() as conn:  # WAL mode: the -wal and -shm files exist while connected
             conn.execute(sa.select(store.keys)).all()
             sidecars = [p for p in (db.with_name("kms.db-wal"), db.with_name("kms.db-shm")) if p.exists()]

@@ -11,7 +11,8 @@ from pathlib import Path
 from helpers import ROOT
 
 KMS = ROOT / "kms"
-PACKAGES = {"hsm", "cards", "issuance", "ceremony", "audit", "server", "client", "cli", "dev", "v1", "policies"}
+PACKAGES = {"hsm", "cards", "issuance", "ceremony", "audit", "server", "client", "cli", "dev", "v1", "policies",
+            "migrations"}
 
 #: The modules that keep records: the only ones that may import SQLAlchemy.
 STORES = {
@@ -20,6 +21,8 @@ STORES = {
     "kms.ceremony.store", "kms.ceremony.officers", "kms.ceremony.handoffs",
     "kms.issuance.batches", "kms.issuance.consents", "kms.issuance.lifecycle", "kms.issuance.limits",
 }
+#: The schema's revisions (Alembic's environment and versions/): SQLAlchemy and Alembic too.
+MIGRATIONS = "kms.migrations"
 
 #: Package -> the other kms packages it may import ("core": the flat modules of kms/). The column "may import" of
 #: the package map in docs/architecture.md.
@@ -35,6 +38,7 @@ MAY_IMPORT = {
     "cli": {"core", "hsm", "cards", "audit", "issuance", "ceremony", "server", "client", "dev"},
     "dev": {"core", "hsm", "cards", "audit", "issuance", "ceremony", "client", "policies", "v1"},
     "policies": set(),
+    "migrations": {"core"},
 }
 
 
@@ -90,9 +94,22 @@ def test_grpc_only_in_the_server_and_the_clients() -> None:
     assert _importers("grpc")
 
 
+def _in_migrations(module: str) -> bool:
+    return module == MIGRATIONS or module.startswith(MIGRATIONS + ".")
+
+
 def test_sqlalchemy_only_in_the_stores() -> None:
-    importers = _importers("sqlalchemy")
+    importers = {m for m in _importers("sqlalchemy") if not _in_migrations(m)}
     assert importers and importers <= STORES, importers - STORES
+
+
+def test_alembic_only_in_kms_store_and_the_migrations() -> None:
+    importers = _importers("alembic")
+    assert "kms.store" in importers and "kms.migrations.env" in importers
+    assert all(m == "kms.store" or _in_migrations(m) for m in importers), importers
+    # kms.store finds the revisions by their directory; nothing imports the migrations package.
+    assert not [name for name, path in _modules().items() if not _in_migrations(name)
+                and any(_in_migrations(i) for i in _imports(path))]
 
 
 def test_packages_import_only_what_the_package_map_allows() -> None:

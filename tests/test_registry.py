@@ -27,7 +27,7 @@ POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL")
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
     if request.param == "sqlite":
         eng = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-        store.create_all(eng)
+        store.upgrade(eng)
         yield eng
         eng.dispose()
         return
@@ -38,7 +38,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     eng = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
-    store.create_all(eng)
+    store.upgrade(eng)
     yield eng
     eng.dispose()
     with admin.begin() as conn:

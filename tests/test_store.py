@@ -76,7 +76,7 @@ def _full(engine: sa.Engine) -> None:
 
 def test_a_full_sqlite_disk_is_unavailable_and_a_duplicate_is_still_a_duplicate(tmp_path: Path) -> None:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = SystemClock()
     audit = AuditLog(engine, clock)
     batches = BatchStore(engine, clock, audit)
@@ -108,7 +108,7 @@ def test_a_sqlite_database_locked_past_the_busy_timeout_is_unavailable(tmp_path:
     monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
     url = f"sqlite:///{tmp_path / 'kms.db'}"
     engine = store.make_engine(url)
-    store.create_all(engine)
+    store.upgrade(engine)
     holder = sqlite3.connect(tmp_path / "kms.db")
     holder.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
     try:

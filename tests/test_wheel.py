@@ -2,11 +2,12 @@
 
 Everything else in the suite imports kms from the source tree; this test proves that what `pip install` gets is
 complete — every module, the policies and profiles as package data (read with importlib.resources), the console
-script — and that nothing reads files relative to the repository. The wheel is built from a copy of the tracked
-sources (so the checkout gets no build/ or egg-info), installed without dependencies into a fresh venv under a
-temporary directory, and every command runs there with the working directory outside the checkout and without
-PYTHONPATH. The dependencies come from the environment running the suite, through a .pth file (no network); a
-.pth line adds a directory without processing the .pth files in it, so an editable kms installed there is not seen.
+script, the schema's revisions (kms/migrations) — and that nothing reads files relative to the repository. The wheel
+is built from a copy of the tracked sources (so the checkout gets no build/ or egg-info), installed without
+dependencies into a fresh venv under a temporary directory, and every command runs there with the working directory
+outside the checkout and without PYTHONPATH. The dependencies come from the environment running the suite, through a
+.pth file (no network); a .pth line adds a directory without processing the .pth files in it, so an editable kms
+installed there is not seen.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def test_the_installed_wheel_inits_serves_issues_and_self_tests(installed: Path,
     home = tmp_path / "home"
     _run(installed, tmp_path, "init", str(home))
     assert sorted(p.name for p in (home / "profiles").iterdir()) == ["dual-app.yaml"]  # copied from package data
+    # The schema's revisions (kms/migrations) ship in the wheel: init made the database at their head.
+    schema = json.loads(_run(installed, tmp_path, "db", "current", "--config", str(home / "kms.yaml"), "--json").stdout)
+    assert schema["state"] == "current" and schema["revision"] == schema["head"] == "0002_checkpoint_replica"
     server = subprocess.Popen([str(installed / "kms"), "serve", "--config", str(home / "kms.yaml"), "--listen",
                                "127.0.0.1:0"], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
     try:

@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 from kms import errors
-from kms.cli import audit, batch, bundle, ceremony, dev, keys, serve, station, worker
+from kms.cli import audit, batch, bundle, ceremony, db, dev, keys, serve, station, worker
 from kms.files import restrict_umask
 
 log = logging.getLogger(__name__)
 
 #: The command groups, in the order ``kms --help`` lists them; each adds its parsers and sets their ``handler``.
-GROUPS = (dev, keys, bundle, serve, worker, batch, ceremony, audit, station)
+GROUPS = (dev, keys, bundle, serve, worker, db, batch, ceremony, audit, station)
 
 #: The exit status when stdout is a closed pipe (``kms keys list ... | head -1``): 128 + SIGPIPE, as git's.
 BROKEN_PIPE = 141

@@ -177,6 +177,7 @@ def init_home(
                 client["approval_key"] = home.approval_key(person).name
             _write_yaml(path, {"client": client})
 
+    _create_database(home)
     _in_own_process(_audit_setup, str(home.config))
     known = dict(master_keys or {})
     unwrap_keys = {
@@ -190,6 +191,16 @@ def init_home(
             _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
         _genesis(home, domain, pki, stations)
     return home
+
+
+def _create_database(home: Home) -> None:
+    """The records database at this kms's schema revision: created if empty; a home whose database is at another
+    revision is refused with the line naming `kms db upgrade` (kms.store.require_current)."""
+    engine = store.make_engine(config_mod.load(home.config).database)
+    try:
+        store.require_current(engine, create=True, config=home.config)
+    finally:
+        engine.dispose()
 
 
 def _audit_setup(config_path: str) -> None:
@@ -215,7 +226,7 @@ def _genesis(home: Home, domain: str, pki: DevPki, stations: list[tuple[str, str
     their own approval key (proof of possession)."""
     cfg = config_mod.load(home.config)
     engine = store.make_engine(cfg.database)
-    store.create_all(engine)
+    store.require_current(engine, config=home.config)
     clock = SystemClock()
     audit = AuditLog(engine, clock)
     officer_store = OfficerStore(engine, clock, audit)
@@ -390,5 +401,5 @@ def _station_accept(station_config: str, domain: str, bureau: str, version: int,
 
 def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:
     engine = store.make_engine(cfg.database)
-    store.create_all(engine)
+    store.require_current(engine, config=cfg.path)
     return profiles.master_key_names(KeyRegistry(engine, SystemClock()))

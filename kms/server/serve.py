@@ -79,12 +79,14 @@ class Service:
         if cfg.server is None:
             raise ConfigError(f"{cfg.path}: no 'server' section")
         self.drain_seconds = float(cfg.server.drain_seconds)
+        # First the records' schema: at this kms's revision, or one line naming `kms db upgrade` before anything is
+        # read or written; an empty database (a first start) is created at that revision (kms.store).
+        engine = store.make_engine(cfg.database)
+        store.require_current(engine, create=True, config=cfg.path)
         # Client certificates checked against the CA's CRL on every call; a CRL that cannot be used stops the start.
         crl = cfg.server.tls.crl
         revocation = [RevocationList(crl, cfg.server.tls.ca)] if crl is not None else []
         clock = clock or SystemClock()
-        engine = store.make_engine(cfg.database)
-        store.create_all(engine)
         self.audit = audit = AuditLog(engine, clock)
         authz_path = cfg.server.policy or DEFAULT_POLICY
         limits_path = limits or DEFAULT_LIMITS

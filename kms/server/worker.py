@@ -616,6 +616,9 @@ def dual_control_for(cfg: config_mod.Config, domain: str) -> DualControl:
     without the setting every key-changing operation is refused, and the log says so)."""
     clock = SystemClock()
     engine = store.make_engine(cfg.database)
+    # As `kms serve`: the schema current (else one line naming `kms db upgrade`), an empty database created (the
+    # worker services of a new deployment may start before the front end).
+    store.require_current(engine, create=True, config=cfg.path)
     officers = OfficerStore(engine, clock)
     trust = cfg.worker.officers if cfg.worker is not None else None
     checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock,

@@ -56,7 +56,7 @@ def _seal(log: AuditLog, clock: FixedClock, *, size: int | None = None, nonce: s
 @pytest.fixture(scope="module")
 def chain_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[AuditLog, FixedClock]:
     engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audit') / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(START)
     log = AuditLog(engine, clock)
     for start in range(0, N, EVERY):
@@ -298,7 +298,7 @@ def test_concurrent_writers_keep_one_gap_free_chain(backend: EngineFactory) -> N
 
 def test_a_failed_append_rolls_back_the_change_it_describes(tmp_path: Path) -> None:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     log = AuditLog(engine, FixedClock(START))
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TRIGGER audit_full BEFORE INSERT ON audit_log WHEN NEW.seq > 2 "
@@ -331,7 +331,7 @@ def test_pans_are_masked() -> None:
 
 def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(START)
     log = AuditLog(engine, clock)
     log.record("test.first")
@@ -347,7 +347,7 @@ def test_append_many_continues_the_same_chain(tmp_path: Path) -> None:
 
 def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path: Path) -> None:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(START)
     log = AuditLog(engine, clock)
     for i in range(30):

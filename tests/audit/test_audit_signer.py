@@ -40,7 +40,7 @@ def test_checkpoints_are_signed_in_the_audit_token_and_verify_offline(home: Home
     assert cfg.audit is not None and cfg.audit.token == "kms-audit" and cfg.audit.token not in {
         d.token for d in cfg.domains.values()}
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC))
     log = AuditLog(engine, clock)
     signer = AuditSigner(home.config)
@@ -98,7 +98,7 @@ def test_the_signer_seals_no_export_of_a_log_it_signed_further_than(home: Home, 
         logs = []
         for name, count in (("before.db", 5), ("after.db", 9)):
             engine = store.make_engine(f"sqlite:///{tmp_path / name}")
-            store.create_all(engine)
+            store.upgrade(engine)
             logs.append(AuditLog(engine, clock))
             for i in range(count):
                 logs[-1].record("test.event", subject=str(i))
@@ -119,7 +119,7 @@ def test_a_log_rewritten_behind_the_signers_back_is_never_signed_again(home: Hom
     from kms.errors import AuditChainBroken
 
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(dt.datetime(2026, 11, 27, 10, 0, tzinfo=dt.UTC))
     log = AuditLog(engine, clock)
     signer = AuditSigner(home.config)

@@ -66,7 +66,7 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     engine = store.make_engine(f"sqlite:///{tmp_path}/kms.db")
-    store.create_all(engine)
+    store.upgrade(engine)
     clock = FixedClock(dt.datetime(2026, 5, 1, tzinfo=dt.UTC))
     officers = OfficerStore(engine, clock)
     keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in NAMES}

@@ -195,7 +195,7 @@ class CeremonyMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="kms-ceremonies-")
         self.engine = store.make_engine(f"sqlite:///{self.tmp}/kms.db")
-        store.create_all(self.engine)
+        store.upgrade(self.engine)
         self.clock = FixedClock(T0)
         self.officer_store = OfficerStore(self.engine, self.clock)
         enrol_all(self.officer_store)

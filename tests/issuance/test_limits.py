@@ -424,13 +424,13 @@ def test_issue_counts_by_station_and_bureau_and_window(backend: EngineFactory) -
     with engine.connect() as conn:
         names = {i["name"] for i in sa.inspect(conn).get_indexes("card_events")}
     assert "ix_card_events_issued" in names
-    store.create_all(engine)  # again: the index is there already, nothing fails
+    store.upgrade(engine)  # again: the index is there already, nothing fails
 
 
 def test_the_count_queries_search_the_issued_index() -> None:
     """SQLite's plan for each count: a search of ix_card_events_issued (a range by event and time), not a scan."""
     engine = store.make_engine("sqlite://")
-    store.create_all(engine)
+    store.upgrade(engine)
     counts = IssueCounts(engine, FixedClock(START))
     statements: list[tuple[str, Any]] = []
     sa.event.listen(engine, "before_cursor_execute",
@@ -447,7 +447,7 @@ def test_the_count_queries_search_the_issued_index() -> None:
 def test_a_stream_far_from_its_limits_asks_about_once_a_second_and_near_one_before_every_message(
         monkeypatch: pytest.MonkeyPatch) -> None:
     engine = store.make_engine("sqlite://")
-    store.create_all(engine)
+    store.upgrade(engine)
     quotas = limits.Quotas(engine, FixedClock(START), LimitsPolicy.load())
     asked: list[int] = []
     real = quotas.allowance

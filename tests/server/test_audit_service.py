@@ -338,7 +338,7 @@ def test_an_ok_outcome_that_cannot_be_recorded_fails_the_call_and_a_refusal_stay
     pki: DevPki, tmp_path: Path
 ) -> None:
     engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     audit = _BreakableAudit(engine, SystemClock())
     cred = pki.server()
     server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit)

@@ -86,7 +86,7 @@ def test_policy_decides_by_the_role_in_the_certificate(pki: DevPki, port: int) -
 def audited(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, AuditLog]]:
     """A server that records every call's outcome (kms.audit.log) in a database of its own."""
     engine = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('audited') / 'kms.db'}")
-    store.create_all(engine)
+    store.upgrade(engine)
     audit = AuditLog(engine, SystemClock())
     cred = pki.server()
     server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit)
@@ -132,7 +132,7 @@ def test_a_registry_that_cannot_be_read_is_unavailable_not_a_bad_certificate(pki
     (PERMISSION_DENIED, final). It is UNAVAILABLE (retryable), and the refusal names the caller."""
     gone = sa.create_engine("postgresql+psycopg://kms:kms@127.0.0.1:1/nowhere", connect_args={"connect_timeout": 2})
     records = store.make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    store.create_all(records)
+    store.upgrade(records)
     audit = AuditLog(records, SystemClock())
     cred = pki.server()
     server, port = create_server(TlsFiles(cred.cert, cred.key, pki.ca.cert), Policy.load(), audit=audit,

@@ -176,7 +176,7 @@ def test_the_frame_still_answers_unavailable_for_a_fault_the_engine_did_not_tran
     (a raw SQLAlchemy OperationalError, or an error raised from one) is UNAVAILABLE too; any other error is still
     INTERNAL."""
     raw = sa.create_engine(f"sqlite:///{tmp_path / 'kms.db'}")
-    store.create_all(raw)
+    store.upgrade(raw)
     pki = DevPki(tmp_path / "pki")
     cred = pki.server()
 
