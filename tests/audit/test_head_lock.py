@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -42,20 +43,38 @@ def test_a_writer_blocked_by_another_transaction_counts_the_wait_as_head_lock_ti
     with engine.connect() as conn:
         transaction = conn.begin()
         holder.append(conn, "test.holding")  # the head row is locked until this transaction ends
-        thread = threading.Thread(target=waiter.record, args=("test.waiting",))
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                waiter.record("test.waiting")
+            except BaseException as error:  # e.g. the server out of connections: shown by the assertion below
+                errors.append(error)
+
+        thread = threading.Thread(target=wait)
         thread.start()
-        with engine.connect() as look:  # the waiter is seen blocked on a lock before the clock below starts
+        with engine.connect() as look:  # the waiter is seen blocked by the holder before the clock below starts
             for _ in range(600):
-                waiting = look.execute(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'UPDATE audit_head%'")).scalar_one()
+                waiting = look.execute(sa.text(  # other sessions' tests share the server: only who this one blocks
+                    "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                    {"pid": pid}).scalar_one()
                 if waiting:
                     break
                 time.sleep(0.05)
-        assert waiting == 1
+        assert waiting == 1, (errors, pid, _activity(engine))
         time.sleep(HOLD)
         transaction.commit()
     thread.join(60)
+    assert not errors
     # this process observed both appends: the holder's (no wait) and the waiter's (at least HOLD)
     assert _sum("kms_audit_head_lock_seconds_sum") - before >= HOLD
     assert waiter.head()[0] == 3
+
+
+def _activity(engine: sa.Engine) -> list[Any]:
+    """What the server's sessions on the audit tables are doing (shown when the waiter is not seen blocked)."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(
+            "SELECT pid, state, wait_event_type, wait_event, left(query, 60), pg_blocking_pids(pid) "
+            "FROM pg_stat_activity WHERE query LIKE '%audit_head%'")).all())
