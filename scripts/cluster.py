@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,14 +47,19 @@ def schema(admin_url: str, prefix: str = "cluster") -> Iterator[str]:
     at the end, whatever happened."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(admin_url)
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
-    except sa.exc.OperationalError as error:
-        admin.dispose()
-        raise SystemExit(f"cluster: cannot reach PostgreSQL at {sa.engine.make_url(admin_url).render_as_string()}: "
-                         f"{str(error.orig).strip().splitlines()[0]} (start it: pg_ctlcluster 15 main start)"
-                         ) from None
+    for attempt in (1, 2):
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
+            break
+        except sa.exc.OperationalError as error:
+            if attempt == 1 and start_local_postgres(admin_url):
+                continue
+            admin.dispose()
+            print(f"cluster: cannot reach PostgreSQL at {sa.engine.make_url(admin_url).render_as_string()}: "
+                  f"{str(error.orig).strip().splitlines()[0]} (start it: pg_ctlcluster 15 main start)",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
     joiner = "&" if "?" in admin_url else "?"
     try:
         yield f"{admin_url}{joiner}options=-csearch_path%3D{name}"
@@ -61,6 +67,23 @@ def schema(admin_url: str, prefix: str = "cluster") -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
         admin.dispose()
+
+
+def start_local_postgres(url: str) -> bool:
+    """The local PostgreSQL clusters that are down started (Debian's pg_ctlcluster), when the URL names this host;
+    whether any was."""
+    if sa.engine.make_url(url).host not in ("127.0.0.1", "localhost", "::1") or shutil.which("pg_lsclusters") is None:
+        return False
+    listed = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=False).stdout
+    started = False
+    for line in listed.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3] == "down":
+            print(f"cluster: starting the local PostgreSQL (pg_ctlcluster {fields[0]} {fields[1]} start)", flush=True)
+            started |= subprocess.run(["pg_ctlcluster", fields[0], fields[1], "start"], check=False).returncode == 0
+    if started:
+        time.sleep(2.0)
+    return started
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -99,12 +122,13 @@ def main() -> int:
     cards = args.cards or (SMALL_CARDS if args.small else FULL_CARDS)
     if cards < 50:
         parser.error("--cards must be at least 50 (the faults happen mid-stream)")
-    directory = run_dir(args)
     t0 = time.perf_counter()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ok = False
+    directory: Path | None = None
     try:
         with schema(args.database) as url:
+            directory = run_dir(args)
             if args.bench:
                 print(f"cluster --bench: run in {directory}; {args.bench_rounds} rounds, {args.bench_cards} cards "
                       f"per station and side", flush=True)
@@ -127,8 +151,8 @@ def main() -> int:
                 print(report.text())
                 ok = report.ok
     finally:
-        keep = args.keep or not ok
-        if not keep:
+        keep = directory is not None and (args.keep or not ok)
+        if directory is not None and not keep:
             shutil.rmtree(directory, ignore_errors=True)
         print(f"cluster: done in {time.perf_counter() - t0:.0f} s"
               + (f"; the run directory (home, logs, bundles) is kept: {directory}" if keep else ""), flush=True)
