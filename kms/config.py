@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ class ServerConfig:
     #: On SIGTERM: how long in-flight calls may take to finish (a stream ends after its current message).
     drain_seconds: int = 30
     capacity: Capacity = Capacity()
+    #: This replica's name (``server.replica``; None: ``default_replica``, ``<hostname>-<port>`` of the port it
+    #: listens on): in its ``service.started``/``service.stopped`` records, the checkpoints it signs, /metrics and
+    #: /readyz.
+    replica: str | None = None
 
 
 @dataclass(frozen=True)
@@ -347,7 +352,8 @@ def _capacity(path: Path, doc: dict[str, Any]) -> Capacity:
 
 def _server(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> ServerConfig:
     doc = _only(path, "server", doc, {"listen", "tls"},
-                {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds", *CAPACITY_KEYS})
+                {"policy", "quorum_policy", "health_listen", "health_check_seconds", "drain_seconds", "replica",
+                 *CAPACITY_KEYS})
     listen = doc["listen"]
     if not isinstance(listen, str) or ":" not in listen:
         raise ConfigError(f"{path}: server.listen must be host:port")
@@ -363,7 +369,28 @@ def _server(path: Path, doc: Any, openbao: OpenBaoSettings | None) -> ServerConf
                         health_listen=health,
                         health_check_seconds=_int(doc, "health_check_seconds", 5, 1, 3600, "server"),
                         drain_seconds=_int(doc, "drain_seconds", 30, 0, 3600, "server"),
-                        capacity=_capacity(path, doc))
+                        capacity=_capacity(path, doc),
+                        replica=_replica(path, doc.get("replica")))
+
+
+#: ``server.replica``: what a replica is called where several share one database (letters, digits, ``.``, ``_``,
+#: ``-``; it fits ``audit_checkpoints.replica``).
+REPLICA = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def default_replica(port: int) -> str:
+    """``<hostname>-<port>``, the replica's name when ``server.replica`` is not set: unique among replicas on
+    distinct hosts or ports (the host name's first label, cut to fit; a character outside REPLICA becomes ``-``)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "localhost"
+    return f"{host[:63 - len(str(port))]}-{port}"
+
+
+def _replica(path: Path, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not REPLICA.fullmatch(value):
+        raise ConfigError(f"{path}: server.replica must be 1 to 64 letters, digits, '.', '_' or '-'")
+    return value
 
 
 def _client(path: Path, doc: Any, where: str = "client", openbao: OpenBaoSettings | None = None) -> ClientConfig:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ AnchorSource = Callable[[], Mapping[str, Any] | None]
 
 class _Sources:
     def __init__(self, checkpoints: CheckpointSource | None, ceremonies: CeremonySource | None,
-                 anchor: AnchorSource | None = None) -> None:
+                 anchor: AnchorSource | None = None, replica: str = "") -> None:
+        self.replica = replica
         self.checkpoints = checkpoints
         self.ceremonies = ceremonies
         self.anchor = anchor
@@ -190,6 +191,10 @@ class _DatabaseCollector(Collector):
             sources = self._bound[-1] if self._bound else None
         if sources is None:
             return
+        if sources.replica:
+            yield InfoMetricFamily("kms_replica", "This kms serve replica (server.replica): one series per process, "
+                                   "so that replicas sharing one database tell their metrics apart",
+                                   value={"replica": sources.replica})
         if sources.checkpoints is not None:
             try:
                 size, covered = sources.checkpoints()
@@ -250,9 +255,9 @@ class Binding:
 
 
 def bind(*, checkpoints: CheckpointSource | None = None, ceremonies: CeremonySource | None = None,
-         anchor: AnchorSource | None = None) -> Binding:
+         anchor: AnchorSource | None = None, replica: str = "") -> Binding:
     """Make the running service's audit log, ceremonies and audit anchor the sources of the gauges read when scraped
     (the last bound service's, if a process runs several, as tests do)."""
-    sources = _Sources(checkpoints, ceremonies, anchor)
+    sources = _Sources(checkpoints, ceremonies, anchor, replica)
     _collector.bind(sources)
     return Binding(sources)

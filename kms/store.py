@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -657,3 +660,57 @@ def _adopt(engine: sa.Engine, conn: sa.Connection) -> None:
     for change, _ in found:
         if change[0] == "add_index" and change[1].table.name not in made:
             change[1].create(conn)
+
+
+# -- locks across replicas -----------------------------------------------------------------------------------------
+# Several `kms serve` replicas on one PostgreSQL database serialise a few things that are not one row's conditional
+# change with PostgreSQL advisory locks (kms.audit.log's checkpoint lock, kms.ceremony.store's execution lock). A
+# lock held by a session ends with it: a replica that dies (or loses its connection) holds nothing. Advisory locks
+# are per database, not per schema: the key is a hash of the schema and the lock's name, so that two kms on one
+# database in schemas of their own (the tests do that) do not share locks.
+
+#: The key of the lock named :name (hashtextextended: PostgreSQL 11+).
+_KEY = "hashtextextended('kms:' || current_schema() || ':' || :name, 0)"
+
+
+def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+def lock_for_transaction(conn: sa.Connection, name: str) -> None:
+    """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock)."""
+    conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_KEY})"), {"name": name})
+
+
+def try_lock_for_transaction(conn: sa.Connection, name: str) -> bool:
+    """PostgreSQL: the lock ``name`` until ``conn``'s transaction ends, if no other session holds it now."""
+    return bool(conn.execute(sa.text(f"SELECT pg_try_advisory_xact_lock({_KEY})"), {"name": name}).scalar())
+
+
+def try_lock(conn: sa.Connection, name: str) -> bool:
+    """PostgreSQL: the lock ``name`` for ``conn``'s session (until ``unlock`` or the session ends), if no other
+    session holds it now."""
+    return bool(conn.execute(sa.text(f"SELECT pg_try_advisory_lock({_KEY})"), {"name": name}).scalar())
+
+
+def unlock(conn: sa.Connection, name: str) -> None:
+    conn.execute(sa.text(f"SELECT pg_advisory_unlock({_KEY})"), {"name": name})
+
+
+@contextmanager
+def sqlite_file_lock(engine: sa.Engine, name: str) -> Iterator[None]:
+    """SQLite: the lock ``name`` across the processes of one host that share the database file: an exclusive
+    ``flock`` of ``<database>.<name>.lock`` (0600, beside it), held for the ``with`` block and released if the
+    process dies. It blocks no reader or writer of the database itself. An in-memory database has one process."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    path = Path(f"{database}.{name}.lock")
+    create_private(path)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

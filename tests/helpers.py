@@ -315,3 +315,44 @@ def database_rows(engine: sa.Engine) -> dict[str, Any]:
             rows = sorted((tuple(row) for row in conn.execute(sa.select(table))), key=repr)
             found[name] = (columns, sorted(ix["name"] or "" for ix in inspector.get_indexes(name)), rows)
     return found
+
+
+def postgres_home(path: Path, bureaus: dict[str, tuple[str, ...]]) -> tuple[Home, sa.Engine]:
+    """A development home at ``path`` whose records are in a fresh schema of KMS_TEST_POSTGRES_URL's database (one
+    worker process per domain), and an engine on that schema for the test's own statements (the caller drops the
+    schema: ``drop_schema``)."""
+    import uuid
+
+    import yaml
+
+    from kms.dev.home import FORMAT_FILE, HOME_FORMAT, init_home
+    from kms.dev.pki import DevPki
+    from kms.files import write_private
+    from kms.hsm.labels import AUDIT_TOKEN, domain_token
+
+    assert POSTGRES is not None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    pki = DevPki(path / "pki")
+    server, relative = pki.server(), (lambda p: os.path.relpath(p, path))
+    write_private(path / FORMAT_FILE, f"{HOME_FORMAT}\n")  # init_home completes the home this kms.yaml starts
+    write_private(path / "kms.yaml", yaml.safe_dump({
+        "hsm": {"module": "auto", "softhsm2_conf": "hsm/softhsm2.conf"},
+        "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
+        "database": f"{POSTGRES}?options=-csearch_path%3D{schema}",
+        "profiles": "profiles", "workers_per_domain": 1,
+        "server": {"listen": "127.0.0.1:0", "tls": {"cert": relative(server.cert), "key": relative(server.key),
+                                                   "ca": relative(pki.ca.cert), "crl": relative(pki.crl)}},
+        "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin"},
+    }, sort_keys=False))
+    return init_home(path, bureaus=bureaus), admin
+
+
+def drop_schema(admin: sa.Engine) -> None:
+    """Drop the schema ``postgres_home`` made (the engine's search path) and dispose of the engine."""
+    with admin.begin() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()

@@ -313,6 +313,23 @@ def test_server_policies_default_to_the_shipped_ones_and_resolve_beside_the_file
     assert "quorum" in _error(config.load, _write(tmp_path / "c" / "kms.yaml", bad))
 
 
+# -- the server section's replica name (docs/deployment.md, "Scale-out") ------------------------------------------
+
+
+def test_server_replica_is_checked_and_defaults_to_the_host_and_port(tmp_path: Path) -> None:
+    tls = {"cert": "pki/server.pem", "key": "pki/server.key", "ca": "pki/ca.pem"}
+    plain = config.load(_write(tmp_path / "a" / "kms.yaml", _issuer(server={"listen": "127.0.0.1:7443", "tls": tls})))
+    assert plain.server is not None and plain.server.replica is None
+    assert config.default_replica(7443).endswith("-7443") and config.REPLICA.fullmatch(config.default_replica(7443))
+    named = config.load(_write(tmp_path / "b" / "kms.yaml", _issuer(server={
+        "listen": "127.0.0.1:7443", "tls": tls, "replica": "kms-2.dc_a"})))
+    assert named.server is not None and named.server.replica == "kms-2.dc_a"
+    for bad in ("", "a b", "x" * 65, "kms/1", 7):
+        message = _error(config.load, _write(tmp_path / "c" / "kms.yaml", _issuer(server={
+            "listen": "127.0.0.1:7443", "tls": tls, "replica": bad})))
+        assert "server.replica must be 1 to 64 letters, digits, '.', '_' or '-'" in message, bad
+
+
 # -- the server section's capacity (docs/operations.md, "Capacity, limits and retries") ---------------------------
 
 _TLS = {"cert": "pki/server.pem", "key": "pki/server.key", "ca": "pki/ca.pem"}

@@ -27,12 +27,13 @@ import json
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
 
-from kms import metrics
+from kms import metrics, store
 from kms.canonical import canonical
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditUnavailable, KmsError, StorageUnavailable
@@ -45,6 +46,7 @@ EXPORT_VERSION = 2  # 2: the export ends with an export seal
 #: An export's nonce: 16 to 64 random bytes in lowercase hex (`kms audit export` sends 16, secrets.token_hex).
 NONCE = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 PAGE = 2_000
+CHECKPOINT_LOCK = "audit-checkpoint"  # kms.store.lock_for_transaction: one checkpoint at a time
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,17 @@ class Checkpoint:
     at: str
     key: str  # the signing key's label
     signature: bytes  # DER ECDSA P-256
+    #: The replica whose checkpointer had it signed (``server.replica``; None before issue 13). Not signed: it tells
+    #: operators who checkpointed, the signature alone says what was signed (so it is no part of equality either).
+    replica: str | None = field(default=None, compare=False)
 
     def message(self) -> bytes:
         return checkpoint_message(self.size, self.head, self.at)
 
     def line(self) -> str:
         return json.dumps({"type": "checkpoint", "size": self.size, "head": self.head, "at": self.at,
-                           "key": self.key, "signature": self.signature.hex()}, separators=(",", ":"))
+                           "key": self.key, "signature": self.signature.hex(),
+                           **({"replica": self.replica} if self.replica else {})}, separators=(",", ":"))
 
 
 def checkpoint_message(size: int, head: str, at: str) -> bytes:
@@ -198,19 +204,27 @@ class AuditLog:
         except sa.exc.SQLAlchemyError:
             raise AuditUnavailable() from None
 
-    def add_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint:
-        """Store a checkpoint; if another replica stored one of the same size first, that one stands."""
-        try:
+    def add_checkpoint(self, checkpoint: Checkpoint, replica: str | None = None) -> Checkpoint:
+        """Store a checkpoint, signed at the request of ``replica`` (``server.replica``); if another replica stored
+        one of the same size first, that one stands."""
+        with self._engine.begin() as conn:
+            return _add_checkpoint(conn, checkpoint, replica)
+
+    @contextmanager
+    def checkpoint_lock(self) -> Iterator[CheckpointLock]:
+        """Checkpoints are signed one at a time by every replica on this database: the audit signer signs only a
+        chain that extends the head it signed last, so a replica must read that head, the chain and the newest
+        checkpoint, have it signed and store the checkpoint, with no other replica's signing in between. Held for
+        the ``with`` block: on PostgreSQL an advisory lock of the block's transaction, on SQLite a file lock beside
+        the database (the processes of one host); neither stops appends meanwhile, so a slow signer delays
+        checkpoints, never issuance. Within a process, ``Checkpointer``'s own lock comes first."""
+        if store.is_postgresql(self._engine):
             with self._engine.begin() as conn:
-                conn.execute(audit_checkpoints.insert().values(
-                    size=checkpoint.size, head=checkpoint.head, at=checkpoint.at, key=checkpoint.key,
-                    signature=checkpoint.signature))
-        except sa.exc.IntegrityError:
-            with self._engine.connect() as conn:
-                row = conn.execute(sa.select(audit_checkpoints)
-                                   .where(audit_checkpoints.c.size == checkpoint.size)).one()
-            return _checkpoint(row)
-        return checkpoint
+                store.lock_for_transaction(conn, CHECKPOINT_LOCK)
+                yield CheckpointLock(self, conn)
+        else:
+            with store.sqlite_file_lock(self._engine, CHECKPOINT_LOCK):
+                yield CheckpointLock(self, None)
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -277,6 +291,45 @@ class AuditLog:
             cursor = int(rows[-1].size)
 
 
+class CheckpointLock:
+    """What ``AuditLog.checkpoint_lock`` yields: the newest checkpoint and the head read, and a checkpoint stored,
+    under the lock (PostgreSQL: in the lock's transaction; SQLite: each in a transaction of its own)."""
+
+    def __init__(self, log: AuditLog, conn: sa.Connection | None) -> None:
+        self._log = log
+        self._conn = conn
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        if self._conn is None:
+            return self._log.last_checkpoint()
+        row = self._conn.execute(sa.select(audit_checkpoints).order_by(audit_checkpoints.c.size.desc())
+                                 .limit(1)).first()
+        return None if row is None else _checkpoint(row)
+
+    def head(self) -> tuple[int, str]:
+        if self._conn is None:
+            return self._log.head()
+        row = self._conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
+        return (0, GENESIS.hex()) if row is None else (int(row.seq), str(row.hash))
+
+    def add_checkpoint(self, checkpoint: Checkpoint, replica: str | None = None) -> Checkpoint:
+        if self._conn is None:
+            return self._log.add_checkpoint(checkpoint, replica)
+        return _add_checkpoint(self._conn, checkpoint, replica)
+
+
+def _add_checkpoint(conn: sa.Connection, checkpoint: Checkpoint, replica: str | None) -> Checkpoint:
+    try:
+        with conn.begin_nested():
+            conn.execute(audit_checkpoints.insert().values(
+                size=checkpoint.size, head=checkpoint.head, at=checkpoint.at, key=checkpoint.key,
+                signature=checkpoint.signature, replica=replica))
+    except sa.exc.IntegrityError:  # a replica that takes no lock (an older kms) stored this size first
+        row = conn.execute(sa.select(audit_checkpoints).where(audit_checkpoints.c.size == checkpoint.size)).one()
+        return _checkpoint(row)
+    return replace(checkpoint, replica=replica)
+
+
 def _unwritable(fault: StorageUnavailable) -> AuditUnavailable:
     """AuditUnavailable for a storage fault, naming it: "the audit log cannot be written (disk full); nothing was
     done"."""
@@ -301,7 +354,7 @@ def _advance(conn: sa.Connection, count: int) -> tuple[int, str]:
 
 
 def _checkpoint(row: Any) -> Checkpoint:
-    return Checkpoint(int(row.size), row.head, row.at, row.key, bytes(row.signature))
+    return Checkpoint(int(row.size), row.head, row.at, row.key, bytes(row.signature), row.replica)
 
 
 def export_lines(log: AuditLog, seal: Seal) -> Iterator[str]:

@@ -13,6 +13,7 @@ that extends the head this signer signed last.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from kms import config as config_mod
 from kms import logs, runtime
-from kms.audit.log import GENESIS, AuditLog, Checkpoint, Seal, checkpoint_message, seal_message
+from kms.audit.log import GENESIS, AuditLog, Checkpoint, CheckpointLock, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
 from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, KmsError, Unavailable
 from kms.hsm.errors import short_reason
@@ -328,14 +329,20 @@ class AuditSigner:
 
 
 class Checkpointer:
+    """Signs the chain's head (``checkpoint_now``, every ``every_records`` records or ``every_seconds`` seconds, at
+    ``stop``) and export seals, one at a time across every replica on the database (``AuditLog.checkpoint_lock``):
+    the newest checkpoint, the head and the signer's signed head are read under that lock, so replicas sharing one
+    audit signer never make it refuse each other's checkpoints. Each checkpoint stored names ``replica``."""
+
     def __init__(self, log_: AuditLog, signer: Signer, clock: Clock, *, every_records: int = 1_000,
-                 every_seconds: float = 60.0) -> None:
+                 every_seconds: float = 60.0, replica: str | None = None) -> None:
         self._log = log_
         self._signer = signer
         self._clock = clock
         self._every_records = every_records
         self._every_seconds = every_seconds
-        self._lock = threading.Lock()
+        self.replica = replica
+        self._lock = threading.Lock()  # this process's threads first, then the database's lock across replicas
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-checkpointer", daemon=True)
 
@@ -344,28 +351,52 @@ class Checkpointer:
 
     def checkpoint_now(self) -> Checkpoint | None:
         """Sign the chain's current head unless the last checkpoint already covers it; the newest checkpoint."""
-        with self._lock:
-            return self._checkpoint()
+        with self._lock, self._log.checkpoint_lock() as locked:
+            return self._checkpoint(locked)
+
+    def checkpoint_due(self, waited: float) -> Checkpoint | None:
+        """One round of the checkpointer's thread, ``waited`` seconds after this replica's last checkpoint: sign the
+        head if a checkpoint is due — ``every_records`` records past the newest checkpoint, or records past it that
+        is older than ``every_seconds`` (whichever replica signed it) — judged again under the lock, so that replicas
+        crossing the threshold together sign one checkpoint, not one each. The checkpoint signed, or None."""
+        if not self._due(self._log.last_checkpoint(), self._log.head()[0], waited):
+            return None
+        with self._lock, self._log.checkpoint_lock() as locked:
+            last = locked.last_checkpoint()
+            if not self._due(last, locked.head()[0], waited):
+                return None
+            return self._checkpoint(locked)
+
+    def _due(self, last: Checkpoint | None, size: int, waited: float) -> bool:
+        behind = size - (last.size if last is not None else 0)
+        if behind >= self._every_records:
+            return True
+        if behind <= 0 or waited < self._every_seconds:
+            return False
+        if last is None:
+            return True
+        signed_at = dt.datetime.strptime(last.at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return (self._clock.now() - signed_at).total_seconds() >= self._every_seconds
 
     def seal(self, nonce: str, filters: Mapping[str, str]) -> Seal:
         """A checkpoint of the current head (as ``checkpoint_now``), then an export seal over that same head for
         ``nonce`` and ``filters``: both under one lock, so no other checkpoint moves the signed head in between."""
-        with self._lock:
-            checkpoint = self._checkpoint()
+        with self._lock, self._log.checkpoint_lock() as locked:
+            checkpoint = self._checkpoint(locked)
             size, head = (checkpoint.size, checkpoint.head) if checkpoint is not None else (0, GENESIS.hex())
             at = rfc3339(self._clock.now())
             signature = self._signer.seal(size, head, at, nonce, filters, self._digests(size))
             return Seal(size, head, at, nonce, dict(filters), AUDIT_KEY, signature)
 
-    def _checkpoint(self) -> Checkpoint | None:
-        last = self._log.last_checkpoint()
-        size, head = self._log.head()
+    def _checkpoint(self, locked: CheckpointLock) -> Checkpoint | None:
+        last = locked.last_checkpoint()
+        size, head = locked.head()
         if size == 0 or (last is not None and last.size >= size and last.head == self._head_at(last.size)):
             return last
         at = rfc3339(self._clock.now())
         checkpoint = Checkpoint(size, head, at, AUDIT_KEY,
                                 self._signer.sign(size, head, at, self._digests(size)))
-        return self._log.add_checkpoint(checkpoint)
+        return locked.add_checkpoint(checkpoint, replica=self.replica)
 
     def _digests(self, size: int) -> list[bytes]:
         """The body digests of the records after the signer's signed head, up to ``size``: what it checks."""
@@ -380,11 +411,7 @@ class Checkpointer:
         while not self._stop.wait(1.0):
             waited += 1.0
             try:
-                last = self._log.last_checkpoint()
-                size, _ = self._log.head()
-                behind = size - (last.size if last is not None else 0)
-                if behind >= self._every_records or (behind > 0 and waited >= self._every_seconds):
-                    self.checkpoint_now()
+                if self.checkpoint_due(waited) is not None:
                     waited = 0.0
             except KmsError as error:  # e.g. the signer is being replaced: the next round tries again
                 log.warning("audit checkpoint failed: %s", error)

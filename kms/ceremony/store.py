@@ -23,12 +23,14 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from kms import store
 from kms.audit.log import AuditLog
 from kms.canonical import canonical
 from kms.ceremony.officers import OfficerStore
@@ -42,7 +44,8 @@ from kms.store import ceremonies, ceremony_approvals, ceremony_components
 DEFAULT_TTL = dt.timedelta(hours=24)
 MAX_TTL = dt.timedelta(days=7)
 MAX_SEALED_COMPONENT = 2048
-#: An execution still running after this long is taken to be interrupted (its replica died).
+#: On SQLite, an execution still running after this long is taken to be interrupted (its replica died); PostgreSQL
+#: knows (Ceremonies._execution).
 EXECUTION_TIMEOUT = dt.timedelta(minutes=15)
 INTERRUPTED = "interrupted while executing; check the key registry against the token"
 _ID = re.compile(r"^C-[0-9a-f]{16}$")
@@ -273,52 +276,83 @@ class Ceremonies(Repository):
         missing = sorted(set(record.custodians()) - {c.custodian.name for c in record.components})
         if missing:
             raise InvalidState(f"{ceremony_id} still needs the components of {', '.join(missing)}")
-        self._close(record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
-        # The approvals that counted, as they stood when execution began (a late insert cannot join: approvals
-        # and components are accepted only while the ceremony is open).
-        counted = {"approved_by": [p.uri() for p in decision.counted], "required": decision.required}
-        try:
-            result = dict(run(self.get(ceremony_id)))
-            canonical({**result, **counted})  # storable, or the ceremony fails here rather than stay executing
-        except KmsError as error:
-            self._finish(record, CeremonyState.FAILED, counted, str(error), by)
-            raise
-        except BaseException:
-            self._finish(record, CeremonyState.FAILED, counted, "internal error; see the server log", by)
-            raise
-        self._finish(record, CeremonyState.EXECUTED, {**result, **counted}, None, by)
+        with self._execution(ceremony_id):
+            self._close(record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
+            # The approvals that counted, as they stood when execution began (a late insert cannot join: approvals
+            # and components are accepted only while the ceremony is open).
+            counted = {"approved_by": [p.uri() for p in decision.counted], "required": decision.required}
+            try:
+                result = dict(run(self.get(ceremony_id)))
+                canonical({**result, **counted})  # storable, or the ceremony fails here rather than stay executing
+            except KmsError as error:
+                self._finish(record, CeremonyState.FAILED, counted, str(error), by)
+                raise
+            except BaseException:
+                self._finish(record, CeremonyState.FAILED, counted, "internal error; see the server log", by)
+                raise
+            self._finish(record, CeremonyState.EXECUTED, {**result, **counted}, None, by)
         return self.get(ceremony_id)
+
+    @contextmanager
+    def _execution(self, ceremony_id: str) -> Iterator[None]:
+        """Held while this replica executes ``ceremony_id`` (PostgreSQL: an advisory lock of a session of its own,
+        which ends with the replica or its connection): what tells another replica's ``sweep`` that the execution
+        is alive. SQLite, one host's database, has no such lock: ``sweep`` goes by EXECUTION_TIMEOUT there."""
+        if not store.is_postgresql(self._engine):
+            yield
+            return
+        with self._engine.connect() as conn:
+            held = store.try_lock(conn, _execution_lock(ceremony_id))
+            conn.commit()  # the lock is the session's: no transaction stays open while the operation runs
+            if not held:  # another replica's execution (or its sweep, for a moment) holds it
+                raise InvalidState(f"{ceremony_id} is being executed")
+            try:
+                yield
+            finally:
+                try:
+                    store.unlock(conn, _execution_lock(ceremony_id))
+                    conn.commit()
+                except KmsError:  # the connection is lost, and the lock with it
+                    conn.invalidate()
 
     def sweep(self, stuck_after: dt.timedelta = EXECUTION_TIMEOUT) -> None:
         """Close what time has ended: open ceremonies past their expiry become ``expired`` (their encrypted
-        components erased), and ceremonies ``executing`` for longer than ``stuck_after`` (a replica died
-        mid-way) become ``failed``, for officers to check the key registry against the token."""
+        components erased), and ceremonies ``executing`` whose execution ended with its replica mid-way become
+        ``failed``, for officers to check the key registry against the token. Which executions ended: on
+        PostgreSQL, those whose replica no longer holds the execution's lock (``_execution``: a live replica's
+        execution is never failed, however long it runs; a dead one's at once); on SQLite, those executing for
+        longer than ``stuck_after``. Each ceremony is closed in a transaction of its own by a conditional UPDATE,
+        so that exactly the ceremonies this sweep closed are recorded (another replica's sweep may close some of
+        them first), and no sweep holds more than one ceremony's row."""
         now = self._clock.now()
+        locks = store.is_postgresql(self._engine)
         is_expired = (ceremonies.c.state == CeremonyState.OPEN.value) & (ceremonies.c.expires_at <= rfc3339(now))
-        is_stuck = (ceremonies.c.state == CeremonyState.EXECUTING.value) & (
-            ceremonies.c.closed_at <= rfc3339(now - stuck_after))
-        with self._engine.begin() as conn:
-            # One conditional UPDATE per ceremony, so that exactly the ceremonies this sweep closed are recorded
-            # (another replica's sweep may close some of them first).
-            expired, stuck = [], []
-            for row in conn.execute(sa.select(ceremonies.c.ceremony_id, ceremonies.c.domain, ceremonies.c.operation,
-                                              ceremonies.c.expires_at).where(is_expired)).all():
+        is_stuck = (ceremonies.c.state == CeremonyState.EXECUTING.value)
+        if not locks:
+            is_stuck = is_stuck & (ceremonies.c.closed_at <= rfc3339(now - stuck_after))
+        columns = (ceremonies.c.ceremony_id, ceremonies.c.domain, ceremonies.c.operation, ceremonies.c.expires_at,
+                   ceremonies.c.closed_at)
+        with self._engine.connect() as conn:
+            expired = conn.execute(sa.select(*columns).where(is_expired).order_by(ceremonies.c.ceremony_id)).all()
+            stuck = conn.execute(sa.select(*columns).where(is_stuck).order_by(ceremonies.c.ceremony_id)).all()
+        for row in expired:
+            with self._engine.begin() as conn:
                 if conn.execute(ceremonies.update().where(ceremonies.c.ceremony_id == row.ceremony_id, is_expired)
                                 .values(state=CeremonyState.EXPIRED.value, closed_at=ceremonies.c.expires_at)
-                                ).rowcount == 1:
-                    expired.append(row)
-            if expired:
-                _erase_inputs(conn, [row.ceremony_id for row in expired])
-            for row in conn.execute(sa.select(ceremonies.c.ceremony_id, ceremonies.c.domain, ceremonies.c.operation,
-                                              ceremonies.c.closed_at).where(is_stuck)).all():
-                if conn.execute(ceremonies.update().where(ceremonies.c.ceremony_id == row.ceremony_id, is_stuck)
-                                .values(state=CeremonyState.FAILED.value, error=INTERRUPTED)).rowcount == 1:
-                    stuck.append(row)
-            if self._audit is not None:
-                for row in expired:
+                                ).rowcount != 1:
+                    continue
+                _erase_inputs(conn, [row.ceremony_id])
+                if self._audit is not None:
                     self._audit.append(conn, "ceremony.expired", domain=row.domain, subject=row.ceremony_id,
                                        detail={"operation": row.operation, "expired_at": row.expires_at})
-                for row in stuck:
+        for row in stuck:
+            with self._engine.begin() as conn:
+                if locks and not store.try_lock_for_transaction(conn, _execution_lock(row.ceremony_id)):
+                    continue  # its replica is executing it now
+                if conn.execute(ceremonies.update().where(ceremonies.c.ceremony_id == row.ceremony_id, is_stuck)
+                                .values(state=CeremonyState.FAILED.value, error=INTERRUPTED)).rowcount != 1:
+                    continue
+                if self._audit is not None:
                     self._audit.append(conn, "ceremony.interrupted", domain=row.domain, subject=row.ceremony_id,
                                        outcome="failed", detail={"operation": row.operation, "error": INTERRUPTED,
                                                                  "executing_since": row.closed_at})
@@ -326,8 +360,9 @@ class Ceremonies(Repository):
     def record_executed(self, proposal_record: CeremonyRecord, result: Mapping[str, Any],
                         by: Principal) -> CeremonyRecord:
         """Close a ceremony that needs no quorum (the genesis) as executed."""
-        self._close(proposal_record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
-        self._finish(proposal_record, CeremonyState.EXECUTED, result, None, by)
+        with self._execution(proposal_record.ceremony_id):
+            self._close(proposal_record, CeremonyState.OPEN, CeremonyState.EXECUTING, by)
+            self._finish(proposal_record, CeremonyState.EXECUTED, result, None, by)
         return self.get(proposal_record.ceremony_id)
 
     def add_genesis_signature(self, ceremony_id: str, officer: Principal, signature: bytes) -> None:
@@ -465,6 +500,11 @@ def _audit_params(params: Mapping[str, Any]) -> dict[str, Any]:
             return [shown(name, v) for v in value]
         return value
     return {name: shown(name, value) for name, value in params.items()}
+
+
+def _execution_lock(ceremony_id: str) -> str:
+    """The name of the lock a replica holds while it executes the ceremony (kms.store.try_lock)."""
+    return f"ceremony-execution:{ceremony_id}"
 
 
 def _erase_inputs(conn: sa.Connection, ceremony_ids: Sequence[str]) -> None:

@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         served = logging.getLogger("kms.server.serve")
         if service.http is not None:
             served.info("health and metrics on %s (/healthz, /readyz, /metrics)", service.http.url)
-        served.info("serving on port %d", service.port)
+        served.info("serving on port %d as replica %s", service.port, service.replica)
         print(f"kms: serving on port {service.port}", flush=True)
 
     health = FROM_CONFIG if args.health_listen is None else (None if args.health_listen == "off"

@@ -10,7 +10,8 @@ table
   ceremony value for this station (or bureau), else its value for ``default``, else the file's. The **smallest** of
   these applies: either key owner can tighten a limit alone; raising one above the file's default takes both.
 - **Counting**: cards from ``card_events`` (``issued`` events by the station's URI), so every replica on the same
-  database counts every replica's cards; streams in memory, per server process.
+  database counts every replica's cards; streams in progress in memory per server process, and on PostgreSQL also
+  as numbered slots held by each replica's database session (``StreamSlots``), so that they count across replicas.
 - A call over a limit is refused with ``ResourceExhausted`` naming the limit, and raises ``alarm.limit``
   (kms.audit.alarms).
 
@@ -22,6 +23,7 @@ early. A stream far from every limit checks about once every ``RECHECK`` (Stream
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import threading
@@ -317,6 +319,8 @@ class Quotas:
         self.alarms = alarms
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], int] = {}  # (scope, subject) → streams in progress in this process
+        #: PostgreSQL: the streams of every replica on the database (StreamSlots); SQLite: this process's only.
+        self.slots = StreamSlots(engine) if engine.dialect.name == "postgresql" else None
 
     def limit(self, station: Principal, domains: Iterable[str], scope: str, name: str) -> Limit:
         """The value of one limit for a call of ``station`` that hands out keys of ``domains``."""
@@ -362,29 +366,118 @@ class Quotas:
 
     def stream(self, station: Principal, domains: Iterable[str], method: str) -> StreamQuota:
         """A stream's quota, holding one of the station's and its bureau's concurrent streams until ``close()``;
-        ResourceExhausted if either has none left."""
+        ResourceExhausted if either has none left. On PostgreSQL the streams of every replica on the database
+        count (``StreamSlots``); on SQLite, this process's."""
         domains = tuple(domains)
-        taken: list[tuple[str, str]] = []
+        taken: list[tuple[str, str, int | None]] = []
         with self._lock:
             for scope in SCOPES:
                 limit = self.limit(station, domains, scope, "concurrent_streams")
                 key = (scope, limit.subject)
                 running = self._streams.get(key, 0)
+                slot = None
+                if running < limit.value and self.slots is not None:
+                    slot = self.slots.take(scope, limit.subject, limit.value)
+                    if slot is None:  # every slot is held, by this replica's streams and other replicas'
+                        running = limit.value
                 if running >= limit.value:
                     break
-                taken.append(key)
+                taken.append((scope, limit.subject, slot))
             else:
-                for key in taken:
-                    self._streams[key] = self._streams.get(key, 0) + 1
+                for scope, subject, _ in taken:
+                    self._streams[(scope, subject)] = self._streams.get((scope, subject), 0) + 1
                 return StreamQuota(self, station, domains, method, taken)
+            self._give_back(taken)
         raise self.exceeded(station, method, limit, running)
 
-    def _release(self, taken: list[tuple[str, str]]) -> None:
+    def _release(self, taken: list[tuple[str, str, int | None]]) -> None:
         with self._lock:
-            for key in taken:
+            for scope, subject, _ in taken:
+                key = (scope, subject)
                 self._streams[key] -= 1
                 if not self._streams[key]:
                     del self._streams[key]
+            self._give_back(taken)
+
+    def _give_back(self, taken: list[tuple[str, str, int | None]]) -> None:
+        if self.slots is not None:
+            for scope, subject, slot in taken:
+                if slot is not None:
+                    self.slots.release(scope, subject, slot)
+
+    def close(self) -> None:
+        """Let go of the database session that holds this replica's stream slots (PostgreSQL)."""
+        if self.slots is not None:
+            self.slots.close()
+
+
+#: Slots a limit of concurrent streams is counted in across replicas: a larger limit binds only per replica (no
+#: replica serves more than 1023 streams at once, ``server.max_streams``).
+MAX_SLOTS = 1024
+
+
+class StreamSlots:
+    """Concurrent streams across every replica on one PostgreSQL database: a stream in progress holds one numbered
+    slot of its station and one of its bureau (slots ``0 .. value-1`` of the limit), each an advisory lock
+    (``pg_try_advisory_lock(hash of schema and subject, slot)``) of one database session this replica keeps for
+    them. A replica that dies, or loses that session, frees its slots with it (its streams are being resumed
+    elsewhere anyway). Called under ``Quotas``' lock: one query per slot taken or given back."""
+
+    _TAKE = sa.text(
+        "SELECT i FROM generate_series(0, :last) AS i WHERE CASE WHEN i = ANY(:held) THEN false ELSE "
+        "pg_try_advisory_lock(hashtext('kms:' || current_schema() || ':stream:' || :scope || ':' || :subject), i) "
+        "END LIMIT 1")
+    _GIVE = sa.text(
+        "SELECT pg_advisory_unlock(hashtext('kms:' || current_schema() || ':stream:' || :scope || ':' || :subject), "
+        ":slot)")
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._conn: sa.Connection | None = None
+        self._held: dict[tuple[str, str], set[int]] = {}  # slots this replica's session holds
+
+    def take(self, scope: str, subject: str, value: int) -> int | None:
+        """A free slot of ``subject``'s limit (held until ``release``), or None if all ``value`` are held."""
+        if value > MAX_SLOTS:
+            return -1  # not counted across replicas (MAX_SLOTS); nothing to give back
+        held = self._held.setdefault((scope, subject), set())
+        slot = self._run(self._TAKE, {"last": value - 1, "held": sorted(held), "scope": scope, "subject": subject})
+        if slot is None:
+            return None
+        held.add(int(slot))
+        return int(slot)
+
+    def release(self, scope: str, subject: str, slot: int) -> None:
+        held = self._held.get((scope, subject), set())
+        if slot not in held:  # -1, or held by a session that was lost since (its locks went with it)
+            return
+        held.discard(slot)
+        if not held:
+            del self._held[(scope, subject)]
+        self._run(self._GIVE, {"scope": scope, "subject": subject, "slot": slot})
+
+    def _run(self, statement: sa.TextClause, params: dict[str, Any]) -> Any:
+        try:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            value = self._conn.execute(statement, params).scalar()
+            self._conn.commit()  # session locks outlive the transaction; no transaction stays open
+            return value
+        except Exception:
+            self._lost()
+            raise
+
+    def _lost(self) -> None:
+        """The session is gone (or unusable), and every slot it held with it."""
+        conn, self._conn = self._conn, None
+        self._held.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a connection already broken
+                conn.invalidate()
+                conn.close()
+
+    def close(self) -> None:
+        self._lost()
 
 
 class StreamQuota:
@@ -396,7 +489,7 @@ class StreamQuota:
     included: far from every limit, a stream asks about once a second, near one before every message."""
 
     def __init__(self, quotas: Quotas, station: Principal, domains: tuple[str, ...], method: str,
-                 taken: list[tuple[str, str]]) -> None:
+                 taken: list[tuple[str, str, int | None]]) -> None:
         self._quotas = quotas
         self._station = station
         self._domains = domains

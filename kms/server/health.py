@@ -56,9 +56,11 @@ class Transition:
 
 class HealthMonitor:
     def __init__(self, dependencies: Sequence[Dependency], needs: Mapping[str, Sequence[str]], clock: Clock,
-                 interval: float = 5.0, servicer: health.HealthServicer | None = None) -> None:
+                 interval: float = 5.0, servicer: health.HealthServicer | None = None, replica: str = "") -> None:
         """``needs``: service full name -> the dependencies it needs (the overall status "" needs all of them).
-        ``servicer``: the grpc.health.v1 servicer to keep current (a new one if None)."""
+        ``servicer``: the grpc.health.v1 servicer to keep current (a new one if None). ``replica``: the service's
+        ``server.replica``, which /readyz names (behind a load balancer: which replica answered)."""
+        self.replica = replica
         self.servicer = servicer or health.HealthServicer()
         self._dependencies = list(dependencies)
         known = {d.name for d in self._dependencies}

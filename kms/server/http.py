@@ -2,7 +2,7 @@
 
 - ``GET /healthz``: liveness — 200 while the process answers.
 - ``GET /readyz``: readiness — 200 only when every dependency works (kms.server.health), else 503; the JSON body
-  names what does not work and each gRPC service's status.
+  names what does not work, each gRPC service's status and the replica (``server.replica``).
 - ``GET /metrics``: the Prometheus text exposition of prometheus_client's default registry.
 
 No client certificate (it serves no key, card or record, and no secret: statuses and reasons only); keep it on
@@ -55,7 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "application/json", json.dumps({"status": "alive"}).encode())
         elif path == "/readyz":
             ready, failing, services = self.server.monitor.status()
-            body = {"status": "ready" if ready else "not ready", "failing": failing, "services": services}
+            body = {"status": "ready" if ready else "not ready", "failing": failing, "services": services,
+                    **({"replica": self.server.monitor.replica} if self.server.monitor.replica else {})}
             self._send(200 if ready else 503, "application/json", json.dumps(body, sort_keys=True).encode())
         elif path == "/metrics":
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))

@@ -83,6 +83,9 @@ class Service:
         # read or written; an empty database (a first start) is created at that revision (kms.store).
         engine = store.make_engine(cfg.database)
         store.require_current(engine, create=True, config=cfg.path)
+        #: This replica's name (``server.replica``, else ``<hostname>-<port>`` once the port is bound): in
+        #: service.started/stopped, the checkpoints it has signed, /metrics (kms_replica_info) and /readyz.
+        self.replica = cfg.server.replica or ""
         # Client certificates checked against the CA's CRL on every call; a CRL that cannot be used stops the start.
         crl = cfg.server.tls.crl
         revocation = [RevocationList(crl, cfg.server.tls.ca)] if crl is not None else []
@@ -119,11 +122,11 @@ class Service:
             self.signer = RemoteSigner(cfg.workers["audit"]) if "audit" in cfg.workers \
                 else AuditSigner(cfg.path, start=False)
             self.checkpointer = Checkpointer(audit, self.signer, clock, every_records=cfg.audit.checkpoint_records,
-                                             every_seconds=cfg.audit.checkpoint_seconds)
+                                             every_seconds=cfg.audit.checkpoint_seconds, replica=self.replica)
             audit_services.append(register_audit(AuditService(audit, self.checkpointer)))
         self.health = HealthMonitor(
             _dependencies(engine, self.pools, self.signer), _needs(list(self.pools.pools), self.signer is not None),
-            clock, float(health_interval or cfg.server.health_check_seconds))
+            clock, float(health_interval or cfg.server.health_check_seconds), replica=self.replica)
         self.draining = threading.Event()
         tls = cfg.server.tls
         address = listen or cfg.server.listen
@@ -143,6 +146,10 @@ class Service:
             capacity=cfg.server.capacity,
             streams=self.streams,
         )
+        self.replica = self.replica or config_mod.default_replica(self.port)
+        self.health.replica = self.replica
+        if self.checkpointer is not None:
+            self.checkpointer.replica = self.replica
         self.http: HealthListener | None = None
         try:
             health_address = cfg.server.health_listen if health_listen == FROM_CONFIG else health_listen
@@ -156,7 +163,8 @@ class Service:
             raise
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
         audit.record("service.started", detail={
-            "config": str(cfg.path), "config_sha256": _sha256(cfg.path), "database": _database(cfg.database),
+            "replica": self.replica, "config": str(cfg.path), "config_sha256": _sha256(cfg.path),
+            "database": _database(cfg.database),
             "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
                          "limits": _sha256(limits_path),
                          "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
@@ -170,7 +178,7 @@ class Service:
         # Gauges read when scraped: checkpoint lag, ceremonies by state (kms.metrics).
         # The audit anchor's backlog, from the signer that anchors (kms.audit.anchor), when it can tell.
         self.metrics = metrics.bind(checkpoints=audit.coverage, ceremonies=self.ceremonies.counts,
-                                    anchor=getattr(self.signer, "anchor_status", None))
+                                    anchor=getattr(self.signer, "anchor_status", None), replica=self.replica)
 
     def _abandon(self) -> None:
         """A start that failed: release the ports, end the processes started so far."""
@@ -179,6 +187,7 @@ class Service:
             self.http.stop()
         if self.signer is not None:
             self.signer.close()
+        self.quotas.close()
         self.pools.terminate()
 
     def stop(self, grace: float | None = None) -> None:
@@ -197,13 +206,14 @@ class Service:
         if self.http is not None:
             self.http.stop()
         try:
-            self.audit.record("service.stopped")
+            self.audit.record("service.stopped", detail={"replica": self.replica})
         except Exception:
             log.exception("the service's stop could not be recorded in the audit log")
         if self.checkpointer is not None:
             self.checkpointer.stop()  # signs the chain's end
         if self.signer is not None:
             self.signer.close()
+        self.quotas.close()
         self.pools.close()
 
     def child_pids(self) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,23 @@ def test_concurrent_writers_keep_one_gap_free_chain(backend: EngineFactory) -> N
     assert [r.seq for r in records] == list(range(1, 201))
     _sign(log, clock)
     assert verify(export_lines(log, _seal(log, clock)), KEY.public_key()).ok
+
+
+def test_the_checkpoint_lock_stops_no_append_and_stores_the_replica(backend: EngineFactory) -> None:
+    """Replicas sign checkpoints one at a time (AuditLog.checkpoint_lock), but a replica holding that lock (its
+    signer slow, or hung) keeps no other from appending: issuance goes on, only checkpoints wait. Each checkpoint
+    stored names the replica that had it signed; its export line says so, outside what is signed."""
+    clock = FixedClock(START)
+    log, other = AuditLog(backend(), clock), AuditLog(backend(), clock)
+    with log.checkpoint_lock() as locked:
+        seq = other.record("test.event")  # another replica appends while the lock is held
+        assert locked.head()[0] == seq == 1 and locked.last_checkpoint() is None
+        size, head = locked.head()
+        stored = locked.add_checkpoint(Checkpoint(size, head, "2026-12-01T23:00:00Z", "k", b"sig"), replica="kms-2")
+    assert stored.replica == "kms-2" and other.last_checkpoint() == stored
+    assert other.last_checkpoint().replica == "kms-2"  # type: ignore[union-attr]
+    assert json.loads(stored.line())["replica"] == "kms-2"
+    assert "replica" not in json.loads(replace(stored, replica=None).line())
 
 
 def test_a_failed_append_rolls_back_the_change_it_describes(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import EngineFactory
 
 from kms import config, store
 from kms.audit.log import AuditLog, export_lines
@@ -167,3 +169,91 @@ def test_a_closed_signer_is_not_restarted_by_a_late_supervision_round(home: Home
         assert signer.pids() == [] and signer.restarts == 0
     finally:
         signer.close()
+
+
+@pytest.mark.parametrize("signers", ["shared", "embedded"])
+def test_replicas_checkpoint_one_at_a_time(home: Home, backend: EngineFactory, signers: str) -> None:
+    """Two replicas (each its own engine, audit log and checkpointer, as two `kms serve` on one database) append and
+    checkpoint at once, through one audit signer (``shared``: the audit worker service) or each through a signer
+    process of its own on the one audit token (``embedded``: the signed head is a data object that both processes
+    read and replace). Without a lock across replicas, one reads the signer's head, the other has it signed
+    further, and the first is refused ("… were signed already", "… are not all there"); with
+    AuditLog.checkpoint_lock no round is refused, the checkpoints name both replicas, and the export verifies."""
+    import threading
+
+    from kms.errors import KmsError
+
+    clock = FixedClock(dt.datetime(2026, 12, 1, 23, 0, tzinfo=dt.UTC))
+    names = ("replica-a", "replica-b")
+    shared = AuditSigner(home.config)
+    own = {names[0]: shared, names[1]: AuditSigner(home.config) if signers == "embedded" else shared}
+    replicas = {name: AuditLog(backend(), clock) for name in names}
+    checkpointers = {name: Checkpointer(log, own[name], clock, replica=name) for name, log in replicas.items()}
+    start = threading.Barrier(len(replicas))
+    refused: list[KmsError] = []
+
+    def replica(name: str) -> None:
+        log, checkpointer = replicas[name], checkpointers[name]
+        start.wait()
+        for n in range(ROUNDS):
+            log.record("test.event", subject=f"{name}-{n}")
+            try:
+                if n % 5 == 4:
+                    checkpointer.seal(NONCE, {})
+                else:
+                    checkpointer.checkpoint_now()
+            except KmsError as error:
+                refused.append(error)
+
+    try:
+        threads = [threading.Thread(target=replica, args=(name,)) for name in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seal = checkpointers["replica-a"].seal(OTHER, {})
+    finally:
+        for signer in set(own.values()):
+            signer.close()
+    assert refused == []
+    log = replicas["replica-b"]
+    checkpoints = list(log.checkpoints())
+    assert seal.size == 2 * ROUNDS and checkpoints[-1].size == 2 * ROUNDS
+    assert {c.replica for c in checkpoints} == {"replica-a", "replica-b"}
+    lines = list(export_lines(log, seal))
+    assert {json.loads(line).get("replica") for line in lines if '"type":"checkpoint"' in line} == {
+        "replica-a", "replica-b"}
+    public = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    verdict = verify(iter(lines), public, nonce=OTHER)
+    assert verdict.ok and verdict.covered == 2 * ROUNDS and verdict.checkpoints == len(checkpoints), verdict.summary()
+
+
+ROUNDS = 40
+
+
+def test_replicas_crossing_the_threshold_together_sign_one_checkpoint(home: Home, backend: EngineFactory) -> None:
+    """The checkpointer's periodic round judges again under the checkpoint lock whether a checkpoint is due, by the
+    newest checkpoint of any replica: every_records past it, or records past one older than every_seconds. Two
+    replicas whose rounds come together sign one checkpoint, not two."""
+    clock = FixedClock(dt.datetime(2026, 12, 1, 23, 30, tzinfo=dt.UTC))
+    signer = AuditSigner(home.config)
+    logs = [AuditLog(backend(), clock) for _ in range(2)]
+    a, b = (Checkpointer(log, signer, clock, every_records=5, every_seconds=60, replica=name)
+            for log, name in zip(logs, ("replica-a", "replica-b"), strict=True))
+    try:
+        for i in range(5):
+            logs[i % 2].record("test.event", subject=str(i))
+        first = a.checkpoint_due(1.0)
+        assert first is not None and (first.size, first.replica) == (5, "replica-a")
+        assert b.checkpoint_due(1.0) is None  # a's covers it
+        for i in range(3):
+            logs[1].record("test.event", subject=f"more-{i}")
+        assert a.checkpoint_due(1.0) is None and b.checkpoint_due(60.0) is None  # 3 records, a checkpoint 0 s old
+        clock.advance(dt.timedelta(seconds=60))
+        second = b.checkpoint_due(60.0)
+        assert second is not None and (second.size, second.replica) == (8, "replica-b")
+        assert a.checkpoint_due(60.0) is None
+    finally:
+        signer.close()
+    assert [(c.size, c.replica) for c in logs[0].checkpoints()] == [(5, "replica-a"), (8, "replica-b")]

@@ -14,11 +14,14 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,14 @@ from kms.audit.log import AuditLog
 from kms.ceremony.officers import OfficerRecord, OfficerStore, public_pem
 from kms.ceremony.operations import OPERATIONS
 from kms.ceremony.rules import APPROVAL_CONTEXT, Officer, QuorumPolicy
-from kms.ceremony.store import MAX_SEALED_COMPONENT, Ceremonies, CeremonyRecord, CeremonyState
+from kms.ceremony.store import (
+    EXECUTION_TIMEOUT,
+    INTERRUPTED,
+    MAX_SEALED_COMPONENT,
+    Ceremonies,
+    CeremonyRecord,
+    CeremonyState,
+)
 from kms.clock import FixedClock
 from kms.errors import AlreadyExists, HsmError, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.identity import Principal
@@ -921,6 +931,8 @@ def test_the_next_change_records_expiry_and_erases_components(world: World) -> N
 
 
 def test_sweep_fails_an_execution_interrupted_for_longer_than_the_timeout(world: World) -> None:
+    """SQLite: an execution running for longer than EXECUTION_TIMEOUT is taken to be interrupted (its outcome, when
+    it comes, still counts); PostgreSQL knows the execution is alive (test_replica_processes_…, below)."""
     c = world.propose("alice")
     world.approve(c.ceremony_id, "bob", "chen")
     seen: list[tuple[str, str | None]] = []
@@ -935,8 +947,11 @@ def test_sweep_fails_an_execution_interrupted_for_longer_than_the_timeout(world:
         return {"label": "kms/hrss/master/mk/v1"}
 
     done = world.ceremonies.execute(c.ceremony_id, officer("alice"), slow)
-    assert seen == [("executing", None),
-                    ("failed", "interrupted while executing; check the key registry against the token")]
+    if world.engine.dialect.name == "postgresql":  # the executing replica holds the execution's lock: not failed
+        assert seen == [("executing", None), ("executing", None)]
+    else:  # SQLite has no such lock: the timeout decides
+        assert seen == [("executing", None),
+                        ("failed", "interrupted while executing; check the key registry against the token")]
     # The execution was in fact still alive: its outcome, when it comes, replaces the sweep's guess.
     assert (done.state, done.error) == (CeremonyState.EXECUTED, None)
     assert done.result is not None and done.result["label"] == "kms/hrss/master/mk/v1"
@@ -1110,7 +1125,11 @@ def test_a_sweep_records_an_interrupted_execution(world: World) -> None:
 
     audited.execute(c.ceremony_id, officer("alice"), slow)
     kinds = [(json.loads(r.body)["kind"], json.loads(r.body)["outcome"]) for r in log.records()]
-    assert kinds == [("ceremony.executing", "ok"), ("ceremony.interrupted", "failed"), ("ceremony.executed", "ok")]
+    if world.engine.dialect.name == "postgresql":  # a live execution is never taken for interrupted (see below)
+        assert kinds == [("ceremony.executing", "ok"), ("ceremony.executed", "ok")]
+    else:
+        assert kinds == [("ceremony.executing", "ok"), ("ceremony.interrupted", "failed"),
+                         ("ceremony.executed", "ok")]
 
 
 def test_enrolment_and_revocation_are_audited_once(world: World) -> None:
@@ -1129,3 +1148,159 @@ def test_enrolment_and_revocation_are_audited_once(world: World) -> None:
     assert [(b["kind"], b["domain"], b["subject"]) for b in bodies] == [
         ("officer.enrolled", "bank", newcomer.uri()), ("officer.revoked", "bank", newcomer.uri())]
     assert bodies[0]["detail"]["roles"] == ["approver"] and len(bodies[0]["detail"]["key_fingerprint"]) == 32
+
+
+# -- replicas as processes of their own, on PostgreSQL ---------------------------------------------------------------
+
+#: A replica's execution in a process of its own: waits for the file ``start`` (so that racing processes line up),
+#: executes the ceremony with an operation that writes ``ran-<pid>`` and then waits for the file ``go``, and prints
+#: what it got. argv: database URL, schema, ceremony id, officer URI, the signal directory, the clock's time.
+EXECUTOR = """
+import datetime as dt, os, sys, time
+from pathlib import Path
+import sqlalchemy as sa
+from kms import store
+from kms.audit.log import AuditLog
+from kms.ceremony.officers import OfficerStore
+from kms.ceremony.rules import QuorumPolicy
+from kms.ceremony.store import Ceremonies
+from kms.clock import FixedClock
+from kms.errors import KmsError
+from kms.identity import parse_uri
+
+url, schema, ceremony_id, officer, signals, at = sys.argv[1:7]
+engine = store.translate_storage_faults(sa.create_engine(url, connect_args={"options": f"-csearch_path={schema}"}))
+clock = FixedClock(dt.datetime.fromisoformat(at))
+replica = Ceremonies(engine, clock, QuorumPolicy.load(), OfficerStore(engine, clock), AuditLog(engine, clock))
+replica.get(ceremony_id)  # connected before the start line
+Path(signals, f"ready-{os.getpid()}").touch()
+while not Path(signals, "start").exists():
+    time.sleep(0.01)
+
+def run(record):
+    Path(signals, f"ran-{os.getpid()}").touch()
+    while not Path(signals, "go").exists():
+        time.sleep(0.01)
+    return {"label": "kms/hrss/master/mk/v1"}
+
+try:
+    print("executed", replica.execute(ceremony_id, parse_uri(officer), run).state.value, flush=True)
+except KmsError as error:
+    print("refused", type(error).__name__, error, flush=True)
+"""
+
+
+class ReplicaProcesses:
+    """`kms serve` replicas as far as a ceremony's execution goes: processes of their own on the test's database."""
+
+    def __init__(self, world: World, ceremony_id: str, signals: Path) -> None:
+        with world.engine.connect() as conn:
+            schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+        self.signals = signals
+        self.args = [POSTGRES or "", schema, ceremony_id, officer("dong").uri(), str(signals),
+                     world.clock.now().isoformat()]
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def start(self, count: int) -> None:
+        self.processes += [subprocess.Popen([sys.executable, "-c", EXECUTOR, *self.args], stdout=subprocess.PIPE,
+                                            text=True) for _ in range(count)]
+        _wait_for(lambda: len(list(self.signals.glob("ready-*"))) == len(self.processes), self.processes)
+        (self.signals / "start").touch()
+
+    def ran(self) -> list[str]:
+        return sorted(p.name for p in self.signals.glob("ran-*"))
+
+    def outcomes(self) -> list[str]:
+        (self.signals / "go").touch()
+        return sorted(p.communicate(timeout=120)[0].strip() for p in self.processes)
+
+    def close(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _wait_for(condition: Callable[[], bool], processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Until ``condition`` holds; fails at once if a process ended (a broken script), never on time alone."""
+    while not condition():
+        ended = [p for p in processes if p.poll() is not None]
+        assert not ended, [p.communicate()[0] for p in ended]
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def replicas(world: World, tmp_path: Path) -> Iterator[Callable[[str], ReplicaProcesses]]:
+    made: list[ReplicaProcesses] = []
+
+    def make(ceremony_id: str) -> ReplicaProcesses:
+        signals = tmp_path / f"signals-{len(made)}"
+        signals.mkdir()
+        made.append(ReplicaProcesses(world, ceremony_id, signals))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def audited(world: World) -> Ceremonies:
+    """A replica of the test's own with an audit log (the records a sweep makes are checked)."""
+    engine = world.make()
+    return Ceremonies(engine, world.clock, QuorumPolicy.load(), OfficerStore(engine, world.clock),
+                      AuditLog(engine, world.clock))
+
+
+def interruptions(world: World, ceremony_id: str) -> int:
+    with world.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(store.audit_log).where(
+            store.audit_log.c.kind == "ceremony.interrupted",
+            store.audit_log.c.body.contains(ceremony_id))).scalar_one())
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_replica_processes_racing_execute_a_ceremony_once(world: World,
+                                                          replicas: Callable[[str], ReplicaProcesses]) -> None:
+    for _ in range(3):
+        c = world.propose("alice")
+        world.approve(c.ceremony_id, "bob", "chen")
+        race = replicas(c.ceremony_id)
+        race.start(3)
+        outcomes = race.outcomes()
+        assert len(race.ran()) == 1, outcomes
+        assert outcomes[0] == "executed executed" and all(o.startswith("refused InvalidState") for o in outcomes[1:])
+        assert world.ceremonies.get(c.ceremony_id).state is CeremonyState.EXECUTED
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_starting_replicas_sweep_leaves_a_live_execution_and_fails_a_dead_one_at_once(
+        world: World, replicas: Callable[[str], ReplicaProcesses]) -> None:
+    """A replica starting (its sweep) while another replica's process executes a ceremony for longer than
+    EXECUTION_TIMEOUT leaves it executing, and its outcome stands; a replica SIGKILLed mid-execution has its
+    ceremony failed as interrupted by the next sweep, without waiting for the timeout."""
+    live = world.propose("alice")
+    world.approve(live.ceremony_id, "bob", "chen")
+    executing = replicas(live.ceremony_id)
+    executing.start(1)
+    _wait_for(lambda: len(executing.ran()) == 1, executing.processes)
+    world.clock.advance(EXECUTION_TIMEOUT * 2)
+    starting = audited(world)
+    starting.sweep()
+    assert starting.get(live.ceremony_id).state is CeremonyState.EXECUTING
+    assert executing.outcomes() == ["executed executed"]
+    assert world.ceremonies.get(live.ceremony_id).state is CeremonyState.EXECUTED
+    assert interruptions(world, live.ceremony_id) == 0
+
+    dead = world.propose("alice")
+    world.approve(dead.ceremony_id, "bob", "chen")
+    killed = replicas(dead.ceremony_id)
+    killed.start(1)
+    _wait_for(lambda: len(killed.ran()) == 1, killed.processes)
+    starting.sweep()  # alive: left alone
+    assert starting.get(dead.ceremony_id).state is CeremonyState.EXECUTING
+    killed.processes[0].send_signal(signal.SIGKILL)
+    killed.processes[0].wait()
+    starting.sweep()  # its connection, and the execution's lock with it, ended with the process
+    record = starting.get(dead.ceremony_id)
+    assert (record.state, record.error) == (CeremonyState.FAILED, INTERRUPTED)
+    assert interruptions(world, dead.ceremony_id) == 1

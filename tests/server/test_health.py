@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import secrets
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -77,7 +78,11 @@ def test_the_http_listener_serves_liveness_readiness_and_metrics_without_secrets
         "kms.v1.IssuanceService")}
     code, kind, body = _get(monitored, "/metrics")
     assert code == 200 and kind.startswith("text/plain")
-    assert any(family.name == "python_info" for family in text_string_to_metric_families(body))
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    assert "python_info" in families
+    # Which replica answered (server.replica; by default <hostname>-<port>): in /readyz and /metrics
+    assert ready["replica"] == monitored.replica == f"{socket.gethostname().split('.')[0]}-{monitored.port}"
+    assert [s.labels for s in families["kms_replica_info"].samples] == [{"replica": monitored.replica}]
     assert _get(monitored, "/readyz", method="POST")[0] == 405
     assert _get(monitored, "/nothing-here")[0] == 404
     assert _get(monitored, "/healthz", method="HEAD")[0] == 200

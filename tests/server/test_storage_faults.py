@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,22 +19,29 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-import yaml
-from helpers import POSTGRES, StorageFault, card, client, officer, open_batch, service_client, serving_engine
+from helpers import (
+    POSTGRES,
+    StorageFault,
+    card,
+    client,
+    drop_schema,
+    officer,
+    open_batch,
+    postgres_home,
+    service_client,
+    serving_engine,
+)
 from sqlalchemy import event
 
 from kms import store
 from kms.cards.cardid import CardIdentity
 from kms.client.service import Retrying
 from kms.clock import SystemClock
-from kms.dev.home import FORMAT_FILE, HOME_FORMAT, Home, init_home
+from kms.dev.home import Home
 from kms.dev.pki import DevPki
 from kms.errors import Unavailable
-from kms.files import write_private
-from kms.hsm.labels import AUDIT_TOKEN, domain_token
 from kms.identity import Principal
 from kms.issuance.batches import BatchStore
-from kms.registry import DOMAINS
 from kms.server.authz import Policy
 from kms.server.frame import TlsFiles, create_server, service_method
 from kms.server.serve import Service
@@ -215,32 +220,14 @@ def pg_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home,
     its `kms serve` in this process, and an engine on that schema for the test's own statements."""
     if not POSTGRES:
         pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES, connect_args={"options": f"-csearch_path={schema}"})
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    path = tmp_path_factory.mktemp("pg-home")
-    pki = DevPki(path / "pki")
-    server, relative = pki.server(), (lambda p: os.path.relpath(p, path))
-    write_private(path / FORMAT_FILE, f"{HOME_FORMAT}\n")  # init_home completes the home this kms.yaml starts
-    write_private(path / "kms.yaml", yaml.safe_dump({
-        "hsm": {"module": "auto", "softhsm2_conf": "hsm/softhsm2.conf"},
-        "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
-        "database": f"{POSTGRES}?options=-csearch_path%3D{schema}",
-        "profiles": "profiles", "workers_per_domain": 1,
-        "server": {"listen": "127.0.0.1:0", "tls": {"cert": relative(server.cert), "key": relative(server.key),
-                                                   "ca": relative(pki.ca.cert), "crl": relative(pki.crl)}},
-        "audit": {"token": AUDIT_TOKEN, "pin": "file:pins/audit.pin"},
-    }, sort_keys=False))
-    home = init_home(path, bureaus={"bureau-a": (STATION,), "bureau-b": ("station-b1",)})
+    home, admin = postgres_home(tmp_path_factory.mktemp("pg-home"),
+                                bureaus={"bureau-a": (STATION,), "bureau-b": ("station-b1",)})
     svc = Service(home.config, listen="127.0.0.1:0")
     try:
         yield home, svc, admin
     finally:
         svc.stop(grace=0)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        drop_schema(admin)
 
 
 def test_postgresql_disk_full_during_a_stream_is_retried_and_every_card_arrives_once(

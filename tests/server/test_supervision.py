@@ -6,6 +6,7 @@ replaced when it dies; the workers and the signer end with a SIGKILLed server; S
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -314,6 +315,9 @@ def test_sigterm_drains_streams_and_signs_a_final_checkpoint(home: Home, tmp_pat
     assert last is not None and last.size == size  # the chain's end is signed
     [final] = list(log.records(size - 1, size))
     assert '"kind":"service.stopped"' in final.body
+    # The replica (server.replica, by default <hostname>-<port>) named its stop and the checkpoint it signed
+    assert last.replica is not None and last.replica.endswith(f"-{port}")
+    assert json.loads(final.body)["detail"] == {"replica": last.replica}
     engine.dispose()
 
 
