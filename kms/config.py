@@ -3,6 +3,7 @@ PINs are references (kms.secrets), never literals. Relative paths are taken from
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -124,13 +125,77 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One address of the service: a host name or IP address, and a port."""
+
+    host: str  # an IPv6 address without its brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})")
+
+
+def endpoint(text: str) -> Endpoint:
+    """``host:port`` or ``[IPv6]:port`` as an Endpoint; ValueError saying what is wrong with it otherwise."""
+    text = text.strip()
+    if not text:
+        raise ValueError("an empty endpoint (two commas in a row, or one at an end)")
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{text!r} has no port (host:port)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))  # one spelling, so a duplicate shows
+        except ValueError:
+            raise ValueError(f"{text!r}: {host[1:-1]!r} in brackets is not an IPv6 address") from None
+    elif not _HOST_NAME.fullmatch(host):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not a host name or IP address") from None
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets ([::1]:7443)")
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return Endpoint(host.lower(), int(port))
+
+
+def endpoints(value: Any) -> tuple[Endpoint, ...]:
+    """The service's endpoints: one ``host:port``, several separated by commas, or (from YAML) a list of them, each
+    listed once. ValueError saying what is wrong otherwise (callers add where the value came from)."""
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise ValueError("must be host:port or a list of them")
+    found: list[Endpoint] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not host:port")
+        one = endpoint(item)
+        if one in found:
+            raise ValueError(f"{one} is listed twice")
+        found.append(one)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """How a station, an officer or an auditor reaches the service (kms station fetch, kms batch ...)."""
 
     path: Path
+    #: The service's endpoints, as text: ``host:port``, or several separated by commas (kms.client.service
+    #: balances calls over them and fails over between them).
     server: str
     tls: TlsConfig
     approval_key: Path | None = None  # an officer's ECDSA P-256 approval key (development: a PEM file)
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return endpoints(self.server)
 
 
 @dataclass(frozen=True)
@@ -395,10 +460,12 @@ def _replica(path: Path, value: Any) -> str | None:
 
 def _client(path: Path, doc: Any, where: str = "client", openbao: OpenBaoSettings | None = None) -> ClientConfig:
     doc = _only(path, where, doc, {"server", "tls"}, {"approval_key"})
-    if not isinstance(doc["server"], str) or ":" not in doc["server"]:
-        raise ConfigError(f"{path}: {where}.server must be host:port")
+    try:
+        server = ",".join(str(e) for e in endpoints(doc["server"]))
+    except ValueError as error:
+        raise ConfigError(f"{path}: {where}.server: {error}") from None
     key = doc.get("approval_key")
-    return ClientConfig(path, doc["server"], _tls(path, doc["tls"], f"{where}.tls", openbao),
+    return ClientConfig(path, server, _tls(path, doc["tls"], f"{where}.tls", openbao),
                         _path(path.parent, key, f"{where}.approval_key") if key else None)
 
 

@@ -13,8 +13,10 @@ gRPC Python cannot check CRLs itself, so:
   (a stale list is better than none), with a warning in the log once per CRL.
 - **Client** (``client.tls.crl`` in a client or station configuration): before it opens a gRPC channel, the client
   makes one TLS handshake of its own with Python's ``ssl`` (its certificate, the CA, the CRL, ``VERIFY_CRL_CHECK_LEAF``)
-  to the same address and refuses a revoked server certificate. The check is per channel, not per connection: a
-  channel that reconnects later (to another replica behind the same address, say) is not checked again. OpenSSL
+  to the same address and refuses a revoked server certificate. With several endpoints (``host:port,host:port``)
+  each resolved address is checked, and one that cannot be reached then is left out of the channel. The check is
+  per channel, not per connection: a channel that reconnects later (to another replica behind the same address,
+  say) is not checked again. OpenSSL
   refuses a CRL past its nextUpdate here, so a client needs a current CRL to connect at all.
 """
 
@@ -267,11 +269,12 @@ def _load_cert_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
         os.close(fd)
 
 
-def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0) -> None:
+def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0, name: str | None = None) -> None:
     """With ``tls.crl``: one TLS handshake to ``address`` (host:port) as the gRPC channel would make it, the
-    server's certificate checked against the CRL. PermissionDenied if it is revoked (or fails verification),
-    ConfigError for a CRL that cannot be used, a retryable HsmError (what an unreachable service is elsewhere) if
-    the server cannot be reached. Without a CRL: nothing."""
+    server's certificate checked against the CRL (and against ``name``, the TLS name the channel checks, when the
+    address is not by that name: one of several endpoints, kms.client.service.target). PermissionDenied if it is
+    revoked (or fails verification), ConfigError for a CRL that cannot be used, a retryable HsmError (what an
+    unreachable service is elsewhere) if the server cannot be reached. Without a CRL: nothing."""
     if tls.crl is None:
         return
     load_crls(tls.crl, tls.ca)  # a clear message for a bad file, rather than OpenSSL's
@@ -284,7 +287,7 @@ def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0
     context.set_alpn_protocols(["h2"])
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock, \
-                context.wrap_socket(sock, server_hostname=host):
+                context.wrap_socket(sock, server_hostname=name or host):
             pass
     except ssl.SSLCertVerificationError as error:
         if error.verify_code == _CERT_REVOKED:

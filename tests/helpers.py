@@ -103,10 +103,11 @@ def service_client(home: Home, service: Service, who: Principal | str) -> Client
     return Client(cfg, server=f"localhost:{service.port}", timeout=120)
 
 
-def kms(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process of its own, as a user runs it."""
+def kms(*args: str, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own, as a user runs it (``env``: variables set for it, "" unsets one)."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v != ""}
     result = subprocess.run([sys.executable, "-m", "kms.cli", *args], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ))
+                            timeout=300, cwd=ROOT, env=environment)
     if check:
         assert result.returncode == 0, result.stderr
     return result

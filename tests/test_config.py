@@ -609,3 +609,45 @@ def test_a_database_password_from_openbao_reaches_postgresql(openbao: Any, tmp_p
             assert conn.execute(sa.text("select 1")).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+# -- client.server: one endpoint or several (kms.client.service balances over them) --------------------------------
+
+
+@pytest.mark.parametrize(("server", "expected"), [
+    ("kms.example:7443", "kms.example:7443"),
+    ("kms-1.example:7443, kms-2.example:7443", "kms-1.example:7443,kms-2.example:7443"),
+    (["10.0.0.1:7443", "10.0.0.2:7443", "[fd00::3]:7443"], "10.0.0.1:7443,10.0.0.2:7443,[fd00::3]:7443"),
+    ("localhost:7443,localhost:7444", "localhost:7443,localhost:7444"),
+    ("KMS.Example:7443", "kms.example:7443"),
+])
+def test_the_client_server_is_one_endpoint_or_a_list(tmp_path: Path, server: Any, expected: str) -> None:
+    client = {"server": server, "tls": _TLS}
+    cfg = config.load_client(_write(tmp_path / "alice.yaml", {"client": client}))
+    assert cfg.server == expected
+    assert cfg.endpoints == tuple(config.endpoint(e) for e in expected.split(","))
+    station = config.load_station(_write(tmp_path / "station.yaml", _station(client=client)))
+    assert station.client is not None and station.client.server == expected
+
+
+@pytest.mark.parametrize(("server", "reason"), [
+    ("kms.example", "'kms.example' has no port (host:port)"),
+    ("kms.example:7443,", "an empty endpoint (two commas in a row, or one at an end)"),
+    ("a:1,,b:2", "an empty endpoint (two commas in a row, or one at an end)"),
+    ([], "must be host:port or a list of them"),
+    (7443, "must be host:port or a list of them"),
+    (["a:1", 7443], "7443 is not host:port"),
+    ("kms.example:0", "'kms.example:0': the port must be a number from 1 to 65535"),
+    ("kms.example:65536", "'kms.example:65536': the port must be a number from 1 to 65535"),
+    ("kms.example:https", "'kms.example:https': the port must be a number from 1 to 65535"),
+    ("kms.example:\uff17443", "'kms.example:\uff17443': the port must be a number from 1 to 65535"),  # a wide 7
+    (":7443", "':7443' has no port (host:port)"),
+    ("::1:7443", "'::1:7443': an IPv6 address goes in brackets ([::1]:7443)"),
+    ("[kms]:7443", "'[kms]:7443': 'kms' in brackets is not an IPv6 address"),
+    ("dns:///kms.example:7443", "'dns:///kms.example:7443': 'dns:///kms.example' is not a host name or IP address"),
+    ("a:1,b:2,A:1", "a:1 is listed twice"),
+    (["[::1]:7443", "[0:0::1]:7443"], "[::1]:7443 is listed twice"),
+])
+def test_a_malformed_client_server_is_named(tmp_path: Path, server: Any, reason: str) -> None:
+    path = _write(tmp_path / "alice.yaml", {"client": {"server": server, "tls": _TLS}})
+    assert _error(config.load_client, path) == f"{path.resolve()}: client.server: {reason}"

@@ -53,9 +53,21 @@ def env_path(parser: argparse.ArgumentParser, flag: str, text: str, *, required:
 
 
 def server_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get(ENV["--server"]) or None, metavar="HOST:PORT",
-                        help="the service's address, instead of the configuration's client.server "
+    parser.add_argument("--server", type=_servers, default=os.environ.get(ENV["--server"]) or None,
+                        metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the service's address, or several replicas' separated by commas (calls are balanced "
+                             "over them and fail over between them), instead of the configuration's client.server "
                              f"(default: ${ENV['--server']})")
+
+
+def _servers(text: str) -> str:
+    """--server's value (or $KMS_SERVER's) checked, as kms.config.endpoints reads it: one line naming what is
+    wrong (argparse prints it, exit 2)."""
+    try:
+        return ",".join(str(e) for e in config_mod.endpoints(text))
+    except ValueError as error:
+        source = f" (from ${ENV['--server']})" if text == os.environ.get(ENV["--server"]) else ""
+        raise argparse.ArgumentTypeError(f"{error}{source}") from None
 
 
 def json_option(parser: argparse.ArgumentParser, what: str = "the result") -> None:

@@ -30,7 +30,8 @@ def add_parser(sub: Any) -> None:
     station = commands(group, "station_command")
     p = command(station, "fetch", "fetch a batch's sealed bundles into a directory", """
         Stream a batch's sealed bundles from the service into OUT/<card_ref>.kmsb (mode 0600), resuming the stream
-        where it broke off when the service is briefly unavailable. With --open, verify each bundle and unwrap its
+        where it broke off when the service is briefly unavailable (on another replica when --server or the
+        configuration lists several and one is gone). With --open, verify each bundle and unwrap its
         keys into the station's token, recomputing every KCV (exit 7 if any is refused or mismatches). Cards the
         batch holds that this fetch did not receive (e.g. waiting for chip data) are counted on stderr; progress,
         with rate and time left, goes to stderr too.""",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast, overload
 
@@ -14,7 +16,7 @@ import grpc
 
 from kms import errors
 from kms.cards.cardid import CardIdentity
-from kms.config import ClientConfig, read_file
+from kms.config import ClientConfig, Endpoint, TlsConfig, endpoints, read_file
 from kms.revocation import check_server_certificate
 from kms.v1 import cards_pb2 as cards_pb
 from kms.v1 import cards_pb2_grpc as cards_rpc
@@ -107,17 +109,134 @@ def retry_unavailable(call: Callable[[], Reply], backoff: Backoff = Backoff(),
             budget.wait(error, "", on_retry, sleep)
 
 
+#: The channel options of every client: bundles of a stream message may take up to 8 MiB.
+_OPTIONS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+
+
+def server_endpoints(server: str | Sequence[str]) -> tuple[Endpoint, ...]:
+    """``server`` (``host:port``, several separated by commas, or a sequence of them) as endpoints; ConfigError
+    naming it when malformed (kms.config.endpoints: an empty item, no port, a port out of range, one listed twice)."""
+    try:
+        return endpoints(server if isinstance(server, str) else list(server))
+    except ValueError as error:
+        raise errors.ConfigError(f"server: {error}") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one gRPC channel over the endpoints connects to: the gRPC target, the name the server's certificate
+    must carry (``name``), the addresses it reaches (host, port: each one's certificate is checked against the CRL)
+    and the channel's options beyond _OPTIONS."""
+
+    target: str
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def only(self, addresses: Sequence[tuple[str, int]]) -> Target:
+        """This target reaching only ``addresses`` (some of its own)."""
+        if len(self.addresses) == 1 and not self.options:
+            return self
+        return _listed(self.name, dict(self.options)["grpc.default_authority"], tuple(addresses))
+
+
+def _listed(name: str, authority: str, addresses: tuple[tuple[str, int], ...]) -> Target:
+    ipv6 = ":" in addresses[0][0]
+    listed = ",".join(f"[{a}]:{p}" if ipv6 else f"{a}:{p}" for a, p in addresses)
+    return Target(f"{'ipv6' if ipv6 else 'ipv4'}:{listed}", name, addresses, (
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.ssl_target_name_override", name),  # else gRPC checks the whole list as one name
+        ("grpc.default_authority", authority)))
+
+
+def _resolve(endpoint: Endpoint) -> list[tuple[int, str]]:
+    """(address family, address) of an endpoint's host, in the resolver's order, each once."""
+    try:
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    found: list[tuple[int, str]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, str(sockaddr[0])) not in found:
+            found.append((family, str(sockaddr[0])))
+    return found
+
+
+def target(endpoints: Sequence[Endpoint],
+           resolve: Callable[[Endpoint], list[tuple[int, str]]] = _resolve) -> Target:
+    """The channel's target. One endpoint: its ``host:port`` as always (gRPC resolves the name and uses the first
+    address that answers). Several: their hosts resolved here, every address of every endpoint in one
+    ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy (each call to the next connected address; an address
+    whose connection failed is skipped until it reconnects). One channel checks one TLS name: the first endpoint's
+    host (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several
+    ports, or a service name in every replica's certificate, listed first). An endpoint whose host does not resolve is
+    left out while another resolves; Unavailable (retried like any outage) if none does."""
+    first = endpoints[0]
+    if len(endpoints) == 1:
+        return Target(str(first), first.host, ((first.host, first.port),))
+    resolved = {e: resolve(e) for e in endpoints}
+    live = [e for e in endpoints if resolved[e]]
+    if not live:
+        raise errors.Unavailable(f"service: unavailable: none of the hosts of {','.join(map(str, endpoints))} "
+                                 "resolves to an address")
+    # gRPC takes one address family per list: the family that reaches the most endpoints, IPv4 on a tie.
+    reach = {f: sum(any(fam == f for fam, _ in resolved[e]) for e in live) for f in (socket.AF_INET, socket.AF_INET6)}
+    family = max(reach, key=lambda f: (reach[f], f == socket.AF_INET))
+    return _listed(first.host, str(first),
+                   tuple(dict.fromkeys((address, e.port) for e in live for f, address in resolved[e] if f == family)))
+
+
+#: With several addresses, how long each one's CRL check may take to connect and shake hands: a replica that hangs
+#: (frozen, or a host that drops packets) is left out after this, not after the call timeout.
+CHECK_SECONDS = 10.0
+
+
+def check_server_certificates(tls: TlsConfig, reached: Target, timeout: float) -> Target:
+    """With ``client.tls.crl``: the server certificate at each of the target's addresses checked against the CRL
+    (kms.revocation.check_server_certificate, for the TLS name the channel checks); the target without the
+    addresses that cannot be reached now (their certificates unchecked, so never used by this channel). Several
+    addresses are checked at once, each within CHECK_SECONDS. A revoked certificate anywhere: PermissionDenied.
+    None reachable: the last retryable error. Without a CRL: ``reached``."""
+    if tls.crl is None:
+        return reached
+    if len(reached.addresses) == 1 and not reached.options:
+        check_server_certificate(tls, reached.target, timeout)
+        return reached
+
+    def check(address: tuple[str, int]) -> errors.KmsError | None:
+        try:
+            check_server_certificate(tls, str(Endpoint(*address)), min(timeout, CHECK_SECONDS), name=reached.name)
+        except errors.KmsError as error:
+            if not error.retryable:
+                raise
+            return error
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(len(reached.addresses), 8), thread_name_prefix="kms-crl") as pool:
+        outcomes = list(pool.map(check, reached.addresses))  # the first refusal, if any, is raised here
+    checked = [address for address, error in zip(reached.addresses, outcomes, strict=True) if error is None]
+    if not checked:
+        raise next(error for error in reversed(outcomes) if error is not None)
+    return reached.only(checked)
+
+
 class Client:
-    def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | None = None) -> None:
+    """A connection to the service as a station, an officer or an auditor: ``cfg.server`` (or ``server``, one
+    ``host:port`` or several separated by commas) over mutual TLS, one gRPC channel over every endpoint (target).
+    Calls are balanced over the endpoints that are connected; a call that fails UNAVAILABLE (an endpoint gone)
+    is retried by retry_unavailable or stream_batch on a connected one."""
+
+    def __init__(self, cfg: ClientConfig, timeout: float = 60.0, server: str | Sequence[str] | None = None) -> None:
         # A file that cannot be read is a ConfigError naming its setting and path, before anything else uses it.
         ca, key, cert = (read_file(cfg.tls.ca, "client.tls.ca"), cfg.tls.private_key("client.tls.key"),
                          read_file(cfg.tls.cert, "client.tls.cert"))
-        # With client.tls.crl: the server's certificate checked against the CRL first, once for this channel
-        # (kms.revocation; gRPC Python cannot check CRLs itself).
-        check_server_certificate(cfg.tls, server or cfg.server, timeout)
+        self.endpoints = server_endpoints(server) if server is not None else cfg.endpoints
+        # With client.tls.crl: each address's server certificate checked against the CRL first, once for this
+        # channel (kms.revocation; gRPC Python cannot check CRLs itself).
+        self.target = check_server_certificates(cfg.tls, target(self.endpoints), timeout)
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        self._channel = grpc.secure_channel(server or cfg.server, credentials, options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+        self._channel = grpc.secure_channel(self.target.target, credentials,
+                                            options=[*_OPTIONS, *self.target.options])
         self.issuance = rpc.IssuanceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.batches = rpc.BatchServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.cards = cards_rpc.CardServiceStub(self._channel)  # type: ignore[no-untyped-call]

@@ -7,14 +7,19 @@ is nothing of the caller's but where the PKCS#11 module and the code are: no PIN
 ``process_table`` is what actually ran: each service's processes from /proc with their uids, and what each user
 can read as measured by ``kms.dev.separation.readability`` (and ``openbao_readability``). ``scripts/demo.py
 --secrets openbao`` uses it.
+
+``Replicas`` runs several ``kms serve`` processes of one configuration (one database), each on its own port: the
+multi-endpoint client tests and the cluster run use it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +171,111 @@ def process_table(rows: Sequence[ProcessRow], matrix: Mapping[str, Mapping[str, 
         lines.append(f"| {row.command} | {row.user} | {row.pid}{others} | "
                      f"{'all ' + row.user if row.uids_match else 'MIXED'} | {', '.join(readable) or '-'} |")
     return "\n".join(lines)
+
+
+# -- several replicas of one configuration (tests, the cluster run) -------------------------------------------------
+
+
+@dataclass
+class Replica:
+    """One ``kms serve`` process of a Replicas: its gRPC port, its /metrics listener's URL and its log (stderr)."""
+
+    index: int
+    process: subprocess.Popen[str]
+    port: int
+    http: str
+    log: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"localhost:{self.port}"
+
+    def metrics(self) -> str:
+        """Its /metrics page (Prometheus text)."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=30) as reply:  # noqa: S310 (http: of our own)
+            return str(reply.read().decode("utf-8"))
+
+    def sample(self, metric: str, method: str) -> float:
+        """The sum of ``metric``'s samples for a service method named by its short name (e.g. "GetBatchStatus"):
+        ``kms_requests_total`` (calls answered, any status), ``kms_streams_open`` (streams in progress)."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            labels = re.fullmatch(rf'{metric}\{{(.*)\}} (\S+)', line)
+            if labels and re.search(rf'(^|,)method="[^"]*/{method}"', labels.group(1)):
+                total += float(labels.group(2))
+        return total
+
+
+class Replicas:
+    """Replicas of the service: ``kms serve --config CONFIG`` processes, each on a free loopback port with its health
+    and metrics listener on another, all on CONFIG's database (PostgreSQL for several at once) and its tokens or
+    worker services. ``start`` adds one and waits until it serves; ``endpoints`` is what a client lists
+    (``localhost:P1,localhost:P2``); ``kill`` sends one a signal (SIGKILL: a replica lost mid-call); ``stop`` ends
+    those still running (SIGTERM, then SIGKILL after STOP_SECONDS) and returns their exit statuses. Their spawned
+    HSM workers die with them (kms.processes); ``restart`` starts a replica again on the ports of one that ended.
+    ``env``: their environment (default: this process's)."""
+
+    def __init__(self, config: Path, logs: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.logs = logs
+        self.env = dict(os.environ if env is None else env)
+        self.replicas: list[Replica] = []
+
+    def start(self, port: int = 0, http_port: int = 0) -> Replica:
+        """One more replica (on ``port`` and ``http_port``, 0: free ones), serving once this returns; ConfigError
+        (its log's tail) if it does not come up."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        index = len(self.replicas)
+        log = self.logs / f"replica-{index}.log"
+        with open(log, "w", encoding="utf-8") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "kms.cli", SERVE, "--config", str(self.config),
+                                     "--listen", f"127.0.0.1:{port}", "--health-listen", f"127.0.0.1:{http_port}"],
+                                    env=self.env, text=True, stdout=subprocess.PIPE, stderr=err,
+                                    stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.startswith("kms: serving on port "):
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise ConfigError(f"replica {index} did not start ({line!r}): "
+                              f"{log.read_text(encoding='utf-8', errors='replace').strip()[-500:]}")
+        http = re.search(r"health and metrics on (http://\S+) ", log.read_text(encoding="utf-8"))
+        replica = Replica(index, proc, int(line.rsplit(" ", 1)[1]), http.group(1) if http else "", log)
+        self.replicas.append(replica)
+        return replica
+
+    def restart(self, replica: Replica) -> Replica:
+        """A new replica on the ports of ``replica``, which has ended (killed or stopped): clients that list its
+        endpoint reach it again."""
+        assert replica.process.poll() is not None, "the replica still runs"
+        return self.start(replica.port, int(replica.http.rsplit(":", 1)[1]))
+
+    @property
+    def running(self) -> list[Replica]:
+        return [r for r in self.replicas if r.process.poll() is None]
+
+    @property
+    def endpoints(self) -> str:
+        """The running replicas' endpoints, as ``--server`` and ``client.server`` take them."""
+        return ",".join(r.endpoint for r in self.running)
+
+    def kill(self, replica: Replica, sig: int = signal.SIGKILL) -> int:
+        """Send ``replica`` ``sig`` and wait for it to end; its exit status."""
+        replica.process.send_signal(sig)
+        return replica.process.wait(timeout=STOP_SECONDS)
+
+    def stop(self) -> dict[int, int]:
+        """SIGTERM to each replica still running, then their exit statuses (-9: killed, here or before)."""
+        for replica in self.running:
+            replica.process.send_signal(signal.SIGTERM)
+        codes = {}
+        for replica in self.replicas:
+            try:
+                codes[replica.index] = replica.process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                replica.process.kill()
+                codes[replica.index] = replica.process.wait()
+            if replica.process.stdout is not None:
+                replica.process.stdout.close()
+        return codes
