@@ -497,7 +497,8 @@ def run(cluster: Cluster, plan: Plan, report: Report) -> dict[str, Any]:
     fetches = [Fetch(cluster, s, out / f"{s.station}-{s.batch}", logs / f"fetch-{s.station}.log")
                for s in plan_streams]
     started = time.perf_counter()
-    report.event(f"{len(fetches)} stations streaming at once: "
+    listed = " (each given every replica, this one first)" if several_endpoints_supported() else ""
+    report.event(f"{len(fetches)} stations streaming at once{listed}: "
                  + ", ".join(f"{s.station} {s.batch} via r{s.replica + 1}" for s in plan_streams))
     faults = _faults(cluster, plan, fetches, report)
     results = [f.wait(max(1.0, plan.seconds - (time.perf_counter() - started))) for f in fetches]
@@ -548,14 +549,17 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
             return
         held = ", ".join(f"{f.stream.station} {f.received()}/{plan.cards}" for f in on_r1)
         code = cluster.replicas[0].kill()
-        report.event(f"r1 SIGKILLed mid-stream (exit {code}; its stations held {held})")
+        report.event(f"r1 SIGKILLed mid-stream (exit {code}; the stations that started on it held {held}"
+                     + ("; they resume from their cursors on another replica" if several_endpoints_supported()
+                        else "") + ")")
         # Stations that take every replica balance their calls: then some station must still be streaming.
         report.figures["killed_mid_stream"] = (any(f.proc.poll() is None for f in fetches)
                                                if several_endpoints_supported()
                                                else all(f.received() < plan.cards for f in on_r1))
         time.sleep(1.0)
         restart(cluster.replicas[0], report)
-        report.event(f"r1 restarted on port {cluster.ports[0]}; its stations resume from their cursors")
+        report.event(f"r1 restarted on port {cluster.ports[0]}" + ("" if several_endpoints_supported()
+                                                                    else "; its stations resume from their cursors"))
 
     def restart_bank() -> None:
         while running() and sum(f.received() for f in fetches) < plan.worker_restart_at * expected:
