@@ -138,18 +138,27 @@ def retire(executor: Any, *, cancel: bool = True) -> None:
             _retired.append((thread, processes))
 
 
+#: After ``settle``'s deadline: how long the killed pools' management threads get, together, to see their processes end.
+KILL_GRACE = 5.0
+
+
 def settle(timeout: float = 10.0) -> None:
-    """Wait until every retired pool has ended, for up to ``timeout`` seconds; then kill what still runs."""
+    """Wait until every retired pool has ended, all of them within ``timeout`` seconds in total; then kill the
+    processes of those still running and give their management threads KILL_GRACE seconds, again in total. However
+    many pools were retired, it returns within ``timeout + KILL_GRACE`` seconds (a stop stays bounded)."""
     with _retired_lock:
         retired, _retired[:] = list(_retired), []
     deadline = time.monotonic() + timeout
-    for thread, processes in retired:
+    for thread, _ in retired:
         thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            for process in processes:
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    process.kill()
-            thread.join(5.0)
+    late = [(thread, processes) for thread, processes in retired if thread.is_alive()]
+    for _, processes in late:
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                process.kill()
+    grace = time.monotonic() + KILL_GRACE
+    for thread, _ in late:
+        thread.join(max(0.0, grace - time.monotonic()))
 
 
 # Run ``settle`` at exit before the process pools' own exit hook (threading runs these hooks last registered first;

@@ -67,8 +67,8 @@ def open_station(config: StationConfig) -> TokenSession:
 
 def registry(config: Config, clock: Clock) -> KeyRegistry:
     """The key registry of the configured database, its changes chained into that database's audit log (also in the
-    domain worker processes, where ceremonies' key operations run). Its schema must be current
-    (``store.require_current``: otherwise ConfigError naming ``kms db upgrade``)."""
+    domain worker processes, where ceremonies' key operations run). Its schema must be current (``store.require_head``:
+    one read of the recorded revision, Alembic not loaded; otherwise ConfigError naming ``kms db upgrade``)."""
     engine = store.make_engine(config.database)
-    store.require_current(engine, config=config.path)
+    store.require_head(engine, config=config.path)
     return KeyRegistry(engine, clock, AuditLog(engine, clock))

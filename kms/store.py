@@ -8,22 +8,21 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
-from kms.errors import ConfigError, StorageUnavailable
+from kms.errors import ConfigError, StorageUnavailable, Unavailable
 from kms.files import create_private
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
 # Alembic says at INFO which dialect it found each time a status is read; kms logs what it changes itself.
@@ -216,12 +215,16 @@ opened_bundles = sa.Table(
 )
 
 
-def make_engine(url: str) -> sa.Engine:
+def make_engine(url: str, *, create: bool = True) -> sa.Engine:
     """An engine for this URL; SQLite gets foreign keys and a busy timeout so that processes can share it, and a
-    database file created 0600 before SQLite first opens it (kms.files). Storage faults of either database come out
-    of it as StorageUnavailable (``translate_storage_faults``)."""
+    database file created 0600 before SQLite first opens it (kms.files); without ``create``, a SQLite file that does
+    not exist is refused (ConfigError naming it) rather than made. Storage faults of either database come out of it
+    as StorageUnavailable (``translate_storage_faults``)."""
     if url.startswith("sqlite"):
-        _create_sqlite_file(url)
+        if create:
+            _create_sqlite_file(url)
+        else:
+            _require_sqlite_file(url)
         engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT})
 
         @event.listens_for(engine, "connect")
@@ -317,6 +320,12 @@ def _create_sqlite_file(url: str) -> None:
     path = Path(database)
     if path.parent.is_dir():
         create_private(path)
+
+
+def _require_sqlite_file(url: str) -> None:
+    database = sa.make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:") and not Path(database).is_file():
+        raise ConfigError(f"{database}: no such database file")
 
 
 def create_station_ledger(engine: sa.Engine) -> None:
@@ -452,9 +461,18 @@ limits = sa.Table(
 
 
 
-def database_display(url: str) -> str:
-    """The database URL without its password (for logs and ``service.started``)."""
-    return sa.make_url(url).render_as_string(hide_password=True)
+#: URL query parameters (libpq's) that carry a secret or name where one is: masked wherever a database URL is shown.
+_SECRET_QUERY = frozenset({"password", "sslpassword", "passfile"})
+
+
+def database_display(url: str | sa.URL) -> str:
+    """The database URL without its password, in the user information or in the query (``password``,
+    ``sslpassword``, ``passfile``): for logs, ``service.started``, ``kms db current`` and refusals."""
+    parsed = sa.make_url(url)
+    secret = {key: "***" for key in parsed.query if key.lower() in _SECRET_QUERY}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    return parsed.render_as_string(hide_password=True)
 
 
 def ping(engine: sa.Engine) -> None:
@@ -468,11 +486,17 @@ def ping(engine: sa.Engine) -> None:
 # The tables above are the schema at the head revision of kms/migrations/versions; tests/test_migrations.py fails
 # when they differ. Every process that opens the records database requires it at that revision (require_current);
 # only `kms db upgrade` (upgrade) changes an existing one, and an empty one is created at head by the processes that
-# start a deployment (`kms serve`, `kms worker`, `kms init`).
+# start a deployment (`kms serve`, `kms init`; never `kms worker`, whose database role need not own the tables).
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 #: The revision a database made by a kms before schema migrations is stamped with once it matches its schema.
 BASELINE = "0001_baseline"
+#: This kms's head revision, known without loading Alembic: what ``require_head`` compares the database's recorded
+#: revision with. tests/migrations/test_revisions.py keeps it equal to the head of kms/migrations/versions.
+HEAD = "0002_checkpoint_replica"
+#: How long a schema change waits for a table lock a running kms holds (PostgreSQL's lock_timeout) before it gives
+#: up (Unavailable, naming the replicas to stop).
+LOCK_TIMEOUT = "10s"
 
 SchemaState = Literal["empty", "current", "older", "newer", "unversioned"]
 
@@ -489,15 +513,27 @@ class SchemaStatus:
     state: SchemaState
 
 
-@functools.cache
+# Alembic (and Mako, which it loads) is imported inside the functions below: only the processes that check or change
+# the schema load it, not the HSM worker processes nor the client commands (tests/test_imports.py).
+
 def _scripts() -> ScriptDirectory:
-    return ScriptDirectory(str(MIGRATIONS))
+    return _scripts_at(str(MIGRATIONS))
 
 
-def _alembic_config(connection: sa.Connection) -> AlembicConfig:
+@functools.cache
+def _scripts_at(location: str) -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(location)
+
+
+def _alembic_config(connection: sa.Connection, schema: str | None) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
+    cfg.attributes["version_table_schema"] = schema  # env.py names it to Alembic
     return cfg
 
 
@@ -513,13 +549,49 @@ def _known_tables() -> set[str]:
     return set(metadata.tables) | set(_baseline().tables)
 
 
-def _status(conn: sa.Connection) -> SchemaStatus:
+def schema_of(conn: sa.Connection) -> str | None:
+    """The schema kms's tables and its revision table live in: None on SQLite; on PostgreSQL ``current_schema()``
+    (the first schema of search_path that exists), resolved once and named in every read and change of the revision
+    table (with several schemas in search_path an unqualified ``alembic_version`` could be another schema's).
+    ConfigError if no schema of search_path exists."""
+    if conn.dialect.name != "postgresql":
+        return None
+    name = conn.execute(sa.text("SELECT current_schema()")).scalar()
+    if name is None:
+        raise ConfigError(f"{_display(conn.engine)}: the schema named by search_path does not exist (create it, or "
+                          "correct search_path in the database URL's options)")
+    return str(name)
+
+
+@contextlib.contextmanager
+def _refusals(engine: sa.Engine) -> Iterator[None]:
+    """A database role that may not read or change the schema (PostgreSQL's insufficient_privilege, 42501): one
+    line (ConfigError) naming what it may not do, not an internal error."""
+    try:
+        yield
+    except sa.exc.DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) != "42501":
+            raise
+        said = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else "permission denied"
+        raise ConfigError(f"{_display(engine)}: the database role may not do this ({said}): the schema is created "
+                          "and upgraded by its owner's role with `kms db upgrade`; runtime roles need SELECT on "
+                          "alembic_version (docs/operations.md, \"Upgrading kms\")") from None
+
+
+def _status(conn: sa.Connection, schema: str | None) -> SchemaStatus:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
     scripts = _scripts()
     head = scripts.get_current_head()
     assert head is not None
-    current = MigrationContext.configure(conn).get_current_revision()
+    try:
+        current = MigrationContext.configure(conn, opts={"version_table_schema": schema}).get_current_revision()
+    except CommandError as error:  # e.g. two rows in alembic_version
+        raise ConfigError(f"{_display(conn.engine)}: the schema's revision table alembic_version is not one kms "
+                          f"writes ({error})") from None
     if current is None:
-        tables = set(sa.inspect(conn).get_table_names()) & _known_tables()
+        tables = set(sa.inspect(conn).get_table_names(schema=schema)) & _known_tables()
         return SchemaStatus(None, head, "unversioned" if tables else "empty")
     if current == head:
         return SchemaStatus(current, head, "current")
@@ -529,91 +601,155 @@ def _status(conn: sa.Connection) -> SchemaStatus:
 
 def schema_status(engine: sa.Engine) -> SchemaStatus:
     """Where this database's schema stands against this kms's revisions (reads only)."""
-    with engine.connect() as conn:
-        return _status(conn)
+    with _refusals(engine), engine.connect() as conn:
+        return _status(conn, schema_of(conn))
 
 
 @contextlib.contextmanager
-def _schema_lock(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """One transaction holding the right to change the schema, committed at the end: PostgreSQL's transaction-level
-    advisory lock for this schema (replicas starting together wait for each other; DDL is transactional there),
-    SQLite's write lock taken at BEGIN IMMEDIATE (its DDL is transactional too, once inside a transaction)."""
+def _schema_lock(engine: sa.Engine) -> Iterator[tuple[sa.Connection, str | None]]:
+    """One transaction holding the right to change the schema, committed at the end, with the schema it changes
+    (``schema_of``). PostgreSQL: the transaction-level advisory lock for that schema (replicas starting together wait
+    for each other; DDL is transactional there), then a lock_timeout of LOCK_TIMEOUT for the tables' locks. SQLite:
+    its write lock taken at BEGIN IMMEDIATE (its DDL is transactional too, once inside a transaction), foreign keys
+    off meanwhile (a revision that recreates a parent table, Alembic's batch mode, would otherwise fail on real rows;
+    the pragma cannot change inside a transaction) and checked before the commit (``PRAGMA foreign_key_check``)."""
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('kms.schema'), hashtext(current_schema()))"))
-        yield conn
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield conn, None
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    tables = ", ".join(sorted({str(row[0]) for row in broken}))
+                    raise ConfigError(f"{_display(engine)}: the schema change would leave rows of {tables} whose "
+                                      "foreign key points nowhere; nothing was changed")
+                conn.commit()
+            finally:
+                conn.rollback()  # nothing to undo after the commit
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")  # the pooled connection as make_engine made it
+                conn.commit()
+            return
+        schema = schema_of(conn)
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('kms.schema'), hashtext(:schema))"),
+                         {"schema": schema})
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        yield conn, schema
         conn.commit()
 
 
-def upgrade(engine: sa.Engine) -> tuple[str | None, str]:
+def upgrade(engine: sa.Engine, *, only_from: Collection[SchemaState] | None = None,
+            config: object = "kms.yaml") -> tuple[str | None, str]:
     """Bring the database to this kms's head revision, in one transaction under the schema lock, and say from which
     revision to which (from None: it was empty or unversioned; from == to: nothing to do). An unversioned database
     with the baseline's schema is stamped ``0001_baseline`` first (missing tables or indexes the kms before
     migrations would have added are added); one whose schema differs otherwise is refused (ConfigError naming the
-    differences), and so is a database at a revision this kms does not know."""
-    with _schema_lock(engine) as conn:
-        status = _status(conn)
-        if status.state == "newer":
-            raise ConfigError(_newer(engine, status))
-        if status.state == "current":
+    differences), and so is a database at a revision this kms does not know. ``only_from``: the states (as found
+    under the lock) it may start from; any other is refused as ``require_current`` refuses it (``config`` named in
+    that line). A table lock held by a running kms for over LOCK_TIMEOUT: Unavailable, naming the replicas to
+    stop."""
+    from alembic import command
+
+    try:
+        with _refusals(engine), _schema_lock(engine) as (conn, schema):
+            status = _status(conn, schema)
+            if status.state == "current":
+                return status.current, status.head
+            if status.state == "newer" or (only_from is not None and status.state not in only_from):
+                raise ConfigError(_refusal(engine, status, config))
+            cfg = _alembic_config(conn, schema)
+            if status.state == "unversioned":
+                _adopt(engine, conn)
+                command.stamp(cfg, BASELINE)
+            command.upgrade(cfg, "head")
             return status.current, status.head
-        cfg = _alembic_config(conn)
-        if status.state == "unversioned":
-            _adopt(engine, conn)
-            command.stamp(cfg, BASELINE)
-        command.upgrade(cfg, "head")
-        return status.current, status.head
+    except StorageUnavailable as error:
+        if error.reason != "lock not available":
+            raise
+        raise Unavailable(f"{_display(engine)}: the schema upgrade waited over {LOCK_TIMEOUT} for a table a running "
+                          "kms holds: stop every kms serve and kms worker on this database, then run `kms db "
+                          "upgrade` again") from None
 
 
 def require_current(engine: sa.Engine, *, create: bool = False, config: object = "kms.yaml") -> SchemaStatus:
     """Refuse (ConfigError, one line naming ``kms db upgrade --config <config>``) a database whose schema is not at
-    this kms's head revision; with ``create``, an empty one is first created at head (logged). Returns the status
-    found (state "empty": it was created now)."""
+    this kms's head revision; with ``create``, an empty one is first created at head (logged; refused as any other
+    if another process left it in another state meanwhile). Returns the status found (state "empty": it was
+    created now)."""
     status = schema_status(engine)
     if status.state == "current":
         return status
     if status.state == "empty" and create:
-        upgrade(engine)
+        upgrade(engine, only_from={"empty"}, config=config)
         log.info("%s: no kms tables: the schema was created at revision %s", _display(engine), status.head)
         return status
+    raise ConfigError(_refusal(engine, status, config))
+
+
+def require_head(engine: sa.Engine, *, config: object = "kms.yaml") -> None:
+    """``require_current`` at the cost of one read, for processes whose parent checked the schema already (the HSM
+    worker processes, the key registry): the revision recorded in alembic_version compared with HEAD, without
+    loading Alembic. Anything but HEAD (no revision table, another revision, no privilege) goes to
+    ``require_current``, which says what it is."""
+    try:
+        with engine.connect() as conn:
+            version = sa.table("alembic_version", sa.column("version_num"), schema=schema_of(conn))
+            found = list(conn.execute(sa.select(version.c.version_num)).scalars())
+    except sa.exc.DBAPIError:
+        found = []
+    if found != [HEAD]:
+        require_current(engine, config=config)
+
+
+def _refusal(engine: sa.Engine, status: SchemaStatus, config: object) -> str:
     if status.state == "newer":
-        raise ConfigError(_newer(engine, status))
+        return (f"{_display(engine)}: the database schema (revision {status.current}) is newer than this kms "
+                f"({status.head}); upgrade kms")
     found = {"older": f"at revision {status.current}",
              "unversioned": "from a kms before schema migrations (no revision recorded)",
-             "empty": "empty (no kms tables)"}[status.state]
-    raise ConfigError(f"{_display(engine)}: the database schema is {found}, this kms needs {status.head}: run "
-                      f"`kms db upgrade --config {config}`")
-
-
-def _newer(engine: sa.Engine, status: SchemaStatus) -> str:
-    return (f"{_display(engine)}: the database schema (revision {status.current}) is newer than this kms "
-            f"({status.head}); upgrade kms")
+             "empty": "empty (no kms tables)", "current": f"at revision {status.current}"}[status.state]
+    return (f"{_display(engine)}: the database schema is {found}, this kms needs {status.head}: run "
+            f"`kms db upgrade --config {config}`")
 
 
 def _display(engine: sa.Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
+    return database_display(engine.url)
 
 
 def schema_differences(conn: sa.Connection, target: sa.MetaData) -> list[str]:
     """How the database's tables differ from ``target``'s (Alembic's autogenerate comparison: tables, columns,
-    types, nullability, indexes, unique and foreign key constraints), one short phrase each; tables that are not
-    kms's are left out. Empty: the same schema."""
+    types, nullability, server defaults, indexes, unique and foreign key constraints; and primary keys), one short
+    phrase each; tables that are not kms's are left out. Empty: the same schema."""
     return [text for _, text in _compare(conn, target)]
 
 
 def _compare(conn: sa.Connection, target: sa.MetaData) -> list[tuple[tuple[Any, ...], str]]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     known = _known_tables() | set(target.tables)
 
     def include_name(name: str | None, kind: str, parents: Mapping[str, str | None]) -> bool:
         return kind != "table" or name in known
 
-    context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name})
+    context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True,
+                                                     "include_name": include_name})
     found = []
     for diff in compare_metadata(context, target):
         for change in diff if isinstance(diff, list) else [diff]:  # a column's modifications come as a list
             found.append((change, _describe(change)))
+    # Alembic's comparison leaves primary keys out.
+    inspector = sa.inspect(conn)
+    existing = set(inspector.get_table_names())
+    for table in target.sorted_tables:
+        if table.name not in existing:
+            continue
+        has = list(inspector.get_pk_constraint(table.name).get("constrained_columns") or [])
+        wants = [column.name for column in table.primary_key.columns]
+        if has != wants:
+            found.append((("modify_pk", table.name, has, wants),
+                          f"{table.name} has primary key ({', '.join(has)}), kms makes it ({', '.join(wants)})"))
     return found
 
 
@@ -635,6 +771,8 @@ def _describe(change: tuple[Any, ...]) -> str:
         def nullable(flag: object) -> str:
             return "nullable" if flag else "NOT NULL"
         return f"{change[2]}.{change[3]} is {nullable(change[5])}, kms makes it {nullable(change[6])}"
+    if kind == "modify_default":
+        return f"{change[2]}.{change[3]} has default {change[5]}, kms makes it {change[6]}"
     if kind in ("add_constraint", "remove_constraint", "add_fk", "remove_fk"):
         constraint = change[1]
         what = "foreign key" if kind.endswith("fk") else "constraint"

@@ -285,6 +285,12 @@ def old_kms(tree: Path, *args: str, cwd: Path | None = None, timeout: float = 30
                           cwd=cwd or tree, env=env)
 
 
+def with_search_path(url: str, *schemas: str) -> str:
+    """``url`` whose connections use these schemas (libpq's options, added to any query the URL has already)."""
+    return sa.make_url(url).update_query_dict({"options": f"-csearch_path={','.join(schemas)}"}).render_as_string(
+        hide_password=False)
+
+
 @contextlib.contextmanager
 def postgres_schema() -> Any:
     """A fresh PostgreSQL schema (KMS_TEST_POSTGRES_URL): yields the database URL whose connections use it (its
@@ -297,7 +303,7 @@ def postgres_schema() -> Any:
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        yield with_search_path(POSTGRES, schema)
     finally:
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -6,6 +6,8 @@ function counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from helpers import ROOT
@@ -122,3 +124,17 @@ def test_packages_import_only_what_the_package_map_allows() -> None:
                 if theirs != mine and theirs not in MAY_IMPORT[mine]:
                     wrong.append(f"{name} imports {imported} ({mine} may import {sorted(MAY_IMPORT[mine])})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_client_commands_and_hsm_worker_processes_do_not_load_alembic() -> None:
+    """Alembic (and Mako) load only where the schema is checked in full or changed: not for `kms --help`, not in
+    the client commands' modules, not with kms.store, kms.runtime or the HSM worker processes' module."""
+    child = (
+        "import contextlib, io, sys\n"
+        "import kms.store, kms.runtime, kms.issuance.workers, kms.client.service, kms.cli.main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    kms.cli.main.main(['--help'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout == "[]\n", done

@@ -170,3 +170,19 @@ def test_a_postgresql_server_that_is_not_there_is_unavailable() -> None:
     engine = store.make_engine("postgresql+psycopg://kms:kms@127.0.0.1:1/nowhere?connect_timeout=2")
     with pytest.raises(StorageUnavailable, match=r"^the database is unavailable \(cannot connect\); try again$"):
         BatchStore(engine, SystemClock()).get_batch("B-1")
+
+
+def test_database_display_hides_every_password_of_the_url() -> None:
+    """The userinfo password and libpq's secret query parameters (password, sslpassword, passfile) are masked;
+    the rest of the URL is shown as it is."""
+    shown = store.database_display("postgresql+psycopg://kms:UserInfoPw@db:5432/kms?password=QueryPw"
+                                   "&sslpassword=SslPw&passfile=/home/k/.pgpass&sslmode=verify-full&PASSWORD=UpperPw")
+    for secret in ("UserInfoPw", "QueryPw", "SslPw", "/home/k/.pgpass", ".pgpass", "UpperPw"):
+        assert secret not in shown, shown
+    assert shown.startswith("postgresql+psycopg://kms:***@db:5432/kms?") and "sslmode=verify-full" in shown
+    assert store.database_display("sqlite:////srv/kms/kms.db") == "sqlite:////srv/kms/kms.db"
+    engine = store.make_engine("postgresql+psycopg://kms:pw@db/kms?password=QueryPw")
+    try:
+        assert "QueryPw" not in store._display(engine)
+    finally:
+        engine.dispose()

@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
     group = command(sub, "db", "the records database's schema (revisions, upgrade)", """
         The records database's schema against this kms's revisions (Alembic, shipped in kms/migrations). kms serve
         and kms worker refuse a database whose schema is at another revision with one line naming `kms db upgrade`;
-        they create an empty one themselves. Upgrading: docs/operations.md, "Upgrading kms (schema migrations)".""",
+        kms serve (and kms init) create an empty one themselves; kms worker never does. Upgrading:
+        docs/operations.md, "Upgrading kms (schema migrations)".""",
                     "kms db current --config home/kms.yaml\nkms db upgrade --config home/kms.yaml")
     db = commands(group, "db_command")
     p = command(db, "current", "the schema's revision, this kms's, and whether it must be upgraded", """
@@ -44,7 +45,7 @@ def _current(args: argparse.Namespace) -> int:
     from kms import store
 
     database = config_mod.load(args.config).database
-    engine = store.make_engine(database)
+    engine = store.make_engine(database, create=False)  # reads only: a mistyped SQLite path is not made
     try:
         status = store.schema_status(engine)
     finally:

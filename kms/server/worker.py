@@ -616,9 +616,10 @@ def dual_control_for(cfg: config_mod.Config, domain: str) -> DualControl:
     without the setting every key-changing operation is refused, and the log says so)."""
     clock = SystemClock()
     engine = store.make_engine(cfg.database)
-    # As `kms serve`: the schema current (else one line naming `kms db upgrade`), an empty database created (the
-    # worker services of a new deployment may start before the front end).
-    store.require_current(engine, create=True, config=cfg.path)
+    # The schema current (else one line naming `kms db upgrade`). A worker never creates it, even in an empty
+    # database: with a PostgreSQL role per domain (docs/deployment.md) that role would own every table; `kms init`,
+    # `kms serve` or the owner's `kms db upgrade` creates it.
+    store.require_current(engine, config=cfg.path)
     officers = OfficerStore(engine, clock)
     trust = cfg.worker.officers if cfg.worker is not None else None
     checker = DualControl(domain, Ceremonies(engine, clock, QuorumPolicy.load(), officers), officers, trust, clock,

@@ -14,9 +14,11 @@ verifies offline."""
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from kms.client.service import Client
 from kms.dev.home import Home
 
 HEAD = "0002_checkpoint_replica"
+START_TIMEOUT = 120  # seconds for `kms serve` to say its port (a limit, not a speed target)
 STATION = "station-b1"
 
 #: Run by the old kms: its development home (one bureau, one station, to keep it short), its records in the
@@ -147,7 +150,12 @@ def _serve(python_path: Path | None, home: Path) -> tuple[subprocess.Popen[str],
                                "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, cwd=home, env=env)
     assert server.stdout is not None
-    line = server.stdout.readline()
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(server.stdout.readline() if server.stdout else ""), daemon=True).start()
+    try:
+        line = lines.get(timeout=START_TIMEOUT)  # a server that hangs before its first line fails the test
+    except queue.Empty:
+        line = f"nothing within {START_TIMEOUT} s"
     if not line.startswith("kms: serving on port "):
         server.kill()
         server.wait()
@@ -157,7 +165,13 @@ def _serve(python_path: Path | None, home: Path) -> tuple[subprocess.Popen[str],
 
 def _stop(server: subprocess.Popen[str]) -> None:
     server.send_signal(signal.SIGTERM)
-    assert server.wait(timeout=120) == 0
+    try:
+        code = server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()  # not left behind
+        server.wait()
+        pytest.fail("kms serve did not stop within 120 s of SIGTERM")
+    assert code == 0
 
 
 def _records(export: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
