@@ -61,6 +61,7 @@ def test_a_writer_blocked_by_another_transaction_counts_the_wait_as_head_lock_ti
                     {"pid": pid}).scalar_one()
                 if waiting:
                     break
+                look.rollback()  # a new transaction: pg_stat_activity is read once per transaction
                 time.sleep(0.05)
         assert waiting == 1, (errors, pid, _activity(engine))
         time.sleep(HOLD)
