@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-openbao test test-fast lint bench protos clean
+.PHONY: setup demo demo-openbao test test-fast lint bench cluster protos clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,13 @@ lint: setup
 bench: setup
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
+# Several kms serve replicas on the local PostgreSQL under faults, and the invariants (docs/deployment.md, "Scale-out");
+# `make cluster ARGS=--small` is the CI size, `make cluster ARGS=--bench` the 1/2/3-replica contention figures.
+cluster: setup
+	$(PY) scripts/cluster.py $(ARGS)
+
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/kms/v1/*.proto
 
 clean:
-	rm -rf demo-home demo-home-openbao .bench build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-home demo-home-openbao .bench .cluster build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -51,6 +51,9 @@ REFUSALS = Counter("kms_refusals", "Calls that did not end OK (request.refused a
 AUDIT_APPEND_SECONDS = Histogram("kms_audit_append_seconds", "Duration of appending records to the audit chain "
                                  "(head lock, hashing, insert), per append", buckets=_DB_BUCKETS)
 AUDIT_RECORDS = Counter("kms_audit_records_appended", "Audit records appended by this process")
+AUDIT_HEAD_SECONDS = Histogram("kms_audit_head_lock_seconds", "Time taken to lock and advance the audit chain's head "
+                               "row, per append: mostly waiting for other writers' transactions (replicas sharing "
+                               "one database contend here)", buckets=_DB_BUCKETS)
 
 UNKNOWN_METHOD = "unknown"  # the method label of a call to no registered method (its name is the caller's text)
 
@@ -137,8 +140,10 @@ def cards_issued(bureau: str, profile: str, cards: int, keys_per_domain: Mapping
         KEYS_ISSUED.labels(domain, bureau, profile).inc(cards * keys)
 
 
-def audit_appended(records: int, seconds: float) -> None:
+def audit_appended(records: int, seconds: float, head_seconds: float = 0.0) -> None:
+    """An append of ``records`` that took ``seconds``, ``head_seconds`` of them taking the head row's lock."""
     AUDIT_APPEND_SECONDS.observe(seconds)
+    AUDIT_HEAD_SECONDS.observe(head_seconds)
     AUDIT_RECORDS.inc(records)
 
 

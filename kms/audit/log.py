@@ -167,6 +167,7 @@ class AuditLog:
         started = time.perf_counter()
         try:
             last, prev = _advance(conn, len(entries))
+            locked = time.perf_counter()
             at = rfc3339(self._clock.now())
             rows, previous = [], bytes.fromhex(prev)
             for seq, entry in enumerate(entries, start=int(last) - len(entries) + 1):
@@ -187,7 +188,8 @@ class AuditLog:
             raise
         except (sa.exc.SQLAlchemyError, TypeError, ValueError, KeyError):
             raise AuditUnavailable() from None
-        metrics.audit_appended(len(rows), time.perf_counter() - started)  # kms_audit_append_seconds
+        # kms_audit_append_seconds, and kms_audit_head_lock_seconds: the head row's lock (waits for other writers)
+        metrics.audit_appended(len(rows), time.perf_counter() - started, locked - started)
         return [r["seq"] for r in rows]
 
     def record(self, kind: str, **fields: Any) -> int:

@@ -116,9 +116,12 @@ def init_home(
     master_keys: Mapping[tuple[str, str], bytes] | None = None,
     module: str = "auto",
     port: int = DEFAULT_PORT,
+    database: str = "sqlite:///kms.db",
 ) -> Home:
     """Create (or complete) a development home. ``master_keys`` imports known test values for (domain, name);
-    every other master key the profiles need is generated inside the token. Idempotent."""
+    every other master key the profiles need is generated inside the token. ``database``: the records' URL written
+    into a new kms.yaml (default: SQLite in the home; the cluster run gives a PostgreSQL schema of its own).
+    Idempotent."""
     home = Home(path.resolve())
     if home.config.exists() and home_format(home.path) < HOME_FORMAT:
         raise ConfigError(f"{home.path} was made by an older kms (no principal registry, certificate pins, audit "
@@ -144,7 +147,7 @@ def init_home(
         _write_yaml(home.config, {
             "hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"},
             "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
-            "database": "sqlite:///kms.db",
+            "database": database,
             "profiles": "profiles",
             "workers_per_domain": 1,
             "server": {"listen": f"127.0.0.1:{port}", "tls": _tls(home.path, server, pki)},
