@@ -694,9 +694,11 @@ def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
     return bind.dialect.name == "postgresql"
 
 
-def lock_for_transaction(conn: sa.Connection, name: str, timeout: float = LOCK_WAIT) -> None:
+def lock_for_transaction(conn: sa.Connection, name: str, timeout: float | None = None) -> None:
     """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock); after
-    ``timeout`` seconds StorageUnavailable ("lock not available", SQLSTATE 55P03 from lock_timeout)."""
+    ``timeout`` seconds (default LOCK_WAIT) StorageUnavailable ("lock not available": SQLSTATE 55P03 of
+    lock_timeout)."""
+    timeout = LOCK_WAIT if timeout is None else timeout
     before = conn.execute(sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :t, true)"),
                           {"t": f"{max(1, int(timeout * 1000))}ms"}).scalar()
     conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_KEY})"), {"name": name})
@@ -758,12 +760,13 @@ def sqlite_lock_path(engine: sa.Engine, name: str) -> Path | None:
 
 
 @contextmanager
-def sqlite_file_lock(engine: sa.Engine, name: str, timeout: float = LOCK_WAIT) -> Iterator[None]:
+def sqlite_file_lock(engine: sa.Engine, name: str, timeout: float | None = None) -> Iterator[None]:
     """SQLite: the lock ``name`` across the processes of one host that share the database file: an exclusive
     ``flock`` of ``<database>.<name>.lock`` (0600, beside it; a ``file:`` URI's file likewise), held for the ``with``
     block and released if the process dies. It blocks no reader or writer of the database itself. An in-memory
-    database has one process. Waits at most ``timeout`` seconds for another process's hold (StorageUnavailable
-    "lock not available" then). The lock file must be a regular file of this user (not a symbolic link)."""
+    database has one process. Waits at most ``timeout`` seconds (default LOCK_WAIT) for another process's hold
+    (StorageUnavailable "lock not available" then). The lock file must be a regular file of this user (not a
+    symbolic link)."""
     path = sqlite_lock_path(engine, name)
     if path is None:
         yield
@@ -774,7 +777,7 @@ def sqlite_file_lock(engine: sa.Engine, name: str, timeout: float = LOCK_WAIT) -
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
             raise ConfigError(f"{path} is not a regular file of this user; remove it")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (LOCK_WAIT if timeout is None else timeout)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
