@@ -772,7 +772,10 @@ def sqlite_file_lock(engine: sa.Engine, name: str, timeout: float | None = None)
         yield
         return
     create_private(path)
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:  # e.g. ELOOP: a symbolic link put in its place
+        raise ConfigError(f"{path}: cannot open the lock file ({error.strerror}); remove it") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
