@@ -694,6 +694,15 @@ def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+def current_schema(engine: sa.Engine) -> str | None:
+    """PostgreSQL: the schema this engine's sessions resolve (part of every lock key: all replicas must resolve the
+    same one); None on SQLite."""
+    if not is_postgresql(engine):
+        return None
+    with engine.connect() as conn:
+        return str(conn.execute(sa.text("SELECT current_schema()")).scalar())
+
+
 def lock_for_transaction(conn: sa.Connection, name: str, timeout: float | None = None) -> None:
     """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock); after
     ``timeout`` seconds (default LOCK_WAIT) StorageUnavailable ("lock not available": SQLSTATE 55P03 of

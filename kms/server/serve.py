@@ -164,7 +164,7 @@ class Service:
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
         audit.record("service.started", detail={
             "replica": self.replica, "config": str(cfg.path), "config_sha256": _sha256(cfg.path),
-            "database": _database(cfg.database),
+            "database": _database(cfg.database), "schema": store.current_schema(engine),
             "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
                          "limits": _sha256(limits_path),
                          "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})
