@@ -678,6 +678,8 @@ def _adopt(engine: sa.Engine, conn: sa.Connection) -> None:
 #   seed 0  named locks            'kms:' || schema || ':' || name            (``lock_for_transaction``, ``try_lock``)
 #   seed 1  stream slots           'kms:' || schema || ':stream:' || scope || ':' || subject || ':' || slot
 #                                                                             (``try_lock_slot``, ``unlock_slot``)
+# The schema upgrade's lock (``upgrade``) takes the two-int4 form (hashtext('kms.schema'), hashtext(schema)), which
+# PostgreSQL keeps apart from every single-bigint key (pg_locks.objsubid 2, not 1).
 
 #: The key of the lock named :name (hashtextextended: PostgreSQL 11+).
 _KEY = "hashtextextended('kms:' || current_schema() || ':' || :name, 0)"
