@@ -1341,3 +1341,29 @@ def test_a_failure_around_the_execution_lock_never_pools_a_connection_that_holds
         world.ceremonies.execute(c.ceremony_id, officer("bob"), FakeRun())
     monkeypatch.undo()
     assert _execution_locks_held(world, c.ceremony_id) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_execution_lock_outlives_the_servers_idle_session_timeout(world: World) -> None:
+    """The execution's session sits idle while the operation runs: PostgreSQL's idle_session_timeout (here 100 ms,
+    set on the replica's engine) must not end it, or another replica's sweep would fail a live execution."""
+    with world.engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    idle = sa.create_engine(os.environ["KMS_TEST_POSTGRES_URL"], pool_pre_ping=True, connect_args={
+        "options": f"-csearch_path={schema} -cidle_session_timeout=100"})  # pooled ones: replaced (as kms does)
+    replica = Ceremonies(idle, world.clock, QuorumPolicy.load(), OfficerStore(idle, world.clock))
+    c = world.propose("alice")
+    world.approve(c.ceremony_id, "bob", "chen")
+    held: list[int] = []
+
+    def run(record: CeremonyRecord) -> Mapping[str, Any]:
+        time.sleep(0.5)  # the execution's session idle for five idle timeouts
+        held.append(_execution_locks_held(world, record.ceremony_id))
+        world.replica().sweep()  # another replica's sweep: the execution is alive
+        return FakeRun().result
+
+    try:
+        done = replica.execute(c.ceremony_id, officer("bob"), run)
+    finally:
+        idle.dispose()
+    assert held == [1] and done.state is CeremonyState.EXECUTED
