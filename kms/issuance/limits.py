@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -420,16 +420,22 @@ class Quotas:
 MAX_SLOTS = 1024
 
 
-class Slot(NamedTuple):
-    """A stream slot taken: its number, and which of the replica's slot sessions holds it (a slot of a session lost
-    since is given back by nobody: it went with its session, and the same number may be another stream's now)."""
+@dataclass(eq=False)
+class Slot:
+    """A running stream's slot of ``scope`` ``subject``'s limit of ``value``: its number, and which of the replica's
+    slot sessions holds it (each session lost gets the next number). A slot of a session lost since is given back
+    by nobody: it went with its session, and the same number may be another stream's now; the replica takes such a
+    slot again on its new session (``StreamSlots._retake``), maybe under another number."""
 
+    scope: str
+    subject: str
+    value: int
     number: int
     session: int
 
 
 #: The "slot" of a limit too large to be counted across replicas (MAX_SLOTS): nothing to give back.
-UNCOUNTED = Slot(-1, -1)
+UNCOUNTED = Slot("", "", 0, -1, -1)
 
 
 class StreamSlots:
@@ -438,16 +444,19 @@ class StreamSlots:
     (``store.try_lock_slot``: a 64-bit key of schema, scope, subject and slot) of one database session this replica
     keeps for them, tried one by one from slot 0 (one query each: a limit of ``value`` costs at most ``value``
     queries to refuse). A replica that dies, or loses that session, frees its slots with it (its streams are being
-    resumed elsewhere anyway; a replica's own streams keep running uncounted by the others until they end). Each
-    session has a number: a slot is given back only to the session that took it. A slot is taken on a session found
-    dead by the attempt once more on a new one; giving one back on a dead session is nothing to do (the lock is
-    gone) and is logged, never raised. Called under ``Quotas``' lock."""
+    resumed elsewhere anyway). A replica that lives on takes the slots of its running streams again on its new
+    session, when it next takes a slot (those it finds all held by then run on uncounted until they end). Each
+    session has a number: a slot is given back only to the session that holds it. A slot is taken on a session
+    found dead by the attempt once more on a new one; giving one back on a dead session is nothing to do (the lock
+    is gone) and is logged, never raised. Called under ``Quotas``' lock."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
         self._conn: sa.Connection | None = None
         self._session = 0  # the number of the current session (one more for each session lost)
-        self._held: dict[tuple[str, str], set[int]] = {}  # slots the current session holds
+        self._held: dict[tuple[str, str], set[int]] = {}  # slot numbers the current session holds
+        self._live: set[Slot] = set()  # the running streams' slots the current session holds
+        self._orphans: set[Slot] = set()  # the running streams' slots of a session lost, to be taken again
 
     def take(self, scope: str, subject: str, value: int) -> Slot | None:
         """A free slot of ``subject``'s limit (held until ``release``), or None if all ``value`` are held."""
@@ -457,11 +466,11 @@ class StreamSlots:
             fresh = self._conn is None
             try:
                 conn = self._connection()
-                held = self._held.setdefault((scope, subject), set())
-                for number in range(value):
-                    if number not in held and store.try_lock_slot(conn, scope, subject, number):
-                        held.add(number)
-                        return Slot(number, self._session)
+                if self._orphans:
+                    self._retake(conn)
+                slot = Slot(scope, subject, value, -1, self._session)
+                if self._lock_free(conn, slot):
+                    return slot
                 return None
             except Exception as error:
                 self._lost()
@@ -471,13 +480,38 @@ class StreamSlots:
                             type(error).__name__)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _lock_free(self, conn: sa.Connection, slot: Slot) -> bool:
+        """Give ``slot`` the first number of its limit no session holds, on this session; False if there is none."""
+        held = self._held.setdefault((slot.scope, slot.subject), set())
+        for number in range(slot.value):
+            if number not in held and store.try_lock_slot(conn, slot.scope, slot.subject, number):
+                held.add(number)
+                slot.number, slot.session = number, self._session
+                self._live.add(slot)
+                return True
+        if not held:
+            del self._held[(slot.scope, slot.subject)]
+        return False
+
+    def _retake(self, conn: sa.Connection) -> None:
+        """The running streams' slots of a session lost, taken again on this one (any free number of their limit)."""
+        missed = 0
+        for slot in sorted(self._orphans, key=lambda s: s.number):
+            missed += not self._lock_free(conn, slot)  # (if the session fails here, the rest stay orphans)
+            self._orphans.discard(slot)
+        if missed:
+            log.warning("stream slots: %d running stream(s) found their slots taken after the database session was "
+                        "lost; they run on uncounted across replicas until they end", missed)
+
     def release(self, scope: str, subject: str, slot: Slot) -> None:
-        held = self._held.get((scope, subject), set())
-        if slot.session != self._session or slot.number not in held:  # UNCOUNTED, or its session was lost
+        self._orphans.discard(slot)
+        if slot not in self._live or slot.session != self._session:  # UNCOUNTED, or its session was lost
             return
+        self._live.discard(slot)
+        held = self._held.get((scope, subject), set())
         held.discard(slot.number)
         if not held:
-            del self._held[(scope, subject)]
+            self._held.pop((scope, subject), None)
         try:
             assert self._conn is not None
             store.unlock_slot(self._conn, scope, subject, slot.number)
@@ -499,10 +533,13 @@ class StreamSlots:
         return self._conn
 
     def _lost(self) -> None:
-        """The session is gone (or unusable), and every slot it held with it."""
+        """The session is gone (or unusable), and every slot it held with it: the running streams' slots are taken
+        again on the next session."""
         conn, self._conn = self._conn, None
         self._session += 1
         self._held.clear()
+        self._orphans |= self._live
+        self._live.clear()
         if conn is not None:
             with contextlib.suppress(Exception):  # a connection already broken
                 conn.invalidate()
@@ -510,6 +547,7 @@ class StreamSlots:
 
     def close(self) -> None:
         self._lost()
+        self._orphans.clear()
 
 
 class StreamQuota:

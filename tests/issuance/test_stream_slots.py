@@ -196,3 +196,23 @@ def test_the_slot_session_is_not_ended_by_the_servers_idle_timeout(backend: Engi
         a.close()
         b.close()
         idle.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_replica_that_loses_its_slot_session_takes_its_running_streams_slots_again(
+        replicas: list[Quotas], backend: EngineFactory) -> None:
+    """The slot session ends under two running streams of a station (limit 2): until the replica next starts a
+    stream, another replica may take them (nothing is counted); when it does, it takes the running streams' slots
+    again first, so the other replica is refused, and the limit binds again across replicas."""
+    a, b = replicas
+    first = _open(a)
+    _terminate(backend, _slot_session_pid(a))
+    other = _open(a, OTHER)  # a new session: station-a1's running stream takes its slot again, then this one
+    second = _open(b)  # station-a1's second
+    with pytest.raises(ResourceExhausted, match=r"station urn:kms:station:bureau-a:station-a1: limit "
+                       r"concurrent_streams \(2\) reached; 2 streams"):
+        _open(b)
+    first.close()  # given back on the new session: free again for any replica
+    third = _open(b)
+    for stream in (other, second, third):
+        stream.close()
