@@ -222,6 +222,12 @@ class AuditUnavailable(Unavailable):
         self.reason = reason  # the storage fault, in a few words, when one is known (e.g. "disk full")
 
 
+class AuditSignedHeadMoved(Unavailable):
+    """The audit signer's signed head is not the one the request's chain starts from: another checkpoint or seal
+    was signed since the caller read it (another replica's, or a request of this replica that timed out and ran on
+    in the signer). Nothing was signed or anchored; read the signed head again and retry (retryable)."""
+
+
 class AuditChainBroken(KmsError):
     """The audit log no longer extends what the audit signer signed: it was changed outside kms. Nothing more is
     signed, so no export of the changed log can end with a good checkpoint."""

@@ -8,6 +8,9 @@ import functools
 import logging
 import os
 import sqlite3
+import stat
+import time
+import urllib.parse
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -802,22 +805,54 @@ def _adopt(engine: sa.Engine, conn: sa.Connection) -> None:
 
 # -- locks across replicas -----------------------------------------------------------------------------------------
 # Several `kms serve` replicas on one PostgreSQL database serialise a few things that are not one row's conditional
-# change with PostgreSQL advisory locks (kms.audit.log's checkpoint lock, kms.ceremony.store's execution lock). A
-# lock held by a session ends with it: a replica that dies (or loses its connection) holds nothing. Advisory locks
-# are per database, not per schema: the key is a hash of the schema and the lock's name, so that two kms on one
-# database in schemas of their own (the tests do that) do not share locks.
+# change with PostgreSQL advisory locks (kms.audit.log's checkpoint lock, kms.ceremony.store's execution lock,
+# kms.issuance.limits' stream slots). A lock held by a session ends with it: a replica that dies (or loses its
+# connection) holds nothing. Advisory locks are per database, not per schema: every key is a hash that includes
+# current_schema(), so that two kms on one database in schemas of their own (the tests do that) do not share locks,
+# and so every replica of one kms must resolve the same schema (the same search_path; service.started records it).
+#
+# Key spaces (each a 64-bit hashtextextended, single-bigint advisory locks; a seed per space, so that no key of one
+# space is computed like a key of another):
+#   seed 0  named locks            'kms:' || schema || ':' || name            (``lock_for_transaction``, ``try_lock``)
+#   seed 1  stream slots           'kms:' || schema || ':stream:' || scope || ':' || subject || ':' || slot
+#                                                                             (``try_lock_slot``, ``unlock_slot``)
+# The schema upgrade's lock (``upgrade``) takes the two-int4 form (hashtext('kms.schema'), hashtext(schema)), which
+# PostgreSQL keeps apart from every single-bigint key (pg_locks.objsubid 2, not 1).
 
 #: The key of the lock named :name (hashtextextended: PostgreSQL 11+).
 _KEY = "hashtextextended('kms:' || current_schema() || ':' || :name, 0)"
+#: The key of stream slot :slot of :scope :subject's concurrent_streams.
+_SLOT_KEY = ("hashtextextended('kms:' || current_schema() || ':stream:' || :scope || ':' || :subject || ':' "
+             "|| CAST(:slot AS text), 1)")
+
+#: How long a replica waits for a lock another holds (the checkpoint lock) before giving up with StorageUnavailable
+#: (a frozen holder must not block every other replica's checkpoints, exports and shutdown for ever).
+LOCK_WAIT = 30.0
 
 
 def is_postgresql(bind: sa.Engine | sa.Connection) -> bool:
     return bind.dialect.name == "postgresql"
 
 
-def lock_for_transaction(conn: sa.Connection, name: str) -> None:
-    """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock)."""
+def current_schema(engine: sa.Engine) -> str | None:
+    """PostgreSQL: the schema this engine's sessions resolve (part of every lock key: all replicas must resolve the
+    same one); None on SQLite."""
+    if not is_postgresql(engine):
+        return None
+    with engine.connect() as conn:
+        return str(conn.execute(sa.text("SELECT current_schema()")).scalar())
+
+
+def lock_for_transaction(conn: sa.Connection, name: str, timeout: float | None = None) -> None:
+    """PostgreSQL: wait for the lock ``name``, held until ``conn``'s transaction ends (pg_advisory_xact_lock); after
+    ``timeout`` seconds (default LOCK_WAIT) StorageUnavailable ("lock not available": SQLSTATE 55P03 of
+    lock_timeout)."""
+    timeout = LOCK_WAIT if timeout is None else timeout
+    before = conn.execute(sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :t, true)"),
+                          {"t": f"{max(1, int(timeout * 1000))}ms"}).scalar()
     conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_KEY})"), {"name": name})
+    # the rest of the transaction waits as before (set_config(..., true) ends with the transaction anyway)
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :t, true)"), {"t": before})
 
 
 def try_lock_for_transaction(conn: sa.Connection, name: str) -> bool:
@@ -835,20 +870,74 @@ def unlock(conn: sa.Connection, name: str) -> None:
     conn.execute(sa.text(f"SELECT pg_advisory_unlock({_KEY})"), {"name": name})
 
 
-@contextmanager
-def sqlite_file_lock(engine: sa.Engine, name: str) -> Iterator[None]:
-    """SQLite: the lock ``name`` across the processes of one host that share the database file: an exclusive
-    ``flock`` of ``<database>.<name>.lock`` (0600, beside it), held for the ``with`` block and released if the
-    process dies. It blocks no reader or writer of the database itself. An in-memory database has one process."""
+def try_lock_slot(conn: sa.Connection, scope: str, subject: str, slot: int) -> bool:
+    """PostgreSQL: stream slot ``slot`` of ``scope`` ``subject`` for ``conn``'s session, if no session holds it."""
+    return bool(conn.execute(sa.text(f"SELECT pg_try_advisory_lock({_SLOT_KEY})"),
+                             {"scope": scope, "subject": subject, "slot": slot}).scalar())
+
+
+def unlock_slot(conn: sa.Connection, scope: str, subject: str, slot: int) -> None:
+    conn.execute(sa.text(f"SELECT pg_advisory_unlock({_SLOT_KEY})"), {"scope": scope, "subject": subject,
+                                                                     "slot": slot})
+
+
+def keep_session(conn: sa.Connection) -> None:
+    """PostgreSQL: a session that holds advisory locks while it sits idle (stream slots, a ceremony's execution)
+    must not be ended by the server's own idle timeouts: turn them off for it (PostgreSQL 14+ has
+    idle_session_timeout). Timeouts outside the server (a proxy, a pooler, a firewall) are the operator's to lift
+    (docs/deployment.md, "Scale-out")."""
+    conn.execute(sa.text("SELECT set_config('idle_in_transaction_session_timeout', '0', false)"))
+    version = conn.dialect.server_version_info or (0,)
+    if version >= (14,):
+        conn.execute(sa.text("SELECT set_config('idle_session_timeout', '0', false)"))
+
+
+def sqlite_lock_path(engine: sa.Engine, name: str) -> Path | None:
+    """The lock file of lock ``name`` beside the SQLite database file of ``engine``, or None for an in-memory
+    database (one process). A ``file:`` URI names its file in its path."""
     database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    if not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        parts = urllib.parse.urlsplit(database)
+        mode = urllib.parse.parse_qs(parts.query).get("mode") or engine.url.query.get("mode")
+        path = urllib.parse.unquote(parts.path)
+        if not path or path == ":memory:" or mode in ("memory", ["memory"]):
+            return None
+        database = path
+    return Path(f"{database}.{name}.lock")
+
+
+@contextmanager
+def sqlite_file_lock(engine: sa.Engine, name: str, timeout: float | None = None) -> Iterator[None]:
+    """SQLite: the lock ``name`` across the processes of one host that share the database file: an exclusive
+    ``flock`` of ``<database>.<name>.lock`` (0600, beside it; a ``file:`` URI's file likewise), held for the ``with``
+    block and released if the process dies. It blocks no reader or writer of the database itself. An in-memory
+    database has one process. Waits at most ``timeout`` seconds (default LOCK_WAIT) for another process's hold
+    (StorageUnavailable "lock not available" then). The lock file must be a regular file of this user (not a
+    symbolic link)."""
+    path = sqlite_lock_path(engine, name)
+    if path is None:
         yield
         return
-    path = Path(f"{database}.{name}.lock")
     create_private(path)
-    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as error:  # e.g. ELOOP: a symbolic link put in its place
+        raise ConfigError(f"{path}: cannot open the lock file ({error.strerror}); remove it") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ConfigError(f"{path} is not a regular file of this user; remove it")
+        deadline = time.monotonic() + (LOCK_WAIT if timeout is None else timeout)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable("lock not available") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # releases the lock

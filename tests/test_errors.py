@@ -23,6 +23,7 @@ from kms.errors import (
     AlreadyExists,
     AuditChainBroken,
     AuditNotVerified,
+    AuditSignedHeadMoved,
     AuditUnavailable,
     BundleRejected,
     Cancelled,
@@ -67,6 +68,7 @@ EXAMPLES: dict[type[KmsError], Callable[[], KmsError]] = {
     Cancelled: lambda: Cancelled("the call was cancelled"),
     NotApproved: lambda: NotApproved("not approved"),
     AuditUnavailable: lambda: AuditUnavailable(),
+    AuditSignedHeadMoved: lambda: AuditSignedHeadMoved("the audit signer's signed head is at 31, not 30"),
     AuditNotVerified: lambda: AuditNotVerified("audit log NOT verified: record 12 was edited"),
     AuditChainBroken: lambda: AuditChainBroken("the audit chain up to 30 does not extend the head signed at 30"),
     Unavailable: lambda: Unavailable("the service cannot check the caller now; try again"),
@@ -98,6 +100,7 @@ MAPPING: dict[type[KmsError], tuple[str, int]] = {
     AuditUnavailable: ("UNAVAILABLE", 13),  # retryable: the database, not the HSM (no longer the HSM's 6)
     AuditNotVerified: ("DATA_LOSS", 9),  # `kms audit verify`
     AuditChainBroken: ("DATA_LOSS", 10),
+    AuditSignedHeadMoved: ("UNAVAILABLE", 12),  # retryable: another checkpoint was signed first; nothing signed
     Unavailable: ("UNAVAILABLE", 12),  # retryable: the service, not the request
     StorageUnavailable: ("UNAVAILABLE", 12),  # the service's database: retryable like any outage of the service
     SecretUnavailable: ("UNAVAILABLE", 15),  # OpenBao down or sealed, no valid cached value: retryable
@@ -177,7 +180,7 @@ def test_hsm_error_retryable_flag() -> None:
 
 def test_only_hsm_errors_and_unavailable_are_retryable() -> None:
     assert {c for c in EXAMPLES if EXAMPLES[c]().retryable and not issubclass(c, HsmError)} == {
-        Unavailable, AuditUnavailable, StorageUnavailable, SecretUnavailable}
+        Unavailable, AuditUnavailable, StorageUnavailable, SecretUnavailable, AuditSignedHeadMoved}
 
 
 def test_audit_unavailable_is_its_own_retryable_class() -> None:
@@ -198,7 +201,8 @@ def test_storage_unavailable_names_the_fault_only() -> None:
 
 def test_exit_codes_are_shared_only_within_a_family() -> None:
     families = [{ConfigError, ProfileError, InvalidState}, {NotFound, AlreadyExists},
-                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable}, {Unavailable, StorageUnavailable}]
+                {HsmError, HsmLoginFailed, HsmKeyNotFound, MechanismUnavailable},
+                {Unavailable, StorageUnavailable, AuditSignedHeadMoved}]
     by_code: dict[int, set[type[KmsError]]] = {}
     for cls, (_, code) in MAPPING.items():
         by_code.setdefault(code, set()).add(cls)

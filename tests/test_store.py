@@ -17,7 +17,7 @@ from sqlalchemy import event
 from kms import store
 from kms.audit.log import AuditLog
 from kms.clock import SystemClock
-from kms.errors import AlreadyExists, AuditUnavailable, StorageUnavailable
+from kms.errors import AlreadyExists, AuditUnavailable, ConfigError, StorageUnavailable
 from kms.issuance.batches import BatchStore
 
 OFFICER = "urn:kms:officer:hrss:alice"
@@ -186,3 +186,31 @@ def test_database_display_hides_every_password_of_the_url() -> None:
         assert "QueryPw" not in store._display(engine)
     finally:
         engine.dispose()
+
+
+def test_the_sqlite_lock_file_of_a_file_uri_database_is_beside_its_file(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``file:`` URI database is locked like any other file (it was not locked at all); an in-memory one has one
+    process and needs no lock."""
+    monkeypatch.setattr(store, "LOCK_WAIT", 0.2)
+    url = f"sqlite:///file:{tmp_path / 'kms.db'}?uri=true"
+    first, second = sa.create_engine(url), sa.create_engine(url)
+    assert store.sqlite_lock_path(first, "x") == tmp_path / "kms.db.x.lock"
+    memory = sa.create_engine("sqlite:///file:m?mode=memory&uri=true", poolclass=sa.pool.StaticPool)
+    assert store.sqlite_lock_path(memory, "x") is None
+    assert store.sqlite_lock_path(sa.create_engine("sqlite://"), "x") is None
+    with (store.sqlite_file_lock(first, "x"), pytest.raises(StorageUnavailable, match="lock not available"),
+          store.sqlite_file_lock(second, "x")):
+        pass
+    with store.sqlite_file_lock(second, "x"):
+        assert (tmp_path / "kms.db.x.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_sqlite_lock_file_must_not_be_a_symbolic_link(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    (tmp_path / "kms.db.x.lock").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=r"kms\.db\.x\.lock: cannot open the lock file"), \
+            store.sqlite_file_lock(engine, "x"):
+        pass

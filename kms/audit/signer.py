@@ -30,7 +30,15 @@ from kms import config as config_mod
 from kms import logs, runtime
 from kms.audit.log import GENESIS, AuditLog, Checkpoint, CheckpointLock, Seal, checkpoint_message, seal_message
 from kms.clock import Clock, rfc3339
-from kms.errors import AuditChainBroken, ConfigError, HsmError, HsmLoginFailed, KmsError, Unavailable
+from kms.errors import (
+    AuditChainBroken,
+    AuditSignedHeadMoved,
+    ConfigError,
+    HsmError,
+    HsmLoginFailed,
+    KmsError,
+    Unavailable,
+)
 from kms.hsm.errors import short_reason
 from kms.hsm.labels import AUDIT_KEY, AUDIT_SIGNED_HEAD
 from kms.hsm.session import TokenSession
@@ -137,27 +145,36 @@ def _signed_head() -> tuple[int, str]:
     return int(size), head
 
 
-def _sign(size: int, head: str, at: str, digests: list[bytes]) -> bytes:
-    """Sign a checkpoint only if the chain it names extends what this signer signed last (``_extends``); then
+def _sign(size: int, head: str, at: str, digests: list[bytes], base: tuple[int, str] | None = None) -> bytes:
+    """Sign a checkpoint only if the chain it names extends what this signer signed last (``_sign_head``); then
     anchor it, in this process, if ``audit.anchor`` is set (kms.audit.anchor: spooled, sent without waiting long)."""
-    signature = _sign_head(size, head, digests, checkpoint_message(size, head, at))
+    signature = _sign_head(size, head, digests, checkpoint_message(size, head, at), base)
     if _anchor is not None:
         _anchor.record(Checkpoint(size, head, at, AUDIT_KEY, signature))
     return signature
 
 
-def _seal(size: int, head: str, at: str, nonce: str, filters: dict[str, str], digests: list[bytes]) -> bytes:
+def _seal(size: int, head: str, at: str, nonce: str, filters: dict[str, str], digests: list[bytes],
+          base: tuple[int, str] | None = None) -> bytes:
     """Sign an export's seal, under the same rule as a checkpoint: only over a chain that extends the signed head."""
-    return _sign_head(size, head, digests, seal_message(size, head, at, nonce, filters))
+    return _sign_head(size, head, digests, seal_message(size, head, at, nonce, filters), base)
 
 
-def _sign_head(size: int, head: str, digests: list[bytes], message: bytes) -> bytes:
+def _sign_head(size: int, head: str, digests: list[bytes], message: bytes,
+               base: tuple[int, str] | None = None) -> bytes:
     """Sign ``message`` (naming ``size`` and ``head``) only if that chain extends what this signer signed last:
     ``digests`` are the body digests of the records after that, and recomputing the chain from the signed head over
     them must give ``head``. A log rewritten behind the signer's back (records edited and re-chained, checkpoints
-    deleted, a database reset) is refused here, so no export of it can carry a good signature over its end."""
+    deleted, a database reset) is refused here, so no export of it can carry a good signature over its end.
+    ``base``: the signed head the caller read, which ``digests`` start from (compare and swap): if the signer signed
+    anything since (another replica's checkpoint, or an earlier request of the caller's that timed out and ran on),
+    AuditSignedHeadMoved, before anything is signed or anchored: the caller reads again under its lock and retries.
+    Without ``base`` (an older caller), only the chain is checked."""
     session = _ready()
     signed_size, signed_head = _signed_head()
+    if base is not None and (int(base[0]), str(base[1])) != (signed_size, signed_head):
+        raise AuditSignedHeadMoved(f"the audit signer's signed head is at {signed_size}, not {base[0]}: another "
+                                   f"checkpoint was signed since; nothing was signed")
     if size < signed_size:
         raise AuditChainBroken(f"the audit log holds {size} records, but {signed_size} were signed already")
     if len(digests) != size - signed_size:
@@ -189,10 +206,11 @@ class Signer(Protocol):
 
     def signed_head(self) -> tuple[int, str]: ...
 
-    def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes: ...
+    def sign(self, size: int, head: str, at: str, digests: list[bytes],
+             base: tuple[int, str] | None = None) -> bytes: ...
 
     def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
-             digests: list[bytes]) -> bytes: ...
+             digests: list[bytes], base: tuple[int, str] | None = None) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -309,12 +327,13 @@ class AuditSigner:
     def signed_head(self) -> tuple[int, str]:
         return self._run(60, _signed_head)
 
-    def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes:
-        return self._run(120, _sign, size, head, at, digests)
+    def sign(self, size: int, head: str, at: str, digests: list[bytes],
+             base: tuple[int, str] | None = None) -> bytes:
+        return self._run(120, _sign, size, head, at, digests, base)
 
     def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
-             digests: list[bytes]) -> bytes:
-        return self._run(120, _seal, size, head, at, nonce, dict(filters), digests)
+             digests: list[bytes], base: tuple[int, str] | None = None) -> bytes:
+        return self._run(120, _seal, size, head, at, nonce, dict(filters), digests, base)
 
     def anchor_status(self, timeout: float = 10.0) -> dict[str, Any] | None:
         """The anchor's status in the signer process (kms.audit.anchor.AnchorStatus as JSON), None without one."""
@@ -385,7 +404,8 @@ class Checkpointer:
             checkpoint = self._checkpoint(locked)
             size, head = (checkpoint.size, checkpoint.head) if checkpoint is not None else (0, GENESIS.hex())
             at = rfc3339(self._clock.now())
-            signature = self._signer.seal(size, head, at, nonce, filters, self._digests(size))
+            signature = self._signed(size, lambda digests, base: self._signer.seal(size, head, at, nonce, filters,
+                                                                                   digests, base))
             return Seal(size, head, at, nonce, dict(filters), AUDIT_KEY, signature)
 
     def _checkpoint(self, locked: CheckpointLock) -> Checkpoint | None:
@@ -394,14 +414,29 @@ class Checkpointer:
         if size == 0 or (last is not None and last.size >= size and last.head == self._head_at(last.size)):
             return last
         at = rfc3339(self._clock.now())
-        checkpoint = Checkpoint(size, head, at, AUDIT_KEY,
-                                self._signer.sign(size, head, at, self._digests(size)))
+        signature = self._signed(size, lambda digests, base: self._signer.sign(size, head, at, digests, base))
+        checkpoint = Checkpoint(size, head, at, AUDIT_KEY, signature)
         return locked.add_checkpoint(checkpoint, replica=self.replica)
 
-    def _digests(self, size: int) -> list[bytes]:
-        """The body digests of the records after the signer's signed head, up to ``size``: what it checks."""
-        signed_size, _ = self._signer.signed_head()
-        return [hashlib.sha256(r.body.encode()).digest() for r in self._log.records(signed_size, size)]
+    def _signed(self, size: int, sign: Callable[[list[bytes], tuple[int, str]], bytes]) -> bytes:
+        """``sign(digests, base)`` from the signer's signed head as it is now; once more if the signer says its head
+        moved since it was read (a request of this replica that timed out ran on in the signer meanwhile)."""
+        for attempt in (1, 2):
+            base, digests = self._digests(size)
+            try:
+                return sign(digests, base)
+            except AuditSignedHeadMoved as moved:
+                if attempt == 2:
+                    raise
+                log.warning("audit signer: %s; reading it again", moved)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _digests(self, size: int) -> tuple[tuple[int, str], list[bytes]]:
+        """The signer's signed head, and the body digests of the records after it up to ``size``: what it checks
+        (and signs only if its signed head is still that one: a request that timed out here and ran on in the
+        signer cannot make this one sign over a chain that another replica's digests no longer start from)."""
+        base = self._signer.signed_head()
+        return base, [hashlib.sha256(r.body.encode()).digest() for r in self._log.records(base[0], size)]
 
     def _head_at(self, size: int) -> str | None:
         return next((r.hash for r in self._log.records(size - 1, size)), None)

@@ -302,8 +302,15 @@ class Ceremonies(Repository):
             yield
             return
         with self._engine.connect() as conn:
-            held = store.try_lock(conn, _execution_lock(ceremony_id))
-            conn.commit()  # the lock is the session's: no transaction stays open while the operation runs
+            # A connection that may still hold the session lock never goes back to the pool (a rollback at checkin
+            # does not end a session lock): any failure here invalidates it, which ends its session and the lock.
+            try:
+                store.keep_session(conn)  # no server idle timeout ends the lock while the operation runs
+                held = store.try_lock(conn, _execution_lock(ceremony_id))
+                conn.commit()  # the lock is the session's: no transaction stays open while the operation runs
+            except BaseException:
+                conn.invalidate()
+                raise
             if not held:  # another replica's execution (or its sweep, for a moment) holds it
                 raise InvalidState(f"{ceremony_id} is being executed")
             try:
@@ -312,8 +319,10 @@ class Ceremonies(Repository):
                 try:
                     store.unlock(conn, _execution_lock(ceremony_id))
                     conn.commit()
-                except KmsError:  # the connection is lost, and the lock with it
-                    conn.invalidate()
+                except BaseException as error:
+                    conn.invalidate()  # the connection is lost (and the lock with it), or it is ended here
+                    if not isinstance(error, KmsError):
+                        raise
 
     def sweep(self, stuck_after: dt.timedelta = EXECUTION_TIMEOUT) -> None:
         """Close what time has ended: open ceremonies past their expiry become ``expired`` (their encrypted

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import re
 import threading
 import time
@@ -36,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 
+from kms import store
 from kms.audit.alarms import AlarmPolicy, Alarms
 from kms.audit.log import AuditLog
 from kms.clock import Clock, rfc3339
@@ -47,6 +49,8 @@ from kms.registry import DOMAINS
 from kms.repository import Repository
 from kms.store import card_events, limits
 from kms.validation import NAME, unknown_keys
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LIMITS = shipped("limits.yaml")
 SCOPES = ("station", "bureau")
@@ -369,13 +373,13 @@ class Quotas:
         ResourceExhausted if either has none left. On PostgreSQL the streams of every replica on the database
         count (``StreamSlots``); on SQLite, this process's."""
         domains = tuple(domains)
-        taken: list[tuple[str, str, int | None]] = []
+        taken: list[tuple[str, str, Slot | None]] = []
         with self._lock:
             for scope in SCOPES:
                 limit = self.limit(station, domains, scope, "concurrent_streams")
                 key = (scope, limit.subject)
                 running = self._streams.get(key, 0)
-                slot = None
+                slot: Slot | None = None
                 if running < limit.value and self.slots is not None:
                     slot = self.slots.take(scope, limit.subject, limit.value)
                     if slot is None:  # every slot is held, by this replica's streams and other replicas'
@@ -390,7 +394,7 @@ class Quotas:
             self._give_back(taken)
         raise self.exceeded(station, method, limit, running)
 
-    def _release(self, taken: list[tuple[str, str, int | None]]) -> None:
+    def _release(self, taken: list[tuple[str, str, Slot | None]]) -> None:
         with self._lock:
             for scope, subject, _ in taken:
                 key = (scope, subject)
@@ -399,7 +403,7 @@ class Quotas:
                     del self._streams[key]
             self._give_back(taken)
 
-    def _give_back(self, taken: list[tuple[str, str, int | None]]) -> None:
+    def _give_back(self, taken: list[tuple[str, str, Slot | None]]) -> None:
         if self.slots is not None:
             for scope, subject, slot in taken:
                 if slot is not None:
@@ -416,61 +420,126 @@ class Quotas:
 MAX_SLOTS = 1024
 
 
+@dataclass(eq=False)
+class Slot:
+    """A running stream's slot of ``scope`` ``subject``'s limit of ``value``: its number, and which of the replica's
+    slot sessions holds it (each session lost gets the next number). A slot of a session lost since is given back
+    by nobody: it went with its session, and the same number may be another stream's now; the replica takes such a
+    slot again on its new session (``StreamSlots._retake``), maybe under another number."""
+
+    scope: str
+    subject: str
+    value: int
+    number: int
+    session: int
+
+
+#: The "slot" of a limit too large to be counted across replicas (MAX_SLOTS): nothing to give back.
+UNCOUNTED = Slot("", "", 0, -1, -1)
+
+
 class StreamSlots:
     """Concurrent streams across every replica on one PostgreSQL database: a stream in progress holds one numbered
     slot of its station and one of its bureau (slots ``0 .. value-1`` of the limit), each an advisory lock
-    (``pg_try_advisory_lock(hash of schema and subject, slot)``) of one database session this replica keeps for
-    them. A replica that dies, or loses that session, frees its slots with it (its streams are being resumed
-    elsewhere anyway). Called under ``Quotas``' lock: one query per slot taken or given back."""
-
-    _TAKE = sa.text(
-        "SELECT i FROM generate_series(0, :last) AS i WHERE CASE WHEN i = ANY(:held) THEN false ELSE "
-        "pg_try_advisory_lock(hashtext('kms:' || current_schema() || ':stream:' || :scope || ':' || :subject), i) "
-        "END LIMIT 1")
-    _GIVE = sa.text(
-        "SELECT pg_advisory_unlock(hashtext('kms:' || current_schema() || ':stream:' || :scope || ':' || :subject), "
-        ":slot)")
+    (``store.try_lock_slot``: a 64-bit key of schema, scope, subject and slot) of one database session this replica
+    keeps for them, tried one by one from slot 0 (one query each: a limit of ``value`` costs at most ``value``
+    queries to refuse). A replica that dies, or loses that session, frees its slots with it (its streams are being
+    resumed elsewhere anyway). A replica that lives on takes the slots of its running streams again on its new
+    session, when it next takes a slot (those it finds all held by then run on uncounted until they end). Each
+    session has a number: a slot is given back only to the session that holds it. A slot is taken on a session
+    found dead by the attempt once more on a new one; giving one back on a dead session is nothing to do (the lock
+    is gone) and is logged, never raised. Called under ``Quotas``' lock."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
         self._conn: sa.Connection | None = None
-        self._held: dict[tuple[str, str], set[int]] = {}  # slots this replica's session holds
+        self._session = 0  # the number of the current session (one more for each session lost)
+        self._held: dict[tuple[str, str], set[int]] = {}  # slot numbers the current session holds
+        self._live: set[Slot] = set()  # the running streams' slots the current session holds
+        self._orphans: set[Slot] = set()  # the running streams' slots of a session lost, to be taken again
 
-    def take(self, scope: str, subject: str, value: int) -> int | None:
+    def take(self, scope: str, subject: str, value: int) -> Slot | None:
         """A free slot of ``subject``'s limit (held until ``release``), or None if all ``value`` are held."""
         if value > MAX_SLOTS:
-            return -1  # not counted across replicas (MAX_SLOTS); nothing to give back
-        held = self._held.setdefault((scope, subject), set())
-        slot = self._run(self._TAKE, {"last": value - 1, "held": sorted(held), "scope": scope, "subject": subject})
-        if slot is None:
-            return None
-        held.add(int(slot))
-        return int(slot)
+            return UNCOUNTED  # not counted across replicas (MAX_SLOTS); nothing to give back
+        for attempt in (1, 2):
+            fresh = self._conn is None
+            try:
+                conn = self._connection()
+                if self._orphans:
+                    self._retake(conn)
+                slot = Slot(scope, subject, value, -1, self._session)
+                if self._lock_free(conn, slot):
+                    return slot
+                return None
+            except Exception as error:
+                self._lost()
+                if fresh or attempt == 2:
+                    raise
+                log.warning("stream slots: the database session was lost (%s); taking the slot on a new one",
+                            type(error).__name__)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def release(self, scope: str, subject: str, slot: int) -> None:
-        held = self._held.get((scope, subject), set())
-        if slot not in held:  # -1, or held by a session that was lost since (its locks went with it)
-            return
-        held.discard(slot)
+    def _lock_free(self, conn: sa.Connection, slot: Slot) -> bool:
+        """Give ``slot`` the first number of its limit no session holds, on this session; False if there is none."""
+        held = self._held.setdefault((slot.scope, slot.subject), set())
+        for number in range(slot.value):
+            if number not in held and store.try_lock_slot(conn, slot.scope, slot.subject, number):
+                held.add(number)
+                slot.number, slot.session = number, self._session
+                self._live.add(slot)
+                return True
         if not held:
-            del self._held[(scope, subject)]
-        self._run(self._GIVE, {"scope": scope, "subject": subject, "slot": slot})
+            del self._held[(slot.scope, slot.subject)]
+        return False
 
-    def _run(self, statement: sa.TextClause, params: dict[str, Any]) -> Any:
+    def _retake(self, conn: sa.Connection) -> None:
+        """The running streams' slots of a session lost, taken again on this one (any free number of their limit)."""
+        missed = 0
+        for slot in sorted(self._orphans, key=lambda s: s.number):
+            missed += not self._lock_free(conn, slot)  # (if the session fails here, the rest stay orphans)
+            self._orphans.discard(slot)
+        if missed:
+            log.warning("stream slots: %d running stream(s) found their slots taken after the database session was "
+                        "lost; they run on uncounted across replicas until they end", missed)
+
+    def release(self, scope: str, subject: str, slot: Slot) -> None:
+        self._orphans.discard(slot)
+        if slot not in self._live or slot.session != self._session:  # UNCOUNTED, or its session was lost
+            return
+        self._live.discard(slot)
+        held = self._held.get((scope, subject), set())
+        held.discard(slot.number)
+        if not held:
+            self._held.pop((scope, subject), None)
         try:
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            value = self._conn.execute(statement, params).scalar()
-            self._conn.commit()  # session locks outlive the transaction; no transaction stays open
-            return value
-        except Exception:
+            assert self._conn is not None
+            store.unlock_slot(self._conn, scope, subject, slot.number)
+        except Exception as error:  # the session is lost, and the lock with it: nothing left to give back
             self._lost()
-            raise
+            log.warning("stream slots: the database session was lost (%s) giving back a slot",
+                        type(error).__name__)
+
+    def _connection(self) -> sa.Connection:
+        if self._conn is None:
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")  # no transaction stays
+            try:
+                store.keep_session(conn)
+            except Exception:
+                conn.invalidate()
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
 
     def _lost(self) -> None:
-        """The session is gone (or unusable), and every slot it held with it."""
+        """The session is gone (or unusable), and every slot it held with it: the running streams' slots are taken
+        again on the next session."""
         conn, self._conn = self._conn, None
+        self._session += 1
         self._held.clear()
+        self._orphans |= self._live
+        self._live.clear()
         if conn is not None:
             with contextlib.suppress(Exception):  # a connection already broken
                 conn.invalidate()
@@ -478,6 +547,7 @@ class StreamSlots:
 
     def close(self) -> None:
         self._lost()
+        self._orphans.clear()
 
 
 class StreamQuota:
@@ -489,7 +559,7 @@ class StreamQuota:
     included: far from every limit, a stream asks about once a second, near one before every message."""
 
     def __init__(self, quotas: Quotas, station: Principal, domains: tuple[str, ...], method: str,
-                 taken: list[tuple[str, str, int | None]]) -> None:
+                 taken: list[tuple[str, str, Slot | None]]) -> None:
         self._quotas = quotas
         self._station = station
         self._domains = domains

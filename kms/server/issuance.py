@@ -310,9 +310,13 @@ class IssuanceService(rpc.IssuanceServiceServicer):
             if group:
                 yield from self._message(batch, group, principal, quota, profile)
         finally:
-            if quota is not None:
-                quota.close()  # the stream slot is free again
-            sealed.close()  # cancels the chunks still queued for the workers
+            try:
+                if quota is not None:
+                    quota.close()  # the stream slot is free again
+            except errors.StorageUnavailable as error:  # a stream that ended as it did is not failed by this
+                log.warning("stream %s: its stream slot was not given back: %s", batch.batch_id, error)
+            finally:
+                sealed.close()  # cancels the chunks still queued for the workers
 
     def _records(self, batch_id: str, after: int, blocked: dict[str, str]) -> Iterator[CardRecord]:
         while page := self._i.store.cards_after(batch_id, after, PAGE):

@@ -221,12 +221,18 @@ class RemoteSigner(_Remote):
         response = self._unary(self._stub.SignedHead, pb.SignedHeadRequest(), 60)
         return int(response.size), str(response.head)
 
-    def sign(self, size: int, head: str, at: str, digests: list[bytes]) -> bytes:
-        request = pb.SignCheckpointRequest(size=size, head=head, at=at, digests=digests)
+    def sign(self, size: int, head: str, at: str, digests: list[bytes],
+             base: tuple[int, str] | None = None) -> bytes:
+        request = pb.SignCheckpointRequest(size=size, head=head, at=at, digests=digests, base=_base(base))
         return bytes(self._unary(self._stub.SignCheckpoint, request, 120).signature)
 
     def seal(self, size: int, head: str, at: str, nonce: str, filters: Mapping[str, str],
-             digests: list[bytes]) -> bytes:
+             digests: list[bytes], base: tuple[int, str] | None = None) -> bytes:
         request = pb.SignSealRequest(size=size, head=head, at=at, nonce=nonce, filters=dict(filters),
-                                     digests=digests)
+                                     digests=digests, base=_base(base))
         return bytes(self._unary(self._stub.SignSeal, request, 120).signature)
+
+
+def _base(base: tuple[int, str] | None) -> pb.SignedHeadBase | None:
+    """The signed head a signing request starts from (compare and swap in the signer), or none."""
+    return None if base is None else pb.SignedHeadBase(size=base[0], head=base[1])

@@ -162,9 +162,10 @@ class Service:
             self._abandon()
             raise
         self.ceremonies.sweep()  # ceremonies that expired, or were interrupted, while no replica was running
+        schema = store.current_schema(engine)  # part of every lock key: all replicas must resolve the same one
         audit.record("service.started", detail={
             "replica": self.replica, "config": str(cfg.path), "config_sha256": _sha256(cfg.path),
-            "database": _database(cfg.database),
+            "database": _database(cfg.database), **({"schema": schema} if schema is not None else {}),
             "policies": {"authz": _sha256(authz_path), "quorum": _sha256(quorum_path),
                          "limits": _sha256(limits_path),
                          "profiles": {p.name: _sha256(p) for p in sorted(cfg.profiles.glob("*.yaml"))}}})

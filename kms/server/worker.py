@@ -507,14 +507,26 @@ class AuditSignerWorker:
         if any(len(d) != 32 for d in digests):
             raise InvalidArgument("digests", "must be SHA-256 digests")
 
+    def _base(self, request: pb.SignCheckpointRequest | pb.SignSealRequest) -> tuple[int, str] | None:
+        """The signed head the request's digests start from (compare and swap), None from an older front end."""
+        if not request.HasField("base"):
+            return None
+        if request.base.size < 0:
+            raise InvalidArgument("base.size", "must not be negative")
+        if len(request.base.head) != 64 or any(c not in "0123456789abcdef" for c in request.base.head):
+            raise InvalidArgument("base.head", "must be 64 lowercase hex digits")
+        return int(request.base.size), str(request.base.head)
+
     def sign_checkpoint(self, request: pb.SignCheckpointRequest, context: grpc.ServicerContext) -> pb.Signature:
         self._checked(request.size, request.head, request.at, request.digests)
-        return pb.Signature(signature=self.signer.sign(request.size, request.head, request.at, list(request.digests)))
+        return pb.Signature(signature=self.signer.sign(request.size, request.head, request.at, list(request.digests),
+                                                       self._base(request)))
 
     def sign_seal(self, request: pb.SignSealRequest, context: grpc.ServicerContext) -> pb.Signature:
         self._checked(request.size, request.head, request.at, request.digests)
         return pb.Signature(signature=self.signer.seal(request.size, request.head, request.at, request.nonce,
-                                                       dict(request.filters), list(request.digests)))
+                                                       dict(request.filters), list(request.digests),
+                                                       self._base(request)))
 
     def probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
         timeout = request.timeout_seconds if 0 < request.timeout_seconds <= 300 else 30.0

@@ -342,20 +342,30 @@ class SignedHeadResponse(_message.Message):
     head: str
     def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ...) -> None: ...
 
+class SignedHeadBase(_message.Message):
+    __slots__ = ("size", "head")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    head: str
+    def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ...) -> None: ...
+
 class SignCheckpointRequest(_message.Message):
-    __slots__ = ("size", "head", "at", "digests")
+    __slots__ = ("size", "head", "at", "digests", "base")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     size: int
     head: str
     at: str
     digests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ..., at: _Optional[str] = ..., digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    base: SignedHeadBase
+    def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ..., at: _Optional[str] = ..., digests: _Optional[_Iterable[bytes]] = ..., base: _Optional[_Union[SignedHeadBase, _Mapping]] = ...) -> None: ...
 
 class SignSealRequest(_message.Message):
-    __slots__ = ("size", "head", "at", "nonce", "filters", "digests")
+    __slots__ = ("size", "head", "at", "nonce", "filters", "digests", "base")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -369,13 +379,15 @@ class SignSealRequest(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     size: int
     head: str
     at: str
     nonce: str
     filters: _containers.ScalarMap[str, str]
     digests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ..., at: _Optional[str] = ..., nonce: _Optional[str] = ..., filters: _Optional[_Mapping[str, str]] = ..., digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    base: SignedHeadBase
+    def __init__(self, size: _Optional[int] = ..., head: _Optional[str] = ..., at: _Optional[str] = ..., nonce: _Optional[str] = ..., filters: _Optional[_Mapping[str, str]] = ..., digests: _Optional[_Iterable[bytes]] = ..., base: _Optional[_Union[SignedHeadBase, _Mapping]] = ...) -> None: ...
 
 class Signature(_message.Message):
     __slots__ = ("signature",)

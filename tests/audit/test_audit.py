@@ -17,6 +17,7 @@ from helpers import EngineFactory
 
 from kms import store
 from kms.audit.log import (
+    GENESIS,
     AuditLog,
     Checkpoint,
     Seal,
@@ -28,7 +29,7 @@ from kms.audit.log import (
 )
 from kms.audit.verify import NOT_THIS_REQUEST, verify
 from kms.clock import FixedClock
-from kms.errors import AuditUnavailable
+from kms.errors import AuditUnavailable, StorageUnavailable
 
 N = 10_000
 EVERY = 1_000
@@ -387,3 +388,17 @@ def test_a_filtered_export_is_as_complete_and_verifiable_as_a_full_one(tmp_path:
     verdict = verify(relabelled, KEY.public_key())  # the header must say what the seal signed
     assert (verdict.ok, verdict.bad_seq, verdict.problem) == (False, None, "edited"), verdict.summary()
     assert not verify([lines[0]], KEY.public_key()).ok  # an export with no signed checkpoint proves nothing
+
+
+def test_a_replica_waits_for_the_checkpoint_lock_only_so_long(backend: EngineFactory,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen holder of the checkpoint lock (its signer hung, its process stopped) must not block every other
+    replica's checkpoints, exports and shutdown for ever: after store.LOCK_WAIT the wait ends StorageUnavailable."""
+    monkeypatch.setattr(store, "LOCK_WAIT", 0.2)
+    clock = FixedClock(START)
+    log, other = (AuditLog(store.translate_storage_faults(backend()), clock) for _ in range(2))
+    with (log.checkpoint_lock(), pytest.raises(StorageUnavailable, match="lock not available"),
+          other.checkpoint_lock()):
+        pass
+    with other.checkpoint_lock() as locked:  # free again; and the wait left no lock_timeout behind
+        assert locked.head() == (0, GENESIS.hex())

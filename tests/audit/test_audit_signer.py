@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import EngineFactory
 
@@ -257,3 +257,51 @@ def test_replicas_crossing_the_threshold_together_sign_one_checkpoint(home: Home
     finally:
         signer.close()
     assert [(c.size, c.replica) for c in logs[0].checkpoints()] == [(5, "replica-a"), (8, "replica-b")]
+
+
+def test_a_stale_signing_request_is_refused_as_moved_and_signs_nothing(home: Home, tmp_path: Path) -> None:
+    """A request prepared from the signed head as it was (a replica's request that timed out, arriving late after
+    another checkpoint was signed) is refused as AuditSignedHeadMoved (retryable), not as a broken chain, before
+    anything is signed or anchored: the signed head stays where the newer checkpoint put it. Without a base (an
+    older front end) the chain rule alone applies."""
+    import hashlib
+
+    from kms.audit.log import GENESIS, checkpoint_message
+    from kms.clock import rfc3339
+    from kms.errors import AuditChainBroken, AuditSignedHeadMoved
+
+    engine = store.make_engine(f"sqlite:///{tmp_path / 'kms.db'}")
+    store.upgrade(engine)
+    clock = FixedClock(dt.datetime(2026, 12, 1, 23, 40, tzinfo=dt.UTC))
+    log = AuditLog(engine, clock)
+    signer = AuditSigner(home.config)
+    try:
+        for i in range(3):
+            log.record("test.event", subject=str(i))
+        base = signer.signed_head()
+        assert base == (0, GENESIS.hex())
+        size, head = log.head()
+        digests = [hashlib.sha256(r.body.encode()).digest() for r in log.records(0, size)]
+        at = rfc3339(clock.now())
+        for i in range(3, 5):
+            log.record("test.event", subject=str(i))
+        newer = Checkpointer(log, signer, clock).checkpoint_now()  # another replica's, signed first
+        assert newer is not None and newer.size == 5
+        with pytest.raises(AuditSignedHeadMoved, match="signed head is at 5, not 0"):
+            signer.sign(size, head, at, digests, base)
+        with pytest.raises(AuditSignedHeadMoved):
+            signer.seal(size, head, at, NONCE, {}, digests, base)
+        assert signer.signed_head() == (5, newer.head)  # nothing was signed
+        with pytest.raises(AuditChainBroken, match="3 records, but 5 were signed already"):
+            signer.sign(size, head, at, digests)  # an older caller: the chain rule only
+        # A request from the current head signs as before.
+        log.record("test.event", subject="5")
+        size, head = log.head()
+        signature = signer.sign(size, head, at, [hashlib.sha256(r.body.encode()).digest()
+                                                 for r in log.records(5, size)], (5, newer.head))
+        public = serialization.load_pem_public_key((home.path / "audit" / "audit-v1.pem").read_bytes())
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signature, checkpoint_message(size, head, at), ec.ECDSA(hashes.SHA256()))
+        assert signer.signed_head() == (6, head)
+    finally:
+        signer.close()

@@ -1309,3 +1309,61 @@ def test_a_starting_replicas_sweep_leaves_a_live_execution_and_fails_a_dead_one_
     record = starting.get(dead.ceremony_id)
     assert (record.state, record.error) == (CeremonyState.FAILED, INTERRUPTED)
     assert interruptions(world, dead.ceremony_id) == 1
+
+
+def _execution_locks_held(world: World, ceremony_id: str) -> int:
+    """Sessions holding ``ceremony_id``'s execution lock (kms.store's named-lock key, computed in this schema)."""
+    with world.engine.connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND ((classid::bigint << 32) | objid::bigint) = "
+            "hashtextextended('kms:' || current_schema() || ':' || :name, 0)"),
+            {"name": f"ceremony-execution:{ceremony_id}"}).scalar_one())
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("failing", ["unlock", "try_lock"])
+def test_a_failure_around_the_execution_lock_never_pools_a_connection_that_holds_it(
+        world: World, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """A rollback at checkin does not end a session lock: the connection must be invalidated (its session ended)
+    on any failure between taking the lock and giving it back, or a pooled connection holds it for ever."""
+    c = world.propose("alice")
+    world.approve(c.ceremony_id, "bob", "chen")
+    real = getattr(store, failing)
+
+    def fail(conn: sa.Connection, name: str) -> Any:
+        if failing == "try_lock":
+            real(conn, name)  # the lock taken, then a fault that is not a KmsError
+        raise RuntimeError(f"injected in {failing}")  # unlock: before the lock is given back
+
+    monkeypatch.setattr(store, failing, fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        world.ceremonies.execute(c.ceremony_id, officer("bob"), FakeRun())
+    monkeypatch.undo()
+    assert _execution_locks_held(world, c.ceremony_id) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_execution_lock_outlives_the_servers_idle_session_timeout(world: World) -> None:
+    """The execution's session sits idle while the operation runs: PostgreSQL's idle_session_timeout (here 100 ms,
+    set on the replica's engine) must not end it, or another replica's sweep would fail a live execution."""
+    with world.engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    idle = sa.create_engine(os.environ["KMS_TEST_POSTGRES_URL"], pool_pre_ping=True, connect_args={
+        "options": f"-csearch_path={schema} -cidle_session_timeout=100"})  # pooled ones: replaced (as kms does)
+    replica = Ceremonies(idle, world.clock, QuorumPolicy.load(), OfficerStore(idle, world.clock))
+    c = world.propose("alice")
+    world.approve(c.ceremony_id, "bob", "chen")
+    held: list[int] = []
+
+    def run(record: CeremonyRecord) -> Mapping[str, Any]:
+        time.sleep(0.5)  # the execution's session idle for five idle timeouts
+        held.append(_execution_locks_held(world, record.ceremony_id))
+        world.replica().sweep()  # another replica's sweep: the execution is alive
+        return FakeRun().result
+
+    try:
+        done = replica.execute(c.ceremony_id, officer("bob"), run)
+    finally:
+        idle.dispose()
+    assert held == [1] and done.state is CeremonyState.EXECUTED

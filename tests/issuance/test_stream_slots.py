@@ -126,3 +126,93 @@ def test_a_replica_that_dies_frees_its_streams(replicas: list[Quotas], backend: 
             holder.wait()
     for stream in streams:
         stream.close()
+
+
+def _slot_session_pid(quotas: Quotas) -> int:
+    """The backend of the session that holds ``quotas``' slots (for a fault injector to end it)."""
+    assert quotas.slots is not None and quotas.slots._conn is not None
+    pid = int(quotas.slots._conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    quotas.slots._conn.commit()  # the session idle again, as the slots leave it
+    return pid
+
+
+def _terminate(backend: EngineFactory, pid: int) -> None:
+    with backend().connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid}).scalar_one()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_stream_of_a_lost_slot_session_never_gives_back_a_slot_of_the_new_one(
+        replicas: list[Quotas], backend: EngineFactory) -> None:
+    """The slot session ends under a running stream (its slot with it); the next stream takes a slot on a new
+    session at once (the dead one is found and replaced, not reported), likely the same number; the old stream's
+    end must not free the new stream's slot, or a station would exceed its limit across replicas."""
+    a, b = replicas
+    old = _open(a)  # station slot 0 and bureau slot 0 on a's first session
+    _terminate(backend, _slot_session_pid(a))
+    new = _open(a)  # on a new session, the same slots (the old ones went with the session)
+    old.close()
+    held = _open(b)  # the station's second stream, counting a's new one
+    with pytest.raises(ResourceExhausted, match=r"concurrent_streams \(2\) reached; 2 streams"):
+        _open(b)
+    for stream in (new, held):
+        stream.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_slot_given_back_on_a_dead_session_is_not_an_error(replicas: list[Quotas], backend: EngineFactory) -> None:
+    a, b = replicas
+    stream = _open(a)
+    _terminate(backend, _slot_session_pid(a))
+    stream.close()  # the lock went with the session: nothing to give back, nothing raised
+    streams = [_open(b), _open(b)]
+    for s in streams:
+        s.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_slot_session_is_not_ended_by_the_servers_idle_timeout(backend: EngineFactory, policy: Path) -> None:
+    import os
+
+    with backend().connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    idle = sa.create_engine(os.environ["KMS_TEST_POSTGRES_URL"], connect_args={
+        "options": f"-csearch_path={schema} -cidle_session_timeout=100"})
+    a, b = Quotas(idle, CLOCK, LimitsPolicy.load(policy)), Quotas(backend(), CLOCK, LimitsPolicy.load(policy))
+    try:
+        first = _open(a)
+        pid = _slot_session_pid(a)
+        with backend().connect() as conn:  # idle for longer than the engine's idle_session_timeout (100 ms)
+            conn.execute(sa.text("SELECT pg_sleep(0.5)"))
+            alive = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"),
+                                 {"pid": pid}).scalar_one()
+        assert alive == 1
+        second = _open(b)
+        with pytest.raises(ResourceExhausted, match=r"concurrent_streams \(2\) reached"):
+            _open(b)
+        for stream in (first, second):
+            stream.close()
+    finally:
+        a.close()
+        b.close()
+        idle.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_replica_that_loses_its_slot_session_takes_its_running_streams_slots_again(
+        replicas: list[Quotas], backend: EngineFactory) -> None:
+    """The slot session ends under two running streams of a station (limit 2): until the replica next starts a
+    stream, another replica may take them (nothing is counted); when it does, it takes the running streams' slots
+    again first, so the other replica is refused, and the limit binds again across replicas."""
+    a, b = replicas
+    first = _open(a)
+    _terminate(backend, _slot_session_pid(a))
+    other = _open(a, OTHER)  # a new session: station-a1's running stream takes its slot again, then this one
+    second = _open(b)  # station-a1's second
+    with pytest.raises(ResourceExhausted, match=r"station urn:kms:station:bureau-a:station-a1: limit "
+                       r"concurrent_streams \(2\) reached; 2 streams"):
+        _open(b)
+    first.close()  # given back on the new session: free again for any replica
+    third = _open(b)
+    for stream in (other, second, third):
+        stream.close()

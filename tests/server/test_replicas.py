@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import POSTGRES, card, client, drop_schema, officer, open_batch, postgres_home, service_client
 
+from kms import store
 from kms.audit.verify import verify
 from kms.client.audit import AuditClient
 from kms.dev.home import Home
@@ -53,6 +54,8 @@ def test_two_replicas_serve_one_database_and_checkpoint_one_chain(
     home, (a, b), admin = cluster
     assert a.replica != b.replica and {a.replica, b.replica} <= {
         r["detail"]["replica"] for r in _records(admin, "service.started")}
+    # every lock key includes the schema: service.started says which one each replica resolved
+    assert {r["detail"]["schema"] for r in _records(admin, "service.started")} == {store.current_schema(admin)}
     cards = [card(940_000 + i, card_ref=f"rp-{i}") for i in range(12)]
     with client(home, a.port, officer("hrss", 0)) as alice:
         open_batch(home, a.port, alice, "B-replicas", "bureau-a", "dual-app-v1", cards)

@@ -194,3 +194,26 @@ def test_the_socket_is_made_0660_when_bound(running: dict[str, str]) -> None:
     path = Path(running["bank"][len("unix:"):])
     info = path.lstat()
     assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660 and info.st_uid == os.geteuid()
+
+
+def test_the_audit_signer_signs_only_from_the_signed_head_the_request_names(running: dict[str, str]) -> None:
+    """A request whose base (the signed head its digests start from) is not the signer's signed head is refused
+    UNAVAILABLE carrying AuditSignedHeadMoved (retryable), before anything is signed; a malformed base is
+    INVALID_ARGUMENT naming it."""
+    import datetime as dt
+
+    from kms.errors import AuditSignedHeadMoved
+
+    audit = running["audit"]
+    at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stale = pb.SignedHeadBase(size=10**12, head="ab" * 32)  # never this token's signed head
+    for method, request in (
+            ("/kms.v1.AuditSignerWorker/SignCheckpoint",
+             pb.SignCheckpointRequest(size=10**12, head="cd" * 32, at=at, base=stale)),
+            ("/kms.v1.AuditSignerWorker/SignSeal",
+             pb.SignSealRequest(size=10**12, head="cd" * 32, at=at, nonce="00", base=stale))):
+        code, details, error = _call(audit, method, request)
+        assert code == grpc.StatusCode.UNAVAILABLE and isinstance(error, AuditSignedHeadMoved), details
+    bad = pb.SignCheckpointRequest(size=1, head="0" * 64, at=at, base=pb.SignedHeadBase(size=0, head="x"))
+    code, details, error = _call(audit, "/kms.v1.AuditSignerWorker/SignCheckpoint", bad)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and getattr(error, "field", "") == "base.head", details
