@@ -46,6 +46,7 @@ def schema(admin_url: str, prefix: str = "cluster") -> Iterator[str]:
     """A PostgreSQL schema of the run's own: the URL of the run's database (its search_path set to it); dropped
     at the end, whatever happened."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    print(f"cluster: schema {name} (dropped at the end)", flush=True)
     admin = sa.create_engine(admin_url)
     for attempt in (1, 2):
         try:
@@ -108,6 +109,9 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path, help="an empty directory for the run (default: a new one under "
                                                      ".cluster/)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (home, logs, bundles)")
+    parser.add_argument("--sessions-file", type=Path,
+                        help="append the session id of every service and station the run starts to this file, one "
+                             "a line (tests/test_cluster.py: to look for and end what is left of the run)")
     parser.add_argument("--bench", action="store_true", help="the contention figures with 1, 2 and 3 replicas")
     parser.add_argument("--bench-cards", type=int, default=200,
                         help="cards per station, round and side: 3 stations at once (default 200)")
@@ -146,7 +150,7 @@ def main() -> int:
             else:
                 print(f"cluster: run in {directory}; {cards} cards per batch"
                       f"{' (--small)' if args.small else ''}", flush=True)
-                report = cluster_run(directory, url, Plan(cards=cards), Report())
+                report = cluster_run(directory, url, Plan(cards=cards), Report(), session_log=args.sessions_file)
                 print()
                 print(report.text())
                 ok = report.ok

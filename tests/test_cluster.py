@@ -4,12 +4,16 @@ executed by two replicas racing, the bank worker service restarted; every invari
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from kms.dev.cluster import Check, Report, leftovers
 
@@ -19,6 +23,49 @@ INVARIANTS = ("every card issued exactly once", "none lost", "a redelivered bund
               "delivery", "one gap-free audit chain that verifies offline", "checkpoints from several replicas",
               "the raced ceremony executed once", "faults injected mid-stream", "no process left behind",
               "services' logs hold no traceback")
+#: Above the --small run's own limits (scripts/cluster.py SMALL_SECONDS for the streams, plus set-up and stopping).
+TIMEOUT, GRACE = 900, 240
+
+
+def run_script(args: list[str], sessions: Path) -> tuple[int, str, str, int]:
+    """scripts/cluster.py in a session of its own; past TIMEOUT: SIGTERM (it stops what it started and drops its
+    schema), GRACE seconds to do so, then every process group of the run SIGKILLed."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--sessions-file", str(sessions)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            for group in {proc.pid, *run_sessions(sessions)}:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
+            out, err = proc.communicate()
+        err += f"\ntests/test_cluster.py: the run took more than {TIMEOUT} s and was stopped"
+    return proc.returncode, out, err, proc.pid
+
+
+def run_sessions(path: Path) -> set[int]:
+    try:
+        return {int(line.split()[0]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    except OSError:
+        return set()
+
+
+def schemas(url: str, names: set[str], drop: bool = False) -> set[str]:
+    """Which of the schemas ``names`` exist (dropped first with ``drop``)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            if drop:
+                for name in names:
+                    conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+            return {row[0] for row in conn.execute(sa.text("SELECT schema_name FROM information_schema.schemata"))
+                    if row[0] in names}
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.postgres
@@ -27,17 +74,29 @@ INVARIANTS = ("every card issued exactly once", "none lost", "a redelivered bund
 def test_the_small_cluster_run_keeps_every_invariant(tmp_path: Path) -> None:
     if not POSTGRES:
         pytest.skip("KMS_TEST_POSTGRES_URL is not set: the cluster run needs PostgreSQL")
-    run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--small", "--database", POSTGRES, "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    report = done.stdout[done.stdout.find("invariants"):]
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    run_dir, sessions = tmp_path / "run", tmp_path / "sessions"
+    code, out, err, script = run_script(["--small", "--database", POSTGRES, "--run-dir", str(run_dir)], sessions)
+    started = run_sessions(sessions) | {script}  # the script's own session: what it started without a new one
+    made = set(re.findall(r"\bschema (cluster_[0-9a-f]{10})\b", out))
+    left = leftovers(started)
+    schemas_left = schemas(POSTGRES, made)
+    if left or schemas_left:  # what a broken run left: ended, so that it does not weigh on the tests after this one
+        for group in started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        schemas(POSTGRES, made, drop=True)
+    report = out[out.find("invariants"):]
+    assert code == 0, out[-4000:] + err[-2000:]
     for name in INVARIANTS:
         assert f"] {name}: " in report, name
     assert "[FAILED" not in report and "result: OK" in report
-    assert "r1 SIGKILLed mid-stream" in done.stdout and "bank worker service stopped mid-run" in done.stdout
+    assert "r1 SIGKILLed mid-stream" in out and "bank worker service stopped mid-run" in out
     assert not run_dir.exists()  # removed after a run that passed
-    assert leftovers([tmp_path]) == []
+    # 6 services and 6 stations, each in a session of its own; none of them, nor anything they started, still runs
+    # (other processes of this pytest, such as the openbao fixture's server, are not the run's)
+    assert len(started) >= 13, started
+    assert left == []
+    assert len(made) == 1 and schemas_left == set(), made  # the run's schema dropped at its end
 
 
 def test_a_report_fails_on_any_failed_invariant_and_not_on_a_pending_one() -> None:

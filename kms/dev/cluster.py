@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,8 +148,10 @@ class Service:
     """One `kms` service process (a worker service or a replica): started, waited for its first stdout line, its
     stderr in ``log``; restartable with the same arguments."""
 
-    def __init__(self, name: str, args: Sequence[str], log: Path, ready: str) -> None:
+    def __init__(self, name: str, args: Sequence[str], log: Path, ready: str,
+                 on_start: Callable[[int, str], None] | None = None) -> None:
         self.name, self.args, self.log, self.ready = name, list(args), log, ready
+        self.on_start = on_start  # told each process started (its pid leads a session of its own)
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
         self.codes: list[int] = []  # exit statuses of the runs that ended
@@ -157,7 +159,10 @@ class Service:
     def start(self) -> None:
         with self.log.open("a", encoding="utf-8") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "kms.cli", *self.args], stdout=subprocess.PIPE,
-                                         stderr=err, stdin=subprocess.DEVNULL, text=True, env=environment())
+                                         stderr=err, stdin=subprocess.DEVNULL, text=True, env=environment(),
+                                         start_new_session=True)
+        if self.on_start is not None:
+            self.on_start(self.proc.pid, self.name)
         self.starts += 1
         assert self.proc.stdout is not None
         line = _readline(self.proc.stdout, START_SECONDS)
@@ -247,9 +252,13 @@ class Cluster:
     """The run's home, worker services and replicas (see the module's docstring). ``start`` brings them up;
     ``close`` stops whatever runs (always call it)."""
 
-    def __init__(self, run_dir: Path, database: str, *, replicas: int = 3, log: Callable[[str], None] = print
-                 ) -> None:
+    def __init__(self, run_dir: Path, database: str, *, replicas: int = 3, log: Callable[[str], None] = print,
+                 session_log: Path | None = None) -> None:
         self.dir = run_dir
+        #: The sessions of the processes the run started (each service and station leads one of its own; what they
+        #: start stays in it, even re-parented to init): what ``leftovers`` looks for, and what ``kill_groups`` ends.
+        self.sessions: set[int] = set()
+        self.session_log = session_log  # each session id appended, one a line, as it starts (for a caller's check)
         self.database = database
         self.count = replicas
         self.log = log
@@ -278,7 +287,7 @@ class Cluster:
         self.layout = split_home(home.config, sockets)
         for name in SERVICES:
             service = Service(f"worker {name}", self.layout.command(name), logs / f"worker-{name}.log",
-                              f"kms: worker {name} serving on ")
+                              f"kms: worker {name} serving on ", self.started)
             service.start()
             self.workers[name] = service
         named = replica_names_supported()
@@ -295,7 +304,7 @@ class Cluster:
             self.ports.append(ports[2 * i])
             self.health_ports.append(ports[2 * i + 1])
             self.replicas.append(Service(f"replica r{i + 1}", self._serve_args(path, i), logs / f"replica-{i + 1}.log",
-                                         "kms: serving on port "))
+                                         "kms: serving on port ", self.started))
         for i, r in enumerate(self.replicas):  # one after the other: the first one to start creates the schema
             for attempt in range(PORT_ATTEMPTS):
                 try:
@@ -309,6 +318,13 @@ class Cluster:
         self.log(f"worker services hrss, bank, audit on Unix sockets in {sockets}; {self.count} replicas of kms serve "
                  f"on 127.0.0.1:{', '.join(map(str, self.ports))} sharing them"
                  f"{' (server.replica r1..)' if named else ''}")
+
+    def started(self, pid: int, name: str) -> None:
+        """A process of the run started, in a session of its own (``pid``)."""
+        self.sessions.add(pid)
+        if self.session_log is not None:
+            with self.session_log.open("a", encoding="utf-8") as out:
+                out.write(f"{pid} {name}\n")
 
     def _serve_args(self, config: Path, i: int) -> list[str]:
         return ["serve", "--config", str(config), "--listen", f"127.0.0.1:{self.ports[i]}", "--health-listen",
@@ -430,7 +446,9 @@ class Fetch:
                 "--retry-for", "240", "--json"]
         with log.open("w", encoding="utf-8") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "kms.cli", *args], stdout=subprocess.PIPE,
-                                         stderr=err, stdin=subprocess.DEVNULL, text=True, env=environment())
+                                         stderr=err, stdin=subprocess.DEVNULL, text=True, env=environment(),
+                                         start_new_session=True)
+        cluster.started(self.proc.pid, f"fetch {stream.station}")
 
     def received(self) -> int:
         try:
@@ -745,7 +763,7 @@ def check_stopped(cluster: Cluster, codes: dict[str, int | None], run_dir: Path,
     for worker in cluster.workers.values():  # a worker service stopped mid-run ends as cleanly
         bad.update({f"{worker.name} (run {i + 1})": code for i, code in enumerate(worker.codes[:-1]) if code != 0})
     killed = cluster.replicas[0].codes[:1] if cluster.replicas else []
-    left = leftovers([run_dir, *([cluster.sockets] if cluster.sockets else [])])
+    left = leftovers(cluster.sessions, descendants=True)
     logs = sorted((run_dir / "logs").glob("*.log"))
     texts = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in logs if not p.name.startswith("fetch-")}
     tracebacks = [name for name, text in texts.items() if "Traceback" in text]
@@ -762,27 +780,51 @@ def check_stopped(cluster: Cluster, codes: dict[str, int | None], run_dir: Path,
                f"{', '.join(f'{k} {v}' for k, v in failed.items()) or 'none'}" + _problems(tracebacks=tracebacks))
 
 
-def leftovers(places: Sequence[Path]) -> list[str]:
-    """Processes still running that belong to the run: this process's descendants, and any process whose command
-    line names one of ``places`` (the run directory, the sockets' directory: orphans re-parented to init)."""
-    mine = set(process_tree(os.getpid())) - {os.getpid()}
+def _stat(pid: int | str) -> tuple[str, int, int] | None:
+    """A process's state, parent and session id (/proc/<pid>/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[3])
+
+
+def ancestors(pid: int | None = None) -> set[int]:
+    """``pid`` (default: this process) and the processes it descends from (make, timeout, /usr/bin/time, sh -c,
+    pytest …)."""
+    found: set[int] = set()
+    current = os.getpid() if pid is None else pid
+    while current > 0 and current not in found:
+        found.add(current)
+        stat = _stat(current)
+        if stat is None:
+            break
+        current = stat[1]
+    return found
+
+
+def leftovers(sessions: Collection[int], *, descendants: bool = False) -> list[str]:
+    """Processes still running (zombies included) that belong to the run: any in one of ``sessions`` (each service
+    and station the run started leads a session of its own, and what it starts stays in it even when re-parented
+    to init), and with ``descendants`` this process's own descendants; never this process nor its ancestors (a
+    ``make``, ``timeout`` or ``time`` that started it, whatever their command line names)."""
+    skip = ancestors()
+    mine = set(process_tree(os.getpid())) - skip if descendants else set()
     found = []
-    marks = [str(p) for p in places]
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) in skip:
             continue
         pid = int(entry.name)
+        stat = _stat(pid)
+        if stat is None or (stat[2] not in sessions and pid not in mine):
+            continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if pid in mine and "multiprocessing.resource_tracker" in cmd:
+        if pid in mine and stat[2] not in sessions and "multiprocessing.resource_tracker" in cmd:
             continue  # this process's own (Python's, for the home's set-up processes): it ends with this process
-        if state == "Z" and pid in mine:  # a zombie not reaped yet is still a child left behind
-            found.append(f"{pid} (zombie)")
-        elif pid in mine or (pid != os.getpid() and any(m in cmd for m in marks)):
-            found.append(f"{pid} {cmd[:100]}")
+        found.append(f"{pid} (zombie)" if stat[0] == "Z" else f"{pid} {cmd[:100]}")
     return found
 
 
@@ -797,9 +839,11 @@ def _kms(args: list[str]) -> subprocess.CompletedProcess[str]:
                           check=False, env=environment())
 
 
-def cluster_run(run_dir: Path, database: str, plan: Plan, report: Report) -> Report:
-    """The whole run: home, services, streams and faults, the invariants (``report``)."""
-    cluster = Cluster(run_dir, database, replicas=plan.replicas, log=report.event)
+def cluster_run(run_dir: Path, database: str, plan: Plan, report: Report, session_log: Path | None = None
+                ) -> Report:
+    """The whole run: home, services, streams and faults, the invariants (``report``). ``session_log``: where each
+    session the run starts is appended (see ``Cluster``)."""
+    cluster = Cluster(run_dir, database, replicas=plan.replicas, log=report.event, session_log=session_log)
     done: dict[str, Any] | None = None
     codes: dict[str, int | None] = {}
     try:
