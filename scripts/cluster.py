@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,17 @@ from kms.files import restrict_umask, write_private
 
 DEFAULT_DATABASE = "postgresql+psycopg://kms:kms@127.0.0.1:5432/kms_test"
 FULL_CARDS, SMALL_CARDS = 1000, 120
+#: --small's time limit for the streams: with set-up and stopping, well below tests/test_cluster.py's TIMEOUT.
+SMALL_SECONDS = 360.0
+
+
+def terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a timeout, a CI job cancelled) takes the path Ctrl-C takes: the finally blocks stop every service
+    and station the run started, kill what is left of their process groups and drop the run's schema. A second
+    SIGTERM meanwhile is ignored, so that this clean-up is not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("cluster: SIGTERM: stopping what the run started", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 @contextmanager
@@ -100,6 +112,7 @@ def run_dir(args: argparse.Namespace) -> Path:
 
 def main() -> int:
     restrict_umask()
+    signal.signal(signal.SIGTERM, terminated)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help=f"the CI size: {SMALL_CARDS} cards per batch")
     parser.add_argument("--cards", type=int, help=f"cards per batch (default {FULL_CARDS}, --small {SMALL_CARDS})")
@@ -150,7 +163,7 @@ def main() -> int:
             else:
                 print(f"cluster: run in {directory}; {cards} cards per batch"
                       f"{' (--small)' if args.small else ''}", flush=True)
-                report = cluster_run(directory, url, Plan(cards=cards), Report(), session_log=args.sessions_file)
+                report = cluster_run(directory, url, Plan(cards=cards, **({"seconds": SMALL_SECONDS} if args.small else {})), Report(), session_log=args.sessions_file)
                 print()
                 print(report.text())
                 ok = report.ok

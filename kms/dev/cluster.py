@@ -356,6 +356,16 @@ class Cluster:
             shutil.rmtree(self.sockets, ignore_errors=True)
         return codes
 
+    def kill_groups(self) -> list[int]:
+        """The last resort, after ``close`` and the checks (or when they were interrupted: SIGTERM, an error):
+        every process group the run started SIGKILLed; the groups that still had a process."""
+        hit = []
+        for group in sorted(self.sessions):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+                hit.append(group)
+        return hit
+
     # -- clients -----------------------------------------------------------------------------------------------
 
     def client(self, who: Principal, replica: int) -> Client:
@@ -480,7 +490,7 @@ class Plan:
     replicas: int = 3
     kill_at: float = 0.3  # r1 is killed once its first station holds this share of its batch
     worker_restart_at: float = 0.5  # the bank worker service restarts once the stations hold this share in all
-    seconds: float = 900.0  # the streams' time limit
+    seconds: float = 900.0  # the streams' time limit (--small: scripts/cluster.py SMALL_SECONDS)
 
 
 def streams(plan: Plan, stamp: str) -> list[Stream]:
@@ -847,22 +857,25 @@ def cluster_run(run_dir: Path, database: str, plan: Plan, report: Report, sessio
     done: dict[str, Any] | None = None
     codes: dict[str, int | None] = {}
     try:
-        cluster.start()
-        done = run(cluster, plan, report)
-        check_issuance(cluster, done, report)
-        check_audit(cluster, report)
-        check_ceremony(cluster, done["raced"], report)
-        check_faults(done, report)
-    except KmsError as error:
-        report.add("the run", False, f"{type(error).__name__}: {error}")
+        try:
+            cluster.start()
+            done = run(cluster, plan, report)
+            check_issuance(cluster, done, report)
+            check_audit(cluster, report)
+            check_ceremony(cluster, done["raced"], report)
+            check_faults(done, report)
+        except KmsError as error:
+            report.add("the run", False, f"{type(error).__name__}: {error}")
+        finally:  # also on SIGTERM (scripts/cluster.py makes it SystemExit) and Ctrl-C
+            codes = cluster.close()
+            if done is not None:
+                for f in done["fetches"]:
+                    if f.proc.poll() is None:
+                        f.proc.kill()
+                        f.proc.wait()
+        check_stopped(cluster, codes, run_dir, report)
     finally:
-        codes = cluster.close()
-        if done is not None:
-            for f in done["fetches"]:
-                if f.proc.poll() is None:
-                    f.proc.kill()
-                    f.proc.wait()
-    check_stopped(cluster, codes, run_dir, report)
+        cluster.kill_groups()  # whatever is left (reported above when the run got that far)
     return report
 
 
@@ -1046,7 +1059,10 @@ def bench(run_dir: Path, database: str, *, rounds: int, cards: int, append_recor
                 log(f"round {r + 1}, {k} appending process{'es' * (k > 1)}: {rate:.0f} appends/s, head lock "
                     f"{head:.2f} s in all")
     finally:
-        codes = cluster.close()
+        try:
+            codes = cluster.close()
+        finally:
+            cluster.kill_groups()
     bad = {name: code for name, code in codes.items() if code != 0}
     if bad:
         raise KmsError(f"bench: services did not stop cleanly: {bad}")
