@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cluster.py"
 INVARIANTS = ("every card issued exactly once", "none lost", "a redelivered bundle is byte-identical to the first "
               "delivery", "one gap-free audit chain that verifies offline", "checkpoints from several replicas",
               "the raced ceremony executed once", "faults injected mid-stream", "no process left behind",
-              "services' logs hold no traceback")
+              "services' logs hold no traceback", "no bundle delivered twice to a station")
 #: Above the --small run's own limits (scripts/cluster.py SMALL_SECONDS for the streams, plus set-up and stopping).
 TIMEOUT, GRACE = 900, 240
 

@@ -21,10 +21,11 @@ invariants that say nothing was lost, doubled or forged.
 
 Then the ``check_*`` functions read the records and the stations' files and report each invariant: every card
 issued exactly once (one stored bundle, one ``issuance.issued`` record, its serial), none lost (every station has
-every card of its batch), every bundle a station holds byte-identical to the stored one (so a redelivered one is the
+every card of its batch), none delivered twice to a station (each fetch reports as many bundles as its batch has), every bundle a station holds byte-identical to the stored one (so a redelivered one is the
 first delivery), the pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit
 export``) that verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name
-them; the raced ceremony executed once; every process started stopped, and none left behind (/proc). A failed
+them; the raced ceremony executed once; every process started stopped, and none left behind (/proc: a process in
+one of the sessions the run's services and stations lead). A failed
 invariant makes ``Report.ok`` false (scripts/cluster.py exits 1).
 """
 
@@ -678,6 +679,15 @@ def check_issuance(cluster: Cluster, done: dict[str, Any], report: Report) -> No
     report.add("none lost", not lost,
                f"{received} bundles received by {len(done['fetches'])} stations, every card of each station's batch"
                + _problems(lost=lost))
+    # A bundle received twice overwrites the first file (atomically): only the count each fetch reports shows it.
+    # A stream resumed after the last bundle received never sends one again to that station.
+    twice = [f"{f.stream.station}: {doc.get('fetched', 'no report')} for {len(done['batches'][f.stream.batch][1])} "
+             f"cards" for f, (_, doc) in zip(done["fetches"], done["results"], strict=True)
+             if doc.get("fetched") != len(done["batches"][f.stream.batch][1])]
+    report.add("no bundle delivered twice to a station", not twice,
+               f"each of the {len(done['fetches'])} kms station fetch runs reports as many bundles fetched as its "
+               "batch has cards (its resumed streams started after the last bundle received)"
+               + _problems(miscounted=twice))
     pair = [f for f in done["fetches"] if f.stream.bureau == PAIR_BUREAU]
     pair_same = [ref for ref in sorted(stored.get(pair[0].stream.batch, {}))
                  if (pair[0].out / f"{ref}.kmsb").exists() and (pair[1].out / f"{ref}.kmsb").exists()
