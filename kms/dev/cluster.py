@@ -748,20 +748,25 @@ def check_audit(cluster: Cluster, report: Report) -> None:
 
 
 def check_ceremony(cluster: Cluster, raced: dict[str, Any], report: Report) -> None:
-    """The raced ceremony: executed, by one replica; one ceremony.executed record."""
+    """The raced ceremony: both racers answered, one executed it and the other was refused InvalidState (it was
+    executing or executed); it is executed, with one ceremony.executing and one ceremony.executed record."""
     engine = store.make_engine(cluster.database)
     try:
         kinds = [json.loads(r.body)["kind"] for r in AuditLog(engine, SystemClock()).records(kind="ceremony")
                  if json.loads(r.body)["subject"] == raced["ceremony"]]
     finally:
         engine.dispose()
-    wins = [r for r, answer in raced["answers"].items() if answer.startswith("executed")]
+    answers = list(raced["answers"].values())
+    wins = [a for a in answers if a.startswith("executed")]
+    refused = [a for a in answers if a.startswith("refused: InvalidState")]
     executed, executing = kinds.count("ceremony.executed"), kinds.count("ceremony.executing")
     report.add("the raced ceremony executed once",
-               raced["state"] == "executed" and len(wins) == 1 and executed == 1 and executing == 1,
+               raced["state"] == "executed" and len(answers) == 2 and len(wins) == 1 and len(refused) == 1
+               and executed == 1 and executing == 1,
                f"{raced['ceremony']} is {raced['state']}; "
                + "; ".join(f"{k}: {v}" for k, v in sorted(raced["answers"].items()))
-               + f"; {executing} ceremony.executing and {executed} ceremony.executed records")
+               + f"; {executing} ceremony.executing and {executed} ceremony.executed records"
+               + ("" if len(answers) == 2 else f"; PROBLEMS: {2 - len(answers)} racer(s) gave no answer"))
 
 
 def check_faults(done: dict[str, Any], report: Report) -> None:
