@@ -163,7 +163,8 @@ def main() -> int:
             else:
                 print(f"cluster: run in {directory}; {cards} cards per batch"
                       f"{' (--small)' if args.small else ''}", flush=True)
-                report = cluster_run(directory, url, Plan(cards=cards, **({"seconds": SMALL_SECONDS} if args.small else {})), Report(), session_log=args.sessions_file)
+                plan = Plan(cards=cards, seconds=SMALL_SECONDS) if args.small else Plan(cards=cards)
+                report = cluster_run(directory, url, plan, Report(), session_log=args.sessions_file)
                 print()
                 print(report.text())
                 ok = report.ok

@@ -10,12 +10,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from kms.dev.cluster import Check, Report, leftovers
+from kms.dev.cluster import Check, Cluster, Report, Service, ancestors, leftovers, restart
 
 POSTGRES = os.environ.get("KMS_TEST_POSTGRES_URL", "")
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cluster.py"
@@ -108,3 +109,38 @@ def test_a_report_fails_on_any_failed_invariant_and_not_on_a_pending_one() -> No
     report.checks.append(Check("c", False, "broken"))
     assert not report.ok
     assert report.text().splitlines()[-1] == "result: FAILED (1 ok, 1 pending, 1 failed)"
+
+
+def test_leftovers_finds_an_orphan_by_its_session_and_never_this_process_or_its_ancestors() -> None:
+    # A process that starts a child and exits at once: the child is re-parented (to init or a subreaper), its
+    # command line names nothing of the run, and it stays in the session its parent led.
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    out, _ = parent.communicate(timeout=30)
+    orphan = int(out.strip())
+    try:
+        found = leftovers({parent.pid})
+        assert [int(line.split()[0]) for line in found] == [orphan], found
+        assert "sleep 60" in found[0]
+        mine = ancestors()
+        assert os.getpid() in mine and len(mine) >= 2
+        own_session = os.getsid(0)
+        assert not {int(line.split()[0]) for line in leftovers({own_session})} & mine
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+    for _ in range(100):
+        if not leftovers({parent.pid}) or all("(zombie)" in x for x in leftovers({parent.pid})):
+            break
+        time.sleep(0.05)
+    assert all("(zombie)" in x for x in leftovers({parent.pid}))
+
+
+def test_a_fault_thread_does_not_start_a_service_again_once_the_cluster_is_stopping(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, "postgresql+psycopg://unused/none", log=lambda _: None)
+    service = Service("replica r1", ["--version"], tmp_path / "r1.log", "kms ", cluster.started)
+    cluster.close()  # nothing runs yet; it marks the cluster stopping
+    report = Report()
+    assert restart(cluster, service, report) is False
+    assert service.starts == 0 and service.proc is None and cluster.sessions == set()
+    assert report.events == ["replica r1 not started again: the run is stopping"]

@@ -21,12 +21,14 @@ invariants that say nothing was lost, doubled or forged.
 
 Then the ``check_*`` functions read the records and the stations' files and report each invariant: every card
 issued exactly once (one stored bundle, one ``issuance.issued`` record, its serial), none lost (every station has
-every card of its batch), none delivered twice to a station (each fetch reports as many bundles as its batch has), every bundle a station holds byte-identical to the stored one (so a redelivered one is the
-first delivery), the pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit
-export``) that verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name
-them; the raced ceremony executed once; every process started stopped, and none left behind (/proc: a process in
-one of the sessions the run's services and stations lead). A failed
-invariant makes ``Report.ok`` false (scripts/cluster.py exits 1).
+every card of its batch), none delivered twice to a station (each fetch reports as many bundles as its batch has),
+every bundle a station holds byte-identical to the stored one (so a redelivered one is the first delivery), the
+pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit export``) that
+verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name them; the
+raced ceremony executed once (one answer executed, the other refused InvalidState); the faults hit r1 while it
+served streams and made stations retry; every process started stopped, and none left behind (/proc: no process in
+a session the run's services and stations lead). A failed invariant makes ``Report.ok`` false (scripts/cluster.py
+exits 1).
 """
 
 from __future__ import annotations
@@ -261,6 +263,11 @@ class Cluster:
         #: start stays in it, even re-parented to init): what ``leftovers`` looks for, and what ``kill_groups`` ends.
         self.sessions: set[int] = set()
         self.session_log = session_log  # each session id appended, one a line, as it starts (for a caller's check)
+        #: Set by ``close`` before it stops anything; a fault thread restarts or stops a service only under ``lock``
+        #: and only while it is not set, so nothing is started again once the run is being stopped.
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.faults: list[threading.Thread] = []
         self.database = database
         self.count = replicas
         self.log = log
@@ -346,14 +353,20 @@ class Cluster:
     # -- stopping ----------------------------------------------------------------------------------------------
 
     def close(self) -> dict[str, int | None]:
-        """Replicas first (they drain and sign the chain's end), then the worker services; exit statuses."""
+        """The fault threads told to stop and waited for (bounded: a restart under way holds ``lock``, and the
+        stopping below waits for it); then the replicas (they drain and sign the chain's end), then the worker
+        services; exit statuses."""
+        self.stopping.set()
+        for t in self.faults:
+            t.join(STOP_SECONDS)
         codes: dict[str, int | None] = {}
-        for r in self.replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                codes[r.name] = r.stop()
-        for w in reversed(list(self.workers.values())):
-            if w.proc is not None and w.proc.poll() is None:
-                codes[w.name] = w.stop()
+        with self.lock:
+            for r in self.replicas:
+                if r.proc is not None and r.proc.poll() is None:
+                    codes[r.name] = r.stop()
+            for w in reversed(list(self.workers.values())):
+                if w.proc is not None and w.proc.poll() is None:
+                    codes[w.name] = w.stop()
         if self.sockets is not None:
             shutil.rmtree(self.sockets, ignore_errors=True)
         return codes
@@ -548,20 +561,26 @@ def run(cluster: Cluster, plan: Plan, report: Report) -> dict[str, Any]:
             "faults_done": not any(t.is_alive() for t in faults)}
 
 
-def restart(service: Service, report: Report) -> None:
+def restart(cluster: Cluster, service: Service, report: Report) -> bool:
     """Start ``service`` again; a start that fails is tried again (RESTARTS times in all, as a supervisor such as
-    systemd's Restart=on-failure would), each failure reported as an event and counted."""
+    systemd's Restart=on-failure would), each failure reported as an event and counted. Never once the cluster is
+    stopping (checked under its lock, which ``close`` takes to stop the services): whether it was started."""
     for attempt in range(1, RESTARTS + 1):
-        try:
-            service.start()
-            return
-        except KmsError as error:
-            report.figures["failed_restarts"] = report.figures.get("failed_restarts", 0) + 1
-            first = str(error).splitlines()[-1] if str(error).strip() else type(error).__name__
-            report.event(f"{service.name} did not start again (attempt {attempt} of {RESTARTS}): {first}")
-            if attempt == RESTARTS:
-                raise
-            time.sleep(2.0)
+        with cluster.lock:
+            if cluster.stopping.is_set():
+                report.event(f"{service.name} not started again: the run is stopping")
+                return False
+            try:
+                service.start()
+                return True
+            except KmsError as error:
+                report.figures["failed_restarts"] = report.figures.get("failed_restarts", 0) + 1
+                first = str(error).splitlines()[-1] if str(error).strip() else type(error).__name__
+                report.event(f"{service.name} did not start again (attempt {attempt} of {RESTARTS}): {first}")
+                if attempt == RESTARTS:
+                    raise
+        cluster.stopping.wait(2.0)
+    return False
 
 
 def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) -> list[threading.Thread]:
@@ -576,19 +595,22 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
 
     def kill_r1() -> None:
         while on_r1[0].proc.poll() is None and on_r1[0].received() < plan.kill_at * plan.cards:
-            time.sleep(0.02)
+            if cluster.stopping.wait(0.02):
+                return
         if on_r1[0].proc.poll() is not None:
             return
         # r1 must be serving a stream when it is killed (stations that take every replica balance their calls):
         # wait for its kms_streams_open, bounded.
         deadline = time.monotonic() + STREAMS_WAIT
         serving = streams_open(cluster.metrics_url(0))
-        while serving <= 0 and running() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while serving <= 0 and running() and time.monotonic() < deadline and not cluster.stopping.wait(0.05):
             serving = streams_open(cluster.metrics_url(0))
         report.figures["r1_streams_open"] = serving
         held = ", ".join(f"{f.stream.station} {f.received()}/{plan.cards}" for f in on_r1)
-        code = cluster.replicas[0].kill()
+        with cluster.lock:
+            if cluster.stopping.is_set():
+                return
+            code = cluster.replicas[0].kill()
         report.event(f"r1 SIGKILLed mid-stream (exit {code}; {serving:g} streams open on it; the stations that "
                      f"started on it held {held}"
                      + ("; they resume from their cursors on another replica" if several_endpoints_supported()
@@ -597,23 +619,27 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
         report.figures["killed_mid_stream"] = serving > 0 and (any(f.proc.poll() is None for f in fetches)
                                                                if several_endpoints_supported()
                                                                else all(f.received() < plan.cards for f in on_r1))
-        time.sleep(1.0)
-        restart(cluster.replicas[0], report)
+        if cluster.stopping.wait(1.0) or not restart(cluster, cluster.replicas[0], report):
+            return
         report.event(f"r1 restarted on port {cluster.ports[0]}" + ("" if several_endpoints_supported()
                                                                     else "; its stations resume from their cursors"))
 
     def restart_bank() -> None:
         while running() and sum(f.received() for f in fetches) < plan.worker_restart_at * expected:
-            time.sleep(0.02)
+            if cluster.stopping.wait(0.02):
+                return
         if not running():
             return
         held = sum(f.received() for f in fetches)
-        code = cluster.workers["bank"].stop()
+        with cluster.lock:
+            if cluster.stopping.is_set():
+                return
+            code = cluster.workers["bank"].stop()
         report.event(f"bank worker service stopped mid-run (exit {code}; the stations held {held} of {expected} "
                      "bundles)")
         report.figures["worker_restart_mid_stream"] = running()
-        time.sleep(1.0)
-        restart(cluster.workers["bank"], report)
+        if cluster.stopping.wait(1.0) or not restart(cluster, cluster.workers["bank"], report):
+            return
         report.event("bank worker service started again on its socket; the replicas reconnect to it")
 
     def guarded(action: Callable[[], None]) -> Callable[[], None]:
@@ -626,6 +652,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
         return run_it
 
     threads = [threading.Thread(target=guarded(a), name=f"cluster-{a.__name__}") for a in (kill_r1, restart_bank)]
+    cluster.faults = threads
     for t in threads:
         t.start()
     return threads
