@@ -156,6 +156,8 @@ class Service:
                  on_start: Callable[[int, str], None] | None = None) -> None:
         self.name, self.args, self.log, self.ready = name, list(args), log, ready
         self.on_start = on_start  # told each process started (its pid leads a session of its own)
+        #: Held while a fault thread kills, stops or starts it, and by ``Cluster.close`` while stopping it.
+        self.lock = threading.Lock()
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
         self.codes: list[int] = []  # exit statuses of the runs that ended
@@ -263,10 +265,11 @@ class Cluster:
         #: start stays in it, even re-parented to init): what ``leftovers`` looks for, and what ``kill_groups`` ends.
         self.sessions: set[int] = set()
         self.session_log = session_log  # each session id appended, one a line, as it starts (for a caller's check)
-        #: Set by ``close`` before it stops anything; a fault thread restarts or stops a service only under ``lock``
-        #: and only while it is not set, so nothing is started again once the run is being stopped.
+        #: Set by ``close`` before it stops anything; a fault thread kills, stops or starts a service only under
+        #: that service's ``lock`` (which ``close`` takes to stop it) and only while this is not set, so nothing is
+        #: started again once the run is being stopped. (A lock per service: one fault's restart, which can take a
+        #: while, does not hold up the other fault.)
         self.stopping = threading.Event()
-        self.lock = threading.Lock()
         self.faults: list[threading.Thread] = []
         self.database = database
         self.count = replicas
@@ -353,20 +356,17 @@ class Cluster:
     # -- stopping ----------------------------------------------------------------------------------------------
 
     def close(self) -> dict[str, int | None]:
-        """The fault threads told to stop and waited for (bounded: a restart under way holds ``lock``, and the
-        stopping below waits for it); then the replicas (they drain and sign the chain's end), then the worker
+        """The fault threads told to stop and waited for (bounded: a restart under way holds its service's lock, and
+        stopping that service waits for it); then the replicas (they drain and sign the chain's end), then the worker
         services; exit statuses."""
         self.stopping.set()
         for t in self.faults:
             t.join(STOP_SECONDS)
         codes: dict[str, int | None] = {}
-        with self.lock:
-            for r in self.replicas:
-                if r.proc is not None and r.proc.poll() is None:
-                    codes[r.name] = r.stop()
-            for w in reversed(list(self.workers.values())):
-                if w.proc is not None and w.proc.poll() is None:
-                    codes[w.name] = w.stop()
+        for service in [*self.replicas, *reversed(list(self.workers.values()))]:
+            with service.lock:
+                if service.proc is not None and service.proc.poll() is None:
+                    codes[service.name] = service.stop()
         if self.sockets is not None:
             shutil.rmtree(self.sockets, ignore_errors=True)
         return codes
@@ -564,9 +564,9 @@ def run(cluster: Cluster, plan: Plan, report: Report) -> dict[str, Any]:
 def restart(cluster: Cluster, service: Service, report: Report) -> bool:
     """Start ``service`` again; a start that fails is tried again (RESTARTS times in all, as a supervisor such as
     systemd's Restart=on-failure would), each failure reported as an event and counted. Never once the cluster is
-    stopping (checked under its lock, which ``close`` takes to stop the services): whether it was started."""
+    stopping (checked under the service's lock, which ``close`` takes to stop it): whether it was started."""
     for attempt in range(1, RESTARTS + 1):
-        with cluster.lock:
+        with service.lock:
             if cluster.stopping.is_set():
                 report.event(f"{service.name} not started again: the run is stopping")
                 return False
@@ -607,7 +607,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
             serving = streams_open(cluster.metrics_url(0))
         report.figures["r1_streams_open"] = serving
         held = ", ".join(f"{f.stream.station} {f.received()}/{plan.cards}" for f in on_r1)
-        with cluster.lock:
+        with cluster.replicas[0].lock:
             if cluster.stopping.is_set():
                 return
             code = cluster.replicas[0].kill()
@@ -631,7 +631,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
         if not running():
             return
         held = sum(f.received() for f in fetches)
-        with cluster.lock:
+        with cluster.workers["bank"].lock:
             if cluster.stopping.is_set():
                 return
             code = cluster.workers["bank"].stop()
@@ -888,10 +888,11 @@ def ancestors(pid: int | None = None) -> set[int]:
 
 
 def leftovers(sessions: Collection[int], *, descendants: bool = False) -> list[str]:
-    """Processes still running (zombies included) that belong to the run: any in one of ``sessions`` (each service
-    and station the run started leads a session of its own, and what it starts stays in it even when re-parented
-    to init), and with ``descendants`` this process's own descendants; never this process nor its ancestors (a
-    ``make``, ``timeout`` or ``time`` that started it, whatever their command line names)."""
+    """Processes still running that belong to the run: any in one of ``sessions`` (each service and station the
+    run started leads a session of its own, and what it starts stays in it even when re-parented to init), and
+    with ``descendants`` this process's own descendants; zombies too when this process or one of its descendants
+    has not reaped them (not those re-parented to init, which are ended); never this process nor its ancestors
+    (a ``make``, ``timeout`` or ``time`` that started it, whatever their command line names)."""
     skip = ancestors()
     mine = set(process_tree(os.getpid())) - skip if descendants else set()
     found = []
@@ -902,6 +903,8 @@ def leftovers(sessions: Collection[int], *, descendants: bool = False) -> list[s
         stat = _stat(pid)
         if stat is None or (stat[2] not in sessions and pid not in mine):
             continue
+        if stat[0] == "Z" and stat[1] not in mine and stat[1] != os.getpid():
+            continue  # ended, re-parented to init (or a subreaper) which has not reaped it yet: nothing left running
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
