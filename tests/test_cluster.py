@@ -80,6 +80,11 @@ def test_the_small_cluster_run_keeps_every_invariant(tmp_path: Path) -> None:
     started = run_sessions(sessions) | {script}  # the script's own session: what it started without a new one
     made = set(re.findall(r"\bschema (cluster_[0-9a-f]{10})\b", out))
     left = leftovers(started)
+    for _ in range(100):  # what ends after the script (its multiprocessing resource tracker) is given 10 s to end
+        if not left:
+            break
+        time.sleep(0.1)
+        left = leftovers(started)
     schemas_left = schemas(POSTGRES, made)
     if left or schemas_left:  # what a broken run left: ended, so that it does not weigh on the tests after this one
         for group in started:

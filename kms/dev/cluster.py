@@ -911,7 +911,7 @@ def leftovers(sessions: Collection[int], *, descendants: bool = False) -> list[s
             continue
         if pid in mine and stat[2] not in sessions and "multiprocessing.resource_tracker" in cmd:
             continue  # this process's own (Python's, for the home's set-up processes): it ends with this process
-        found.append(f"{pid} (zombie)" if stat[0] == "Z" else f"{pid} {cmd[:100]}")
+        found.append(f"{pid} (zombie)" if stat[0] == "Z" else f"{pid} {cmd[:100] or f'(state {stat[0]}, exiting)'}")
     return found
 
 
