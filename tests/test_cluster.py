@@ -150,3 +150,20 @@ def test_a_fault_thread_does_not_start_a_service_again_once_the_cluster_is_stopp
     assert restart(cluster, service, report) is False
     assert service.starts == 0 and service.proc is None and cluster.sessions == set()
     assert report.events == ["replica r1 not started again: the run is stopping"]
+
+
+def test_sigterm_takes_the_clean_up_path_of_ctrl_c_in_the_cluster_script() -> None:
+    # The script's handler, in a process of its own: a SIGTERM runs the finally blocks (where the run stops its
+    # services, kills their groups and drops its schema) and ends with 143; a second one does not cut them short.
+    code = ("import importlib.util, os, signal, sys, time\n"
+            f"spec = importlib.util.spec_from_file_location('cluster_script', {str(SCRIPT)!r})\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "signal.signal(signal.SIGTERM, module.terminated)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('not interrupted')\n"
+            "finally:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('cleaned up', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.splitlines() == ["cleaned up"]
+    assert done.stderr.count("cluster: SIGTERM: stopping what the run started") == 1
