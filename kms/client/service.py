@@ -163,27 +163,34 @@ def _resolve(endpoint: Endpoint) -> list[tuple[int, str]]:
 
 
 def target(endpoints: Sequence[Endpoint],
-           resolve: Callable[[Endpoint], list[tuple[int, str]]] = _resolve) -> Target:
-    """The channel's target. One endpoint: its ``host:port`` as always (gRPC resolves the name and uses the first
-    address that answers). Several: their hosts resolved here, every address of every endpoint in one
-    ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy (each call to the next connected address; an address
-    whose connection failed is skipped until it reconnects). One channel checks one TLS name: the first endpoint's
-    host (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several
-    ports, or a service name in every replica's certificate, listed first). An endpoint whose host does not resolve is
-    left out while another resolves; Unavailable (retried like any outage) if none does."""
+           resolve: Callable[[Endpoint], list[tuple[int, str]]] = _resolve, *, crl: bool = False) -> Target:
+    """The channel's target. One endpoint without a CRL (``crl``: client.tls.crl is set): its ``host:port`` as
+    always (gRPC resolves the name and uses the first address that answers). Several, or one with a CRL: their hosts
+    resolved here, every address of every endpoint in one ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy
+    (each call to the next connected address; an address whose connection failed is skipped until it reconnects), so
+    that with a CRL the channel uses only addresses whose certificates were checked (check_server_certificates), not
+    whatever address a second resolution by gRPC gives. One channel checks one TLS name: the first endpoint's host
+    (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several ports,
+    or a service name in every replica's certificate, listed first). The list is IPv4 when every endpoint has an
+    IPv4 address, else IPv6 with every address, the IPv4 ones IPv4-mapped (``[::ffff:a.b.c.d]``, which a dual-stack
+    host reaches over IPv4). An endpoint whose host does not resolve is left out while another resolves;
+    Unavailable (retried like any outage) if none does."""
     first = endpoints[0]
-    if len(endpoints) == 1:
+    if len(endpoints) == 1 and not crl:
         return Target(str(first), first.host, ((first.host, first.port),))
     resolved = {e: resolve(e) for e in endpoints}
     live = [e for e in endpoints if resolved[e]]
     if not live:
         raise errors.Unavailable(f"service: unavailable: none of the hosts of {','.join(map(str, endpoints))} "
                                  "resolves to an address")
-    # gRPC takes one address family per list: the family that reaches the most endpoints, IPv4 on a tie.
-    reach = {f: sum(any(fam == f for fam, _ in resolved[e]) for e in live) for f in (socket.AF_INET, socket.AF_INET6)}
-    family = max(reach, key=lambda f: (reach[f], f == socket.AF_INET))
-    return _listed(first.host, str(first),
-                   tuple(dict.fromkeys((address, e.port) for e in live for f, address in resolved[e] if f == family)))
+    # gRPC takes one address family per list: IPv4 if it reaches every endpoint, else IPv6 with every address (the
+    # IPv4 ones IPv4-mapped), so that no endpoint is left out for its family.
+    if all(any(f == socket.AF_INET for f, _ in resolved[e]) for e in live):
+        listed = [(address, e.port) for e in live for f, address in resolved[e] if f == socket.AF_INET]
+    else:
+        listed = [(address if f == socket.AF_INET6 else f"::ffff:{address}", e.port)
+                  for e in live for f, address in resolved[e]]
+    return _listed(first.host, str(first), tuple(dict.fromkeys(listed)))
 
 
 #: With several addresses, how long each one's CRL check may take to connect and shake hands: a replica that hangs
@@ -199,9 +206,8 @@ def check_server_certificates(tls: TlsConfig, reached: Target, timeout: float) -
     None reachable: the last retryable error. Without a CRL: ``reached``."""
     if tls.crl is None:
         return reached
-    if len(reached.addresses) == 1 and not reached.options:
-        check_server_certificate(tls, reached.target, timeout)
-        return reached
+    if not reached.options:  # one endpoint as gRPC would resolve it: its addresses listed, each checked
+        reached = target([Endpoint(*reached.addresses[0])], crl=True)
 
     def check(address: tuple[str, int]) -> errors.KmsError | None:
         try:
@@ -233,7 +239,8 @@ class Client:
         self.endpoints = server_endpoints(server) if server is not None else cfg.endpoints
         # With client.tls.crl: each address's server certificate checked against the CRL first, once for this
         # channel (kms.revocation; gRPC Python cannot check CRLs itself).
-        self.target = check_server_certificates(cfg.tls, target(self.endpoints), timeout)
+        self.target = check_server_certificates(cfg.tls, target(self.endpoints, crl=cfg.tls.crl is not None),
+                                                timeout)
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self._channel = grpc.secure_channel(self.target.target, credentials,
                                             options=[*_OPTIONS, *self.target.options])
