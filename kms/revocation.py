@@ -272,7 +272,8 @@ def _load_cert_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
 def check_server_certificate(tls: TlsConfig, address: str, timeout: float = 30.0, name: str | None = None) -> None:
     """With ``tls.crl``: one TLS handshake to ``address`` (host:port) as the gRPC channel would make it, the
     server's certificate checked against the CRL (and against ``name``, the TLS name the channel checks, when the
-    address is not by that name: one of several endpoints, kms.client.service.target). PermissionDenied if it is
+    address is not by that name: an address kms.client.service.target resolved, the only addresses the channel
+    then uses). PermissionDenied if it is
     revoked (or fails verification), ConfigError for a CRL that cannot be used, a retryable HsmError (what an
     unreachable service is elsewhere) if the server cannot be reached. Without a CRL: nothing."""
     if tls.crl is None:

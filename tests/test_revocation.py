@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -268,10 +269,11 @@ def test_the_client_refuses_a_revoked_server_certificate(home: Home, crl_service
     crl.write_bytes(_sign_crl(pki, [_cert(pki.server().cert).serial_number]))
     with pytest.raises(PermissionDenied) as refused:
         Client(config.load_client(path), server=address)
-    assert str(refused.value) == f"the server's certificate at {address} is revoked ({crl}); not connecting"
+    checked = f"127.0.0.1:{crl_service.port}"  # the address of localhost the service listens on
+    assert str(refused.value) == f"the server's certificate at {checked} is revoked ({crl}); not connecting"
     result = kms("batch", "show", "--client", str(path), "--server", address, "--batch-id", "b")
     assert result.returncode == 5
-    assert result.stderr == f"kms: error: the server's certificate at {address} is revoked ({crl}); not connecting\n"
+    assert result.stderr == f"kms: error: the server's certificate at {checked} is revoked ({crl}); not connecting\n"
 
     crl.write_bytes(_sign_crl(pki, next_update=dt.timedelta(hours=-1), last_update=dt.timedelta(days=-2)))
     with pytest.raises(ConfigError, match=r"the CRL is past its nextUpdate; get a current one$"):
@@ -279,6 +281,38 @@ def test_the_client_refuses_a_revoked_server_certificate(home: Home, crl_service
     crl.write_bytes(DevPki(tmp_path / "other").crl.read_bytes())
     with pytest.raises(ConfigError, match="is not signed by a CA of"):
         Client(config.load_client(path), server=address)
+
+
+def _crl_client_config(home: Home, tmp_path: Path) -> Path:
+    """Erin's client configuration with client.tls.crl: the home's CRL (nothing revoked)."""
+    doc = yaml.safe_load(home.client_config(ERIN).read_text())
+    path = home.client_config(ERIN).with_name(f"auditor-erin+crl-{tmp_path.name}.yaml")  # its paths are relative
+    doc["client"]["tls"]["crl"] = str(DevPki(home.path / "pki").crl)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_with_a_crl_one_endpoint_is_reached_only_at_the_addresses_checked(home: Home, crl_service: Service,
+                                                                           tmp_path: Path) -> None:
+    """gRPC does not resolve the name again (and perhaps reach an address whose certificate was never checked): the
+    channel lists the checked addresses of the host, checked against the host's name."""
+    with Client(config.load_client(_crl_client_config(home, tmp_path)),
+                server=f"localhost:{crl_service.port}") as client:
+        assert client.target.target == f"ipv4:127.0.0.1:{crl_service.port}"
+        assert dict(client.target.options)["grpc.ssl_target_name_override"] == "localhost"
+        assert _health(client) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_ipv4_endpoint_listed_with_an_ipv6_one_is_reached_ipv4_mapped(home: Home, crl_service: Service,
+                                                                         tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET6) as s:  # a port nobody listens on at [::1]
+        s.bind(("::1", 0))
+        dead = s.getsockname()[1]
+    with Client(config.load_client(_crl_client_config(home, tmp_path)),
+                server=f"127.0.0.1:{crl_service.port},[::1]:{dead}") as client:
+        # [::1] unreachable, its certificate unchecked: left out; the IPv4 endpoint kept, as an IPv6 address
+        assert client.target.target == f"ipv6:[::ffff:127.0.0.1]:{crl_service.port}"
+        assert _health(client) == health_pb2.HealthCheckResponse.SERVING
 
 
 # -- the list itself -------------------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
-from kms.client.service import Client, translate
+from kms.client.service import Client
 from kms.v1 import audit_pb2 as pb
 from kms.v1 import audit_pb2_grpc as rpc
 
@@ -18,7 +19,11 @@ EXPORT_TIMEOUT = 24 * 3600.0
 class AuditClient:
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._stub = rpc.AuditServiceStub(client.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def _stub(self) -> Any:
+        """The service's stub on the client's current channel (Client.stub: checked again after an UNAVAILABLE)."""
+        return self._client.stub(rpc.AuditServiceStub)
 
     def export(self, *, since: str = "", until: str = "", domain: str = "", kind: str = "", nonce: str | None = None,
                timeout: float = EXPORT_TIMEOUT) -> Iterator[list[str]]:
@@ -30,7 +35,7 @@ class AuditClient:
             for chunk in self._stub.Export(request, timeout=timeout):
                 yield list(chunk.lines)
         except grpc.RpcError as error:
-            raise translate(error) from None
+            raise self._client.failed(error) from None
 
     def head(self) -> pb.Head:
         return self._client.call(self._stub.GetHead, pb.GetHeadRequest(), pb.Head)

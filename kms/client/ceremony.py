@@ -45,7 +45,11 @@ def custody_fingerprint(spki_der: bytes) -> str:
 class CeremonyClient:
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._stub = rpc.CeremonyServiceStub(client.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def _stub(self) -> Any:
+        """The service's stub on the client's current channel (Client.stub: checked again after an UNAVAILABLE)."""
+        return self._client.stub(rpc.CeremonyServiceStub)
 
     def propose(self, operation: str, params: Mapping[str, Any], ttl_seconds: int = 0) -> pb.Ceremony:
         return self._client.call(self._stub.Propose, pb.ProposeRequest(

@@ -31,6 +31,7 @@ def translate(error: grpc.RpcError) -> errors.KmsError:
 
 
 Reply = TypeVar("Reply")
+Stub = TypeVar("Stub")
 
 
 # -- retries of UNAVAILABLE -------------------------------------------------------------------------------------------
@@ -163,27 +164,34 @@ def _resolve(endpoint: Endpoint) -> list[tuple[int, str]]:
 
 
 def target(endpoints: Sequence[Endpoint],
-           resolve: Callable[[Endpoint], list[tuple[int, str]]] = _resolve) -> Target:
-    """The channel's target. One endpoint: its ``host:port`` as always (gRPC resolves the name and uses the first
-    address that answers). Several: their hosts resolved here, every address of every endpoint in one
-    ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy (each call to the next connected address; an address
-    whose connection failed is skipped until it reconnects). One channel checks one TLS name: the first endpoint's
-    host (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several
-    ports, or a service name in every replica's certificate, listed first). An endpoint whose host does not resolve is
-    left out while another resolves; Unavailable (retried like any outage) if none does."""
+           resolve: Callable[[Endpoint], list[tuple[int, str]]] = _resolve, *, crl: bool = False) -> Target:
+    """The channel's target. One endpoint without a CRL (``crl``: client.tls.crl is set): its ``host:port`` as
+    always (gRPC resolves the name and uses the first address that answers). Several, or one with a CRL: their hosts
+    resolved here, every address of every endpoint in one ``ipv4:``/``ipv6:`` list under gRPC's round_robin policy
+    (each call to the next connected address; an address whose connection failed is skipped until it reconnects), so
+    that with a CRL the channel uses only addresses whose certificates were checked (check_server_certificates), not
+    whatever address a second resolution by gRPC gives. One channel checks one TLS name: the first endpoint's host
+    (``grpc.ssl_target_name_override``), so every replica's certificate must carry it (one host with several ports,
+    or a service name in every replica's certificate, listed first). The list is IPv4 when every endpoint has an
+    IPv4 address, else IPv6 with every address, the IPv4 ones IPv4-mapped (``[::ffff:a.b.c.d]``, which a dual-stack
+    host reaches over IPv4). An endpoint whose host does not resolve is left out while another resolves;
+    Unavailable (retried like any outage) if none does."""
     first = endpoints[0]
-    if len(endpoints) == 1:
+    if len(endpoints) == 1 and not crl:
         return Target(str(first), first.host, ((first.host, first.port),))
     resolved = {e: resolve(e) for e in endpoints}
     live = [e for e in endpoints if resolved[e]]
     if not live:
         raise errors.Unavailable(f"service: unavailable: none of the hosts of {','.join(map(str, endpoints))} "
                                  "resolves to an address")
-    # gRPC takes one address family per list: the family that reaches the most endpoints, IPv4 on a tie.
-    reach = {f: sum(any(fam == f for fam, _ in resolved[e]) for e in live) for f in (socket.AF_INET, socket.AF_INET6)}
-    family = max(reach, key=lambda f: (reach[f], f == socket.AF_INET))
-    return _listed(first.host, str(first),
-                   tuple(dict.fromkeys((address, e.port) for e in live for f, address in resolved[e] if f == family)))
+    # gRPC takes one address family per list: IPv4 if it reaches every endpoint, else IPv6 with every address (the
+    # IPv4 ones IPv4-mapped), so that no endpoint is left out for its family.
+    if all(any(f == socket.AF_INET for f, _ in resolved[e]) for e in live):
+        listed = [(address, e.port) for e in live for f, address in resolved[e] if f == socket.AF_INET]
+    else:
+        listed = [(address if f == socket.AF_INET6 else f"::ffff:{address}", e.port)
+                  for e in live for f, address in resolved[e]]
+    return _listed(first.host, str(first), tuple(dict.fromkeys(listed)))
 
 
 #: With several addresses, how long each one's CRL check may take to connect and shake hands: a replica that hangs
@@ -194,14 +202,14 @@ CHECK_SECONDS = 10.0
 def check_server_certificates(tls: TlsConfig, reached: Target, timeout: float) -> Target:
     """With ``client.tls.crl``: the server certificate at each of the target's addresses checked against the CRL
     (kms.revocation.check_server_certificate, for the TLS name the channel checks); the target without the
-    addresses that cannot be reached now (their certificates unchecked, so never used by this channel). Several
+    addresses that cannot be reached now (their certificates unchecked, so not used by this channel until
+    Client checks them again after an UNAVAILABLE). Several
     addresses are checked at once, each within CHECK_SECONDS. A revoked certificate anywhere: PermissionDenied.
     None reachable: the last retryable error. Without a CRL: ``reached``."""
     if tls.crl is None:
         return reached
-    if len(reached.addresses) == 1 and not reached.options:
-        check_server_certificate(tls, reached.target, timeout)
-        return reached
+    if not reached.options:  # one endpoint as gRPC would resolve it: its addresses listed, each checked
+        reached = target([Endpoint(*reached.addresses[0])], crl=True)
 
     def check(address: tuple[str, int]) -> errors.KmsError | None:
         try:
@@ -231,19 +239,60 @@ class Client:
         ca, key, cert = (read_file(cfg.tls.ca, "client.tls.ca"), cfg.tls.private_key("client.tls.key"),
                          read_file(cfg.tls.cert, "client.tls.cert"))
         self.endpoints = server_endpoints(server) if server is not None else cfg.endpoints
-        # With client.tls.crl: each address's server certificate checked against the CRL first, once for this
-        # channel (kms.revocation; gRPC Python cannot check CRLs itself).
-        self.target = check_server_certificates(cfg.tls, target(self.endpoints), timeout)
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-        self._channel = grpc.secure_channel(self.target.target, credentials,
-                                            options=[*_OPTIONS, *self.target.options])
-        self.issuance = rpc.IssuanceServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self.batches = rpc.BatchServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self.cards = cards_rpc.CardServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
+        self._tls = cfg.tls
+        self._credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                                         certificate_chain=cert)
+        self._replaced: list[grpc.Channel] = []  # channels of an earlier target: closed with the client
+        self._recheck = False
+        # With client.tls.crl: each address's server certificate checked against the CRL first (kms.revocation;
+        # gRPC Python cannot check CRLs itself), and again after an UNAVAILABLE (recheck).
+        self._connect(check_server_certificates(cfg.tls, target(self.endpoints, crl=cfg.tls.crl is not None),
+                                                timeout))
+
+    def _connect(self, reached: Target) -> None:
+        self.target = reached
+        self._channel = grpc.secure_channel(reached.target, self._credentials, options=[*_OPTIONS, *reached.options])
+        self._stubs: dict[Any, Any] = {}
+
+    def stub(self, kind: Callable[[grpc.Channel], Stub]) -> Stub:
+        """A ``kind`` (a generated gRPC stub class) on the current channel, after recheck: take one per call (not
+        once), so that calls after an UNAVAILABLE go to the channel over the addresses checked again."""
+        self.recheck()
+        if kind not in self._stubs:
+            self._stubs[kind] = kind(self._channel)
+        return cast(Stub, self._stubs[kind])
+
+    @property
+    def issuance(self) -> rpc.IssuanceServiceStub:
+        return self.stub(rpc.IssuanceServiceStub)
+
+    @property
+    def batches(self) -> rpc.BatchServiceStub:
+        return self.stub(rpc.BatchServiceStub)
+
+    @property
+    def cards(self) -> cards_rpc.CardServiceStub:
+        return self.stub(cards_rpc.CardServiceStub)
+
+    def recheck(self) -> None:
+        """After an UNAVAILABLE, with client.tls.crl, before the next call: the endpoints resolved and every address
+        checked again (check_server_certificates), and the channel replaced when the checked addresses changed, so
+        that a replica unreachable when the client started (and left out, unchecked) is used once it is back, e.g.
+        in a rolling restart, and a DNS change is followed. Its errors are check_server_certificates' (a retryable
+        one, nothing reachable now, leaves the channel and checks again before the next call). Without a CRL
+        nothing: gRPC itself reconnects to every listed address."""
+        if not self._recheck or self._tls.crl is None:
+            return
+        checked = check_server_certificates(self._tls, target(self.endpoints, crl=True), self.timeout)
+        self._recheck = False
+        if checked != self.target:
+            self._replaced.append(self._channel)  # calls under way on it (other threads) finish there
+            self._connect(checked)
 
     @property
     def channel(self) -> grpc.Channel:
+        """The current channel (recheck may replace it: prefer stub())."""
         return self._channel
 
     @overload
@@ -258,7 +307,8 @@ class Client:
         return self._call(method, request, returns)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in (*self._replaced, self._channel):
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -270,7 +320,14 @@ class Client:
         try:
             return cast(Reply, method(request, timeout=self.timeout))  # the stub's deserializer made a ``returns``
         except grpc.RpcError as error:
-            raise translate(error) from None
+            raise self.failed(error) from None
+
+    def failed(self, error: grpc.RpcError) -> errors.KmsError:
+        """A call's error as its kms error (translate); an UNAVAILABLE has the addresses checked again before the
+        next call (recheck)."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self._recheck = True
+        return translate(error)
 
     def create_batch(self, batch_id: str, bureau: str, profile: str, cards: Sequence[CardIdentity]) -> pb.BatchStatus:
         request = pb.CreateBatchRequest(batch_id=batch_id, bureau=bureau, profile=profile,
@@ -331,7 +388,14 @@ class Client:
         budget = _Budget(backoff)
         while True:
             try:
-                for message in self.issuance.StreamBatch(
+                issuance = self.issuance  # after an UNAVAILABLE: the addresses checked again (recheck)
+            except errors.KmsError as error:
+                if not error.retryable:
+                    raise
+                budget.wait(error, cursor, on_retry, sleep)
+                continue
+            try:
+                for message in issuance.StreamBatch(
                         pb.StreamBatchRequest(batch_id=batch_id, cursor=cursor, max_bundles_per_message=per_message),
                         timeout=stream_timeout):
                     yield from message.bundles
@@ -341,4 +405,4 @@ class Client:
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise translate(error) from None
-                budget.wait(translate(error), cursor, on_retry, sleep)
+                budget.wait(self.failed(error), cursor, on_retry, sleep)

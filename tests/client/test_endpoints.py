@@ -59,11 +59,42 @@ def test_every_address_of_every_host_is_listed_once() -> None:
     assert made.name == "kms-1.example"
 
 
-def test_one_address_family_the_one_that_reaches_the_most_endpoints() -> None:
+def test_one_address_family_ipv6_with_ipv4_mapped_unless_ipv4_reaches_every_endpoint() -> None:
     resolve = _resolver({"a": [(V6, "fd00::1")], "b": [(V6, "fd00::2"), (V4, "10.0.0.2")], "c": [(V6, "fd00::3")]})
     made = target(_endpoints("a:1,b:2,c:3"), resolve)
-    assert made.target == "ipv6:[fd00::1]:1,[fd00::2]:2,[fd00::3]:3"
+    assert made.target == "ipv6:[fd00::1]:1,[fd00::2]:2,[::ffff:10.0.0.2]:2,[fd00::3]:3"
     assert dict(made.options)["grpc.ssl_target_name_override"] == "a"
+    # an endpoint with only IPv4 addresses among IPv6 ones is listed IPv4-mapped, not left out
+    resolve = _resolver({"v6": [(V6, "fd00::1")], "v4": [(V4, "10.0.0.2"), (V4, "10.0.0.3")]})
+    assert target(_endpoints("v6:1,v4:2"), resolve).target == "ipv6:[fd00::1]:1,[::ffff:10.0.0.2]:2,[::ffff:10.0.0.3]:2"
+    assert target(_endpoints("v4:2,v6:1"), resolve).addresses == (
+        ("::ffff:10.0.0.2", 2), ("::ffff:10.0.0.3", 2), ("fd00::1", 1))
+    # every endpoint has an IPv4 address: IPv4 only, as before
+    resolve = _resolver({"a": [(V6, "fd00::1"), (V4, "10.0.0.1")], "b": [(V4, "10.0.0.2")]})
+    assert target(_endpoints("a:1,b:2"), resolve).target == "ipv4:10.0.0.1:1,10.0.0.2:2"
+
+
+def test_ipv4_and_ipv6_literals_mixed_are_all_listed() -> None:
+    made = target(_endpoints("[::1]:7443,127.0.0.1:7444"))
+    assert made.target == "ipv6:[::1]:7443,[::ffff:127.0.0.1]:7444"
+    assert made.name == "::1"
+
+
+def test_with_a_crl_one_endpoint_is_resolved_here_like_several() -> None:
+    """gRPC must not resolve the name again and reach an address whose certificate was not checked: every address
+    of the one host is listed (each checked by check_server_certificates), the TLS name still the host."""
+    resolve = _resolver({"kms.example": [(V4, "10.0.0.1"), (V4, "10.0.0.2")]})
+    made = target(_endpoints("kms.example:7443"), resolve, crl=True)
+    assert made.target == "ipv4:10.0.0.1:7443,10.0.0.2:7443"
+    assert made.addresses == (("10.0.0.1", 7443), ("10.0.0.2", 7443))
+    assert dict(made.options) == {"grpc.lb_policy_name": "round_robin",
+                                  "grpc.ssl_target_name_override": "kms.example",
+                                  "grpc.default_authority": "kms.example:7443"}
+    with pytest.raises(Unavailable, match=r"none of the hosts of gone\.example:7443 resolves to an address$"):
+        target(_endpoints("gone.example:7443"), resolve, crl=True)
+    # without a CRL one endpoint stays gRPC's to resolve, exactly as before
+    assert target(_endpoints("kms.example:7443"), resolve) == Target(
+        "kms.example:7443", "kms.example", (("kms.example", 7443),))
 
 
 def test_a_host_that_does_not_resolve_is_left_out_and_none_resolving_is_unavailable() -> None:

@@ -188,3 +188,30 @@ def test_a_replica_restarted_on_its_address_is_balanced_to_again(cluster: Cluste
         for _ in range(20):
             station.batch_status(batch_id)
     assert back.sample("kms_requests_total", "GetBatchStatus") >= 5  # a fresh process: all of these are its own
+
+
+def test_a_replica_down_when_the_client_started_is_used_once_it_is_back(cluster: Cluster) -> None:
+    """A rolling restart under a running fetch: the station's client starts while one replica is down (with a CRL its
+    address is left out, its certificate unchecked), that replica comes back, then the one serving the stream is
+    lost: after the UNAVAILABLE the client checks the endpoints again and the stream completes on the one back."""
+    for gone in [r for r in cluster.replicas.replicas if r.process.poll() is not None][:2 - len(
+            cluster.replicas.running)]:  # after the other tests (or alone): two replicas running
+        cluster.replicas.restart(gone)
+    first, second = cluster.replicas.running[:2]
+    listed = f"{first.endpoint},{second.endpoint}"
+    batch_id = "R-ROLLING"
+    card_refs = _open_batch(cluster, batch_id, 160)
+    assert cluster.replicas.kill(second) == -9
+    received: list[pb.SealedBundle] = []
+    retries: list[Retrying] = []
+    with cluster.station(listed) as station:
+        assert station.target.addresses == (("127.0.0.1", first.port),)  # the one up at start
+        back = cluster.replicas.restart(second)  # back on its address while the client keeps its channel
+        for bundle in station.stream_batch(batch_id, per_message=1, on_retry=retries.append,
+                                           backoff=Backoff(retries=4, first=0.2, most=1.0)):
+            received.append(bundle)
+            if len(received) == 4:  # mid-stream: the replica serving it (the only one in the channel) is lost
+                assert cluster.replicas.kill(first) == -9
+        assert station.target.addresses == (("127.0.0.1", back.port),)  # checked again, then used
+    assert retries and all(r.cursor for r in retries), retries  # it did break, and resumed from its cursor
+    assert [b.card_ref for b in received] == card_refs  # each card once, in order, none lost
