@@ -7,38 +7,18 @@ and replicas upgrading at once wait for each other."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from helpers import POSTGRES, database_rows, old_kms, postgres_schema, unpack_kms_before_migrations
+from helpers import database_rows, old_kms, unpack_kms_before_migrations
 
 from kms import store
 from kms.errors import ConfigError
 
 HEAD = "0002_checkpoint_replica"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: a new SQLite file, or a new PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kms.db'}"
-        return
-    if not POSTGRES:
-        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-    with postgres_schema() as pg:
-        yield pg
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[sa.Engine]:
-    made = store.make_engine(url)
-    yield made
-    made.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -27,24 +27,6 @@ HEAD = "0002_checkpoint_replica"
 postgres = pytest.mark.skipif(not POSTGRES, reason="KMS_TEST_POSTGRES_URL is not set")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kms.db'}"
-        return
-    if not POSTGRES:
-        pytest.skip("KMS_TEST_POSTGRES_URL is not set")
-    with postgres_schema() as pg:
-        yield pg
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[sa.Engine]:
-    made = store.make_engine(url)
-    yield made
-    made.dispose()
-
-
 @pytest.fixture
 def pg_engine() -> Iterator[tuple[sa.Engine, str]]:
     """A PostgreSQL schema's engine and the schema's name."""
