@@ -234,11 +234,27 @@ def make_engine(url: str, *, create: bool = True) -> sa.Engine:
         def _sqlite_pragmas(conn, _record):  # type: ignore[no-untyped-def]
             cur = conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.close()
 
         return translate_storage_faults(engine)
     return translate_storage_faults(sa.create_engine(url, pool_pre_ping=True))
+
+
+def _wal(cur: Any) -> None:
+    """WAL mode (kept in the database file: set once, by the first connection). Switching a new database to it
+    needs its lock, and SQLite answers "database is locked" at once, without the busy timeout, while another
+    connection holds one (processes or replicas opening a new database together): tried again until BUSY_TIMEOUT."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 # -- storage faults ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ disk_full raised by the server (a trigger), a backend terminated by the administ
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import psycopg
@@ -214,3 +215,21 @@ def test_the_sqlite_lock_file_must_not_be_a_symbolic_link(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"kms\.db\.x\.lock: cannot open the lock file"), \
             store.sqlite_file_lock(engine, "x"):
         pass
+
+
+def test_a_new_sqlite_database_opened_while_another_connection_holds_its_lock_waits_for_it(tmp_path: Path) -> None:
+    """Switching a new database to WAL needs its lock, and SQLite says "database is locked" at once (no busy timeout)
+    while another connection holds one: several processes opening a new database together failed at random. The
+    engine's first connection now waits for the lock like any other statement."""
+    path = tmp_path / "kms.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")  # a database in rollback-journal mode, as SQLite makes it
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.5, holder.execute, args=("COMMIT",)).start()
+    engine = store.make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        engine.dispose()
+        holder.close()
