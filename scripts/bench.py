@@ -57,7 +57,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -92,6 +91,7 @@ from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
 from kms.dev.home import AUDITORS, FORMAT_FILE, Home, init_home
+from kms.dev.services import terminate
 from kms.dev.workers import split_home
 from kms.errors import KmsError
 from kms.files import restrict_umask, write_private
@@ -376,15 +376,7 @@ def kms_serve(config_path: Path, log_path: Path) -> Iterator[int]:
 
 def stop(proc: subprocess.Popen[str]) -> None:
     """Ends a service the bench started: SIGTERM (it drains), SIGKILL after 60 s; its stdout pipe closed."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    terminate(proc, 60)
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -62,7 +62,7 @@ from kms.clock import SystemClock
 from kms.dev.ceremonies import certificate_pem, client, officer, run_ceremony
 from kms.dev.home import AUDITORS, Home, init_home
 from kms.dev.pki import DevPki
-from kms.dev.services import process_tree
+from kms.dev.services import process_tree, terminate
 from kms.dev.workers import SERVICES, WorkerLayout, split_home
 from kms.errors import KmsError
 from kms.files import private_dir, write_private
@@ -198,13 +198,7 @@ class Service:
         """SIGTERM (it drains), SIGKILL after STOP_SECONDS; its exit status (None: not running)."""
         if self.proc is None or self.proc.returncode is not None:
             return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        return self._ended(code)
+        return self._ended(terminate(self.proc, STOP_SECONDS))
 
     def _ended(self, code: int) -> int:
         self.codes.append(code)

@@ -31,6 +31,21 @@ STOP_SECONDS = 60
 SERVE = "serve"
 
 
+def terminate(proc: subprocess.Popen[str], timeout: float = STOP_SECONDS) -> int:
+    """End a service this process started: SIGTERM if it still runs (it drains), SIGKILL after ``timeout`` seconds;
+    its stdout pipe closed. Its exit status (-9: killed)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return code
+
+
 def environment() -> dict[str, str]:
     """The services' whole environment: a PATH, a locale, and where the PKCS#11 module and the code are."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
@@ -105,18 +120,7 @@ class SeparatedServices:
     def stop(self) -> dict[str, int]:
         """SIGTERM to each service, front end first; their exit statuses (a service that did not end in time is
         killed: -9)."""
-        codes = {}
-        for component, proc in reversed(self.procs.items()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                codes[component] = proc.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes[component] = proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-        return codes
+        return {component: terminate(proc) for component, proc in reversed(self.procs.items())}
 
     def processes(self) -> list[ProcessRow]:
         """Each running service's process tree, from /proc."""
@@ -267,15 +271,6 @@ class Replicas:
 
     def stop(self) -> dict[int, int]:
         """SIGTERM to each replica still running, then their exit statuses (-9: killed, here or before)."""
-        for replica in self.running:
+        for replica in self.running:  # all drain at once
             replica.process.send_signal(signal.SIGTERM)
-        codes = {}
-        for replica in self.replicas:
-            try:
-                codes[replica.index] = replica.process.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                codes[replica.index] = replica.process.wait()
-            if replica.process.stdout is not None:
-                replica.process.stdout.close()
-        return codes
+        return {replica.index: terminate(replica.process) for replica in self.replicas}
