@@ -580,14 +580,23 @@ def restart(cluster: Cluster, service: Service, report: Report) -> bool:
 def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) -> list[threading.Thread]:
     """The faults, each in a thread of its own while the stations stream: r1 SIGKILLed once its first station holds
     plan.kill_at of its batch, and restarted on its port; the bank worker service stopped and started again once
-    the stations together hold plan.worker_restart_at of what they are to receive."""
+    the stations together hold plan.worker_restart_at of what they are to receive, and not before r1 was killed (a
+    worker restart breaks every stream, and a stream that resumes may resume on any replica: r1 killed after it
+    might serve none, and the kill would test nothing)."""
     on_r1 = [f for f in fetches if f.stream.replica == 0]
     expected = plan.cards * len(fetches)
+    r1_killed = threading.Event()  # set once kill_r1 is done (killed, or given up): the worker restart waits for it
 
     def running() -> bool:
         return any(f.proc.poll() is None for f in fetches)
 
     def kill_r1() -> None:
+        try:
+            kill_r1_now()
+        finally:
+            r1_killed.set()
+
+    def kill_r1_now() -> None:
         while on_r1[0].proc.poll() is None and on_r1[0].received() < plan.kill_at * plan.cards:
             if cluster.stopping.wait(0.02):
                 return
@@ -619,6 +628,9 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
                                                                     else "; its stations resume from their cursors"))
 
     def restart_bank() -> None:
+        while not r1_killed.is_set() and running():
+            if cluster.stopping.wait(0.02):
+                return
         while running() and sum(f.received() for f in fetches) < plan.worker_restart_at * expected:
             if cluster.stopping.wait(0.02):
                 return
