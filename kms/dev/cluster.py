@@ -14,9 +14,9 @@ invariants that say nothing was lost, doubled or forged.
   both domains authorize each batch by ceremony, and the hrss authorize-batch of bureau-e's batch is executed by
   two replicas racing (the proposer's Execute sent to the two other replicas than the one it was proposed on, at
   once);
-- while the stations stream: r1 SIGKILLed and restarted on its port (its stations retry UNAVAILABLE and resume from
-  their cursors on it; with clients that take several endpoints every station is given every replica, its own
-  first, and fails over by itself), and the bank worker
+- while the stations stream: the replica serving the most streams at that moment SIGKILLed and restarted on its
+  port (its stations retry UNAVAILABLE and resume from their cursors; with clients that take several endpoints
+  every station is given every replica, its own first, and fails over by itself), and then the bank worker
   service stopped and started again (every replica's bank calls fail UNAVAILABLE meanwhile; the streams resume).
 
 Then the ``check_*`` functions read the records and the stations' files and report each invariant: every card
@@ -25,7 +25,7 @@ every card of its batch), none delivered twice to a station (each fetch reports 
 every bundle a station holds byte-identical to the stored one (so a redelivered one is the first delivery), the
 pair's two copies identical; one gap-free audit chain exported through a replica (``kms audit export``) that
 verifies offline (``kms audit verify``), with checkpoints from several replicas when the records name them; the
-raced ceremony executed once (one answer executed, the other refused InvalidState); the faults hit r1 while it
+raced ceremony executed once (one answer executed, the other refused InvalidState); the faults hit a replica while it
 served streams and made stations retry; every process started stopped, and none left behind (/proc: no process in
 a session the run's services and stations lead). A failed invariant makes ``Report.ok`` false (scripts/cluster.py
 exits 1).
@@ -80,7 +80,7 @@ START_SECONDS = 120
 PORT_ATTEMPTS = 3
 RESTARTS = 3  # attempts to start a killed replica or a stopped worker service again
 CHECKPOINT_RECORDS, CHECKPOINT_SECONDS = 200, 5
-STREAMS_WAIT = 30.0  # how long r1 may take to show a stream open (kms_streams_open) before it is killed
+STREAMS_WAIT = 30.0  # how long the replicas may take to show a stream open (kms_streams_open) before one is killed
 
 
 @dataclass(frozen=True)
@@ -497,7 +497,7 @@ class Fetch:
 class Plan:
     cards: int = 1000  # per batch
     replicas: int = 3
-    kill_at: float = 0.3  # r1 is killed once its first station holds this share of its batch
+    kill_at: float = 0.3  # a replica is killed once the stations together hold this share of what they receive
     worker_restart_at: float = 0.5  # the bank worker service restarts once the stations hold this share in all
     seconds: float = 900.0  # the streams' time limit (--small: scripts/cluster.py SMALL_SECONDS)
 
@@ -578,57 +578,63 @@ def restart(cluster: Cluster, service: Service, report: Report) -> bool:
 
 
 def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) -> list[threading.Thread]:
-    """The faults, each in a thread of its own while the stations stream: r1 SIGKILLed once its first station holds
-    plan.kill_at of its batch, and restarted on its port; the bank worker service stopped and started again once
-    the stations together hold plan.worker_restart_at of what they are to receive, and not before r1 was killed (a
-    worker restart breaks every stream, and a stream that resumes may resume on any replica: r1 killed after it
-    might serve none, and the kill would test nothing)."""
-    on_r1 = [f for f in fetches if f.stream.replica == 0]
+    """The faults, each in a thread of its own while the stations stream: once the stations together hold
+    plan.kill_at of what they are to receive, the replica serving the most streams (its kms_streams_open; r1 first
+    on a tie) is SIGKILLed and restarted on its port; the bank worker service is stopped and started again once the
+    stations together hold plan.worker_restart_at, and not before that kill (a worker restart breaks every stream,
+    and resumed streams may land anywhere).
+
+    The victim is chosen by what each replica serves at that moment, not fixed: stations given every replica
+    balance their calls (gRPC round robin), so the replica a station names first need not be the one serving its
+    stream, and a fixed victim was found serving none."""
     expected = plan.cards * len(fetches)
-    r1_killed = threading.Event()  # set once kill_r1 is done (killed, or given up): the worker restart waits for it
+    killed = threading.Event()  # set once the kill is done (or given up): the worker restart waits for it, not for
+    # the replica's restart (a few seconds, in which a small run's streams could end)
 
     def running() -> bool:
         return any(f.proc.poll() is None for f in fetches)
 
-    def kill_r1() -> None:
-        try:
-            kill_r1_now()
-        finally:
-            r1_killed.set()
+    def held() -> int:
+        return sum(f.received() for f in fetches)
 
-    def kill_r1_now() -> None:
-        while on_r1[0].proc.poll() is None and on_r1[0].received() < plan.kill_at * plan.cards:
+    def kill_one() -> None:
+        try:
+            kill_one_now()
+        finally:
+            killed.set()
+
+    def kill_one_now() -> None:
+        while running() and held() < plan.kill_at * expected:
             if cluster.stopping.wait(0.02):
                 return
-        if on_r1[0].proc.poll() is not None:
+        if not running():
             return
-        # r1 must be serving a stream when it is killed (stations that take every replica balance their calls):
-        # wait for its kms_streams_open, bounded.
+        # The victim must be serving a stream when it is killed: wait for some replica's kms_streams_open, bounded.
         deadline = time.monotonic() + STREAMS_WAIT
-        serving = streams_open(cluster.metrics_url(0))
-        while serving <= 0 and running() and time.monotonic() < deadline and not cluster.stopping.wait(0.05):
-            serving = streams_open(cluster.metrics_url(0))
-        report.figures["r1_streams_open"] = serving
-        held = ", ".join(f"{f.stream.station} {f.received()}/{plan.cards}" for f in on_r1)
-        with cluster.replicas[0].lock:
+        serving = [streams_open(cluster.metrics_url(i)) for i in range(len(cluster.replicas))]
+        while max(serving) <= 0 and running() and time.monotonic() < deadline and not cluster.stopping.wait(0.05):
+            serving = [streams_open(cluster.metrics_url(i)) for i in range(len(cluster.replicas))]
+        victim = serving.index(max(serving))
+        name = f"r{victim + 1}"
+        report.figures["killed_replica"] = victim
+        report.figures["killed_streams_open"] = serving[victim]
+        holding = held()
+        with cluster.replicas[victim].lock:
             if cluster.stopping.is_set():
                 return
-            code = cluster.replicas[0].kill()
-        report.event(f"r1 SIGKILLed mid-stream (exit {code}; {serving:g} streams open on it; the stations that "
-                     f"started on it held {held}"
-                     + ("; they resume from their cursors on another replica" if several_endpoints_supported()
-                        else "") + ")")
-        # Stations that take every replica balance their calls: then some station must still be streaming.
-        report.figures["killed_mid_stream"] = serving > 0 and (any(f.proc.poll() is None for f in fetches)
-                                                               if several_endpoints_supported()
-                                                               else all(f.received() < plan.cards for f in on_r1))
-        if cluster.stopping.wait(1.0) or not restart(cluster, cluster.replicas[0], report):
+            code = cluster.replicas[victim].kill()
+        report.event(f"{name} SIGKILLed mid-stream (exit {code}; {serving[victim]:g} streams open on it, "
+                     f"{', '.join(f'r{i + 1} {n:g}' for i, n in enumerate(serving))} in all; the stations held "
+                     f"{holding} of {expected} bundles; theirs resume from their cursors"
+                     + (" on another replica" if several_endpoints_supported() else " once it is back") + ")")
+        report.figures["killed_mid_stream"] = serving[victim] > 0 and running()
+        killed.set()
+        if cluster.stopping.wait(1.0) or not restart(cluster, cluster.replicas[victim], report):
             return
-        report.event(f"r1 restarted on port {cluster.ports[0]}" + ("" if several_endpoints_supported()
-                                                                    else "; its stations resume from their cursors"))
+        report.event(f"{name} restarted on port {cluster.ports[victim]}")
 
     def restart_bank() -> None:
-        while not r1_killed.is_set() and running():
+        while not killed.is_set() and running():
             if cluster.stopping.wait(0.02):
                 return
         while running() and sum(f.received() for f in fetches) < plan.worker_restart_at * expected:
@@ -657,7 +663,7 @@ def _faults(cluster: Cluster, plan: Plan, fetches: list[Fetch], report: Report) 
                 report.event(f"a fault could not be injected: {error}")
         return run_it
 
-    threads = [threading.Thread(target=guarded(a), name=f"cluster-{a.__name__}") for a in (kill_r1, restart_bank)]
+    threads = [threading.Thread(target=guarded(a), name=f"cluster-{a.__name__}") for a in (kill_one, restart_bank)]
     cluster.faults = threads
     for t in threads:
         t.start()
@@ -830,29 +836,32 @@ def check_ceremony(cluster: Cluster, raced: dict[str, Any], report: Report) -> N
 
 
 def check_faults(done: dict[str, Any], report: Report) -> None:
-    """r1 killed while serving streams (its kms_streams_open > 0) and restarted, the bank worker restarted while
-    stations streamed, and some station's stream broke and was retried."""
+    """A replica killed while serving streams (its kms_streams_open > 0) and restarted, the bank worker restarted
+    while stations streamed, and some station's stream broke and was retried."""
     f = report.figures
+    victim = f"r{f['killed_replica'] + 1}" if "killed_replica" in f else "a replica"
     retried = sum(done["retries"].values())
     report.add("faults injected mid-stream",
                bool(f.get("killed_mid_stream")) and bool(f.get("worker_restart_mid_stream")) and done["faults_done"]
                and "fault_error" not in f and retried > 0,
-               f"r1 SIGKILLed while it served {f.get('r1_streams_open', 0):g} streams, and restarted; the bank worker "
-               f"service restarted while stations streamed; {retried} retries logged by the stations"
+               f"{victim} SIGKILLed while it served {f.get('killed_streams_open', 0):g} streams, and restarted; "
+               f"the bank worker service restarted while stations streamed; {retried} retries logged by the stations"
                + (f"; {f['fault_error']}" if "fault_error" in f else "")
                + (f"; {f['failed_restarts']} start(s) failed and were tried again" if f.get("failed_restarts")
                   else "")
-               + ("" if f.get("killed_mid_stream") else "; r1 was NOT killed mid-stream")
+               + ("" if f.get("killed_mid_stream") else f"; {victim} was NOT killed mid-stream")
                + ("" if f.get("worker_restart_mid_stream") else "; the worker was NOT restarted mid-stream")
                + ("" if retried else "; NO station retried: no stream was broken"))
 
 
 def check_stopped(cluster: Cluster, codes: dict[str, int | None], run_dir: Path, report: Report) -> None:
-    """Every service ended with status 0 when stopped (r1's SIGKILL: -9), nothing of the run still running."""
+    """Every service ended with status 0 when stopped (the killed replica's first run: -9), nothing of the run
+    still running."""
     bad = {name: code for name, code in codes.items() if code != 0}
     for worker in cluster.workers.values():  # a worker service stopped mid-run ends as cleanly
         bad.update({f"{worker.name} (run {i + 1})": code for i, code in enumerate(worker.codes[:-1]) if code != 0})
-    killed = cluster.replicas[0].codes[:1] if cluster.replicas else []
+    victim = report.figures.get("killed_replica", 0)
+    killed = cluster.replicas[victim].codes[:1] if cluster.replicas else []
     left = leftovers(cluster.sessions, descendants=True)
     logs = sorted((run_dir / "logs").glob("*.log"))
     texts = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in logs if not p.name.startswith("fetch-")}
@@ -861,7 +870,7 @@ def check_stopped(cluster: Cluster, codes: dict[str, int | None], run_dir: Path,
     warnings = sum(text.count(" WARNING ") for text in texts.values())
     report.add("no process left behind",
                not bad and not left and killed == [-signal.SIGKILL],
-               f"{len(codes)} services stopped by SIGTERM, each exit 0; r1's first run ended by SIGKILL "
+               f"{len(codes)} services stopped by SIGTERM, each exit 0; r{victim + 1}'s first run ended by SIGKILL "
                f"({killed[0] if killed else 'not killed'}); no process of the run left in /proc"
                + _problems(exit=[f"{k} {v}" for k, v in bad.items()], left=left))
     report.add("services' logs hold no traceback", not tracebacks,
