@@ -97,7 +97,6 @@ from kms.errors import KmsError
 from kms.files import restrict_umask, write_private
 from kms.hsm.labels import AUDIT_KEY, key_label
 from kms.identity import Principal
-from kms.hsm import mechanisms
 from kms.issuance.issuer import Issuer
 from kms.issuance.sealer import DomainKeys
 from kms.registry import DOMAINS, KeyKind
@@ -322,7 +321,7 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
 def raw_codes(cfg: config.Config | config.StationConfig) -> dict[str, int]:
     """The vendor mechanism codes the raw loops need on this token (the configured mechanism profile's SM codes;
     empty for pkcs11-standard): the raw loops call the token straight through python-pkcs11, as kms does."""
-    return dict(mechanisms.load(cfg.hsm.mechanisms).codes)
+    return dict(cfg.hsm.profile().codes)
 
 
 def bench_engine(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary) -> None:

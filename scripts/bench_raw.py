@@ -10,7 +10,9 @@ For an SM profile (on a token whose mechanism profile has SM codes, e.g. the dev
 with the SM mechanisms, by the vendor codes the caller passes (``codes``: the mechanism profile's): C_DeriveKey with
 SM4_ECB_ENCRYPT_DATA for an SM4 step (CKK_SM4 keys), the KCV with SM4_ECB for an SM4 key, C_WrapKey/C_UnwrapKey
 with SM4_ECB under an SM4 transport key. python-pkcs11 takes a vendor code as an enum member made with
-``int.__new__`` (it refuses other integers), and reads no key type it was told.
+``int.__new__`` (it refuses other integers), is told each key's type rather than reading it back (as kms does: it
+cannot read a vendor key type) and is given no default capabilities (it has none for a vendor key type; the
+templates set every capability anyway).
 
 Deliberately outside the kms package: it is the yardstick, not the product. It takes from kms only the station
 card key's template, so that both sides create the same objects.
@@ -96,9 +98,8 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
                 buf = ctypes.create_string_buffer(data, len(data))
                 param = bytes(_Kdsd(ctypes.addressof(buf), len(data)))
                 parent = parent.derive_key(key_type, 128, mechanism=mechanism, mechanism_param=param,
-                                           template=_LAST if i == last else _MID)
-                if key_type is not KeyType.DES2:  # python-pkcs11 cannot read a vendor key type back
-                    parent.key_type = key_type
+                                           template=_LAST if i == last else _MID, capabilities=0)
+                parent.key_type = key_type  # as kms does: the type this call set, not read back
                 made.append(parent)
             parent.encrypt(zero, mechanism=kcv_mechanism)
             transport.wrap_key(parent, mechanism=wrap)
@@ -141,9 +142,8 @@ class Unwrapper:
         for transport, wrap, keys in work:
             for wrapped, key_type, zero, kcv_mechanism in keys:
                 key = transport.unwrap_key(ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=wrap,
-                                           template=template)
-                if key_type is not KeyType.DES2:
-                    key.key_type = key_type
+                                           template=template, capabilities=0)
+                key.key_type = key_type  # as kms does
                 key.encrypt(zero, mechanism=kcv_mechanism)
                 key.destroy()
                 count += 1

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import serialization
 import kms
 from kms import config, store
 from kms.audit.verify import Verdict, verify
-from kms.cards import reference
+from kms.cards import profiles, reference
 from kms.ceremony import components
 from kms.ceremony.officers import ApprovalKeyFile
 from kms.ceremony.rules import verify_minutes
@@ -62,7 +62,6 @@ from kms.client.audit import AuditClient
 from kms.client.ceremony import CeremonyClient
 from kms.client.service import Client
 from kms.clock import SystemClock
-from kms.cards import profiles
 from kms.dev.ceremonies import authorize_batch
 from kms.dev.home import HOME_FORMAT, Home, home_format, init_home, profile_file, sm_token_module, uses_sm
 from kms.dev.openbao import BaoServer

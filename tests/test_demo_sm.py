@@ -12,7 +12,6 @@ for SM4/SM2/SM3 under the codes of the `softhsm2-sm-dev` mechanism profile, not 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
@@ -102,7 +101,7 @@ def _issue(sm_home: Home, sm_service: Service, profile: str, cards: list[CardIde
 
 def _encrypt(algorithm: str, key: bytes, data: bytes) -> bytes:
     cipher = algorithms.SM4(key) if algorithm == "SM4" else algorithms.TripleDES(key)
-    encryptor = Cipher(cipher, modes.ECB()).encryptor()  # noqa: S305 (known-answer derivation in a test)
+    encryptor = Cipher(cipher, modes.ECB()).encryptor()
     return encryptor.update(data) + encryptor.finalize()
 
 

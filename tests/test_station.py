@@ -236,7 +236,7 @@ def test_trust_store_reads_sm2_keys_by_their_der_and_keeps_p256_as_before(tmp_pa
     p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(Encoding.DER,
                                                                              PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "hrss-issuance-v1.pem").write_bytes(spki_pem(p384))
-    with pytest.raises(ConfigError, match="hrss-issuance-v1.pem: not an ECDSA P-256 or SM2 public key"):
+    with pytest.raises(ConfigError, match=r"hrss-issuance-v1\.pem: not an ECDSA P-256 or SM2 public key"):
         TrustStore.load(tmp_path)
 
 

@@ -48,7 +48,7 @@ from kms.hsm.labels import AUDIT_KEY, AUDIT_TOKEN, domain_token, key_label, stat
 from kms.hsm.types import Algorithm, KcvMethod, SignatureAlgorithm
 from kms.identity import Principal
 from kms.issuance import pans
-from kms.issuance.sealer import SIGNING_KEY_NAME, SIGNING_KEYS
+from kms.issuance.sealer import SIGNING_KEYS
 from kms.policies import shipped
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
