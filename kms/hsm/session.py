@@ -843,7 +843,7 @@ class TokenSession:
         template = (_STATION_SESSION_KEY if label is None
                     else secret_key_template(Role.STATION_CARD_KEY, token=True, label=label))
         with _hsm("unwrap card key"):
-            wrap, _ = self._wrap_mechanism(transport, "the station's transport key")
+            wrap, _ = self._wrap_mechanism(transport, "the station's transport key", "unwrap_key")
             key = transport.unwrap_key(
                 ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=wrap, template=template,
                 capabilities=_NO_DEFAULT_CAPABILITIES,
@@ -875,9 +875,13 @@ class TokenSession:
         self.require("SM4_ECB")
         return self._vendor["SM4_ECB"], bytes(16)
 
-    def _wrap_mechanism(self, transport: Any, what: str) -> tuple[Any, str]:
+    def _wrap_mechanism(self, transport: Any, what: str, use: str = "wrap_key") -> tuple[Any, str]:
         """Card keys are wrapped by the transport key's own algorithm: AES key wrap with padding (RFC 5649) under
-        an AES key, SM4-ECB under an SM4 key (card keys are 16 bytes: no padding)."""
+        an AES key, SM4-ECB under an SM4 key (card keys are 16 bytes: no padding). ``use``: what the key must be able
+        to do (python-pkcs11 gives a key the method only if the token says it may)."""
+        if not hasattr(transport, use):
+            raise HsmError(f"{what} in token {self.token_label!r} is not a transport key here (it may not "
+                           f"{use.partition('_')[0]})")
         key_type = transport.key_type  # read once per key object (cached by python-pkcs11)
         if key_type == KeyType.AES:
             return Mechanism.AES_KEY_WRAP_PAD, "AES-KWP"
