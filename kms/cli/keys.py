@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
         Load and validate card profiles: recipes, their parameters, each domain's transport and signature
         algorithms, unknown fields, pan_luhn; with --config, also that every master key a profile names exists in
         the registry. A bad profile is one line naming the file, the line and the reason (exit 3).""",
-                "kms profile check kms/policies/profiles --config home/kms.yaml")
+                "kms profile check home/profiles --config home/kms.yaml")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="profile files or directories of *.yaml")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="also check master key references against this issuer configuration's registry")
