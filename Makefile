@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-sm demo-openbao test test-fast lint bench cluster protos clean
+.PHONY: setup demo demo-sm demo-openbao test test-fast lint bench cluster protos clean sm-token
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: setup
 # `make cluster ARGS=--small` is the CI size, `make cluster ARGS=--bench` the 1/2/3-replica contention figures.
 cluster: setup
 	$(PY) scripts/cluster.py $(ARGS)
+
+# The development SM token (deploy/softhsm2-sm/README.md): SoftHSM2 with SM4, SM2 and SM3, built once per patch into
+# /var/cache/kms/softhsm2-sm (or $KMS_SM_TOKEN_CACHE); prints its prefix. The SM tests skip, saying so, without it.
+sm-token:
+	bash deploy/softhsm2-sm/build.sh
 
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/kms/v1/*.proto
