@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import serialization
 import kms
 from kms import config, store
 from kms.audit.verify import Verdict, verify
+from kms.bundle import parse as parse_bundle
 from kms.cards import profiles, reference
 from kms.ceremony import components
 from kms.ceremony.officers import ApprovalKeyFile
@@ -258,8 +259,10 @@ def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str]
                 refusals.append(f"{name}: {error}")
     expected_udk = expected_udk_kcv(algorithm, imk, cards[0].pan or "", cards[0].psn or "")
     uses_import = first_udk_ac.upper() == expected_udk
-    print(f"{step(2)} {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
-          f"{total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
+    sections = ", ".join(f"{s.domain} signed {s.signature_algorithm}, keys wrapped {s.keys[0].wrap}"
+                         for s in parse_bundle(files[0].read_bytes()).sections)
+    print(f"{step(2)} {STATION} of {BUREAU} fetched {fetched} bundles over mTLS ({sections}) and opened them into "
+          f"its token: {total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
           f"refusals: {'; '.join(refusals)}; card 1's UDK-AC comes from the imported IMK: {uses_import}")
 
     minutes_file = home.path / f"minutes-{imported_id}.json"

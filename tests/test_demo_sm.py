@@ -3,8 +3,8 @@
 dual-app-mixed (3DES HRSS, SM4 bank), a station opening every bundle in its own token (SM2 verified there, SM4 keys
 unwrapped there, every KCV checked), and the refusals: a section signed by the other domain's SM2 key, a section
 whose algorithm is not its key's, a tampered byte. Bundles of the plain dual-app profile stay ECDSA and AES-KWP.
-Every card key is also derived again in software from the known master keys (cryptography's 3DES and SM4) and its
-KCV compared with what the station computed.
+Every card key is also derived again in software from the known master keys (the recipes' derivation data through
+cryptography's 3DES and SM4 block ciphers) and its KCV compared with what the station computed.
 
 The development token is SoftHSM2 with the project's own patch (deploy/softhsm2-sm/): it checks kms's PKCS#11 calls
 for SM4/SM2/SM3 under the codes of the `softhsm2-sm-dev` mechanism profile, not compatibility with any vendor's HSM.
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from helpers import ROOT, card, kms, requires_sm_token, service_client
 
 from kms import bundle, config, runtime, store
-from kms.cards import profiles
+from kms.cards import profiles, reference
 from kms.cards.cardid import CardIdentity
 from kms.cards.profiles import Profile
 from kms.clock import SystemClock
@@ -100,9 +99,8 @@ def _issue(sm_home: Home, sm_service: Service, profile: str, cards: list[CardIde
 
 
 def _encrypt(algorithm: str, key: bytes, data: bytes) -> bytes:
-    cipher = algorithms.SM4(key) if algorithm == "SM4" else algorithms.TripleDES(key)
-    encryptor = Cipher(cipher, modes.ECB()).encryptor()
-    return encryptor.update(data) + encryptor.finalize()
+    """ECB encryption with the block cipher primitive (cryptography's, through kms.cards.reference)."""
+    return reference.sm4_ecb(key, data) if algorithm == "SM4" else reference.tdes_ecb(key, data)
 
 
 def _software_kcv(spec: profiles.KeySpec, domain: str, c: CardIdentity) -> str:
