@@ -83,6 +83,7 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
         # step's parent type, the card key's type at the last level), the KCV's zero block and mechanism.
         work = []
         for label, levels, algorithm in plan:
+            masters[label].key_type = parent_types[levels[0][0]]  # told, not read back (a vendor type cannot be)
             types = [parent_types[step] for step, _ in levels[1:]] + [card_types[algorithm]]
             work.append((masters[label], [(mechanisms[step], data, key_type)
                                           for (step, data), key_type in zip(levels, types, strict=True)],
