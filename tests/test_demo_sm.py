@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from helpers import ROOT, card, kms, requires_sm_token, service_client
 
 from kms import bundle, config, runtime, store
@@ -138,6 +139,23 @@ def _check_bundle(data: bytes, report: OpenReport, profile: Profile, c: CardIden
             assert got.kcv_computed == _software_kcv(spec, domain, c), (domain, spec.name)
 
 
+def _other(domain: str) -> str:
+    return next(d for d in DOMAINS if d != domain)
+
+
+def _openssl_verifies(public_pem: Path, message: bytes, signature: bytes, tmp_path: Path) -> bool:
+    """OpenSSL 3's verdict on an SM2-SM3 signature (r ‖ s) of ``message``, with GM/T 0009's default identity
+    (OpenSSL 3.0 uses an empty one unless told)."""
+    (tmp_path / "msg").write_bytes(message)
+    (tmp_path / "sig.der").write_bytes(encode_dss_signature(int.from_bytes(signature[:32], "big"),
+                                                            int.from_bytes(signature[32:], "big")))
+    result = subprocess.run(
+        ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public_pem), "-rawin", "-digest", "sm3",
+         "-pkeyopt", "distid:1234567812345678", "-in", str(tmp_path / "msg"), "-sigfile", str(tmp_path / "sig.der")],
+        capture_output=True, text=True, check=False)
+    return result.returncode == 0 and "Signature Verified Successfully" in result.stdout
+
+
 # -- the home ------------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +192,7 @@ def test_the_sm_home_names_the_sm_token_and_holds_the_keys_the_profiles_need(sm_
 @requires_sm_token
 @pytest.mark.parametrize("name", ["dual-app-sm", "dual-app-mixed", "dual-app"])
 def test_a_batch_is_issued_over_the_service_and_opened_at_the_station(
-        sm_home: Home, sm_service: Service, sm_station: Station, name: str) -> None:
+        sm_home: Home, sm_service: Service, sm_station: Station, name: str, tmp_path: Path) -> None:
     profile = _profiles()[name]
     cards = [card(i, card_ref=f"{name}-{i:04d}") for i in range(6)]
     bundles = _issue(sm_home, sm_service, profile.name, cards, f"B-{name}")
@@ -186,6 +204,13 @@ def test_a_batch_is_issued_over_the_service_and_opened_at_the_station(
     for data in bundles[:2]:  # replays
         with pytest.raises(BundleRejected):
             sm_station.open(data)
+    # an independent implementation agrees: each SM2 section verifies with OpenSSL 3 against the published key
+    for section in bundle.parse(bundles[0]).sections:
+        if section.signature_algorithm == "SM2-SM3":
+            published = sm_home.path / "trust" / f"{section.domain}-issuance-sm2-v1.pem"
+            assert _openssl_verifies(published, section.signed_bytes, section.signature, tmp_path)
+            other = sm_home.path / "trust" / f"{_other(section.domain)}-issuance-sm2-v1.pem"
+            assert not _openssl_verifies(other, section.signed_bytes, section.signature, tmp_path)
 
 
 @requires_sm_token
