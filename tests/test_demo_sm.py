@@ -323,3 +323,14 @@ def test_kms_init_refuses_an_sm_profile_without_the_sm_token_and_an_unknown_prof
     assert unknown.returncode == 3
     assert "--profile" in unknown.stderr and "dual-app-sm" in unknown.stderr  # the shipped ones are listed
     assert not (tmp_path / "home").exists()
+
+
+def test_kms_init_refuses_to_add_an_sm_profile_to_a_home_made_without_the_sm_token(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "kms.yaml").write_text("hsm: {module: auto, softhsm2_conf: hsm/softhsm2.conf}\n", encoding="utf-8")
+    (home / ".kms-home-format").write_text("4\n", encoding="ascii")
+    result = kms("init", str(home), "--profile", "dual-app-sm", "--module", str(tmp_path / "some-sm-module.so"))
+    assert result.returncode == 3
+    assert "made for a token without SM mechanisms" in result.stderr and "needs a new home" in result.stderr
+    assert sorted(p.name for p in home.iterdir()) == [".kms-home-format", "kms.yaml"]  # nothing added

@@ -175,6 +175,11 @@ def init_home(
     if home.config.exists() and home_format(home.path) < HOME_FORMAT:
         raise ConfigError(f"{home.path} was made by an older kms (no principal registry, certificate pins, audit "
                           "token or ceremony records); create a new home")
+    if sm and home.config.exists():
+        made = (yaml.safe_load(home.config.read_text(encoding="utf-8")) or {}).get("hsm") or {}
+        if made.get("mechanisms") != SM_MECHANISMS:
+            raise ConfigError(f"{home.path} was made for a token without SM mechanisms (no hsm.mechanisms: "
+                              f"{SM_MECHANISMS}); an SM profile needs a new home")
     private_dir(home.path)
     os.chmod(home.path, PRIVATE_DIR)  # the home holds PINs, the CA key and card data: its owner's alone
     write_private(home.path / FORMAT_FILE, f"{HOME_FORMAT}\n")
