@@ -65,6 +65,7 @@ _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
 #: passes sets each capability itself, so "none by default" changes nothing for the standard types.
 _NO_DEFAULT_CAPABILITIES = 0
 _P256_PARAMS = encode_named_curve_parameters("secp256r1")
+_VERIFY_KEYS_KEPT = 64  # public keys ``verify`` keeps imported per session
 _SM2_PARAMS = profiles.oid_der(profiles.SM2_CURVE_OID)
 
 _OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # SoftHSM 2.6 offers OAEP with SHA-1 only
@@ -634,6 +635,9 @@ class TokenSession:
         A key that is not of the algorithm is InvalidArgument naming ``public_key``."""
         key = self._verify_keys.get((algorithm, spki))
         if key is None:
+            if len(self._verify_keys) >= _VERIFY_KEYS_KEPT:  # a station trusts a few keys; never grow unbounded
+                _destroy_all(list(self._verify_keys.values()))
+                self._verify_keys.clear()
             key = self._verify_keys[(algorithm, spki)] = self._import_public_key(spki, algorithm)
         if algorithm is SignatureAlgorithm.SM2_SM3:
             data, mechanism = message, self._vendor["SM2_SM3"]

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers import ROOT, VECTORS, VECTORS_PATH
+
+from kms.hsm import softhsm
 
 SM4_VECTORS_PATH = ROOT / "tests" / "vectors" / "sm4.json"
 #: A few SM4 cases of the cards helper's tests/vectors/sm4.json (copied here, with their sources, so this file does not
@@ -126,6 +129,31 @@ def test_the_cards_sm4_vectors_file_passes_through_the_sm_token() -> None:
     iterated = {f"sm4_block[{i}]" for i, case in enumerate(json.loads(SM4_VECTORS_PATH.read_text())["sm4_block"])
                 if case.get("iterations", 1) != 1}
     assert {name for name, status in statuses.items() if status != "pass"} == iterated
+
+
+@requires_sm
+def test_a_configuration_naming_the_sm_profile_runs_the_sm4_cases_in_its_domain_token(tmp_path: Path) -> None:
+    """hsm.mechanisms in kms.yaml reaches the token session `kms selftest --config` opens (runtime.open_domain)."""
+    assert SM_MODULE is not None
+    conf = softhsm.write_conf(tmp_path / "hsm")
+    softhsm.ensure_token(conf, "kms-bank", tmp_path / "bank.pin", tmp_path / "bank.so-pin")
+    config_file = tmp_path / "kms.yaml"
+    doc = {"hsm": {"module": SM_MODULE, "softhsm2_conf": "hsm/softhsm2.conf", "mechanisms": "softhsm2-sm-dev"},
+           "domains": {"hrss": {"token": "kms-hrss", "pin": "file:bank.pin"},
+                       "bank": {"token": "kms-bank", "pin": "file:bank.pin"}},
+           "database": "sqlite:///kms.db", "profiles": "profiles"}
+    config_file.write_text(yaml.safe_dump(doc))
+    report = _selftest(VECTORS_PATH, "--config", str(config_file), "--domain", "bank")
+    assert report["returncode"] == 0, report["stderr"]
+    assert report["token"] == "kms-bank"
+    assert set(_statuses(report).values()) == {"pass"}
+    # The same configuration read with the standard profile: the SM4 cases are not supported there.
+    doc["hsm"]["mechanisms"] = "pkcs11-standard"
+    config_file.write_text(yaml.safe_dump(doc))
+    report = _selftest(VECTORS_PATH, "--config", str(config_file), "--domain", "bank")
+    assert report["returncode"] == 0, report["stderr"]
+    assert {name for name, status in _statuses(report).items() if status == "unsupported"} == {"ssc_chain[1]",
+                                                                                              "sm4_block[0]"}
 
 
 def test_sm4_kinds_on_a_token_without_sm4_are_checked_in_software(tmp_path: Path) -> None:

@@ -143,6 +143,11 @@ def test_the_same_token_read_with_the_standard_profile_shows_no_sm_mechanisms(is
     assert standard.mechanisms() == issuer.mechanisms() - SM_NAMES
     with pytest.raises(MechanismUnavailable, match=rf"SM4_ECB \(token '{ISSUER}'\)"):
         standard.require("SM4_ECB")
+    # Another vendor's codes (IBM EP11) name nothing this token lists: conflicting codes are never mixed up.
+    ibm = TokenSession(issuer.token_label, issuer._session, mechanisms.load("ibm-ep11"))
+    assert not ibm.mechanisms() & SM_NAMES
+    with pytest.raises(MechanismUnavailable, match="SM4_KEY_GEN"):
+        ibm.generate_master_key(_label("master"), Algorithm.SM4)
 
 
 # -- SM4 keys ---------------------------------------------------------------------------------------------------------
@@ -536,11 +541,12 @@ def test_every_sm_verb_is_unavailable_on_plain_softhsm(sessions: dict[str, Token
     _assert_all_unavailable(session)
 
 
-def test_every_sm_verb_is_unavailable_on_plain_softhsm_read_with_the_sm_profile(
-        cfg: config.Config, sessions: dict[str, TokenSession]) -> None:
-    """The development profile on a module that lists none of its codes: still refused, never computed."""
-    module = runtime.module(dataclasses.replace(cfg.hsm, mechanisms=DEV))
-    assert module.mechanisms.name == DEV and module._lib is runtime.module(cfg.hsm)._lib  # one library, two readings
+@pytest.mark.parametrize("profile", [DEV, "ibm-ep11"])
+def test_every_sm_verb_is_unavailable_on_plain_softhsm_read_with_an_sm_profile(
+        cfg: config.Config, sessions: dict[str, TokenSession], profile: str) -> None:
+    """An SM profile on a module that lists none of its codes: still refused, never computed."""
+    module = runtime.module(dataclasses.replace(cfg.hsm, mechanisms=profile))
+    assert module.mechanisms.name == profile and module._lib is runtime.module(cfg.hsm)._lib  # one library
     # The same logged-in session read with the development profile (a second login to the token would be refused).
     session = TokenSession(sessions["hrss"].token_label, sessions["hrss"]._session, module.mechanisms)
     assert not session.mechanisms() & SM_NAMES
