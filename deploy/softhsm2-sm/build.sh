@@ -52,11 +52,16 @@ if ! grep -qsE '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' /etc/apt/sour
       /etc/apt/sources.list.d/*.sources; then
   [[ $EUID -eq 0 ]] || die "apt has no deb-src entry; add one (as root) or run this script as root"
   say "adding a deb-src entry"
-  if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
-    cat /etc/apt/sources.list.d/*.sources | sed -E 's/^Types:.*/Types: deb-src/' > /etc/apt/sources.list.d/kms-deb-src.sources
+  if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then   # deb822: the Debian stanzas, as deb-src
+    awk -v RS= -v ORS='\n\n' '/URIs:[^\n]*(debian|ubuntu)/' /etc/apt/sources.list.d/*.sources \
+      | sed -E 's/^Types:.*/Types: deb-src/' > /etc/apt/sources.list.d/kms-deb-src.sources
+    list=/etc/apt/sources.list.d/kms-deb-src.sources
   else
-    sed -nE 's/^[[:space:]]*deb[[:space:]]/deb-src /p' /etc/apt/sources.list > /etc/apt/sources.list.d/kms-deb-src.list
+    sed -nE '/(debian|ubuntu)/s/^[[:space:]]*deb[[:space:]]/deb-src /p' /etc/apt/sources.list \
+      > /etc/apt/sources.list.d/kms-deb-src.list
+    list=/etc/apt/sources.list.d/kms-deb-src.list
   fi
+  [[ -s "$list" ]] || { rm -f "$list"; die "no Debian apt source to mirror as deb-src"; }
   apt-get update -q >&2
 fi
 
