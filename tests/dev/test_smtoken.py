@@ -165,6 +165,7 @@ def test_sm4_key_generation_makes_a_16_byte_key_with_its_check_value(session: An
 
 
 def test_an_sm4_key_that_is_not_16_bytes_is_refused(session: Any) -> None:
+    assert sm4_key(session, bytes(16), ENCRYPT=True)[Attribute.VALUE_LEN] == 16
     with pytest.raises(pkcs11.exceptions.AttributeValueInvalid):
         sm4_key(session, bytes(24), ENCRYPT=True)
 
