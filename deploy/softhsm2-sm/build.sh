@@ -52,11 +52,16 @@ if ! grep -qsE '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' /etc/apt/sour
       /etc/apt/sources.list.d/*.sources; then
   [[ $EUID -eq 0 ]] || die "apt has no deb-src entry; add one (as root) or run this script as root"
   say "adding a deb-src entry"
-  if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
-    cat /etc/apt/sources.list.d/*.sources | sed -E 's/^Types:.*/Types: deb-src/' > /etc/apt/sources.list.d/kms-deb-src.sources
+  if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then   # deb822: the Debian stanzas, as deb-src
+    awk -v RS= -v ORS='\n\n' '/URIs:[^\n]*(debian|ubuntu)/' /etc/apt/sources.list.d/*.sources \
+      | sed -E 's/^Types:.*/Types: deb-src/' > /etc/apt/sources.list.d/kms-deb-src.sources
+    list=/etc/apt/sources.list.d/kms-deb-src.sources
   else
-    sed -nE 's/^[[:space:]]*deb[[:space:]]/deb-src /p' /etc/apt/sources.list > /etc/apt/sources.list.d/kms-deb-src.list
+    sed -nE '/(debian|ubuntu)/s/^[[:space:]]*deb[[:space:]]/deb-src /p' /etc/apt/sources.list \
+      > /etc/apt/sources.list.d/kms-deb-src.list
+    list=/etc/apt/sources.list.d/kms-deb-src.list
   fi
+  [[ -s "$list" ]] || { rm -f "$list"; die "no Debian apt source to mirror as deb-src"; }
   apt-get update -q >&2
 fi
 
@@ -64,23 +69,32 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/softhsm2-sm.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-# The source: Debian's package with its patches applied (dpkg-source). Some mirrors serve the upstream tarball but not
-# Debian's packaging tarball; then the upstream tarball of the same version is built, without Debian's patches (none of
-# them touches what the SM patch changes), and this is said.
+# The source: Debian's package with its patches applied (dpkg-source), and the SM patch on top. Some mirrors serve the
+# upstream tarball but not Debian's packaging tarball, and the SM patch is written against the upstream tarball of the
+# same version (Debian's patches touch none of the code it changes, but a fuzzy context is not worth a failed build):
+# when the Debian tree cannot be had or the patch does not apply to it cleanly, the upstream tarball is built, and
+# this is said.
 apt_src=(apt-get -q -o APT::Sandbox::User=root source)
+src=""
 if "${apt_src[@]}" softhsm2 >&2; then
   src="$(find . -mindepth 1 -maxdepth 1 -type d -name 'softhsm2-*' | head -n1)"
-  version="$(sed -n '1s/^softhsm2 (\([^)]*\)).*/\1/p' "$src/debian/changelog")"
-  say "source: Debian softhsm2 $version (debian/patches applied)"
+  version="$(sed -n '1s/^softhsm2 (\([^)]*\)).*/\1/p' "$src/debian/changelog") (debian/patches applied)"
+  if ! patch -p1 --dry-run --batch --fuzz=0 -d "$src" < "$patch_file" >/dev/null 2>&1; then
+    say "warning: softhsm2-sm.patch does not apply cleanly to Debian's tree of softhsm2 $version"
+    src=""
+  fi
 else
-  say "warning: Debian's packaging tarball could not be fetched; building the upstream tarball of the same version"
+  say "warning: Debian's packaging tarball could not be fetched"
+fi
+if [[ -z "$src" ]]; then
+  say "building the upstream tarball of Debian's source package instead (Debian's patches not applied)"
   rm -rf ./*
-  "${apt_src[@]}" --tar-only softhsm2 >&2
+  "${apt_src[@]}" --tar-only softhsm2 >&2 || die "apt-get source --tar-only softhsm2 failed"
   tar xzf softhsm2_*.orig.tar.gz
   src="$(find . -mindepth 1 -maxdepth 1 -type d -name 'softhsm2-*' | head -n1)"
-  version="$(ls softhsm2_*.orig.tar.gz | sed 's/^softhsm2_\(.*\)\.orig\.tar\.gz$/\1/') (upstream tarball, Debian patches not applied)"
-  say "source: softhsm2 $version"
+  version="$(ls softhsm2_*.orig.tar.gz | sed 's/^softhsm2_\(.*\)\.orig\.tar\.gz$/\1/') (upstream tarball)"
 fi
+say "source: softhsm2 $version"
 cd "$src"
 patch -p1 --forward --batch < "$patch_file" >&2 || die "softhsm2-sm.patch does not apply to softhsm2 $version"
 

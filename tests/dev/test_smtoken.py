@@ -165,6 +165,7 @@ def test_sm4_key_generation_makes_a_16_byte_key_with_its_check_value(session: An
 
 
 def test_an_sm4_key_that_is_not_16_bytes_is_refused(session: Any) -> None:
+    assert sm4_key(session, bytes(16), ENCRYPT=True)[Attribute.VALUE_LEN] == 16
     with pytest.raises(pkcs11.exceptions.AttributeValueInvalid):
         sm4_key(session, bytes(24), ENCRYPT=True)
 
@@ -324,6 +325,32 @@ def test_sm2_signs_a_hash_computed_by_the_caller_as_sm2_sm3_does(session: Any, t
     assert "Signature Verified Successfully" in openssl_verify(tmp_path, ec_point(public), message, signature).stdout
     with pytest.raises(pkcs11.exceptions.PKCS11Error):
         private.sign(e[:31], mechanism=SM2)  # SM2 signs a 32-byte hash only
+
+
+#: Known answers from OpenSSL's test data (test/recipes/30-test_evp_data/evppkey_sm2.txt, "Verify = SM2_key1" with
+#: digest SM3): SM2_key1's public point, and (e, DER signature) pairs made elsewhere, fixed in the file.
+OPENSSL_SM2_KEY1 = bytes.fromhex(
+    "04393A2AD9E27E43ACAAAB85A19D3B85591E14406157175ADDD37BF77FF0CAF9ED"
+    "37FCF3A8B4F55C038523261FCA6636AFE6A7AFA2A1482A606F5CB3A18B2E2A1E")
+OPENSSL_SM2_VERIFY = (
+    ("D7AD397F6FFA5D4F7F11E7217F241607DC30618C236D2C09C1B9EA8FDADEE2E8",
+     "3046022100AB1DB64DE7C40EDBDE6651C9B8EBDB804673DB836E5D5C7FE15DCF9ED2725037022100EBA714451FF69B0BB930B379E192E7CD"
+     "5FA6E3C41C7FBD8303B799AB54A54621"),
+    ("B1139602C6ECC9E15E2F3F9C635A1AFE737058BC15387479C1EA0D0B3D90E9E5",
+     "3045022100E6E0414EBD3A656C35602AF14AB20287DBF30D57AF75C49A188ED4B42391F22402202F54F277C606F4605E1CE9514947FFDD"
+     "F94C67A539804A4ED17F852288BDBE2E"),
+)
+
+
+def test_sm2_verifies_the_known_answers_of_openssls_test_data(session: Any) -> None:
+    public = session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.EC_PARAMS: SM2_CURVE, Attribute.EC_POINT: b"\x04\x41" + OPENSSL_SM2_KEY1, Attribute.VERIFY: True})
+    for e, der in OPENSSL_SM2_VERIFY:
+        r, s = decode_dss_signature(bytes.fromhex(der))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        assert public.verify(bytes.fromhex(e), signature, mechanism=SM2)
+        assert not public.verify(bytes.fromhex(e)[::-1], signature, mechanism=SM2)
 
 
 def test_sm2_mechanisms_refuse_keys_of_another_curve(session: Any) -> None:
