@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-openbao test test-fast lint bench cluster protos clean
+.PHONY: setup demo demo-sm demo-openbao test test-fast lint bench cluster protos clean sm-token
 
 setup: $(STAMP)
 
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 
 demo: setup
 	$(PY) scripts/demo.py --home demo-home --cards 1000
+
+# The same flow with the SM card profile (SM4 keys, SM2-signed sections) on the development SM token (make sm-token).
+demo-sm: setup
+	$(PY) scripts/demo.py --profile dual-app-sm --home demo-home-sm --cards 1000
 
 # The same flow with each PIN in a real OpenBao (bao server -dev) and each service as an OS user of its own: as root.
 demo-openbao: setup
@@ -39,8 +43,13 @@ bench: setup
 cluster: setup
 	$(PY) scripts/cluster.py $(ARGS)
 
+# The development SM token (deploy/softhsm2-sm/README.md): SoftHSM2 with SM4, SM2 and SM3, built once per patch into
+# /var/cache/kms/softhsm2-sm (or $KMS_SM_TOKEN_CACHE); prints its prefix. The SM tests skip, saying so, without it.
+sm-token:
+	bash deploy/softhsm2-sm/build.sh
+
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/kms/v1/*.proto
 
 clean:
-	rm -rf demo-home demo-home-openbao .bench .cluster build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-home demo-home-sm demo-home-openbao .bench .cluster build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -23,8 +23,17 @@ from kms.errors import BundleRejected
 BUNDLE_FORMAT = "kms-sealed-bundle"
 SECTION_FORMAT = "kms-sealed-section"
 VERSION = 1
-SIGNATURE_ALGORITHM = "ECDSA-P256-SHA256"
-WRAP_ALGORITHM = "AES-KWP"  # RFC 5649 AES key wrap with padding
+SIGNATURE_ALGORITHM = "ECDSA-P256-SHA256"  # r ‖ s over SHA-256, curve P-256 (the default, and every bundle before SM)
+SM2_SIGNATURE_ALGORITHM = "SM2-SM3"  # r ‖ s, SM2 with SM3 and the default Z_A identity of GM/T 0009
+#: The section signature algorithms a reader accepts; the value is r ‖ s, 64 bytes, in both.
+SIGNATURE_ALGORITHMS = (SIGNATURE_ALGORITHM, SM2_SIGNATURE_ALGORITHM)
+WRAP_ALGORITHM = "AES-KWP"  # RFC 5649 AES key wrap with padding, under an AES-256 transport key
+SM4_WRAP_ALGORITHM = "SM4-ECB"  # SM4-ECB of the key value (a multiple of 16 bytes, no padding), under an SM4 one
+WRAP_ALGORITHMS = (WRAP_ALGORITHM, SM4_WRAP_ALGORITHM)
+#: The wrap method of a section's keys, by the algorithm of the transport key they are wrapped under.
+WRAP_BY_TRANSPORT = {"AES256": WRAP_ALGORITHM, "SM4": SM4_WRAP_ALGORITHM}
+#: The KCV method of a card key, by its algorithm (what issuance writes and a station expects).
+KCV_METHODS = {"DES2": "TDES-ECB-ZERO8-3", "SM4": "SM4-ECB-ZERO16-3"}
 #: Signed bytes are this context string followed by the canonical section body (domain separation).
 SIGNING_CONTEXT = b"kms-sealed-section/v1\x00"
 MAX_BUNDLE_BYTES = 1 << 20
@@ -49,10 +58,11 @@ class SealedKey:
     wrapped: bytes
     kcv: bytes
     kcv_method: str
+    wrap: str = WRAP_ALGORITHM
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "usage": self.usage, "algorithm": self.algorithm, "wrap": WRAP_ALGORITHM,
+            "name": self.name, "usage": self.usage, "algorithm": self.algorithm, "wrap": self.wrap,
             "wrapped": hexs(self.wrapped), "kcv": hexs(self.kcv), "kcv_method": self.kcv_method,
         }
 
@@ -95,17 +105,20 @@ def signed_bytes(body: Mapping[str, Any]) -> bytes:
     return SIGNING_CONTEXT + _dumps(body)
 
 
-def section(body: Mapping[str, Any], key_id: str, signature: bytes) -> dict[str, Any]:
+def section(body: Mapping[str, Any], key_id: str, signature: bytes, algorithm: str = SIGNATURE_ALGORITHM
+            ) -> dict[str, Any]:
     return {
         "body": dict(body),
-        "signature": {"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id, "value": hexs(signature)},
+        "signature": {"algorithm": algorithm, "key_id": key_id, "value": hexs(signature)},
     }
 
 
-def encode_signed_section(body_bytes: bytes, key_id: str, signature: bytes) -> bytes:
+def encode_signed_section(body_bytes: bytes, key_id: str, signature: bytes, algorithm: str = SIGNATURE_ALGORITHM
+                          ) -> bytes:
     """A section's canonical bytes from its body's canonical bytes (what was signed, minus the context string)
-    and the signature: spliced, so the body is encoded once ("body" sorts before "signature")."""
-    sig = _dumps({"algorithm": SIGNATURE_ALGORITHM, "key_id": key_id, "value": hexs(signature)})
+    and the signature (made with ``algorithm``): spliced, so the body is encoded once ("body" sorts before
+    "signature")."""
+    sig = _dumps({"algorithm": algorithm, "key_id": key_id, "value": hexs(signature)})
     return b'{"body":' + body_bytes + b',"signature":' + sig + b"}"
 
 
@@ -154,6 +167,8 @@ class ParsedSection:
     keys: tuple[ParsedKey, ...]
     #: the body's canonical bytes, as read (the bundle's canonical form was checked with them)
     body_bytes: bytes
+    #: "ECDSA-P256-SHA256" or "SM2-SM3" (SIGNATURE_ALGORITHMS)
+    signature_algorithm: str = SIGNATURE_ALGORITHM
 
     @property
     def signed_bytes(self) -> bytes:
@@ -223,7 +238,8 @@ def _parse(data: bytes) -> ParsedBundle:
     # place is fixed by the checks above; each body is encoded once, and those bytes are what the signature
     # covers), must be the input byte for byte.
     canonical_form = assemble(serial, card_ref, {
-        s.domain: encode_signed_section(s.body_bytes, s.key_id, s.signature) for s in sections})
+        s.domain: encode_signed_section(s.body_bytes, s.key_id, s.signature, s.signature_algorithm)
+        for s in sections})
     if canonical_form != data:
         raise ValueError("not canonical")
     return ParsedBundle(serial=serial, card_ref=card_ref, sections=sections)
@@ -235,7 +251,8 @@ def _section(doc: Any) -> ParsedSection:
     _fields(body, {"format", "version", "serial", "domain", "domains", "bureau", "batch", "card_ref", "profile",
                    "created_at", "master_keys", "transport_key", "keys"})
     _fields(sig, {"algorithm", "key_id", "value"})
-    if body["format"] != SECTION_FORMAT or body["version"] != VERSION or sig["algorithm"] != SIGNATURE_ALGORITHM:
+    if (body["format"] != SECTION_FORMAT or body["version"] != VERSION
+            or sig["algorithm"] not in SIGNATURE_ALGORITHMS):
         raise ValueError("unknown section format")
     tk = body["transport_key"]
     _fields(tk, {"name", "version", "kcv"})
@@ -247,6 +264,8 @@ def _section(doc: Any) -> ParsedSection:
     keys = tuple(_key(k) for k in _list(body["keys"]))
     if not keys:
         raise ValueError("no keys")
+    if len({k.wrap for k in keys}) != 1:  # one transport key per section, so one wrap method
+        raise ValueError("wrap")
     signature = _hex(sig["value"])
     if len(signature) != 64:
         raise ValueError("signature length")
@@ -254,17 +273,17 @@ def _section(doc: Any) -> ParsedSection:
         body=body, domain=_str(body["domain"]), bureau=_str(body["bureau"]), serial=_str(body["serial"]),
         card_ref=_str(body["card_ref"]), transport_key=_str(tk["name"]), transport_key_version=_int(tk["version"]),
         transport_key_kcv=_str(tk["kcv"]), domains=domains, key_id=_str(sig["key_id"]), signature=signature,
-        keys=keys, body_bytes=_dumps(body),
+        keys=keys, body_bytes=_dumps(body), signature_algorithm=sig["algorithm"],
     )
 
 
 def _key(doc: Any) -> ParsedKey:
     _fields(doc, {"name", "usage", "algorithm", "wrap", "wrapped", "kcv", "kcv_method"})
-    if doc["wrap"] != WRAP_ALGORITHM:
+    if doc["wrap"] not in WRAP_ALGORITHMS:
         raise ValueError("wrap")
     return ParsedKey(
         name=_str(doc["name"]), usage=_str(doc["usage"]), algorithm=_str(doc["algorithm"]),
-        wrapped=_hex(doc["wrapped"]), kcv=_hex(doc["kcv"]), kcv_method=_str(doc["kcv_method"]),
+        wrapped=_hex(doc["wrapped"]), kcv=_hex(doc["kcv"]), kcv_method=_str(doc["kcv_method"]), wrap=doc["wrap"],
     )
 
 

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import yaml
 
 from kms.errors import ConfigError
+from kms.hsm import mechanisms as mechanism_profiles
 from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
 from kms.secrets import OpenBaoSettings, SecretRef, check_address
@@ -26,6 +27,8 @@ from kms.validation import unknown_keys
 class HsmConfig:
     module: str  # "auto" or a path
     softhsm2_conf: Path | None
+    #: The mechanism profile (kms.hsm.mechanisms): a shipped profile's name, or the path of a profile file.
+    mechanisms: str = mechanism_profiles.STANDARD
 
     def apply_env(self) -> None:
         """Point SoftHSM2 at its configuration; must run before the module is loaded in this process."""
@@ -34,6 +37,12 @@ class HsmConfig:
 
     def module_path(self) -> str:
         return find_module(self.module)
+
+    def profile(self) -> mechanism_profiles.MechanismProfile:
+        """The mechanism profile the module's vendor codes are read with."""
+        if self.mechanisms.endswith(".yaml"):
+            return mechanism_profiles.load_file(Path(self.mechanisms))
+        return mechanism_profiles.load(self.mechanisms)
 
 
 @dataclass(frozen=True)
@@ -374,12 +383,34 @@ def _int(doc: dict[str, Any], key: str, default: int, lo: int, hi: int, where: s
 
 
 def _hsm(path: Path, doc: Any) -> HsmConfig:
-    doc = _only(path, "hsm", doc, set(), {"module", "softhsm2_conf"})
+    doc = _only(path, "hsm", doc, set(), {"module", "softhsm2_conf", "mechanisms"})
     conf = doc.get("softhsm2_conf")
-    return HsmConfig(
+    hsm = HsmConfig(
         module=str(doc.get("module", "auto")),
         softhsm2_conf=_path(path.parent, conf, "hsm.softhsm2_conf") if conf else None,
+        mechanisms=_mechanisms(path, doc.get("mechanisms", mechanism_profiles.STANDARD)),
     )
+    try:
+        hsm.profile()  # validated now: a broken profile is a configuration error at start, not at first use
+    except ConfigError as error:
+        raise ConfigError(f"{path}: hsm.mechanisms: {error}") from None
+    return hsm
+
+
+def _mechanisms(path: Path, value: Any) -> str:
+    """A shipped mechanism profile's name, or the path (``*.yaml``, relative to the file) of a profile file."""
+    if isinstance(value, str) and value.endswith(".yaml"):
+        return str(_path(path.parent, value, "hsm.mechanisms"))
+    return mechanism_profile(value, f"{path}: hsm.mechanisms")
+
+
+def mechanism_profile(value: Any, setting: str) -> str:
+    """A shipped mechanism profile's name, checked; ConfigError naming ``setting`` and the shipped names."""
+    shipped = mechanism_profiles.shipped()
+    if not isinstance(value, str) or value not in shipped:
+        raise ConfigError(f"{setting}: unknown mechanism profile {value!r}; shipped: {', '.join(shipped)}"
+                          + (" (or the path of a profile file, *.yaml)" if "hsm.mechanisms" in setting else ""))
+    return value
 
 
 def _tls(path: Path, doc: Any, where: str, openbao: OpenBaoSettings | None) -> TlsConfig:

@@ -17,12 +17,15 @@ _modules: dict[str, Module] = {}
 
 
 def module(hsm: HsmConfig) -> Module:
-    """The process's PKCS#11 module (loaded once; SOFTHSM2_CONF applied first)."""
+    """The process's PKCS#11 module (loaded once; SOFTHSM2_CONF applied first), read with the configuration's
+    mechanism profile (``hsm.mechanisms``)."""
     hsm.apply_env()
     path = hsm.module_path()
-    if path not in _modules:
-        _modules[path] = Module(path)
-    return _modules[path]
+    profile = hsm.profile()
+    loaded = _modules.get(path)
+    if loaded is None:
+        loaded = _modules[path] = Module(path, profile)
+    return loaded if loaded.mechanisms == profile else loaded.with_mechanisms(profile)
 
 
 def open_token(hsm: HsmConfig, setting: str, token: str, pin: SecretRef,

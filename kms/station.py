@@ -8,6 +8,7 @@ they stored (on request) as token objects, so a refused bundle leaves nothing be
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import multiprocessing
@@ -18,23 +19,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_der_public_key,
-    load_pem_public_key,
-)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 
 from kms import bundle
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument
 from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
 from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
-from kms.hsm.types import Algorithm
+from kms.hsm.types import Algorithm, SignatureAlgorithm
 from kms.registry import DOMAINS, KeyKind
 from kms.store import opened_bundles
 
@@ -42,51 +38,109 @@ log = logging.getLogger(__name__)
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
-class TrustStore:
-    """The domains' published issuance signing keys: PEM files named <domain>*.pem in one directory."""
+#: The DER prefix of an SM2 public key's SubjectPublicKeyInfo: id-ecPublicKey (1.2.840.10045.2.1) with the SM2 curve
+#: (1.2.156.10197.1.301), then a BIT STRING of the uncompressed point 04 ‖ X ‖ Y (65 bytes). `cryptography` cannot
+#: load such a key; the station keeps the DER and verifies in its token.
+SM2_SPKI_PREFIX = bytes.fromhex("3059301306072A8648CE3D020106082A811CCF5501822D03420004")
+SM2_SPKI_LENGTH = len(SM2_SPKI_PREFIX) + 64
 
-    def __init__(self, keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]]) -> None:
-        self._keys = keys  # key id -> (domain, key)
+
+def is_sm2_spki(spki: bytes) -> bool:
+    """Whether ``spki`` is exactly the SubjectPublicKeyInfo of an SM2 public key (uncompressed point)."""
+    return len(spki) == SM2_SPKI_LENGTH and spki.startswith(SM2_SPKI_PREFIX)
+
+
+def spki_pem(spki: bytes) -> bytes:
+    """A public key's SubjectPublicKeyInfo as PEM (``PUBLIC KEY``): for P-256 and for SM2 keys alike."""
+    body = base64.encodebytes(spki).replace(b"\n", b"")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return b"-----BEGIN PUBLIC KEY-----\n" + b"\n".join(lines) + b"\n-----END PUBLIC KEY-----\n"
+
+
+def pem_spki(pem: bytes, where: str) -> bytes:
+    """The DER of a ``PUBLIC KEY`` PEM file (one key). ConfigError naming ``where`` otherwise."""
+    text = pem.decode("ascii", "replace").strip().splitlines()
+    if len(text) < 3 or text[0] != "-----BEGIN PUBLIC KEY-----" or text[-1] != "-----END PUBLIC KEY-----":
+        raise ConfigError(f"{where}: not a PEM public key (-----BEGIN PUBLIC KEY-----)")
+    try:
+        return base64.b64decode("".join(text[1:-1]), validate=True)
+    except ValueError:
+        raise ConfigError(f"{where}: not a PEM public key (bad base64)") from None
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A domain's published issuance signing key: its domain, the section signature algorithm it serves
+    (bundle.SIGNATURE_ALGORITHMS, from the key's kind), its SPKI DER, and for P-256 the loaded key."""
+
+    domain: str
+    algorithm: str
+    spki: bytes
+    public: ec.EllipticCurvePublicKey | None = None
+
+    @classmethod
+    def of(cls, domain: str, spki: bytes, where: str) -> TrustedKey:
+        if is_sm2_spki(spki):
+            return cls(domain, bundle.SM2_SIGNATURE_ALGORITHM, spki)
+        try:
+            key = load_der_public_key(spki)
+        except (ValueError, UnsupportedAlgorithm):
+            raise ConfigError(f"{where}: not an ECDSA P-256 or SM2 public key") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+            raise ConfigError(f"{where}: not an ECDSA P-256 or SM2 public key")
+        # its key id is over the DER as the issuer records it (uncompressed point, named curve)
+        return cls(domain, bundle.SIGNATURE_ALGORITHM,
+                   key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo), key)
+
+
+#: An SM2 signature left for the station's token to verify: (the trusted key's SPKI, the signed bytes, r ‖ s).
+Pending = tuple[bytes, bytes, bytes]
+
+
+class TrustStore:
+    """The domains' published issuance signing keys: PEM files named <domain>*.pem in one directory, ECDSA P-256
+    keys (verified here, in software) and SM2 keys (verified in the station's token: ``pending``)."""
+
+    def __init__(self, keys: dict[str, TrustedKey]) -> None:
+        self._keys = keys  # key id -> trusted key
 
     def spkis(self) -> dict[str, tuple[str, bytes]]:
         """Key id -> (domain, SubjectPublicKeyInfo DER): the store in a form another process can be given."""
-        return {kid: (domain, key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
-                for kid, (domain, key) in self._keys.items()}
+        return {kid: (key.domain, key.spki) for kid, key in self._keys.items()}
 
     @classmethod
     def from_spkis(cls, spkis: dict[str, tuple[str, bytes]]) -> TrustStore:
-        keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]] = {}
-        for kid, (domain, spki) in spkis.items():
-            key = load_der_public_key(spki)
-            if not isinstance(key, ec.EllipticCurvePublicKey):
-                raise ConfigError(f"trusted key {kid}: not an ECDSA public key")
-            keys[kid] = (domain, key)
-        return cls(keys)
+        return cls({kid: TrustedKey.of(domain, spki, f"trusted key {kid}") for kid, (domain, spki) in spkis.items()})
 
     @classmethod
     def load(cls, directory: Path) -> TrustStore:
-        keys: dict[str, tuple[str, ec.EllipticCurvePublicKey]] = {}
+        keys: dict[str, TrustedKey] = {}
         for path in sorted(directory.glob("*.pem")):
             domain = next((d for d in DOMAINS if path.name.startswith(d)), None)
             if domain is None:
                 raise ConfigError(f"{path}: trust store files are named after their domain (hrss*.pem, bank*.pem)")
-            key = load_pem_public_key(path.read_bytes())
-            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-                raise ConfigError(f"{path}: not an ECDSA P-256 public key")
-            spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-            keys[bundle.key_id(spki)] = (domain, key)
+            key = TrustedKey.of(domain, pem_spki(path.read_bytes(), str(path)), str(path))
+            keys[bundle.key_id(key.spki)] = key
         if not keys:
             raise ConfigError(f"{directory}: no trusted signing keys")
         return cls(keys)
 
-    def verify(self, section: bundle.ParsedSection) -> bool:
+    def verify(self, section: bundle.ParsedSection, pending: list[Pending] | None = None) -> bool:
+        """Whether the section is signed by a trusted key of its own domain, of the kind its algorithm names.
+        An ECDSA signature is checked here; an SM2 one is added to ``pending`` for the station's token (True then
+        means only that the key fits), or refused if no ``pending`` list is given."""
         entry = self._keys.get(section.key_id)
-        if entry is None or entry[0] != section.domain:
+        if entry is None or entry.domain != section.domain or entry.algorithm != section.signature_algorithm:
             return False
+        if entry.public is None:
+            if pending is None:
+                return False
+            pending.append((entry.spki, section.signed_bytes, section.signature))
+            return True
         r = int.from_bytes(section.signature[:32], "big")
         s = int.from_bytes(section.signature[32:], "big")
         try:
-            entry[1].verify(encode_dss_signature(r, s), section.signed_bytes, _ECDSA_SHA256)
+            entry.public.verify(encode_dss_signature(r, s), section.signed_bytes, _ECDSA_SHA256)
         except InvalidSignature:
             return False
         return True
@@ -154,6 +208,8 @@ class _Checked:
     serial: str
     card_ref: str
     sections: tuple[_Section, ...]
+    #: SM2 signatures still to be verified in the station's token before any key is unwrapped
+    pending: tuple[Pending, ...] = ()
 
 
 class _Refused(Exception):
@@ -163,13 +219,16 @@ class _Refused(Exception):
 
 
 def check(data: bytes, bureau: str, domains: tuple[str, ...], trust: TrustStore) -> _Checked:
-    """Parse a bundle and check it is for this station (bureau, domains) and every section is signed by its
-    domain's key. Raises _Refused with the reason (for the local log only) otherwise."""
+    """Parse a bundle and check it is for this station (bureau, domains), every key's KCV method is its
+    algorithm's, and every section is signed by its domain's key: ECDSA signatures verified here, SM2 ones
+    returned as ``pending`` for the station's token (``Station._verify_pending``). Raises _Refused with the reason
+    (for the local log only) otherwise."""
     try:
         parsed = bundle.parse(data)
     except BundleRejected:
         raise _Refused("malformed or not canonical") from None
     names = [s.domain for s in parsed.sections]
+    pending: list[Pending] = []
     for section in parsed.sections:
         if section.domains != names:
             raise _Refused("sections missing from or added to the bundle")
@@ -177,10 +236,13 @@ def check(data: bytes, bureau: str, domains: tuple[str, ...], trust: TrustStore)
             raise _Refused(f"section for domain {section.domain} this station is not registered for")
         if section.bureau != bureau:
             raise _Refused("section for another bureau")
-        if not trust.verify(section):
+        if any(bundle.KCV_METHODS.get(k.algorithm) != k.kcv_method for k in section.keys):
+            raise _Refused("a key's KCV method is not its algorithm's")
+        if not trust.verify(section, pending):
             raise _Refused("signature")
     return _Checked(parsed.serial, parsed.card_ref, tuple(
-        _Section(s.domain, s.transport_key, s.transport_key_version, s.keys) for s in parsed.sections))
+        _Section(s.domain, s.transport_key, s.transport_key_version, s.keys) for s in parsed.sections),
+        tuple(pending))
 
 
 # -- the checking process of Station.open_many: parsing and signatures, pipelined with the token's work -----------
@@ -376,7 +438,7 @@ class Station:
                 self._check_ahead = False
                 self.close()
             else:
-                return [_reject(r) if isinstance(r, str) else r for r in results]
+                return [_reject(r) if isinstance(r, str) else self._pending_checked(r) for r in results]
         checked: list[_Checked | BundleRejected] = []
         for data in block:
             try:
@@ -384,6 +446,13 @@ class Station:
             except BundleRejected as rejected:
                 checked.append(rejected)
         return checked
+
+    def _pending_checked(self, checked: _Checked) -> _Checked | BundleRejected:
+        """A bundle the checking process checked, its SM2 signatures (if any) verified in this station's token."""
+        try:
+            return self._verify_pending(checked)
+        except BundleRejected as rejected:
+            return rejected
 
     def _open_chunk(self, block: list[bytes], ahead: int | None
                     ) -> list[OpenReport | BundleRejected]:
@@ -433,11 +502,29 @@ class Station:
         return results
 
     def _checked(self, data: bytes) -> _Checked:
-        """The checked bundle, if it is for this station and every section is signed by its domain's key."""
+        """The checked bundle, if it is for this station and every section is signed by its domain's key (SM2
+        signatures verified in this station's token)."""
         try:
-            return check(data, self.bureau, self.domains, self._trust)
+            checked = check(data, self.bureau, self.domains, self._trust)
         except _Refused as refused:
             raise _reject(refused.reason) from None
+        return self._verify_pending(checked)
+
+    def _verify_pending(self, checked: _Checked) -> _Checked:
+        """Verify a checked bundle's SM2 signatures in this station's token (C_Verify with SM2-SM3 on the
+        trusted public key); BundleRejected if one does not verify. ECDSA-only bundles pass straight through."""
+        if not checked.pending:
+            return checked
+        for spki, message, signature in checked.pending:
+            try:
+                valid = self._session.verify(spki, message, signature, SignatureAlgorithm.SM2_SM3)
+            except HsmError as error:
+                if error.retryable:
+                    raise
+                raise _reject("SM2 signature could not be verified") from None
+            if not valid:
+                raise _reject("signature")
+        return dataclasses.replace(checked, pending=())
 
     def _open_recorded(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]], store: bool
                        ) -> OpenReport:
@@ -545,10 +632,12 @@ def unwrap_public_key_pem(session: TokenSession, station: str, domain: str) -> s
 
 
 def accept_transport_key(session: TokenSession, station: str, domain: str, label: str, wrapped: bytes,
-                         issuer_kcv: str) -> str:
-    """Unwrap a transport key sent to this station into its token (unwrap only) and check its KCV against the
-    issuer's; on a mismatch the station's copy is removed and HsmError raised. Returns the KCV."""
-    kcv = session.accept_transport_key(unwrap_key_label(station, domain), wrapped, label).hex().upper()
+                         issuer_kcv: str, algorithm: Algorithm = Algorithm.AES256) -> str:
+    """Unwrap a transport key (AES-256, or SM4) sent to this station into its token (unwrap only) and check its
+    KCV against the issuer's; on a mismatch the station's copy is removed and HsmError raised. Returns the KCV."""
+    unwrap_label = unwrap_key_label(station, domain)
+    kcv = (session.accept_transport_key(unwrap_label, wrapped, label) if algorithm is Algorithm.AES256
+           else session.accept_transport_key(unwrap_label, wrapped, label, algorithm=algorithm)).hex().upper()
     if kcv != issuer_kcv.upper():
         session.destroy(label)
         raise HsmError(f"transport key {label}: the KCV at the station differs from the issuer's; key removed")

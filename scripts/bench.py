@@ -90,7 +90,7 @@ from kms.client.audit import AuditClient
 from kms.client.service import Client
 from kms.clock import SystemClock, rfc3339
 from kms.dev.ceremonies import authorize_batch
-from kms.dev.home import AUDITORS, FORMAT_FILE, Home, init_home
+from kms.dev.home import AUDITORS, FORMAT_FILE, Home, init_home, profile_file
 from kms.dev.services import terminate
 from kms.dev.workers import split_home
 from kms.errors import KmsError
@@ -98,11 +98,12 @@ from kms.files import restrict_umask, write_private
 from kms.hsm.labels import AUDIT_KEY, key_label
 from kms.identity import Principal
 from kms.issuance.issuer import Issuer
+from kms.issuance.sealer import DomainKeys
 from kms.registry import DOMAINS, KeyKind
 from kms.runtime import registry as open_registry
 from kms.station import OpenReport, Station, TrustStore
 
-PROFILE = "dual-app-v1"
+PROFILE = "dual-app-v1"  # the card profile benched: --profile sets it (main), e.g. dual-app-sm-v1
 BUREAU = "bureau-a"
 STATION = "station-a1"  # a station of BUREAU
 OFFICER = Principal("officer", "alice", domain="hrss")
@@ -246,7 +247,7 @@ def percentile(values: list[float], p: int) -> float:
 
 # --- the bench home: a fresh one per run ------------------------------------------------------------------------
 
-def fresh_home(path: Path) -> Home:
+def fresh_home(path: Path, profile: str = "dual-app") -> Home:
     """A new development home at ``path``: what an earlier run left there is removed first, so the key registry,
     the tokens and the audit token's signed head all start together (a records database of one run with the audit
     token of another is what made every checkpoint fail: AuditChainBroken). Only a directory the bench made (or the
@@ -258,7 +259,7 @@ def fresh_home(path: Path) -> Home:
                              "directory with --home")
         shutil.rmtree(path)
     started = time.perf_counter()
-    home = init_home(path)
+    home = init_home(path, card_profiles=(profile,))
     write_private(home.path / BENCH_MARKER, "made by scripts/bench.py: removed and made again on its next run\n")
     print(f"bench: a fresh development home in {path} ({time.perf_counter() - started:.0f} s, not timed)",
           flush=True)
@@ -286,18 +287,21 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
     profile = profiles.load_dir(cfg.profiles)[PROFILE]
     module = cfg.hsm.module_path()
     conf = str(cfg.hsm.softhsm2_conf)
+    codes = raw_codes(cfg)
     jobs = []
     for domain in DOMAINS:
         masters = {n: registry.active(domain, KeyKind.MASTER, n).label for n in profile.master_keys(domain)}
-        transport = registry.active(domain, KeyKind.TRANSPORT, BUREAU).label
-        plan = [(masters[spec.master_key], [data for _, data in spec.recipe.steps(c)])
+        transport = DomainKeys.transport_key(registry, domain, BUREAU, profile.transport(domain))
+        plan = [(masters[spec.master_key], [(step.value, data) for step, data in spec.recipe.steps(c)],
+                 spec.algorithm.value)
                 for c in cards for spec in profile.keys(domain)]
         share = (len(cards) + processes - 1) // processes
         keys_per_card = len(profile.keys(domain))
         pin = cfg.secret(cfg.domains[domain].pin)
         for p in range(processes):
             part = plan[p * share * keys_per_card:(p + 1) * share * keys_per_card]
-            jobs.append((module, conf, cfg.domains[domain].token, pin, part, transport))
+            jobs.append((module, conf, cfg.domains[domain].token, pin, part, transport.label, transport.algorithm,
+                         codes))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
         readies = [manager.Event() for _ in jobs]
@@ -312,6 +316,12 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
     if done != sum(len(j[4]) for j in jobs):
         raise BenchFailed(f"the raw loop made {done} keys of {sum(len(j[4]) for j in jobs)}")
     return elapsed
+
+
+def raw_codes(cfg: config.Config | config.StationConfig) -> dict[str, int]:
+    """The vendor mechanism codes the raw loops need on this token (the configured mechanism profile's SM codes;
+    empty for pkcs11-standard): the raw loops call the token straight through python-pkcs11, as kms does."""
+    return dict(cfg.hsm.profile().codes)
 
 
 def bench_engine(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary) -> None:
@@ -667,10 +677,10 @@ STATION_BLOCK = 4 * STATION_CHUNK  # bundles per timed block of part 4; the side
 class RawSide:
     """Part 4's raw side in its worker process: scripts/bench_raw.py's unwrap loop on the station's token."""
 
-    def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str) -> None:
-        self._unwrapper = bench_raw.Unwrapper(module, softhsm2_conf, token, pin)
+    def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str, codes: dict[str, int]) -> None:
+        self._unwrapper = bench_raw.Unwrapper(module, softhsm2_conf, token, pin, codes)
 
-    def run_plan(self, plan: list[tuple[str, list[bytes]]]) -> tuple[int, int]:
+    def run_plan(self, plan: list[tuple[str, str, list[tuple[bytes, str]]]]) -> tuple[int, int]:
         """Keys unwrapped (and 0 bad: the raw loop checks nothing)."""
         return self._unwrapper.unwrap(plan), 0
 
@@ -745,17 +755,19 @@ def side_worker(conn: Any, kind: str, setup: tuple[Any, ...], warmup: list[bytes
         conn.close()
 
 
-def unwrap_plan(bundles: list[bytes]) -> list[tuple[str, list[bytes]]]:
-    """For each section of each bundle: its transport key's label and its wrapped keys (what raw unwraps: every
-    key the station unwraps, once; all DES2, the key type both sides give C_UnwrapKey)."""
+def unwrap_plan(bundles: list[bytes]) -> list[tuple[str, str, list[tuple[bytes, str]]]]:
+    """For each section of each bundle: its transport key's label, its wrap method and its wrapped keys with their
+    algorithms (what
+    raw unwraps: every key the station unwraps, once, with the key type both sides give C_UnwrapKey; the wrap
+    mechanism follows the transport key: AES-KWP, or SM4-ECB under an SM4 one)."""
     plan = []
     for parsed in map(bundle.parse, bundles):
         for section in parsed.sections:
-            if any(key.algorithm != "DES2" for key in section.keys):
-                raise BenchFailed("part 4 compares DES2 card keys only")
+            if any(key.algorithm not in bundle.KCV_METHODS for key in section.keys):
+                raise BenchFailed("part 4 compares DES2 and SM4 card keys only")
             label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key,
                               section.transport_key_version)
-            plan.append((label, [key.wrapped for key in section.keys]))
+            plan.append((label, section.keys[0].wrap, [(key.wrapped, key.algorithm) for key in section.keys]))
     return plan
 
 
@@ -808,8 +820,8 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
     bundles = received[:args.station_cards]
     station_config = str(home.station_config(STATION))
     cfg = config.load_station(Path(station_config))
-    raw_setup = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.secret(cfg.pin))
-    keys = sum(len(wrapped) for _, wrapped in unwrap_plan(bundles))
+    raw_setup = (cfg.hsm.module_path(), str(cfg.hsm.softhsm2_conf), cfg.token, cfg.secret(cfg.pin), raw_codes(cfg))
+    keys = sum(len(wrapped) for _, _, wrapped in unwrap_plan(bundles))
     ledgers = iter(range(3 * args.rounds))
 
     def fresh_ledger() -> str:
@@ -990,6 +1002,10 @@ def bench_audit(args: Any, summary: Summary) -> None:
 def main() -> int:
     restrict_umask()  # the home, bundles, minutes and exports written here are the user's alone (kms.files)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="dual-app",
+                        help="the card profile benched: dual-app (default), dual-app-sm (SM4 keys wrapped with SM4, "
+                             "SM2-signed sections: on the development SM token, `make sm-token`), dual-app-mixed, or "
+                             "a profile file; the raw loops do the same token work with the same mechanisms")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each comparison (default: 5)")
     parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
     parser.add_argument("--e2e-cards", type=int, default=2000,
@@ -1029,6 +1045,11 @@ def main() -> int:
     if args.station_cards > args.e2e_cards and not args.station_only:
         parser.error("--station-cards must be at most --e2e-cards (the station opens bundles of part 2)")
 
+    global PROFILE
+    try:
+        PROFILE = profiles.load(profile_file(args.profile)).name
+    except KmsError as error:
+        parser.error(str(error))
     t0 = time.perf_counter()
     summary = Summary()
     summary.notes.update(
@@ -1040,7 +1061,11 @@ def main() -> int:
               flush=True)
         bench_audit(args, summary)
     else:
-        home = fresh_home(args.home)
+        try:
+            home = fresh_home(args.home, args.profile)
+        except KmsError as error:  # e.g. the development SM token is not built: one line naming `make sm-token`
+            print(f"bench: {error}", file=sys.stderr)
+            return 2
         cfg = config.load(home.config)
         profile = profiles.load_dir(cfg.profiles)[PROFILE]
         keys_per_card = sum(len(profile.keys(d)) for d in DOMAINS)

@@ -16,6 +16,12 @@
 7. the auditor exports the audit log and verifies it offline with the audit public key (every issued card has its
    record); the server is stopped, and a summary printed.
 
+`--profile dual-app-sm` (`make demo-sm`) runs the embedded flow with the SM card profile on the development SM token
+(`make sm-token`, deploy/softhsm2-sm/): SM4 master keys, SM4 card keys wrapped with SM4-ECB under SM4 transport
+keys, sections signed with SM2 in each domain's token and verified (SM2) and unwrapped (SM4) in the station's token;
+the imported IMK-AC is then an SM4 key and card 1's UDK-AC is checked against the PBOC SM4 derivation in software.
+`--profile dual-app-mixed`: 3DES HRSS keys with an SM4 bank application.
+
 `--secrets openbao` (`make demo-openbao`, as root) runs the same flow on the production layout
 (docs/deployment.md): a real OpenBao (`bao server -dev`) with the policies of deploy/openbao/ and an AppRole per
 component, each PIN moved from the home into OpenBao, the home split for four OS users (kms.dev.separation), the
@@ -47,7 +53,8 @@ from cryptography.hazmat.primitives import serialization
 import kms
 from kms import config, store
 from kms.audit.verify import Verdict, verify
-from kms.cards import reference
+from kms.bundle import parse as parse_bundle
+from kms.cards import profiles, reference
 from kms.ceremony import components
 from kms.ceremony.officers import ApprovalKeyFile
 from kms.ceremony.rules import verify_minutes
@@ -57,7 +64,7 @@ from kms.client.ceremony import CeremonyClient
 from kms.client.service import Client
 from kms.clock import SystemClock
 from kms.dev.ceremonies import authorize_batch
-from kms.dev.home import HOME_FORMAT, Home, home_format, init_home
+from kms.dev.home import HOME_FORMAT, Home, home_format, init_home, profile_file, sm_token_module, uses_sm
 from kms.dev.openbao import BaoServer
 from kms.dev.openbao import binary as openbao_binary
 from kms.dev.separation import (
@@ -77,7 +84,7 @@ from kms.dev.separation import (
     separate,
 )
 from kms.dev.services import SeparatedServices, process_table
-from kms.errors import BundleRejected, KmsError
+from kms.errors import BundleRejected, ConfigError, KmsError
 from kms.files import open_private, restrict_umask, write_private
 from kms.hsm.types import Algorithm, wipe
 from kms.identity import Principal
@@ -89,7 +96,7 @@ OFFICER = Principal("officer", "alice", domain="hrss")
 AUDITOR = Principal("auditor", "erin")
 HRSS = [Principal("officer", n, domain="hrss") for n in ("alice", "bob", "chen")]
 BANK = [Principal("officer", n, domain="bank") for n in ("carol", "dave", "frank")]
-IMPORTED = "bank-imk-ac"
+IMPORTED_KEY = "udk-ac"  # the bank key whose master key the demo's import ceremony makes a new version of
 
 
 def ceremonies(home: Home, address: str, who: Principal) -> tuple[Client, CeremonyClient]:
@@ -104,23 +111,26 @@ def approve(home: Home, address: str, ceremony_id: str, approvers: list[Principa
             cer.approve(ceremony_id, ApprovalKeyFile(home.approval_key(who)))
 
 
-def import_master_key(home: Home, address: str) -> tuple[str, str, bytes]:
-    """The bank's custodians dave and frank each hold one component; carol proposes, dave and frank approve and
-    send their components, carol executes. Returns (ceremony id, result, the joined value for the final check —
-    a demo-only shortcut: no real custodian ever holds both components)."""
+def import_master_key(home: Home, address: str, name: str, algorithm: Algorithm) -> tuple[str, str, bytes]:
+    """The bank's custodians dave and frank each hold one component of a new version of master key ``name``;
+    carol proposes, dave and frank approve and send their components, carol executes. Returns (ceremony id,
+    result, the joined value for the final check — a demo-only shortcut: no real custodian ever holds both
+    components)."""
     proposer, custodians = BANK[0], BANK[1:]
-    parts = [bytearray(os.urandom(16)) for _ in custodians]
+    parts = [bytearray(os.urandom(algorithm.length)) for _ in custodians]
     joined = components.join(parts)
-    expected = components.kcv(Algorithm.DES2, joined)
+    expected = components.kcv(algorithm, joined)
     client, cer = ceremonies(home, address, proposer)
+    params = {"name": name, "kcv": expected, "custodians": [c.name for c in custodians]}
+    if algorithm is not Algorithm.DES2:
+        params["algorithm"] = algorithm.value
     with client:
-        ceremony = cer.propose("import-master-key", {"name": IMPORTED, "kcv": expected,
-                                                     "custodians": [c.name for c in custodians]})
+        ceremony = cer.propose("import-master-key", params)
     approve(home, address, ceremony.ceremony_id, custodians)
     for who, part in zip(custodians, parts, strict=True):
         client, cer = ceremonies(home, address, who)
         with client:
-            cer.submit_component(ceremony.ceremony_id, part, components.kcv(Algorithm.DES2, part))
+            cer.submit_component(ceremony.ceremony_id, part, components.kcv(algorithm, part))
         wipe(part)
     client, cer = ceremonies(home, address, proposer)
     with client:
@@ -157,6 +167,9 @@ class Flow:
     """What steps 3 to 7 of the demo did (the same with embedded defaults and with OpenBao and OS users)."""
 
     batch: str
+    profile: str
+    keys_per_card: int
+    imported: str
     imported_id: str
     imported_result: str
     authorized: list[str]
@@ -173,26 +186,39 @@ class Flow:
     export_file: Path
 
     def ok(self, cards: int) -> bool:
-        keys_per_card = 15
         return (self.fetched == self.opened == self.issued == cards
-                and self.matched == self.total_keys == cards * keys_per_card
+                and self.matched == self.total_keys == cards * self.keys_per_card
                 and all("ACCEPTED" not in r for r in self.refusals) and self.uses_import and self.verdict.ok
                 and self.issued_records == cards)
 
 
-def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str]) -> Flow:
+def expected_udk_kcv(algorithm: Algorithm, imk: bytes, pan: str, psn: str) -> str:
+    """The KCV of a card's UDK from its IMK, computed in software (kms.cards.reference): Option A under a 3DES
+    IMK, the PBOC SM4 derivation under an SM4 one."""
+    if algorithm is Algorithm.SM4:
+        return reference.kcv_sm4(reference.pboc_sm4_udk(imk, pan, psn)).hex().upper()
+    return reference.kcv_tdes(reference.option_a(imk, pan, psn)).hex().upper()
+
+
+def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str],
+             profile: profiles.Profile | None = None) -> Flow:
     """The import ceremony, a batch authorized by both domains, a station opening every bundle, the minutes and the
-    audit log verified offline: steps ``step(0)`` to ``step(4)`` of the demo, against the server on ``port``."""
+    audit log verified offline: steps ``step(0)`` to ``step(4)`` of the demo, against the server on ``port``.
+    ``profile``: the batch's card profile (default: the home's dual-app-v1)."""
+    if profile is None:
+        profile = profiles.load_dir(config.load(home.config).profiles)["dual-app-v1"]
+    imported_spec = next(k for k in profile.keys("bank") if k.name == IMPORTED_KEY)
+    imported, algorithm = imported_spec.master_key, imported_spec.algorithm
     address = f"localhost:{port}"
     batch = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     cards_file = home.path / f"{batch}.csv"
     write_random_cards(cards_file, cards_count)
-    imported_id, imported_result, imk = import_master_key(home, address)
+    imported_id, imported_result, imk = import_master_key(home, address, imported, algorithm)
     print(f"{step(0)} ceremony {imported_id}: {BANK[0]} proposed, {BANK[1]} and {BANK[2]} approved and each sent "
-          f"one component of {IMPORTED}; executed: {imported_result}")
+          f"one component of {imported} ({algorithm}); executed: {imported_result}")
     cards = read_cards(cards_file)
     with Client(config.load_client(home.client_config(OFFICER)), server=address) as officer:
-        officer.create_batch(batch, BUREAU, "dual-app-v1", cards)
+        officer.create_batch(batch, BUREAU, profile.name, cards)
         authorized = [c.ceremony_id for c in authorize_batch(home, port, batch)]
         status = officer.batch_status(batch)
     print(f"{step(1)} {OFFICER} created batch {batch}: {status.cards} cards for {BUREAU}; authorized by "
@@ -218,7 +244,7 @@ def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str]
             total_keys += len(report.keys)
             matched += sum(k.match for k in report.keys)
             if not first_udk_ac:
-                first_udk_ac = next(k.kcv_computed for k in report.keys if k.name == "udk-ac")
+                first_udk_ac = next(k.kcv_computed for k in report.keys if k.name == IMPORTED_KEY)
         seconds = time.perf_counter() - t1
         issued = client.batch_status(batch).issued
         files = sorted(out.glob("*.kmsb"))
@@ -231,10 +257,12 @@ def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str]
                 refusals.append(f"{name}: ACCEPTED (unexpected)")
             except BundleRejected as error:
                 refusals.append(f"{name}: {error}")
-    expected_udk = reference.kcv_tdes(reference.option_a(imk, cards[0].pan or "", cards[0].psn or "")).hex()
-    uses_import = first_udk_ac.upper() == expected_udk.upper()
-    print(f"{step(2)} {STATION} of {BUREAU} fetched {fetched} bundles over mTLS and opened them into its token: "
-          f"{total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
+    expected_udk = expected_udk_kcv(algorithm, imk, cards[0].pan or "", cards[0].psn or "")
+    uses_import = first_udk_ac.upper() == expected_udk
+    sections = ", ".join(f"{s.domain} signed {s.signature_algorithm}, keys wrapped {s.keys[0].wrap}"
+                         for s in parse_bundle(files[0].read_bytes()).sections)
+    print(f"{step(2)} {STATION} of {BUREAU} fetched {fetched} bundles over mTLS ({sections}) and opened them into "
+          f"its token: {total_keys} keys, {matched} KCV matches, {fetched / seconds:.0f} cards/s; "
           f"refusals: {'; '.join(refusals)}; card 1's UDK-AC comes from the imported IMK: {uses_import}")
 
     minutes_file = home.path / f"minutes-{imported_id}.json"
@@ -260,21 +288,24 @@ def run_flow(home: Home, port: int, cards_count: int, step: Callable[[int], str]
                              if '"kind":"issuance.issued"' in line and f'"subject":"{batch}/' in line)
     print(f"{step(4)} auditor {AUDITOR.name} exported the audit log ({export_file.name}) and verified it offline with "
           f"the audit public key: {verdict.summary()}; {issued_records} issuance records for the batch")
-    return Flow(batch, imported_id, imported_result, authorized, fetched, opened, issued, total_keys, matched,
-                refusals, uses_import, seconds, verdict, issued_records, export_file)
+    keys_per_card = sum(len(profile.keys(d)) for d in profile.domains)
+    return Flow(batch, profile.name, keys_per_card, imported, imported_id, imported_result, authorized, fetched,
+                opened, issued, total_keys, matched, refusals, uses_import, seconds, verdict, issued_records,
+                export_file)
 
 
 def print_summary(flow: Flow, cards: int, t0: float, ok: bool, extra: Sequence[tuple[str, str]] = ()) -> None:
     print()
     print("summary")
-    print(f"  cards            {cards} dual-application (HRSS + PBOC debit), batch {flow.batch} for {BUREAU}")
+    print(f"  cards            {cards} dual-application (HRSS + PBOC debit), profile {flow.profile}, batch "
+          f"{flow.batch} for {BUREAU}")
     print(f"  bundles          {flow.fetched} fetched over gRPC + mTLS, {flow.opened} opened at {STATION}")
     print(f"  keys             {flow.total_keys} unwrapped into the station's token, {flow.matched} KCV matches")
     print(f"  audit            {flow.verdict.records} records, {flow.verdict.checkpoints} signed checkpoints, verified "
           f"offline ({'OK' if flow.verdict.ok else 'FAILED'}); {flow.issued_records} issuance records = "
           f"{flow.fetched} bundles")
     version = json.loads(flow.imported_result)["version"]
-    print(f"  ceremonies       import of {IMPORTED} v{version} from 2 components ({flow.imported_id}); batch "
+    print(f"  ceremonies       import of {flow.imported} v{version} from 2 components ({flow.imported_id}); batch "
           f"authorized by both domains ({', '.join(flow.authorized)})")
     print(f"  throughput       {flow.fetched / flow.seconds:.0f} cards/s, {flow.total_keys / flow.seconds:.0f} keys/s "
           "(issue, record, fetch, verify, unwrap)")
@@ -287,19 +318,29 @@ def print_summary(flow: Flow, cards: int, t0: float, ok: bool, extra: Sequence[t
 def embedded(args: argparse.Namespace) -> int:
     """`make demo`: one `kms serve` spawning its HSM workers and audit signer, PINs in the home's files."""
     t0 = time.perf_counter()
+    try:
+        source = profile_file(args.profile)
+        profile = profiles.load(source)
+        sm = uses_sm(profile)
+        if sm:
+            sm_token_module()  # one line naming `make sm-token` if the development SM token is not built
+    except ConfigError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
     if (args.home / "kms.yaml").exists() and home_format(args.home) < HOME_FORMAT:
         print(f"{args.home} was made by an older kms; rebuilding it", file=sys.stderr)
         shutil.rmtree(args.home)
-    home = init_home(args.home)
+    home = init_home(args.home, card_profiles=(args.profile,))
+    token = "the development SM token (SM4, SM2, SM3), " if sm else ""
     print(f"[1/8] development home ready in {time.perf_counter() - t0:.1f} s: {home.path} "
-          "(genesis: 3 officers per domain)")
+          f"({token}profile {profile.name}; genesis: 3 officers per domain)")
 
     server_log = home.path / SERVER_LOG
     server, port = start_server(home.config, server_log)
     print(f"[2/8] kms serve listening on 127.0.0.1:{port} (mutual TLS; HSM workers: one process per domain; "
           f"its log: {server_log})")
     try:
-        flow = run_flow(home, port, args.cards, lambda k: f"[{3 + k}/8]")
+        flow = run_flow(home, port, args.cards, lambda k: f"[{3 + k}/8]", profile)
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
@@ -498,6 +539,10 @@ def main() -> int:
     parser.add_argument("--home", type=Path, help="the development home (default: demo-home, or demo-home-openbao "
                                                   "with --secrets openbao)")
     parser.add_argument("--cards", type=int, default=1000)
+    parser.add_argument("--profile", default="dual-app",
+                        help="the card profile issued (embedded only): dual-app (default), dual-app-sm (`make "
+                             "demo-sm`: SM4 keys, SM2-signed sections, on the development SM token) or "
+                             "dual-app-mixed (3DES HRSS, SM4 bank)")
     parser.add_argument("--secrets", choices=("embedded", "openbao"), default="embedded",
                         help="embedded (default, `make demo`): kms serve spawns its workers, PINs in files; openbao "
                              "(`make demo-openbao`, as root): PINs in a real OpenBao, each service as its own OS user")
@@ -506,9 +551,11 @@ def main() -> int:
                              "PREFIX-bank, PREFIX-audit (group PREFIX-db); removed at the end")
     args = parser.parse_args()
     if args.secrets == "openbao":
+        if args.profile != "dual-app":
+            parser.error("--profile is for the embedded demo only")
         args.home = args.home or Path("demo-home-openbao")
         return separated(args)
-    args.home = args.home or Path("demo-home")
+    args.home = args.home or Path("demo-home" if args.profile == "dual-app" else f"demo-home-{args.profile}")
     return embedded(args)
 
 

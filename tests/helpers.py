@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -31,6 +32,7 @@ from kms.audit.log import mask_pan
 from kms.cards import profiles
 from kms.cards.cardid import CardIdentity, ProtectedPan, with_luhn_digit
 from kms.client.service import Client
+from kms.dev import smtoken
 from kms.dev.ceremonies import (
     authorize_batch,
     certificate_pem,
@@ -363,3 +365,11 @@ def drop_schema(admin: sa.Engine) -> None:
         schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
         conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     admin.dispose()
+
+
+#: For tests that need the development SM token (deploy/softhsm2-sm: SoftHSM2 with SM4, SM2 and SM3 under the
+#: softhsm2-sm-dev codes; a token that checks kms's PKCS#11 calls, not vendor compatibility). They skip, saying so,
+#: when it is not built; CI builds it first (.ci/run) and names it in $KMS_SM_PKCS11_MODULE, so there they run.
+requires_sm_token = pytest.mark.skipif(
+    smtoken.sm_module() is None,
+    reason="the development SM token is not built: run deploy/softhsm2-sm/build.sh (see deploy/softhsm2-sm/README.md)")

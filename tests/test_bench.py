@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import requires_sm_token
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -75,3 +77,35 @@ def test_bench_never_removes_a_directory_it_did_not_make(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="not a home the bench made"):
         bench.fresh_home(precious)
     assert (precious / "kms.yaml").read_text(encoding="utf-8") == "hsm: {}\n"
+
+
+@requires_sm_token
+@pytest.mark.hsm
+@pytest.mark.service
+def test_bench_of_the_sm_profile_compares_with_raw_sm4_loops(tmp_path: Path) -> None:
+    """`make bench BENCH_ARGS="--profile dual-app-sm"` at a tiny size, on the development SM token: the engine, end
+    to end and the station against raw loops making the same SM4 calls (derive, SM4 KCV, SM4-ECB wrap/unwrap)."""
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--profile", "dual-app-sm", "--rounds", "1", "--cards", "8",
+         "--e2e-cards", "8", "--latency-cards", "3", "--station-cards", "8", "--audit-records", "10",
+         "--verify-records", "1000", "--workers-cards", "8",
+         "--home", str(tmp_path / "home"), "--summary", str(summary_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kms bench: profile dual-app-sm-v1" in result.stdout
+    figures = json.loads(summary_path.read_text(encoding="utf-8"))["figures"]
+    assert set(figures) == FIGURES
+    for key in ("engine.ratio", "e2e.ratio", "station.ratio"):
+        assert figures[key]["median"] > 0, key
+    hsm = yaml.safe_load((tmp_path / "home" / "kms.yaml").read_text(encoding="utf-8"))["hsm"]
+    assert hsm["mechanisms"] == "softhsm2-sm-dev"
+
+
+def test_bench_refuses_an_unknown_profile_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--profile", "dual-app-xyz", "--home", str(tmp_path / "home")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "no card profile 'dual-app-xyz'" in result.stderr and "dual-app-sm" in result.stderr
+    assert not (tmp_path / "home").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from kms import bundle
 from kms.errors import BundleRejected
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SERIAL = "0123456789ABCDEF0123456789ABCDEF"
 CARD_REF = "card-0001"
 SIG = {"bank": bytes(range(64)), "hrss": bytes(range(64, 128))}
@@ -204,6 +206,10 @@ def _mutations() -> list[pytest.ParameterSet]:
     case("unknown section version")(lambda d: _body(d).update(version=0))
     case("unknown signature algorithm")(lambda d: _sig(d).update(algorithm="RSA-PSS-SHA256"))
     case("unknown wrap algorithm")(lambda d: _body(d)["keys"][0].update(wrap="AES-KW"))
+    case("lower-case SM2 algorithm")(lambda d: _sig(d).update(algorithm="sm2-sm3"))
+    case("SM2 without SM3")(lambda d: _sig(d).update(algorithm="SM2"))
+    case("lower-case SM4 wrap")(lambda d: _body(d)["keys"][0].update(wrap="sm4-ecb"))
+    case("two wrap methods in one section")(lambda d: _body(d)["keys"][0].update(wrap="SM4-ECB"))
     case("signature 63 bytes")(lambda d: _sig(d).update(value="00" * 63))
     case("signature 65 bytes")(lambda d: _sig(d).update(value="00" * 65))
     case("empty signature")(lambda d: _sig(d).update(value=""))
@@ -321,3 +327,70 @@ def test_parse_keeps_the_signed_bytes_as_read() -> None:
     for section in bundle.parse(good).sections:
         assert section.body_bytes in good
         assert section.signed_bytes == bundle.SIGNING_CONTEXT + section.body_bytes
+
+
+# -- SM: SM2-SM3 section signatures, SM4-ECB wrapped keys (issue 14); ECDSA/AES bundles exactly as before --------
+
+
+def _sm_keys(domain: str) -> list[bundle.SealedKey]:
+    return [
+        bundle.SealedKey(name=f"{domain}-k1", usage="u1", algorithm="SM4", wrapped=bytes(range(16)),
+                         kcv=bytes.fromhex("9F1F7B"), kcv_method="SM4-ECB-ZERO16-3", wrap="SM4-ECB"),
+        bundle.SealedKey(name=f"{domain}-k2", usage="u2", algorithm="DES2", wrapped=bytes(16), kcv=b"\x01\x02\x03",
+                         kcv_method="TDES-ECB-ZERO8-3", wrap="SM4-ECB"),
+    ]
+
+
+def _sm_bundle() -> bytes:
+    bank = bundle.section_body(_header("bank"), _sm_keys("bank"))
+    hrss = bundle.section_body(_header("hrss"), _keys("hrss"))
+    return bundle.assemble(SERIAL, CARD_REF, {
+        "bank": bundle.encode_signed_section(bundle.encode_body(bank), KEY_ID["bank"], SIG["bank"], "SM2-SM3"),
+        "hrss": bundle.encode_section(bundle.section(hrss, KEY_ID["hrss"], SIG["hrss"])),
+    })
+
+
+def test_an_sm_section_parses_with_its_algorithm_and_wrap_beside_an_ecdsa_one() -> None:
+    parsed = bundle.parse(_sm_bundle())
+    bank, hrss = parsed.sections
+    assert (bank.signature_algorithm, hrss.signature_algorithm) == ("SM2-SM3", "ECDSA-P256-SHA256")
+    assert [k.wrap for k in bank.keys] == ["SM4-ECB", "SM4-ECB"]
+    assert [k.wrap for k in hrss.keys] == ["AES-KWP", "AES-KWP"]
+    assert bank.keys == tuple(_sm_keys("bank"))
+    assert bank.signature == SIG["bank"] and len(bank.signature) == 64
+    # the same signed bytes as an ECDSA section: the context string and the body
+    assert bank.signed_bytes == bundle.SIGNING_CONTEXT + bundle.encode_body(bank.body)
+    doc = json.loads(_sm_bundle())
+    assert doc["sections"][0]["signature"]["algorithm"] == "SM2-SM3"
+    assert doc["sections"][0]["body"]["keys"][0] == {
+        "algorithm": "SM4", "kcv": "9F1F7B", "kcv_method": "SM4-ECB-ZERO16-3", "name": "bank-k1", "usage": "u1",
+        "wrap": "SM4-ECB", "wrapped": "000102030405060708090A0B0C0D0E0F"}
+
+
+def test_the_section_builders_write_ecdsa_and_aes_kwp_by_default() -> None:
+    # what every bundle before SM was: a builder not told otherwise writes exactly the old members
+    body = bundle.section_body(_header("bank"), _keys("bank"))
+    assert bundle.section(body, "K", SIG["bank"])["signature"]["algorithm"] == "ECDSA-P256-SHA256"
+    assert all(k["wrap"] == "AES-KWP" for k in body["keys"])
+    assert bundle.encode_signed_section(bundle.encode_body(body), "K", SIG["bank"]) == bundle.encode_section(
+        bundle.section(body, "K", SIG["bank"]))
+
+
+def test_a_bundle_sealed_before_sm_parses_exactly_as_before() -> None:
+    # docs/bundle-format.md's example, byte for byte as kms 0.1.0 sealed it before issue 14 (tests/fixtures)
+    data = (FIXTURES / "bundle-before-sm.kmsb").read_bytes()
+    parsed = bundle.parse(data)
+    assert [s.domain for s in parsed.sections] == ["bank", "hrss"]
+    assert {s.signature_algorithm for s in parsed.sections} == {"ECDSA-P256-SHA256"}
+    assert {k.wrap for s in parsed.sections for k in s.keys} == {"AES-KWP"}
+    assert {(k.algorithm, k.kcv_method) for s in parsed.sections for k in s.keys} == {("DES2", "TDES-ECB-ZERO8-3")}
+    # re-encoding what was parsed gives the same bytes: nothing about an ECDSA/AES bundle changed
+    assert bundle.assemble(parsed.serial, parsed.card_ref, {
+        s.domain: bundle.encode_section(bundle.section(
+            bundle.section_body(bundle.SectionHeader(
+                serial=s.serial, domain=s.domain, bureau=s.bureau, batch=s.body["batch"], card_ref=s.card_ref,
+                profile=s.body["profile"], created_at=s.body["created_at"], master_keys=s.body["master_keys"],
+                transport_key=s.transport_key, transport_key_version=s.transport_key_version,
+                transport_key_kcv=s.transport_key_kcv, domains=tuple(s.domains)), s.keys),
+            s.key_id, s.signature))
+        for s in parsed.sections}) == data

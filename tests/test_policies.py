@@ -21,7 +21,8 @@ def test_the_defaults_are_the_package_data() -> None:
     assert data / "authz.yaml" == DEFAULT_POLICY and DEFAULT_POLICY.is_file()
     assert data / "quorum.yaml" == DEFAULT_QUORUMS and DEFAULT_QUORUMS.is_file()
     assert data / "limits.yaml" == DEFAULT_LIMITS and DEFAULT_LIMITS.is_file()
-    assert sorted(p.name for p in shipped("profiles").iterdir()) == ["dual-app.yaml"]
+    assert sorted(p.name for p in shipped("profiles").iterdir()) == ["dual-app-mixed.yaml", "dual-app-sm.yaml",
+                                                                     "dual-app.yaml"]
 
 
 def test_the_service_uses_the_quorum_policy_its_configuration_names(home: Home) -> None:

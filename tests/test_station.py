@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import card, seal
 from pkcs11 import Attribute, KeyType, ObjectClass
 
@@ -25,7 +26,7 @@ from kms.errors import BundleRejected
 from kms.hsm.session import TokenSession
 from kms.issuance.sealer import DomainSealer
 from kms.registry import KeyKind
-from kms.station import OpenReport, Station, TrustStore
+from kms.station import OpenReport, Station, TrustStore, is_sm2_spki, spki_pem
 
 
 def _doc(data: bytes) -> dict[str, Any]:
@@ -211,6 +212,54 @@ def test_trust_store_refuses_files_it_cannot_attribute(tmp_path: Path) -> None:
     (tmp_path / "someone.pem").write_text("x")
     with pytest.raises(ConfigError, match="named after their domain"):
         TrustStore.load(tmp_path)
+
+
+def _sm2_spki(seed: int = 1) -> bytes:
+    """An SM2 public key's SubjectPublicKeyInfo (its point need not be on the curve: only its form is read here)."""
+    return bytes.fromhex("3059301306072A8648CE3D020106082A811CCF5501822D03420004") + bytes([seed]) * 64
+
+
+def test_trust_store_reads_sm2_keys_by_their_der_and_keeps_p256_as_before(tmp_path: Path) -> None:
+    from kms.errors import ConfigError
+
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key()
+    p256_der = p256.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert spki_pem(p256_der) == p256.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    assert is_sm2_spki(_sm2_spki()) and not is_sm2_spki(p256_der) and not is_sm2_spki(_sm2_spki()[:-1])
+    (tmp_path / "bank-issuance-v1.pem").write_bytes(spki_pem(p256_der))
+    (tmp_path / "bank-issuance-sm2-v1.pem").write_bytes(spki_pem(_sm2_spki()))
+    trust = TrustStore.load(tmp_path)
+    assert trust.spkis() == {bundle.key_id(p256_der): ("bank", p256_der),
+                             bundle.key_id(_sm2_spki()): ("bank", _sm2_spki())}
+    assert TrustStore.from_spkis(trust.spkis()).spkis() == trust.spkis()
+    # another curve (P-384) is neither kind: a configuration error naming the file
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(Encoding.DER,
+                                                                             PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "hrss-issuance-v1.pem").write_bytes(spki_pem(p384))
+    with pytest.raises(ConfigError, match=r"hrss-issuance-v1\.pem: not an ECDSA P-256 or SM2 public key"):
+        TrustStore.load(tmp_path)
+
+
+def test_a_section_is_verified_only_with_a_trusted_key_of_its_own_domain_and_algorithm(tmp_path: Path) -> None:
+    """An SM2 section is left to the station's token (pending); naming the algorithm of the other kind of key, or
+    a key of the other domain, refuses it before any verification."""
+    (tmp_path / "bank-issuance-sm2-v1.pem").write_bytes(spki_pem(_sm2_spki()))
+    (tmp_path / "hrss-issuance-sm2-v1.pem").write_bytes(spki_pem(_sm2_spki(2)))
+    trust = TrustStore.load(tmp_path)
+
+    def section(domain: str, spki: bytes, algorithm: str) -> bundle.ParsedSection:
+        return bundle.ParsedSection(
+            body={}, domain=domain, bureau="bureau-a", serial="S", card_ref="c", transport_key="bureau-a",
+            transport_key_version=1, transport_key_kcv="", domains=[domain], key_id=bundle.key_id(spki),
+            signature=bytes(64), keys=(), body_bytes=b"{}", signature_algorithm=algorithm)
+
+    pending: list[Any] = []
+    assert trust.verify(section("bank", _sm2_spki(), "SM2-SM3"), pending)
+    assert pending == [(_sm2_spki(), bundle.SIGNING_CONTEXT + b"{}", bytes(64))]
+    assert not trust.verify(section("bank", _sm2_spki(), "SM2-SM3"))  # nobody to verify it: refused
+    assert not trust.verify(section("bank", _sm2_spki(), "ECDSA-P256-SHA256"), pending)
+    assert not trust.verify(section("bank", _sm2_spki(2), "SM2-SM3"), pending)  # the hrss key
+    assert len(pending) == 1
 
 
 def test_raw_pkcs11_cannot_read_a_stored_card_key(

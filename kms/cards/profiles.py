@@ -1,23 +1,32 @@
-"""Card profiles: for each domain, the keys a card gets. Data in kms/policies/profiles/*.yaml, validated at load.
+"""Card profiles: for each domain, the keys a card gets, the algorithm of the transport key that wraps them and the
+algorithm that signs the domain's section. Data in kms/policies/profiles/*.yaml, validated at load.
 
-A profile that names an unknown recipe, bad recipe parameters, an unknown field, or a master key the registry does
-not hold is rejected with the file, the line and the reason (ProfileError).
+A profile that names an unknown recipe, bad recipe parameters, an unknown field, an unknown transport or signature
+algorithm, SM4 card keys under a non-SM4 transport key, or a master key the registry does not hold is rejected with
+the file, the line and the reason (ProfileError).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from kms.cards import recipes
 from kms.cards.cardid import CardIdentity
 from kms.errors import ProfileError
-from kms.hsm.types import Algorithm
+from kms.hsm.types import Algorithm, SignatureAlgorithm
 from kms.registry import DOMAINS, KeyKind
 from kms.validation import NAME
+
+#: A domain's ``transport:`` and ``signature:`` values in a profile, and what each means (defaults: the first).
+TRANSPORTS = {"aes256": Algorithm.AES256, "sm4": Algorithm.SM4}
+SIGNATURES = {"ecdsa-p256-sha256": SignatureAlgorithm.ECDSA_P256_SHA256, "sm2-sm3": SignatureAlgorithm.SM2_SM3}
+DEFAULT_TRANSPORT = Algorithm.AES256
+DEFAULT_SIGNATURE = SignatureAlgorithm.ECDSA_P256_SHA256
+_T = TypeVar("_T")
 
 
 class _Map(dict[str, Any]):
@@ -84,6 +93,10 @@ class Profile:
     source: str
     #: Whether a card's PAN must pass the Luhn check (default true); ``pan_luhn: false`` opts a test range out.
     pan_luhn: bool = True
+    #: Per domain, the algorithm of the transport key its card keys are wrapped under (absent: AES-256).
+    transports: dict[str, Algorithm] = field(default_factory=dict)
+    #: Per domain, the algorithm its bundle section is signed with (absent: ECDSA P-256 with SHA-256).
+    signatures: dict[str, SignatureAlgorithm] = field(default_factory=dict)
 
     def keys(self, domain: str) -> tuple[KeySpec, ...]:
         return self.domains.get(domain, ())
@@ -93,6 +106,16 @@ class Profile:
 
     def master_keys(self, domain: str) -> list[str]:
         return sorted({k.master_key for k in self.keys(domain)})
+
+    def transport(self, domain: str) -> Algorithm:
+        """The algorithm of the transport key that wraps this domain's card keys: AES256 (AES key wrap with
+        padding) or SM4 (SM4-ECB). The profile's ``transport:``; AES256 when it names none."""
+        return self.transports.get(domain, DEFAULT_TRANSPORT)
+
+    def signature(self, domain: str) -> SignatureAlgorithm:
+        """The algorithm this domain's bundle section is signed with: the profile's ``signature:``; ECDSA P-256
+        with SHA-256 when it names none."""
+        return self.signatures.get(domain, DEFAULT_SIGNATURE)
 
     def check_card(self, card: CardIdentity) -> None:
         """A card's fields as this profile requires them beyond their format: the PAN's Luhn check digit (unless
@@ -130,25 +153,31 @@ def load(path: Path, master_keys: dict[str, set[str]] | None = None) -> Profile:
     if not isinstance(domains_doc, _Map) or not domains_doc:
         raise ProfileError(src, doc.lines.get("domains", doc.line), "'domains' must map hrss and/or bank to keys")
     domains: dict[str, tuple[KeySpec, ...]] = {}
+    transports: dict[str, Algorithm] = {}
+    signatures: dict[str, SignatureAlgorithm] = {}
     for domain, body in domains_doc.items():
         line = domains_doc.lines[domain]
         if domain not in DOMAINS:
             raise ProfileError(src, line, f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
         if not isinstance(body, _Map):
             raise ProfileError(src, line, f"domain {domain}: expected a mapping with 'keys'")
-        _only(src, body, {"keys"})
+        _only(src, body, {"keys", "transport", "signature"})
         entries = body.get("keys")
         if not isinstance(entries, list) or not entries:
             raise ProfileError(src, body.lines.get("keys", line), f"domain {domain}: 'keys' must be a non-empty list")
         known = None if master_keys is None else master_keys.get(domain, set())
         domains[domain] = _keys(src, domain, entries, known)
+        transports[domain] = _choice(src, body, domain, "transport", TRANSPORTS, DEFAULT_TRANSPORT)
+        signatures[domain] = _choice(src, body, domain, "signature", SIGNATURES, DEFAULT_SIGNATURE)
+        _check_transport(src, body.lines.get("transport", line), domain, domains[domain], transports[domain])
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise ProfileError(src, doc.lines["description"], "'description' must be text")
     pan_luhn = doc.get("pan_luhn", True)
     if not isinstance(pan_luhn, bool):
         raise ProfileError(src, doc.lines["pan_luhn"], "'pan_luhn' must be true or false")
-    return Profile(name=name, description=description, domains=domains, source=src, pan_luhn=pan_luhn)
+    return Profile(name=name, description=description, domains=domains, source=src, pan_luhn=pan_luhn,
+                   transports=transports, signatures=signatures)
 
 
 def load_dir(directory: Path, master_keys: dict[str, set[str]] | None = None) -> dict[str, Profile]:
@@ -198,6 +227,28 @@ def _keys(src: str, domain: str, entries: list[Any], known: set[str] | None) -> 
             )
         specs.append(KeySpec(name=name, usage=entry["usage"], recipe=recipe, master_key=master))
     return tuple(specs)
+
+
+def _choice(src: str, body: _Map, domain: str, key: str, choices: dict[str, _T], default: _T) -> _T:
+    if key not in body:
+        return default
+    value = body[key]
+    if not isinstance(value, str) or value not in choices:
+        raise ProfileError(src, body.lines[key], f"domain {domain}: '{key}' must be one of {', '.join(choices)}, "
+                                                 f"not {value!r}")
+    return choices[value]
+
+
+def _check_transport(src: str, line: int, domain: str, keys: tuple[KeySpec, ...], transport: Algorithm) -> None:
+    """SM4 card keys travel under an SM4 transport key only: a card on the national algorithms keeps its keys under
+    them from the HSM to the card (docs/architecture.md, section 7). 3DES card keys may travel under either."""
+    if transport is Algorithm.SM4:
+        return
+    for spec in keys:
+        if spec.algorithm is Algorithm.SM4:
+            raise ProfileError(src, line,
+                               f"domain {domain}: key {spec.name} is an SM4 key, so the domain needs 'transport: sm4' "
+                               f"(it has {transport.value.lower()})")
 
 
 def _only(src: str, node: _Map, allowed: set[str]) -> None:

@@ -4,7 +4,8 @@ A recipe turns a card identity into the derivation steps the HSM runs (``steps``
 the same key in software from a known master key (``reference``). Recipes are selected by name from card profiles;
 their parameters are validated when the profile loads.
 
-- ``emv_option_a``: EMV / PBOC Option A (UDK-AC, UDK-SMI, UDK-SMC from the IMKs; PAN + PSN).
+- ``emv_option_a``: EMV / PBOC Option A (UDK-AC, UDK-SMI, UDK-SMC from the IMKs; PAN + PSN); ``algorithm: 3des``
+  (default) or ``sm4`` (the PBOC 3.0 SM4 variant, JR/T 0025: UDK = SM4_IMK(Y ‖ ~Y); needs an HSM that offers SM4).
 - ``hrss_dispersal``: HRSS multi-level dispersal, 1-3 levels, each level's 8-byte factor built from a template;
   ``algorithm: 3des`` (Div3DES) or ``sm4`` (DivSM4, needs an HSM that offers SM4).
 - ``gp_kmc``: GlobalPlatform KMC diversification (``method: emv-cps`` or ``visa2``; ``key: enc|mac|dek``).
@@ -62,19 +63,28 @@ def _field(card: CardIdentity, name: str) -> str:
 
 @dataclass(frozen=True)
 class OptionA:
+    cipher: str = "3des"  # "3des": EMV / PBOC 2.0 Option A; "sm4": the PBOC 3.0 SM4 variant
     name = "emv_option_a"
-    algorithm = Algorithm.DES2
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return Algorithm.DES2 if self.cipher == "3des" else Algorithm.SM4
 
     @property
     def card_fields(self) -> frozenset[str]:
         return frozenset({"pan", "psn"})
 
     def steps(self, card: CardIdentity) -> Steps:
+        # One level either way: Y ‖ ~Y under the IMK (3DES: two 8-byte blocks; SM4: one 16-byte block).
         y = reference.option_a_input(_field(card, "pan"), _field(card, "psn"))
-        return ((DeriveStep.DES3_ECB, _diversify(y)),)
+        step = DeriveStep.DES3_ECB if self.cipher == "3des" else DeriveStep.SM4_ECB
+        return ((step, _diversify(y)),)
 
     def reference(self, master: bytes, card: CardIdentity) -> bytes:
-        return reference.option_a(master, _field(card, "pan"), _field(card, "psn"))
+        pan, psn = _field(card, "pan"), _field(card, "psn")
+        if self.cipher == "3des":
+            return reference.option_a(master, pan, psn)
+        return reference.pboc_sm4_udk(master, pan, psn)
 
 
 @dataclass(frozen=True)
@@ -184,9 +194,16 @@ def _only(params: Mapping[str, Any], allowed: set[str]) -> None:
         raise ValueError(f"unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(allowed)) or 'none'}")
 
 
+def _cipher(params: Mapping[str, Any]) -> str:
+    cipher = params.get("algorithm", "3des")
+    if cipher not in ("3des", "sm4"):
+        raise ValueError("algorithm must be '3des' or 'sm4'")
+    return str(cipher)
+
+
 def _option_a(params: Mapping[str, Any]) -> Recipe:
-    _only(params, set())
-    return OptionA()
+    _only(params, {"algorithm"})
+    return OptionA(cipher=_cipher(params))
 
 
 def _gp_kmc(params: Mapping[str, Any]) -> Recipe:
@@ -201,9 +218,7 @@ def _gp_kmc(params: Mapping[str, Any]) -> Recipe:
 
 def _hrss_dispersal(params: Mapping[str, Any]) -> Recipe:
     _only(params, {"algorithm", "factors"})
-    cipher = params.get("algorithm", "3des")
-    if cipher not in ("3des", "sm4"):
-        raise ValueError("algorithm must be '3des' or 'sm4'")
+    cipher = _cipher(params)
     factors = params.get("factors")
     if not isinstance(factors, list) or not 1 <= len(factors) <= 3:
         raise ValueError("factors must be a list of 1 to 3 factor templates")

@@ -1,4 +1,5 @@
-"""Software reference implementations of the card-key formulas of docs/architecture.md, section 6.
+"""Software reference implementations of the card-key formulas of docs/architecture.md, section 6 (sources of the
+SM4 ones: "SM4 derivations: sources" there).
 
 These exist to check the HSM (known-answer self-test, property tests) and to compute SM4 results that a token without
 SM4 cannot. They are never a fallback for issuance: production keys are derived only inside the HSM.
@@ -23,6 +24,7 @@ def tdes_ecb(key: bytes, data: bytes) -> bytes:
 
 
 def sm4_ecb(key: bytes, data: bytes) -> bytes:
+    """SM4-ECB (GB/T 32907) with a 16-byte key over whole 16-byte blocks, no padding."""
     return _ecb_encrypt(algorithms.SM4(key), data)
 
 
@@ -47,9 +49,12 @@ def div3des(key: bytes, factor: bytes) -> bytes:
 
 
 def divsm4(key: bytes, factor: bytes) -> bytes:
-    """DivSM4(K16, D8) = SM4_K(D ‖ ~D)."""
+    """DivSM4(K16, D8) = SM4_K(D ‖ ~D): one 16-byte block, no parity (SM4 keys have none)."""
     _check_len("factor", factor, 8)
     return sm4_ecb(key, factor + complement(factor))
+
+
+div_sm4 = divsm4  # the name of docs/architecture.md's SM4 section; divsm4 stays for existing callers
 
 
 def option_a_input(pan: str, psn: str) -> bytes:
@@ -61,6 +66,22 @@ def option_a_input(pan: str, psn: str) -> bytes:
 def option_a(imk: bytes, pan: str, psn: str) -> bytes:
     """EMV / PBOC Option A: UDK = 3DES_IMK(Y) ‖ 3DES_IMK(Y ⊕ FF…FF), odd parity."""
     return div3des(imk, option_a_input(pan, psn))
+
+
+def pboc_sm4_udk(imk: bytes, pan: str, psn: str) -> bytes:
+    """PBOC 3.0 (JR/T 0025) SM4 UDK: Option A's Y, UDK = SM4_IMK(Y ‖ ~Y), one block (docs/architecture.md,
+    "SM4 derivations: sources")."""
+    _check_len("imk", imk, 16)
+    return divsm4(imk, option_a_input(pan, psn))
+
+
+def pboc_sm4_session_key(udk: bytes, atc: bytes) -> bytes:
+    """PBOC 3.0 SM4 session key (for ARQC checks, not personalization): SK = SM4_UDK(00^6 ‖ ATC ‖ 00^6 ‖ ~ATC),
+    the 3DES session key's two halves as one 16-byte block. Source: docs/architecture.md, "SM4 derivations:
+    sources" (a published worked example whose ARQC this key reproduces; the standard's text was not found)."""
+    _check_len("udk", udk, 16)
+    _check_len("atc", atc, 2)
+    return sm4_ecb(udk, bytes(6) + atc + bytes(6) + complement(atc))
 
 
 GP_KEY_TYPES = {"enc": 0x01, "mac": 0x02, "dek": 0x03}
@@ -84,7 +105,8 @@ def gp_kmc(kmc: bytes, method: str, kdd: bytes, key: str) -> bytes:
 
 
 def chain(algorithm: str, root: bytes, factors: list[bytes]) -> bytes:
-    """Multi-level dispersal: each level diversifies the previous level's key by its factor."""
+    """Multi-level dispersal: each level diversifies the previous level's key by its factor (``"3des"``: Div3DES;
+    ``"sm4"``: DivSM4, the SM4 dispersal chain)."""
     step = div3des if algorithm == "3des" else divsm4
     key = root
     for factor in factors:

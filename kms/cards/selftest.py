@@ -1,9 +1,17 @@
-"""HSM known-answer self-test: runs derivation vectors (schema of tests/vectors/derivation.json) through the real
-HSM path — the same ``derive_wrap`` the engine uses — and compares each result with the vector.
+"""HSM known-answer self-test: runs derivation vectors (tests/vectors/derivation.json, and the SM4 kinds of
+tests/vectors/sm4.json) through the real HSM path — the same ``derive_wrap`` the engine uses — and compares each
+result with the vector.
 
 Each vector's master key is imported as a session object (gone when the session closes), with a session KEK whose
-value is known to this test only, so the wrapped result can be unwrapped in software and compared. SM4 cases on a
-token without SM4 are reported "not supported by this HSM", checked in software, and do not fail the run.
+value is known to this test only, so the wrapped result can be unwrapped in software and compared: an AES-256 KEK
+(AES key wrap) for 3DES cases, an SM4 KEK (SM4-ECB wrap) for SM4 cases. Every KCV the HSM gives is also checked
+against the key it belongs to (TDES-ECB-ZERO8-3, SM4-ECB-ZERO16-3).
+
+SM4 cases run in the HSM when its mechanism profile and token offer SM4_ECB_ENCRYPT_DATA and SM4_ECB; an SM4 block
+(GB/T 32907) is computed in the token as an SM4_ECB_ENCRYPT_DATA derivation whose data is the plaintext (the derived
+key is SM4_K(plaintext)). On a token without SM4 they are reported "not supported by this HSM", checked in software,
+and do not fail the run; so are SM4 blocks encrypted more than once (GB/T 32907 example 2: a million iterations is a
+million token calls), checked in software on any token.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from kms.cards import recipes, reference
@@ -25,7 +34,9 @@ from kms.hsm.session import TokenSession
 from kms.hsm.types import Algorithm, DeriveStep
 from kms.validation import unknown_keys
 
-KINDS = ("option_a", "gp_kmc", "ssc_chain", "sm4_block", "tdes_kcv")
+KINDS = ("option_a", "gp_kmc", "ssc_chain", "sm4_block", "tdes_kcv", "div_sm4", "div_sm4_chain", "pboc_sm4_udk")
+#: What the token must offer for SM4 cases to run in it.
+SM4_MECHANISMS = (DeriveStep.SM4_ECB.value, "SM4_ECB")
 
 
 @dataclass(frozen=True)
@@ -61,16 +72,23 @@ class SelfTest:
         self._kek = bytearray(secrets.token_bytes(32))
         self._kek_label = selftest_label("kek")
         self._session.import_transport_key(self._kek_label, bytearray(self._kek), token=False)
+        self._sm4_kek: bytearray | None = None  # made at the first SM4 case, on a token with SM4
+        self._sm4_kek_label = selftest_label("kek-sm4")
 
     def close(self) -> None:
         self._session.destroy(self._kek_label)
-        for i in range(len(self._kek)):
-            self._kek[i] = 0
+        for kek in (self._kek, self._sm4_kek):
+            if kek is not None:
+                for i in range(len(kek)):
+                    kek[i] = 0
+        if self._sm4_kek is not None:
+            self._session.destroy(self._sm4_kek_label)
 
     def run(self, vectors: dict[str, list[dict[str, Any]]]) -> Iterator[CaseResult]:
         runners: dict[str, Callable[[dict[str, Any]], str]] = {
             "option_a": self._option_a, "gp_kmc": self._gp_kmc, "ssc_chain": self._ssc_chain,
-            "sm4_block": self._sm4_block, "tdes_kcv": self._tdes_kcv,
+            "sm4_block": self._sm4_block, "tdes_kcv": self._tdes_kcv, "div_sm4": self._div_sm4,
+            "div_sm4_chain": self._div_sm4_chain, "pboc_sm4_udk": self._pboc_sm4_udk,
         }
         for kind in KINDS:
             for i, case in enumerate(vectors.get(kind, [])):
@@ -126,32 +144,97 @@ class SelfTest:
         factors = [bytes.fromhex(f) for f in case["factors"]]
         if not 1 <= len(factors) <= 3:
             raise ValueError("a chain has 1 to 3 factors")
-        steps = tuple((DeriveStep.DES3_ECB, f + reference.complement(f)) for f in factors)
         if case["algorithm"] == "sm4":
-            self._software_sm4(
-                reference.chain("sm4", bytes.fromhex(case["root"]), factors), case["key"], DeriveStep.SM4_ECB.value
-            )
+            return self._sm4_chain(case["root"], factors, case["key"], case.get("kcv"))
         if case["algorithm"] != "3des":
             raise ValueError(f"unknown chain algorithm {case['algorithm']!r}")
+        steps = tuple((DeriveStep.DES3_ECB, f + reference.complement(f)) for f in factors)
         key, kcv = self._derive(case["root"], steps)
         return self._check(f"{len(factors)}-level Div3DES", key, kcv, case["key"], case.get("kcv"))
 
-    def _sm4_block(self, case: dict[str, Any]) -> str:
-        self._software_sm4(
-            reference.sm4_ecb(bytes.fromhex(case["key"]), bytes.fromhex(case["plaintext"])),
-            case["ciphertext"], "SM4_ECB",
-        )
-        raise AssertionError("unreachable")  # pragma: no cover
+    # -- SM4 kinds ------------------------------------------------------------------------------------------------
 
-    def _software_sm4(self, computed: bytes, expected: str, mechanism: str) -> None:
-        """SM4 needs a vendor mechanism; on a token without it, say so and check the arithmetic in software."""
+    def _sm4_block(self, case: dict[str, Any]) -> str:
+        key, plaintext = bytes.fromhex(case["key"]), bytes.fromhex(case["plaintext"])
+        iterations = int(case.get("iterations", 1))
+        if iterations != 1:
+            if _sm4_iterated(key, plaintext, iterations).hex().upper() != case["ciphertext"].upper():
+                raise _Mismatch(f"{iterations} iterations: the software reference disagrees with the vector")
+            raise _Unsupported(f"{iterations} iterations are not run through the HSM (one token call each); "
+                               "software reference matches")
+        self._sm4_available(reference.sm4_ecb(key, plaintext), case["ciphertext"])
+        # SM4_K(P) in the token: an SM4_ECB_ENCRYPT_DATA derivation over P gives the key SM4_K(P).
+        derived, _kcv = self._derive_sm4(case["key"], ((DeriveStep.SM4_ECB, plaintext),))
+        if derived.hex().upper() != case["ciphertext"].upper():
+            raise _Mismatch("SM4-ECB in the HSM differs from the vector's ciphertext")
+        return f"SM4-ECB in the HSM: {derived.hex().upper()}"
+
+    def _div_sm4(self, case: dict[str, Any]) -> str:
+        return self._sm4_chain(case["key"], [bytes.fromhex(case["factor"])], case["derived"], case.get("kcv"))
+
+    def _div_sm4_chain(self, case: dict[str, Any]) -> str:
+        factors = [bytes.fromhex(f) for f in case["factors"]]
+        if not 1 <= len(factors) <= 3:
+            raise ValueError("a chain has 1 to 3 factors")
+        return self._sm4_chain(case["root"], factors, case["key"], case.get("kcv"))
+
+    def _pboc_sm4_udk(self, case: dict[str, Any]) -> str:
+        # The PBOC SM4 UDK: Option A's Y, then SM4_IMK(Y ‖ ~Y) in one SM4_ECB_ENCRYPT_DATA step.
+        y = reference.option_a_input(case["pan"], case["psn"])
+        if "y" in case and y.hex().upper() != case["y"].upper():
+            raise _Mismatch(f"Y {y.hex().upper()} differs from the vector's {case['y'].upper()}")
+        self._sm4_available(reference.sm4_ecb(bytes.fromhex(case["imk"]), y + reference.complement(y)),
+                            case["key"])
+        key, kcv = self._derive_sm4(case["imk"], ((DeriveStep.SM4_ECB, y + reference.complement(y)),))
+        return self._check_sm4("SM4 UDK", key, kcv, case["key"], case.get("kcv"))
+
+    def _sm4_chain(self, root: str, factors: list[bytes], want_key: str, want_kcv: str | None) -> str:
+        self._sm4_available(reference.chain("sm4", bytes.fromhex(root), factors), want_key)
+        steps = tuple((DeriveStep.SM4_ECB, f + reference.complement(f)) for f in factors)
+        key, kcv = self._derive_sm4(root, steps)
+        return self._check_sm4(f"{len(factors)}-level DivSM4", key, kcv, want_key, want_kcv)
+
+    def _sm4_available(self, computed: bytes, expected: str) -> None:
+        """SM4 needs vendor mechanisms; on a token without them, say so and check the arithmetic in software."""
         try:
-            self._session.require(mechanism)
-        except MechanismUnavailable:
+            for mechanism in SM4_MECHANISMS:
+                self._session.require(mechanism)
+        except MechanismUnavailable as missing:
             if computed.hex().upper() != expected.upper():
                 raise _Mismatch("not supported by this HSM, and the software reference disagrees") from None
-            raise _Unsupported("not supported by this HSM; software reference matches") from None
-        raise _Unsupported(f"{mechanism} is offered, but kms has no binding for this vendor's SM4 yet")
+            raise _Unsupported(f"not supported by this HSM ({missing.mechanism}); software reference matches"
+                               ) from None
+
+    def _derive_sm4(self, master: str, steps: recipes.Steps) -> tuple[bytes, bytes]:
+        kek = self._sm4_transport()
+        label = selftest_label("master")
+        self._session.import_master_key(label, Algorithm.SM4, bytearray.fromhex(master), token=False)
+        try:
+            result = self._session.derive_wrap(label, steps, self._sm4_kek_label)
+        finally:
+            self._session.destroy(label)
+        if result.wrap != "SM4-ECB":
+            raise _Mismatch(f"the card key was wrapped by {result.wrap}, not SM4-ECB, under an SM4 transport key")
+        return _sm4_ecb_decrypt(bytes(kek), result.wrapped), result.kcv
+
+    def _sm4_transport(self) -> bytearray:
+        if self._sm4_kek is None:
+            kek = bytearray(secrets.token_bytes(16))
+            kcv = self._session.import_transport_key(self._sm4_kek_label, bytearray(kek), token=False,
+                                                     algorithm=Algorithm.SM4)
+            self._sm4_kek = kek
+            if kcv != reference.kcv_sm4(bytes(kek)):
+                raise _Mismatch("the HSM's KCV of an imported SM4 key is not SM4-ECB-ZERO16-3 of the key")
+        return self._sm4_kek
+
+    def _check_sm4(self, what: str, key: bytes, kcv: bytes, want_key: str, want_kcv: str | None) -> str:
+        if key.hex().upper() != want_key.upper():
+            raise _Mismatch(f"{what}: derived key differs from the vector")
+        if want_kcv is not None and kcv.hex().upper() != want_kcv.upper():
+            raise _Mismatch(f"{what}: KCV {kcv.hex().upper()} differs from the vector's {want_kcv.upper()}")
+        if kcv != reference.kcv_sm4(key):
+            raise _Mismatch(f"{what}: the HSM's KCV does not match its own key")
+        return f"{what} in the HSM, KCV {kcv.hex().upper()}"
 
     def _tdes_kcv(self, case: dict[str, Any]) -> str:
         label = selftest_label("kcv")
@@ -160,6 +243,19 @@ class SelfTest:
         if kcv.hex().upper() != case["kcv"].upper():
             raise _Mismatch(f"KCV {kcv.hex().upper()} differs from the vector's {case['kcv'].upper()}")
         return f"KCV {kcv.hex().upper()}"
+
+
+def _sm4_ecb_decrypt(key: bytes, data: bytes) -> bytes:
+    decryptor = Cipher(algorithms.SM4(key), modes.ECB()).decryptor()  # noqa: S305 - SM4-ECB is the wrap
+    return decryptor.update(data) + decryptor.finalize()
+
+
+def _sm4_iterated(key: bytes, block: bytes, iterations: int) -> bytes:
+    """SM4_K applied ``iterations`` times (GB/T 32907 example 2), with one encryptor."""
+    encryptor = Cipher(algorithms.SM4(key), modes.ECB()).encryptor()  # noqa: S305 - the standard's example
+    for _ in range(iterations):
+        block = encryptor.update(block)
+    return block
 
 
 class _Mismatch(Exception):

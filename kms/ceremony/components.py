@@ -37,6 +37,8 @@ def kcv_method(algorithm: Algorithm) -> KcvMethod:
         return KcvMethod.TDES_ECB_ZERO
     if algorithm is Algorithm.AES256:
         return KcvMethod.AES_ECB_ZERO
+    if algorithm is Algorithm.SM4:
+        return KcvMethod.SM4_ECB_ZERO
     raise InvalidArgument("algorithm", f"{algorithm} components are not supported on this HSM")
 
 
@@ -46,7 +48,8 @@ def kcv(algorithm: Algorithm, value: bytes | bytearray) -> str:
         raise InvalidArgument("component", f"a {algorithm} component is {algorithm.length} bytes")
     if kcv_method(algorithm) is KcvMethod.TDES_ECB_ZERO:
         return reference.kcv_tdes(bytes(value)).hex().upper()
-    encryptor = Cipher(algorithms.AES(bytes(value)), modes.ECB()).encryptor()  # noqa: S305 (one zero block: a KCV)
+    cipher = algorithms.SM4(bytes(value)) if algorithm is Algorithm.SM4 else algorithms.AES(bytes(value))
+    encryptor = Cipher(cipher, modes.ECB()).encryptor()  # noqa: S305 (one zero block: a KCV)
     return (encryptor.update(bytes(16)) + encryptor.finalize())[:3].hex().upper()
 
 

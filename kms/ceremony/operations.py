@@ -102,10 +102,10 @@ def _int(params: Mapping[str, Any], name: str) -> int:
 
 
 def _algorithm(params: Mapping[str, Any]) -> str:
-    value = _choice(params, "algorithm", tuple(a.value for a in Algorithm), Algorithm.DES2.value)
-    if value == Algorithm.SM4.value:
-        raise InvalidArgument("params.algorithm", "SM4 keys cannot be created on this HSM (no SM4 mechanism)")
-    return value
+    """A master key's algorithm (default DES2). SM4 is made only by a token that offers it (its mechanism profile
+    names the vendor codes, kms.hsm.mechanisms); any other token refuses it at execution with MechanismUnavailable,
+    and nothing is made."""
+    return _choice(params, "algorithm", tuple(a.value for a in Algorithm), Algorithm.DES2.value)
 
 
 def _custodians(ctx: Context, domain: str, params: Mapping[str, Any], name: str) -> list[str]:

@@ -21,10 +21,19 @@ def add_parser(sub: Any) -> None:
         stations and an auditor; the server's, clients' and stations' configurations; and the genesis ceremony
         enrolling three officers per domain. Idempotent: an existing home is completed, never overwritten.
 
-        The home holds PINs, SO PINs and the CA's private key: keep it out of version control.""",
-                "kms init home\nkms serve --config home/kms.yaml")
+        The home holds PINs, SO PINs and the CA's private key: keep it out of version control.
+
+        --profile chooses the card profiles the home gets (default: dual-app). A profile using SM4 or SM2
+        (dual-app-sm, dual-app-mixed) needs the development SM token (`make sm-token`): the home then uses its
+        module and writes hsm.mechanisms: softhsm2-sm-dev into every configuration.""",
+                "kms init home\nkms serve --config home/kms.yaml\nkms init sm-home --profile dual-app-sm")
     p.add_argument("home", type=Path, help="the directory to create (or complete)")
-    p.add_argument("--module", default="auto", help="PKCS#11 module path (default: find SoftHSM2)")
+    p.add_argument("--module", default="auto",
+                   help="PKCS#11 module path (default: find SoftHSM2; for an SM profile, the development SM token "
+                        "built by `make sm-token`)")
+    p.add_argument("--profile", action="append", dest="profiles", metavar="PROFILE",
+                   help="a card profile for the home: a shipped one (dual-app, dual-app-sm, dual-app-mixed) or a "
+                        "profile file; repeat for several (default: dual-app)")
     p.add_argument("--port", type=int,
                    help="the port the server's configuration listens on and the clients' configurations name "
                         "(default: 7443; a new home only: an existing home keeps its own)")
@@ -66,7 +75,8 @@ def _init(args: argparse.Namespace) -> int:
     port = devhome.DEFAULT_PORT if args.port is None else args.port
     if not 1 <= port <= 65535:
         raise errors.InvalidArgument("--port", "must be from 1 to 65535")
-    home = devhome.init_home(args.home, module=args.module, port=port)
+    home = devhome.init_home(args.home, module=args.module, port=port,
+                             card_profiles=args.profiles or devhome.DEFAULT_PROFILES)
     emit(args, {"home": str(home.path), "config": str(home.config)},
          f"development home ready: {home.path}\n  issuer config: {home.config}\n"
          f"  station config: {home.station_config('station-a1')}")

@@ -30,10 +30,10 @@ def add_parser(sub: Any) -> None:
                     "kms profile check kms/policies/profiles")
     prof = commands(group, "profile_command")
     p = command(prof, "check", "validate profile files (and master key references, with --config)", """
-        Load and validate card profiles: recipes, their parameters, unknown fields, pan_luhn; with --config, also
-        that every master key a profile names exists in the registry. A bad profile is one line naming the file,
-        the line and the reason (exit 3).""",
-                "kms profile check kms/policies/profiles --config home/kms.yaml")
+        Load and validate card profiles: recipes, their parameters, each domain's transport and signature
+        algorithms, unknown fields, pan_luhn; with --config, also that every master key a profile names exists in
+        the registry. A bad profile is one line naming the file, the line and the reason (exit 3).""",
+                "kms profile check home/profiles --config home/kms.yaml")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="profile files or directories of *.yaml")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="also check master key references against this issuer configuration's registry")
@@ -66,8 +66,11 @@ def _check_profiles(args: argparse.Namespace) -> int:
         for file in sorted(path.glob("*.yaml")) if path.is_dir() else [path]:
             profile = profiles.load(file, known)
             checked.append({"file": str(file), "profile": profile.name, "pan_luhn": profile.pan_luhn,
-                            "keys": {d: len(k) for d, k in profile.domains.items()}})
+                            "keys": {d: len(k) for d, k in profile.domains.items()},
+                            "transport": {d: profile.transport(d).value for d in profile.domains},
+                            "signature": {d: profile.signature(d).value for d in profile.domains}})
     emit(args, checked, "\n".join(
-        f"{c['file']}: profile {c['profile']} ok ({', '.join(f'{d}: {n} keys' for d, n in c['keys'].items())})"
+        f"{c['file']}: profile {c['profile']} ok ({', '.join(f'{d}: {n} keys' for d, n in c['keys'].items())}); "
+        + "; ".join(f"{d}: {c['transport'][d]} transport, {c['signature'][d]} signature" for d in c["keys"])
         for c in checked) or "no profiles found")
     return 0

@@ -39,12 +39,16 @@ def add_parser(sub: Any) -> None:
     p = command(sub, "selftest", "run known-answer derivation vectors through the HSM", """
         Run known-answer derivation vectors (tests/vectors/derivation.json) through an HSM: by default a temporary
         SoftHSM2 token; with --config, that configuration's domain token, using session objects only. One line
-        per case, PASS, FAIL or SKIP (a mechanism the HSM lacks); exit 0 only if nothing failed.""",
+        per case, PASS, FAIL or SKIP (a mechanism the HSM lacks); exit 0 only if nothing failed. SM4 cases run
+        in the HSM when its mechanism profile (--mechanisms, or the configuration's hsm.mechanisms) and token offer
+        SM4.""",
                 "kms selftest --vectors tests/vectors/derivation.json")
     p.add_argument("--vectors", type=Path, required=True, help="the vectors file (JSON)")
     p.add_argument("--config", type=Path, metavar="FILE", help="use this configuration's token (session objects only)")
     p.add_argument("--domain", choices=("hrss", "bank"), default="bank", help="which domain's token, with --config")
     p.add_argument("--module", help="PKCS#11 module for the temporary token (default: find SoftHSM2)")
+    p.add_argument("--mechanisms", metavar="PROFILE", default="pkcs11-standard",
+                   help="the temporary token's mechanism profile, e.g. softhsm2-sm-dev (default: pkcs11-standard)")
     json_option(p, "the results")
     p.set_defaults(handler=_selftest)
 
@@ -82,7 +86,8 @@ def _selftest(args: argparse.Namespace) -> int:
         conf = softhsm.write_conf(Path(tmp))
         pins = Path(tmp) / "pins"
         softhsm.ensure_token(conf, SELFTEST_TOKEN, pins / "user.pin", pins / "so.pin")
-        hsm = config_mod.HsmConfig(module=args.module or "auto", softhsm2_conf=conf)
+        hsm = config_mod.HsmConfig(module=args.module or "auto", softhsm2_conf=conf,
+                                   mechanisms=config_mod.mechanism_profile(args.mechanisms, "--mechanisms"))
         pin = (pins / "user.pin").read_text(encoding="utf-8").strip()
         with runtime.module(hsm).open(SELFTEST_TOKEN, pin) as session:
             return _run_selftest(args, session, vectors)

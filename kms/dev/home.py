@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +42,18 @@ from kms.ceremony.store import Ceremonies
 from kms.clock import SystemClock
 from kms.dev.pki import Credential, DevPki
 from kms.errors import ConfigError
-from kms.files import PRIVATE_DIR, copy_tree_private, private_dir, write_private
+from kms.files import PRIVATE_DIR, private_dir, write_private
 from kms.hsm import softhsm
 from kms.hsm.labels import AUDIT_KEY, AUDIT_TOKEN, domain_token, key_label, station_token, unwrap_key_label
-from kms.hsm.types import Algorithm, KcvMethod
+from kms.hsm.types import Algorithm, KcvMethod, SignatureAlgorithm
 from kms.identity import Principal
 from kms.issuance import pans
-from kms.issuance.sealer import SIGNING_KEY_NAME
+from kms.issuance.sealer import SIGNING_KEYS
 from kms.policies import shipped
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
 from kms.secrets import SecretRef
-from kms.station import accept_transport_key
+from kms.station import accept_transport_key, spki_pem
 
 T = TypeVar("T")
 #: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
@@ -70,6 +70,46 @@ GENESIS = "genesis"
 #: registry (certificate pins of officers, stations and auditors)
 HOME_FORMAT = 4
 FORMAT_FILE = ".kms-home-format"
+#: The card profile a home gets unless told otherwise (kms/policies/profiles/dual-app.yaml).
+DEFAULT_PROFILES = ("dual-app",)
+#: The mechanism profile (kms/hsm/mechanisms/) of the development SM token, written into the configurations of a
+#: home whose profiles use SM4 or SM2.
+SM_MECHANISMS = "softhsm2-sm-dev"
+#: KCV methods of the master keys a home creates, by algorithm.
+_MASTER_KCV = {Algorithm.DES2: KcvMethod.TDES_ECB_ZERO, Algorithm.SM4: KcvMethod.SM4_ECB_ZERO}
+_TRANSPORT_KCV = {Algorithm.AES256: KcvMethod.AES_ECB_ZERO, Algorithm.SM4: KcvMethod.SM4_ECB_ZERO}
+
+
+def profile_file(name: str) -> Path:
+    """A card profile to put into a home: a shipped profile by its file's stem (``dual-app-sm``) or its profile name
+    (``dual-app-sm-v1``), or the path of a profile file. ConfigError listing the shipped ones otherwise."""
+    directory = shipped("profiles")
+    candidates = [directory / f"{name}.yaml", directory / f"{name.removesuffix('-v1')}.yaml"]
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        candidates = [Path(name)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+    raise ConfigError(f"--profile: no card profile {name!r} (shipped: {known}; or the path of a profile file)")
+
+
+def uses_sm(profile: profiles.Profile) -> bool:
+    """Whether a profile needs SM mechanisms: SM4 card keys, SM4 transport keys or SM2-signed sections."""
+    return any(spec.algorithm is Algorithm.SM4 for d in profile.domains for spec in profile.keys(d)) or any(
+        profile.transport(d) is Algorithm.SM4 or profile.signature(d) is SignatureAlgorithm.SM2_SM3
+        for d in profile.domains)
+
+
+def sm_token_module() -> str:
+    """The development SM token's PKCS#11 module (kms.dev.smtoken), or ConfigError saying how to build it."""
+    from kms.dev.smtoken import sm_module
+
+    module = sm_module()
+    if module is None:
+        raise ConfigError("the development SM token is not built: run `make sm-token` (deploy/softhsm2-sm/build.sh, "
+                          "see deploy/softhsm2-sm/README.md), or name its module with --module")
+    return module
 
 
 def home_format(path: Path) -> int:
@@ -117,15 +157,29 @@ def init_home(
     module: str = "auto",
     port: int = DEFAULT_PORT,
     database: str = "sqlite:///kms.db",
+    card_profiles: Sequence[str] = DEFAULT_PROFILES,
 ) -> Home:
     """Create (or complete) a development home. ``master_keys`` imports known test values for (domain, name);
     every other master key the profiles need is generated inside the token. ``database``: the records' URL written
     into a new kms.yaml (default: SQLite in the home; the cluster run gives a PostgreSQL schema of its own).
-    Idempotent."""
+    ``card_profiles``: the card profiles the home gets (``profile_file``: shipped names or files; default dual-app);
+    a profile using SM4 or SM2 makes the home use the development SM token (``module`` "auto": kms.dev.smtoken's;
+    ``hsm.mechanisms: softhsm2-sm-dev`` in every configuration) and creates the SM4 master keys, SM4 transport keys
+    and SM2 signing keys it names. Idempotent: a profile named for an existing home is added to it."""
+    chosen = [profile_file(name) for name in card_profiles]
+    sm = any(uses_sm(profiles.load(p)) for p in chosen)
+    if sm and module == "auto":
+        module = sm_token_module()
+    hsm = {"module": module, "softhsm2_conf": "hsm/softhsm2.conf", **({"mechanisms": SM_MECHANISMS} if sm else {})}
     home = Home(path.resolve())
     if home.config.exists() and home_format(home.path) < HOME_FORMAT:
         raise ConfigError(f"{home.path} was made by an older kms (no principal registry, certificate pins, audit "
                           "token or ceremony records); create a new home")
+    if sm and home.config.exists():
+        made = (yaml.safe_load(home.config.read_text(encoding="utf-8")) or {}).get("hsm") or {}
+        if made.get("mechanisms") != SM_MECHANISMS:
+            raise ConfigError(f"{home.path} was made for a token without SM mechanisms (no hsm.mechanisms: "
+                              f"{SM_MECHANISMS}); an SM profile needs a new home")
     private_dir(home.path)
     os.chmod(home.path, PRIVATE_DIR)  # the home holds PINs, the CA key and card data: its owner's alone
     write_private(home.path / FORMAT_FILE, f"{HOME_FORMAT}\n")
@@ -138,14 +192,15 @@ def init_home(
     for _, station in stations:
         softhsm.ensure_token(conf, station_token(station), pins / f"{station}.pin", pins / f"{station}.so-pin")
 
-    profiles_dir = home.path / "profiles"
-    if not profiles_dir.exists():
-        copy_tree_private(shipped("profiles"), profiles_dir)
+    profiles_dir = private_dir(home.path / "profiles")
+    for source in chosen:
+        if not (profiles_dir / source.name).exists():
+            write_private(profiles_dir / source.name, source.read_bytes())
     pki = DevPki(home.path / "pki")
     server = pki.server()
     if not home.config.exists():
         _write_yaml(home.config, {
-            "hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"},
+            "hsm": hsm,
             "domains": {d: {"token": domain_token(d), "pin": f"file:pins/{d}.pin"} for d in DOMAINS},
             "database": database,
             "profiles": "profiles",
@@ -160,7 +215,7 @@ def init_home(
             cred = pki.client(Principal("station", station, bureau=bureau))
             _write_yaml(station_path, {
                 "station": station, "bureau": bureau,
-                "hsm": {"module": module, "softhsm2_conf": "../../hsm/softhsm2.conf"},
+                "hsm": {**hsm, "softhsm2_conf": "../../hsm/softhsm2.conf"},
                 "token": station_token(station), "pin": f"file:../../pins/{station}.pin",
                 "trust": "../../trust", "ledger": "sqlite:///ledger.db", "domains": list(DOMAINS),
                 "client": {"server": f"localhost:{port}", "tls": _tls(station_path.parent, cred, pki)},
@@ -187,8 +242,9 @@ def init_home(
     for domain in DOMAINS:
         handoffs = _in_own_process(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known)
         _in_own_process(_trust_custody_key, str(home.config), domain, str(pins / f"{domain}.so-pin"))
-        for station, (bureau, version, wrapped, kcv) in handoffs.items():
-            _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, wrapped, kcv)
+        for station, (bureau, version, algorithm, wrapped, kcv) in handoffs:
+            _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, algorithm,
+                            wrapped, kcv)
         _genesis(home, domain, pki, stations)
     return home
 
@@ -309,22 +365,33 @@ def _domain_setup(
     bureaus: Mapping[str, tuple[str, ...]],
     unwrap_keys: Mapping[str, Mapping[str, bytes]],
     known: Mapping[tuple[str, str], bytes],
-) -> dict[str, tuple[str, int, bytes, bytes]]:
-    """In the domain's own process: master keys, the issuance signing key, a transport key per bureau.
-    Returns, per station, the transport key wrapped for it."""
+) -> list[tuple[str, tuple[str, int, str, bytes, bytes]]]:
+    """In the domain's own process: master keys, the issuance signing keys, a transport key per bureau — of each
+    algorithm the home's profiles name for this domain (an SM4 one as another version of the bureau's transport
+    key). Returns, per station, each transport key wrapped for it: (station, (bureau, version, algorithm, wrapped,
+    KCV))."""
     cfg = config_mod.load(Path(config_path))
     registry = runtime.registry(cfg, SystemClock())
-    needed = set()
+    needed: dict[str, Algorithm] = {}
+    signatures = {SignatureAlgorithm.ECDSA_P256_SHA256}  # always: it also signs the domain's ceremony minutes
+    transports: set[Algorithm] = set()
     for profile in profiles.load_dir(cfg.profiles).values():
-        needed |= {(spec.master_key, spec.algorithm) for spec in profile.keys(domain)}
-    handoffs: dict[str, tuple[str, int, bytes, bytes]] = {}
+        if not profile.keys(domain):
+            continue
+        for spec in profile.keys(domain):
+            if needed.setdefault(spec.master_key, spec.algorithm) is not spec.algorithm:
+                raise ConfigError(f"master key {spec.master_key}: the home's profiles need it as "
+                                  f"{needed[spec.master_key]} and as {spec.algorithm}")
+        signatures.add(profile.signature(domain))
+        transports.add(profile.transport(domain))
+    handoffs: list[tuple[str, tuple[str, int, str, bytes, bytes]]] = []
     with runtime.open_domain(cfg, domain) as session:
         existing = registry.names(domain, KeyKind.MASTER)
-        for name, algorithm in sorted(needed):
+        for name, algorithm in sorted(needed.items()):
             if name in existing:
                 continue
-            if algorithm is not Algorithm.DES2:
-                raise ConfigError(f"master key {name}: {algorithm} keys cannot be created on this HSM")
+            if algorithm not in _MASTER_KCV:
+                raise ConfigError(f"master key {name}: {algorithm} master keys are not created in a development home")
             value = known.get((domain, name))
 
             def create(label: str, value: bytes | None = value, algorithm: Algorithm = algorithm) -> bytes:
@@ -332,9 +399,21 @@ def _domain_setup(
                     return session.import_master_key(label, algorithm, bytearray(value))
                 return session.generate_master_key(label, algorithm)
 
-            _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, KcvMethod.TDES_ECB_ZERO)
+            _add_key(registry, domain, KeyKind.MASTER, name, algorithm, create, _MASTER_KCV[algorithm])
         _add_key_pair(registry, domain, KeyKind.CUSTODY, CUSTODY_NAME, "RSA-3072", session.generate_custody_keypair)
-        _add_key_pair(registry, domain, KeyKind.SIGNING, SIGNING_KEY_NAME, "ECDSA-P256", session.generate_signing_key)
+        for signature in sorted(signatures):
+            key_name, key_algorithm = SIGNING_KEYS[signature]
+
+            def generate(label: str, signature: SignatureAlgorithm = signature) -> bytes:
+                if signature is SignatureAlgorithm.ECDSA_P256_SHA256:
+                    return session.generate_signing_key(label)
+                return session.generate_signing_key(label, algorithm=signature)
+
+            _add_key_pair(registry, domain, KeyKind.SIGNING, key_name, key_algorithm, generate)
+            signing = registry.active(domain, KeyKind.SIGNING, key_name)
+            assert signing.public_key is not None
+            trust = private_dir(cfg.home / "trust")
+            write_private(trust / f"{domain}-{key_name}-v{signing.version}.pem", spki_pem(signing.public_key))
         if domain == pans.DOMAIN:  # cardholder data at rest: the PAN encryption and index keys (kms.issuance.pans)
             existing_data = registry.names(domain, KeyKind.DATA)
             if pans.DATA_KEY not in existing_data:
@@ -344,25 +423,26 @@ def _domain_setup(
                 record = registry.add(domain, KeyKind.DATA, pans.INDEX_KEY, "HMAC-SHA256")
                 registry.set_kcv(record, session.generate_index_key(record.label).hex().upper(),
                                  KcvMethod.HMAC_EMPTY.value)
-        signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
-        assert signing.public_key is not None
-        pem = load_der_public_key(signing.public_key).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-        trust = private_dir(cfg.home / "trust")
-        write_private(trust / f"{domain}-issuance-v{signing.version}.pem", pem)
         for bureau, stations in bureaus.items():
             if len(stations) != 1:
                 raise ConfigError("development homes give each bureau exactly one station")
-            if bureau in registry.names(domain, KeyKind.TRANSPORT):
-                continue
-            # One transport key per bureau and domain; every station of the bureau receives it.
-            record = registry.add(domain, KeyKind.TRANSPORT, bureau, Algorithm.AES256.value)
-            try:
-                wrapped, kcv = session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain])
-            except BaseException:
-                registry.remove(record)
-                raise
-            registry.set_kcv(record, kcv.hex().upper(), KcvMethod.AES_ECB_ZERO.value)
-            handoffs[stations[0]] = (bureau, record.version, wrapped, kcv)
+            made = {r.algorithm for r in registry.versions(domain, KeyKind.TRANSPORT, bureau)}
+            for algorithm in sorted(transports or {Algorithm.AES256}):
+                if algorithm.value in made:
+                    continue
+                # One transport key per bureau, domain and algorithm; every station of the bureau receives it.
+                record = registry.add(domain, KeyKind.TRANSPORT, bureau, algorithm.value)
+                try:
+                    wrapped, kcv = (
+                        session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain])
+                        if algorithm is Algorithm.AES256 else
+                        session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain],
+                                                           algorithm=algorithm))
+                except BaseException:
+                    registry.remove(record)
+                    raise
+                registry.set_kcv(record, kcv.hex().upper(), _TRANSPORT_KCV[algorithm].value)
+                handoffs.append((stations[0], (bureau, record.version, algorithm.value, wrapped, kcv)))
     return handoffs
 
 
@@ -391,12 +471,13 @@ def _add_key_pair(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, 
     registry.set_kcv(record, "", "", public_key=spki)
 
 
-def _station_accept(station_config: str, domain: str, bureau: str, version: int, wrapped: bytes, kcv: bytes) -> None:
+def _station_accept(station_config: str, domain: str, bureau: str, version: int, algorithm: str, wrapped: bytes,
+                    kcv: bytes) -> None:
     """In the station's process: accept the transport key and check its KCV against the issuer's."""
     cfg = config_mod.load_station(Path(station_config))
     label = key_label(domain, KeyKind.TRANSPORT, bureau, version)
     with runtime.open_station(cfg) as session:
-        accept_transport_key(session, cfg.name, domain, label, wrapped, kcv.hex())
+        accept_transport_key(session, cfg.name, domain, label, wrapped, kcv.hex(), Algorithm(algorithm))
 
 
 def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:

@@ -55,6 +55,7 @@ from kms.dev.home import Home
 from kms.errors import ConfigError
 from kms.files import copy_tree_private, write_private
 from kms.hsm import softhsm
+from kms.hsm.mechanisms import STANDARD
 from kms.registry import DOMAINS
 
 AUDIT = "audit"
@@ -482,6 +483,7 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
         _chown(run / component, users.of(component), front_group, 0o2710)
 
     module = cfg.hsm.module
+    profile = {} if cfg.hsm.mechanisms == STANDARD else {"mechanisms": cfg.hsm.mechanisms}  # hsm.mechanisms, carried
     for component in SIGNERS:
         directory = root / component
         source = sources.get(component)
@@ -491,7 +493,7 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
                 source.store(pin)
             layout.pin_file(component).unlink()
         reference = source.reference if source is not None else f"file:{PIN_FILE}"
-        doc: dict[str, Any] = {"hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf"}}
+        doc: dict[str, Any] = {"hsm": {"module": module, "softhsm2_conf": "hsm/softhsm2.conf", **profile}}
         if component == AUDIT:
             doc["audit"] = {"token": cfg.audit.token, "pin": reference,
                             "checkpoint_records": cfg.audit.checkpoint_records,
@@ -530,7 +532,7 @@ def separate(home: Home, root: Path, users: ServiceUsers, *,
     server["tls"] = {"cert": "pki/server.pem", "key": "pki/server.key", "ca": "pki/ca.pem",
                      **({"crl": "pki/crl.pem"} if tls.crl is not None else {})}
     _write_yaml(layout.front_config, {
-        "hsm": {"module": module},
+        "hsm": {"module": module, **profile},
         "domains": {d: {"token": cfg.domains[d].token} for d in DOMAINS},  # no PIN: the workers hold them
         "database": database,
         "profiles": "profiles",

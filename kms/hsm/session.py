@@ -24,25 +24,31 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
 import pkcs11.exceptions as p11e
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from kms.errors import HsmError, HsmKeyNotFound, InvalidArgument, MechanismUnavailable
+from kms.hsm import mechanisms as profiles
+from kms.hsm import spki as sm2_spki
 from kms.hsm.errors import _UNDECRYPTABLE, UNDECRYPTABLE, _hsm, _translate
 from kms.hsm.labels import trusted_label
+from kms.hsm.mechanisms import MechanismProfile
 from kms.hsm.templates import (
     _ALL_CAPS,
     _CARD_KEY_DERIVE,
     _INTERMEDIATE_DERIVE,
+    _SM4_CARD_KEY_DERIVE,
+    _SM4_INTERMEDIATE_DERIVE,
     _UNWRAPPED_KEY_TEMPLATE,
     _ZERO_BLOCK,
     Role,
@@ -50,11 +56,17 @@ from kms.hsm.templates import (
     _KeyDerivationStringData,
     secret_key_template,
 )
-from kms.hsm.types import Algorithm, DeriveStep, wipe
+from kms.hsm.types import Algorithm, DeriveStep, SignatureAlgorithm, wipe
 from kms.metrics import hsm_call
 from kms.validation import rsa_public_key
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
+#: python-pkcs11 looks up default capabilities by key type and has none for a vendor's: every template the port
+#: passes sets each capability itself, so "none by default" changes nothing for the standard types.
+_NO_DEFAULT_CAPABILITIES = 0
+_P256_PARAMS = encode_named_curve_parameters("secp256r1")
+_VERIFY_KEYS_KEPT = 64  # public keys ``verify`` keeps imported per session
+_SM2_PARAMS = profiles.oid_der(profiles.SM2_CURVE_OID)
 
 _OAEP_SHA1 = (Mechanism.SHA_1, pkcs11.MGF.SHA1, None)  # SoftHSM 2.6 offers OAEP with SHA-1 only
 #: A card key a station unwraps to check (a session object): built once, for it is made for every key of every
@@ -85,14 +97,23 @@ def _trace_login(token_label: str, outcome: str) -> None:
 
 
 class Module:
-    """A loaded PKCS#11 library (one per process)."""
+    """A loaded PKCS#11 library (one per process) and the mechanism profile its vendor codes are read with
+    (kms.hsm.mechanisms; the standard profile, without SM codes, unless one is given)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mechanisms: MechanismProfile | None = None) -> None:
         self.path = path
+        self.mechanisms = mechanisms if mechanisms is not None else profiles.load(profiles.STANDARD)
         try:
             self._lib = pkcs11.lib(path)
         except (RuntimeError, OSError, p11e.PKCS11Error) as error:
             raise HsmError(f"cannot load PKCS#11 module {path}: {type(error).__name__}") from None
+
+    def with_mechanisms(self, mechanisms: MechanismProfile) -> Module:
+        """The same loaded library read with another mechanism profile (C_Initialize runs once per library and
+        process, so a second ``Module`` of the same path cannot load it again)."""
+        other = object.__new__(Module)
+        other.path, other.mechanisms, other._lib = self.path, mechanisms, self._lib
+        return other
 
     def trust_custody_key(self, token_label: str, so_pin: str, label: str, spki: bytes) -> None:
         """As the token's security officer: create the custody public key as a trusted wrapping key (CKA_TRUSTED
@@ -137,7 +158,7 @@ class Module:
                 _trace_login(token_label, type(error).__name__)
                 raise
             _trace_login(token_label, "ok")
-        return TokenSession(token_label, session)
+        return TokenSession(token_label, session, self.mechanisms)
 
     def reinitialize(self) -> None:
         """C_Finalize and C_Initialize: every session of this process is closed; tokens are looked for again."""
@@ -175,21 +196,53 @@ class KeyInfo:
 class WrappedKey:
     wrapped: bytes
     kcv: bytes
+    wrap: str = "AES-KWP"  # how ``wrapped`` was made: "AES-KWP" (RFC 5649) or "SM4-ECB" (the transport key's kind)
+
+
+@dataclass(frozen=True)
+class _Derivation:
+    """How one kind of derivation step runs in this token (built once per session and kind)."""
+
+    mechanism: Any  # the ECB-encrypt-data derivation
+    key_type: Any  # of the parent and of the derived key
+    algorithm: Algorithm
+    intermediate: dict[Any, Any]  # templates
+    card: dict[Any, Any]
+    kcv_mechanism: Any  # ECB encryption of a zero block: the KCV (SoftHSM's CKA_CHECK_VALUE of derived keys is wrong)
+    zero: bytes
 
 
 class TokenSession:
     """A logged-in session on one token, with the domain verbs. Not thread-safe; close() when done."""
 
-    def __init__(self, token_label: str, session: Any) -> None:
+    def __init__(self, token_label: str, session: Any, mechanisms: MechanismProfile | None = None) -> None:
         self.token_label = token_label
         self._session = session
         self._keys: dict[tuple[Any, str], Any] = {}  # (object class, label) -> key object
         self._mechanisms: frozenset[str] | None = None
+        #: The mechanism profile this token's vendor codes are read with (kms.hsm.mechanisms).
+        self.profile = mechanisms if mechanisms is not None else profiles.load(profiles.STANDARD)
+        # python-pkcs11 takes a vendor code only as a member-less instance of its enum (int.__new__).
+        self._vendor: dict[str, Any] = {name: int.__new__(Mechanism, code)
+                                        for name, code in self.profile.codes.items() if name in profiles.MECHANISMS}
+        ckk_sm4 = self.profile.code("CKK_SM4")
+        self._ckk_sm4: Any = int.__new__(KeyType, ckk_sm4) if ckk_sm4 is not None else None
+        sm2 = self.profile.sm2_key
+        self._sm2_key_type: Any = (None if sm2 is None else KeyType.EC if sm2.key_type is None
+                                   else int.__new__(KeyType, sm2.key_type))
+        self._sm2_params = sm2.ec_params if sm2 is not None else _SM2_PARAMS
+        self._derivations: dict[DeriveStep, _Derivation] = {DeriveStep.DES3_ECB: _Derivation(
+            Mechanism.DES3_ECB_ENCRYPT_DATA, KeyType.DES2, Algorithm.DES2, _INTERMEDIATE_DERIVE, _CARD_KEY_DERIVE,
+            Mechanism.DES3_ECB, _ZERO_BLOCK)}
+        self._verify_keys: dict[tuple[SignatureAlgorithm, bytes], Any] = {}  # public keys imported to verify
+        self._signing_params: dict[str, bytes] = {}  # label -> CKA_EC_PARAMS of a signing key
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         self._keys.clear()
+        self._verify_keys.clear()  # session objects: gone with the session
+        self._signing_params.clear()
         with contextlib.suppress(p11e.PKCS11Error):
             self._session.close()
 
@@ -216,14 +269,27 @@ class TokenSession:
                 raise HsmError(f"token {self.token_label!r} shows no objects to this session", retryable=True)
 
     def mechanisms(self) -> frozenset[str]:
+        """The names of the mechanisms the token lists: python-pkcs11's names of standard ones, and kms's names
+        (``SM4_ECB``, ``SM2_SM3``, …) of the vendor codes the mechanism profile names. Other vendor codes are left
+        out."""
         if self._mechanisms is None:
             with _hsm("list mechanisms"):
-                self._mechanisms = frozenset(m.name for m in self._session.token.slot.get_mechanisms())
+                listed = self._session.token.slot.get_mechanisms()
+            vendor = self.profile.mechanism_names
+            names = set()
+            for mechanism in listed:
+                name = vendor.get(int(mechanism))
+                if name is None and isinstance(mechanism, Mechanism):
+                    name = mechanism.name
+                if name is not None:
+                    names.add(name)
+            self._mechanisms = frozenset(names)
         return self._mechanisms
 
     def require(self, mechanism: str) -> None:
-        """Raise MechanismUnavailable unless the token offers this mechanism (and python-pkcs11 knows it)."""
-        if mechanism not in self.mechanisms() or not hasattr(Mechanism, mechanism):
+        """Raise MechanismUnavailable unless the token offers this mechanism: a standard one python-pkcs11 knows, or
+        one the mechanism profile names a code for."""
+        if mechanism not in self.mechanisms() or not (mechanism in self._vendor or hasattr(Mechanism, mechanism)):
             raise MechanismUnavailable(mechanism, self.token_label)
 
     def _key(self, label: str, object_class: Any = ObjectClass.SECRET_KEY) -> Any:
@@ -284,7 +350,7 @@ class TokenSession:
                     ObjectClass.PUBLIC_KEY,
                 ):
                     continue
-                infos.append(_describe(obj))
+                infos.append(_describe(obj, self._key_type_name))
         return infos
 
     @hsm_call("destroy")
@@ -295,28 +361,39 @@ class TokenSession:
         with _hsm(f"destroy key {label!r}"):
             key.destroy()
         self._keys.pop((cls, label), None)
+        self._signing_params.pop(label, None)
 
     # -- master keys -------------------------------------------------------------------------------------------
 
     def generate_master_key(self, label: str, algorithm: Algorithm, *, escrow: bool = False) -> bytes:
-        """Generate a token-resident, derive-only master key; returns its KCV. With ``escrow`` the key can later
-        be exported as components, but only through the trusted custody key (CKA_WRAP_WITH_TRUSTED)."""
+        """Generate a token-resident, derive-only master key; returns its KCV (the token's CKA_CHECK_VALUE:
+        TDES-ECB-ZERO8-3, or SM4-ECB-ZERO16-3 for SM4). With ``escrow`` the key can later be exported as
+        components, but only through the trusted custody key (CKA_WRAP_WITH_TRUSTED). SM4 needs a mechanism profile
+        and token with SM4_KEY_GEN (else MechanismUnavailable)."""
         return self._generate(label, Role.MASTER_ESCROWABLE if escrow else Role.MASTER, algorithm)
 
-    def generate_transport_key(self, label: str, *, escrow: bool = False) -> bytes:
-        """Generate a wrap-only AES-256 transport key in the token; returns its KCV."""
-        return self._generate(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, Algorithm.AES256)
+    def generate_transport_key(self, label: str, *, escrow: bool = False,
+                               algorithm: Algorithm = Algorithm.AES256) -> bytes:
+        """Generate a wrap-only transport key (AES-256, or SM4) in the token; returns its KCV."""
+        _transport_algorithm(algorithm)
+        return self._generate(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, algorithm)
 
     @hsm_call("generate")
     def _generate(self, label: str, role: Role, algorithm: Algorithm) -> bytes:
         self._refuse_duplicate(label)
-        key_type = self._key_type(algorithm)
+        key_type = self._key_type(algorithm, "SM4_KEY_GEN")
         with _hsm(f"generate key {label!r}"):
-            key = self._session.generate_key(
-                key_type,
-                algorithm.length * 8 if algorithm is not Algorithm.DES2 else None,
-                template=secret_key_template(role, token=True, label=label),
-            )
+            if algorithm is Algorithm.SM4:
+                key = self._session.generate_key(
+                    key_type, 128, mechanism=self._vendor["SM4_KEY_GEN"], capabilities=_NO_DEFAULT_CAPABILITIES,
+                    template=secret_key_template(role, token=True, label=label),
+                )
+            else:
+                key = self._session.generate_key(
+                    key_type,
+                    algorithm.length * 8 if algorithm is not Algorithm.DES2 else None,
+                    template=secret_key_template(role, token=True, label=label),
+                )
             return bytes(key[Attribute.CHECK_VALUE])
 
     def import_master_key(self, label: str, algorithm: Algorithm, value: bytearray, *, token: bool = True,
@@ -328,11 +405,16 @@ class TokenSession:
         """
         return self._import(label, Role.MASTER_ESCROWABLE if escrow else Role.MASTER, algorithm, value, token)
 
-    def import_transport_key(self, label: str, value: bytearray, *, token: bool = True, escrow: bool = False) -> bytes:
-        """Create a wrap-only AES-256 transport key from clear bytes (bureau components, or a self-test KEK) and
-        wipe them. Returns its KCV."""
-        return self._import(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, Algorithm.AES256, value,
-                            token)
+    def import_transport_key(self, label: str, value: bytearray, *, token: bool = True, escrow: bool = False,
+                             algorithm: Algorithm = Algorithm.AES256) -> bytes:
+        """Create a wrap-only transport key (AES-256, or SM4) from clear bytes (bureau components, or a self-test
+        KEK) and wipe them. Returns its KCV."""
+        try:
+            _transport_algorithm(algorithm)
+        except HsmError:
+            wipe(value)
+            raise
+        return self._import(label, Role.TRANSPORT_ESCROWABLE if escrow else Role.TRANSPORT, algorithm, value, token)
 
     # -- custody: components in and out of the token during ceremonies -----------------------------------------
 
@@ -391,8 +473,8 @@ class TokenSession:
             if len(value) != algorithm.length:
                 raise HsmError(f"import key {label!r}: {algorithm} keys are {algorithm.length} bytes")
             self._refuse_duplicate(label)
-            template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: self._key_type(algorithm),
-                        Attribute.VALUE: bytes(value)}
+            template = {Attribute.CLASS: ObjectClass.SECRET_KEY,
+                        Attribute.KEY_TYPE: self._key_type(algorithm, "SM4_ECB"), Attribute.VALUE: bytes(value)}
             template.update(secret_key_template(role, token=token, label=label))  # CKA_MODIFIABLE stays last
             with _hsm(f"import key {label!r}"):
                 key = self._session.create_object(template)
@@ -409,8 +491,14 @@ class TokenSession:
         steps: Sequence[tuple[DeriveStep, bytes]],
         transport_label: str,
     ) -> WrappedKey:
-        """Derive a per-card key inside the token through ``steps``, wrap it under the transport key with
-        AES key wrap with padding (RFC 5649), compute its KCV, and destroy every key the derivation made.
+        """Derive a per-card key inside the token through ``steps``, wrap it under the transport key by the
+        transport key's algorithm (AES key wrap with padding, RFC 5649, under AES; SM4-ECB under SM4), compute its
+        KCV by the card key's algorithm (TDES-ECB-ZERO8-3, SM4-ECB-ZERO16-3), and destroy every key the derivation
+        made.
+
+        Every step is of the master key's algorithm (``DES3_ECB`` steps from a DES2 master give a DES2 card key,
+        ``SM4_ECB`` steps from an SM4 master an SM4 one); SM4 needs a mechanism profile and token offering
+        SM4_ECB_ENCRYPT_DATA and SM4_ECB (else MechanismUnavailable naming the mechanism and the token).
 
         The per-card key is a sensitive session object that lives only for this call. This is the hot path:
         it does nothing in Python that the token calls do not need.
@@ -418,47 +506,64 @@ class TokenSession:
         last = len(steps) - 1
         if not 0 <= last <= 2:
             raise HsmError("a derivation has 1 to 3 steps")
+        kind = steps[0][0]
         for step, _ in steps:
-            if step is not DeriveStep.DES3_ECB:
-                self.require(step.value)
-                # Offered by the token, but python-pkcs11 has no binding for a vendor SM4 mechanism yet:
-                # refuse rather than compute anything else.
-                raise HsmError(f"{step.value} is offered by token {self.token_label!r}, but kms has no binding "
-                               "for this vendor mechanism yet; refusing rather than computing anything else")
+            if step is not kind:
+                raise HsmError("a derivation's steps are all of one algorithm (a step derives from a key of its own "
+                               "algorithm)")
+        derivation = self._derivation(kind)
         master = self._key(master_label)
         transport = self._key(transport_label)
         made: list[Any] = []
         try:
+            wrap, wrap_name = self._wrap_mechanism(transport, repr(transport_label))
+            if master.key_type != derivation.key_type:
+                raise HsmError(f"{kind.value} steps derive from a {derivation.algorithm} key; {master_label!r} in "
+                               f"token {self.token_label!r} is not one")
             parent = master
             for i, (_step, data) in enumerate(steps):
                 buf = ctypes.create_string_buffer(data, len(data))  # alive until the call returns
                 parent = parent.derive_key(
-                    KeyType.DES2, 128, mechanism=Mechanism.DES3_ECB_ENCRYPT_DATA,
+                    derivation.key_type, 128, mechanism=derivation.mechanism,
                     mechanism_param=bytes(_KeyDerivationStringData(ctypes.addressof(buf), len(data))),
-                    template=_CARD_KEY_DERIVE if i == last else _INTERMEDIATE_DERIVE,
+                    template=derivation.card if i == last else derivation.intermediate,
+                    capabilities=_NO_DEFAULT_CAPABILITIES,
                 )
                 made.append(parent)
-            kcv = parent.encrypt(_ZERO_BLOCK, mechanism=Mechanism.DES3_ECB)[:3]
-            wrapped = transport.wrap_key(parent, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+                parent.key_type = derivation.key_type  # known: python-pkcs11 need not read it back
+            kcv = parent.encrypt(derivation.zero, mechanism=derivation.kcv_mechanism)[:3]
+            wrapped = transport.wrap_key(parent, mechanism=wrap)
         except p11e.PKCS11Error as error:
             raise _translate(error, f"derive from {master_label!r} and wrap under {transport_label!r}") from None
         finally:
             _destroy_all(made)
-        return WrappedKey(wrapped, kcv)
+        return WrappedKey(wrapped, kcv, wrap_name)
 
     # -- signing -----------------------------------------------------------------------------------------------
 
     @hsm_call("generate")
-    def generate_signing_key(self, label: str) -> bytes:
-        """An ECDSA P-256 key pair as token objects; returns the public key as SubjectPublicKeyInfo DER."""
+    def generate_signing_key(self, label: str,
+                             algorithm: SignatureAlgorithm = SignatureAlgorithm.ECDSA_P256_SHA256) -> bytes:
+        """A signing key pair as token objects; returns the public key as SubjectPublicKeyInfo DER. ECDSA P-256, or
+        SM2 (a key on the SM2 curve of the kind the mechanism profile names; its SPKI is id-ecPublicKey with the SM2
+        curve, which OpenSSL 3 reads as an SM2 key). SM2 needs the profile and token to offer SM2_SM3."""
         self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
+        key_type, mechanism, params = KeyType.EC, None, _P256_PARAMS
+        if algorithm is SignatureAlgorithm.SM2_SM3:
+            self.require("SM2_SM3")
+            key_type, params = self._sm2_key_type, self._sm2_params
+            if key_type == KeyType.EC:
+                self.require("EC_KEY_PAIR_GEN")
+            else:
+                self.require("SM2_KEY_PAIR_GEN")
+                mechanism = self._vendor["SM2_KEY_PAIR_GEN"]
         with _hsm(f"generate signing key {label!r}"):
-            params = self._session.create_domain_parameters(
-                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
-            )
-            public, _private = params.generate_keypair(
+            domain = self._session.create_domain_parameters(key_type, {Attribute.EC_PARAMS: params}, local=True)
+            public, _private = domain.generate_keypair(
                 store=True,
                 label=label,
+                mechanism=mechanism,
+                capabilities=None if key_type == KeyType.EC else _NO_DEFAULT_CAPABILITIES,
                 public_template={Attribute.VERIFY: True, Attribute.TOKEN: True, Attribute.MODIFIABLE: False},
                 private_template={
                     Attribute.SIGN: True,
@@ -469,13 +574,18 @@ class TokenSession:
                     Attribute.MODIFIABLE: False,
                 },
             )
+            if algorithm is SignatureAlgorithm.SM2_SM3:
+                return sm2_spki.sm2_spki(sm2_spki.point_of_attribute(bytes(public[Attribute.EC_POINT])))
             return bytes(encode_ec_public_key(public))
 
     def public_key(self, label: str) -> bytes:
-        """SubjectPublicKeyInfo DER of the public key with this label (EC or RSA)."""
+        """SubjectPublicKeyInfo DER of the public key with this label (EC P-256, SM2 or RSA)."""
         key = self._key(label, ObjectClass.PUBLIC_KEY)
         with _hsm(f"read public key {label!r}"):
-            if key.key_type == KeyType.EC:
+            key_type = key.key_type
+            if key_type == KeyType.EC or (self._sm2_key_type is not None and key_type == self._sm2_key_type):
+                if bytes(key[Attribute.EC_PARAMS]) == self._sm2_params:
+                    return sm2_spki.sm2_spki(sm2_spki.point_of_attribute(bytes(key[Attribute.EC_POINT])))
                 return bytes(encode_ec_public_key(key))
             numbers = rsa.RSAPublicNumbers(
                 int.from_bytes(key[Attribute.PUBLIC_EXPONENT], "big"),
@@ -487,10 +597,74 @@ class TokenSession:
     def sign_sha256(self, label: str, message: bytes) -> bytes:
         """ECDSA P-256 over SHA-256(message); the hash is computed here (SoftHSM lacks CKM_ECDSA_SHA256).
         Returns the raw signature r ‖ s (64 bytes)."""
+        return self._sign_ecdsa(label, message)
+
+    @hsm_call("sign")
+    def sign(self, label: str, message: bytes, algorithm: SignatureAlgorithm) -> bytes:
+        """Sign ``message`` with the private key of this label: ECDSA P-256 over SHA-256(message), or SM2 over
+        SM3(Z_A ‖ message) with the GM/T 0009 default ID (computed in the token, SM2_SM3). Returns r ‖ s, 64 bytes.
+        A key not on the algorithm's curve is refused (HsmError)."""
+        if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256:
+            self._check_curve(label, self._key(label, ObjectClass.PRIVATE_KEY), _P256_PARAMS, algorithm)
+            return self._sign_ecdsa(label, message)
+        self.require("SM2_SM3")
+        key = self._key(label, ObjectClass.PRIVATE_KEY)
+        self._check_curve(label, key, self._sm2_params, algorithm)
+        with _hsm(f"sign with {label!r}"):
+            return bytes(key.sign(message, mechanism=self._vendor["SM2_SM3"]))
+
+    def _sign_ecdsa(self, label: str, message: bytes) -> bytes:
         key = self._key(label, ObjectClass.PRIVATE_KEY)
         digest = hashlib.sha256(message).digest()
         with _hsm(f"sign with {label!r}"):
             return bytes(key.sign(digest, mechanism=Mechanism.ECDSA))
+
+    def _check_curve(self, label: str, key: Any, params: bytes, algorithm: SignatureAlgorithm) -> None:
+        known = self._signing_params.get(label)
+        if known is None:
+            with _hsm(f"read key {label!r}"):
+                known = self._signing_params[label] = bytes(key[Attribute.EC_PARAMS])
+        if known != params:
+            raise HsmError(f"{label!r} in token {self.token_label!r} is not a key for {algorithm}")
+
+    @hsm_call("verify")
+    def verify(self, spki: bytes, message: bytes, signature: bytes, algorithm: SignatureAlgorithm) -> bool:
+        """Whether ``signature`` (r ‖ s) is a valid ``algorithm`` signature of ``message`` by the public key
+        ``spki`` (SubjectPublicKeyInfo DER), checked in this token: the public key is imported as a session object
+        (kept for this session's later calls). For SM2 this is how kms verifies at all (``cryptography`` has no SM2).
+        A key that is not of the algorithm is InvalidArgument naming ``public_key``."""
+        key = self._verify_keys.get((algorithm, spki))
+        if key is None:
+            if len(self._verify_keys) >= _VERIFY_KEYS_KEPT:  # a station trusts a few keys; never grow unbounded
+                _destroy_all(list(self._verify_keys.values()))
+                self._verify_keys.clear()
+            key = self._verify_keys[(algorithm, spki)] = self._import_public_key(spki, algorithm)
+        if algorithm is SignatureAlgorithm.SM2_SM3:
+            data, mechanism = message, self._vendor["SM2_SM3"]
+        else:
+            data, mechanism = hashlib.sha256(message).digest(), Mechanism.ECDSA
+        with _hsm("verify a signature"):
+            return bool(key.verify(data, signature, mechanism=mechanism))
+
+    def _import_public_key(self, spki: bytes, algorithm: SignatureAlgorithm) -> Any:
+        if algorithm is SignatureAlgorithm.SM2_SM3:
+            self.require("SM2_SM3")
+            point, key_type, params = sm2_spki.sm2_point(spki), self._sm2_key_type, self._sm2_params
+        else:
+            point, key_type, params = _p256_point(spki), KeyType.EC, _P256_PARAMS
+        with _hsm("import a public key to verify with"):
+            return self._session.create_object({
+                Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: key_type, Attribute.TOKEN: False,
+                Attribute.PRIVATE: False, Attribute.EC_PARAMS: params,
+                Attribute.EC_POINT: sm2_spki.ec_point_attribute(point), Attribute.VERIFY: True,
+            })
+
+    @hsm_call("digest")
+    def digest_sm3(self, data: bytes) -> bytes:
+        """SM3(data), 32 bytes, computed in the token (needs SM3 in the mechanism profile and token)."""
+        self.require("SM3")
+        with _hsm("SM3 digest"):
+            return bytes(self._session.digest(data, mechanism=self._vendor["SM3"]))
 
     # -- cardholder data at rest (kms.issuance.pans) ---------------------------------------------------------------
 
@@ -561,12 +735,15 @@ class TokenSession:
         return self.public_key(label)
 
     @hsm_call("transport-key-out")
-    def generate_transport_key_for(self, label: str, recipient_spki: bytes) -> tuple[bytes, bytes]:
-        """In an issuing domain's token: generate a bureau's AES-256 transport key (wrap only) and hand it to the
-        bureau wrapped under the station's RSA public key with OAEP. The key is wrappable for exactly that one
-        call; afterwards it is made unextractable. Returns (wrapped key, KCV)."""
+    def generate_transport_key_for(self, label: str, recipient_spki: bytes,
+                                   algorithm: Algorithm = Algorithm.AES256) -> tuple[bytes, bytes]:
+        """In an issuing domain's token: generate a bureau's transport key (AES-256, or SM4; wrap only) and hand it
+        to the bureau wrapped under the station's RSA public key with OAEP. The key is wrappable for exactly that one
+        call; afterwards it is made unextractable. Returns (wrapped key, KCV: AES- or SM4-ECB-ZERO16-3)."""
         recipient = rsa_public_key(recipient_spki, "recipient_spki")
         numbers = recipient.public_numbers()
+        _transport_algorithm(algorithm)
+        key_type = self._key_type(algorithm, "SM4_KEY_GEN")
         self._refuse_duplicate(label)
         # A session object that may be wrapped exactly once; then it is made unextractable and copied into the
         # token as a key that can never be modified; the session original is destroyed whatever happens.
@@ -576,7 +753,11 @@ class TokenSession:
         made: list[Any] = []
         with _hsm(f"generate transport key {label!r}"):
             try:
-                key = self._session.generate_key(KeyType.AES, 256, template=template)
+                if algorithm is Algorithm.SM4:
+                    key = self._session.generate_key(key_type, 128, mechanism=self._vendor["SM4_KEY_GEN"],
+                                                     capabilities=_NO_DEFAULT_CAPABILITIES, template=template)
+                else:
+                    key = self._session.generate_key(KeyType.AES, 256, template=template)
                 made.append(key)
                 pub = self._session.create_object({
                     Attribute.CLASS: ObjectClass.PUBLIC_KEY,
@@ -597,13 +778,17 @@ class TokenSession:
                 _destroy_all(made)
 
     @hsm_call("transport-key-in")
-    def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str) -> bytes:
-        """At a station: unwrap a transport key sent under our RSA key into a token object that may only unwrap.
-        Returns its KCV (first 3 bytes of AES_K(0^16), the method of the issuing token's CKA_CHECK_VALUE), for the
-        caller to compare with the issuer's before trusting the key.
+    def accept_transport_key(self, unwrap_label: str, wrapped: bytes, label: str,
+                             algorithm: Algorithm = Algorithm.AES256) -> bytes:
+        """At a station: unwrap a transport key (AES-256, or SM4) sent under our RSA key into a token object that
+        may only unwrap. Returns its KCV (first 3 bytes of AES_K(0^16) or SM4_K(0^16), the method of the issuing
+        token's CKA_CHECK_VALUE), for the caller to compare with the issuer's before trusting the key.
 
         SoftHSM sets no CKA_CHECK_VALUE on unwrapped keys and refuses one in the template, so the KCV comes from a
         second, encrypt-only session copy that is destroyed at once."""
+        _transport_algorithm(algorithm)
+        key_type = self._key_type(algorithm, "SM4_ECB")
+        kcv_mechanism, zero = self._kcv_mechanism(algorithm)
         self._refuse_duplicate(label)
         private = self._key(unwrap_label, ObjectClass.PRIVATE_KEY)
         template = secret_key_template(Role.STATION_TRANSPORT, token=True, label=label)
@@ -614,16 +799,17 @@ class TokenSession:
         probe_template[Attribute.EXTRACTABLE] = False
         with _hsm(f"accept transport key {label!r}"):
             probe = private.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
-                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, template=probe_template,
+                ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=_OAEP_SHA1, template=probe_template, capabilities=_NO_DEFAULT_CAPABILITIES,
             )
             try:
-                kcv = bytes(probe.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:3])
+                probe.key_type = key_type
+                kcv = bytes(probe.encrypt(zero, mechanism=kcv_mechanism)[:3])
             finally:
                 probe.destroy()
             private.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
-                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=_OAEP_SHA1, template=template,
+                ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=_OAEP_SHA1, template=template, capabilities=_NO_DEFAULT_CAPABILITIES,
             )
             return kcv
 
@@ -652,36 +838,102 @@ class TokenSession:
 
     def _unwrap_card_key(self, transport: Any, wrapped: bytes, algorithm: Algorithm, label: str | None
                          ) -> tuple[Any, bytes]:
-        if algorithm is not Algorithm.DES2:
+        """One card key unwrapped by the transport key's algorithm (AES-KWP or SM4-ECB), and its KCV by the card
+        key's (TDES-ECB-ZERO8-3 or SM4-ECB-ZERO16-3)."""
+        if algorithm not in (Algorithm.DES2, Algorithm.SM4):
             raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
+        key_type = self._key_type(algorithm, "SM4_ECB")
+        kcv_mechanism, zero = self._kcv_mechanism(algorithm)
         template = (_STATION_SESSION_KEY if label is None
                     else secret_key_template(Role.STATION_CARD_KEY, token=True, label=label))
         with _hsm("unwrap card key"):
+            wrap, _ = self._wrap_mechanism(transport, "the station's transport key", "unwrap_key")
             key = transport.unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.DES2, wrapped, mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                template=template,
+                ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=wrap, template=template,
+                capabilities=_NO_DEFAULT_CAPABILITIES,
             )
             # The key type is the one this unwrap set: telling python-pkcs11 saves it reading CKA_KEY_TYPE back
             # before the encrypt (it uses it only to pick a default mechanism; the mechanism is named here).
-            key.key_type = KeyType.DES2
+            key.key_type = key_type
             try:
-                return key, bytes(key.encrypt(bytes(8), mechanism=Mechanism.DES3_ECB)[:3])
+                return key, bytes(key.encrypt(zero, mechanism=kcv_mechanism)[:3])
             except BaseException:
                 key.destroy()
                 raise
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _key_type(self, algorithm: Algorithm) -> Any:
+    def _key_type(self, algorithm: Algorithm, needs: str = "SM4_ECB") -> Any:
+        """The token's key type of an algorithm; for SM4 (a vendor key type) only if the token offers ``needs``."""
         if algorithm is Algorithm.SM4:
-            raise MechanismUnavailable("SM4_KEY_GEN", self.token_label)
+            self.require(needs)
+            return self._ckk_sm4
         return _KEY_TYPES[algorithm]
+
+    def _kcv_mechanism(self, algorithm: Algorithm) -> tuple[Any, bytes]:
+        """The ECB mechanism and zero block whose first 3 bytes of ciphertext are a key's KCV (KcvMethod.of)."""
+        if algorithm is Algorithm.DES2:
+            return Mechanism.DES3_ECB, _ZERO_BLOCK
+        if algorithm is Algorithm.AES256:
+            return Mechanism.AES_ECB, bytes(16)
+        self.require("SM4_ECB")
+        return self._vendor["SM4_ECB"], bytes(16)
+
+    def _wrap_mechanism(self, transport: Any, what: str, use: str = "wrap_key") -> tuple[Any, str]:
+        """Card keys are wrapped by the transport key's own algorithm: AES key wrap with padding (RFC 5649) under
+        an AES key, SM4-ECB under an SM4 key (card keys are 16 bytes: no padding). ``use``: what the key must be able
+        to do (python-pkcs11 gives a key the method only if the token says it may)."""
+        if not hasattr(transport, use):
+            raise HsmError(f"{what} in token {self.token_label!r} is not a transport key here (it may not "
+                           f"{use.partition('_')[0]})")
+        key_type = transport.key_type  # read once per key object (cached by python-pkcs11)
+        if key_type == KeyType.AES:
+            return Mechanism.AES_KEY_WRAP_PAD, "AES-KWP"
+        if self._ckk_sm4 is not None and key_type == self._ckk_sm4:
+            self.require("SM4_ECB")
+            return self._vendor["SM4_ECB"], "SM4-ECB"
+        raise HsmError(f"{what} in token {self.token_label!r} is not a transport key (AES or SM4)")
+
+    def _derivation(self, step: DeriveStep) -> _Derivation:
+        derivation = self._derivations.get(step)
+        if derivation is None:  # SM4: built once the token is known to offer both mechanisms
+            self.require(step.value)
+            self.require("SM4_ECB")
+            derivation = self._derivations[step] = _Derivation(
+                self._vendor[step.value], self._ckk_sm4, Algorithm.SM4, _SM4_INTERMEDIATE_DERIVE,
+                _SM4_CARD_KEY_DERIVE, self._vendor["SM4_ECB"], bytes(16))
+        return derivation
+
+    def _key_type_name(self, key_type: Any) -> str:
+        """A key type's name: python-pkcs11's, or "SM4" for the profile's SM4 key type, or the vendor code."""
+        if self._ckk_sm4 is not None and key_type == self._ckk_sm4:
+            return "SM4"
+        if self._sm2_key_type is not None and self._sm2_key_type != KeyType.EC and key_type == self._sm2_key_type:
+            return "SM2"
+        member = KeyType._value2member_map_.get(int(key_type))
+        return member.name if isinstance(member, KeyType) else f"0x{int(key_type):08X}"
 
     def _refuse_duplicate(self, label: str, object_class: Any = ObjectClass.SECRET_KEY) -> None:
         with _hsm(f"look up {label!r}"):
             found = list(self._session.get_objects({Attribute.LABEL: label, Attribute.CLASS: object_class}))
         if found:
             raise HsmError(f"token {self.token_label!r} already holds a key labelled {label!r}")
+
+
+def _transport_algorithm(algorithm: Algorithm) -> None:
+    if algorithm not in (Algorithm.AES256, Algorithm.SM4):
+        raise HsmError(f"transport keys are AES-256 or SM4, not {algorithm}")
+
+
+def _p256_point(spki: bytes) -> bytes:
+    """The uncompressed point of an ECDSA P-256 SPKI; InvalidArgument naming ``public_key`` for anything else."""
+    try:
+        public = load_der_public_key(spki)
+    except (ValueError, UnsupportedAlgorithm):
+        public = None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise InvalidArgument("public_key", "is not an ECDSA P-256 public key (SubjectPublicKeyInfo DER)")
+    return public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
 
 
 class StationKeys:
@@ -736,7 +988,7 @@ def _destroy_all(objects: Sequence[Any]) -> None:
             continue
 
 
-def _describe(obj: Any) -> KeyInfo:
+def _describe(obj: Any, key_type_name: Callable[[Any], str]) -> KeyInfo:
     def attr(name: Attribute) -> Any:
         try:
             return obj[name]
@@ -748,7 +1000,7 @@ def _describe(obj: Any) -> KeyInfo:
     return KeyInfo(
         label=attr(Attribute.LABEL) or "",
         object_class=obj.object_class.name,
-        key_type=key_type.name if key_type is not None else "",
+        key_type=key_type_name(key_type) if key_type is not None else "",
         token=bool(attr(Attribute.TOKEN)),
         sensitive=attr(Attribute.SENSITIVE),
         extractable=attr(Attribute.EXTRACTABLE),

@@ -10,7 +10,7 @@ import ctypes
 import enum
 from typing import Any
 
-from pkcs11 import Attribute
+from pkcs11 import Attribute, KeyType
 from pkcs11.constants import DEFAULT
 
 from kms.errors import HsmError
@@ -95,6 +95,9 @@ def _derive_template(role: Role) -> dict[Attribute, Any]:
 _ZERO_BLOCK = bytes(8)
 _CARD_KEY_DERIVE = _derive_template(Role.CARD_KEY)
 _INTERMEDIATE_DERIVE = _derive_template(Role.INTERMEDIATE)
+# SM4 keys derived by SM4_ECB_ENCRYPT_DATA: the same roles; an SM4 key's length follows from its type, as a DES2 key's.
+_SM4_CARD_KEY_DERIVE = _derive_template(Role.CARD_KEY)
+_SM4_INTERMEDIATE_DERIVE = _derive_template(Role.INTERMEDIATE)
 
 
 class _Attribute(ctypes.Structure):
@@ -124,12 +127,31 @@ def _pack_bool_template(template: dict[Attribute, bool]) -> bytes:
     return bytes(array)
 
 
+def _key_type_handler() -> tuple[Any, Any]:
+    """CKA_KEY_TYPE packed and read: python-pkcs11 turns the value into its KeyType enum and fails on a vendor's
+    key type (CKK_SM4 of a mechanism profile); such a value is read as a member-less KeyType (``int.__new__``), the
+    form python-pkcs11 accepts back."""
+    from pkcs11.attributes import handle_ulong
+
+    pack, unpack = handle_ulong
+
+    def read(raw: bytes) -> KeyType:
+        value = unpack(raw)
+        try:
+            return KeyType(value)
+        except ValueError:
+            return int.__new__(KeyType, value)
+
+    return (lambda value: pack(int(value))), read
+
+
 def _attribute_mapper() -> Any:
     # python-pkcs11 has no encoder for array attributes (and crashes on one it cannot encode): register ours.
     from pkcs11.attributes import AttributeMapper
 
     mapper = AttributeMapper()
     mapper.register_handler(Attribute.UNWRAP_TEMPLATE, _pack_bool_template, lambda raw: raw)
+    mapper.register_handler(Attribute.KEY_TYPE, *_key_type_handler())
     return mapper
 
 

@@ -35,6 +35,13 @@ class KcvMethod(enum.StrEnum):
     HMAC_EMPTY = "HMAC-SHA256-EMPTY-3"  # first 3 bytes of HMAC-SHA256_K("") (generic secrets: PAN index keys)
 
 
+class SignatureAlgorithm(enum.StrEnum):
+    """How a domain signs its bundle sections (the value is r‖s, 64 bytes, in both)."""
+
+    ECDSA_P256_SHA256 = "ECDSA-P256-SHA256"
+    SM2_SM3 = "SM2-SM3"  # SM2 with SM3 and the default Z_A identity of GM/T 0009
+
+
 
 def wipe(buffer: bytearray) -> None:
     """Overwrite a buffer that held key material."""

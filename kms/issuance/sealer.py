@@ -19,10 +19,20 @@ from kms.cards.profiles import KeySpec, Profile
 from kms.clock import Clock, rfc3339
 from kms.errors import ConfigError, InvalidArgument, InvalidState, KmsError, NotFound, PermissionDenied
 from kms.hsm.session import TokenSession
-from kms.hsm.types import KcvMethod
+from kms.hsm.types import Algorithm, SignatureAlgorithm
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState, check_domain
 
-SIGNING_KEY_NAME = "issuance"
+SIGNING_KEY_NAME = "issuance"  # the domain's ECDSA P-256 issuance key (also signs its ceremony minutes)
+#: The issuance signing key of each signature algorithm a profile may name: (key name, registry algorithm).
+SIGNING_KEYS: dict[SignatureAlgorithm, tuple[str, str]] = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: (SIGNING_KEY_NAME, "ECDSA-P256"),
+    SignatureAlgorithm.SM2_SM3: ("issuance-sm2", "SM2"),
+}
+
+
+def signing_key_name(algorithm: SignatureAlgorithm) -> str:
+    """The name of a domain's issuance signing key for sections signed with ``algorithm``."""
+    return SIGNING_KEYS[algorithm][0]
 
 
 def new_serial() -> str:
@@ -37,10 +47,13 @@ class _Resolved:
     entry: dict[str, str]  # the fixed fields of this key's entry in a section
 
     @classmethod
-    def of(cls, spec: KeySpec, master_label: str) -> _Resolved:
+    def of(cls, spec: KeySpec, master_label: str, wrap: str) -> _Resolved:
+        kcv_method = bundle.KCV_METHODS.get(spec.algorithm.value)
+        if kcv_method is None:
+            raise ConfigError(f"key {spec.name}: {spec.algorithm} card keys are not issued")
         return cls(spec, master_label, {
             "name": spec.name, "usage": spec.usage, "algorithm": spec.algorithm.value,
-            "wrap": bundle.WRAP_ALGORITHM, "kcv_method": KcvMethod.TDES_ECB_ZERO.value,
+            "wrap": wrap, "kcv_method": kcv_method,
         })
 
 
@@ -61,20 +74,36 @@ class DomainKeys:
             raise ConfigError(f"profile {profile.name} has no keys for domain {domain}")
         masters = {name: _pinned(registry, domain, name, pinned[name]) if pinned and name in pinned
                    else registry.active(domain, KeyKind.MASTER, name) for name in profile.master_keys(domain)}
-        transport = cls.transport_key(registry, domain, bureau)
-        signing = registry.active(domain, KeyKind.SIGNING, SIGNING_KEY_NAME)
+        transport = cls.transport_key(registry, domain, bureau, profile.transport(domain))
+        signature = profile.signature(domain)
+        name, algorithm = SIGNING_KEYS[signature]
+        signing = registry.active(domain, KeyKind.SIGNING, name)
+        if signing.algorithm != algorithm:
+            raise ConfigError(f"{signing.label} is {signing.algorithm}, not the {algorithm} key profile "
+                              f"{profile.name} signs {domain} sections with")
         if signing.public_key is None:
             raise ConfigError(f"{domain} signing key has no public key on record")
         return cls(masters, transport, signing)
 
     @staticmethod
-    def transport_key(registry: KeyRegistry, domain: str, bureau: str) -> KeyRecord:
-        """The bureau's active transport key of the domain; PermissionDenied if the bureau has none there."""
+    def transport_key(registry: KeyRegistry, domain: str, bureau: str,
+                      algorithm: Algorithm = Algorithm.AES256) -> KeyRecord:
+        """The bureau's transport key of the domain that serves sections wrapped with ``algorithm`` (the profile's
+        ``transport``): its newest active version of that algorithm. A bureau may hold an AES-256 and an SM4
+        transport key as versions of its one transport key name. PermissionDenied if the bureau has none there;
+        InvalidState if none of that algorithm is active."""
         try:
-            return registry.active(domain, KeyKind.TRANSPORT, bureau)
+            newest = registry.active(domain, KeyKind.TRANSPORT, bureau)
         except NotFound:
             raise PermissionDenied(f"bureau {bureau!r} has no {domain} transport key: it is not registered for "
                                    f"the {domain} domain") from None
+        if newest.algorithm == algorithm.value:
+            return newest
+        for record in reversed(registry.versions(domain, KeyKind.TRANSPORT, bureau)):
+            if record.state is KeyState.ACTIVE and record.algorithm == algorithm.value:
+                return record
+        raise InvalidState(f"bureau {bureau!r} has no active {algorithm} transport key in the {domain} domain "
+                           f"(its newest is {newest.algorithm}): register one for it first")
 
 
 def _pinned(registry: KeyRegistry, domain: str, name: str, version: int) -> KeyRecord:
@@ -106,10 +135,14 @@ class DomainSealer:
         resolved = DomainKeys.resolve(registry, domain, profile, bureau, pinned)
         masters = resolved.masters
         self._master_versions = {name: rec.version for name, rec in masters.items()}
-        self._keys = tuple(_Resolved.of(spec, masters[spec.master_key].label) for spec in profile.keys(domain))
-        self._card_fields = profile.card_fields(domain)
         self._transport = resolved.transport
+        wrap = bundle.WRAP_BY_TRANSPORT.get(self._transport.algorithm)
+        if wrap is None:
+            raise ConfigError(f"{self._transport.label}: {self._transport.algorithm} transport keys wrap no card key")
+        self._keys = tuple(_Resolved.of(spec, masters[spec.master_key].label, wrap) for spec in profile.keys(domain))
+        self._card_fields = profile.card_fields(domain)
         self._signing_label = resolved.signing.label
+        self.signature_algorithm = profile.signature(domain)
         assert resolved.signing.public_key is not None
         self.signing_key_id = bundle.key_id(resolved.signing.public_key)
         for label in [r.master_label for r in self._keys] + [self._transport.label]:
@@ -175,10 +208,19 @@ class DomainSealer:
                 for resolved, r in zip(self._keys, wrapped, strict=True)
             ])
             bodies.append(bundle.encode_body(body))
-        sign = self._session.sign_sha256
+        label, algorithm = self._signing_label, self.signature_algorithm
+        if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256:
+            sign = self._session.sign_sha256  # the hash computed here (SoftHSM lacks CKM_ECDSA_SHA256)
+            return [
+                body if isinstance(body, KmsError) else bundle.encode_signed_section(
+                    body, self.signing_key_id, sign(label, bundle.SIGNING_CONTEXT + body))
+                for body in bodies
+            ]
+        sign_with = self._session.sign  # SM2-SM3: Z_A and SM3 in the token
         return [
             body if isinstance(body, KmsError) else bundle.encode_signed_section(
-                body, self.signing_key_id, sign(self._signing_label, bundle.SIGNING_CONTEXT + body))
+                body, self.signing_key_id, sign_with(label, bundle.SIGNING_CONTEXT + body, algorithm),
+                algorithm.value)
             for body in bodies
         ]
 

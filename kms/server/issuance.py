@@ -98,7 +98,7 @@ class Issuance:
         (kms.issuance.workers), the one
         place that also sees a key that changed state while a stream runs; the Issuer checks none."""
         for domain in profile.domains:
-            DomainKeys.transport_key(self.registry, domain, bureau)
+            DomainKeys.transport_key(self.registry, domain, bureau, profile.transport(domain))
 
     def station_batch(self, principal: Principal, batch_id: str, method: str | None = None) -> Batch:
         """The station's batch; with ``method`` (a call for cards), asking for another bureau's batch, or one that

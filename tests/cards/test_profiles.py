@@ -8,13 +8,17 @@ import pytest
 
 from kms.cards import profiles, recipes
 from kms.errors import ProfileError
-from kms.hsm.types import Algorithm
+from kms.hsm.types import Algorithm, SignatureAlgorithm
 
 SHIPPED = Path(__file__).resolve().parents[2] / "kms" / "policies" / "profiles"
 
 HRSS_MASTERS = {"hrss-kmc", "hrss-mk", "hrss-stk", "hrss-eak", "hrss-irk", "hrss-puk", "hrss-rpk"}
 BANK_MASTERS = {"bank-imk-ac", "bank-imk-smi", "bank-imk-smc", "bank-kmc"}
 ALL_MASTERS = {"hrss": HRSS_MASTERS, "bank": BANK_MASTERS}
+#: The SM4 master keys of dual-app-sm-v1 and dual-app-mixed-v1 (names of their own beside the 3DES ones).
+SM_HRSS_MASTERS = {f"hrss-{k}-sm4" for k in ("mk", "stk", "eak", "irk", "puk", "rpk")}
+SM_BANK_MASTERS = {f"bank-imk-{k}-sm4" for k in ("ac", "smi", "smc")}
+ALL_SHIPPED_MASTERS = {"hrss": HRSS_MASTERS | SM_HRSS_MASTERS, "bank": BANK_MASTERS | SM_BANK_MASTERS}
 
 GOOD = """\
 profile: test-v1
@@ -95,8 +99,129 @@ def test_shipped_profile_rejected_without_one_master_key() -> None:
 
 
 def test_load_dir_of_shipped_profiles() -> None:
-    loaded = profiles.load_dir(SHIPPED, master_keys=ALL_MASTERS)
-    assert list(loaded) == ["dual-app-v1"]
+    loaded = profiles.load_dir(SHIPPED, master_keys=ALL_SHIPPED_MASTERS)
+    assert list(loaded) == ["dual-app-mixed-v1", "dual-app-sm-v1", "dual-app-v1"]
+
+
+def test_shipped_sm_profiles_need_their_sm4_master_keys() -> None:
+    # A registry with only dual-app-v1's keys (a token without SM4) refuses the SM profiles, naming the key.
+    error = _reject(SHIPPED / "dual-app-sm.yaml", ALL_MASTERS)
+    assert "hrss-mk-sm4" in error.reason and "domain hrss" in error.reason
+    error = _reject(SHIPPED / "dual-app-mixed.yaml", ALL_MASTERS)
+    assert "bank-imk-ac-sm4" in error.reason and "domain bank" in error.reason
+
+
+# -- the SM profiles: SM4 keys, transport and signature algorithms ---------------------------------------------------
+
+
+def test_shipped_sm_profile() -> None:
+    profile = profiles.load(SHIPPED / "dual-app-sm.yaml", master_keys=ALL_SHIPPED_MASTERS)
+    assert profile.name == "dual-app-sm-v1"
+    hrss = {k.name: k for k in profile.keys("hrss")}
+    bank = {k.name: k for k in profile.keys("bank")}
+    assert list(hrss) == ["isd-enc", "isd-mac", "isd-dek", "mk", "stk", "eak", "irk", "puk", "rpk"]
+    assert list(bank) == ["udk-ac", "udk-smi", "udk-smc", "ssd-enc", "ssd-mac", "ssd-dek"]
+    # HRSS application keys by the DivSM4 chain with dual-app-v1's factor layout; bank UDKs by PBOC 3.0 SM4.
+    chain = hrss["mk"].recipe
+    assert chain == recipes.HrssDispersal(factors=tuple(recipes.Factor.parse(f) for f in (
+        "ascii:{province}0000sh", "ascii:{city_code}sx", "hex:{card_serial}")), cipher="sm4")
+    assert all(hrss[n].recipe == chain for n in ("stk", "eak", "irk", "puk", "rpk"))
+    assert all(bank[n].recipe == recipes.OptionA(cipher="sm4") for n in ("udk-ac", "udk-smi", "udk-smc"))
+    # GlobalPlatform keysets stay 3DES SCP02 from the same KMCs as dual-app-v1 (the file's comment says why).
+    gp = [hrss["isd-enc"], hrss["isd-mac"], hrss["isd-dek"], bank["ssd-enc"], bank["ssd-mac"], bank["ssd-dek"]]
+    assert all(isinstance(k.recipe, recipes.GpKmc) and k.algorithm is Algorithm.DES2 for k in gp)
+    assert {k.master_key for k in gp} == {"hrss-kmc", "bank-kmc"}
+    sm4 = [k for k in (*hrss.values(), *bank.values()) if k not in gp]
+    assert len(sm4) == 9 and all(k.algorithm is Algorithm.SM4 for k in sm4)
+    assert set(profile.master_keys("hrss")) == SM_HRSS_MASTERS | {"hrss-kmc"}
+    assert set(profile.master_keys("bank")) == SM_BANK_MASTERS | {"bank-kmc"}
+    for domain in ("hrss", "bank"):
+        assert profile.transport(domain) is Algorithm.SM4
+        assert profile.signature(domain) is SignatureAlgorithm.SM2_SM3
+    assert profile.card_fields("bank") == frozenset({"pan", "psn", "kdd"})
+
+
+def test_shipped_mixed_profile() -> None:
+    mixed = profiles.load(SHIPPED / "dual-app-mixed.yaml", master_keys=ALL_SHIPPED_MASTERS)
+    classic = profiles.load(SHIPPED / "dual-app.yaml")
+    sm = profiles.load(SHIPPED / "dual-app-sm.yaml")
+    assert mixed.name == "dual-app-mixed-v1"
+    assert mixed.keys("hrss") == classic.keys("hrss")  # 3DES HRSS exactly as dual-app-v1
+    assert mixed.keys("bank") == sm.keys("bank")  # SM4 bank exactly as dual-app-sm-v1
+    assert mixed.transport("hrss") is Algorithm.AES256
+    assert mixed.signature("hrss") is SignatureAlgorithm.ECDSA_P256_SHA256
+    assert (mixed.transport("bank"), mixed.signature("bank")) == (Algorithm.SM4, SignatureAlgorithm.SM2_SM3)
+
+
+def test_dual_app_keeps_the_defaults() -> None:
+    profile = profiles.load(SHIPPED / "dual-app.yaml")
+    for domain in ("hrss", "bank", "nowhere"):
+        assert profile.transport(domain) is Algorithm.AES256
+        assert profile.signature(domain) is SignatureAlgorithm.ECDSA_P256_SHA256
+
+
+def test_a_profile_built_in_code_has_the_defaults() -> None:
+    profile = profiles.Profile(name="x", description="", domains={}, source="x")
+    assert profile.transport("bank") is Algorithm.AES256
+    assert profile.signature("hrss") is SignatureAlgorithm.ECDSA_P256_SHA256
+
+
+#: GOOD with an SM4 bank domain: PBOC 3.0 SM4 UDKs, an SM4 transport key, SM2 signatures.
+SM_GOOD = GOOD.replace(
+    "  bank:\n    keys:\n", "  bank:\n    transport: sm4\n    signature: sm2-sm3\n    keys:\n"
+).replace("recipe: emv_option_a, master_key: bank-imk-ac}",
+          "recipe: emv_option_a, params: {algorithm: sm4}, master_key: bank-imk-ac}")
+
+
+def test_transport_and_signature_per_domain(tmp_path: Path) -> None:
+    profile = profiles.load(_write(tmp_path, SM_GOOD), master_keys=ALL_MASTERS)
+    assert profile.transport("bank") is Algorithm.SM4 and profile.signature("bank") is SignatureAlgorithm.SM2_SM3
+    assert profile.transport("hrss") is Algorithm.AES256
+    assert profile.signature("hrss") is SignatureAlgorithm.ECDSA_P256_SHA256
+    assert profile.keys("bank")[0].algorithm is Algorithm.SM4
+
+
+def test_3des_keys_may_travel_under_an_sm4_transport_key(tmp_path: Path) -> None:
+    text = GOOD.replace("  hrss:\n    keys:\n", "  hrss:\n    transport: sm4\n    keys:\n")
+    profile = profiles.load(_write(tmp_path, text))
+    assert profile.transport("hrss") is Algorithm.SM4
+    assert all(k.algorithm is Algorithm.DES2 for k in profile.keys("hrss"))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "marker", "reason"),
+    [
+        pytest.param("transport: sm4", "transport: aes128", "transport: aes128",
+                     "domain bank: 'transport' must be one of aes256, sm4, not 'aes128'", id="unknown transport"),
+        pytest.param("transport: sm4", "transport: SM4", "transport: SM4", "'transport' must be one of",
+                     id="transport is case sensitive"),
+        pytest.param("transport: sm4", "transport: [sm4]", "transport: [sm4]", "'transport' must be one of",
+                     id="transport not text"),
+        pytest.param("signature: sm2-sm3", "signature: sm2", "signature: sm2",
+                     "domain bank: 'signature' must be one of ecdsa-p256-sha256, sm2-sm3, not 'sm2'",
+                     id="unknown signature"),
+        pytest.param("signature: sm2-sm3", "signature: 1", "signature: 1", "'signature' must be one of",
+                     id="signature not text"),
+        pytest.param("transport: sm4", "transport: aes256", "transport: aes256",
+                     "domain bank: key udk-ac is an SM4 key, so the domain needs 'transport: sm4' (it has aes256)",
+                     id="SM4 key under an AES transport key"),
+        pytest.param("    transport: sm4\n", "", "  bank:",
+                     "key udk-ac is an SM4 key, so the domain needs 'transport: sm4'",
+                     id="SM4 key under the default transport"),
+        pytest.param("    signature: sm2-sm3\n", "    signature: sm2-sm3\n    wrap: sm4\n", "wrap: sm4",
+                     "unknown field 'wrap'; allowed: keys, signature, transport", id="unknown domain field"),
+    ],
+)
+def test_sm_fields_rejected_with_file_line_and_reason(tmp_path: Path, old: str, new: str, marker: str,
+                                                      reason: str) -> None:
+    assert old in SM_GOOD
+    text = SM_GOOD.replace(old, new, 1)
+    path = _write(tmp_path, text)
+    error = _reject(path, ALL_MASTERS)
+    line = _line_of(text, marker)
+    assert (error.path, error.line) == (str(path), line)
+    assert str(error).startswith(f"{path}:{line}:")
+    assert reason in error.reason
 
 
 # -- a good profile written here -----------------------------------------------------------------------------------

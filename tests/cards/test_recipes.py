@@ -44,6 +44,8 @@ def _not(data: bytes) -> bytes:
     ("name", "params", "cls", "algorithm"),
     [
         ("emv_option_a", {}, recipes.OptionA, Algorithm.DES2),
+        ("emv_option_a", {"algorithm": "3des"}, recipes.OptionA, Algorithm.DES2),
+        ("emv_option_a", {"algorithm": "sm4"}, recipes.OptionA, Algorithm.SM4),
         ("gp_kmc", {"method": "emv-cps", "key": "enc"}, recipes.GpKmc, Algorithm.DES2),
         ("gp_kmc", {"method": "visa2", "key": "dek"}, recipes.GpKmc, Algorithm.DES2),
         ("hrss_dispersal", {"factors": DEFAULT_FACTORS}, recipes.HrssDispersal, Algorithm.DES2),
@@ -88,6 +90,11 @@ def test_build_hrss_parses_factors() -> None:
         pytest.param("gp_kmc", {"method": "emv-cps"}, "key must be", id="missing key"),
         pytest.param("hrss_dispersal", {"algorithm": "aes", "factors": DEFAULT_FACTORS}, "algorithm must be",
                      id="bad algorithm"),
+        pytest.param("emv_option_a", {"algorithm": "aes"}, "algorithm must be '3des' or 'sm4'",
+                     id="option_a bad algorithm"),
+        pytest.param("emv_option_a", {"algorithm": "SM4"}, "algorithm must be", id="option_a algorithm case"),
+        pytest.param("emv_option_a", {"algorithm": "sm4", "method": "pboc"}, "unknown parameter 'method'",
+                     id="option_a unknown param beside algorithm"),
         pytest.param("hrss_dispersal", {"factors": []}, "factors must be a list of 1 to 3", id="0 factors"),
         pytest.param("hrss_dispersal", {"factors": [*DEFAULT_FACTORS, "hex:{card_serial}"]},
                      "factors must be a list of 1 to 3", id="4 factors"),
@@ -200,6 +207,27 @@ def test_option_a_steps() -> None:
     y = _h("4567890123456701")
     assert y == reference.option_a_input(CARD.pan or "", CARD.psn or "")
     assert recipe.steps(CARD) == ((DeriveStep.DES3_ECB, y + _not(y)),)
+
+
+def test_option_a_sm4_steps() -> None:
+    # PBOC 3.0 SM4: the same Y and the same 16 bytes Y || ~Y, as one SM4 block under the IMK.
+    recipe = recipes.build("emv_option_a", {"algorithm": "sm4"})
+    y = _h("4567890123456701")
+    assert recipe.steps(CARD) == ((DeriveStep.SM4_ECB, y + _not(y)),)
+    assert recipe.card_fields == frozenset({"pan", "psn"})
+
+
+def test_option_a_default_is_unchanged() -> None:
+    assert recipes.build("emv_option_a", {}) == recipes.OptionA() == recipes.OptionA(cipher="3des")
+    assert recipes.OptionA() != recipes.OptionA(cipher="sm4")
+
+
+def test_option_a_sm4_reference_is_pboc_sm4_udk() -> None:
+    imk = _h("0123456789ABCDEFFEDCBA9876543210")
+    sm4 = recipes.OptionA(cipher="sm4").reference(imk, CARD)
+    assert sm4 == reference.pboc_sm4_udk(imk, CARD.pan or "", CARD.psn or "")
+    assert sm4 == reference.sm4_ecb(imk, _h("4567890123456701") + _not(_h("4567890123456701")))
+    assert sm4 != recipes.OptionA().reference(imk, CARD)
 
 
 @pytest.mark.parametrize(

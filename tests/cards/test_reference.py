@@ -123,6 +123,49 @@ def test_diversification_factor_must_be_8_bytes(step: object, length: int) -> No
         step(bytes(16), bytes(length))  # type: ignore[operator]
 
 
+def test_div_sm4_is_divsm4() -> None:
+    assert reference.div_sm4 is reference.divsm4
+
+
+def test_sm4_chain_is_div_sm4_level_by_level() -> None:
+    root = _h("0123456789ABCDEFFEDCBA9876543210")
+    factors = [b"320000sh", b"320200sx", _h("86843202AD932A48")]
+    key = root
+    for factor in factors:
+        key = reference.div_sm4(key, factor)
+    assert reference.chain("sm4", root, factors) == key
+    assert reference.chain("sm4", root, factors[:1]) == reference.div_sm4(root, factors[0])
+
+
+def test_pboc_sm4_udk_is_div_sm4_of_option_a_y() -> None:
+    imk = _h("0123456789ABCDEFFEDCBA9876543210")
+    udk = reference.pboc_sm4_udk(imk, "99012345678901234", "45")
+    assert udk == reference.div_sm4(imk, _h("1234567890123445"))
+    assert len(udk) == 16
+    # No parity adjustment: an SM4 key is whatever the block cipher gives.
+    assert udk == reference.sm4_ecb(imk, _h("1234567890123445EDCBA9876FEDCBBA"))
+
+
+@pytest.mark.parametrize("length", [0, 8, 15, 24, 32])
+def test_pboc_sm4_udk_needs_a_16_byte_imk(length: int) -> None:
+    with pytest.raises(ValueError, match="imk must be 16 bytes"):
+        reference.pboc_sm4_udk(bytes(length), "12345678901234567", "01")
+
+
+def test_pboc_sm4_session_key_layout() -> None:
+    udk = _h("016F6E76BD8E6FB4A17C28C4B05E03A8")
+    assert reference.pboc_sm4_session_key(udk, _h("1234")) == reference.sm4_ecb(
+        udk, _h("000000000000" + "1234" + "000000000000" + "EDCB"))
+
+
+@pytest.mark.parametrize(("udk", "atc", "message"), [(bytes(8), bytes(2), "udk must be 16 bytes"),
+                                                     (bytes(16), bytes(1), "atc must be 2 bytes"),
+                                                     (bytes(16), bytes(3), "atc must be 2 bytes")])
+def test_pboc_sm4_session_key_input_lengths(udk: bytes, atc: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        reference.pboc_sm4_session_key(udk, atc)
+
+
 def test_complement() -> None:
     assert reference.complement(_h("00FF0F5A")) == _h("FF00F0A5")
 

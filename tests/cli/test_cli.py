@@ -130,8 +130,12 @@ def test_errors_are_one_line_with_a_specific_exit_status(
 
 
 def test_profile_check_reports_file_line_and_reason(cli_home: Path, tmp_path: Path) -> None:
-    ok = kms("profile", "check", str(ROOT / "kms" / "policies" / "profiles"), "--config", str(cli_home / "kms.yaml"))
-    assert ok.returncode == 0 and "profile dual-app-v1 ok (hrss: 9 keys, bank: 6 keys)" in ok.stdout
+    # The home's registry holds dual-app-v1's master keys (a standard token: no SM4 keys for the SM profiles).
+    shipped = ROOT / "kms" / "policies" / "profiles" / "dual-app.yaml"
+    ok = kms("profile", "check", str(shipped), "--config", str(cli_home / "kms.yaml"))
+    assert ok.returncode == 0 and ok.stdout.strip() == (
+        f"{shipped}: profile dual-app-v1 ok (hrss: 9 keys, bank: 6 keys); "
+        "hrss: AES256 transport, ECDSA-P256-SHA256 signature; bank: AES256 transport, ECDSA-P256-SHA256 signature")
     bad = tmp_path / "bad.yaml"
     bad.write_text("profile: bad\ndomains:\n  bank:\n    keys:\n      - name: k\n        usage: u\n"
                    "        recipe: emv_option_a\n        master_key: bank-imk-zz\n")

@@ -123,8 +123,18 @@ def test_dev_cards_writes_luhn_valid_pans_refuses_to_overwrite_and_speaks_json(t
 def test_profile_check_speaks_json() -> None:
     checked = _run("profile", "check", "kms/policies/profiles", "--json")
     assert checked.returncode == 0
-    assert json.loads(checked.stdout) == [{"file": "kms/policies/profiles/dual-app.yaml", "profile": "dual-app-v1",
-                                           "pan_luhn": True, "keys": {"hrss": 9, "bank": 6}}]
+    sm4, aes, sm2, ecdsa = "SM4", "AES256", "SM2-SM3", "ECDSA-P256-SHA256"
+    assert json.loads(checked.stdout) == [
+        {"file": "kms/policies/profiles/dual-app-mixed.yaml", "profile": "dual-app-mixed-v1", "pan_luhn": True,
+         "keys": {"hrss": 9, "bank": 6}, "transport": {"hrss": aes, "bank": sm4},
+         "signature": {"hrss": ecdsa, "bank": sm2}},
+        {"file": "kms/policies/profiles/dual-app-sm.yaml", "profile": "dual-app-sm-v1", "pan_luhn": True,
+         "keys": {"hrss": 9, "bank": 6}, "transport": {"hrss": sm4, "bank": sm4},
+         "signature": {"hrss": sm2, "bank": sm2}},
+        {"file": "kms/policies/profiles/dual-app.yaml", "profile": "dual-app-v1", "pan_luhn": True,
+         "keys": {"hrss": 9, "bank": 6}, "transport": {"hrss": aes, "bank": aes},
+         "signature": {"hrss": ecdsa, "bank": ecdsa}},
+    ]
 
 
 def test_a_closed_stdout_pipe_is_not_an_error() -> None:

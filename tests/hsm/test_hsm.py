@@ -141,6 +141,7 @@ class _Spy:
 
     def __init__(self, real: Any) -> None:
         self.real = real
+        self.key_type = real.key_type  # the port wraps by the transport key's algorithm
         self.seen: list[dict[str, Any]] = []
 
     def wrap_key(self, key: Any, **kwargs: Any) -> bytes:

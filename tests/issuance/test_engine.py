@@ -147,3 +147,28 @@ def test_unregistered_bureau_or_missing_master_key_is_refused(registry: KeyRegis
         "bank": (profiles.KeySpec(name="k", usage="u", recipe=PROFILE.keys("bank")[0].recipe, master_key="nope"),)})
     with pytest.raises(NotFound, match="no bank master key named nope"):
         DomainKeys.resolve(registry, "bank", bad, "bureau-a")
+
+
+def test_a_section_takes_the_bureaus_newest_active_transport_key_of_the_profiles_algorithm(
+    registry: KeyRegistry,
+) -> None:
+    """A bureau may hold an AES-256 and an SM4 transport key as versions of its one transport key name: each
+    profile's sections take the newest active one of the profile's ``transport`` algorithm (registry records only:
+    no token is used to choose)."""
+    from kms.errors import InvalidState
+    from kms.hsm.types import Algorithm
+    from kms.registry import KeyState
+
+    bureau = "bureau-two-algorithms"
+    aes = registry.add("bank", KeyKind.TRANSPORT, bureau, Algorithm.AES256.value)
+    sm4 = registry.add("bank", KeyKind.TRANSPORT, bureau, Algorithm.SM4.value)
+    assert DomainKeys.transport_key(registry, "bank", bureau, Algorithm.SM4).version == sm4.version
+    assert DomainKeys.transport_key(registry, "bank", bureau, Algorithm.AES256).version == aes.version
+    assert DomainKeys.transport_key(registry, "bank", bureau).version == aes.version  # the default: AES-256
+    aes2 = registry.add("bank", KeyKind.TRANSPORT, bureau, Algorithm.AES256.value)  # a rotation of the AES one
+    assert DomainKeys.transport_key(registry, "bank", bureau, Algorithm.AES256).version == aes2.version
+    registry.transition(registry.get("bank", KeyKind.TRANSPORT, bureau, sm4.version), KeyState.SUSPENDED)
+    with pytest.raises(InvalidState, match="no active SM4 transport key in the bank domain"):
+        DomainKeys.transport_key(registry, "bank", bureau, Algorithm.SM4)
+    with pytest.raises(PermissionDenied, match="not registered for the hrss domain"):
+        DomainKeys.transport_key(registry, "hrss", bureau, Algorithm.SM4)

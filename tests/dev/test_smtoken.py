@@ -1,0 +1,363 @@
+"""The development SM token itself (deploy/softhsm2-sm): SoftHSM2 built with the project's patch, called here through
+PKCS#11 directly (tests are not kms; kms/hsm stays the only kms package that imports pkcs11).
+
+This is a development token that checks kms's PKCS#11 calls, not vendor compatibility: these tests show that its SM4,
+SM3 and SM2 agree with independent implementations and the standards' examples (cryptography's SM4, hashlib's SM3,
+the OpenSSL command line's SM2, GB/T 32907 and GB/T 32905) under the codes of the softhsm2-sm-dev profile
+(deploy/softhsm2-sm/README.md), not that any vendor's HSM behaves alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from helpers import requires_sm_token
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.attributes import AttributeMapper, handle_ulong
+from pkcs11.constants import DEFAULT
+from pkcs11.exceptions import KeySizeRange, KeyTypeInconsistent, WrappedKeyInvalid
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from kms.dev import smtoken
+from kms.hsm import softhsm
+
+pytestmark = requires_sm_token
+
+
+def _mechanism(code: int) -> Mechanism:
+    return int.__new__(Mechanism, code)  # python-pkcs11 takes a vendor code only as a Mechanism
+
+
+# The codes of the softhsm2-sm-dev profile (the token's src/lib/pkcs11/kms_sm.h).
+CKK_SM4: KeyType = int.__new__(KeyType, 0x80004D34)
+SM4_KEY_GEN = _mechanism(0x80004D01)
+SM4_ECB = _mechanism(0x80004D02)
+SM4_ECB_ENCRYPT_DATA = _mechanism(0x80004D03)
+SM2_SM3 = _mechanism(0x80004D11)
+SM2 = _mechanism(0x80004D12)
+SM3 = _mechanism(0x80004D20)
+#: DER of the SM2 curve's OID 1.2.156.10197.1.301 (CKA_EC_PARAMS of an SM2 key).
+SM2_CURVE = bytes.fromhex("06082A811CCF5501822D")
+#: The default user ID of GM/T 0009 that SM2_SM3 puts in Z_A.
+SM2_ID = b"1234567812345678"
+
+#: GB/T 32907-2016, example 1: key = plaintext, and the ciphertext.
+GBT32907_KEY = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+GBT32907_CIPHERTEXT = bytes.fromhex("681EDF34D206965E86B3E94F536E4246")
+#: GB/T 32905-2016, examples 1 and 2.
+GBT32905 = {b"abc": "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0",
+            b"abcd" * 16: "debe9ff92275b8a138604889c18e5a4d6fdb70e5387e5765293dcba39c0c5732"}
+KEK = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+LABEL, PIN, SO_PIN = "kms-sm-dev-test", "1234", "123456"
+
+
+def sm4(key: bytes, data: bytes) -> bytes:
+    """SM4-ECB in software (cryptography)."""
+    encryptor = Cipher(algorithms.SM4(key), modes.ECB()).encryptor()
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def sm4_decrypt(key: bytes, data: bytes) -> bytes:
+    decryptor = Cipher(algorithms.SM4(key), modes.ECB()).decryptor()
+    return decryptor.update(data) + decryptor.finalize()
+
+
+def _key_type(raw: bytes) -> KeyType:
+    value = handle_ulong[1](raw)
+    try:
+        return KeyType(value)
+    except ValueError:
+        return int.__new__(KeyType, value)  # CKK_SM4: python-pkcs11 reads key types before every operation
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A session on a fresh token of the development SM token, made with its softhsm2-util."""
+    module, util = smtoken.sm_module(), smtoken.sm_util()
+    assert module is not None and util is not None
+    where = tmp_path_factory.mktemp("smtoken")
+    conf = softhsm.write_conf(where)
+    subprocess.run([util, "--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", SO_PIN],
+                   env={**os.environ, "SOFTHSM2_CONF": str(conf)}, capture_output=True, check=True)
+    # SoftHSM reads SOFTHSM2_CONF in C_Initialize and python-pkcs11 keeps one library per path: a copy of the module
+    # of our own sees this token directory whatever else this test process has loaded.
+    copy = where / "libsofthsm2.so"
+    shutil.copyfile(module, copy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOFTHSM2_CONF", str(conf))
+        lib = pkcs11.lib(str(copy))
+    mapper = AttributeMapper()
+    mapper.register_handler(Attribute.KEY_TYPE, lambda value: handle_ulong[0](int(value)), _key_type)
+    with lib.get_token(token_label=LABEL).open(rw=True, user_pin=PIN, attribute_mapper=mapper) as opened:
+        yield opened
+    lib.finalize()
+
+
+def sm4_key(session: Any, value: bytes, **usage: bool) -> Any:
+    """A session SM4 key of this value (C_CreateObject); usage: ENCRYPT=True, ..."""
+    template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: CKK_SM4, Attribute.VALUE: value,
+                Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+    template.update({getattr(Attribute, name): flag for name, flag in usage.items()})
+    return session.create_object(template)
+
+
+class _KeyDerivationStringData(ctypes.Structure):
+    """CK_KEY_DERIVATION_STRING_DATA: python-pkcs11 packs it only for the AES mechanisms."""
+
+    _fields_ = (("pData", ctypes.c_void_p), ("ulLen", ctypes.c_ulong))
+
+
+def derive(parent: Any, data: bytes, key_type: KeyType, **usage: bool) -> Any:
+    """C_DeriveKey with SM4_ECB_ENCRYPT_DATA over data: an extractable session key of this type (16 bytes)."""
+    buffer = ctypes.create_string_buffer(data, len(data))  # alive until the call returns
+    param = bytes(_KeyDerivationStringData(ctypes.addressof(buffer), len(data)))
+    template = {Attribute.TOKEN: False, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True,
+                **{getattr(Attribute, name): flag for name, flag in usage.items()}}
+    if key_type == KeyType.DES2:
+        template[Attribute.VALUE_LEN] = DEFAULT  # the token sizes a DES key from its type and refuses CKA_VALUE_LEN
+    return parent.derive_key(key_type, 128, mechanism=SM4_ECB_ENCRYPT_DATA, mechanism_param=param,
+                             capabilities=MechanismFlag.ENCRYPT, template=template)
+
+
+def test_the_token_lists_the_mechanisms_of_the_development_profile(session: Any) -> None:
+    slot = session.token.slot
+    listed = {int(m) for m in slot.get_mechanisms()}
+    assert {SM4_KEY_GEN, SM4_ECB, SM4_ECB_ENCRYPT_DATA, SM2_SM3, SM2, SM3, Mechanism.EC_KEY_PAIR_GEN} <= listed
+    sign_verify = MechanismFlag.SIGN | MechanismFlag.VERIFY
+    wanted = {
+        SM4_KEY_GEN: MechanismFlag.GENERATE, SM4_ECB_ENCRYPT_DATA: MechanismFlag.DERIVE, SM3: MechanismFlag.DIGEST,
+        SM4_ECB: MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT | MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+        SM2_SM3: sign_verify, SM2: sign_verify,
+    }
+    for mechanism, flags in wanted.items():
+        assert slot.get_mechanism_info(mechanism).flags & flags == flags, hex(mechanism)
+
+
+def test_sm4_ecb_in_the_token_is_the_gbt32907_example_and_cryptographys_sm4(session: Any) -> None:
+    key = sm4_key(session, GBT32907_KEY, ENCRYPT=True, DECRYPT=True)
+    assert key.encrypt(GBT32907_KEY, mechanism=SM4_ECB) == GBT32907_CIPHERTEXT == sm4(GBT32907_KEY, GBT32907_KEY)
+    assert key.decrypt(GBT32907_CIPHERTEXT, mechanism=SM4_ECB) == GBT32907_KEY
+    two_blocks = bytes(range(32))
+    assert key.encrypt(two_blocks, mechanism=SM4_ECB) == sm4(GBT32907_KEY, two_blocks)  # ECB, no padding
+    assert key[Attribute.CHECK_VALUE] == sm4(GBT32907_KEY, bytes(16))[:3]
+    assert key[Attribute.VALUE_LEN] == 16
+
+
+def test_sm4_key_generation_makes_a_16_byte_key_with_its_check_value(session: Any) -> None:
+    key = session.generate_key(CKK_SM4, 128, mechanism=SM4_KEY_GEN, capabilities=MechanismFlag.ENCRYPT,
+                               template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
+    value = key[Attribute.VALUE]
+    assert len(value) == 16 and key[Attribute.VALUE_LEN] == 16
+    assert key[Attribute.CHECK_VALUE] == sm4(value, bytes(16))[:3]
+    assert key.encrypt(bytes(16), mechanism=SM4_ECB) == sm4(value, bytes(16))
+
+
+def test_an_sm4_key_that_is_not_16_bytes_is_refused(session: Any) -> None:
+    assert sm4_key(session, bytes(16), ENCRYPT=True)[Attribute.VALUE_LEN] == 16
+    with pytest.raises(pkcs11.exceptions.AttributeValueInvalid):
+        sm4_key(session, bytes(24), ENCRYPT=True)
+
+
+def test_sm4_ecb_encrypt_data_derives_sm4_k_of_d_and_its_complement(session: Any) -> None:
+    """DivSM4: child = SM4_parent(D || ~D), read out of the token wrapped under a known SM4 key and unwrapped in
+    software."""
+    parent = sm4_key(session, GBT32907_KEY, DERIVE=True)
+    kek = sm4_key(session, KEK, WRAP=True)
+    d = bytes.fromhex("8684320212345678")
+    data = d + bytes(b ^ 0xFF for b in d)
+    child = derive(parent, data, CKK_SM4, DERIVE=True)
+    expected = sm4(GBT32907_KEY, data)
+    assert sm4_decrypt(KEK, kek.wrap_key(child, mechanism=SM4_ECB)) == expected
+    assert child[Attribute.CHECK_VALUE] == sm4(expected, bytes(16))[:3]
+    grandchild = derive(child, data, CKK_SM4)  # a chain: the derived key derives in turn
+    assert sm4_decrypt(KEK, kek.wrap_key(grandchild, mechanism=SM4_ECB)) == sm4(expected, data)
+
+
+def test_sm4_ecb_encrypt_data_derives_a_double_length_des_key_with_odd_parity(session: Any) -> None:
+    parent = sm4_key(session, GBT32907_KEY, DERIVE=True)
+    kek = sm4_key(session, KEK, WRAP=True)
+    data = bytes(range(16))
+    child = derive(parent, data, KeyType.DES2)
+    raw = sm4(GBT32907_KEY, data)
+    with_parity = bytes(b & 0xFE | (bin(b >> 1).count("1") + 1) % 2 for b in raw)
+    assert sm4_decrypt(KEK, kek.wrap_key(child, mechanism=SM4_ECB)) == with_parity != raw
+
+
+def test_sm4_ecb_derivation_data_must_be_whole_blocks(session: Any) -> None:
+    parent = sm4_key(session, GBT32907_KEY, DERIVE=True)
+    with pytest.raises(pkcs11.exceptions.MechanismParamInvalid):
+        derive(parent, bytes(8), CKK_SM4)
+
+
+def test_c_unwrapkey_of_an_sm4_ecb_wrapped_key_gives_the_key(session: Any) -> None:
+    kek = sm4_key(session, KEK, UNWRAP=True)
+    card_key = bytes.fromhex("A0A1A2A3A4A5A6A7A8A9AAABACADAEAF")
+    key = kek.unwrap_key(ObjectClass.SECRET_KEY, CKK_SM4, sm4(KEK, card_key), mechanism=SM4_ECB,
+                         capabilities=MechanismFlag.ENCRYPT, template={Attribute.TOKEN: False})
+    assert key.encrypt(bytes(16), mechanism=SM4_ECB)[:3] == sm4(card_key, bytes(16))[:3]  # the KCV, as kms checks it
+    assert key[Attribute.VALUE_LEN] == 16
+    aes = kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, sm4(KEK, card_key * 2), mechanism=SM4_ECB,
+                         capabilities=MechanismFlag.ENCRYPT, template={Attribute.TOKEN: False})
+    assert aes.encrypt(bytes(16), mechanism=Mechanism.AES_ECB) == \
+        Cipher(algorithms.AES(card_key * 2), modes.ECB()).encryptor().update(bytes(16))
+    with pytest.raises(WrappedKeyInvalid):  # 32 bytes are no SM4 key
+        kek.unwrap_key(ObjectClass.SECRET_KEY, CKK_SM4, sm4(KEK, card_key * 2), mechanism=SM4_ECB,
+                       capabilities=MechanismFlag.ENCRYPT, template={Attribute.TOKEN: False})
+
+
+def test_sm4_ecb_wraps_only_whole_blocks(session: Any) -> None:
+    kek = sm4_key(session, KEK, WRAP=True)
+    des3 = session.generate_key(KeyType.DES3, mechanism=Mechanism.DES3_KEY_GEN, capabilities=MechanismFlag.ENCRYPT,
+                                template={Attribute.TOKEN: False, Attribute.EXTRACTABLE: True})
+    with pytest.raises(KeySizeRange):  # 24 bytes
+        kek.wrap_key(des3, mechanism=SM4_ECB)
+
+
+def test_sm3_in_the_token_is_the_gbt32905_examples_and_hashlib(session: Any) -> None:
+    for message, digest in GBT32905.items():
+        assert session.digest(message, mechanism=SM3).hex() == digest == hashlib.new("sm3", message).hexdigest()
+    assert session.digest([b"ab", b"c"], mechanism=SM3).hex() == GBT32905[b"abc"]  # C_DigestUpdate
+
+
+# -- SM2 ----------------------------------------------------------------------------------------------------------
+
+#: The SM2 curve's a, b, xG, yG (GB/T 32918.5), for Z_A.
+_SM2_CURVE_ZA = bytes.fromhex(
+    "FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFC"
+    "28E9FA9E9D9F5E344D5A9E4BCF6509A7F39789F515AB8F92DDBCBD414D940E93"
+    "32C4AE2C1F1981195F9904466A39C9948FE30BBFF2660BE1715A4589334C74C7"
+    "BC3736A2F4F6779C59BDCEE36B692153D0A9877CC62A474002DF32E52139F0A0")
+
+
+def sm2_keypair(session: Any, curve: bytes = SM2_CURVE) -> tuple[Any, Any]:
+    params = session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True)
+    public, private = params.generate_keypair(public_template={Attribute.VERIFY: True},
+                                              private_template={Attribute.SIGN: True})
+    return public, private
+
+
+def spki_pem(point: bytes) -> bytes:
+    """SubjectPublicKeyInfo (id-ecPublicKey, SM2 curve) of an uncompressed point, as PEM."""
+    algorithm = bytes.fromhex("06072A8648CE3D0201") + SM2_CURVE
+    bits = b"\x03" + bytes([len(point) + 1]) + b"\x00" + point
+    body = b"\x30" + bytes([len(algorithm)]) + algorithm + bits
+    der = b"\x30" + bytes([len(body)]) + body
+    return b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(der) + b"-----END PUBLIC KEY-----\n"
+
+
+def ec_point(public: Any) -> bytes:
+    octets = public[Attribute.EC_POINT]  # DER OCTET STRING of 04 || X || Y
+    assert octets[:2] == b"\x04\x41"
+    return bytes(octets[2:])
+
+
+def z_a(point: bytes) -> bytes:
+    """Z_A = SM3(ENTL || ID || a || b || xG || yG || xA || yA) with the default ID (GM/T 0009)."""
+    return hashlib.new("sm3", (len(SM2_ID) * 8).to_bytes(2, "big") + SM2_ID + _SM2_CURVE_ZA + point[1:]).digest()
+
+
+def openssl_verify(tmp_path: Path, point: bytes, message: bytes, signature: bytes) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "pub.pem").write_bytes(spki_pem(point))
+    (tmp_path / "msg").write_bytes(message)
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    (tmp_path / "sig.der").write_bytes(encode_dss_signature(r, s))
+    return subprocess.run(
+        ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(tmp_path / "pub.pem"), "-rawin", "-digest", "sm3",
+         "-pkeyopt", f"distid:{SM2_ID.decode()}", "-in", str(tmp_path / "msg"), "-sigfile", str(tmp_path / "sig.der")],
+        capture_output=True, text=True, check=False)
+
+
+def test_an_sm2_sm3_signature_made_in_the_token_verifies_with_openssl(session: Any, tmp_path: Path) -> None:
+    public, private = sm2_keypair(session)
+    message = b"kms section: SM2 with SM3 and the default ID"
+    signature = private.sign(message, mechanism=SM2_SM3)
+    assert len(signature) == 64
+    assert "Signature Verified Successfully" in openssl_verify(tmp_path, ec_point(public), message, signature).stdout
+    tampered = bytes([signature[0] ^ 1]) + signature[1:]
+    assert "Signature Verified Successfully" not in openssl_verify(tmp_path, ec_point(public), message, tampered).stdout
+    multi_part = private.sign([message[:10], message[10:]], mechanism=SM2_SM3)  # C_SignUpdate
+    assert "Signature Verified Successfully" in openssl_verify(tmp_path, ec_point(public), message, multi_part).stdout
+
+
+def test_an_sm2_sm3_signature_made_by_openssl_verifies_in_the_token(session: Any, tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "SM2", "-out", str(key)], check=True, capture_output=True)
+    spki = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                          capture_output=True).stdout
+    point = spki[-65:]
+    message = b"signed by OpenSSL"
+    (tmp_path / "msg").write_bytes(message)
+    subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-rawin", "-digest", "sm3", "-pkeyopt",
+                    f"distid:{SM2_ID.decode()}", "-in", str(tmp_path / "msg"), "-out", str(tmp_path / "sig.der")],
+                   check=True, capture_output=True)
+    r, s = decode_dss_signature((tmp_path / "sig.der").read_bytes())
+    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    public = session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.EC_PARAMS: SM2_CURVE, Attribute.EC_POINT: b"\x04\x41" + point, Attribute.VERIFY: True})
+    assert public.verify(message, signature, mechanism=SM2_SM3)
+    assert public.verify([message[:5], message[5:]], signature, mechanism=SM2_SM3)  # C_VerifyUpdate
+    assert not public.verify(message + b".", signature, mechanism=SM2_SM3)  # CKR_SIGNATURE_INVALID
+    assert not public.verify(message, signature[:63] + bytes([signature[63] ^ 1]), mechanism=SM2_SM3)
+
+
+def test_sm2_signs_a_hash_computed_by_the_caller_as_sm2_sm3_does(session: Any, tmp_path: Path) -> None:
+    """SM2 over e = SM3(Z_A || M), Z_A computed here in Python with the default ID: the token's SM2_SM3 and OpenSSL
+    verify it, so both use the GM/T 0009 identity."""
+    public, private = sm2_keypair(session)
+    message = b"pre-hashed by the caller"
+    e = hashlib.new("sm3", z_a(ec_point(public)) + message).digest()
+    signature = private.sign(e, mechanism=SM2)
+    assert public.verify(e, signature, mechanism=SM2)
+    assert public.verify(message, signature, mechanism=SM2_SM3)
+    assert "Signature Verified Successfully" in openssl_verify(tmp_path, ec_point(public), message, signature).stdout
+    with pytest.raises(pkcs11.exceptions.PKCS11Error):
+        private.sign(e[:31], mechanism=SM2)  # SM2 signs a 32-byte hash only
+
+
+#: Known answers from OpenSSL's test data (test/recipes/30-test_evp_data/evppkey_sm2.txt, "Verify = SM2_key1" with
+#: digest SM3): SM2_key1's public point, and (e, DER signature) pairs made elsewhere, fixed in the file.
+OPENSSL_SM2_KEY1 = bytes.fromhex(
+    "04393A2AD9E27E43ACAAAB85A19D3B85591E14406157175ADDD37BF77FF0CAF9ED"
+    "37FCF3A8B4F55C038523261FCA6636AFE6A7AFA2A1482A606F5CB3A18B2E2A1E")
+OPENSSL_SM2_VERIFY = (
+    ("D7AD397F6FFA5D4F7F11E7217F241607DC30618C236D2C09C1B9EA8FDADEE2E8",
+     "3046022100AB1DB64DE7C40EDBDE6651C9B8EBDB804673DB836E5D5C7FE15DCF9ED2725037022100EBA714451FF69B0BB930B379E192E7CD"
+     "5FA6E3C41C7FBD8303B799AB54A54621"),
+    ("B1139602C6ECC9E15E2F3F9C635A1AFE737058BC15387479C1EA0D0B3D90E9E5",
+     "3045022100E6E0414EBD3A656C35602AF14AB20287DBF30D57AF75C49A188ED4B42391F22402202F54F277C606F4605E1CE9514947FFDD"
+     "F94C67A539804A4ED17F852288BDBE2E"),
+)
+
+
+def test_sm2_verifies_the_known_answers_of_openssls_test_data(session: Any) -> None:
+    public = session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.EC_PARAMS: SM2_CURVE, Attribute.EC_POINT: b"\x04\x41" + OPENSSL_SM2_KEY1, Attribute.VERIFY: True})
+    for e, der in OPENSSL_SM2_VERIFY:
+        r, s = decode_dss_signature(bytes.fromhex(der))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        assert public.verify(bytes.fromhex(e), signature, mechanism=SM2)
+        assert not public.verify(bytes.fromhex(e)[::-1], signature, mechanism=SM2)
+
+
+def test_sm2_mechanisms_refuse_keys_of_another_curve(session: Any) -> None:
+    public, private = sm2_keypair(session, encode_named_curve_parameters("secp256r1"))
+    with pytest.raises(KeyTypeInconsistent):
+        private.sign(b"message", mechanism=SM2_SM3)
+    with pytest.raises(KeyTypeInconsistent):
+        private.sign(bytes(32), mechanism=SM2)
+    with pytest.raises(KeyTypeInconsistent):
+        public.verify(b"message", bytes(64), mechanism=SM2_SM3)
