@@ -139,6 +139,8 @@ def load_file(path: Path) -> MechanismProfile:
         raise ConfigError(f"{path}: codes: SM4 mechanisms need codes.CKK_SM4 (the SM4 key type)")
     if (_SM2_MECHANISMS & codes.keys()) and sm2_key is None:
         raise ConfigError(f"{path}: sm2_key: missing (codes names SM2 mechanisms)")
+    if sm2_key is not None and sm2_key.key_type is not None and sm2_key.key_type == codes.get("CKK_SM4"):
+        raise ConfigError(f"{path}: sm2_key.key_type: the same code as codes.CKK_SM4 (key types must differ)")
     if sm2_key is not None and sm2_key.key_type is not None and "SM2_KEY_PAIR_GEN" not in codes:
         raise ConfigError(f"{path}: codes.SM2_KEY_PAIR_GEN: missing (sm2_key.key_type is a vendor key type)")
     if sm2_key is not None and sm2_key.key_type is None and "SM2_KEY_PAIR_GEN" in codes:
@@ -208,4 +210,9 @@ def _sm2_key(path: Path, doc: Any) -> Sm2Key | None:
     oid = doc["curve_oid"]
     if not isinstance(oid, str) or not _OID.match(oid):
         raise ConfigError(f"{path}: sm2_key.curve_oid: must be an object identifier in dotted form")
+    if oid != SM2_CURVE_OID:
+        # kms.hsm.spki writes and reads SM2 keys with this curve only, and the port tells SM2 keys from ECDSA P-256
+        # ones by their curve: any other OID (P-256's) would make P-256 keys pass for SM2 keys and back.
+        raise ConfigError(f"{path}: sm2_key.curve_oid: must be the SM2 curve {SM2_CURVE_OID} (sm2p256v1), "
+                          f"not {oid}")
     return Sm2Key(key_type, oid)
