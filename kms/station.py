@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from kms import bundle
 from kms.clock import Clock, rfc3339
 from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument, MechanismUnavailable
+from kms.hsm import spki as sm2_spki
 from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
 from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
 from kms.hsm.types import Algorithm, SignatureAlgorithm
@@ -81,6 +82,8 @@ class TrustedKey:
     @classmethod
     def of(cls, domain: str, spki: bytes, where: str) -> TrustedKey:
         if is_sm2_spki(spki):
+            if not sm2_spki.on_sm2_curve(spki[len(SM2_SPKI_PREFIX) - 1:]):
+                raise ConfigError(f"{where}: an SM2 public key whose point is not on the SM2 curve")
             return cls(domain, bundle.SM2_SIGNATURE_ALGORITHM, spki)
         try:
             key = load_der_public_key(spki)
