@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import bundle
 from kms.clock import Clock, rfc3339
-from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument
+from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument, MechanismUnavailable
+from kms.hsm import spki as sm2_spki
 from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
 from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
 from kms.hsm.types import Algorithm, SignatureAlgorithm
@@ -81,6 +82,8 @@ class TrustedKey:
     @classmethod
     def of(cls, domain: str, spki: bytes, where: str) -> TrustedKey:
         if is_sm2_spki(spki):
+            if not sm2_spki.on_sm2_curve(spki[len(SM2_SPKI_PREFIX) - 1:]):
+                raise ConfigError(f"{where}: an SM2 public key whose point is not on the SM2 curve")
             return cls(domain, bundle.SM2_SIGNATURE_ALGORITHM, spki)
         try:
             key = load_der_public_key(spki)
@@ -359,8 +362,10 @@ class Station:
         nothing is recorded or kept.
 
         Raises BundleRejected for any reason to distrust the bundle; AlreadyExists if the card's keys are already
-        stored here; a retryable HsmError if the token failed (the bundle may be fine). Returns a report whose
-        ``ok`` is False only if a recomputed KCV differs from the sealed one (then nothing is kept or recorded).
+        stored here; a retryable HsmError if the token failed (the bundle may be fine); MechanismUnavailable if the
+        station's token or mechanism profile lacks SM2 or SM4 for a section whose key it trusts (its configuration).
+        Returns a report whose ``ok`` is False only if a recomputed KCV differs from the sealed one (then nothing is
+        kept or recorded).
         """
         if store and verify_only:
             raise InvalidArgument("store", "cannot store keys in a verify-only open")
@@ -389,11 +394,11 @@ class Station:
 
         Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
         that refused it, once its chunk is committed. A replay is refused before any token work, also within a
-        chunk. An error that is not about one bundle (a retryable HsmError, the ledger) ends the iteration: nothing
-        of the unfinished chunk is recorded, and every bundle yielded before it is. If ``bundles`` itself fails (a
-        stream or a file that cannot be read, or an interrupt while it reads), the bundles it gave before are
-        opened and yielded first, then its error is raised: as with ``open`` one bundle at a time, every bundle
-        received is opened.
+        chunk. An error that is not about one bundle (a retryable HsmError, MechanismUnavailable, the ledger) ends
+        the iteration: nothing of the unfinished chunk is recorded, and every bundle yielded before it is. If
+        ``bundles`` itself fails (a stream or a file that cannot be read, or an interrupt while it reads), the
+        bundles it gave before are opened and yielded first, then its error is raised: as with ``open`` one bundle
+        at a time, every bundle received is opened.
         """
         if chunk < 1:
             raise InvalidArgument("chunk", "must be at least 1")
@@ -519,8 +524,8 @@ class Station:
             try:
                 valid = self._session.verify(spki, message, signature, SignatureAlgorithm.SM2_SM3)
             except HsmError as error:
-                if error.retryable:
-                    raise
+                if error.retryable or isinstance(error, MechanismUnavailable):
+                    raise  # the token or this station's mechanism profile, not the bundle (it trusts SM2 keys)
                 raise _reject("SM2 signature could not be verified") from None
             if not valid:
                 raise _reject("signature")
@@ -578,8 +583,8 @@ class Station:
             algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
             return self._session.unwrap_card_keys(label, algorithms)
         except HsmError as error:
-            if error.retryable:
-                raise
+            if error.retryable or isinstance(error, MechanismUnavailable):
+                raise  # the token or this station's mechanism profile (the section's signature was verified)
             raise _reject("unwrap") from None
         except ValueError:
             raise _reject("algorithm") from None

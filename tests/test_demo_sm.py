@@ -12,6 +12,8 @@ for SM4/SM2/SM3 under the codes of the `softhsm2-sm-dev` mechanism profile, not 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import secrets
 import subprocess
@@ -283,6 +285,131 @@ def test_forged_tampered_and_mislabelled_sm_sections_are_refused_and_the_genuine
         assert len(results) == 1 and isinstance(results[0], BundleRejected), name
     report = sm_station.open(control)  # refusals record nothing: the (re-signed) genuine bundle still opens
     _check_bundle(control, report, _profiles()["dual-app-sm"], cards[0])
+
+
+# -- review of issue 14: no key material in what SM issuing and opening shows; the checked-ahead path; a station
+# -- whose mechanism profile lacks SM2
+
+
+def _clear_keys(profile_name: str, c: CardIdentity) -> list[str]:
+    """Every key value a card's derivations pass through (intermediate and card keys), in hex, from the known
+    master keys."""
+    profile = _profiles()[profile_name]
+    values = []
+    for domain in profile.domains:
+        for spec in profile.keys(domain):
+            key = MASTERS[(domain, spec.master_key)]
+            for step, data in spec.recipe.steps(c):
+                key = _encrypt("SM4" if step is DeriveStep.SM4_ECB else "DES2", key, data)
+                values.append(key.hex().upper())
+    return values
+
+
+def _secrets(home: Home) -> list[str]:
+    values = [p.read_text().strip() for p in (home.path / "pins").iterdir()]
+    values += [v.hex().upper() for v in MASTERS.values()]
+    return [v for v in values if v]
+
+
+def _clean(text: str, secrets: list[str]) -> None:
+    upper = text.upper()
+    for secret in secrets:
+        assert secret.upper() not in upper
+
+
+@requires_sm_token
+@pytest.mark.parametrize("name", ["dual-app-sm", "dual-app-mixed"])
+def test_sm_bundles_their_opening_and_refusals_hold_no_key_material(
+        sm_home: Home, sm_service: Service, sm_station: Station, name: str, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
+    caplog.set_level(logging.DEBUG)
+    cards = [card(70 + i, card_ref=f"canary-{name}-{i}") for i in range(2)]
+    bundles = _issue(sm_home, sm_service, _profiles()[name].name, cards, f"B-canary-{name}")
+    secrets = _secrets(sm_home) + [k for c in cards for k in _clear_keys(name, c)]
+    # a KCV mismatch: the signed KCV of a key changed and the section signed again by its own key
+    parsed = bundle.parse(bundles[1])
+    doc = json.loads(bundles[1])
+    section = next(s for s in doc["sections"] if s["body"]["domain"] == "bank")
+    section["body"]["keys"][0]["kcv"] = "000000"
+    body = bundle.encode_body(section["body"])
+    sections = {s.domain: bundle.encode_signed_section(s.body_bytes, s.key_id, s.signature, s.signature_algorithm)
+                for s in parsed.sections}
+    sections["bank"] = bundle.encode_signed_section(body, section["signature"]["key_id"], bytes(64),
+                                                    section["signature"]["algorithm"])
+    unsigned = bundle.assemble(parsed.serial, parsed.card_ref, sections)
+    resigned = _resigned(unsigned, "bank", "bank", SignatureAlgorithm.SM2_SM3, sm_home)
+    text = ""
+    for data in bundles[:1]:
+        report = sm_station.open(data)
+        assert report.ok
+        text += json.dumps(report.as_json())
+    mismatch = sm_station.open(resigned)
+    assert not mismatch.ok
+    text += json.dumps(mismatch.as_json())
+    with pytest.raises(BundleRejected) as raised:
+        sm_station.open(unsigned)
+    text += str(raised.value)
+    text += "\n".join(r.getMessage() for r in caplog.records)
+    text += "".join(b.decode() for b in bundles)
+    _clean(text, secrets)
+
+
+@requires_sm_token
+def test_kms_bundle_open_of_sm_bundles_prints_no_key_material(
+        sm_home: Home, sm_service: Service, tmp_path: Path) -> None:
+    cards = [card(80, card_ref="canary-cli-0080")]
+    [data] = _issue(sm_home, sm_service, "dual-app-sm-v1", cards, "B-canary-cli")
+    out = tmp_path / "bundles"
+    out.mkdir()
+    (out / "c.kmsb").write_bytes(data)
+    text = ""
+    # opened (verify only) as JSON and as text, and refused by another bureau's station
+    for station, extra in ((STATION, ["--json"]), (STATION, []), ("station-b1", [])):
+        result = subprocess.run(
+            [sys.executable, "-m", "kms.cli", "-v", "bundle", "open", "--station-config",
+             str(sm_home.station_config(station)), "--verify-only", *extra, str(out)],
+            capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ))
+        text += result.stdout + result.stderr
+    assert "rejected" in text.lower() and "udk-ac" in text
+    _clean(text, _secrets(sm_home) + _clear_keys("dual-app-sm", cards[0]))
+
+
+@requires_sm_token
+def test_a_forged_sm2_section_is_refused_on_the_checked_ahead_path_of_open_many(
+        sm_home: Home, sm_service: Service, sm_station: Station) -> None:
+    cards = [card(90 + i, card_ref=f"ahead-{i}") for i in range(3)]
+    bundles = _issue(sm_home, sm_service, "dual-app-sm-v1", cards, "B-ahead")
+    forged = _resigned(bundles[2], "bank", "hrss", SignatureAlgorithm.SM2_SM3, sm_home)
+    # chunk=1: the first bundle is checked here, the next ones in the checking process (pending SM2 signatures
+    # verified in the station's token after it answers)
+    results = list(sm_station.open_many([bundles[0], bundles[1], forged], chunk=1))
+    assert isinstance(results[0], OpenReport) and results[0].ok
+    assert isinstance(results[1], OpenReport) and results[1].ok
+    assert isinstance(results[2], BundleRejected)
+    assert sm_station.open(bundles[2]).ok  # the refusal recorded nothing
+
+
+@requires_sm_token
+def test_a_station_whose_token_cannot_verify_sm2_says_so_rather_than_calling_bundles_forged(
+        sm_home: Home, sm_service: Service, tmp_path: Path) -> None:
+    """Station A's configuration with the standard mechanism profile (no SM2, no SM4), in another process (this one
+    has station A's token open): a configuration error, not "bundle rejected" for every genuine SM bundle."""
+    [data] = _issue(sm_home, sm_service, "dual-app-sm-v1", [card(99, card_ref="plain-0099")],
+                    "B-plain-station")
+    (tmp_path / "c.kmsb").write_bytes(data)
+    original = sm_home.station_config(STATION)
+    doc = yaml.safe_load(original.read_text(encoding="utf-8"))
+    doc["hsm"]["mechanisms"] = "pkcs11-standard"
+    doc["ledger"] = f"sqlite:///{tmp_path / 'ledger.db'}"
+    plain = original.with_name("plain-mechanisms.yaml")
+    plain.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "kms.cli", "bundle", "open", "--station-config", str(plain), "--verify-only",
+         str(tmp_path / "c.kmsb")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ))
+    output = result.stdout + result.stderr
+    assert "SM2_SM3" in output, output
+    assert "rejected" not in output.lower(), output
 
 
 # -- the demo ------------------------------------------------------------------------------------------------------

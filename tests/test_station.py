@@ -214,9 +214,29 @@ def test_trust_store_refuses_files_it_cannot_attribute(tmp_path: Path) -> None:
         TrustStore.load(tmp_path)
 
 
+#: Points of the SM2 curve: G and 2G (GB/T 32918.5).
+_SM2_POINTS = {
+    1: "32C4AE2C1F1981195F9904466A39C9948FE30BBFF2660BE1715A4589334C74C7"
+       "BC3736A2F4F6779C59BDCEE36B692153D0A9877CC62A474002DF32E52139F0A0",
+    2: "56CEFD60D7C87C000D58EF57FA73BA4D9C0DFA08C08A7331495C2E1DA3F2BD52"
+       "31B7E7E6CC8189F668535CE0F8EAF1BD6DE84C182F6C8E716F780D3A970A23C3",
+}
+
+
 def _sm2_spki(seed: int = 1) -> bytes:
-    """An SM2 public key's SubjectPublicKeyInfo (its point need not be on the curve: only its form is read here)."""
-    return bytes.fromhex("3059301306072A8648CE3D020106082A811CCF5501822D03420004") + bytes([seed]) * 64
+    """An SM2 public key's SubjectPublicKeyInfo: the point seed·G of the SM2 curve (seed 1 or 2)."""
+    return bytes.fromhex("3059301306072A8648CE3D020106082A811CCF5501822D03420004" + _SM2_POINTS[seed])
+
+
+def test_trust_store_refuses_an_sm2_key_whose_point_is_not_on_the_curve(tmp_path: Path) -> None:
+    from kms.errors import ConfigError
+
+    off_curve = _sm2_spki()[:-1] + bytes([_sm2_spki()[-1] ^ 1])
+    (tmp_path / "bank-issuance-sm2-v1.pem").write_bytes(spki_pem(off_curve))
+    with pytest.raises(ConfigError, match=r"bank-issuance-sm2-v1\.pem: an SM2 public key whose point is not on"):
+        TrustStore.load(tmp_path)
+    with pytest.raises(ConfigError, match="trusted key K: an SM2 public key whose point is not on the SM2 curve"):
+        TrustStore.from_spkis({"K": ("bank", off_curve)})
 
 
 def test_trust_store_reads_sm2_keys_by_their_der_and_keeps_p256_as_before(tmp_path: Path) -> None:

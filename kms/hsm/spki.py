@@ -33,6 +33,21 @@ def sm2_point(spki: bytes, field: str = "public_key") -> bytes:
     return spki[len(SM2_PREFIX):]
 
 
+#: The SM2 curve (GB/T 32918.5): y^2 = x^3 + a x + b over GF(p).
+_P = int("FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFF", 16)
+_A = _P - 3
+_B = int("28E9FA9E9D9F5E344D5A9E4BCF6509A7F39789F515AB8F92DDBCBD414D940E93", 16)
+
+
+def on_sm2_curve(point: bytes) -> bool:
+    """Whether an uncompressed point 04 ‖ X ‖ Y is a point of the SM2 curve (its cofactor is 1: every such point is
+    in the group the signatures use)."""
+    if len(point) != POINT_LENGTH or point[0] != 0x04:
+        return False
+    x, y = int.from_bytes(point[1:33], "big"), int.from_bytes(point[33:], "big")
+    return x < _P and y < _P and (y * y - (x * x * x + _A * x + _B)) % _P == 0
+
+
 def is_sm2(spki: bytes) -> bool:
     return spki.startswith(SM2_PREFIX)
 
