@@ -13,6 +13,7 @@ import base64
 import ctypes
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -361,3 +362,72 @@ def test_sm2_mechanisms_refuse_keys_of_another_curve(session: Any) -> None:
         private.sign(bytes(32), mechanism=SM2)
     with pytest.raises(KeyTypeInconsistent):
         public.verify(b"message", bytes(64), mechanism=SM2_SM3)
+
+
+#: The order n of the SM2 curve (GB/T 32918.5).
+SM2_N = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123
+
+
+def test_many_sm2_sm3_signatures_verify_in_the_token_and_a_sample_with_openssl(session: Any, tmp_path: Path) -> None:
+    """200 random messages signed in the token (the token computes SM2 itself, with BIGNUM/EC_POINT arithmetic and a
+    per-process cache of private keys' public points): each verifies in the token and a tampered copy does not; every
+    signature is 64 bytes; 20 of them, and one whose r or s needs a leading zero byte, verify with OpenSSL."""
+    public, private = sm2_keypair(session)
+    point = ec_point(public)
+    rng = random.Random(14)
+    messages = [rng.randbytes(rng.randrange(0, 300)) for _ in range(200)]
+    signatures = [private.sign(message, mechanism=SM2_SM3) for message in messages]
+    for message, signature in zip(messages, signatures, strict=True):
+        assert len(signature) == 64
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        assert 0 < r < SM2_N and 0 < s < SM2_N
+        assert public.verify(message, signature, mechanism=SM2_SM3)
+        assert not public.verify(message + b"x", signature, mechanism=SM2_SM3)
+        flip = rng.randrange(64)
+        tampered = signature[:flip] + bytes([signature[flip] ^ (1 << rng.randrange(8))]) + signature[flip + 1:]
+        assert not public.verify(message, tampered, mechanism=SM2_SM3)
+    for message, signature in list(zip(messages, signatures, strict=True))[:20]:
+        assert "Signature Verified Successfully" in openssl_verify(tmp_path, point, message, signature).stdout
+    # A signature whose r or s is below 2^248 (a leading zero byte, about 1 in 128): still 64 bytes, and still valid.
+    for attempt in range(4000):
+        message = b"leading zero %d" % attempt
+        signature = private.sign(message, mechanism=SM2_SM3)
+        assert len(signature) == 64
+        if signature[0] == 0 or signature[32] == 0:
+            break
+    else:
+        pytest.fail("no signature with a leading zero byte in r or s in 4000")
+    assert public.verify(message, signature, mechanism=SM2_SM3)
+    assert "Signature Verified Successfully" in openssl_verify(tmp_path, point, message, signature).stdout
+
+
+def test_sm2_signatures_of_two_keys_use_each_keys_own_public_point(session: Any, tmp_path: Path) -> None:
+    """Interleaved signatures with two keys: Z_A is each key's own (the token derives and caches the public point of
+    a private key), so each verifies under its own public key, with OpenSSL too, and not under the other."""
+    keys = [sm2_keypair(session), sm2_keypair(session)]
+    message = b"which key signed this"
+    for _ in range(3):
+        for index, (public, private) in enumerate(keys):
+            signature = private.sign(message, mechanism=SM2_SM3)
+            other = keys[1 - index][0]
+            assert public.verify(message, signature, mechanism=SM2_SM3)
+            assert not other.verify(message, signature, mechanism=SM2_SM3)
+            e = hashlib.new("sm3", z_a(ec_point(public)) + message).digest()
+            assert public.verify(message, private.sign(e, mechanism=SM2), mechanism=SM2_SM3)
+    for public, private in keys:
+        verified = openssl_verify(tmp_path, ec_point(public), message, private.sign(message, mechanism=SM2_SM3))
+        assert "Signature Verified Successfully" in verified.stdout
+
+
+def test_sm2_verify_refuses_r_and_s_out_of_range(session: Any) -> None:
+    """r and s must be in [1, n-1] and r + s must not be n (GB/T 32918.2 verification, steps B1, B2 and B5)."""
+    public, private = sm2_keypair(session)
+    e = bytes(range(32))
+    signature = private.sign(e, mechanism=SM2)
+    assert public.verify(e, signature, mechanism=SM2)
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    for bad_r, bad_s in ((0, s), (r, 0), (r + SM2_N, s), (r, s + SM2_N), (r, SM2_N - r), (SM2_N, s)):
+        if bad_r < 2**256 and bad_s < 2**256:
+            bad = bad_r.to_bytes(32, "big") + bad_s.to_bytes(32, "big")
+            assert not public.verify(e, bad, mechanism=SM2)
+    assert not public.verify(e, signature[:63], mechanism=SM2)
