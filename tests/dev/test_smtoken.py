@@ -431,3 +431,65 @@ def test_sm2_verify_refuses_r_and_s_out_of_range(session: Any) -> None:
             bad = bad_r.to_bytes(32, "big") + bad_s.to_bytes(32, "big")
             assert not public.verify(e, bad, mechanism=SM2)
     assert not public.verify(e, signature[:63], mechanism=SM2)
+
+
+#: The generator of the SM2 curve, 04 || xG || yG (GB/T 32918.5).
+SM2_G = bytes.fromhex(
+    "0432C4AE2C1F1981195F9904466A39C9948FE30BBFF2660BE1715A4589334C74C7"
+    "BC3736A2F4F6779C59BDCEE36B692153D0A9877CC62A474002DF32E52139F0A0")
+
+
+def sm2_private(session: Any, d: int) -> Any:
+    """A session SM2 private key of this scalar (C_CreateObject, CKA_VALUE = d)."""
+    return session.create_object({
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EC_PARAMS: SM2_CURVE,
+        Attribute.VALUE: d.to_bytes(32, "big"), Attribute.SIGN: True})
+
+
+def sm2_public(session: Any, encoded_point: bytes) -> Any:
+    """A session SM2 public key whose CKA_EC_POINT is the DER OCTET STRING of these bytes (not checked here)."""
+    return session.create_object({
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.EC_PARAMS: SM2_CURVE, Attribute.EC_POINT: bytes([0x04, len(encoded_point)]) + encoded_point,
+        Attribute.VERIFY: True})
+
+
+def test_sm2_verify_refuses_an_off_curve_or_infinite_public_point(session: Any) -> None:
+    """A public key whose point is not on the curve (OpenSSL's EC_POINT_oct2point refuses it) or is the point at
+    infinity (encoded 00, which EC_POINT_oct2point accepts) never verifies, not even a signature made for the key
+    on the curve whose point differs from it in one bit of y."""
+    private = sm2_private(session, 1)
+    e = bytes(range(32))
+    signature = private.sign(e, mechanism=SM2)
+    assert sm2_public(session, SM2_G).verify(e, signature, mechanism=SM2)  # d = 1: P = G
+    off_curve = SM2_G[:64] + bytes([SM2_G[64] ^ 1])
+    assert not sm2_public(session, off_curve).verify(e, signature, mechanism=SM2)
+    assert not sm2_public(session, off_curve).verify(b"message", signature, mechanism=SM2_SM3)
+    infinity = sm2_public(session, b"\x00")
+    assert not infinity.verify(e, signature, mechanism=SM2)
+    assert not infinity.verify(e, bytes(64), mechanism=SM2)
+    assert not infinity.verify(b"message", signature, mechanism=SM2_SM3)
+
+
+def test_sm2_signing_with_a_private_scalar_out_of_range_fails_cleanly(session: Any, tmp_path: Path) -> None:
+    """d must be in [1, n-2] (1 + d must be invertible mod n): d = 0, n - 1, n and 2^256 - 1 give an error, not a
+    signature, and not a crash; d = n - 2 (the largest valid) signs, and the signature verifies with OpenSSL under
+    P = (n - 2).G = -2G, i.e. the public point the token derived and cached for Z_A is right."""
+    for d in (0, SM2_N - 1, SM2_N, 2**256 - 1):
+        private = sm2_private(session, d)
+        with pytest.raises(pkcs11.exceptions.PKCS11Error):
+            private.sign(bytes(32), mechanism=SM2)
+        with pytest.raises(pkcs11.exceptions.PKCS11Error):
+            private.sign(b"message", mechanism=SM2_SM3)
+    key = tmp_path / "key.pem"
+    der = bytes.fromhex("30310201010420") + (SM2_N - 2).to_bytes(32, "big") + bytes.fromhex("a00a") + SM2_CURVE
+    (tmp_path / "key.der").write_bytes(der)
+    subprocess.run(["openssl", "ec", "-inform", "DER", "-in", str(tmp_path / "key.der"), "-out", str(key)],
+                   check=True, capture_output=True)
+    spki = subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"], check=True,
+                          capture_output=True).stdout
+    message = b"the largest private scalar"
+    signature = sm2_private(session, SM2_N - 2).sign(message, mechanism=SM2_SM3)
+    assert "Signature Verified Successfully" in openssl_verify(tmp_path, spki[-65:], message, signature).stdout
+
