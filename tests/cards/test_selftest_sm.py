@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import ROOT, VECTORS, VECTORS_PATH
+from helpers import ROOT, VECTORS, VECTORS_PATH, requires_sm_token
 
 from kms.cards import reference
+from kms.dev import smtoken
 from kms.hsm import softhsm
 
 SM4_VECTORS_PATH = ROOT / "tests" / "vectors" / "sm4.json"
@@ -45,22 +46,8 @@ SM4_CASES: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def _sm_module() -> str | None:
-    try:
-        from kms.dev.smtoken import sm_module  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        path = os.environ.get("KMS_SM_PKCS11_MODULE")
-        return path if path and Path(path).is_file() else None
-    found: str | None = sm_module()
-    return found
-
-
-SM_MODULE = _sm_module()
-requires_sm = pytest.mark.skipif(
-    SM_MODULE is None,
-    reason="the development SM token is not built: run deploy/softhsm2-sm/build.sh (see deploy/softhsm2-sm/README.md)"
-           " or set KMS_SM_PKCS11_MODULE",
-)
+SM_MODULE = smtoken.sm_module()  # the development SM token (tests/helpers.py requires_sm_token skips without it)
+requires_sm = requires_sm_token
 
 
 def _selftest(vectors: Path, *options: str) -> dict[str, Any]:

@@ -25,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+from helpers import requires_sm_token
 
 from kms import config, runtime
 from kms.cards import reference
+from kms.dev import smtoken
 from kms.errors import HsmError, InvalidArgument, MechanismUnavailable
 from kms.hsm import mechanisms, softhsm, spki
 from kms.hsm.session import TokenSession, store_station_keys
@@ -39,24 +41,8 @@ SM_NAMES = {"SM4_KEY_GEN", "SM4_ECB", "SM4_ECB_ENCRYPT_DATA", "SM2_SM3", "SM2", 
 DEFAULT_ID = "1234567812345678"  # GM/T 0009's default signer identity
 
 
-def _sm_module() -> str | None:
-    """The development token's module: $KMS_SM_PKCS11_MODULE, or the build kms.dev.smtoken finds (once the token's
-    build script has run)."""
-    try:
-        from kms.dev.smtoken import sm_module  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        path = os.environ.get("KMS_SM_PKCS11_MODULE")
-        return path if path and Path(path).is_file() else None
-    found: str | None = sm_module()
-    return found
-
-
-SM_MODULE = _sm_module()
-requires_sm = pytest.mark.skipif(
-    SM_MODULE is None,
-    reason="the development SM token is not built: run deploy/softhsm2-sm/build.sh (see deploy/softhsm2-sm/README.md)"
-           " or set KMS_SM_PKCS11_MODULE",
-)
+SM_MODULE = smtoken.sm_module()  # the development SM token (tests/helpers.py requires_sm_token skips without it)
+requires_sm = requires_sm_token
 
 
 def _label(kind: str) -> str:
