@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import yaml
-
 from kms.errors import ConfigError
+from kms.files import read_yaml_mapping
 from kms.hsm import mechanisms as mechanism_profiles
 from kms.hsm.softhsm import find_module
 from kms.registry import DOMAINS
@@ -311,17 +310,7 @@ class StationConfig:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    return doc
+    return read_yaml_mapping(path)
 
 
 def read_file(path: Path, setting: str) -> bytes:

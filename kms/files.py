@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from kms.errors import InvalidArgument
+import yaml
+
+from kms.errors import ConfigError, InvalidArgument
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
@@ -133,3 +135,18 @@ def copy_tree_private(source: Path, target: Path) -> None:
             copy_tree_private(entry, target / entry.name)
         elif entry.is_file():
             write_private(target / entry.name, entry.read_bytes())
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; anything else is one ConfigError naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return doc

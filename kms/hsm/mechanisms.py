@@ -22,9 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from kms.errors import ConfigError
+from kms.files import read_yaml_mapping
 
 #: The profile of a module that offers only standard mechanisms (no SM algorithms): the default.
 STANDARD = "pkcs11-standard"
@@ -116,16 +115,7 @@ def load(name: str) -> MechanismProfile:
 @functools.lru_cache(maxsize=32)
 def load_file(path: Path) -> MechanismProfile:
     """A profile file, validated: unknown keys, names and code ranges are errors naming the file and the key."""
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    doc = read_yaml_mapping(path)
     _keys(path, "top level", doc, _REQUIRED, _TOP)
     if doc["version"] != 1:
         raise ConfigError(f"{path}: version: must be 1")
