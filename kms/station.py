@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import multiprocessing
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +27,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from kms import bundle
 from kms.clock import Clock, rfc3339
-from kms.errors import AlreadyExists, BundleRejected, ConfigError, HsmError, InvalidArgument, MechanismUnavailable
+from kms.errors import (
+    AlreadyExists,
+    BundleRejected,
+    ConfigError,
+    HsmError,
+    InvalidArgument,
+    KmsError,
+    MechanismUnavailable,
+)
 from kms.hsm import spki as sm2_spki
 from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
 from kms.hsm.session import StationKeys, TokenSession, discard_objects, store_station_keys
@@ -106,6 +114,11 @@ class TrustStore:
 
     def __init__(self, keys: dict[str, TrustedKey]) -> None:
         self._keys = keys  # key id -> trusted key
+
+    @property
+    def has_sm2(self) -> bool:
+        """Whether a trusted key is an SM2 key (its signatures are verified in a token)."""
+        return any(key.public is None for key in self._keys.values())
 
     def spkis(self) -> dict[str, tuple[str, bytes]]:
         """Key id -> (domain, SubjectPublicKeyInfo DER): the store in a form another process can be given."""
@@ -195,12 +208,14 @@ def _reject(reason: str) -> BundleRejected:
 
 @dataclass(frozen=True)
 class _Section:
-    """What opening needs of a section whose checks passed: where its keys go and the keys."""
+    """What opening needs of a section whose checks passed, ready for the token: its domain, its transport key's
+    label, the sealed keys (wrapped key, algorithm) and what each key's report says of it (name, usage,
+    algorithm, KCV method, the sealed KCV in hex)."""
 
     domain: str
-    transport_key: str
-    transport_key_version: int
-    keys: tuple[bundle.ParsedKey, ...]
+    transport_label: str
+    sealed: tuple[tuple[bytes, Algorithm], ...]
+    keys: tuple[tuple[str, str, str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -211,7 +226,7 @@ class _Checked:
     serial: str
     card_ref: str
     sections: tuple[_Section, ...]
-    #: SM2 signatures still to be verified in the station's token before any key is unwrapped
+    #: SM2 signatures still to be verified in a token of the station's before any key is unwrapped
     pending: tuple[Pending, ...] = ()
 
 
@@ -243,23 +258,59 @@ def check(data: bytes, bureau: str, domains: tuple[str, ...], trust: TrustStore)
             raise _Refused("a key's KCV method is not its algorithm's")
         if not trust.verify(section, pending):
             raise _Refused("signature")
-    return _Checked(parsed.serial, parsed.card_ref, tuple(
-        _Section(s.domain, s.transport_key, s.transport_key_version, s.keys) for s in parsed.sections),
-        tuple(pending))
+    return _Checked(parsed.serial, parsed.card_ref, tuple(_section(s) for s in parsed.sections), tuple(pending))
+
+
+def _section(section: bundle.ParsedSection) -> _Section:
+    # the algorithms are DES2 or SM4 here (their KCV methods were checked)
+    return _Section(
+        section.domain,
+        key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version),
+        tuple((k.wrapped, Algorithm(k.algorithm)) for k in section.keys),
+        tuple((k.name, k.usage, k.algorithm, k.kcv_method, bundle.hexs(k.kcv)) for k in section.keys))
+
+
+def verify_sm2(session: TokenSession, checked: _Checked) -> _Checked:
+    """A checked bundle with its SM2 signatures verified in ``session``'s token (C_Verify with SM2-SM3 on the
+    trusted public key); _Refused if one does not verify. A retryable HsmError or MechanismUnavailable (the token
+    or the station's mechanism profile, not the bundle: it trusts SM2 keys) is raised as it is."""
+    for spki, message, signature in checked.pending:
+        try:
+            valid = session.verify(spki, message, signature, SignatureAlgorithm.SM2_SM3)
+        except HsmError as error:
+            if error.retryable or isinstance(error, MechanismUnavailable):
+                raise
+            raise _Refused("SM2 signature could not be verified") from None
+        if not valid:
+            raise _Refused("signature")
+    return dataclasses.replace(checked, pending=())
 
 
 # -- the checking process of Station.open_many: parsing and signatures, pipelined with the token's work -----------
 
+#: Opens a session on the station's token in another process (the checking process): it is pickled to a spawned
+#: process, so a picklable callable such as ``functools.partial(runtime.open_station, config)`` (the same module
+#: and PIN reference as the station's; the PIN is resolved in that process).
+TokenOpener = Callable[[], TokenSession]
+
+_NOTICE = -1  # the sequence number of a message from the checking process that answers no chunk
+
+
 class _Checker:
     """The checking process of a station's ``open_many``: it parses and verifies the chunks sent to it over a
     pipe, in order, and answers with each bundle checked or the reason it is refused. A pipe and a process, no
-    thread in the station's process (a thread would take the GIL from the token calls). It ends when the station
-    closes it, or when the station's process ends (its pipe closes)."""
+    thread in the station's process (a thread would take the GIL from the token calls). With a ``token`` opener
+    and SM2 keys in the trust store it opens a session of its own on the station's token (SoftHSM sessions cannot
+    be shared across processes) and verifies SM2 signatures there too; if it cannot, it says so once (a warning
+    in the station's log) and leaves them ``pending`` for the station's process. It ends when the station closes
+    it, or when the station's process ends (its pipe closes)."""
 
-    def __init__(self, bureau: str, domains: tuple[str, ...], trust: TrustStore) -> None:
+    def __init__(self, bureau: str, domains: tuple[str, ...], trust: TrustStore, token: TokenOpener | None = None
+                 ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_checker_main, args=(child, bureau, domains, trust.spkis()),
+        opener = token if trust.has_sm2 else None
+        self._process = ctx.Process(target=_checker_main, args=(child, bureau, domains, trust.spkis(), opener),
                                     name="kms-station-checker", daemon=True)
         self._process.start()
         child.close()
@@ -287,6 +338,10 @@ class _Checker:
 
     def _take(self) -> None:
         seq, results = self._conn.recv()
+        if seq == _NOTICE:
+            log.warning("SM2 signatures are verified in the station's own process: its checking process cannot "
+                        "use the station's token (%s)", results)
+            return
         self._received += 1
         self._answers[seq] = cast(list[_Checked | str], results)
 
@@ -302,21 +357,45 @@ class _Checker:
         return self._process.pid
 
 
-def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]]) -> None:
+def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]],
+                  token: TokenOpener | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the station's to handle
     trust = TrustStore.from_spkis(spkis)
+    session: TokenSession | None = None
+    if token is not None:
+        try:  # one login, as the station's own (the same PIN reference): no retry if the token refuses it
+            session = token()
+        except Exception as error:
+            conn.send((_NOTICE, _why(error)))
     try:
         while True:
             seq, block = conn.recv()
             results: list[_Checked | str] = []
             for data in block:
                 try:
-                    results.append(check(data, bureau, domains, trust))
+                    checked = check(data, bureau, domains, trust)
+                    if checked.pending and session is not None:
+                        try:
+                            checked = verify_sm2(session, checked)
+                        except HsmError as error:  # the token, not the bundle: the station verifies from now on
+                            conn.send((_NOTICE, _why(error)))
+                            session.close()
+                            session = None
+                    results.append(checked)
                 except _Refused as refused:
                     results.append(refused.reason)
             conn.send((seq, results))
     except (EOFError, OSError):  # the station closed the pipe, or its process ended
         return
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _why(error: Exception) -> str:
+    """Why the checking process cannot use the token, for the station's log: kms errors are written to be shown
+    (no PIN, no key material); anything else only by its kind."""
+    return f"{type(error).__name__}: {error}" if isinstance(error, KmsError) else type(error).__name__
 
 
 class Station:
@@ -331,7 +410,12 @@ class Station:
         clock: Clock,
         *,
         check_ahead: bool = True,
+        checking_token: TokenOpener | None = None,
     ) -> None:
+        """``check_ahead``: ``open_many`` checks the next chunk in a checking process while the token works (False:
+        every check in this process). ``checking_token``: opens a session on this station's token in that process
+        (``TokenOpener``), where SM2 signatures are then verified too; without it (or if it fails) they are verified
+        in this process's token."""
         self.name = name
         self.bureau = bureau
         self.domains = domains
@@ -340,6 +424,7 @@ class Station:
         self._ledger = ledger
         self._clock = clock
         self._check_ahead = check_ahead
+        self._checking_token = checking_token
         self._checker: _Checker | None = None
 
     def close(self) -> None:
@@ -370,16 +455,11 @@ class Station:
         if store and verify_only:
             raise InvalidArgument("store", "cannot store keys in a verify-only open")
         parsed = self._checked(data)
-        unwrapped: list[tuple[_Section, StationKeys]] = []
-        try:
-            if verify_only:
-                if self._seen(parsed.serial):
-                    raise _reject("replay")
-                return self._unwrap_all(parsed, unwrapped, store=False)
-            return self._open_recorded(parsed, unwrapped, store)
-        finally:
-            for _, keys in unwrapped:
-                keys.discard()
+        if verify_only:
+            if self._seen(parsed.serial):
+                raise _reject("replay")
+            return self._unwrap_all(parsed, store=False)[0]
+        return self._open_recorded(parsed, store)
 
     def open_many(self, bundles: Iterable[bytes], *, chunk: int = 32) -> Iterator[OpenReport | BundleRejected]:
         """Open bundles as ``open(data)`` does (keys checked, not stored), but record the opened serials of up to
@@ -388,9 +468,9 @@ class Station:
 
         Pipelined: while the token unwraps one chunk's keys, the next chunk is parsed and its signatures verified
         in a checking process of this station's (started when a second chunk arrives, with ``check_ahead``; threads
-        would wait for each other's GIL): a chunk is read from ``bundles`` before the one before it is opened.
-        Every bundle is still checked before its keys are unwrapped; if the checking process fails, the chunk is
-        checked here.
+        would wait for each other's GIL), SM2 signatures too if it has a ``checking_token``: a chunk is read from
+        ``bundles`` before the one before it is opened. Every bundle is still checked before its keys are
+        unwrapped; if the checking process fails, the chunk is checked here.
 
         Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
         that refused it, once its chunk is committed. A replay is refused before any token work, also within a
@@ -425,7 +505,7 @@ class Station:
             return None
         try:
             if self._checker is None:
-                self._checker = _Checker(self.bureau, self.domains, self._trust)
+                self._checker = _Checker(self.bureau, self.domains, self._trust, self._checking_token)
             return self._checker.submit(block)
         except Exception as error:
             log.warning("bundle checks in-process: the checking process is unavailable (%s)", type(error).__name__)
@@ -489,12 +569,7 @@ class Station:
                         raise parsed
                     if parsed.serial in claimed:
                         raise _reject("replay")
-                    unwrapped: list[tuple[_Section, StationKeys]] = []
-                    try:
-                        report = self._unwrap_all(parsed, unwrapped, store=False)
-                    finally:
-                        for _, keys in unwrapped:
-                            keys.discard()
+                    report = self._unwrap_all(parsed, store=False)[0]
                 except BundleRejected as rejected:
                     results.append(rejected)
                     continue
@@ -516,23 +591,16 @@ class Station:
         return self._verify_pending(checked)
 
     def _verify_pending(self, checked: _Checked) -> _Checked:
-        """Verify a checked bundle's SM2 signatures in this station's token (C_Verify with SM2-SM3 on the
-        trusted public key); BundleRejected if one does not verify. ECDSA-only bundles pass straight through."""
+        """A checked bundle's SM2 signatures (if any: ECDSA-only bundles pass straight through) verified in this
+        station's token; BundleRejected if one does not verify."""
         if not checked.pending:
             return checked
-        for spki, message, signature in checked.pending:
-            try:
-                valid = self._session.verify(spki, message, signature, SignatureAlgorithm.SM2_SM3)
-            except HsmError as error:
-                if error.retryable or isinstance(error, MechanismUnavailable):
-                    raise  # the token or this station's mechanism profile, not the bundle (it trusts SM2 keys)
-                raise _reject("SM2 signature could not be verified") from None
-            if not valid:
-                raise _reject("signature")
-        return dataclasses.replace(checked, pending=())
+        try:
+            return verify_sm2(self._session, checked)
+        except _Refused as refused:
+            raise _reject(refused.reason) from None
 
-    def _open_recorded(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]], store: bool
-                       ) -> OpenReport:
+    def _open_recorded(self, parsed: _Checked, store: bool) -> OpenReport:
         """Open in one ledger transaction: the serial is claimed first (a replay is refused before any token work,
         with one statement rather than a look-up and an insert), the keys are unwrapped and checked, and stored
         if asked; a KCV mismatch, a refusal or an error rolls the claim back, and no stored key outlives a
@@ -546,7 +614,7 @@ class Station:
                     ))
                 except sa.exc.IntegrityError:
                     raise _reject("replay") from None
-                report = self._unwrap_all(parsed, unwrapped, store)
+                report, unwrapped = self._unwrap_all(parsed, store)
                 if not report.ok:
                     raise _Unmatched(report)
                 if store:
@@ -558,36 +626,29 @@ class Station:
             discard_objects(stored)  # the ledger rolled back: keep no keys it does not account for
             raise
 
-    def _unwrap_all(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]], store: bool
-                    ) -> OpenReport:
-        """Unwrap every section's keys (added to ``unwrapped``, for the caller to discard) and report their KCVs;
-        a report that is not ok names no labels and says nothing is stored."""
-        for section in parsed.sections:
-            unwrapped.append((section, self._unwrap(section)))
-        report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=store)
-        for section, keys in unwrapped:
-            for key, kcv in zip(section.keys, keys.kcvs, strict=True):
-                report.keys.append(KeyReport(
-                    domain=section.domain, name=key.name, usage=key.usage, algorithm=key.algorithm,
-                    kcv_method=key.kcv_method, kcv_expected=bundle.hexs(key.kcv), kcv_computed=bundle.hexs(kcv),
-                    label=card_key_label(parsed.card_ref, section.domain, key.name) if store else None,
-                ))
-        if not report.ok:
-            report.stored = False
-            report.keys = [dataclasses.replace(k, label=None) for k in report.keys]
-        return report
+    def _unwrap_all(self, parsed: _Checked, store: bool) -> tuple[OpenReport, list[StationKeys]]:
+        """Unwrap every section's keys (the token keeps none of them) and report their KCVs; a report that is not
+        ok names no labels and says nothing is stored. The checked keys, for ``_store``."""
+        unwrapped = [self._unwrap(section) for section in parsed.sections]
+        kcvs = [[kcv.hex().upper() for kcv in keys.kcvs] for keys in unwrapped]
+        ok = all(computed == key[4] for section, computed_section in zip(parsed.sections, kcvs, strict=True)
+                 for key, computed in zip(section.keys, computed_section, strict=True))
+        labelled = store and ok
+        report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=labelled, keys=[
+            KeyReport(section.domain, name, usage, algorithm, method, expected, computed,
+                      card_key_label(parsed.card_ref, section.domain, name) if labelled else None)
+            for section, computed_section in zip(parsed.sections, kcvs, strict=True)
+            for (name, usage, algorithm, method, expected), computed in zip(section.keys, computed_section,
+                                                                            strict=True)])
+        return report, unwrapped
 
     def _unwrap(self, section: _Section) -> StationKeys:
-        label = key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version)
         try:
-            algorithms = [(k.wrapped, Algorithm(k.algorithm)) for k in section.keys]
-            return self._session.unwrap_card_keys(label, algorithms)
+            return self._session.unwrap_card_keys(section.transport_label, section.sealed)
         except HsmError as error:
             if error.retryable or isinstance(error, MechanismUnavailable):
                 raise  # the token or this station's mechanism profile (the section's signature was verified)
             raise _reject("unwrap") from None
-        except ValueError:
-            raise _reject("algorithm") from None
 
     def _seen(self, serial: str) -> bool:
         with self._ledger.connect() as conn:
@@ -595,9 +656,9 @@ class Station:
                 sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial == serial)
             ).first() is not None
 
-    def _store(self, parsed: _Checked, unwrapped: list[tuple[_Section, StationKeys]]) -> list[object]:
-        groups = [(keys, [card_key_label(parsed.card_ref, section.domain, k.name) for k in section.keys])
-                  for section, keys in unwrapped]
+    def _store(self, parsed: _Checked, unwrapped: list[StationKeys]) -> list[object]:
+        groups = [(keys, [card_key_label(parsed.card_ref, section.domain, key[0]) for key in section.keys])
+                  for section, keys in zip(parsed.sections, unwrapped, strict=True)]
         taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
         if taken:
             raise AlreadyExists(f"keys of card {parsed.card_ref} are already stored at this station "

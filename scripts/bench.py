@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import json
@@ -699,7 +700,8 @@ class StationSide:
         store.create_station_ledger(self._ledger)
         self._session = runtime.open_station(cfg)
         self._station = Station(cfg.name, cfg.bureau, cfg.domains, self._session, TrustStore.load(cfg.trust),
-                                self._ledger, SystemClock(), check_ahead=check_ahead)
+                                self._ledger, SystemClock(), check_ahead=check_ahead,
+                                checking_token=functools.partial(runtime.open_station, cfg))
         self._chunk = chunk
 
     def run(self, bundles: list[bytes]) -> tuple[int, int]:

@@ -821,29 +821,37 @@ class TokenSession:
         transport_label: str,
         keys: Sequence[tuple[bytes, Algorithm]],
     ) -> StationKeys:
-        """Unwrap sealed card keys into session objects under the station's transport key and compute each KCV.
-        The caller compares KCVs and then either stores the keys (``store_station_keys``) or discards them."""
+        """Unwrap sealed card keys under the station's transport key and compute each KCV. Each key lives as a
+        session object only while its KCV is computed: it is destroyed at once (storing unwraps the sealed keys
+        again, straight into token objects: ``store_station_keys``), so nothing is left in the token whatever the
+        caller does next. The caller compares the KCVs and may then store the keys."""
         transport = self._key(transport_label)
-        made: list[Any] = []
+        kinds = {algorithm: self._card_key_kind(algorithm) for algorithm in {a for _, a in keys}}
         kcvs: list[bytes] = []
-        try:
+        with _hsm("unwrap card key"):
+            wrap, _ = self._wrap_mechanism(transport, "the station's transport key", "unwrap_key")
             for wrapped, algorithm in keys:
-                key, kcv = self._unwrap_card_key(transport, wrapped, algorithm, None)
-                made.append(key)
-                kcvs.append(kcv)
-        except BaseException:
-            _destroy_all(made)
-            raise
-        return StationKeys(transport, list(keys), made, kcvs)
+                key_type, kcv_mechanism, zero = kinds[algorithm]
+                key = transport.unwrap_key(ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=wrap,
+                                           template=_STATION_SESSION_KEY, capabilities=_NO_DEFAULT_CAPABILITIES)
+                try:
+                    key.key_type = key_type  # the type this unwrap set (saves python-pkcs11 reading it back)
+                    kcvs.append(bytes(key.encrypt(zero, mechanism=kcv_mechanism)[:3]))
+                finally:
+                    key.destroy()
+        return StationKeys(transport, list(keys), kcvs)
+
+    def _card_key_kind(self, algorithm: Algorithm) -> tuple[Any, Any, bytes]:
+        """A station card key's type, KCV mechanism and zero block; HsmError for an algorithm a card key is not."""
+        if algorithm not in (Algorithm.DES2, Algorithm.SM4):
+            raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
+        return (self._key_type(algorithm, "SM4_ECB"), *self._kcv_mechanism(algorithm))
 
     def _unwrap_card_key(self, transport: Any, wrapped: bytes, algorithm: Algorithm, label: str | None
                          ) -> tuple[Any, bytes]:
-        """One card key unwrapped by the transport key's algorithm (AES-KWP or SM4-ECB), and its KCV by the card
-        key's (TDES-ECB-ZERO8-3 or SM4-ECB-ZERO16-3)."""
-        if algorithm not in (Algorithm.DES2, Algorithm.SM4):
-            raise HsmError(f"card keys of algorithm {algorithm} are not supported at the station")
-        key_type = self._key_type(algorithm, "SM4_ECB")
-        kcv_mechanism, zero = self._kcv_mechanism(algorithm)
+        """One card key unwrapped by the transport key's algorithm (AES-KWP or SM4-ECB) as a token object labelled
+        ``label`` (a session object if None), and its KCV by the card key's (TDES-ECB-ZERO8-3 or SM4-ECB-ZERO16-3)."""
+        key_type, kcv_mechanism, zero = self._card_key_kind(algorithm)
         template = (_STATION_SESSION_KEY if label is None
                     else secret_key_template(Role.STATION_CARD_KEY, token=True, label=label))
         with _hsm("unwrap card key"):
@@ -937,25 +945,19 @@ def _p256_point(spki: bytes) -> bytes:
 
 
 class StationKeys:
-    """Card keys unwrapped at a station, held as session objects until stored or discarded."""
+    """Card keys checked at a station: the sealed keys and the KCVs the token computed for them (the unwrapped
+    session objects are already gone: ``TokenSession.unwrap_card_keys``)."""
 
-    def __init__(self, transport: Any, sealed: list[tuple[bytes, Algorithm]], keys: list[Any],
-                 kcvs: list[bytes]) -> None:
+    def __init__(self, transport: Any, sealed: list[tuple[bytes, Algorithm]], kcvs: list[bytes]) -> None:
         self._transport = transport
         self._sealed = sealed
-        self._keys = keys
         self.kcvs = kcvs
-
-    def discard(self) -> None:
-        _destroy_all(self._keys)
-        self._keys = []
 
 
 def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys, Sequence[str]]]) -> list[Any]:
-    """Store every checked key of every group as a token object with its label: all or none. The keys are
-    unwrapped again straight into token objects (a copy would need them modifiable) and each stored copy's KCV
-    must equal the checked one. The session copies are dropped either way. Returns the stored objects (for
-    ``discard_objects`` if the caller cannot commit)."""
+    """Store every checked key of every group as a token object with its label: all or none. The sealed keys are
+    unwrapped again straight into token objects and each stored copy's KCV must equal the checked one. Returns the
+    stored objects (for ``discard_objects`` if the caller cannot commit)."""
     stored: list[Any] = []
     try:
         for keys, labels in groups:
@@ -969,9 +971,6 @@ def store_station_keys(session: TokenSession, groups: Sequence[tuple[StationKeys
     except BaseException:
         _destroy_all(stored)
         raise
-    finally:
-        for keys, _ in groups:
-            keys.discard()
     return stored
 
 
