@@ -12,6 +12,8 @@ for SM4/SM2/SM3 under the codes of the `softhsm2-sm-dev` mechanism profile, not 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ from kms.errors import BundleRejected
 from kms.hsm.types import Algorithm, DeriveStep, SignatureAlgorithm
 from kms.identity import Principal
 from kms.issuance.sealer import signing_key_name
+from kms.metrics import take_hsm_calls
 from kms.registry import DOMAINS, KeyKind
 from kms.server.serve import Service
 from kms.station import OpenReport, Station, TrustStore
@@ -83,8 +86,9 @@ def sm_station(sm_home: Home, tmp_path_factory: pytest.TempPathFactory) -> Itera
     cfg = config.load_station(sm_home.station_config(STATION))
     ledger = store.make_engine(f"sqlite:///{tmp_path_factory.mktemp('sm-ledger') / 'ledger.db'}")
     store.create_station_ledger(ledger)
-    with runtime.open_station(cfg) as session, Station(cfg.name, cfg.bureau, cfg.domains, session,
-                                                       TrustStore.load(cfg.trust), ledger, SystemClock()) as station:
+    with runtime.open_station(cfg) as session, Station(
+            cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger, SystemClock(),
+            checking_token=functools.partial(runtime.open_station, cfg)) as station:
         yield station
 
 
@@ -380,13 +384,70 @@ def test_a_forged_sm2_section_is_refused_on_the_checked_ahead_path_of_open_many(
     cards = [card(90 + i, card_ref=f"ahead-{i}") for i in range(3)]
     bundles = _issue(sm_home, sm_service, "dual-app-sm-v1", cards, "B-ahead")
     forged = _resigned(bundles[2], "bank", "hrss", SignatureAlgorithm.SM2_SM3, sm_home)
-    # chunk=1: the first bundle is checked here, the next ones in the checking process (pending SM2 signatures
-    # verified in the station's token after it answers)
+    # chunk=1: the first bundle is checked here, the next ones in the checking process (SM2 signatures verified
+    # there, in a session of its own on the station's token)
     results = list(sm_station.open_many([bundles[0], bundles[1], forged], chunk=1))
     assert isinstance(results[0], OpenReport) and results[0].ok
     assert isinstance(results[1], OpenReport) and results[1].ok
     assert isinstance(results[2], BundleRejected)
     assert sm_station.open(bundles[2]).ok  # the refusal recorded nothing
+
+
+def _flipped(data: bytes) -> bytes:
+    """``data`` with a hex digit of its first section's signature changed: the key fits, C_Verify says no."""
+    at = data.index(b'"value":"') + len(b'"value":"')
+    flipped = bytearray(data)
+    flipped[at] = ord("0") if flipped[at] != ord("0") else ord("1")
+    return bytes(flipped)
+
+
+def _verifies_here(results: Iterator[OpenReport | BundleRejected]) -> tuple[list[OpenReport | BundleRejected], int]:
+    """The results, and how many signatures this process verified in its token meanwhile (the HSM port's timings)."""
+    take_hsm_calls()
+    taken = list(results)
+    return taken, sum(verb == "verify" for verb, _, _ in take_hsm_calls())
+
+
+@requires_sm_token
+def test_open_many_verifies_sm2_signatures_in_its_checking_process_with_a_token_session_of_its_own(
+        sm_home: Home, sm_service: Service, sm_station: Station, caplog: pytest.LogCaptureFixture) -> None:
+    cards = [card(100 + i, card_ref=f"checker-sm2-{i}") for i in range(4)]
+    bundles = _issue(sm_home, sm_service, "dual-app-sm-v1", cards, "B-checker-sm2")
+    forged = _flipped(bundles[3])
+    with caplog.at_level(logging.INFO, logger="kms.station"):
+        results, here = _verifies_here(sm_station.open_many([*bundles[:3], forged], chunk=2))
+    assert [isinstance(r, OpenReport) and r.ok for r in results] == [True, True, True, False]
+    assert isinstance(results[3], BundleRejected)
+    # the first chunk was checked here (2 bundles, 2 SM2 sections each); the second in the checking process
+    assert here == 4
+    assert "bundle rejected: signature" in [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sm_station.open(bundles[3]).ok  # the refusal recorded nothing
+
+
+@requires_sm_token
+def test_open_many_verifies_sm2_here_and_says_so_when_its_checking_process_cannot_open_the_token(
+        sm_home: Home, sm_service: Service, sm_station: Station, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
+    cfg = config.load_station(sm_home.station_config(STATION))
+    ledger = store.make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store.create_station_ledger(ledger)
+    # fault injection: the checking process's opener names a token that is not there
+    no_token = functools.partial(runtime.open_station, dataclasses.replace(cfg, token="no-such-token"))
+    cards = [card(110 + i, card_ref=f"checker-fallback-{i}") for i in range(4)]
+    bundles = _issue(sm_home, sm_service, "dual-app-sm-v1", cards, "B-checker-fallback")
+    forged = _flipped(bundles[3])
+    with Station(cfg.name, cfg.bureau, cfg.domains, sm_station._session, TrustStore.load(cfg.trust), ledger,
+                 SystemClock(), checking_token=no_token) as station, \
+            caplog.at_level(logging.INFO, logger="kms.station"):
+        results, here = _verifies_here(station.open_many([*bundles[:3], forged], chunk=2))
+        assert station._checker is not None  # the other checks of the second chunk were still made there
+    assert [isinstance(r, OpenReport) and r.ok for r in results] == [True, True, True, False]
+    assert here == 4 + 2 + 1  # every SM2 signature verified in this process's token (the forged one's first fails)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "checking process cannot use the station's token" in warnings[0] and "no-such-token" in warnings[0]
+    assert "bundle rejected: signature" in [r.getMessage() for r in caplog.records]
 
 
 @requires_sm_token

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers import card, seal
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from kms import bundle, store
+from kms import bundle, config, runtime, store
 from kms.clock import SystemClock
 from kms.errors import BundleRejected
 from kms.hsm.session import TokenSession
@@ -485,6 +487,20 @@ def test_without_check_ahead_no_process_is_started(
     results = list(alone.open_many([seal(sealers, card(100 + i)) for i in range(3)], chunk=1))
     assert all(isinstance(r, OpenReport) and r.ok for r in results)
     assert alone._checker is None
+
+
+def test_a_checking_process_opens_no_token_for_a_trust_store_without_sm2_keys(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession,
+    station_config: config.StationConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an opener that would fail (no such token): never called, since ECDSA signatures need no token
+    no_token = functools.partial(runtime.open_station, dataclasses.replace(station_config, token="no-such-token"))
+    with Station(station.name, station.bureau, station.domains, station_session, station._trust, station._ledger,
+                 SystemClock(), checking_token=no_token) as ahead, caplog.at_level(logging.INFO, logger="kms.station"):
+        results = list(ahead.open_many([seal(sealers, card(105 + i)) for i in range(3)], chunk=1))
+        assert ahead._checker is not None
+    assert all(isinstance(r, OpenReport) and r.ok for r in results)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_open_many_opens_both_chunks_read_when_the_source_fails_in_the_second(

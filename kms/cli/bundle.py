@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -120,7 +121,7 @@ def _open(args: argparse.Namespace) -> int:
 
     with runtime.open_station(cfg) as session:
         station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
-                          SystemClock())
+                          SystemClock(), checking_token=functools.partial(runtime.open_station, cfg))
         if args.store or args.verify_only:
             results: Iterator[OpenReport | errors.BundleRejected] = _one_by_one(
                 station, read(), store=args.store, verify_only=args.verify_only)

@@ -4,6 +4,7 @@ unwrap public key, and takes a transport key a ceremony left for it."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -89,7 +90,7 @@ def _fetch(args: argparse.Namespace) -> int:
         store.create_station_ledger(ledger)
         session = runtime.open_station(cfg)
         station = Station(cfg.name, cfg.bureau, cfg.domains, session, TrustStore.load(cfg.trust), ledger,
-                          SystemClock())
+                          SystemClock(), checking_token=functools.partial(runtime.open_station, cfg))
     backoff = Backoff(retries=args.retries, seconds=args.retry_for)
     progress: Progress | None = None
 
