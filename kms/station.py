@@ -12,7 +12,9 @@ import base64
 import dataclasses
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,15 +316,13 @@ class _Checker:
                                     name="kms-station-checker", daemon=True)
         self._process.start()
         child.close()
-        self._sent = self._received = 0
+        self._sent = 0
         self._answers: dict[int, list[_Checked | str]] = {}
 
     def submit(self, block: list[bytes]) -> int:
-        """Send a chunk to be checked; returns its ticket for ``result``. The answers sent before are read first
-        (their chunks are checked by then: open_many needs the answer before this one next), so that neither
-        side ever waits to write into a pipe the other is not reading."""
-        while self._received < self._sent:
-            self._take()
+        """Send bundles to be checked; returns their ticket for ``result``. The checking process reads requests
+        as they come (a thread of its own), so this never waits for it to finish checking what was sent before,
+        and it never waits on this process reading its answers."""
         self._conn.send((self._sent, block))
         self._sent += 1
         return self._sent - 1
@@ -342,7 +342,6 @@ class _Checker:
             log.warning("SM2 signatures are verified in the station's own process: its checking process cannot "
                         "use the station's token (%s)", results)
             return
-        self._received += 1
         self._answers[seq] = cast(list[_Checked | str], results)
 
     def close(self) -> None:
@@ -367,9 +366,19 @@ def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[
             session = token()
         except Exception as error:
             conn.send((_NOTICE, _why(error)))
+    requests: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
+
+    def read() -> None:  # requests are read as they come, so that the station never waits to send one
+        try:
+            while True:
+                requests.put(conn.recv())
+        except (EOFError, OSError):  # the station closed the pipe, or its process ended
+            requests.put(None)
+
+    threading.Thread(target=read, name="kms-station-checker-requests", daemon=True).start()
     try:
-        while True:
-            seq, block = conn.recv()
+        while (request := requests.get()) is not None:
+            seq, block = request
             results: list[_Checked | str] = []
             for data in block:
                 try:
@@ -385,7 +394,7 @@ def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[
                 except _Refused as refused:
                     results.append(refused.reason)
             conn.send((seq, results))
-    except (EOFError, OSError):  # the station closed the pipe, or its process ended
+    except OSError:  # the station's process ended
         return
     finally:
         if session is not None:
@@ -483,12 +492,12 @@ class Station:
         if chunk < 1:
             raise InvalidArgument("chunk", "must be at least 1")
         source = iter(bundles)
-        pending: tuple[list[bytes], int | None] | None = None  # read, not yet opened
+        pending: tuple[list[bytes], list[_Part]] | None = None  # read, not yet opened
         while True:
             block, failure = _take(source, chunk)
             job = None
             if block:  # checked ahead in the checking process while the chunk before it is opened
-                job = (block, self._submit(block) if pending is not None else None)
+                job = (block, [(block, self._submit(block))] if pending is not None else self._first(block))
             if pending is not None:
                 yield from self._open_chunk(*pending)
             pending = job
@@ -498,6 +507,15 @@ class Station:
                 if failure is not None:
                     raise failure
                 return
+
+    def _first(self, block: list[bytes]) -> list[_Part]:
+        """The first chunk of an ``open_many``: checked here, or, if the checking process is already running (an
+        earlier ``open_many``), its first bundles here and the rest there meanwhile, in two parts, so that the
+        token starts on the first bundles while the checking process checks the rest."""
+        if self._checker is None or len(block) <= _FIRST_HERE:
+            return [(block, None)]
+        here, soon, later = block[:_FIRST_HERE], block[_FIRST_HERE:3 * _FIRST_HERE], block[3 * _FIRST_HERE:]
+        return [(here, None), (soon, self._submit(soon)), *([(later, self._submit(later))] if later else [])]
 
     def _submit(self, block: list[bytes]) -> int | None:
         """``block`` checked in the checking process (started on first use), or None: checked here."""
@@ -539,10 +557,9 @@ class Station:
         except BundleRejected as rejected:
             return rejected
 
-    def _open_chunk(self, block: list[bytes], ahead: int | None
-                    ) -> list[OpenReport | BundleRejected]:
+    def _open_chunk(self, block: list[bytes], parts: list[_Part]) -> list[OpenReport | BundleRejected]:
         try:
-            return self._open_chunk_once(self._check_block(block, ahead))
+            return self._open_chunk_once(parts)
         except sa.exc.IntegrityError:
             # Another process recorded one of these serials after this one looked: the chunk was rolled back
             # (nothing stored, nothing recorded), so each bundle is opened again on its own.
@@ -554,29 +571,34 @@ class Station:
                     results.append(rejected)
             return results
 
-    def _open_chunk_once(self, checked: list[_Checked | BundleRejected]) -> list[OpenReport | BundleRejected]:
+    def _open_chunk_once(self, parts: list[_Part]) -> list[OpenReport | BundleRejected]:
+        """Open a chunk's parts in order, in one ledger transaction: each part's checks taken (here or from the
+        checking process), its serials looked up in one statement, its keys unwrapped; then every opened serial
+        recorded in one statement and one commit."""
         results: list[OpenReport | BundleRejected] = []
-        serials = [p.serial for p in checked if isinstance(p, _Checked)]
         with self._ledger.begin() as conn:
-            # one look-up for the chunk's serials, in the transaction that records them
-            claimed = set(conn.execute(
-                sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial.in_(serials))).scalars())
+            claimed: set[str] = set()
             rows = []
             opened_at = rfc3339(self._clock.now())
-            for parsed in checked:
-                try:
-                    if isinstance(parsed, BundleRejected):
-                        raise parsed
-                    if parsed.serial in claimed:
-                        raise _reject("replay")
-                    report = self._unwrap_all(parsed, store=False)[0]
-                except BundleRejected as rejected:
-                    results.append(rejected)
-                    continue
-                results.append(report)
-                if report.ok:
-                    claimed.add(parsed.serial)
-                    rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref, "opened_at": opened_at})
+            for part in parts:
+                checked = self._check_block(*part)
+                serials = [p.serial for p in checked if isinstance(p, _Checked)]
+                claimed.update(conn.execute(
+                    sa.select(opened_bundles.c.serial).where(opened_bundles.c.serial.in_(serials))).scalars())
+                for parsed in checked:
+                    try:
+                        if isinstance(parsed, BundleRejected):
+                            raise parsed
+                        if parsed.serial in claimed:
+                            raise _reject("replay")
+                        report = self._unwrap_all(parsed, store=False)[0]
+                    except BundleRejected as rejected:
+                        results.append(rejected)
+                        continue
+                    results.append(report)
+                    if report.ok:
+                        claimed.add(parsed.serial)
+                        rows.append({"serial": parsed.serial, "card_ref": parsed.card_ref, "opened_at": opened_at})
             if rows:
                 conn.execute(opened_bundles.insert(), rows)
         return results
@@ -631,8 +653,8 @@ class Station:
         ok names no labels and says nothing is stored. The checked keys, for ``_store``."""
         unwrapped = [self._unwrap(section) for section in parsed.sections]
         kcvs = [[kcv.hex().upper() for kcv in keys.kcvs] for keys in unwrapped]
-        ok = all(computed == key[4] for section, computed_section in zip(parsed.sections, kcvs, strict=True)
-                 for key, computed in zip(section.keys, computed_section, strict=True))
+        ok = all(computed == expected for section, computed_section in zip(parsed.sections, kcvs, strict=True)
+                 for (*_, expected), computed in zip(section.keys, computed_section, strict=True))
         labelled = store and ok
         report = OpenReport(serial=parsed.serial, card_ref=parsed.card_ref, stored=labelled, keys=[
             KeyReport(section.domain, name, usage, algorithm, method, expected, computed,
@@ -657,7 +679,7 @@ class Station:
             ).first() is not None
 
     def _store(self, parsed: _Checked, unwrapped: list[StationKeys]) -> list[object]:
-        groups = [(keys, [card_key_label(parsed.card_ref, section.domain, key[0]) for key in section.keys])
+        groups = [(keys, [card_key_label(parsed.card_ref, section.domain, name) for name, *_ in section.keys])
                   for section, keys in zip(parsed.sections, unwrapped, strict=True)]
         taken = [label for _, labels in groups for label in labels if self._session.has_key(label)]
         if taken:
@@ -677,6 +699,12 @@ def _take(source: Iterator[bytes], n: int) -> tuple[list[bytes], BaseException |
     except BaseException as error:
         return block, error
     return block, None
+
+
+#: Bundles to open and where they are checked: here (None) or the checking process's ticket for them.
+_Part = tuple[list[bytes], int | None]
+#: Bundles of an open_many's first chunk checked in the station's process when its checking process is running.
+_FIRST_HERE = 4
 
 
 class _Unmatched(Exception):

@@ -489,6 +489,38 @@ def test_without_check_ahead_no_process_is_started(
     assert alone._checker is None
 
 
+def test_a_later_open_many_checks_its_first_chunk_partly_in_the_running_checking_process(
+    sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    first = [seal(sealers, card(120 + i)) for i in range(2)]
+    assert all(isinstance(r, OpenReport) and r.ok for r in station.open_many(first, chunk=1))
+    assert station._checker is not None  # running: the next open_many's first chunk is split with it
+    good = [seal(sealers, card(122 + i)) for i in range(13)]
+    doc = _doc(good[12])
+    created = doc["sections"][1]["body"]["created_at"]
+    doc["sections"][1]["body"]["created_at"] = created.replace(created[:4], str(int(created[:4]) - 1), 1)  # unsigned
+    # one chunk of 16: bundles 0-3 checked here, 4-11 and 12-15 in the checking process; replays across the parts
+    # (within the chunk, and of the earlier open_many) are refused like any other
+    chunk = [*good[:12], _encode(doc), good[1], good[5], first[0]]
+    submitted = []
+    submit = station._checker.submit
+
+    def counted(block: list[bytes]) -> int:  # the parts sent to the checking process, counted
+        submitted.append(len(block))
+        return submit(block)
+
+    station._checker.submit = counted  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger="kms.station"):
+        results = list(station.open_many(chunk, chunk=16))
+    assert submitted == [8, 4]
+    assert [isinstance(r, OpenReport) and r.ok for r in results] == [True] * 12 + [False] * 4
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bundle rejected")]
+    assert reasons == ["bundle rejected: signature"] + ["bundle rejected: replay"] * 3
+    assert [station._seen(bundle.parse(d).serial) for d in good] == [True] * 12 + [False]
+    assert [o for o in station_session.objects() if not o.token] == []
+
+
 def test_a_checking_process_opens_no_token_for_a_trust_store_without_sm2_keys(
     sealers: dict[str, DomainSealer], station: Station, station_session: TokenSession,
     station_config: config.StationConfig, caplog: pytest.LogCaptureFixture
