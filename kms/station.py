@@ -478,8 +478,10 @@ class Station:
         Pipelined: while the token unwraps one chunk's keys, the next chunk is parsed and its signatures verified
         in a checking process of this station's (started when a second chunk arrives, with ``check_ahead``; threads
         would wait for each other's GIL), SM2 signatures too if it has a ``checking_token``: a chunk is read from
-        ``bundles`` before the one before it is opened. Every bundle is still checked before its keys are
-        unwrapped; if the checking process fails, the chunk is checked here.
+        ``bundles`` before the one before it is opened. The first chunk is checked here, or, if the checking
+        process is already running (an earlier ``open_many``), partly here and partly there (``_first``). Every
+        bundle is still checked before its keys are unwrapped; if the checking process fails, the chunk is checked
+        here.
 
         Yields, in order, each bundle's report (``ok`` False: a KCV mismatch, not recorded) or the BundleRejected
         that refused it, once its chunk is committed. A replay is refused before any token work, also within a
