@@ -9,11 +9,15 @@ they stored (on request) as token objects, so a refused bundle leaves nothing be
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -296,6 +300,13 @@ def verify_sm2(session: TokenSession, checked: _Checked) -> _Checked:
 TokenOpener = Callable[[], TokenSession]
 
 _NOTICE = -1  # the sequence number of a message from the checking process that answers no chunk
+_SEND_BUFFER = 1 << 20  # bytes the station's end of the pipe holds (the kernel may cap it: net.core.wmem_max)
+
+
+def _send_buffer(conn: Any, size: int) -> None:
+    """Ask for a larger send buffer on a pipe end (a Unix socket pair); the default is kept if it is refused."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as end:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class _Checker:
@@ -311,6 +322,7 @@ class _Checker:
                  ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
+        _send_buffer(self._conn, _SEND_BUFFER)  # a chunk goes into the pipe at once, not as the reader takes it
         opener = token if trust.has_sm2 else None
         self._process = ctx.Process(target=_checker_main, args=(child, bureau, domains, trust.spkis(), opener),
                                     name="kms-station-checker", daemon=True)
@@ -375,6 +387,9 @@ def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[
         except (EOFError, OSError):  # the station closed the pipe, or its process ended
             requests.put(None)
 
+    # the reader takes the GIL from the checks within a millisecond (not the default 5 ms), so that a chunk the
+    # station sends (larger than a pipe holds) does not keep it waiting
+    sys.setswitchinterval(0.001)
     threading.Thread(target=read, name="kms-station-checker-requests", daemon=True).start()
     try:
         while (request := requests.get()) is not None:

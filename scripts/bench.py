@@ -19,7 +19,8 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    the audit public key, the server's log must hold no traceback and no failed checkpoint, and after it stops its
    last checkpoint must cover every record. Otherwise the bench fails (exit 1).
 4. Station open vs raw unwrap (goal >= 80 %): kms.station.Station.open_many (parse, both sections' signatures
-   verified -- the next chunk's in the station's checking process while the token works on this one --, every key
+   verified -- the next chunk's in the station's checking process while the token works on this one, SM2 ones in
+   that process's own session on the station's token --, every key
    unwrapped into the station's token and its KCV computed, the serials recorded in a fresh ledger, one commit per
    32 bundles, the keys discarded) on --station-cards bundles the station received in round 1 of part 2; the same
    with check_ahead off (every check in the station's process); Station.open (a commit per bundle); against
@@ -856,7 +857,8 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
     print(f"4. station open vs raw unwrap loop, {n} bundles of part 2 per round ({per_bundle} keys each), "
           f"{STATION}'s token, each side in a fresh process of its own per round, warmed up alike, the sides taking "
           f"turns every {STATION_BLOCK} bundles in every order: Station.open_many (parse, 2 signatures verified "
-          f"-- the next chunk's in its checking process while the token works --, unwrap + KCV per key, serials "
+          f"-- the next chunk's in its checking process while the token works, SM2 in its own token session --, "
+          f"unwrap + KCV per key, serials "
           f"recorded in a fresh SQLite ledger, one commit per {STATION_CHUNK} bundles, keys discarded), the same "
           "with every check in its own process (check_ahead off), and Station.open (one commit per bundle) vs "
           "unwrap + KCV + destroy per key")
