@@ -216,6 +216,16 @@ def test_generate_signing_key_proposals_are_checked_naming_the_field(plain_home:
             assert caught.value.field == field, (params, caught.value)
         with pytest.raises(InvalidArgument, match="token does not offer sm2"):
             carol.propose("generate-signing-key", {"name": "issuance-sm2"})
+    # The command line: one line on stderr naming the field, exit status 2; a good proposal is open.
+    cli = ("ceremony", "propose", "--client", str(plain_home.client_config(officer("bank", 0))), "--server",
+           f"localhost:{port}")
+    bad = kms(*cli, "generate-signing-key", "name=issuance-sm2", "algorithm=sm2")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "params.algorithm" in bad.stderr, bad.stderr
+    good = json.loads(kms(*cli, "generate-signing-key", "name=issuance", "--json", check=True).stdout)
+    assert (good["operation"], good["params"], good["state"]) == (
+        "generate-signing-key", {"name": "issuance", "algorithm": "ecdsa-p256"}, "open")
+    with client(plain_home, port, officer("bank", 0)) as c:
+        CeremonyClient(c).cancel(good["ceremony_id"])
 
 
 def test_a_version_awaiting_activation_blocks_the_next_and_can_be_destroyed(plain_home: Home, plain_service: object
