@@ -1,8 +1,9 @@
 """Dual control enforced by the domain worker service itself (``kms worker``), not only by the front end.
 
 Each key-changing step a ceremony runs in a domain's token (kms.ceremony.keyops: create_key, export_components,
-transport_key_for_rsa, discard_key, destroy_key) arrives at the worker service naming the ceremony it executes. The
-worker then decides on its own, from the database and its own trust file, whether that step may run:
+transport_key_for_rsa, discard_key, destroy_key, generate_signing_key) arrives at the worker service naming the
+ceremony it executes. The worker then decides on its own, from the database and its own trust file, whether that
+step may run:
 
 - the ceremony exists, is of the worker's domain, is ``executing`` and its proposal not expired for longer than an
   execution may take (kms.ceremony.store.EXECUTION_TIMEOUT);
@@ -50,7 +51,8 @@ from kms.identity import Principal, parse_uri
 from kms.registry import KeyKind
 
 #: The keyops steps that change a token, by the name the worker API gives them.
-KEY_CHANGING = ("create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key")
+KEY_CHANGING = ("create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key",
+                "generate_signing_key")
 TRUST_FORMAT = "kms-worker-officers"
 #: How far in the future a proposal's creation time may lie by the worker's clock.
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -186,6 +188,8 @@ class _Expected:
                                           tuple(self._recipients(p["recipients"])), r.ceremony_id)}
         if op == "destroy-key":
             return {"destroy_key": (p["kind"], p["name"], p["version"])}
+        if op == "generate-signing-key":
+            return {"generate_signing_key": (p["name"], p["algorithm"])}
         if op == "register-transport-key":
             method = p.get("method")
             if method == "rsa-oaep":
@@ -218,7 +222,7 @@ def normalize(step: str, arguments: Sequence[Any]) -> tuple[Any, ...]:
         return (a[0], a[1], a[2], recipients, a[4])
     if step == "transport_key_for_rsa":  # bureau, recipient SPKI (DER)
         return (a[0], bytes(a[1]))
-    return a  # discard_key, destroy_key: kind, name, version
+    return a  # discard_key, destroy_key: kind, name, version; generate_signing_key: name, algorithm
 
 
 #: What the arguments of each step are called (for the message naming the first that differs).
@@ -228,6 +232,7 @@ _ARGUMENT_NAMES = {
     "transport_key_for_rsa": ("bureau", "recipient_spki"),
     "discard_key": ("kind", "name", "version"),
     "destroy_key": ("kind", "name", "version"),
+    "generate_signing_key": ("name", "algorithm"),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from kms import bundle
 from kms.cards.profiles import Profile
 from kms.ceremony import keyops
 from kms.ceremony.handoffs import TransportHandoffs
@@ -31,10 +32,13 @@ from kms.issuance.limits import check_params as check_limits
 from kms.issuance.workers import Pool
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
+from kms.station import spki_pem
 from kms.validation import NAME, unknown_keys
 
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
 _KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
+#: The kinds set-key-state and destroy-key act on: also the domains' issuance signing keys (generate-signing-key).
+_STATE_KINDS = (*_KINDS, KeyKind.SIGNING)
 TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
 MAX_INT = 2**31 - 1  # the largest integer parameter (key versions)
 
@@ -125,8 +129,9 @@ def _custodians(ctx: Context, domain: str, params: Mapping[str, Any], name: str)
     return sorted(value)
 
 
-def _existing(ctx: Context, domain: str, params: Mapping[str, Any]) -> tuple[str, str, int]:
-    kind = _choice(params, "kind", tuple(k.value for k in _KINDS), KeyKind.MASTER.value)
+def _existing(ctx: Context, domain: str, params: Mapping[str, Any], kinds: tuple[KeyKind, ...] = _KINDS
+              ) -> tuple[str, str, int]:
+    kind = _choice(params, "kind", tuple(k.value for k in kinds), KeyKind.MASTER.value)
     name, version = _str(params, "name"), _int(params, "version")
     ctx.registry.get(domain, KeyKind(kind), name, version)  # NotFound names it
     return kind, name, version
@@ -379,19 +384,22 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     _only(p, {"name", "version", "state"}, {"kind"})
-    kind, name, version = _existing(ctx, domain, p)
+    kind, name, version = _existing(ctx, domain, p, _STATE_KINDS)
     state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
     _activation_allowed(ctx.registry.get(domain, KeyKind(kind), name, version), KeyState(state))
     return {"kind": kind, "name": name, "version": version, "state": state}
 
 
 def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
-    """Activation by ceremony: a suspended key again, or a transport key whose bureau confirmed its KCV out of band
-    (components). A master key becomes active only inside the ceremony that made it, after its KCV check."""
+    """Activation by ceremony: a suspended key again, a transport key whose bureau confirmed its KCV out of band
+    (components), or a signing key generate-signing-key made, once the bureaus' stations trust its public key. A
+    master key becomes active only inside the ceremony that made it, after its KCV check."""
     if to is KeyState.ACTIVE and record.state is not KeyState.SUSPENDED and not (
-            record.kind is KeyKind.TRANSPORT and record.state is KeyState.PRE_ACTIVATION):
+            record.kind in (KeyKind.TRANSPORT, KeyKind.SIGNING) and record.state is KeyState.PRE_ACTIVATION):
         raise InvalidArgument("params.state", f"{record.label} is {record.state.value}: only a suspended key, or a "
-                                              "transport key awaiting its bureau, can be made active")
+                                              "transport or signing key awaiting activation, can be made active")
+    if to is KeyState.ACTIVE and record.kind is KeyKind.SIGNING and not record.public_key:
+        raise InvalidArgument("params.version", f"{record.label} has no public key on record: it was never made")
 
 
 def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
@@ -405,7 +413,7 @@ def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 def _check_destroy(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     _only(p, {"name", "version"}, {"kind"})
-    kind, name, version = _existing(ctx, domain, p)
+    kind, name, version = _existing(ctx, domain, p, _STATE_KINDS)
     return {"kind": kind, "name": name, "version": version}
 
 
@@ -413,6 +421,47 @@ def _run_destroy(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     return dict(pool_for(ctx, c.domain).call(keyops.destroy_key, p["kind"], p["name"], p["version"],
                                              ceremony=c.ceremony_id))
+
+
+SIGNING_ALGORITHMS = tuple(keyops.SIGNING_ALGORITHMS)
+
+
+def _check_signing(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """generate-signing-key (name, algorithm): the next version of one of the issuance signing keys the sealer signs
+    with (``issuance``: ecdsa-p256; ``issuance-sm2``: sm2; the algorithm defaults to the name's). None of its
+    versions may still await activation, and SM2 only where the domain's worker finds its token and mechanism
+    profile offer it."""
+    _only(p, {"name"}, {"algorithm"})
+    name = _str(p, "name")
+    by_name = {keyops.signing_key_name(a): a for a in SIGNING_ALGORITHMS}
+    if name not in by_name:
+        raise InvalidArgument("params.name", "must be the name of an issuance signing key: "
+                                             + ", ".join(f"{n} ({a})" for n, a in by_name.items()))
+    algorithm = _choice(p, "algorithm", SIGNING_ALGORITHMS, by_name[name])
+    if algorithm != by_name[name]:
+        raise InvalidArgument("params.algorithm", f"{name} keys are {by_name[name]}; sections signed with "
+                                                  f"{algorithm} use {keyops.signing_key_name(algorithm)}")
+    for record in ctx.registry.versions(domain, KeyKind.SIGNING, name):
+        if record.state is KeyState.PRE_ACTIVATION:
+            raise InvalidArgument("params.name", f"{record.label} awaits activation: activate it (set-key-state) "
+                                                 "or destroy it (destroy-key) first")
+    # ECDSA P-256 is what every domain's token signs ceremony minutes with already; SM2 is asked of the token.
+    if algorithm != "ecdsa-p256" and algorithm not in pool_for(ctx, domain).call(keyops.signature_algorithms):
+        raise InvalidArgument("params.algorithm", f"the {domain} token does not offer {algorithm} (its mechanism "
+                                                  "profile, hsm.mechanisms, or its mechanism list lacks it)")
+    return {"name": name, "algorithm": algorithm}
+
+
+def _run_signing(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    """The key pair made pre-activation; the result (and so the minutes) carries its public key as PEM, with the
+    SHA-256 of its SubjectPublicKeyInfo and the key id sections will name, for each bureau's station trust store."""
+    p = c.params
+    made = dict(pool_for(ctx, c.domain).call(keyops.generate_signing_key, p["name"], p["algorithm"],
+                                             ceremony=c.ceremony_id))
+    spki = bytes(made.pop("public_key"))
+    return {**made, "public_key": spki_pem(spki).decode("ascii"),
+            "spki_sha256": hashlib.sha256(spki).hexdigest(), "key_id": bundle.key_id(spki),
+            "trust_file": f"{c.domain}-{p['name']}-v{made['version']}.pem"}
 
 
 def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,6 +548,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               params="bureau=BUREAU and method=rsa-oaep station=NAME public_key=@PEM | method=import-components "
                      "kcv=HEX custodians=A,B[,...] [custody_key=FINGERPRINT] | method=export-components "
                      "recipients=A,B[,...]"),
+    Operation("generate-signing-key", "an issuance signing key pair (next version), pre-activation, in the HSM",
+              _check_signing, _run_signing, params="name=issuance|issuance-sm2 [algorithm=ecdsa-p256|sm2]"),
     Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,
               _run_state, params="name=NAME version=N state=STATE [kind=KIND]"),
     Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy,

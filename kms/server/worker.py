@@ -296,6 +296,22 @@ def _key_ref(m: pb.KeyRef, domain: str) -> tuple[Any, ...]:
     return kind, name, version
 
 
+def _generate_signing(m: pb.GenerateSigningKey, domain: str) -> tuple[Any, ...]:
+    return _name(m.name, "name"), _choice(m.algorithm, tuple(keyops.SIGNING_ALGORITHMS), "algorithm")
+
+
+def _signing_message(made: dict[str, Any]) -> pb.KeyOperationResponse:
+    return pb.KeyOperationResponse(signing_key=pb.SigningKey(
+        label=made["label"], version=made["version"], state=made["state"], algorithm=made["algorithm"],
+        public_key=made["public_key"]))
+
+
+def _signing_from(r: pb.KeyOperationResponse) -> dict[str, Any]:
+    made = r.signing_key
+    return {"label": made.label, "version": made.version, "state": made.state, "algorithm": made.algorithm,
+            "public_key": made.public_key}
+
+
 #: PANs in one protect_pans call: the front end sends them a chunk at a time (kms.issuance.pans.PanVault).
 MAX_PANS_PER_CALL = pans.MAX_PANS_PER_CALL
 
@@ -383,6 +399,13 @@ OPERATIONS: tuple[Operation, ...] = (
               _protect, lambda made: pb.KeyOperationResponse(pans=pb.ProtectedPans(pans=[
                   pb.ProtectedPan(sealed=s, index=i, pan_psn_index=j) for s, i, j in made])),
               lambda r: [(p.sealed, p.index, p.pan_psn_index) for p in r.pans.pans]),
+    Operation("generate_signing_key", keyops.generate_signing_key,
+              lambda name, algorithm: pb.GenerateSigningKey(name=name, algorithm=algorithm), _generate_signing,
+              _signing_message, _signing_from),
+    Operation("signature_algorithms", keyops.signature_algorithms, lambda: pb.SignatureAlgorithmsRequest(),
+              lambda m, domain: (),
+              lambda offered: pb.KeyOperationResponse(algorithms=pb.SignatureAlgorithms(algorithms=offered)),
+              lambda r: list(r.algorithms.algorithms)),
 )
 BY_FIELD = {op.field: op for op in OPERATIONS}
 

@@ -277,3 +277,22 @@ def test_minutes_claiming_execution_or_genesis_need_their_approvals(world: World
         {"name": "alice"}, {"name": "bob"}]}, quorum_required=False)
     with pytest.raises(PermissionDenied, match="need the approval of every officer they list"):
         world.dual.check_minutes(_minutes(world, record.ceremony_id, state="executed"))
+
+
+SIGNING = {"name": "issuance-sm2", "algorithm": "sm2"}
+
+
+@pytest.mark.parametrize(("step", "arguments", "refused"), [
+    ("generate_signing_key", ("issuance-sm2", "sm2"), None),
+    ("generate_signing_key", ("issuance", "sm2"), "name is not what the approved proposal says"),
+    ("generate_signing_key", ("issuance-sm2", "ecdsa-p256"), "algorithm is not what the approved proposal says"),
+    ("create_key", CREATE, "generate-signing-key does not run create_key"),
+])
+def test_generate_signing_key_runs_only_the_approved_key_pair(world: World, step: str, arguments: tuple[Any, ...],
+                                                               refused: str | None) -> None:
+    ceremony_id = world.approved("generate-signing-key", SIGNING)
+    if refused is None:
+        assert world.executing(ceremony_id, step, arguments) == {"version": 1}
+    else:
+        with pytest.raises(PermissionDenied, match=refused):
+            world.executing(ceremony_id, step, arguments)

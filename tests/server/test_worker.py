@@ -151,6 +151,28 @@ def test_ceremony_key_operations_run_in_the_worker_services(home: Home, remote: 
     public.verify(minutes.signature, minutes.document, ec.ECDSA(hashes.SHA256()))
 
 
+def test_a_signing_key_is_made_and_destroyed_in_the_worker_service(home: Home, remote: Service) -> None:
+    """generate-signing-key through the bank worker service (its own check of the ceremony, the key pair in its
+    token, the public key back to the front end), then destroy-key of that pending version; SM2 is refused when
+    proposed, the worker service finding that the standard token does not offer it."""
+    registry = remote.issuance.registry
+    active = registry.active("bank", KeyKind.SIGNING, "issuance")
+    made = run_ceremony(home, remote.port, "bank", "generate-signing-key", {"name": "issuance"})
+    assert made.state == "executed", made.error
+    result = json.loads(made.result_json)
+    record = registry.get("bank", KeyKind.SIGNING, "issuance", result["version"])
+    assert record.public_key is not None and result["key_id"] == bundle.key_id(record.public_key)
+    public = serialization.load_der_public_key(record.public_key)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    destroyed = run_ceremony(home, remote.port, "bank", "destroy-key",
+                             {"kind": "signing", "name": "issuance", "version": result["version"]})
+    assert destroyed.state == "executed", destroyed.error
+    assert registry.active("bank", KeyKind.SIGNING, "issuance") == active  # the shared home's key signs on
+    with service_client(home, remote, CAROL) as carol, pytest.raises(InvalidArgument) as caught:
+        CeremonyClient(carol).propose("generate-signing-key", {"name": "issuance-sm2"})
+    assert caught.value.field == "params.algorithm" and "does not offer sm2" in caught.value.reason
+
+
 def test_an_import_ceremony_checks_and_joins_components_in_the_worker_service(home: Home, remote: Service) -> None:
     name = f"wrk-imp-{secrets.token_hex(3)}"
     parts = {who: bytearray(secrets.token_bytes(16)) for who in (BOB, CHEN)}
