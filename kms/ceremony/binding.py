@@ -193,13 +193,15 @@ class _Expected:
         if op == "register-transport-key":
             method = p.get("method")
             if method == "rsa-oaep":
-                return {"transport_key_for_rsa": (p["bureau"], _der(p["public_key"]))}
+                return {"transport_key_for_rsa": (p["bureau"], _der(p["public_key"]),
+                                                  p.get("algorithm", Algorithm.AES256.value))}
             if method == "import-components":
                 return {"create_key": (transport, p["bureau"], p.get("algorithm", Algorithm.AES256.value),
                                        _yes(p), p["kcv"], tuple(sorted(self._officer_uris(p["custodians"]))), False)}
             if method == "export-components":
                 steps: dict[str, tuple[Any, ...]] = {
-                    "create_key": (transport, p["bureau"], Algorithm.AES256.value, True, None, (), False)}
+                    "create_key": (transport, p["bureau"], p.get("algorithm", Algorithm.AES256.value), True, None,
+                                   (), False)}
                 if "create_key" in made:  # then the key it made: exported, or discarded if that failed
                     version = made["create_key"]
                     steps["export_components"] = (transport, p["bureau"], version,
@@ -220,8 +222,8 @@ def normalize(step: str, arguments: Sequence[Any]) -> tuple[Any, ...]:
         except (ValueError, UnicodeEncodeError):
             raise PermissionDenied("export_components: a recipient's public key is not a PEM public key") from None
         return (a[0], a[1], a[2], recipients, a[4])
-    if step == "transport_key_for_rsa":  # bureau, recipient SPKI (DER)
-        return (a[0], bytes(a[1]))
+    if step == "transport_key_for_rsa":  # bureau, recipient SPKI (DER), algorithm (AES256 when not given)
+        return (a[0], bytes(a[1]), a[2] if len(a) > 2 else Algorithm.AES256.value)
     return a  # discard_key, destroy_key: kind, name, version; generate_signing_key: name, algorithm
 
 
@@ -229,7 +231,7 @@ def normalize(step: str, arguments: Sequence[Any]) -> tuple[Any, ...]:
 _ARGUMENT_NAMES = {
     "create_key": ("kind", "name", "algorithm", "escrow", "expected_kcv", "custodians", "activate"),
     "export_components": ("kind", "name", "version", "recipients", "ceremony_id"),
-    "transport_key_for_rsa": ("bureau", "recipient_spki"),
+    "transport_key_for_rsa": ("bureau", "recipient_spki", "algorithm"),
     "discard_key": ("kind", "name", "version"),
     "destroy_key": ("kind", "name", "version"),
     "generate_signing_key": ("name", "algorithm"),

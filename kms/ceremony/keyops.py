@@ -91,8 +91,8 @@ def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, ex
     KCV must equal ``expected_kcv`` before it becomes active; otherwise it is destroyed). With ``activate`` false
     it stays pre-activation (a transport key waits for its bureau)."""
     key_kind, alg = KeyKind(kind), Algorithm(algorithm)
-    if key_kind is KeyKind.TRANSPORT and alg is not Algorithm.AES256:
-        raise InvalidArgument("algorithm", "transport keys are AES256")
+    if key_kind is KeyKind.TRANSPORT:
+        transport_algorithm_offered(w, alg, generate=not sealed)
     record = w.registry.add(w.domain, key_kind, name, alg.value, state=KeyState.PRE_ACTIVATION)
     try:
         if sealed:
@@ -100,11 +100,11 @@ def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, ex
             if key_kind is KeyKind.MASTER:
                 got = w.session.import_master_key(record.label, alg, value, escrow=escrow)
             else:
-                got = w.session.import_transport_key(record.label, value, escrow=escrow)
+                got = w.session.import_transport_key(record.label, value, escrow=escrow, algorithm=alg)
         elif key_kind is KeyKind.MASTER:
             got = w.session.generate_master_key(record.label, alg, escrow=escrow)
         else:
-            got = w.session.generate_transport_key(record.label, escrow=escrow)
+            got = w.session.generate_transport_key(record.label, escrow=escrow, algorithm=alg)
     except BaseException:
         w.registry.remove(record)  # no token object was made
         raise
@@ -119,16 +119,36 @@ def create_key(w: Worker, kind: str, name: str, algorithm: str, escrow: bool, ex
     return _key_result(w.registry.transition(made, KeyState.ACTIVE) if activate else made, escrow)
 
 
-def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes) -> tuple[dict[str, Any], bytes]:
-    """A bureau's transport key generated in the token, pre-activation, and wrapped under the bureau station's
-    RSA key (OAEP) for the hand-off (kms.ceremony.handoffs). Returns (result, wrapped key)."""
-    record = w.registry.add(w.domain, KeyKind.TRANSPORT, bureau, Algorithm.AES256.value, state=KeyState.PRE_ACTIVATION)
+def transport_algorithm_offered(w: Worker, algorithm: Algorithm, *, generate: bool = True) -> None:
+    """A transport key is AES256, or SM4 where the domain's token offers SM4 by its mechanism profile (generation
+    and SM4-ECB, which wraps card keys and computes the KCV); otherwise InvalidArgument naming params.algorithm
+    before anything is registered or made."""
+    if algorithm not in (Algorithm.AES256, Algorithm.SM4):
+        raise InvalidArgument("params.algorithm", f"transport keys are AES256 or SM4, not {algorithm}")
+    if algorithm is Algorithm.SM4:
+        needed = ("SM4_KEY_GEN", "SM4_ECB") if generate else ("SM4_ECB",)
+        offered = w.session.mechanisms()
+        if not w.session.profile.has_sm4 or any(name not in offered for name in needed):
+            raise InvalidArgument("params.algorithm", f"SM4: the {w.domain} domain's token does not offer "
+                                                      f"{' and '.join(needed)} (mechanism profile "
+                                                      f"{w.session.profile.name})")
+
+
+def transport_key_for_rsa(w: Worker, bureau: str, recipient_spki: bytes, algorithm: str = Algorithm.AES256.value
+                          ) -> tuple[dict[str, Any], bytes]:
+    """A bureau's transport key (AES256, or SM4) generated in the token, pre-activation, and wrapped under the
+    bureau station's single-use RSA key (OAEP) for the hand-off (kms.ceremony.handoffs). Returns (result, wrapped
+    key)."""
+    alg = Algorithm(algorithm)
+    transport_algorithm_offered(w, alg)
+    record = w.registry.add(w.domain, KeyKind.TRANSPORT, bureau, alg.value, state=KeyState.PRE_ACTIVATION)
     try:
-        wrapped, kcv = w.session.generate_transport_key_for(record.label, recipient_spki)
+        wrapped, kcv = (w.session.generate_transport_key_for(record.label, recipient_spki) if alg is Algorithm.AES256
+                        else w.session.generate_transport_key_for(record.label, recipient_spki, algorithm=alg))
     except BaseException:
         w.registry.remove(record)
         raise
-    w.registry.set_kcv(record, kcv.hex().upper(), components.kcv_method(Algorithm.AES256).value)
+    w.registry.set_kcv(record, kcv.hex().upper(), components.kcv_method(alg).value)
     return _key_result(w.registry.get(w.domain, KeyKind.TRANSPORT, bureau, record.version), False), wrapped
 
 

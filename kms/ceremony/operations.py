@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +23,7 @@ from kms.ceremony.handoffs import TransportHandoffs
 from kms.ceremony.officers import OfficerStore, check_name, check_roles, parse_public_key
 from kms.ceremony.store import Ceremonies, CeremonyRecord, check_kcv
 from kms.errors import InvalidArgument, InvalidState, NotFound
+from kms.hsm.mechanisms import MechanismProfile
 from kms.hsm.types import Algorithm
 from kms.identity import Principal, parse_uri
 from kms.issuance.batches import BatchState, BatchStore
@@ -40,6 +41,7 @@ _KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
 #: The kinds set-key-state and destroy-key act on: also the domains' issuance signing keys (generate-signing-key).
 _STATE_KINDS = (*_KINDS, KeyKind.SIGNING)
 TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
+TRANSPORT_ALGORITHMS = (Algorithm.AES256.value, Algorithm.SM4.value)
 MAX_INT = 2**31 - 1  # the largest integer parameter (key versions)
 
 
@@ -56,6 +58,9 @@ class Context:
     pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
     principals: PrincipalRegistry | None = None  # stations' and auditors' registrations, officers' certificate pins
     limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.issuance.limits)
+    #: The mechanism profile of each domain whose workers this service spawns from its own configuration (SM4
+    #: transport keys refused at proposal when it names no SM4); a worker service's domain is checked there.
+    mechanisms: Mapping[str, MechanismProfile] = field(default_factory=dict)
 
 
 Checker = Callable[[Context, str, Mapping[str, Any]], dict[str, Any]]
@@ -332,54 +337,91 @@ def _run_export(ctx: Context, c: CeremonyRecord, kind: str | None = None, name: 
     return {"components": [{"custodian": uri, "kcv": kcv} for uri, _, kcv in outputs]}
 
 
+def _transport_algorithm(ctx: Context, domain: str, p: Mapping[str, Any]) -> str:
+    """A transport key's algorithm: AES256 (default) or SM4. SM4 is refused here when this service knows the
+    domain's mechanism profile names no SM4 (its own workers); otherwise the domain's worker refuses it at execution
+    if its token lacks SM4 (kms.ceremony.keyops.transport_algorithm_offered), before any key is made."""
+    algorithm = _choice(p, "algorithm", TRANSPORT_ALGORITHMS, Algorithm.AES256.value)
+    profile = ctx.mechanisms.get(domain)
+    if algorithm == Algorithm.SM4.value and profile is not None and not profile.has_sm4:
+        raise InvalidArgument("params.algorithm", f"SM4: the {domain} domain's mechanism profile {profile.name} "
+                                                  "names no SM4 (configure hsm.mechanisms for a token with SM4)")
+    return algorithm
+
+
+def _handoff_key(ctx: Context, p: Mapping[str, Any]) -> tuple[str, str]:
+    """The station's hand-off public key (PEM) and its SHA-256 (of the SPKI DER, hex). The key must be RSA of at
+    least 2048 bits and new: a key a transport key was ever wrapped under is refused (hand-off keys are single use,
+    docs/ceremonies.md section 4.4). A ``public_key_sha256`` given with the proposal must be the key's, so approvers
+    can compare it with what the station showed them."""
+    pem = p["public_key"] if isinstance(p.get("public_key"), str) else ""
+    try:
+        public = serialization.load_pem_public_key(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidArgument("params.public_key", "is not a PEM public key") from None
+    if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
+        raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
+    sha256 = spki_sha256(public)
+    if "public_key_sha256" in p and p["public_key_sha256"] != sha256:
+        raise InvalidArgument("params.public_key_sha256", f"is not the public key's ({sha256})")
+    if ctx.handoffs.used(sha256):
+        raise InvalidArgument("params.public_key", "has received a transport key already: a station's unwrap key "
+                                                   "serves one hand-off (make a new one with kms station unwrap-key)")
+    return pem, sha256
+
+
+def spki_sha256(public: rsa.RSAPublicKey) -> str:
+    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo DER: what `kms station unwrap-key` shows."""
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     method = _choice(p, "method", TRANSPORT_METHODS)
     bureau = _str(p, "bureau")
     if method == "rsa-oaep":
-        _only(p, {"bureau", "method", "station", "public_key"})
+        _only(p, {"bureau", "method", "station", "public_key"}, {"algorithm", "public_key_sha256"})
         station = _str(p, "station")
-        pem = p["public_key"] if isinstance(p["public_key"], str) else ""
-        try:
-            public = serialization.load_pem_public_key(pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
-            raise InvalidArgument("params.public_key", "is not a PEM public key") from None
-        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
-            raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
+        pem, sha256 = _handoff_key(ctx, p)
         receiver = Principal("station", station, bureau=bureau)
         if ctx.principals is not None and not ctx.principals.active(receiver, domain):
             raise InvalidArgument("params.station", f"{receiver.uri()} is not registered for the {domain} domain "
                                                     "(register-station first)")
-        return {"bureau": bureau, "method": method, "public_key": pem, "station": receiver.uri()}
+        return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
+                "public_key": pem, "public_key_sha256": sha256, "station": receiver.uri()}
     if method == "import-components":
-        _only(p, {"bureau", "method", "kcv", "custodians"}, {"custody_key"})
-        return {"bureau": bureau, "method": method, "algorithm": Algorithm.AES256.value,
+        _only(p, {"bureau", "method", "kcv", "custodians"}, {"algorithm", "custody_key"})
+        return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
                 "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
                 "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
-    _only(p, {"bureau", "method", "recipients"})
-    return {"bureau": bureau, "method": method, "recipients": _custodians(ctx, domain, p, "recipients")}
+    _only(p, {"bureau", "method", "recipients"}, {"algorithm"})
+    return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
+            "recipients": _custodians(ctx, domain, p, "recipients")}
 
 
 def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     pool = pool_for(ctx, c.domain)
+    algorithm = p.get("algorithm", Algorithm.AES256.value)  # proposals made before SM4 transport keys: AES256
     if p["method"] == "rsa-oaep":
-        public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
+        pem, sha256 = _handoff_key(ctx, p)  # still unused (another ceremony may have used it since the proposal)
+        public = serialization.load_pem_public_key(pem.encode("ascii"))
         spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, ceremony=c.ceremony_id)
+        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, algorithm, ceremony=c.ceremony_id)
         # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
         ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
                            c.ceremony_id)
-        return {**made, "handed_to": p["station"]}
+        return {**made, "algorithm": algorithm, "handed_to": p["station"], "unwrap_key_sha256": sha256}
     if p["method"] == "import-components":
         return _run_import(ctx, c, KeyKind.TRANSPORT, "bureau")
-    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True,
+    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], algorithm, True,
                           None, (), False, ceremony=c.ceremony_id))
     try:
         exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
     except BaseException:
         pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"], ceremony=c.ceremony_id)
         raise
-    return {**made, **exported}
+    return {**made, "algorithm": algorithm, **exported}
 
 
 def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -545,9 +587,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               _run_export, params="name=NAME version=N recipients=A,B[,...] [kind=KIND]"),
     Operation("register-transport-key", "a bureau's transport key (rsa-oaep, import-components, export-components)",
               _check_transport, _run_transport,
-              params="bureau=BUREAU and method=rsa-oaep station=NAME public_key=@PEM | method=import-components "
-                     "kcv=HEX custodians=A,B[,...] [custody_key=FINGERPRINT] | method=export-components "
-                     "recipients=A,B[,...]"),
+              params="bureau=BUREAU [algorithm=AES256|SM4] and method=rsa-oaep station=NAME public_key=@PEM "
+                     "[public_key_sha256=HEX] | method=import-components kcv=HEX custodians=A,B[,...] "
+                     "[custody_key=FINGERPRINT] | method=export-components recipients=A,B[,...]"),
     Operation("generate-signing-key", "an issuance signing key pair (next version), pre-activation, in the HSM",
               _check_signing, _run_signing, params="name=issuance|issuance-sm2 [algorithm=ecdsa-p256|sm2]"),
     Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,

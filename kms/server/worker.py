@@ -218,6 +218,7 @@ def _uri(value: str, field: str) -> str:
 
 _KINDS = tuple(k.value for k in KeyKind)
 _ALGORITHMS = tuple(a.value for a in Algorithm)
+_TRANSPORT_ALGORITHMS = (Algorithm.AES256.value, Algorithm.SM4.value)
 
 
 def _key_message(result: dict[str, Any]) -> pb.KeyResult:
@@ -272,7 +273,8 @@ def _sign(m: pb.SignDocument, domain: str) -> tuple[Any, ...]:
 
 def _transport_for_rsa(m: pb.TransportKeyForRsa, domain: str) -> tuple[Any, ...]:
     rsa_public_key(m.recipient_spki, "recipient_spki")  # checked before the request goes further
-    return _name(m.bureau, "bureau"), m.recipient_spki
+    return (_name(m.bureau, "bureau"), m.recipient_spki,
+            _choice(m.algorithm or Algorithm.AES256.value, _TRANSPORT_ALGORITHMS, "algorithm"))
 
 
 def _create(m: pb.CreateKey, domain: str) -> tuple[Any, ...]:
@@ -383,7 +385,8 @@ OPERATIONS: tuple[Operation, ...] = (
                   pb.KeyComponent(custodian=u, sealed=s, kcv=k) for u, s, k in made])),
               lambda r: [(c.custodian, c.sealed, c.kcv) for c in r.components.components]),
     Operation("transport_key_for_rsa", keyops.transport_key_for_rsa,
-              lambda bureau, spki: pb.TransportKeyForRsa(bureau=bureau, recipient_spki=spki),
+              lambda bureau, spki, algorithm=Algorithm.AES256.value: pb.TransportKeyForRsa(
+                  bureau=bureau, recipient_spki=spki, algorithm=algorithm),
               _transport_for_rsa,
               lambda made: pb.KeyOperationResponse(handed=pb.HandedKey(key=_key_message(made[0]), wrapped=made[1])),
               lambda r: (_key_from(r.handed.key), r.handed.wrapped)),

@@ -187,12 +187,14 @@ class ExportComponents(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., ceremony_id: _Optional[str] = ...) -> None: ...
 
 class TransportKeyForRsa(_message.Message):
-    __slots__ = ("bureau", "recipient_spki")
+    __slots__ = ("bureau", "recipient_spki", "algorithm")
     BUREAU_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_SPKI_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     bureau: str
     recipient_spki: bytes
-    def __init__(self, bureau: _Optional[str] = ..., recipient_spki: _Optional[bytes] = ...) -> None: ...
+    algorithm: str
+    def __init__(self, bureau: _Optional[str] = ..., recipient_spki: _Optional[bytes] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class KeyRef(_message.Message):
     __slots__ = ("kind", "name", "version")

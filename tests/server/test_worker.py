@@ -43,7 +43,7 @@ from kms.identity import Principal
 from kms.issuance.workers import Job
 from kms.registry import KeyKind
 from kms.server.serve import Service
-from kms.station import Station, accept_transport_key, unwrap_public_key_pem
+from kms.station import Station, accept_transport_key, new_unwrap_key
 from kms.v1 import worker_pb2 as pb
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
@@ -390,7 +390,7 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
     exported = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                             {"bureau": "bureau-b", "method": "export-components", "recipients": ["bob", "chen"]})
     assert exported.state == "executed", exported.error  # create_key, then export_components of that version
-    pem = unwrap_public_key_pem(station_session, "station-a1", "hrss")  # the session-wide station-a1 session
+    pem = new_unwrap_key(station_session, "station-a1", "hrss").pem  # the session-wide station-a1 session
     handed = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                           {"bureau": "bureau-a", "station": "station-a1", "method": "rsa-oaep", "public_key": pem})
     assert handed.state == "executed", handed.error
@@ -400,7 +400,7 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
         handoff = CeremonyClient(a1).fetch_transport_key("hrss")
         assert handoff.version == result["version"]
         kcv = accept_transport_key(station_session, "station-a1", "hrss", handoff.label, handoff.wrapped_key,
-                                   handoff.kcv)
+                                   handoff.kcv, unwrap_key_sha256=handoff.unwrap_key_sha256)
         CeremonyClient(a1).confirm_transport_key("hrss", handoff.version, kcv)
 
 

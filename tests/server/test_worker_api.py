@@ -37,7 +37,7 @@ CASES: list[tuple[Any, tuple[Any, ...], Any]] = [
     (keyops.create_key, ("transport", "bureau-a", "AES256", True, None, [], False), KEY),
     (keyops.export_components, ("master", "bank-mk", 2, [(CAROL, "-----BEGIN PUBLIC KEY-----")],
                                 "C-0123456789abcdef"), [(CAROL, b"\x04" * 90, "654321")]),
-    (keyops.transport_key_for_rsa, ("bureau-a", RSA_SPKI), (KEY, b"\x05" * 256)),
+    (keyops.transport_key_for_rsa, ("bureau-a", RSA_SPKI, "SM4"), (KEY, b"\x05" * 256)),
     (keyops.discard_key, ("transport", "bureau-a", 3), None),
     (keyops.destroy_key, ("master", "bank-mk", 1), KEY),
     (pans.protect_pans, ("B-1", [("card-1", "6214830000000000", "01")]), [(b"\x06" * 40, "ab" * 32, "cd" * 32)]),
