@@ -10,9 +10,14 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    each card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the
    token) and canonically encoded, sections spliced into bundles in the coordinating process.
 2. End to end vs raw (goal >= 80 %): `kms serve` as a process of its own (gRPC over mutual TLS,
-   workers_per_domain HSM worker processes per domain, records in SQLite); per round an officer creates a fresh
-   batch for bureau-a (not timed) and a station of bureau-a streams the whole batch (timed: issuance, records
-   written, bundles received; the station does not open them here).
+   workers_per_domain HSM worker processes per domain, records in SQLite); per round the --e2e-cards cards are
+   split into blocks of --e2e-block cards, each a fresh batch for bureau-a that an officer creates (not timed)
+   and a station of bureau-a streams (timed: issuance, records written, bundles received; the station does not
+   open them here). The raw side is a fresh process per domain each round, logged in, its plan made and the
+   warm-up cards' keys derived before any timing; then the sides take turns block by block (the station streams
+   a block's batch, the raw loop derives the same block's keys), who goes first swapped each block, so that the
+   host's speed swings hit both alike; each side's round time is the sum of its blocks. `--e2e-only` runs
+   parts 2 and 3 alone.
 3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
    client) after warm-up calls; p50 and p99 per round.
    The server's audit signer is checked before the server stops: an auditor's export must verify offline against
