@@ -589,18 +589,18 @@ def e2e_round(e2e: EndToEnd, cfg: config.Config, r: int, cards: list[CardIdentit
     blocks = [cards[lo:lo + block] for lo in range(0, len(cards), block)]
     batches = [e2e.batch(f"r{r}b{i}", part) for i, part in enumerate(blocks)]
     raw = RawIssuing(cfg, cards, warmup, processes)
-    raw_t = kms_t = 0.0
+    times: dict[str, list[float]] = {"raw": [], "kms": []}
     try:
         for i, (part, (batch_id, _)) in enumerate(zip(blocks, batches, strict=True)):
             lo = i * block
             for side in (("raw", "kms") if (r + i) % 2 == 0 else ("kms", "raw")):
-                if side == "raw":
-                    raw_t += raw.run(lo, lo + len(part))
-                else:
-                    kms_t += e2e.stream(batch_id, part, keep=keep)
+                times[side].append(raw.run(lo, lo + len(part)) if side == "raw"
+                                   else e2e.stream(batch_id, part, keep=keep))
     finally:
         raw.close()
-    return raw_t, kms_t, sum(seconds for _, seconds in batches)
+    ratios = ", ".join(f"{b / k:.0%}" for b, k in zip(times["raw"], times["kms"], strict=True))
+    print(f"  round {r + 1}: kms / raw per block {ratios}", flush=True)
+    return sum(times["raw"]), sum(times["kms"]), sum(seconds for _, seconds in batches)
 
 
 def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary
@@ -627,6 +627,8 @@ def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int,
             e2e.stream(e2e.batch("warmup", warmup)[0], warmup, keep=warmup_bundles)
 
             raw_e2e_t, e2e_t = [], []
+            print(f"\n2. end to end, {args.rounds} rounds of {len(e2e_cards)} cards in blocks of {args.e2e_block}",
+                  flush=True)
             for r in range(args.rounds):
                 raw_seconds, kms_seconds, created = e2e_round(
                     e2e, cfg, r, e2e_cards, warmup, args.e2e_block, args.processes, bundles if r == 0 else None)
