@@ -1,7 +1,8 @@
 """Baselines for `make bench`: bare python-pkcs11 loops doing exactly the token work kms does, and nothing else.
 
-- ``run``, the issuing side, per key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES
-  key wrap with padding, C_DestroyObject (no signing, no encoding, no inter-process traffic).
+- ``run`` (``Deriver`` for part 2's blocks: the same loop, a range of the plan at a time), the issuing side, per
+  key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
+  C_DestroyObject (no signing, no encoding, no inter-process traffic).
 - ``Unwrapper``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
   transport key into a session object (the template kms uses for a station card key), KCV (encrypt a zero block),
   C_DestroyObject (no parsing, no signature check, no ledger).
