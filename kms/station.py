@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import multiprocessing
 import os
 import queue
+import secrets
 import signal
 import socket
 import sys
@@ -41,6 +43,7 @@ from kms.errors import (
     InvalidArgument,
     KmsError,
     MechanismUnavailable,
+    NotFound,
 )
 from kms.hsm import spki as sm2_spki
 from kms.hsm.labels import card_key_label, key_label, unwrap_key_label
@@ -735,18 +738,52 @@ class _Unmatched(Exception):
 # -- transport keys handed over to this station ---------------------------------------------------------------------
 
 
-def unwrap_public_key_pem(session: TokenSession, station: str, domain: str) -> str:
-    """The station's unwrap public key for a domain, for officers to name in a register-transport-key ceremony."""
-    spki = session.public_key(unwrap_key_label(station, domain))
-    public = load_der_public_key(spki)
-    return public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+@dataclass(frozen=True)
+class UnwrapKey:
+    """A station's RSA key pair for one transport key hand-off: its label, public key (PEM) and the SHA-256 of that
+    public key (SubjectPublicKeyInfo DER, hex), what the officers' proposal names and its approvers compare."""
+
+    label: str
+    pem: str
+    sha256: str
+
+
+def spki_sha256(spki: bytes) -> str:
+    """The fingerprint of a hand-off public key: SHA-256 of its SubjectPublicKeyInfo DER, lowercase hex."""
+    return hashlib.sha256(spki).hexdigest()
+
+
+def new_unwrap_key(session: TokenSession, station: str, domain: str) -> UnwrapKey:
+    """A fresh RSA key pair in the station's token for one hand-off of a domain's transport key (single use: the
+    station destroys it once it unwrapped that key, kms.hsm.session.TokenSession.accept_transport_key)."""
+    label = unwrap_key_label(station, domain, secrets.token_hex(8))
+    spki = session.generate_unwrap_keypair(label)
+    return UnwrapKey(label, spki_pem(spki).decode(), spki_sha256(spki))
+
+
+def unwrap_key_for(session: TokenSession, station: str, domain: str, sha256: str) -> str:
+    """The label of the station's hand-off key pair whose public key has this SHA-256 (empty: a hand-off made before
+    single-use keys, to the station's long-lived pair). NotFound if the station has no such key: it was used (and
+    destroyed) already, or it was made in another token."""
+    legacy = unwrap_key_label(station, domain)
+    if not sha256:
+        if session.has_public_key(legacy):
+            return legacy
+        raise NotFound(f"{station} holds no {domain} unwrap key for this hand-off (it was used already)")
+    for label, spki in session.unwrap_keys(legacy).items():
+        if spki_sha256(spki) == sha256.lower():
+            return label
+    raise NotFound(f"{station} holds no {domain} unwrap key with SHA-256 {sha256} (each is used once and then "
+                   "destroyed; make a new one with kms station unwrap-key for a new ceremony)")
 
 
 def accept_transport_key(session: TokenSession, station: str, domain: str, label: str, wrapped: bytes,
-                         issuer_kcv: str, algorithm: Algorithm = Algorithm.AES256) -> str:
-    """Unwrap a transport key (AES-256, or SM4) sent to this station into its token (unwrap only) and check its
-    KCV against the issuer's; on a mismatch the station's copy is removed and HsmError raised. Returns the KCV."""
-    unwrap_label = unwrap_key_label(station, domain)
+                         issuer_kcv: str, algorithm: Algorithm = Algorithm.AES256, unwrap_key_sha256: str = "") -> str:
+    """Unwrap a transport key (AES-256, or SM4) sent to this station into its token (unwrap only) with the hand-off
+    key pair whose public key has SHA-256 ``unwrap_key_sha256``, and check its KCV against the issuer's; on a
+    mismatch the station's copy is removed and HsmError raised. The hand-off key pair is destroyed in both cases
+    (single use). Returns the KCV."""
+    unwrap_label = unwrap_key_for(session, station, domain, unwrap_key_sha256)
     kcv = (session.accept_transport_key(unwrap_label, wrapped, label) if algorithm is Algorithm.AES256
            else session.accept_transport_key(unwrap_label, wrapped, label, algorithm=algorithm)).hex().upper()
     if kcv != issuer_kcv.upper():

@@ -10,9 +10,14 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    each card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the
    token) and canonically encoded, sections spliced into bundles in the coordinating process.
 2. End to end vs raw (goal >= 80 %): `kms serve` as a process of its own (gRPC over mutual TLS,
-   workers_per_domain HSM worker processes per domain, records in SQLite); per round an officer creates a fresh
-   batch for bureau-a (not timed) and a station of bureau-a streams the whole batch (timed: issuance, records
-   written, bundles received; the station does not open them here).
+   workers_per_domain HSM worker processes per domain, records in SQLite); per round the --e2e-cards cards are
+   split into blocks of --e2e-block cards, each a fresh batch for bureau-a that an officer creates (not timed)
+   and a station of bureau-a streams (timed: issuance, records written, bundles received; the station does not
+   open them here). The raw side is a fresh process per domain each round, logged in, its plan made and the
+   warm-up cards' keys derived before any timing; then the sides take turns block by block (the station streams
+   a block's batch, the raw loop derives the same block's keys), who goes first swapped each block, so that the
+   host's speed swings hit both alike; each side's round time is the sum of its blocks. `--e2e-only` runs
+   parts 2 and 3 alone.
 3. Latency of the single-card call: IssueCard (unary, one card per call, sequential calls from one station
    client) after warm-up calls; p50 and p99 per round.
    The server's audit signer is checked before the server stops: an auditor's export must verify offline against
@@ -49,6 +54,7 @@ starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -284,7 +290,12 @@ def run_engine(config_path: Path, cards: list[CardIdentity], processes: int) -> 
     return elapsed
 
 
-def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> float:
+RawJob = tuple[Any, ...]  # bench_raw.run's / bench_raw.Deriver's arguments for one process, before ready and go
+
+
+def raw_jobs(cfg: config.Config, cards: list[CardIdentity]) -> list[tuple[RawJob, int]]:
+    """Per domain: the raw loop's arguments for ``cards`` (module, token, PIN, the plan: every key of every card,
+    the transport key, the vendor codes) and the keys per card of that domain."""
     registry = open_registry(cfg, SystemClock())
     profile = profiles.load_dir(cfg.profiles)[PROFILE]
     module = cfg.hsm.module_path()
@@ -297,13 +308,20 @@ def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> fl
         plan = [(masters[spec.master_key], [(step.value, data) for step, data in spec.recipe.steps(c)],
                  spec.algorithm.value)
                 for c in cards for spec in profile.keys(domain)]
-        share = (len(cards) + processes - 1) // processes
-        keys_per_card = len(profile.keys(domain))
         pin = cfg.secret(cfg.domains[domain].pin)
+        jobs.append(((module, conf, cfg.domains[domain].token, pin, plan, transport.label, transport.algorithm,
+                      codes), len(profile.keys(domain))))
+    return jobs
+
+
+def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> float:
+    jobs = []
+    for job, keys_per_card in raw_jobs(cfg, cards):
+        plan = job[4]
+        share = (len(cards) + processes - 1) // processes
         for p in range(processes):
             part = plan[p * share * keys_per_card:(p + 1) * share * keys_per_card]
-            jobs.append((module, conf, cfg.domains[domain].token, pin, part, transport.label, transport.algorithm,
-                         codes))
+            jobs.append((*job[:4], part, *job[5:]))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
         readies = [manager.Event() for _ in jobs]
@@ -484,6 +502,109 @@ def check_signer_after(home: Home, log_path: Path) -> dict[str, int]:
     return {"records": records, "checkpoints": checkpoints, "covered": covered}
 
 
+E2E_BLOCK = 500  # cards per timed block of part 2 (a batch of its own); the sides take turns block by block
+
+
+def raw_issuing_worker(conn: Any, job: RawJob, warmup_keys: int) -> None:
+    """Part 2's raw side for one domain in a process of its own (fresh per round: SoftHSM frees destroyed session
+    objects only at C_Finalize). Logged in, every key's work made and the warm-up keys (the first
+    ``warmup_keys`` of the plan) derived before any timing; then answers ``(lo, hi)`` with the keys it derived of
+    plan[lo:hi] (the parent times the block), until told None."""
+    deriver = bench_raw.Deriver(*job)
+    try:
+        deriver.derive(0, warmup_keys)
+        conn.send("ready")
+        while (block := conn.recv()) is not None:
+            conn.send(deriver.derive(*block))
+    finally:
+        deriver.close()
+        conn.close()
+
+
+class RawIssuing:
+    """Part 2's raw side for one round: scripts/bench_raw.py's derive loop, ``processes`` processes per domain (each
+    a share of every block's cards), on ``cards`` after the warm-up cards (derived as kms's warm-up batch was,
+    not timed). ``run(lo, hi)``: seconds for every domain's processes to make the keys of cards[lo:hi] at once."""
+
+    def __init__(self, cfg: config.Config, cards: list[CardIdentity], warmup: list[CardIdentity], processes: int
+                 ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._procs: list[tuple[Any, Any, int]] = []  # (pipe, process, keys per card)
+        self._processes, self._offset, self._cards = processes, len(warmup), len(cards)
+        try:
+            for job, keys_per_card in raw_jobs(cfg, warmup + cards):
+                for _ in range(processes):
+                    parent, child = ctx.Pipe()
+                    proc = ctx.Process(target=raw_issuing_worker, args=(child, job, len(warmup) * keys_per_card),
+                                       daemon=True)
+                    proc.start()
+                    child.close()
+                    self._procs.append((parent, proc, keys_per_card))
+            for parent, _, _ in self._procs:
+                if not parent.poll(300) or self._answer(parent) != "ready":
+                    raise BenchFailed("part 2: a raw process did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _answer(conn: Any) -> Any:
+        try:
+            return conn.recv()
+        except EOFError:
+            raise BenchFailed("part 2: a raw process died (its error is above)") from None
+
+    def run(self, lo: int, hi: int) -> float:
+        share = -(-(hi - lo) // self._processes)
+        expected = 0
+        started = time.perf_counter()
+        for i, (parent, _, per_card) in enumerate(self._procs):
+            p = i % self._processes
+            first, last = self._offset + min(hi, lo + p * share), self._offset + min(hi, lo + (p + 1) * share)
+            parent.send((first * per_card, last * per_card))
+            expected += (last - first) * per_card
+        done = sum(self._answer(parent) for parent, _, _ in self._procs)
+        elapsed = time.perf_counter() - started
+        if done != expected:
+            raise BenchFailed(f"the raw loop made {done} keys of {expected}")
+        return elapsed
+
+    def close(self) -> None:
+        for parent, proc, _ in self._procs:
+            with contextlib.suppress(OSError):
+                parent.send(None)
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            parent.close()
+        self._procs = []
+
+
+def e2e_round(e2e: EndToEnd, cfg: config.Config, r: int, cards: list[CardIdentity], warmup: list[CardIdentity],
+              block: int, processes: int, keep: list[bytes] | None) -> tuple[float, float, float]:
+    """One round of part 2: the round's cards as batches of ``block`` cards, created and authorized (not timed),
+    and the raw side's processes started, logged in and warmed up (not timed); then, block by block, the station
+    streams a batch and the raw loop derives the same block's keys, who goes first swapped each block, so that
+    what else the machine does hits both sides alike. Returns the raw side's seconds, kms's (each its blocks'
+    sum) and the seconds the officer's CreateBatch calls took."""
+    blocks = [cards[lo:lo + block] for lo in range(0, len(cards), block)]
+    batches = [e2e.batch(f"r{r}b{i}", part) for i, part in enumerate(blocks)]
+    raw = RawIssuing(cfg, cards, warmup, processes)
+    times: dict[str, list[float]] = {"raw": [], "kms": []}
+    try:
+        for i, (part, (batch_id, _)) in enumerate(zip(blocks, batches, strict=True)):
+            lo = i * block
+            for side in (("raw", "kms") if (r + i) % 2 == 0 else ("kms", "raw")):
+                times[side].append(raw.run(lo, lo + len(part)) if side == "raw"
+                                   else e2e.stream(batch_id, part, keep=keep))
+    finally:
+        raw.close()
+    ratios = ", ".join(f"{b / k:.0%}" for b, k in zip(times["raw"], times["kms"], strict=True))
+    print(f"  round {r + 1}: kms / raw per block {ratios}", flush=True)
+    return sum(times["raw"]), sum(times["kms"]), sum(seconds for _, seconds in batches)
+
+
 def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary
                   ) -> tuple[list[bytes], list[bytes]]:
     """Parts 2 and 3 on one server, started (and warmed up) before any timing. Returns the bundles the station
@@ -507,26 +628,32 @@ def bench_service(args: Any, home: Home, cfg: config.Config, keys_per_card: int,
             # workers spawned and logged in, channels open
             e2e.stream(e2e.batch("warmup", warmup)[0], warmup, keep=warmup_bundles)
 
-            def one_e2e_round() -> float:
-                batch_id, created = e2e.batch(f"r{len(creates)}", e2e_cards)
+            raw_e2e_t, e2e_t = [], []
+            print(f"\n2. end to end, {args.rounds} rounds of {len(e2e_cards)} cards in blocks of {args.e2e_block}",
+                  flush=True)
+            for r in range(args.rounds):
+                raw_seconds, kms_seconds, created = e2e_round(
+                    e2e, cfg, r, e2e_cards, warmup, args.e2e_block, args.processes, bundles if r == 0 else None)
+                raw_e2e_t.append(raw_seconds)
+                e2e_t.append(kms_seconds)
                 creates.append(created)
-                return e2e.stream(batch_id, e2e_cards, keep=bundles if not bundles else None)
-
-            raw_e2e_t, e2e_t = alternate(args.rounds, lambda: run_raw(cfg, e2e_cards, args.processes),
-                                         one_e2e_round)
             m = len(e2e_cards)
             summary.rates("e2e.raw", "2. raw PKCS#11 loop", "cards/s", m, raw_e2e_t)
             summary.rates("e2e.kms", "2. kms serve, end to end", "cards/s", m, e2e_t)
             ratio = summary.ratio("e2e.ratio", "2. end-to-end / raw", raw_e2e_t, e2e_t, 0.80)
             print()
+            blocks = -(-m // args.e2e_block)
             print(f"2. end to end: `kms serve` (own process, records in SQLite) -> {STATION} of {BUREAU} over gRPC + "
-                  f"mutual TLS, StreamBatch of a fresh {m}-card batch per round, {args.per_message} bundles per "
-                  f"message, bundles not opened; raw PKCS#11 loop on the same {m} cards")
+                  f"mutual TLS, StreamBatch of fresh batches of {args.e2e_block} cards, {args.per_message} bundles "
+                  f"per message, bundles not opened; raw PKCS#11 loop (a fresh process per domain per round) on the "
+                  f"same cards; {m} cards per round in {blocks} block(s), the sides taking turns block by block, "
+                  "who goes first swapped each block")
             print(f"  {'(medians)':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
             print(rate_line("raw PKCS#11 loop", m, keys_per_card, raw_e2e_t))
             print(rate_line("kms serve, end to end", m, keys_per_card, e2e_t))
             print(ratio_line(ratio, "raw"))
-            print(f"  (not timed: the officer's CreateBatch of {m} cards, median {statistics.median(creates):.2f} s)",
+            print(f"  (not timed: the officer's CreateBatch of the round's {m} cards, median "
+                  f"{statistics.median(creates):.2f} s)",
                   flush=True)
 
             latency_batch = e2e.batch("latency", latency_cards)[0]
@@ -1014,6 +1141,9 @@ def main() -> int:
     parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
     parser.add_argument("--e2e-cards", type=int, default=2000,
                         help="cards per end-to-end batch and its raw round (default: 2000)")
+    parser.add_argument("--e2e-block", type=int, default=E2E_BLOCK,
+                        help="cards per timed block of part 2 (a batch of its own): the end-to-end and raw sides take "
+                             f"turns block by block (default: {E2E_BLOCK})")
     parser.add_argument("--latency-cards", type=int, default=200,
                         help="IssueCard calls timed per round for the single-card latency (default: 200)")
     parser.add_argument("--station-cards", type=int, default=1000,
@@ -1037,16 +1167,20 @@ def main() -> int:
     parser.add_argument("--workers-only", action="store_true", help="run only part 6, worker services")
     parser.add_argument("--station-only", action="store_true",
                         help="run only part 4, the station (its bundles streamed from `kms serve` first, not timed)")
+    parser.add_argument("--e2e-only", action="store_true",
+                        help="run only parts 2 and 3, `kms serve` end to end and the IssueCard latency")
     args = parser.parse_args()
-    for name in ("rounds", "cards", "e2e_cards", "latency_cards", "station_cards", "processes", "audit_records",
-                 "verify_records", "workers_cards"):
+    for name in ("rounds", "cards", "e2e_cards", "e2e_block", "latency_cards", "station_cards", "processes",
+                 "audit_records", "verify_records", "workers_cards"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:
         parser.error("--latency-cards must be at least 2")
-    if args.audit_only and args.station_only:
-        parser.error("--audit-only and --station-only exclude each other")
-    if args.station_cards > args.e2e_cards and not args.station_only:
+    only = [f"--{name.replace('_', '-')}" for name in ("audit_only", "station_only", "workers_only", "e2e_only")
+            if getattr(args, name)]
+    if len(only) > 1:
+        parser.error(f"{' and '.join(only)} exclude each other")
+    if args.station_cards > args.e2e_cards and not (args.station_only or args.e2e_only):
         parser.error("--station-cards must be at most --e2e-cards (the station opens bundles of part 2)")
 
     global PROFILE
@@ -1080,12 +1214,14 @@ def main() -> int:
         if args.station_only:
             warmup, received = station_bundles(args, home, cfg)
             bench_station(args, home, warmup, received, summary)
+        elif args.e2e_only:
+            bench_service(args, home, cfg, keys_per_card, summary)
         elif not args.workers_only:
             bench_engine(args, home, cfg, keys_per_card, summary)
             warmup, received = bench_service(args, home, cfg, keys_per_card, summary)
             bench_station(args, home, warmup, received, summary)
             bench_audit(args, summary)
-        if not args.station_only:
+        if not (args.station_only or args.e2e_only):
             bench_workers(args, home, cfg, keys_per_card, summary)
     seconds = time.perf_counter() - t0
     summary.notes.update(load_average_at_end=[round(x, 2) for x in os.getloadavg()], seconds=round(seconds, 1))

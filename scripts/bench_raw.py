@@ -1,7 +1,8 @@
 """Baselines for `make bench`: bare python-pkcs11 loops doing exactly the token work kms does, and nothing else.
 
-- ``run``, the issuing side, per key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES
-  key wrap with padding, C_DestroyObject (no signing, no encoding, no inter-process traffic).
+- ``run`` (``Deriver`` for part 2's blocks: the same loop, a range of the plan at a time), the issuing side, per
+  key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
+  C_DestroyObject (no signing, no encoding, no inter-process traffic).
 - ``Unwrapper``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
   transport key into a session object (the template kms uses for a station card key), KCV (encrypt a zero block),
   C_DestroyObject (no parsing, no signature check, no ledger).
@@ -62,20 +63,40 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
         transport_label: str, transport_algorithm: str, codes: dict[str, int], ready: Any, go: Any
         ) -> tuple[int, float]:
     """plan: for each key of each card, (master key label, [(derivation step, 16-byte data) per level], the card
-    key's algorithm); steps are "DES3_ECB_ENCRYPT_DATA" or "SM4_ECB_ENCRYPT_DATA", algorithms "DES2" or "SM4"."""
-    os.environ["SOFTHSM2_CONF"] = softhsm2_conf
-    lib = pkcs11.lib(module)
-    sm = _Sm(codes)
-    mechanisms = {"DES3_ECB_ENCRYPT_DATA": Mechanism.DES3_ECB_ENCRYPT_DATA, "SM4_ECB_ENCRYPT_DATA": sm.derive}
-    parent_types = {"DES3_ECB_ENCRYPT_DATA": KeyType.DES2, "SM4_ECB_ENCRYPT_DATA": sm.key_type}
-    card_types = {"DES2": KeyType.DES2, "SM4": sm.key_type}
-    kcvs = {"DES2": (bytes(8), Mechanism.DES3_ECB), "SM4": (bytes(16), sm.ecb)}
-    wrap = sm.ecb if transport_algorithm == "SM4" else Mechanism.AES_KEY_WRAP_PAD
-    with lib.get_token(token_label=token).open(user_pin=pin, rw=True) as session:
+    key's algorithm); steps are "DES3_ECB_ENCRYPT_DATA" or "SM4_ECB_ENCRYPT_DATA", algorithms "DES2" or "SM4".
+    The whole plan at once, timed from ``go``: (keys made, seconds)."""
+    deriver = Deriver(module, softhsm2_conf, token, pin, plan, transport_label, transport_algorithm, codes)
+    try:
+        ready.set()
+        go.wait()
+        started = time.perf_counter()
+        done = deriver.derive()
+        return done, time.perf_counter() - started
+    finally:
+        deriver.close()
+
+
+class Deriver:
+    """The issuing side's raw loop on one logged-in session, for ``plan`` (as ``run`` takes it): every key's work
+    made before any timing; ``derive(lo, hi)`` runs the keys plan[lo:hi] (all by default) and returns how many."""
+
+    def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str,
+                 plan: list[tuple[str, list[tuple[str, bytes]], str]], transport_label: str, transport_algorithm: str,
+                 codes: dict[str, int]) -> None:
+        os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+        lib = pkcs11.lib(module)
+        sm = _Sm(codes)
+        mechanisms = {"DES3_ECB_ENCRYPT_DATA": Mechanism.DES3_ECB_ENCRYPT_DATA, "SM4_ECB_ENCRYPT_DATA": sm.derive}
+        parent_types = {"DES3_ECB_ENCRYPT_DATA": KeyType.DES2, "SM4_ECB_ENCRYPT_DATA": sm.key_type}
+        card_types = {"DES2": KeyType.DES2, "SM4": sm.key_type}
+        kcvs = {"DES2": (bytes(8), Mechanism.DES3_ECB), "SM4": (bytes(16), sm.ecb)}
+        self._wrap = sm.ecb if transport_algorithm == "SM4" else Mechanism.AES_KEY_WRAP_PAD
+        self._session = session = lib.get_token(token_label=token).open(user_pin=pin, rw=True)
         masters: dict[str, Any] = {}
         transport: Any = session.get_key(object_class=ObjectClass.SECRET_KEY, label=transport_label)
         if transport_algorithm == "SM4":
             transport.key_type = sm.key_type  # python-pkcs11 cannot read a vendor key type back
+        self._transport = transport
         for label, _, _ in plan:
             if label not in masters:
                 masters[label] = session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)
@@ -88,9 +109,11 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
             work.append((masters[label], [(mechanisms[step], data, key_type)
                                           for (step, data), key_type in zip(levels, types, strict=True)],
                          *kcvs[algorithm]))
-        ready.set()
-        go.wait()
-        started = time.perf_counter()
+        self._work = work
+
+    def derive(self, lo: int = 0, hi: int | None = None) -> int:
+        transport, wrap = self._transport, self._wrap
+        work = self._work[lo:hi]
         for master, chain, zero, kcv_mechanism in work:
             made = []
             parent = master
@@ -106,7 +129,10 @@ def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[
             transport.wrap_key(parent, mechanism=wrap)
             for key in made:
                 key.destroy()
-        return len(plan), time.perf_counter() - started
+        return len(work)
+
+    def close(self) -> None:
+        self._session.close()
 
 
 class Unwrapper:

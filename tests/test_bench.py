@@ -7,6 +7,7 @@ a fresh home, every part, the audit signer check, the table and the JSON summary
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,41 @@ def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
         assert label in table
     # the home is one the bench made: the next run may remove it
     assert (tmp_path / "home" / bench.BENCH_MARKER).exists()
+
+
+@pytest.mark.hsm
+@pytest.mark.service
+def test_bench_e2e_only_takes_turns_block_by_block(tmp_path: Path) -> None:
+    """`--e2e-only`: parts 2 and 3 alone; each round's cards streamed as batches of --e2e-block cards (the raw
+    loop deriving the same blocks' keys in between), every card of every block issued."""
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--e2e-only", "--rounds", "2", "--e2e-cards", "7",
+         "--e2e-block", "3", "--latency-cards", "2", "--home", str(tmp_path / "home"), "--summary", str(summary_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 cards per round in 3 block(s)" in result.stdout
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    figures = summary["figures"]
+    assert set(figures) == {"e2e.raw", "e2e.kms", "e2e.ratio", "latency.p50", "latency.p99"}
+    assert all(len(figure["rounds"]) == 2 and figure["min"] > 0 for figure in figures.values())
+    assert figures["e2e.ratio"]["goal"] == 0.80
+    assert summary["audit_signer"]["records"] == summary["audit_signer"]["covered"] > 0
+    with sqlite3.connect(tmp_path / "home" / bench.E2E_DATABASE) as db:
+        blocks = db.execute("SELECT b.batch_id, count(*), sum(c.state = 'issued') FROM batches b JOIN batch_cards c "
+                            "ON c.batch_id = b.batch_id WHERE b.batch_id LIKE '%-r_b_' GROUP BY b.batch_id "
+                            "ORDER BY b.batch_id").fetchall()
+    assert [(batch_id[-4:], cards, issued) for batch_id, cards, issued in blocks] == [
+        ("r0b0", 3, 3), ("r0b1", 3, 3), ("r0b2", 1, 1), ("r1b0", 3, 3), ("r1b1", 3, 3), ("r1b2", 1, 1)]
+
+
+def test_bench_only_flags_exclude_each_other(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--e2e-only", "--station-only", "--home", str(tmp_path / "home")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "--station-only and --e2e-only exclude each other" in result.stderr
+    assert not (tmp_path / "home").exists()
 
 
 def test_bench_never_removes_a_directory_it_did_not_make(tmp_path: Path) -> None:

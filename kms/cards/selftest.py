@@ -108,20 +108,35 @@ class SelfTest:
 
     # -- kinds --------------------------------------------------------------------------------------------------
 
-    def _derive(self, master: str, steps: recipes.Steps) -> tuple[bytes, bytes]:
+    def _derive(self, master: str, steps: recipes.Steps, algorithm: Algorithm = Algorithm.DES2
+                ) -> tuple[bytes, bytes]:
+        """The card key ``steps`` derive from ``master`` (a DES2 or SM4 key) in the token, wrapped under the
+        self-test's transport key of the same family (AES key wrap; SM4-ECB under an SM4 key) and unwrapped here,
+        with the HSM's KCV."""
+        sm4 = algorithm is Algorithm.SM4
+        kek, kek_label = (self._sm4_transport(), self._sm4_kek_label) if sm4 else (self._kek, self._kek_label)
         label = selftest_label("master")
-        self._session.import_master_key(label, Algorithm.DES2, bytearray.fromhex(master), token=False)
+        self._session.import_master_key(label, algorithm, bytearray.fromhex(master), token=False)
         try:
-            result = self._session.derive_wrap(label, steps, self._kek_label)
+            result = self._session.derive_wrap(label, steps, kek_label)
         finally:
             self._session.destroy(label)
-        return aes_key_unwrap_with_padding(bytes(self._kek), result.wrapped), result.kcv
+        if not sm4:
+            return aes_key_unwrap_with_padding(bytes(kek), result.wrapped), result.kcv
+        if result.wrap != "SM4-ECB":
+            raise _Mismatch(f"the card key was wrapped by {result.wrap}, not SM4-ECB, under an SM4 transport key")
+        return _sm4_ecb_decrypt(bytes(kek), result.wrapped), result.kcv
 
-    def _check(self, what: str, key: bytes, kcv: bytes, want_key: str, want_kcv: str | None) -> str:
+    def _check(self, what: str, key: bytes, kcv: bytes, want_key: str, want_kcv: str | None,
+               algorithm: Algorithm = Algorithm.DES2) -> str:
         if key.hex().upper() != want_key.upper():
             raise _Mismatch(f"{what}: derived key differs from the vector")
         if want_kcv is not None and kcv.hex().upper() != want_kcv.upper():
             raise _Mismatch(f"{what}: KCV {kcv.hex().upper()} differs from the vector's {want_kcv.upper()}")
+        if algorithm is Algorithm.SM4:
+            if kcv != reference.kcv_sm4(key):
+                raise _Mismatch(f"{what}: the HSM's KCV does not match its own key")
+            return f"{what} in the HSM, KCV {kcv.hex().upper()}"
         if kcv != reference.kcv_tdes(key):
             raise _Mismatch(f"{what}: the HSM's KCV does not match its own key")
         return f"{what} KCV {kcv.hex().upper()}"
@@ -164,7 +179,7 @@ class SelfTest:
                                "software reference matches")
         self._sm4_available(reference.sm4_ecb(key, plaintext), case["ciphertext"])
         # SM4_K(P) in the token: an SM4_ECB_ENCRYPT_DATA derivation over P gives the key SM4_K(P).
-        derived, kcv = self._derive_sm4(case["key"], ((DeriveStep.SM4_ECB, plaintext),))
+        derived, kcv = self._derive(case["key"], ((DeriveStep.SM4_ECB, plaintext),), Algorithm.SM4)
         if derived.hex().upper() != case["ciphertext"].upper():
             raise _Mismatch("SM4-ECB in the HSM differs from the vector's ciphertext")
         # The ciphertext is a key the token derived: named by its KCV only, like every other key (tests/test_canary.py)
@@ -186,14 +201,14 @@ class SelfTest:
             raise _Mismatch(f"Y {y.hex().upper()} differs from the vector's {case['y'].upper()}")
         self._sm4_available(reference.sm4_ecb(bytes.fromhex(case["imk"]), y + reference.complement(y)),
                             case["key"])
-        key, kcv = self._derive_sm4(case["imk"], ((DeriveStep.SM4_ECB, y + reference.complement(y)),))
-        return self._check_sm4("SM4 UDK", key, kcv, case["key"], case.get("kcv"))
+        key, kcv = self._derive(case["imk"], ((DeriveStep.SM4_ECB, y + reference.complement(y)),), Algorithm.SM4)
+        return self._check("SM4 UDK", key, kcv, case["key"], case.get("kcv"), Algorithm.SM4)
 
     def _sm4_chain(self, root: str, factors: list[bytes], want_key: str, want_kcv: str | None) -> str:
         self._sm4_available(reference.chain("sm4", bytes.fromhex(root), factors), want_key)
         steps = tuple((DeriveStep.SM4_ECB, f + reference.complement(f)) for f in factors)
-        key, kcv = self._derive_sm4(root, steps)
-        return self._check_sm4(f"{len(factors)}-level DivSM4", key, kcv, want_key, want_kcv)
+        key, kcv = self._derive(root, steps, Algorithm.SM4)
+        return self._check(f"{len(factors)}-level DivSM4", key, kcv, want_key, want_kcv, Algorithm.SM4)
 
     def _sm4_available(self, computed: bytes, expected: str) -> None:
         """SM4 needs vendor mechanisms; on a token without them, say so and check the arithmetic in software."""
@@ -206,18 +221,6 @@ class SelfTest:
             raise _Unsupported(f"not supported by this HSM ({missing.mechanism}); software reference matches"
                                ) from None
 
-    def _derive_sm4(self, master: str, steps: recipes.Steps) -> tuple[bytes, bytes]:
-        kek = self._sm4_transport()
-        label = selftest_label("master")
-        self._session.import_master_key(label, Algorithm.SM4, bytearray.fromhex(master), token=False)
-        try:
-            result = self._session.derive_wrap(label, steps, self._sm4_kek_label)
-        finally:
-            self._session.destroy(label)
-        if result.wrap != "SM4-ECB":
-            raise _Mismatch(f"the card key was wrapped by {result.wrap}, not SM4-ECB, under an SM4 transport key")
-        return _sm4_ecb_decrypt(bytes(kek), result.wrapped), result.kcv
-
     def _sm4_transport(self) -> bytearray:
         if self._sm4_kek is None:
             kek = bytearray(secrets.token_bytes(16))
@@ -227,15 +230,6 @@ class SelfTest:
             if kcv != reference.kcv_sm4(bytes(kek)):
                 raise _Mismatch("the HSM's KCV of an imported SM4 key is not SM4-ECB-ZERO16-3 of the key")
         return self._sm4_kek
-
-    def _check_sm4(self, what: str, key: bytes, kcv: bytes, want_key: str, want_kcv: str | None) -> str:
-        if key.hex().upper() != want_key.upper():
-            raise _Mismatch(f"{what}: derived key differs from the vector")
-        if want_kcv is not None and kcv.hex().upper() != want_kcv.upper():
-            raise _Mismatch(f"{what}: KCV {kcv.hex().upper()} differs from the vector's {want_kcv.upper()}")
-        if kcv != reference.kcv_sm4(key):
-            raise _Mismatch(f"{what}: the HSM's KCV does not match its own key")
-        return f"{what} in the HSM, KCV {kcv.hex().upper()}"
 
     def _tdes_kcv(self, case: dict[str, Any]) -> str:
         label = selftest_label("kcv")

@@ -1,8 +1,9 @@
 """Dual control enforced by the domain worker service itself (``kms worker``), not only by the front end.
 
 Each key-changing step a ceremony runs in a domain's token (kms.ceremony.keyops: create_key, export_components,
-transport_key_for_rsa, discard_key, destroy_key) arrives at the worker service naming the ceremony it executes. The
-worker then decides on its own, from the database and its own trust file, whether that step may run:
+transport_key_for_rsa, discard_key, destroy_key, generate_signing_key) arrives at the worker service naming the
+ceremony it executes. The worker then decides on its own, from the database and its own trust file, whether that
+step may run:
 
 - the ceremony exists, is of the worker's domain, is ``executing`` and its proposal not expired for longer than an
   execution may take (kms.ceremony.store.EXECUTION_TIMEOUT);
@@ -50,7 +51,8 @@ from kms.identity import Principal, parse_uri
 from kms.registry import KeyKind
 
 #: The keyops steps that change a token, by the name the worker API gives them.
-KEY_CHANGING = ("create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key")
+KEY_CHANGING = ("create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key",
+                "generate_signing_key")
 TRUST_FORMAT = "kms-worker-officers"
 #: How far in the future a proposal's creation time may lie by the worker's clock.
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -186,16 +188,20 @@ class _Expected:
                                           tuple(self._recipients(p["recipients"])), r.ceremony_id)}
         if op == "destroy-key":
             return {"destroy_key": (p["kind"], p["name"], p["version"])}
+        if op == "generate-signing-key":
+            return {"generate_signing_key": (p["name"], p["algorithm"])}
         if op == "register-transport-key":
             method = p.get("method")
             if method == "rsa-oaep":
-                return {"transport_key_for_rsa": (p["bureau"], _der(p["public_key"]))}
+                return {"transport_key_for_rsa": (p["bureau"], _der(p["public_key"]),
+                                                  p.get("algorithm", Algorithm.AES256.value))}
             if method == "import-components":
                 return {"create_key": (transport, p["bureau"], p.get("algorithm", Algorithm.AES256.value),
                                        _yes(p), p["kcv"], tuple(sorted(self._officer_uris(p["custodians"]))), False)}
             if method == "export-components":
                 steps: dict[str, tuple[Any, ...]] = {
-                    "create_key": (transport, p["bureau"], Algorithm.AES256.value, True, None, (), False)}
+                    "create_key": (transport, p["bureau"], p.get("algorithm", Algorithm.AES256.value), True, None,
+                                   (), False)}
                 if "create_key" in made:  # then the key it made: exported, or discarded if that failed
                     version = made["create_key"]
                     steps["export_components"] = (transport, p["bureau"], version,
@@ -216,18 +222,19 @@ def normalize(step: str, arguments: Sequence[Any]) -> tuple[Any, ...]:
         except (ValueError, UnicodeEncodeError):
             raise PermissionDenied("export_components: a recipient's public key is not a PEM public key") from None
         return (a[0], a[1], a[2], recipients, a[4])
-    if step == "transport_key_for_rsa":  # bureau, recipient SPKI (DER)
-        return (a[0], bytes(a[1]))
-    return a  # discard_key, destroy_key: kind, name, version
+    if step == "transport_key_for_rsa":  # bureau, recipient SPKI (DER), algorithm (AES256 when not given)
+        return (a[0], bytes(a[1]), a[2] if len(a) > 2 else Algorithm.AES256.value)
+    return a  # discard_key, destroy_key: kind, name, version; generate_signing_key: name, algorithm
 
 
 #: What the arguments of each step are called (for the message naming the first that differs).
 _ARGUMENT_NAMES = {
     "create_key": ("kind", "name", "algorithm", "escrow", "expected_kcv", "custodians", "activate"),
     "export_components": ("kind", "name", "version", "recipients", "ceremony_id"),
-    "transport_key_for_rsa": ("bureau", "recipient_spki"),
+    "transport_key_for_rsa": ("bureau", "recipient_spki", "algorithm"),
     "discard_key": ("kind", "name", "version"),
     "destroy_key": ("kind", "name", "version"),
+    "generate_signing_key": ("name", "algorithm"),
 }
 
 

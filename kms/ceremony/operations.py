@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from kms import bundle
 from kms.cards.profiles import Profile
 from kms.ceremony import keyops
 from kms.ceremony.handoffs import TransportHandoffs
 from kms.ceremony.officers import OfficerStore, check_name, check_roles, parse_public_key
 from kms.ceremony.store import Ceremonies, CeremonyRecord, check_kcv
 from kms.errors import InvalidArgument, InvalidState, NotFound
+from kms.hsm.mechanisms import MechanismProfile
 from kms.hsm.types import Algorithm
 from kms.identity import Principal, parse_uri
 from kms.issuance.batches import BatchState, BatchStore
@@ -31,11 +33,15 @@ from kms.issuance.limits import check_params as check_limits
 from kms.issuance.workers import Pool
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
+from kms.station import spki_pem
 from kms.validation import NAME, unknown_keys
 
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
 _KINDS = (KeyKind.MASTER, KeyKind.TRANSPORT)
+#: The kinds set-key-state and destroy-key act on: also the domains' issuance signing keys (generate-signing-key).
+_STATE_KINDS = (*_KINDS, KeyKind.SIGNING)
 TRANSPORT_METHODS = ("rsa-oaep", "import-components", "export-components")
+TRANSPORT_ALGORITHMS = (Algorithm.AES256.value, Algorithm.SM4.value)
 MAX_INT = 2**31 - 1  # the largest integer parameter (key versions)
 
 
@@ -52,6 +58,9 @@ class Context:
     pools: DomainPools | None  # None where no HSM step is needed (tests of the protocol)
     principals: PrincipalRegistry | None = None  # stations' and auditors' registrations, officers' certificate pins
     limits: LimitStore | None = None  # issuance limits set by set-limits ceremonies (kms.issuance.limits)
+    #: The mechanism profile of each domain whose workers this service spawns from its own configuration (SM4
+    #: transport keys refused at proposal when it names no SM4); a worker service's domain is checked there.
+    mechanisms: Mapping[str, MechanismProfile] = field(default_factory=dict)
 
 
 Checker = Callable[[Context, str, Mapping[str, Any]], dict[str, Any]]
@@ -125,8 +134,9 @@ def _custodians(ctx: Context, domain: str, params: Mapping[str, Any], name: str)
     return sorted(value)
 
 
-def _existing(ctx: Context, domain: str, params: Mapping[str, Any]) -> tuple[str, str, int]:
-    kind = _choice(params, "kind", tuple(k.value for k in _KINDS), KeyKind.MASTER.value)
+def _existing(ctx: Context, domain: str, params: Mapping[str, Any], kinds: tuple[KeyKind, ...] = _KINDS
+              ) -> tuple[str, str, int]:
+    kind = _choice(params, "kind", tuple(k.value for k in kinds), KeyKind.MASTER.value)
     name, version = _str(params, "name"), _int(params, "version")
     ctx.registry.get(domain, KeyKind(kind), name, version)  # NotFound names it
     return kind, name, version
@@ -327,71 +337,111 @@ def _run_export(ctx: Context, c: CeremonyRecord, kind: str | None = None, name: 
     return {"components": [{"custodian": uri, "kcv": kcv} for uri, _, kcv in outputs]}
 
 
+def _transport_algorithm(ctx: Context, domain: str, p: Mapping[str, Any]) -> str:
+    """A transport key's algorithm: AES256 (default) or SM4. SM4 is refused here when this service knows the
+    domain's mechanism profile names no SM4 (its own workers); otherwise the domain's worker refuses it at execution
+    if its token lacks SM4 (kms.ceremony.keyops.transport_algorithm_offered), before any key is made."""
+    algorithm = _choice(p, "algorithm", TRANSPORT_ALGORITHMS, Algorithm.AES256.value)
+    profile = ctx.mechanisms.get(domain)
+    if algorithm == Algorithm.SM4.value and profile is not None and not profile.has_sm4:
+        raise InvalidArgument("params.algorithm", f"SM4: the {domain} domain's mechanism profile {profile.name} "
+                                                  "names no SM4 (configure hsm.mechanisms for a token with SM4)")
+    return algorithm
+
+
+def _handoff_key(ctx: Context, p: Mapping[str, Any]) -> tuple[str, str]:
+    """The station's hand-off public key (PEM) and its SHA-256 (of the SPKI DER, hex). The key must be RSA of at
+    least 2048 bits and new: a key a transport key was ever wrapped under is refused (hand-off keys are single use,
+    docs/ceremonies.md section 4.4). A ``public_key_sha256`` given with the proposal must be the key's, so approvers
+    can compare it with what the station showed them."""
+    pem = p["public_key"] if isinstance(p.get("public_key"), str) else ""
+    try:
+        public = serialization.load_pem_public_key(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidArgument("params.public_key", "is not a PEM public key") from None
+    if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
+        raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
+    sha256 = spki_sha256(public)
+    if "public_key_sha256" in p and p["public_key_sha256"] != sha256:
+        raise InvalidArgument("params.public_key_sha256", f"is not the public key's ({sha256})")
+    if ctx.handoffs.used(sha256):
+        raise InvalidArgument("params.public_key", "has received a transport key already: a station's unwrap key "
+                                                   "serves one hand-off (make a new one with kms station unwrap-key)")
+    return pem, sha256
+
+
+def spki_sha256(public: rsa.RSAPublicKey) -> str:
+    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo DER: what `kms station unwrap-key` shows."""
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     method = _choice(p, "method", TRANSPORT_METHODS)
     bureau = _str(p, "bureau")
     if method == "rsa-oaep":
-        _only(p, {"bureau", "method", "station", "public_key"})
+        _only(p, {"bureau", "method", "station", "public_key"}, {"algorithm", "public_key_sha256"})
         station = _str(p, "station")
-        pem = p["public_key"] if isinstance(p["public_key"], str) else ""
-        try:
-            public = serialization.load_pem_public_key(pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
-            raise InvalidArgument("params.public_key", "is not a PEM public key") from None
-        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
-            raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
+        pem, sha256 = _handoff_key(ctx, p)
         receiver = Principal("station", station, bureau=bureau)
         if ctx.principals is not None and not ctx.principals.active(receiver, domain):
             raise InvalidArgument("params.station", f"{receiver.uri()} is not registered for the {domain} domain "
                                                     "(register-station first)")
-        return {"bureau": bureau, "method": method, "public_key": pem, "station": receiver.uri()}
+        return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
+                "public_key": pem, "public_key_sha256": sha256, "station": receiver.uri()}
     if method == "import-components":
-        _only(p, {"bureau", "method", "kcv", "custodians"}, {"custody_key"})
-        return {"bureau": bureau, "method": method, "algorithm": Algorithm.AES256.value,
+        _only(p, {"bureau", "method", "kcv", "custodians"}, {"algorithm", "custody_key"})
+        return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
                 "kcv": check_kcv(p["kcv"] if isinstance(p["kcv"], str) else "", "params.kcv"),
                 "custodians": _custodians(ctx, domain, p, "custodians"), "custody_key": _custody_key(ctx, domain, p)}
-    _only(p, {"bureau", "method", "recipients"})
-    return {"bureau": bureau, "method": method, "recipients": _custodians(ctx, domain, p, "recipients")}
+    _only(p, {"bureau", "method", "recipients"}, {"algorithm"})
+    return {"bureau": bureau, "method": method, "algorithm": _transport_algorithm(ctx, domain, p),
+            "recipients": _custodians(ctx, domain, p, "recipients")}
 
 
 def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     pool = pool_for(ctx, c.domain)
+    algorithm = p.get("algorithm", Algorithm.AES256.value)  # proposals made before SM4 transport keys: AES256
     if p["method"] == "rsa-oaep":
-        public = serialization.load_pem_public_key(p["public_key"].encode("ascii"))
+        pem, sha256 = _handoff_key(ctx, p)  # still unused (another ceremony may have used it since the proposal)
+        public = serialization.load_pem_public_key(pem.encode("ascii"))
         spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, ceremony=c.ceremony_id)
+        made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, algorithm, ceremony=c.ceremony_id)
         # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
         ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
                            c.ceremony_id)
-        return {**made, "handed_to": p["station"]}
+        return {**made, "algorithm": algorithm, "handed_to": p["station"], "unwrap_key_sha256": sha256}
     if p["method"] == "import-components":
         return _run_import(ctx, c, KeyKind.TRANSPORT, "bureau")
-    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], Algorithm.AES256.value, True,
+    made = dict(pool.call(keyops.create_key, KeyKind.TRANSPORT.value, p["bureau"], algorithm, True,
                           None, (), False, ceremony=c.ceremony_id))
     try:
         exported = _run_export(ctx, c, KeyKind.TRANSPORT.value, p["bureau"], made["version"])
     except BaseException:
         pool.call(keyops.discard_key, KeyKind.TRANSPORT.value, p["bureau"], made["version"], ceremony=c.ceremony_id)
         raise
-    return {**made, **exported}
+    return {**made, "algorithm": algorithm, **exported}
 
 
 def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     _only(p, {"name", "version", "state"}, {"kind"})
-    kind, name, version = _existing(ctx, domain, p)
+    kind, name, version = _existing(ctx, domain, p, _STATE_KINDS)
     state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
     _activation_allowed(ctx.registry.get(domain, KeyKind(kind), name, version), KeyState(state))
     return {"kind": kind, "name": name, "version": version, "state": state}
 
 
 def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
-    """Activation by ceremony: a suspended key again, or a transport key whose bureau confirmed its KCV out of band
-    (components). A master key becomes active only inside the ceremony that made it, after its KCV check."""
+    """Activation by ceremony: a suspended key again, a transport key whose bureau confirmed its KCV out of band
+    (components), or a signing key generate-signing-key made, once the bureaus' stations trust its public key. A
+    master key becomes active only inside the ceremony that made it, after its KCV check."""
     if to is KeyState.ACTIVE and record.state is not KeyState.SUSPENDED and not (
-            record.kind is KeyKind.TRANSPORT and record.state is KeyState.PRE_ACTIVATION):
+            record.kind in (KeyKind.TRANSPORT, KeyKind.SIGNING) and record.state is KeyState.PRE_ACTIVATION):
         raise InvalidArgument("params.state", f"{record.label} is {record.state.value}: only a suspended key, or a "
-                                              "transport key awaiting its bureau, can be made active")
+                                              "transport or signing key awaiting activation, can be made active")
+    if to is KeyState.ACTIVE and record.kind is KeyKind.SIGNING and not record.public_key:
+        raise InvalidArgument("params.version", f"{record.label} has no public key on record: it was never made")
 
 
 def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
@@ -405,7 +455,7 @@ def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
 
 def _check_destroy(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
     _only(p, {"name", "version"}, {"kind"})
-    kind, name, version = _existing(ctx, domain, p)
+    kind, name, version = _existing(ctx, domain, p, _STATE_KINDS)
     return {"kind": kind, "name": name, "version": version}
 
 
@@ -413,6 +463,47 @@ def _run_destroy(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     return dict(pool_for(ctx, c.domain).call(keyops.destroy_key, p["kind"], p["name"], p["version"],
                                              ceremony=c.ceremony_id))
+
+
+SIGNING_ALGORITHMS = tuple(keyops.SIGNING_ALGORITHMS)
+
+
+def _check_signing(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """generate-signing-key (name, algorithm): the next version of one of the issuance signing keys the sealer signs
+    with (``issuance``: ecdsa-p256; ``issuance-sm2``: sm2; the algorithm defaults to the name's). None of its
+    versions may still await activation, and SM2 only where the domain's worker finds its token and mechanism
+    profile offer it."""
+    _only(p, {"name"}, {"algorithm"})
+    name = _str(p, "name")
+    by_name = {keyops.signing_key_name(a): a for a in SIGNING_ALGORITHMS}
+    if name not in by_name:
+        raise InvalidArgument("params.name", "must be the name of an issuance signing key: "
+                                             + ", ".join(f"{n} ({a})" for n, a in by_name.items()))
+    algorithm = _choice(p, "algorithm", SIGNING_ALGORITHMS, by_name[name])
+    if algorithm != by_name[name]:
+        raise InvalidArgument("params.algorithm", f"{name} keys are {by_name[name]}; sections signed with "
+                                                  f"{algorithm} use {keyops.signing_key_name(algorithm)}")
+    for record in ctx.registry.versions(domain, KeyKind.SIGNING, name):
+        if record.state is KeyState.PRE_ACTIVATION:
+            raise InvalidArgument("params.name", f"{record.label} awaits activation: activate it (set-key-state) "
+                                                 "or destroy it (destroy-key) first")
+    # ECDSA P-256 is what every domain's token signs ceremony minutes with already; SM2 is asked of the token.
+    if algorithm != "ecdsa-p256" and algorithm not in pool_for(ctx, domain).call(keyops.signature_algorithms):
+        raise InvalidArgument("params.algorithm", f"the {domain} token does not offer {algorithm} (its mechanism "
+                                                  "profile, hsm.mechanisms, or its mechanism list lacks it)")
+    return {"name": name, "algorithm": algorithm}
+
+
+def _run_signing(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
+    """The key pair made pre-activation; the result (and so the minutes) carries its public key as PEM, with the
+    SHA-256 of its SubjectPublicKeyInfo and the key id sections will name, for each bureau's station trust store."""
+    p = c.params
+    made = dict(pool_for(ctx, c.domain).call(keyops.generate_signing_key, p["name"], p["algorithm"],
+                                             ceremony=c.ceremony_id))
+    spki = bytes(made.pop("public_key"))
+    return {**made, "public_key": spki_pem(spki).decode("ascii"),
+            "spki_sha256": hashlib.sha256(spki).hexdigest(), "key_id": bundle.key_id(spki),
+            "trust_file": f"{c.domain}-{p['name']}-v{made['version']}.pem"}
 
 
 def _check_batch(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -496,9 +587,11 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               _run_export, params="name=NAME version=N recipients=A,B[,...] [kind=KIND]"),
     Operation("register-transport-key", "a bureau's transport key (rsa-oaep, import-components, export-components)",
               _check_transport, _run_transport,
-              params="bureau=BUREAU and method=rsa-oaep station=NAME public_key=@PEM | method=import-components "
-                     "kcv=HEX custodians=A,B[,...] [custody_key=FINGERPRINT] | method=export-components "
-                     "recipients=A,B[,...]"),
+              params="bureau=BUREAU [algorithm=AES256|SM4] and method=rsa-oaep station=NAME public_key=@PEM "
+                     "[public_key_sha256=HEX] | method=import-components kcv=HEX custodians=A,B[,...] "
+                     "[custody_key=FINGERPRINT] | method=export-components recipients=A,B[,...]"),
+    Operation("generate-signing-key", "an issuance signing key pair (next version), pre-activation, in the HSM",
+              _check_signing, _run_signing, params="name=issuance|issuance-sm2 [algorithm=ecdsa-p256|sm2]"),
     Operation("set-key-state", "suspend, reactivate, deactivate or mark a key compromised", _check_state,
               _run_state, params="name=NAME version=N state=STATE [kind=KIND]"),
     Operation("destroy-key", "destroy a deactivated or compromised key", _check_destroy, _run_destroy,

@@ -478,7 +478,7 @@ class Ceremonies(Repository):
             if changed == 1 and self._audit is not None:
                 self._audit.append(conn, f"ceremony.{state.value}", actor=by.uri(), domain=record.domain,
                                    subject=ceremony_id, outcome="ok" if state is CeremonyState.EXECUTED else "failed",
-                                   detail={"operation": record.operation, "result": dict(result or {}),
+                                   detail={"operation": record.operation, "result": _audit_params(dict(result or {})),
                                            "error": error or ""})
         self._drop_inputs(ceremony_id)
 
@@ -498,8 +498,8 @@ class Ceremonies(Repository):
 
 
 def _audit_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A proposal's parameters as audit records show them: public keys (PEM) as their SHA-256 fingerprints, at any
-    depth (the genesis lists officers with their keys)."""
+    """A proposal's parameters (and an execution's result) as audit records show them: public keys (PEM) as their
+    SHA-256 fingerprints, at any depth (the genesis lists officers with their keys)."""
     def shown(name: str, value: Any) -> Any:
         if "public_key" in name and isinstance(value, str):
             return f"sha256:{hashlib.sha256(value.encode()).hexdigest()}"

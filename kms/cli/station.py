@@ -51,20 +51,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--retry-for", type=_seconds, default=RETRY_FOR, metavar="SECONDS",
                    help=f"give up retrying once SECONDS passed without a bundle received (default {RETRY_FOR:g})")
     p.set_defaults(handler=_fetch)
-    p = command(station, "unwrap-key", "the station's RSA public key for a domain's transport keys (PEM)", """
-        The station's RSA public key (PEM) that a domain's register-transport-key ceremony (method=rsa-oaep) wraps
-        the bureau's transport key to. Made in the station's token on first use.""",
+    p = command(station, "unwrap-key", "a new single-use RSA public key for one transport key hand-off (PEM)", """
+        Make a new RSA key pair in the station's token for one hand-off of a domain's transport key and print its
+        public key (PEM; its SHA-256 on stderr, for the officers to compare with the proposal's
+        public_key_sha256). The register-transport-key ceremony (method=rsa-oaep) names it; the station destroys
+        the pair as soon as it has unwrapped that one key (kms station accept-transport-key), so a key that was
+        used once cannot be named again: run this for each hand-off.""",
                 "kms station unwrap-key --station-config home/stations/station-b1/station.yaml --domain bank "
                 "> station-b1-bank.pem")
     env_path(p, "--station-config", "the station configuration (station.yaml)")
     p.add_argument("--domain", required=True, choices=DOMAINS, help="the domain whose transport key it receives")
-    json_option(p, "the key (domain, station, pem)")
+    json_option(p, "the key (domain, station, label, pem, sha256)")
     p.set_defaults(handler=_unwrap_key)
     p = command(station, "accept-transport-key",
                 "take the transport key a ceremony left for this station into its token, check the KCV and confirm "
                 "it (which activates the key)", """
-        Take the transport key a register-transport-key ceremony left for this station (wrapped to its unwrap key)
-        into its token, check its KCV against the issuer's, and confirm it, which activates the key.""",
+        Take the transport key (AES256 or SM4) a register-transport-key ceremony left for this station (wrapped to
+        the single-use unwrap key the proposal named) into its token, check its KCV against the issuer's, and
+        confirm it, which activates the key. The unwrap key pair is destroyed once it has unwrapped the key (also
+        when the KCV differs), so the wrapped bytes cannot be unwrapped again.""",
                 "kms station accept-transport-key --station-config home/stations/station-b1/station.yaml "
                 "--domain bank")
     env_path(p, "--station-config", "the station configuration (station.yaml)")
@@ -163,31 +168,42 @@ def _seconds(text: str) -> float:
 
 def _unwrap_key(args: argparse.Namespace) -> int:
     from kms import runtime
-    from kms.station import unwrap_public_key_pem
+    from kms.station import new_unwrap_key
 
     cfg = config_mod.load_station(args.station_config)
     with runtime.open_station(cfg) as session:
-        pem = unwrap_public_key_pem(session, cfg.name, args.domain)
+        made = new_unwrap_key(session, cfg.name, args.domain)
     if args.json:
-        emit(args, {"domain": args.domain, "station": cfg.name, "pem": pem}, "")
+        emit(args, {"domain": args.domain, "station": cfg.name, "label": made.label, "pem": made.pem,
+                    "sha256": made.sha256}, "")
     else:
-        print(pem, end="")
+        print(made.pem, end="")
+        print(f"kms: {cfg.name}'s single-use {args.domain} unwrap key {made.label}, SHA-256 {made.sha256}",
+              file=sys.stderr)
     return 0
 
 
 def _accept_transport_key(args: argparse.Namespace) -> int:
     from kms import runtime
     from kms.client.ceremony import CeremonyClient
+    from kms.hsm.types import Algorithm
     from kms.station import accept_transport_key
 
     cfg = config_mod.load_station(args.station_config)
     with client_for(args.station_config, args.server) as client:
         cer = CeremonyClient(client)
         handoff = cer.fetch_transport_key(args.domain)
+        try:
+            algorithm = Algorithm(handoff.algorithm or Algorithm.AES256.value)
+        except ValueError:
+            raise errors.InvalidArgument("algorithm", f"the hand-off names an unknown algorithm "
+                                                      f"{handoff.algorithm!r}") from None
         with runtime.open_station(cfg) as session:
             kcv = accept_transport_key(session, cfg.name, args.domain, handoff.label, handoff.wrapped_key,
-                                       handoff.kcv)
+                                       handoff.kcv, algorithm, handoff.unwrap_key_sha256)
         confirmed = cer.confirm_transport_key(args.domain, handoff.version, kcv)
-    emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label, "kcv": kcv},
-         f"{confirmed.label} is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active")
+    emit(args, {"domain": confirmed.domain, "bureau": confirmed.bureau, "label": confirmed.label,
+                "algorithm": algorithm.value, "kcv": kcv},
+         f"{confirmed.label} ({algorithm.value}) is in {cfg.name}'s token (KCV {kcv}, the issuer's) and now active; "
+         "its single-use unwrap key is destroyed")
     return 0

@@ -94,8 +94,10 @@ class CeremonyClient:
                                    pb.SealedComponent)
         value = components.open_for_officer(key.private_key(), sealed.sealed,
                                             components.context_for(ceremony_id, me))
-        algorithm = Algorithm.DES2 if len(value) == Algorithm.DES2.length else Algorithm.AES256
-        if len(value) != algorithm.length or components.kcv(algorithm, value) != sealed.kcv:
+        # A 16-byte component is of a DES2 or an SM4 key (an SM4 master or transport key): it passes if its KCV by
+        # either method is the recorded one (the value is the same whichever it is).
+        candidates = [a for a in (Algorithm.DES2, Algorithm.SM4, Algorithm.AES256) if a.length == len(value)]
+        if not any(components.kcv(a, value) == sealed.kcv for a in candidates):
             wipe(value)
             raise InvalidArgument("component", "does not match the KCV recorded for it")
         return value, sealed.kcv

@@ -44,7 +44,7 @@ from kms.dev.pki import Credential, DevPki
 from kms.errors import ConfigError
 from kms.files import PRIVATE_DIR, private_dir, write_private
 from kms.hsm import softhsm
-from kms.hsm.labels import AUDIT_KEY, AUDIT_TOKEN, domain_token, key_label, station_token, unwrap_key_label
+from kms.hsm.labels import AUDIT_KEY, AUDIT_TOKEN, domain_token, key_label, station_token
 from kms.hsm.types import Algorithm, KcvMethod, SignatureAlgorithm
 from kms.identity import Principal
 from kms.issuance import pans
@@ -53,7 +53,7 @@ from kms.policies import shipped
 from kms.principals import PrincipalRegistry, certificate_pin
 from kms.registry import DOMAINS, KeyKind, KeyRegistry
 from kms.secrets import SecretRef
-from kms.station import accept_transport_key, spki_pem
+from kms.station import accept_transport_key, new_unwrap_key, pem_spki, spki_pem, spki_sha256
 
 T = TypeVar("T")
 #: bureau-a is the issuer's in-house personalization centre; bureau-b an outsourced bureau (外包单位).
@@ -235,18 +235,45 @@ def init_home(
     _create_database(home)
     _in_own_process(_audit_setup, str(home.config))
     known = dict(master_keys or {})
-    unwrap_keys = {
-        station: _in_own_process(_station_unwrap_keys, str(home.station_config(station)))
-        for _, station in stations
-    }
+    # The transport keys still to make (one per bureau, domain and algorithm), each handed to the bureau's station
+    # under an RSA key pair the station makes for that one hand-off and destroys once it unwrapped it.
+    plan = _transport_plan(home.config, bureaus)
+    unwrap_keys: dict[tuple[str, str, str], bytes] = {}
+    for _, station in stations:
+        wanted = [(domain, algorithm) for domain, items in plan.items() for _, s, algorithm in items if s == station]
+        if wanted:
+            made = _in_own_process(_station_unwrap_keys, str(home.station_config(station)), wanted)
+            unwrap_keys.update({(station, domain, algorithm): spki for (domain, algorithm), spki in made.items()})
     for domain in DOMAINS:
-        handoffs = _in_own_process(_domain_setup, str(home.config), domain, bureaus, unwrap_keys, known)
+        todo = [(bureau, algorithm, station, unwrap_keys[(station, domain, algorithm)])
+                for bureau, station, algorithm in plan[domain]]
+        handoffs = _in_own_process(_domain_setup, str(home.config), domain, todo, known)
         _in_own_process(_trust_custody_key, str(home.config), domain, str(pins / f"{domain}.so-pin"))
-        for station, (bureau, version, algorithm, wrapped, kcv) in handoffs:
+        for station, (bureau, version, algorithm, wrapped, kcv, spki) in handoffs:
             _in_own_process(_station_accept, str(home.station_config(station)), domain, bureau, version, algorithm,
-                            wrapped, kcv)
+                            wrapped, kcv, spki_sha256(spki))
         _genesis(home, domain, pki, stations)
     return home
+
+
+def _transport_plan(config_path: Path, bureaus: Mapping[str, tuple[str, ...]]
+                    ) -> dict[str, list[tuple[str, str, str]]]:
+    """Per domain, the transport keys the home's profiles need that are not made yet: (bureau, station, algorithm)
+    for each bureau and algorithm the profiles name for that domain (its only station receives it). Reads the
+    profiles and the key registry, no token."""
+    cfg = config_mod.load(config_path)
+    registry = runtime.registry(cfg, SystemClock())
+    loaded = profiles.load_dir(cfg.profiles).values()
+    plan: dict[str, list[tuple[str, str, str]]] = {}
+    for domain in DOMAINS:
+        transports = {p.transport(domain) for p in loaded if p.keys(domain)} or {Algorithm.AES256}
+        plan[domain] = []
+        for bureau, names in bureaus.items():
+            if len(names) != 1:
+                raise ConfigError("development homes give each bureau exactly one station")
+            made = {r.algorithm for r in registry.versions(domain, KeyKind.TRANSPORT, bureau)}
+            plan[domain] += [(bureau, names[0], a.value) for a in sorted(transports) if a.value not in made]
+    return plan
 
 
 def _create_database(home: Home) -> None:
@@ -346,35 +373,29 @@ def _write_yaml(path: Path, data: object) -> None:
     write_private(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def _station_unwrap_keys(station_config: str) -> dict[str, bytes]:
-    """In the station's process: an RSA unwrap key pair per domain; returns their public keys."""
+def _station_unwrap_keys(station_config: str, wanted: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+    """In the station's process: a new single-use RSA unwrap key pair for each (domain, algorithm) hand-off it is
+    to receive; returns their public keys (SPKI DER)."""
     cfg = config_mod.load_station(Path(station_config))
     with runtime.open_station(cfg) as session:
-        result = {}
-        for domain in cfg.domains:
-            label = unwrap_key_label(cfg.name, domain)
-            result[domain] = (
-                session.public_key(label) if session.has_public_key(label) else session.generate_unwrap_keypair(label)
-            )
-        return result
+        return {(domain, algorithm): pem_spki(new_unwrap_key(session, cfg.name, domain).pem.encode(), "unwrap key")
+                for domain, algorithm in wanted}
 
 
 def _domain_setup(
     config_path: str,
     domain: str,
-    bureaus: Mapping[str, tuple[str, ...]],
-    unwrap_keys: Mapping[str, Mapping[str, bytes]],
+    transports: Sequence[tuple[str, str, str, bytes]],
     known: Mapping[tuple[str, str], bytes],
-) -> list[tuple[str, tuple[str, int, str, bytes, bytes]]]:
-    """In the domain's own process: master keys, the issuance signing keys, a transport key per bureau — of each
-    algorithm the home's profiles name for this domain (an SM4 one as another version of the bureau's transport
-    key). Returns, per station, each transport key wrapped for it: (station, (bureau, version, algorithm, wrapped,
-    KCV))."""
+) -> list[tuple[str, tuple[str, int, str, bytes, bytes, bytes]]]:
+    """In the domain's own process: master keys, the issuance signing keys, and the transport keys of
+    ``transports`` (bureau, algorithm, station, the station's single-use unwrap public key; an SM4 one as another
+    version of the bureau's transport key). Returns, per station, each transport key wrapped for it: (station,
+    (bureau, version, algorithm, wrapped, KCV, unwrap public key))."""
     cfg = config_mod.load(Path(config_path))
     registry = runtime.registry(cfg, SystemClock())
     needed: dict[str, Algorithm] = {}
     signatures = {SignatureAlgorithm.ECDSA_P256_SHA256}  # always: it also signs the domain's ceremony minutes
-    transports: set[Algorithm] = set()
     for profile in profiles.load_dir(cfg.profiles).values():
         if not profile.keys(domain):
             continue
@@ -383,8 +404,7 @@ def _domain_setup(
                 raise ConfigError(f"master key {spec.master_key}: the home's profiles need it as "
                                   f"{needed[spec.master_key]} and as {spec.algorithm}")
         signatures.add(profile.signature(domain))
-        transports.add(profile.transport(domain))
-    handoffs: list[tuple[str, tuple[str, int, str, bytes, bytes]]] = []
+    handoffs: list[tuple[str, tuple[str, int, str, bytes, bytes, bytes]]] = []
     with runtime.open_domain(cfg, domain) as session:
         existing = registry.names(domain, KeyKind.MASTER)
         for name, algorithm in sorted(needed.items()):
@@ -423,26 +443,19 @@ def _domain_setup(
                 record = registry.add(domain, KeyKind.DATA, pans.INDEX_KEY, "HMAC-SHA256")
                 registry.set_kcv(record, session.generate_index_key(record.label).hex().upper(),
                                  KcvMethod.HMAC_EMPTY.value)
-        for bureau, stations in bureaus.items():
-            if len(stations) != 1:
-                raise ConfigError("development homes give each bureau exactly one station")
-            made = {r.algorithm for r in registry.versions(domain, KeyKind.TRANSPORT, bureau)}
-            for algorithm in sorted(transports or {Algorithm.AES256}):
-                if algorithm.value in made:
-                    continue
-                # One transport key per bureau, domain and algorithm; every station of the bureau receives it.
-                record = registry.add(domain, KeyKind.TRANSPORT, bureau, algorithm.value)
-                try:
-                    wrapped, kcv = (
-                        session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain])
-                        if algorithm is Algorithm.AES256 else
-                        session.generate_transport_key_for(record.label, unwrap_keys[stations[0]][domain],
-                                                           algorithm=algorithm))
-                except BaseException:
-                    registry.remove(record)
-                    raise
-                registry.set_kcv(record, kcv.hex().upper(), _TRANSPORT_KCV[algorithm].value)
-                handoffs.append((stations[0], (bureau, record.version, algorithm.value, wrapped, kcv)))
+        for bureau, algorithm_name, station, spki in transports:
+            algorithm = Algorithm(algorithm_name)
+            # One transport key per bureau, domain and algorithm; the bureau's station receives it.
+            record = registry.add(domain, KeyKind.TRANSPORT, bureau, algorithm.value)
+            try:
+                wrapped, kcv = (
+                    session.generate_transport_key_for(record.label, spki) if algorithm is Algorithm.AES256 else
+                    session.generate_transport_key_for(record.label, spki, algorithm=algorithm))
+            except BaseException:
+                registry.remove(record)
+                raise
+            registry.set_kcv(record, kcv.hex().upper(), _TRANSPORT_KCV[algorithm].value)
+            handoffs.append((station, (bureau, record.version, algorithm.value, wrapped, kcv, spki)))
     return handoffs
 
 
@@ -472,12 +485,14 @@ def _add_key_pair(registry: KeyRegistry, domain: str, kind: KeyKind, name: str, 
 
 
 def _station_accept(station_config: str, domain: str, bureau: str, version: int, algorithm: str, wrapped: bytes,
-                    kcv: bytes) -> None:
-    """In the station's process: accept the transport key and check its KCV against the issuer's."""
+                    kcv: bytes, unwrap_key_sha256: str) -> None:
+    """In the station's process: accept the transport key and check its KCV against the issuer's (its single-use
+    unwrap key is destroyed)."""
     cfg = config_mod.load_station(Path(station_config))
     label = key_label(domain, KeyKind.TRANSPORT, bureau, version)
     with runtime.open_station(cfg) as session:
-        accept_transport_key(session, cfg.name, domain, label, wrapped, kcv.hex(), Algorithm(algorithm))
+        accept_transport_key(session, cfg.name, domain, label, wrapped, kcv.hex(), Algorithm(algorithm),
+                             unwrap_key_sha256)
 
 
 def master_key_names(cfg: config_mod.Config) -> dict[str, set[str]]:

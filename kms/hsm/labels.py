@@ -14,7 +14,7 @@ Objects:
   ``kms/<domain>/<kind>/<name>/v<version>``   a registered key (master, transport, signing, custody, data, index)
   ``<custody label>/trusted``                  the SO-trusted public half of a custody key (escrow wraps under it)
   ``kms/audit/signing/audit/v1``               the audit signer's key; ``kms/audit/signed-head`` its remembered head
-  ``kms/station/<station>/unwrap/<domain>``    a station's RSA pair that a domain's transport keys are wrapped to
+  ``kms/station/<station>/unwrap/<domain>/<id>``  a station's single-use RSA pair one transport key is wrapped to
   ``card/<card_ref>/<domain>/<name>``          a card key a station keeps in its token (``bundle open --store``)
   ``kms/selftest/<purpose>/<random>``          session objects of the self-test
 """
@@ -49,9 +49,10 @@ def trusted_label(custody_label: str) -> str:
     return f"{custody_label}/trusted"
 
 
-def unwrap_key_label(station: str, domain: str) -> str:
-    """A station's RSA key pair that transport keys of a domain are wrapped to."""
-    return f"kms/station/{station}/unwrap/{domain}"
+def unwrap_key_label(station: str, domain: str, handoff: str = "") -> str:
+    """A station's RSA key pair that one transport key of a domain is wrapped to (``handoff``: the pair's own random
+    id; without it, the long-lived pair of the kms before single-use hand-off keys, still accepted once)."""
+    return f"kms/station/{station}/unwrap/{domain}" + (f"/{handoff}" if handoff else "")
 
 
 def card_key_label(card_ref: str, domain: str, name: str) -> str:

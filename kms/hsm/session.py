@@ -46,6 +46,7 @@ from kms.hsm.mechanisms import MechanismProfile
 from kms.hsm.templates import (
     _ALL_CAPS,
     _CARD_KEY_DERIVE,
+    _HANDOFF_UNWRAP_TEMPLATE,
     _INTERMEDIATE_DERIVE,
     _SM4_CARD_KEY_DERIVE,
     _SM4_INTERMEDIATE_DERIVE,
@@ -716,7 +717,8 @@ class TokenSession:
 
     @hsm_call("generate")
     def generate_unwrap_keypair(self, label: str) -> bytes:
-        """At a station: an RSA-2048 key pair whose private half may only unwrap. Returns the public SPKI DER."""
+        """At a station: an RSA-2048 key pair whose private half may only unwrap, for one transport key hand-off
+        (``accept_transport_key`` destroys it once it unwrapped that key). Returns the public SPKI DER."""
         self._refuse_duplicate(label, ObjectClass.PRIVATE_KEY)
         with _hsm(f"generate unwrap key pair {label!r}"):
             self._session.generate_keypair(
@@ -729,7 +731,7 @@ class TokenSession:
                 private_template={Attribute.UNWRAP: True, Attribute.DECRYPT: False, Attribute.SIGN: False,
                                   Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                                   Attribute.TOKEN: True, Attribute.PRIVATE: True,
-                                  Attribute.UNWRAP_TEMPLATE: _UNWRAPPED_KEY_TEMPLATE,
+                                  Attribute.UNWRAP_TEMPLATE: _HANDOFF_UNWRAP_TEMPLATE,
                                   Attribute.MODIFIABLE: False},
             )
         return self.public_key(label)
@@ -785,7 +787,12 @@ class TokenSession:
         token's CKA_CHECK_VALUE), for the caller to compare with the issuer's before trusting the key.
 
         SoftHSM sets no CKA_CHECK_VALUE on unwrapped keys and refuses one in the template, so the KCV comes from a
-        second, encrypt-only session copy that is destroyed at once."""
+        second, encrypt-only session copy that is destroyed at once.
+
+        The unwrap key pair is single use: once the wrapped bytes have been unwrapped (the KCV copy made), both its
+        halves are destroyed, whether the key then reaches the token or not, so the same bytes can never be
+        unwrapped again (review finding F1: a PIN holder who kept them could otherwise unwrap an unwrap-capable copy
+        without CKA_UNWRAP_TEMPLATE and read card keys with it). Bytes that do not unwrap leave the pair in place."""
         _transport_algorithm(algorithm)
         key_type = self._key_type(algorithm, "SM4_ECB")
         kcv_mechanism, zero = self._kcv_mechanism(algorithm)
@@ -803,15 +810,34 @@ class TokenSession:
                 mechanism_param=_OAEP_SHA1, template=probe_template, capabilities=_NO_DEFAULT_CAPABILITIES,
             )
             try:
-                probe.key_type = key_type
-                kcv = bytes(probe.encrypt(zero, mechanism=kcv_mechanism)[:3])
+                try:
+                    probe.key_type = key_type
+                    kcv = bytes(probe.encrypt(zero, mechanism=kcv_mechanism)[:3])
+                finally:
+                    probe.destroy()
+                private.unwrap_key(
+                    ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
+                    mechanism_param=_OAEP_SHA1, template=template, capabilities=_NO_DEFAULT_CAPABILITIES,
+                )
             finally:
-                probe.destroy()
-            private.unwrap_key(
-                ObjectClass.SECRET_KEY, key_type, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
-                mechanism_param=_OAEP_SHA1, template=template, capabilities=_NO_DEFAULT_CAPABILITIES,
-            )
+                self._destroy_unwrap_pair(unwrap_label)
             return kcv
+
+    def _destroy_unwrap_pair(self, label: str) -> None:
+        """Both halves of a station's hand-off key pair (the public one may be gone already)."""
+        for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            if self._has(label, cls):
+                key = self._key(label, cls)
+                key.destroy()
+                self._keys.pop((cls, label), None)
+
+    def unwrap_keys(self, prefix: str) -> dict[str, bytes]:
+        """At a station: the hand-off key pairs whose label is ``prefix`` or starts with ``prefix/``, by label, with
+        their public key (SPKI DER)."""
+        with _hsm("list unwrap keys"):
+            labels = {obj.label for obj in self._session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY})}
+        found = sorted(label for label in labels if label == prefix or label.startswith(prefix + "/"))
+        return {label: self.public_key(label) for label in found if self._has(label, ObjectClass.PRIVATE_KEY)}
 
     # -- station -----------------------------------------------------------------------------------------------
 

@@ -113,6 +113,15 @@ _CK_FALSE = ctypes.c_ubyte(0)
 #: What every key unwrapped under a station's unwrapping key must be: the token enforces it, so even a PIN holder
 #: cannot unwrap a sealed key as readable (CKA_UNWRAP_TEMPLATE, checked by SoftHSM 2.6 with TemplateInconsistent).
 _UNWRAPPED_KEY_TEMPLATE = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: False}
+#: What the one transport key a station's single-use hand-off key unwraps may be: everything of the station's
+#: transport key (and of the encrypt-only session copy its KCV is computed with) that a flat template can pin. SoftHSM
+#: 2.6 checks each of these (TemplateInconsistent otherwise) but cannot pin the new key's own CKA_UNWRAP_TEMPLATE (a
+#: nested template is never matched), so this does not stop an unwrap-capable copy without one: the key pair being
+#: single use does (kms.station.accept_transport_key, docs/ceremonies.md section 4.4).
+_HANDOFF_UNWRAP_TEMPLATE = {
+    Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.DECRYPT: False, Attribute.WRAP: False,
+    Attribute.SIGN: False, Attribute.VERIFY: False, Attribute.DERIVE: False, Attribute.MODIFIABLE: False,
+}
 
 
 def _pack_bool_template(template: dict[Attribute, bool]) -> bytes:

@@ -493,8 +493,7 @@ class BatchStore(Repository):
                 raise InvalidArgument("bundle", f"{card.card_ref}: must be non-empty bytes")
         now = rfc3339(self._clock.now())
         with self._engine.begin() as conn:
-            won = [_store_issued(conn, batch_id, card.card_ref, serial, bundle, None, card, now, by)
-                   for card, serial, bundle in issued]
+            won = _store_issued_many(conn, batch_id, issued, now, by)
             # The records after the changes: the audit head is locked last, for as short a time as possible.
             if self._audit is not None:
                 self._audit.append_many(conn, [
@@ -548,6 +547,43 @@ def _store_issued(conn: sa.Connection, batch_id: str, card_ref: str, serial: str
     ).rowcount == 1
     if won:
         _event(conn, batch_id, card_ref, EventKind.ISSUED, f"bundle {serial}", now, by)
+    return won
+
+
+def _issue_statement() -> sa.Update:
+    """``_store_issued``'s conditional UPDATE for a card sealed for a known identity, with every value a bound
+    parameter: built (and its cache key computed) once, executed once per card of a stream's message."""
+    def bound(name: str) -> sa.BindParameter[Any]:
+        return sa.bindparam(f"p_{name}", type_=batch_cards.c[name].type)
+
+    return batch_cards.update().where(
+        batch_cards.c.batch_id == sa.bindparam("p_batch_id"), batch_cards.c.card_ref == sa.bindparam("p_card_ref"),
+        batch_cards.c.state == CardState.PENDING.value,
+        sa.exists().where(batches.c.batch_id == sa.bindparam("p_batch_id"),
+                          batches.c.state == BatchState.OPEN.value),
+        *[batch_cards.c[name].is_not_distinct_from(bound(name)) for name in (*CLEAR_FIELDS, "pan_index")],
+    ).values(state=CardState.ISSUED.value, serial=bound("serial"), bundle=bound("bundle"), idempotency_key=None,
+             issued_at=bound("issued_at"))
+
+
+_ISSUE = _issue_statement()
+
+
+def _store_issued_many(conn: sa.Connection, batch_id: str, issued: Sequence[tuple[CardIdentity, str, bytes]],
+                       now: str, by: str | None) -> list[bool]:
+    """``_store_issued`` for several cards, each sealed for its identity (no idempotency key): the same conditional
+    UPDATE per card, from one prepared statement, and one multi-row insert of the events of the cards it stored.
+    Returns, per card, whether it was stored."""
+    won = [conn.execute(_ISSUE, {
+        "p_batch_id": batch_id, "p_card_ref": card.card_ref, "p_serial": serial, "p_bundle": bundle,
+        "p_issued_at": now, "p_pan_index": card.protected.index if card.protected else None,
+        **{f"p_{name}": getattr(card, name) for name in CLEAR_FIELDS},
+    }).rowcount == 1 for card, serial, bundle in issued]
+    events = [{"batch_id": batch_id, "card_ref": card.card_ref, "event": EventKind.ISSUED.value,
+               "detail": f"bundle {serial}", "at": now, "by": by}
+              for (card, serial, _), stored in zip(issued, won, strict=True) if stored]
+    if events:
+        conn.execute(card_events.insert(), events)
     return won
 
 

@@ -265,6 +265,7 @@ WORKER_STEPS = frozenset({
     "kms.ceremony.keyops.check_component", "kms.ceremony.keyops.sign", "kms.ceremony.keyops.create_key",
     "kms.ceremony.keyops.export_components", "kms.ceremony.keyops.transport_key_for_rsa",
     "kms.ceremony.keyops.discard_key", "kms.ceremony.keyops.destroy_key",
+    "kms.ceremony.keyops.generate_signing_key", "kms.ceremony.keyops.signature_algorithms",
     "kms.issuance.pans.protect_pans",
 })
 

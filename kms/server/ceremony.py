@@ -285,7 +285,8 @@ class CeremonyService(rpc.CeremonyServiceServicer):
             handoff = self._ctx.handoffs.pending(principal, check_domain(request.domain))
             log.info("%s fetched the %s transport key %s", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
-                                          label=handoff.label, wrapped_key=handoff.wrapped, kcv=handoff.kcv)
+                                          label=handoff.label, wrapped_key=handoff.wrapped, kcv=handoff.kcv,
+                                          algorithm=handoff.algorithm, unwrap_key_sha256=handoff.unwrap_key_sha256)
         return self._handle(context, work)
 
     @service_method
@@ -297,7 +298,8 @@ class CeremonyService(rpc.CeremonyServiceServicer):
                                                  request.kcv)
             log.info("%s confirmed the %s transport key %s; it is active", principal, handoff.domain, handoff.label)
             return pb.TransportKeyHandoff(domain=handoff.domain, bureau=handoff.bureau, version=handoff.version,
-                                          label=handoff.label, kcv=handoff.kcv)
+                                          label=handoff.label, kcv=handoff.kcv, algorithm=handoff.algorithm,
+                                          unwrap_key_sha256=handoff.unwrap_key_sha256)
         return self._handle(context, work)
 
 

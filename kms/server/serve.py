@@ -112,7 +112,8 @@ class Service:
         self.ceremonies = Ceremonies(engine, clock, QuorumPolicy.load(quorum_path), officer_store, audit)
         handoffs = TransportHandoffs(engine, registry, clock, audit)
         ceremony_context = Context(registry, officer_store, self.issuance.store, loaded, self.ceremonies, handoffs,
-                                   self.pools, self.principals, limits=self.quotas.store)
+                                   self.pools, self.principals, limits=self.quotas.store,
+                                   mechanisms={d: cfg.hsm.profile() for d in cfg.domains if d not in cfg.workers})
         ceremony = CeremonyService(self.ceremonies, ceremony_context, clock)
         # Checkpoints of the audit chain, signed by the audit key in a process of its own (docs/audit.md).
         self.signer: Signer | None = None

@@ -218,6 +218,7 @@ def _uri(value: str, field: str) -> str:
 
 _KINDS = tuple(k.value for k in KeyKind)
 _ALGORITHMS = tuple(a.value for a in Algorithm)
+_TRANSPORT_ALGORITHMS = (Algorithm.AES256.value, Algorithm.SM4.value)
 
 
 def _key_message(result: dict[str, Any]) -> pb.KeyResult:
@@ -272,7 +273,8 @@ def _sign(m: pb.SignDocument, domain: str) -> tuple[Any, ...]:
 
 def _transport_for_rsa(m: pb.TransportKeyForRsa, domain: str) -> tuple[Any, ...]:
     rsa_public_key(m.recipient_spki, "recipient_spki")  # checked before the request goes further
-    return _name(m.bureau, "bureau"), m.recipient_spki
+    return (_name(m.bureau, "bureau"), m.recipient_spki,
+            _choice(m.algorithm or Algorithm.AES256.value, _TRANSPORT_ALGORITHMS, "algorithm"))
 
 
 def _create(m: pb.CreateKey, domain: str) -> tuple[Any, ...]:
@@ -294,6 +296,22 @@ def _key_ref(m: pb.KeyRef, domain: str) -> tuple[Any, ...]:
     kind, name, version = _choice(m.kind, _KINDS, "kind"), _name(m.name, "name"), _version(m.version, "version")
     key_label(domain, kind, name, version)
     return kind, name, version
+
+
+def _generate_signing(m: pb.GenerateSigningKey, domain: str) -> tuple[Any, ...]:
+    return _name(m.name, "name"), _choice(m.algorithm, tuple(keyops.SIGNING_ALGORITHMS), "algorithm")
+
+
+def _signing_message(made: dict[str, Any]) -> pb.KeyOperationResponse:
+    return pb.KeyOperationResponse(signing_key=pb.SigningKey(
+        label=made["label"], version=made["version"], state=made["state"], algorithm=made["algorithm"],
+        public_key=made["public_key"]))
+
+
+def _signing_from(r: pb.KeyOperationResponse) -> dict[str, Any]:
+    made = r.signing_key
+    return {"label": made.label, "version": made.version, "state": made.state, "algorithm": made.algorithm,
+            "public_key": made.public_key}
 
 
 #: PANs in one protect_pans call: the front end sends them a chunk at a time (kms.issuance.pans.PanVault).
@@ -367,7 +385,8 @@ OPERATIONS: tuple[Operation, ...] = (
                   pb.KeyComponent(custodian=u, sealed=s, kcv=k) for u, s, k in made])),
               lambda r: [(c.custodian, c.sealed, c.kcv) for c in r.components.components]),
     Operation("transport_key_for_rsa", keyops.transport_key_for_rsa,
-              lambda bureau, spki: pb.TransportKeyForRsa(bureau=bureau, recipient_spki=spki),
+              lambda bureau, spki, algorithm=Algorithm.AES256.value: pb.TransportKeyForRsa(
+                  bureau=bureau, recipient_spki=spki, algorithm=algorithm),
               _transport_for_rsa,
               lambda made: pb.KeyOperationResponse(handed=pb.HandedKey(key=_key_message(made[0]), wrapped=made[1])),
               lambda r: (_key_from(r.handed.key), r.handed.wrapped)),
@@ -383,6 +402,13 @@ OPERATIONS: tuple[Operation, ...] = (
               _protect, lambda made: pb.KeyOperationResponse(pans=pb.ProtectedPans(pans=[
                   pb.ProtectedPan(sealed=s, index=i, pan_psn_index=j) for s, i, j in made])),
               lambda r: [(p.sealed, p.index, p.pan_psn_index) for p in r.pans.pans]),
+    Operation("generate_signing_key", keyops.generate_signing_key,
+              lambda name, algorithm: pb.GenerateSigningKey(name=name, algorithm=algorithm), _generate_signing,
+              _signing_message, _signing_from),
+    Operation("signature_algorithms", keyops.signature_algorithms, lambda: pb.SignatureAlgorithmsRequest(),
+              lambda m, domain: (),
+              lambda offered: pb.KeyOperationResponse(algorithms=pb.SignatureAlgorithms(algorithms=offered)),
+              lambda r: list(r.algorithms.algorithms)),
 )
 BY_FIELD = {op.field: op for op in OPERATIONS}
 

@@ -13,20 +13,24 @@ class TransportKeyRequest(_message.Message):
     def __init__(self, domain: _Optional[str] = ...) -> None: ...
 
 class TransportKeyHandoff(_message.Message):
-    __slots__ = ("domain", "bureau", "version", "label", "wrapped_key", "kcv")
+    __slots__ = ("domain", "bureau", "version", "label", "wrapped_key", "kcv", "algorithm", "unwrap_key_sha256")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     BUREAU_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     WRAPPED_KEY_FIELD_NUMBER: _ClassVar[int]
     KCV_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    UNWRAP_KEY_SHA256_FIELD_NUMBER: _ClassVar[int]
     domain: str
     bureau: str
     version: int
     label: str
     wrapped_key: bytes
     kcv: str
-    def __init__(self, domain: _Optional[str] = ..., bureau: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., wrapped_key: _Optional[bytes] = ..., kcv: _Optional[str] = ...) -> None: ...
+    algorithm: str
+    unwrap_key_sha256: str
+    def __init__(self, domain: _Optional[str] = ..., bureau: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., wrapped_key: _Optional[bytes] = ..., kcv: _Optional[str] = ..., algorithm: _Optional[str] = ..., unwrap_key_sha256: _Optional[str] = ...) -> None: ...
 
 class ConfirmTransportKeyRequest(_message.Message):
     __slots__ = ("domain", "version", "kcv")

@@ -187,12 +187,14 @@ class ExportComponents(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., recipients: _Optional[_Iterable[_Union[Recipient, _Mapping]]] = ..., ceremony_id: _Optional[str] = ...) -> None: ...
 
 class TransportKeyForRsa(_message.Message):
-    __slots__ = ("bureau", "recipient_spki")
+    __slots__ = ("bureau", "recipient_spki", "algorithm")
     BUREAU_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_SPKI_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     bureau: str
     recipient_spki: bytes
-    def __init__(self, bureau: _Optional[str] = ..., recipient_spki: _Optional[bytes] = ...) -> None: ...
+    algorithm: str
+    def __init__(self, bureau: _Optional[str] = ..., recipient_spki: _Optional[bytes] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class KeyRef(_message.Message):
     __slots__ = ("kind", "name", "version")
@@ -222,8 +224,20 @@ class ProtectPans(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[PanItem]
     def __init__(self, batch_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[PanItem, _Mapping]]] = ...) -> None: ...
 
+class GenerateSigningKey(_message.Message):
+    __slots__ = ("name", "algorithm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    algorithm: str
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...
+
+class SignatureAlgorithmsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class KeyOperationRequest(_message.Message):
-    __slots__ = ("check_component", "sign", "create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key", "protect_pans", "ceremony_id")
+    __slots__ = ("check_component", "sign", "create_key", "export_components", "transport_key_for_rsa", "discard_key", "destroy_key", "protect_pans", "generate_signing_key", "signature_algorithms", "ceremony_id")
     CHECK_COMPONENT_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
     CREATE_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +246,8 @@ class KeyOperationRequest(_message.Message):
     DISCARD_KEY_FIELD_NUMBER: _ClassVar[int]
     DESTROY_KEY_FIELD_NUMBER: _ClassVar[int]
     PROTECT_PANS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     CEREMONY_ID_FIELD_NUMBER: _ClassVar[int]
     check_component: CheckComponent
     sign: SignDocument
@@ -241,8 +257,10 @@ class KeyOperationRequest(_message.Message):
     discard_key: KeyRef
     destroy_key: KeyRef
     protect_pans: ProtectPans
+    generate_signing_key: GenerateSigningKey
+    signature_algorithms: SignatureAlgorithmsRequest
     ceremony_id: str
-    def __init__(self, check_component: _Optional[_Union[CheckComponent, _Mapping]] = ..., sign: _Optional[_Union[SignDocument, _Mapping]] = ..., create_key: _Optional[_Union[CreateKey, _Mapping]] = ..., export_components: _Optional[_Union[ExportComponents, _Mapping]] = ..., transport_key_for_rsa: _Optional[_Union[TransportKeyForRsa, _Mapping]] = ..., discard_key: _Optional[_Union[KeyRef, _Mapping]] = ..., destroy_key: _Optional[_Union[KeyRef, _Mapping]] = ..., protect_pans: _Optional[_Union[ProtectPans, _Mapping]] = ..., ceremony_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, check_component: _Optional[_Union[CheckComponent, _Mapping]] = ..., sign: _Optional[_Union[SignDocument, _Mapping]] = ..., create_key: _Optional[_Union[CreateKey, _Mapping]] = ..., export_components: _Optional[_Union[ExportComponents, _Mapping]] = ..., transport_key_for_rsa: _Optional[_Union[TransportKeyForRsa, _Mapping]] = ..., discard_key: _Optional[_Union[KeyRef, _Mapping]] = ..., destroy_key: _Optional[_Union[KeyRef, _Mapping]] = ..., protect_pans: _Optional[_Union[ProtectPans, _Mapping]] = ..., generate_signing_key: _Optional[_Union[GenerateSigningKey, _Mapping]] = ..., signature_algorithms: _Optional[_Union[SignatureAlgorithmsRequest, _Mapping]] = ..., ceremony_id: _Optional[str] = ...) -> None: ...
 
 class KeyResult(_message.Message):
     __slots__ = ("label", "version", "state", "kcv", "kcv_method", "escrow")
@@ -284,21 +302,45 @@ class ProtectedPans(_message.Message):
     pans: _containers.RepeatedCompositeFieldContainer[ProtectedPan]
     def __init__(self, pans: _Optional[_Iterable[_Union[ProtectedPan, _Mapping]]] = ...) -> None: ...
 
+class SigningKey(_message.Message):
+    __slots__ = ("label", "version", "state", "algorithm", "public_key")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    version: int
+    state: str
+    algorithm: str
+    public_key: bytes
+    def __init__(self, label: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., algorithm: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class SignatureAlgorithms(_message.Message):
+    __slots__ = ("algorithms",)
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    algorithms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, algorithms: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class KeyOperationResponse(_message.Message):
-    __slots__ = ("done", "signature", "key", "components", "handed", "pans")
+    __slots__ = ("done", "signature", "key", "components", "handed", "pans", "signing_key", "algorithms")
     DONE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     HANDED_FIELD_NUMBER: _ClassVar[int]
     PANS_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     done: Done
     signature: bytes
     key: KeyResult
     components: Components
     handed: HandedKey
     pans: ProtectedPans
-    def __init__(self, done: _Optional[_Union[Done, _Mapping]] = ..., signature: _Optional[bytes] = ..., key: _Optional[_Union[KeyResult, _Mapping]] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., handed: _Optional[_Union[HandedKey, _Mapping]] = ..., pans: _Optional[_Union[ProtectedPans, _Mapping]] = ...) -> None: ...
+    signing_key: SigningKey
+    algorithms: SignatureAlgorithms
+    def __init__(self, done: _Optional[_Union[Done, _Mapping]] = ..., signature: _Optional[bytes] = ..., key: _Optional[_Union[KeyResult, _Mapping]] = ..., components: _Optional[_Union[Components, _Mapping]] = ..., handed: _Optional[_Union[HandedKey, _Mapping]] = ..., pans: _Optional[_Union[ProtectedPans, _Mapping]] = ..., signing_key: _Optional[_Union[SigningKey, _Mapping]] = ..., algorithms: _Optional[_Union[SignatureAlgorithms, _Mapping]] = ...) -> None: ...
 
 class RecycleRequest(_message.Message):
     __slots__ = ()

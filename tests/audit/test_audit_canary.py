@@ -39,7 +39,7 @@ from kms.errors import InvalidArgument, InvalidState
 from kms.hsm.types import Algorithm
 from kms.identity import Principal
 from kms.server.serve import Service
-from kms.station import accept_transport_key, unwrap_public_key_pem
+from kms.station import accept_transport_key, new_unwrap_key
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
 CAROL, DAVE, FRANK = (officer("bank", i) for i in range(3))
@@ -116,14 +116,15 @@ def test_no_secret_and_no_full_card_identity_in_any_audit_record(
     # -- a transport key handed to station-b1 (rsa-oaep) ----------------------------------------------------------
     station_b1 = config.load_station(home.station_config("station-b1"))
     with runtime.open_station(station_b1) as session:
-        spki = unwrap_public_key_pem(session, "station-b1", "hrss")
+        spki = new_unwrap_key(session, "station-b1", "hrss").pem
     run_ceremony(home, service.port, "hrss", "register-transport-key",
                  {"bureau": "bureau-b", "station": "station-b1", "method": "rsa-oaep", "public_key": spki})
     with service_client(home, service, "station-b1") as b1:
         handoff = CeremonyClient(b1).fetch_transport_key("hrss")
         secret_values.append(bytes(handoff.wrapped_key))
         with runtime.open_station(station_b1) as session:
-            kcv = accept_transport_key(session, "station-b1", "hrss", handoff.label, handoff.wrapped_key, handoff.kcv)
+            kcv = accept_transport_key(session, "station-b1", "hrss", handoff.label, handoff.wrapped_key, handoff.kcv,
+                                       unwrap_key_sha256=handoff.unwrap_key_sha256)
         CeremonyClient(b1).confirm_transport_key("hrss", handoff.version, kcv)
 
     # -- batches: streamed, a chip bound at the station, a re-issue ------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kms import store
 from kms.canonical import canonical
@@ -109,6 +110,28 @@ def test_arguments_other_than_the_approved_params_are_refused(world: World, argu
     ceremony_id = world.approved()
     with pytest.raises(PermissionDenied, match=f"{field} is not what the approved proposal says"):
         world.executing(ceremony_id, arguments=arguments)
+
+
+def test_a_transport_key_for_rsa_runs_only_with_the_approved_algorithm_and_key(world: World) -> None:
+    """register-transport-key (rsa-oaep): the worker runs transport_key_for_rsa with the proposal's algorithm (AES256
+    for a proposal made before the parameter) and the station public key the approvers signed off."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    der = private.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    params = {"bureau": "bureau-a", "method": "rsa-oaep", "station": "urn:kms:station:bureau-a:station-a1",
+              "public_key": pem}
+    sm4 = world.approved("register-transport-key", {**params, "algorithm": "SM4"})
+    with pytest.raises(PermissionDenied, match="algorithm is not what the approved proposal says"):
+        world.executing(sm4, "transport_key_for_rsa", ("bureau-a", der, "AES256"))
+    sm4 = world.approved("register-transport-key", {**params, "algorithm": "SM4"})
+    with pytest.raises(PermissionDenied, match="recipient_spki is not what the approved proposal says"):
+        world.executing(sm4, "transport_key_for_rsa", ("bureau-a", other, "SM4"))
+    sm4 = world.approved("register-transport-key", {**params, "algorithm": "SM4"})
+    assert world.executing(sm4, "transport_key_for_rsa", ("bureau-a", der, "SM4")) == {"version": 1}
+    older = world.approved("register-transport-key", params)  # no algorithm: AES256
+    assert world.executing(older, "transport_key_for_rsa", ("bureau-a", der, "AES256")) == {"version": 1}
 
 
 def test_a_replayed_step_and_a_step_the_operation_does_not_run_are_refused(world: World) -> None:
@@ -277,3 +300,22 @@ def test_minutes_claiming_execution_or_genesis_need_their_approvals(world: World
         {"name": "alice"}, {"name": "bob"}]}, quorum_required=False)
     with pytest.raises(PermissionDenied, match="need the approval of every officer they list"):
         world.dual.check_minutes(_minutes(world, record.ceremony_id, state="executed"))
+
+
+SIGNING = {"name": "issuance-sm2", "algorithm": "sm2"}
+
+
+@pytest.mark.parametrize(("step", "arguments", "refused"), [
+    ("generate_signing_key", ("issuance-sm2", "sm2"), None),
+    ("generate_signing_key", ("issuance", "sm2"), "name is not what the approved proposal says"),
+    ("generate_signing_key", ("issuance-sm2", "ecdsa-p256"), "algorithm is not what the approved proposal says"),
+    ("create_key", CREATE, "generate-signing-key does not run create_key"),
+])
+def test_generate_signing_key_runs_only_the_approved_key_pair(world: World, step: str, arguments: tuple[Any, ...],
+                                                               refused: str | None) -> None:
+    ceremony_id = world.approved("generate-signing-key", SIGNING)
+    if refused is None:
+        assert world.executing(ceremony_id, step, arguments) == {"version": 1}
+    else:
+        with pytest.raises(PermissionDenied, match=refused):
+            world.executing(ceremony_id, step, arguments)

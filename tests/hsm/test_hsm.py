@@ -26,6 +26,7 @@ from kms.hsm.session import TokenSession
 from kms.hsm.templates import Role
 from kms.hsm.types import Algorithm, DeriveStep
 from kms.registry import KeyKind, KeyRegistry
+from kms.station import new_unwrap_key
 
 
 def _raw(session: TokenSession) -> Any:
@@ -351,8 +352,12 @@ def test_transport_and_unwrap_keys_cannot_be_repurposed(
     for attribute in (Attribute.UNWRAP, Attribute.DECRYPT, Attribute.ENCRYPT):
         with pytest.raises(p11e.PKCS11Error):
             key[attribute] = True
-    unwrap = _raw(station_session).get_key(object_class=ObjectClass.PRIVATE_KEY,
-                                           label="kms/station/station-a1/unwrap/bank")
-    assert unwrap[Attribute.MODIFIABLE] is False
-    with pytest.raises(p11e.PKCS11Error):
-        unwrap[Attribute.DECRYPT] = True
+    made = new_unwrap_key(station_session, "station-a1", "bank")  # a single-use hand-off key pair
+    try:
+        unwrap = _raw(station_session).get_key(object_class=ObjectClass.PRIVATE_KEY, label=made.label)
+        assert unwrap[Attribute.MODIFIABLE] is False and unwrap[Attribute.UNWRAP] is True
+        with pytest.raises(p11e.PKCS11Error):
+            unwrap[Attribute.DECRYPT] = True
+    finally:
+        station_session.destroy(made.label, "private")
+        station_session.destroy(made.label, "public")

@@ -397,6 +397,33 @@ def test_a_bundle_sealed_for_a_revoked_binding_is_not_recorded(bstore: BatchStor
     assert (issued.serial, issued.identity.card_serial) == ("S2", SERIAL_B)
 
 
+def test_a_streams_message_stores_each_bundle_only_for_the_identity_it_was_sealed_for(
+        bstore: BatchStore, engine: sa.Engine) -> None:
+    """record_issued_many (one prepared UPDATE per card, one insert of the events): per card, stored only if it is
+    pending, its batch open and its identity — clear fields and PAN index — the one it was sealed for."""
+    make_batch(bstore, 5)
+    sealed = [bstore.card("B-1", f"card-{i:04d}").identity for i in range(5)]
+    bstore.record_issued("B-1", "card-0001", "S-early", b"issued before", None)  # issued meanwhile
+    bstore.bind_chip("B-1", "card-0002", SERIAL_A, KDD_A)  # chip bound after sealing: another identity
+    assert sealed[3].protected is not None
+    other_pan = replace(sealed[3], protected=replace(sealed[3].protected, index="0" * 64))  # sealed for another PAN
+    won = bstore.record_issued_many("B-1", [(sealed[0], "S-0", b"b0"), (sealed[1], "S-1", b"b1"),
+                                            (sealed[2], "S-2", b"b2"), (other_pan, "S-3", b"b3"),
+                                            (sealed[4], "S-4", b"b4")], by=STATION)
+    assert won == [True, False, False, False, True]
+    records = {i: bstore.card("B-1", f"card-{i:04d}") for i in range(5)}
+    assert (records[0].state, records[0].serial, records[0].bundle) == (CardState.ISSUED, "S-0", b"b0")
+    assert (records[1].serial, records[1].bundle) == ("S-early", b"issued before")
+    assert records[2].state is CardState.PENDING and records[2].identity.card_serial == SERIAL_A
+    assert records[4].serial == "S-4" and records[4].issued_at == "2026-01-02T03:04:05Z"
+    issued = [(e.card_ref, e.detail) for e in bstore.events("B-1") if e.event is EventKind.ISSUED]
+    assert issued == [("card-0001", "bundle S-early"), ("card-0000", "bundle S-0"), ("card-0004", "bundle S-4")]
+    assert records[3].state is CardState.PENDING
+    with engine.begin() as conn:
+        conn.execute(store.batches.update().values(state=BatchState.CLOSED.value))
+    assert bstore.record_issued_many("B-1", [(sealed[2], "S-5", b"b5")], by=STATION) == [False]
+
+
 def test_a_closed_batch_refuses_every_change(bstore: BatchStore, engine: sa.Engine) -> None:
     make_batch(bstore, 2)
     bstore.bind_chip("B-1", "card-0001", SERIAL_A, None)

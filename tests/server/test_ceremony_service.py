@@ -202,11 +202,12 @@ def test_escrow_export_gives_each_custodian_only_their_component(
 def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_kcv(
         home: Home, service: Service, registry: KeyRegistry) -> None:
     from kms import runtime
-    from kms.station import Station, TrustStore, accept_transport_key, unwrap_public_key_pem
+    from kms.station import Station, TrustStore, accept_transport_key, new_unwrap_key
 
     cfg = config.load_station(home.station_config("station-b1"))
     with runtime.open_station(cfg) as session:
-        pem = unwrap_public_key_pem(session, "station-b1", "hrss")
+        made = new_unwrap_key(session, "station-b1", "hrss")
+    pem = made.pem
     before = registry.active("hrss", KeyKind.TRANSPORT, "bureau-b")
     done = run_ceremony(home, service.port, "hrss", "register-transport-key",
                         {"bureau": "bureau-b", "station": "station-b1", "method": "rsa-oaep", "public_key": pem})
@@ -220,12 +221,14 @@ def test_transport_key_handed_to_one_station_active_only_once_it_confirmed_the_k
         station = CeremonyClient(b1)
         handoff = station.fetch_transport_key("hrss")
         assert handoff.version == result["version"] and handoff.kcv == result["kcv"]
+        assert handoff.algorithm == "AES256" and handoff.unwrap_key_sha256 == made.sha256 == result["unwrap_key_sha256"]
         with pytest.raises(InvalidArgument, match="kcv"):
             station.confirm_transport_key("hrss", handoff.version, "000000")
         assert registry.get("hrss", KeyKind.TRANSPORT, "bureau-b", handoff.version).state is KeyState.PRE_ACTIVATION
         with runtime.open_station(cfg) as session:
             kcv = accept_transport_key(session, "station-b1", "hrss", handoff.label, handoff.wrapped_key,
-                                       handoff.kcv)
+                                       handoff.kcv, unwrap_key_sha256=handoff.unwrap_key_sha256)
+            assert not session.has_public_key(made.label)  # the single-use unwrap key pair is gone
         station.confirm_transport_key("hrss", handoff.version, kcv)
         with pytest.raises(NotFound):
             station.fetch_transport_key("hrss")  # erased once accepted

@@ -43,7 +43,7 @@ from kms.identity import Principal
 from kms.issuance.workers import Job
 from kms.registry import KeyKind
 from kms.server.serve import Service
-from kms.station import Station, accept_transport_key, unwrap_public_key_pem
+from kms.station import Station, accept_transport_key, new_unwrap_key
 from kms.v1 import worker_pb2 as pb
 
 ALICE, BOB, CHEN = (officer("hrss", i) for i in range(3))
@@ -149,6 +149,28 @@ def test_ceremony_key_operations_run_in_the_worker_services(home: Home, remote: 
     public = serialization.load_der_public_key(signing.public_key)
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(minutes.signature, minutes.document, ec.ECDSA(hashes.SHA256()))
+
+
+def test_a_signing_key_is_made_and_destroyed_in_the_worker_service(home: Home, remote: Service) -> None:
+    """generate-signing-key through the bank worker service (its own check of the ceremony, the key pair in its
+    token, the public key back to the front end), then destroy-key of that pending version; SM2 is refused when
+    proposed, the worker service finding that the standard token does not offer it."""
+    registry = remote.issuance.registry
+    active = registry.active("bank", KeyKind.SIGNING, "issuance")
+    made = run_ceremony(home, remote.port, "bank", "generate-signing-key", {"name": "issuance"})
+    assert made.state == "executed", made.error
+    result = json.loads(made.result_json)
+    record = registry.get("bank", KeyKind.SIGNING, "issuance", result["version"])
+    assert record.public_key is not None and result["key_id"] == bundle.key_id(record.public_key)
+    public = serialization.load_der_public_key(record.public_key)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    destroyed = run_ceremony(home, remote.port, "bank", "destroy-key",
+                             {"kind": "signing", "name": "issuance", "version": result["version"]})
+    assert destroyed.state == "executed", destroyed.error
+    assert registry.active("bank", KeyKind.SIGNING, "issuance") == active  # the shared home's key signs on
+    with service_client(home, remote, CAROL) as carol, pytest.raises(InvalidArgument) as caught:
+        CeremonyClient(carol).propose("generate-signing-key", {"name": "issuance-sm2"})
+    assert caught.value.field == "params.algorithm" and "does not offer sm2" in caught.value.reason
 
 
 def test_an_import_ceremony_checks_and_joins_components_in_the_worker_service(home: Home, remote: Service) -> None:
@@ -368,7 +390,7 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
     exported = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                             {"bureau": "bureau-b", "method": "export-components", "recipients": ["bob", "chen"]})
     assert exported.state == "executed", exported.error  # create_key, then export_components of that version
-    pem = unwrap_public_key_pem(station_session, "station-a1", "hrss")  # the session-wide station-a1 session
+    pem = new_unwrap_key(station_session, "station-a1", "hrss").pem  # the session-wide station-a1 session
     handed = run_ceremony(home, remote.port, "hrss", "register-transport-key",
                           {"bureau": "bureau-a", "station": "station-a1", "method": "rsa-oaep", "public_key": pem})
     assert handed.state == "executed", handed.error
@@ -378,7 +400,7 @@ def test_escrow_and_transport_ceremonies_run_through_the_worker_services(home: H
         handoff = CeremonyClient(a1).fetch_transport_key("hrss")
         assert handoff.version == result["version"]
         kcv = accept_transport_key(station_session, "station-a1", "hrss", handoff.label, handoff.wrapped_key,
-                                   handoff.kcv)
+                                   handoff.kcv, unwrap_key_sha256=handoff.unwrap_key_sha256)
         CeremonyClient(a1).confirm_transport_key("hrss", handoff.version, kcv)
 
 

@@ -37,10 +37,14 @@ CASES: list[tuple[Any, tuple[Any, ...], Any]] = [
     (keyops.create_key, ("transport", "bureau-a", "AES256", True, None, [], False), KEY),
     (keyops.export_components, ("master", "bank-mk", 2, [(CAROL, "-----BEGIN PUBLIC KEY-----")],
                                 "C-0123456789abcdef"), [(CAROL, b"\x04" * 90, "654321")]),
-    (keyops.transport_key_for_rsa, ("bureau-a", RSA_SPKI), (KEY, b"\x05" * 256)),
+    (keyops.transport_key_for_rsa, ("bureau-a", RSA_SPKI, "SM4"), (KEY, b"\x05" * 256)),
     (keyops.discard_key, ("transport", "bureau-a", 3), None),
     (keyops.destroy_key, ("master", "bank-mk", 1), KEY),
     (pans.protect_pans, ("B-1", [("card-1", "6214830000000000", "01")]), [(b"\x06" * 40, "ab" * 32, "cd" * 32)]),
+    (keyops.generate_signing_key, ("issuance-sm2", "sm2"), {"label": "kms/bank/signing/issuance-sm2/v2", "version": 2,
+                                                            "state": "pre-activation", "algorithm": "sm2",
+                                                            "public_key": b"\x30" * 91}),
+    (keyops.signature_algorithms, (), ["ecdsa-p256", "sm2"]),
 ]
 
 
@@ -85,6 +89,9 @@ def test_no_other_function_can_be_sent() -> None:
     ("export_components", pb.ExportComponents(kind="master", name="x", version=1, ceremony_id="C-1", recipients=[
         pb.Recipient(uri=CAROL)]), "ceremony_id: "),
     ("check_component", pb.CheckComponent(algorithm="AES256", sealed=b"", kcv="ABCDEF"), "encrypted_component: "),
+    ("generate_signing_key", pb.GenerateSigningKey(name="../issuance", algorithm="sm2"), "name: must be a name"),
+    ("generate_signing_key", pb.GenerateSigningKey(name="issuance", algorithm="rsa"), "algorithm: must be one of "
+                                                                                     "ecdsa-p256, sm2"),
     ("protect_pans", pb.ProtectPans(batch_id="B-1", items=[pb.PanItem(card_ref="c", pan="12ab", psn="01")]), "pan: "),
 ])
 def test_bad_arguments_are_refused_naming_the_field(field: str, message: Any, error: str) -> None:
