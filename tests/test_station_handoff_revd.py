@@ -21,6 +21,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from test_station_handoff import _OAEP_SHA1, _attack, _card_key, _handoff
 
 from kms.errors import HsmError
+from kms.hsm.labels import unwrap_key_label
 from kms.hsm.session import TokenSession
 from kms.station import accept_transport_key, new_unwrap_key, pem_spki
 
@@ -85,5 +86,32 @@ def test_a_copy_unwrapped_before_acceptance_does_not_survive_it(
         assert len(clear) != 16, "a card key in clear through a copy made before acceptance"
     finally:
         rogue.destroy()
+        issuer.destroy(label)
+        station.destroy(label)
+
+
+@pytest.mark.xfail(strict=True, reason="revD-4: an upgraded station keeps the long-lived unwrap key of its pre-upgrade "
+                                       "hand-offs for good (the service refuses to hand off to it again)")
+def test_a_hand_off_accepted_before_the_upgrade_gives_nothing_after_it(
+        sessions: dict[str, TokenSession], station_session: TokenSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F1 on every station that accepted its transport keys before single-use keys: the long-lived pair is only
+    destroyed when a hand-off to it is accepted after the upgrade, and the service refuses any new hand-off to a key
+    that received one (params.public_key: has received a transport key already), so it never is."""
+    issuer, station = sessions["hrss"], station_session
+    legacy = unwrap_key_label("station-a1", "bank")
+    spki = station.generate_unwrap_keypair(legacy)
+    label, wrapped, kcv = _handoff(issuer, spki)
+    try:
+        with monkeypatch.context() as m:  # accepted by the kms before single-use keys: the pair was kept
+            m.setattr(TokenSession, "_destroy_unwrap_pair", lambda self, unwrap_label: None)
+            accept_transport_key(station, "station-a1", "bank", label, wrapped, kcv.hex())
+        # upgraded: the runbook's next step at the station is a new single-use key for the next hand-off
+        new_unwrap_key(station, "station-a1", "bank")
+        assert _attack(station, wrapped, _card_key(issuer, label)) is None
+    finally:
+        for cls, half in ((ObjectClass.PRIVATE_KEY, "private"), (ObjectClass.PUBLIC_KEY, "public")):
+            for found in [legacy, *station.unwrap_keys(legacy)]:
+                if station._has(found, cls):
+                    station.destroy(found, half)
         issuer.destroy(label)
         station.destroy(label)
