@@ -193,8 +193,12 @@ class _Expected:
         if op == "register-transport-key":
             method = p.get("method")
             if method == "rsa-oaep":
-                return {"transport_key_for_rsa": (p["bureau"], _der(p["public_key"]),
-                                                  p.get("algorithm", Algorithm.AES256.value))}
+                spki = _der(p["public_key"])
+                # What approvers compare with the station's is the SHA-256; it must be the key's (review revD-1).
+                if "public_key_sha256" in p and p["public_key_sha256"] != hashlib.sha256(spki).hexdigest():
+                    raise PermissionDenied("the approved public_key_sha256 is not the SHA-256 of the approved "
+                                           "public_key")
+                return {"transport_key_for_rsa": (p["bureau"], spki, p.get("algorithm", Algorithm.AES256.value))}
             if method == "import-components":
                 return {"create_key": (transport, p["bureau"], p.get("algorithm", Algorithm.AES256.value),
                                        _yes(p), p["kcv"], tuple(sorted(self._officer_uris(p["custodians"]))), False)}

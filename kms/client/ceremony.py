@@ -9,6 +9,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import serialization
+
 from kms.ceremony import components
 from kms.ceremony.rules import APPROVAL_CONTEXT
 from kms.client.service import Client
@@ -34,7 +36,23 @@ def checked_proposal(ceremony: pb.Ceremony, ceremony_id: str) -> tuple[bytes, di
     if (not isinstance(doc, dict) or digest.hex() != ceremony.digest or doc.get("ceremony_id") != ceremony_id
             or doc.get("domain") != ceremony.domain or doc.get("operation") != ceremony.operation):
         raise InvalidArgument("ceremony", "the service's description does not match the proposal it encodes")
+    _check_handoff_key(doc.get("params"))
     return digest, doc
+
+
+def _check_handoff_key(params: Any) -> None:
+    """A proposal naming a station public key and its SHA-256 (register-transport-key, rsa-oaep): the SHA-256 an
+    approver compares with the station's must be the one of that key, computed here (review revD-1)."""
+    if not isinstance(params, dict) or "public_key_sha256" not in params:
+        return
+    try:
+        public = serialization.load_pem_public_key(str(params.get("public_key", "")).encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidArgument("params.public_key", "is not a PEM public key") from None
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if params["public_key_sha256"] != hashlib.sha256(der).hexdigest():
+        raise InvalidArgument("params.public_key_sha256", "is not the SHA-256 of the proposal's public_key: do not "
+                                                          "approve")
 
 
 def custody_fingerprint(spki_der: bytes) -> str:

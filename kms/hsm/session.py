@@ -796,7 +796,13 @@ class TokenSession:
         _transport_algorithm(algorithm)
         key_type = self._key_type(algorithm, "SM4_ECB")
         kcv_mechanism, zero = self._kcv_mechanism(algorithm)
-        self._refuse_duplicate(label)
+        if self._has(label, ObjectClass.SECRET_KEY):
+            # An earlier acceptance got as far as the token and was interrupted before it destroyed the pair (the
+            # station killed): the pair has served its hand-off, destroy it now (review revD-2).
+            self._destroy_unwrap_pair(unwrap_label)
+            raise HsmError(f"token {self.token_label!r} already holds a key labelled {label!r} (an interrupted "
+                           "acceptance): its unwrap key is destroyed; remove that key and hand the transport key "
+                           "over again (a new unwrap-key and register-transport-key ceremony)")
         private = self._key(unwrap_label, ObjectClass.PRIVATE_KEY)
         template = secret_key_template(Role.STATION_TRANSPORT, token=True, label=label)
         modifiable = template.pop(Attribute.MODIFIABLE)

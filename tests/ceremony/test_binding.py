@@ -5,6 +5,7 @@ the ceremony it names — on a real database; the worker services themselves are
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -319,3 +320,20 @@ def test_generate_signing_key_runs_only_the_approved_key_pair(world: World, step
     else:
         with pytest.raises(PermissionDenied, match=refused):
             world.executing(ceremony_id, step, arguments)
+
+
+def test_a_transport_key_for_rsa_is_refused_when_the_approved_sha256_is_not_the_approved_keys(world: World) -> None:
+    """Review revD-1: approvers compare the proposal's public_key_sha256 with the SHA-256 the station's operator read
+    out (docs/ceremonies.md 4.4); a front end that proposes another public_key under the station key's SHA-256 must
+    not get the transport key wrapped to its own key by the worker."""
+    station = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    station_der = station.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    rogue_pem = rogue.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    rogue_der = rogue.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    params = {"bureau": "bureau-a", "method": "rsa-oaep", "station": "urn:kms:station:bureau-a:station-a1",
+              "algorithm": "AES256", "public_key": rogue_pem,
+              "public_key_sha256": hashlib.sha256(station_der).hexdigest()}
+    ceremony_id = world.approved("register-transport-key", params)
+    with pytest.raises(PermissionDenied, match="public_key_sha256"):
+        world.executing(ceremony_id, "transport_key_for_rsa", ("bureau-a", rogue_der, "AES256"))
