@@ -746,6 +746,7 @@ class UnwrapKey:
     label: str
     pem: str
     sha256: str
+    retired: str = ""  # the long-lived pair of a kms before single-use keys, destroyed when this one was made
 
 
 def spki_sha256(spki: bytes) -> str:
@@ -755,10 +756,18 @@ def spki_sha256(spki: bytes) -> str:
 
 def new_unwrap_key(session: TokenSession, station: str, domain: str) -> UnwrapKey:
     """A fresh RSA key pair in the station's token for one hand-off of a domain's transport key (single use: the
-    station destroys it once it unwrapped that key, kms.hsm.session.TokenSession.accept_transport_key)."""
+    station destroys it once it unwrapped that key, kms.hsm.session.TokenSession.accept_transport_key).
+
+    The station's long-lived pair for the domain (``kms/station/<station>/unwrap/<domain>``, from a kms before
+    single-use keys) is destroyed here, once the new pair exists: every transport key ever handed off under it could
+    otherwise be unwrapped again from its saved hand-off bytes with the station's PIN (review F1), and the service
+    hands off nothing more to a key that received a transport key already. A hand-off still pending for it can no
+    longer be accepted: it is proposed again to the new key (docs/operations.md)."""
     label = unwrap_key_label(station, domain, secrets.token_hex(8))
     spki = session.generate_unwrap_keypair(label)
-    return UnwrapKey(label, spki_pem(spki).decode(), spki_sha256(spki))
+    legacy = unwrap_key_label(station, domain)
+    retired = legacy if session.retire_unwrap_pair(legacy) else ""
+    return UnwrapKey(label, spki_pem(spki).decode(), spki_sha256(spki), retired)
 
 
 def unwrap_key_for(session: TokenSession, station: str, domain: str, sha256: str) -> str:

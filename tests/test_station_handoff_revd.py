@@ -90,13 +90,12 @@ def test_a_copy_unwrapped_before_acceptance_does_not_survive_it(
         station.destroy(label)
 
 
-@pytest.mark.xfail(strict=True, reason="revD-4: an upgraded station keeps the long-lived unwrap key of its pre-upgrade "
-                                       "hand-offs for good (the service refuses to hand off to it again)")
 def test_a_hand_off_accepted_before_the_upgrade_gives_nothing_after_it(
         sessions: dict[str, TokenSession], station_session: TokenSession, monkeypatch: pytest.MonkeyPatch) -> None:
-    """F1 on every station that accepted its transport keys before single-use keys: the long-lived pair is only
-    destroyed when a hand-off to it is accepted after the upgrade, and the service refuses any new hand-off to a key
-    that received one (params.public_key: has received a transport key already), so it never is."""
+    """revD-4, F1 on every station that accepted its transport keys before single-use keys: the long-lived pair was
+    kept, and the service refuses any new hand-off to a key that received one, so no acceptance would destroy it.
+    The upgraded station's first `kms station unwrap-key` (new_unwrap_key) retires it: the saved bytes of the old
+    hand-off then give nothing."""
     issuer, station = sessions["hrss"], station_session
     legacy = unwrap_key_label("station-a1", "bank")
     spki = station.generate_unwrap_keypair(legacy)
@@ -106,8 +105,11 @@ def test_a_hand_off_accepted_before_the_upgrade_gives_nothing_after_it(
             m.setattr(TokenSession, "_destroy_unwrap_pair", lambda self, unwrap_label: None)
             accept_transport_key(station, "station-a1", "bank", label, wrapped, kcv.hex())
         # upgraded: the runbook's next step at the station is a new single-use key for the next hand-off
-        new_unwrap_key(station, "station-a1", "bank")
+        made = new_unwrap_key(station, "station-a1", "bank")
+        assert made.retired == legacy
+        assert legacy not in station.unwrap_keys(legacy) and not station.has_public_key(legacy)
         assert _attack(station, wrapped, _card_key(issuer, label)) is None
+        assert new_unwrap_key(station, "station-a1", "bank").retired == ""  # retired once, nothing more
     finally:
         for cls, half in ((ObjectClass.PRIVATE_KEY, "private"), (ObjectClass.PUBLIC_KEY, "public")):
             for found in [legacy, *station.unwrap_keys(legacy)]:

@@ -173,9 +173,12 @@ def _unwrap_key(args: argparse.Namespace) -> int:
     cfg = config_mod.load_station(args.station_config)
     with runtime.open_station(cfg) as session:
         made = new_unwrap_key(session, cfg.name, args.domain)
+    if made.retired:
+        print(f"kms: {cfg.name}'s long-lived {args.domain} unwrap key {made.retired} (a kms before single-use keys) "
+              "destroyed: a hand-off still pending for it must be proposed again to the new key", file=sys.stderr)
     if args.json:
         emit(args, {"domain": args.domain, "station": cfg.name, "label": made.label, "pem": made.pem,
-                    "sha256": made.sha256}, "")
+                    "sha256": made.sha256, "retired": made.retired or None}, "")
     else:
         print(made.pem, end="")
         print(f"kms: {cfg.name}'s single-use {args.domain} unwrap key {made.label}, SHA-256 {made.sha256}",

@@ -829,6 +829,15 @@ class TokenSession:
                 self._destroy_unwrap_pair(unwrap_label)
             return kcv
 
+    def retire_unwrap_pair(self, label: str) -> bool:
+        """At a station: destroy both halves of the hand-off key pair ``label`` if the token holds either; returns
+        whether it held one (the long-lived pair of a kms before single-use hand-off keys, retired on upgrade)."""
+        held = self._has(label, ObjectClass.PRIVATE_KEY) or self._has(label, ObjectClass.PUBLIC_KEY)
+        if held:
+            with _hsm(f"destroy the unwrap key pair {label!r}"):
+                self._destroy_unwrap_pair(label)
+        return held
+
     def _destroy_unwrap_pair(self, label: str) -> None:
         """Both halves of a station's hand-off key pair (the public one may be gone already)."""
         for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
