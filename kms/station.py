@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +305,14 @@ TokenOpener = Callable[[], TokenSession]
 
 _NOTICE = -1  # the sequence number of a message from the checking process that answers no chunk
 _SEND_BUFFER = 1 << 20  # bytes the station's end of the pipe holds (the kernel may cap it: net.core.wmem_max)
+#: Seconds the station waits for an answer of its checking process before it takes the process for hung (a token
+#: call that never returns, a stopped process), stops it and checks the chunk itself. Generous: the first answer
+#: includes starting the process and, for SM2, opening its token session.
+_ANSWER_WAIT = 60.0
+
+
+class _AnswerLost(Exception):
+    """The answer to a ticket cannot come: it was dropped as stale (another open_many took a later one)."""
 
 
 def _send_buffer(conn: Any, size: int) -> None:
@@ -332,27 +341,38 @@ class _Checker:
         self._process.start()
         child.close()
         self._sent = 0
+        self._latest = -1  # the latest ticket answered
         self._answers: dict[int, list[_Checked | str]] = {}
 
-    def submit(self, block: list[bytes]) -> int:
-        """Send bundles to be checked; returns their ticket for ``result``. The checking process reads requests
-        as they come (a thread of its own), so this never waits for it to finish checking what was sent before,
-        and it never waits on this process reading its answers."""
+    def submit(self, block: list[bytes]) -> _Ticket:
+        """Send bundles to be checked; returns their ticket for ``result`` (only this checking process answers
+        it). The checking process reads requests as they come (a thread of its own), so this never waits for it to
+        finish checking what was sent before, and it never waits on this process reading its answers."""
         self._conn.send((self._sent, block))
         self._sent += 1
-        return self._sent - 1
+        return _Ticket(self, self._sent - 1)
 
-    def result(self, ticket: int) -> list[_Checked | str]:
-        """The answer to ``ticket``: EOFError or OSError if the checking process is gone. Answers to earlier
+    def result(self, ticket: _Ticket) -> list[_Checked | str]:
+        """The answer to ``ticket``: EOFError or OSError if the checking process is gone, TimeoutError if it does
+        not answer within ``_ANSWER_WAIT`` seconds, _AnswerLost if the answer was dropped. Answers to earlier
         tickets nobody took (an open_many left early) are dropped."""
-        while ticket not in self._answers:
+        if ticket.checker is not self:
+            raise _AnswerLost("a ticket of another checking process")
+        seq = ticket.seq
+        deadline = time.monotonic() + _ANSWER_WAIT
+        while seq not in self._answers:
+            if seq <= self._latest:
+                raise _AnswerLost("the answer was dropped as stale")
+            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("the checking process did not answer")
             self._take()
-        for stale in [t for t in self._answers if t < ticket]:
+        for stale in [t for t in self._answers if t < seq]:
             del self._answers[stale]
-        return self._answers.pop(ticket)
+        return self._answers.pop(seq)
 
     def _take(self) -> None:
         seq, results = self._conn.recv()
+        self._latest = max(self._latest, seq)
         if seq == _NOTICE:
             log.warning("SM2 signatures are verified in the station's own process: its checking process cannot "
                         "use the station's token (%s)", results)
@@ -371,29 +391,40 @@ class _Checker:
         return self._process.pid
 
 
+@dataclass(frozen=True)
+class _Ticket:
+    """Bundles sent to a checking process: the process that answers them and their sequence number there."""
+
+    checker: _Checker
+    seq: int
+
+
 def _checker_main(conn: Any, bureau: str, domains: tuple[str, ...], spkis: dict[str, tuple[str, bytes]],
                   token: TokenOpener | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the station's to handle
     trust = TrustStore.from_spkis(spkis)
+    requests: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
+
+    def read() -> None:  # requests are read as they come, so that the station never waits to send one
+        # EOF or OSError: the station closed the pipe, or its process ended; anything else: a request that cannot
+        # be read (the pipe is out of step). No more requests either way: the station checks the rest itself.
+        with contextlib.suppress(BaseException):
+            while True:
+                requests.put(conn.recv())
+        requests.put(None)
+
+    # the reader takes the GIL from the checks within a millisecond (not the default 5 ms), so that a chunk the
+    # station sends (larger than a pipe holds) does not keep it waiting
+    sys.setswitchinterval(0.001)
+    # reading before the token is opened: a login that takes long (or never ends) must not keep the station
+    # waiting to send a chunk (it stops waiting for answers after _ANSWER_WAIT and checks the chunk itself)
+    threading.Thread(target=read, name="kms-station-checker-requests", daemon=True).start()
     session: TokenSession | None = None
     if token is not None:
         try:  # one login, as the station's own (the same PIN reference): no retry if the token refuses it
             session = token()
         except Exception as error:
             conn.send((_NOTICE, _why(error)))
-    requests: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
-
-    def read() -> None:  # requests are read as they come, so that the station never waits to send one
-        try:
-            while True:
-                requests.put(conn.recv())
-        except (EOFError, OSError):  # the station closed the pipe, or its process ended
-            requests.put(None)
-
-    # the reader takes the GIL from the checks within a millisecond (not the default 5 ms), so that a chunk the
-    # station sends (larger than a pipe holds) does not keep it waiting
-    sys.setswitchinterval(0.001)
-    threading.Thread(target=read, name="kms-station-checker-requests", daemon=True).start()
     try:
         while (request := requests.get()) is not None:
             seq, block = request
@@ -537,7 +568,7 @@ class Station:
         here, soon, later = block[:_FIRST_HERE], block[_FIRST_HERE:3 * _FIRST_HERE], block[3 * _FIRST_HERE:]
         return [(here, None), (soon, self._submit(soon)), *([(later, self._submit(later))] if later else [])]
 
-    def _submit(self, block: list[bytes]) -> int | None:
+    def _submit(self, block: list[bytes]) -> _Ticket | None:
         """``block`` checked in the checking process (started on first use), or None: checked here."""
         if not self._check_ahead:
             return None
@@ -550,16 +581,25 @@ class Station:
             self._check_ahead = False
             self.close()
             return None
+        except BaseException:  # an interrupt, maybe mid-message: the pipe cannot be trusted to be in step
+            self.close()
+            raise
 
-    def _check_block(self, block: list[bytes], ahead: int | None
+    def _check_block(self, block: list[bytes], ahead: _Ticket | None
                      ) -> list[_Checked | BundleRejected]:
-        if ahead is not None and self._checker is not None:
+        # only the checking process that was sent the block answers for it (not one started after a close)
+        if ahead is not None and ahead.checker is self._checker and self._checker is not None:
             try:
                 results = self._checker.result(ahead)
+            except _AnswerLost:
+                log.warning("bundle checks in-process: the checking process's answer was dropped")
             except Exception as error:
                 log.warning("bundle checks in-process: the checking process failed (%s)", type(error).__name__)
                 self._check_ahead = False
                 self.close()
+            except BaseException:  # an interrupt, maybe mid-message: the pipe cannot be trusted to be in step
+                self.close()
+                raise
             else:
                 return [_reject(r) if isinstance(r, str) else self._pending_checked(r) for r in results]
         checked: list[_Checked | BundleRejected] = []
@@ -722,7 +762,7 @@ def _take(source: Iterator[bytes], n: int) -> tuple[list[bytes], BaseException |
 
 
 #: Bundles to open and where they are checked: here (None) or the checking process's ticket for them.
-_Part = tuple[list[bytes], int | None]
+_Part = tuple[list[bytes], _Ticket | None]
 #: Bundles of an open_many's first chunk checked in the station's process when its checking process is running.
 _FIRST_HERE = 4
 
