@@ -8,7 +8,10 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
 
 1. Engine vs raw (goal >= 90 %): kms.issuance.issuer.Issuer in this process, i.e. per-domain worker processes,
    each card's keys derived, KCV'd, wrapped and destroyed in the token, each section signed (ECDSA P-256 in the
-   token) and canonically encoded, sections spliced into bundles in the coordinating process.
+   token) and canonically encoded, sections spliced into bundles in the coordinating process. Per round both sides
+   start afresh (the engine's workers and a raw process per domain, logged in and warmed up on the same 64 cards,
+   not timed); then they take turns block by block (--engine-block cards), who goes first swapped each block, as
+   in part 2; each side's round time is the sum of its blocks.
 2. End to end vs raw (goal >= 80 %): `kms serve` as a process of its own (gRPC over mutual TLS,
    workers_per_domain HSM worker processes per domain, records in SQLite); per round the --e2e-cards cards are
    split into blocks of --e2e-block cards, each a fresh batch for bureau-a that an officer creates (not timed)
@@ -72,7 +75,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,21 +278,46 @@ def fresh_home(path: Path, profile: str = "dual-app") -> Home:
 
 # --- 1. engine vs raw ---------------------------------------------------------------------------------------------
 
-def run_engine(config_path: Path, cards: list[CardIdentity], processes: int) -> float:
+def engine_round(config_path: Path, cfg: config.Config, r: int, cards: list[CardIdentity],
+                 warmup: list[CardIdentity], block: int, processes: int) -> tuple[float, float]:
+    """One round of part 1: the engine (kms.issuance.issuer.Issuer, its per-domain worker processes spawned, logged
+    in and warmed up on ``warmup``, not timed) and the raw side (a fresh process per domain, logged in, its plan
+    made and ``warmup``'s keys derived, not timed; part 2's RawIssuing); then, block by block of ``block`` cards,
+    the engine seals the block's bundles and the raw loop derives the same block's keys, who goes first swapped each
+    block, so that the host's speed swings hit both alike. Returns the raw side's seconds and the engine's (each
+    its blocks' sum)."""
+    blocks = [(lo, cards[lo:lo + block]) for lo in range(0, len(cards), block)]
+    times: dict[str, list[float]] = {"raw": [], "kms": []}
     with Issuer.from_config(config_path, BUREAU, PROFILE, processes_per_domain=processes) as issuer:
-        for issued in issuer.issue(cards[:64], "bench-warmup"):  # workers up and logged in
-            assert issued.data is not None
-        started = time.perf_counter()
-        count = 0
-        for issued in issuer.issue(cards, "bench"):
+        for issued in issuer.issue(warmup, "bench-warmup"):  # workers up and logged in
             assert issued.data is not None, issued.error
-            count += 1
-        elapsed = time.perf_counter() - started
-    assert count == len(cards)
+        raw = RawIssuing(cfg, cards, warmup, processes)
+        try:
+            for i, (lo, part) in enumerate(blocks):
+                for side in (("raw", "kms") if (r + i) % 2 == 0 else ("kms", "raw")):
+                    times[side].append(raw.run(lo, lo + len(part)) if side == "raw"
+                                       else _engine_block(issuer, part, f"bench-r{r}b{i}"))
+        finally:
+            raw.close()
+    ratios = ", ".join(f"{b / k:.0%}" for b, k in zip(times["raw"], times["kms"], strict=True))
+    print(f"  round {r + 1}: engine / raw per block {ratios}", flush=True)
+    return sum(times["raw"]), sum(times["kms"])
+
+
+def _engine_block(issuer: Issuer, cards: list[CardIdentity], batch_id: str) -> float:
+    """Seconds for the engine to seal every card's bundle of ``cards``."""
+    started = time.perf_counter()
+    count = 0
+    for issued in issuer.issue(cards, batch_id):
+        assert issued.data is not None, issued.error
+        count += 1
+    elapsed = time.perf_counter() - started
+    if count != len(cards):
+        raise BenchFailed(f"the engine sealed {count} bundles of {len(cards)}")
     return elapsed
 
 
-RawJob = tuple[Any, ...]  # bench_raw.run's / bench_raw.Deriver's arguments for one process, before ready and go
+RawJob = tuple[Any, ...]  # bench_raw.Deriver's arguments for one process
 
 
 def raw_jobs(cfg: config.Config, cards: list[CardIdentity]) -> list[tuple[RawJob, int]]:
@@ -314,30 +341,6 @@ def raw_jobs(cfg: config.Config, cards: list[CardIdentity]) -> list[tuple[RawJob
     return jobs
 
 
-def run_raw(cfg: config.Config, cards: list[CardIdentity], processes: int) -> float:
-    jobs = []
-    for job, keys_per_card in raw_jobs(cfg, cards):
-        plan = job[4]
-        share = (len(cards) + processes - 1) // processes
-        for p in range(processes):
-            part = plan[p * share * keys_per_card:(p + 1) * share * keys_per_card]
-            jobs.append((*job[:4], part, *job[5:]))
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
-        readies = [manager.Event() for _ in jobs]
-        go = manager.Event()
-        futures = [pool.submit(bench_raw.run, *job, ready, go) for job, ready in zip(jobs, readies, strict=True)]
-        for ready in readies:
-            ready.wait(120)
-        started = time.perf_counter()
-        go.set()
-        done = sum(f.result()[0] for f in futures)
-        elapsed = time.perf_counter() - started
-    if done != sum(len(j[4]) for j in jobs):
-        raise BenchFailed(f"the raw loop made {done} keys of {sum(len(j[4]) for j in jobs)}")
-    return elapsed
-
-
 def raw_codes(cfg: config.Config | config.StationConfig) -> dict[str, int]:
     """The vendor mechanism codes the raw loops need on this token (the configured mechanism profile's SM codes;
     empty for pkcs11-standard): the raw loops call the token straight through python-pkcs11, as kms does."""
@@ -346,14 +349,21 @@ def raw_codes(cfg: config.Config | config.StationConfig) -> dict[str, int]:
 
 def bench_engine(args: Any, home: Home, cfg: config.Config, keys_per_card: int, summary: Summary) -> None:
     cards = make_cards(args.cards, seed=2026)
-    raw_t, engine_t = alternate(args.rounds, lambda: run_raw(cfg, cards, args.processes),
-                                lambda: run_engine(home.config, cards, args.processes))
+    warmup = make_cards(WARMUP_CARDS, seed=2030)
+    print(f"\n1. engine, {args.rounds} rounds of {len(cards)} cards in blocks of {args.engine_block}", flush=True)
+    raw_t, engine_t = [], []
+    for r in range(args.rounds):
+        raw_seconds, engine_seconds = engine_round(home.config, cfg, r, cards, warmup, args.engine_block,
+                                                   args.processes)
+        raw_t.append(raw_seconds)
+        engine_t.append(engine_seconds)
     n = len(cards)
     summary.rates("engine.raw", "1. raw PKCS#11 loop", "cards/s", n, raw_t)
     summary.rates("engine.kms", "1. kms engine", "cards/s", n, engine_t)
     ratio = summary.ratio("engine.ratio", "1. engine / raw", raw_t, engine_t, 0.90)
     print()
-    print(f"1. card key engine in process vs raw PKCS#11 loop, {n} cards per round")
+    print(f"1. card key engine in process vs raw PKCS#11 loop, {n} cards per round in {-(-n // args.engine_block)} "
+          "block(s), the sides taking turns block by block, who goes first swapped each block")
     print(f"  {'(medians)':34}{'cards/s':>10}{'keys/s':>10}{'seconds':>10}")
     print(rate_line("raw PKCS#11 loop", n, keys_per_card, raw_t))
     print(rate_line("kms engine (sealed bundles)", n, keys_per_card, engine_t))
@@ -522,9 +532,10 @@ def raw_issuing_worker(conn: Any, job: RawJob, warmup_keys: int) -> None:
 
 
 class RawIssuing:
-    """Part 2's raw side for one round: scripts/bench_raw.py's derive loop, ``processes`` processes per domain (each
-    a share of every block's cards), on ``cards`` after the warm-up cards (derived as kms's warm-up batch was,
-    not timed). ``run(lo, hi)``: seconds for every domain's processes to make the keys of cards[lo:hi] at once."""
+    """The raw side of a round of parts 1 and 2: scripts/bench_raw.py's derive loop, ``processes`` processes per
+    domain (each a share of every block's cards), on ``cards`` after the warm-up cards (derived as kms's warm-up
+    batch was, not timed). ``run(lo, hi)``: seconds for every domain's processes to make the keys of cards[lo:hi]
+    at once."""
 
     def __init__(self, cfg: config.Config, cards: list[CardIdentity], warmup: list[CardIdentity], processes: int
                  ) -> None:
@@ -542,7 +553,7 @@ class RawIssuing:
                     self._procs.append((parent, proc, keys_per_card))
             for parent, _, _ in self._procs:
                 if not parent.poll(300) or self._answer(parent) != "ready":
-                    raise BenchFailed("part 2: a raw process did not start")
+                    raise BenchFailed("a raw process did not start")
         except BaseException:
             self.close()
             raise
@@ -552,7 +563,7 @@ class RawIssuing:
         try:
             return conn.recv()
         except EOFError:
-            raise BenchFailed("part 2: a raw process died (its error is above)") from None
+            raise BenchFailed("a raw process died (its error is above)") from None
 
     def run(self, lo: int, hi: int) -> float:
         share = -(-(hi - lo) // self._processes)
@@ -1139,6 +1150,9 @@ def main() -> int:
                              "a profile file; the raw loops do the same token work with the same mechanisms")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each comparison (default: 5)")
     parser.add_argument("--cards", type=int, default=3000, help="cards per engine/raw round (default: 3000)")
+    parser.add_argument("--engine-block", type=int, default=E2E_BLOCK,
+                        help="cards per timed block of part 1: the engine and raw sides take turns block by block "
+                             f"(default: {E2E_BLOCK})")
     parser.add_argument("--e2e-cards", type=int, default=2000,
                         help="cards per end-to-end batch and its raw round (default: 2000)")
     parser.add_argument("--e2e-block", type=int, default=E2E_BLOCK,
@@ -1170,8 +1184,8 @@ def main() -> int:
     parser.add_argument("--e2e-only", action="store_true",
                         help="run only parts 2 and 3, `kms serve` end to end and the IssueCard latency")
     args = parser.parse_args()
-    for name in ("rounds", "cards", "e2e_cards", "e2e_block", "latency_cards", "station_cards", "processes",
-                 "audit_records", "verify_records", "workers_cards"):
+    for name in ("rounds", "cards", "engine_block", "e2e_cards", "e2e_block", "latency_cards", "station_cards",
+                 "processes", "audit_records", "verify_records", "workers_cards"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.latency_cards < 2:

@@ -1,7 +1,7 @@
 """Baselines for `make bench`: bare python-pkcs11 loops doing exactly the token work kms does, and nothing else.
 
-- ``run`` (``Deriver`` for part 2's blocks: the same loop, a range of the plan at a time), the issuing side, per
-  key of the profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
+- ``Deriver``, the issuing side (parts 1 and 2, block by block: a range of the plan at a time), per key of the
+  profile: C_DeriveKey level by level, KCV (encrypt a zero block), AES key wrap with padding,
   C_DestroyObject (no signing, no encoding, no inter-process traffic).
 - ``Unwrapper``, the station side, per sealed key: C_UnwrapKey with AES key wrap with padding under the bureau's
   transport key into a session object (the template kms uses for a station card key), KCV (encrypt a zero block),
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from typing import Any
 
 import pkcs11
@@ -59,26 +58,11 @@ class _Sm:
                             if "SM4_ECB_ENCRYPT_DATA" in codes else None)
 
 
-def run(module: str, softhsm2_conf: str, token: str, pin: str, plan: list[tuple[str, list[tuple[str, bytes]], str]],
-        transport_label: str, transport_algorithm: str, codes: dict[str, int], ready: Any, go: Any
-        ) -> tuple[int, float]:
-    """plan: for each key of each card, (master key label, [(derivation step, 16-byte data) per level], the card
-    key's algorithm); steps are "DES3_ECB_ENCRYPT_DATA" or "SM4_ECB_ENCRYPT_DATA", algorithms "DES2" or "SM4".
-    The whole plan at once, timed from ``go``: (keys made, seconds)."""
-    deriver = Deriver(module, softhsm2_conf, token, pin, plan, transport_label, transport_algorithm, codes)
-    try:
-        ready.set()
-        go.wait()
-        started = time.perf_counter()
-        done = deriver.derive()
-        return done, time.perf_counter() - started
-    finally:
-        deriver.close()
-
-
 class Deriver:
-    """The issuing side's raw loop on one logged-in session, for ``plan`` (as ``run`` takes it): every key's work
-    made before any timing; ``derive(lo, hi)`` runs the keys plan[lo:hi] (all by default) and returns how many."""
+    """The issuing side's raw loop on one logged-in session, for ``plan``: for each key of each card, (master key
+    label, [(derivation step, 16-byte data) per level], the card key's algorithm); steps are
+    "DES3_ECB_ENCRYPT_DATA" or "SM4_ECB_ENCRYPT_DATA", algorithms "DES2" or "SM4". Every key's work is made before
+    any timing; ``derive(lo, hi)`` runs the keys plan[lo:hi] (all by default) and returns how many."""
 
     def __init__(self, module: str, softhsm2_conf: str, token: str, pin: str,
                  plan: list[tuple[str, list[tuple[str, bytes]], str]], transport_label: str, transport_algorithm: str,

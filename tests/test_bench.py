@@ -7,6 +7,7 @@ a fresh home, every part, the audit signer check, the table and the JSON summary
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -39,13 +40,16 @@ GOALS = {"engine.ratio": 0.90, "e2e.ratio": 0.80, "station.ratio": 0.80, "audit.
 def test_bench_tiny_run_reports_every_figure(tmp_path: Path) -> None:
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench.py"), "--rounds", "1", "--cards", "8", "--e2e-cards", "8",
-         "--latency-cards", "3", "--station-cards", "8", "--audit-records", "10", "--verify-records", "1000",
-         "--workers-cards", "8",
+        [sys.executable, str(SCRIPTS / "bench.py"), "--rounds", "1", "--cards", "8", "--engine-block", "3",
+         "--e2e-cards", "8", "--latency-cards", "3", "--station-cards", "8", "--audit-records", "10",
+         "--verify-records", "1000", "--workers-cards", "8",
          "--home", str(tmp_path / "home"), "--summary", str(summary_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+    # part 1 takes turns block by block too: 8 cards in blocks of 3, a ratio per block
+    assert "8 cards per round in 3 block(s)" in result.stdout
+    assert re.search(r"round 1: engine / raw per block \d+%, \d+%, \d+%\n", result.stdout), result.stdout
 
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     figures = summary["figures"]
