@@ -33,7 +33,7 @@ from kms.issuance.limits import check_params as check_limits
 from kms.issuance.workers import Pool
 from kms.principals import PrincipalRegistry, parse_certificate
 from kms.registry import KeyKind, KeyRecord, KeyRegistry, KeyState
-from kms.station import spki_pem
+from kms.station import spki_pem, spki_sha256
 from kms.validation import NAME, unknown_keys
 
 _SETTABLE_STATES = (KeyState.ACTIVE, KeyState.SUSPENDED, KeyState.DEACTIVATED, KeyState.COMPROMISED)
@@ -349,11 +349,11 @@ def _transport_algorithm(ctx: Context, domain: str, p: Mapping[str, Any]) -> str
     return algorithm
 
 
-def _handoff_key(ctx: Context, p: Mapping[str, Any]) -> tuple[str, str]:
-    """The station's hand-off public key (PEM) and its SHA-256 (of the SPKI DER, hex). The key must be RSA of at
-    least 2048 bits and new: a key a transport key was ever wrapped under is refused (hand-off keys are single use,
-    docs/ceremonies.md section 4.4). A ``public_key_sha256`` given with the proposal must be the key's, so approvers
-    can compare it with what the station showed them."""
+def _handoff_key(ctx: Context, p: Mapping[str, Any]) -> tuple[str, bytes, str]:
+    """The station's hand-off public key (PEM and SubjectPublicKeyInfo DER) and its SHA-256 (of the DER, hex). The
+    key must be RSA of at least 2048 bits and new: a key a transport key was ever wrapped under is refused (hand-off
+    keys are single use, docs/ceremonies.md section 4.4). A ``public_key_sha256`` given with the proposal must be the
+    key's, so approvers can compare it with what the station showed them."""
     pem = p["public_key"] if isinstance(p.get("public_key"), str) else ""
     try:
         public = serialization.load_pem_public_key(pem.encode("ascii"))
@@ -361,19 +361,14 @@ def _handoff_key(ctx: Context, p: Mapping[str, Any]) -> tuple[str, str]:
         raise InvalidArgument("params.public_key", "is not a PEM public key") from None
     if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
         raise InvalidArgument("params.public_key", "must be an RSA public key of at least 2048 bits")
-    sha256 = spki_sha256(public)
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sha256 = spki_sha256(der)
     if "public_key_sha256" in p and p["public_key_sha256"] != sha256:
         raise InvalidArgument("params.public_key_sha256", f"is not the public key's ({sha256})")
     if ctx.handoffs.used(sha256):
         raise InvalidArgument("params.public_key", "has received a transport key already: a station's unwrap key "
                                                    "serves one hand-off (make a new one with kms station unwrap-key)")
-    return pem, sha256
-
-
-def spki_sha256(public: rsa.RSAPublicKey) -> str:
-    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo DER: what `kms station unwrap-key` shows."""
-    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return pem, der, sha256
 
 
 def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -382,7 +377,7 @@ def _check_transport(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[st
     if method == "rsa-oaep":
         _only(p, {"bureau", "method", "station", "public_key"}, {"algorithm", "public_key_sha256"})
         station = _str(p, "station")
-        pem, sha256 = _handoff_key(ctx, p)
+        pem, _, sha256 = _handoff_key(ctx, p)
         receiver = Principal("station", station, bureau=bureau)
         if ctx.principals is not None and not ctx.principals.active(receiver, domain):
             raise InvalidArgument("params.station", f"{receiver.uri()} is not registered for the {domain} domain "
@@ -404,9 +399,7 @@ def _run_transport(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     pool = pool_for(ctx, c.domain)
     algorithm = p.get("algorithm", Algorithm.AES256.value)  # proposals made before SM4 transport keys: AES256
     if p["method"] == "rsa-oaep":
-        pem, sha256 = _handoff_key(ctx, p)  # still unused (another ceremony may have used it since the proposal)
-        public = serialization.load_pem_public_key(pem.encode("ascii"))
-        spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        _, spki, sha256 = _handoff_key(ctx, p)  # still unused (another ceremony may have used it since the proposal)
         made, wrapped = pool.call(keyops.transport_key_for_rsa, p["bureau"], spki, algorithm, ceremony=c.ceremony_id)
         # The wrapped key goes to the named station only (kms.ceremony.handoffs), never into results or minutes.
         ctx.handoffs.offer(c.domain, p["bureau"], made["version"], p["station"], wrapped, made["kcv"],
