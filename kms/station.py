@@ -226,6 +226,7 @@ class _Section:
     transport_label: str
     sealed: tuple[tuple[bytes, Algorithm], ...]
     keys: tuple[tuple[str, str, str, str, str], ...]
+    wrap: str = ""  # the signed wrap method of the section's keys (one per section: kms.bundle)
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,8 @@ def _section(section: bundle.ParsedSection) -> _Section:
         section.domain,
         key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version),
         tuple((k.wrapped, Algorithm(k.algorithm)) for k in section.keys),
-        tuple((k.name, k.usage, k.algorithm, k.kcv_method, bundle.hexs(k.kcv)) for k in section.keys))
+        tuple((k.name, k.usage, k.algorithm, k.kcv_method, bundle.hexs(k.kcv)) for k in section.keys),
+        section.keys[0].wrap if section.keys else "")
 
 
 def verify_sm2(session: TokenSession, checked: _Checked) -> _Checked:
@@ -726,6 +728,10 @@ class Station:
 
     def _unwrap(self, section: _Section) -> StationKeys:
         try:
+            # The signed wrap method must be the one the station's transport key unwraps by: a section that says
+            # SM4-ECB is never unwrapped by AES key wrap (or the other way round) because the key happens to be AES.
+            if self._session.transport_wrap(section.transport_label) != section.wrap:
+                raise _reject("the section's wrap method is not its transport key's")
             return self._session.unwrap_card_keys(section.transport_label, section.sealed)
         except HsmError as error:
             if error.retryable or isinstance(error, MechanismUnavailable):

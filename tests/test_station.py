@@ -153,6 +153,35 @@ def test_wrong_transport_key_is_rejected(
     assert station.open(data).ok  # the refusal did not burn the serial
 
 
+def test_a_section_whose_signed_wrap_method_is_not_its_transport_keys_is_rejected(
+    sealers: dict[str, DomainSealer], sessions: dict[str, TokenSession], registry: Any, station: Station,
+    station_session: TokenSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wrap method is signed: a section that says SM4-ECB is refused by a station whose transport key for it is
+    AES, although AES key wrap would unwrap its keys (the station once chose the method by the key alone)."""
+    data = seal(sealers, card(18))
+    doc = _doc(data)
+    for index, section in enumerate(doc["sections"]):
+        assert {k["wrap"] for k in section["body"]["keys"]} == {bundle.WRAP_ALGORITHM}
+        domain = section["body"]["domain"]
+        for key in section["body"]["keys"]:
+            key["wrap"] = bundle.SM4_WRAP_ALGORITHM
+        label = registry.active(domain, KeyKind.SIGNING, "issuance").label
+        _resign(doc, index, lambda m, d=domain, lb=label: sessions[d].sign_sha256(lb, m))
+    forged = _encode(doc)
+    section = bundle.parse(forged).sections[0]
+    label = f"kms/{section.domain}/transport/{section.transport_key}/v{section.transport_key_version}"
+    assert station_session.transport_wrap(label) == bundle.WRAP_ALGORITHM
+    with caplog.at_level(logging.INFO, logger="kms.station"), pytest.raises(BundleRejected):
+        station.open(forged)
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bundle rejected")]
+    assert reasons == ["bundle rejected: the section's wrap method is not its transport key's"]
+    results = list(station.open_many([forged]))
+    assert len(results) == 1 and isinstance(results[0], BundleRejected)
+    assert [o for o in station_session.objects() if not o.token] == []
+    assert station.open(data).ok  # the refusals did not burn the serial
+
+
 def test_a_station_of_another_bureau_rejects_the_bundle(
     sealers: dict[str, DomainSealer], station_session: TokenSession, station_config: Any, tmp_path: Path
 ) -> None:

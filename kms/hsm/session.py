@@ -882,6 +882,13 @@ class TokenSession:
                     key.destroy()
         return StationKeys(transport, list(keys), kcvs)
 
+    def transport_wrap(self, label: str) -> str:
+        """How card keys sealed under the transport key with this label are wrapped, as a section names it:
+        AES-KWP under an AES key, SM4-ECB under an SM4 one (HsmError if the key is neither or cannot unwrap)."""
+        transport = self._key(label)
+        with _hsm(f"read transport key {label!r}"):
+            return self._wrap_mechanism(transport, "the station's transport key", "unwrap_key")[1]
+
     def _card_key_kind(self, algorithm: Algorithm) -> tuple[Any, Any, bytes]:
         """A station card key's type, KCV mechanism and zero block; HsmError for an algorithm a card key is not."""
         if algorithm not in (Algorithm.DES2, Algorithm.SM4):
