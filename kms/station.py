@@ -832,6 +832,26 @@ def unwrap_key_for(session: TokenSession, station: str, domain: str, sha256: str
                    "destroyed; make a new one with kms station unwrap-key for a new ceremony)")
 
 
+def unused_unwrap_keys(session: TokenSession, station: str, domain: str) -> list[UnwrapKey]:
+    """The station's single-use hand-off keys for ``domain`` that no hand-off has used yet (``kms station unwrap-key
+    --list``): a key made for a ceremony that was abandoned stays until it is discarded."""
+    legacy = unwrap_key_label(station, domain)
+    return [UnwrapKey(label, spki_pem(spki).decode(), spki_sha256(spki))
+            for label, spki in session.unwrap_keys(legacy).items() if label != legacy]
+
+
+def discard_unwrap_key(session: TokenSession, station: str, domain: str, sha256: str) -> str:
+    """Destroy both halves of the unused single-use hand-off key whose public key has this SHA-256 (``kms station
+    unwrap-key --discard``); returns its label. A hand-off proposed to it can then no longer be accepted (the
+    ceremony is proposed again to a new key). InvalidArgument naming ``--discard`` for a value that is not a
+    SHA-256; NotFound if the station holds no such key."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
+        raise InvalidArgument("--discard", "must be the SHA-256 of an unwrap key's public key (64 hex digits)")
+    label = unwrap_key_for(session, station, domain, sha256)
+    session.retire_unwrap_pair(label)
+    return label
+
+
 def accept_transport_key(session: TokenSession, station: str, domain: str, label: str, wrapped: bytes,
                          issuer_kcv: str, algorithm: Algorithm = Algorithm.AES256, unwrap_key_sha256: str = "") -> str:
     """Unwrap a transport key (AES-256, or SM4) sent to this station into its token (unwrap only) with the hand-off

@@ -56,12 +56,19 @@ def add_parser(sub: Any) -> None:
         public key (PEM; its SHA-256 on stderr, for the officers to compare with the proposal's
         public_key_sha256). The register-transport-key ceremony (method=rsa-oaep) names it; the station destroys
         the pair as soon as it has unwrapped that one key (kms station accept-transport-key), so a key that was
-        used once cannot be named again: run this for each hand-off.""",
+        used once cannot be named again: run this for each hand-off. --list shows the domain's keys no hand-off
+        has used yet; --discard destroys one of them (a ceremony abandoned: a hand-off proposed to it can then no
+        longer be accepted).""",
                 "kms station unwrap-key --station-config home/stations/station-b1/station.yaml --domain bank "
                 "> station-b1-bank.pem")
     env_path(p, "--station-config", "the station configuration (station.yaml)")
     p.add_argument("--domain", required=True, choices=DOMAINS, help="the domain whose transport key it receives")
-    json_option(p, "the key (domain, station, label, pem, sha256)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--list", action="store_true",
+                       help="make no key: list the domain's unused single-use keys (label and SHA-256)")
+    which.add_argument("--discard", metavar="SHA256",
+                       help="make no key: destroy the unused single-use key whose public key has this SHA-256")
+    json_option(p, "the key (domain, station, label, pem, sha256); with --list, the keys; with --discard, its label")
     p.set_defaults(handler=_unwrap_key)
     p = command(station, "accept-transport-key",
                 "take the transport key a ceremony left for this station into its token, check the KCV and confirm "
@@ -168,9 +175,22 @@ def _seconds(text: str) -> float:
 
 def _unwrap_key(args: argparse.Namespace) -> int:
     from kms import runtime
-    from kms.station import new_unwrap_key
+    from kms.station import discard_unwrap_key, new_unwrap_key, unused_unwrap_keys
 
     cfg = config_mod.load_station(args.station_config)
+    if args.list:
+        with runtime.open_station(cfg) as session:
+            unused = unused_unwrap_keys(session, cfg.name, args.domain)
+        emit(args, [{"label": k.label, "sha256": k.sha256} for k in unused],
+             "\n".join(f"{k.label}  SHA-256 {k.sha256}" for k in unused)
+             or f"{cfg.name} holds no unused {args.domain} unwrap key")
+        return 0
+    if args.discard is not None:
+        with runtime.open_station(cfg) as session:
+            label = discard_unwrap_key(session, cfg.name, args.domain, args.discard)
+        emit(args, {"domain": args.domain, "station": cfg.name, "discarded": label},
+             f"{cfg.name}'s unused {args.domain} unwrap key {label} destroyed")
+        return 0
     with runtime.open_station(cfg) as session:
         made = new_unwrap_key(session, cfg.name, args.domain)
     if made.retired:

@@ -206,6 +206,31 @@ def test_serve_batch_and_station_fetch_over_mutual_tls(cli_home: Path, tmp_path:
         assert server.wait(timeout=60) == 0
 
 
+def test_station_unwrap_keys_are_listed_and_an_unused_one_discarded(cli_home: Path) -> None:
+    station = ("--station-config", str(cli_home / "stations" / "station-a1" / "station.yaml"), "--domain", "hrss")
+
+    def listed() -> dict[str, str]:
+        keys = json.loads(kms("station", "unwrap-key", *station, "--list", "--json", check=True).stdout)
+        return {k["sha256"]: k["label"] for k in keys}
+
+    before = listed()
+    made = [json.loads(kms("station", "unwrap-key", *station, "--json", check=True).stdout) for _ in range(2)]
+    assert set(listed()) == set(before) | {m["sha256"] for m in made}
+    text = kms("station", "unwrap-key", *station, "--list", check=True).stdout
+    assert all(f"{m['label']}  SHA-256 {m['sha256']}" in text for m in made)
+    gone = kms("station", "unwrap-key", *station, "--discard", made[0]["sha256"].upper(), "--json", check=True)
+    assert json.loads(gone.stdout)["discarded"] == made[0]["label"]
+    assert set(listed()) == set(before) | {made[1]["sha256"]}
+    again = kms("station", "unwrap-key", *station, "--discard", made[0]["sha256"])
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and made[0]["sha256"] in again.stderr
+    bad = kms("station", "unwrap-key", *station, "--discard", "not-a-hash")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "--discard" in bad.stderr
+    both = kms("station", "unwrap-key", *station, "--list", "--discard", made[1]["sha256"])
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    kms("station", "unwrap-key", *station, "--discard", made[1]["sha256"], check=True)
+    assert listed() == before
+
+
 def test_init_refuses_a_home_made_by_an_older_kms(tmp_path: Path) -> None:
     old = tmp_path / "old-home"
     old.mkdir()
