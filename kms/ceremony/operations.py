@@ -421,7 +421,9 @@ def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
     _only(p, {"name", "version", "state"}, {"kind"})
     kind, name, version = _existing(ctx, domain, p, _STATE_KINDS)
     state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
-    _activation_allowed(ctx.registry.get(domain, KeyKind(kind), name, version), KeyState(state))
+    record = ctx.registry.get(domain, KeyKind(kind), name, version)
+    _activation_allowed(record, KeyState(state))
+    _signer_kept(ctx, record, KeyState(state))
     return {"kind": kind, "name": name, "version": version, "state": state}
 
 
@@ -437,10 +439,27 @@ def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
         raise InvalidArgument("params.version", f"{record.label} has no public key on record: it was never made")
 
 
+def _signer_kept(ctx: Context, record: KeyRecord, to: KeyState) -> None:
+    """The only active version of a domain's signing key is not suspended or deactivated: it signs the domain's
+    sections of its profiles (and ``issuance`` the ceremony minutes), which would stop until the next version is
+    made and activated. Activate the next version first (generate-signing-key, then set-key-state). Marking it
+    compromised is always allowed: a compromised key must stop at once, whatever stops with it."""
+    if record.kind is not KeyKind.SIGNING or record.state is not KeyState.ACTIVE or to in (
+            KeyState.ACTIVE, KeyState.COMPROMISED):
+        return
+    if not any(r.state is KeyState.ACTIVE and r.version != record.version
+               for r in ctx.registry.versions(record.domain, KeyKind.SIGNING, record.name)):
+        raise InvalidArgument("params.state", f"{record.label} is the only active version of the {record.domain} "
+                                              f"{record.name} signing key: activate its next version first "
+                                              "(generate-signing-key, set-key-state); a compromised key can "
+                                              "always be marked compromised")
+
+
 def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     record = ctx.registry.get(c.domain, KeyKind(p["kind"]), p["name"], p["version"])
     _activation_allowed(record, KeyState(p["state"]))
+    _signer_kept(ctx, record, KeyState(p["state"]))
     changed = ctx.registry.transition(record, KeyState(p["state"]))
     return {"label": changed.label, "from": record.state.value, "state": changed.state.value,
             "at": changed.state_changed_at}

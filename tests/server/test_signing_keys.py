@@ -249,6 +249,48 @@ def test_a_version_awaiting_activation_blocks_the_next_and_can_be_destroyed(plai
     assert json.loads(again.result_json)["version"] == version + 1
 
 
+def test_the_only_active_version_of_a_signing_key_is_not_suspended_or_deactivated(
+        plain_home: Home, plain_service: object) -> None:
+    port = plain_service.port  # type: ignore[attr-defined]
+    registry = _registry(plain_home)
+
+    def active() -> list[int]:
+        return [r.version for r in registry.versions("bank", KeyKind.SIGNING, "issuance")
+                if r.state is KeyState.ACTIVE]
+
+    (only,) = active()
+    with client(plain_home, port, officer("bank", 0)) as c:
+        officer_client = CeremonyClient(c)
+        for state in ("deactivated", "suspended"):
+            with pytest.raises(InvalidArgument, match="only active version of the bank issuance signing key") as caught:
+                officer_client.propose("set-key-state", {"kind": "signing", "name": "issuance", "version": only,
+                                                         "state": state})
+            assert caught.value.field == "params.state"
+        compromised = officer_client.propose("set-key-state", {"kind": "signing", "name": "issuance",
+                                                               "version": only, "state": "compromised"})
+        assert compromised.state == "open"  # a compromised key can always be stopped
+        officer_client.cancel(compromised.ceremony_id)
+    pending = [r.version for r in registry.versions("bank", KeyKind.SIGNING, "issuance")
+               if r.state is KeyState.PRE_ACTIVATION]
+    if not pending:
+        made = run_ceremony(plain_home, port, "bank", "generate-signing-key", {"name": "issuance"})
+        pending = [json.loads(made.result_json)["version"]]
+    activated = run_ceremony(plain_home, port, "bank", "set-key-state",
+                             {"kind": "signing", "name": "issuance", "version": pending[0], "state": "active"})
+    assert activated.state == "executed", activated.error
+    assert active() == [only, pending[0]]
+    # Both retirements are accepted while two versions are active; the second to run is refused when it runs.
+    first, second = (run_ceremony(plain_home, port, "bank", "set-key-state",
+                                  {"kind": "signing", "name": "issuance", "version": v, "state": "deactivated"},
+                                  execute=False) for v in (only, pending[0]))
+    with client(plain_home, port, officer("bank", 0)) as c:
+        assert CeremonyClient(c).execute(first.ceremony_id).state == "executed"
+        with pytest.raises(InvalidArgument, match="only active version") as caught:
+            CeremonyClient(c).execute(second.ceremony_id)
+        assert caught.value.field == "params.state"
+    assert active() == [pending[0]]
+
+
 # -- SM2 on the development SM token ------------------------------------------------------------------------------
 
 
