@@ -424,6 +424,24 @@ def test_a_streams_message_stores_each_bundle_only_for_the_identity_it_was_seale
     assert bstore.record_issued_many("B-1", [(sealed[2], "S-5", b"b5")], by=STATION) == [False]
 
 
+def test_a_message_all_stored_and_a_card_given_twice_stored_once(bstore: BatchStore) -> None:
+    """record_issued_many: every card of a message stored; and in another, a card given twice is stored once (the
+    first entry), and a card stored already is not stored again, even under the serial it holds."""
+    make_batch(bstore, 6)
+    sealed = [bstore.card("B-1", f"card-{i:04d}").identity for i in range(6)]
+    assert bstore.record_issued_many("B-1", [(c, f"S-{i}", b"b") for i, c in enumerate(sealed[:4])],
+                                     by=STATION) == [True] * 4
+    assert [bstore.card("B-1", f"card-{i:04d}").serial for i in range(4)] == ["S-0", "S-1", "S-2", "S-3"]
+    won = bstore.record_issued_many("B-1", [(sealed[4], "S-4a", b"first"), (sealed[5], "S-5", b"b"),
+                                            (sealed[4], "S-4b", b"second"), (sealed[0], "S-0", b"again")],
+                                    by=STATION)
+    assert won == [True, True, False, False]
+    assert (bstore.card("B-1", "card-0004").serial, bstore.card("B-1", "card-0004").bundle) == ("S-4a", b"first")
+    issued = [e.detail for e in bstore.events("B-1") if e.event is EventKind.ISSUED]
+    assert sorted(issued) == sorted(["bundle S-0", "bundle S-1", "bundle S-2", "bundle S-3", "bundle S-4a",
+                                     "bundle S-5"])
+
+
 def test_a_closed_batch_refuses_every_change(bstore: BatchStore, engine: sa.Engine) -> None:
     make_batch(bstore, 2)
     bstore.bind_chip("B-1", "card-0001", SERIAL_A, None)
