@@ -2,8 +2,12 @@
 deploy/softhsm2-sm/softhsm2-sm.patch), checked in C against OpenSSL's EC_POINT_mul by
 deploy/softhsm2-sm/sm2-mulg-check.c, compiled here against the header exactly as the patch ships it.
 
-Needs gcc and OpenSSL's development headers (libssl-dev, which deploy/softhsm2-sm/build.sh needs too); skips, saying
-which is missing, without them. Does not need the token: tests/dev/test_smtoken.py checks the token's signatures.
+deploy/softhsm2-sm/sm2-mulg-ct.c runs it under valgrind's memcheck with the scalar marked undefined ("ctgrind"), so
+that a branch or a memory address computed from the secret scalar is reported.
+
+Needs gcc and OpenSSL's development headers (libssl-dev, which deploy/softhsm2-sm/build.sh needs too), and valgrind
+with its headers for the constant-time check; skips, saying which is missing, without them. Does not need the token:
+tests/dev/test_smtoken.py checks the token's signatures.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 HERE = Path(__file__).resolve().parents[2] / "deploy" / "softhsm2-sm"
 PATCH = HERE / "softhsm2-sm.patch"
 CHECK = HERE / "sm2-mulg-check.c"
+CT_CHECK = HERE / "sm2-mulg-ct.c"
 HEADER = "src/lib/crypto/kms_sm2_mulg.h"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations")
 
@@ -45,10 +50,10 @@ def gcc(tmp_path_factory: pytest.TempPathFactory) -> str:
     return compiler
 
 
-def build(gcc: str, where: Path, header: str) -> Path:
+def build(gcc: str, where: Path, header: str, source: Path = CHECK) -> Path:
     (where / "kms_sm2_mulg.h").write_text(header)
-    binary = where / "sm2-mulg-check"
-    compiled = subprocess.run([gcc, *CFLAGS, "-I", str(where), str(CHECK), "-lcrypto", "-o", str(binary)],
+    binary = where / source.stem
+    compiled = subprocess.run([gcc, *CFLAGS, "-I", str(where), str(source), "-lcrypto", "-o", str(binary)],
                               capture_output=True, text=True, check=False)
     assert compiled.returncode == 0, compiled.stderr
     return binary
@@ -94,3 +99,47 @@ def test_the_check_finds_a_wrong_comb(fault: str, gcc: str, tmp_path: Path) -> N
     binary = build(gcc, tmp_path, header.replace(old, new))
     run = subprocess.run([str(binary), "2000", "100"], capture_output=True, text=True, check=False)
     assert run.returncode == 1 and run.stdout.startswith("MISMATCH"), run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def valgrind() -> str:
+    tool = shutil.which("valgrind")
+    if tool is None:
+        pytest.skip("valgrind is not installed: the constant-time check of the SM2 comb needs it (apt-get install "
+                    "valgrind)")
+    if not Path("/usr/include/valgrind/memcheck.h").is_file():
+        pytest.skip("valgrind's headers are missing (/usr/include/valgrind/memcheck.h): the constant-time check of "
+                    "the SM2 comb needs them")
+    return tool
+
+
+def ctgrind(valgrind: str, binary: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([valgrind, "--error-exitcode=3", str(binary)], capture_output=True, text=True, check=False)
+
+
+def test_memcheck_sees_no_branch_or_address_computed_from_the_secret_scalar(gcc: str, valgrind: str,
+                                                                            tmp_path: Path) -> None:
+    run = ctgrind(valgrind, build(gcc, tmp_path, new_file(PATCH.read_text(), HEADER), CT_CHECK))
+    assert run.returncode == 0 and run.stdout == "ok\n", run.stdout + run.stderr
+    assert "ERROR SUMMARY: 0 errors" in run.stderr
+
+
+#: Secret-dependent code memcheck must report: a table read at an index computed from the scalar, a branch on a digit.
+CT_MUTATIONS = {
+    "an indexed table read": (
+        "\tkms_sm2_lookup(&T, table->t[0], w >> 1);\n",
+        "\tif ((w >> 1) != 0) T = table->t[0][(w >> 1) - 1]; else memset(&T, 0, sizeof(T));\n"),
+    "a branch on the sign of a digit": (
+        "\t\tkms_sm2_cond_neg(T.y, w & 1, tmp[0]);\n",
+        "\t\tif (w & 1) kms_sm2_cond_neg(T.y, 1, tmp[0]);\n"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CT_MUTATIONS))
+def test_memcheck_reports_secret_dependent_code(fault: str, gcc: str, valgrind: str, tmp_path: Path) -> None:
+    header = new_file(PATCH.read_text(), HEADER)
+    old, new = CT_MUTATIONS[fault]
+    assert header.count(old) == 1
+    run = ctgrind(valgrind, build(gcc, tmp_path, header.replace(old, new), CT_CHECK))
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "depends on uninitialised value" in run.stderr or "Use of uninitialised value" in run.stderr
