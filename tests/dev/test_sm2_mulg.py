@@ -29,7 +29,8 @@ CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations")
 
 def new_file(patch: str, path: str) -> str:
     """The text of a file the patch creates (its hunk against /dev/null)."""
-    match = re.search(rf"^--- /dev/null\n\+\+\+ b/{re.escape(path)}\n@@ -0,0 \+1,(\d+) @@\n", patch, re.M)
+    name = re.escape(path)
+    match = re.search(rf"^--- (?:/dev/null|a/{name})[^\n]*\n\+\+\+ b/{name}[^\n]*\n@@ -0,0 \+1,(\d+) @@\n", patch, re.M)
     assert match is not None, f"the patch does not create {path}"
     lines = patch[match.end():].split("\n")[: int(match.group(1))]
     assert all(line.startswith("+") for line in lines)
