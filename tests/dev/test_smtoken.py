@@ -3,8 +3,8 @@ PKCS#11 directly (tests are not kms; kms/hsm stays the only kms package that imp
 
 This is a development token that checks kms's PKCS#11 calls, not vendor compatibility: these tests show that its SM4,
 SM3 and SM2 agree with independent implementations and the standards' examples (cryptography's SM4, hashlib's SM3,
-the OpenSSL command line's SM2, GB/T 32907 and GB/T 32905) under the codes of the softhsm2-sm-dev profile
-(deploy/softhsm2-sm/README.md), not that any vendor's HSM behaves alike.
+the OpenSSL command line's SM2, an SM2 written here from GB/T 32918, GB/T 32907 and GB/T 32905) under the codes of the
+softhsm2-sm-dev profile (deploy/softhsm2-sm/README.md), not that any vendor's HSM behaves alike.
 """
 
 from __future__ import annotations
@@ -370,9 +370,10 @@ SM2_N = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123
 
 
 def test_many_sm2_sm3_signatures_verify_in_the_token_and_a_sample_with_openssl(session: Any, tmp_path: Path) -> None:
-    """200 random messages signed in the token (the token computes SM2 itself, with BIGNUM/EC_POINT arithmetic and a
-    per-process cache of private keys' public points): each verifies in the token and a tampered copy does not; every
-    signature is 64 bytes; 20 of them, and one whose r or s needs a leading zero byte, verify with OpenSSL."""
+    """200 random messages signed in the token (the token computes SM2 itself: k.G and d.G with its fixed-base comb,
+    the rest with BIGNUM/EC_POINT arithmetic, and a per-process cache of private keys' public points): each verifies
+    in the token and a tampered copy does not; every signature is 64 bytes; 20 of them, and one whose r or s needs a
+    leading zero byte, verify with OpenSSL."""
     public, private = sm2_keypair(session)
     point = ec_point(public)
     rng = random.Random(14)
