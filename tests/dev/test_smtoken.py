@@ -3,8 +3,8 @@ PKCS#11 directly (tests are not kms; kms/hsm stays the only kms package that imp
 
 This is a development token that checks kms's PKCS#11 calls, not vendor compatibility: these tests show that its SM4,
 SM3 and SM2 agree with independent implementations and the standards' examples (cryptography's SM4, hashlib's SM3,
-the OpenSSL command line's SM2, GB/T 32907 and GB/T 32905) under the codes of the softhsm2-sm-dev profile
-(deploy/softhsm2-sm/README.md), not that any vendor's HSM behaves alike.
+the OpenSSL command line's SM2, an SM2 written here from GB/T 32918, GB/T 32907 and GB/T 32905) under the codes of the
+softhsm2-sm-dev profile (deploy/softhsm2-sm/README.md), not that any vendor's HSM behaves alike.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,9 +370,10 @@ SM2_N = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123
 
 
 def test_many_sm2_sm3_signatures_verify_in_the_token_and_a_sample_with_openssl(session: Any, tmp_path: Path) -> None:
-    """200 random messages signed in the token (the token computes SM2 itself, with BIGNUM/EC_POINT arithmetic and a
-    per-process cache of private keys' public points): each verifies in the token and a tampered copy does not; every
-    signature is 64 bytes; 20 of them, and one whose r or s needs a leading zero byte, verify with OpenSSL."""
+    """200 random messages signed in the token (the token computes SM2 itself: k.G and d.G with its fixed-base comb,
+    the rest with BIGNUM/EC_POINT arithmetic, and a per-process cache of private keys' public points): each verifies
+    in the token and a tampered copy does not; every signature is 64 bytes; 20 of them, and one whose r or s needs a
+    leading zero byte, verify with OpenSSL."""
     public, private = sm2_keypair(session)
     point = ec_point(public)
     rng = random.Random(14)
@@ -493,3 +495,209 @@ def test_sm2_signing_with_a_private_scalar_out_of_range_fails_cleanly(session: A
     signature = sm2_private(session, SM2_N - 2).sign(message, mechanism=SM2_SM3)
     assert "Signature Verified Successfully" in openssl_verify(tmp_path, spki[-65:], message, signature).stdout
 
+
+
+# -- SM2 k.G and d.G in the token (its fixed-base comb) against an independent SM2 --------------------------------
+# The token computes k.G (signing) and d.G (a private key's public point, for Z_A) with its own constant-time
+# fixed-base comb (kms_sm2_mulg.h in the patch) and verifies with OpenSSL's EC_POINT_mul. The SM2 below is written
+# here from GB/T 32918.1/.2 (Jacobian coordinates, a = -3, k.P as a sum of the j.16^i.P: not constant-time), shares
+# nothing with either, and checks the token's signatures and derived public points.
+# tests/dev/test_sm2_mulg.py checks the comb itself against OpenSSL in C, edge scalars included.
+
+#: The SM2 curve (GB/T 32918.5): p, a = p - 3, b, and G.
+SM2_P = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFF
+SM2_B = int.from_bytes(_SM2_CURVE_ZA[32:64], "big")
+_G = (int.from_bytes(SM2_G[1:33], "big"), int.from_bytes(SM2_G[33:], "big"), 1)
+_INFINITY = (1, 1, 0)
+Jacobian = tuple[int, int, int]
+
+
+def _double(point: Jacobian) -> Jacobian:
+    x, y, z = point
+    if z == 0 or y == 0:
+        return _INFINITY
+    p = SM2_P
+    yy = y * y % p
+    s = 4 * x * yy % p
+    zz = z * z % p
+    m = 3 * (x - zz) * (x + zz) % p  # 3x^2 + a.z^4 with a = -3
+    x3 = (m * m - 2 * s) % p
+    return x3, (m * (s - x3) - 8 * yy * yy) % p, 2 * y * z % p
+
+
+def _add(one: Jacobian, two: Jacobian) -> Jacobian:
+    if one[2] == 0:
+        return two
+    if two[2] == 0:
+        return one
+    p = SM2_P
+    (x1, y1, z1), (x2, y2, z2) = one, two
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _double(one) if s1 == s2 else _INFINITY
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    hh = h * h % p
+    hhh, v = h * hh % p, u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    return x3, (r * (v - x3) - s1 * hhh) % p, z1 * z2 * h % p
+
+
+def _table(point: Jacobian) -> list[list[Jacobian]]:
+    """j.16^i.point for i < 64 and j < 16, so that k.point is one addition per non-zero hexadecimal digit of k
+    (kept for G and the last point)."""
+    if point not in _TABLES:
+        if len(_TABLES) > 1:
+            _TABLES.pop(next(key for key in _TABLES if key != _G))
+        table, base = [], point
+        for _ in range(64):
+            row = [_INFINITY, base]
+            for _ in range(14):
+                row.append(_add(row[-1], base))
+            table.append(row)
+            base = _add(row[-1], base)  # 16.base
+        _TABLES[point] = table
+    return _TABLES[point]
+
+
+_TABLES: dict[Jacobian, list[list[Jacobian]]] = {}
+
+
+def _multiply(k: int, point: Jacobian) -> Jacobian:
+    result = _INFINITY
+    for row in _table(point):
+        result = _add(result, row[k & 15])
+        k >>= 4
+    return result
+
+
+def _affine(point: Jacobian) -> tuple[int, int] | None:
+    if point[2] == 0:
+        return None
+    inverse = pow(point[2], -1, SM2_P)
+    return point[0] * inverse * inverse % SM2_P, point[1] * pow(inverse, 3, SM2_P) % SM2_P
+
+
+def py_sm2_point(d: int) -> bytes:
+    """d.G as 04 || x || y (GB/T 32918.1, 6.1: a public key is d.G)."""
+    affine = _affine(_multiply(d, _G))
+    assert affine is not None
+    return b"\x04" + affine[0].to_bytes(32, "big") + affine[1].to_bytes(32, "big")
+
+
+def py_sm2_verify(point: bytes, e: bytes, signature: bytes) -> bool:
+    """GB/T 32918.2, 7.1, steps B1-B7, for a given e (B3-B4 are SM3(Z_A || M), computed by the caller)."""
+    x, y = int.from_bytes(point[1:33], "big"), int.from_bytes(point[33:], "big")
+    assert point[0] == 4 and (y * y - x**3 + 3 * x - SM2_B) % SM2_P == 0  # on the curve
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    if len(signature) != 64 or not (0 < r < SM2_N and 0 < s < SM2_N):
+        return False
+    t = (r + s) % SM2_N
+    if t == 0:
+        return False
+    affine = _affine(_add(_multiply(s, _G), _multiply(t, (x, y, 1))))
+    return affine is not None and (int.from_bytes(e, "big") + affine[0]) % SM2_N == r
+
+
+def py_sm2_sm3_verify(point: bytes, message: bytes, signature: bytes) -> bool:
+    return py_sm2_verify(point, hashlib.new("sm3", z_a(point) + message).digest(), signature)
+
+
+def test_the_independent_sm2_knows_the_public_key_and_signature_of_openssls_test_data() -> None:
+    """The Python SM2 above reproduces GB/T 32918's arithmetic: it accepts OpenSSL's known answers (and not a
+    changed e), and 2G, -G, (n - 1).G and n.G come out as the group law says."""
+    for e, der in OPENSSL_SM2_VERIFY:
+        r, s = decode_dss_signature(bytes.fromhex(der))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        assert py_sm2_verify(OPENSSL_SM2_KEY1, bytes.fromhex(e), signature)
+        assert not py_sm2_verify(OPENSSL_SM2_KEY1, bytes.fromhex(e)[::-1], signature)
+    assert py_sm2_point(1) == SM2_G
+    minus_g = SM2_G[:33] + (SM2_P - int.from_bytes(SM2_G[33:], "big")).to_bytes(32, "big")
+    assert py_sm2_point(SM2_N - 1) == minus_g
+    assert _multiply(SM2_N, _G)[2] == 0
+    assert _affine(_add(_G, _G)) == _affine(_multiply(2, (_G[0], _G[1], 1))) == _affine(_double(_G))
+
+
+def test_2000_sm2_sm3_signatures_made_in_the_token_verify_with_an_independent_sm2(session: Any) -> None:
+    """2,000 random messages signed with CKM_SM2_SM3 in the token, each with a fresh random k: every signature
+    verifies with the Python SM2 under the key's CKA_EC_POINT (so k.G's x-coordinate was right each time, and so
+    was the public point the token derived from d for Z_A), and a tampered one does not. 200 CKM_SM2 signatures of
+    random 32-byte e likewise."""
+    public, private = sm2_keypair(session)
+    point = ec_point(public)
+    rng = random.Random(21)
+    for _ in range(2000):
+        message = rng.randbytes(rng.randrange(0, 200))
+        signature = private.sign(message, mechanism=SM2_SM3)
+        assert py_sm2_sm3_verify(point, message, signature), (message.hex(), signature.hex())
+    tampered = signature[:40] + bytes([signature[40] ^ 0x10]) + signature[41:]
+    assert not py_sm2_sm3_verify(point, message, tampered)
+    assert not py_sm2_sm3_verify(point, message + b"x", signature)
+    for _ in range(200):
+        e = rng.randbytes(32)
+        signature = private.sign(e, mechanism=SM2)
+        assert py_sm2_verify(point, e, signature), (e.hex(), signature.hex())
+
+
+#: Private scalars at the edges of the comb's 7-bit signed windows, the top window alone, and the top of [1, n-2].
+EDGE_PRIVATE_SCALARS = (1, 2, 3, 63, 64, 65, 127, 128, 129, 2**7 * 64, 2**14 - 1, 2**245, 2**252, 15 * 2**252,
+                        2**252 - 1, 2**255, 2**256 - 2**252 - 1, SM2_N - 3, SM2_N - 2,
+                        sum(2 ** (7 * j + 6) for j in range(36)) % SM2_N)
+
+
+def test_the_token_derives_the_public_point_of_edge_private_scalars_as_gbt32918_does(session: Any) -> None:
+    """Private keys made from chosen scalars (C_CreateObject): the token derives d.G itself for Z_A, so a
+    CKM_SM2_SM3 signature verifies with the Python SM2 under the d.G computed here only if the token's d.G is the
+    same point. Random scalars too; and a public key object of that point verifies the signature in the token."""
+    rng = random.Random(2114)
+    scalars = list(EDGE_PRIVATE_SCALARS) + [rng.randrange(1, SM2_N - 1) for _ in range(20)]
+    message = b"whose public point is this"
+    for d in scalars:
+        point = py_sm2_point(d)
+        signature = sm2_private(session, d).sign(message, mechanism=SM2_SM3)
+        assert py_sm2_sm3_verify(point, message, signature), hex(d)
+        assert sm2_public(session, point).verify(message, signature, mechanism=SM2_SM3), hex(d)
+
+
+_SIGN_WITH_ENV = """
+import os, subprocess, sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+module, util, where, d = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+os.makedirs(where + "/tokens")
+with open(where + "/softhsm2.conf", "w") as conf:
+    conf.write(f"directories.tokendir = {where}/tokens\\nobjectstore.backend = file\\nlog.level = ERROR\\n")
+os.environ["SOFTHSM2_CONF"] = where + "/softhsm2.conf"
+subprocess.run([util, "--init-token", "--free", "--label", "t", "--pin", "1234", "--so-pin", "123456"], check=True,
+               capture_output=True)
+lib = pkcs11.lib(module)
+with lib.get_token(token_label="t").open(rw=True, user_pin="1234") as session:
+    private = session.create_object({
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC, Attribute.TOKEN: False,
+        Attribute.PRIVATE: True, Attribute.SENSITIVE: True, Attribute.EC_PARAMS: bytes.fromhex("06082A811CCF5501822D"),
+        Attribute.VALUE: d.to_bytes(32, "big"), Attribute.SIGN: True})
+    for i in range(20):
+        print(private.sign(b"message %d" % i, mechanism=int.__new__(Mechanism, 0x80004D11)).hex())
+lib.finalize()
+"""
+
+
+@pytest.mark.parametrize("mulg", ["openssl", "comb"])
+def test_the_token_signs_alike_with_openssls_ladder_in_place_of_the_comb(mulg: str, tmp_path: Path) -> None:
+    """KMS_SM_TOKEN_SM2_MULG=openssl makes the token compute k.G and d.G with OpenSSL's ladder, the path it also
+    takes if the comb fails its check against OpenSSL when the group is set up: its signatures verify with the
+    Python SM2 as the comb's do (in a process of their own: the choice is made once per process)."""
+    module, util = smtoken.sm_module(), smtoken.sm_util()
+    assert module is not None and util is not None
+    d = 0x1F2E3D4C5B6A79880123456789ABCDEFFEDCBA98765432100F1E2D3C4B5A6978
+    env = {key: value for key, value in os.environ.items() if key != "KMS_SM_TOKEN_SM2_MULG"}
+    if mulg == "openssl":
+        env["KMS_SM_TOKEN_SM2_MULG"] = "openssl"
+    run = subprocess.run([sys.executable, "-c", _SIGN_WITH_ENV, module, util, str(tmp_path / "token"), str(d)],
+                         env=env, capture_output=True, text=True, check=True)
+    signatures = [bytes.fromhex(line) for line in run.stdout.split()]
+    assert len(signatures) == 20
+    point = py_sm2_point(d)
+    for i, signature in enumerate(signatures):
+        assert py_sm2_sm3_verify(point, b"message %d" % i, signature)
