@@ -450,18 +450,14 @@ def residue_hits(where: Path, instrumented: Harness, k: int, *flags: str, burn: 
 SECRET_K = 0x5D2C1B0A99887766554433221100FFEEDDCCBBAA99887766554433221100FFEE
 
 
-@pytest.mark.xfail(strict=True, reason="s21 review finding: kms_sm2_mulg leaves limbs of the final Jacobian "
-                   "accumulator (X, Y, Z) in dead stack after it returns (spills of the inlined field code); with "
-                   "x, y public, Z leaks information on k")
-def test_the_comb_leaves_no_accumulator_limb_on_the_stack(instrumented: Harness, tmp_path: Path) -> None:
-    """As the token compiles it (g++ -O2 -g0): after kms_sm2_mulg returns, no 64-bit word of the dead stack below
-    equals a limb of the final accumulator's X, Y, Z or of k."""
-    assert residue_hits(tmp_path, instrumented, SECRET_K, "-O2", "-g0") == 0
+@pytest.mark.parametrize("level", ["-O2", "-O1", "-O3", "-Os"])
+def test_the_comb_leaves_no_accumulator_limb_on_the_stack(level: str, instrumented: Harness, tmp_path: Path) -> None:
+    """As the token compiles it (g++ -O2 -g0, and other levels): after kms_sm2_mulg returns, no 64-bit word of the
+    dead stack below equals a limb of the final accumulator's X, Y, Z or of k. Before the review's fix (the comb in
+    a function of its own, 32 KiB of stack cleared after it) 4 to 19 limbs were found at -O2 and -O3."""
+    assert residue_hits(tmp_path, instrumented, SECRET_K, level, "-g0") == 0
 
 
-def test_clearing_the_stack_after_the_comb_leaves_nothing(instrumented: Harness, tmp_path: Path) -> None:
-    """The suggested fix (clear a few KiB of stack after the comb, as libgcrypt's _gcry_burn_stack) leaves no limb."""
-    assert residue_hits(tmp_path, instrumented, SECRET_K, "-O2", "-g0", burn=True) == 0
 
 
 # -- what the token's check at setup sees -------------------------------------------------------------------------
@@ -476,14 +472,13 @@ SETUP_CHECKS = ["1", "2", "3", "3F", "40", "41", "7F", "80", "81", "FFF", "F" + 
                 "C90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22"]
 
 
-def test_the_setup_check_does_not_see_most_table_entries_and_a_wrong_one_gives_points_off_the_curve(
-        gcc: str, tmp_path: Path) -> None:
+def test_the_setup_check_does_not_see_most_table_entries_and_a_wrong_one_is_refused(gcc: str, tmp_path: Path) -> None:
     """The check at setup reads 172 of the 2,320 table entries a scalar below n can use: a table entry wrong for any
     reason (a build bug, memory corrupted later: the table is ordinary writable heap for the life of the process)
     passes it, and
     the token then signs with a wrong k.G, only for the k having that digit in that window, so which signatures
-    fail to verify says something about k. A wrong entry gives a point off the curve: a check that the comb's
-    result is on the curve (a few multiplications) before it is used would refuse it."""
+    fail to verify says something about k. A wrong entry gives a point off the curve: since the review's fix the comb
+    checks that its result is on the curve and refuses it (the signature fails instead of going out wrong)."""
     block = PATCH.read_text().split("static const char* const checks[] = {", 1)[1].split("};", 1)[0]
     patch_checks = re.findall(r'"([0-9A-F]+)"', block)
     assert patch_checks == SETUP_CHECKS  # the same list as the patch's
@@ -499,6 +494,4 @@ def test_the_setup_check_does_not_see_most_table_entries_and_a_wrong_one_gives_p
     got = wrong.run([f"ladder {c.lower():0>64}" for c in SETUP_CHECKS] + [f"ladder {h64(k)}", f"mulg {h64(k)}"])
     assert got[: len(SETUP_CHECKS)] == ["same"] * len(SETUP_CHECKS)  # the setup check passes
     assert got[-2] == "DIFF"
-    _, x, y = got[-1].split()
-    x, y = int(x, 16), int(y, 16)  # type: ignore[assignment]
-    assert (y * y - x**3 - A * x - B) % P != 0  # type: ignore[operator]
+    assert got[-1] == "0"  # refused: before the fix, "1 X Y" with (X, Y) off the curve
