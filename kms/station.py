@@ -847,9 +847,14 @@ def discard_unwrap_key(session: TokenSession, station: str, domain: str, sha256:
     SHA-256; NotFound if the station holds no such key."""
     if len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
         raise InvalidArgument("--discard", "must be the SHA-256 of an unwrap key's public key (64 hex digits)")
-    label = unwrap_key_for(session, station, domain, sha256)
-    session.retire_unwrap_pair(label)
-    return label
+    # Only a key --list shows: not the long-lived pair of a station made before single-use keys (unwrap_key_for
+    # would find it by its SHA-256 too), which a hand-off made to it may still be waiting for.
+    for key in unused_unwrap_keys(session, station, domain):
+        if key.sha256 == sha256.lower():
+            session.retire_unwrap_pair(key.label)
+            return key.label
+    raise NotFound(f"{station} holds no unused single-use {domain} unwrap key with SHA-256 {sha256} (kms station "
+                   "unwrap-key --list shows them)")
 
 
 def accept_transport_key(session: TokenSession, station: str, domain: str, label: str, wrapped: bytes,
