@@ -123,20 +123,34 @@ class KeyRegistry(Repository):
                     **_public_key_detail(public_key)})
         return self.get(domain, kind, name, version)
 
-    def transition(self, record: KeyRecord, to: KeyState) -> KeyRecord:
+    def transition(self, record: KeyRecord, to: KeyState, *, keep_one_active: bool = False) -> KeyRecord:
         """Move a key to another state if NIST SP 800-57 allows it from its current one (InvalidState otherwise),
-        time-stamped from the clock. Conditional on the state not having changed meanwhile (another replica)."""
+        time-stamped from the clock. Conditional on the state not having changed meanwhile (another replica).
+
+        ``keep_one_active``: refused (InvalidState, nothing changed) if no other version of the key's name would be
+        active afterwards, decided in the transaction that changes it: every version's row is locked first, in
+        version order (PostgreSQL; SQLite's one writer holds its write lock from the UPDATE on), so that of two
+        such changes running at once the second sees the first's."""
         if to not in TRANSITIONS[record.state]:
             allowed = ", ".join(sorted(s.value for s in TRANSITIONS[record.state])) or "none"
             raise InvalidState(f"{record.label} cannot go from {record.state.value} to {to.value} "
                                f"(allowed: {allowed})")
         now = rfc3339(self._clock.now())
+        same_name = sa.and_(keys.c.domain == record.domain, keys.c.kind == record.kind.value,
+                            keys.c.name == record.name)
         with self._engine.begin() as conn:
+            if keep_one_active:
+                conn.execute(sa.select(keys.c.label).where(same_name).order_by(keys.c.version).with_for_update())
             changed = conn.execute(
                 keys.update()
                 .where(keys.c.label == record.label, keys.c.state == record.state.value)
                 .values(state=to.value, state_changed_at=now)
             ).rowcount
+            if changed == 1 and keep_one_active and conn.execute(
+                    sa.select(sa.func.count()).select_from(keys).where(
+                        same_name, keys.c.state == KeyState.ACTIVE.value)).scalar_one() == 0:
+                raise InvalidState(f"{record.label} is the only active version of the {record.domain} "
+                                   f"{record.name} key (another was retired meanwhile); it stays {record.state.value}")
             if changed == 1 and self._audit is not None:
                 self._audit.append(conn, "key.state", domain=record.domain, subject=record.label, detail={
                     "kind": record.kind.value, "name": record.name, "version": record.version,

@@ -9,14 +9,16 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from helpers import EngineFactory
 
 from kms import store
 from kms.audit.log import AuditLog
 from kms.clock import FixedClock
-from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from kms.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound, StorageUnavailable
 from kms.hsm.labels import key_label
 from kms.registry import KeyKind, KeyRegistry, KeyState
 
@@ -210,3 +212,44 @@ def test_each_change_appends_its_audit_record_never_a_key_value(engine: sa.Engin
     assert bodies[2]["detail"] == {"kind": "master", "name": "hrss-mk", "version": 1, "from": "pre-activation",
                                    "to": "active", "kcv": "ABCDEF"}
     assert "public_key_sha256" in bodies[3]["detail"] and "spki" not in repr(bodies)
+
+
+def test_keep_one_active_refuses_to_retire_the_last_active_version(registry: KeyRegistry) -> None:
+    one = registry.add("bank", KeyKind.SIGNING, "issuance", "ecdsa-p256", public_key=b"1", state=KeyState.ACTIVE)
+    two = registry.add("bank", KeyKind.SIGNING, "issuance", "ecdsa-p256", public_key=b"2", state=KeyState.ACTIVE)
+    assert registry.transition(one, KeyState.DEACTIVATED, keep_one_active=True).state is KeyState.DEACTIVATED
+    with pytest.raises(InvalidState, match="only active version"):
+        registry.transition(two, KeyState.SUSPENDED, keep_one_active=True)
+    assert registry.get("bank", KeyKind.SIGNING, "issuance", two.version).state is KeyState.ACTIVE
+    assert registry.transition(two, KeyState.COMPROMISED).state is KeyState.COMPROMISED  # not kept: allowed
+
+
+def test_two_retirements_at_once_keep_one_version_active(backend: EngineFactory) -> None:
+    """Two replicas (an engine each) retire the two active versions of a key at the same moment, many times: one of
+    the two is refused every time (each version's row locked first on PostgreSQL; SQLite's one writer)."""
+    import threading
+
+    clock = FixedClock(dt.datetime(2026, 12, 2, tzinfo=dt.UTC))
+    replicas = [KeyRegistry(backend(), clock), KeyRegistry(backend(), clock)]
+    for round_ in range(15):
+        name = f"issuance-{round_}"
+        pair = [replicas[0].add("bank", KeyKind.SIGNING, name, "ecdsa-p256", public_key=b"k", state=KeyState.ACTIVE)
+                for _ in range(2)]
+        start = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def retire(replica: KeyRegistry, record: Any, start: threading.Barrier, outcomes: list[str]) -> None:
+            start.wait()
+            try:
+                replica.transition(record, KeyState.DEACTIVATED, keep_one_active=True)
+                outcomes.append("retired")
+            except (InvalidState, StorageUnavailable):
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=retire, args=(replicas[i], pair[i], start, outcomes)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        active = [r for r in replicas[0].versions("bank", KeyKind.SIGNING, name) if r.state is KeyState.ACTIVE]
+        assert len(active) == 1 and sorted(outcomes) == ["refused", "retired"], (round_, outcomes)

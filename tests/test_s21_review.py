@@ -61,12 +61,11 @@ def _ceremony(version: int) -> Any:
                                                   "state": "deactivated"})
 
 
-@pytest.mark.xfail(strict=True, reason="s21 review finding: _signer_kept is a check-then-act outside the transition's "
-                   "transaction; two set-key-state ceremonies executed at once (two worker threads or replicas) "
-                   "both see the other version active and both deactivate")
 def test_two_concurrent_retirements_leave_a_signing_key_active(key_registry: KeyRegistry) -> None:
     """Two versions active; the two ceremonies deactivating them execute at the same time. The interleaving is forced
-    here: the second ceremony runs completely between the first one's check and its transition."""
+    here: the second ceremony runs completely between the first one's check and its transition (s21 review F4: both
+    deactivated, before the check was made again in the transition's transaction, KeyRegistry.transition's
+    keep_one_active)."""
     one, two = _signing(key_registry)
 
     class Interleaving(KeyRegistry):

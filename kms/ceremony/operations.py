@@ -459,8 +459,11 @@ def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     record = ctx.registry.get(c.domain, KeyKind(p["kind"]), p["name"], p["version"])
     _activation_allowed(record, KeyState(p["state"]))
-    _signer_kept(ctx, record, KeyState(p["state"]))
-    changed = ctx.registry.transition(record, KeyState(p["state"]))
+    to = KeyState(p["state"])
+    _signer_kept(ctx, record, to)
+    # and again where it changes: of two retirements executed at once, the second sees the first's
+    keep = record.kind is KeyKind.SIGNING and record.state is KeyState.ACTIVE and to is not KeyState.COMPROMISED
+    changed = ctx.registry.transition(record, to, keep_one_active=keep)
     return {"label": changed.label, "from": record.state.value, "state": changed.state.value,
             "at": changed.state_changed_at}
 
