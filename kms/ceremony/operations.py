@@ -423,7 +423,7 @@ def _check_state(ctx: Context, domain: str, p: Mapping[str, Any]) -> dict[str, A
     state = _choice(p, "state", tuple(s.value for s in _SETTABLE_STATES))
     record = ctx.registry.get(domain, KeyKind(kind), name, version)
     _activation_allowed(record, KeyState(state))
-    _signer_kept(ctx, record, KeyState(state))
+    _signer_kept(ctx, record, KeyState(state), proposed=True)
     return {"kind": kind, "name": name, "version": version, "state": state}
 
 
@@ -439,15 +439,18 @@ def _activation_allowed(record: KeyRecord, to: KeyState) -> None:
         raise InvalidArgument("params.version", f"{record.label} has no public key on record: it was never made")
 
 
-def _signer_kept(ctx: Context, record: KeyRecord, to: KeyState) -> None:
+def _signer_kept(ctx: Context, record: KeyRecord, to: KeyState, proposed: bool = False) -> None:
     """The only active version of a domain's signing key is not suspended or deactivated: it signs the domain's
     sections of its profiles (and ``issuance`` the ceremony minutes), which would stop until the next version is
-    made and activated. Activate the next version first (generate-signing-key, then set-key-state). Marking it
-    compromised is always allowed: a compromised key must stop at once, whatever stops with it."""
+    made and activated. Activate the next version first (generate-signing-key, then set-key-state); ``proposed``: a
+    retirement may be proposed while the next version still awaits activation (made, with its public key), to be
+    executed once it is active. Marking it compromised is always allowed: a compromised key must stop at once,
+    whatever stops with it."""
     if record.kind is not KeyKind.SIGNING or record.state is not KeyState.ACTIVE or to in (
             KeyState.ACTIVE, KeyState.COMPROMISED):
         return
-    if not any(r.state is KeyState.ACTIVE and r.version != record.version
+    if not any(r.version != record.version and (
+            r.state is KeyState.ACTIVE or (proposed and r.state is KeyState.PRE_ACTIVATION and r.public_key))
                for r in ctx.registry.versions(record.domain, KeyKind.SIGNING, record.name)):
         raise InvalidArgument("params.state", f"{record.label} is the only active version of the {record.domain} "
                                               f"{record.name} signing key: activate its next version first "

@@ -93,6 +93,12 @@ def test_a_version_awaiting_activation_blocks_the_next(ctx: Context) -> None:
 
 def test_set_key_state_activates_a_signing_key_made_pre_activation_with_its_public_key(ctx: Context) -> None:
     ctx.registry.add("hrss", KeyKind.SIGNING, "issuance", "ECDSA-P256", public_key=SPKI)
+    # The only version, active: not retired (suspended or deactivated); marking it compromised is allowed.
+    error = refused(ctx, "set-key-state", {"kind": "signing", "name": "issuance", "version": 1, "state": "suspended"})
+    assert error.field == "params.state" and "only active version" in error.reason
+    compromised = {"kind": "signing", "name": "issuance", "version": 1, "state": "compromised"}
+    assert check(ctx, "set-key-state", compromised) == compromised
+    # Once its next version is made (awaiting activation), its retirement may be proposed, to run after activation.
     ctx.registry.add("hrss", KeyKind.SIGNING, "issuance", "ECDSA-P256", public_key=SPKI,
                      state=KeyState.PRE_ACTIVATION)
     activate = {"kind": "signing", "name": "issuance", "version": 2, "state": "active"}

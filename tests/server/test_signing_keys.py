@@ -254,41 +254,42 @@ def test_the_only_active_version_of_a_signing_key_is_not_suspended_or_deactivate
     port = plain_service.port  # type: ignore[attr-defined]
     registry = _registry(plain_home)
 
-    def active() -> list[int]:
-        return [r.version for r in registry.versions("bank", KeyKind.SIGNING, "issuance")
-                if r.state is KeyState.ACTIVE]
+    def versions(state: KeyState) -> list[int]:
+        return [r.version for r in registry.versions("bank", KeyKind.SIGNING, "issuance") if r.state is state]
 
-    (only,) = active()
-    with client(plain_home, port, officer("bank", 0)) as c:
-        officer_client = CeremonyClient(c)
-        for state in ("deactivated", "suspended"):
-            with pytest.raises(InvalidArgument, match="only active version of the bank issuance signing key") as caught:
-                officer_client.propose("set-key-state", {"kind": "signing", "name": "issuance", "version": only,
-                                                         "state": state})
-            assert caught.value.field == "params.state"
-        compromised = officer_client.propose("set-key-state", {"kind": "signing", "name": "issuance",
-                                                               "version": only, "state": "compromised"})
-        assert compromised.state == "open"  # a compromised key can always be stopped
-        officer_client.cancel(compromised.ceremony_id)
-    pending = [r.version for r in registry.versions("bank", KeyKind.SIGNING, "issuance")
-               if r.state is KeyState.PRE_ACTIVATION]
-    if not pending:
+    (only,) = versions(KeyState.ACTIVE)
+    pending = versions(KeyState.PRE_ACTIVATION)
+    if not pending:  # the next version, made and awaiting activation
         made = run_ceremony(plain_home, port, "bank", "generate-signing-key", {"name": "issuance"})
         pending = [json.loads(made.result_json)["version"]]
+    retire = {"kind": "signing", "name": "issuance", "version": only, "state": "deactivated"}
+    # Proposed while the next version awaits activation: accepted; executed before it is active: refused.
+    early = run_ceremony(plain_home, port, "bank", "set-key-state", retire, execute=False)
+    with client(plain_home, port, officer("bank", 0)) as c:
+        with pytest.raises(InvalidArgument, match="only active version of the bank issuance signing key") as caught:
+            CeremonyClient(c).execute(early.ceremony_id)
+        assert caught.value.field == "params.state"
+        compromised = CeremonyClient(c).propose("set-key-state", {**retire, "state": "compromised"})
+        assert compromised.state == "open"  # a compromised key can always be stopped
+        CeremonyClient(c).cancel(compromised.ceremony_id)
+    assert versions(KeyState.ACTIVE) == [only]
     activated = run_ceremony(plain_home, port, "bank", "set-key-state",
                              {"kind": "signing", "name": "issuance", "version": pending[0], "state": "active"})
     assert activated.state == "executed", activated.error
-    assert active() == [only, pending[0]]
+    assert versions(KeyState.ACTIVE) == [only, pending[0]]
     # Both retirements are accepted while two versions are active; the second to run is refused when it runs.
-    first, second = (run_ceremony(plain_home, port, "bank", "set-key-state",
-                                  {"kind": "signing", "name": "issuance", "version": v, "state": "deactivated"},
+    first, second = (run_ceremony(plain_home, port, "bank", "set-key-state", {**retire, "version": v},
                                   execute=False) for v in (only, pending[0]))
     with client(plain_home, port, officer("bank", 0)) as c:
         assert CeremonyClient(c).execute(first.ceremony_id).state == "executed"
         with pytest.raises(InvalidArgument, match="only active version") as caught:
             CeremonyClient(c).execute(second.ceremony_id)
         assert caught.value.field == "params.state"
-    assert active() == [pending[0]]
+    assert versions(KeyState.ACTIVE) == [pending[0]]
+    with client(plain_home, port, officer("bank", 0)) as c, pytest.raises(
+            InvalidArgument, match="only active version") as caught:  # and now it is the only one, none pending
+        CeremonyClient(c).propose("set-key-state", {**retire, "version": pending[0], "state": "suspended"})
+    assert caught.value.field == "params.state"
 
 
 # -- SM2 on the development SM token ------------------------------------------------------------------------------
