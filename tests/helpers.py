@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import sqlite3
 import subprocess
@@ -370,6 +371,25 @@ def drop_schema(admin: sa.Engine) -> None:
 #: For tests that need the development SM token (deploy/softhsm2-sm: SoftHSM2 with SM4, SM2 and SM3 under the
 #: softhsm2-sm-dev codes; a token that checks kms's PKCS#11 calls, not vendor compatibility). They skip, saying so,
 #: when it is not built; CI builds it first (.ci/run) and names it in $KMS_SM_PKCS11_MODULE, so there they run.
+SM_TOKEN_PATCH = ROOT / "deploy" / "softhsm2-sm" / "softhsm2-sm.patch"
+SM2_MULG_HEADER = "src/lib/crypto/kms_sm2_mulg.h"
+
+
+def patch_new_file(patch: str, path: str) -> str:
+    """The text of a file a unified diff creates (its hunk against /dev/null)."""
+    name = re.escape(path)
+    match = re.search(rf"^--- (?:/dev/null|a/{name})[^\n]*\n\+\+\+ b/{name}[^\n]*\n@@ -0,0 \+1,(\d+) @@\n", patch, re.M)
+    assert match is not None, f"the patch does not create {path}"
+    lines = patch[match.end():].split("\n")[: int(match.group(1))]
+    assert all(line.startswith("+") for line in lines)
+    return "".join(line[1:] + "\n" for line in lines)
+
+
+def sm2_mulg_header() -> str:
+    """kms_sm2_mulg.h (the SM token's SM2 comb) as deploy/softhsm2-sm/softhsm2-sm.patch ships it."""
+    return patch_new_file(SM_TOKEN_PATCH.read_text(), SM2_MULG_HEADER)
+
+
 requires_sm_token = pytest.mark.skipif(
     smtoken.sm_module() is None,
     reason="the development SM token is not built: run deploy/softhsm2-sm/build.sh (see deploy/softhsm2-sm/README.md)")

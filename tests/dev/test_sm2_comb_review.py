@@ -25,11 +25,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import SM_TOKEN_PATCH, sm2_mulg_header
 
-ROOT = Path(__file__).resolve().parents[2]
-PATCH = ROOT / "deploy" / "softhsm2-sm" / "softhsm2-sm.patch"
 HARNESS = Path(__file__).resolve().parent / "review" / "sm2_comb_harness.c"
-HEADER = "src/lib/crypto/kms_sm2_mulg.h"
 
 P = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFF
 N = 0xFFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123
@@ -114,19 +112,6 @@ def test_the_enumeration_finds_the_exceptional_scalars_above_n() -> None:
 
 # -- the C code, compiled against the header as the patch ships it -------------------------------------------------
 
-def new_file(patch: str, path: str) -> str:
-    name = re.escape(path)
-    match = re.search(rf"^--- (?:/dev/null|a/{name})[^\n]*\n\+\+\+ b/{name}[^\n]*\n@@ -0,0 \+1,(\d+) @@\n", patch, re.M)
-    assert match is not None, f"the patch does not create {path}"
-    lines = patch[match.end():].split("\n")[: int(match.group(1))]
-    assert all(line.startswith("+") for line in lines)
-    return "".join(line[1:] + "\n" for line in lines)
-
-
-def shipped_header() -> str:
-    return new_file(PATCH.read_text(), HEADER)
-
-
 _WRAPPERS = """
 #define KMS_REVIEW_INSTRUMENT 1
 static long kms_review_unreduced, kms_review_exceptional;
@@ -161,7 +146,7 @@ static inline void kms_sm2_fe_sub(uint64_t r[4], const uint64_t a[4], const uint
 def instrumented_header() -> str:
     """The shipped header with every field result checked to be fully reduced and every mixed addition checked
     for Q = +-T (H = 0 with Q != O and T a point) — counted in kms_review_unreduced / kms_review_exceptional."""
-    text = shipped_header()
+    text = sm2_mulg_header()
     for name in ("mul", "add", "sub"):
         old = f"static inline void kms_sm2_fe_{name}(uint64_t r[4]"
         assert text.count(old) == 1
@@ -214,7 +199,7 @@ class Harness:
 
 @pytest.fixture(scope="module")
 def harness(gcc: str, tmp_path_factory: pytest.TempPathFactory) -> Harness:
-    return Harness(build(gcc, tmp_path_factory.mktemp("plain"), shipped_header(), HARNESS, "-O2"))
+    return Harness(build(gcc, tmp_path_factory.mktemp("plain"), sm2_mulg_header(), HARNESS, "-O2"))
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +387,7 @@ def test_ctgrind_as_the_token_compiles_it_with_gpp(level: str, tmp_path: Path) -
         pytest.skip("g++ and valgrind (with its headers) are needed")
     source = tmp_path / "ct.cpp"
     source.write_text(CT)
-    binary = build(gpp, tmp_path, shipped_header(), source, level, "-g0")
+    binary = build(gpp, tmp_path, sm2_mulg_header(), source, level, "-g0")
     run = subprocess.run([valgrind, "--error-exitcode=3", str(binary)], capture_output=True, text=True, check=False,
                          timeout=1200)
     assert run.returncode == 0 and run.stdout == "ok\n", run.stdout + run.stderr[-4000:]
@@ -414,7 +399,7 @@ def test_ctgrind_with_gpp_reports_a_branch_on_a_digit(tmp_path: Path) -> None:
     if gpp is None or valgrind is None or not Path("/usr/include/valgrind/memcheck.h").is_file():
         pytest.skip("g++ and valgrind (with its headers) are needed")
     old = "\t\tkms_sm2_cond_neg(T.y, w & 1, tmp[0]);\n"
-    header = shipped_header()
+    header = sm2_mulg_header()
     assert header.count(old) == 1
     source = tmp_path / "ct.cpp"
     source.write_text(CT)
@@ -439,7 +424,7 @@ def residue_hits(where: Path, instrumented: Harness, k: int, *flags: str, burn: 
     words += [f"{(k >> (64 * i)) & (2**64 - 1):016x}" for i in range(4)]
     source = where / "residue.cpp"
     source.write_text(RESIDUE.read_text())
-    binary = build(gpp, where, shipped_header(), source, *flags)
+    binary = build(gpp, where, sm2_mulg_header(), source, *flags)
     run = subprocess.run([str(binary), *(["burn"] if burn else []), h64(k), *words], capture_output=True, text=True,
                          check=True, timeout=60)
     match = re.fullmatch(r"hits (\d+)\n", run.stdout)
@@ -479,13 +464,13 @@ def test_the_setup_check_does_not_see_most_table_entries_and_a_wrong_one_is_refu
     the token then signs with a wrong k.G, only for the k having that digit in that window, so which signatures
     fail to verify says something about k. A wrong entry gives a point off the curve: since the review's fix the comb
     checks that its result is on the curve and refuses it (the signature fails instead of going out wrong)."""
-    block = PATCH.read_text().split("static const char* const checks[] = {", 1)[1].split("};", 1)[0]
+    block = SM_TOKEN_PATCH.read_text().split("static const char* const checks[] = {", 1)[1].split("};", 1)[0]
     patch_checks = re.findall(r'"([0-9A-F]+)"', block)
     assert patch_checks == SETUP_CHECKS  # the same list as the patch's
     used = {(j, abs(d)) for c in SETUP_CHECKS for j, d in enumerate(booth(int(c, 16))) if d}
     assert len(used) == 172 and 36 * 64 + 16 == 2320  # entries the check reads, of the 2,320 a scalar below n can use
     assert (WINDOWS - 1, 2) not in used
-    header = shipped_header()
+    header = sm2_mulg_header()
     old = "\t\t\t\tkms_sm2_fe_from_bytes(table->t[j][i].y, by);\n"
     assert header.count(old) == 1
     header = header.replace(old, old + "\t\t\t\tif (j == KMS_SM2_WINDOWS - 1 && i == 1) table->t[j][i].y[0] ^= 1;\n")

@@ -18,23 +18,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import sm2_mulg_header
 
 HERE = Path(__file__).resolve().parents[2] / "deploy" / "softhsm2-sm"
-PATCH = HERE / "softhsm2-sm.patch"
 CHECK = HERE / "sm2-mulg-check.c"
 CT_CHECK = HERE / "sm2-mulg-ct.c"
-HEADER = "src/lib/crypto/kms_sm2_mulg.h"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-Wno-deprecated-declarations")
-
-
-def new_file(patch: str, path: str) -> str:
-    """The text of a file the patch creates (its hunk against /dev/null)."""
-    name = re.escape(path)
-    match = re.search(rf"^--- (?:/dev/null|a/{name})[^\n]*\n\+\+\+ b/{name}[^\n]*\n@@ -0,0 \+1,(\d+) @@\n", patch, re.M)
-    assert match is not None, f"the patch does not create {path}"
-    lines = patch[match.end():].split("\n")[: int(match.group(1))]
-    assert all(line.startswith("+") for line in lines)
-    return "".join(line[1:] + "\n" for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def test_the_comb_equals_openssls_ec_point_mul_for_edge_and_random_scalars(gcc: 
     alone, ...) and 1,000 random ones against EC_POINT_mul; 34,000 random pairs mulg(a) + mulg(b) = mulg(a + b)
     (102,000 multiplications of random scalars, each result on the curve); the Booth recoding of every scalar sums
     back to it; k = 0 and k = n are refused."""
-    binary = build(gcc, tmp_path, new_file(PATCH.read_text(), HEADER))
+    binary = build(gcc, tmp_path, sm2_mulg_header())
     run = subprocess.run([str(binary), "34000", "1000"], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     counts = re.fullmatch(r"ok: (\d+) edge and (\d+) random scalars equal to EC_POINT_mul, (\d+) random pairs "
@@ -94,7 +83,7 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("fault", sorted(MUTATIONS))
 def test_the_check_finds_a_wrong_comb(fault: str, gcc: str, tmp_path: Path) -> None:
-    header = new_file(PATCH.read_text(), HEADER)
+    header = sm2_mulg_header()
     old, new = MUTATIONS[fault]
     assert header.count(old) == 1
     binary = build(gcc, tmp_path, header.replace(old, new))
@@ -120,7 +109,7 @@ def ctgrind(valgrind: str, binary: Path) -> subprocess.CompletedProcess[str]:
 
 def test_memcheck_sees_no_branch_or_address_computed_from_the_secret_scalar(gcc: str, valgrind: str,
                                                                             tmp_path: Path) -> None:
-    run = ctgrind(valgrind, build(gcc, tmp_path, new_file(PATCH.read_text(), HEADER), CT_CHECK))
+    run = ctgrind(valgrind, build(gcc, tmp_path, sm2_mulg_header(), CT_CHECK))
     assert run.returncode == 0 and run.stdout == "ok\n", run.stdout + run.stderr
     assert "ERROR SUMMARY: 0 errors" in run.stderr
 
@@ -138,7 +127,7 @@ CT_MUTATIONS = {
 
 @pytest.mark.parametrize("fault", sorted(CT_MUTATIONS))
 def test_memcheck_reports_secret_dependent_code(fault: str, gcc: str, valgrind: str, tmp_path: Path) -> None:
-    header = new_file(PATCH.read_text(), HEADER)
+    header = sm2_mulg_header()
     old, new = CT_MUTATIONS[fault]
     assert header.count(old) == 1
     run = ctgrind(valgrind, build(gcc, tmp_path, header.replace(old, new), CT_CHECK))
