@@ -226,7 +226,7 @@ class _Section:
     transport_label: str
     sealed: tuple[tuple[bytes, Algorithm], ...]
     keys: tuple[tuple[str, str, str, str, str], ...]
-    wrap: str = ""  # the signed wrap method of the section's keys (one per section: kms.bundle)
+    wrap: str  # the signed wrap method of the section's keys (one per section, at least one key: kms.bundle)
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def _section(section: bundle.ParsedSection) -> _Section:
         key_label(section.domain, KeyKind.TRANSPORT, section.transport_key, section.transport_key_version),
         tuple((k.wrapped, Algorithm(k.algorithm)) for k in section.keys),
         tuple((k.name, k.usage, k.algorithm, k.kcv_method, bundle.hexs(k.kcv)) for k in section.keys),
-        section.keys[0].wrap if section.keys else "")
+        section.keys[0].wrap)
 
 
 def verify_sm2(session: TokenSession, checked: _Checked) -> _Checked:

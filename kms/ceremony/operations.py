@@ -446,8 +446,7 @@ def _signer_kept(ctx: Context, record: KeyRecord, to: KeyState, proposed: bool =
     retirement may be proposed while the next version still awaits activation (made, with its public key), to be
     executed once it is active. Marking it compromised is always allowed: a compromised key must stop at once,
     whatever stops with it."""
-    if record.kind is not KeyKind.SIGNING or record.state is not KeyState.ACTIVE or to in (
-            KeyState.ACTIVE, KeyState.COMPROMISED):
+    if not _retires_a_signer(record, to):
         return
     if not any(r.version != record.version and (
             r.state is KeyState.ACTIVE or (proposed and r.state is KeyState.PRE_ACTIVATION and r.public_key))
@@ -458,6 +457,12 @@ def _signer_kept(ctx: Context, record: KeyRecord, to: KeyState, proposed: bool =
                                               "always be marked compromised")
 
 
+def _retires_a_signer(record: KeyRecord, to: KeyState) -> bool:
+    """Whether ``to`` suspends or deactivates an active signing key (what _signer_kept guards)."""
+    return record.kind is KeyKind.SIGNING and record.state is KeyState.ACTIVE and to not in (
+        KeyState.ACTIVE, KeyState.COMPROMISED)
+
+
 def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     p = c.params
     record = ctx.registry.get(c.domain, KeyKind(p["kind"]), p["name"], p["version"])
@@ -465,8 +470,7 @@ def _run_state(ctx: Context, c: CeremonyRecord) -> dict[str, Any]:
     to = KeyState(p["state"])
     _signer_kept(ctx, record, to)
     # and again where it changes: of two retirements executed at once, the second sees the first's
-    keep = record.kind is KeyKind.SIGNING and record.state is KeyState.ACTIVE and to is not KeyState.COMPROMISED
-    changed = ctx.registry.transition(record, to, keep_one_active=keep)
+    changed = ctx.registry.transition(record, to, keep_one_active=_retires_a_signer(record, to))
     return {"label": changed.label, "from": record.state.value, "state": changed.state.value,
             "at": changed.state_changed_at}
 
