@@ -122,6 +122,70 @@ def encode_signed_section(body_bytes: bytes, key_id: str, signature: bytes, algo
     return b'{"body":' + body_bytes + b',"signature":' + sig + b"}"
 
 
+class SectionTemplate:
+    """The canonical bytes of the sections one sealer writes, spliced into a template rather than encoded whole:
+    everything but the serial, batch, card reference, time and each key's wrapped value and KCV is the same for
+    every section of a sealer (its domain, bureau, profile, key versions and key entries), so it is encoded once.
+    The result is byte for byte ``encode_body`` of the same body (tests/test_bundle.py checks it on random values)
+    and ``encode_signed_section`` of it.
+
+    ``header``: the section header's JSON (``SectionHeader.to_json``, its per-card fields left anything);
+    ``entries``: each key's fixed fields, in section order (``SealedKey.to_json`` without "wrapped" and "kcv")."""
+
+    _MARK = "\ue000"  # a private-use character: no header value has it (checked), so a slot is found once
+
+    def __init__(self, header: Mapping[str, Any], entries: Sequence[Mapping[str, str]], key_id: str,
+                 algorithm: str) -> None:
+        names = ["serial", "batch", "card_ref", "created_at"]
+        for i in range(len(entries)):
+            names += [f"wrapped{i}", f"kcv{i}"]
+        slots = {name: f"{self._MARK}{name}{self._MARK}" for name in names}
+        body = dict(header)
+        body.update({name: slots[name] for name in names[:4]})
+        body["keys"] = [{**entry, "wrapped": slots[f"wrapped{i}"], "kcv": slots[f"kcv{i}"]}
+                        for i, entry in enumerate(entries)]
+        encoded = canonical(body)
+        if encoded.count(self._MARK.encode()) != 2 * len(names):
+            raise ValueError("a section header value holds U+E000")
+        found = sorted((encoded.index(_dumps(slot)), name) for name, slot in slots.items())
+        parts, order, at = [], [], 0
+        for start, name in found:
+            parts.append(encoded[at:start])
+            order.append(name)
+            at = start + len(_dumps(slots[name]))
+        parts.append(encoded[at:])
+        self._parts = parts
+        self._order = [names.index(name) for name in order]
+        self._signature_head = (b',"signature":' + _dumps({"algorithm": algorithm, "key_id": key_id, "value": ""})
+                                )[:-2]  # up to the value's opening quote
+
+    def body(self, serial: str, batch: str, card_ref: str, created_at: str,
+             keys: Sequence[tuple[bytes, bytes]]) -> bytes:
+        """A section body's canonical bytes: ``keys`` holds each key's (wrapped value, KCV), in entry order."""
+        values = [_string(serial), _string(batch), _string(card_ref), _string(created_at)]
+        for wrapped, kcv in keys:
+            values += [b'"' + wrapped.hex().upper().encode() + b'"', b'"' + kcv.hex().upper().encode() + b'"']
+        if len(values) != len(self._order):
+            raise ValueError(f"a section of this template has {(len(self._order) - 4) // 2} keys, not {len(keys)}")
+        parts = self._parts
+        out = [parts[0]]
+        for i, slot in enumerate(self._order):
+            out += (values[slot], parts[i + 1])
+        return b"".join(out)
+
+    def signed(self, body: bytes, signature: bytes) -> bytes:
+        """``encode_signed_section(body, key_id, signature, algorithm)``."""
+        return b'{"body":' + body + self._signature_head + signature.hex().upper().encode() + b'"}}'
+
+
+def _string(value: str) -> bytes:
+    """A JSON string's canonical bytes (as the canonical encoder writes a string inside an object)."""
+    return _STRING(value).encode("utf-8")
+
+
+_STRING = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """Canonical bytes of a section body built by kms (str/int values by construction)."""
     return _dumps(body)

@@ -84,6 +84,12 @@ def hsm_call(verb: str) -> Callable[[F], F]:
     return decorate
 
 
+def record_hsm_call(verb: str, seconds: float, error: str = "") -> None:
+    """One HSM call timed by its verb itself (a verb that makes several calls, e.g. one per card key), as
+    ``hsm_call`` would: ``error`` is the raised exception's class name, or ""."""
+    _hsm_calls.append((verb, seconds, error))
+
+
 def take_hsm_calls() -> tuple[HsmCall, ...]:
     """The HSM calls timed in this process since the last take (a worker sends them with its results)."""
     taken = []

@@ -394,3 +394,41 @@ def test_a_bundle_sealed_before_sm_parses_exactly_as_before() -> None:
                 transport_key_kcv=s.transport_key_kcv, domains=tuple(s.domains)), s.keys),
             s.key_id, s.signature))
         for s in parsed.sections}) == data
+
+
+# -- SectionTemplate: the sealer's encoding, spliced ------------------------------------------------------------------
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=24)  # any string JSON can carry, U+E000 too
+
+
+@given(serial=_text, batch=_text, card_ref=_text, created_at=_text, domain=st.sampled_from(["bank", "hrss"]),
+       keys=st.lists(st.tuples(st.binary(max_size=40), st.binary(min_size=3, max_size=3)), min_size=1, max_size=9),
+       algorithm=st.sampled_from(bundle.SIGNATURE_ALGORITHMS), signature=st.binary(min_size=64, max_size=64))
+def test_section_template_writes_the_canonical_encoding_of_the_whole_section(
+        serial: str, batch: str, card_ref: str, created_at: str, domain: str, keys: list[tuple[bytes, bytes]],
+        algorithm: str, signature: bytes) -> None:
+    entries = [{"name": f"{domain}-k{i}", "usage": "u\"\\é", "algorithm": "DES2", "wrap": "AES-KWP",
+                "kcv_method": "TDES-ECB-ZERO8-3"} for i in range(len(keys))]
+    template = bundle.SectionTemplate(_header(domain).to_json(), entries, KEY_ID[domain], algorithm)
+    body = template.body(serial, batch, card_ref, created_at, keys)
+    expected = _header(domain).to_json()
+    expected.update(serial=serial, batch=batch, card_ref=card_ref, created_at=created_at, keys=[
+        {**entry, "wrapped": bundle.hexs(w), "kcv": bundle.hexs(k)}
+        for entry, (w, k) in zip(entries, keys, strict=True)])
+    assert body == bundle.canonical(expected)
+    assert template.signed(body, signature) == bundle.encode_signed_section(
+        bundle.canonical(expected), KEY_ID[domain], signature, algorithm)
+    assert json.loads(template.signed(body, signature))["body"] == expected
+
+
+def test_section_template_refuses_a_header_with_its_mark_and_a_wrong_number_of_keys() -> None:
+    entry = {"name": "k", "usage": "u", "algorithm": "DES2", "wrap": "AES-KWP", "kcv_method": "TDES-ECB-ZERO8-3"}
+    header = _header("bank").to_json()
+    with pytest.raises(ValueError, match="U\\+E000"):
+        bundle.SectionTemplate({**header, "profile": "p\ue000"}, [entry], KEY_ID["bank"], bundle.SIGNATURE_ALGORITHM)
+    with pytest.raises(ValueError, match="U\\+E000"):
+        bundle.SectionTemplate(header, [{**entry, "usage": "\ue000serial\ue000"}], KEY_ID["bank"],
+                               bundle.SIGNATURE_ALGORITHM)
+    template = bundle.SectionTemplate(header, [entry], KEY_ID["bank"], bundle.SIGNATURE_ALGORITHM)
+    with pytest.raises(ValueError, match="1 keys, not 2"):
+        template.body(SERIAL, "b", CARD_REF, "t", [(b"\x01", b"\x02" * 3)] * 2)

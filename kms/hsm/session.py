@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pkcs11
 import pkcs11.exceptions as p11e
@@ -58,7 +58,7 @@ from kms.hsm.templates import (
     secret_key_template,
 )
 from kms.hsm.types import Algorithm, DeriveStep, SignatureAlgorithm, wipe
-from kms.metrics import hsm_call
+from kms.metrics import hsm_call, record_hsm_call
 from kms.validation import rsa_public_key
 
 _KEY_TYPES = {Algorithm.DES2: KeyType.DES2, Algorithm.AES256: KeyType.AES}
@@ -193,8 +193,9 @@ class KeyInfo:
     wrap_with_trusted: bool | None = None  # escrowable keys: wrapped only under an SO-trusted key
 
 
-@dataclass(frozen=True)
-class WrappedKey:
+class WrappedKey(NamedTuple):
+    """A card key wrapped under a transport key, and its KCV (a tuple: made for every card key)."""
+
     wrapped: bytes
     kcv: bytes
     wrap: str = "AES-KWP"  # how ``wrapped`` was made: "AES-KWP" (RFC 5649) or "SM4-ECB" (the transport key's kind)
@@ -237,6 +238,10 @@ class TokenSession:
             Mechanism.DES3_ECB, _ZERO_BLOCK)}
         self._verify_keys: dict[tuple[SignatureAlgorithm, bytes], Any] = {}  # public keys imported to verify
         self._signing_params: dict[str, bytes] = {}  # label -> CKA_EC_PARAMS of a signing key
+        # The hot path's reads, once per session: (transport key label) -> (key, wrap mechanism, its name), and the
+        # (master key label, kind of step) pairs whose key type was checked.
+        self._wrap_keys: dict[str, tuple[Any, Any, str]] = {}
+        self._derives_from: set[tuple[str, DeriveStep]] = set()
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 
@@ -244,6 +249,8 @@ class TokenSession:
         self._keys.clear()
         self._verify_keys.clear()  # session objects: gone with the session
         self._signing_params.clear()
+        self._wrap_keys.clear()
+        self._derives_from.clear()
         with contextlib.suppress(p11e.PKCS11Error):
             self._session.close()
 
@@ -485,7 +492,6 @@ class TokenSession:
 
     # -- the hot path ------------------------------------------------------------------------------------------
 
-    @hsm_call("derive-wrap")
     def derive_wrap(
         self,
         master_label: str,
@@ -501,9 +507,32 @@ class TokenSession:
         ``SM4_ECB`` steps from an SM4 master an SM4 one); SM4 needs a mechanism profile and token offering
         SM4_ECB_ENCRYPT_DATA and SM4_ECB (else MechanismUnavailable naming the mechanism and the token).
 
-        The per-card key is a sensitive session object that lives only for this call. This is the hot path:
-        it does nothing in Python that the token calls do not need.
-        """
+        The per-card key is a sensitive session object that lives only for this call."""
+        return self.derive_wrap_many(((master_label, steps),), transport_label)[0]
+
+    def derive_wrap_many(
+        self,
+        keys: Sequence[tuple[str, Sequence[tuple[DeriveStep, bytes]]]],
+        transport_label: str,
+    ) -> list[WrappedKey]:
+        """``derive_wrap`` for each (master key label, steps) of ``keys`` in turn, all under one transport key: the
+        sealer's hot path (a card's keys). The same token calls and checks as one ``derive_wrap`` per key, each key
+        timed as one "derive-wrap" HSM call; what does not change from key to key (the key objects, the wrap
+        mechanism, a master key's type checked against its steps) is worked out once per session, not per key.
+        The first key that fails raises (the keys before it were destroyed already, as each key's own are)."""
+        results = []
+        for master_label, steps in keys:
+            started = time.perf_counter()
+            try:
+                results.append(self._derive_wrap(master_label, steps, transport_label))
+            except Exception as error:
+                record_hsm_call("derive-wrap", time.perf_counter() - started, type(error).__name__)
+                raise
+            record_hsm_call("derive-wrap", time.perf_counter() - started)
+        return results
+
+    def _derive_wrap(self, master_label: str, steps: Sequence[tuple[DeriveStep, bytes]], transport_label: str
+                     ) -> WrappedKey:
         last = len(steps) - 1
         if not 0 <= last <= 2:
             raise HsmError("a derivation has 1 to 3 steps")
@@ -514,13 +543,14 @@ class TokenSession:
                                "algorithm)")
         derivation = self._derivation(kind)
         master = self._key(master_label)
-        transport = self._key(transport_label)
         made: list[Any] = []
         try:
-            wrap, wrap_name = self._wrap_mechanism(transport, repr(transport_label))
-            if master.key_type != derivation.key_type:
-                raise HsmError(f"{kind.value} steps derive from a {derivation.algorithm} key; {master_label!r} in "
-                               f"token {self.token_label!r} is not one")
+            transport, wrap, wrap_name = self._wrapping(transport_label)
+            if (master_label, kind) not in self._derives_from:
+                if master.key_type != derivation.key_type:
+                    raise HsmError(f"{kind.value} steps derive from a {derivation.algorithm} key; {master_label!r} "
+                                   f"in token {self.token_label!r} is not one")
+                self._derives_from.add((master_label, kind))
             parent = master
             for i, (_step, data) in enumerate(steps):
                 buf = ctypes.create_string_buffer(data, len(data))  # alive until the call returns
@@ -539,6 +569,15 @@ class TokenSession:
         finally:
             _destroy_all(made)
         return WrappedKey(wrapped, kcv, wrap_name)
+
+    def _wrapping(self, transport_label: str) -> tuple[Any, Any, str]:
+        """(key object, wrap mechanism, its name in a section) of a transport key: read once per session."""
+        found = self._wrap_keys.get(transport_label)
+        if found is None:
+            transport = self._key(transport_label)
+            wrap, wrap_name = self._wrap_mechanism(transport, repr(transport_label))
+            found = self._wrap_keys[transport_label] = (transport, wrap, wrap_name)
+        return found
 
     # -- signing -----------------------------------------------------------------------------------------------
 

@@ -149,13 +149,21 @@ class DomainSealer:
             if not session.has_key(label):
                 raise ConfigError(f"{domain} token {session.token_label!r} lacks key {label!r} the registry lists")
 
-        # The part of every section header that is the same for all cards of this sealer.
-        self._static_header = bundle.SectionHeader(
+        # Everything of a section that is the same for all cards of this sealer, encoded once (kms.bundle).
+        header = bundle.SectionHeader(
             serial="", domain=self.domain, bureau=bureau, batch="", card_ref="", profile=profile.name,
             created_at="", master_keys=self._master_versions, transport_key=self._transport.name,
             transport_key_version=self._transport.version, transport_key_kcv=self._transport.kcv or "",
             domains=tuple(sorted(profile.domains)),
         ).to_json()
+        self._template = bundle.SectionTemplate(header, [r.entry for r in self._keys], self.signing_key_id,
+                                                self.signature_algorithm.value)
+        # Keys that share a recipe (e.g. one HRSS chain) share its steps: each recipe once per card.
+        recipes: dict[Any, list[int]] = {}  # equal recipes (frozen dataclasses) are one
+        for i, key in enumerate(self._keys):
+            recipes.setdefault(key.spec.recipe, []).append(i)
+        self._recipes = list(recipes.items())
+        self._master_labels = [r.master_label for r in self._keys]
 
     @property
     def key_labels(self) -> tuple[str, ...]:
@@ -197,38 +205,26 @@ class DomainSealer:
                 plans.append(error)
         results = [plan if isinstance(plan, KmsError) else self._derive(plan) for plan in plans]
         created_at = rfc3339(self._clock.now())
-        bodies: list[bytes | KmsError] = []
-        for (card, serial), wrapped in zip(cards, results, strict=True):
-            if isinstance(wrapped, KmsError):
-                bodies.append(wrapped)
-                continue
-            body = dict(self._static_header)
-            body.update(serial=serial, batch=batch, card_ref=card.card_ref, created_at=created_at, keys=[
-                {**resolved.entry, "wrapped": r.wrapped.hex().upper(), "kcv": r.kcv.hex().upper()}
-                for resolved, r in zip(self._keys, wrapped, strict=True)
-            ])
-            bodies.append(bundle.encode_body(body))
+        template = self._template
+        bodies: list[bytes | KmsError] = [
+            wrapped if isinstance(wrapped, KmsError) else template.body(
+                serial, batch, card.card_ref, created_at, [(r.wrapped, r.kcv) for r in wrapped])
+            for (card, serial), wrapped in zip(cards, results, strict=True)
+        ]
         label, algorithm = self._signing_label, self.signature_algorithm
         if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256:
             sign = self._session.sign_sha256  # the hash computed here (SoftHSM lacks CKM_ECDSA_SHA256)
-            return [
-                body if isinstance(body, KmsError) else bundle.encode_signed_section(
-                    body, self.signing_key_id, sign(label, bundle.SIGNING_CONTEXT + body))
-                for body in bodies
-            ]
+            return [body if isinstance(body, KmsError)
+                    else template.signed(body, sign(label, bundle.SIGNING_CONTEXT + body))
+                    for body in bodies]
         sign_with = self._session.sign  # SM2-SM3: Z_A and SM3 in the token
-        return [
-            body if isinstance(body, KmsError) else bundle.encode_signed_section(
-                body, self.signing_key_id, sign_with(label, bundle.SIGNING_CONTEXT + body, algorithm),
-                algorithm.value)
-            for body in bodies
-        ]
+        return [body if isinstance(body, KmsError)
+                else template.signed(body, sign_with(label, bundle.SIGNING_CONTEXT + body, algorithm))
+                for body in bodies]
 
     def _derive(self, plan: list[tuple[str, Any]]) -> list[Any] | KmsError:
-        derive_wrap = self._session.derive_wrap
-        transport = self._transport.label
         try:
-            return [derive_wrap(label, steps, transport) for label, steps in plan]
+            return self._session.derive_wrap_many(plan, self._transport.label)
         except KmsError as error:
             if error.retryable:  # the token is failing, not this card: stop the chunk, the caller may retry
                 raise
@@ -239,11 +235,10 @@ class DomainSealer:
         card.require(self._card_fields)
         if "pan" in self._card_fields:  # a clear PAN here: the bank's workers opened it, or a card file gave it
             self.profile.check_card(card)
-        steps: dict[object, Any] = {}  # keys that share a recipe (e.g. one HRSS chain) share its steps
-        plan = []
-        for resolved in self._keys:
-            recipe = resolved.spec.recipe
-            if recipe not in steps:
-                steps[recipe] = recipe.steps(card)
-            plan.append((resolved.master_label, steps[recipe]))
+        labels = self._master_labels
+        plan: list[tuple[str, Any]] = [("", ())] * len(labels)
+        for recipe, keys in self._recipes:
+            steps = recipe.steps(card)
+            for i in keys:
+                plan[i] = (labels[i], steps)
         return plan

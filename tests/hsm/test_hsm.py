@@ -211,6 +211,49 @@ def test_derive_wrap_matches_software_reference_under_known_transport_key(
     assert result.kcv == reference.kcv_tdes(key)
 
 
+def test_derive_wrap_many_is_derive_wrap_per_key_each_timed_as_one_call(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
+) -> None:
+    from helpers import TEST_TRANSPORT_KEYS
+
+    from kms import metrics
+
+    session = sessions["bank"]
+    transport = registry.active("bank", KeyKind.TRANSPORT, test_bureau).label
+    cards = [card(i) for i in range(5)]
+    keys = []
+    for c in cards:
+        y = reference.option_a_input(c.pan or "", c.psn or "")
+        keys.append((_master(registry, "bank", "bank-imk-ac"), ((DeriveStep.DES3_ECB, y + reference.complement(y)),)))
+        keys.append((_master(registry, "bank", "bank-imk-smi"), ((DeriveStep.DES3_ECB, y + reference.complement(y)),)))
+    metrics.take_hsm_calls()
+    results = session.derive_wrap_many(keys, transport)
+    calls = metrics.take_hsm_calls()
+    assert [verb for verb, _, error in calls] == ["derive-wrap"] * len(keys)
+    assert all(error == "" and seconds > 0 for _, seconds, error in calls)
+    for c, (ac, smi) in zip(cards, zip(results[::2], results[1::2], strict=True), strict=True):
+        for result, name in ((ac, "bank-imk-ac"), (smi, "bank-imk-smi")):
+            key = aes_key_unwrap_with_padding(TEST_TRANSPORT_KEYS["bank"], result.wrapped)
+            assert key == reference.option_a(MASTER_KEYS[("bank", name)], c.pan or "", c.psn or "")
+            assert (result.kcv, result.wrap) == (reference.kcv_tdes(key), "AES-KWP")
+    one = session.derive_wrap(*keys[0], transport)  # one key: the same call, the same bytes (RFC 5649 is
+    assert one == results[0]  # deterministic)
+    assert [verb for verb, _, _ in metrics.take_hsm_calls()] == ["derive-wrap"]
+    # A failing key is timed with its error's class and raises; the keys before it were made and destroyed.
+    bad = [keys[0], ("kms/bank/master/nope/v1", keys[0][1]), keys[1]]
+    with pytest.raises(HsmKeyNotFound):
+        session.derive_wrap_many(bad, transport)
+    assert [(verb, error) for verb, _, error in metrics.take_hsm_calls()] == [
+        ("derive-wrap", ""), ("derive-wrap", "HsmKeyNotFound")]
+    assert [o for o in session.objects() if not o.token] == []
+    # What is worked out once per session is still checked for each new (key, kind of step): a transport key is
+    # no master key, a master key no transport key.
+    with pytest.raises(HsmError, match="is not a transport key here"):
+        session.derive_wrap_many([keys[0]], keys[0][0])
+    with pytest.raises(HsmError, match="is not one"):
+        session.derive_wrap_many([(transport, keys[0][1])], transport)
+
+
 def test_sm4_step_is_refused_with_a_clear_error_and_no_software_fallback(
     sessions: dict[str, TokenSession], registry: KeyRegistry
 ) -> None:

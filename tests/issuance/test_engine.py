@@ -127,6 +127,20 @@ def test_section_header_records_what_a_station_and_an_auditor_need(
     assert section["signature"]["algorithm"] == "ECDSA-P256-SHA256"
 
 
+def test_keys_of_equal_recipes_share_one_computation_of_their_steps(test_sealers: dict[str, DomainSealer]) -> None:
+    """The HRSS chain's six keys name equal (not identical) recipes: their steps are computed once per card, and
+    every key still gets its own master key and the steps its recipe gives."""
+    sealer = test_sealers["hrss"]
+    c = card(3)
+    plan = sealer._plan(c)
+    specs = PROFILE.keys("hrss")
+    assert [label for label, _ in plan] == [r.master_label for r in sealer._keys]
+    assert [steps for _, steps in plan] == [spec.recipe.steps(c) for spec in specs]
+    chain = [steps for (_, steps), spec in zip(plan, specs, strict=True) if spec.recipe.name == "hrss_dispersal"]
+    assert len(chain) == 6 and len({id(steps) for steps in chain}) == 1
+    assert len({id(steps) for _, steps in plan}) == len({spec.recipe for spec in specs}) == 4
+
+
 def test_a_card_without_a_field_its_recipes_need_is_invalid_argument(test_sealers: dict[str, DomainSealer]) -> None:
     c = CardIdentity(card_ref="no-pan", city_code="320200", card_serial="86843202AD932A48",
                      kdd="00010203040506070809")
