@@ -132,21 +132,25 @@ class SectionTemplate:
     ``header``: the section header's JSON (``SectionHeader.to_json``, its per-card fields left anything);
     ``entries``: each key's fixed fields, in section order (``SealedKey.to_json`` without "wrapped" and "kcv")."""
 
-    _MARK = "\ue000"  # a private-use character: no header value has it (checked), so a slot is found once
-
     def __init__(self, header: Mapping[str, Any], entries: Sequence[Mapping[str, str]], key_id: str,
                  algorithm: str) -> None:
         names = ["serial", "batch", "card_ref", "created_at"]
         for i in range(len(entries)):
             names += [f"wrapped{i}", f"kcv{i}"]
-        slots = {name: f"{self._MARK}{name}{self._MARK}" for name in names}
-        body = dict(header)
-        body.update({name: slots[name] for name in names[:4]})
-        body["keys"] = [{**entry, "wrapped": slots[f"wrapped{i}"], "kcv": slots[f"kcv{i}"]}
-                        for i, entry in enumerate(entries)]
-        encoded = canonical(body)
-        if encoded.count(self._MARK.encode()) != 2 * len(names):
-            raise ValueError("a section header value holds U+E000")
+        # A slot is marked with a private-use character that no fixed value holds (a profile's free-text usage may
+        # hold U+E000, GBK's first user-defined character), so each slot is found exactly once.
+        for code in range(0xE000, 0xF900):
+            mark = chr(code)
+            slots = {name: f"{mark}{name}{mark}" for name in names}
+            body = dict(header)
+            body.update({name: slots[name] for name in names[:4]})
+            body["keys"] = [{**entry, "wrapped": slots[f"wrapped{i}"], "kcv": slots[f"kcv{i}"]}
+                            for i, entry in enumerate(entries)]
+            encoded = canonical(body)
+            if encoded.count(mark.encode()) == 2 * len(names):
+                break
+        else:
+            raise ValueError("the section header and key entries hold every private-use character U+E000-U+F8FF")
         found = sorted((encoded.index(_dumps(slot)), name) for name, slot in slots.items())
         parts, order, at = [], [], 0
         for start, name in found:

@@ -370,6 +370,10 @@ class TokenSession:
             key.destroy()
         self._keys.pop((cls, label), None)
         self._signing_params.pop(label, None)
+        if cls is ObjectClass.SECRET_KEY:  # what the hot path worked out about the key goes with it
+            self._wrap_keys.pop(label, None)
+            for kind in DeriveStep:
+                self._derives_from.discard((label, kind))
 
     # -- master keys -------------------------------------------------------------------------------------------
 
@@ -550,6 +554,9 @@ class TokenSession:
                 if master.key_type != derivation.key_type:
                     raise HsmError(f"{kind.value} steps derive from a {derivation.algorithm} key; {master_label!r} "
                                    f"in token {self.token_label!r} is not one")
+                if not hasattr(master, "derive_key"):  # python-pkcs11 gives the method only to a key that may derive
+                    raise HsmError(f"{master_label!r} in token {self.token_label!r} is not a master key here (it may "
+                                   "not derive)")
                 self._derives_from.add((master_label, kind))
             parent = master
             for i, (_step, data) in enumerate(steps):

@@ -536,3 +536,62 @@ def test_every_sm_verb_is_unavailable_on_plain_softhsm_read_with_an_sm_profile(
     session = TokenSession(sessions["hrss"].token_label, sessions["hrss"]._session, module.mechanisms)
     assert not session.mechanisms() & SM_NAMES
     _assert_all_unavailable(session)
+
+
+# -- review s22: what derive_wrap works out once per session follows a key destroyed and replaced -----------------
+
+
+@requires_sm
+def test_a_transport_key_destroyed_and_replaced_under_its_label_wraps_under_the_new_key(issuer: TokenSession) -> None:
+    """derive_wrap reads a transport key's object and wrap method once per session: destroying the key through this
+    session and making another under the same label (here an AES key in place of an SM4 one) must not leave the
+    old object and method in use."""
+    root, factor = reference.odd_parity(secrets.token_bytes(16)), secrets.token_bytes(8)
+    master = _master(issuer, Algorithm.DES2, root)
+    steps = ((DeriveStep.DES3_ECB, factor + reference.complement(factor)),)
+    kek, sm4_value = _sm4_kek(issuer)
+    try:
+        first = issuer.derive_wrap(master, steps, kek)
+        assert first.wrap == "SM4-ECB" and _sm4_decrypt(sm4_value, first.wrapped) == reference.div3des(root, factor)
+        issuer.destroy(kek)
+        aes_value = secrets.token_bytes(32)
+        issuer.import_transport_key(kek, bytearray(aes_value), token=False)
+        second = issuer.derive_wrap(master, steps, kek)
+    finally:
+        issuer.destroy(master)
+        issuer.destroy(kek)
+    assert second.wrap == "AES-KWP"
+    assert aes_key_unwrap_with_padding(aes_value, second.wrapped) == reference.div3des(root, factor)
+
+
+@requires_sm
+def test_a_master_key_destroyed_and_replaced_by_another_type_is_checked_again(issuer: TokenSession) -> None:
+    """derive_wrap checks a master key's type against its steps once per (label, kind of step) and session: a DES2
+    master destroyed and replaced under its label by an SM4 key must meet the same clear refusal as any SM4 key
+    given DES3_ECB steps, not reach the token."""
+    master = _master(issuer, Algorithm.DES2, reference.odd_parity(secrets.token_bytes(16)))
+    kek, _ = _sm4_kek(issuer)
+    block = bytes(16)
+    try:
+        issuer.derive_wrap(master, ((DeriveStep.DES3_ECB, block),), kek)
+        issuer.destroy(master)
+        issuer.import_master_key(master, Algorithm.SM4, bytearray(secrets.token_bytes(16)), token=False)
+        with pytest.raises(HsmError, match=r"DES3_ECB_ENCRYPT_DATA steps derive from a DES2 key"):
+            issuer.derive_wrap(master, ((DeriveStep.DES3_ECB, block),), kek)
+        assert not [o for o in issuer.objects() if not o.token and o.label == ""]  # nothing derived is left
+    finally:
+        issuer.destroy(master)
+        issuer.destroy(kek)
+
+
+@requires_sm
+def test_an_sm4_transport_key_given_as_a_master_key_is_a_clear_hsm_error(issuer: TokenSession) -> None:
+    """A transport key is no master key, whatever its type: an SM4 transport key given SM4 steps (its type matches
+    them) is refused with an HsmError, not an AttributeError of python-pkcs11 (INTERNAL)."""
+    kek, _ = _sm4_kek(issuer)
+    try:
+        with pytest.raises(HsmError, match=r"is not a master key here \(it may not derive\)"):
+            issuer.derive_wrap(kek, ((DeriveStep.SM4_ECB, bytes(16)),), kek)
+        assert not [o for o in issuer.objects() if not o.token and o.label == ""]
+    finally:
+        issuer.destroy(kek)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -186,3 +187,20 @@ def test_a_section_takes_the_bureaus_newest_active_transport_key_of_the_profiles
         DomainKeys.transport_key(registry, "bank", bureau, Algorithm.SM4)
     with pytest.raises(PermissionDenied, match="not registered for the hrss domain"):
         DomainKeys.transport_key(registry, "hrss", bureau, Algorithm.SM4)
+
+
+def test_a_profile_whose_key_usage_holds_a_private_use_character_seals_canonical_sections(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
+) -> None:
+    """A key's usage is free text in a profile (GBK's user-defined characters map to U+E000 and on): a sealer of
+    such a profile writes sections in their canonical encoding, the usage as given (review s22: the section
+    template's slot mark was U+E000, and such a profile made every sealer of it raise ValueError)."""
+    specs = PROFILE.keys("bank")
+    odd = (dataclasses.replace(specs[0], usage=f"{specs[0].usage} \ue000"), *specs[1:])
+    profile = dataclasses.replace(PROFILE, pan_luhn=False, domains={**PROFILE.domains, "bank": odd})
+    sealer = DomainSealer("bank", sessions["bank"], registry, profile, test_bureau, FixedClock(NOW))
+    sealed = sealer.seal_bytes(card(5), serial="AC" * 16, batch="B-usage")
+    section = json.loads(sealed)
+    assert bundle.canonical(section) == sealed
+    assert section["body"]["keys"][0]["usage"] == f"{specs[0].usage} \ue000"
+    _check_section(section, "bank", card(5))
