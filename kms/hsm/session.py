@@ -577,6 +577,11 @@ class TokenSession:
             _destroy_all(made)
         return WrappedKey(wrapped, kcv, wrap_name)
 
+    def wrap_method(self, transport_label: str) -> str:
+        """How ``derive_wrap`` wraps under the transport key with this label, as a section names it: AES-KWP under an
+        AES key, SM4-ECB under an SM4 one (HsmError if the key is neither or may not wrap)."""
+        return self._wrapping(transport_label)[2]
+
     def _wrapping(self, transport_label: str) -> tuple[Any, Any, str]:
         """(key object, wrap mechanism, its name in a section) of a transport key: read once per session."""
         found = self._wrap_keys.get(transport_label)

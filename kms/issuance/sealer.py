@@ -148,6 +148,11 @@ class DomainSealer:
         for label in [r.master_label for r in self._keys] + [self._transport.label]:
             if not session.has_key(label):
                 raise ConfigError(f"{domain} token {session.token_label!r} lacks key {label!r} the registry lists")
+        # Each section names its wrap method from the registry; the token wraps by its key's type: they must agree.
+        token_wrap = session.wrap_method(self._transport.label)
+        if token_wrap != wrap:
+            raise ConfigError(f"{self._transport.label}: the registry lists a {self._transport.algorithm} transport "
+                              f"key ({wrap}) but the {domain} token's key of that label wraps by {token_wrap}")
 
         # Everything of a section that is the same for all cards of this sealer, encoded once (kms.bundle).
         header = bundle.SectionHeader(

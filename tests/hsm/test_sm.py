@@ -542,6 +542,17 @@ def test_every_sm_verb_is_unavailable_on_plain_softhsm_read_with_an_sm_profile(
 
 
 @requires_sm
+def test_wrap_method_is_the_transport_keys_type(issuer: TokenSession) -> None:
+    label, _ = _sm4_kek(issuer)
+    assert issuer.wrap_method(label) == "SM4-ECB"
+    aes = _label("kek-aes")
+    issuer.import_transport_key(aes, bytearray(secrets.token_bytes(32)), token=False)
+    assert issuer.wrap_method(aes) == "AES-KWP"
+    master = _master(issuer, Algorithm.SM4, secrets.token_bytes(16))
+    with pytest.raises(HsmError, match="is not a transport key here"):
+        issuer.wrap_method(master)
+
+
 def test_a_transport_key_destroyed_and_replaced_under_its_label_wraps_under_the_new_key(issuer: TokenSession) -> None:
     """derive_wrap reads a transport key's object and wrap method once per session: destroying the key through this
     session and making another under the same label (here an AES key in place of an SM4 one) must not leave the

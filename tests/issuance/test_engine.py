@@ -204,3 +204,28 @@ def test_a_profile_whose_key_usage_holds_a_private_use_character_seals_canonical
     assert bundle.canonical(section) == sealed
     assert section["body"]["keys"][0]["usage"] == f"{specs[0].usage} \ue000"
     _check_section(section, "bank", card(5))
+
+
+def test_a_sealer_refuses_a_transport_key_the_token_wraps_otherwise_than_the_registry_says(
+    sessions: dict[str, TokenSession], registry: KeyRegistry, test_bureau: str
+) -> None:
+    """Each section names its wrap method from the registry's record of the transport key; the token wraps by the
+    type of its key of that label. A token whose key disagrees (fault injected: the session reports SM4-ECB for the
+    AES key) is refused when the sealer is made, naming the key, rather than sealing sections a station rejects
+    (review s22, finding 4)."""
+    from kms.errors import ConfigError
+
+    real = sessions["bank"]
+    transport = DomainKeys.transport_key(registry, "bank", test_bureau).label
+    assert real.wrap_method(transport) == "AES-KWP"
+
+    class Disagreeing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def wrap_method(self, label: str) -> str:
+            return "SM4-ECB"
+
+    with pytest.raises(ConfigError, match=r"lists a AES256 transport key \(AES-KWP\) but the bank token.s"):
+        DomainSealer("bank", Disagreeing(), registry, PROFILE, test_bureau, FixedClock(NOW))  # type: ignore[arg-type]
+    DomainSealer("bank", real, registry, PROFILE, test_bureau, FixedClock(NOW))  # the real token agrees
