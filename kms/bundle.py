@@ -126,8 +126,8 @@ class SectionTemplate:
     """The canonical bytes of the sections one sealer writes, spliced into a template rather than encoded whole:
     everything but the serial, batch, card reference, time and each key's wrapped value and KCV is the same for
     every section of a sealer (its domain, bureau, profile, key versions and key entries), so it is encoded once.
-    The result is byte for byte ``encode_body`` of the same body (tests/test_bundle.py checks it on random values)
-    and ``encode_signed_section`` of it.
+    The result is byte for byte the canonical encoding of the same body (tests/test_bundle.py checks it on random
+    values) and ``encode_signed_section`` of it.
 
     ``header``: the section header's JSON (``SectionHeader.to_json``, its per-card fields left anything);
     ``entries``: each key's fixed fields, in section order (``SealedKey.to_json`` without "wrapped" and "kcv")."""
@@ -168,7 +168,7 @@ class SectionTemplate:
         """A section body's canonical bytes: ``keys`` holds each key's (wrapped value, KCV), in entry order."""
         values = [_string(serial), _string(batch), _string(card_ref), _string(created_at)]
         for wrapped, kcv in keys:
-            values += [b'"' + wrapped.hex().upper().encode() + b'"', b'"' + kcv.hex().upper().encode() + b'"']
+            values += [b'"' + hexs(wrapped).encode() + b'"', b'"' + hexs(kcv).encode() + b'"']
         if len(values) != len(self._order):
             raise ValueError(f"a section of this template has {(len(self._order) - 4) // 2} keys, not {len(keys)}")
         parts = self._parts
@@ -179,7 +179,7 @@ class SectionTemplate:
 
     def signed(self, body: bytes, signature: bytes) -> bytes:
         """``encode_signed_section(body, key_id, signature, algorithm)``."""
-        return b'{"body":' + body + self._signature_head + signature.hex().upper().encode() + b'"}}'
+        return b'{"body":' + body + self._signature_head + hexs(signature).encode() + b'"}}'
 
 
 def _string(value: str) -> bytes:
@@ -188,11 +188,6 @@ def _string(value: str) -> bytes:
 
 
 _STRING = json.JSONEncoder(ensure_ascii=False).encode
-
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    """Canonical bytes of a section body built by kms (str/int values by construction)."""
-    return _dumps(body)
 
 
 def encode_section(section_doc: Mapping[str, Any]) -> bytes:

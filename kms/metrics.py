@@ -76,9 +76,9 @@ def hsm_call(verb: str) -> Callable[[F], F]:
             try:
                 result = function(*args, **kwargs)
             except Exception as error:
-                _hsm_calls.append((verb, time.perf_counter() - started, type(error).__name__))
+                record_hsm_call(verb, time.perf_counter() - started, type(error).__name__)
                 raise
-            _hsm_calls.append((verb, time.perf_counter() - started, ""))
+            record_hsm_call(verb, time.perf_counter() - started)
             return result
         return cast(F, timed)
     return decorate

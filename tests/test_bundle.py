@@ -345,7 +345,7 @@ def _sm_bundle() -> bytes:
     bank = bundle.section_body(_header("bank"), _sm_keys("bank"))
     hrss = bundle.section_body(_header("hrss"), _keys("hrss"))
     return bundle.assemble(SERIAL, CARD_REF, {
-        "bank": bundle.encode_signed_section(bundle.encode_body(bank), KEY_ID["bank"], SIG["bank"], "SM2-SM3"),
+        "bank": bundle.encode_signed_section(bundle.canonical(bank), KEY_ID["bank"], SIG["bank"], "SM2-SM3"),
         "hrss": bundle.encode_section(bundle.section(hrss, KEY_ID["hrss"], SIG["hrss"])),
     })
 
@@ -359,7 +359,7 @@ def test_an_sm_section_parses_with_its_algorithm_and_wrap_beside_an_ecdsa_one() 
     assert bank.keys == tuple(_sm_keys("bank"))
     assert bank.signature == SIG["bank"] and len(bank.signature) == 64
     # the same signed bytes as an ECDSA section: the context string and the body
-    assert bank.signed_bytes == bundle.SIGNING_CONTEXT + bundle.encode_body(bank.body)
+    assert bank.signed_bytes == bundle.SIGNING_CONTEXT + bundle.canonical(bank.body)
     doc = json.loads(_sm_bundle())
     assert doc["sections"][0]["signature"]["algorithm"] == "SM2-SM3"
     assert doc["sections"][0]["body"]["keys"][0] == {
@@ -372,7 +372,7 @@ def test_the_section_builders_write_ecdsa_and_aes_kwp_by_default() -> None:
     body = bundle.section_body(_header("bank"), _keys("bank"))
     assert bundle.section(body, "K", SIG["bank"])["signature"]["algorithm"] == "ECDSA-P256-SHA256"
     assert all(k["wrap"] == "AES-KWP" for k in body["keys"])
-    assert bundle.encode_signed_section(bundle.encode_body(body), "K", SIG["bank"]) == bundle.encode_section(
+    assert bundle.encode_signed_section(bundle.canonical(body), "K", SIG["bank"]) == bundle.encode_section(
         bundle.section(body, "K", SIG["bank"]))
 
 
@@ -465,7 +465,7 @@ def test_section_template_matches_the_canonical_encoder_whatever_the_header_and_
     expected = dict(header, serial=serial, batch=batch, card_ref=card_ref, created_at=created_at, keys=[
         {**entry, "wrapped": bundle.hexs(w), "kcv": bundle.hexs(k)}
         for entry, (w, k) in zip(entries, keys, strict=True)])
-    assert body == bundle.encode_body(expected) == bundle.canonical(expected)
+    assert body == bundle.canonical(expected)
     signed = template.signed(body, signature)
     assert signed == bundle.encode_signed_section(body, KEY_ID["bank"], signature, algorithm)
     assert signed == bundle.canonical(bundle.section(expected, KEY_ID["bank"], signature, algorithm))

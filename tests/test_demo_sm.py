@@ -335,7 +335,7 @@ def test_sm_bundles_their_opening_and_refusals_hold_no_key_material(
     doc = json.loads(bundles[1])
     section = next(s for s in doc["sections"] if s["body"]["domain"] == "bank")
     section["body"]["keys"][0]["kcv"] = "000000"
-    body = bundle.encode_body(section["body"])
+    body = bundle.canonical(section["body"])
     sections = {s.domain: bundle.encode_signed_section(s.body_bytes, s.key_id, s.signature, s.signature_algorithm)
                 for s in parsed.sections}
     sections["bank"] = bundle.encode_signed_section(body, section["signature"]["key_id"], bytes(64),
