@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -606,3 +606,40 @@ def test_an_sm4_transport_key_given_as_a_master_key_is_a_clear_hsm_error(issuer:
         assert not [o for o in issuer.objects() if not o.token and o.label == ""]
     finally:
         issuer.destroy(kek)
+
+
+# -- review s23: an SM4 transport key read with a mechanism profile that names no SM4 ------------------------------
+
+
+@requires_sm
+def test_an_sm4_transport_key_read_without_an_sm4_profile_is_mechanism_unavailable(issuer: TokenSession,
+                                                                                   station: TokenSession) -> None:
+    """A token that holds an SM4 transport key, read with a profile that names no SM4 (a configuration that lost its
+    ``hsm.mechanisms``): the port says SM4-ECB is not available, as it does for every other SM verb, and a station
+    passes that on. Before review s23 it said the key "is not a transport key (AES or SM4)" (a plain HsmError), so the
+    station refused every SM4-ECB section as an opaque "bundle rejected" (logged: "unwrap"), whatever the bundle."""
+    from kms.station import Station, TrustStore, _Section
+
+    unwrap, transport = _label("unwrap"), _label("transport")
+    wrapped, issuer_kcv = issuer.generate_transport_key_for(transport, station.generate_unwrap_keypair(unwrap),
+                                                            algorithm=Algorithm.SM4)
+    assert station.accept_transport_key(unwrap, wrapped, transport, algorithm=Algorithm.SM4) == issuer_kcv
+    standard = mechanisms.load(mechanisms.STANDARD)
+    try:
+        plain_station = TokenSession(station.token_label, station._session, standard)
+        with pytest.raises(MechanismUnavailable, match=r"SM4_ECB \(token "):
+            plain_station.transport_wrap(transport)
+        plain_issuer = TokenSession(issuer.token_label, issuer._session, standard)
+        with pytest.raises(MechanismUnavailable, match=r"SM4_ECB \(token "):
+            plain_issuer.wrap_method(transport)
+
+        opener = Station("station-x", "bureau-x", ("bank",), plain_station, TrustStore({}), cast(Any, None),
+                         cast(Any, None))
+        section = _Section("bank", transport, ((secrets.token_bytes(16), Algorithm.SM4),),
+                           (("k", "u", "SM4", "SM4-ECB-ZERO16-3", "000000"),), "SM4-ECB")
+        with pytest.raises(MechanismUnavailable, match="SM4_ECB"):
+            opener._unwrap(section)
+    finally:
+        station.destroy(transport)
+        issuer.destroy(transport)
+
