@@ -34,8 +34,9 @@ table at the end, and written as JSON (--summary). A ratio's goal is judged on t
    with check_ahead off (every check in the station's process); Station.open (a commit per bundle); against
    scripts/bench_raw.py's unwrap loop: the same keys unwrapped with the same mechanism, key type and template, KCV,
    destroy, nothing else. Per round each side runs in a fresh process of its own, set up and warmed up alike (the
-   64 warm-up bundles, the same way as the timed ones); then the sides take turns every 128 bundles, in every
-   order in turn, so that what else the machine does hits every side alike. `--station-only` runs just this part
+   64 warm-up bundles, the same way as the timed ones); then the sides take turns every 128 bundles, in the orders
+   of a balanced Latin square (``turn_orders``: every side in every place, and after every other side, equally
+   often), so that what else the machine does hits every side alike. `--station-only` runs just this part
    (its bundles streamed from `kms serve` first, not timed).
 5. Audit log (docs/audit.md): (a) append rate, records/s of kms.audit.log.AuditLog.append with one record per
    transaction on SQLite, against plain INSERTs of rows of the same size into a scratch table of the same shape, one
@@ -61,7 +62,6 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -912,11 +912,32 @@ def unwrap_plan(bundles: list[bytes]) -> list[tuple[str, str, list[tuple[bytes, 
     return plan
 
 
-def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundles: list[bytes]
+def turn_orders(sides: int, blocks: int, start: int = 0) -> list[list[int]]:
+    """The order in which ``sides`` sides take their turns in each of ``blocks`` blocks: the rows of a balanced Latin
+    square (a Williams design), in turn from row ``start``. Over every run of its rows (``sides`` rows, twice as many
+    for an odd number of sides) each side takes each place once as often as every other side, and follows each other
+    side as often; a round that continues the sequence (``start``: the blocks of the rounds before) keeps that over
+    the rounds when a round's blocks are not a whole number of runs. (Taking all permutations in turn does this only
+    after every one of them has been used: 24 blocks for 4 sides, three times the blocks of a default round.)"""
+    first, low, high = [0], 1, sides - 1
+    while len(first) < sides:
+        first.append(low)
+        low += 1
+        if len(first) < sides:
+            first.append(high)
+            high -= 1
+    rows = [[(side + i) % sides for side in first] for i in range(sides)]
+    if sides % 2:
+        rows += [row[::-1] for row in rows]
+    return [rows[(start + b) % len(rows)] for b in range(blocks)]
+
+
+def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundles: list[bytes], r: int = 0
                   ) -> dict[str, tuple[float, int, int]]:
-    """One round of part 4: each side in a fresh process of its own, set up and warmed up before any timing; then
-    the sides take turns block by block (STATION_BLOCK bundles), the order rotating each block, so that what else
-    the machine does hits every side alike. Per side: seconds (its blocks' sum), keys, bad bundles."""
+    """Round ``r`` of part 4: each side in a fresh process of its own, set up and warmed up before any timing; then
+    the sides take turns block by block (STATION_BLOCK bundles) in the orders of ``turn_orders`` (continued from
+    the rounds before), so that what else the machine does hits every side alike. Per side: seconds (its blocks'
+    sum), keys, bad bundles."""
     ctx = multiprocessing.get_context("spawn")
     workers = []
     try:
@@ -931,9 +952,10 @@ def station_round(sides: dict[str, tuple[Any, ...]], warmup: list[bytes], bundle
             if not parent.poll(300) or _answer(name, parent) != "ready":
                 raise BenchFailed(f"part 4: the {name} side did not start")
         totals = {name: (0.0, 0, 0) for name, _, _ in workers}
-        orders = list(itertools.permutations(workers))  # each side in each place and after each other side alike
-        for i, lo in enumerate(range(0, len(bundles), STATION_BLOCK)):
-            for name, parent, _ in orders[i % len(orders)]:
+        starts = range(0, len(bundles), STATION_BLOCK)
+        orders = turn_orders(len(workers), len(starts), r * len(starts))
+        for lo, order in zip(starts, orders, strict=True):
+            for name, parent, _ in (workers[k] for k in order):
                 parent.send((lo, lo + STATION_BLOCK))
                 seconds, keys, bad = _answer(name, parent)
                 t, n, b = totals[name]
@@ -971,11 +993,11 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
         return f"sqlite:///{path}"
 
     times: dict[str, list[float]] = {"raw": [], "many": [], "here": [], "each": []}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         sides = {"raw": ("raw", raw_setup), "many": ("station", (station_config, fresh_ledger(), STATION_CHUNK)),
                  "here": ("station", (station_config, fresh_ledger(), STATION_CHUNK, False)),
                  "each": ("station", (station_config, fresh_ledger(), 0))}
-        for name, (seconds, checked, bad) in station_round(sides, warmup, bundles).items():
+        for name, (seconds, checked, bad) in station_round(sides, warmup, bundles, r).items():
             if bad:
                 raise BenchFailed(f"part 4, {name}: {bad} bundles refused or with a KCV that does not match")
             if checked != keys:
@@ -994,7 +1016,7 @@ def bench_station(args: Any, home: Home, warmup: list[bytes], received: list[byt
     print()
     print(f"4. station open vs raw unwrap loop, {n} bundles of part 2 per round ({per_bundle} keys each), "
           f"{STATION}'s token, each side in a fresh process of its own per round, warmed up alike, the sides taking "
-          f"turns every {STATION_BLOCK} bundles in every order: Station.open_many (parse, 2 signatures verified "
+          f"turns every {STATION_BLOCK} bundles in balanced orders: Station.open_many (parse, 2 signatures verified "
           f"-- the next chunk's in its checking process while the token works, SM2 in its own token session --, "
           f"unwrap + KCV per key, serials "
           f"recorded in a fresh SQLite ledger, one commit per {STATION_CHUNK} bundles, keys discarded), the same "

@@ -6,12 +6,15 @@ a fresh home, every part, the audit signer check, the table and the JSON summary
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -149,3 +152,99 @@ def test_bench_refuses_an_unknown_profile_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no card profile 'dual-app-xyz'" in result.stderr and "dual-app-sm" in result.stderr
     assert not (tmp_path / "home").exists()
+
+
+# -- review s23: part 4's sides take every place, and follow every other side, equally often ------------------------
+
+
+class _FakeConn:
+    """The bench's end of a side's pipe: answers "ready", then one timing per block, and logs who was sent what."""
+
+    def __init__(self, side: int, log: list[tuple[int, int]]) -> None:
+        self._side, self._log, self._ready = side, log, False
+
+    def send(self, message: Any) -> None:
+        if message is not None:
+            self._log.append((message[0], self._side))
+
+    def recv(self) -> Any:
+        if not self._ready:
+            self._ready = True
+            return "ready"
+        return (1.0, 0, 0)
+
+    def poll(self, timeout: float) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeProcess:
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+class _FakeContext:
+    """multiprocessing's spawn context for station_round, with no process: the sides' turns are only recorded."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, int]] = []
+        self._sides = 0
+
+    def Pipe(self) -> tuple[_FakeConn, _FakeConn]:
+        self._sides += 1
+        return _FakeConn(self._sides - 1, self.log), _FakeConn(-1, [])
+
+    def Process(self, target: Any, args: Any) -> _FakeProcess:
+        return _FakeProcess()
+
+
+def _turns(monkeypatch: pytest.MonkeyPatch, bundles: int, rounds: int) -> list[list[int]]:
+    """The order of part 4's 4 sides in each block of ``rounds`` rounds of ``bundles`` bundles."""
+    orders = []
+    for r in range(rounds):
+        fake = _FakeContext()
+        monkeypatch.setattr(bench.multiprocessing, "get_context", lambda method, fake=fake: fake)
+        sides = {name: ("raw", ()) for name in ("raw", "many", "here", "each")}
+        args = (sides, [], [b""] * bundles) if r == 0 else (sides, [], [b""] * bundles, r)
+        bench.station_round(*args)
+        orders += [[side for at, side in fake.log if at == lo] for lo in range(0, bundles, bench.STATION_BLOCK)]
+    return orders
+
+
+def _balanced(orders: list[list[int]]) -> None:
+    assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
+    places = Counter((place, side) for order in orders for place, side in enumerate(order))
+    assert len(places) == 16 and len(set(places.values())) == 1, places  # every side in every place alike
+    follows = Counter(pair for order in orders for pair in itertools.pairwise(order))
+    assert len(follows) == 12 and len(set(follows.values())) == 1, follows  # and after every other side alike
+
+
+def test_part4_sides_take_every_place_alike_in_a_default_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default round of part 4 (1,000 bundles: 8 blocks of 128). Before review s23 its orders were the first 8 of
+    the 24 permutations of the sides, the same each round: the raw loop first in 6 blocks of 8, never third or
+    last, so the host's swings did not hit the sides alike as the bench says they do."""
+    _balanced(_turns(monkeypatch, 1000, 1))
+
+
+def test_part4_rounds_continue_the_orders_when_a_round_is_not_a_whole_number_of_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _balanced(_turns(monkeypatch, 3 * bench.STATION_BLOCK, 4))  # 3 blocks a round, 12 in all
+
+
+@pytest.mark.parametrize("sides", [2, 3, 4, 5])
+def test_turn_orders_are_a_balanced_latin_square(sides: int) -> None:
+    rows = 2 * sides if sides % 2 else sides
+    orders = bench.turn_orders(sides, rows)
+    assert all(sorted(order) == list(range(sides)) for order in orders)
+    assert len(set(Counter((p, s) for o in orders for p, s in enumerate(o)).values())) == 1
+    follows = Counter(pair for o in orders for pair in itertools.pairwise(o))
+    assert len(follows) == sides * (sides - 1) and len(set(follows.values())) == 1
+    assert bench.turn_orders(sides, 3) + bench.turn_orders(sides, 5, 3) == bench.turn_orders(sides, 8)

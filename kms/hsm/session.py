@@ -999,6 +999,13 @@ class TokenSession:
         if self._ckk_sm4 is not None and key_type == self._ckk_sm4:
             self.require("SM4_ECB")
             return self._vendor["SM4_ECB"], "SM4-ECB"
+        if self._ckk_sm4 is None and int(key_type) >= profiles.VENDOR_DEFINED:
+            # A vendor key type (an SM4 key: the only one kms makes a transport key of) read with a mechanism profile
+            # that names no SM4: this process's configuration lacks SM4, the key is not wrong (review s23: a station
+            # refused every SM4-ECB section as "bundle rejected" instead of saying so).
+            raise MechanismUnavailable("SM4_ECB", self.token_label, f"{what} (a key of a vendor type, 0x"
+                                       f"{int(key_type):08X}, that the mechanism profile {self.profile.name!r} "
+                                       "does not name)")
         raise HsmError(f"{what} in token {self.token_label!r} is not a transport key (AES or SM4)")
 
     def _derivation(self, step: DeriveStep) -> _Derivation:

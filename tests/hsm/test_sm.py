@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -606,3 +606,80 @@ def test_an_sm4_transport_key_given_as_a_master_key_is_a_clear_hsm_error(issuer:
         assert not [o for o in issuer.objects() if not o.token and o.label == ""]
     finally:
         issuer.destroy(kek)
+
+
+# -- review s23: an SM4 transport key read with a mechanism profile that names no SM4 ------------------------------
+
+
+@requires_sm
+def test_an_sm4_transport_key_read_without_an_sm4_profile_is_mechanism_unavailable(issuer: TokenSession,
+                                                                                   station: TokenSession) -> None:
+    """A token that holds an SM4 transport key, read with a profile that names no SM4 (a configuration that lost its
+    ``hsm.mechanisms``): the port says SM4-ECB is not available, as it does for every other SM verb, and a station
+    passes that on. Before review s23 it said the key "is not a transport key (AES or SM4)" (a plain HsmError), so the
+    station refused every SM4-ECB section as an opaque "bundle rejected" (logged: "unwrap"), whatever the bundle."""
+    from kms.station import Station, TrustStore, _Section
+
+    unwrap, transport = _label("unwrap"), _label("transport")
+    wrapped, issuer_kcv = issuer.generate_transport_key_for(transport, station.generate_unwrap_keypair(unwrap),
+                                                            algorithm=Algorithm.SM4)
+    assert station.accept_transport_key(unwrap, wrapped, transport, algorithm=Algorithm.SM4) == issuer_kcv
+    standard = mechanisms.load(mechanisms.STANDARD)
+    try:
+        plain_station = TokenSession(station.token_label, station._session, standard)
+        with pytest.raises(MechanismUnavailable, match=r"SM4_ECB \(token "):
+            plain_station.transport_wrap(transport)
+        plain_issuer = TokenSession(issuer.token_label, issuer._session, standard)
+        with pytest.raises(MechanismUnavailable, match=r"SM4_ECB \(token "):
+            plain_issuer.wrap_method(transport)
+
+        opener = Station("station-x", "bureau-x", ("bank",), plain_station, TrustStore({}), cast(Any, None),
+                         cast(Any, None))
+        section = _Section("bank", transport, ((secrets.token_bytes(16), Algorithm.SM4),),
+                           (("k", "u", "SM4", "SM4-ECB-ZERO16-3", "000000"),), "SM4-ECB")
+        with pytest.raises(MechanismUnavailable, match="SM4_ECB"):
+            opener._unwrap(section)
+    finally:
+        station.destroy(transport)
+        issuer.destroy(transport)
+
+
+@requires_sm
+def test_a_station_pin_holder_cannot_sm4_unwrap_a_sealed_key_as_readable(issuer: TokenSession,
+                                                                        station: TokenSession) -> None:
+    """Review s23, checked and found right: the station transport key's CKA_UNWRAP_TEMPLATE holds for SM4-ECB as for
+    AES key wrap (tests/hsm/test_hsm.py): with the station PIN and raw PKCS#11, a sealed card key cannot be unwrapped
+    as readable, extractable or able to decrypt, as an SM4 key or as a key of another type."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    unwrap, transport = _label("unwrap"), _label("transport")
+    wrapped, issuer_kcv = issuer.generate_transport_key_for(transport, station.generate_unwrap_keypair(unwrap),
+                                                            algorithm=Algorithm.SM4)
+    assert station.accept_transport_key(unwrap, wrapped, transport, algorithm=Algorithm.SM4) == issuer_kcv
+    master = _master(issuer, Algorithm.SM4, secrets.token_bytes(16))
+    session_objects = len([o for o in station.objects() if not o.token])  # other tests' keys kept to verify with
+    try:
+        factor = secrets.token_bytes(8)
+        sealed = issuer.derive_wrap(master, ((DeriveStep.SM4_ECB, factor + reference.complement(factor)),),
+                                    transport)
+        key = station._session.get_key(object_class=ObjectClass.SECRET_KEY, label=transport)
+        key.key_type = station._ckk_sm4
+        sm4_ecb = station._vendor["SM4_ECB"]
+        pinned = {Attribute.TOKEN: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                  Attribute.DECRYPT: False, Attribute.ENCRYPT: True}
+        for key_type in (station._ckk_sm4, KeyType.AES, KeyType.GENERIC_SECRET):
+            for template in ({Attribute.SENSITIVE: False}, {Attribute.EXTRACTABLE: True}, {Attribute.DECRYPT: True}):
+                with pytest.raises(pkcs11.exceptions.TemplateInconsistent):
+                    key.unwrap_key(ObjectClass.SECRET_KEY, key_type, sealed.wrapped, mechanism=sm4_ecb,
+                                   capabilities=0, template={**pinned, **template})
+        control = key.unwrap_key(ObjectClass.SECRET_KEY, station._ckk_sm4, sealed.wrapped, mechanism=sm4_ecb,
+                                 capabilities=0, template=pinned)  # the template the station's key allows
+        control.key_type = station._ckk_sm4
+        assert bytes(control.encrypt(bytes(16), mechanism=sm4_ecb))[:3] == sealed.kcv
+        control.destroy()
+        assert len([o for o in station.objects() if not o.token]) == session_objects  # nothing left
+    finally:
+        issuer.destroy(master)
+        station.destroy(transport)
+        issuer.destroy(transport)
